@@ -1,0 +1,47 @@
+-- multiprocessing: Python's multiprocessing for Lua 5.4.
+--
+-- This file assembles the public module.  The C primitives live in
+-- "multiprocessing.core"; each object family has its own file under
+-- lua/multiprocessing/ and is loaded the first time one of its names is
+-- used, so that require "multiprocessing" stays cheap.
+local core = require "multiprocessing.core"
+
+local M = {
+  version = core.version,
+  cpu_count = core.cpu_count,
+  Error = core.Error,
+  error_kinds = core.error_kinds,
+  is_error = core.is_error,
+  new_error = core.new_error,
+}
+
+-- name -> submodule that defines it (loaded on first access)
+local lazy = {
+  current_process = "multiprocessing.process",
+  parent_process = "multiprocessing.process",
+  active_children = "multiprocessing.process",
+}
+
+setmetatable(M, {
+  __index = function(t, k)
+    local modname = lazy[k]
+    if modname == nil then return nil end
+    local mod = require(modname)
+    local v = mod[k]
+    rawset(t, k, v)
+    return v
+  end,
+})
+
+-- The names the module offers, loaded or not (for completion and docs).
+function M.names()
+  local names = {}
+  for k in pairs(M) do names[#names + 1] = k end
+  for k in pairs(lazy) do
+    if rawget(M, k) == nil then names[#names + 1] = k end
+  end
+  table.sort(names)
+  return names
+end
+
+return M

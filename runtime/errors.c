@@ -1,0 +1,163 @@
+/*
+ * errors.c -- the contract's error objects.
+ *
+ * A failure is raised as a table {kind=, message=[, errno=][, traceback=]
+ * [, value=]} whose metatable gives tostring(err) == "<kind>: <message>",
+ * followed by the remote traceback when there is one.  Errors are tables,
+ * not strings, because callers branch on err.kind (Python's except
+ * queue.Empty) and because remote errors carry the original value.
+ * Every runtime failure in C goes through luamp_raise*; Lua code uses
+ * core.raise / core.new_error, which share the same metatable.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <string.h>
+
+#include "internal.h"
+
+#define ERROR_MT "multiprocessing.Error"
+
+static const char *const kinds[] = {
+  "Empty", "Full", "TimeoutError", "EOFError", "BrokenPipeError",
+  "ValueError", "ProcessError", "RemoteError", "WorkerLostError",
+  "BrokenPoolError", "AuthenticationError", "EncodeError", "DecodeError",
+  "BrokenBarrierError", "BufferTooShort", "FileExistsError",
+  "FileNotFoundError", "OSError", NULL
+};
+
+static int valid_kind(const char *kind) {
+  for (int i = 0; kinds[i]; i++)
+    if (strcmp(kinds[i], kind) == 0) return 1;
+  return 0;
+}
+
+void luamp_push_error(lua_State *L, const char *kind, const char *message) {
+  lua_createtable(L, 0, 4);
+  lua_pushstring(L, kind);
+  lua_setfield(L, -2, "kind");
+  lua_pushstring(L, message);
+  lua_setfield(L, -2, "message");
+  luaL_setmetatable(L, ERROR_MT);
+}
+
+int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  luamp_push_error(L, kind, lua_tostring(L, -1));
+  lua_error(L);
+  __builtin_unreachable();
+}
+
+int luamp_raise_errno(lua_State *L, const char *kind, int err,
+                      const char *what) {
+  lua_pushfstring(L, "%s: %s", what, strerror(err));
+  luamp_push_error(L, kind, lua_tostring(L, -1));
+  lua_pushinteger(L, err);
+  lua_setfield(L, -2, "errno");
+  lua_error(L);
+  __builtin_unreachable();
+}
+
+int luamp_raise_interrupt(lua_State *L) {
+  /* The same message lua.c's hook raises, so hosts and users that match
+   * on "interrupted!" see one thing whichever side noticed the signal. */
+  lua_sethook(L, NULL, 0, 0);
+  lua_pushliteral(L, "interrupted!");
+  lua_error(L);
+  __builtin_unreachable();
+}
+
+/* __tostring: "<kind>: <message>" and, when present, the traceback from
+ * the process where the error happened. */
+static int error_tostring(lua_State *L) {
+  luaL_Buffer b;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_buffinit(L, &b);
+  lua_getfield(L, 1, "kind");
+  luaL_addvalue(&b);
+  luaL_addstring(&b, ": ");
+  lua_getfield(L, 1, "message");
+  if (!lua_isstring(L, -1)) {
+    lua_pop(L, 1);
+    lua_pushliteral(L, "?");
+  }
+  luaL_addvalue(&b);
+  lua_getfield(L, 1, "traceback");
+  if (lua_type(L, -1) == LUA_TSTRING && lua_rawlen(L, -1) > 0) {
+    luaL_addchar(&b, '\n');
+    luaL_addvalue(&b);
+  } else {
+    lua_pop(L, 1);
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* core.new_error(kind, message [, fields]) -> error object */
+static int l_new_error(lua_State *L) {
+  const char *kind = luaL_checkstring(L, 1);
+  const char *message = luaL_optstring(L, 2, "");
+  if (!valid_kind(kind))
+    return luaL_argerror(L, 1, lua_pushfstring(L, "unknown error kind '%s'",
+                                               kind));
+  luamp_push_error(L, kind, message);
+  if (lua_istable(L, 3)) {
+    lua_pushnil(L);
+    while (lua_next(L, 3)) {
+      lua_pushvalue(L, -2);
+      lua_insert(L, -2);
+      lua_settable(L, -4);
+    }
+  }
+  return 1;
+}
+
+/* core.raise(kind, message [, fields]): raises the new error object */
+static int l_raise(lua_State *L) {
+  lua_settop(L, 3);
+  l_new_error(L);
+  return lua_error(L);
+}
+
+/* core.is_error(v [, kind]) -> boolean */
+static int l_is_error(lua_State *L) {
+  int ok = 0;
+  if (lua_getmetatable(L, 1)) {
+    luaL_getmetatable(L, ERROR_MT);
+    ok = lua_rawequal(L, -1, -2);
+    lua_pop(L, 2);
+  }
+  if (ok && !lua_isnoneornil(L, 2)) {
+    lua_getfield(L, 1, "kind");
+    ok = lua_rawequal(L, -1, 2);
+    lua_pop(L, 1);
+  }
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
+int luamp_open_errors(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"new_error", l_new_error},
+    {"raise", l_raise},
+    {"is_error", l_is_error},
+    {NULL, NULL}
+  };
+  if (luaL_newmetatable(L, ERROR_MT)) {
+    lua_pushcfunction(L, error_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pushliteral(L, "Error");
+    lua_setfield(L, -2, "__name");
+  }
+  lua_setfield(L, -2, "Error");       /* core.Error = the metatable */
+  luaL_setfuncs(L, funcs, 0);
+  lua_createtable(L, (int)(sizeof kinds / sizeof kinds[0]) - 1, 0);
+  for (int i = 0; kinds[i]; i++) {
+    lua_pushstring(L, kinds[i]);
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "error_kinds");
+  return 0;
+}

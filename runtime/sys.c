@@ -1,0 +1,178 @@
+/*
+ * sys.c -- robust system calls, deadlines and interrupts.
+ *
+ * Every blocking call in the runtime goes through a wrapper here with its
+ * EINTR loop.  Timeouts are deadlines: computed once from the caller's
+ * timeout, the time left recomputed after every wake-up.  A wait that
+ * sees EINTR asks luamp_interrupted() whether the signal was SIGINT for
+ * this Lua state; if so it returns so that the caller can release what it
+ * holds and raise "interrupted!".
+ */
+#include <errno.h>
+#include <math.h>
+#include <sched.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+struct luamp_syscalls luamp_sys = {
+  fork, read, write, poll, mmap, ftruncate
+};
+
+/* Longest single sleep while waiting with an interruptible state: a
+ * SIGINT that lands between our check and the syscall is noticed at the
+ * next slice at the latest. */
+#define SLICE_MS 250
+
+double luamp_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+double luamp_deadline(double timeout) {
+  if (timeout < 0 || isinf(timeout)) return -1.0;
+  return luamp_now() + timeout;
+}
+
+double luamp_deadline_arg(lua_State *L, int idx) {
+  double t;
+  if (lua_isnoneornil(L, idx)) return -1.0;
+  t = luaL_checknumber(L, idx);
+  if (isnan(t)) luaL_argerror(L, idx, "timeout is NaN");
+  if (t == HUGE_VAL) return -1.0;
+  if (t < 0) t = 0;
+  return luamp_now() + t;
+}
+
+int luamp_remaining_ms(double deadline, int cap_ms) {
+  double left;
+  int ms;
+  if (deadline < 0) return cap_ms >= 0 ? cap_ms : -1;
+  left = deadline - luamp_now();
+  if (left <= 0) return 0;
+  ms = left > 2e9 / 1000 ? 2000000000 : (int)ceil(left * 1000.0);
+  if (cap_ms >= 0 && ms > cap_ms) ms = cap_ms;
+  return ms;
+}
+
+int luamp_interrupted(lua_State *L) {
+  /* lua.c (and luamp) answer SIGINT by setting a count hook with count 1
+   * and every mask bit on the main thread; the hook raises at the next
+   * instruction.  Seeing that hook is how C code blocked in a syscall
+   * learns of the Ctrl-C, in the luamp host and in stock lua5.4 alike. */
+  const int want = LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT;
+  lua_State *main;
+  if (L == NULL) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  main = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  if (main == NULL) main = L;
+  return lua_gethook(main) != NULL && lua_gethookmask(main) == want &&
+         lua_gethookcount(main) == 1;
+}
+
+ssize_t luamp_robust_read(int fd, void *buf, size_t n) {
+  ssize_t r;
+  do r = luamp_sys.read(fd, buf, n); while (r < 0 && errno == EINTR);
+  return r;
+}
+
+ssize_t luamp_robust_write(int fd, const void *buf, size_t n) {
+  ssize_t r;
+  do r = luamp_sys.write(fd, buf, n); while (r < 0 && errno == EINTR);
+  return r;
+}
+
+int luamp_write_full(int fd, const void *buf, size_t n) {
+  const char *p = buf;
+  while (n > 0) {
+    ssize_t w = luamp_robust_write(fd, p, n);
+    if (w < 0) return -1;
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+int luamp_read_full(int fd, void *buf, size_t n) {
+  char *p = buf;
+  size_t got = 0;
+  while (got < n) {
+    ssize_t r = luamp_robust_read(fd, p + got, n - got);
+    if (r < 0) return -1;
+    if (r == 0) {
+      if (got == 0) return 1;
+      errno = EPIPE; /* EOF inside the object: never a short value */
+      return -1;
+    }
+    got += (size_t)r;
+  }
+  return 0;
+}
+
+int luamp_robust_poll(lua_State *L, struct pollfd *fds, nfds_t n,
+                      double deadline) {
+  for (;;) {
+    int ms, r;
+    if (L && luamp_interrupted(L)) return -2;
+    ms = luamp_remaining_ms(deadline, L ? SLICE_MS : -1);
+    r = luamp_sys.poll(fds, n, ms);
+    if (r > 0) return r;
+    if (r < 0 && errno != EINTR) return -1;
+    if (r == 0 && deadline >= 0 && luamp_remaining_ms(deadline, -1) == 0)
+      return 0;
+  }
+}
+
+/* ---- Lua face ------------------------------------------------------- */
+
+static int l_cpu_count(lua_State *L) {
+  cpu_set_t set;
+  int n = 0;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) n = CPU_COUNT(&set);
+  if (n <= 0) n = (int)sysconf(_SC_NPROCESSORS_ONLN);
+  lua_pushinteger(L, n > 0 ? n : 1);
+  return 1;
+}
+
+static int l_getpid(lua_State *L) {
+  lua_pushinteger(L, getpid());
+  return 1;
+}
+
+static int l_getppid(lua_State *L) {
+  lua_pushinteger(L, getppid());
+  return 1;
+}
+
+static int l_now(lua_State *L) {
+  lua_pushnumber(L, luamp_now());
+  return 1;
+}
+
+/* core.sleep(seconds): interruptible by Ctrl-C, not by other signals. */
+static int l_sleep(lua_State *L) {
+  double deadline;
+  luaL_checknumber(L, 1);
+  deadline = luamp_deadline_arg(L, 1);
+  if (luamp_robust_poll(L, NULL, 0, deadline) == -2)
+    luamp_raise_interrupt(L);
+  return 0;
+}
+
+int luamp_open_sys(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"cpu_count", l_cpu_count},
+    {"getpid", l_getpid},
+    {"getppid", l_getppid},
+    {"now", l_now},
+    {"sleep", l_sleep},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}

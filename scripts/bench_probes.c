@@ -1,0 +1,124 @@
+/*
+ * bench_probes.c -- raw C baselines for make bench.  Each mode prints one
+ * JSON line {"name":..,"seconds":..,"rate":..,"unit":..}.
+ *
+ *   spawn NAME N CMD [ARGS...]  fork+exec+wait CMD N times (start-up cost)
+ *   fork N                      fork + _exit + waitpid, N times
+ *   pingpong N                  N round trips of a 4-byte frame + 1 byte
+ *                               over a socketpair between two processes
+ *   stream MIB                  MIB MiB in 1 MiB writes over a socketpair
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void report(const char *name, double secs, double count,
+                   const char *unit) {
+  printf("{\"name\":\"%s\",\"seconds\":%.6f,\"rate\":%.3f,\"unit\":\"%s\"}\n",
+         name, secs, count / secs, unit);
+}
+
+static int full_read(int fd, char *p, size_t n) {
+  while (n) {
+    ssize_t r = read(fd, p, n);
+    if (r <= 0) return -1;
+    p += r;
+    n -= (size_t)r;
+  }
+  return 0;
+}
+
+static int full_write(int fd, const char *p, size_t n) {
+  while (n) {
+    ssize_t r = write(fd, p, n);
+    if (r <= 0) return -1;
+    p += r;
+    n -= (size_t)r;
+  }
+  return 0;
+}
+
+int main(int argc, char **argv) {
+  double t0;
+  if (argc >= 5 && strcmp(argv[1], "spawn") == 0) {
+    long n = atol(argv[3]);
+    t0 = now();
+    for (long i = 0; i < n; i++) {
+      int st;
+      pid_t pid = fork();
+      if (pid == 0) {
+        execvp(argv[4], argv + 4);
+        _exit(127);
+      }
+      waitpid(pid, &st, 0);
+      if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) return 1;
+    }
+    report(argv[2], now() - t0, (double)n, "runs/s");
+  } else if (argc == 3 && strcmp(argv[1], "fork") == 0) {
+    long n = atol(argv[2]);
+    t0 = now();
+    for (long i = 0; i < n; i++) {
+      int st;
+      pid_t pid = fork();
+      if (pid == 0) _exit(0);
+      waitpid(pid, &st, 0);
+    }
+    report("c.fork_exit_wait", now() - t0, (double)n, "procs/s");
+  } else if (argc == 3 && strcmp(argv[1], "pingpong") == 0) {
+    long n = atol(argv[2]);
+    int sv[2];
+    char msg[5] = {0, 0, 0, 1, 42};
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return 1;
+    if (fork() == 0) {
+      char buf[5];
+      close(sv[0]);
+      while (full_read(sv[1], buf, 5) == 0 && full_write(sv[1], buf, 5) == 0) {}
+      _exit(0);
+    }
+    close(sv[1]);
+    t0 = now();
+    for (long i = 0; i < n; i++) {
+      char buf[5];
+      if (full_write(sv[0], msg, 5) || full_read(sv[0], buf, 5)) return 1;
+    }
+    report("c.pipe_pingpong", now() - t0, (double)n, "roundtrips/s");
+    close(sv[0]);
+    wait(NULL);
+  } else if (argc == 3 && strcmp(argv[1], "stream") == 0) {
+    long mib = atol(argv[2]);
+    size_t sz = 1 << 20;
+    char *buf = malloc(sz);
+    int sv[2];
+    if (!buf || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return 1;
+    memset(buf, 7, sz);
+    if (fork() == 0) {
+      close(sv[0]);
+      for (long i = 0; i < mib; i++)
+        if (full_read(sv[1], buf, sz)) _exit(1);
+      if (full_write(sv[1], "k", 1)) _exit(1);
+      _exit(0);
+    }
+    close(sv[1]);
+    t0 = now();
+    for (long i = 0; i < mib; i++)
+      if (full_write(sv[0], buf, sz)) return 1;
+    if (full_read(sv[0], buf, 1)) return 1;
+    report("c.socketpair_stream", now() - t0, (double)mib, "MiB/s");
+    wait(NULL);
+  } else {
+    fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
+                    "pingpong N|stream MIB\n");
+    return 2;
+  }
+  return 0;
+}

@@ -1,0 +1,105 @@
+-- bench_table.lua [--build DIR] [FILTER]: make bench.  Runs the raw C
+-- probes, scripts/bench.lua under luamp and scripts/bench.py under Debian's
+-- /usr/bin/python3, all in this one run, and prints one table: workload,
+-- luamp, the references, ratios and the issue's target.
+local cjson = require "cjson"
+
+local build, filter = "build", nil
+do
+  local i = 1
+  while arg[i] do
+    if arg[i] == "--build" then build = arg[i + 1]; i = i + 1
+    else filter = arg[i] end
+    i = i + 1
+  end
+end
+local PY = "/usr/bin/python3"
+local luamp = build .. "/luamp"
+local probes = build .. "/bench_probes"
+
+local results = {}  -- "side:name" -> record
+
+local function collect(side, cmd)
+  local p = assert(io.popen(cmd .. " 2>/dev/null"))
+  for line in p:lines() do
+    local ok, rec = pcall(cjson.decode, line)
+    if ok and type(rec) == "table" and rec.name then
+      results[side .. ":" .. rec.name] = rec
+    end
+  end
+  p:close()
+end
+
+local function q(s) return "'" .. s:gsub("'", "'\\''") .. "'" end
+
+-- C probes and start-up of the three interpreters
+collect("c", probes .. " fork 3000")
+collect("c", probes .. " pingpong 200000")
+collect("c", probes .. " stream 2048")
+collect("luamp", probes .. " spawn startup 200 " .. luamp .. " -e ''")
+collect("lua5.4", probes .. " spawn startup 200 lua5.4 -e ''")
+collect("py", probes .. " spawn startup 50 " .. PY .. " -c ''")
+collect("luamp", probes .. " spawn startup_require 200 " .. luamp ..
+  " -e " .. q("require 'multiprocessing'"))
+collect("py", probes .. " spawn startup_require 50 " .. PY ..
+  " -c " .. q("import multiprocessing"))
+-- the workloads
+collect("luamp", luamp .. " scripts/bench.lua" .. (filter and " " .. q(filter) or ""))
+collect("py", PY .. " scripts/bench.py" .. (filter and " " .. q(filter) or ""))
+
+-- {workload, luamp key, {reference label, side:key}..., target}
+-- target = {ref index, minimum ratio}
+local rows = {
+  {"start-up (-e '')", "luamp:startup",
+   {"CPython", "py:startup"}, {"lua5.4", "lua5.4:startup"}},
+  {"start-up + require", "luamp:startup_require",
+   {"CPython", "py:startup_require"}, {"lua5.4", "lua5.4:startup"}},
+  {"require in a running state", "luamp:require", {"CPython", "py:require"}},
+}
+
+local function fmt(v)
+  if not v then return "-" end
+  if v >= 1e6 then return string.format("%.2fM", v / 1e6) end
+  if v >= 1e4 then return string.format("%.1fk", v / 1e3) end
+  if v >= 100 then return string.format("%.0f", v) end
+  return string.format("%.2f", v)
+end
+
+io.write(string.format("%-34s %-14s %10s  %-26s %-26s %s\n", "workload", "unit",
+  "luamp", "reference 1 (ratio)", "reference 2 (ratio)", "target"))
+io.write(string.rep("-", 124), "\n")
+for _, row in ipairs(rows) do
+  local me = results[row[2]]
+  local cells = {}
+  for i = 3, 4 do
+    local ref = row[i]
+    if type(ref) == "table" and ref[2] then
+      local r = results[ref[2]]
+      cells[#cells + 1] = r and me and string.format("%s %s (%.2fx)", ref[1],
+        fmt(r.rate), me.rate / r.rate) or (ref[1] .. " -")
+    else
+      cells[#cells + 1] = ""
+    end
+  end
+  local target = ""
+  if row.target then
+    local ref = results[row[2 + row.target[1]][2]]
+    local ratio = me and ref and me.rate / ref.rate
+    target = string.format("%s %.2fx vs %s: %s", "≥", row.target[2],
+      row[2 + row.target[1]][1],
+      ratio and (ratio >= row.target[2] and "met" or "MISSED") or "n/a")
+  end
+  if not filter or (me and row[1]:find(filter, 1, true)) or me then
+    io.write(string.format("%-34s %-14s %10s  %-26s %-26s %s\n", row[1],
+      me and me.unit or "-", me and fmt(me.rate) or "-", cells[1], cells[2],
+      target))
+  end
+end
+io.write("\nraw C: fork+exit+wait ", fmt(results["c:c.fork_exit_wait"] and
+  results["c:c.fork_exit_wait"].rate), " procs/s, socketpair ping-pong ",
+  fmt(results["c:c.pipe_pingpong"] and results["c:c.pipe_pingpong"].rate),
+  " round trips/s, socketpair stream ",
+  fmt(results["c:c.socketpair_stream"] and results["c:c.socketpair_stream"].rate),
+  " MiB/s\n")
+local f = io.open(build .. "/bench-results.json", "w")
+if f then f:write(cjson.encode(results), "\n") f:close() end

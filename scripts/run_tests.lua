@@ -1,0 +1,107 @@
+-- run_tests.lua [--build DIR] [--only-luamp] [--filter PATTERN]
+-- Runs the whole suite: every spec file under luamp and under stock lua5.4
+-- (each file in its own busted process with a time limit, so a hang is a
+-- failure, not a stuck run), then the C tests.  Ends with the one line
+-- "N passed, N failed" and exits non-zero when anything failed.
+local build, only_luamp, filter = "build", false, nil
+do
+  local i = 1
+  while arg[i] do
+    if arg[i] == "--build" then build = arg[i + 1]; i = i + 1
+    elseif arg[i] == "--only-luamp" then only_luamp = true
+    elseif arg[i] == "--filter" then filter = arg[i + 1]; i = i + 1
+    else error("unknown option " .. arg[i]) end
+    i = i + 1
+  end
+end
+
+local SPEC_TIMEOUT, CTEST_TIMEOUT = 240, 120
+local passed, failed, skipped = 0, 0, 0
+
+local function sh_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function lines_of(cmd)
+  local p = assert(io.popen(cmd, "r"))
+  local out = p:read("a")
+  local ok, _, code = p:close()
+  return out, ok and 0 or code
+end
+
+local function list(cmd)
+  local t = {}
+  for l in io.popen(cmd):lines() do t[#t + 1] = l end
+  table.sort(t)
+  return t
+end
+
+-- Counts a TAP stream; prints the failures with their diagnostics.
+local function tally(label, out, code)
+  local p, f, s = 0, 0, 0
+  local showing = false
+  for line in out:gmatch("[^\n]*") do
+    if line:match("^ok %d+ %- # SKIP") then
+      s = s + 1; showing = false
+    elseif line:match("^ok %d+") then
+      p = p + 1; showing = false
+    elseif line:match("^not ok %d+") then
+      f = f + 1; showing = true
+      io.write("FAIL [", label, "] ", line, "\n")
+    elseif showing and line:match("^#") then
+      io.write("    ", line, "\n")
+    end
+  end
+  if code ~= 0 and f == 0 then
+    -- crashed, timed out or failed to load: one failure, with the tail
+    f = 1
+    io.write("FAIL [", label, "] exited with status ", tostring(code),
+             code == 124 and " (timed out)" or "", "\n")
+    io.write((out:sub(-3000):gsub("[^\n]+", "    %0")), "\n")
+  end
+  passed, failed, skipped = passed + p, failed + f, skipped + s
+  io.write(string.format("%-46s %4d passed %4d failed%s\n", label, p, f,
+    s > 0 and string.format(" %d skipped", s) or ""))
+  io.flush()
+end
+
+local abs_build = lines_of("cd " .. sh_quote(build) .. " && pwd"):gsub("\n", "")
+local env = table.concat({
+  "LUAMP_BIN=" .. sh_quote(abs_build .. "/luamp"),
+  "LUAMP_BUILD=" .. sh_quote(abs_build),
+}, " ")
+
+local runners = {
+  {name = "luamp", env = env, cmd = sh_quote(abs_build .. "/luamp")},
+}
+if not only_luamp then
+  runners[#runners + 1] = {
+    name = "lua5.4",
+    env = env .. " LUA_CPATH=" .. sh_quote(abs_build .. "/?.so;;") ..
+          " LUA_PATH=" .. sh_quote("./lua/?.lua;./lua/?/init.lua;;"),
+    cmd = "lua5.4",
+  }
+end
+
+local specs = list("ls spec/*_spec.lua")
+for _, r in ipairs(runners) do
+  for _, spec in ipairs(specs) do
+    if not filter or spec:find(filter, 1, true) then
+      local out, code = lines_of(string.format(
+        "%s timeout -k 5 %d %s /usr/bin/busted -o TAP %s 2>&1",
+        r.env, SPEC_TIMEOUT, r.cmd, sh_quote(spec)))
+      tally(r.name .. " " .. spec, out, code)
+    end
+  end
+end
+
+for _, t in ipairs(list("ls " .. sh_quote(build) .. "/tests/test_* 2>/dev/null")) do
+  if not filter or t:find(filter, 1, true) then
+    local out, code = lines_of(string.format("timeout -k 5 %d %s 2>&1",
+      CTEST_TIMEOUT, sh_quote(t)))
+    tally("c " .. t:match("[^/]+$"), out, code)
+  end
+end
+
+io.write(string.format("%d passed, %d failed\n", passed, failed))
+os.exit(failed == 0 and passed > 0 and 0 or 1)

@@ -1,0 +1,166 @@
+-- helpers.lua: what the specs share -- running commands, the interpreters
+-- under test, counting processes, fds and /dev/shm entries, terminals.
+local H = {}
+
+H.build = os.getenv("LUAMP_BUILD") or "build"
+H.luamp = os.getenv("LUAMP_BIN") or (H.build .. "/luamp")
+
+function H.q(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+local function slurp(path)
+  local f = io.open(path, "rb")
+  if not f then return "" end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+H.slurp = slurp
+
+function H.write(path, text)
+  local f = assert(io.open(path, "wb"))
+  f:write(text)
+  f:close()
+  return path
+end
+
+function H.tmpname()
+  return os.tmpname()
+end
+
+-- Runs a shell command line; returns stdout, stderr, exit code (128+N when
+-- killed by signal N, as the shell reports it).
+function H.sh(cmdline, stdin)
+  local o, e = os.tmpname(), os.tmpname()
+  local i
+  local full = "(" .. cmdline .. ") >" .. o .. " 2>" .. e
+  if stdin then
+    i = os.tmpname()
+    H.write(i, stdin)
+    full = full .. " <" .. i
+  else
+    full = full .. " </dev/null"
+  end
+  local ok, how, code = os.execute(full)
+  local out, err = slurp(o), slurp(e)
+  os.remove(o); os.remove(e)
+  if i then os.remove(i) end
+  if how == "signal" then code = 128 + code end
+  return out, err, ok and 0 or code
+end
+
+-- Runs luamp with the given argument string.
+function H.luamp_run(args, stdin, env)
+  return H.sh((env and env .. " " or "") .. H.q(H.luamp) .. " " .. args, stdin)
+end
+
+-- Runs a Lua snippet in a fresh luamp process and returns out, err, code.
+function H.script(code, args, env)
+  local path = os.tmpname() .. ".lua"
+  H.write(path, code)
+  local out, err, rc = H.luamp_run(H.q(path) .. " " .. (args or ""), nil, env)
+  os.remove(path)
+  return out, err, rc
+end
+
+-- The number of open fds of this process.
+function H.fd_count()
+  local n = 0
+  local p = io.popen("ls /proc/" .. H.pid() .. "/fd")
+  for _ in p:lines() do n = n + 1 end
+  p:close()
+  return n - 1  -- the listing's own pipe
+end
+
+function H.pid()
+  return require("multiprocessing.core").getpid()
+end
+
+-- Children of this process that are zombies.
+function H.zombies()
+  local out = H.sh("ps -o stat= --ppid " .. H.pid())
+  local n = 0
+  for stat in out:gmatch("%S+") do
+    if stat:sub(1, 1) == "Z" then n = n + 1 end
+  end
+  return n
+end
+
+function H.shm_entries()
+  local n = 0
+  local p = io.popen("ls /dev/shm")
+  for _ in p:lines() do n = n + 1 end
+  p:close()
+  return n
+end
+
+-- A luamp (or other) program in a tmux terminal: type keys, read the
+-- screen.
+local Term = {}
+Term.__index = Term
+
+function H.terminal(cmdline, width, height)
+  local name = "luamp-spec-" .. H.pid() .. "-" .. math.random(1, 1e9)
+  local sock = "/tmp/" .. name .. ".tmux"
+  local t = setmetatable({name = name, sock = sock}, Term)
+  t:tmux(string.format("new-session -d -s %s -x %d -y %d %s", name,
+    width or 100, height or 30, H.q(cmdline)))
+  return t
+end
+
+function Term:tmux(args)
+  return H.sh("tmux -S " .. self.sock .. " " .. args)
+end
+
+function Term:send(keys, literal)
+  self:tmux("send-keys -t " .. self.name .. (literal and " -l " or " ") .. keys)
+end
+
+function Term:type(text)
+  self:send(H.q(text), true)
+end
+
+-- The screen's text: wrapped lines joined, trailing blanks of each line
+-- and blank lines at the end dropped (so a prompt reads "\n>$").
+function Term:screen()
+  local s = self:tmux("capture-pane -p -J -t " .. self.name)
+  s = s:gsub("[ \t]+\n", "\n"):gsub("%s+$", "")
+  return s
+end
+
+-- Waits until the screen matches pattern (a Lua pattern); returns the
+-- screen, or fails the spec after the timeout.
+function Term:wait_for(pattern, timeout)
+  local deadline = os.time() + (timeout or 10)
+  local s
+  repeat
+    s = self:screen()
+    if s:find(pattern) then return s end
+    H.sleep(0.05)
+  until os.time() > deadline
+  error("terminal never showed " .. pattern .. "; screen:\n" .. s, 2)
+end
+
+function Term:close()
+  self:tmux("kill-server")
+  os.remove(self.sock)
+end
+
+function H.sleep(s)
+  require("multiprocessing.core").sleep(s)
+end
+
+-- Repeats f until it returns a true value or the timeout passes.
+function H.eventually(f, timeout)
+  local core = require "multiprocessing.core"
+  local deadline = core.now() + (timeout or 5)
+  repeat
+    local v = f()
+    if v then return v end
+    core.sleep(0.01)
+  until core.now() > deadline
+  return f()
+end
+
+return H

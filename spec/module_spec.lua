@@ -1,0 +1,110 @@
+-- require "multiprocessing": the module table, process identity and the
+-- contract's error objects.
+local H = require "helpers"
+local mp = require "multiprocessing"
+
+describe("the module", function()
+  it("reports usable CPUs, affinity-aware", function()
+    local n = mp.cpu_count()
+    assert.equal("integer", math.type(n))
+    assert.equal(tonumber((H.sh("nproc"))), n)
+    local out = H.sh("taskset -c 0 " .. H.q(H.luamp) ..
+      " -e 'print(require(\"multiprocessing\").cpu_count())'")
+    assert.equal("1\n", out)
+  end)
+
+  it("describes the main process", function()
+    local me = mp.current_process()
+    assert.equal("MainProcess", me.name)
+    assert.equal(H.pid(), me.pid)
+    assert.equal(me.pid, me.ident)
+    assert.is_false(me.daemon)
+    assert.matches("MainProcess", tostring(me))
+    assert.is_nil(mp.parent_process())
+    assert.same({}, mp.active_children())
+  end)
+
+  it("lists its names, loaded or not", function()
+    local names = mp.names()
+    for _, n in ipairs {"cpu_count", "current_process", "parent_process",
+                        "active_children", "Error", "is_error"} do
+      assert.truthy(table.concat(names, " "):find(n, 1, true), n)
+    end
+  end)
+
+  it("loads in stock lua5.4 from multiprocessing.so alone", function()
+    local out, err, code = H.sh("LUA_PATH='/nowhere/?.lua' LUA_CPATH=" ..
+      H.q(H.build .. "/?.so") ..
+      " lua5.4 -e 'local mp = require \"multiprocessing\" " ..
+      "print(mp.cpu_count() > 0, mp.current_process().name)'")
+    assert.equal("", err)
+    assert.equal("true\tMainProcess\n", out)
+    assert.equal(0, code)
+  end)
+end)
+
+describe("error objects", function()
+  it("carry kind and message and print as '<kind>: <message>'", function()
+    local e = mp.new_error("Empty", "queue is empty")
+    assert.equal("Empty", e.kind)
+    assert.equal("queue is empty", e.message)
+    assert.equal("Empty: queue is empty", tostring(e))
+    assert.is_true(mp.is_error(e))
+    assert.is_true(mp.is_error(e, "Empty"))
+    assert.is_false(mp.is_error(e, "Full"))
+    assert.is_false(mp.is_error({kind = "Empty"}))
+    assert.is_false(mp.is_error("Empty"))
+  end)
+
+  it("append the remote traceback when there is one", function()
+    local e = mp.new_error("RemoteError", "boom",
+      {traceback = "stack traceback:\n\tx.lua:1", value = {1}})
+    assert.equal("RemoteError: boom\nstack traceback:\n\tx.lua:1", tostring(e))
+    assert.same({1}, e.value)
+  end)
+
+  it("are raised with pcall-able kinds", function()
+    local ok, e = pcall(require("multiprocessing.core").raise, "TimeoutError", "late")
+    assert.is_false(ok)
+    assert.equal("TimeoutError", e.kind)
+  end)
+
+  it("know exactly the contract's kinds", function()
+    local kinds = {"Empty", "Full", "TimeoutError", "EOFError",
+      "BrokenPipeError", "ValueError", "ProcessError", "RemoteError",
+      "WorkerLostError", "BrokenPoolError", "AuthenticationError",
+      "EncodeError", "DecodeError", "BrokenBarrierError", "BufferTooShort",
+      "FileExistsError", "FileNotFoundError", "OSError"}
+    assert.same(kinds, mp.error_kinds)
+    for _, k in ipairs(kinds) do
+      assert.equal(k, mp.new_error(k, "m").kind)
+    end
+    assert.has_error(function() mp.new_error("NoSuchError", "m") end)
+    assert.has_error(function() mp.new_error(nil, "m") end)
+  end)
+end)
+
+describe("interruptible waits", function()
+  for _, interp in ipairs {"luamp", "lua5.4"} do
+    it("end with 'interrupted!' on SIGINT under " .. interp, function()
+      local cmd = interp == "luamp" and H.q(H.luamp) or
+        ("LUA_CPATH=" .. H.q(H.build .. "/?.so") .. " lua5.4")
+      local out, err, code = H.sh(cmd ..
+        " -e 'local c = require \"multiprocessing.core\" io.write(\"go\\n\") io.flush() " ..
+        "local t = c.now() local ok, e = pcall(c.sleep, 30) " ..
+        "print(ok, e, c.now() - t < 5)' & pid=$!; sleep 0.3; kill -INT $pid; wait $pid")
+      assert.equal("", err)
+      assert.equal(0, code)
+      assert.equal("go\nfalse\tinterrupted!\ttrue\n", out)
+    end)
+  end
+
+  it("sleep rejects bad arguments and treats negatives as zero", function()
+    local core = require "multiprocessing.core"
+    assert.has_error(function() core.sleep("x") end)
+    assert.has_error(function() core.sleep(0 / 0) end)
+    local t = core.now()
+    core.sleep(-5)
+    assert.is_true(core.now() - t < 0.1)
+  end)
+end)
