@@ -70,9 +70,10 @@ check: test
 sanitize: deps
 	@$(MAKE) --no-print-directory BUILD=build/san OPT=-O1 \
 	  SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" all
-	@ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	@ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	  lua5.4 scripts/run_tests.lua --build build/san --only-luamp
+	  lua5.4 scripts/run_tests.lua --build build/san \
+	    --preload "$$($(CC) -print-file-name=libasan.so)"
 
 bench: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/bench_probes

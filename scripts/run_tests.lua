@@ -1,14 +1,14 @@
--- run_tests.lua [--build DIR] [--only-luamp] [--filter PATTERN]
+-- run_tests.lua [--build DIR] [--filter PATTERN] [--preload LIB]
 -- Runs the whole suite: every spec file under luamp and under stock lua5.4
 -- (each file in its own busted process with a time limit, so a hang is a
 -- failure, not a stuck run), then the C tests.  Ends with the one line
 -- "N passed, N failed" and exits non-zero when anything failed.
-local build, only_luamp, filter = "build", false, nil
+local build, filter, preload = "build", nil, nil
 do
   local i = 1
   while arg[i] do
     if arg[i] == "--build" then build = arg[i + 1]; i = i + 1
-    elseif arg[i] == "--only-luamp" then only_luamp = true
+    elseif arg[i] == "--preload" then preload = arg[i + 1]; i = i + 1
     elseif arg[i] == "--filter" then filter = arg[i + 1]; i = i + 1
     else error("unknown option " .. arg[i]) end
     i = i + 1
@@ -66,22 +66,24 @@ local function tally(label, out, code)
 end
 
 local abs_build = lines_of("cd " .. sh_quote(build) .. " && pwd"):gsub("\n", "")
+-- stock lua5.4, with the sanitizer runtime preloaded in sanitizer builds
+local lua54 = preload and ("env LD_PRELOAD=" .. sh_quote(preload) .. " lua5.4")
+              or "lua5.4"
 local env = table.concat({
   "LUAMP_BIN=" .. sh_quote(abs_build .. "/luamp"),
   "LUAMP_BUILD=" .. sh_quote(abs_build),
+  "LUAMP_LUA54=" .. sh_quote(lua54),
 }, " ")
 
 local runners = {
   {name = "luamp", env = env, cmd = sh_quote(abs_build .. "/luamp")},
 }
-if not only_luamp then
-  runners[#runners + 1] = {
-    name = "lua5.4",
-    env = env .. " LUA_CPATH=" .. sh_quote(abs_build .. "/?.so;;") ..
-          " LUA_PATH=" .. sh_quote("./lua/?.lua;./lua/?/init.lua;;"),
-    cmd = "lua5.4",
-  }
-end
+runners[#runners + 1] = {
+  name = "lua5.4",
+  env = env .. " LUA_CPATH=" .. sh_quote(abs_build .. "/?.so;;") ..
+        " LUA_PATH=" .. sh_quote("./lua/?.lua;./lua/?/init.lua;;"),
+  cmd = lua54,
+}
 
 local specs = list("ls spec/*_spec.lua")
 for _, r in ipairs(runners) do

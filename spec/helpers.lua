@@ -4,6 +4,9 @@ local H = {}
 
 H.build = os.getenv("LUAMP_BUILD") or "build"
 H.luamp = os.getenv("LUAMP_BIN") or (H.build .. "/luamp")
+-- the command for stock lua5.4 (with the sanitizer runtime preloaded when
+-- the suite runs under make sanitize)
+H.lua54 = os.getenv("LUAMP_LUA54") or "lua5.4"
 
 function H.q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"

@@ -35,7 +35,7 @@ describe("the module", function()
   it("loads in stock lua5.4 from multiprocessing.so alone", function()
     local out, err, code = H.sh("LUA_PATH='/nowhere/?.lua' LUA_CPATH=" ..
       H.q(H.build .. "/?.so") ..
-      " lua5.4 -e 'local mp = require \"multiprocessing\" " ..
+      " " .. H.lua54 .. " -e 'local mp = require \"multiprocessing\" " ..
       "print(mp.cpu_count() > 0, mp.current_process().name)'")
     assert.equal("", err)
     assert.equal("true\tMainProcess\n", out)
@@ -88,7 +88,7 @@ describe("interruptible waits", function()
   for _, interp in ipairs {"luamp", "lua5.4"} do
     it("end with 'interrupted!' on SIGINT under " .. interp, function()
       local cmd = interp == "luamp" and H.q(H.luamp) or
-        ("LUA_CPATH=" .. H.q(H.build .. "/?.so") .. " lua5.4")
+        ("LUA_CPATH=" .. H.q(H.build .. "/?.so") .. " " .. H.lua54)
       local out, err, code = H.sh(cmd ..
         " -e 'local c = require \"multiprocessing.core\" io.write(\"go\\n\") io.flush() " ..
         "local t = c.now() local ok, e = pcall(c.sleep, 30) " ..
