@@ -14,6 +14,7 @@ HOST_LUA := $(LUA_LIBS)
 endif
 OPT     ?= -O2
 SAN     ?=
+SHELL   := /bin/bash
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC \
            -fvisibility=hidden $(SAN) $(LUA_CFLAGS) -Iruntime -I$(BUILD)
 LDFLAGS += $(SAN)
@@ -28,7 +29,7 @@ CTEST_SRC := $(wildcard spec/c/test_*.c)
 CTESTS   := $(CTEST_SRC:spec/c/%.c=$(BUILD)/tests/%)
 HEADERS  := $(wildcard runtime/*.h)
 
-.PHONY: all deps test check sanitize bench example clean
+.PHONY: all deps test check sanitize bench example clean fuzz
 all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
      $(BUILD)/libluamp.so $(CTESTS)
 
@@ -82,6 +83,26 @@ sanitize: deps
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  lua5.4 scripts/run_tests.lua --build build/san \
 	    --preload "$$($(CC) -print-file-name=libasan.so)"
+	@$(MAKE) --no-print-directory fuzz FUZZ_RUNS=-1 FUZZ_TIME=60
+
+# The decoder under libFuzzer (clang) with ASan+UBSan: FUZZ_RUNS executions
+# (10^7 by default) from the seed corpus in spec/fuzz/corpus.
+FUZZ_CC   ?= clang
+FUZZ_RUNS ?= 10000000
+FUZZ_TIME ?= 0
+FUZZ_BIN  := build/fuzz/fuzz_decode
+$(FUZZ_BIN): spec/fuzz/fuzz_decode.c $(LIB_SRC) $(BUILD)/luafiles.c $(HEADERS)
+	@mkdir -p build/fuzz
+	$(FUZZ_CC) -g -O1 -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
+	  -fno-sanitize-recover=all $(LUA_CFLAGS) -Iruntime -I$(BUILD) -o $@ \
+	  spec/fuzz/fuzz_decode.c $(LIB_SRC) $(BUILD)/luafiles.c \
+	  $(or $(LUA_STATIC),$(LUA_LIBS)) -lm -ldl
+
+fuzz: deps $(FUZZ_BIN)
+	@rm -rf build/fuzz/corpus && mkdir -p build/fuzz/corpus && cp spec/fuzz/corpus/* build/fuzz/corpus/
+	@cd build/fuzz && ./fuzz_decode -runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_TIME) \
+	  -print_final_stats=1 corpus 2>&1 | grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY|fuzz failure)" ; \
+	  test $${PIPESTATUS[0]} -eq 0 && echo "fuzz: clean"
 
 bench: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/bench_probes
