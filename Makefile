@@ -11,23 +11,40 @@ CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC \
 LDFLAGS += $(SAN)
 LIBS    := -lm
 
+# libedit (line editing, history and completion in the REPL) when
+# pkg-config finds it; without it (or with LIBEDIT=no) the REPL reads
+# plain lines.  build/tests/luamp-noedit is always built that way, so the
+# suite checks the fallback too.
+LIBEDIT ?= $(shell pkg-config --exists libedit 2>/dev/null && echo yes)
+ifeq ($(LIBEDIT),yes)
+EDIT_CFLAGS := -DLUAMP_HAVE_LIBEDIT $(shell pkg-config --cflags libedit)
+EDIT_LIBS   := $(shell pkg-config --libs libedit)
+endif
+
 HOST_SRC := runtime/luamp.c runtime/repl.c
 LIB_SRC  := $(filter-out $(HOST_SRC),$(wildcard runtime/*.c))
 LUA_SRC  := $(sort $(wildcard lua/multiprocessing/*.lua))
 LIB_OBJ  := $(LIB_SRC:runtime/%.c=$(BUILD)/obj/%.o) $(BUILD)/obj/luafiles.o
 HOST_OBJ := $(HOST_SRC:runtime/%.c=$(BUILD)/obj/%.o)
+NOEDIT_OBJ := $(HOST_SRC:runtime/%.c=$(BUILD)/obj/noedit-%.o)
 CTEST_SRC := $(wildcard spec/c/test_*.c)
 CTESTS   := $(CTEST_SRC:spec/c/%.c=$(BUILD)/tests/%)
 HEADERS  := $(wildcard runtime/*.h)
 
 .PHONY: all deps test check sanitize bench example clean
 all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
-     $(BUILD)/libluamp.so $(CTESTS)
+     $(BUILD)/libluamp.so $(CTESTS) $(BUILD)/tests/luamp-noedit
 
 deps:
 	@scripts/deps.sh
 
 $(BUILD)/obj/%.o: runtime/%.c $(HEADERS) | $(BUILD)/obj
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(HOST_OBJ): $(BUILD)/obj/%.o: runtime/%.c $(HEADERS) | $(BUILD)/obj
+	$(CC) $(CFLAGS) $(EDIT_CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/noedit-%.o: runtime/%.c $(HEADERS) | $(BUILD)/obj
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/luafiles.c: scripts/embed.lua $(LUA_SRC) | $(BUILD)/obj
@@ -48,7 +65,10 @@ $(BUILD)/libluamp.so: $(LIB_OBJ)
 	$(CC) -shared $(LDFLAGS) -Wl,-soname,libluamp.so.0 -o $@ $^ $(LIBS)
 
 $(BUILD)/luamp: $(HOST_OBJ) $(BUILD)/libluamp.a
-	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(LUA_LIBS) $(EDIT_LIBS) $(LIBS)
+
+$(BUILD)/tests/luamp-noedit: $(NOEDIT_OBJ) $(BUILD)/libluamp.a | $(BUILD)/tests
+	$(CC) $(LDFLAGS) -o $@ $(NOEDIT_OBJ) $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)
 
 $(BUILD)/tests/%: spec/c/%.c $(BUILD)/libluamp.a $(HEADERS) | $(BUILD)/tests
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)
