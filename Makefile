@@ -4,6 +4,8 @@ BUILD   ?= build
 CC      ?= gcc
 LUA_CFLAGS := $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
 LUA_LIBS   := $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
+VERSION := $(shell sed -n 's/^\#define LUAMP_VERSION "\(.*\)"/\1/p' runtime/luamp.h)
+SONAME  := libluamp.so.$(firstword $(subst ., ,$(VERSION)))
 OPT     ?= -O2
 SAN     ?=
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC \
@@ -33,7 +35,8 @@ HEADERS  := $(wildcard runtime/*.h)
 
 .PHONY: all deps test check sanitize bench example clean
 all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
-     $(BUILD)/libluamp.so $(CTESTS) $(BUILD)/tests/luamp-noedit
+     $(BUILD)/libluamp.so $(CTESTS) $(BUILD)/tests/luamp-noedit \
+     $(BUILD)/examples/embed-host
 
 deps:
 	@scripts/deps.sh
@@ -61,8 +64,20 @@ $(BUILD)/libluamp.a: $(LIB_OBJ)
 $(BUILD)/multiprocessing.so: $(LIB_OBJ)
 	$(CC) -shared $(LDFLAGS) -o $@ $^ $(LIBS)
 
-$(BUILD)/libluamp.so: $(LIB_OBJ)
-	$(CC) -shared $(LDFLAGS) -Wl,-soname,libluamp.so.0 -o $@ $^ $(LIBS)
+# libluamp.so.X.Y.Z with the soname libluamp.so.X and the usual links, laid
+# out in build/ as it is installed.
+$(BUILD)/libluamp.so.$(VERSION): $(LIB_OBJ)
+	$(CC) -shared $(LDFLAGS) -Wl,-soname,$(SONAME) -o $@ $^ $(LIBS)
+
+$(BUILD)/libluamp.so: $(BUILD)/libluamp.so.$(VERSION)
+	ln -sf libluamp.so.$(VERSION) $(BUILD)/$(SONAME)
+	ln -sf $(SONAME) $@
+
+# The embedding example, linked with the shared library in build/.
+$(BUILD)/examples/embed-host: scripts/examples/embed/host.c $(BUILD)/libluamp.so runtime/luamp.h
+	@mkdir -p $(@D)
+	$(CC) $(CFLAGS) -o $@ $< -L$(BUILD) -lluamp -Wl,-rpath,'$$ORIGIN/..' \
+	  $(LDFLAGS) $(LUA_LIBS) $(LIBS)
 
 $(BUILD)/luamp: $(HOST_OBJ) $(BUILD)/libluamp.a
 	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(LUA_LIBS) $(EDIT_LIBS) $(LIBS)
