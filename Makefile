@@ -2,15 +2,21 @@
 # Debian packages, builds and runs the whole suite.
 BUILD   ?= build
 CC      ?= gcc
+ifdef LUA_INCDIR
+LUA_CFLAGS := -I$(LUA_INCDIR)
+else
 LUA_CFLAGS := $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+endif
 LUA_LIBS   := $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 VERSION := $(shell sed -n 's/^\#define LUAMP_VERSION "\(.*\)"/\1/p' runtime/luamp.h)
 SONAME  := libluamp.so.$(firstword $(subst ., ,$(VERSION)))
 OPT     ?= -O2
 SAN     ?=
-CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC \
-           -fvisibility=hidden $(SAN) $(LUA_CFLAGS) -Iruntime -I$(BUILD)
-LDFLAGS += $(SAN)
+# "override": flags given on the command line (make CFLAGS=..., as
+# LuaRocks does) come first and ours are still added.
+override CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror \
+           -fPIC -fvisibility=hidden $(SAN) $(LUA_CFLAGS) -Iruntime -I$(BUILD)
+override LDFLAGS += $(SAN)
 LIBS    := -lm
 
 # libedit (line editing, history and completion in the REPL) when
@@ -33,7 +39,20 @@ CTEST_SRC := $(wildcard spec/c/test_*.c)
 CTESTS   := $(CTEST_SRC:spec/c/%.c=$(BUILD)/tests/%)
 HEADERS  := $(wildcard runtime/*.h)
 
-.PHONY: all deps test check sanitize bench example clean
+# Where "make install" puts things (DESTDIR is prepended to each).  The Lua
+# directories are the ones Debian's lua5.4 searches for PREFIX=/usr/local
+# (and PREFIX=/usr): $(PREFIX)/lib/lua/5.4 and $(PREFIX)/share/lua/5.4.
+PREFIX     ?= /usr/local
+BINDIR     ?= $(PREFIX)/bin
+LIBDIR     ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+MANDIR     ?= $(PREFIX)/share/man
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+LUA_CMOD   ?= $(PREFIX)/lib/lua/5.4
+LUA_LMOD   ?= $(PREFIX)/share/lua/5.4
+
+.PHONY: all deps test check sanitize bench example clean install uninstall \
+        rock rock-install
 all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
      $(BUILD)/libluamp.so $(CTESTS) $(BUILD)/tests/luamp-noedit \
      $(BUILD)/examples/embed-host
@@ -90,6 +109,52 @@ $(BUILD)/tests/%: spec/c/%.c $(BUILD)/libluamp.a $(HEADERS) | $(BUILD)/tests
 
 $(BUILD)/bench_probes: scripts/bench_probes.c | $(BUILD)/obj
 	$(CC) -std=c11 -D_GNU_SOURCE -O2 -Wall -Wextra -Werror -o $@ $<
+
+# The pkg-config file is written at install time, for the PREFIX of that
+# install; directories under PREFIX are written relative to ${prefix}, so
+# that pkg-config --define-prefix and PKG_CONFIG_SYSROOT_DIR can relocate
+# a staged (DESTDIR) copy.
+pc_rel = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
+
+INSTALLED_FILES = $(BINDIR)/luamp $(LUA_CMOD)/multiprocessing.so \
+  $(LUA_SRC:lua/%=$(LUA_LMOD)/%) $(LIBDIR)/libluamp.a \
+  $(LIBDIR)/libluamp.so.$(VERSION) $(LIBDIR)/$(SONAME) $(LIBDIR)/libluamp.so \
+  $(INCLUDEDIR)/luamp.h $(PKGCONFIGDIR)/luamp.pc $(MANDIR)/man1/luamp.1
+
+install: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
+         $(BUILD)/libluamp.so
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUA_CMOD) \
+	  $(DESTDIR)$(LUA_LMOD)/multiprocessing $(DESTDIR)$(LIBDIR) \
+	  $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(MANDIR)/man1
+	install -m 755 $(BUILD)/luamp $(DESTDIR)$(BINDIR)/luamp
+	install -m 755 $(BUILD)/multiprocessing.so $(DESTDIR)$(LUA_CMOD)/multiprocessing.so
+	install -m 644 $(LUA_SRC) $(DESTDIR)$(LUA_LMOD)/multiprocessing/
+	install -m 644 $(BUILD)/libluamp.a $(DESTDIR)$(LIBDIR)/libluamp.a
+	install -m 755 $(BUILD)/libluamp.so.$(VERSION) $(DESTDIR)$(LIBDIR)/
+	ln -sf libluamp.so.$(VERSION) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libluamp.so
+	install -m 644 runtime/luamp.h $(DESTDIR)$(INCLUDEDIR)/luamp.h
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(call pc_rel,$(LIBDIR))|' \
+	    -e 's|@INCLUDEDIR@|$(call pc_rel,$(INCLUDEDIR))|' \
+	    -e 's|@VERSION@|$(VERSION)|' -e 's|@LIBS@|$(LIBS)|' \
+	    runtime/luamp.pc.in > $(DESTDIR)$(PKGCONFIGDIR)/luamp.pc
+	chmod 644 $(DESTDIR)$(PKGCONFIGDIR)/luamp.pc
+	install -m 644 runtime/luamp.1 $(DESTDIR)$(MANDIR)/man1/luamp.1
+	@if [ -z "$(DESTDIR)" ] && [ "$$(id -u)" = 0 ] && command -v ldconfig >/dev/null; \
+	then ldconfig; fi
+
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED_FILES))
+	-rmdir $(DESTDIR)$(LUA_LMOD)/multiprocessing 2>/dev/null
+
+# LuaRocks' make backend (luamp-<version>-1.rockspec): the module only,
+# into the rocks tree's directories.
+rock: $(BUILD)/multiprocessing.so
+
+rock-install: $(BUILD)/multiprocessing.so
+	install -d $(INST_LIBDIR) $(INST_LUADIR)/multiprocessing
+	install -m 755 $(BUILD)/multiprocessing.so $(INST_LIBDIR)/multiprocessing.so
+	install -m 644 $(LUA_SRC) $(INST_LUADIR)/multiprocessing/
 
 $(BUILD)/obj $(BUILD)/tests:
 	mkdir -p $@

@@ -13,9 +13,14 @@
  * symbols come from the host, which links liblua5.4 once.  Installed with
  * "make install", pkg-config knows the flags:
  *
- *     cc host.c $(pkg-config --cflags --libs luamp)              shared
+ *     cc host.c $(pkg-config --cflags --libs luamp)                shared
+ *
  *     cc host.c $(pkg-config --cflags luamp) /usr/local/lib/libluamp.a \
- *        $(pkg-config --libs --static luamp)                     static
+ *        $(pkg-config --static --libs-only-l luamp | sed 's/-lluamp//')
+ *                                                                  static
+ *
+ * (luamp.pc's Requires: lua5.4 brings Lua's flags; Libs.private lists the
+ * system libraries the archive needs.)
  *
  * Only Lua 5.4 will do (the library checks the version of the state it is
  * given).  Everything the library exports starts with luamp_ or luaopen_;
