@@ -10,6 +10,14 @@ endif
 LUA_LIBS   := $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
 VERSION := $(shell sed -n 's/^\#define LUAMP_VERSION "\(.*\)"/\1/p' runtime/luamp.h)
 SONAME  := libluamp.so.$(firstword $(subst ., ,$(VERSION)))
+# luamp links Lua statically and exports its API to C modules (-Wl,-E), as
+# Debian's lua5.4 does: direct calls instead of PIC calls into liblua.
+LUA_STATIC := $(firstword $(wildcard /usr/lib/$(shell gcc -print-multiarch 2>/dev/null)/liblua5.4.a /usr/lib/liblua5.4.a))
+ifneq ($(LUA_STATIC),)
+HOST_LUA := -Wl,-E $(LUA_STATIC) -ldl
+else
+HOST_LUA := $(LUA_LIBS)
+endif
 OPT     ?= -O2
 SAN     ?=
 # "override": flags given on the command line (make CFLAGS=..., as
@@ -99,10 +107,10 @@ $(BUILD)/examples/embed-host: scripts/examples/embed/host.c $(BUILD)/libluamp.so
 	  $(LDFLAGS) $(LUA_LIBS) $(LIBS)
 
 $(BUILD)/luamp: $(HOST_OBJ) $(BUILD)/libluamp.a
-	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(LUA_LIBS) $(EDIT_LIBS) $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) $(EDIT_LIBS) $(LIBS)
 
 $(BUILD)/tests/luamp-noedit: $(NOEDIT_OBJ) $(BUILD)/libluamp.a | $(BUILD)/tests
-	$(CC) $(LDFLAGS) -o $@ $(NOEDIT_OBJ) $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $(NOEDIT_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) $(LIBS)
 
 $(BUILD)/tests/%: spec/c/%.c $(BUILD)/libluamp.a $(HEADERS) | $(BUILD)/tests
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)
