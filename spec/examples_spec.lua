@@ -52,6 +52,7 @@ describe("examples/embed", function()
     for _, w in ipairs {"alpha", "two words", ""} do
       expect[#expect + 1] = string.format("%-8s %08x\n", w, fnv1a(w))
     end
+    expect[#expect + 1] = string.format("task(%q) = %08x\n", "alpha", fnv1a("alpha"))
     assert.equal(table.concat(expect), out:match("^(.-\n)embed%-host"))
     assert.matches("\nembed%-host %d+%.%d+%.%d+: 3 words in MainProcess %(pid %d+%), " ..
                    "luamp %d+%.%d+%.%d+, %d+ CPUs\n$", out)
