@@ -23,7 +23,7 @@
  * system libraries the archive needs.)
  *
  * Only Lua 5.4 will do (the library checks the version of the state it is
- * given).  Everything the library exports starts with luamp_ or luaopen_;
+ * given: luaL_checkversion).  Everything the library exports starts with luamp_ or luaopen_;
  * LUAMP_VERSION says which API this header describes and luamp_version()
  * which library is linked.
  *
@@ -56,25 +56,25 @@
  *
  *     -- worker.lua, loaded by the host:  function worker_main(n) ... end
  *
- *     static int start_worker(lua_State *L) {  -- called with lua_pcall
+ *     static int start_worker(lua_State *L) {  // called with lua_pcall
  *       lua_getglobal(L, "require");
  *       lua_pushliteral(L, "multiprocessing");
- *       lua_call(L, 1, 1);                      -- mp
+ *       lua_call(L, 1, 1);                      // mp
  *       lua_getfield(L, -1, "Process");
- *       lua_createtable(L, 0, 2);               -- {target =, args =}
+ *       lua_createtable(L, 0, 2);               // {target =, args =}
  *       lua_getglobal(L, "worker_main");
  *       lua_setfield(L, -2, "target");
  *       lua_createtable(L, 1, 0);
  *       lua_pushinteger(L, 42);
  *       lua_rawseti(L, -2, 1);
  *       lua_setfield(L, -2, "args");
- *       lua_call(L, 1, 1);                      -- p = mp.Process{...}
+ *       lua_call(L, 1, 1);                      // p = mp.Process{...}
  *       lua_getfield(L, -1, "start");
  *       lua_pushvalue(L, -2);
- *       lua_call(L, 1, 0);                      -- p:start()
+ *       lua_call(L, 1, 0);                      // p:start()
  *       lua_getfield(L, -1, "join");
  *       lua_pushvalue(L, -2);
- *       lua_call(L, 1, 0);                      -- p:join()
+ *       lua_call(L, 1, 0);                      // p:join()
  *       lua_getfield(L, -1, "exitcode");
  *       return 1;
  *     }
