@@ -49,6 +49,9 @@ enum {
 #define EXT_TIMESTAMP (-1)
 
 #define DEFAULT_MAX_DEPTH 256
+/* Each level of nesting takes a few hundred bytes of C stack in the
+ * recursive encoder and decoder: the limit keeps that within 2 MiB. */
+#define MAX_DEPTH_LIMIT 5000
 #define EXT_MT "multiprocessing.Ext"
 #define ERROR_MT "multiprocessing.Error"
 
@@ -1492,7 +1495,9 @@ static void dec_ext(struct dec *d, int type, size_t n) {
       }
       d->pending = ++d->nslots;
       d->end = payload + n;
+      enter(d);          /* DEFs can nest: they count towards the depth */
       dec_value(d);
+      d->depth--;
       if (d->pending) {  /* not a table or function: register as is */
         take_slot(d);
       }
@@ -1667,7 +1672,7 @@ static int l_decode(lua_State *L) {
       flags |= LUAMP_DECODE_UNTRUSTED;
     if (lua_getfield(L, 2, "max_depth") != LUA_TNIL) {
       lua_Integer v = luaL_checkinteger(L, -1);
-      luaL_argcheck(L, v >= 1 && v <= 100000, 2, "max_depth out of range");
+      luaL_argcheck(L, v >= 1 && v <= MAX_DEPTH_LIMIT, 2, "max_depth out of range");
       depth = (int)v;
     }
     lua_settop(L, 1);
@@ -1713,7 +1718,7 @@ static int l_codec_options(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     if (lua_getfield(L, 1, "max_depth") != LUA_TNIL) {
       lua_Integer v = luaL_checkinteger(L, -1);
-      luaL_argcheck(L, v >= 1 && v <= 100000, 1, "max_depth out of range");
+      luaL_argcheck(L, v >= 1 && v <= MAX_DEPTH_LIMIT, 1, "max_depth out of range");
       max_depth = (int)v;
     }
     if (lua_getfield(L, 1, "track") != LUA_TNIL)

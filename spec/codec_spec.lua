@@ -434,6 +434,15 @@ describe("codec on bad input", function()
   it("limits nesting depth, configurably", function()
     local deep = ("\x91"):rep(300) .. "\x01"
     bad(deep, "too deep")
+    -- DEF wrappers nested 100000 deep: the depth limit, not the C stack
+    local defs = ("\xc9\x00\x00\x00\x00\x02"):rep(1)
+    local nested = "\x01"
+    for _ = 1, 20000 do
+      nested = "\xc9" .. string.pack(">I4", #nested) .. "\x02" .. nested
+    end
+    assert.is_string(defs)
+    bad(nested, "too deep")
+    assert.has_error(function() mp.codec_options {max_depth = 10^6} end)
     assert.is_table(dec(deep, {max_depth = 400}))
     local d50 = ("\x91"):rep(50) .. "\x01"
     local ok = pcall(dec, d50, {max_depth = 10})
