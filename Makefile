@@ -9,7 +9,7 @@ SAN     ?=
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC \
            -fvisibility=hidden $(SAN) $(LUA_CFLAGS) -Iruntime -I$(BUILD)
 LDFLAGS += $(SAN)
-LIBS    := -lm
+LIBS    := -lcrypto -lm
 
 HOST_SRC := runtime/luamp.c runtime/repl.c
 LIB_SRC  := $(filter-out $(HOST_SRC),$(wildcard runtime/*.c))

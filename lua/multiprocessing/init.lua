@@ -17,9 +17,13 @@ local M = {
 
 -- name -> submodule that defines it (loaded on first access)
 local lazy = {
+  Process = "multiprocessing.process",
   current_process = "multiprocessing.process",
   parent_process = "multiprocessing.process",
   active_children = "multiprocessing.process",
+  register_at_fork = "multiprocessing.process",
+  get_logger = "multiprocessing.util",
+  log_to_stderr = "multiprocessing.util",
 }
 
 setmetatable(M, {
