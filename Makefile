@@ -16,7 +16,10 @@ OPT     ?= -O2
 SAN     ?=
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC \
            -fvisibility=hidden $(SAN) $(LUA_CFLAGS) -Iruntime -I$(BUILD)
-LDFLAGS += $(SAN)
+# -z now: symbols are bound at load, not lazily -- a forked child that
+# calls a libc function for the first time would otherwise resolve it (and
+# copy the GOT page) in every child.
+LDFLAGS += $(SAN) -Wl,-z,now
 LIBS    := -lcrypto -lm
 
 HOST_SRC := runtime/luamp.c runtime/repl.c

@@ -26,8 +26,10 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdio_ext.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -38,7 +40,6 @@
 
 #define CHILD_MT "multiprocessing.Child"
 #define SENTINEL_MT "multiprocessing.ChildrenSentinel"
-#define HOOKS_KEY "multiprocessing.atfork"
 
 /* Seconds a daemon child gets to die after SIGTERM at exit before it is
  * killed (Python waits forever; a daemon that ignores SIGTERM must not
@@ -67,6 +68,13 @@ static int have_pidfd = -1;           /* -1 unknown, 0 no, 1 yes */
 /* In a child made through a pipe sentinel: the write end it inherited,
  * closed in its own children so that they do not hold its sentinel open. */
 static int own_sentinel_wfd = -1;
+/* This process's pid, kept up to date in children by a pthread_atfork
+ * handler (so forks made by others count too): getpid() is a system call,
+ * and Process checks ownership often. */
+static pid_t my_pid = 0;
+static void refresh_pid(void) { my_pid = getpid(); }
+/* /dev/null, opened once, for the children's stdin */
+static int devnull = -1;
 
 static int exitcode_of(int status) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
@@ -205,6 +213,9 @@ struct c_hook {
 #define MAX_C_HOOKS 32
 static struct c_hook c_hooks[MAX_C_HOOKS];
 static int n_c_hooks = 0;
+/* Lua hooks registered in any state; its address is the registry key of
+ * a state's hook lists {before, parent, child}. */
+static int n_lua_hooks = 0;
 
 LUAMP_API int luamp_atfork(void (*before)(void *), void (*parent)(void *),
                            void (*child)(void *), void *ud) {
@@ -226,7 +237,8 @@ LUAMP_API int luamp_atfork(void (*before)(void *), void (*parent)(void *),
  * stderr and does not stop the fork. */
 static void run_lua_hooks(lua_State *L, int kind) {
   int n, top = lua_gettop(L);
-  if (lua_getfield(L, LUA_REGISTRYINDEX, HOOKS_KEY) != LUA_TTABLE ||
+  if (n_lua_hooks == 0) return;   /* the common case, without a lookup */
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &n_lua_hooks) != LUA_TTABLE ||
       lua_rawgeti(L, -1, kind) != LUA_TTABLE) {
     lua_settop(L, top);
     return;
@@ -297,7 +309,7 @@ pid_t luamp_fork(lua_State *L) {
      * signals in its threads (to take them in a signal thread that the
      * child does not have) would otherwise leave a child that SIGTERM
      * cannot stop. */
-    sigemptyset(&old);
+    memset(&old, 0, sizeof old);          /* the empty set */
     sigprocmask(SIG_SETMASK, &old, NULL);
     for (int i = 0; i < n_c_hooks; i++)
       if (c_hooks[i].child) c_hooks[i].child(c_hooks[i].ud);
@@ -490,6 +502,16 @@ static int child_tostring(lua_State *L) {
   return 1;
 }
 
+/* Whether stdin holds input read ahead by the parent (checked so that the
+ * common case does not run, and fault in, the purge code). */
+static int stdin_has_buffered_input(void) {
+#ifdef __GLIBC__
+  return stdin->_IO_read_ptr < stdin->_IO_read_end;
+#else
+  return 1;
+#endif
+}
+
 /* The child's body for spawn: runs fn(arg) under a traceback handler and
  * leaves with its result as exit code; it never returns into the Lua code
  * that called spawn (which belongs to the parent). */
@@ -545,6 +567,7 @@ static int l_spawn(lua_State *L) {
     free(c);
     luamp_raise_errno(L, "OSError", err, "pipe2");
   }
+  if (devnull < 0) devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
   sweep();
   renew_sentinel(L);
   pid = luamp_fork(L);
@@ -553,11 +576,15 @@ static int l_spawn(lua_State *L) {
       close(pfd[0]);
       own_sentinel_wfd = pfd[1];
     }
-    free(c);
+    /* c is not freed here: the child leaves with _exit, and touching the
+     * allocator would copy its pages for nothing */
     if (ignore_sigint) signal(SIGINT, SIG_IGN);
     /* As Python's children: stdin is /dev/null, so that parent and
-     * children do not compete for the terminal's input. */
-    if (freopen("/dev/null", "r", stdin) == NULL) clearerr(stdin);
+     * children do not compete for the terminal's input (and input the
+     * parent had buffered is not read twice). */
+    if (devnull >= 0 && dup2(devnull, STDIN_FILENO) == STDIN_FILENO &&
+        stdin_has_buffered_input())
+      __fpurge(stdin);
     child_main(L, 1, 2);
   }
   if (pid < 0) {
@@ -679,6 +706,12 @@ static int l_pidfd(lua_State *L) {
   return 1;
 }
 
+/* core.pid() -> this process's pid (cached; see my_pid) */
+static int l_pid(lua_State *L) {
+  lua_pushinteger(L, my_pid);
+  return 1;
+}
+
 static int l_close_fd(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
   lua_pushboolean(L, close(fd) == 0);
@@ -704,7 +737,7 @@ static int l_register_at_fork(lua_State *L) {
   if (!any)
     luaL_argerror(L, 1, "at least one of before, after_in_parent, "
                         "after_in_child is required");
-  if (lua_getfield(L, LUA_REGISTRYINDEX, HOOKS_KEY) != LUA_TTABLE) {
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &n_lua_hooks) != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_createtable(L, 3, 0);
     for (int i = 1; i <= 3; i++) {
@@ -712,8 +745,9 @@ static int l_register_at_fork(lua_State *L) {
       lua_rawseti(L, -2, i);
     }
     lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, HOOKS_KEY);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &n_lua_hooks);
   }
+  n_lua_hooks++;
   for (int i = 0; i < 3; i++) {
     if (lua_getfield(L, 1, keys[i]) == LUA_TFUNCTION) {
       lua_rawgeti(L, -2, i + 1);
@@ -735,6 +769,7 @@ int luamp_open_process(lua_State *L) {
     {"waitpid", l_waitpid},
     {"kill", l_kill},
     {"pidfd", l_pidfd},
+    {"pid", l_pid},
     {"close_fd", l_close_fd},
     {"register_at_fork", l_register_at_fork},
     {NULL, NULL}
@@ -784,6 +819,8 @@ int luamp_open_process(lua_State *L) {
   if (!atexit_done) {
     atexit_done = 1;
     atexit(cleanup_at_exit);
+    pthread_atfork(NULL, NULL, refresh_pid);
+    refresh_pid();
   }
   pidfd_usable();
   return 0;

@@ -27,6 +27,9 @@ local lazy = {
   parent_process = "multiprocessing.process",
   active_children = "multiprocessing.process",
   register_at_fork = "multiprocessing.process",
+  Pipe = "multiprocessing.connection",
+  wait = "multiprocessing.connection",
+  connection = "multiprocessing.connection",
   get_logger = "multiprocessing.util",
   log_to_stderr = "multiprocessing.util",
 }

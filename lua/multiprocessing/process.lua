@@ -9,7 +9,7 @@
 -- class mechanism (Process:extend()).
 local core = require "multiprocessing.core"
 
-local getpid = core.getpid
+local getpid = core.pid       -- cached by the C side, right after forks too
 local raise = core.raise
 local unpack = table.unpack
 
@@ -17,7 +17,7 @@ local P = {}
 
 -- ---- this process's identity ---------------------------------------------
 
-local main_process = {name = "MainProcess", daemon = false, _identity = {}}
+local main_process = {name = "MainProcess", daemon = false, _identity = ""}
 setmetatable(main_process, {
   __index = function(_, k)
     if k == "pid" or k == "ident" then return getpid() end
@@ -28,7 +28,10 @@ setmetatable(main_process, {
 })
 
 local current = main_process     -- the object current_process() returns
-local parent = nil               -- parent_process(), nil in the main process
+-- parent_process(): made on first use from the name and pid kept here
+-- (nothing is allocated in a child that does not ask: every page a child
+-- writes is a copy)
+local parent, parent_name, parent_pid = nil, nil, nil
 -- Children started by this process (Process -> true); strong references,
 -- as Python's _children: a running child's object is never collected.
 -- Inherited copies are dropped in a forked child (owner check).
@@ -39,6 +42,8 @@ local function my_children()
   local me = getpid()
   if children_owner ~= me then
     children, children_owner, counter = {}, me, 0
+  elseif children == nil then
+    children = {}
   end
   return children
 end
@@ -54,6 +59,9 @@ end
 
 local Process = {}
 local props = {}    -- computed fields: name -> getter(self)
+local EMPTY = setmetatable({n = 0}, {__newindex = function()
+  error("attempt to modify the arguments of a Process", 2)
+end})
 
 local function check_closed(self)
   if rawget(self, "_closed") then
@@ -107,18 +115,18 @@ local function make_class(base, name)
   return setmetatable(cls, {
     __index = base,
     __call = function(c, ...)
-      local self = setmetatable({}, inst_mt)
-      local identity = {}
-      for i, v in ipairs(current._identity) do identity[i] = v end
-      my_children()
+      if children_owner ~= getpid() then my_children() end
       counter = counter + 1
-      identity[#identity + 1] = counter
-      rawset(self, "_identity", identity)
-      rawset(self, "name", "Process-" .. table.concat(identity, ":"))
-      rawset(self, "daemon", current.daemon and true or false)
-      rawset(self, "_parent_pid", getpid())
-      rawset(self, "_parent_name", current.name)
-      rawset(self, "_args", {n = 0})
+      local id = current._identity
+      id = id == "" and tostring(counter) or id .. ":" .. counter
+      -- every field the object will get, so that later assignments find
+      -- their slot (no rehash, fewer pages written around forks)
+      local self = setmetatable({
+        name = "Process-" .. id, daemon = current.daemon and true or false,
+        pid = nil, _identity = id, _parent_pid = getpid(),
+        _parent_name = current.name, _args = EMPTY, _target = nil,
+        _child = nil, _exitcode = nil, _closed = nil,
+      }, inst_mt)
       c.init(self, ...)
       return self
     end,
@@ -209,9 +217,9 @@ end
 -- Runs in the child (core.spawn calls it; its result is the exit code).
 local function bootstrap(self)
   current = self
-  parent = P._make_parent(self._parent_name, self._parent_pid)
-  children, children_owner, counter = {}, getpid(), 0
-  rawset(self, "pid", getpid())
+  parent, parent_name, parent_pid = nil, self._parent_name, self._parent_pid
+  children, children_owner, counter = nil, getpid(), 0
+  rawset(self, "pid", children_owner)
   log(5, "child process calling self.run()")
   local ok, err = xpcall(self.run, traceback, self)
   local code = 0
@@ -223,6 +231,20 @@ local function bootstrap(self)
   end
   log(20, "process exiting with exitcode %d", code)
   return code
+end
+
+-- Reaps finished children (Python's _cleanup), allocating nothing.
+local function sweep()
+  if children == nil or children_owner ~= getpid() then return end
+  for p in pairs(children) do
+    local h = rawget(p, "_child")
+    local code, gone = nil, true
+    if h and not rawget(p, "_closed") then code, gone = h:poll() end
+    if gone then
+      rawset(p, "_exitcode", code)
+      children[p] = nil
+    end
+  end
 end
 
 function Process:start()
@@ -237,7 +259,7 @@ function Process:start()
   if current.daemon then
     raise("ProcessError", "daemonic processes are not allowed to have children")
   end
-  P.reap()
+  sweep()
   local h = core.spawn(bootstrap, self, self.daemon)
   rawset(self, "_child", h)
   rawset(self, "pid", h:pid())
@@ -366,6 +388,9 @@ function P._make_parent(name, pid)
 end
 
 function P.parent_process()
+  if parent == nil and parent_pid ~= nil then
+    parent = P._make_parent(parent_name, parent_pid)
+  end
   return parent
 end
 
@@ -394,13 +419,12 @@ end
 -- For other parts of the runtime that fork their own workers (the Pool):
 -- makes this process look like a child with the given name.
 function P._become_child(name, daemon)
+  local id = current._identity
   local me = {name = name, daemon = daemon and true or false,
-              pid = getpid(), _identity = {}}
-  for i, v in ipairs(current._identity) do me._identity[i] = v end
-  me._identity[#me._identity + 1] = 0
-  parent = P._make_parent(current.name, core.getppid())
+              pid = getpid(), _identity = id == "" and "0" or id .. ":0"}
+  parent, parent_name, parent_pid = nil, current.name, core.getppid()
   current = me
-  children, children_owner, counter = {}, getpid(), 0
+  children, children_owner, counter = nil, getpid(), 0
   return me
 end
 
