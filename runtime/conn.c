@@ -46,7 +46,7 @@
 #define LISTENER_MT "multiprocessing.Listener"
 
 #define HEADROOM 12             /* -1 marker + 8-byte length */
-#define SMALL_MSG 4096          /* received on the C stack */
+#define RA_SIZE 65536           /* read-ahead: a small message costs one read */
 #define KEEP_RBUF (4u << 20)    /* receive buffer kept between messages */
 #define GROW_STEP (64u << 20)   /* trust a claimed length this far at once */
 
@@ -58,7 +58,10 @@ struct conn {
   unsigned trusted : 1;   /* decode code payloads: pipes, authenticated peers */
   unsigned rbroken : 1;   /* a message was cut off mid-read */
   unsigned wbroken : 1;   /* a message was cut off mid-write */
-  char *rbuf;             /* payload buffer reused between messages */
+  char *ra;               /* read-ahead buffer (RA_SIZE bytes) */
+  size_t rpos, rend;      /* its unread bytes: ra[rpos..rend) */
+  pid_t rpid;             /* the process that read them (see ra_check) */
+  char *rbuf;             /* buffer for payloads beyond RA_SIZE */
   size_t rcap;
 };
 
@@ -104,6 +107,9 @@ static int conn_close(lua_State *L) {
   free(c->rbuf);
   c->rbuf = NULL;
   c->rcap = 0;
+  free(c->ra);
+  c->ra = NULL;
+  c->rpos = c->rend = 0;
   return 0;
 }
 
@@ -169,40 +175,112 @@ static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
   }
 }
 
-/* Reads exactly n bytes.  Returns 1 on an end of file before the first
- * byte when the message has not started (midway == 0); any other end of
- * file is an error. */
-static int read_all(lua_State *L, struct conn *c, char *p, size_t n,
-                    double deadline, int midway) {
-  size_t got = 0;
-  while (got < n) {
+/* One read(2) of at most n bytes: returns the count, 0 at end of file;
+ * raises on errors, interrupts and the deadline.  midway says whether a
+ * message is half read (an interrupt then breaks the stream). */
+static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
+                        double deadline, int midway) {
+  for (;;) {
     ssize_t r;
-    if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway || got);
-    r = read(c->fd, p + got, n - got);
-    if (r > 0) {
-      got += (size_t)r;
-      continue;
-    }
-    if (r < 0 && errno == EINTR) {
+    if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway);
+    r = read(c->fd, p, n);
+    if (r >= 0) return (size_t)r;
+    if (errno == EINTR) {
       if (luamp_interrupted(L)) {
-        if (midway || got) c->rbroken = 1;
+        if (midway) c->rbroken = 1;
         luamp_raise_interrupt(L);
       }
       continue;
     }
-    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      wait_fd(L, c, POLLIN, deadline, midway || got);
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      wait_fd(L, c, POLLIN, deadline, midway);
       continue;
     }
-    if (r == 0 || errno == ECONNRESET) {
-      if (!midway && got == 0) return 1;
-      c->rbroken = 1;
-      luamp_raise(L, "OSError", "got end of file during message");
-    }
-    if (midway || got) c->rbroken = 1;
+    if (errno == ECONNRESET) return 0;   /* the peer is gone: end of file */
+    if (midway) c->rbroken = 1;
     luamp_raise_errno(L, "OSError", errno, "recv");
   }
+}
+
+/* Bytes read ahead belong to the process that read them from the fd: a
+ * forked child's copy of them was consumed by its parent, so it drops
+ * them and reads the fd afresh. */
+static void ra_check(struct conn *c) {
+  if (c->rpos < c->rend && c->rpid != luamp_pid()) c->rpos = c->rend = 0;
+}
+
+static void ra_alloc(lua_State *L, struct conn *c) {
+  if (c->ra == NULL && (c->ra = malloc(RA_SIZE)) == NULL)
+    luamp_raise(L, "OSError", "not enough memory");
+}
+
+static void eof_midway(lua_State *L, struct conn *c) {
+  c->rbroken = 1;
+  luamp_raise(L, "OSError", "got end of file during message");
+}
+
+/* Reads exactly n bytes (buffered).  Returns 1 on an end of file before
+ * the first byte when the message has not started (midway == 0); any
+ * other end of file is an error. */
+static int read_all(lua_State *L, struct conn *c, char *p, size_t n,
+                    double deadline, int midway) {
+  size_t got = 0;
+  ra_check(c);
+  if (c->rpos < c->rend) {
+    got = c->rend - c->rpos < n ? c->rend - c->rpos : n;
+    memcpy(p, c->ra + c->rpos, got);
+    c->rpos += got;
+  }
+  while (got < n) {
+    size_t r;
+    if (n - got >= RA_SIZE / 2) {   /* big: straight into place */
+      r = read_once(L, c, p + got, n - got, deadline, midway || got);
+      if (r == 0) {
+        if (!midway && got == 0) return 1;
+        eof_midway(L, c);
+      }
+      got += r;
+      continue;
+    }
+    ra_alloc(L, c);
+    c->rpos = c->rend = 0;
+    r = read_once(L, c, c->ra, RA_SIZE, deadline, midway || got);
+    if (r == 0) {
+      if (!midway && got == 0) return 1;
+      eof_midway(L, c);
+    }
+    c->rend = r;
+    c->rpid = luamp_pid();
+    r = r < n - got ? r : n - got;
+    memcpy(p + got, c->ra, r);
+    c->rpos = r;
+    got += r;
+  }
   return 0;
+}
+
+/* The next n bytes (n <= RA_SIZE) of a started message, contiguous in
+ * the read-ahead buffer; valid until the next read on c. */
+static const char *read_view(lua_State *L, struct conn *c, size_t n,
+                             double deadline) {
+  const char *p;
+  ra_check(c);
+  if (c->rend - c->rpos < n) {
+    ra_alloc(L, c);
+    memmove(c->ra, c->ra + c->rpos, c->rend - c->rpos);
+    c->rend -= c->rpos;
+    c->rpos = 0;
+    while (c->rend < n) {
+      size_t r = read_once(L, c, c->ra + c->rend, RA_SIZE - c->rend,
+                           deadline, 1);
+      if (r == 0) eof_midway(L, c);
+      c->rend += r;
+      c->rpid = luamp_pid();
+    }
+  }
+  p = c->ra + c->rpos;
+  c->rpos += n;
+  return p;
 }
 
 /* Reads one header: the payload length, or raises EOFError when the
@@ -317,10 +395,8 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
                 (lua_Integer)(n > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER : n),
                 maxlen);
   }
-  if (n <= SMALL_MSG) {
-    char buf[SMALL_MSG];
-    read_all(L, c, buf, (size_t)n, deadline, 1);
-    lua_pushlstring(L, buf, (size_t)n);
+  if (n <= RA_SIZE) {
+    lua_pushlstring(L, read_view(L, c, (size_t)n, deadline), (size_t)n);
   } else {
     char *p = read_payload(L, c, n, deadline);
     lua_pushlstring(L, p, (size_t)n);
@@ -353,10 +429,8 @@ static int conn_recv(lua_State *L) {
   struct conn *c = check_readable(L, 1);
   uint64_t n = read_header(L, c, -1);
   int flags = c->trusted ? 0 : LUAMP_DECODE_UNTRUSTED;
-  if (n <= SMALL_MSG) {
-    char buf[SMALL_MSG];
-    read_all(L, c, buf, (size_t)n, -1, 1);
-    luamp_decode(L, buf, (size_t)n, flags);
+  if (n <= RA_SIZE) {
+    luamp_decode(L, read_view(L, c, (size_t)n, -1), (size_t)n, flags);
   } else {
     char *p = read_payload(L, c, n, -1);
     /* the buffer belongs to c, which the stack keeps alive: a raising
@@ -404,11 +478,34 @@ static int conn_poll(lua_State *L) {
   struct pollfd p = {c->fd, POLLIN, 0};
   double deadline = lua_isnoneornil(L, 2) ? luamp_now()
                                           : luamp_deadline_arg(L, 2);
-  int r = luamp_robust_poll(L, &p, 1, deadline);
+  int r;
+  ra_check(c);
+  if (c->rpos < c->rend) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  r = luamp_robust_poll(L, &p, 1, deadline);
   if (r == -2) luamp_raise_interrupt(L);
   if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
   lua_pushboolean(L, r > 0);
   return 1;
+}
+
+/* Whether bytes are waiting in the read-ahead buffer (mp.wait's "ready
+ * now" check: the fd alone does not show them). */
+static int conn_buffered(lua_State *L) {
+  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  if (c->fd >= 0) ra_check(c);
+  lua_pushboolean(L, c->fd >= 0 && c->rpos < c->rend);
+  return 1;
+}
+
+/* conn:_wait_fd() -> fd, ready: mp.wait's protocol */
+static int conn_wait_fd(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  lua_pushinteger(L, c->fd);
+  lua_pushcfunction(L, conn_buffered);
+  return 2;
 }
 
 static int conn_fileno(lua_State *L) {
@@ -933,6 +1030,7 @@ int luamp_open_conn(lua_State *L) {
     {"poll", conn_poll},
     {"fileno", conn_fileno},
     {"close", conn_close},
+    {"_wait_fd", conn_wait_fd},
     {NULL, NULL}
   };
   static const luaL_Reg listener_meth[] = {

@@ -131,6 +131,8 @@ pid_t luamp_fork(lua_State *L);
  * flushes stdio and _exits. */
 LUAMP_NORETURN void luamp_child_exit(int code);
 int luamp_open_process(lua_State *L);
+/* getpid(), cached (refreshed in every forked child by pthread_atfork). */
+pid_t luamp_pid(void);
 
 /* ---- conn.c: Pipe, Connection, Listener/Client, wait --------------- */
 

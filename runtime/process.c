@@ -73,6 +73,7 @@ static int own_sentinel_wfd = -1;
  * and Process checks ownership often. */
 static pid_t my_pid = 0;
 static void refresh_pid(void) { my_pid = getpid(); }
+pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
 /* /dev/null, opened once, for the children's stdin */
 static int devnull = -1;
 

@@ -144,11 +144,12 @@ end
 --   a Connection       its fd
 --   a Process          its sentinel
 --   an integer         an fd
---   anything with a method _wait_fd() -> fd [, ready]: fd becomes
---     readable when the object may be ready; ready (optional, a function
---     of the object) says whether it is ready now -- checked before
---     sleeping and after each wake-up, so an fd that is only a hint
---     (e.g. a queue's doorbell) gives no false positives.
+--   anything with a method _wait_fd() -> fd [, ready [, hint]]: the
+--     object is ready when fd is readable, or when ready(obj) (optional)
+--     returns true -- checked before sleeping (a Connection's read-ahead
+--     buffer).  With hint = true the fd only says "maybe" (e.g. a queue's
+--     doorbell): after a wake-up ready(obj) decides, so there are no
+--     false positives.
 --   anything with fileno() (Listener, Python-style objects)
 -- Queues join by providing _wait_fd.
 local function wait_spec(obj)
@@ -179,12 +180,13 @@ function C.wait(objects, timeout)
     error("bad argument #1 to 'wait' (table expected, got " ..
           type(objects) .. ")", 2)
   end
-  local fds, readies = {}, {}
+  local fds, readies, hints = {}, {}, {}
   local n = #objects
   for i = 1, n do
-    local fd, ready = wait_spec(objects[i])
+    local fd, ready, hint = wait_spec(objects[i])
     fds[i] = fd
     readies[i] = ready
+    hints[i] = hint and ready ~= nil
   end
   local deadline = timeout and core.now() + math.max(timeout, 0)
   while true do
@@ -201,7 +203,7 @@ function C.wait(objects, timeout)
     local seen = {}
     for _, i in ipairs(out) do seen[i] = true end
     for _, i in ipairs(hit) do
-      if not readies[i] or readies[i](objects[i]) then seen[i] = true end
+      if not hints[i] or readies[i](objects[i]) then seen[i] = true end
     end
     local ready = {}
     for i = 1, n do
