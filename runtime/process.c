@@ -707,6 +707,19 @@ static int l_pidfd(lua_State *L) {
   return 1;
 }
 
+/* core.set_signal(sig, "ignore" | "default"): for workers that must not
+ * take Ctrl-C (the Pool) and for tests. */
+static int l_set_signal(lua_State *L) {
+  static const char *const actions[] = {"ignore", "default", NULL};
+  int sig = signal_number(L, 1);
+  int a = luaL_checkoption(L, 2, NULL, actions);
+  luaL_argcheck(L, sig != SIGKILL && sig != SIGSTOP && sig > 0, 1,
+                "signal cannot be changed");
+  if (signal(sig, a == 0 ? SIG_IGN : SIG_DFL) == SIG_ERR)
+    luamp_raise_errno(L, "OSError", errno, "signal");
+  return 0;
+}
+
 /* core.pid() -> this process's pid (cached; see my_pid) */
 static int l_pid(lua_State *L) {
   lua_pushinteger(L, my_pid);
@@ -771,6 +784,7 @@ int luamp_open_process(lua_State *L) {
     {"kill", l_kill},
     {"pidfd", l_pidfd},
     {"pid", l_pid},
+    {"set_signal", l_set_signal},
     {"close_fd", l_close_fd},
     {"register_at_fork", l_register_at_fork},
     {NULL, NULL}
