@@ -31,7 +31,7 @@ CTEST_SRC := $(wildcard spec/c/test_*.c)
 CTESTS   := $(CTEST_SRC:spec/c/%.c=$(BUILD)/tests/%)
 HEADERS  := $(wildcard runtime/*.h)
 
-.PHONY: all deps test check sanitize bench example clean
+.PHONY: all deps test check sanitize bench example soak clean
 all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
      $(BUILD)/libluamp.so $(CTESTS)
 
@@ -86,13 +86,19 @@ sanitize: deps
 	  lua5.4 scripts/run_tests.lua --build build/san \
 	    --preload "$$($(CC) -print-file-name=libasan.so)"
 
+# Long runs not in make test: spec/soak/*_soak.lua (the biggest messages).
+soak: deps
+	@$(MAKE) --no-print-directory all
+	@LUAMP_BUILD=$(abspath $(BUILD)) LUAMP_BIN=$(abspath $(BUILD))/luamp \
+	  $(BUILD)/luamp /usr/bin/busted --pattern=_soak spec/soak
+
 bench: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/bench_probes
 	@lua5.4 scripts/bench_table.lua --build $(BUILD)
 
 example: deps
 	@$(MAKE) --no-print-directory all
-	@$(BUILD)/luamp scripts/examples/hello.lua
+	@$(BUILD)/luamp scripts/examples/cpu_bound.lua
 
 clean:
 	rm -rf build

@@ -13,6 +13,7 @@ local M = {
   error_kinds = core.error_kinds,
   is_error = core.is_error,
   new_error = core.new_error,
+  now = core.now,           -- seconds on a monotonic clock (for timings)
   encode = core.encode,
   decode = core.decode,
   register_class = core.register_class,
