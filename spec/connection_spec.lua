@@ -170,6 +170,8 @@ describe("Pipe", function()
     for _, m in ipairs {"send", "recv", "send_bytes", "recv_bytes", "poll", "fileno"} do
       assert.equal("OSError", kind_of(a[m], a, "x"), m)
     end
+    collectgarbage()
+    collectgarbage()
     local fds = H.fd_count()
     do
       local c, d = mp.Pipe()
@@ -695,5 +697,101 @@ print("client answer ok" if good else "client answer WRONG", c.recv_bytes(256).d
     assert.equal("client answer ok #WELCOME#", py:read("l"))
     py:close()
     os.remove(path)
+  end)
+end)
+
+describe("connections when a process is killed", function()
+  it("a receiver gets EOFError at once when the sender is killed", function()
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function() a:close() core.sleep(30) end}
+    p:start()
+    b:close()
+    local waiter = mp.Process{target = function()
+      -- the receiving side runs in a child so that the parent can kill
+      local ok, e = pcall(a.recv, a)
+      os.exit((not ok and e.kind == "EOFError") and 3 or 4)
+    end}
+    waiter:start()
+    a:close()
+    core.sleep(0.2)
+    assert.is_true(waiter:is_alive())   -- blocked in recv
+    p:kill()
+    waiter:join(10)
+    assert.equal(3, waiter.exitcode)
+    p:join()
+  end)
+
+  it("never yields a partial message when the sender dies mid-stream", function()
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function()
+      a:close()
+      local msg = string.rep("m", 100000)
+      while true do b:send_bytes(msg) end
+    end}
+    p:start()
+    b:close()
+    for _ = 1, 10 do assert.equal(100000, #a:recv_bytes()) end
+    p:kill()
+    p:join()
+    local n = 0
+    while true do
+      local ok, v = pcall(a.recv_bytes, a)
+      if not ok then
+        assert.is_true(v.kind == "EOFError" or
+          (v.kind == "OSError" and v.message:find("end of file during message", 1, true) ~= nil),
+          tostring(v))
+        break
+      end
+      assert.equal(100000, #v)
+      n = n + 1
+    end
+    assert.is_true(n < 100)
+  end)
+
+  it("a child learns that its parent was killed", function()
+    local flag = os.tmpname()
+    local out, err = H.script([[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local a, b = mp.Pipe()
+      local p = mp.Process{target = function()
+        a:close()
+        local ok, e = pcall(b.recv, b)
+        core.sleep(0.1)          -- re-parenting may trail the end of file
+        local f = io.open(arg[1], "w")
+        f:write(tostring(ok), " ", e.kind, " ", tostring(mp.parent_process():is_alive()))
+        f:close()
+      end}
+      p:start()
+      b:close()
+      print(p.pid)
+      io.stdout:flush()
+      core.kill(core.getpid(), "SIGKILL")
+    ]], H.q(flag))
+    assert.is_true(H.eventually(function() return H.slurp(flag) ~= "" end, 10), err)
+    assert.equal("false EOFError false", H.slurp(flag))
+    os.remove(flag)
+  end)
+
+  it("a client gets an error, not a hang, when the server dies in the handshake", function()
+    local l = mp.connection.Listener{address = {"127.0.0.1", 0}}
+    local server = mp.Process{target = function()
+      local c = l:accept()     -- and never says a word
+      core.sleep(30)
+      c:close()
+    end}
+    server:start()
+    l:close()
+    local r, w = mp.Pipe(false)
+    local client = mp.Process{target = function()
+      local ok, e = pcall(mp.connection.Client, l.address, "key")
+      w:send({ok, e.kind})
+    end}
+    client:start()
+    core.sleep(0.3)
+    server:kill()
+    server:join()
+    assert.same({false, "EOFError"}, r:recv())
+    client:join()
   end)
 end)
