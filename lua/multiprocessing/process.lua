@@ -27,25 +27,28 @@ setmetatable(main_process, {
   end,
 })
 
-local current = main_process     -- the object current_process() returns
--- parent_process(): made on first use from the name and pid kept here
--- (nothing is allocated in a child that does not ask: every page a child
--- writes is a copy)
-local parent, parent_name, parent_pid = nil, nil, nil
--- Children started by this process (Process -> true); strong references,
--- as Python's _children: a running child's object is never collected.
--- Inherited copies are dropped in a forked child (owner check).
-local children, children_owner = {}, getpid()
-local counter = 0                -- for default names: Process-<n>
+-- This process's identity, in one table: a child rewrites it right after
+-- the fork, and every page a child writes is a copy (one table, one page).
+-- Fields: current (what current_process() returns); parent, made on first
+-- use from parent_name and parent_pid (nothing is allocated in a child
+-- that does not ask); children, the Process objects started here
+-- (Process -> true: strong references, as Python's _children, so a
+-- running child's object is never collected; a forked child drops its
+-- inherited copy, see my_children); children_owner, the pid they belong
+-- to; counter, for default names (Process-<n>).  All slots exist from the
+-- start, so a child's writes allocate nothing.
+local S = {current = main_process, parent = nil, parent_name = nil,
+           parent_pid = nil, children = {}, children_owner = getpid(),
+           counter = 0}
 
 local function my_children()
   local me = getpid()
-  if children_owner ~= me then
-    children, children_owner, counter = {}, me, 0
-  elseif children == nil then
-    children = {}
+  if S.children_owner ~= me then
+    S.children, S.children_owner, S.counter = {}, me, 0
+  elseif S.children == nil then
+    S.children = {}
   end
-  return children
+  return S.children
 end
 
 -- ---- logging hooks (the logger is loaded only when used) -------------------
@@ -73,7 +76,7 @@ local function describe(self)
   local status
   if rawget(self, "_closed") then
     status = "closed"
-  elseif self == current then
+  elseif self == S.current then
     status = "started"
   elseif not rawget(self, "_child") then
     status = "initial"
@@ -115,16 +118,16 @@ local function make_class(base, name)
   return setmetatable(cls, {
     __index = base,
     __call = function(c, ...)
-      if children_owner ~= getpid() then my_children() end
-      counter = counter + 1
-      local id = current._identity
-      id = id == "" and tostring(counter) or id .. ":" .. counter
+      if S.children_owner ~= getpid() then my_children() end
+      S.counter = S.counter + 1
+      local id = S.current._identity
+      id = id == "" and tostring(S.counter) or id .. ":" .. S.counter
       -- every field the object will get, so that later assignments find
       -- their slot (no rehash, fewer pages written around forks)
       local self = setmetatable({
-        name = "Process-" .. id, daemon = current.daemon and true or false,
+        name = "Process-" .. id, daemon = S.current.daemon and true or false,
         pid = nil, _identity = id, _parent_pid = getpid(),
-        _parent_name = current.name, _args = EMPTY, _target = nil,
+        _parent_name = S.current.name, _args = EMPTY, _target = nil,
         _child = nil, _exitcode = nil, _closed = nil,
       }, inst_mt)
       c.init(self, ...)
@@ -216,10 +219,10 @@ end
 
 -- Runs in the child (core.spawn calls it; its result is the exit code).
 local function bootstrap(self)
-  current = self
-  parent, parent_name, parent_pid = nil, self._parent_name, self._parent_pid
-  children, children_owner, counter = nil, getpid(), 0
-  rawset(self, "pid", children_owner)
+  S.current = self
+  S.parent, S.parent_name, S.parent_pid = nil, self._parent_name, self._parent_pid
+  S.children, S.children_owner, S.counter = nil, getpid(), 0
+  rawset(self, "pid", S.children_owner)
   log(5, "child process calling self.run()")
   local ok, err = xpcall(self.run, traceback, self)
   local code = 0
@@ -235,14 +238,14 @@ end
 
 -- Reaps finished children (Python's _cleanup), allocating nothing.
 local function sweep()
-  if children == nil or children_owner ~= getpid() then return end
-  for p in pairs(children) do
+  if S.children == nil or S.children_owner ~= getpid() then return end
+  for p in pairs(S.children) do
     local h = rawget(p, "_child")
     local code, gone = nil, true
     if h and not rawget(p, "_closed") then code, gone = h:poll() end
     if gone then
       rawset(p, "_exitcode", code)
-      children[p] = nil
+      S.children[p] = nil
     end
   end
 end
@@ -256,7 +259,7 @@ function Process:start()
     raise("ProcessError",
           "can only start a process object created by the current process")
   end
-  if current.daemon then
+  if S.current.daemon then
     raise("ProcessError", "daemonic processes are not allowed to have children")
   end
   sweep()
@@ -290,7 +293,7 @@ function Process:join(timeout)
 end
 
 function Process:is_alive()
-  if self == current then return true end
+  if self == S.current then return true end
   check_closed(self)
   if not rawget(self, "_child") then return false end
   if self._parent_pid ~= getpid() then
@@ -357,7 +360,7 @@ P.Process = Process
 -- ---- module functions -------------------------------------------------------
 
 function P.current_process()
-  return current
+  return S.current
 end
 
 -- The parent of a child: name, pid, ident, is_alive(), join(timeout).
@@ -388,10 +391,10 @@ function P._make_parent(name, pid)
 end
 
 function P.parent_process()
-  if parent == nil and parent_pid ~= nil then
-    parent = P._make_parent(parent_name, parent_pid)
+  if S.parent == nil and S.parent_pid ~= nil then
+    S.parent = P._make_parent(S.parent_name, S.parent_pid)
   end
-  return parent
+  return S.parent
 end
 
 -- Reaps finished children (Python's _cleanup); returns the live ones.
@@ -419,12 +422,12 @@ end
 -- For other parts of the runtime that fork their own workers (the Pool):
 -- makes this process look like a child with the given name.
 function P._become_child(name, daemon)
-  local id = current._identity
+  local id = S.current._identity
   local me = {name = name, daemon = daemon and true or false,
               pid = getpid(), _identity = id == "" and "0" or id .. ":0"}
-  parent, parent_name, parent_pid = nil, current.name, core.getppid()
-  current = me
-  children, children_owner, counter = nil, getpid(), 0
+  S.parent, S.parent_name, S.parent_pid = nil, S.current.name, core.getppid()
+  S.current = me
+  S.children, S.children_owner, S.counter = nil, getpid(), 0
   return me
 end
 
