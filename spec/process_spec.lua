@@ -583,6 +583,22 @@ describe("the fork discipline", function()
     assert.matches("interrupted!", err)
   end)
 
+  it("lets Ctrl-C interrupt a join in the parent", function()
+    local out, err = H.script(PRE .. [[
+      local parent = core.getpid()
+      local p = mp.Process{daemon = true, target = function() core.sleep(30) end}
+      p:start()
+      local k = mp.Process{target = function()
+        core.sleep(0.3) core.kill(parent, "SIGINT") end}
+      k:start()
+      local t0 = core.now()
+      print(pcall(p.join, p))
+      print(core.now() - t0 < 10, p:is_alive())
+      k:join()
+    ]])
+    assert.equal("false\tinterrupted!\ntrue\ttrue\n", out, err)
+  end)
+
   it("works with a pipe sentinel where pidfds are missing", function()
     local out, err = H.script(PRE .. [[
       local p = mp.Process{target = function() core.sleep(0.2) os.exit(4) end}
