@@ -29,7 +29,7 @@ override CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror \
 # calls a libc function for the first time would otherwise resolve it (and
 # copy the GOT page) in every child.
 override LDFLAGS += $(SAN) -Wl,-z,now
-LIBS    := -lcrypto -lm
+LIBS    := -lm
 
 # libedit (line editing, history and completion in the REPL) when
 # pkg-config finds it; without it (or with LIBEDIT=no) the REPL reads

@@ -36,9 +36,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include <openssl/crypto.h>
-#include <openssl/evp.h>
-#include <openssl/hmac.h>
+#include <dlfcn.h>
+
+#include <openssl/evp.h>    /* types only: libcrypto is loaded on first use */
 
 #include "internal.h"
 
@@ -597,14 +597,49 @@ static int l_from_fd(lua_State *L) {
 #define MESSAGE_LENGTH 40
 #define MAX_DIGEST_LEN 8
 
-static const EVP_MD *digest_by_name(const char *name, size_t len) {
-  static const struct { const char *name; const EVP_MD *(*md)(void); } d[] = {
-    {"md5", EVP_md5}, {"sha256", EVP_sha256}, {"sha384", EVP_sha384},
-    {"sha3_256", EVP_sha3_256}, {"sha3_384", EVP_sha3_384}, {NULL, NULL}
+/* OpenSSL's libcrypto, loaded on first use (dlopen) rather than linked:
+ * mapped into every process it would make every fork slower (its pages
+ * are copied into each child's page tables), and only authenticated
+ * connections need it. */
+#define N_DIGESTS 5
+static const char *const digest_names[N_DIGESTS] = {
+  "md5", "sha256", "sha384", "sha3_256", "sha3_384"  /* CPython's allowed */
+};
+static struct {
+  int loaded;
+  unsigned char *(*hmac)(const EVP_MD *, const void *, int,
+                         const unsigned char *, size_t, unsigned char *,
+                         unsigned int *);
+  int (*memcmp_ct)(const void *, const void *, size_t);
+  const EVP_MD *(*md[N_DIGESTS])(void);
+} crypto;
+
+static void load_crypto(lua_State *L) {
+  static const char *const md_syms[N_DIGESTS] = {
+    "EVP_md5", "EVP_sha256", "EVP_sha384", "EVP_sha3_256", "EVP_sha3_384"
   };
-  for (int i = 0; d[i].name; i++)
-    if (strlen(d[i].name) == len && memcmp(d[i].name, name, len) == 0)
-      return d[i].md();
+  void *h;
+  if (crypto.loaded) return;
+  h = dlopen("libcrypto.so.3", RTLD_NOW | RTLD_LOCAL);
+  if (h == NULL) h = dlopen("libcrypto.so", RTLD_NOW | RTLD_LOCAL);
+  if (h == NULL)
+    luamp_raise(L, "AuthenticationError", "cannot load OpenSSL's libcrypto "
+                "for HMAC: %s", dlerror());
+  *(void **)&crypto.hmac = dlsym(h, "HMAC");
+  *(void **)&crypto.memcmp_ct = dlsym(h, "CRYPTO_memcmp");
+  for (int i = 0; i < N_DIGESTS; i++)
+    *(void **)&crypto.md[i] = dlsym(h, md_syms[i]);
+  if (crypto.hmac == NULL || crypto.memcmp_ct == NULL || crypto.md[0] == NULL ||
+      crypto.md[1] == NULL)
+    luamp_raise(L, "AuthenticationError", "libcrypto lacks HMAC, MD5 or "
+                "SHA-256");
+  crypto.loaded = 1;
+}
+
+static const EVP_MD *digest_by_name(const char *name, size_t len) {
+  for (int i = 0; i < N_DIGESTS; i++)
+    if (strlen(digest_names[i]) == len && memcmp(digest_names[i], name, len) == 0)
+      return crypto.md[i] ? crypto.md[i]() : NULL;
   return NULL;
 }
 
@@ -618,7 +653,7 @@ static const EVP_MD *parse_digest(const char *m, size_t n, size_t *off,
   *off = 0;
   if (n == 16 || n == 20) {
     *legacy = 1;
-    return EVP_md5();
+    return crypto.md[0]();                /* md5 */
   }
   if (n < 2 || m[0] != '{') return NULL;
   close = memchr(m + 1, '}', n - 1 < MAX_DIGEST_LEN + 1 ? n - 1
@@ -631,8 +666,8 @@ static const EVP_MD *parse_digest(const char *m, size_t n, size_t *off,
 static void hmac_of(lua_State *L, const EVP_MD *md, const char *key,
                     size_t klen, const char *msg, size_t mlen,
                     unsigned char *out, unsigned *outlen) {
-  if (HMAC(md, key, (int)klen, (const unsigned char *)msg, mlen, out,
-           outlen) == NULL)
+  if (crypto.hmac(md, key, (int)klen, (const unsigned char *)msg, mlen, out,
+                  outlen) == NULL)
     luamp_raise(L, "AuthenticationError", "HMAC failed (digest not "
                 "available in this OpenSSL)");
 }
@@ -669,6 +704,7 @@ static int l_deliver_challenge(lua_State *L) {
   unsigned elen;
   int legacy, ok;
   const EVP_MD *md;
+  load_crypto(L);
   memcpy(msg, CHALLENGE "{sha256}", pre + 8);
   if (getrandom(msg + pre + 8, MESSAGE_LENGTH, 0) != MESSAGE_LENGTH)
     luamp_raise_errno(L, "OSError", errno, "getrandom");
@@ -678,7 +714,7 @@ static int l_deliver_challenge(lua_State *L) {
   ok = 0;
   if (md != NULL) {
     hmac_of(L, md, key, klen, msg + pre, mlen, expect, &elen);
-    ok = rlen - off == elen && CRYPTO_memcmp(expect, resp + off, elen) == 0;
+    ok = rlen - off == elen && crypto.memcmp_ct(expect, resp + off, elen) == 0;
   }
   send_frame(L, c, ok ? WELCOME : FAILURE, 9, deadline);
   if (!ok) luamp_raise(L, "AuthenticationError", "digest received was wrong");
@@ -699,6 +735,7 @@ static int l_answer_challenge(lua_State *L) {
   size_t olen = 0;
   int legacy;
   const EVP_MD *md;
+  load_crypto(L);
   mlen = recv_small(L, c, buf, deadline);
   if (mlen < pre || memcmp(buf, CHALLENGE, pre) != 0)
     luamp_raise(L, "AuthenticationError", "protocol error, expected a "
