@@ -5,7 +5,8 @@ local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 
-local PY = "/usr/bin/python3"
+-- (without the sanitizer runtime that make sanitize preloads for lua5.4)
+local PY = "env -u LD_PRELOAD /usr/bin/python3"
 
 local function raw_writer(conn)
   -- the write end of a pipe, opened again through /proc: bytes written

@@ -138,8 +138,7 @@ local function make_class(base, name)
 end
 
 -- mp.Process{target=, args=, name=, daemon=} or mp.Process(target, args)
-local options = {target = true, args = true, name = true, daemon = true,
-                 kwargs = true, group = true}
+local options = {target = true, args = true, name = true, daemon = true}
 function Process.init(self, opts, args)
   if type(opts) == "function" then opts = {target = opts, args = args} end
   if opts == nil then return end
