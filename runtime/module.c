@@ -20,6 +20,8 @@ static int (*const primitives[])(lua_State *L) = {
   luamp_open_errors,
   luamp_open_sys,
   luamp_open_codec,
+  luamp_open_process,
+  luamp_open_conn,
   NULL
 };
 
