@@ -569,7 +569,7 @@ while pos < len(data):
 out.close()
 ]]
     local py = H.write(os.tmpname() .. ".py", script)
-    local _, err, code = H.sh("/usr/bin/python3 " .. py .. " " .. corpus_file ..
+    local _, err, code = H.sh(H.python .. " " .. py .. " " .. corpus_file ..
       " " .. back_file)
     assert.equal(0, code, err)
     local back = read_msgs(back_file)
@@ -590,7 +590,7 @@ v = {"int": [0, 1, -1, 127, 128, -33, 2**32, -2**40, 2**63 - 1],
 sys.stdout.buffer.write(msgpack.packb(v))
 ]]
     local path = H.write(os.tmpname() .. ".py", py)
-    local out, err, code = H.sh("/usr/bin/python3 " .. path)
+    local out, err, code = H.sh(H.python .. " " .. path)
     os.remove(path)
     assert.equal(0, code, err)
     local v = dec(out)

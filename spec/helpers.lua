@@ -7,6 +7,9 @@ H.luamp = os.getenv("LUAMP_BIN") or (H.build .. "/luamp")
 -- the command for stock lua5.4 (with the sanitizer runtime preloaded when
 -- the suite runs under make sanitize)
 H.lua54 = os.getenv("LUAMP_LUA54") or "lua5.4"
+-- Debian's CPython, the real peer for interop tests (without the sanitizer
+-- runtime that make sanitize preloads, which would report Python's leaks)
+H.python = "env -u LD_PRELOAD /usr/bin/python3"
 
 function H.q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
