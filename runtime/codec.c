@@ -190,6 +190,7 @@ struct enc {
   uint32_t ndefs;        /* DEFs written so far in pass 2 */
   const void *globals;
   int names_checked;     /* the name cache was validated in this encode */
+  int hooks;             /* hook results are cached (see hook_cached) */
   int oom;
   char msg[160];         /* innermost failure */
   char path[400];        /* steps from the root to it, built outwards */
@@ -816,6 +817,39 @@ static int enc_table_body(struct enc *e, int idx) {
   return enc_table_general(e, idx, n);
 }
 
+/* Hook results (class reducers, handle encoders) are computed once per
+ * message: the second pass reuses the first's, so a hook with side effects
+ * (a proxy counting references) runs once per encode.  The cache is a
+ * registry table keyed by the encoder's box, dropped when encoding ends. */
+static int hook_cached(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  if (!e->hooks) return 0;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, e->b);
+  lua_pushvalue(L, idx);
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  return 1;
+}
+
+/* Remembers the hook result on top (left there) for the object at idx. */
+static void hook_store(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  if (!e->hooks) {
+    lua_newtable(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, e->b);
+    e->hooks = 1;
+  }
+  lua_rawgetp(L, LUA_REGISTRYINDEX, e->b);
+  lua_pushvalue(L, idx);
+  lua_pushvalue(L, -3);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
 /* Calls f(v) with v at idx under pcall; leaves 1 result. */
 static int call_hook(struct enc *e, int fidx, int idx, const char *what) {
   lua_State *L = e->L;
@@ -879,9 +913,12 @@ static int enc_with_metatable(struct enc *e, int idx) {
     lua_rawget(L, -2);
     lua_getfield(L, -1, "reduce");
     if (lua_isfunction(L, -1)) {
-      if (call_hook(e, lua_gettop(L), idx, "class reducer") < 0) {
-        lua_pop(L, 6);
-        return -1;
+      if (!hook_cached(e, idx)) {
+        if (call_hook(e, lua_gettop(L), idx, "class reducer") < 0) {
+          lua_pop(L, 6);
+          return -1;
+        }
+        hook_store(e, idx);
       }
       e->depth++;
       r = enc_value(e, lua_gettop(L));
@@ -1038,16 +1075,19 @@ static int enc_userdata(struct enc *e, int idx) {
     size_t at, n;
     const char *data;
     int r;
-    lua_pushcfunction(L, handle_encode_call);
-    lua_pushvalue(L, idx);
-    lua_pushlightuserdata(L, (void *)ops);
-    if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
-      if (lua_type(L, -1) == LUA_TTABLE) lua_getfield(L, -1, "message");
-      else lua_pushvalue(L, -1);
-      fail(e, "cannot encode %s: %s", tname,
-           lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error object)");
-      lua_pop(L, 3);
-      return -1;
+    if (!hook_cached(e, idx)) {
+      lua_pushcfunction(L, handle_encode_call);
+      lua_pushvalue(L, idx);
+      lua_pushlightuserdata(L, (void *)ops);
+      if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+        if (lua_type(L, -1) == LUA_TTABLE) lua_getfield(L, -1, "message");
+        else lua_pushvalue(L, -1);
+        fail(e, "cannot encode %s: %s", tname,
+             lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error object)");
+        lua_pop(L, 3);
+        return -1;
+      }
+      hook_store(e, idx);
     }
     data = lua_tolstring(L, -1, &n);
     r = begin_ext(e, EXT_HANDLE, &at) < 0 ||
@@ -1144,6 +1184,7 @@ char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
   e.nshared = 0;
   e.ndefs = 0;
   e.names_checked = 0;
+  e.hooks = 0;
   e.oom = 0;
   e.msg[0] = e.path[0] = '\0';
   e.pathlen = 0;
@@ -1171,6 +1212,10 @@ char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
     e.pass = 2;   /* objects repeat: once more with DEF/REF */
   }
   lua_settop(L, top);
+  if (e.hooks) {
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, e.b);
+  }
   e.b->busy = 0;
   if (r < 0) {
     luamp_raise(L, "EncodeError", "%s at %s%s", e.msg, root ? root : "value",

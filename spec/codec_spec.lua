@@ -364,6 +364,22 @@ describe("codec classes", function()
     assert.is_true(b.rebuilt)
   end)
 
+  it("runs a reducer once per message, even when the message repeats objects", function()
+    local Counted = {}
+    local calls = 0
+    mp.register_class("spec.Counted", Counted, {
+      reduce = function(o) calls = calls + 1 return {o.v} end,
+      rebuild = function(s) return setmetatable({v = s[1]}, Counted) end,
+    })
+    local o = setmetatable({v = 1}, Counted)
+    local shared = {}
+    local back = rt({o, shared, shared, o})
+    assert.equal(1, calls)
+    assert.equal(back[1], back[4])
+    assert.equal(back[2], back[3])
+    assert.equal(1, back[1].v)
+  end)
+
   it("drops unregistered metatables and keeps error objects", function()
     local t = rt(setmetatable({a = 1}, {__index = function() return "x" end}))
     assert.is_nil(getmetatable(t))
