@@ -24,6 +24,7 @@
  * where pidfd_open is missing, it is the read end of a pipe whose write
  * end only the child holds.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -732,6 +733,47 @@ static int l_close_fd(lua_State *L) {
   return 1;
 }
 
+/* core.detach_inherited_fds(keep): for a long-lived forked child (a
+ * manager's server).  Every fd above 2 that is not listed in keep is made
+ * a copy of /dev/null: the child then holds no end of its parent's pipes
+ * and sockets (a pipe end held there would hide the end of file from the
+ * pipe's reader), while the numbers stay taken, so an inherited handle's
+ * finalizer that closes "its" fd later closes /dev/null, never a
+ * descriptor the child opened since. */
+static int l_detach_inherited_fds(lua_State *L) {
+  DIR *d;
+  struct dirent *e;
+  int null, dfd;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  null = open("/dev/null", O_RDWR | O_CLOEXEC);
+  if (null < 0) luamp_raise_errno(L, "OSError", errno, "open /dev/null");
+  d = opendir("/proc/self/fd");
+  if (d == NULL) {
+    int err = errno;
+    close(null);
+    luamp_raise_errno(L, "OSError", err, "opendir /proc/self/fd");
+  }
+  dfd = dirfd(d);
+  while ((e = readdir(d)) != NULL) {
+    char *end;
+    long fd = strtol(e->d_name, &end, 10);
+    int keep = 0;
+    if (*end != '\0' || end == e->d_name || fd <= 2 || fd == dfd || fd == null)
+      continue;
+    for (lua_Integer i = 1; !keep; i++) {
+      int t = lua_rawgeti(L, 1, i);
+      if (t == LUA_TNIL) keep = -1;
+      else if (lua_tointeger(L, -1) == fd) keep = 1;
+      lua_pop(L, 1);
+    }
+    if (keep == 1) continue;
+    while (dup3(null, (int)fd, O_CLOEXEC) < 0 && errno == EINTR) {}
+  }
+  closedir(d);
+  close(null);
+  return 0;
+}
+
 /* core.register_at_fork{before=, after_in_parent=, after_in_child=} */
 static int l_register_at_fork(lua_State *L) {
   static const char *const keys[] = {"before", "after_in_parent",
@@ -786,6 +828,7 @@ int luamp_open_process(lua_State *L) {
     {"pid", l_pid},
     {"set_signal", l_set_signal},
     {"close_fd", l_close_fd},
+    {"detach_inherited_fds", l_detach_inherited_fds},
     {"register_at_fork", l_register_at_fork},
     {NULL, NULL}
   };

@@ -196,6 +196,64 @@ add("codec.record.untracked.encode", "objects/s", function()
   return n, dt
 end)
 
+-- ---- manager (issue 7) -----------------------------------------------------
+
+-- Each workload runs its loop in child processes (as users do: the
+-- manager's clients are other processes), timed there, 2*10^4 operations;
+-- writes end with a sync so that all of them are done.
+local MGR_N = 20000
+local function manager_work(setup, body, procs)
+  return function()
+    local m = mp.Manager()
+    local obj = setup(m)
+    local ps, pipes = {}, {}
+    procs = procs or 1
+    for w = 1, procs do
+      local a, b = mp.Pipe()
+      pipes[w] = a
+      ps[w] = mp.Process{target = function()
+        b:recv()                       -- start together
+        local t0 = now()
+        body(obj, MGR_N // procs)
+        b:send(now() - t0)
+      end}
+      ps[w]:start()
+      b:close()
+    end
+    for w = 1, procs do pipes[w]:send("go") end
+    local dt = 0
+    for w = 1, procs do dt = math.max(dt, pipes[w]:recv()) end
+    for w, p in ipairs(ps) do p:join(); pipes[w]:close() end
+    m:shutdown()
+    return MGR_N, dt
+  end
+end
+
+add("manager.dict_set", "ops/s", manager_work(function(m) return m:dict() end,
+  function(d, n)
+    for i = 1, n do d[i] = i end
+    d:sync()
+  end))
+add("manager.dict_get", "ops/s", manager_work(function(m)
+    local d = m:dict()
+    for i = 1, 100 do d[i] = i end
+    return d
+  end, function(d, n)
+    local x
+    for i = 1, n do x = d[i % 100 + 1] end
+    return x
+  end))
+add("manager.list_append", "ops/s", manager_work(function(m) return m:list() end,
+  function(l, n)
+    for i = 1, n do l:append(i) end
+    l:sync()
+  end))
+add("manager.apply_2procs", "ops/s", manager_work(function(m) return m:dict{n = 0} end,
+  function(d, n)
+    local inc = function(v) return v + 1 end
+    for _ = 1, n do d:apply("n", inc) end
+  end, 2))
+
 local _ = mp
 for _, w in ipairs(W) do
   if not filter or w.name:find(filter, 1, true) then

@@ -171,6 +171,76 @@ if msgpack is not None:
         _codec_pair("codec." + name, v, unit, items, min_n)
 
 
+# ---- manager (issue 7) ------------------------------------------------------
+# Loops run in child processes, timed there, 2*10^4 operations.  CPython's
+# atomic increment is a manager Lock around get and set.
+MGR_N = 20000
+
+
+def _mgr_child(body, obj, n, conn):
+    conn.recv()
+    t0 = time.perf_counter()
+    body(obj, n)
+    conn.send(time.perf_counter() - t0)
+
+
+def _manager_work(setup, body, procs=1):
+    def run():
+        with mp.Manager() as m:
+            obj = setup(m)
+            a, b = mp.Pipe()
+            ps = [mp.Process(target=_mgr_child, args=(body, obj, MGR_N // procs, b))
+                  for _ in range(procs)]
+            for p in ps:
+                p.start()
+            for _ in ps:
+                a.send("go")
+            dt = max(a.recv() for _ in ps)
+            for p in ps:
+                p.join()
+        return MGR_N, dt
+    return run
+
+
+def _dict_set(d, n):
+    for i in range(1, n + 1):
+        d[i] = i
+
+
+def _dict_get_setup(m):
+    d = m.dict()
+    for i in range(1, 101):
+        d[i] = i
+    return d
+
+
+def _dict_get(d, n):
+    for i in range(1, n + 1):
+        d[i % 100 + 1]
+
+
+def _list_append(l, n):
+    for i in range(1, n + 1):
+        l.append(i)
+
+
+def _incr_setup(m):
+    return (m.dict(n=0), m.Lock())
+
+
+def _incr(obj, n):
+    d, lock = obj
+    for _ in range(n):
+        with lock:
+            d["n"] = d["n"] + 1
+
+
+W.append(("manager.dict_set", "ops/s", _manager_work(lambda m: m.dict(), _dict_set)))
+W.append(("manager.dict_get", "ops/s", _manager_work(_dict_get_setup, _dict_get)))
+W.append(("manager.list_append", "ops/s", _manager_work(lambda m: m.list(), _list_append)))
+W.append(("manager.apply_2procs", "ops/s", _manager_work(_incr_setup, _incr, 2)))
+
+
 if __name__ == "__main__":
     mp.set_start_method("fork")
     for name, unit, fn in W:

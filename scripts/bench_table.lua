@@ -84,6 +84,19 @@ rows[#rows + 1] = {"codec record encode, identity tracking off",
   "luamp:codec.record.untracked.encode",
   {"tracked", "luamp:codec.record.encode"}}
 
+-- manager rows (issue 7): 2*10^4 operations from child processes against
+-- CPython's Manager; the round trip (dict get) against the raw C
+-- socketpair ping-pong of this run.  CPython's increment is Lock + get +
+-- set + release.
+rows[#rows + 1] = {"manager dict set (child, 2e4)", "luamp:manager.dict_set",
+  {"CPython", "py:manager.dict_set"}, target = {1, 3}}
+rows[#rows + 1] = {"manager dict get (round trips)", "luamp:manager.dict_get",
+  {"CPython", "py:manager.dict_get"}, {"C pipe", "c:c.pipe_pingpong"}}
+rows[#rows + 1] = {"manager list append (child)", "luamp:manager.list_append",
+  {"CPython", "py:manager.list_append"}}
+rows[#rows + 1] = {"manager atomic increment, 2 procs", "luamp:manager.apply_2procs",
+  {"CPython (lock+get+set)", "py:manager.apply_2procs"}}
+
 local function fmt(v)
   if not v then return "-" end
   if v >= 1e6 then return string.format("%.2fM", v / 1e6) end

@@ -60,6 +60,15 @@ local expected = {
     assert.matches("receiver: end of file, the sender is done\n", out)
     assert.matches("\nsender exited with 0, receiver with 0\n$", out)
   end,
+  ["manager_dict_list.lua"] = function(out)
+    assert.equal('youmux snow snow\n' ..
+      '{yourname = "youmux", [1] = "1", ["2"] = 2, [0.25] = false, weather = "snow"}\n' ..
+      '{9, 8, 7, 16, 5, 4, 3, 2, 1, 0}\n', out)
+  end,
+  ["manager_workers.lua"] = function(out)
+    assert.equal("shared list: {1, 2, 3}\n" ..
+      "shared dict: {worker1 = 1, worker2 = 4, worker3 = 9}\n", out)
+  end,
 }
 
 describe("examples", function()

@@ -31,6 +31,8 @@ local lazy = {
   Pipe = "multiprocessing.connection",
   wait = "multiprocessing.connection",
   connection = "multiprocessing.connection",
+  Manager = "multiprocessing.managers",
+  managers = "multiprocessing.managers",
   get_logger = "multiprocessing.util",
   log_to_stderr = "multiprocessing.util",
 }

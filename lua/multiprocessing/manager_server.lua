@@ -1,0 +1,712 @@
+-- multiprocessing.manager_server: the manager's server -- one process,
+-- one Lua state, no threads: an event loop over a listener and its
+-- clients' connections.
+--
+-- Protocol (every message goes through the codec, framed as connections
+-- frame them).  A client sends {seq, id, method, args...} (field n when
+-- an argument is nil): id 0 addresses the manager itself (create, adopt,
+-- release...), any other id a managed object ("referent").  seq 0 means
+-- "no reply": the pipelined writes (d[k] = v, l:append(v)...).  Each
+-- other request gets exactly one reply {seq, status, value, extra}:
+--   status 0  ok, value is the result
+--          1  the referent's own error: value is the error value itself
+--          2  any other failure: value is a message, extra the traceback
+--          3  an earlier pipelined write failed: value is its error, extra
+--             says which write and how many later ones were discarded
+-- {-1, 2, message} answers a request that could not even be decoded (its
+-- seq is unknown); the client raises it from the call it is waiting in.
+--
+-- Pipelined writes.  A connection is ordered, so when the reply to a
+-- request arrives, every write sent before it has been carried out.  The
+-- first pipelined write that fails is remembered for its client; the
+-- client's later pipelined writes are discarded (the program would have
+-- stopped at the failing statement had it been synchronous) and its next
+-- request is not carried out: it is answered with status 3 instead.
+--
+-- Blocking methods park their request (K.park) and the loop answers it
+-- later; parked requests with a timeout sit in a binary heap ordered by
+-- deadline, which sets the poll timeout.
+--
+-- Lifetime of managed objects.  Each object has a record {id, obj,
+-- typeid} ("rec").  A rec is kept strongly (in `pinned`) while a client
+-- connection holds it or a proxy of it is in transit; a rec stored inside
+-- another object (a list in a dict) is referenced from there, so Lua's
+-- own collector frees objects that nothing refers to, cycles included.
+--   * hold: a client process has proxies of it.  The client adopts it
+--     (message adopt) when it decodes a proxy, releases it (release) once
+--     its last proxy was collected; a reply that carries a proxy adds the
+--     hold itself.  A connection that closes drops all its holds.
+--   * transit: a proxy encoded by a client (into a queue, a pipe, a pool
+--     task) takes a token (message transit) that keeps the object alive
+--     until some process decodes it and adopts that token.  Tokens may
+--     arrive in either order relative to their adoption (different
+--     connections), so an adoption that comes first is remembered.
+local core = require "multiprocessing.core"
+local T = require "multiprocessing.manager_types"
+local managers = require "multiprocessing.managers"
+local connection = require "multiprocessing.connection"
+
+local PARKED = T.PARKED
+local now, getpid = core.now, core.getpid
+local is_error, new_error = core.is_error, core.new_error
+local encode, decode = core.encode, core.decode
+local unpack = table.unpack
+local REC_MT = managers._REC_MT
+
+local S = {}
+
+-- Messages served from one client before the others get a turn.
+local BATCH = 256
+local UNTRUSTED = {untrusted = true}
+
+-- ---- the kernel the referents use ----------------------------------------
+
+local srv   -- the server this process runs (one per process)
+local K = {}
+T.set_kernel(K)
+
+local function reply(C, seq, status, v, extra)
+  if seq == 0 or C.closed then return end
+  managers._reply_to = C
+  local ok, err = pcall(C.conn.send, C.conn, {seq, status, v, extra})
+  managers._reply_to = nil
+  if ok then return end
+  if is_error(err, "EncodeError") then
+    -- the result cannot travel: say so instead
+    ok, err = pcall(C.conn.send, C.conn, {seq, 2,
+      "cannot send the result: " .. tostring(err.message)})
+    if ok then return end
+  end
+  srv:drop(C, err)
+end
+
+local heap = {}   -- timers: {t = deadline, P = parked request}, min-heap
+
+local function heap_push(e)
+  local i = #heap + 1
+  heap[i] = e
+  while i > 1 do
+    local p = i // 2
+    if heap[p].t <= e.t then break end
+    heap[i], heap[p] = heap[p], e
+    i = p
+  end
+end
+
+local function heap_pop()
+  local top, n = heap[1], #heap
+  local last = heap[n]
+  heap[n] = nil
+  n = n - 1
+  if n > 0 then
+    local i = 1
+    heap[1] = last
+    while true do
+      local l, r, m = 2 * i, 2 * i + 1, i
+      if l <= n and heap[l].t < heap[m].t then m = l end
+      if r <= n and heap[r].t < heap[m].t then m = r end
+      if m == i then break end
+      heap[i], heap[m] = heap[m], heap[i]
+      i = m
+    end
+  end
+  return top
+end
+
+-- K.park(C, timeout, on_timeout) -> P: the request being served waits.
+-- on_timeout(P) runs when timeout seconds pass first (it normally answers
+-- P; a Condition re-queues instead).
+function K.park(C, timeout, on_timeout)
+  local P = {C = C, seq = C.cur_seq, done = false}
+  if C.cur_seq ~= 0 then C.parked[C.cur_seq] = P end
+  if timeout then
+    P.deadline = now() + timeout
+    P.on_timeout = on_timeout
+    heap_push({t = P.deadline, P = P})
+  end
+  return P
+end
+
+function K.unpark_timer(P) P.deadline = nil end
+
+local function finish(P)
+  if P.done then return false end
+  P.done = true
+  P.deadline = nil
+  P.C.parked[P.seq] = nil
+  return true
+end
+
+function K.resolve(P, v)
+  if finish(P) then reply(P.C, P.seq, 0, v) end
+end
+
+function K.reject(P, err)
+  if finish(P) then reply(P.C, P.seq, 1, err) end
+end
+
+-- What a client holds of a lock-like object (released if it dies).
+function K.hold(C, obj, n)
+  C.locking[obj] = (C.locking[obj] or 0) + n
+end
+
+function K.unhold(C, obj, n)
+  local have = C.locking[obj]
+  if have then
+    have = have - n
+    C.locking[obj] = have > 0 and have or nil
+  end
+end
+
+-- User code (apply's function, sort keys, a Barrier's action): its errors
+-- are the referent's own and travel back as they are.
+function K.call(fn, ...)
+  local t = type(fn)
+  if t ~= "function" then
+    local mt = getmetatable(fn)
+    if not (mt and mt.__call) then
+      core.raise("ValueError", "expected a function, got " .. t)
+    end
+  end
+  return fn(...)
+end
+
+function K.check_storable(v)
+  local ok, err = pcall(encode, v)
+  if not ok then
+    error(is_error(err) and err or new_error("EncodeError", tostring(err)), 0)
+  end
+end
+
+function K.rec_of(v)
+  if getmetatable(v) == REC_MT then return v end
+  return nil
+end
+
+function K.typename(obj)
+  local mt = getmetatable(obj)
+  return type(mt) == "table" and (mt.__name or mt.__typeid) or type(obj)
+end
+
+local pretty
+function K.show(v)
+  if getmetatable(v) == REC_MT then return tostring(v) end
+  if type(v) == "table" and getmetatable(v) == nil then
+    pretty = pretty or require("multiprocessing.repl").pretty
+    return pretty(v, {width = math.huge})
+  end
+  if type(v) == "string" then
+    return (string.format("%q", v):gsub("\\\n", "\\n"):gsub("\r", "\\r"))
+  end
+  return tostring(v)
+end
+
+local keywords = {}
+for w in ([[and break do else elseif end false for function goto if in
+            local nil not or repeat return then true until while]]):gmatch("%a+") do
+  keywords[w] = true
+end
+
+function K.key_text(k)
+  if type(k) == "string" and k:match("^[%a_][%w_]*$") and not keywords[k] then
+    return k
+  end
+  return "[" .. K.show(k) .. "]"
+end
+
+-- ---- records ------------------------------------------------------------------
+
+local Server = {}
+Server.__index = Server
+S.Server = Server
+
+-- id -> rec, for as long as the rec exists (weak)
+local function weak_values() return setmetatable({}, {__mode = "v"}) end
+
+function Server:new_rec(obj, typeid, exposed)
+  local id = self.next_id
+  self.next_id = id + 1
+  local rec = setmetatable({id = id, obj = obj, typeid = typeid,
+                            exposed = exposed, server = self, holds = 0,
+                            transit = 0}, REC_MT)
+  self.recs[id] = rec
+  self.rec_by_obj[obj] = rec
+  return rec
+end
+
+local function keep(self, rec)
+  if rec.holds + rec.transit > 0 then self.pinned[rec.id] = rec
+  else self.pinned[rec.id] = nil end
+end
+
+function Server:hold(C, rec)
+  if not C.holds[rec.id] then
+    C.holds[rec.id] = rec
+    rec.holds = rec.holds + 1
+    keep(self, rec)
+  end
+end
+
+function Server:unhold(C, id)
+  local rec = C.holds[id]
+  if rec then
+    C.holds[id] = nil
+    rec.holds = rec.holds - 1
+    keep(self, rec)
+  end
+end
+
+-- The rec serving v (a registered callable's result): managed types as
+-- they are, plain tables as dicts, other objects through their methods.
+function Server:rec_for(v)
+  if getmetatable(v) == REC_MT then return v end
+  local rec = self.rec_by_obj[v]
+  if rec then return rec end
+  local mt = getmetatable(v)
+  if type(mt) == "table" and T.types[rawget(mt, "__typeid") or false] == mt then
+    return self:new_rec(v, mt.__typeid)
+  end
+  if mt == nil then
+    rec = self:new_rec(T.dict_of(v), "dict")
+    self.rec_by_obj[v] = rec
+    return rec
+  end
+  return self:new_rec(v, "auto", T.exposed(v))
+end
+
+-- A transit token for rec, taken by the server itself (a proxy encoded
+-- other than into a reply).
+function Server:transit(rec, token)
+  if self.early[token] then
+    self.early[token] = nil
+    return
+  end
+  if self.transits[token] then return end
+  self.transits[token] = rec
+  rec.transit = rec.transit + 1
+  keep(self, rec)
+end
+
+function Server:consume(token)
+  local rec = self.transits[token]
+  if rec then
+    self.transits[token] = nil
+    rec.transit = rec.transit - 1
+    keep(self, rec)
+    return rec
+  end
+  self.early[token] = true
+  return nil
+end
+
+-- Reducing a rec for the wire (managers.lua's class reducer calls this):
+-- a reply holds it for its client; anything else takes a token.
+function Server:reduce_rec(rec)
+  local C = managers._reply_to
+  local token
+  if C then
+    self:hold(C, rec)
+  else
+    self.token_n = self.token_n + 1
+    token = "s" .. self.token_n
+    self:transit(rec, token)
+  end
+  return {self.uid, rec.id, rec.typeid, self.address, self.authkey,
+          C ~= nil, token, rec.exposed}
+end
+
+-- Decoding a proxy of this very server (a proxy stored into an object,
+-- or passed as an argument): its rec.
+function Server:rebuild_rec(state)
+  local id, token = state[2], state[7]
+  local rec = self.recs[id]
+  if token then self:consume(token) end
+  if rec == nil then
+    core.raise("ValueError", string.format("managed object #%s no longer " ..
+               "exists (its last reference was dropped)", tostring(id)))
+  end
+  return rec
+end
+
+-- ---- manager-level requests (id 0) ---------------------------------------------
+
+local ops = {}
+
+function ops.hello(self, C, pid, ids)
+  C.pid = pid
+  if type(ids) == "table" then
+    for _, id in ipairs(ids) do
+      local rec = self.recs[id]
+      if rec then self:hold(C, rec) end
+    end
+  end
+  return {uid = self.uid, pid = getpid(), address = self.address}
+end
+
+function ops.create(self, C, typeid, ...)
+  local entry = self.registry[typeid]
+  if type(typeid) ~= "string" or entry == nil or entry.callable == nil then
+    return nil, string.format("unknown typeid '%s'", tostring(typeid))
+  end
+  local v = entry.callable(...)
+  local t = type(v)
+  if t == "table" or (t == "userdata" and getmetatable(v) ~= nil) then
+    return self:rec_for(v)
+  end
+  return v
+end
+
+function ops.adopt(self, C, id, token)
+  local rec
+  if token ~= nil then rec = self:consume(token) end
+  rec = rec or self.recs[id]
+  if rec then self:hold(C, rec) end
+end
+
+function ops.transit(self, C, id, token)
+  local rec = self.recs[id]
+  if rec then self:transit(rec, token) end
+end
+
+function ops.release(self, C, ...)
+  for i = 1, select("#", ...) do self:unhold(C, (select(i, ...))) end
+end
+
+function ops.cancel(self, C, seq)
+  local P = C.parked[seq]
+  if P and finish(P) and P.on_drop then P.on_drop(P) end
+end
+
+function ops.ping() return true end
+
+function ops.shutdown(self)
+  self.running = false
+  return true
+end
+
+-- Counts for tests and debugging (after a full collection).
+function ops.info(self)
+  collectgarbage()
+  collectgarbage()
+  local objects, pinned, clients = 0, 0, 0
+  for _ in pairs(self.recs) do objects = objects + 1 end
+  for _ in pairs(self.pinned) do pinned = pinned + 1 end
+  for _ in pairs(self.clients) do clients = clients + 1 end
+  local transits = 0
+  for _ in pairs(self.transits) do transits = transits + 1 end
+  return {objects = objects, pinned = pinned, clients = clients,
+          transits = transits, pid = getpid()}
+end
+
+-- ---- dispatch ------------------------------------------------------------------
+
+-- xpcall handler: error objects stay as they are; any other value is
+-- kept (value) with its text and the server's traceback.
+local function traceback(e)
+  if is_error(e) then return e end
+  return {value = e, message = tostring(e),
+          traceback = debug.traceback(tostring(e), 2)}
+end
+
+-- Runs one decoded request; returns status, value, extra (status nil when
+-- parked or pipelined without error).
+function Server:run(C, msg)
+  local seq, id, meth = msg[1], msg[2], msg[3]
+  local n = msg.n or #msg
+  C.cur_seq = seq
+  if id == 0 then
+    local op = ops[meth]
+    if op == nil then
+      return 2, string.format("unknown manager request '%s'", tostring(meth))
+    end
+    local ok, r, err = xpcall(op, traceback, self, C, unpack(msg, 4, n))
+    if not ok then
+      if is_error(r) then return 1, r end
+      return 2, r.message, r.traceback
+    end
+    if err then return 2, err end
+    return 0, r
+  end
+  -- a write after an unreported failed write is discarded
+  if seq == 0 and C.err then
+    C.dropped = C.dropped + 1
+    return nil
+  end
+  local rec = self.recs[id]
+  if rec == nil then
+    return 1, new_error("ValueError", string.format("managed object #%s no " ..
+      "longer exists (its last reference was dropped)", tostring(id)))
+  end
+  local obj = rec.obj
+  local ok, r
+  if rec.typeid == "auto" then
+    if meth ~= "call_method" then
+      return 2, string.format("unknown method '%s'", tostring(meth))
+    end
+    ok, r = xpcall(T.call_method, traceback, obj, unpack(msg, 4, n))
+  else
+    local f = type(meth) == "string" and getmetatable(obj)[meth]
+    if type(f) ~= "function" or (meth:sub(1, 1) == "_" and meth ~= "__get" and
+                                 meth ~= "__tostring") then
+      return 2, string.format("'%s' object has no method '%s'", rec.typeid,
+                              tostring(meth))
+    end
+    ok, r = xpcall(f, traceback, obj, C, unpack(msg, 4, n))
+  end
+  if ok then
+    if r == PARKED then return nil end
+    return 0, r
+  end
+  if is_error(r) then return 1, r end
+  -- a plain error value (a string from user code): as it was raised
+  return 1, r.value
+end
+
+function Server:handle(C, s)
+  local ok, msg = pcall(decode, s, (not C.trusted) and UNTRUSTED or nil)
+  if not ok or type(msg) ~= "table" then
+    local m = ok and "malformed request" or
+              (is_error(msg) and msg.message or tostring(msg))
+    return reply(C, -1, 2, "cannot decode the request: " .. m)
+  end
+  local seq = msg[1]
+  if math.type(seq) ~= "integer" then
+    return reply(C, -1, 2, "malformed request")
+  end
+  if seq ~= 0 and C.err and not (msg[2] == 0 and
+                                 (msg[3] == "shutdown" or msg[3] == "info")) then
+    -- report the failed pipelined write instead of running this request
+    local err, what, dropped = C.err, C.err_what, C.dropped
+    C.err, C.err_what, C.dropped = nil, nil, 0
+    return reply(C, seq, 3, err, what .. (dropped > 0 and string.format(
+      "; %d later write%s discarded", dropped, dropped == 1 and " was" or
+      "s were") or ""))
+  end
+  if seq ~= 0 and not self.draining and self.nclients > 1 then self:drain(C) end
+  local status, v, extra = self:run(C, msg)
+  if status == nil then return end
+  if seq == 0 then
+    if status ~= 0 and not C.err then
+      if status == 2 then v = new_error("RemoteError", tostring(v)) end
+      C.err, C.err_what, C.dropped = v, string.format("pipelined %s on " ..
+        "managed object #%s failed", tostring(msg[3]), tostring(msg[2])), 0
+    end
+    return
+  end
+  reply(C, seq, status, v, extra)
+end
+
+-- ---- clients --------------------------------------------------------------------
+
+function Server:add_client(conn, trusted)
+  local C = {conn = conn, fd = conn:fileno(), trusted = trusted, holds = {},
+             locking = {}, parked = {}, err = nil, dropped = 0, cur_seq = 0,
+             closed = false}
+  self.clients[C] = true
+  self.nclients = self.nclients + 1
+  self.dirty, self.dirty_c = true, true
+  return C
+end
+
+-- Forgets a client whose connection ended: its parked requests are
+-- dropped, what it held released, its objects unpinned.
+function Server:drop(C, why)
+  if C.closed then return end
+  C.closed = true
+  self.clients[C] = nil
+  self.nclients = self.nclients - 1
+  self.more[C] = nil
+  self.dirty, self.dirty_c = true, true
+  pcall(C.conn.close, C.conn)
+  if C.err then
+    io.stderr:write(string.format("manager: a pipelined write from process " ..
+      "%s failed and was never reported: %s\n", tostring(C.pid),
+      tostring(C.err)))
+    io.stderr:flush()
+  end
+  for _, P in pairs(C.parked) do
+    if finish(P) and P.on_drop then P.on_drop(P) end
+  end
+  for obj, n in pairs(C.locking) do T.release_dead(obj, C, n) end
+  C.locking = {}
+  for id in pairs(C.holds) do self:unhold(C, id) end
+  local _ = why
+end
+
+function Server:accept()
+  local ok, conn = pcall(self.listener.accept, self.listener, 0)
+  if not ok then return nil end  -- a client that went away or failed to log in
+  return self:add_client(conn, self.authkey ~= nil)
+end
+
+-- Serves up to BATCH messages of C; true when more are buffered.
+function Server:serve(C)
+  local conn = C.conn
+  -- (another client's request may have drained it since the poll)
+  if self.drains ~= self.polled_at and not conn:poll() then return false end
+  for _ = 1, BATCH do
+    local ok, s = pcall(conn.recv_bytes, conn)
+    if not ok then
+      self:drop(C, s)
+      return false
+    end
+    self:handle(C, s)
+    if C.closed or not self.buffered(conn) then return false end
+  end
+  return true
+end
+
+-- Before a request that waits for an answer: every message that other
+-- clients have already written is carried out first.  A process that
+-- made pipelined writes and then told another process so by any other
+-- means (a pipe, a queue, its exit) finished writing them before it did;
+-- on a Unix socket, a write that returned is already in our receive
+-- buffer, so draining what is readable now makes those writes visible to
+-- the request (causal order across connections).  A client that keeps
+-- writing is drained up to DRAIN_BYTES per request.
+local DRAIN_BYTES = 8 << 20
+
+function Server:drain(cur)
+  self.draining = true
+  self.drains = self.drains + 1
+  if self.dirty_c then
+    self.cfds, self.clist = {}, {}
+    for C in pairs(self.clients) do
+      self.clist[#self.clist + 1] = C
+      self.cfds[#self.cfds + 1] = C.fd
+    end
+    self.dirty_c = false
+  end
+  local clist = self.clist
+  local ok, ready = pcall(core.wait_fds, self.cfds, 0)
+  if ok then
+    local todo = {}
+    for _, i in ipairs(ready) do todo[clist[i]] = true end
+    for C in pairs(self.more) do todo[C] = true end
+    for C in pairs(todo) do
+      if C ~= cur and not C.closed then
+        local conn, got = C.conn, 0
+        repeat
+          local rok, s = pcall(conn.recv_bytes, conn)
+          if not rok then
+            self:drain_drop(C, s)
+            break
+          end
+          got = got + #s
+          self:handle(C, s)
+        until C.closed or got > DRAIN_BYTES or not conn:poll()
+        if not C.closed and not self.buffered(conn) then self.more[C] = nil end
+      end
+    end
+  end
+  self.draining = false
+end
+
+function Server:drain_drop(C, why)
+  self.more[C] = nil
+  self:drop(C, why)
+end
+
+local function run_timers()
+  local t = now()
+  while heap[1] and heap[1].t <= t do
+    local e = heap_pop()
+    local P = e.P
+    if not P.done and P.deadline == e.t then
+      P.deadline = nil
+      if P.on_timeout then P.on_timeout(P) else K.resolve(P, nil) end
+    end
+  end
+end
+
+function Server:serve_forever()
+  if self.running then error("the server is already serving", 2) end
+  self.running = true
+  local fds, list = {}, {}
+  local lfd = self.listener:fileno()
+  local more = self.more
+  local ok, err = pcall(function()
+    while self.running do
+      if self.dirty then
+        fds, list = {lfd}, {}
+        for C in pairs(self.clients) do
+          list[#list + 1] = C
+          fds[#fds + 1] = C.fd
+        end
+        self.dirty = false
+      end
+      local timeout = nil
+      if next(more) then
+        timeout = 0
+      elseif heap[1] then
+        timeout = math.max(heap[1].t - now(), 0)
+      end
+      local ready = core.wait_fds(fds, timeout)
+      self.polled_at = self.drains
+      local served = {}
+      for _, i in ipairs(ready) do
+        if i == 1 then
+          -- the handshake may have read the client's first request ahead
+          local C = self:accept()
+          if C and self.buffered(C.conn) then more[C] = true end
+        else
+          local C = list[i - 1]
+          served[C] = true
+          if not C.closed then more[C] = self:serve(C) or nil end
+        end
+        if not self.running then break end
+      end
+      for C in pairs(more) do
+        if not served[C] then
+          if C.closed then more[C] = nil
+          else more[C] = self:serve(C) or nil end
+        end
+      end
+      run_timers()
+    end
+  end)
+  self:close()
+  if not ok then error(err, 0) end
+end
+
+-- Stops serving: the listener and every client connection close (the
+-- clients' calls fail at once: the manager is gone).
+function Server:close()
+  self.running = false
+  for C in pairs(self.clients) do
+    C.closed = true
+    pcall(C.conn.close, C.conn)
+  end
+  self.clients = {}
+  pcall(self.listener.close, self.listener)
+  managers._serving[self.uid] = nil
+end
+
+-- Server.new{registry=, address=, authkey=}: binds the listener.
+function S.new(opts)
+  if srv and srv.running then
+    error("this process already runs a manager server", 2)
+  end
+  -- (a client has 5 s to log in; the loop waits for nobody else then)
+  local listener = connection.Listener{address = opts.address,
+                                       authkey = opts.authkey, timeout = 5}
+  local self = setmetatable({
+    listener = listener, address = listener.address, authkey = opts.authkey,
+    registry = opts.registry or {}, uid = string.format("%d-%x-%x", getpid(),
+      math.floor(now() * 1e6), math.random(0, 0x7fffffff)),
+    recs = weak_values(), rec_by_obj = setmetatable({}, {__mode = "k"}),
+    pinned = {}, transits = {}, early = {}, clients = {}, next_id = 1,
+    token_n = 0, dirty = true, dirty_c = true, running = false, more = {},
+    draining = false, drains = 0, polled_at = 0, nclients = 0,
+  }, Server)
+  -- the read-ahead check of connections (mp.wait's protocol)
+  local probe_a, probe_b = core.Pipe(true)
+  local _, buffered = probe_a:_wait_fd()
+  probe_a:close(); probe_b:close()
+  self.buffered = buffered
+  srv = self
+  managers._serving[self.uid] = self
+  return self
+end
+
+return S

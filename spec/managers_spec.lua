@@ -1,0 +1,847 @@
+-- Manager: proxies of dict, list, Namespace, Value, Array, queues and
+-- locks; apply; pipelined writes and their errors; lifetime of managed
+-- objects; remote managers in unrelated processes; faults with real
+-- kills; lifecycle leaks.
+local H = require "helpers"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+
+local now, sleep = core.now, core.sleep
+
+local function err_of(f, ...)
+  local ok, e = pcall(f, ...)
+  assert.is_false(ok, "expected an error")
+  return e
+end
+
+local function kind_of(f, ...)
+  local e = err_of(f, ...)
+  return type(e) == "table" and e.kind or e, e
+end
+
+-- Runs fn(...) in a child; returns a function that waits and returns
+-- what fn returned (through a pipe).
+local function spawn(fn, ...)
+  local a, b = mp.Pipe()
+  local args = table.pack(...)
+  local p = mp.Process{target = function()
+    a:close()
+    local r = table.pack(pcall(fn, table.unpack(args, 1, args.n)))
+    if not r[1] and type(r[2]) == "table" then r[2] = r[2].kind .. ": " .. tostring(r[2].message) end
+    b:send(r)
+  end}
+  p:start()
+  b:close()
+  return function()
+    local r = a:recv()
+    a:close()
+    p:join()
+    if not r[1] then error(r[2], 0) end
+    return table.unpack(r, 2, r.n)
+  end, p
+end
+
+describe("Manager proxies", function()
+  local m
+  setup(function() m = mp.Manager() end)
+  teardown(function() m:shutdown() end)
+
+  it("has a pid and an address; tostring says what it is", function()
+    assert.is_true(math.type(m.pid) == "integer" and m.pid ~= core.getpid())
+    assert.is_string(m.address)
+    assert.matches("SyncManager started", tostring(m))
+  end)
+
+  it("dict: indexing, assignment, deletion, #, order, methods", function()
+    local d = m:dict{a = 1}
+    d.yourname = "youmux"
+    d[1] = "1"
+    d["2"] = 2
+    d[0.25] = false
+    assert.equal("youmux", d.yourname)
+    assert.equal("1", d[1])
+    assert.equal(2, d["2"])
+    assert.is_false(d[0.25])
+    assert.is_nil(d.missing)
+    assert.equal(5, #d)
+    d[2.0] = "two"              -- 2.0 and 2 are one key, as in a table
+    assert.equal("two", d[2])
+    d[2] = nil
+    assert.is_nil(d[2])
+    assert.equal(5, #d)
+    assert.same({"a", "yourname", 1, "2", 0.25}, d:keys())
+    assert.same({1, "youmux", "1", 2, false}, d:values())
+    assert.same({{"a", 1}, {"yourname", "youmux"}}, {d:items()[1], d:items()[2]})
+    assert.equal('{a = 1, yourname = "youmux", [1] = "1", ["2"] = 2, [0.25] = false}',
+                 tostring(d))
+    assert.equal("dflt", d:get("nope", "dflt"))
+    assert.equal(1, d:pop("a"))
+    assert.equal("x", d:pop("a", "x"))
+    assert.equal(7, d:setdefault("s", 7))
+    assert.equal(7, d:setdefault("s", 8))
+    d:update{b = 2}
+    d:update{c = 3}
+    local copy = d:copy()
+    assert.same({yourname = "youmux", [1] = "1", ["2"] = 2, [0.25] = false,
+                 s = 7, b = 2, c = 3}, copy)
+    assert.is_nil(getmetatable(copy))
+    local k, v = d:popitem()
+    assert.same({"c", 3}, {k, v})
+    d:clear()
+    assert.equal(0, #d)
+    assert.same({}, d:copy())
+    assert.is_nil(d:popitem())
+  end)
+
+  it("dict: keys named like methods through get/set; pairs is one snapshot", function()
+    local d = m:dict()
+    d:set("keys", 1)
+    d:set("get", 2)
+    assert.is_function(d.keys)
+    assert.equal(1, d:get("keys"))
+    assert.equal(2, d:get("get"))
+    for i = 1, 50 do d["k" .. i] = i end
+    local seen, n = {}, 0
+    for k, v in pairs(d) do
+      n = n + 1
+      seen[k] = v
+    end
+    assert.equal(52, n)
+    assert.equal(50, seen.k50)
+    assert.equal(1, seen.keys)
+  end)
+
+  it("dict: bad keys and unencodable values are refused at once", function()
+    local d = m:dict()
+    assert.matches("dict key must be a string, number or boolean, got table",
+                   err_of(function() d[{}] = 1 end))
+    assert.matches("got NaN", err_of(function() d[0/0] = 1 end))
+    assert.equal("EncodeError", (kind_of(function() d.f = io.stdout end)))
+    assert.matches("table expected", err_of(d.update, d, 5))
+    d.ok = 1
+    assert.equal(1, d.ok)       -- the connection is still in step
+  end)
+
+  it("list: 1-based indexes, growth, methods, #, pairs, ipairs", function()
+    local l = m:list{0, 0, 0, 0}
+    l[4] = l[4] + 10
+    assert.equal(10, l[4])
+    assert.equal(4, #l)
+    l[5] = 5                     -- n + 1 appends, as a sequence grows
+    l:append(6)
+    l:extend{7, 8}
+    l:insert(1, -1)
+    assert.same({-1, 0, 0, 0, 10, 5, 6, 7, 8}, l:copy())
+    assert.equal(8, l:pop())
+    assert.equal(-1, l:pop(1))
+    assert.equal(7, l[-1])
+    assert.is_nil(l[0])
+    assert.is_nil(l[100])
+    l:remove(0)
+    assert.same({0, 0, 10, 5, 6, 7}, l:copy())
+    assert.equal(3, l:index(10))
+    assert.equal(2, l:count(0))
+    assert.equal("ValueError", (kind_of(l.index, l, 99)))
+    assert.equal("ValueError", (kind_of(l.remove, l, 99)))
+    l:sort()
+    assert.same({0, 0, 5, 6, 7, 10}, l:copy())
+    l:sort(function(a, b) return a > b end)
+    assert.same({10, 7, 6, 5, 0, 0}, l:copy())
+    l:sort{key = function(x) return -x end, reverse = true}
+    assert.same({0, 0, 5, 6, 7, 10}, l:copy())
+    l:reverse()
+    assert.same({10, 7, 6, 5, 0, 0}, l:copy())
+    local got = {}
+    for i, v in ipairs(l) do got[i] = v end
+    assert.same(l:copy(), got)
+    got = {}
+    for i, v in pairs(l) do got[i] = v end
+    assert.same(l:copy(), got)
+    assert.equal("{10, 7, 6, 5, 0, 0}", tostring(l))
+    l:clear()
+    assert.equal(0, #l)
+    assert.equal("ValueError", (kind_of(l.pop, l)))
+  end)
+
+  it("list: nil elements keep their place; tables compare by contents", function()
+    local l = m:list()
+    l:append(nil)
+    l:append({1, {2}})
+    assert.equal(2, #l)
+    assert.is_nil(l[1])
+    assert.equal(2, l:index({1, {2}}))
+    assert.equal(1, l:count(nil))
+    local n = 0
+    for _ in pairs(l) do n = n + 1 end
+    assert.equal(2, n)
+  end)
+
+  it("Namespace, Value and Array", function()
+    local ns = m:Namespace{a = 1}
+    ns.x = 1
+    ns.y = "why"
+    assert.equal(1, ns.x)
+    assert.equal("Namespace(a=1, x=1, y=\"why\")", tostring(ns))
+    ns.x = nil
+    assert.is_nil(ns.x)
+    assert.matches("field name must be a string", err_of(function() ns[1] = 2 end))
+    local v = m:Value("i", 5)
+    assert.equal(5, v.value)
+    v.value = 7
+    assert.equal(7, v:get())
+    assert.equal("i", v.typecode)
+    assert.equal(8, v:apply(function(x) return x + 1 end))
+    local f = m:Value("d", 1)
+    assert.equal("float", math.type(f.value))
+    local a = m:Array("i", {1, 2, 3})
+    a[2] = 20
+    assert.equal(3, #a)
+    assert.same({1, 20, 3}, a:copy())
+    local got = {}
+    for i, x in ipairs(a) do got[i] = x end
+    assert.same({1, 20, 3}, got)
+    assert.equal("ValueError", (kind_of(function() return a[7] end)))
+    assert.equal("ValueError", (kind_of(m.Value, m, "z", 1)))
+    assert.equal("ValueError", (kind_of(m.Array, m, "b", {1000})))
+  end)
+
+  it("nests: a list stored in a dict comes back as the same proxy", function()
+    local d, l = m:dict(), m:list{1}
+    d.sub = l
+    local s = d.sub
+    assert.is_true(rawequal(s, l))
+    s:append(2)
+    assert.same({1, 2}, l:copy())
+    d.inner = {m:Namespace{z = 1}, "x"}
+    assert.equal(1, d.inner[1].z)
+    assert.matches("<managed list #%d+>", tostring(d))
+  end)
+
+  it("proxies work in children, through pipes, and nested in arguments", function()
+    local d, l = m:dict(), m:list()
+    local done = spawn(function()
+      d.weather = "snow"
+      l:append("child")
+      return d.weather
+    end)
+    assert.equal("snow", done())
+    assert.equal("snow", d.weather)
+    -- through a pipe, to a process that did not inherit them
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function()
+      local got = b:recv()
+      got.list:append(got.dict.weather)
+      b:send("ok")
+    end}
+    p:start()
+    a:send({dict = d, list = l})
+    assert.equal("ok", a:recv())
+    p:join()
+    assert.same({"child", "snow"}, l:copy())
+  end)
+
+  it("each process has its own connection (made again after a fork)", function()
+    local d = m:dict()
+    d.x = 0
+    local before = m:_debug_info().clients
+    local done = spawn(function()
+      d.x = 1
+      return m:_debug_info().clients
+    end)
+    assert.equal(before + 1, done())
+    assert.equal(1, d.x)
+    assert.equal(before, m:_debug_info().clients)
+  end)
+end)
+
+describe("Manager apply", function()
+  local m
+  setup(function() m = mp.Manager() end)
+  teardown(function() m:shutdown() end)
+
+  it("never loses an update from concurrent processes", function()
+    local d, l, ns = m:dict(), m:list{0}, m:Namespace()
+    local waits = {}
+    for w = 1, 4 do
+      waits[w] = spawn(function()
+        for _ = 1, 250 do
+          d:apply("n", function(n) return (n or 0) + 1 end)
+          l:apply(1, function(x, k) return x + k end, 2)
+          ns:apply("c", function(c) return (c or 0) + 1 end)
+        end
+      end)
+    end
+    for w = 1, 4 do waits[w]() end
+    assert.equal(1000, d.n)
+    assert.equal(2000, l[1])
+    assert.equal(1000, ns.c)
+  end)
+
+  it("raises the function's own error; unencodable results are refused", function()
+    local d = m:dict{k = 1}
+    local e = err_of(d.apply, d, "k", function() error("boom") end)
+    assert.is_string(e)
+    assert.matches("boom", e)
+    e = err_of(d.apply, d, "k", function() error({code = 7}) end)
+    assert.same({code = 7}, e)
+    e = err_of(d.apply, d, "k", function() core.raise("Full", "too full") end)
+    assert.equal("Full", e.kind)
+    assert.equal("too full", e.message)
+    assert.equal("EncodeError", (kind_of(d.apply, d, "k", function()
+      return coroutine.create(print) end)))
+    assert.equal(1, d.k)
+    assert.matches("function expected", err_of(d.apply, d, "k", 5))
+  end)
+end)
+
+describe("Manager pipelined writes", function()
+  local m
+  setup(function() m = mp.Manager() end)
+  teardown(function() m:shutdown() end)
+
+  it("a failed write is raised by the next call that waits; later writes are discarded", function()
+    local l, d = m:list{1}, m:dict()
+    l[5] = 1                       -- out of range: sent, fails in the server
+    d.after = "lost"               -- discarded (after the failure)
+    local e = err_of(function() return d.after end)
+    assert.equal("ValueError", e.kind)
+    assert.matches("list assignment index out of range", e.message)
+    assert.matches("pipelined set on managed object #%d+ failed; 1 later write was discarded",
+                   e.message)
+    assert.is_nil(d.after)         -- the reading call itself was not run before
+    d.after = "kept"
+    assert.equal("kept", d.after)
+    l[9] = 1
+    assert.equal("ValueError", (kind_of(m.sync, m)))
+    l[9] = 1
+    assert.equal("ValueError", (kind_of(l.sync, l)))
+    l:sync()
+  end)
+
+  it("writes are seen by a process told about them by other means (causal order)", function()
+    local l = m:list()
+    for i = 1, 20 do
+      local a, b = mp.Pipe()
+      local p = mp.Process{target = function()
+        for j = 1, 50 do l:append(j) end
+        b:send("appended")
+        for j = 1, 50 do l:append(j) end   -- then exits
+      end}
+      p:start()
+      assert.equal("appended", a:recv())
+      assert.is_true(#l >= (2 * i - 1) * 50)
+      p:join()
+      assert.equal(2 * i * 50, #l)
+      a:close()
+      b:close()
+    end
+  end)
+
+  it("writes from a child are all there once it has synced", function()
+    local d = m:dict()
+    spawn(function()
+      for i = 1, 2000 do d[i] = i end
+      d:sync()
+    end)()
+    assert.equal(2000, #d)
+    assert.equal(1234, d[1234])
+  end)
+end)
+
+describe("Manager queues and locks", function()
+  local m
+  setup(function() m = mp.Manager() end)
+  teardown(function() m:shutdown() end)
+
+  it("Queue: FIFO, nil items, Empty and Full with timeouts", function()
+    local q = m:Queue(2)
+    q:put(1)
+    q:put(nil)
+    assert.is_true(q:full())
+    assert.equal(2, q:qsize())
+    assert.equal("Full", (kind_of(q.put_nowait, q, 3)))
+    local t0 = now()
+    assert.equal("Full", (kind_of(q.put, q, 3, true, 0.2)))
+    local dt = now() - t0
+    assert.is_true(dt >= 0.15 and dt < 2, dt)
+    assert.equal(1, q:get())
+    assert.is_nil(q:get())
+    assert.is_true(q:empty())
+    assert.equal("Empty", (kind_of(q.get_nowait, q)))
+    t0 = now()
+    assert.equal("Empty", (kind_of(q.get, q, true, 0.2)))
+    dt = now() - t0
+    assert.is_true(dt >= 0.15 and dt < 2, dt)
+    assert.equal("ValueError", (kind_of(m.Queue, m, "x")))
+  end)
+
+  it("Queue: a blocked get is answered by another process's put", function()
+    local q = m:Queue()
+    local done = spawn(function() return q:get() end)
+    sleep(0.1)
+    q:put({x = 1})
+    assert.same({x = 1}, done())
+    -- while one client waits, the manager serves the others
+    local waiting = spawn(function() return q:get(true, 5) end)
+    local d = m:dict()
+    for i = 1, 10 do d[i] = i end
+    assert.equal(10, #d)
+    q:put("late")
+    assert.equal("late", waiting())
+  end)
+
+  it("JoinableQueue: join waits for task_done", function()
+    local q = m:JoinableQueue()
+    q:put(1)
+    q:put(2)
+    local worker = spawn(function()
+      for _ = 1, 2 do
+        q:get()
+        sleep(0.05)
+        q:task_done()
+      end
+    end)
+    q:join()
+    assert.equal(0, q:qsize())
+    worker()
+    assert.equal("ValueError", (kind_of(q.task_done, q)))
+  end)
+
+  it("Lock, RLock, Semaphore, BoundedSemaphore", function()
+    local lock = m:Lock()
+    assert.is_true(lock:acquire())
+    assert.is_true(lock:locked())
+    assert.is_false(spawn(function() return lock:acquire(false) end)())
+    local t0 = now()
+    assert.is_false(spawn(function() return lock:acquire(true, 0.2) end)())
+    assert.is_true(now() - t0 >= 0.15)
+    local waiter = spawn(function()
+      local ok = lock:acquire(true, 5)
+      lock:release()
+      return ok
+    end)
+    sleep(0.1)
+    lock:release()
+    assert.is_true(waiter())
+    assert.equal("ValueError", (kind_of(lock.release, lock)))
+    assert.equal(42, lock:with(function(x) return x end, 42))
+    do
+      local held <close> = lock:guard()
+      assert.is_true(lock:locked())
+    end
+    assert.is_false(lock:locked())
+
+    local r = m:RLock()
+    assert.is_true(r:acquire())
+    assert.is_true(r:acquire())
+    r:release()
+    assert.is_false(spawn(function() return r:acquire(false) end)())
+    assert.equal("ValueError: cannot release un-acquired lock",
+                 err_of(spawn(function() r:release() end)))
+    r:release()
+    assert.equal("ValueError", (kind_of(r.release, r)))
+
+    local s = m:Semaphore(2)
+    assert.is_true(s:acquire())
+    assert.is_true(s:acquire())
+    assert.is_false(s:acquire(false))
+    s:release(2)
+    assert.equal(2, s:get_value())
+    local b = m:BoundedSemaphore(1)
+    assert.equal("ValueError", (kind_of(b.release, b)))
+  end)
+
+  it("Event and Condition", function()
+    local e = m:Event()
+    assert.is_false(e:is_set())
+    assert.is_false(e:wait(0.1))
+    local waiter = spawn(function() return e:wait(5) end)
+    sleep(0.1)
+    e:set()
+    assert.is_true(waiter())
+    assert.is_true(e:wait())
+    e:clear()
+    assert.is_false(e:is_set())
+
+    local c = m:Condition()
+    local d = m:dict{ready = false}
+    local consumer = spawn(function()
+      return c:with(function()
+        return c:wait_for(function() return d.ready end, 5)
+      end)
+    end)
+    sleep(0.1)
+    c:with(function()
+      d.ready = true
+      c:notify_all()
+    end)
+    assert.is_true(consumer())
+    c:acquire()
+    assert.is_false(c:wait(0.1))   -- times out, holding the lock again
+    c:release()
+    assert.equal("ValueError", (kind_of(c.notify, c)))
+    local l = m:Lock()
+    local c2 = m:Condition(l)
+    c2:acquire()
+    assert.is_true(l:locked())
+    c2:release()
+  end)
+
+  it("Barrier: indexes, action, broken on timeout and abort", function()
+    local b = m:Barrier(3, function() end)
+    assert.equal(3, b.parties)
+    local w1 = spawn(function() return b:wait(5) end)
+    local w2 = spawn(function() return b:wait(5) end)
+    local mine = b:wait(5)
+    local got = {mine, w1(), w2()}
+    table.sort(got)
+    assert.same({1, 2, 3}, got)
+    assert.is_false(b.broken)
+    assert.equal("BrokenBarrierError", (kind_of(b.wait, b, 0.1)))
+    assert.is_true(b.broken)
+    b:reset()
+    assert.is_false(b.broken)
+    local w = spawn(function() return b:wait(5) end)
+    sleep(0.1)
+    assert.equal(1, b.n_waiting)
+    b:abort()
+    assert.matches("BrokenBarrierError", err_of(w))
+  end)
+end)
+
+describe("Manager errors", function()
+  local m
+  setup(function() m = mp.Manager() end)
+  teardown(function() m:shutdown() end)
+
+  it("unknown typeids and bad requests are RemoteError with a message", function()
+    local e = err_of(m._create, m, "nope")
+    assert.equal("RemoteError", e.kind)
+    assert.matches("unknown typeid 'nope'", e.message)
+    local d = m:dict()
+    local call = function(meth)
+      local cl = rawget(d, mp.managers._CL)
+      local c = cl.conn
+      c:send({1000, mp.managers._proxy_id(d), meth})
+      return c:recv()
+    end
+    local r = call("no_such_method")
+    assert.equal(2, r[2])
+    assert.matches("'dict' object has no method 'no_such_method'", r[3])
+    r = call("_private")
+    assert.equal(2, r[2])
+    d.x = 1
+    assert.equal(1, d.x)           -- and the connection is still in step
+  end)
+
+  it("wrong argument types give clear errors", function()
+    local l = m:list()
+    assert.matches("bad argument #1 to 'insert' %(integer index expected, got string%)",
+                   err_of(l.insert, l, "a", 1))
+    assert.matches("bad argument #1 to 'extend'", err_of(l.extend, l, 5))
+    assert.equal("ValueError", (kind_of(m.list, m, 5)))
+    assert.equal("ValueError", (kind_of(m.Barrier, m, 0)))
+    assert.equal("ValueError", (kind_of(m.Semaphore, m, -1)))
+    local q = m:Queue()
+    assert.equal("ValueError", (kind_of(q.get, q, true, "soon")))
+  end)
+end)
+
+describe("Manager object lifetime", function()
+  local m
+  setup(function() m = mp.Manager() end)
+  teardown(function() m:shutdown() end)
+
+  local function objects()
+    collectgarbage()
+    collectgarbage()
+    m:sync()                      -- sends the releases
+    return m:_debug_info().objects
+  end
+
+  it("frees objects no proxy refers to; keeps nested ones alive", function()
+    local base = objects()
+    do
+      local t = {}
+      for i = 1, 50 do t[i] = m:dict{i = i} end
+    end
+    assert.equal(base, objects())
+    local d = m:dict()
+    do
+      local l = m:list{1, 2}
+      d.l = l
+    end
+    assert.equal(base + 2, objects())
+    assert.same({1, 2}, d.l:copy())
+    d.l = nil
+    assert.equal(base + 1, objects())
+  end)
+
+  it("keeps an object alive while a proxy of it is in transit", function()
+    local base = objects()
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function()
+      sleep(0.3)                   -- the sender has dropped its proxy by then
+      local l = b:recv()
+      l:append("received")
+      b:send(l:copy())
+    end}
+    p:start()
+    do a:send(m:list{"sent"}) end
+    assert.equal(base + 1, objects())
+    assert.same({"sent", "received"}, a:recv())
+    p:join()
+    assert.equal(base, objects())
+  end)
+
+  it("objects a killed client held are freed", function()
+    local base = objects()
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function()
+      local keep = {m:dict(), m:list()}
+      b:send("ready")
+      sleep(60)
+      return keep
+    end}
+    p:start()
+    a:recv()
+    assert.equal(base + 2, objects())
+    p:kill()
+    p:join()
+    assert.is_true(H.eventually(function() return objects() == base end, 5))
+  end)
+end)
+
+describe("Manager faults", function()
+  it("a killed manager makes every client fail fast, parked ones too", function()
+    local m = mp.Manager()
+    local q, d = m:Queue(), m:dict()
+    d.x = 1
+    local waiting = spawn(function()
+      local t0 = now()
+      local ok, e = pcall(q.get, q)
+      return ok, e.kind, now() - t0
+    end)
+    local writer = spawn(function()
+      local ok, e = pcall(function()
+        for i = 1, 1e9 do d[i % 100] = i end
+      end)
+      return ok, e.kind
+    end)
+    sleep(0.3)
+    core.kill(m.pid, "SIGKILL")
+    local ok, kind, dt = waiting()
+    assert.is_false(ok)
+    assert.equal("EOFError", kind)
+    assert.is_true(dt < 5)
+    local wok, wkind = writer()
+    assert.is_false(wok)
+    assert.equal("EOFError", wkind)
+    local t0 = now()
+    local e = err_of(function() return d.x end)
+    assert.equal("EOFError", e.kind)
+    assert.matches("the manager at .* is gone", e.message)
+    assert.equal("EOFError", (kind_of(q.put, q, 1)))
+    assert.is_true(now() - t0 < 1)
+    m:shutdown()                   -- nothing left to do; does not raise
+    assert.equal(0, H.zombies())
+  end)
+
+  it("a client killed mid-call: the manager serves on and releases what it held", function()
+    local m = mp.Manager()
+    local lock, rlock, sem, q = m:Lock(), m:RLock(), m:Semaphore(1), m:Queue()
+    local b = m:Barrier(3)
+    local a, pb = mp.Pipe()
+    local victim = mp.Process{target = function()
+      lock:acquire()
+      rlock:acquire()
+      rlock:acquire()
+      sem:acquire()
+      pb:send("holding")
+      q:get()                      -- parked when killed
+    end}
+    victim:start()
+    assert.equal("holding", a:recv())
+    local other = spawn(function() return b:wait(10) end)
+    local second = mp.Process{target = function() b:wait(10) end}
+    second:start()
+    assert.is_true(H.eventually(function() return b.n_waiting == 2 end, 5))
+    sleep(0.1)
+    victim:kill()
+    second:kill()
+    victim:join()
+    second:join()
+    assert.is_true(lock:acquire(true, 5))
+    assert.is_true(rlock:acquire(true, 5))
+    assert.is_true(sem:acquire(true, 5))
+    assert.matches("BrokenBarrierError", err_of(other))
+    q:put("still served")
+    assert.equal("still served", q:get())
+    m:shutdown()
+  end)
+
+  it("start/shutdown cycles leave no process, fd or /dev/shm entry behind", function()
+    collectgarbage()
+    collectgarbage()
+    local fds, shm = H.fd_count(), H.shm_entries()
+    for i = 1, 1000 do
+      local m = mp.Manager()
+      local d = m:dict()
+      d.i = i
+      assert(d.i == i)
+      m:shutdown()
+    end
+    do
+      local m <close> = mp.Manager()
+      m:list{1}:append(2)
+    end
+    collectgarbage()
+    assert.equal(fds, H.fd_count())
+    assert.equal(shm, H.shm_entries())
+    assert.equal(0, H.zombies())
+    assert.equal(0, #mp.active_children())
+  end)
+
+  it("the manager holds no copy of its creator's pipes", function()
+    local a, b = mp.Pipe(false)
+    local m <close> = mp.Manager()
+    b:close()
+    assert.equal("EOFError", (kind_of(a.recv, a)))
+    a:close()
+  end)
+
+  it("an interrupted call does not confuse the next one", function()
+    local m <close> = mp.Manager()
+    local q = m:Queue()
+    local parent = core.getpid()
+    local p = mp.Process{target = function()
+      sleep(0.3)
+      core.kill(parent, "SIGINT")
+    end}
+    p:start()
+    local ok, e = pcall(q.get, q)
+    p:join()
+    assert.is_false(ok)
+    assert.matches("interrupted!", tostring(e))
+    q:put("next")
+    assert.equal("next", q:get(true, 5))
+    local d = m:dict{a = 1}
+    assert.equal(1, d.a)
+  end)
+end)
+
+describe("remote managers", function()
+  local server_code = [[
+    local mp = require "multiprocessing"
+    local QM = mp.managers.BaseManager:extend()
+    local queue = mp.managers.Queue()
+    local store = {}
+    local Counter = {}
+    Counter.__index = Counter
+    function Counter:add(n) self.n = self.n + n return self.n, "ok" end
+    local counter = setmetatable({n = 0}, Counter)
+    QM:register("get_queue", function() return queue end)
+    QM:register("get_store", function() return store end)
+    QM:register("get_counter", function() return counter end)
+    local m = QM{address = {"127.0.0.1", 0}, authkey = "abracadabra"}
+    local s = m:get_server()
+    io.write(s.address[2], "\n")
+    io.flush()
+    s:serve_forever()
+    io.write("server done\n")
+  ]]
+  local client_head = [[
+    local mp = require "multiprocessing"
+    local QM = mp.managers.BaseManager:extend()
+    QM:register("get_queue")
+    QM:register("get_store")
+    QM:register("get_counter")
+    local port = tonumber(arg[1])
+    local m = QM{address = {"127.0.0.1", port}, authkey = arg[2] or "abracadabra"}
+  ]]
+
+  it("serves clients in unrelated processes (Python's recipe)", function()
+    local path = H.write(os.tmpname() .. ".lua", server_code)
+    local srv = io.popen(H.q(H.luamp) .. " " .. H.q(path), "r")
+    local port = srv:read("l")
+    assert.matches("^%d+$", port)
+    local out, err, code = H.script(client_head .. [[
+      m:connect()
+      local q = m:get_queue()
+      q:put("hello")
+      q:put({from = "client 1"})
+      local st = m:get_store()
+      st.greeting = "hi"
+      local c = m:get_counter()
+      print(c:add(2))
+      print(c:add(3))
+      st:sync()
+    ]], port)
+    assert.equal(0, code, err)
+    assert.equal("2\tok\n5\tok\n", out)
+    out, err, code = H.script(client_head .. [[
+      m:connect()
+      local q = m:get_queue()
+      print(q:get(), q:get().from, m:get_store().greeting)
+      local ok, e = pcall(function() return m:get_counter():nope() end)
+      print(ok, e)
+      ok, e = pcall(m._create, m, "get_nothing")
+      print(ok, e.kind)
+      m:shutdown()
+    ]], port)
+    assert.equal(0, code, err)
+    assert.matches("^hello\tclient 1\thi\nfalse\t.*attempt to call a nil value.*\nfalse\tRemoteError\n$", out)
+    assert.equal("server done\n", srv:read("a"))
+    srv:close()
+    os.remove(path)
+  end)
+
+  it("a wrong authkey is an AuthenticationError", function()
+    local path = H.write(os.tmpname() .. ".lua", server_code)
+    local srv = io.popen(H.q(H.luamp) .. " " .. H.q(path), "r")
+    local port = srv:read("l")
+    local out, err, code = H.script(client_head .. [[
+      local ok, e = pcall(m.connect, m)
+      print(ok, e.kind)
+    ]], port .. " wrong")
+    assert.equal(0, code, err)
+    assert.equal("false\tAuthenticationError\n", out)
+    out, err, code = H.script(client_head .. "m:connect() m:shutdown()", port)
+    assert.equal(0, code, err)
+    srv:close()
+    os.remove(path)
+  end)
+
+  it("start() serves registered callables; an unrelated process connects by TCP", function()
+    local QM = mp.managers.BaseManager:extend()
+    local jobs = mp.managers.JoinableQueue()
+    QM:register("get_jobs", function() return jobs end)
+    QM:register("get_list", function() return mp.managers.list{"shared"} end)
+    local m <close> = QM{address = {"127.0.0.1", 0}, authkey = "k"}
+    m:start()
+    assert.is_true(m.address[2] > 0)
+    local q = m:get_jobs()
+    q:put("job")
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local QM = mp.managers.BaseManager:extend()
+      QM:register("get_jobs")
+      QM:register("get_list")
+      local m = QM{address = {"127.0.0.1", tonumber(arg[1])}, authkey = "k"}
+      m:connect()
+      local q = m:get_jobs()
+      print(q:get())
+      q:task_done()
+      print(m:get_list()[1])
+    ]], tostring(m.address[2]))
+    assert.equal(0, code, err)
+    assert.equal("job\nshared\n", out)
+    q:join()
+    -- a manager without authentication refuses functions
+    local open <close> = mp.managers.SyncManager{authkey = false}:start()
+    local d = open:dict()
+    d.x = 1
+    assert.equal("RemoteError", (kind_of(d.apply, d, "x", function(x) return x end)))
+    assert.equal(1, d.x)
+  end)
+end)
