@@ -20,6 +20,19 @@ local lazy = {
   current_process = "multiprocessing.process",
   parent_process = "multiprocessing.process",
   active_children = "multiprocessing.process",
+  Lock = "multiprocessing.synchronize",
+  RLock = "multiprocessing.synchronize",
+  Semaphore = "multiprocessing.synchronize",
+  BoundedSemaphore = "multiprocessing.synchronize",
+  Event = "multiprocessing.synchronize",
+  Condition = "multiprocessing.synchronize",
+  Barrier = "multiprocessing.synchronize",
+  Value = "multiprocessing.sharedctypes",
+  Array = "multiprocessing.sharedctypes",
+  RawValue = "multiprocessing.sharedctypes",
+  RawArray = "multiprocessing.sharedctypes",
+  SharedMemory = "multiprocessing.shared_memory",
+  shared_memory = "multiprocessing.shared_memory",
 }
 
 setmetatable(M, {
@@ -28,6 +41,7 @@ setmetatable(M, {
     if modname == nil then return nil end
     local mod = require(modname)
     local v = mod[k]
+    if v == nil and modname == "multiprocessing." .. k then v = mod end
     rawset(t, k, v)
     return v
   end,
