@@ -4,6 +4,14 @@ BUILD   ?= build
 CC      ?= gcc
 LUA_CFLAGS := $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
 LUA_LIBS   := $(shell pkg-config --libs lua5.4 2>/dev/null || echo -llua5.4)
+# luamp links Lua statically and exports its API to C modules (-Wl,-E), as
+# Debian's lua5.4 does: direct calls instead of PIC calls into liblua.
+LUA_STATIC := $(firstword $(wildcard /usr/lib/$(shell gcc -print-multiarch 2>/dev/null)/liblua5.4.a /usr/lib/liblua5.4.a))
+ifneq ($(LUA_STATIC),)
+HOST_LUA := -Wl,-E $(LUA_STATIC) -ldl
+else
+HOST_LUA := $(LUA_LIBS)
+endif
 OPT     ?= -O2
 SAN     ?=
 CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror -fPIC \
@@ -48,7 +56,7 @@ $(BUILD)/libluamp.so: $(LIB_OBJ)
 	$(CC) -shared $(LDFLAGS) -Wl,-soname,libluamp.so.0 -o $@ $^ $(LIBS)
 
 $(BUILD)/luamp: $(HOST_OBJ) $(BUILD)/libluamp.a
-	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) $(LIBS)
 
 $(BUILD)/tests/%: spec/c/%.c $(BUILD)/libluamp.a $(HEADERS) | $(BUILD)/tests
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)

@@ -19,6 +19,7 @@
 static int (*const primitives[])(lua_State *L) = {
   luamp_open_errors,
   luamp_open_sys,
+  luamp_open_codec,
   luamp_open_arena,
   luamp_open_sync,
   luamp_open_value,

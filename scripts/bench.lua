@@ -42,11 +42,81 @@ add("require", "requires/s", function()
   end, 100)
 end)
 
--- Later issues add their workloads here (codec, process, pipe, queue...).
+-- ---- codec (issue 3): luamp against lua-cjson on the same values ------
+
+local cjson_ok, cjson_lib = pcall(require, "cjson")
+local RECORD = {id = 12345, name = "abcdefgh", vals = {1.5, 2.5, 3.5, 4.5},
+                tags = {"x", "y", "z"}, ok = true}
+
+local function floats(n)
+  local t = {}
+  for i = 1, n do t[i] = i + 0.25 end
+  return t
+end
+local function ints(n)
+  local t = {}
+  for i = 1, n do t[i] = i * 7 end
+  return t
+end
+local function strmap(n)
+  local t = {}
+  for i = 1, n do t["key" .. i] = i end
+  return t
+end
+local function deep(levels)
+  local root = {level = 0, name = "node"}
+  local node = root
+  for i = 1, levels do
+    node.child = {level = i, name = "node", tags = {"a", "b"}}
+    node = node.child
+  end
+  return root
+end
+
+-- Adds encode and decode workloads for value v with codec (enc, dec);
+-- bytes = true reports MiB/s of the encoded form, else items/s.
+local function codec_pair(prefix, v, enc, dec, unit, items, min_n)
+  local s = enc(v)
+  local per = unit == "MiB/s" and #s / 2^20 or items
+  add(prefix .. ".encode", unit, function()
+    local n, dt = timed(function(n) for _ = 1, n do enc(v) end end, min_n)
+    return n * per, dt
+  end)
+  add(prefix .. ".decode", unit, function()
+    local n, dt = timed(function(n) for _ = 1, n do dec(s) end end, min_n)
+    return n * per, dt
+  end)
+end
+
+local values = {
+  {"record", RECORD, "objects/s", 1, 1000},
+  {"floats1e6", floats(1e6), "Mitems/s", 1, 1},
+  {"ints1e6", ints(1e6), "Mitems/s", 1, 1},
+  {"map1e5", strmap(1e5), "Mitems/s", 0.1, 1},
+  {"deep200", deep(200), "trees/s", 1, 10},
+}
+for _, v in ipairs(values) do
+  codec_pair("codec." .. v[1], v[2], mp.encode, mp.decode, v[3], v[4], v[5])
+  if cjson_ok then
+    codec_pair("cjson." .. v[1], v[2], cjson_lib.encode, cjson_lib.decode,
+      v[3], v[4], v[5])
+  end
+end
+-- bulk throughput in MiB/s of MessagePack, for the absolute targets
+codec_pair("codec.floats1e6.bytes", values[2][2], mp.encode, mp.decode, "MiB/s", 0, 1)
+codec_pair("codec.ints1e6.bytes", values[3][2], mp.encode, mp.decode, "MiB/s", 0, 1)
+-- the record with identity tracking off: what tracking costs
+add("codec.record.untracked.encode", "objects/s", function()
+  core.codec_options {track = false}
+  local n, dt = timed(function(n) for _ = 1, n do mp.encode(RECORD) end end, 1000)
+  core.codec_options {track = true}
+  return n, dt
+end)
 
 local _ = mp
 for _, w in ipairs(W) do
   if not filter or w.name:find(filter, 1, true) then
+    collectgarbage("collect")
     local count, secs = w.fn()
     io.write(cjson.encode({name = w.name, seconds = secs, rate = count / secs,
                            unit = w.unit}), "\n")

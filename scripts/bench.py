@@ -4,6 +4,7 @@ The same workloads as scripts/bench.lua, with CPython's multiprocessing
 (fork start method), one JSON line per workload.  Run it with Debian's
 /usr/bin/python3, the CPython users get from their distribution.
 """
+import gc
 import json
 import multiprocessing as mp
 import sys
@@ -42,11 +43,59 @@ def _require():
     return timed(run, 10)
 
 
+# ---- codec: CPython's msgpack (C extension) on the same values -------------
+try:
+    import msgpack
+except ImportError:
+    msgpack = None
+
+RECORD = {"id": 12345, "name": "abcdefgh", "vals": [1.5, 2.5, 3.5, 4.5],
+          "tags": ["x", "y", "z"], "ok": True}
+
+
+def _deep(levels):
+    root = {"level": 0, "name": "node"}
+    node = root
+    for i in range(1, levels + 1):
+        node["child"] = {"level": i, "name": "node", "tags": ["a", "b"]}
+        node = node["child"]
+    return root
+
+
+def _codec_pair(prefix, v, unit, items, min_n):
+    s = msgpack.packb(v)
+
+    def enc():
+        return timed(lambda n: [msgpack.packb(v) for _ in range(n)], min_n)
+
+    def dec():
+        return timed(lambda n: [msgpack.unpackb(s, strict_map_key=False)
+                                for _ in range(n)], min_n)
+    W.append((prefix + ".encode", unit, lambda: _scaled(enc, items)))
+    W.append((prefix + ".decode", unit, lambda: _scaled(dec, items)))
+
+
+def _scaled(f, items):
+    n, dt = f()
+    return n * items, dt
+
+
+if msgpack is not None:
+    for name, v, unit, items, min_n in [
+            ("record", RECORD, "objects/s", 1, 1000),
+            ("floats1e6", [i + 0.25 for i in range(1, 1000001)], "Mitems/s", 1, 1),
+            ("ints1e6", [i * 7 for i in range(1, 1000001)], "Mitems/s", 1, 1),
+            ("map1e5", {"key%d" % i: i for i in range(1, 100001)}, "Mitems/s", 0.1, 1),
+            ("deep200", _deep(200), "trees/s", 1, 10)]:
+        _codec_pair("codec." + name, v, unit, items, min_n)
+
+
 if __name__ == "__main__":
     mp.set_start_method("fork")
     for name, unit, fn in W:
         if FILTER and FILTER not in name:
             continue
+        gc.collect()
         count, secs = fn()
         print(json.dumps({"name": name, "seconds": secs, "rate": count / secs,
                           "unit": unit}), flush=True)

@@ -13,6 +13,11 @@ local M = {
   error_kinds = core.error_kinds,
   is_error = core.is_error,
   new_error = core.new_error,
+  encode = core.encode,
+  decode = core.decode,
+  register_class = core.register_class,
+  codec_options = core.codec_options,
+  Ext = core.Ext,
 }
 
 -- name -> submodule that defines it (loaded on first access)

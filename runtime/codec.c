@@ -1,0 +1,1756 @@
+/*
+ * codec.c -- the message codec: MessagePack with luamp's extensions.
+ *
+ * Every message between luamp processes goes through here: Lua value ->
+ * bytes -> Lua value.  Plain data is standard MessagePack (Python's
+ * msgpack reads it with default options); what plain MessagePack cannot
+ * say travels in application ext types:
+ *
+ *   1 REF      fixext4: uint32 id of an object DEFined earlier in the message
+ *   2 DEF      ext32 wrapping the first occurrence of an object that occurs
+ *              again (shared tables, cycles, recursive closures); DEFs are
+ *              numbered in order of appearance from 0
+ *   3 FUNC     ext32: bin bytecode (lua_dump), uint nups, nups values
+ *   4 GLOBALS  fixext1: the globals table (rebound to the receiver's)
+ *   5 NAMED    a loaded module or a function of one, by name: str module,
+ *              then nil or str field; resolved with require on receipt
+ *   6 HANDLE   a runtime object (queue, lock...): str type name, bin bytes
+ *   7 CLASS    a table of a registered class: str class name, state value
+ *
+ * Identity costs one pointer-hash insert per table on the way out and
+ * nothing on the way in: the encoder notes every table and function it
+ * meets; only when one turns up twice does it encode the message a second
+ * time, now wrapping exactly the shared objects in DEF.  Plain data never
+ * pays on decode.
+ *
+ * Errors.  The encoder returns -1 up its recursion instead of raising, so
+ * that each level can prepend its step to the path in the message
+ * ("args[2].file") and no state is left half-updated; the top raises
+ * EncodeError.  All encoder memory lives in a userdata (struct encbox)
+ * anchored in the registry, so nothing leaks if Lua raises regardless
+ * (memory errors).  The decoder holds no heap memory and raises
+ * DecodeError directly, with the byte offset.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+enum {
+  EXT_REF = 1, EXT_DEF = 2, EXT_FUNC = 3, EXT_GLOBALS = 4, EXT_NAMED = 5,
+  EXT_HANDLE = 6, EXT_CLASS = 7
+};
+#define EXT_TIMESTAMP (-1)
+
+#define DEFAULT_MAX_DEPTH 256
+#define EXT_MT "multiprocessing.Ext"
+#define ERROR_MT "multiprocessing.Error"
+
+/* Process-wide default nesting limit (encode and decode). */
+static int max_depth = DEFAULT_MAX_DEPTH;
+/* Identity tracking can be switched off to measure what it costs (the
+ * benchmark does); without it a shared table is copied and a cycle fails
+ * at the depth limit. */
+static int track_refs = 1;
+
+/* Registry keys (addresses only). */
+static const char box_key = 0;      /* the encoder's reusable encbox */
+static const char nested_key = 0;   /* encbox of a nested encode */
+static const char names_key = 0;    /* value -> {module, field} name cache */
+static const char handles_key = 0;  /* tname -> lightuserdata ops */
+static const char classes_key = 0;  /* metatable -> class name */
+static const char classdefs_key = 0;/* class name -> {mt, reduce, rebuild} */
+
+/* ======================================================================
+ * Encoder memory
+ * ====================================================================== */
+
+#define SHARED_BIT 0x80000000u
+#define DEFID_MASK 0x7fffffffu
+
+/* Everything the encoder allocates.  One box per lua_State is reused
+ * across calls (no malloc per message); a nested encode (from a class
+ * reducer) gets a box of its own. */
+struct encbox {
+  unsigned char *buf;       /* reserve bytes, then the message */
+  size_t len, cap;
+  /* open-addressing set: table/function pointer -> ordinal + 1 */
+  const void **keys;
+  uint32_t *vals;
+  uint32_t hcap, hcount;
+  /* ordinal -> pointer; info: SHARED_BIT | (DEF id + 1 in pass 2) */
+  const void **order;
+  uint32_t *info;
+  uint32_t norder, ocap;
+  int busy;
+  const void *globals;      /* the state's globals table (never changes) */
+};
+
+static int encbox_gc(lua_State *L) {
+  struct encbox *b = lua_touserdata(L, 1);
+  free(b->buf);
+  free(b->keys);
+  free(b->vals);
+  free(b->order);
+  free(b->info);
+  memset(b, 0, sizeof *b);
+  return 0;
+}
+
+static struct encbox *new_encbox(lua_State *L) {
+  struct encbox *b = lua_newuserdatauv(L, sizeof *b, 0);
+  memset(b, 0, sizeof *b);
+  if (luaL_newmetatable(L, "multiprocessing.encbox")) {
+    lua_pushcfunction(L, encbox_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_setmetatable(L, -2);
+  return b;
+}
+
+static uint32_t ptr_hash(const void *p) {
+  uint64_t x = (uint64_t)(uintptr_t)p;
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 29;
+  return (uint32_t)x;
+}
+
+/* Slot of p, or of the empty slot where it would go. */
+static uint32_t map_slot(const struct encbox *b, const void *p) {
+  uint32_t mask = b->hcap - 1, i = ptr_hash(p) & mask;
+  while (b->keys[i] != NULL && b->keys[i] != p) i = (i + 1) & mask;
+  return i;
+}
+
+static int map_grow(struct encbox *b) {
+  uint32_t ncap = b->hcap ? b->hcap * 2 : 64;
+  const void **okeys = b->keys;
+  uint32_t *ovals = b->vals, ocap = b->hcap;
+  const void **nk = calloc(ncap, sizeof *nk);
+  uint32_t *nv = malloc(ncap * sizeof *nv);
+  if (!nk || !nv) {
+    free(nk);
+    free(nv);
+    return -1;
+  }
+  b->keys = nk;
+  b->vals = nv;
+  b->hcap = ncap;
+  for (uint32_t i = 0; i < ocap; i++) {
+    if (okeys[i]) {
+      uint32_t s = map_slot(b, okeys[i]);
+      b->keys[s] = okeys[i];
+      b->vals[s] = ovals[i];
+    }
+  }
+  free(okeys);
+  free(ovals);
+  return 0;
+}
+
+/* Ordinal + 1 of p, 0 when p has not been seen. */
+static uint32_t map_find(const struct encbox *b, const void *p) {
+  uint32_t s;
+  if (b->hcount == 0) return 0;
+  s = map_slot(b, p);
+  return b->keys[s] ? b->vals[s] : 0;
+}
+
+/* Forgets the objects with ordinals >= keep, newest first: every slot on
+ * the probe path of the newest key was taken when it went in, by older
+ * keys still present, so each lookup still finds its key. */
+static void map_truncate(struct encbox *b, uint32_t keep) {
+  while (b->norder > keep) {
+    const void *p = b->order[--b->norder];
+    b->keys[map_slot(b, p)] = NULL;
+    b->hcount--;
+  }
+}
+
+/* ======================================================================
+ * Encoder
+ * ====================================================================== */
+
+struct enc {
+  lua_State *L;
+  struct encbox *b;
+  int depth;
+  int pass;              /* 1; 2 when shared objects get DEF/REF */
+  int nshared;           /* objects seen twice in pass 1 */
+  uint32_t ndefs;        /* DEFs written so far in pass 2 */
+  const void *globals;
+  int names_checked;     /* the name cache was validated in this encode */
+  int oom;
+  char msg[160];         /* innermost failure */
+  char path[400];        /* steps from the root to it, built outwards */
+  size_t pathlen;
+};
+
+static int grow(struct enc *e, size_t need) {
+  struct encbox *b = e->b;
+  size_t ncap = b->cap ? b->cap : 256;
+  unsigned char *nb;
+  if (b->len + need < b->len) goto oom;
+  while (ncap < b->len + need) {
+    if (ncap > SIZE_MAX / 2) goto oom;
+    ncap *= 2;
+  }
+  nb = realloc(b->buf, ncap);
+  if (nb == NULL) goto oom;
+  b->buf = nb;
+  b->cap = ncap;
+  return 0;
+oom:
+  e->oom = 1;
+  snprintf(e->msg, sizeof e->msg, "not enough memory for a %zu-byte message",
+           b->len + need);
+  return -1;
+}
+
+#define ROOM(e, n) \
+  do { \
+    if ((e)->b->cap - (e)->b->len < (size_t)(n) && grow((e), (n)) < 0) \
+      return -1; \
+  } while (0)
+
+static inline unsigned char *wp(struct enc *e) {
+  return e->b->buf + e->b->len;
+}
+
+static inline void w8(unsigned char *p, unsigned v) { p[0] = (unsigned char)v; }
+static inline void w16(unsigned char *p, unsigned v) {
+  p[0] = (unsigned char)(v >> 8);
+  p[1] = (unsigned char)v;
+}
+static inline void w32(unsigned char *p, uint32_t v) {
+  p[0] = (unsigned char)(v >> 24);
+  p[1] = (unsigned char)(v >> 16);
+  p[2] = (unsigned char)(v >> 8);
+  p[3] = (unsigned char)v;
+}
+static inline void w64(unsigned char *p, uint64_t v) {
+  w32(p, (uint32_t)(v >> 32));
+  w32(p + 4, (uint32_t)v);
+}
+
+static int fail(struct enc *e, const char *fmt, ...)
+    LUAMP_PRINTF(2, 3);
+
+static int fail(struct enc *e, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+  va_end(ap);
+  return -1;
+}
+
+/* Prepends one step to the error path (the failure is inside it). */
+static void path_step(struct enc *e, const char *step) {
+  size_t n = strlen(step), room = sizeof e->path - 1;
+  if (n > room) n = room;
+  if (e->pathlen + n > room) e->pathlen = room - n;  /* drop the tail */
+  memmove(e->path + n, e->path, e->pathlen);
+  memcpy(e->path, step, n);
+  e->pathlen += n;
+  e->path[e->pathlen] = '\0';
+}
+
+static int is_identifier(const char *s, size_t n) {
+  static const char *const reserved[] = {
+    "and", "break", "do", "else", "elseif", "end", "false", "for",
+    "function", "goto", "if", "in", "local", "nil", "not", "or", "repeat",
+    "return", "then", "true", "until", "while", NULL
+  };
+  if (n == 0 || n > 40) return 0;
+  for (size_t i = 0; i < n; i++) {
+    char c = s[i];
+    if (!(c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+          (i > 0 && c >= '0' && c <= '9')))
+      return 0;
+  }
+  for (int i = 0; reserved[i]; i++)
+    if (strlen(reserved[i]) == n && memcmp(reserved[i], s, n) == 0) return 0;
+  return 1;
+}
+
+/* The step for key at stack index k: .name, ["text"], [3] or [table]. */
+static void path_key(struct enc *e, int k) {
+  lua_State *L = e->L;
+  char step[64];
+  switch (lua_type(L, k)) {
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, k))
+        snprintf(step, sizeof step, "[%lld]", (long long)lua_tointeger(L, k));
+      else
+        snprintf(step, sizeof step, "[%.14g]", lua_tonumber(L, k));
+      break;
+    case LUA_TSTRING: {
+      size_t n;
+      const char *s = lua_tolstring(L, k, &n);
+      if (is_identifier(s, n))
+        snprintf(step, sizeof step, ".%s", s);
+      else
+        snprintf(step, sizeof step, "[\"%.*s%s\"]", n > 30 ? 30 : (int)n, s,
+                 n > 30 ? "..." : "");
+      break;
+    }
+    default:
+      snprintf(step, sizeof step, "[%s key]", luaL_typename(L, k));
+  }
+  path_step(e, step);
+}
+
+static int put_int(struct enc *e, lua_Integer v) {
+  unsigned char *p;
+  ROOM(e, 9);
+  p = wp(e);
+  if (v >= 0) {
+    uint64_t u = (uint64_t)v;
+    if (u < 128) { p[0] = (unsigned char)u; e->b->len += 1; }
+    else if (u <= 0xff) { p[0] = 0xcc; p[1] = (unsigned char)u; e->b->len += 2; }
+    else if (u <= 0xffff) { p[0] = 0xcd; w16(p + 1, (unsigned)u); e->b->len += 3; }
+    else if (u <= 0xffffffffu) { p[0] = 0xce; w32(p + 1, (uint32_t)u); e->b->len += 5; }
+    else { p[0] = 0xcf; w64(p + 1, u); e->b->len += 9; }
+  } else {
+    if (v >= -32) { p[0] = (unsigned char)(int8_t)v; e->b->len += 1; }
+    else if (v >= INT8_MIN) { p[0] = 0xd0; p[1] = (unsigned char)(int8_t)v; e->b->len += 2; }
+    else if (v >= INT16_MIN) { p[0] = 0xd1; w16(p + 1, (uint16_t)(int16_t)v); e->b->len += 3; }
+    else if (v >= INT32_MIN) { p[0] = 0xd2; w32(p + 1, (uint32_t)(int32_t)v); e->b->len += 5; }
+    else { p[0] = 0xd3; w64(p + 1, (uint64_t)v); e->b->len += 9; }
+  }
+  return 0;
+}
+
+static int put_float(struct enc *e, double d) {
+  uint64_t u;
+  ROOM(e, 9);
+  memcpy(&u, &d, 8);
+  wp(e)[0] = 0xcb;
+  w64(wp(e) + 1, u);
+  e->b->len += 9;
+  return 0;
+}
+
+/* Strict UTF-8 (no overlongs, no surrogates, nothing above U+10FFFF), as
+ * Python's msgpack expects of str. */
+static int utf8_valid(const unsigned char *s, size_t n) {
+  size_t i = 0;
+  while (i < n) {
+    unsigned c;
+    if (i + 8 <= n) {
+      uint64_t w;
+      memcpy(&w, s + i, 8);
+      if ((w & 0x8080808080808080ULL) == 0) {
+        i += 8;
+        continue;
+      }
+    }
+    c = s[i];
+    if (c < 0x80) {
+      i++;
+    } else if (c < 0xc2) {
+      return 0;
+    } else if (c < 0xe0) {
+      if (i + 1 >= n || (s[i + 1] & 0xc0) != 0x80) return 0;
+      i += 2;
+    } else if (c < 0xf0) {
+      if (i + 2 >= n || (s[i + 1] & 0xc0) != 0x80 ||
+          (s[i + 2] & 0xc0) != 0x80)
+        return 0;
+      if (c == 0xe0 && s[i + 1] < 0xa0) return 0;
+      if (c == 0xed && s[i + 1] >= 0xa0) return 0;
+      i += 3;
+    } else if (c < 0xf5) {
+      if (i + 3 >= n || (s[i + 1] & 0xc0) != 0x80 ||
+          (s[i + 2] & 0xc0) != 0x80 || (s[i + 3] & 0xc0) != 0x80)
+        return 0;
+      if (c == 0xf0 && s[i + 1] < 0x90) return 0;
+      if (c == 0xf4 && s[i + 1] >= 0x90) return 0;
+      i += 4;
+    } else {
+      return 0;
+    }
+  }
+  return 1;
+}
+
+/* str when text is valid UTF-8, bin otherwise. */
+static int put_string(struct enc *e, const char *s, size_t n, int force_str) {
+  unsigned char *p;
+  int str;
+  if (n < 32) {   /* short ASCII (most keys and words): inline */
+    unsigned acc = 0;
+    for (size_t i = 0; i < n; i++) acc |= (unsigned char)s[i];
+    if (acc < 0x80) {
+      ROOM(e, 32);
+      p = wp(e);
+      p[0] = (unsigned char)(0xa0 | n);
+      memcpy(p + 1, s, n);
+      e->b->len += n + 1;
+      return 0;
+    }
+  }
+  str = force_str || utf8_valid((const unsigned char *)s, n);
+  if (n > 0xffffffffu) return fail(e, "string of %zu bytes is too long", n);
+  ROOM(e, n + 5);
+  p = wp(e);
+  if (str) {
+    if (n < 32) { p[0] = (unsigned char)(0xa0 | n); e->b->len += 1; }
+    else if (n <= 0xff) { p[0] = 0xd9; p[1] = (unsigned char)n; e->b->len += 2; }
+    else if (n <= 0xffff) { p[0] = 0xda; w16(p + 1, (unsigned)n); e->b->len += 3; }
+    else { p[0] = 0xdb; w32(p + 1, (uint32_t)n); e->b->len += 5; }
+  } else {
+    if (n <= 0xff) { p[0] = 0xc4; p[1] = (unsigned char)n; e->b->len += 2; }
+    else if (n <= 0xffff) { p[0] = 0xc5; w16(p + 1, (unsigned)n); e->b->len += 3; }
+    else { p[0] = 0xc6; w32(p + 1, (uint32_t)n); e->b->len += 5; }
+  }
+  memcpy(wp(e), s, n);
+  e->b->len += n;
+  return 0;
+}
+
+static int put_array_header(struct enc *e, lua_Unsigned n) {
+  unsigned char *p;
+  if (n > 0xffffffffu) return fail(e, "table with %llu items is too long",
+                                   (unsigned long long)n);
+  ROOM(e, 5);
+  p = wp(e);
+  if (n < 16) { p[0] = (unsigned char)(0x90 | n); e->b->len += 1; }
+  else if (n <= 0xffff) { p[0] = 0xdc; w16(p + 1, (unsigned)n); e->b->len += 3; }
+  else { p[0] = 0xdd; w32(p + 1, (uint32_t)n); e->b->len += 5; }
+  return 0;
+}
+
+/* ext32 header whose length is patched by end_ext(); returns its offset. */
+static int begin_ext(struct enc *e, int type, size_t *at) {
+  ROOM(e, 6);
+  *at = e->b->len;
+  wp(e)[0] = 0xc9;
+  wp(e)[5] = (unsigned char)(int8_t)type;
+  e->b->len += 6;
+  return 0;
+}
+
+static int end_ext(struct enc *e, size_t at) {
+  size_t n = e->b->len - at - 6;
+  if (n > 0xffffffffu) return fail(e, "object too big for one message");
+  w32(e->b->buf + at + 1, (uint32_t)n);
+  return 0;
+}
+
+/* Smallest ext header for a payload of n bytes, then the payload. */
+static int put_ext(struct enc *e, int type, const void *data, size_t n) {
+  unsigned char *p;
+  if (n > 0xffffffffu) return fail(e, "ext payload too big");
+  ROOM(e, n + 6);
+  p = wp(e);
+  switch (n) {
+    case 1: p[0] = 0xd4; p[1] = (unsigned char)(int8_t)type; e->b->len += 2; break;
+    case 2: p[0] = 0xd5; p[1] = (unsigned char)(int8_t)type; e->b->len += 2; break;
+    case 4: p[0] = 0xd6; p[1] = (unsigned char)(int8_t)type; e->b->len += 2; break;
+    case 8: p[0] = 0xd7; p[1] = (unsigned char)(int8_t)type; e->b->len += 2; break;
+    case 16: p[0] = 0xd8; p[1] = (unsigned char)(int8_t)type; e->b->len += 2; break;
+    default:
+      if (n <= 0xff) {
+        p[0] = 0xc7; p[1] = (unsigned char)n; p[2] = (unsigned char)(int8_t)type;
+        e->b->len += 3;
+      } else if (n <= 0xffff) {
+        p[0] = 0xc8; w16(p + 1, (unsigned)n); p[3] = (unsigned char)(int8_t)type;
+        e->b->len += 4;
+      } else {
+        p[0] = 0xc9; w32(p + 1, (uint32_t)n); p[5] = (unsigned char)(int8_t)type;
+        e->b->len += 6;
+      }
+  }
+  memcpy(wp(e), data, n);
+  e->b->len += n;
+  return 0;
+}
+
+static int put_ref(struct enc *e, uint32_t id) {
+  unsigned char v[4];
+  w32(v, id);
+  return put_ext(e, EXT_REF, v, 4);
+}
+
+/* Identity.  Returns 1 when p was already in this message (a REF is
+ * written), 0 when p is new (registered; in pass 2 a shared object gets a
+ * DEF header, *def set to its offset, else SIZE_MAX), -1 on failure. */
+static int enter_object(struct enc *e, const void *p, size_t *def) {
+  struct encbox *b = e->b;
+  uint32_t o, s;
+  *def = SIZE_MAX;
+  if (!track_refs) return 0;
+  o = map_find(b, p);
+  if (o) {
+    o--;
+    if (e->pass == 1) {
+      if (!(b->info[o] & SHARED_BIT)) {
+        b->info[o] |= SHARED_BIT;
+        e->nshared++;
+      }
+      return put_ref(e, 0) < 0 ? -1 : 1;
+    }
+    if ((b->info[o] & DEFID_MASK) == 0)
+      return fail(e, "the value changed while it was being encoded");
+    return put_ref(e, (b->info[o] & DEFID_MASK) - 1) < 0 ? -1 : 1;
+  }
+  if ((b->hcount + 1) * 2 > b->hcap && map_grow(b) < 0) goto oom;
+  if (b->norder == b->ocap) {
+    uint32_t ncap = b->ocap ? b->ocap * 2 : 64;
+    const void **no = realloc(b->order, ncap * sizeof *no);
+    uint32_t *ni;
+    if (no == NULL) goto oom;
+    b->order = no;
+    ni = realloc(b->info, ncap * sizeof *ni);
+    if (ni == NULL) goto oom;
+    b->info = ni;
+    b->ocap = ncap;
+  }
+  o = b->norder++;
+  s = map_slot(b, p);
+  b->keys[s] = p;
+  b->vals[s] = o + 1;
+  b->hcount++;
+  b->order[o] = p;
+  if (e->pass == 1) {
+    b->info[o] = 0;
+  } else if (b->info[o] & SHARED_BIT) {
+    b->info[o] = SHARED_BIT | ++e->ndefs;
+    if (begin_ext(e, EXT_DEF, def) < 0) return -1;
+  }
+  return 0;
+oom:
+  e->oom = 1;
+  return fail(e, "not enough memory");
+}
+
+static int leave_object(struct enc *e, size_t def) {
+  return def == SIZE_MAX ? 0 : end_ext(e, def);
+}
+
+/* Where the encoder can roll back to (a table that turned out not to be
+ * a sequence after all). */
+struct mark { size_t len; uint32_t norder, ndefs; };
+
+static struct mark mark_here(const struct enc *e) {
+  struct mark m = {e->b->len, e->b->norder, e->ndefs};
+  return m;
+}
+
+static void roll_back(struct enc *e, struct mark m) {
+  struct encbox *b = e->b;
+  if (e->pass == 2)
+    for (uint32_t o = m.norder; o < b->norder; o++) b->info[o] &= SHARED_BIT;
+  map_truncate(b, m.norder);
+  e->b->len = m.len;
+  e->ndefs = m.ndefs;
+}
+
+static int enc_value(struct enc *e, int idx);
+static inline int enc_typed(struct enc *e, int idx, int t);
+
+/* ---- names of modules and their functions --------------------------- */
+
+/* Fills the name cache (on the stack top) from package.loaded: module
+ * tables by module name, the functions in them by module and field.  _G
+ * contributes only its C functions: a Lua function stored in a global is
+ * user code and travels as bytecode. */
+static void build_names(lua_State *L, int cache) {
+  int loaded;
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  loaded = lua_gettop(L);
+  for (int round = 0; round < 2; round++) {  /* _G last, filling gaps */
+    lua_pushnil(L);
+    while (lua_next(L, loaded)) {
+      int is_g = lua_type(L, -2) == LUA_TSTRING &&
+                 strcmp(lua_tostring(L, -2), "_G") == 0;
+      if (lua_type(L, -2) == LUA_TSTRING && lua_istable(L, -1) &&
+          is_g == round) {
+        int mod = lua_gettop(L);
+        if (!is_g) {
+          lua_pushvalue(L, mod);
+          if (lua_rawget(L, cache) == LUA_TNIL) {
+            lua_pushvalue(L, mod);
+            lua_createtable(L, 1, 0);
+            lua_pushvalue(L, mod - 1);
+            lua_rawseti(L, -2, 1);
+            lua_rawset(L, cache);
+          }
+          lua_pop(L, 1);
+        }
+        lua_pushnil(L);
+        while (lua_next(L, mod)) {
+          if (lua_type(L, -2) == LUA_TSTRING && lua_isfunction(L, -1) &&
+              (!is_g || lua_iscfunction(L, -1))) {
+            lua_pushvalue(L, -1);
+            if (lua_rawget(L, cache) == LUA_TNIL) {
+              lua_pushvalue(L, -2);
+              lua_createtable(L, 2, 0);
+              lua_pushvalue(L, mod - 1);
+              lua_rawseti(L, -2, 1);
+              lua_pushvalue(L, -5);
+              lua_rawseti(L, -2, 2);
+              lua_rawset(L, cache);
+            }
+            lua_pop(L, 1);
+          }
+          lua_pop(L, 1);
+        }
+      }
+      lua_pop(L, 1);
+    }
+  }
+  lua_pop(L, 1);
+}
+
+/* Counts package.loaded's entries: the cache is rebuilt when it changed. */
+static lua_Integer count_loaded(lua_State *L) {
+  lua_Integer n = 0;
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushnil(L);
+  while (lua_next(L, -2)) {
+    lua_pop(L, 1);
+    n++;
+  }
+  lua_pop(L, 1);
+  return n;
+}
+
+/* Makes sure the name cache is current (checked once per encode): it is
+ * rebuilt when package.loaded has changed size. */
+static int need_names(struct enc *e) {
+  lua_State *L = e->L;
+  lua_Integer n;
+  int fresh;
+  if (e->names_checked) return 0;
+  if (!lua_checkstack(L, 20)) return fail(e, "Lua stack overflow");
+  n = count_loaded(L);
+  fresh = 0;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &names_key) == LUA_TTABLE) {
+    lua_rawgetp(L, -1, &names_key);
+    fresh = lua_isinteger(L, -1) && lua_tointeger(L, -1) == n;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  if (!fresh) {
+    lua_newtable(L);
+    build_names(L, lua_gettop(L));
+    lua_pushinteger(L, n);
+    lua_rawsetp(L, -2, &names_key);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &names_key);
+  }
+  e->names_checked = 1;
+  return 0;
+}
+
+/* Writes a NAMED ext when the value at idx is a loaded module or one of
+ * its functions: returns 1 if written, 0 if it has no name, -1 on error. */
+static int put_named(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  size_t at, n;
+  const char *s;
+  int r = -1;
+  if (need_names(e) < 0) return -1;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &names_key);
+  lua_pushvalue(L, idx);
+  if (lua_rawget(L, -2) != LUA_TTABLE) {
+    lua_pop(L, 2);
+    return 0;
+  }
+  lua_rawgeti(L, -1, 1);
+  lua_rawgeti(L, -2, 2);
+  if (begin_ext(e, EXT_NAMED, &at) < 0) goto done;
+  s = lua_tolstring(L, -2, &n);
+  if (put_string(e, s, n, 1) < 0) goto done;
+  if (lua_isnil(L, -1)) {
+    if (e->b->cap - e->b->len < 1 && grow(e, 1) < 0) goto done;
+    wp(e)[0] = 0xc0;
+    e->b->len++;
+  } else {
+    s = lua_tolstring(L, -1, &n);
+    if (put_string(e, s, n, 1) < 0) goto done;
+  }
+  r = end_ext(e, at) < 0 ? -1 : 1;
+done:
+  lua_pop(L, 4);
+  return r;
+}
+
+/* ---- tables ------------------------------------------------------------ */
+
+/* A table whose keys are exactly 1..n comes out of lua_next in order when
+ * it lives in the array part -- the common case -- so it is written in
+ * one pass.  Returns 1 written, 0 not in that shape (rolled back). */
+static int enc_sequence_fast(struct enc *e, int idx, lua_Unsigned n) {
+  lua_State *L = e->L;
+  struct mark m = mark_here(e);
+  lua_Unsigned expect = 1;
+  int key = lua_gettop(L) + 1, val = key + 1;
+  if (put_array_header(e, n) < 0) return -1;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (!lua_isinteger(L, key) || (lua_Unsigned)lua_tointeger(L, key) != expect ||
+        expect > n) {
+      lua_settop(L, key - 1);
+      roll_back(e, m);
+      return 0;
+    }
+    if (enc_typed(e, val, lua_type(L, val)) < 0) {
+      path_key(e, key);
+      lua_settop(L, key - 1);
+      return -1;
+    }
+    lua_settop(L, key);
+    expect++;
+  }
+  if (expect - 1 != n) {
+    roll_back(e, m);
+    return 0;
+  }
+  return 1;
+}
+
+/* The pairs of a map, in one pass: the header is written as map16 and
+ * fixed up once the count is known (moved for fewer than 16 pairs or more
+ * than 65535), so tables are traversed once. */
+static int enc_map(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  size_t at, body;
+  lua_Unsigned count = 0;
+  int key = lua_gettop(L) + 1, val = key + 1;
+  ROOM(e, 3);
+  at = e->b->len;
+  e->b->len += 3;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    if (enc_typed(e, key, lua_type(L, key)) < 0) {
+      path_key(e, key);
+      path_step(e, "(key)");
+      lua_settop(L, key - 1);
+      return -1;
+    }
+    if (enc_typed(e, val, lua_type(L, val)) < 0) {
+      path_key(e, key);
+      lua_settop(L, key - 1);
+      return -1;
+    }
+    lua_settop(L, key);
+    count++;
+  }
+  body = e->b->len - at - 3;
+  if (count < 16) {
+    unsigned char *p = e->b->buf + at;
+    if (count == 0) {
+      p[0] = 0x90;   /* the empty table is an empty array */
+    } else {
+      p[0] = (unsigned char)(0x80 | count);
+      memmove(p + 1, p + 3, body);
+    }
+    e->b->len -= 2;
+  } else if (count <= 0xffff) {
+    e->b->buf[at] = 0xde;
+    w16(e->b->buf + at + 1, (unsigned)count);
+  } else {
+    unsigned char *p;
+    if (count > 0xffffffffu) return fail(e, "table with too many keys");
+    ROOM(e, 2);
+    p = e->b->buf + at;
+    memmove(p + 5, p + 3, body);
+    p[0] = 0xdf;
+    w32(p + 1, (uint32_t)count);
+    e->b->len += 2;
+  }
+  return 0;
+}
+
+/* A table that is not a sequence in array order: a sequence in another
+ * order (keys 1..n in the hash part) or a map. */
+static int enc_table_general(struct enc *e, int idx, lua_Unsigned n) {
+  lua_State *L = e->L;
+  lua_Unsigned count = 0;
+  int seq = 1;
+  lua_pushnil(L);
+  while (seq && lua_next(L, idx)) {
+    lua_Integer k;
+    lua_pop(L, 1);
+    count++;
+    if (!lua_isinteger(L, -1) || (k = lua_tointeger(L, -1)) < 1 ||
+        (lua_Unsigned)k > n) {
+      seq = 0;
+      lua_pop(L, 1);
+    }
+  }
+  if (!seq || count != n) return enc_map(e, idx);
+  if (put_array_header(e, n) < 0) return -1;
+  for (lua_Unsigned i = 1; i <= n; i++) {
+    int t = lua_rawgeti(L, idx, (lua_Integer)i);
+    if (enc_typed(e, lua_gettop(L), t) < 0) {
+      char step[32];
+      snprintf(step, sizeof step, "[%llu]", (unsigned long long)i);
+      path_step(e, step);
+      lua_pop(L, 1);
+      return -1;
+    }
+    lua_pop(L, 1);
+  }
+  return 0;
+}
+
+static int enc_table_body(struct enc *e, int idx) {
+  lua_Unsigned n = lua_rawlen(e->L, idx);
+  int r;
+  if (n == 0) return enc_map(e, idx);
+  r = enc_sequence_fast(e, idx, n);
+  if (r != 0) return r < 0 ? -1 : 0;
+  return enc_table_general(e, idx, n);
+}
+
+/* Calls f(v) with v at idx under pcall; leaves 1 result. */
+static int call_hook(struct enc *e, int fidx, int idx, const char *what) {
+  lua_State *L = e->L;
+  lua_pushvalue(L, fidx);
+  lua_pushvalue(L, idx);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    fail(e, "%s failed: %s", what,
+         lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "(error object)");
+    lua_pop(L, 1);
+    return -1;
+  }
+  return 0;
+}
+
+/* A table with a metatable: Ext objects, registered classes; others lose
+ * their metatable (documented).  Returns 1 when handled. */
+static int enc_with_metatable(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  int mt;
+  if (!lua_getmetatable(L, idx)) return 0;
+  mt = lua_gettop(L);
+  luaL_getmetatable(L, EXT_MT);
+  if (lua_rawequal(L, -1, mt)) {
+    size_t n;
+    const char *data;
+    lua_Integer type;
+    lua_pop(L, 2);
+    lua_getfield(L, idx, "exttype");
+    lua_getfield(L, idx, "data");
+    type = lua_tointeger(L, -2);
+    data = lua_tolstring(L, -1, &n);
+    if (!lua_isinteger(L, -2) || type < -128 || type > 127 || data == NULL) {
+      lua_pop(L, 2);
+      return fail(e, "Ext object needs integer exttype in -128..127 and "
+                     "string data");
+    }
+    if (put_ext(e, (int)type, data, n) < 0) {
+      lua_pop(L, 2);
+      return -1;
+    }
+    lua_pop(L, 2);
+    return 1;
+  }
+  lua_pop(L, 1);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &classes_key);
+  lua_pushvalue(L, mt);
+  if (lua_rawget(L, -2) != LUA_TSTRING) {
+    lua_pop(L, 3);
+    return 0;
+  }
+  {
+    size_t at, n;
+    const char *name = lua_tolstring(L, -1, &n);
+    int r;
+    if (begin_ext(e, EXT_CLASS, &at) < 0 || put_string(e, name, n, 1) < 0) {
+      lua_pop(L, 3);
+      return -1;
+    }
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &classdefs_key);
+    lua_pushvalue(L, -2);
+    lua_rawget(L, -2);
+    lua_getfield(L, -1, "reduce");
+    if (lua_isfunction(L, -1)) {
+      if (call_hook(e, lua_gettop(L), idx, "class reducer") < 0) {
+        lua_pop(L, 6);
+        return -1;
+      }
+      e->depth++;
+      r = enc_value(e, lua_gettop(L));
+      e->depth--;
+      lua_pop(L, 1);
+    } else {
+      r = enc_table_body(e, idx);
+    }
+    lua_pop(L, 6);
+    if (r < 0 || end_ext(e, at) < 0) return -1;
+  }
+  return 1;
+}
+
+static int enc_table(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  const void *p = lua_topointer(L, idx);
+  size_t def;
+  int r;
+  if (p == e->globals) return put_ext(e, EXT_GLOBALS, "", 1);
+  if (e->depth >= max_depth)
+    return fail(e, "nesting deeper than %d levels", max_depth);
+  if (!lua_checkstack(L, 8)) return fail(e, "Lua stack overflow");
+  r = enter_object(e, p, &def);
+  if (r != 0) return r < 0 ? -1 : 0;
+  e->depth++;
+  r = enc_with_metatable(e, idx);
+  if (r == 0) r = enc_table_body(e, idx);
+  e->depth--;
+  if (r < 0) return -1;
+  return leave_object(e, def);
+}
+
+/* ---- functions ------------------------------------------------------------ */
+
+static int dump_writer(lua_State *L, const void *p, size_t n, void *ud) {
+  struct enc *e = ud;
+  (void)L;
+  if (e->b->cap - e->b->len < n && grow(e, n) < 0) return 1;
+  memcpy(wp(e), p, n);
+  e->b->len += n;
+  return 0;
+}
+
+static void upvalue_step(struct enc *e, int fidx, const char *name) {
+  lua_State *L = e->L;
+  lua_Debug ar;
+  char step[200];
+  lua_pushvalue(L, fidx);
+  lua_getinfo(L, ">S", &ar);
+  snprintf(step, sizeof step, "{upvalue '%s' of function at %s:%d}",
+           name && *name ? name : "?", ar.short_src, ar.linedefined);
+  path_step(e, step);
+}
+
+static int enc_function(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  size_t def, at, bin;
+  lua_Debug ar;
+  int r;
+  r = put_named(e, idx);
+  if (r != 0) return r < 0 ? -1 : 0;
+  if (lua_iscfunction(L, idx))
+    return fail(e, "cannot encode a C function that is not a field of a "
+                   "loaded module");
+  if (e->depth >= max_depth)
+    return fail(e, "nesting deeper than %d levels", max_depth);
+  if (!lua_checkstack(L, 8)) return fail(e, "Lua stack overflow");
+  r = enter_object(e, lua_topointer(L, idx), &def);
+  if (r != 0) return r < 0 ? -1 : 0;
+  if (begin_ext(e, EXT_FUNC, &at) < 0) return -1;
+  /* bytecode as bin32, length patched after the dump */
+  ROOM(e, 5);
+  bin = e->b->len;
+  wp(e)[0] = 0xc6;
+  e->b->len += 5;
+  lua_pushvalue(L, idx);
+  r = lua_dump(L, dump_writer, e, 0);
+  lua_pop(L, 1);
+  if (r != 0) return e->oom ? -1 : fail(e, "cannot dump function");
+  if (e->b->len - bin - 5 > 0xffffffffu) return fail(e, "function too big");
+  w32(e->b->buf + bin + 1, (uint32_t)(e->b->len - bin - 5));
+  lua_pushvalue(L, idx);
+  lua_getinfo(L, ">u", &ar);
+  if (put_int(e, ar.nups) < 0) return -1;
+  e->depth++;
+  for (int i = 1; i <= ar.nups; i++) {
+    const char *name = lua_getupvalue(L, idx, i);
+    int v = lua_gettop(L);
+    r = 0;
+    /* a module held in an upvalue (local cjson = require "cjson") goes by
+     * name; other tables are copied */
+    if (lua_istable(L, v) && lua_topointer(L, v) != e->globals)
+      r = put_named(e, v);
+    if (r == 0) r = enc_value(e, v);
+    if (r < 0) {
+      upvalue_step(e, idx, name);
+      lua_pop(L, 1);
+      e->depth--;
+      return -1;
+    }
+    lua_pop(L, 1);
+  }
+  e->depth--;
+  if (end_ext(e, at) < 0) return -1;
+  return leave_object(e, def);
+}
+
+/* ---- userdata --------------------------------------------------------------- */
+
+static int handle_encode_call(lua_State *L) {
+  const struct luamp_handle_ops *ops = lua_touserdata(L, 2);
+  lua_settop(L, 1);
+  ops->encode(L, 1);
+  return 1;
+}
+
+static int enc_userdata(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  const struct luamp_handle_ops *ops = NULL;
+  const char *tname = NULL;
+  if (luaL_getmetafield(L, idx, "__name") == LUA_TSTRING) {
+    tname = lua_tostring(L, -1);
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &handles_key);
+    lua_pushvalue(L, -2);
+    lua_rawget(L, -2);
+    ops = lua_touserdata(L, -1);
+    lua_pop(L, 2);
+  } else {
+    lua_pushnil(L);
+  }
+  if (ops == NULL) {
+    fail(e, "cannot encode a userdata (%s)", tname ? tname : "no type name");
+    lua_pop(L, 1);
+    return -1;
+  }
+  {
+    size_t at, n;
+    const char *data;
+    int r;
+    lua_pushcfunction(L, handle_encode_call);
+    lua_pushvalue(L, idx);
+    lua_pushlightuserdata(L, (void *)ops);
+    if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+      if (lua_type(L, -1) == LUA_TTABLE) lua_getfield(L, -1, "message");
+      else lua_pushvalue(L, -1);
+      fail(e, "cannot encode %s: %s", tname,
+           lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error object)");
+      lua_pop(L, 3);
+      return -1;
+    }
+    data = lua_tolstring(L, -1, &n);
+    r = begin_ext(e, EXT_HANDLE, &at) < 0 ||
+        put_string(e, tname, strlen(tname), 1) < 0 ||
+        put_string(e, data ? data : "", data ? n : 0, 0) < 0 ||
+        end_ext(e, at) < 0;
+    lua_pop(L, 2);
+    return r ? -1 : 0;
+  }
+}
+
+/* ---- dispatch ------------------------------------------------------------------ */
+
+static int enc_object(struct enc *e, int idx, int t) {
+  switch (t) {
+    case LUA_TTABLE: return enc_table(e, idx);
+    case LUA_TFUNCTION: return enc_function(e, idx);
+    case LUA_TUSERDATA: return enc_userdata(e, idx);
+    case LUA_TLIGHTUSERDATA: return fail(e, "cannot encode a light userdata");
+    default: return fail(e, "cannot encode a %s", lua_typename(e->L, t));
+  }
+}
+
+/* The value at idx, whose type is t; scalars are written inline. */
+static inline int enc_typed(struct enc *e, int idx, int t) {
+  lua_State *L = e->L;
+  switch (t) {
+    case LUA_TNUMBER:
+      if (lua_isinteger(L, idx)) return put_int(e, lua_tointeger(L, idx));
+      return put_float(e, lua_tonumber(L, idx));
+    case LUA_TSTRING: {
+      size_t n;
+      const char *s = lua_tolstring(L, idx, &n);
+      return put_string(e, s, n, 0);
+    }
+    case LUA_TBOOLEAN:
+    case LUA_TNIL:
+      ROOM(e, 1);
+      wp(e)[0] = t == LUA_TNIL ? 0xc0 : lua_toboolean(L, idx) ? 0xc3 : 0xc2;
+      e->b->len++;
+      return 0;
+    default:
+      return enc_object(e, idx, t);
+  }
+}
+
+static int enc_value(struct enc *e, int idx) {
+  return enc_typed(e, idx, lua_type(e->L, idx));
+}
+
+static struct encbox *get_box(lua_State *L) {
+  struct encbox *b;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &box_key);
+  b = lua_touserdata(L, -1);
+  if (b == NULL) {
+    lua_pop(L, 1);
+    b = new_encbox(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &box_key);
+  }
+  if (b->busy) {
+    /* an encode inside an encode (a class reducer sending something) */
+    lua_pop(L, 1);
+    b = new_encbox(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &nested_key);
+  }
+  return b;
+}
+
+/* Keeps a big buffer from one huge message from staying forever. */
+static void trim_box(struct encbox *b) {
+  if (b->cap > ((size_t)4 << 20)) {
+    free(b->buf);
+    b->buf = NULL;
+    b->cap = 0;
+  }
+  if (b->hcap > 4096) {
+    free(b->keys);
+    free(b->vals);
+    b->keys = NULL;
+    b->vals = NULL;
+    b->hcap = 0;
+  }
+}
+
+char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
+                   const char *root) {
+  struct enc e;
+  int top, r;
+  idx = lua_absindex(L, idx);
+  e.L = L;
+  e.depth = 0;
+  e.nshared = 0;
+  e.ndefs = 0;
+  e.names_checked = 0;
+  e.oom = 0;
+  e.msg[0] = e.path[0] = '\0';
+  e.pathlen = 0;
+  luaL_checkstack(L, 8, "no room to encode");
+  top = lua_gettop(L);
+  e.b = get_box(L);
+  e.b->busy = 1;
+  trim_box(e.b);
+  if (e.b->globals == NULL) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    e.b->globals = lua_topointer(L, -1);
+    lua_pop(L, 1);
+  }
+  e.globals = e.b->globals;
+  e.pass = 1;
+  for (;;) {
+    e.b->len = 0;
+    r = e.b->cap < reserve + 64 ? grow(&e, reserve + 64) : 0;
+    if (r == 0) {
+      e.b->len = reserve;
+      r = enc_value(&e, idx);
+    }
+    map_truncate(e.b, 0);
+    if (r < 0 || e.pass == 2 || e.nshared == 0) break;
+    e.pass = 2;   /* objects repeat: once more with DEF/REF */
+  }
+  lua_settop(L, top);
+  e.b->busy = 0;
+  if (r < 0) {
+    luamp_raise(L, "EncodeError", "%s at %s%s", e.msg, root ? root : "value",
+                e.path);
+  }
+  *len = e.b->len - reserve;
+  return (char *)e.b->buf;
+}
+
+/* ======================================================================
+ * Decoder
+ * ====================================================================== */
+
+struct dec {
+  lua_State *L;
+  const unsigned char *start, *p, *end;
+  int depth, maxdepth, flags;
+  int refs;            /* stack slot of the DEF table (nil until needed) */
+  uint32_t nslots;     /* DEFs seen so far */
+  uint32_t pending;    /* DEF slot for the next table or function made */
+};
+
+static void dec_fail(struct dec *d, const char *what) LUAMP_NORETURN;
+static void dec_fail(struct dec *d, const char *what) {
+  luamp_raise(d->L, "DecodeError", "%s at byte %d", what,
+              (int)(d->p - d->start));
+  __builtin_unreachable();
+}
+
+#define NEED(d, n) \
+  do { \
+    if ((size_t)((d)->end - (d)->p) < (size_t)(n)) \
+      dec_fail((d), "truncated input"); \
+  } while (0)
+
+static inline uint32_t r16(const unsigned char *p) {
+  return (uint32_t)p[0] << 8 | p[1];
+}
+static inline uint32_t r32(const unsigned char *p) {
+  return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+static inline uint64_t r64(const unsigned char *p) {
+  return (uint64_t)r32(p) << 32 | r32(p + 4);
+}
+
+static void dec_value(struct dec *d);
+
+/* A freshly made table or function on top takes the pending DEF slot. */
+static void take_slot(struct dec *d) {
+  if (d->pending) {
+    lua_pushvalue(d->L, -1);
+    lua_rawseti(d->L, d->refs, d->pending);
+    d->pending = 0;
+  }
+}
+
+static void enter(struct dec *d) {
+  if (++d->depth > d->maxdepth) dec_fail(d, "nesting too deep");
+  if (!lua_checkstack(d->L, 4)) dec_fail(d, "nesting too deep for the Lua stack");
+}
+
+static void dec_array(struct dec *d, uint32_t n) {
+  lua_State *L = d->L;
+  if (n > (size_t)(d->end - d->p)) dec_fail(d, "array longer than the input");
+  enter(d);
+  lua_createtable(L, (int)n, 0);
+  take_slot(d);
+  for (uint32_t i = 1; i <= n; i++) {
+    /* numbers inline: bulk arrays are mostly numbers */
+    const unsigned char *p = d->p;
+    if (p < d->end && *p <= 0x7f) {
+      lua_pushinteger(L, *p);
+      d->p++;
+    } else if (p + 9 <= d->end && *p == 0xcb) {
+      uint64_t u = r64(p + 1);
+      double f;
+      memcpy(&f, &u, 8);
+      lua_pushnumber(L, f);
+      d->p += 9;
+    } else {
+      dec_value(d);
+    }
+    lua_rawseti(L, -2, i);
+  }
+  d->depth--;
+}
+
+static void dec_map(struct dec *d, uint32_t n) {
+  lua_State *L = d->L;
+  if (n > (size_t)(d->end - d->p) / 2) dec_fail(d, "map longer than the input");
+  enter(d);
+  lua_createtable(L, 0, (int)n);
+  take_slot(d);
+  for (uint32_t i = 0; i < n; i++) {
+    const unsigned char *keypos = d->p;
+    if (keypos < d->end && (*keypos & 0xe0) == 0xa0 &&
+        (size_t)(d->end - keypos) > (size_t)(*keypos & 0x1f)) {
+      /* short string key: no nil/NaN check needed */
+      lua_pushlstring(L, (const char *)keypos + 1, *keypos & 0x1f);
+      d->p += 1 + (*keypos & 0x1f);
+    } else {
+      dec_value(d);
+      if (lua_isnil(L, -1) ||
+          (lua_type(L, -1) == LUA_TNUMBER && isnan(lua_tonumber(L, -1)))) {
+        d->p = keypos;
+        dec_fail(d, lua_isnil(L, -1) ? "nil map key" : "NaN map key");
+      }
+    }
+    dec_value(d);
+    lua_rawset(L, -3);
+  }
+  d->depth--;
+}
+
+static void dec_string(struct dec *d, size_t n) {
+  NEED(d, n);
+  lua_pushlstring(d->L, (const char *)d->p, n);
+  d->p += n;
+}
+
+/* Reads a str or bin header inside an ext payload; returns its bytes. */
+static const unsigned char *dec_bytes(struct dec *d, size_t *n) {
+  const unsigned char *s;
+  unsigned c;
+  NEED(d, 1);
+  c = *d->p++;
+  if (c >= 0xa0 && c <= 0xbf) *n = c & 0x1f;
+  else if (c == 0xd9 || c == 0xc4) { NEED(d, 1); *n = *d->p++; }
+  else if (c == 0xda || c == 0xc5) { NEED(d, 2); *n = r16(d->p); d->p += 2; }
+  else if (c == 0xdb || c == 0xc6) { NEED(d, 4); *n = r32(d->p); d->p += 4; }
+  else { d->p--; dec_fail(d, "malformed ext payload (expected bytes)"); }
+  NEED(d, *n);
+  s = d->p;
+  d->p += *n;
+  return s;
+}
+
+struct bcreader { const unsigned char *p; size_t n; };
+
+static const char *bc_read(lua_State *L, void *ud, size_t *size) {
+  struct bcreader *r = ud;
+  (void)L;
+  *size = r->n;
+  r->n = 0;
+  return *size ? (const char *)r->p : NULL;
+}
+
+static void dec_function(struct dec *d) {
+  lua_State *L = d->L;
+  struct bcreader rd;
+  lua_Debug ar;
+  lua_Integer nups;
+  int f;
+  rd.p = dec_bytes(d, &rd.n);
+  enter(d);
+  if (lua_load(L, bc_read, &rd, "=(luamp function)", "b") != LUA_OK) {
+    lua_pop(L, 1);
+    dec_fail(d, "malformed function bytecode");
+  }
+  f = lua_gettop(L);
+  take_slot(d);
+  dec_value(d);
+  if (!lua_isinteger(L, -1)) dec_fail(d, "malformed function (upvalue count)");
+  nups = lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  lua_pushvalue(L, f);
+  lua_getinfo(L, ">u", &ar);
+  if (nups != ar.nups) dec_fail(d, "malformed function (upvalue count)");
+  for (int i = 1; i <= ar.nups; i++) {
+    dec_value(d);
+    if (lua_setupvalue(L, f, i) == NULL) lua_pop(L, 1);
+  }
+  d->depth--;
+}
+
+static void dec_named(struct dec *d) {
+  lua_State *L = d->L;
+  int top = lua_gettop(L);
+  dec_value(d);
+  dec_value(d);
+  if (lua_type(L, top + 1) != LUA_TSTRING ||
+      !(lua_isnil(L, top + 2) || lua_type(L, top + 2) == LUA_TSTRING))
+    dec_fail(d, "malformed name");
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_pushvalue(L, top + 1);
+  if (lua_rawget(L, -2) == LUA_TNIL) {
+    lua_pop(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushvalue(L, top + 1);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+      luamp_raise(L, "DecodeError", "cannot load module '%s': %s",
+                  lua_tostring(L, top + 1),
+                  lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error)");
+    }
+  }
+  if (!lua_isnil(L, top + 2)) {
+    if (!lua_istable(L, -1))
+      luamp_raise(L, "DecodeError", "module '%s' is not a table",
+                  lua_tostring(L, top + 1));
+    lua_pushvalue(L, top + 2);
+    lua_rawget(L, -2);
+    if (lua_isnil(L, -1))
+      luamp_raise(L, "DecodeError", "module '%s' has no field '%s'",
+                  lua_tostring(L, top + 1), lua_tostring(L, top + 2));
+  }
+  lua_replace(L, top + 1);
+  lua_settop(L, top + 1);
+}
+
+static void dec_handle(struct dec *d) {
+  lua_State *L = d->L;
+  const unsigned char *name, *data;
+  size_t nn, dn;
+  const struct luamp_handle_ops *ops;
+  name = dec_bytes(d, &nn);
+  data = dec_bytes(d, &dn);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &handles_key);
+  lua_pushlstring(L, (const char *)name, nn);
+  lua_rawget(L, -2);
+  ops = lua_touserdata(L, -1);
+  lua_pop(L, 2);
+  if (ops == NULL) dec_fail(d, "handle of an unknown type");
+  ops->decode(L, (const char *)data, dn);
+}
+
+static void dec_class(struct dec *d) {
+  lua_State *L = d->L;
+  size_t nn;
+  const unsigned char *name = dec_bytes(d, &nn);
+  int top = lua_gettop(L), def;
+  uint32_t slot = d->pending;
+  lua_pushlstring(L, (const char *)name, nn);           /* top + 1 */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &classdefs_key);
+  lua_pushvalue(L, top + 1);
+  if (lua_rawget(L, -2) != LUA_TTABLE)
+    luamp_raise(L, "DecodeError", "class '%s' is not registered here",
+                lua_tostring(L, top + 1));
+  def = lua_gettop(L);
+  dec_value(d);                         /* the state; may take the slot */
+  if (lua_getfield(L, def, "rebuild") == LUA_TFUNCTION) {
+    lua_insert(L, -2);
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK)
+      luamp_raise(L, "DecodeError", "rebuilding class '%s' failed: %s",
+                  lua_tostring(L, top + 1),
+                  lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error)");
+    if (slot) {
+      lua_pushvalue(L, -1);
+      lua_rawseti(L, d->refs, slot);
+      d->pending = 0;
+    }
+  } else {
+    lua_pop(L, 1);
+    if (!lua_istable(L, -1)) dec_fail(d, "malformed class state");
+    lua_getfield(L, def, "mt");
+    lua_setmetatable(L, -2);
+  }
+  lua_replace(L, top + 1);
+  lua_settop(L, top + 1);
+}
+
+static void push_ext_object(struct dec *d, int type, const unsigned char *p,
+                            size_t n) {
+  lua_State *L = d->L;
+  lua_createtable(L, 0, 4);
+  lua_pushinteger(L, type);
+  lua_setfield(L, -2, "exttype");
+  lua_pushlstring(L, (const char *)p, n);
+  lua_setfield(L, -2, "data");
+  if (type == EXT_TIMESTAMP) {
+    int64_t sec;
+    uint32_t nsec;
+    if (n == 4) {
+      sec = r32(p);
+      nsec = 0;
+    } else if (n == 8) {
+      uint64_t v = r64(p);
+      nsec = (uint32_t)(v >> 34);
+      sec = (int64_t)(v & 0x3ffffffffULL);
+    } else if (n == 12) {
+      nsec = r32(p);
+      sec = (int64_t)r64(p + 4);
+    } else {
+      dec_fail(d, "malformed timestamp");
+    }
+    if (nsec > 999999999u) dec_fail(d, "malformed timestamp");
+    lua_pushinteger(L, sec);
+    lua_setfield(L, -2, "seconds");
+    lua_pushinteger(L, nsec);
+    lua_setfield(L, -2, "nanoseconds");
+  }
+  luaL_setmetatable(L, EXT_MT);
+}
+
+static void refuse_untrusted(struct dec *d, const char *what) {
+  if (d->flags & LUAMP_DECODE_UNTRUSTED) {
+    char msg[96];
+    snprintf(msg, sizeof msg, "%s refused from an untrusted source", what);
+    dec_fail(d, msg);
+  }
+}
+
+static void dec_ext(struct dec *d, int type, size_t n) {
+  lua_State *L = d->L;
+  const unsigned char *payload, *saved_end = d->end;
+  NEED(d, n);
+  payload = d->p;
+  switch (type) {
+    case EXT_REF: {
+      uint32_t id;
+      if (n != 4) dec_fail(d, "malformed reference");
+      id = r32(payload);
+      if (id >= d->nslots) dec_fail(d, "reference to an unknown object");
+      d->p += 4;
+      lua_rawgeti(L, d->refs, (lua_Integer)id + 1);
+      return;
+    }
+    case EXT_DEF:
+      if (d->nslots == UINT32_MAX - 1) dec_fail(d, "too many objects");
+      if (lua_isnil(L, d->refs)) {
+        lua_newtable(L);
+        lua_replace(L, d->refs);
+      }
+      d->pending = ++d->nslots;
+      d->end = payload + n;
+      dec_value(d);
+      if (d->pending) {  /* not a table or function: register as is */
+        take_slot(d);
+      }
+      break;
+    case EXT_FUNC:
+      refuse_untrusted(d, "function");
+      d->end = payload + n;
+      dec_function(d);
+      break;
+    case EXT_GLOBALS:
+      refuse_untrusted(d, "globals table");
+      d->p += n;
+      lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+      return;
+    case EXT_NAMED:
+      refuse_untrusted(d, "module reference");
+      d->end = payload + n;
+      dec_named(d);
+      break;
+    case EXT_HANDLE:
+      refuse_untrusted(d, "runtime object handle");
+      d->end = payload + n;
+      dec_handle(d);
+      break;
+    case EXT_CLASS:
+      d->end = payload + n;
+      enter(d);
+      dec_class(d);
+      d->depth--;
+      break;
+    default:
+      d->p += n;
+      push_ext_object(d, type, payload, n);
+      return;
+  }
+  if (d->p != payload + n) dec_fail(d, "malformed ext payload (length)");
+  d->end = saved_end;
+}
+
+static void dec_value(struct dec *d) {
+  lua_State *L = d->L;
+  const unsigned char *p;
+  unsigned c;
+  NEED(d, 1);
+  c = *d->p++;
+  if (c <= 0x7f) { lua_pushinteger(L, c); return; }
+  if (c >= 0xe0) { lua_pushinteger(L, (int8_t)c); return; }
+  if (c >= 0xa0 && c <= 0xbf) { dec_string(d, c & 0x1f); return; }
+  if (c >= 0x90 && c <= 0x9f) { dec_array(d, c & 0x0f); return; }
+  if (c >= 0x80 && c <= 0x8f) { dec_map(d, c & 0x0f); return; }
+  p = d->p;
+  switch (c) {
+    case 0xc0: lua_pushnil(L); return;
+    case 0xc2: lua_pushboolean(L, 0); return;
+    case 0xc3: lua_pushboolean(L, 1); return;
+    case 0xc4: case 0xd9: NEED(d, 1); d->p += 1; dec_string(d, p[0]); return;
+    case 0xc5: case 0xda: NEED(d, 2); d->p += 2; dec_string(d, r16(p)); return;
+    case 0xc6: case 0xdb: NEED(d, 4); d->p += 4; dec_string(d, r32(p)); return;
+    case 0xc7: NEED(d, 2); d->p += 2; dec_ext(d, (int8_t)p[1], p[0]); return;
+    case 0xc8: NEED(d, 3); d->p += 3; dec_ext(d, (int8_t)p[2], r16(p)); return;
+    case 0xc9: NEED(d, 5); d->p += 5; dec_ext(d, (int8_t)p[4], r32(p)); return;
+    case 0xca: {
+      uint32_t u;
+      float f;
+      NEED(d, 4);
+      u = r32(p);
+      memcpy(&f, &u, 4);
+      d->p += 4;
+      lua_pushnumber(L, (lua_Number)f);
+      return;
+    }
+    case 0xcb: {
+      uint64_t u;
+      double f;
+      NEED(d, 8);
+      u = r64(p);
+      memcpy(&f, &u, 8);
+      d->p += 8;
+      lua_pushnumber(L, f);
+      return;
+    }
+    case 0xcc: NEED(d, 1); d->p += 1; lua_pushinteger(L, p[0]); return;
+    case 0xcd: NEED(d, 2); d->p += 2; lua_pushinteger(L, r16(p)); return;
+    case 0xce: NEED(d, 4); d->p += 4; lua_pushinteger(L, r32(p)); return;
+    case 0xcf: {
+      uint64_t u;
+      NEED(d, 8);
+      u = r64(p);
+      d->p += 8;
+      /* above math.maxinteger: a float, never a wrapped negative */
+      if (u > (uint64_t)INT64_MAX) lua_pushnumber(L, (lua_Number)u);
+      else lua_pushinteger(L, (lua_Integer)u);
+      return;
+    }
+    case 0xd0: NEED(d, 1); d->p += 1; lua_pushinteger(L, (int8_t)p[0]); return;
+    case 0xd1: NEED(d, 2); d->p += 2; lua_pushinteger(L, (int16_t)r16(p)); return;
+    case 0xd2: NEED(d, 4); d->p += 4; lua_pushinteger(L, (int32_t)r32(p)); return;
+    case 0xd3: NEED(d, 8); d->p += 8; lua_pushinteger(L, (lua_Integer)r64(p)); return;
+    case 0xd4: NEED(d, 1); d->p += 1; dec_ext(d, (int8_t)p[0], 1); return;
+    case 0xd5: NEED(d, 1); d->p += 1; dec_ext(d, (int8_t)p[0], 2); return;
+    case 0xd6: NEED(d, 1); d->p += 1; dec_ext(d, (int8_t)p[0], 4); return;
+    case 0xd7: NEED(d, 1); d->p += 1; dec_ext(d, (int8_t)p[0], 8); return;
+    case 0xd8: NEED(d, 1); d->p += 1; dec_ext(d, (int8_t)p[0], 16); return;
+    case 0xdc: NEED(d, 2); d->p += 2; dec_array(d, r16(p)); return;
+    case 0xdd: NEED(d, 4); d->p += 4; dec_array(d, r32(p)); return;
+    case 0xde: NEED(d, 2); d->p += 2; dec_map(d, r16(p)); return;
+    case 0xdf: NEED(d, 4); d->p += 4; dec_map(d, r32(p)); return;
+    default:   /* 0xc1, never used */
+      d->p--;
+      dec_fail(d, "invalid byte 0xc1");
+  }
+}
+
+static void decode_with(lua_State *L, const char *p, size_t n, int flags,
+                        int depth) {
+  struct dec d;
+  luaL_checkstack(L, 8, "no room to decode");
+  d.L = L;
+  d.start = d.p = (const unsigned char *)p;
+  d.end = d.start + n;
+  d.depth = 0;
+  d.maxdepth = depth;
+  d.flags = flags;
+  d.nslots = 0;
+  d.pending = 0;
+  lua_pushnil(L);            /* the DEF table's slot */
+  d.refs = lua_gettop(L);
+  dec_value(&d);
+  if (d.p != d.end) dec_fail(&d, "trailing bytes");
+  lua_remove(L, d.refs);
+}
+
+void luamp_decode(lua_State *L, const char *p, size_t n, int flags) {
+  decode_with(L, p, n, flags, max_depth);
+}
+
+/* ======================================================================
+ * Lua face
+ * ====================================================================== */
+
+void luamp_register_handle(lua_State *L, const struct luamp_handle_ops *ops) {
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &handles_key);
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 1);
+    lua_newtable(L);
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &handles_key);
+  }
+  lua_pushlightuserdata(L, (void *)ops);
+  lua_setfield(L, -2, ops->tname);
+  lua_pop(L, 1);
+}
+
+/* mp.encode(v) -> string */
+static int l_encode(lua_State *L) {
+  size_t n;
+  const char *s;
+  luaL_checkany(L, 1);
+  s = luamp_encode(L, 1, 0, &n, NULL);
+  lua_pushlstring(L, s, n);
+  return 1;
+}
+
+/* mp.decode(s [, {untrusted = bool, max_depth = n}]) -> value */
+static int l_decode(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  int flags = 0, depth = max_depth;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TTABLE);
+    if (lua_getfield(L, 2, "untrusted") != LUA_TNIL && lua_toboolean(L, -1))
+      flags |= LUAMP_DECODE_UNTRUSTED;
+    if (lua_getfield(L, 2, "max_depth") != LUA_TNIL) {
+      lua_Integer v = luaL_checkinteger(L, -1);
+      luaL_argcheck(L, v >= 1 && v <= 100000, 2, "max_depth out of range");
+      depth = (int)v;
+    }
+    lua_settop(L, 1);
+  }
+  decode_with(L, s, n, flags, depth);
+  return 1;
+}
+
+/* mp.register_class(name, mt [, {reduce = f, rebuild = g}]): tables with
+ * metatable mt travel as class name + state and come back with the
+ * receiver's metatable registered under the same name.  reduce(obj) gives
+ * the state (default: the table's own fields); rebuild(state) makes the
+ * object (default: setmetatable(state, mt)). */
+static int l_register_class(lua_State *L) {
+  luaL_checkstring(L, 1);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  if (!lua_isnoneornil(L, 3)) luaL_checktype(L, 3, LUA_TTABLE);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &classes_key);
+  lua_pushvalue(L, 2);
+  lua_pushvalue(L, 1);
+  lua_rawset(L, -3);
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &classdefs_key);
+  lua_pushvalue(L, 1);
+  lua_createtable(L, 0, 3);
+  lua_pushvalue(L, 2);
+  lua_setfield(L, -2, "mt");
+  if (lua_istable(L, 3)) {
+    lua_getfield(L, 3, "reduce");
+    if (!lua_isnil(L, -1)) luaL_checktype(L, -1, LUA_TFUNCTION);
+    lua_setfield(L, -2, "reduce");
+    lua_getfield(L, 3, "rebuild");
+    if (!lua_isnil(L, -1)) luaL_checktype(L, -1, LUA_TFUNCTION);
+    lua_setfield(L, -2, "rebuild");
+  }
+  lua_rawset(L, -3);
+  return 0;
+}
+
+/* mp.codec_options{max_depth = n, track = bool} sets the process-wide
+ * nesting limit and identity tracking; returns the current options. */
+static int l_codec_options(lua_State *L) {
+  if (!lua_isnoneornil(L, 1)) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    if (lua_getfield(L, 1, "max_depth") != LUA_TNIL) {
+      lua_Integer v = luaL_checkinteger(L, -1);
+      luaL_argcheck(L, v >= 1 && v <= 100000, 1, "max_depth out of range");
+      max_depth = (int)v;
+    }
+    if (lua_getfield(L, 1, "track") != LUA_TNIL)
+      track_refs = lua_toboolean(L, -1);
+  }
+  lua_createtable(L, 0, 2);
+  lua_pushinteger(L, max_depth);
+  lua_setfield(L, -2, "max_depth");
+  lua_pushboolean(L, track_refs);
+  lua_setfield(L, -2, "track");
+  return 1;
+}
+
+/* mp.Ext(exttype, data): an application ext value that round-trips. */
+static int l_ext(lua_State *L) {
+  lua_Integer t = luaL_checkinteger(L, 1);
+  luaL_checkstring(L, 2);
+  luaL_argcheck(L, t >= -128 && t <= 127, 1, "exttype out of range -128..127");
+  lua_createtable(L, 0, 2);
+  lua_pushinteger(L, t);
+  lua_setfield(L, -2, "exttype");
+  lua_pushvalue(L, 2);
+  lua_setfield(L, -2, "data");
+  luaL_setmetatable(L, EXT_MT);
+  return 1;
+}
+
+int luamp_open_codec(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"encode", l_encode},
+    {"decode", l_decode},
+    {"register_class", l_register_class},
+    {"codec_options", l_codec_options},
+    {"Ext", l_ext},
+    {NULL, NULL}
+  };
+  luaL_setfuncs(L, funcs, 0);
+  luaL_newmetatable(L, EXT_MT);
+  lua_pop(L, 1);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &handles_key) != LUA_TTABLE) {
+    lua_newtable(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &handles_key);
+  }
+  lua_pop(L, 1);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &classes_key) != LUA_TTABLE) {
+    lua_newtable(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &classes_key);
+    lua_newtable(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &classdefs_key);
+  }
+  lua_pop(L, 1);
+  /* the module's own error objects keep their kind and metatable */
+  lua_pushcfunction(L, l_register_class);
+  lua_pushliteral(L, ERROR_MT);
+  luaL_getmetatable(L, ERROR_MT);
+  lua_call(L, 2, 0);
+  return 0;
+}
