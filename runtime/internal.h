@@ -230,6 +230,15 @@ int luamp_wait_step(lua_State *L, _Atomic uint32_t *w, uint32_t val,
 void luamp_futex_wake(_Atomic uint32_t *w, int n);
 int luamp_open_arena(lua_State *L);
 
+/* A pause in a spin loop. */
+static inline void luamp_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
 /* ---- sync.c: locks and friends ----------------------------------------- */
 
 /* Lock and RLock in shared memory (also the lock inside a Value).
@@ -255,7 +264,34 @@ struct luamp_lock *luamp_lock_test(lua_State *L, int idx);
 int luamp_lock_acquire(lua_State *L, struct luamp_lock *l, int block,
                        double deadline);
 void luamp_lock_release(lua_State *L, struct luamp_lock *l);
+/* Handles of objects that may carry a lock as user value 1 (Condition,
+ * Value, Array): the object's bytes, then the lock's when it has one.
+ * decode pushes the object and returns as luamp_obj_decode. */
+void luamp_lockable_encode(lua_State *L, int idx);
+int luamp_lockable_decode(lua_State *L, const char *p, size_t n,
+                          const char *tname, uint32_t kinds, int nuv);
 int luamp_open_sync(lua_State *L);
+
+/* ---- queue.c: Queue, SimpleQueue, JoinableQueue ------------------------ */
+
+/* put/get as the methods do (raising Full/Empty/EncodeError...); tag is
+ * stored with the record; get with slot >= 0 records the tag of the
+ * record it takes in the queue's slot table in the same step (Pool). */
+int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
+                    int block, double deadline);
+int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
+                    int slot);
+/* For mp.wait: is idx a queue (of any kind); would a get not block now. */
+int luamp_queue_test(lua_State *L, int idx);
+int luamp_queue_ready(lua_State *L, int idx);
+/* While a queue is watched (on = 1) by this process, every put on it
+ * makes luamp_wakeup_fd() readable.  The wake-up fd is this process's
+ * own non-blocking pipe (made on first use, remade after fork); drain it
+ * with luamp_wakeup_drain() before re-checking readiness. */
+void luamp_queue_watch(lua_State *L, int idx, int on);
+int luamp_wakeup_fd(lua_State *L);
+void luamp_wakeup_drain(void);
+int luamp_open_queue(lua_State *L);
 
 /* ---- value.c, shm.c ---------------------------------------------------- */
 int luamp_open_value(lua_State *L);

@@ -24,6 +24,7 @@ static int (*const primitives[])(lua_State *L) = {
   luamp_open_sync,
   luamp_open_value,
   luamp_open_shm,
+  luamp_open_queue,
   NULL
 };
 

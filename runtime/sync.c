@@ -36,14 +36,6 @@
 #define CONDITION_TNAME "multiprocessing.Condition"
 #define BARRIER_TNAME "multiprocessing.Barrier"
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  __asm__ __volatile__("yield");
-#endif
-}
-
 static void raise_interrupt(lua_State *L) {
   luamp_raise_interrupt(L);
 }
@@ -103,7 +95,7 @@ int luamp_lock_acquire(lua_State *L, struct luamp_lock *l, int block,
     return 0;
   }
   for (int i = 0; i < SPINS; i++) {
-    cpu_relax();
+    luamp_cpu_relax();
     if (atomic_load_explicit(&l->owner, memory_order_relaxed) == 0 &&
         lock_try(l, me))
       goto acquired;
@@ -998,6 +990,100 @@ static int barrier_tostring(lua_State *L) {
   return 1;
 }
 
+/* ==== handles ==================================================================== */
+
+void luamp_lockable_encode(lua_State *L, int idx) {
+  luaL_Buffer b;
+  int comp = 0;
+  idx = lua_absindex(L, idx);
+  /* the companion goes on the stack before the buffer starts */
+  if (lua_getiuservalue(L, idx, 1) != LUA_TNONE &&
+      luamp_lock_test(L, -1) != NULL)
+    comp = lua_gettop(L);
+  luaL_buffinit(L, &b);
+  luamp_obj_describe(L, idx, &b);
+  luaL_addchar(&b, comp ? 1 : 0);
+  if (comp) luamp_obj_describe(L, comp, &b);
+  luaL_pushresult(&b);
+  lua_remove(L, -2);
+}
+
+int luamp_lockable_decode(lua_State *L, const char *p, size_t n,
+                          const char *tname, uint32_t kinds, int nuv) {
+  if (luamp_obj_decode(L, &p, &n, tname, kinds, nuv)) return 1;
+  if (n >= 1 && p[0] == 1) {
+    size_t off;
+    struct luamp_arena *a;
+    p++, n--;
+    a = luamp_arena_attach(L, &p, &n,
+                           LUAMP_KINDS(LUAMP_KIND_LOCK) |
+                               LUAMP_KINDS(LUAMP_KIND_VALUE), &off);
+    luamp_lock_push(L, a, off);
+    luamp_arena_unref(a);   /* the lock object holds its own reference */
+    lua_setiuservalue(L, -2, 1);
+  }
+  return 0;
+}
+
+static void plain_encode(lua_State *L, int idx) {
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luamp_obj_describe(L, idx, &b);
+  luaL_pushresult(&b);
+}
+
+static void lock_decode(lua_State *L, const char *p, size_t n) {
+  luamp_obj_decode(L, &p, &n, LUAMP_LOCK_TNAME,
+                   LUAMP_KINDS(LUAMP_KIND_LOCK), 0);
+}
+
+static void rlock_decode(lua_State *L, const char *p, size_t n) {
+  luamp_obj_decode(L, &p, &n, LUAMP_RLOCK_TNAME,
+                   LUAMP_KINDS(LUAMP_KIND_LOCK) | LUAMP_KINDS(LUAMP_KIND_VALUE),
+                   0);
+}
+
+static void sem_decode(lua_State *L, const char *p, size_t n) {
+  luamp_obj_decode(L, &p, &n, SEMAPHORE_TNAME,
+                   LUAMP_KINDS(LUAMP_KIND_SEMAPHORE), 0);
+}
+
+static void bsem_decode(lua_State *L, const char *p, size_t n) {
+  luamp_obj_decode(L, &p, &n, BSEMAPHORE_TNAME,
+                   LUAMP_KINDS(LUAMP_KIND_SEMAPHORE), 0);
+}
+
+static void event_decode(lua_State *L, const char *p, size_t n) {
+  luamp_obj_decode(L, &p, &n, EVENT_TNAME, LUAMP_KINDS(LUAMP_KIND_EVENT), 0);
+}
+
+static void cond_decode(lua_State *L, const char *p, size_t n) {
+  luamp_lockable_decode(L, p, n, CONDITION_TNAME,
+                        LUAMP_KINDS(LUAMP_KIND_CONDITION), 1);
+}
+
+/* A Barrier's action is Lua code of the process that made it: it reaches
+ * processes forked after the Barrier was made, not others. */
+static void barrier_decode(lua_State *L, const char *p, size_t n) {
+  if (!luamp_obj_decode(L, &p, &n, BARRIER_TNAME,
+                        LUAMP_KINDS(LUAMP_KIND_BARRIER), 1)) {
+    struct luamp_obj *o = lua_touserdata(L, -1);
+    if (((struct sbarrier *)o->p)->has_action)
+      luamp_raise(L, "DecodeError", "a Barrier with an action works only in "
+                  "processes forked after it was made");
+  }
+}
+
+static const struct luamp_handle_ops handle_ops[] = {
+  {LUAMP_LOCK_TNAME, plain_encode, lock_decode},
+  {LUAMP_RLOCK_TNAME, plain_encode, rlock_decode},
+  {SEMAPHORE_TNAME, plain_encode, sem_decode},
+  {BSEMAPHORE_TNAME, plain_encode, bsem_decode},
+  {EVENT_TNAME, plain_encode, event_decode},
+  {CONDITION_TNAME, luamp_lockable_encode, cond_decode},
+  {BARRIER_TNAME, plain_encode, barrier_decode},
+};
+
 /* ==== registration ============================================================== */
 
 static const luaL_Reg lock_meth[] = {
@@ -1073,5 +1159,7 @@ int luamp_open_sync(lua_State *L) {
   new_type(L, BARRIER_TNAME, "Barrier", barrier_meth, barrier_tostring,
            barrier_index);
   lua_pop(L, 1);
+  for (size_t i = 0; i < sizeof handle_ops / sizeof handle_ops[0]; i++)
+    luamp_register_handle(L, &handle_ops[i]);
   return 0;
 }

@@ -559,6 +559,21 @@ static int v_tostring(lua_State *L) {
   return 1;
 }
 
+static void value_decode(lua_State *L, const char *p, size_t n) {
+  luamp_lockable_decode(L, p, n, VALUE_TNAME, LUAMP_KINDS(LUAMP_KIND_VALUE),
+                        1);
+}
+
+static void array_decode(lua_State *L, const char *p, size_t n) {
+  luamp_lockable_decode(L, p, n, ARRAY_TNAME, LUAMP_KINDS(LUAMP_KIND_VALUE),
+                        1);
+}
+
+static const struct luamp_handle_ops handle_ops[] = {
+  {VALUE_TNAME, luamp_lockable_encode, value_decode},
+  {ARRAY_TNAME, luamp_lockable_encode, array_decode},
+};
+
 int luamp_open_value(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Value", l_Value}, {"RawValue", l_RawValue},
@@ -616,5 +631,7 @@ int luamp_open_value(lua_State *L) {
       lua_pop(L, 1);
     }
   }
+  luamp_register_handle(L, &handle_ops[0]);
+  luamp_register_handle(L, &handle_ops[1]);
   return 0;
 }

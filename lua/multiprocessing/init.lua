@@ -37,6 +37,9 @@ local lazy = {
   RawValue = "multiprocessing.sharedctypes",
   RawArray = "multiprocessing.sharedctypes",
   SharedMemory = "multiprocessing.shared_memory",
+  Queue = "multiprocessing.queues",
+  JoinableQueue = "multiprocessing.queues",
+  SimpleQueue = "multiprocessing.queues",
   shared_memory = "multiprocessing.shared_memory",
 }
 
