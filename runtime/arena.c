@@ -106,6 +106,8 @@ int luamp_id_alive(uint64_t id) {
 
 /* ---- robust mutexes --------------------------------------------------- */
 
+#define MUTEX_SPINS 64
+
 int luamp_mutex_init(pthread_mutex_t *m) {
   pthread_mutexattr_t a;
   int r;
@@ -118,7 +120,15 @@ int luamp_mutex_init(pthread_mutex_t *m) {
 }
 
 int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg) {
-  int r = pthread_mutex_lock(m);
+  /* Critical sections are short: spinning a little before sleeping saves
+   * the two system calls of a sleep and a wake-up when the holder runs on
+   * another core. */
+  int r = pthread_mutex_trylock(m);
+  for (int i = 0; r == EBUSY && i < MUTEX_SPINS; i++) {
+    for (int j = 0; j < 16; j++) luamp_cpu_relax();
+    r = pthread_mutex_trylock(m);
+  }
+  if (r == EBUSY) r = pthread_mutex_lock(m);
   if (r == EOWNERDEAD) {
     /* The previous holder died inside its critical section.  repair()
      * must be idempotent: if we die in it, the next locker repeats it. */

@@ -571,6 +571,7 @@ static double block_timeout(lua_State *L, int i) {
 /* q:put(v [, block [, timeout]]) */
 static int q_put(lua_State *L) {
   double d;
+  lua_settop(L, 4);
   checkqueue(L, 1);
   d = block_timeout(L, 3);
   luamp_queue_put(L, 1, 2, 0, d != -2.0, d == -2.0 ? 0 : d);
@@ -615,6 +616,7 @@ static int sq_put(lua_State *L) {
 static int q_put_tagged(lua_State *L) {
   lua_Integer tag = luaL_checkinteger(L, 3);
   double d;
+  lua_settop(L, 5);
   checkqueue(L, 1);
   luaL_argcheck(L, tag >= 0, 3, "tag must be >= 0");
   d = block_timeout(L, 4);
