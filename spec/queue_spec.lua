@@ -317,18 +317,19 @@ describe("Queue between processes", function()
   end)
 
   pit("works for a queue made after the processes started", function()
-    local chan = mp.Queue()
+    local chan, reply = mp.Queue(), mp.Queue()
     local p = mp.Process{target = function()
       local q = chan:get(true, 10)      -- made by the parent later
       q:put("from child")
-      chan:put("done")
+      reply:put("done")
     end}
     p:start()
     local q = mp.Queue()
     chan:put(q)
-    assert.equal("done", chan:get(true, 10))
+    assert.equal("done", reply:get(true, 10))
     assert.equal("from child", q:get(true, 10))
     p:join()
+    assert.equal(0, p.exitcode)
   end)
 end)
 
