@@ -270,6 +270,8 @@ void luamp_lock_release(lua_State *L, struct luamp_lock *l);
 void luamp_lockable_encode(lua_State *L, int idx);
 int luamp_lockable_decode(lua_State *L, const char *p, size_t n,
                           const char *tname, uint32_t kinds, int nuv);
+/* with() and guard() for method tables that have _enter and _exit. */
+extern const luaL_Reg luamp_scoped_methods[];
 int luamp_open_sync(lua_State *L);
 
 /* ---- queue.c: Queue, SimpleQueue, JoinableQueue ------------------------ */

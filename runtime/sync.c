@@ -990,6 +990,91 @@ static int barrier_tostring(lua_State *L) {
   return 1;
 }
 
+/* ==== scoped use: with(), guard(), for every lock-like type ================= */
+
+static void call_method(lua_State *L, int obj, const char *name) {
+  lua_getfield(L, obj, name);
+  lua_pushvalue(L, obj);
+  lua_call(L, 1, 0);
+}
+
+/* obj:with(fn, ...) -> fn's results, run holding obj; released on errors */
+static int scoped_with(lua_State *L) {
+  int n = lua_gettop(L), ok;
+  luaL_checkany(L, 2);
+  call_method(L, 1, "_enter");
+  ok = lua_pcall(L, n - 2, LUA_MULTRET, 0);
+  call_method(L, 1, "_exit");
+  if (ok != LUA_OK) return lua_error(L);
+  return lua_gettop(L) - 1;
+}
+
+static const char GUARD_MT[] = "multiprocessing.guard";
+
+static int guard_close(lua_State *L) {
+  if (lua_rawgeti(L, 1, 1) != LUA_TNIL) {
+    int held = lua_gettop(L);
+    lua_pushnil(L);
+    lua_rawseti(L, 1, 1);      /* once only */
+    call_method(L, held, "_exit");
+  }
+  return 0;
+}
+
+/* local held <close> = obj:guard(): held until the scope ends */
+static int scoped_guard(lua_State *L) {
+  luaL_checkany(L, 1);
+  lua_settop(L, 1);
+  call_method(L, 1, "_enter");
+  lua_createtable(L, 1, 0);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, 1);
+  if (luaL_newmetatable(L, GUARD_MT)) {
+    lua_pushcfunction(L, guard_close);
+    lua_setfield(L, -2, "__close");
+  }
+  lua_setmetatable(L, -2);
+  return 1;
+}
+
+const luaL_Reg luamp_scoped_methods[] = {
+  {"with", scoped_with}, {"guard", scoped_guard}, {NULL, NULL}
+};
+
+/* Condition:wait_for(predicate, timeout): Python's loop, the deadline
+ * computed once. */
+static int cond_wait_for(lua_State *L) {
+  double deadline;
+  checkcond_obj(L, 1);
+  luaL_checkany(L, 2);
+  deadline = luamp_deadline_arg(L, 3);
+  lua_settop(L, 2);
+  for (int first = 1;; first = 0) {
+    double left = 0;
+    lua_pushvalue(L, 2);
+    lua_call(L, 0, 1);
+    if (lua_toboolean(L, -1)) return 1;
+    lua_pop(L, 1);
+    if (deadline >= 0) {
+      left = deadline - luamp_now();
+      if (left <= 0 && !first) break;
+      if (left < 0) left = 0;
+    }
+    lua_pushcfunction(L, cond_wait);
+    lua_pushvalue(L, 1);
+    if (deadline >= 0) lua_pushnumber(L, left);
+    else lua_pushnil(L);
+    lua_call(L, 2, 0);
+    if (deadline >= 0 && left == 0) {
+      lua_pushvalue(L, 2);
+      lua_call(L, 0, 1);
+      return 1;
+    }
+  }
+  lua_pushboolean(L, 0);
+  return 1;
+}
+
 /* ==== handles ==================================================================== */
 
 void luamp_lockable_encode(lua_State *L, int idx) {
@@ -1105,7 +1190,8 @@ static const luaL_Reg cond_meth[] = {
   {"acquire", cond_acquire}, {"release", cond_release},
   {"_enter", cond_enter}, {"_exit", cond_release},
   {"wait", cond_wait}, {"notify", cond_notify},
-  {"notify_all", cond_notify_all}, {"close", obj_close}, {NULL, NULL}
+  {"notify_all", cond_notify_all}, {"wait_for", cond_wait_for},
+  {"close", obj_close}, {NULL, NULL}
 };
 static const luaL_Reg barrier_meth[] = {
   {"wait", barrier_wait}, {"reset", barrier_reset},
@@ -1120,6 +1206,9 @@ static void new_type(lua_State *L, const char *tname, const char *label,
   luaL_newmetatable(L, tname);
   lua_newtable(L);
   luaL_setfuncs(L, meth, 0);
+  if (lua_getfield(L, -1, "_enter") != LUA_TNIL)
+    luaL_setfuncs(L, luamp_scoped_methods, 0);
+  lua_pop(L, 1);
   lua_pushvalue(L, -1);
   lua_setfield(L, -4, label);           /* core.methods[label] */
   if (index) {

@@ -66,7 +66,9 @@ static const struct tc *find_tc(int code) {
 
 static const struct tc *check_tc(lua_State *L, int idx) {
   size_t len;
-  const char *s = luaL_checklstring(L, idx, &len);
+  const char *s;
+  if (lua_type(L, idx) != LUA_TSTRING) luaL_typeerror(L, idx, "string");
+  s = lua_tolstring(L, idx, &len);
   const struct tc *t = len == 1 ? find_tc(s[0]) : NULL;
   if (t == NULL)
     luaL_argerror(L, idx, lua_pushfstring(L, "bad typecode '%s' (must be "
@@ -622,6 +624,7 @@ int luamp_open_value(lua_State *L) {
       lua_newtable(L);
       luaL_setfuncs(L, common, 0);
       luaL_setfuncs(L, meths[i], 0);
+      luaL_setfuncs(L, luamp_scoped_methods, 0);
       lua_getfield(L, -3, "methods");
       lua_pushvalue(L, -2);
       lua_setfield(L, -2, labels[i]);

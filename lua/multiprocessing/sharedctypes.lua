@@ -3,12 +3,8 @@
 -- The objects and their constructors are C (runtime/value.c):
 -- Value(typecode, init, {lock = true|false|lockobj}) or one options table
 -- Value{typecode =, value =, lock =}; Array(typecode, size_or_sequence,
--- opts) or Array{typecode =, size = | init =, lock =}.  This file adds
--- the scoped forms (v:with(fn), v:guard()) that use the object's lock.
+-- opts) or Array{typecode =, size = | init =, lock =}.
 local core = require "multiprocessing.core"
-local sync = require "multiprocessing.synchronize"
-
-sync._scoped {"Value", "Array"}
 
 return {
   Value = core.Value,
