@@ -1206,9 +1206,12 @@ static void new_type(lua_State *L, const char *tname, const char *label,
   luaL_newmetatable(L, tname);
   lua_newtable(L);
   luaL_setfuncs(L, meth, 0);
-  if (lua_getfield(L, -1, "_enter") != LUA_TNIL)
+  if (lua_getfield(L, -1, "_enter") != LUA_TNIL) {
+    lua_pop(L, 1);
     luaL_setfuncs(L, luamp_scoped_methods, 0);
-  lua_pop(L, 1);
+  } else {
+    lua_pop(L, 1);
+  }
   lua_pushvalue(L, -1);
   lua_setfield(L, -4, label);           /* core.methods[label] */
   if (index) {
