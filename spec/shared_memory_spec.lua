@@ -133,16 +133,18 @@ shm.unlink()
       local mp = require "multiprocessing"
       local name = io.read("l")
       local b = mp.SharedMemory(name)
-      io.stderr:write(b:read(0, 11), " ", b.size, "\n")
+      print(b:read(0, 11), b.size)
       b:write(100, "lua!")
       b:close()
     ]])
-    local out, err = H.sh(PY .. " " .. H.q(py) .. " | tee /dev/stderr | " ..
-      H.q(H.luamp) .. " " .. H.q(script))
-    os.remove(py); os.remove(script)
-    assert.matches("from python 4096", err)
-    assert.matches("\nlua!\n", err)
-    assert.equal("", out)
+    local pyout = os.tmpname()
+    local out, err, code = H.sh(PY .. " " .. H.q(py) .. " | tee " ..
+      H.q(pyout) .. " | " .. H.q(H.luamp) .. " " .. H.q(script))
+    local seen = H.slurp(pyout)
+    os.remove(py); os.remove(script); os.remove(pyout)
+    assert.equal(0, code, err)
+    assert.equal("from python\t4096\n", out)
+    assert.matches("^psm_%x+\nlua!\n$", seen)
 
     -- luamp creates and writes; Python attaches, reads, writes back
     local a = mp.SharedMemory{create = true, size = 1000}
