@@ -91,7 +91,7 @@ struct qhdr {
   _Atomic uint32_t putters;   /* sleepers on get_seq (approximate) */
   _Atomic uint32_t joiners;   /* sleepers on done_seq (approximate) */
   _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
-  uint32_t pad;
+  uint32_t repairs;           /* [mu] times a dead holder was found (stats) */
   struct {                    /* [mu] processes in mp.wait on this queue */
     int32_t pid;              /* 0 free */
     int32_t fd;               /* write end of its wake-up pipe */
@@ -142,6 +142,7 @@ static void journal_end(struct qhdr *h) {
 /* EOWNERDEAD: the holder died inside a step; undo it. */
 static void queue_repair(void *arg) {
   struct qhdr *h = arg;
+  h->repairs++;
   if (!h->journal.active) return;   /* died after its step: all done */
   h->head = h->journal.head;
   h->tail = h->journal.tail;
@@ -739,6 +740,21 @@ static int jq_join(lua_State *L) {
   return 1;
 }
 
+/* q:_stats() -> {capacity =, bytes =, repairs =} (specs, diagnostics) */
+static int q_stats(lua_State *L) {
+  struct queue q = qget(checkqueue(L, 1));
+  qlock(L, q.h);
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, (lua_Integer)q.h->cap);
+  lua_setfield(L, -2, "capacity");
+  lua_pushinteger(L, (lua_Integer)(q.h->tail - q.h->head));
+  lua_setfield(L, -2, "bytes");
+  lua_pushinteger(L, (lua_Integer)q.h->repairs);
+  lua_setfield(L, -2, "repairs");
+  luamp_mutex_unlock(&q.h->mu);
+  return 1;
+}
+
 static int q_tostring(lua_State *L) {
   struct luamp_obj *o = lua_touserdata(L, 1);
   const char *name = luaL_testudata(L, 1, SIMPLEQUEUE_TNAME) ? "SimpleQueue"
@@ -794,7 +810,7 @@ int luamp_open_queue(lua_State *L) {
     {"full", q_full}, {"close", q_close}, {"join_thread", q_join_thread},
     {"cancel_join_thread", q_cancel_join_thread},
     {"_put_tagged", q_put_tagged}, {"_get_slot", q_get_slot},
-    {"_taken", q_taken}, {"_clear", q_clear},
+    {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
     {"task_done", jq_task_done}, {"join", jq_join},   /* Joinable only */
     {NULL, NULL}
   };
