@@ -37,7 +37,10 @@ end
 function H.sh(cmdline, stdin)
   local o, e = os.tmpname(), os.tmpname()
   local i
-  local full = "(" .. cmdline .. ") >" .. o .. " 2>" .. e
+  -- under make sanitize, stock lua5.4 runs with the ASan runtime in
+  -- LD_PRELOAD; other programs (ps, python3) must not inherit it (ps
+  -- deadlocks with it, python reports its own leaks)
+  local full = "(unset LD_PRELOAD; " .. cmdline .. ") >" .. o .. " 2>" .. e
   if stdin then
     i = os.tmpname()
     H.write(i, stdin)
