@@ -211,10 +211,13 @@ static void punch(struct queue *q, uint64_t a, uint64_t b) {
   }
 }
 
-/* After a get (under mu, inside the journal): restart at the ring's
- * start when empty, give back consumed pages now and then. */
+/* After a get has committed (under mu, a journaled step of its own, so
+ * that an undone get never finds its pages given back): restart at the
+ * ring's start when empty, give back consumed pages now and then. */
 static void after_get(struct queue *q) {
   struct qhdr *h = q->h;
+  if (h->head != h->tail && h->head - h->released < PUNCH) return;
+  journal_begin(h);
   if (h->head == h->tail) {
     uint64_t restart = (h->head + h->cap - 1) & ~(h->cap - 1);
     if (h->head > h->released)
@@ -225,6 +228,7 @@ static void after_get(struct queue *q) {
     punch(q, h->released, upto);
     h->released = upto;
   }
+  journal_end(h);
 }
 
 /* ---- watchers (mp.wait) ---------------------------------------------------------- */
@@ -475,8 +479,8 @@ int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
   }
   h->head += rec_size(len);
   atomic_fetch_sub(&h->count, 1);
-  after_get(&q);
   journal_end(h);
+  after_get(&q);
   atomic_fetch_add(&h->get_seq, 1);
   ps = atomic_load(&h->putters);
   gs = atomic_load(&h->getters) > 0 && atomic_load(&h->count) > 0;
