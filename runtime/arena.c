@@ -55,6 +55,8 @@ static void reset_self_id(void) {
   self_id = 0;
 }
 
+static pthread_once_t at_fork_once = PTHREAD_ONCE_INIT;
+
 static void register_at_fork(void) {
   pthread_atfork(NULL, NULL, reset_self_id);
 }
@@ -84,6 +86,7 @@ static uint64_t task_start(pid_t tid, char *state) {
 
 uint64_t luamp_self_id(void) {
   if (self_id == 0) {
+    pthread_once(&at_fork_once, register_at_fork);  /* before caching */
     pid_t tid = (pid_t)syscall(SYS_gettid);
     uint64_t start = task_start(tid, NULL);
     self_id = (uint64_t)(uint32_t)tid | ((start & 0xffffffffu) << 32);
@@ -607,12 +610,10 @@ static int l_arena_count(lua_State *L) {
 }
 
 int luamp_open_arena(lua_State *L) {
-  static pthread_once_t once = PTHREAD_ONCE_INIT;
   static const luaL_Reg funcs[] = {
     {"arena_count", l_arena_count},
     {NULL, NULL}
   };
-  pthread_once(&once, register_at_fork);
   push_objects(L);   /* made now, so that later look-ups never allocate */
   lua_pop(L, 1);
   luaL_setfuncs(L, funcs, 0);

@@ -43,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "internal.h"
@@ -744,17 +745,26 @@ static int jq_join(lua_State *L) {
   return 1;
 }
 
-/* q:_stats() -> {capacity =, bytes =, repairs =} (specs, diagnostics) */
+/* q:_stats() -> {capacity =, bytes =, resident =, repairs =}: bytes
+ * queued, and bytes of memory the queue holds (specs, diagnostics) */
 static int q_stats(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1));
+  struct luamp_obj *o = checkqueue(L, 1);
+  struct queue q = qget(o);
+  struct stat st;
   qlock(L, q.h);
-  lua_createtable(L, 0, 3);
+  lua_createtable(L, 0, 4);
+  if (fstat(o->arena->fd, &st) == 0) {
+    lua_pushinteger(L, (lua_Integer)st.st_blocks * 512);
+    lua_setfield(L, -2, "resident");
+  }
   lua_pushinteger(L, (lua_Integer)q.h->cap);
   lua_setfield(L, -2, "capacity");
   lua_pushinteger(L, (lua_Integer)(q.h->tail - q.h->head));
   lua_setfield(L, -2, "bytes");
   lua_pushinteger(L, (lua_Integer)q.h->repairs);
   lua_setfield(L, -2, "repairs");
+  lua_pushinteger(L, (lua_Integer)atomic_load(&q.h->nwatch));
+  lua_setfield(L, -2, "watchers");
   luamp_mutex_unlock(&q.h->mu);
   return 1;
 }

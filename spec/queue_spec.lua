@@ -167,6 +167,25 @@ describe("Queue", function()
     local got = q:get()
     assert.equal(#big, #got)
     assert.is_true(got == big)
+    assert.is_true(q:_stats().resident <= 2^20 + 8192)
+  end)
+
+  it("holds memory as the backlog grows and gives it back", function()
+    local q = mp.Queue()
+    local st = q:_stats()
+    assert.equal(4 * 2^30, st.capacity)
+    assert.is_true(st.resident <= 8192, "empty queue holds " .. st.resident)
+    local item = string.rep("m", 2^20)
+    for _ = 1, 40 do q:put(item) end
+    st = q:_stats()
+    assert.is_true(st.resident >= 40 * 2^20, "resident " .. st.resident)
+    for _ = 1, 20 do q:get() end
+    st = q:_stats()
+    assert.is_true(st.resident < 26 * 2^20, "after half: " .. st.resident)
+    for _ = 1, 20 do q:get() end
+    st = q:_stats()
+    assert.equal(0, st.bytes)
+    assert.is_true(st.resident <= 2^20 + 8192, "drained: " .. st.resident)
   end)
 
   it("travels as a handle and keeps its identity", function()
