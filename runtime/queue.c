@@ -15,10 +15,13 @@
  * one code path for every size: an unbounded put never waits for bytes
  * until 4 GiB are queued, a 1 GiB message is one record like any other,
  * and small messages pay nothing for big ones.  To keep small messages
- * cache-hot, positions restart at the ring's start whenever the queue
- * becomes empty; pages behind the consumer beyond the first HOT bytes go
- * back to the kernel (MADV_REMOVE) every PUNCH bytes and when the queue
- * empties.
+ * cache-hot and out of page faults, positions restart at the ring's
+ * start whenever the queue becomes empty, and a producer that finds the
+ * data past WRAP_AT with the ring's start free goes on there (a skip
+ * record tells consumers), so a small backlog cycles through the first
+ * HOT bytes, which stay resident.  Pages behind the consumer beyond those
+ * go back to the kernel (MADV_REMOVE) every PUNCH bytes and when the
+ * queue empties.
  *
  * Records are 16-byte aligned: {u64 length, u64 tag} then the payload
  * (which may wrap around the ring's end; headers never do).  Positions
@@ -55,7 +58,9 @@
 #define PAGE 4096
 #define RING_OFF 4096                 /* the ring starts at this arena offset */
 #define REC 16                        /* record header */
-#define HOT ((uint64_t)1 << 20)       /* ring bytes never given back */
+#define HOT ((uint64_t)2 << 20)       /* ring bytes never given back */
+#define WRAP_AT (HOT / 2)             /* a small backlog wraps from here */
+#define SKIP UINT64_MAX               /* record length: go on at next lap */
 #define PUNCH ((uint64_t)4 << 20)     /* give back consumed pages this often */
 #define DEFAULT_CAP ((uint64_t)4 << 30)
 #define MIN_CAP ((uint64_t)64 << 10)
@@ -93,6 +98,7 @@ struct qhdr {
   _Atomic uint32_t joiners;   /* sleepers on done_seq (approximate) */
   _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
   uint32_t repairs;           /* [mu] times a dead holder was found (stats) */
+  uint64_t skips;             /* [mu] early wraps passed (stats) */
   struct {                    /* [mu] processes in mp.wait on this queue */
     int32_t pid;              /* 0 free */
     int32_t fd;               /* write end of its wake-up pipe */
@@ -194,14 +200,16 @@ static void punch_span(struct queue *q, uint64_t x, uint64_t y) {
   if (x < y) madvise(q->ring + x, y - x, MADV_REMOVE);
 }
 
-/* Gives back the pages of logical positions [a, b), which hold no data. */
-static void punch(struct queue *q, uint64_t a, uint64_t b) {
+/* Gives back the pages of consumed positions [a, b).  Positions before
+ * tail - cap only: later ones share their ring offsets with the next lap,
+ * which a producer may have written already.  Partial pages at either
+ * end stay, unless all is consumed (the queue is empty: all_done). */
+static void punch(struct queue *q, uint64_t a, uint64_t b, int all_done) {
   uint64_t cap = q->h->cap, pa, pb;
+  if (q->h->tail > cap && a < q->h->tail - cap) a = q->h->tail - cap;
+  if (all_done) b = (b + PAGE - 1) & ~(uint64_t)(PAGE - 1);
   if (b <= a) return;
-  if (b - a >= cap) {
-    punch_span(q, 0, cap);
-    return;
-  }
+  if (b - a > cap) a = b - cap;
   pa = a & (cap - 1);
   pb = pa + (b - a);
   if (pb <= cap) {
@@ -221,15 +229,35 @@ static void after_get(struct queue *q) {
   journal_begin(h);
   if (h->head == h->tail) {
     uint64_t restart = (h->head + h->cap - 1) & ~(h->cap - 1);
-    if (h->head > h->released)
-      punch(q, h->released, (h->head + PAGE - 1) & ~(uint64_t)(PAGE - 1));
+    punch(q, h->released, h->head, 1);
     h->head = h->tail = h->released = restart;
-  } else if (h->head - h->released >= PUNCH) {
+  } else {
     uint64_t upto = h->head & ~(uint64_t)(PAGE - 1);
-    punch(q, h->released, upto);
+    punch(q, h->released, upto, 0);
     h->released = upto;
   }
   journal_end(h);
+}
+
+/* The consumer reached a skip record at head (under mu): the data goes on
+ * at the next lap's start.  One journaled step. */
+static void pass_skip(struct queue *q) {
+  struct qhdr *h = q->h;
+  journal_begin(h);
+  punch(q, h->released, h->head, 0);
+  h->head = h->released = (h->head + h->cap) & ~(h->cap - 1);
+  journal_end(h);
+  h->skips++;
+}
+
+/* Whether a put of need bytes should wrap early (under mu): the data lies
+ * in one piece past WRAP_AT, and the ring's start is free for it.  Keeps
+ * a small backlog in pages that are already there (no page faults) and
+ * out of the pages that are given back. */
+static int early_wrap(struct qhdr *h, uint64_t need) {
+  uint64_t mask = h->cap - 1, ot = h->tail & mask, oh = h->head & mask;
+  return h->tail != h->head && ot >= WRAP_AT && ot >= oh && need <= oh &&
+         (h->tail & ~mask) == (h->head & ~mask);
 }
 
 /* ---- watchers (mp.wait) ---------------------------------------------------------- */
@@ -381,13 +409,14 @@ int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
   const char *data = luamp_encode(L, vidx, 0, &len, NULL);
   uint64_t need = rec_size(len), rec[2];
   uint32_t gs, ps;
+  int wrap = 0;
   if (need > h->cap)
     luamp_raise(L, "ValueError", "item of %I bytes is larger than the "
                 "queue's capacity (%I bytes)", (lua_Integer)len,
                 (lua_Integer)(h->cap - REC));
   qlock(L, h);
   while ((h->maxsize > 0 && atomic_load(&h->count) >= (uint64_t)h->maxsize) ||
-         h->tail + need - h->head > h->cap) {
+         (!(wrap = early_wrap(h, need)) && h->tail + need - h->head > h->cap)) {
     uint32_t snap = atomic_load(&h->get_seq);
     int r;
     luamp_mutex_unlock(&h->mu);
@@ -398,6 +427,12 @@ int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
     qlock(L, h);
   }
   journal_begin(h);
+  if (wrap) {
+    rec[0] = SKIP;
+    rec[1] = 0;
+    ring_write(&q, h->tail, (const char *)rec, REC);
+    h->tail = (h->tail + h->cap) & ~(h->cap - 1);
+  }
   rec[0] = len;
   rec[1] = tag;
   ring_write(&q, h->tail, (const char *)rec, REC);
@@ -467,6 +502,11 @@ int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
     }
     ring_read(&q, h->head, (char *)rec, REC);
     len = rec[0];
+    if (len == SKIP) {
+      pass_skip(&q);
+      ring_read(&q, h->head, (char *)rec, REC);
+      len = rec[0];
+    }
     if (len <= o->bufcap && o->buf) break;
     luamp_mutex_unlock(&h->mu);
     scratch(L, o, len);
@@ -765,6 +805,8 @@ static int q_stats(lua_State *L) {
   lua_setfield(L, -2, "repairs");
   lua_pushinteger(L, (lua_Integer)atomic_load(&q.h->nwatch));
   lua_setfield(L, -2, "watchers");
+  lua_pushinteger(L, (lua_Integer)q.h->skips);
+  lua_setfield(L, -2, "skips");
   luamp_mutex_unlock(&q.h->mu);
   return 1;
 }
