@@ -183,6 +183,24 @@ describe("Queue", function()
     assert.is_true(q:_stats().resident <= 2 * 2^20 + 8192)
   end)
 
+  it("never gives back pages that the next lap has written", function()
+    -- 512 KiB items in an 8 MiB ring: 14 in, 6 out, 5 more (these wrap to
+    -- the ring's start), then 2 out, which moves the consumer 4 MiB past
+    -- the last give-back, over offsets the new lap already uses
+    local q = mp.Queue{capacity = 8 * 2^20}
+    local n, sent, got = 2^19, {}, 0
+    local function put(k)
+      for _ = 1, k do sent[#sent + 1] = payload(#sent + 1, n); q:put(sent[#sent], false) end
+    end
+    local function get(k)
+      for _ = 1, k do got = got + 1; assert.equal(sent[got], q:get(false)) end
+    end
+    put(14); get(6); put(5); get(2)
+    get(#sent - got)
+    assert.is_true(q:empty())
+    assert.equal(1, q:_stats().skips)    -- the 5 went to the ring's start
+  end)
+
   it("waits for bytes when the ring is full, and refuses what cannot fit", function()
     local q = mp.Queue{capacity = 65536}
     local s = string.rep("x", 20000)
