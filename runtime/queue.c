@@ -68,7 +68,8 @@
 #define WATCH_SLOTS 16                /* processes in mp.wait on one queue */
 #define MAX_SLOTS 4096                /* Pool worker slots */
 #define SLICE_MS 250
-#define SPIN_NS 20000                 /* polling before sleeping in get */
+#define SPIN_NS 10000                 /* polling before sleeping in get */
+#define KEEP_SCRATCH ((size_t)8 << 20) /* get's buffer kept up to this */
 
 /* The header, in the arena's first page.  Lock rules: mu guards every
  * field marked [mu]; a field marked [mu, atomic] is changed under mu and
@@ -529,7 +530,7 @@ int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
   if (ps) luamp_futex_wake(&h->get_seq, 1);
   if (gs) luamp_futex_wake(&h->put_seq, 1);
   luamp_decode(L, o->buf, (size_t)len, 0);
-  if (o->bufcap > ((size_t)1 << 20)) {   /* big scratch: don't keep it */
+  if (o->bufcap > KEEP_SCRATCH) {   /* a rare big one: don't keep it */
     free(o->buf);
     o->buf = NULL;
     o->bufcap = 0;
