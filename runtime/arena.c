@@ -501,6 +501,20 @@ int luamp_obj_push_cached(lua_State *L, struct luamp_arena *a, size_t offset,
   return 0;
 }
 
+struct luamp_obj *luamp_obj_up(lua_State *L, int idx, int first, int n) {
+  struct luamp_obj *o = lua_touserdata(L, idx);
+  if (o != NULL && lua_getmetatable(L, idx)) {
+    for (int i = first; i < first + n; i++) {
+      if (lua_rawequal(L, -1, lua_upvalueindex(i))) {
+        lua_pop(L, 1);
+        return o;
+      }
+    }
+    lua_pop(L, 1);
+  }
+  return NULL;
+}
+
 struct luamp_obj *luamp_obj_check(lua_State *L, int idx, const char *tname) {
   struct luamp_obj *o = luaL_checkudata(L, idx, tname);
   if (o->arena == NULL) {

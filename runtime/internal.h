@@ -186,6 +186,11 @@ void luamp_obj_bind(lua_State *L, int idx, struct luamp_arena *a,
 /* Pushes this state's object for (a, offset) of type tname if it has one. */
 int luamp_obj_push_cached(lua_State *L, struct luamp_arena *a,
                           size_t offset, const char *tname);
+/* The object at idx if its metatable is one of the calling C function's
+ * upvalues first..first+n-1 (a pointer compare: the fast type check of
+ * methods registered with their family's metatables as upvalues), else
+ * NULL. */
+struct luamp_obj *luamp_obj_up(lua_State *L, int idx, int first, int n);
 /* luaL_checkudata, raising ValueError on a closed object. */
 struct luamp_obj *luamp_obj_check(lua_State *L, int idx, const char *tname);
 void luamp_obj_close(lua_State *L, int idx);     /* idempotent */

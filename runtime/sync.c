@@ -162,6 +162,19 @@ static struct luamp_lock *checklock(lua_State *L, int idx) {
   return l;
 }
 
+/* Methods are registered with their family's metatables as upvalues 1
+ * and 2: checking self is a pointer compare. */
+static struct luamp_obj *self(lua_State *L, const char *what) {
+  struct luamp_obj *o = luamp_obj_up(L, 1, 1, 2);
+  if (o == NULL) luaL_typeerror(L, 1, what);
+  if (o->arena == NULL) luamp_raise(L, "ValueError", "%s is closed", what);
+  return o;
+}
+
+static struct luamp_lock *selflock(lua_State *L) {
+  return (struct luamp_lock *)self(L, "Lock or RLock")->p;
+}
+
 void luamp_lock_push(lua_State *L, struct luamp_arena *a, size_t offset) {
   struct luamp_lock *l = (struct luamp_lock *)(a->base + offset);
   const char *tname = l->recursive ? LUAMP_RLOCK_TNAME : LUAMP_LOCK_TNAME;
@@ -187,7 +200,7 @@ static int l_Lock(lua_State *L) { return new_lock(L, 0); }
 static int l_RLock(lua_State *L) { return new_lock(L, 1); }
 
 static int lock_acquire(lua_State *L) {
-  struct luamp_lock *l = checklock(L, 1);
+  struct luamp_lock *l = selflock(L);
   double deadline = block_timeout_args(L, 2);
   lua_pushboolean(L, luamp_lock_acquire(L, l, deadline != -2.0,
                                         deadline == -2.0 ? 0 : deadline));
@@ -195,24 +208,24 @@ static int lock_acquire(lua_State *L) {
 }
 
 static int lock_release(lua_State *L) {
-  luamp_lock_release(L, checklock(L, 1));
+  luamp_lock_release(L, selflock(L));
   return 0;
 }
 
 /* with()/guard(): acquire without timeout, raising on Ctrl-C */
 static int lock_enter(lua_State *L) {
-  luamp_lock_acquire(L, checklock(L, 1), 1, -1.0);
+  luamp_lock_acquire(L, selflock(L), 1, -1.0);
   return 0;
 }
 
 static int lock_locked(lua_State *L) {
-  lua_pushboolean(L, atomic_load(&checklock(L, 1)->owner) != 0);
+  lua_pushboolean(L, atomic_load(&selflock(L)->owner) != 0);
   return 1;
 }
 
 /* RLock: is it held by the caller, and how deep */
 static int lock_is_mine(lua_State *L) {
-  struct luamp_lock *l = checklock(L, 1);
+  struct luamp_lock *l = selflock(L);
   lua_pushboolean(L, atomic_load(&l->owner) == luamp_self_id());
   return 1;
 }
@@ -262,11 +275,8 @@ struct ssem {
 };
 
 static struct ssem *checksem(lua_State *L, int idx) {
-  struct luamp_obj *o = luaL_testudata(L, idx, SEMAPHORE_TNAME);
-  if (o == NULL) o = luaL_testudata(L, idx, BSEMAPHORE_TNAME);
-  if (o == NULL) luaL_typeerror(L, idx, "Semaphore");
-  if (o->arena == NULL) luamp_raise(L, "ValueError", "Semaphore is closed");
-  return (struct ssem *)o->p;
+  (void)idx;
+  return (struct ssem *)self(L, "Semaphore")->p;
 }
 
 static int sem_try(struct ssem *s) {
@@ -453,7 +463,8 @@ struct sevent {
 };
 
 static struct sevent *checkevent(lua_State *L, int idx) {
-  return (struct sevent *)luamp_obj_check(L, idx, EVENT_TNAME)->p;
+  (void)idx;
+  return (struct sevent *)self(L, "Event")->p;
 }
 
 static int l_Event(lua_State *L) {
@@ -1198,14 +1209,31 @@ static const luaL_Reg barrier_meth[] = {
   {"abort", barrier_abort}, {"close", obj_close}, {NULL, NULL}
 };
 
-/* Makes metatable tname with methods meth (its __index, or the upvalue of
- * a custom __index) and puts the method table in core.methods[label]. */
-static void new_type(lua_State *L, const char *tname, const char *label,
-                     const luaL_Reg *meth, lua_CFunction tostring,
-                     lua_CFunction index) {
+/* Makes metatable tname (without __index yet). */
+static void new_meta(lua_State *L, const char *tname, lua_CFunction tostring) {
   luaL_newmetatable(L, tname);
+  lua_pushcfunction(L, luamp_obj_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, obj_close);
+  lua_setfield(L, -2, "__close");
+  lua_pushcfunction(L, tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pop(L, 1);
+}
+
+/* Gives tname its methods (its __index, or the upvalue of a custom
+ * __index), each with the metatables up1 and up2 (a family: Lock and
+ * RLock...) as upvalues 1 and 2 for the fast type check, and puts the
+ * method table in core.methods[label] (core.methods is at the top). */
+static void set_methods(lua_State *L, const char *tname, const char *label,
+                        const luaL_Reg *meth, const char *up1,
+                        const char *up2, lua_CFunction index) {
+  luaL_getmetatable(L, tname);
   lua_newtable(L);
-  luaL_setfuncs(L, meth, 0);
+  luaL_getmetatable(L, up1);
+  if (up2) luaL_getmetatable(L, up2);
+  else lua_pushnil(L);
+  luaL_setfuncs(L, meth, 2);
   if (lua_getfield(L, -1, "_enter") != LUA_TNIL) {
     lua_pop(L, 1);
     luaL_setfuncs(L, luamp_scoped_methods, 0);
@@ -1213,17 +1241,9 @@ static void new_type(lua_State *L, const char *tname, const char *label,
     lua_pop(L, 1);
   }
   lua_pushvalue(L, -1);
-  lua_setfield(L, -4, label);           /* core.methods[label] */
-  if (index) {
-    lua_pushcclosure(L, index, 1);
-  }
+  lua_setfield(L, -4, label);
+  if (index) lua_pushcclosure(L, index, 1);
   lua_setfield(L, -2, "__index");
-  lua_pushcfunction(L, luamp_obj_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, obj_close);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, tostring);
-  lua_setfield(L, -2, "__tostring");
   lua_pop(L, 1);
 }
 
@@ -1241,15 +1261,26 @@ int luamp_open_sync(lua_State *L) {
     lua_pushvalue(L, -1);
     lua_setfield(L, -3, "methods");
   }
-  new_type(L, LUAMP_LOCK_TNAME, "Lock", lock_meth, lock_tostring, NULL);
-  new_type(L, LUAMP_RLOCK_TNAME, "RLock", lock_meth, lock_tostring, NULL);
-  new_type(L, SEMAPHORE_TNAME, "Semaphore", sem_meth, sem_tostring, NULL);
-  new_type(L, BSEMAPHORE_TNAME, "BoundedSemaphore", sem_meth, sem_tostring,
-           NULL);
-  new_type(L, EVENT_TNAME, "Event", event_meth, event_tostring, NULL);
-  new_type(L, CONDITION_TNAME, "Condition", cond_meth, cond_tostring, NULL);
-  new_type(L, BARRIER_TNAME, "Barrier", barrier_meth, barrier_tostring,
-           barrier_index);
+  new_meta(L, LUAMP_LOCK_TNAME, lock_tostring);
+  new_meta(L, LUAMP_RLOCK_TNAME, lock_tostring);
+  new_meta(L, SEMAPHORE_TNAME, sem_tostring);
+  new_meta(L, BSEMAPHORE_TNAME, sem_tostring);
+  new_meta(L, EVENT_TNAME, event_tostring);
+  new_meta(L, CONDITION_TNAME, cond_tostring);
+  new_meta(L, BARRIER_TNAME, barrier_tostring);
+  set_methods(L, LUAMP_LOCK_TNAME, "Lock", lock_meth, LUAMP_LOCK_TNAME,
+              LUAMP_RLOCK_TNAME, NULL);
+  set_methods(L, LUAMP_RLOCK_TNAME, "RLock", lock_meth, LUAMP_LOCK_TNAME,
+              LUAMP_RLOCK_TNAME, NULL);
+  set_methods(L, SEMAPHORE_TNAME, "Semaphore", sem_meth, SEMAPHORE_TNAME,
+              BSEMAPHORE_TNAME, NULL);
+  set_methods(L, BSEMAPHORE_TNAME, "BoundedSemaphore", sem_meth,
+              SEMAPHORE_TNAME, BSEMAPHORE_TNAME, NULL);
+  set_methods(L, EVENT_TNAME, "Event", event_meth, EVENT_TNAME, NULL, NULL);
+  set_methods(L, CONDITION_TNAME, "Condition", cond_meth, CONDITION_TNAME,
+              NULL, NULL);
+  set_methods(L, BARRIER_TNAME, "Barrier", barrier_meth, BARRIER_TNAME, NULL,
+              barrier_index);
   lua_pop(L, 1);
   for (size_t i = 0; i < sizeof handle_ops / sizeof handle_ops[0]; i++)
     luamp_register_handle(L, &handle_ops[i]);

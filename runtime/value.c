@@ -199,18 +199,25 @@ struct vobj {
   char *data;
 };
 
-static struct vobj vcheck(lua_State *L, int idx) {
-  struct luamp_obj *o = luaL_testudata(L, idx, VALUE_TNAME);
+static struct vobj vfrom(struct luamp_obj *o) {
   struct vobj v;
-  if (o == NULL) o = luaL_testudata(L, idx, ARRAY_TNAME);
-  if (o == NULL) luaL_typeerror(L, idx, "Value or Array");
-  if (o->arena == NULL)
-    luamp_raise(L, "ValueError", "%s is closed",
-                luaL_testudata(L, idx, VALUE_TNAME) ? "Value" : "Array");
   v.h = (struct vhdr *)o->p;
   v.t = find_tc((int)v.h->typecode);
   v.data = o->arena->base + DATA_OFF;
   return v;
+}
+
+/* Every Value and Array function (methods and metamethods) has the two
+ * metatables as upvalues 1 and 2: checking self is a pointer compare.
+ * The __index functions also have the method table (3) and the string
+ * "value" (4). */
+static struct vobj vcheck(lua_State *L, int idx) {
+  struct luamp_obj *o = luamp_obj_up(L, idx, 1, 2);
+  if (o == NULL) luaL_typeerror(L, idx, "Value or Array");
+  if (o->arena == NULL)
+    luamp_raise(L, "ValueError", "%s is closed",
+                luaL_testudata(L, idx, VALUE_TNAME) ? "Value" : "Array");
+  return vfrom(o);
 }
 
 /* The lock option at idx (an options table {lock = ...}, or the lock
@@ -271,7 +278,7 @@ static int value_new(lua_State *L, int raw) {
   uint64_t bits = 0;
   if (!lua_isnoneornil(L, 2)) bits = check_elem(L, t, 2);
   new_value(L, t, 1, 0, lockmode, lockidx);
-  v = vcheck(L, -1);
+  v = vfrom(lua_touserdata(L, -1));
   store_bits(v.data, t->size, bits);
   return 1;
 }
@@ -306,7 +313,7 @@ static int array_new(lua_State *L, int raw) {
   luaL_argcheck(L, (uint64_t)n <= MAX_BYTES / t->size, 2, "size too large");
   new_value(L, t, (uint64_t)n, 1, lockmode, lockidx);
   arr = lua_gettop(L);
-  v = vcheck(L, arr);
+  v = vfrom(lua_touserdata(L, arr));
   if (lua_type(L, 2) == LUA_TSTRING) {
     memcpy(v.data, lua_tostring(L, 2), (size_t)n);
   } else if (lua_type(L, 2) == LUA_TTABLE) {
@@ -421,26 +428,26 @@ static int v_close(lua_State *L) {
 }
 
 static int value_index(lua_State *L) {
-  const char *k = lua_tostring(L, 2);
-  if (k && strcmp(k, "value") == 0 && lua_type(L, 2) == LUA_TSTRING) {
+  const char *k;
+  if (lua_rawequal(L, 2, lua_upvalueindex(4))) {   /* v.value */
     struct vobj v = vcheck(L, 1);
     push_elem(L, v.t, v.data);
     return 1;
   }
+  k = lua_tostring(L, 2);
   if (k && strcmp(k, "typecode") == 0 && lua_type(L, 2) == LUA_TSTRING) {
     struct vobj v = vcheck(L, 1);
     lua_pushlstring(L, &v.t->code, 1);
     return 1;
   }
   lua_pushvalue(L, 2);
-  lua_rawget(L, lua_upvalueindex(1));
+  lua_rawget(L, lua_upvalueindex(3));
   return 1;
 }
 
 static int value_newindex(lua_State *L) {
-  const char *k = lua_tostring(L, 2);
   struct vobj v = vcheck(L, 1);
-  if (k == NULL || lua_type(L, 2) != LUA_TSTRING || strcmp(k, "value") != 0)
+  if (!lua_rawequal(L, 2, lua_upvalueindex(4)))
     return luaL_error(L, "cannot set field '%s' of a Value (only 'value')",
                       luaL_tolstring(L, 2, NULL));
   store_bits(v.data, v.t->size, check_elem(L, v.t, 3));
@@ -488,7 +495,7 @@ static int array_index(lua_State *L) {
     }
   }
   lua_pushvalue(L, 2);
-  lua_rawget(L, lua_upvalueindex(1));
+  lua_rawget(L, lua_upvalueindex(3));
   return 1;
 }
 
@@ -611,25 +618,39 @@ int luamp_open_value(lua_State *L) {
   } else {
     lua_pop(L, 1);
   }
+  /* both metatables first: every function gets them as upvalues */
+  luaL_newmetatable(L, VALUE_TNAME);
+  luaL_newmetatable(L, ARRAY_TNAME);
+  lua_pop(L, 2);
   {
-    /* methods: common + the type's own; __index a closure over them */
     const luaL_Reg *metas[2] = {value_mm, array_mm};
     const luaL_Reg *meths[2] = {value_meth, array_meth};
     const char *tnames[2] = {VALUE_TNAME, ARRAY_TNAME};
     const char *labels[2] = {"Value", "Array"};
     lua_CFunction indexes[2] = {value_index, array_index};
     for (int i = 0; i < 2; i++) {
-      luaL_newmetatable(L, tnames[i]);
-      luaL_setfuncs(L, metas[i], 0);
-      lua_newtable(L);
-      luaL_setfuncs(L, common, 0);
-      luaL_setfuncs(L, meths[i], 0);
+      luaL_getmetatable(L, tnames[i]);               /* mt */
+      luaL_getmetatable(L, VALUE_TNAME);
+      luaL_getmetatable(L, ARRAY_TNAME);
+      luaL_setfuncs(L, metas[i], 2);
+      lua_newtable(L);                               /* mt, methods */
+      luaL_getmetatable(L, VALUE_TNAME);
+      luaL_getmetatable(L, ARRAY_TNAME);
+      luaL_setfuncs(L, common, 2);
+      luaL_getmetatable(L, VALUE_TNAME);
+      luaL_getmetatable(L, ARRAY_TNAME);
+      luaL_setfuncs(L, meths[i], 2);
       luaL_setfuncs(L, luamp_scoped_methods, 0);
       lua_getfield(L, -3, "methods");
       lua_pushvalue(L, -2);
-      lua_setfield(L, -2, labels[i]);
+      lua_setfield(L, -2, labels[i]);                /* core.methods */
       lua_pop(L, 1);
-      lua_pushcclosure(L, indexes[i], 1);
+      luaL_getmetatable(L, VALUE_TNAME);             /* mt, methods, up1 */
+      lua_insert(L, -2);
+      luaL_getmetatable(L, ARRAY_TNAME);
+      lua_insert(L, -2);                             /* mt, up1, up2, meth */
+      lua_pushliteral(L, "value");
+      lua_pushcclosure(L, indexes[i], 4);
       lua_setfield(L, -2, "__index");
       lua_pop(L, 1);
     }
