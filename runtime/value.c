@@ -209,8 +209,8 @@ static struct vobj vfrom(struct luamp_obj *o) {
 
 /* Every Value and Array function (methods and metamethods) has the two
  * metatables as upvalues 1 and 2: checking self is a pointer compare.
- * The __index functions also have the method table (3) and the string
- * "value" (4). */
+ * Metamethods also have the string "value" (3); the __index functions
+ * the method table (4). */
 static struct vobj vcheck(lua_State *L, int idx) {
   struct luamp_obj *o = luamp_obj_up(L, idx, 1, 2);
   if (o == NULL) luaL_typeerror(L, idx, "Value or Array");
@@ -429,7 +429,7 @@ static int v_close(lua_State *L) {
 
 static int value_index(lua_State *L) {
   const char *k;
-  if (lua_rawequal(L, 2, lua_upvalueindex(4))) {   /* v.value */
+  if (lua_rawequal(L, 2, lua_upvalueindex(3))) {   /* v.value */
     struct vobj v = vcheck(L, 1);
     push_elem(L, v.t, v.data);
     return 1;
@@ -441,13 +441,13 @@ static int value_index(lua_State *L) {
     return 1;
   }
   lua_pushvalue(L, 2);
-  lua_rawget(L, lua_upvalueindex(3));
+  lua_rawget(L, lua_upvalueindex(4));
   return 1;
 }
 
 static int value_newindex(lua_State *L) {
   struct vobj v = vcheck(L, 1);
-  if (!lua_rawequal(L, 2, lua_upvalueindex(4)))
+  if (!lua_rawequal(L, 2, lua_upvalueindex(3)))
     return luaL_error(L, "cannot set field '%s' of a Value (only 'value')",
                       luaL_tolstring(L, 2, NULL));
   store_bits(v.data, v.t->size, check_elem(L, v.t, 3));
@@ -495,7 +495,7 @@ static int array_index(lua_State *L) {
     }
   }
   lua_pushvalue(L, 2);
-  lua_rawget(L, lua_upvalueindex(3));
+  lua_rawget(L, lua_upvalueindex(4));
   return 1;
 }
 
@@ -632,7 +632,8 @@ int luamp_open_value(lua_State *L) {
       luaL_getmetatable(L, tnames[i]);               /* mt */
       luaL_getmetatable(L, VALUE_TNAME);
       luaL_getmetatable(L, ARRAY_TNAME);
-      luaL_setfuncs(L, metas[i], 2);
+      lua_pushliteral(L, "value");
+      luaL_setfuncs(L, metas[i], 3);
       lua_newtable(L);                               /* mt, methods */
       luaL_getmetatable(L, VALUE_TNAME);
       luaL_getmetatable(L, ARRAY_TNAME);
@@ -648,8 +649,9 @@ int luamp_open_value(lua_State *L) {
       luaL_getmetatable(L, VALUE_TNAME);             /* mt, methods, up1 */
       lua_insert(L, -2);
       luaL_getmetatable(L, ARRAY_TNAME);
-      lua_insert(L, -2);                             /* mt, up1, up2, meth */
+      lua_insert(L, -2);
       lua_pushliteral(L, "value");
+      lua_insert(L, -2);                       /* mt, up1, up2, "value", meth */
       lua_pushcclosure(L, indexes[i], 4);
       lua_setfield(L, -2, "__index");
       lua_pop(L, 1);
