@@ -119,12 +119,17 @@ static struct queue qget(struct luamp_obj *o) {
   return q;
 }
 
+/* Methods carry the three queue metatables as upvalues 1..3, so checking
+ * self is a pointer compare; C callers (no upvalues) take the named way. */
 static struct luamp_obj *checkqueue(lua_State *L, int idx) {
-  struct luamp_obj *o = lua_touserdata(L, idx);
-  if (o == NULL || (!luaL_testudata(L, idx, QUEUE_TNAME) &&
-                    !luaL_testudata(L, idx, SIMPLEQUEUE_TNAME) &&
-                    !luaL_testudata(L, idx, JOINABLEQUEUE_TNAME)))
-    luaL_typeerror(L, idx, "Queue");
+  struct luamp_obj *o = luamp_obj_up(L, idx, 1, 3);
+  if (o == NULL) {
+    o = lua_touserdata(L, idx);
+    if (o == NULL || (!luaL_testudata(L, idx, QUEUE_TNAME) &&
+                      !luaL_testudata(L, idx, SIMPLEQUEUE_TNAME) &&
+                      !luaL_testudata(L, idx, JOINABLEQUEUE_TNAME)))
+      luaL_typeerror(L, idx, "Queue");
+  }
   if (o->arena == NULL) luamp_raise(L, "ValueError", "Queue is closed");
   return o;
 }
@@ -880,11 +885,16 @@ int luamp_open_queue(lua_State *L) {
   static const char *const labels[3] = {"Queue", "JoinableQueue",
                                         "SimpleQueue"};
   luaL_setfuncs(L, funcs, 0);
+  for (int i = 0; i < 3; i++) {   /* all three first: they are upvalues */
+    luaL_newmetatable(L, tnames[i]);
+    lua_pop(L, 1);
+  }
   lua_getfield(L, -1, "methods");
   for (int i = 0; i < 3; i++) {
-    luaL_newmetatable(L, tnames[i]);
+    luaL_getmetatable(L, tnames[i]);
     lua_newtable(L);
-    luaL_setfuncs(L, i == 2 ? simple_meth : queue_meth, 0);
+    for (int j = 0; j < 3; j++) luaL_getmetatable(L, tnames[j]);
+    luaL_setfuncs(L, i == 2 ? simple_meth : queue_meth, 3);
     if (i == 0) {     /* a plain Queue has no task_done/join */
       lua_pushnil(L);
       lua_setfield(L, -2, "task_done");
@@ -894,11 +904,14 @@ int luamp_open_queue(lua_State *L) {
     lua_pushvalue(L, -1);
     lua_setfield(L, -4, labels[i]);   /* core.methods[label] */
     lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, luamp_obj_gc);
+    for (int j = 0; j < 3; j++) luaL_getmetatable(L, tnames[j]);
+    lua_pushcclosure(L, luamp_obj_gc, 3);
     lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, q_close);
+    for (int j = 0; j < 3; j++) luaL_getmetatable(L, tnames[j]);
+    lua_pushcclosure(L, q_close, 3);
     lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, q_tostring);
+    for (int j = 0; j < 3; j++) luaL_getmetatable(L, tnames[j]);
+    lua_pushcclosure(L, q_tostring, 3);
     lua_setfield(L, -2, "__tostring");
     lua_pop(L, 1);
   }
