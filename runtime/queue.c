@@ -406,9 +406,8 @@ static int sleep_on(lua_State *L, _Atomic uint32_t *seq, uint32_t snap,
   return r;
 }
 
-int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
-                    int block, double deadline) {
-  struct luamp_obj *o = checkqueue(L, qidx);
+static int queue_put(lua_State *L, struct luamp_obj *o, int vidx,
+                     uint64_t tag, int block, double deadline) {
   struct queue q = qget(o);
   struct qhdr *h = q.h;
   size_t len;
@@ -443,8 +442,13 @@ int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
   rec[1] = tag;
   ring_write(&q, h->tail, (const char *)rec, REC);
   ring_write(&q, h->tail + REC, data, len);
-  atomic_fetch_add(&h->count, 1);
-  if (h->joinable) atomic_fetch_add(&h->unfinished, 1);
+  /* count and unfinished change under mu only: a store, not a locked
+   * read-modify-write (put_seq's below is the fence the sleepers need) */
+  atomic_store_explicit(&h->count, atomic_load_explicit(&h->count,
+                        memory_order_relaxed) + 1, memory_order_release);
+  if (h->joinable)
+    atomic_store_explicit(&h->unfinished, atomic_load_explicit(
+        &h->unfinished, memory_order_relaxed) + 1, memory_order_release);
   h->tail += need;                    /* the item exists from here on */
   journal_end(h);
   atomic_fetch_add(&h->put_seq, 1);
@@ -472,9 +476,8 @@ static char *scratch(lua_State *L, struct luamp_obj *o, uint64_t n) {
   return o->buf;
 }
 
-int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
-                    int slot) {
-  struct luamp_obj *o = checkqueue(L, qidx);
+static int queue_get(lua_State *L, struct luamp_obj *o, int block,
+                     double deadline, int slot) {
   struct queue q = qget(o);
   struct qhdr *h = q.h;
   uint64_t rec[2], len;
@@ -525,7 +528,8 @@ int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
     h->slots[slot] = rec[1] + 1;
   }
   h->head += rec_size(len);
-  atomic_fetch_sub(&h->count, 1);
+  atomic_store_explicit(&h->count, atomic_load_explicit(&h->count,
+                        memory_order_relaxed) - 1, memory_order_release);
   journal_end(h);
   after_get(&q);
   atomic_fetch_add(&h->get_seq, 1);
@@ -541,6 +545,16 @@ int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
     o->bufcap = 0;
   }
   return 1;
+}
+
+int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
+                    int block, double deadline) {
+  return queue_put(L, checkqueue(L, qidx), vidx, tag, block, deadline);
+}
+
+int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
+                    int slot) {
+  return queue_get(L, checkqueue(L, qidx), block, deadline, slot);
 }
 
 /* ---- construction ------------------------------------------------------------------- */
@@ -622,42 +636,42 @@ static double block_timeout(lua_State *L, int i) {
 
 /* q:put(v [, block [, timeout]]) */
 static int q_put(lua_State *L) {
+  struct luamp_obj *o;
   double d;
   lua_settop(L, 4);
-  checkqueue(L, 1);
+  o = checkqueue(L, 1);
   d = block_timeout(L, 3);
-  luamp_queue_put(L, 1, 2, 0, d != -2.0, d == -2.0 ? 0 : d);
+  queue_put(L, o, 2, 0, d != -2.0, d == -2.0 ? 0 : d);
   return 0;
 }
 
 static int q_put_nowait(lua_State *L) {
-  checkqueue(L, 1);
+  struct luamp_obj *o = checkqueue(L, 1);
   lua_settop(L, 2);
-  luamp_queue_put(L, 1, 2, 0, 0, 0);
+  queue_put(L, o, 2, 0, 0, 0);
   return 0;
 }
 
 /* q:get([block [, timeout]]) -> v */
 static int q_get(lua_State *L) {
-  double d;
-  checkqueue(L, 1);
-  d = block_timeout(L, 2);
-  return luamp_queue_get(L, 1, d != -2.0, d == -2.0 ? 0 : d, -1);
+  struct luamp_obj *o = checkqueue(L, 1);
+  double d = block_timeout(L, 2);
+  return queue_get(L, o, d != -2.0, d == -2.0 ? 0 : d, -1);
 }
 
 static int q_get_nowait(lua_State *L) {
-  return luamp_queue_get(L, 1, 0, 0, -1);
+  return queue_get(L, checkqueue(L, 1), 0, 0, -1);
 }
 
 /* SimpleQueue:get() waits forever (Ctrl-C still interrupts) */
 static int sq_get(lua_State *L) {
-  return luamp_queue_get(L, 1, 1, -1.0, -1);
+  return queue_get(L, checkqueue(L, 1), 1, -1.0, -1);
 }
 
 static int sq_put(lua_State *L) {
-  checkqueue(L, 1);
+  struct luamp_obj *o = checkqueue(L, 1);
   lua_settop(L, 2);
-  luamp_queue_put(L, 1, 2, 0, 1, -1.0);
+  queue_put(L, o, 2, 0, 1, -1.0);
   return 0;
 }
 
