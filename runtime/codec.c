@@ -11,7 +11,9 @@
  *              again (shared tables, cycles, recursive closures); DEFs are
  *              numbered in order of appearance from 0
  *   3 FUNC     ext32: bin bytecode (lua_dump), uint nups, nups values
- *   4 GLOBALS  fixext1: the globals table (rebound to the receiver's)
+ *   4 GLOBALS  fixext1: the globals table (rebound to the receiver's); an
+ *              _ENV upvalue with a metatable (a view of the globals, as a
+ *              sandbox or busted makes) is rebound the same way
  *   5 NAMED    a loaded module or a function of one, by name: str module,
  *              then nil or str field; resolved with require on receipt
  *   6 HANDLE   a runtime object (queue, lock...): str type name, bin bytes
@@ -932,6 +934,17 @@ static void upvalue_step(struct enc *e, int fidx, const char *name) {
   path_step(e, step);
 }
 
+/* An environment that is a view of the globals: a table with a metatable
+ * (a sandbox inheriting through __index, or a test framework's proxy).
+ * Only a plain table without metatable is taken as a self-contained
+ * environment and copied. */
+static int is_global_view(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  if (!lua_getmetatable(L, idx)) return 0;
+  lua_pop(L, 1);
+  return 1;
+}
+
 static int enc_function(struct enc *e, int idx) {
   lua_State *L = e->L;
   size_t def, at, bin;
@@ -968,9 +981,14 @@ static int enc_function(struct enc *e, int idx) {
     int v = lua_gettop(L);
     r = 0;
     /* a module held in an upvalue (local cjson = require "cjson") goes by
-     * name; other tables are copied */
-    if (lua_istable(L, v) && lua_topointer(L, v) != e->globals)
-      r = put_named(e, v);
+     * name; an environment inheriting from the globals is rebound to the
+     * receiver's globals; other tables are copied */
+    if (lua_istable(L, v) && lua_topointer(L, v) != e->globals) {
+      if (name && strcmp(name, "_ENV") == 0 && is_global_view(e, v))
+        r = put_ext(e, EXT_GLOBALS, "", 1) < 0 ? -1 : 1;
+      else
+        r = put_named(e, v);
+    }
     if (r == 0) r = enc_value(e, v);
     if (r < 0) {
       upvalue_step(e, idx, name);

@@ -42,13 +42,13 @@ static void on_sigint(int sig) {
   lua_sethook(globalL, stop_hook, mask, 1);
 }
 
-static void set_sigint(void (*handler)(int)) {
+static void set_sigint(void (*handler)(int), struct sigaction *old) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = handler;
   sigemptyset(&sa.sa_mask);
   sa.sa_flags = 0; /* no SA_RESTART: blocked reads must see EINTR */
-  sigaction(SIGINT, &sa, NULL);
+  sigaction(SIGINT, &sa, old);
 }
 
 /* ---- reporting ------------------------------------------------------ */
@@ -90,10 +90,13 @@ int luamp_host_docall(lua_State *L, int narg, int nres) {
   int base = lua_gettop(L) - narg;
   lua_pushcfunction(L, msghandler);
   lua_insert(L, base);
+  struct sigaction old;
   globalL = L;
-  set_sigint(on_sigint);
+  set_sigint(on_sigint, &old);
   status = lua_pcall(L, narg, nres, base);
-  signal(SIGINT, SIG_DFL);
+  /* back to what was there: the default for scripts, the REPL's own
+   * handler between its chunks */
+  sigaction(SIGINT, &old, NULL);
   lua_remove(L, base);
   return status;
 }

@@ -3,16 +3,176 @@
  *
  * luamp gives Lua 5.4 Python's multiprocessing: Process, Pool, Queue, Pipe,
  * Manager, shared memory and locks, with forked interpreters as workers.
+ * This header is for C and C++ programs that embed Lua 5.4 and want the
+ * module in their lua_State.  The Lua API itself is documented in README.md
+ * and the project's API contract.
  *
- * A host that embeds Lua makes the module available with either
+ * ---- Building -------------------------------------------------------------
  *
- *     luaL_requiref(L, "multiprocessing", luaopen_multiprocessing, 0);
+ * libluamp (libluamp.so.0 and libluamp.a) does not link liblua: the Lua API
+ * symbols come from the host, which links liblua5.4 once.  Installed with
+ * "make install", pkg-config knows the flags:
  *
- * or, to load it lazily on the script's first require, with
+ *     cc host.c $(pkg-config --cflags --libs luamp)                shared
  *
- *     luamp_preload(L);
+ *     cc host.c $(pkg-config --cflags luamp) /usr/local/lib/libluamp.a \
+ *        $(pkg-config --static --libs-only-l luamp | sed 's/-lluamp//')
+ *                                                                  static
  *
- * Everything the library exports starts with luamp_ or luaopen_.
+ * (luamp.pc's Requires: lua5.4 brings Lua's flags; Libs.private lists the
+ * system libraries the archive needs.)
+ *
+ * Only Lua 5.4 will do (the library checks the version of the state it is
+ * given: luaL_checkversion).  Everything the library exports starts with luamp_ or luaopen_;
+ * LUAMP_VERSION says which API this header describes and luamp_version()
+ * which library is linked.
+ *
+ * ---- Loading the module ---------------------------------------------------
+ *
+ * Open the standard libraries first (luaL_openlibs, or at least base,
+ * package, string, table, math, io and os: the module's Lua parts use
+ * them), then either
+ *
+ *     luamp_preload(L);      scripts say  local mp = require "multiprocessing"
+ *
+ * or, to load it now and set the global "multiprocessing",
+ *
+ *     luaL_requiref(L, "multiprocessing", luaopen_multiprocessing, 1);
+ *     lua_pop(L, 1);
+ *
+ * The module's Lua files are compiled into the library: no file needs to be
+ * on LUA_PATH or LUA_CPATH.  A state that is meant to fork workers must be
+ * used by one thread at a time (Lua states are never thread-safe), and the
+ * runtime is built for one state per process: the children, queues and
+ * exit handling are per process.
+ *
+ * ---- Running a Lua-defined worker entry from C ----------------------------
+ *
+ * A Process target and a Pool task are Lua functions.  A Process child is
+ * a fork of the caller, so the function, its upvalues and its arguments are
+ * used as they are; Pool tasks are encoded (bytecode plus upvalues) and
+ * may run in workers forked earlier.  From C, call the Lua API as a script
+ * would, under lua_pcall:
+ *
+ *     -- worker.lua, loaded by the host:  function worker_main(n) ... end
+ *
+ *     static int start_worker(lua_State *L) {  // called with lua_pcall
+ *       lua_getglobal(L, "require");
+ *       lua_pushliteral(L, "multiprocessing");
+ *       lua_call(L, 1, 1);                      // mp
+ *       lua_getfield(L, -1, "Process");
+ *       lua_createtable(L, 0, 2);               // {target =, args =}
+ *       lua_getglobal(L, "worker_main");
+ *       lua_setfield(L, -2, "target");
+ *       lua_createtable(L, 1, 0);
+ *       lua_pushinteger(L, 42);
+ *       lua_rawseti(L, -2, 1);
+ *       lua_setfield(L, -2, "args");
+ *       lua_call(L, 1, 1);                      // p = mp.Process{...}
+ *       lua_getfield(L, -1, "start");
+ *       lua_pushvalue(L, -2);
+ *       lua_call(L, 1, 0);                      // p:start()
+ *       lua_getfield(L, -1, "join");
+ *       lua_pushvalue(L, -2);
+ *       lua_call(L, 1, 0);                      // p:join()
+ *       lua_getfield(L, -1, "exitcode");
+ *       return 1;
+ *     }
+ *
+ * (Loading a chunk of Lua that does the same -- luaL_loadstring plus
+ * lua_pcall -- is shorter and just as good.)  In the child the host's C
+ * stack is there, as fork copies it, but control never returns into it:
+ * the child runs the target and leaves with _exit, running no atexit
+ * handlers, C++ destructors or host cleanup.  Its exit code is the
+ * Process's exitcode (0, the n of os.exit(n), 1 after an uncaught error).
+ *
+ * C functions of the host work in workers: a forked child has all of the
+ * host's code.  For a Pool task (which is encoded) to refer to one, it
+ * must be reachable by name -- a field of a module in package.loaded
+ * (luaL_requiref(L, "host", open_host, 1)) or a C function stored in a
+ * global -- because functions of C travel by name and are looked up again
+ * in the worker.  scripts/examples/embed/host.c does this.
+ *
+ * Errors raised by the module are tables (fields kind, message and, where
+ * they apply, traceback, value, errno) with a __tostring metamethod: use
+ * luaL_tolstring, not lua_tostring, to print one.
+ *
+ * ---- Forks and what the host must do around them --------------------------
+ *
+ * Process:start(), a Pool (its workers, and the replacements for workers
+ * that die or retire), a Manager's server and the other primitives fork
+ * the process.  fork copies the whole host: its memory, every open file
+ * descriptor and the calling thread (only that one).  Before forking the
+ * runtime flushes stdio (fflush(NULL)) and blocks signals; the child
+ * unblocks them, keeps the signal dispositions (so the host's SIGINT
+ * handler still turns Ctrl-C into "interrupted!"), forgets its parent's
+ * children, and never closes, unlinks or kills what its parent owns.
+ *
+ * The host's own resources are the host's to handle.  In a child, a
+ * database connection, a TLS session, a listening socket or an event
+ * loop's epoll descriptor is shared with the parent: the child must not
+ * use it, and must not shut it down in a way the other side sees (a
+ * protocol goodbye, SSL_shutdown, epoll_ctl on the shared epoll set, which
+ * changes the parent's set).  Closing the descriptor is safe (it only drops
+ * the child's reference).  Generators seeded once per process need a new
+ * seed.  Register C hooks for this with luamp_atfork (below): before runs
+ * in the parent just before each fork (flush your buffers, take the locks
+ * the child will need), parent after it in the parent (release them),
+ * child in the new child before any Lua code (release or re-create the
+ * locks, close or forget inherited handles, reseed).  They run together
+ * with the Lua hooks of mp.register_at_fork, so script and host see the
+ * same forks.
+ *
+ * ---- Hosts with threads ---------------------------------------------------
+ *
+ * The runtime starts no threads.  fork copies only the thread that calls
+ * it; in the child every lock another thread held at that instant stays
+ * locked for ever.  What is safe:
+ *
+ *  1. A single-threaded host: always.
+ *  2. A host that creates its Pools, Processes and Managers before it
+ *     starts any thread.  Afterwards only the thread that owns the
+ *     lua_State may call into it.  But a Pool forks again to replace a
+ *     worker that died or reached maxtasksperchild, and any later
+ *     Process:start() forks too: those forks happen with the threads
+ *     running and are safe only under rule 3.
+ *  3. Forking while other threads run, when all of these hold: the fork
+ *     comes from the thread that owns the lua_State; no other thread
+ *     touches that state (or any Lua value of it) meanwhile; and every
+ *     lock that the child's code path takes is either glibc's own (malloc
+ *     and stdio are made fork-safe by glibc's at-fork handling) or held
+ *     across the fork by a luamp_atfork before hook and released by the
+ *     parent and child hooks.  A child that calls host C functions which
+ *     take other locks (a logger's mutex, a connection pool's) can hang
+ *     if another thread held such a lock when the fork happened.
+ *
+ * Never fork from a thread other than the state's owner, and never while
+ * another thread runs Lua code of the same state.  A child cannot use the
+ * host's other threads (they are not there): work handed to a thread
+ * pool, an async logger or a background flusher never happens in the
+ * child.  Threads that block signals to take them in a signal thread do
+ * not stop children from being signalled: children start with every
+ * signal unblocked.
+ *
+ * ---- Ctrl-C ---------------------------------------------------------------
+ *
+ * Every blocking call (join, get, recv, map, wait...) ends with Lua's
+ * "interrupted!" error when the host answers SIGINT the way lua.c does: a
+ * handler, installed with sigaction and without SA_RESTART, that calls
+ *
+ *     lua_sethook(L, stop, LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE |
+ *                          LUA_MASKCOUNT, 1);
+ *
+ * on the state's main thread, where stop() removes the hook and raises
+ * luaL_error(L, "interrupted!").  The waits see EINTR, recognise that hook,
+ * release what they hold and raise.  A host that handles SIGINT some other
+ * way keeps its own behaviour; waits then resume after the signal.
+ *
+ * Two dispositions are the runtime's business: SIGPIPE, when at its
+ * default, is set to be ignored as the module opens (a write to a closed
+ * peer then raises BrokenPipeError instead of killing the process), and an
+ * ignored SIGCHLD is put back to its default before a fork (waitpid needs
+ * it for exit codes).  No other signal handling of the host is changed.
  */
 #ifndef LUAMP_H
 #define LUAMP_H
@@ -38,14 +198,19 @@ extern "C" {
 
 /* The module loader: returns the table that require "multiprocessing"
  * returns.  It also registers the module's Lua parts (compiled into the
- * library) in package.preload, so no file beside the host is needed. */
+ * library) in package.preload, so no file beside the host is needed; a
+ * host that preloaded its own version of one keeps it.  Raises (as any
+ * lua_CFunction) when the state has no package library. */
 LUAMP_API int luaopen_multiprocessing(lua_State *L);
 
 /* The C primitives alone ("multiprocessing.core"); the Lua parts of the
  * module require it.  Hosts normally need only luaopen_multiprocessing. */
 LUAMP_API int luaopen_multiprocessing_core(lua_State *L);
 
-/* Sets package.preload["multiprocessing"] (and its submodules) in L. */
+/* Sets package.preload["multiprocessing"] and its submodules'
+ * ("multiprocessing.core", "multiprocessing.repl", ...) in L, so that the
+ * first require loads them; loads nothing yet.  Call it after opening the
+ * package library. */
 LUAMP_API void luamp_preload(lua_State *L);
 
 /* LUAMP_VERSION of the library actually linked (may differ from the

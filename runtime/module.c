@@ -29,6 +29,7 @@ static int (*const primitives[])(lua_State *L) = {
 };
 
 LUAMP_API int luaopen_multiprocessing_core(lua_State *L) {
+  luaL_checkversion(L);  /* a host built on another Lua gets an error */
   lua_newtable(L);
   for (int i = 0; primitives[i]; i++) primitives[i](L);
   lua_pushliteral(L, LUAMP_VERSION);

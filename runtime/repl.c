@@ -1,34 +1,62 @@
 /*
  * repl.c -- the interactive loop of the luamp command.
  *
- * Reads chunks line by line: a first line is tried as an expression
- * ("return <line>", so bare expressions and "=expr" print their values),
- * then as a statement; input whose only fault is reaching <eof> continues
- * on the next line with the secondary prompt.  Ctrl-C at the prompt drops
- * the line being typed; Ctrl-C while a chunk runs interrupts it
- * (luamp_host_docall) and returns here.
+ * Reads chunks line by line, as lua.c does: a first line is tried as an
+ * expression ("return <line>", so bare expressions and "=expr" print their
+ * values), then as a statement; input whose only fault is reaching <eof>
+ * continues on the next line with the secondary prompt.  Ctrl-C at the
+ * prompt drops the chunk being typed; Ctrl-C while a chunk runs interrupts
+ * it (luamp_host_docall) and returns here.
+ *
+ * On a terminal, lines come from libedit (when the build found it): line
+ * editing, history kept in ~/.luamp_history, Tab completion; results are
+ * pretty-printed.  The completion and the printing are Lua, in
+ * lua/multiprocessing/repl.lua.  Input that is not a terminal is read and
+ * echoed exactly as lua5.4 does, so transcripts match it byte for byte.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <locale.h>
 #include <signal.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <lua.h>
 #include <lauxlib.h>
 
+#ifdef LUAMP_HAVE_LIBEDIT
+#include <editline/readline.h>
+#endif
+
 #include "host.h"
 
 #define MAX_LINE 4096
+/* Registry key of the multiprocessing.repl table (show, complete). */
+#define HELPER_KEY "luamp.repl"
 
+/* Set by the prompt's SIGINT handler, read after the input call returns. */
 static volatile sig_atomic_t prompt_interrupted = 0;
-/* Input that is not a terminal is echoed after the prompt, as lua5.4
- * (through readline) does, so transcripts read naturally. */
-static int echo = 0;
+/* stdin is a terminal: edit lines, pretty-print results. */
+static int interactive = 0;
 
 static void on_prompt_sigint(int sig) {
   (void)sig;
   prompt_interrupted = 1;
+}
+
+/* For the whole session Ctrl-C only sets a flag (luamp_host_docall puts
+ * its own handler in place while a chunk runs), so that a Ctrl-C between
+ * two chunks cannot kill the REPL.  At the prompt it makes the blocked
+ * read fail with EINTR, hence no SA_RESTART. */
+static void catch_sigint(struct sigaction *old) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_prompt_sigint;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGINT, &sa, old);
 }
 
 static const char *get_prompt(lua_State *L, int first) {
@@ -40,19 +68,18 @@ static const char *get_prompt(lua_State *L, int first) {
   return p;
 }
 
+/* ---- plain input: no terminal, or no libedit -------------------------- */
+
 /* Reads one line (without its newline) and pushes it.  Returns 0 at end of
- * input, -1 when Ctrl-C dropped the line, 1 otherwise. */
-static int read_line(lua_State *L, int first) {
+ * input, -1 when Ctrl-C dropped the line, 1 otherwise.  Input that is not
+ * a terminal is echoed after the prompt, as lua5.4 (through readline)
+ * does, so transcripts read naturally. */
+static int plain_read_line(lua_State *L, const char *prompt) {
   char buf[MAX_LINE];
-  struct sigaction sa, old;
   luaL_Buffer b;
   int got = 0;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_prompt_sigint;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, &old);   /* no SA_RESTART: fgets must return */
   prompt_interrupted = 0;
-  fputs(get_prompt(L, first), stdout);
+  fputs(prompt, stdout);
   fflush(stdout);
   luaL_buffinit(L, &b);
   for (;;) {
@@ -60,7 +87,6 @@ static int read_line(lua_State *L, int first) {
     if (fgets(buf, sizeof buf, stdin) == NULL) {
       if (prompt_interrupted) {
         clearerr(stdin);
-        sigaction(SIGINT, &old, NULL);
         luaL_pushresult(&b);
         lua_pop(L, 1);
         fputc('\n', stdout);
@@ -74,19 +100,17 @@ static int read_line(lua_State *L, int first) {
     }
     got = 1;
     len = strlen(buf);
-    if (echo) {
+    if (!interactive) {
       fputs(buf, stdout);
       fflush(stdout);
     }
     if (len > 0 && buf[len - 1] == '\n') {
       luaL_addlstring(&b, buf, len - 1);
-      sigaction(SIGINT, &old, NULL);
       luaL_pushresult(&b);
       return 1;
     }
     luaL_addlstring(&b, buf, len);
   }
-  sigaction(SIGINT, &old, NULL);
   luaL_pushresult(&b);
   if (!got) {
     lua_pop(L, 1);
@@ -95,6 +119,179 @@ static int read_line(lua_State *L, int first) {
   return 1;  /* last line without a newline */
 }
 
+/* ---- libedit: editing, history, completion ----------------------------- */
+
+/* Pushes field name of the helper table; 0 (nothing pushed) when the
+ * helper could not be loaded. */
+static int push_helper(lua_State *L, const char *name) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, HELPER_KEY) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  lua_getfield(L, -1, name);
+  lua_remove(L, -2);
+  if (!lua_isfunction(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  return 1;
+}
+
+#ifdef LUAMP_HAVE_LIBEDIT
+
+/* libedit's callbacks take no user pointer: the state being edited for. */
+static lua_State *edit_L = NULL;
+static char *history_path = NULL;
+static char *last_saved = NULL;
+/* Words break where Lua expressions do, but not at '.' and ':', so that
+ * "mp.Po" and "q:pu" are completed as one word. */
+static char word_breaks[] = " \t\n\"\\'`@$><=;|&{}()[],+-*/%^~#";
+
+/* Tab: the candidates come from multiprocessing.repl's complete(word);
+ * entry 0 is their longest common prefix, which replaces the word. */
+static char **complete(const char *text, int start, int end) {
+  lua_State *L = edit_L;
+  int top = lua_gettop(L);
+  char **matches = NULL;
+  size_t n, common = 0;
+  (void)start; (void)end;
+  rl_attempted_completion_over = 1;  /* never fall back to file names */
+  if (!push_helper(L, "complete")) return NULL;
+  lua_pushstring(L, text);
+  if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) goto done;
+  n = (size_t)lua_rawlen(L, -1);
+  if (n == 0) goto done;
+  matches = calloc(n + 2, sizeof *matches);
+  if (matches == NULL) goto done;
+  for (size_t i = 1; i <= n; i++) {
+    const char *s;
+    lua_rawgeti(L, -1, (lua_Integer)i);
+    s = lua_tostring(L, -1);
+    matches[i] = strdup(s ? s : "");
+    lua_pop(L, 1);
+    if (matches[i] == NULL) goto oom;
+    if (i == 1) {
+      common = strlen(matches[1]);
+    } else {
+      size_t k = 0;
+      while (k < common && matches[i][k] == matches[1][k]) k++;
+      common = k;
+    }
+  }
+  matches[0] = strndup(matches[1], common);
+  if (matches[0] == NULL) goto oom;
+  if (n == 1) {  /* a single match is entry 0 alone */
+    free(matches[1]);
+    matches[1] = NULL;
+  }
+  goto done;
+oom:
+  for (size_t i = 0; i <= n; i++) free(matches[i]);
+  free(matches);
+  matches = NULL;
+done:
+  lua_settop(L, top);
+  return matches;
+}
+
+/* $LUAMP_HISTORY, else ~/.luamp_history; NULL (no history) when it is
+ * set empty or there is no HOME. */
+static char *find_history_path(void) {
+  const char *env = getenv("LUAMP_HISTORY");
+  const char *home = getenv("HOME");
+  char *p;
+  if (env) return env[0] ? strdup(env) : NULL;
+  if (home == NULL || home[0] == '\0') return NULL;
+  p = malloc(strlen(home) + sizeof "/.luamp_history");
+  if (p) sprintf(p, "%s/.luamp_history", home);
+  return p;
+}
+
+/* The terminal's encoding (UTF-8 input) is in LC_CTYPE; Lua itself runs
+ * in the "C" locale as lua.c leaves it, so the user's locale is only in
+ * force while libedit reads. */
+static char *enter_user_locale(void) {
+  const char *cur = setlocale(LC_CTYPE, NULL);
+  char *saved = cur ? strdup(cur) : NULL;
+  setlocale(LC_CTYPE, "");
+  return saved;
+}
+
+static void leave_user_locale(char *saved) {
+  setlocale(LC_CTYPE, saved ? saved : "C");
+  free(saved);
+}
+
+static void edit_open(lua_State *L) {
+  char *loc = enter_user_locale();
+  edit_L = L;
+  rl_readline_name = "luamp";
+  rl_catch_signals = 0;          /* Ctrl-C is ours (catch_prompt_sigint) */
+  rl_attempted_completion_function = complete;
+  rl_basic_word_break_characters = word_breaks;
+  rl_completer_word_break_characters = word_breaks;
+  rl_completion_append_character = '\0';
+  rl_initialize();
+  using_history();
+  stifle_history(1000);
+  history_path = find_history_path();
+  if (history_path) read_history(history_path);
+  leave_user_locale(loc);
+}
+
+static void edit_close(void) {
+  free(history_path);
+  free(last_saved);
+  history_path = last_saved = NULL;
+  edit_L = NULL;
+}
+
+/* Each line typed goes into the history (and the file, at once, so that
+ * a session that is killed keeps it); blank lines and repeats do not. */
+static void remember(const char *line) {
+  if (line[strspn(line, " \t")] == '\0') return;
+  if (last_saved && strcmp(last_saved, line) == 0) return;
+  add_history(line);
+  free(last_saved);
+  last_saved = strdup(line);
+  if (history_path) {
+    /* private from the start: history may hold secrets */
+    int fd = open(history_path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    if (fd >= 0) close(fd);
+    write_history(history_path);
+  }
+}
+
+static int edit_read_line(lua_State *L, const char *prompt) {
+  char *line, *loc = enter_user_locale();
+  prompt_interrupted = 0;
+  line = readline(prompt);
+  leave_user_locale(loc);
+  if (prompt_interrupted) {  /* the read failed with EINTR */
+    free(line);
+    fputc('\n', stdout);
+    fflush(stdout);
+    return -1;
+  }
+  if (line == NULL) return 0;
+  remember(line);
+  lua_pushstring(L, line);
+  free(line);
+  return 1;
+}
+
+#endif /* LUAMP_HAVE_LIBEDIT */
+
+static int read_line(lua_State *L, int first) {
+  const char *prompt = get_prompt(L, first);
+#ifdef LUAMP_HAVE_LIBEDIT
+  if (interactive) return edit_read_line(L, prompt);
+#endif
+  return plain_read_line(L, prompt);
+}
+
+/* ---- compiling and running ---------------------------------------------- */
+
 /* An error that only says the chunk ended too early. */
 static int incomplete(lua_State *L, int status) {
   if (status == LUA_ERRSYNTAX) {
@@ -102,10 +299,7 @@ static int incomplete(lua_State *L, int status) {
     const char *msg = lua_tolstring(L, -1, &len);
     const char *eof = "<eof>";
     size_t n = strlen(eof);
-    if (len >= n && strcmp(msg + len - n, eof) == 0) {
-      lua_pop(L, 1);
-      return 1;
-    }
+    return len >= n && strcmp(msg + len - n, eof) == 0;
   }
   return 0;
 }
@@ -126,8 +320,9 @@ static int try_expression(lua_State *L) {
 }
 
 /* Line on top: compile it as statements, reading more lines while the
- * only problem is an early end.  Leaves the chunk (or error) on top.
- * Returns -1 when input ended or Ctrl-C dropped the chunk. */
+ * only problem is an early end.  Leaves the chunk (or error) on top; at
+ * end of input the error is the one about the early end, as in lua.c.
+ * Returns -1 when Ctrl-C dropped the chunk. */
 static int read_statement(lua_State *L) {
   for (;;) {
     size_t len;
@@ -138,22 +333,46 @@ static int read_statement(lua_State *L) {
       lua_remove(L, -2);     /* the text */
       return status;
     }
-    r = read_line(L, 0);
-    if (r <= 0) {
-      lua_pop(L, 1);
+    r = read_line(L, 0);     /* pushes the next line, if any */
+    if (r == 0) {
+      lua_remove(L, -2);     /* the text; its error stays */
+      return status;
+    }
+    if (r < 0) {
+      lua_pop(L, 2);         /* the error and the text */
       return -1;
     }
+    lua_remove(L, -2);       /* the error */
     lua_pushliteral(L, "\n");
     lua_insert(L, -2);
     lua_concat(L, 3);
   }
 }
 
-/* Prints everything on the stack with the global print. */
+static int terminal_width(void) {
+  struct winsize ws;
+  if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+    return ws.ws_col;
+  return 80;
+}
+
+/* Prints everything on the stack: on a terminal through
+ * multiprocessing.repl's show (tables pretty-printed; it runs under the
+ * Ctrl-C hook, as a huge table may take a while), else with the global
+ * print as lua.c does. */
 static void print_results(lua_State *L) {
   int n = lua_gettop(L);
   if (n == 0) return;
   luaL_checkstack(L, LUA_MINSTACK, "too many results to print");
+  if (interactive && push_helper(L, "show")) {
+    lua_insert(L, 1);
+    lua_createtable(L, 0, 1);
+    lua_pushinteger(L, terminal_width());
+    lua_setfield(L, -2, "width");
+    lua_insert(L, 2);
+    luamp_host_report(L, luamp_host_docall(L, n + 1, 0));
+    return;
+  }
   lua_getglobal(L, "print");
   lua_insert(L, 1);
   if (lua_pcall(L, n, 0, 0) != LUA_OK)
@@ -161,10 +380,27 @@ static void print_results(lua_State *L) {
                                              lua_tostring(L, -1)));
 }
 
+/* Loads multiprocessing.repl into the registry; without it the REPL
+ * still works, printing as lua.c does and completing nothing. */
+static void load_helper(lua_State *L) {
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "multiprocessing.repl");
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && lua_istable(L, -1))
+    lua_setfield(L, LUA_REGISTRYINDEX, HELPER_KEY);
+  else
+    lua_pop(L, 1);
+}
+
 void luamp_repl(lua_State *L) {
   const char *saved = luamp_host_progname;
-  echo = !isatty(STDIN_FILENO);
+  struct sigaction outer;
+  catch_sigint(&outer);
+  interactive = isatty(STDIN_FILENO);
   luamp_host_progname = NULL;
+  if (interactive) load_helper(L);
+#ifdef LUAMP_HAVE_LIBEDIT
+  if (interactive) edit_open(L);
+#endif
   for (;;) {
     int r, status;
     lua_settop(L, 0);
@@ -185,8 +421,12 @@ void luamp_repl(lua_State *L) {
     if (status == LUA_OK) print_results(L);
     else luamp_host_report(L, status);
   }
+#ifdef LUAMP_HAVE_LIBEDIT
+  if (interactive) edit_close();
+#endif
   lua_settop(L, 0);
   fputc('\n', stdout);
   fflush(stdout);
+  sigaction(SIGINT, &outer, NULL);
   luamp_host_progname = saved;
 }

@@ -12,10 +12,14 @@
 #   lua-messagepack       a second, pure-Lua MessagePack peer for interop tests
 #   tmux                  drives the REPL in a terminal in the REPL specs
 #   clang                 libFuzzer for make fuzz / make sanitize
+#   luarocks              builds the rockspec in the packaging spec
+#   groff-base            renders the man page in the packaging spec
+#   binutils              nm/readelf for the exported-symbols spec
 set -eu
 
 PKGS="gcc make pkg-config lua5.4 liblua5.4-dev lua-cjson lua-busted libssl-dev
-libedit-dev python3 python3-msgpack lua-messagepack tmux clang"
+libedit-dev python3 python3-msgpack lua-messagepack tmux clang luarocks
+groff-base binutils"
 
 missing=""
 for p in $PKGS; do

@@ -25,7 +25,7 @@ for i = 2, #arg do
   f:close()
   assert(load(src, "@" .. rel, "t"))  -- fail the build on a syntax error
   entries[#entries + 1] = string.format(
-    '  {"%s", "@%s",\n%s,\n   %d},', (rel:gsub("/", ".")), rel, cstring(src), #src)
+    '  {"%s", "@%s.lua",\n%s,\n   %d},', (rel:gsub("/", ".")), rel, cstring(src), #src)
 end
 
 local f = assert(io.open(out, "wb"))
