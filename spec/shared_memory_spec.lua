@@ -150,6 +150,7 @@ shm.unlink()
       print(b:read(0, 11), b.size)
       b:write(100, "lua!")
       b:close()
+      io.read("a")     -- keep the pipe open until Python is done
     ]])
     local pyout = os.tmpname()
     local out, err, code = H.sh(PY .. " " .. H.q(py) .. " | tee " ..
