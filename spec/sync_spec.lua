@@ -162,6 +162,35 @@ describe("Lock", function()
   end)
 end)
 
+describe("Ctrl-C", function()
+  -- lua.c (and luamp) catch one SIGINT per chunk: one run per wait
+  local cases = {
+    event = "local e = mp.Event() block(e.wait, e) e:set() print(e:wait(0))",
+    semaphore = "local s = mp.Semaphore(0) block(s.acquire, s) s:release() " ..
+                "print(s:acquire(false))",
+    condition = "local c = mp.Condition() " ..
+                "block(c.with, c, function() return c:wait() end) " ..
+                "print(c:acquire(false))",
+    barrier = "local b = mp.Barrier(2) block(b.wait, b) print(b.n_waiting == 0)",
+  }
+  for name, code in pairs(cases) do
+    it("interrupts a blocked " .. name .. " wait, which still works after", function()
+      local script = os.tmpname() .. ".lua"
+      H.write(script, [[
+        local mp = require "multiprocessing"
+        local function block(f, ...)
+          io.write("ready\n") io.flush()
+          print(pcall(f, ...))
+        end
+      ]] .. code)
+      local out, err = H.sh(H.q(H.luamp) .. " " .. H.q(script) ..
+        " & pid=$!; sleep 0.4; kill -INT $pid; wait $pid")
+      os.remove(script)
+      assert.equal("ready\nfalse\tinterrupted!\ntrue\n", out, err)
+    end)
+  end
+end)
+
 describe("RLock", function()
   it("is recursive and owned", function()
     local r = mp.RLock()
