@@ -25,7 +25,10 @@ SHELL   := /bin/bash
 # LuaRocks does) come first and ours are still added.
 override CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror \
            -fPIC -fvisibility=hidden $(SAN) $(LUA_CFLAGS) -Iruntime -I$(BUILD)
-override LDFLAGS += $(SAN)
+# -z now: symbols are bound at load, not lazily -- a forked child that
+# calls a libc function for the first time would otherwise resolve it (and
+# copy the GOT page) in every child.
+override LDFLAGS += $(SAN) -Wl,-z,now
 LIBS    := -lm
 
 # libedit (line editing, history and completion in the REPL) when
@@ -60,8 +63,8 @@ PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
 LUA_CMOD   ?= $(PREFIX)/lib/lua/5.4
 LUA_LMOD   ?= $(PREFIX)/share/lua/5.4
 
-.PHONY: all deps test check sanitize bench example clean install uninstall \
-        rock rock-install fuzz
+.PHONY: all deps test check sanitize bench example soak clean install \
+        uninstall rock rock-install fuzz
 all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
      $(BUILD)/libluamp.so $(CTESTS) $(BUILD)/tests/luamp-noedit \
      $(BUILD)/examples/embed-host
@@ -204,13 +207,19 @@ fuzz: deps $(FUZZ_BIN)
 	  -print_final_stats=1 corpus 2>&1 | grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY|fuzz failure)" ; \
 	  test $${PIPESTATUS[0]} -eq 0 && echo "fuzz: clean"
 
+# Long runs not in make test: spec/soak/*_soak.lua (the biggest messages).
+soak: deps
+	@$(MAKE) --no-print-directory all
+	@LUAMP_BUILD=$(abspath $(BUILD)) LUAMP_BIN=$(abspath $(BUILD))/luamp \
+	  $(BUILD)/luamp /usr/bin/busted --pattern=_soak spec/soak
+
 bench: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/bench_probes
 	@lua5.4 scripts/bench_table.lua --build $(BUILD)
 
 example: deps
 	@$(MAKE) --no-print-directory all
-	@$(BUILD)/luamp scripts/examples/hello.lua
+	@$(BUILD)/luamp scripts/examples/cpu_bound.lua
 
 clean:
 	rm -rf build

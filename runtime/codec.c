@@ -49,6 +49,9 @@ enum {
 #define EXT_TIMESTAMP (-1)
 
 #define DEFAULT_MAX_DEPTH 256
+/* Each level of nesting takes a few hundred bytes of C stack in the
+ * recursive encoder and decoder: the limit keeps that within 2 MiB. */
+#define MAX_DEPTH_LIMIT 5000
 #define EXT_MT "multiprocessing.Ext"
 #define ERROR_MT "multiprocessing.Error"
 
@@ -66,6 +69,7 @@ static const char names_key = 0;    /* value -> {module, field} name cache */
 static const char handles_key = 0;  /* tname -> lightuserdata ops */
 static const char classes_key = 0;  /* metatable -> class name */
 static const char classdefs_key = 0;/* class name -> {mt, reduce, rebuild} */
+static const char dumps_key = 0;    /* closure -> its bytecode (weak keys) */
 
 /* ======================================================================
  * Encoder memory
@@ -187,6 +191,7 @@ struct enc {
   uint32_t ndefs;        /* DEFs written so far in pass 2 */
   const void *globals;
   int names_checked;     /* the name cache was validated in this encode */
+  int hooks;             /* hook results are cached (see hook_cached) */
   int oom;
   char msg[160];         /* innermost failure */
   char path[400];        /* steps from the root to it, built outwards */
@@ -813,6 +818,39 @@ static int enc_table_body(struct enc *e, int idx) {
   return enc_table_general(e, idx, n);
 }
 
+/* Hook results (class reducers, handle encoders) are computed once per
+ * message: the second pass reuses the first's, so a hook with side effects
+ * (a proxy counting references) runs once per encode.  The cache is a
+ * registry table keyed by the encoder's box, dropped when encoding ends. */
+static int hook_cached(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  if (!e->hooks) return 0;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, e->b);
+  lua_pushvalue(L, idx);
+  lua_rawget(L, -2);
+  lua_remove(L, -2);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  return 1;
+}
+
+/* Remembers the hook result on top (left there) for the object at idx. */
+static void hook_store(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  if (!e->hooks) {
+    lua_newtable(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, e->b);
+    e->hooks = 1;
+  }
+  lua_rawgetp(L, LUA_REGISTRYINDEX, e->b);
+  lua_pushvalue(L, idx);
+  lua_pushvalue(L, -3);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
 /* Calls f(v) with v at idx under pcall; leaves 1 result. */
 static int call_hook(struct enc *e, int fidx, int idx, const char *what) {
   lua_State *L = e->L;
@@ -876,9 +914,12 @@ static int enc_with_metatable(struct enc *e, int idx) {
     lua_rawget(L, -2);
     lua_getfield(L, -1, "reduce");
     if (lua_isfunction(L, -1)) {
-      if (call_hook(e, lua_gettop(L), idx, "class reducer") < 0) {
-        lua_pop(L, 6);
-        return -1;
+      if (!hook_cached(e, idx)) {
+        if (call_hook(e, lua_gettop(L), idx, "class reducer") < 0) {
+          lua_pop(L, 6);
+          return -1;
+        }
+        hook_store(e, idx);
       }
       e->depth++;
       r = enc_value(e, lua_gettop(L));
@@ -961,17 +1002,41 @@ static int enc_function(struct enc *e, int idx) {
   r = enter_object(e, lua_topointer(L, idx), &def);
   if (r != 0) return r < 0 ? -1 : 0;
   if (begin_ext(e, EXT_FUNC, &at) < 0) return -1;
-  /* bytecode as bin32, length patched after the dump */
-  ROOM(e, 5);
-  bin = e->b->len;
-  wp(e)[0] = 0xc6;
-  e->b->len += 5;
+  /* bytecode as bin32.  A closure's bytecode never changes, so it is
+   * dumped once and kept (weakly) by closure: sending the same function
+   * again -- a pool task after task -- copies it and encodes only the
+   * upvalues. */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key);
   lua_pushvalue(L, idx);
-  r = lua_dump(L, dump_writer, e, 0);
-  lua_pop(L, 1);
-  if (r != 0) return e->oom ? -1 : fail(e, "cannot dump function");
-  if (e->b->len - bin - 5 > 0xffffffffu) return fail(e, "function too big");
-  w32(e->b->buf + bin + 1, (uint32_t)(e->b->len - bin - 5));
+  if (lua_rawget(L, -2) == LUA_TSTRING) {
+    size_t n;
+    const char *code = lua_tolstring(L, -1, &n);
+    r = put_string(e, code, n, 0);
+    lua_pop(L, 2);
+    if (r < 0) return -1;
+  } else {
+    lua_pop(L, 1);
+    ROOM(e, 5);
+    bin = e->b->len;
+    wp(e)[0] = 0xc6;
+    e->b->len += 5;
+    lua_pushvalue(L, idx);
+    r = lua_dump(L, dump_writer, e, 0);
+    lua_pop(L, 1);
+    if (r != 0) {
+      lua_pop(L, 1);
+      return e->oom ? -1 : fail(e, "cannot dump function");
+    }
+    if (e->b->len - bin - 5 > 0xffffffffu) {
+      lua_pop(L, 1);
+      return fail(e, "function too big");
+    }
+    w32(e->b->buf + bin + 1, (uint32_t)(e->b->len - bin - 5));
+    lua_pushvalue(L, idx);
+    lua_pushlstring(L, (const char *)e->b->buf + bin + 5, e->b->len - bin - 5);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+  }
   lua_pushvalue(L, idx);
   lua_getinfo(L, ">u", &ar);
   if (put_int(e, ar.nups) < 0) return -1;
@@ -1035,16 +1100,19 @@ static int enc_userdata(struct enc *e, int idx) {
     size_t at, n;
     const char *data;
     int r;
-    lua_pushcfunction(L, handle_encode_call);
-    lua_pushvalue(L, idx);
-    lua_pushlightuserdata(L, (void *)ops);
-    if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
-      if (lua_type(L, -1) == LUA_TTABLE) lua_getfield(L, -1, "message");
-      else lua_pushvalue(L, -1);
-      fail(e, "cannot encode %s: %s", tname,
-           lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error object)");
-      lua_pop(L, 3);
-      return -1;
+    if (!hook_cached(e, idx)) {
+      lua_pushcfunction(L, handle_encode_call);
+      lua_pushvalue(L, idx);
+      lua_pushlightuserdata(L, (void *)ops);
+      if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
+        if (lua_type(L, -1) == LUA_TTABLE) lua_getfield(L, -1, "message");
+        else lua_pushvalue(L, -1);
+        fail(e, "cannot encode %s: %s", tname,
+             lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error object)");
+        lua_pop(L, 3);
+        return -1;
+      }
+      hook_store(e, idx);
     }
     data = lua_tolstring(L, -1, &n);
     r = begin_ext(e, EXT_HANDLE, &at) < 0 ||
@@ -1141,6 +1209,7 @@ char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
   e.nshared = 0;
   e.ndefs = 0;
   e.names_checked = 0;
+  e.hooks = 0;
   e.oom = 0;
   e.msg[0] = e.path[0] = '\0';
   e.pathlen = 0;
@@ -1168,6 +1237,10 @@ char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
     e.pass = 2;   /* objects repeat: once more with DEF/REF */
   }
   lua_settop(L, top);
+  if (e.hooks) {
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, e.b);
+  }
   e.b->busy = 0;
   if (r < 0) {
     luamp_raise(L, "EncodeError", "%s at %s%s", e.msg, root ? root : "value",
@@ -1492,7 +1565,9 @@ static void dec_ext(struct dec *d, int type, size_t n) {
       }
       d->pending = ++d->nslots;
       d->end = payload + n;
+      enter(d);          /* DEFs can nest: they count towards the depth */
       dec_value(d);
+      d->depth--;
       if (d->pending) {  /* not a table or function: register as is */
         take_slot(d);
       }
@@ -1667,7 +1742,7 @@ static int l_decode(lua_State *L) {
       flags |= LUAMP_DECODE_UNTRUSTED;
     if (lua_getfield(L, 2, "max_depth") != LUA_TNIL) {
       lua_Integer v = luaL_checkinteger(L, -1);
-      luaL_argcheck(L, v >= 1 && v <= 100000, 2, "max_depth out of range");
+      luaL_argcheck(L, v >= 1 && v <= MAX_DEPTH_LIMIT, 2, "max_depth out of range");
       depth = (int)v;
     }
     lua_settop(L, 1);
@@ -1713,7 +1788,7 @@ static int l_codec_options(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
     if (lua_getfield(L, 1, "max_depth") != LUA_TNIL) {
       lua_Integer v = luaL_checkinteger(L, -1);
-      luaL_argcheck(L, v >= 1 && v <= 100000, 1, "max_depth out of range");
+      luaL_argcheck(L, v >= 1 && v <= MAX_DEPTH_LIMIT, 1, "max_depth out of range");
       max_depth = (int)v;
     }
     if (lua_getfield(L, 1, "track") != LUA_TNIL)
@@ -1752,6 +1827,15 @@ int luamp_open_codec(lua_State *L) {
   };
   luaL_setfuncs(L, funcs, 0);
   luaL_newmetatable(L, EXT_MT);
+  lua_pop(L, 1);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key) != LUA_TTABLE) {
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &dumps_key);
+  }
   lua_pop(L, 1);
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &handles_key) != LUA_TTABLE) {
     lua_newtable(L);

@@ -303,6 +303,27 @@ int luamp_open_queue(lua_State *L);
 /* ---- value.c, shm.c ---------------------------------------------------- */
 int luamp_open_value(lua_State *L);
 int luamp_open_shm(lua_State *L);
+/* ---- process.c: fork discipline, children ------------------------- */
+
+/* Every fork the runtime makes: runs the before-fork hooks (Lua hooks of
+ * L when L is given, and luamp_atfork's), flushes stdio, forks with
+ * signals blocked; in the child forgets the parent's children, unblocks
+ * every signal and runs the child hooks; in the parent the parent hooks.
+ * Returns fork's result (-1 with errno set on failure).  Hook errors are
+ * reported on stderr and ignored.  A child made here must leave with
+ * luamp_child_exit (or core._exit), never by returning into the parent's
+ * Lua code. */
+pid_t luamp_fork(lua_State *L);
+/* Joins this process's own children as at exit (terminating daemons),
+ * flushes stdio and _exits. */
+LUAMP_NORETURN void luamp_child_exit(int code);
+int luamp_open_process(lua_State *L);
+/* getpid(), cached (refreshed in every forked child by pthread_atfork). */
+pid_t luamp_pid(void);
+
+/* ---- conn.c: Pipe, Connection, Listener/Client, wait --------------- */
+
+int luamp_open_conn(lua_State *L);
 
 /* ---- module.c -------------------------------------------------------- */
 

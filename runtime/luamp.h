@@ -217,6 +217,18 @@ LUAMP_API void luamp_preload(lua_State *L);
  * header a host was compiled with). */
 LUAMP_API const char *luamp_version(void);
 
+/* Hooks around every fork the runtime makes (Process, Pool workers...):
+ * before(ud) in the parent just before fork (hooks in reverse order of
+ * registration), then parent(ud) in the parent or child(ud) in the child
+ * (in order of registration).  Any of the three may be NULL.  The runtime
+ * itself starts no threads; a host that runs threads should use these to
+ * hold the locks a forked child will need across the fork (as with
+ * pthread_atfork), and must not fork from a Lua state while another
+ * thread uses the same state.  Returns 0, or -1 when the hook table (32
+ * entries) is full. */
+LUAMP_API int luamp_atfork(void (*before)(void *), void (*parent)(void *),
+                           void (*child)(void *), void *ud);
+
 #ifdef __cplusplus
 }
 #endif

@@ -25,6 +25,8 @@ static int (*const primitives[])(lua_State *L) = {
   luamp_open_value,
   luamp_open_shm,
   luamp_open_queue,
+  luamp_open_process,
+  luamp_open_conn,
   NULL
 };
 

@@ -42,6 +42,69 @@ add("require", "requires/s", function()
   end, 100)
 end)
 
+-- ---- process and pipe (issue 4) --------------------------------------------
+
+add("process.start_join", "procs/s", function()
+  local function nothing() end
+  return timed(function(n)
+    for _ = 1, n do
+      local p = mp.Process{target = nothing}
+      p:start()
+      p:join()
+    end
+  end, 100, 1.0)
+end)
+
+-- round trips of a small value between two processes over mp.Pipe()
+add("pipe.pingpong", "roundtrips/s", function()
+  local a, b = mp.Pipe()
+  local p = mp.Process{target = function()
+    a:close()
+    while true do
+      local v = b:recv()
+      if v == nil then break end
+      b:send(v)
+    end
+  end}
+  p:start()
+  b:close()
+  local n, dt = timed(function(n)
+    for i = 1, n do
+      a:send(i)
+      a:recv()
+    end
+  end, 1000, 1.0)
+  a:send(nil)
+  p:join()
+  a:close()
+  return n, dt
+end)
+
+-- 1 MiB send_bytes messages from parent to child; MiB/s
+add("pipe.stream_1mib", "MiB/s", function()
+  local a, b = mp.Pipe()
+  local chunk = string.rep("x", 2^20)
+  local p = mp.Process{target = function()
+    a:close()
+    while true do
+      local s = b:recv_bytes()
+      if s == "" then b:send_bytes("k")      -- end of a timed run
+      elseif s == "q" then break end
+    end
+  end}
+  p:start()
+  b:close()
+  local n, dt = timed(function(n)
+    for _ = 1, n do a:send_bytes(chunk) end
+    a:send_bytes("")
+    a:recv_bytes()
+  end, 64, 1.0)
+  a:send_bytes("q")
+  p:join()
+  a:close()
+  return n, dt
+end)
+
 -- ---- codec (issue 3): luamp against lua-cjson on the same values ------
 
 local cjson_ok, cjson_lib = pcall(require, "cjson")
@@ -74,26 +137,46 @@ local function deep(levels)
 end
 
 -- Adds encode and decode workloads for value v with codec (enc, dec);
--- bytes = true reports MiB/s of the encoded form, else items/s.
+-- bytes = true reports MiB/s of the encoded form, else items/s.  v may be
+-- a function making the value on first use: big values are only built
+-- when their workload runs, so the process workloads fork a small heap.
 local function codec_pair(prefix, v, enc, dec, unit, items, min_n)
-  local s = enc(v)
-  local per = unit == "MiB/s" and #s / 2^20 or items
+  local s
+  local function value()
+    if type(v) == "function" then v = v() end
+    s = s or enc(v)
+    return v, s
+  end
+  local function per()
+    return unit == "MiB/s" and #s / 2^20 or items
+  end
   add(prefix .. ".encode", unit, function()
-    local n, dt = timed(function(n) for _ = 1, n do enc(v) end end, min_n)
-    return n * per, dt
+    local x = value()
+    local n, dt = timed(function(n) for _ = 1, n do enc(x) end end, min_n)
+    return n * per(), dt
   end)
   add(prefix .. ".decode", unit, function()
-    local n, dt = timed(function(n) for _ = 1, n do dec(s) end end, min_n)
-    return n * per, dt
+    local _, e = value()
+    local n, dt = timed(function(n) for _ = 1, n do dec(e) end end, min_n)
+    return n * per(), dt
   end)
+end
+
+-- memoized value makers
+local function lazy(f, ...)
+  local args, v = table.pack(...), nil
+  return function()
+    if v == nil then v = f(table.unpack(args, 1, args.n)) end
+    return v
+  end
 end
 
 local values = {
   {"record", RECORD, "objects/s", 1, 1000},
-  {"floats1e6", floats(1e6), "Mitems/s", 1, 1},
-  {"ints1e6", ints(1e6), "Mitems/s", 1, 1},
-  {"map1e5", strmap(1e5), "Mitems/s", 0.1, 1},
-  {"deep200", deep(200), "trees/s", 1, 10},
+  {"floats1e6", lazy(floats, 1e6), "Mitems/s", 1, 1},
+  {"ints1e6", lazy(ints, 1e6), "Mitems/s", 1, 1},
+  {"map1e5", lazy(strmap, 1e5), "Mitems/s", 0.1, 1},
+  {"deep200", lazy(deep, 200), "trees/s", 1, 10},
 }
 for _, v in ipairs(values) do
   codec_pair("codec." .. v[1], v[2], mp.encode, mp.decode, v[3], v[4], v[5])

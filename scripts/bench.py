@@ -43,6 +43,77 @@ def _require():
     return timed(run, 10)
 
 
+# ---- process and pipe (issue 4) --------------------------------------------
+
+def _nothing():
+    pass
+
+
+@workload("process.start_join", "procs/s")
+def _start_join():
+    def run(n):
+        for _ in range(n):
+            p = mp.Process(target=_nothing)
+            p.start()
+            p.join()
+    return timed(run, 20, 1.0)
+
+
+def _echo(conn):
+    while True:
+        v = conn.recv()
+        if v is None:
+            break
+        conn.send(v)
+
+
+@workload("pipe.pingpong", "roundtrips/s")
+def _pingpong():
+    a, b = mp.Pipe()
+    p = mp.Process(target=_echo, args=(b,))
+    p.start()
+    b.close()
+
+    def run(n):
+        for i in range(n):
+            a.send(i)
+            a.recv()
+    r = timed(run, 1000, 1.0)
+    a.send(None)
+    p.join()
+    a.close()
+    return r
+
+
+def _sink(conn):
+    while True:
+        s = conn.recv_bytes()
+        if s == b"":
+            conn.send_bytes(b"k")
+        elif s == b"q":
+            break
+
+
+@workload("pipe.stream_1mib", "MiB/s")
+def _stream():
+    a, b = mp.Pipe()
+    chunk = b"x" * (1 << 20)
+    p = mp.Process(target=_sink, args=(b,))
+    p.start()
+    b.close()
+
+    def run(n):
+        for _ in range(n):
+            a.send_bytes(chunk)
+        a.send_bytes(b"")
+        a.recv_bytes()
+    r = timed(run, 64, 1.0)
+    a.send_bytes(b"q")
+    p.join()
+    a.close()
+    return r
+
+
 # ---- codec: CPython's msgpack (C extension) on the same values -------------
 try:
     import msgpack
@@ -62,13 +133,23 @@ def _deep(levels):
     return root
 
 
-def _codec_pair(prefix, v, unit, items, min_n):
-    s = msgpack.packb(v)
+def _codec_pair(prefix, make, unit, items, min_n):
+    # make() builds the value when the workload runs (big values built at
+    # load time would slow down the fork workloads)
+    cache = []
+
+    def value():
+        if not cache:
+            v = make()
+            cache.extend([v, msgpack.packb(v)])
+        return cache
 
     def enc():
+        v = value()[0]
         return timed(lambda n: [msgpack.packb(v) for _ in range(n)], min_n)
 
     def dec():
+        s = value()[1]
         return timed(lambda n: [msgpack.unpackb(s, strict_map_key=False)
                                 for _ in range(n)], min_n)
     W.append((prefix + ".encode", unit, lambda: _scaled(enc, items)))
@@ -82,11 +163,11 @@ def _scaled(f, items):
 
 if msgpack is not None:
     for name, v, unit, items, min_n in [
-            ("record", RECORD, "objects/s", 1, 1000),
-            ("floats1e6", [i + 0.25 for i in range(1, 1000001)], "Mitems/s", 1, 1),
-            ("ints1e6", [i * 7 for i in range(1, 1000001)], "Mitems/s", 1, 1),
-            ("map1e5", {"key%d" % i: i for i in range(1, 100001)}, "Mitems/s", 0.1, 1),
-            ("deep200", _deep(200), "trees/s", 1, 10)]:
+            ("record", lambda: RECORD, "objects/s", 1, 1000),
+            ("floats1e6", lambda: [i + 0.25 for i in range(1, 1000001)], "Mitems/s", 1, 1),
+            ("ints1e6", lambda: [i * 7 for i in range(1, 1000001)], "Mitems/s", 1, 1),
+            ("map1e5", lambda: {"key%d" % i: i for i in range(1, 100001)}, "Mitems/s", 0.1, 1),
+            ("deep200", lambda: _deep(200), "trees/s", 1, 10)]:
         _codec_pair("codec." + name, v, unit, items, min_n)
 
 

@@ -56,6 +56,16 @@ local rows = {
    {"CPython", "py:startup_require"}, {"lua5.4", "lua5.4:startup"}},
   {"require in a running state", "luamp:require", {"CPython", "py:require"}},
 }
+-- process and pipe rows (issue 4): against the raw C probes of this run
+rows[#rows + 1] = {"process start+join", "luamp:process.start_join",
+  {"C fork", "c:c.fork_exit_wait"}, {"CPython", "py:process.start_join"},
+  target = {1, 0.6}}
+rows[#rows + 1] = {"pipe ping-pong (small values)", "luamp:pipe.pingpong",
+  {"C pipe", "c:c.pipe_pingpong"}, {"CPython", "py:pipe.pingpong"},
+  target = {1, 0.7}}
+rows[#rows + 1] = {"pipe stream, 1 MiB send_bytes", "luamp:pipe.stream_1mib",
+  {"C socketpair", "c:c.socketpair_stream"}, {"CPython", "py:pipe.stream_1mib"},
+  target = {1, 0.8}}
 -- codec rows: luamp against lua-cjson (same run, same values) and CPython's
 -- msgpack C extension
 for _, v in ipairs {"record", "floats1e6", "ints1e6", "map1e5", "deep200"} do

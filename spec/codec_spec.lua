@@ -364,6 +364,22 @@ describe("codec classes", function()
     assert.is_true(b.rebuilt)
   end)
 
+  it("runs a reducer once per message, even when the message repeats objects", function()
+    local Counted = {}
+    local calls = 0
+    mp.register_class("spec.Counted", Counted, {
+      reduce = function(o) calls = calls + 1 return {o.v} end,
+      rebuild = function(s) return setmetatable({v = s[1]}, Counted) end,
+    })
+    local o = setmetatable({v = 1}, Counted)
+    local shared = {}
+    local back = rt({o, shared, shared, o})
+    assert.equal(1, calls)
+    assert.equal(back[1], back[4])
+    assert.equal(back[2], back[3])
+    assert.equal(1, back[1].v)
+  end)
+
   it("drops unregistered metatables and keeps error objects", function()
     local t = rt(setmetatable({a = 1}, {__index = function() return "x" end}))
     assert.is_nil(getmetatable(t))
@@ -434,6 +450,15 @@ describe("codec on bad input", function()
   it("limits nesting depth, configurably", function()
     local deep = ("\x91"):rep(300) .. "\x01"
     bad(deep, "too deep")
+    -- DEF wrappers nested 100000 deep: the depth limit, not the C stack
+    local defs = ("\xc9\x00\x00\x00\x00\x02"):rep(1)
+    local nested = "\x01"
+    for _ = 1, 20000 do
+      nested = "\xc9" .. string.pack(">I4", #nested) .. "\x02" .. nested
+    end
+    assert.is_string(defs)
+    bad(nested, "too deep")
+    assert.has_error(function() mp.codec_options {max_depth = 10^6} end)
     assert.is_table(dec(deep, {max_depth = 400}))
     local d50 = ("\x91"):rep(50) .. "\x01"
     local ok = pcall(dec, d50, {max_depth = 10})
@@ -560,7 +585,7 @@ while pos < len(data):
 out.close()
 ]]
     local py = H.write(os.tmpname() .. ".py", script)
-    local _, err, code = H.sh("/usr/bin/python3 " .. py .. " " .. corpus_file ..
+    local _, err, code = H.sh(H.python .. " " .. py .. " " .. corpus_file ..
       " " .. back_file)
     assert.equal(0, code, err)
     local back = read_msgs(back_file)
@@ -581,7 +606,7 @@ v = {"int": [0, 1, -1, 127, 128, -33, 2**32, -2**40, 2**63 - 1],
 sys.stdout.buffer.write(msgpack.packb(v))
 ]]
     local path = H.write(os.tmpname() .. ".py", py)
-    local out, err, code = H.sh("/usr/bin/python3 " .. path)
+    local out, err, code = H.sh(H.python .. " " .. path)
     os.remove(path)
     assert.equal(0, code, err)
     local v = dec(out)

@@ -6,6 +6,60 @@ local expected = {
   ["hello.lua"] = function(out)
     assert.matches("^luamp %d+%.%d+%.%d+: %d+ CPUs, running as MainProcess %(pid %d+%)\n$", out)
   end,
+  ["process_pids.lua"] = function(out)
+    local a, pa, na, b, pb, nb, main = out:match(
+      "^worker A: pid (%d+), parent (%d+) %((Process%-%d+)%)\n" ..
+      "worker B: pid (%d+), parent (%d+) %((Process%-%d+)%)\n" ..
+      "main: pid (%d+); children exited with 0 and 0\n$")
+    assert.is_not_nil(a, out)
+    assert.are_not.equal(a, b)
+    assert.are_not.equal(a, main)
+    assert.equal(main, pa)
+    assert.equal(main, pb)
+    assert.equal("Process-1", na)
+    assert.equal("Process-2", nb)
+  end,
+  ["process_class.lua"] = function(out)
+    local pids = {}
+    local i = 0
+    for num, name, pid in out:gmatch("process (%d) running in (Process%-%d+) %(pid (%d+)%)\n") do
+      i = i + 1
+      assert.equal(tostring(i), num)
+      assert.equal("Process-" .. i, name)
+      pids[pid] = true
+    end
+    assert.equal(3, i, out)
+    assert.equal(3, #out:gsub("[^\n]", ""))
+  end,
+  ["cpu_bound.lua"] = function(out)
+    -- the exact sums (Python: sum(i*i for i in range(n)))
+    assert.matches("^sum of i%*i for i < 1000000 = 333332833333500000\n" ..
+      "sum of i%*i for i < 5000000 = 41666654166667500000\n" ..
+      "sum of i%*i for i < 1000000 = 333332833333500000\n" ..
+      "sum of i%*i for i < 5000000 = 41666654166667500000\n", out)
+    local seq = tonumber(out:match("sequential: +([%d.]+) s\n"))
+    local par = tonumber(out:match("4 processes: +([%d.]+) s %(%d+ CPUs%)\n"))
+    local up = tonumber(out:match("speed%-up: +([%d.]+)x\n$"))
+    assert.is_not_nil(seq, out)
+    assert.is_not_nil(par, out)
+    assert.is_not_nil(up, out)
+    -- (no timing asserted: the machine may be busy)
+  end,
+  ["pipe_sender_receiver.lua"] = function(out)
+    -- the two processes interleave freely; each side keeps its order
+    local sent, received = {}, {}
+    for l in out:gmatch("[^\n]+") do
+      local s = l:match("^sending:  (.*)")
+      if s then sent[#sent + 1] = s end
+      local r = l:match("^received: (.*)")
+      if r then received[#received + 1] = r end
+    end
+    local msgs = {"hello", "from", "the sender", "42"}
+    assert.same(msgs, sent)
+    assert.same(msgs, received)
+    assert.matches("receiver: end of file, the sender is done\n", out)
+    assert.matches("\nsender exited with 0, receiver with 0\n$", out)
+  end,
 }
 
 describe("examples", function()

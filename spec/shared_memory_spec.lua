@@ -19,7 +19,7 @@ local function our_fds()
   p:close()
   return n
 end
-local PY = "/usr/bin/python3"
+local PY = H.python
 
 local function err_of(f, ...)
   local ok, err = pcall(f, ...)

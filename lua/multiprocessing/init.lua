@@ -13,6 +13,7 @@ local M = {
   error_kinds = core.error_kinds,
   is_error = core.is_error,
   new_error = core.new_error,
+  now = core.now,           -- seconds on a monotonic clock (for timings)
   encode = core.encode,
   decode = core.decode,
   register_class = core.register_class,
@@ -22,6 +23,7 @@ local M = {
 
 -- name -> submodule that defines it (loaded on first access)
 local lazy = {
+  Process = "multiprocessing.process",
   current_process = "multiprocessing.process",
   parent_process = "multiprocessing.process",
   active_children = "multiprocessing.process",
@@ -41,6 +43,12 @@ local lazy = {
   JoinableQueue = "multiprocessing.queues",
   SimpleQueue = "multiprocessing.queues",
   shared_memory = "multiprocessing.shared_memory",
+  register_at_fork = "multiprocessing.process",
+  Pipe = "multiprocessing.connection",
+  wait = "multiprocessing.connection",
+  connection = "multiprocessing.connection",
+  get_logger = "multiprocessing.util",
+  log_to_stderr = "multiprocessing.util",
 }
 
 setmetatable(M, {

@@ -1,39 +1,433 @@
--- multiprocessing.process: the identity of this process and its children.
+-- multiprocessing.process: Process objects and the identity of this
+-- process, its parent and its children.
+--
+-- A Process is a fork of the caller (core.spawn in runtime/process.c): the
+-- target, its upvalues and its arguments are used as they are, nothing is
+-- serialized.  The C side owns the fork discipline, the exit codes and the
+-- registry that joins children at exit; this file is Python's policy:
+-- names, daemon inheritance, the checks and their error messages, the
+-- class mechanism (Process:extend()).
 local core = require "multiprocessing.core"
+
+local getpid = core.pid       -- cached by the C side, right after forks too
+local raise = core.raise
+local unpack = table.unpack
 
 local P = {}
 
--- The object current_process() returns in the main program.
-local main_process = {
-  name = "MainProcess",
-  daemon = false,
-}
+-- ---- this process's identity ---------------------------------------------
+
+local main_process = {name = "MainProcess", daemon = false, _identity = ""}
+setmetatable(main_process, {
+  __index = function(_, k)
+    if k == "pid" or k == "ident" then return getpid() end
+  end,
+  __tostring = function(self)
+    return string.format("<_MainProcess name=%q pid=%d>", self.name, self.pid)
+  end,
+})
+
+-- This process's identity, in one table: a child rewrites it right after
+-- the fork, and every page a child writes is a copy (one table, one page).
+-- Fields: current (what current_process() returns); parent, made on first
+-- use from parent_name and parent_pid (nothing is allocated in a child
+-- that does not ask); children, the Process objects started here
+-- (Process -> true: strong references, as Python's _children, so a
+-- running child's object is never collected; a forked child drops its
+-- inherited copy, see my_children); children_owner, the pid they belong
+-- to; counter, for default names (Process-<n>).  All slots exist from the
+-- start, so a child's writes allocate nothing.
+local S = {current = main_process, parent = nil, parent_name = nil,
+           parent_pid = nil, children = {}, children_owner = getpid(),
+           counter = 0}
+
+local function my_children()
+  local me = getpid()
+  if S.children_owner ~= me then
+    S.children, S.children_owner, S.counter = {}, me, 0
+  elseif S.children == nil then
+    S.children = {}
+  end
+  return S.children
+end
+
+-- ---- logging hooks (the logger is loaded only when used) -------------------
+
+local function log(level, fmt, ...)
+  local util = package.loaded["multiprocessing.util"]
+  if util then util.get_logger():log(level, fmt, ...) end
+end
+
+-- ---- the class mechanism ---------------------------------------------------
+
+local Process = {}
+local props = {}    -- computed fields: name -> getter(self)
+local EMPTY = setmetatable({n = 0}, {__newindex = function()
+  error("attempt to modify the arguments of a Process", 2)
+end})
+
+local function check_closed(self)
+  if rawget(self, "_closed") then
+    raise("ValueError", "process object is closed")
+  end
+end
 
 local function describe(self)
-  return string.format("<%s name=%q pid=%d>",
-    rawget(self, "_class") or "Process", self.name, self.pid or -1)
+  local status
+  if rawget(self, "_closed") then
+    status = "closed"
+  elseif self == S.current then
+    status = "started"
+  elseif not rawget(self, "_child") then
+    status = "initial"
+  else
+    local code = self.exitcode
+    if code == nil then status = "started"
+    else status = "stopped exitcode=" .. tostring(code) end
+  end
+  local parts = {string.format("<%s name=%q", self._class_name, self.name)}
+  if rawget(self, "pid") then parts[#parts + 1] = "pid=" .. self.pid end
+  parts[#parts + 1] = "parent=" .. tostring(self._parent_pid)
+  parts[#parts + 1] = status
+  if self.daemon then parts[#parts + 1] = "daemon" end
+  return table.concat(parts, " ") .. ">"
 end
 
-local identity_mt = {
-  __index = function(self, k)
-    if k == "pid" or k == "ident" then return core.getpid() end
-  end,
-  __tostring = describe,
-}
-setmetatable(main_process, identity_mt)
+local function make_class(base, name)
+  local cls = {_class_name = name or (base and base._class_name) or "Process"}
+  local inst_mt = {
+    __index = function(self, k)
+      local get = props[k]
+      if get then return get(self) end
+      return cls[k]
+    end,
+    __tostring = describe,
+    -- `local p <close> = mp.Process{...}`: joins it at the end of the
+    -- scope (terminating it first when the scope ends with an error)
+    __close = function(self, err)
+      if rawget(self, "_closed") then return end
+      if rawget(self, "_child") and self._parent_pid == getpid() then
+        if err ~= nil and self:is_alive() then self:terminate() end
+        self:join()
+      end
+      self:close()
+    end,
+    __name = "multiprocessing.Process",
+  }
+  rawset(cls, "_instance_mt", inst_mt)
+  return setmetatable(cls, {
+    __index = base,
+    __call = function(c, ...)
+      if S.children_owner ~= getpid() then my_children() end
+      S.counter = S.counter + 1
+      local id = S.current._identity
+      id = id == "" and tostring(S.counter) or id .. ":" .. S.counter
+      -- every field the object will get, so that later assignments find
+      -- their slot (no rehash, fewer pages written around forks)
+      local self = setmetatable({
+        name = "Process-" .. id, daemon = S.current.daemon and true or false,
+        pid = nil, _identity = id, _parent_pid = getpid(),
+        _parent_name = S.current.name, _args = EMPTY, _target = nil,
+        _child = nil, _exitcode = nil, _closed = nil,
+      }, inst_mt)
+      c.init(self, ...)
+      return self
+    end,
+    __tostring = function(c) return "<class " .. c._class_name .. ">" end,
+  })
+end
+
+-- mp.Process{target=, args=, name=, daemon=} or mp.Process(target, args)
+local options = {target = true, args = true, name = true, daemon = true}
+function Process.init(self, opts, args)
+  if type(opts) == "function" then opts = {target = opts, args = args} end
+  if opts == nil then return end
+  if type(opts) ~= "table" then
+    error("bad argument #1 to 'Process' (table expected, got " ..
+          type(opts) .. ")", 3)
+  end
+  for k in pairs(opts) do
+    if not options[k] then
+      error("bad argument #1 to 'Process' (unknown option '" ..
+            tostring(k) .. "')", 3)
+    end
+  end
+  local t = opts.target
+  if t ~= nil and type(t) ~= "function" then
+    local mt = getmetatable(t)
+    if not (type(mt) == "table" and mt.__call) then
+      error("bad argument #1 to 'Process' (target must be a function, got " ..
+            type(t) .. ")", 3)
+    end
+  end
+  if opts.args ~= nil and type(opts.args) ~= "table" then
+    error("bad argument #1 to 'Process' (args must be a table, got " ..
+          type(opts.args) .. ")", 3)
+  end
+  if opts.name ~= nil and type(opts.name) ~= "string" and
+     type(opts.name) ~= "number" then
+    error("bad argument #1 to 'Process' (name must be a string, got " ..
+          type(opts.name) .. ")", 3)
+  end
+  rawset(self, "_target", t)
+  if opts.args then
+    local a = opts.args
+    rawset(self, "_args", {n = a.n or #a, unpack(a, 1, a.n or #a)})
+  end
+  if opts.name ~= nil then rawset(self, "name", tostring(opts.name)) end
+  if opts.daemon ~= nil then rawset(self, "daemon", opts.daemon and true or false) end
+end
+
+-- A subclass: local MyProcess = mp.Process:extend() ... MyProcess(1):start()
+-- Its init(self, ...) gets the constructor's arguments; name and daemon
+-- have their defaults and may be set there (or through
+-- mp.Process.init(self, {name = ..., daemon = ...})).
+function Process:extend(name)
+  local base = self
+  if type(base) ~= "table" or not rawget(base, "_instance_mt") then
+    error("bad argument #1 to 'extend' (call it as Class:extend())", 2)
+  end
+  local cls = make_class(base, name)
+  if name == nil then rawset(cls, "_class_name", base._class_name) end
+  return cls
+end
+
+-- The default run calls the target with the arguments.
+function Process:run()
+  local t = self._target
+  if t ~= nil then
+    local a = self._args
+    t(unpack(a, 1, a.n or #a))
+  end
+end
+
+local function traceback(e)
+  local msg
+  if type(e) == "string" then
+    msg = e
+  else
+    local mt = getmetatable(e)
+    if mt and mt.__tostring then msg = tostring(e)
+    else msg = "(error object is a " .. type(e) .. " value)" end
+  end
+  -- the frames below xpcall are the parent's (the caller of start())
+  local tb = debug.traceback(msg, 2)
+  local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
+  return cut and tb:sub(1, cut - 1) or tb
+end
+
+-- Runs in the child (core.spawn calls it; its result is the exit code).
+local function bootstrap(self)
+  S.current = self
+  S.parent, S.parent_name, S.parent_pid = nil, self._parent_name, self._parent_pid
+  S.children, S.children_owner, S.counter = nil, getpid(), 0
+  rawset(self, "pid", S.children_owner)
+  log(5, "child process calling self.run()")
+  local ok, err = xpcall(self.run, traceback, self)
+  local code = 0
+  if not ok then
+    io.stdout:flush()
+    io.stderr:write("Process ", tostring(self.name), ":\n", err, "\n")
+    io.stderr:flush()
+    code = 1
+  end
+  log(20, "process exiting with exitcode %d", code)
+  return code
+end
+
+-- Reaps finished children (Python's _cleanup), allocating nothing.
+local function sweep()
+  if S.children == nil or S.children_owner ~= getpid() then return end
+  for p in pairs(S.children) do
+    local h = rawget(p, "_child")
+    local code, gone = nil, true
+    if h and not rawget(p, "_closed") then code, gone = h:poll() end
+    if gone then
+      rawset(p, "_exitcode", code)
+      S.children[p] = nil
+    end
+  end
+end
+
+function Process:start()
+  check_closed(self)
+  if rawget(self, "_child") then
+    raise("ProcessError", "cannot start a process twice")
+  end
+  if self._parent_pid ~= getpid() then
+    raise("ProcessError",
+          "can only start a process object created by the current process")
+  end
+  if S.current.daemon then
+    raise("ProcessError", "daemonic processes are not allowed to have children")
+  end
+  sweep()
+  local h = core.spawn(bootstrap, self, self.daemon)
+  rawset(self, "_child", h)
+  rawset(self, "pid", h:pid())
+  my_children()[self] = true
+end
+
+local function check_parent(self, what)
+  if self._parent_pid ~= getpid() then
+    raise("ProcessError", "can only " .. what .. " a child process")
+  end
+  if not rawget(self, "_child") then
+    raise("ProcessError", "can only " .. what .. " a started process")
+  end
+end
+
+local function finished(self, code)
+  rawset(self, "_exitcode", code)
+  my_children()[self] = nil
+end
+
+function Process:join(timeout)
+  check_closed(self)
+  check_parent(self, "join")
+  local h = self._child
+  local code = h:wait(timeout)
+  local _, gone = h:poll()
+  if gone then finished(self, code) end
+end
+
+function Process:is_alive()
+  if self == S.current then return true end
+  check_closed(self)
+  if not rawget(self, "_child") then return false end
+  if self._parent_pid ~= getpid() then
+    raise("ProcessError", "can only test a child process")
+  end
+  local code, gone = self._child:poll()
+  if gone then finished(self, code) end
+  return not gone
+end
+
+local function send(self, sig, what)
+  check_closed(self)
+  check_parent(self, what)
+  self._child:signal(sig)
+end
+
+function Process:terminate() send(self, "SIGTERM", "terminate") end
+function Process:kill() send(self, "SIGKILL", "kill") end
+
+function Process:close()
+  if rawget(self, "_closed") then return end
+  local h = rawget(self, "_child")
+  if h and self._parent_pid == getpid() then
+    if self:is_alive() then
+      raise("ValueError", "Cannot close a process while it is still " ..
+            "running. You should first call join() or terminate().")
+    end
+  end
+  if h then
+    rawset(self, "_exitcode", rawget(self, "_exitcode") or
+           (self._parent_pid == getpid() and (h:poll())) or nil)
+    h:close()
+  end
+  my_children()[self] = nil
+  rawset(self, "_closed", true)
+end
+
+props.exitcode = function(self)
+  local h = rawget(self, "_child")
+  if rawget(self, "_closed") or not h then return rawget(self, "_exitcode") end
+  if self._parent_pid ~= getpid() then return nil end
+  local code, gone = h:poll()
+  if gone then finished(self, code) end
+  return code
+end
+
+props.sentinel = function(self)
+  check_closed(self)
+  local h = rawget(self, "_child")
+  if not h then raise("ValueError", "process not started") end
+  return h:sentinel()
+end
+
+props.ident = function(self) return rawget(self, "pid") end
+
+-- Process is itself a class (mp.Process{...} constructs one).
+do
+  local cls = make_class(nil, "Process")
+  for k, v in pairs(Process) do rawset(cls, k, v) end
+  Process = cls
+end
+P.Process = Process
+
+-- ---- module functions -------------------------------------------------------
 
 function P.current_process()
-  return main_process
+  return S.current
 end
 
--- nil in the main program.
+-- The parent of a child: name, pid, ident, is_alive(), join(timeout).
+local ParentProcess = {}
+ParentProcess.__index = ParentProcess
+ParentProcess.__tostring = function(self)
+  return string.format("<_ParentProcess name=%q parent=%d %s>", self.name,
+    self.pid, self:is_alive() and "started" or "stopped")
+end
+ParentProcess.__name = "multiprocessing.ParentProcess"
+
+function ParentProcess:is_alive()
+  -- a child whose parent died is re-parented: getppid() changes
+  return core.getppid() == self.pid
+end
+
+function ParentProcess:join(timeout)
+  local deadline = timeout and core.now() + math.max(timeout, 0)
+  while self:is_alive() do
+    if deadline and core.now() >= deadline then return end
+    core.sleep(0.01)
+  end
+end
+
+function P._make_parent(name, pid)
+  return setmetatable({name = name, pid = pid, ident = pid, daemon = false},
+                      ParentProcess)
+end
+
 function P.parent_process()
-  return nil
+  if S.parent == nil and S.parent_pid ~= nil then
+    S.parent = P._make_parent(S.parent_name, S.parent_pid)
+  end
+  return S.parent
 end
 
--- Live children of this process (none until Process objects exist).
+-- Reaps finished children (Python's _cleanup); returns the live ones.
+function P.reap()
+  local live = {}
+  for p in pairs(my_children()) do
+    local h = rawget(p, "_child")
+    local code, gone = nil, true
+    if h and not rawget(p, "_closed") then code, gone = h:poll() end
+    if gone then finished(p, code) else live[#live + 1] = p end
+  end
+  return live
+end
+
 function P.active_children()
-  return {}
+  local live = P.reap()
+  table.sort(live, function(a, b) return a.pid < b.pid end)
+  return live
+end
+
+function P.register_at_fork(hooks)
+  return core.register_at_fork(hooks)
+end
+
+-- For other parts of the runtime that fork their own workers (the Pool):
+-- makes this process look like a child with the given name.
+function P._become_child(name, daemon)
+  local id = S.current._identity
+  local me = {name = name, daemon = daemon and true or false,
+              pid = getpid(), _identity = id == "" and "0" or id .. ":0"}
+  S.parent, S.parent_name, S.parent_pid = nil, S.current.name, core.getppid()
+  S.current = me
+  S.children, S.children_owner, S.counter = nil, getpid(), 0
+  return me
 end
 
 return P

@@ -1,0 +1,1105 @@
+/*
+ * conn.c -- Pipe and Connection: framed messages over a socket or pipe,
+ * Listener/Client over TCP and Unix sockets, CPython's HMAC handshake,
+ * and the poll behind mp.wait.
+ *
+ * The wire format is CPython's multiprocessing.connection: each message
+ * is a 4-byte big-endian signed length and the payload; payloads longer
+ * than 2^31-1 bytes have the length -1 followed by an 8-byte big-endian
+ * length.  send(v) writes the codec's encoding of v; the codec leaves
+ * headroom in front of it so that header and payload leave in one write.
+ *
+ * A message is read whole or not at all: an end of file inside one is an
+ * error, never a short value.  A transfer cut in the middle (Ctrl-C, a
+ * timeout, a length beyond maxlength) leaves the byte stream out of step,
+ * so the connection is then marked broken in that direction and later
+ * calls say so instead of reading garbage.
+ *
+ * fds are close-on-exec and blocking; waits go through poll with the
+ * process's interrupt check.  A Connection owns one fd in one process:
+ * after a fork, each process closes its own copy, which never affects the
+ * other's, so connections need no owner pid.  A Listener on a Unix path
+ * does: only the process that bound the path unlinks it.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <dlfcn.h>
+
+#include <openssl/evp.h>    /* types only: libcrypto is loaded on first use */
+
+#include "internal.h"
+
+#define CONN_MT "multiprocessing.Connection"
+#define LISTENER_MT "multiprocessing.Listener"
+
+#define HEADROOM 12             /* -1 marker + 8-byte length */
+#define RA_SIZE 65536           /* read-ahead: a small message costs one read */
+#define KEEP_RBUF (4u << 20)    /* receive buffer kept between messages */
+#define GROW_STEP (64u << 20)   /* trust a claimed length this far at once */
+
+/* ---- Connection handles ---------------------------------------------- */
+
+struct conn {
+  int fd;                 /* -1 once closed */
+  unsigned readable : 1, writable : 1;
+  unsigned trusted : 1;   /* decode code payloads: pipes, authenticated peers */
+  unsigned rbroken : 1;   /* a message was cut off mid-read */
+  unsigned wbroken : 1;   /* a message was cut off mid-write */
+  char *ra;               /* read-ahead buffer (RA_SIZE bytes) */
+  size_t rpos, rend;      /* its unread bytes: ra[rpos..rend) */
+  pid_t rpid;             /* the process that read them (see ra_check) */
+  char *rbuf;             /* buffer for payloads beyond RA_SIZE */
+  size_t rcap;
+};
+
+static struct conn *new_conn(lua_State *L) {
+  struct conn *c = lua_newuserdatauv(L, sizeof *c, 0);
+  memset(c, 0, sizeof *c);
+  c->fd = -1;                         /* created closed */
+  luaL_setmetatable(L, CONN_MT);
+  return c;
+}
+
+static struct conn *check_conn(lua_State *L, int idx) {
+  struct conn *c = luaL_checkudata(L, idx, CONN_MT);
+  if (c->fd < 0) luamp_raise(L, "OSError", "connection is closed");
+  return c;
+}
+
+static struct conn *check_readable(lua_State *L, int idx) {
+  struct conn *c = check_conn(L, idx);
+  if (!c->readable) luamp_raise(L, "OSError", "connection is write-only");
+  if (c->rbroken)
+    luamp_raise(L, "OSError", "connection is broken: an earlier receive "
+                "stopped in the middle of a message");
+  return c;
+}
+
+static struct conn *check_writable(lua_State *L, int idx) {
+  struct conn *c = check_conn(L, idx);
+  if (!c->writable) luamp_raise(L, "OSError", "connection is read-only");
+  if (c->wbroken)
+    luamp_raise(L, "BrokenPipeError", "connection is broken: an earlier "
+                "send stopped in the middle of a message");
+  return c;
+}
+
+static int conn_close(lua_State *L) {
+  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  if (c->fd >= 0) {
+    int fd = c->fd;
+    c->fd = -1;                       /* closed before the fd goes */
+    close(fd);
+  }
+  free(c->rbuf);
+  c->rbuf = NULL;
+  c->rcap = 0;
+  free(c->ra);
+  c->ra = NULL;
+  c->rpos = c->rend = 0;
+  return 0;
+}
+
+/* ---- waiting and moving bytes ---------------------------------------- */
+
+/* Waits until fd is ready for events or the deadline passes; raises
+ * "interrupted!" or TimeoutError (marking the stream broken when a
+ * message is half moved). */
+static void wait_fd(lua_State *L, struct conn *c, short events,
+                    double deadline, int midway) {
+  struct pollfd p = {c->fd, events, 0};
+  int r = luamp_robust_poll(L, &p, 1, deadline);
+  if (r > 0) return;
+  if (midway) {
+    if (events & POLLIN) c->rbroken = 1;
+    else c->wbroken = 1;
+  }
+  if (r == -2) luamp_raise_interrupt(L);
+  if (r == 0) luamp_raise(L, "TimeoutError", "timed out");
+  luamp_raise_errno(L, "OSError", errno, "poll");
+}
+
+/* Writes the whole iovec.  A peer that is gone gives BrokenPipeError. */
+static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
+                      int n, double deadline) {
+  size_t sent = 0;
+  while (n > 0) {
+    ssize_t w;
+    if (deadline >= 0) wait_fd(L, c, POLLOUT, deadline, sent > 0);
+    w = writev(c->fd, iov, n);
+    if (w < 0) {
+      int err = errno;
+      if (err == EINTR) {
+        if (luamp_interrupted(L)) {
+          if (sent) c->wbroken = 1;
+          luamp_raise_interrupt(L);
+        }
+        continue;
+      }
+      if (err == EAGAIN || err == EWOULDBLOCK) {
+        wait_fd(L, c, POLLOUT, deadline, sent > 0);
+        continue;
+      }
+      if (sent) c->wbroken = 1;
+      if (err == EPIPE || err == ECONNRESET)
+        luamp_raise_errno(L, "BrokenPipeError", err, "send");
+      luamp_raise_errno(L, "OSError", err, "send");
+    }
+    sent += (size_t)w;
+    while (n > 0 && (size_t)w >= iov->iov_len) {
+      w -= (ssize_t)iov->iov_len;
+      iov++;
+      n--;
+    }
+    if (n > 0) {
+      iov->iov_base = (char *)iov->iov_base + w;
+      iov->iov_len -= (size_t)w;
+      if (luamp_interrupted(L)) {   /* a short write woken by Ctrl-C */
+        c->wbroken = 1;
+        luamp_raise_interrupt(L);
+      }
+    }
+  }
+}
+
+/* One read(2) of at most n bytes: returns the count, 0 at end of file;
+ * raises on errors, interrupts and the deadline.  midway says whether a
+ * message is half read (an interrupt then breaks the stream). */
+static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
+                        double deadline, int midway) {
+  for (;;) {
+    ssize_t r;
+    if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway);
+    r = read(c->fd, p, n);
+    if (r >= 0) return (size_t)r;
+    if (errno == EINTR) {
+      if (luamp_interrupted(L)) {
+        if (midway) c->rbroken = 1;
+        luamp_raise_interrupt(L);
+      }
+      continue;
+    }
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      wait_fd(L, c, POLLIN, deadline, midway);
+      continue;
+    }
+    if (errno == ECONNRESET) return 0;   /* the peer is gone: end of file */
+    if (midway) c->rbroken = 1;
+    luamp_raise_errno(L, "OSError", errno, "recv");
+  }
+}
+
+/* Bytes read ahead belong to the process that read them from the fd: a
+ * forked child's copy of them was consumed by its parent, so it drops
+ * them and reads the fd afresh. */
+static void ra_check(struct conn *c) {
+  if (c->rpos < c->rend && c->rpid != luamp_pid()) c->rpos = c->rend = 0;
+}
+
+static void ra_alloc(lua_State *L, struct conn *c) {
+  if (c->ra == NULL && (c->ra = malloc(RA_SIZE)) == NULL)
+    luamp_raise(L, "OSError", "not enough memory");
+}
+
+static void eof_midway(lua_State *L, struct conn *c) {
+  c->rbroken = 1;
+  luamp_raise(L, "OSError", "got end of file during message");
+}
+
+/* Reads exactly n bytes (buffered).  Returns 1 on an end of file before
+ * the first byte when the message has not started (midway == 0); any
+ * other end of file is an error. */
+static int read_all(lua_State *L, struct conn *c, char *p, size_t n,
+                    double deadline, int midway) {
+  size_t got = 0;
+  ra_check(c);
+  if (c->rpos < c->rend) {
+    got = c->rend - c->rpos < n ? c->rend - c->rpos : n;
+    memcpy(p, c->ra + c->rpos, got);
+    c->rpos += got;
+  }
+  while (got < n) {
+    size_t r;
+    if (n - got >= RA_SIZE / 2) {   /* big: straight into place */
+      r = read_once(L, c, p + got, n - got, deadline, midway || got);
+      if (r == 0) {
+        if (!midway && got == 0) return 1;
+        eof_midway(L, c);
+      }
+      got += r;
+      continue;
+    }
+    ra_alloc(L, c);
+    c->rpos = c->rend = 0;
+    r = read_once(L, c, c->ra, RA_SIZE, deadline, midway || got);
+    if (r == 0) {
+      if (!midway && got == 0) return 1;
+      eof_midway(L, c);
+    }
+    c->rend = r;
+    c->rpid = luamp_pid();
+    r = r < n - got ? r : n - got;
+    memcpy(p + got, c->ra, r);
+    c->rpos = r;
+    got += r;
+  }
+  return 0;
+}
+
+/* The next n bytes (n <= RA_SIZE) of a started message, contiguous in
+ * the read-ahead buffer; valid until the next read on c. */
+static const char *read_view(lua_State *L, struct conn *c, size_t n,
+                             double deadline) {
+  const char *p;
+  ra_check(c);
+  if (c->rend - c->rpos < n) {
+    ra_alloc(L, c);
+    memmove(c->ra, c->ra + c->rpos, c->rend - c->rpos);
+    c->rend -= c->rpos;
+    c->rpos = 0;
+    while (c->rend < n) {
+      size_t r = read_once(L, c, c->ra + c->rend, RA_SIZE - c->rend,
+                           deadline, 1);
+      if (r == 0) eof_midway(L, c);
+      c->rend += r;
+      c->rpid = luamp_pid();
+    }
+  }
+  p = c->ra + c->rpos;
+  c->rpos += n;
+  return p;
+}
+
+/* Reads one header: the payload length, or raises EOFError when the
+ * peer has closed and nothing is left. */
+static uint64_t read_header(lua_State *L, struct conn *c, double deadline) {
+  unsigned char h[8];
+  uint32_t n32;
+  uint64_t n = 0;
+  if (read_all(L, c, (char *)h, 4, deadline, 0))
+    luamp_raise(L, "EOFError", "the peer closed the connection");
+  n32 = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 | (uint32_t)h[2] << 8 | h[3];
+  if (n32 == 0xffffffffu) {
+    read_all(L, c, (char *)h, 8, deadline, 1);
+    for (int i = 0; i < 8; i++) n = n << 8 | h[i];
+  } else if (n32 & 0x80000000u) {
+    c->rbroken = 1;
+    luamp_raise(L, "OSError", "bad message length: negative length %d in "
+                "the header", (int)(int32_t)n32);
+  } else {
+    n = n32;
+  }
+  return n;
+}
+
+/* Makes room for n more bytes in c's buffer (growing it, never beyond
+ * what is needed). */
+static char *rbuf_reserve(lua_State *L, struct conn *c, size_t n) {
+  if (n > c->rcap) {
+    char *p = realloc(c->rbuf, n);
+    if (p == NULL) {
+      c->rbroken = 1;
+      luamp_raise(L, "OSError", "not enough memory for a message of "
+                  "%I bytes", (lua_Integer)n);
+    }
+    c->rbuf = p;
+    c->rcap = n;
+  }
+  return c->rbuf;
+}
+
+/* Reads an n-byte payload into c->rbuf.  A length claimed by the header
+ * is only trusted GROW_STEP bytes at a time: a lying peer that closes
+ * early costs at most that much memory, not a 2^63-byte allocation. */
+static char *read_payload(lua_State *L, struct conn *c, uint64_t n,
+                          double deadline) {
+  size_t got = 0;
+  if (n > (uint64_t)PTRDIFF_MAX) {
+    c->rbroken = 1;
+    luamp_raise(L, "OSError", "bad message length: %I bytes",
+                (lua_Integer)(n > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER : n));
+  }
+  while (got < n) {
+    size_t step = (size_t)n - got;
+    if (step > GROW_STEP && got + step > c->rcap) step = GROW_STEP;
+    if (got + step > c->rcap) {
+      size_t want = got + step;
+      if (got > 0 && want < 2 * c->rcap && 2 * c->rcap <= n) want = 2 * c->rcap;
+      rbuf_reserve(L, c, want);
+      step = (want < n ? want : (size_t)n) - got;
+    }
+    read_all(L, c, c->rbuf + got, step, deadline, 1);
+    got += step;
+  }
+  return c->rbuf;
+}
+
+static void rbuf_trim(struct conn *c) {
+  if (c->rcap > KEEP_RBUF) {
+    free(c->rbuf);
+    c->rbuf = NULL;
+    c->rcap = 0;
+  }
+}
+
+static void put_header(unsigned char *h, size_t n, size_t *hlen) {
+  if (n > 0x7fffffffu) {
+    uint64_t v = n;
+    memset(h, 0xff, 4);
+    for (int i = 0; i < 8; i++) h[4 + i] = (unsigned char)(v >> (56 - 8 * i));
+    *hlen = 12;
+  } else {
+    h[0] = (unsigned char)(n >> 24);
+    h[1] = (unsigned char)(n >> 16);
+    h[2] = (unsigned char)(n >> 8);
+    h[3] = (unsigned char)n;
+    *hlen = 4;
+  }
+}
+
+/* Sends one framed message: header then n bytes at p. */
+static void send_frame(lua_State *L, struct conn *c, const char *p, size_t n,
+                       double deadline) {
+  unsigned char h[HEADROOM];
+  size_t hlen;
+  struct iovec iov[2];
+  put_header(h, n, &hlen);
+  iov[0].iov_base = h;
+  iov[0].iov_len = hlen;
+  iov[1].iov_base = (void *)p;
+  iov[1].iov_len = n;
+  write_all(L, c, iov, n > 0 ? 2 : 1, deadline);
+}
+
+/* Receives one framed message (at most maxlen bytes, maxlen < 0 for no
+ * limit) and pushes it as a string. */
+static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
+                       double deadline) {
+  uint64_t n = read_header(L, c, deadline);
+  if (maxlen >= 0 && n > (uint64_t)maxlen) {
+    c->rbroken = 1;
+    luamp_raise(L, "OSError", "bad message length: %I bytes > maxlength %I",
+                (lua_Integer)(n > (uint64_t)LUA_MAXINTEGER ? LUA_MAXINTEGER : n),
+                maxlen);
+  }
+  if (n <= RA_SIZE) {
+    lua_pushlstring(L, read_view(L, c, (size_t)n, deadline), (size_t)n);
+  } else {
+    char *p = read_payload(L, c, n, deadline);
+    lua_pushlstring(L, p, (size_t)n);
+    rbuf_trim(c);
+  }
+}
+
+/* ---- Connection methods ---------------------------------------------- */
+
+/* conn:send(v): the codec's encoding of v as one message.  An
+ * unencodable value raises EncodeError before anything is written. */
+static int conn_send(lua_State *L) {
+  struct conn *c = check_writable(L, 1);
+  size_t n, hlen;
+  char *p;
+  luaL_checkany(L, 2);
+  p = luamp_encode(L, 2, HEADROOM, &n, "value");
+  put_header((unsigned char *)p, n, &hlen);
+  if (hlen == 4) memcpy(p + HEADROOM - 4, p, 4);
+  {
+    struct iovec iov = {p + HEADROOM - hlen, hlen + n};
+    write_all(L, c, &iov, 1, -1);
+  }
+  return 0;
+}
+
+/* conn:recv() -> the next message's value; EOFError when the peer has
+ * closed and nothing is left. */
+static int conn_recv(lua_State *L) {
+  struct conn *c = check_readable(L, 1);
+  uint64_t n = read_header(L, c, -1);
+  int flags = c->trusted ? 0 : LUAMP_DECODE_UNTRUSTED;
+  if (n <= RA_SIZE) {
+    luamp_decode(L, read_view(L, c, (size_t)n, -1), (size_t)n, flags);
+  } else {
+    char *p = read_payload(L, c, n, -1);
+    /* the buffer belongs to c, which the stack keeps alive: a raising
+     * decoder leaks nothing */
+    luamp_decode(L, p, (size_t)n, flags);
+    rbuf_trim(c);
+  }
+  return 1;
+}
+
+/* conn:send_bytes(s [, offset [, size]]): offset is a byte offset from
+ * the start of s (0-based, as Python's), size defaults to the rest. */
+static int conn_send_bytes(lua_State *L) {
+  struct conn *c = check_writable(L, 1);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  lua_Integer off = luaL_optinteger(L, 3, 0), size;
+  luaL_argcheck(L, off >= 0, 3, "offset is negative");
+  luaL_argcheck(L, (size_t)off <= len, 3, "buffer length < offset");
+  size = luaL_optinteger(L, 4, (lua_Integer)(len - (size_t)off));
+  luaL_argcheck(L, size >= 0, 4, "size is negative");
+  luaL_argcheck(L, (size_t)size <= len - (size_t)off, 4,
+                "buffer length < offset + size");
+  send_frame(L, c, s + off, (size_t)size, -1);
+  return 0;
+}
+
+/* conn:recv_bytes([maxlength]) -> string */
+static int conn_recv_bytes(lua_State *L) {
+  struct conn *c = check_readable(L, 1);
+  lua_Integer maxlen = -1;
+  if (!lua_isnoneornil(L, 2)) {
+    maxlen = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, maxlen >= 0, 2, "negative maxlength");
+  }
+  recv_frame(L, c, maxlen, -1);
+  return 1;
+}
+
+/* conn:poll([timeout]) -> true when a message (or the end of file) is
+ * there to read.  poll() does not wait, as Python's default 0;
+ * poll(math.huge) waits forever. */
+static int conn_poll(lua_State *L) {
+  struct conn *c = check_readable(L, 1);
+  struct pollfd p = {c->fd, POLLIN, 0};
+  double deadline = lua_isnoneornil(L, 2) ? luamp_now()
+                                          : luamp_deadline_arg(L, 2);
+  int r;
+  ra_check(c);
+  if (c->rpos < c->rend) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  r = luamp_robust_poll(L, &p, 1, deadline);
+  if (r == -2) luamp_raise_interrupt(L);
+  if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
+  lua_pushboolean(L, r > 0);
+  return 1;
+}
+
+/* Whether bytes are waiting in the read-ahead buffer (mp.wait's "ready
+ * now" check: the fd alone does not show them). */
+static int conn_buffered(lua_State *L) {
+  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  if (c->fd >= 0) ra_check(c);
+  lua_pushboolean(L, c->fd >= 0 && c->rpos < c->rend);
+  return 1;
+}
+
+/* conn:_wait_fd() -> fd, ready: mp.wait's protocol */
+static int conn_wait_fd(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  lua_pushinteger(L, c->fd);
+  lua_pushcfunction(L, conn_buffered);
+  return 2;
+}
+
+static int conn_fileno(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  lua_pushinteger(L, c->fd);
+  return 1;
+}
+
+/* Fields closed/readable/writable, then the methods. */
+static int conn_index(lua_State *L) {
+  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  const char *k = lua_tostring(L, 2);
+  if (k != NULL) {
+    if (strcmp(k, "closed") == 0) {
+      lua_pushboolean(L, c->fd < 0);
+      return 1;
+    }
+    if (strcmp(k, "readable") == 0) {
+      lua_pushboolean(L, c->readable);
+      return 1;
+    }
+    if (strcmp(k, "writable") == 0) {
+      lua_pushboolean(L, c->writable);
+      return 1;
+    }
+  }
+  lua_pushvalue(L, 2);
+  lua_rawget(L, lua_upvalueindex(1));
+  return 1;
+}
+
+static int conn_tostring(lua_State *L) {
+  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  if (c->fd < 0) lua_pushliteral(L, "Connection (closed)");
+  else lua_pushfstring(L, "Connection (fd %d, %s)", c->fd,
+                       c->readable && c->writable ? "duplex" :
+                       c->readable ? "read-only" : "write-only");
+  return 1;
+}
+
+/* core.Pipe([duplex]) -> a, b.  Duplex: a socketpair, both ends read and
+ * write.  Otherwise a pipe: a receives, b sends. */
+static int l_pipe(lua_State *L) {
+  int duplex = lua_isnoneornil(L, 1) ? 1 : lua_toboolean(L, 1);
+  int fds[2];
+  struct conn *a = new_conn(L), *b = new_conn(L);
+  if (duplex) {
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+      luamp_raise_errno(L, "OSError", errno, "socketpair");
+  } else if (pipe2(fds, O_CLOEXEC) != 0) {
+    luamp_raise_errno(L, "OSError", errno, "pipe2");
+  }
+  a->fd = fds[0];
+  b->fd = fds[1];
+  a->trusted = b->trusted = 1;
+  a->readable = 1;
+  a->writable = duplex;
+  b->readable = duplex;
+  b->writable = 1;
+  return 2;
+}
+
+/* core.connection_from_fd(fd, readable, writable) -> Connection owning
+ * fd (untrusted: its data is decoded without code). */
+static int l_from_fd(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  struct conn *c;
+  luaL_argcheck(L, fd >= 0, 1, "bad file descriptor");
+  c = new_conn(L);
+  c->fd = fd;
+  c->readable = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
+  c->writable = lua_isnoneornil(L, 3) || lua_toboolean(L, 3);
+  fcntl(fd, F_SETFD, FD_CLOEXEC);
+  return 1;
+}
+
+/* ---- HMAC challenge (CPython's protocol) ----------------------------- */
+
+/* The challenge is "#CHALLENGE#" followed by the message: "{sha256}" and
+ * 40 random bytes here (CPython >= 3.12); 20 bare random bytes from a
+ * legacy peer (CPython <= 3.11).  The answer is "{digest}" + HMAC of the
+ * whole message (prefix included) with that digest, or, to a legacy
+ * challenge, the bare 16-byte HMAC-MD5.  A 16- or 20-byte answer is
+ * legacy MD5; the MAC covers the prefix, so a peer cannot downgrade a
+ * modern challenge.  Then "#WELCOME#" or "#FAILURE#". */
+#define CHALLENGE "#CHALLENGE#"
+#define WELCOME "#WELCOME#"
+#define FAILURE "#FAILURE#"
+#define MESSAGE_LENGTH 40
+#define MAX_DIGEST_LEN 8
+
+/* OpenSSL's libcrypto, loaded on first use (dlopen) rather than linked:
+ * mapped into every process it would make every fork slower (its pages
+ * are copied into each child's page tables), and only authenticated
+ * connections need it. */
+#define N_DIGESTS 5
+static const char *const digest_names[N_DIGESTS] = {
+  "md5", "sha256", "sha384", "sha3_256", "sha3_384"  /* CPython's allowed */
+};
+static struct {
+  int loaded;
+  unsigned char *(*hmac)(const EVP_MD *, const void *, int,
+                         const unsigned char *, size_t, unsigned char *,
+                         unsigned int *);
+  int (*memcmp_ct)(const void *, const void *, size_t);
+  const EVP_MD *(*md[N_DIGESTS])(void);
+} crypto;
+
+static void load_crypto(lua_State *L) {
+  static const char *const md_syms[N_DIGESTS] = {
+    "EVP_md5", "EVP_sha256", "EVP_sha384", "EVP_sha3_256", "EVP_sha3_384"
+  };
+  void *h;
+  if (crypto.loaded) return;
+  h = dlopen("libcrypto.so.3", RTLD_NOW | RTLD_LOCAL);
+  if (h == NULL) h = dlopen("libcrypto.so", RTLD_NOW | RTLD_LOCAL);
+  if (h == NULL)
+    luamp_raise(L, "AuthenticationError", "cannot load OpenSSL's libcrypto "
+                "for HMAC: %s", dlerror());
+  *(void **)&crypto.hmac = dlsym(h, "HMAC");
+  *(void **)&crypto.memcmp_ct = dlsym(h, "CRYPTO_memcmp");
+  for (int i = 0; i < N_DIGESTS; i++)
+    *(void **)&crypto.md[i] = dlsym(h, md_syms[i]);
+  if (crypto.hmac == NULL || crypto.memcmp_ct == NULL || crypto.md[0] == NULL ||
+      crypto.md[1] == NULL)
+    luamp_raise(L, "AuthenticationError", "libcrypto lacks HMAC, MD5 or "
+                "SHA-256");
+  crypto.loaded = 1;
+}
+
+static const EVP_MD *digest_by_name(const char *name, size_t len) {
+  for (int i = 0; i < N_DIGESTS; i++)
+    if (strlen(digest_names[i]) == len && memcmp(digest_names[i], name, len) == 0)
+      return crypto.md[i] ? crypto.md[i]() : NULL;
+  return NULL;
+}
+
+/* Splits a message or answer: "{name}payload" gives name's digest and
+ * the payload's offset; a bare 16- or 20-byte one is legacy MD5.  NULL
+ * when it is neither (or the digest is not one of CPython's allowed). */
+static const EVP_MD *parse_digest(const char *m, size_t n, size_t *off,
+                                  int *legacy) {
+  const char *close;
+  *legacy = 0;
+  *off = 0;
+  if (n == 16 || n == 20) {
+    *legacy = 1;
+    return crypto.md[0]();                /* md5 */
+  }
+  if (n < 2 || m[0] != '{') return NULL;
+  close = memchr(m + 1, '}', n - 1 < MAX_DIGEST_LEN + 1 ? n - 1
+                                                        : MAX_DIGEST_LEN + 1);
+  if (close == NULL) return NULL;
+  *off = (size_t)(close - m) + 1;
+  return digest_by_name(m + 1, (size_t)(close - m - 1));
+}
+
+static void hmac_of(lua_State *L, const EVP_MD *md, const char *key,
+                    size_t klen, const char *msg, size_t mlen,
+                    unsigned char *out, unsigned *outlen) {
+  if (crypto.hmac(md, key, (int)klen, (const unsigned char *)msg, mlen, out,
+                  outlen) == NULL)
+    luamp_raise(L, "AuthenticationError", "HMAC failed (digest not "
+                "available in this OpenSSL)");
+}
+
+/* Receives a handshake message (at most 256 bytes) into buf. */
+static size_t recv_small(lua_State *L, struct conn *c, char *buf,
+                         double deadline) {
+  uint64_t n = read_header(L, c, deadline);
+  if (n > 256) {
+    c->rbroken = 1;
+    luamp_raise(L, "AuthenticationError", "handshake message too long "
+                "(%I bytes)", (lua_Integer)(n > 1000000 ? 1000000 : n));
+  }
+  read_all(L, c, buf, (size_t)n, deadline, 1);
+  return (size_t)n;
+}
+
+static double handshake_deadline(lua_State *L, int idx) {
+  return lua_isnoneornil(L, idx) ? -1.0 : luamp_deadline_arg(L, idx);
+}
+
+/* core.deliver_challenge(conn, authkey [, timeout]): the server side's
+ * first half.  Raises AuthenticationError (after telling the peer) when
+ * the answer is wrong, TimeoutError when the peer says nothing. */
+static int l_deliver_challenge(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  size_t klen, rlen, off;
+  const char *key = luaL_checklstring(L, 2, &klen);
+  double deadline = handshake_deadline(L, 3);
+  char msg[sizeof CHALLENGE - 1 + 8 + MESSAGE_LENGTH], resp[256];
+  const size_t pre = sizeof CHALLENGE - 1;
+  size_t mlen = 8 + MESSAGE_LENGTH;
+  unsigned char expect[EVP_MAX_MD_SIZE];
+  unsigned elen;
+  int legacy, ok;
+  const EVP_MD *md;
+  load_crypto(L);
+  memcpy(msg, CHALLENGE "{sha256}", pre + 8);
+  if (getrandom(msg + pre + 8, MESSAGE_LENGTH, 0) != MESSAGE_LENGTH)
+    luamp_raise_errno(L, "OSError", errno, "getrandom");
+  send_frame(L, c, msg, pre + mlen, deadline);
+  rlen = recv_small(L, c, resp, deadline);
+  md = parse_digest(resp, rlen, &off, &legacy);
+  ok = 0;
+  if (md != NULL) {
+    hmac_of(L, md, key, klen, msg + pre, mlen, expect, &elen);
+    ok = rlen - off == elen && crypto.memcmp_ct(expect, resp + off, elen) == 0;
+  }
+  send_frame(L, c, ok ? WELCOME : FAILURE, 9, deadline);
+  if (!ok) luamp_raise(L, "AuthenticationError", "digest received was wrong");
+  return 0;
+}
+
+/* core.answer_challenge(conn, authkey [, timeout]): the client side's
+ * first half.  Raises AuthenticationError when the peer refuses us. */
+static int l_answer_challenge(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  size_t klen, mlen, off;
+  const char *key = luaL_checklstring(L, 2, &klen);
+  double deadline = handshake_deadline(L, 3);
+  const size_t pre = sizeof CHALLENGE - 1;
+  char buf[256 + 1], out[2 + MAX_DIGEST_LEN + EVP_MAX_MD_SIZE];
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned maclen;
+  size_t olen = 0;
+  int legacy;
+  const EVP_MD *md;
+  load_crypto(L);
+  mlen = recv_small(L, c, buf, deadline);
+  if (mlen < pre || memcmp(buf, CHALLENGE, pre) != 0)
+    luamp_raise(L, "AuthenticationError", "protocol error, expected a "
+                "challenge");
+  if (mlen - pre < 20)
+    luamp_raise(L, "AuthenticationError", "challenge too short: %d bytes",
+                (int)(mlen - pre));
+  md = parse_digest(buf + pre, mlen - pre, &off, &legacy);
+  if (md == NULL)
+    luamp_raise(L, "AuthenticationError", "unsupported challenge: missing "
+                "digest prefix or unsupported digest");
+  hmac_of(L, md, key, klen, buf + pre, mlen - pre, mac, &maclen);
+  if (!legacy) {
+    memcpy(out, buf + pre, off);      /* "{name}" */
+    olen = off;
+  }
+  memcpy(out + olen, mac, maclen);
+  olen += maclen;
+  send_frame(L, c, out, olen, deadline);
+  mlen = recv_small(L, c, buf, deadline);
+  if (mlen != 9 || memcmp(buf, WELCOME, 9) != 0)
+    luamp_raise(L, "AuthenticationError", "digest sent was rejected");
+  return 0;
+}
+
+/* core.set_trusted(conn): after a successful handshake, code payloads
+ * (functions) from this peer may be decoded. */
+static int l_set_trusted(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  c->trusted = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
+  return 0;
+}
+
+/* ---- addresses -------------------------------------------------------- */
+
+/* A string is a Unix socket path (a leading "\0" for Linux's abstract
+ * namespace); a table {host, port} is TCP (IPv4 or IPv6). */
+static int parse_address(lua_State *L, int idx, struct sockaddr_storage *ss,
+                         socklen_t *len) {
+  memset(ss, 0, sizeof *ss);
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    struct sockaddr_un *un = (struct sockaddr_un *)ss;
+    size_t n;
+    const char *path = lua_tolstring(L, idx, &n);
+    luaL_argcheck(L, n > 0 && n < sizeof un->sun_path, idx,
+                  "Unix socket path empty or too long");
+    un->sun_family = AF_UNIX;
+    memcpy(un->sun_path, path, n);
+    *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n +
+                       (path[0] != '\0'));
+    return AF_UNIX;
+  }
+  if (lua_type(L, idx) == LUA_TTABLE) {
+    struct addrinfo hints, *res = NULL;
+    const char *host;
+    lua_Integer port;
+    int err;
+    lua_rawgeti(L, idx, 1);
+    lua_rawgeti(L, idx, 2);
+    host = lua_tostring(L, -2);
+    if (host == NULL)
+      luaL_argerror(L, idx, "address {host, port}: host must be a string");
+    if (!lua_isinteger(L, -1))
+      luaL_argerror(L, idx, "address {host, port}: port must be an integer");
+    port = lua_tointeger(L, -1);
+    luaL_argcheck(L, port >= 0 && port <= 65535, idx,
+                  "address {host, port}: port out of range");
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    err = getaddrinfo(host, NULL, &hints, &res);
+    if (err != 0 || res == NULL)
+      luamp_raise(L, "OSError", "cannot resolve host '%s': %s", host,
+                  gai_strerror(err));
+    memcpy(ss, res->ai_addr, res->ai_addrlen);
+    *len = res->ai_addrlen;
+    freeaddrinfo(res);
+    lua_pop(L, 2);
+    if (ss->ss_family == AF_INET)
+      ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)port);
+    else
+      ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)port);
+    return ss->ss_family;
+  }
+  return luaL_typeerror(L, idx, "address (string path or {host, port})");
+}
+
+static void push_address(lua_State *L, const struct sockaddr_storage *ss,
+                         socklen_t len) {
+  char host[INET6_ADDRSTRLEN];
+  if (ss->ss_family == AF_UNIX) {
+    const struct sockaddr_un *un = (const struct sockaddr_un *)ss;
+    size_t n = len > offsetof(struct sockaddr_un, sun_path)
+                   ? len - offsetof(struct sockaddr_un, sun_path) : 0;
+    if (n > 0 && un->sun_path[0] != '\0') n = strnlen(un->sun_path, n);
+    lua_pushlstring(L, un->sun_path, n);
+    return;
+  }
+  lua_createtable(L, 2, 0);
+  if (ss->ss_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)ss;
+    inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    lua_pushstring(L, host);
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, ntohs(in->sin_port));
+  } else {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+    inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    lua_pushstring(L, host);
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, ntohs(in6->sin6_port));
+  }
+  lua_rawseti(L, -2, 2);
+}
+
+static void tune_socket(int fd, int family) {
+  if (family != AF_UNIX) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  }
+}
+
+static int raise_socket_error(lua_State *L, int err, const char *what) {
+  if (err == ENOENT) luamp_raise_errno(L, "FileNotFoundError", err, what);
+  if (err == EEXIST) luamp_raise_errno(L, "FileExistsError", err, what);
+  return luamp_raise_errno(L, "OSError", err, what);
+}
+
+/* ---- Listener --------------------------------------------------------- */
+
+struct listener {
+  int fd;                        /* -1 once closed */
+  pid_t owner;                   /* the process that bound it */
+  int family;
+  char path[sizeof(((struct sockaddr_un *)0)->sun_path) + 1];  /* to unlink */
+};
+
+static struct listener *check_listener(lua_State *L, int idx) {
+  struct listener *l = luaL_checkudata(L, idx, LISTENER_MT);
+  if (l->fd < 0) luamp_raise(L, "OSError", "listener is closed");
+  return l;
+}
+
+/* Closes the socket; the owner also removes its Unix socket file. */
+static int listener_close(lua_State *L) {
+  struct listener *l = luaL_checkudata(L, 1, LISTENER_MT);
+  if (l->fd >= 0) {
+    int fd = l->fd;
+    l->fd = -1;
+    close(fd);
+    if (l->path[0] && l->owner == getpid()) unlink(l->path);
+    l->path[0] = '\0';
+  }
+  return 0;
+}
+
+/* core.listen(address [, backlog]) -> Listener */
+static int l_listen(lua_State *L) {
+  struct sockaddr_storage ss;
+  socklen_t len;
+  int family = parse_address(L, 1, &ss, &len);
+  int backlog = (int)luaL_optinteger(L, 2, 128), fd, one = 1;
+  struct listener *l = lua_newuserdatauv(L, sizeof *l, 0);
+  memset(l, 0, sizeof *l);
+  l->fd = -1;
+  luaL_setmetatable(L, LISTENER_MT);
+  fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
+  if (family != AF_UNIX) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(fd, (struct sockaddr *)&ss, len) != 0 || listen(fd, backlog) != 0) {
+    int err = errno;
+    close(fd);
+    raise_socket_error(L, err, "bind");
+  }
+  l->fd = fd;
+  l->owner = getpid();
+  l->family = family;
+  if (family == AF_UNIX) {
+    const struct sockaddr_un *un = (const struct sockaddr_un *)&ss;
+    if (un->sun_path[0] != '\0')
+      memcpy(l->path, un->sun_path, strnlen(un->sun_path, sizeof un->sun_path));
+  }
+  return 1;
+}
+
+/* listener:accept([timeout]) -> Connection (not yet authenticated) */
+static int listener_accept(lua_State *L) {
+  struct listener *l = check_listener(L, 1);
+  double deadline = luamp_deadline_arg(L, 2);
+  struct conn *c = new_conn(L);
+  for (;;) {
+    struct pollfd p = {l->fd, POLLIN, 0};
+    int r = luamp_robust_poll(L, &p, 1, deadline), fd;
+    if (r == -2) luamp_raise_interrupt(L);
+    if (r == 0) luamp_raise(L, "TimeoutError", "timed out");
+    if (r < 0) luamp_raise_errno(L, "OSError", errno, "poll");
+    fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+    if (fd >= 0) {
+      tune_socket(fd, l->family);
+      c->fd = fd;
+      c->readable = c->writable = 1;
+      return 1;
+    }
+    if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED &&
+        errno != EWOULDBLOCK)
+      luamp_raise_errno(L, "OSError", errno, "accept");
+  }
+}
+
+static int listener_address(lua_State *L) {
+  struct listener *l = check_listener(L, 1);
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  if (getsockname(l->fd, (struct sockaddr *)&ss, &len) != 0)
+    luamp_raise_errno(L, "OSError", errno, "getsockname");
+  push_address(L, &ss, len);
+  return 1;
+}
+
+static int listener_fileno(lua_State *L) {
+  lua_pushinteger(L, check_listener(L, 1)->fd);
+  return 1;
+}
+
+static int listener_tostring(lua_State *L) {
+  struct listener *l = luaL_checkudata(L, 1, LISTENER_MT);
+  if (l->fd < 0) lua_pushliteral(L, "Listener (closed)");
+  else lua_pushfstring(L, "Listener (fd %d)", l->fd);
+  return 1;
+}
+
+/* core.connect(address [, timeout]) -> Connection (not yet authenticated) */
+static int l_connect(lua_State *L) {
+  struct sockaddr_storage ss;
+  socklen_t len;
+  int family = parse_address(L, 1, &ss, &len), fd, r;
+  double deadline = luamp_deadline_arg(L, 2);
+  struct conn *c = new_conn(L);
+  fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
+  c->fd = fd;                /* closed by the handle if we raise */
+  c->readable = c->writable = 1;
+  for (;;) {
+    r = connect(fd, (struct sockaddr *)&ss, len);
+    if (r == 0) break;
+    if (errno == EINTR) continue;
+    if (errno == EINPROGRESS || errno == EALREADY) {
+      struct pollfd p = {fd, POLLOUT, 0};
+      int err = 0;
+      socklen_t elen = sizeof err;
+      r = luamp_robust_poll(L, &p, 1, deadline);
+      if (r == -2) luamp_raise_interrupt(L);
+      if (r == 0) luamp_raise(L, "TimeoutError", "connect timed out");
+      if (r < 0) luamp_raise_errno(L, "OSError", errno, "poll");
+      getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen);
+      if (err != 0) raise_socket_error(L, err, "connect");
+      break;
+    }
+    if (errno == EAGAIN && family == AF_UNIX) {
+      /* the listener's backlog is full: try again shortly */
+      r = luamp_robust_poll(L, NULL, 0, luamp_deadline(0.005));
+      if (r == -2) luamp_raise_interrupt(L);
+      if (deadline >= 0 && luamp_remaining_ms(deadline, -1) == 0)
+        luamp_raise(L, "TimeoutError", "connect timed out");
+      continue;
+    }
+    raise_socket_error(L, errno, "connect");
+  }
+  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  tune_socket(fd, family);
+  return 1;
+}
+
+/* ---- wait ------------------------------------------------------------- */
+
+/* core.wait_fds(fds, timeout) -> list of the 1-based positions in fds
+ * that are ready to read (or at end of file) */
+static int l_wait_fds(lua_State *L) {
+  lua_Integer n;
+  struct pollfd *p;
+  double deadline;
+  int r;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  n = luaL_len(L, 1);
+  luaL_argcheck(L, n >= 0 && n <= 65536, 1, "too many objects");
+  deadline = luamp_deadline_arg(L, 2);
+  p = lua_newuserdatauv(L, sizeof *p * (size_t)(n > 0 ? n : 1), 0);
+  for (lua_Integer i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, i + 1);
+    if (!lua_isinteger(L, -1))
+      luaL_argerror(L, 1, "file descriptors must be integers");
+    p[i].fd = (int)lua_tointeger(L, -1);
+    p[i].events = POLLIN;
+    p[i].revents = 0;
+    lua_pop(L, 1);
+  }
+  r = luamp_robust_poll(L, p, (nfds_t)n, deadline);
+  if (r == -2) luamp_raise_interrupt(L);
+  if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
+  lua_newtable(L);
+  for (lua_Integer i = 0, k = 1; r > 0 && i < n; i++) {
+    if (p[i].revents & POLLNVAL)
+      luamp_raise(L, "ValueError", "invalid file descriptor %d", p[i].fd);
+    if (p[i].revents) {
+      lua_pushinteger(L, i + 1);
+      lua_rawseti(L, -2, k++);
+    }
+  }
+  return 1;
+}
+
+int luamp_open_conn(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"Pipe", l_pipe},
+    {"connection_from_fd", l_from_fd},
+    {"listen", l_listen},
+    {"connect", l_connect},
+    {"deliver_challenge", l_deliver_challenge},
+    {"answer_challenge", l_answer_challenge},
+    {"set_trusted", l_set_trusted},
+    {"wait_fds", l_wait_fds},
+    {NULL, NULL}
+  };
+  static const luaL_Reg conn_meth[] = {
+    {"send", conn_send},
+    {"recv", conn_recv},
+    {"send_bytes", conn_send_bytes},
+    {"recv_bytes", conn_recv_bytes},
+    {"poll", conn_poll},
+    {"fileno", conn_fileno},
+    {"close", conn_close},
+    {"_wait_fd", conn_wait_fd},
+    {NULL, NULL}
+  };
+  static const luaL_Reg listener_meth[] = {
+    {"accept", listener_accept},
+    {"address", listener_address},
+    {"fileno", listener_fileno},
+    {"close", listener_close},
+    {NULL, NULL}
+  };
+  if (luaL_newmetatable(L, CONN_MT)) {
+    lua_pushcfunction(L, conn_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, conn_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, conn_tostring);
+    lua_setfield(L, -2, "__tostring");
+    luaL_newlib(L, conn_meth);
+    lua_pushcclosure(L, conn_index, 1);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, LISTENER_MT)) {
+    lua_pushcfunction(L, listener_close);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, listener_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, listener_tostring);
+    lua_setfield(L, -2, "__tostring");
+    luaL_newlib(L, listener_meth);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}

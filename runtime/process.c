@@ -1,0 +1,842 @@
+/*
+ * process.c -- fork discipline, the registry of children, exit codes,
+ * sentinels and at-fork hooks.
+ *
+ * Every fork the runtime makes goes through luamp_fork: it runs the
+ * before-fork hooks, flushes stdio (so buffered output is not printed
+ * twice), blocks signals around fork() so that no handler runs in the
+ * child before it has reset its state, and in the child forgets the
+ * parent's children, restores a sane signal state and runs the child
+ * hooks.  The runtime starts no threads, so a plain luamp process can
+ * always fork safely; a multithreaded embedding host must fork only from
+ * a thread that holds no lock the child will need (luamp_atfork lets it
+ * take and release its locks around our forks).
+ *
+ * Children made by core.spawn are registered here (pid, daemon flag,
+ * sentinel) so that at exit, as Python does, daemon children are
+ * terminated and the others joined -- both when the Lua state closes (a
+ * __gc sentinel) and when the process leaves through exit() (os.exit),
+ * from an atexit handler.  Each entry records the pid that forked it; a
+ * forked child drops the inherited entries and never waits for, signals
+ * or reaps its parent's children.
+ *
+ * A child's sentinel is a pidfd (readable once the child has exited);
+ * where pidfd_open is missing, it is the read end of a pipe whose write
+ * end only the child holds.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdio_ext.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define CHILD_MT "multiprocessing.Child"
+#define SENTINEL_MT "multiprocessing.ChildrenSentinel"
+
+/* Seconds a daemon child gets to die after SIGTERM at exit before it is
+ * killed (Python waits forever; a daemon that ignores SIGTERM must not
+ * keep its parent from exiting). */
+#define DAEMON_GRACE 2.0
+
+/* ---- the registry ---------------------------------------------------- */
+
+/* Only this process touches the registry (the runtime has no threads);
+ * entries whose owner is not getpid() were inherited through fork and are
+ * never acted on. */
+struct child {
+  struct child *next;   /* in the registry list; unlinked in forked children */
+  pid_t pid;
+  pid_t owner;          /* the process that forked it */
+  const void *state;    /* main thread of the Lua state that started it */
+  int daemon;
+  int sentinel;         /* pidfd or pipe read end; -1 once closed */
+  int reaped;           /* 0 running, 1 status valid, 2 lost (ECHILD) */
+  int status;           /* waitpid status when reaped == 1 */
+  int has_handle;       /* a Child userdata refers to this entry */
+};
+
+static struct child *registry = NULL;
+static int have_pidfd = -1;           /* -1 unknown, 0 no, 1 yes */
+/* In a child made through a pipe sentinel: the write end it inherited,
+ * closed in its own children so that they do not hold its sentinel open. */
+static int own_sentinel_wfd = -1;
+/* This process's pid, kept up to date in children by a pthread_atfork
+ * handler (so forks made by others count too): getpid() is a system call,
+ * and Process checks ownership often. */
+static pid_t my_pid = 0;
+static void refresh_pid(void) { my_pid = getpid(); }
+pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
+/* /dev/null, opened once, for the children's stdin */
+static int devnull = -1;
+
+static int exitcode_of(int status) {
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return -WTERMSIG(status);
+  return 0;
+}
+
+static int pidfd_open_(pid_t pid) {
+#ifdef SYS_pidfd_open
+  return (int)syscall(SYS_pidfd_open, pid, 0);
+#else
+  (void)pid;
+  errno = ENOSYS;
+  return -1;
+#endif
+}
+
+static int pidfd_usable(void) {
+  if (have_pidfd < 0) {
+    const char *off = getenv("LUAMP_NO_PIDFD");  /* tests the fallback */
+    int fd = (off && *off && strcmp(off, "0") != 0) ? -1 : pidfd_open_(getpid());
+    have_pidfd = fd >= 0;
+    if (fd >= 0) close(fd);
+  }
+  return have_pidfd;
+}
+
+/* waitpid(pid, hang ? 0 : WNOHANG) for an entry; updates it.  Returns 1
+ * when the child is gone (reaped now or before), 0 while it runs. */
+static int reap(struct child *c, int hang) {
+  int st;
+  pid_t r;
+  if (c->reaped) return 1;
+  if (c->owner != getpid()) return 0;
+  do r = waitpid(c->pid, &st, hang ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
+  if (r == c->pid) {
+    c->reaped = 1;
+    c->status = st;
+  } else if (r < 0) {
+    /* ECHILD: someone else reaped it (SIGCHLD ignored by the host, or a
+     * stray waitpid(-1)).  The status is lost; it is gone all the same. */
+    c->reaped = 2;
+  }
+  return c->reaped != 0;
+}
+
+static void close_sentinel(struct child *c) {
+  if (c->sentinel >= 0) {
+    int fd = c->sentinel;
+    c->sentinel = -1;
+    close(fd);
+  }
+}
+
+static void unlink_entry(struct child *c) {
+  for (struct child **pp = &registry; *pp; pp = &(*pp)->next)
+    if (*pp == c) {
+      *pp = c->next;
+      c->next = NULL;
+      return;
+    }
+}
+
+/* Frees reaped entries no handle refers to, after reaping finished
+ * ones: called at each spawn, so children whose Process objects were
+ * dropped leave no zombie behind for long (Python's _cleanup). */
+static void sweep(void) {
+  struct child **pp = &registry;
+  while (*pp) {
+    struct child *c = *pp;
+    if (c->owner == getpid()) reap(c, 0);
+    if (c->reaped && !c->has_handle) {
+      *pp = c->next;
+      close_sentinel(c);
+      free(c);
+    } else {
+      pp = &c->next;
+    }
+  }
+}
+
+/* Waits until c's sentinel fires or the deadline passes (no Lua state:
+ * used at exit).  Returns 1 when the child is gone. */
+static int wait_quietly(struct child *c, double deadline) {
+  for (;;) {
+    if (reap(c, 0)) return 1;
+    if (c->sentinel >= 0 && have_pidfd == 1) {
+      struct pollfd p = {c->sentinel, POLLIN, 0};
+      int ms = luamp_remaining_ms(deadline, -1);
+      if (ms == 0) return reap(c, 0);
+      if (poll(&p, 1, ms) < 0 && errno != EINTR) return reap(c, deadline < 0);
+    } else {
+      if (deadline < 0) return reap(c, 1);
+      if (luamp_remaining_ms(deadline, -1) == 0) return reap(c, 0);
+      luamp_robust_poll(NULL, NULL, 0, luamp_deadline(0.01));
+    }
+  }
+}
+
+/* The exit rule (Python's util._exit_function): terminate the daemon
+ * children, then join every child.  state limits it to the children a
+ * Lua state started (NULL: all of this process's children). */
+static void cleanup_children(const void *state) {
+  pid_t me = getpid();
+  double deadline;
+  int any = 0;
+  for (struct child *c = registry; c; c = c->next)
+    if (c->owner == me && (!state || c->state == state) && !reap(c, 0) &&
+        c->daemon) {
+      kill(c->pid, SIGTERM);
+      any = 1;
+    }
+  if (any) {
+    deadline = luamp_deadline(DAEMON_GRACE);
+    for (struct child *c = registry; c; c = c->next)
+      if (c->owner == me && (!state || c->state == state) && c->daemon &&
+          !wait_quietly(c, deadline)) {
+        kill(c->pid, SIGKILL);
+        reap(c, 1);
+      }
+  }
+  for (struct child *c = registry; c; c = c->next)
+    if (c->owner == me && (!state || c->state == state)) wait_quietly(c, -1);
+}
+
+static void cleanup_at_exit(void) {
+  cleanup_children(NULL);
+}
+
+/* ---- at-fork hooks --------------------------------------------------- */
+
+struct c_hook {
+  void (*before)(void *), (*parent)(void *), (*child)(void *);
+  void *ud;
+};
+#define MAX_C_HOOKS 32
+static struct c_hook c_hooks[MAX_C_HOOKS];
+static int n_c_hooks = 0;
+/* Lua hooks registered in any state; its address is the registry key of
+ * a state's hook lists {before, parent, child}. */
+static int n_lua_hooks = 0;
+
+LUAMP_API int luamp_atfork(void (*before)(void *), void (*parent)(void *),
+                           void (*child)(void *), void *ud) {
+  if (n_c_hooks == MAX_C_HOOKS) {
+    errno = ENOMEM;
+    return -1;
+  }
+  c_hooks[n_c_hooks].before = before;
+  c_hooks[n_c_hooks].parent = parent;
+  c_hooks[n_c_hooks].child = child;
+  c_hooks[n_c_hooks].ud = ud;
+  n_c_hooks++;
+  return 0;
+}
+
+/* Runs the Lua hooks of one kind (1 before, 2 parent, 3 child) in L.  As
+ * Python's os.register_at_fork: before-hooks in reverse order of
+ * registration, the others in order; an error in a hook is reported on
+ * stderr and does not stop the fork. */
+static void run_lua_hooks(lua_State *L, int kind) {
+  int n, top = lua_gettop(L);
+  if (n_lua_hooks == 0) return;   /* the common case, without a lookup */
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &n_lua_hooks) != LUA_TTABLE ||
+      lua_rawgeti(L, -1, kind) != LUA_TTABLE) {
+    lua_settop(L, top);
+    return;
+  }
+  n = (int)lua_rawlen(L, -1);
+  for (int i = 0; i < n; i++) {
+    lua_rawgeti(L, -1, kind == 1 ? n - i : i + 1);
+    if (lua_pcall(L, 0, 0, 0) != LUA_OK) {
+      const char *msg = luaL_tolstring(L, -1, NULL);
+      fprintf(stderr, "luamp: error in at-fork hook (ignored): %s\n", msg);
+      fflush(stderr);
+      lua_pop(L, 2);
+    }
+  }
+  lua_settop(L, top);
+}
+
+/* ---- fork ------------------------------------------------------------ */
+
+/* The child's side of luamp_fork, signals still blocked. */
+static void after_fork_in_child(void) {
+  /* Forget the parent's children: free what no handle refers to; the
+   * handles' own entries are freed by their finalizers (which, seeing
+   * another owner, only close this process's copy of the sentinel). */
+  struct child *c = registry;
+  registry = NULL;
+  while (c) {
+    struct child *next = c->next;
+    c->next = NULL;
+    if (!c->has_handle) {
+      close_sentinel(c);
+      free(c);
+    }
+    c = next;
+  }
+  if (own_sentinel_wfd >= 0) {
+    close(own_sentinel_wfd);
+    own_sentinel_wfd = -1;
+  }
+  /* Signal dispositions are inherited, as with Python's fork start
+   * method: SIGPIPE stays ignored (writes get EPIPE), SIGCHLD is at its
+   * default (luamp_fork saw to it), and the host's SIGINT handler stays,
+   * so Ctrl-C ends a child's run with "interrupted!" (exit code 1), as
+   * KeyboardInterrupt does in Python. */
+}
+
+pid_t luamp_fork(lua_State *L) {
+  sigset_t all, old;
+  pid_t pid;
+  int err;
+  struct sigaction sa;
+
+  if (L) run_lua_hooks(L, 1);
+  for (int i = n_c_hooks - 1; i >= 0; i--)
+    if (c_hooks[i].before) c_hooks[i].before(c_hooks[i].ud);
+  /* An ignored SIGCHLD makes waitpid useless; children's exit codes are
+   * the point of Process, so it goes back to the default. */
+  if (sigaction(SIGCHLD, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN)
+    signal(SIGCHLD, SIG_DFL);
+  fflush(NULL);
+  sigfillset(&all);
+  sigprocmask(SIG_SETMASK, &all, &old);
+  pid = luamp_sys.fork();
+  err = errno;
+  if (pid == 0) {
+    after_fork_in_child();
+    /* The child starts with every signal unblocked: a host that blocks
+     * signals in its threads (to take them in a signal thread that the
+     * child does not have) would otherwise leave a child that SIGTERM
+     * cannot stop. */
+    memset(&old, 0, sizeof old);          /* the empty set */
+    sigprocmask(SIG_SETMASK, &old, NULL);
+    for (int i = 0; i < n_c_hooks; i++)
+      if (c_hooks[i].child) c_hooks[i].child(c_hooks[i].ud);
+    if (L) run_lua_hooks(L, 3);
+    return 0;
+  }
+  sigprocmask(SIG_SETMASK, &old, NULL);
+  for (int i = 0; i < n_c_hooks; i++)
+    if (c_hooks[i].parent) c_hooks[i].parent(c_hooks[i].ud);
+  if (L) run_lua_hooks(L, 2);
+  errno = err;
+  return pid;
+}
+
+void luamp_child_exit(int code) {
+  cleanup_children(NULL);
+  fflush(NULL);
+  _exit(code);
+}
+
+/* ---- the state's sentinel -------------------------------------------- */
+
+/* At lua_close, objects are finalized in the reverse order in which they
+ * were marked for finalization.  A new sentinel is made at every spawn so
+ * that it is finalized before the objects made until then: children are
+ * joined while the queues, pipes and shared memory they may still be
+ * using are open.  The previous sentinel is disarmed. */
+struct sentinel {
+  int armed;
+};
+
+static int sentinel_gc(lua_State *L) {
+  struct sentinel *s = luaL_checkudata(L, 1, SENTINEL_MT);
+  if (s->armed) {
+    const void *state;
+    s->armed = 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    state = lua_topointer(L, -1);
+    lua_pop(L, 1);
+    cleanup_children(state);
+  }
+  return 0;
+}
+
+static void renew_sentinel(lua_State *L) {
+  struct sentinel *s;
+  if (lua_getfield(L, LUA_REGISTRYINDEX, SENTINEL_MT "#") == LUA_TUSERDATA) {
+    s = lua_touserdata(L, -1);
+    s->armed = 0;
+  }
+  lua_pop(L, 1);
+  s = lua_newuserdatauv(L, sizeof *s, 0);
+  s->armed = 1;
+  luaL_setmetatable(L, SENTINEL_MT);
+  lua_setfield(L, LUA_REGISTRYINDEX, SENTINEL_MT "#");
+}
+
+/* ---- Child handles --------------------------------------------------- */
+
+struct childbox {
+  struct child *c;   /* NULL once released */
+};
+
+static struct child *check_child(lua_State *L, int idx) {
+  struct childbox *b = luaL_checkudata(L, idx, CHILD_MT);
+  if (b->c == NULL) luamp_raise(L, "ValueError", "process object is closed");
+  return b->c;
+}
+
+static struct child *owned_child(lua_State *L, int idx) {
+  struct child *c = check_child(L, idx);
+  if (c->owner != getpid())
+    luamp_raise(L, "ProcessError", "can only wait for a child process "
+                "(pid %d belongs to process %d)", (int)c->pid, (int)c->owner);
+  return c;
+}
+
+static void push_status(lua_State *L, struct child *c) {
+  if (c->reaped == 1) lua_pushinteger(L, exitcode_of(c->status));
+  else lua_pushnil(L);
+}
+
+/* Releases the handle's hold on its entry: the entry stays registered
+ * while the child runs (exit cleanup still joins it). */
+static int child_release(lua_State *L) {
+  struct childbox *b = luaL_checkudata(L, 1, CHILD_MT);
+  struct child *c = b->c;
+  if (c == NULL) return 0;
+  b->c = NULL;
+  c->has_handle = 0;
+  if (c->owner != getpid()) {
+    /* inherited: drop our copy of the sentinel, nothing else */
+    close_sentinel(c);
+    free(c);
+    return 0;
+  }
+  reap(c, 0);
+  close_sentinel(c);
+  if (c->reaped) {
+    unlink_entry(c);
+    free(c);
+  }
+  return 0;
+}
+
+static int child_pid(lua_State *L) {
+  struct childbox *b = luaL_checkudata(L, 1, CHILD_MT);
+  if (b->c == NULL) lua_pushnil(L);
+  else lua_pushinteger(L, b->c->pid);
+  return 1;
+}
+
+static int child_sentinel(lua_State *L) {
+  struct child *c = check_child(L, 1);
+  lua_pushinteger(L, c->sentinel);
+  return 1;
+}
+
+/* h:poll() -> exit code, or nil while it runs (reaps, never blocks);
+ * second result: true when the status was lost (reaped elsewhere). */
+static int child_poll(lua_State *L) {
+  struct child *c = owned_child(L, 1);
+  reap(c, 0);
+  push_status(L, c);
+  lua_pushboolean(L, c->reaped != 0);
+  return 2;
+}
+
+/* h:wait([timeout]) -> exit code, or nil on timeout.  Ctrl-C interrupts. */
+static int child_wait(lua_State *L) {
+  struct child *c = owned_child(L, 1);
+  double deadline = luamp_deadline_arg(L, 2);
+  while (!reap(c, 0)) {
+    int r;
+    if (c->sentinel >= 0 && have_pidfd == 1) {
+      struct pollfd p = {c->sentinel, POLLIN, 0};
+      r = luamp_robust_poll(L, &p, 1, deadline);
+    } else {
+      /* a pipe sentinel may stay open in a grandchild after the child is
+       * gone: poll the pid every 10 ms instead */
+      double slice = luamp_deadline(0.01);
+      if (deadline >= 0 && luamp_remaining_ms(deadline, -1) == 0) break;
+      if (deadline >= 0 && deadline < slice) slice = deadline;
+      r = luamp_robust_poll(L, NULL, 0, slice);
+      if (r == 0) r = 1;
+    }
+    if (r == -2) luamp_raise_interrupt(L);
+    if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
+    if (r == 0) {
+      reap(c, 0);
+      break;
+    }
+  }
+  push_status(L, c);
+  return 1;
+}
+
+static int signal_number(lua_State *L, int idx);
+
+/* h:signal(sig) -> true when sent, false when the child is already gone */
+static int child_signal(lua_State *L) {
+  struct child *c = owned_child(L, 1);
+  int sig = signal_number(L, 2);
+  if (reap(c, 0)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (kill(c->pid, sig) != 0) {
+    if (errno == ESRCH) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+    luamp_raise_errno(L, "OSError", errno, "kill");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int child_daemon(lua_State *L) {
+  struct child *c = check_child(L, 1);
+  lua_pushboolean(L, c->daemon);
+  return 1;
+}
+
+static int child_tostring(lua_State *L) {
+  struct childbox *b = luaL_checkudata(L, 1, CHILD_MT);
+  if (b->c == NULL) lua_pushliteral(L, "Child (closed)");
+  else lua_pushfstring(L, "Child (pid %d, %s)", (int)b->c->pid,
+                       b->c->reaped ? "exited" : "running");
+  return 1;
+}
+
+/* Whether stdin holds input read ahead by the parent (checked so that the
+ * common case does not run, and fault in, the purge code). */
+static int stdin_has_buffered_input(void) {
+#ifdef __GLIBC__
+  return stdin->_IO_read_ptr < stdin->_IO_read_end;
+#else
+  return 1;
+#endif
+}
+
+/* The child's body for spawn: runs fn(arg) under a traceback handler and
+ * leaves with its result as exit code; it never returns into the Lua code
+ * that called spawn (which belongs to the parent). */
+static int child_msgh(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+      msg = lua_tostring(L, -1);
+    else
+      msg = lua_pushfstring(L, "(error object is a %s value)",
+                            luaL_typename(L, 1));
+  }
+  luaL_traceback(L, L, msg, 1);
+  return 1;
+}
+
+LUAMP_NORETURN static void child_main(lua_State *L, int fn, int arg) {
+  int code = 1, base;
+  lua_pushcfunction(L, child_msgh);
+  base = lua_gettop(L);
+  lua_pushvalue(L, fn);
+  lua_pushvalue(L, arg);
+  if (lua_pcall(L, 1, 1, base) == LUA_OK) {
+    if (lua_isinteger(L, -1)) code = (int)lua_tointeger(L, -1);
+    else if (lua_isboolean(L, -1)) code = lua_toboolean(L, -1) ? 0 : 1;
+    else code = 0;
+  } else {
+    const char *msg = lua_tostring(L, -1);
+    fprintf(stderr, "%s\n", msg ? msg : "(error object is not a string)");
+  }
+  luamp_child_exit(code);
+}
+
+/* core.spawn(fn, arg, daemon, ignore_sigint) -> Child handle.
+ * Forks; the child runs fn(arg) and exits with its integer result (0 for
+ * none, 1 with the traceback on stderr for an error). */
+static int l_spawn(lua_State *L) {
+  struct childbox *b;
+  struct child *c;
+  int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);
+  int pfd[2] = {-1, -1};
+  pid_t pid;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 4);
+  b = lua_newuserdatauv(L, sizeof *b, 0);   /* created closed */
+  b->c = NULL;
+  luaL_setmetatable(L, CHILD_MT);
+  c = calloc(1, sizeof *c);
+  if (c == NULL) luamp_raise(L, "OSError", "not enough memory");
+  c->sentinel = -1;
+  if (!pidfd_usable() && pipe2(pfd, O_CLOEXEC) != 0) {
+    int err = errno;
+    free(c);
+    luamp_raise_errno(L, "OSError", err, "pipe2");
+  }
+  if (devnull < 0) devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  sweep();
+  renew_sentinel(L);
+  pid = luamp_fork(L);
+  if (pid == 0) {
+    if (pfd[0] >= 0) {
+      close(pfd[0]);
+      own_sentinel_wfd = pfd[1];
+    }
+    /* c is not freed here: the child leaves with _exit, and touching the
+     * allocator would copy its pages for nothing */
+    if (ignore_sigint) signal(SIGINT, SIG_IGN);
+    /* As Python's children: stdin is /dev/null, so that parent and
+     * children do not compete for the terminal's input (and input the
+     * parent had buffered is not read twice). */
+    if (devnull >= 0 && dup2(devnull, STDIN_FILENO) == STDIN_FILENO &&
+        stdin_has_buffered_input())
+      __fpurge(stdin);
+    child_main(L, 1, 2);
+  }
+  if (pid < 0) {
+    int err = errno;
+    free(c);
+    if (pfd[0] >= 0) { close(pfd[0]); close(pfd[1]); }
+    luamp_raise_errno(L, "OSError", err, "fork");
+  }
+  c->pid = pid;
+  c->owner = getpid();
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  c->state = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  c->daemon = daemon;
+  if (pfd[0] >= 0) {
+    close(pfd[1]);
+    c->sentinel = pfd[0];
+  } else {
+    c->sentinel = pidfd_open_(pid);
+    /* pidfd_open cannot fail for our own unreaped child but for fd
+     * exhaustion; the wait loop then polls the pid. */
+  }
+  c->has_handle = 1;
+  c->next = registry;
+  registry = c;
+  b->c = c;
+  return 1;
+}
+
+/* ---- raw process calls ----------------------------------------------- */
+
+static const struct { const char *name; int sig; } signals[] = {
+  {"SIGHUP", SIGHUP}, {"SIGINT", SIGINT}, {"SIGQUIT", SIGQUIT},
+  {"SIGILL", SIGILL}, {"SIGABRT", SIGABRT}, {"SIGFPE", SIGFPE},
+  {"SIGKILL", SIGKILL}, {"SIGSEGV", SIGSEGV}, {"SIGPIPE", SIGPIPE},
+  {"SIGALRM", SIGALRM}, {"SIGTERM", SIGTERM}, {"SIGUSR1", SIGUSR1},
+  {"SIGUSR2", SIGUSR2}, {"SIGCHLD", SIGCHLD}, {"SIGCONT", SIGCONT},
+  {"SIGSTOP", SIGSTOP}, {"SIGTSTP", SIGTSTP}, {"SIGBUS", SIGBUS},
+  {NULL, 0}
+};
+
+static int signal_number(lua_State *L, int idx) {
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    const char *name = lua_tostring(L, idx);
+    for (int i = 0; signals[i].name; i++)
+      if (strcmp(signals[i].name, name) == 0 ||
+          strcmp(signals[i].name + 3, name) == 0)
+        return signals[i].sig;
+    return luaL_argerror(L, idx, lua_pushfstring(L, "unknown signal '%s'", name));
+  } else {
+    lua_Integer s = luaL_checkinteger(L, idx);
+    luaL_argcheck(L, s >= 0 && s < NSIG, idx, "signal number out of range");
+    return (int)s;
+  }
+}
+
+/* core.fork() -> pid (0 in the child).  Raw: the child is not registered
+ * and must leave with core._exit. */
+static int l_fork(lua_State *L) {
+  pid_t pid = luamp_fork(L);
+  if (pid < 0) luamp_raise_errno(L, "OSError", errno, "fork");
+  lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* core._exit([code]): joins this process's own children as at exit,
+ * flushes stdio and leaves without running finalizers or atexit. */
+static int l_exit(lua_State *L) {
+  int code;
+  if (lua_isboolean(L, 1)) code = lua_toboolean(L, 1) ? 0 : 1;
+  else code = (int)luaL_optinteger(L, 1, 0);
+  luamp_child_exit(code);
+  return 0;
+}
+
+/* core.waitpid(pid [, nohang]) -> exit code, or nil (nohang, running) */
+static int l_waitpid(lua_State *L) {
+  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  int st, nohang = lua_toboolean(L, 2);
+  pid_t r;
+  luaL_argcheck(L, pid > 0, 1, "pid must be positive");
+  for (;;) {
+    r = waitpid(pid, &st, WNOHANG);
+    if (r != 0 || nohang) break;
+    /* blocking, but interruptible: wait in slices */
+    if (luamp_robust_poll(L, NULL, 0, luamp_deadline(0.005)) == -2)
+      luamp_raise_interrupt(L);
+  }
+  if (r < 0) luamp_raise_errno(L, "OSError", errno, "waitpid");
+  if (r == 0) lua_pushnil(L);
+  else lua_pushinteger(L, exitcode_of(st));
+  return 1;
+}
+
+/* core.kill(pid, sig) -> true, or false when there is no such process */
+static int l_kill(lua_State *L) {
+  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  int sig = signal_number(L, 2);
+  luaL_argcheck(L, pid > 0, 1, "pid must be positive");
+  if (kill(pid, sig) != 0) {
+    if (errno == ESRCH) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+    luamp_raise_errno(L, "OSError", errno, "kill");
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* core.pidfd(pid) -> fd that becomes readable when pid exits, or nil
+ * (no pidfd support, or no such process).  Used for the parent process's
+ * liveness; the caller closes it with core.close_fd. */
+static int l_pidfd(lua_State *L) {
+  pid_t pid = (pid_t)luaL_checkinteger(L, 1);
+  int fd = pidfd_usable() ? pidfd_open_(pid) : -1;
+  if (fd < 0) lua_pushnil(L);
+  else lua_pushinteger(L, fd);
+  return 1;
+}
+
+/* core.set_signal(sig, "ignore" | "default"): for workers that must not
+ * take Ctrl-C (the Pool) and for tests. */
+static int l_set_signal(lua_State *L) {
+  static const char *const actions[] = {"ignore", "default", NULL};
+  int sig = signal_number(L, 1);
+  int a = luaL_checkoption(L, 2, NULL, actions);
+  luaL_argcheck(L, sig != SIGKILL && sig != SIGSTOP && sig > 0, 1,
+                "signal cannot be changed");
+  if (signal(sig, a == 0 ? SIG_IGN : SIG_DFL) == SIG_ERR)
+    luamp_raise_errno(L, "OSError", errno, "signal");
+  return 0;
+}
+
+/* core.pid() -> this process's pid (cached; see my_pid) */
+static int l_pid(lua_State *L) {
+  lua_pushinteger(L, my_pid);
+  return 1;
+}
+
+static int l_close_fd(lua_State *L) {
+  int fd = (int)luaL_checkinteger(L, 1);
+  lua_pushboolean(L, close(fd) == 0);
+  return 1;
+}
+
+/* core.register_at_fork{before=, after_in_parent=, after_in_child=} */
+static int l_register_at_fork(lua_State *L) {
+  static const char *const keys[] = {"before", "after_in_parent",
+                                     "after_in_child"};
+  int any = 0;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  for (int i = 0; i < 3; i++) {
+    int t = lua_getfield(L, 1, keys[i]);
+    if (t != LUA_TNIL) {
+      if (t != LUA_TFUNCTION)
+        luaL_argerror(L, 1, lua_pushfstring(L, "'%s' must be a function, "
+                      "got %s", keys[i], luaL_typename(L, -1)));
+      any = 1;
+    }
+    lua_pop(L, 1);
+  }
+  if (!any)
+    luaL_argerror(L, 1, "at least one of before, after_in_parent, "
+                        "after_in_child is required");
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &n_lua_hooks) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    lua_createtable(L, 3, 0);
+    for (int i = 1; i <= 3; i++) {
+      lua_newtable(L);
+      lua_rawseti(L, -2, i);
+    }
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &n_lua_hooks);
+  }
+  n_lua_hooks++;
+  for (int i = 0; i < 3; i++) {
+    if (lua_getfield(L, 1, keys[i]) == LUA_TFUNCTION) {
+      lua_rawgeti(L, -2, i + 1);
+      lua_insert(L, -2);
+      lua_rawseti(L, -2, (lua_Integer)lua_rawlen(L, -2) + 1);
+      lua_pop(L, 1);
+    } else {
+      lua_pop(L, 1);
+    }
+  }
+  return 0;
+}
+
+int luamp_open_process(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"spawn", l_spawn},
+    {"fork", l_fork},
+    {"_exit", l_exit},
+    {"waitpid", l_waitpid},
+    {"kill", l_kill},
+    {"pidfd", l_pidfd},
+    {"pid", l_pid},
+    {"set_signal", l_set_signal},
+    {"close_fd", l_close_fd},
+    {"register_at_fork", l_register_at_fork},
+    {NULL, NULL}
+  };
+  static const luaL_Reg meth[] = {
+    {"pid", child_pid},
+    {"sentinel", child_sentinel},
+    {"poll", child_poll},
+    {"wait", child_wait},
+    {"signal", child_signal},
+    {"daemon", child_daemon},
+    {"close", child_release},
+    {NULL, NULL}
+  };
+  static const luaL_Reg metameth[] = {
+    {"__gc", child_release},
+    {"__close", child_release},
+    {"__tostring", child_tostring},
+    {NULL, NULL}
+  };
+  static int atexit_done = 0;
+  struct sigaction sa;
+
+  if (luaL_newmetatable(L, CHILD_MT)) {
+    luaL_setfuncs(L, metameth, 0);
+    luaL_newlib(L, meth);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, SENTINEL_MT)) {
+    lua_pushcfunction(L, sentinel_gc);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  luaL_setfuncs(L, funcs, 0);
+  lua_createtable(L, 0, 20);
+  for (int i = 0; signals[i].name; i++) {
+    lua_pushinteger(L, signals[i].sig);
+    lua_setfield(L, -2, signals[i].name);
+  }
+  lua_setfield(L, -2, "signals");
+
+  /* SIGPIPE never kills a luamp process: writes to a closed peer fail
+   * with EPIPE and become BrokenPipeError.  A host's own handler stays. */
+  if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
+    signal(SIGPIPE, SIG_IGN);
+  if (!atexit_done) {
+    atexit_done = 1;
+    atexit(cleanup_at_exit);
+    pthread_atfork(NULL, NULL, refresh_pid);
+    refresh_pid();
+  }
+  pidfd_usable();
+  return 0;
+}

@@ -1,0 +1,49 @@
+-- cpu_bound.lua: the same CPU-bound work done sequentially, then by four
+-- processes at once; prints both times and the speed-up.
+local mp = require "multiprocessing"
+local now = mp.now
+
+-- the sum of i*i for i in [0, n), exactly: it outgrows 64-bit integers
+-- at n = 5 * 10^6, so it is kept in two limbs of base 10^15
+local BASE = 10^15 // 1
+local function sum_squares(n)
+  local hi, lo = 0, 0
+  for i = 0, n - 1 do
+    lo = lo + i * i
+    if lo >= BASE then hi, lo = hi + 1, lo - BASE end
+  end
+  if hi == 0 then return tostring(lo) end
+  return string.format("%d%015d", hi, lo)
+end
+
+local tasks = {10^6 // 1, 5 * 10^6 // 1, 10^6 // 1, 5 * 10^6 // 1}
+
+local t0 = now()
+local sequential = {}
+for i, n in ipairs(tasks) do sequential[i] = sum_squares(n) end
+local t_seq = now() - t0
+
+t0 = now()
+local procs, pipes = {}, {}
+for i, n in ipairs(tasks) do
+  local r, w = mp.Pipe(false)
+  procs[i] = mp.Process{target = function() w:send(sum_squares(n)) end}
+  procs[i]:start()
+  w:close()
+  pipes[i] = r
+end
+local parallel = {}
+for i, p in ipairs(procs) do
+  parallel[i] = pipes[i]:recv()
+  p:join()
+end
+local t_par = now() - t0
+
+for i, n in ipairs(tasks) do
+  assert(parallel[i] == sequential[i])
+  print(string.format("sum of i*i for i < %d = %s", n, parallel[i]))
+end
+print(string.format("sequential:        %.2f s", t_seq))
+print(string.format("%d processes:       %.2f s (%d CPUs)", #tasks, t_par,
+  mp.cpu_count()))
+print(string.format("speed-up:          %.2fx", t_seq / t_par))
