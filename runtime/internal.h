@@ -291,10 +291,12 @@ int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
 /* For mp.wait: is idx a queue (of any kind); would a get not block now. */
 int luamp_queue_test(lua_State *L, int idx);
 int luamp_queue_ready(lua_State *L, int idx);
-/* While a queue is watched (on = 1) by this process, every put on it
- * makes luamp_wakeup_fd() readable.  The wake-up fd is this process's
- * own non-blocking pipe (made on first use, remade after fork); drain it
- * with luamp_wakeup_drain() before re-checking readiness. */
+/* After luamp_queue_watch(L, idx, 1), the next put on the queue (from
+ * any process) makes luamp_wakeup_fd() readable, once: a waiter registers
+ * again each time before it sleeps (queue:_wait_fd does all this for
+ * mp.wait).  The wake-up fd is this process's own non-blocking pipe (made
+ * on first use, remade after fork); drain it with luamp_wakeup_drain()
+ * before re-checking readiness. */
 void luamp_queue_watch(lua_State *L, int idx, int on);
 int luamp_wakeup_fd(lua_State *L);
 void luamp_wakeup_drain(void);

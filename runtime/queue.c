@@ -295,18 +295,23 @@ void luamp_wakeup_drain(void) {
     while (read(wake_rfd, buf, sizeof buf) > 0) {}
 }
 
-/* Pokes every process watching the queue (after a put, without mu). */
+/* Pokes every process watching the queue, once: the registrations are
+ * used up (a watcher that still waits registers again before sleeping),
+ * so one that went away costs at most one poke.  After a put, mu not
+ * held. */
 static void poke_watchers(lua_State *L, struct queue *q) {
-  int32_t pids[WATCH_SLOTS], fds[WATCH_SLOTS], dead[WATCH_SLOTS];
-  int n = 0, ndead = 0;
+  int32_t pids[WATCH_SLOTS], fds[WATCH_SLOTS];
+  int n = 0;
   pid_t me = getpid();
   qlock(L, q->h);
   for (int i = 0; i < WATCH_SLOTS; i++) {
     if (q->h->watch[i].pid) {
       pids[n] = q->h->watch[i].pid;
       fds[n++] = q->h->watch[i].fd;
+      q->h->watch[i].pid = 0;
     }
   }
+  atomic_store(&q->h->nwatch, 0);
   luamp_mutex_unlock(&q->h->mu);
   for (int i = 0; i < n; i++) {
     char path[64];
@@ -315,24 +320,12 @@ static void poke_watchers(lua_State *L, struct queue *q) {
       if (wake_pid == me) (void)!write(wake_wfd, "", 1);
       continue;
     }
+    /* the watcher's own pipe, reached through /proc: gone with it */
     snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)pids[i], (int)fds[i]);
     fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
-    if (fd < 0) {
-      if (errno == ENOENT) dead[ndead++] = pids[i];
-      continue;
-    }
+    if (fd < 0) continue;
     (void)!write(fd, "", 1);   /* a full pipe is poked already */
     close(fd);
-  }
-  if (ndead) {
-    qlock(L, q->h);
-    for (int i = 0; i < WATCH_SLOTS; i++)
-      for (int j = 0; j < ndead; j++)
-        if (q->h->watch[i].pid == dead[j]) {
-          q->h->watch[i].pid = 0;
-          atomic_fetch_sub(&q->h->nwatch, 1);
-        }
-    luamp_mutex_unlock(&q->h->mu);
   }
 }
 
@@ -724,6 +717,32 @@ static int q_clear(lua_State *L) {
   return 0;
 }
 
+/* mp.wait's protocol: q:_wait_fd() -> fd, ready, true.  fd is this
+ * process's wake-up pipe, a hint shared by every queue it waits on;
+ * ready(q) drains it, registers for the next put, and says whether a
+ * get would not block (registration first: a put after the check pokes). */
+static int q_wait_ready(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1);
+  luamp_wakeup_drain();
+  luamp_queue_watch(L, 1, 1);
+  if (atomic_load(&((struct qhdr *)o->p)->count) > 0) {
+    luamp_queue_watch(L, 1, 0);
+    lua_pushboolean(L, 1);
+  } else {
+    lua_pushboolean(L, 0);
+  }
+  return 1;
+}
+
+static int q_wait_fd(lua_State *L) {
+  checkqueue(L, 1);
+  lua_pushinteger(L, luamp_wakeup_fd(L));
+  for (int j = 1; j <= 3; j++) lua_pushvalue(L, lua_upvalueindex(j));
+  lua_pushcclosure(L, q_wait_ready, 3);
+  lua_pushboolean(L, 1);
+  return 3;
+}
+
 static int q_qsize(lua_State *L) {
   struct queue q = qget(checkqueue(L, 1));
   lua_pushinteger(L, (lua_Integer)atomic_load(&q.h->count));
@@ -887,12 +906,13 @@ int luamp_open_queue(lua_State *L) {
     {"cancel_join_thread", q_cancel_join_thread},
     {"_put_tagged", q_put_tagged}, {"_get_slot", q_get_slot},
     {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
+    {"_wait_fd", q_wait_fd},
     {"task_done", jq_task_done}, {"join", jq_join},   /* Joinable only */
     {NULL, NULL}
   };
   static const luaL_Reg simple_meth[] = {
     {"put", sq_put}, {"get", sq_get}, {"empty", q_empty},
-    {"close", q_close}, {NULL, NULL}
+    {"close", q_close}, {"_wait_fd", q_wait_fd}, {NULL, NULL}
   };
   static const char *const tnames[3] = {QUEUE_TNAME, JOINABLEQUEUE_TNAME,
                                         SIMPLEQUEUE_TNAME};

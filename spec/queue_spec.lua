@@ -5,7 +5,7 @@ local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 
 -- cross-process tests need mp.Process (runtime/process.c)
-local pit = mp.Process and it or pending
+local pit = it   -- cross-process (mp.Process)
 
 -- fds of this process that are luamp shared objects (memfds) or POSIX
 -- shared memory: what a leak of ours would leave behind
@@ -415,6 +415,53 @@ describe("Queue between processes", function()
     assert.equal("from child", q:get(true, 10))
     p:join()
     assert.equal(0, p.exitcode)
+  end)
+end)
+
+describe("mp.wait and queues", function()
+  it("reports a queue with items, and times out on an empty one", function()
+    local q, other = mp.Queue(), mp.SimpleQueue()
+    local t0 = core.now()
+    assert.same({}, mp.wait({q, other}, 0.2))
+    local dt = core.now() - t0
+    assert.is_true(dt >= 0.19 and dt < 0.3, "waited " .. dt)
+    other:put("x")
+    local r = mp.wait({q, other}, 5)
+    assert.equal(1, #r)
+    assert.is_true(r[1] == other)
+    q:put(1)
+    assert.equal(2, #mp.wait({q, other}))
+  end)
+
+  it("wakes when another process puts, alongside pipes and processes", function()
+    local q, idle = mp.Queue(), mp.Queue()
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function()
+      core.sleep(0.3)
+      q:put("late")
+    end}
+    p:start()
+    local t0 = core.now()
+    local r = mp.wait({idle, a, q}, 10)
+    assert.is_true(core.now() - t0 < 5)
+    assert.equal(1, #r)
+    assert.is_true(r[1] == q)
+    assert.equal("late", q:get(false))
+    p:join()
+    b:close(); a:close()
+  end)
+
+  it("gives no false positive and does not spin after a stale poke", function()
+    local q = mp.Queue()
+    assert.same({}, mp.wait({q}, 0.05))     -- registered for the next put
+    local p = mp.Process{target = function() q:put("x") end}
+    p:start(); p:join()                     -- its put poked our pipe
+    assert.equal("x", q:get(false))         -- and the item is gone again
+    local c0, t0 = os.clock(), core.now()
+    assert.same({}, mp.wait({q}, 0.2))
+    local dt = core.now() - t0
+    assert.is_true(dt >= 0.19 and dt < 0.3, "waited " .. dt)
+    assert.is_true(os.clock() - c0 < 0.05, "CPU time while waiting")
   end)
 end)
 

@@ -4,7 +4,7 @@ local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 
-local pit = mp.Process and it or pending
+local pit = it   -- cross-process (mp.Process)
 
 -- fds of this process that are luamp shared objects (memfds) or POSIX
 -- shared memory: what a leak of ours would leave behind
