@@ -512,8 +512,11 @@ describe("Queue faults", function()
     local q = mp.Queue()
     local done = mp.Value("q", 0)
     math.randomseed(os.time())
-    local total = 0
-    for round = 1, 50 do
+    local total, round = 0, 0
+    -- at least 50 rounds, and on until a kill has landed inside put's
+    -- critical section (proven by a repair), which is likely but random
+    while round < 50 or (q:_stats().repairs == 0 and round < 300) do
+      round = round + 1
       done.value = 0
       local p = mp.Process{target = function()
         local i = 0
@@ -526,6 +529,7 @@ describe("Queue faults", function()
         end
       end}
       p:start()
+      H.eventually(function() return done.value > 0 end, 10)  -- it runs
       H.sleep(math.random() * 0.03)
       p:kill()
       p:join()
