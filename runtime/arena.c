@@ -471,6 +471,7 @@ static void push_objects(lua_State *L) {
 struct luamp_obj *luamp_obj_alloc(lua_State *L, const char *tname, int nuv) {
   struct luamp_obj *o = lua_newuserdatauv(L, sizeof *o, nuv);
   memset(o, 0, sizeof *o);
+  o->tag = luamp_obj_tag(tname);
   luaL_setmetatable(L, tname);
   return o;
 }
@@ -501,18 +502,22 @@ int luamp_obj_push_cached(lua_State *L, struct luamp_arena *a, size_t offset,
   return 0;
 }
 
-struct luamp_obj *luamp_obj_up(lua_State *L, int idx, int first, int n) {
-  struct luamp_obj *o = lua_touserdata(L, idx);
-  if (o != NULL && lua_getmetatable(L, idx)) {
-    for (int i = first; i < first + n; i++) {
-      if (lua_rawequal(L, -1, lua_upvalueindex(i))) {
-        lua_pop(L, 1);
-        return o;
-      }
-    }
-    lua_pop(L, 1);
-  }
-  return NULL;
+/* Set once per process (inherited by forks, which keep their objects). */
+static uint64_t tag_secret;
+
+static void init_tag_secret(void) {
+  uint64_t r = 0;
+  if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
+    r = new_uid() * 0x9e3779b97f4a7c15ULL;
+  tag_secret = r | 1;
+}
+
+uint64_t luamp_obj_tag(const char *tname) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  uint64_t h = 0xcbf29ce484222325ULL;   /* FNV-1a */
+  pthread_once(&once, init_tag_secret);
+  for (; *tname; tname++) h = (h ^ (unsigned char)*tname) * 0x100000001b3ULL;
+  return h ^ tag_secret;
 }
 
 struct luamp_obj *luamp_obj_check(lua_State *L, int idx, const char *tname) {

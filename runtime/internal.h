@@ -170,6 +170,7 @@ struct luamp_arena *luamp_arena_attach(lua_State *L, const char **p,
 
 /* A Lua object living in an arena: every shared primitive's userdata. */
 struct luamp_obj {
+  uint64_t tag;               /* luamp_obj_tag(its type name) */
   struct luamp_arena *arena;  /* NULL once closed */
   char *p;                    /* the object: arena->base + offset */
   pid_t owner;                /* process that made this Lua object */
@@ -186,11 +187,21 @@ void luamp_obj_bind(lua_State *L, int idx, struct luamp_arena *a,
 /* Pushes this state's object for (a, offset) of type tname if it has one. */
 int luamp_obj_push_cached(lua_State *L, struct luamp_arena *a,
                           size_t offset, const char *tname);
-/* The object at idx if its metatable is one of the calling C function's
- * upvalues first..first+n-1 (a pointer compare: the fast type check of
- * methods registered with their family's metatables as upvalues), else
- * NULL. */
-struct luamp_obj *luamp_obj_up(lua_State *L, int idx, int first, int n);
+/* The fast type check of the methods: every object carries a tag, a
+ * per-process random secret mixed with a hash of its type name, so a full
+ * userdata of exactly our size with one of the given tags is ours (no
+ * metatable look-up).  luamp_obj_tagged returns the object at idx if its
+ * tag is t1, t2 or t3, else NULL. */
+uint64_t luamp_obj_tag(const char *tname);
+static inline struct luamp_obj *luamp_obj_tagged(lua_State *L, int idx,
+                                                 uint64_t t1, uint64_t t2,
+                                                 uint64_t t3) {
+  struct luamp_obj *o = (struct luamp_obj *)lua_touserdata(L, idx);
+  if (o != NULL && lua_rawlen(L, idx) == sizeof *o &&
+      (o->tag == t1 || o->tag == t2 || o->tag == t3))
+    return o;
+  return NULL;
+}
 /* luaL_checkudata, raising ValueError on a closed object. */
 struct luamp_obj *luamp_obj_check(lua_State *L, int idx, const char *tname);
 void luamp_obj_close(lua_State *L, int idx);     /* idempotent */

@@ -119,17 +119,12 @@ static struct queue qget(struct luamp_obj *o) {
   return q;
 }
 
-/* Methods carry the three queue metatables as upvalues 1..3, so checking
- * self is a pointer compare; C callers (no upvalues) take the named way. */
+static uint64_t tag_q, tag_sq, tag_jq;   /* set when the module opens */
+
+/* Checked by tag (luamp_obj_tagged): no metatable look-up. */
 static struct luamp_obj *checkqueue(lua_State *L, int idx) {
-  struct luamp_obj *o = luamp_obj_up(L, idx, 1, 3);
-  if (o == NULL) {
-    o = lua_touserdata(L, idx);
-    if (o == NULL || (!luaL_testudata(L, idx, QUEUE_TNAME) &&
-                      !luaL_testudata(L, idx, SIMPLEQUEUE_TNAME) &&
-                      !luaL_testudata(L, idx, JOINABLEQUEUE_TNAME)))
-      luaL_typeerror(L, idx, "Queue");
-  }
+  struct luamp_obj *o = luamp_obj_tagged(L, idx, tag_q, tag_sq, tag_jq);
+  if (o == NULL) luaL_typeerror(L, idx, "Queue");
   if (o->arena == NULL) luamp_raise(L, "ValueError", "Queue is closed");
   return o;
 }
@@ -330,9 +325,7 @@ static void poke_watchers(lua_State *L, struct queue *q) {
 }
 
 int luamp_queue_test(lua_State *L, int idx) {
-  return luaL_testudata(L, idx, QUEUE_TNAME) ||
-         luaL_testudata(L, idx, SIMPLEQUEUE_TNAME) ||
-         luaL_testudata(L, idx, JOINABLEQUEUE_TNAME);
+  return luamp_obj_tagged(L, idx, tag_q, tag_sq, tag_jq) != NULL;
 }
 
 int luamp_queue_ready(lua_State *L, int idx) {
@@ -737,8 +730,7 @@ static int q_wait_ready(lua_State *L) {
 static int q_wait_fd(lua_State *L) {
   checkqueue(L, 1);
   lua_pushinteger(L, luamp_wakeup_fd(L));
-  for (int j = 1; j <= 3; j++) lua_pushvalue(L, lua_upvalueindex(j));
-  lua_pushcclosure(L, q_wait_ready, 3);
+  lua_pushcfunction(L, q_wait_ready);
   lua_pushboolean(L, 1);
   return 3;
 }
@@ -918,17 +910,15 @@ int luamp_open_queue(lua_State *L) {
                                         SIMPLEQUEUE_TNAME};
   static const char *const labels[3] = {"Queue", "JoinableQueue",
                                         "SimpleQueue"};
+  tag_q = luamp_obj_tag(QUEUE_TNAME);
+  tag_sq = luamp_obj_tag(SIMPLEQUEUE_TNAME);
+  tag_jq = luamp_obj_tag(JOINABLEQUEUE_TNAME);
   luaL_setfuncs(L, funcs, 0);
-  for (int i = 0; i < 3; i++) {   /* all three first: they are upvalues */
-    luaL_newmetatable(L, tnames[i]);
-    lua_pop(L, 1);
-  }
   lua_getfield(L, -1, "methods");
   for (int i = 0; i < 3; i++) {
-    luaL_getmetatable(L, tnames[i]);
+    luaL_newmetatable(L, tnames[i]);
     lua_newtable(L);
-    for (int j = 0; j < 3; j++) luaL_getmetatable(L, tnames[j]);
-    luaL_setfuncs(L, i == 2 ? simple_meth : queue_meth, 3);
+    luaL_setfuncs(L, i == 2 ? simple_meth : queue_meth, 0);
     if (i == 0) {     /* a plain Queue has no task_done/join */
       lua_pushnil(L);
       lua_setfield(L, -2, "task_done");
@@ -938,14 +928,11 @@ int luamp_open_queue(lua_State *L) {
     lua_pushvalue(L, -1);
     lua_setfield(L, -4, labels[i]);   /* core.methods[label] */
     lua_setfield(L, -2, "__index");
-    for (int j = 0; j < 3; j++) luaL_getmetatable(L, tnames[j]);
-    lua_pushcclosure(L, luamp_obj_gc, 3);
+    lua_pushcfunction(L, luamp_obj_gc);
     lua_setfield(L, -2, "__gc");
-    for (int j = 0; j < 3; j++) luaL_getmetatable(L, tnames[j]);
-    lua_pushcclosure(L, q_close, 3);
+    lua_pushcfunction(L, q_close);
     lua_setfield(L, -2, "__close");
-    for (int j = 0; j < 3; j++) luaL_getmetatable(L, tnames[j]);
-    lua_pushcclosure(L, q_tostring, 3);
+    lua_pushcfunction(L, q_tostring);
     lua_setfield(L, -2, "__tostring");
     lua_pop(L, 1);
   }

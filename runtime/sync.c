@@ -162,10 +162,17 @@ static struct luamp_lock *checklock(lua_State *L, int idx) {
   return l;
 }
 
-/* Methods are registered with their family's metatables as upvalues 1
- * and 2: checking self is a pointer compare. */
+/* Tags of the types (luamp_obj_tag), set when the module opens. */
+static uint64_t tag_lock, tag_rlock, tag_sem, tag_bsem, tag_event;
+
+/* self for the methods of a family: a Lock's are Lock and RLock... */
 static struct luamp_obj *self(lua_State *L, const char *what) {
-  struct luamp_obj *o = luamp_obj_up(L, 1, 1, 2);
+  struct luamp_obj *o = NULL;
+  switch (what[0]) {
+    case 'L': o = luamp_obj_tagged(L, 1, tag_lock, tag_rlock, 0); break;
+    case 'S': o = luamp_obj_tagged(L, 1, tag_sem, tag_bsem, 0); break;
+    default: o = luamp_obj_tagged(L, 1, tag_event, 0, 0); break;
+  }
   if (o == NULL) luaL_typeerror(L, 1, what);
   if (o->arena == NULL) luamp_raise(L, "ValueError", "%s is closed", what);
   return o;
@@ -201,7 +208,7 @@ static int l_RLock(lua_State *L) { return new_lock(L, 1); }
 
 static int lock_acquire(lua_State *L) {
   struct luamp_lock *l = selflock(L);
-  double deadline = block_timeout_args(L, 2);
+  double deadline = lua_gettop(L) == 1 ? -1.0 : block_timeout_args(L, 2);
   lua_pushboolean(L, luamp_lock_acquire(L, l, deadline != -2.0,
                                         deadline == -2.0 ? 0 : deadline));
   return 1;
@@ -1222,18 +1229,13 @@ static void new_meta(lua_State *L, const char *tname, lua_CFunction tostring) {
 }
 
 /* Gives tname its methods (its __index, or the upvalue of a custom
- * __index), each with the metatables up1 and up2 (a family: Lock and
- * RLock...) as upvalues 1 and 2 for the fast type check, and puts the
- * method table in core.methods[label] (core.methods is at the top). */
+ * __index) and puts the method table in core.methods[label]
+ * (core.methods is at the top). */
 static void set_methods(lua_State *L, const char *tname, const char *label,
-                        const luaL_Reg *meth, const char *up1,
-                        const char *up2, lua_CFunction index) {
+                        const luaL_Reg *meth, lua_CFunction index) {
   luaL_getmetatable(L, tname);
   lua_newtable(L);
-  luaL_getmetatable(L, up1);
-  if (up2) luaL_getmetatable(L, up2);
-  else lua_pushnil(L);
-  luaL_setfuncs(L, meth, 2);
+  luaL_setfuncs(L, meth, 0);
   if (lua_getfield(L, -1, "_enter") != LUA_TNIL) {
     lua_pop(L, 1);
     luaL_setfuncs(L, luamp_scoped_methods, 0);
@@ -1254,6 +1256,11 @@ int luamp_open_sync(lua_State *L) {
     {"Event", l_Event}, {"Condition", l_Condition}, {"Barrier", l_Barrier},
     {NULL, NULL}
   };
+  tag_lock = luamp_obj_tag(LUAMP_LOCK_TNAME);
+  tag_rlock = luamp_obj_tag(LUAMP_RLOCK_TNAME);
+  tag_sem = luamp_obj_tag(SEMAPHORE_TNAME);
+  tag_bsem = luamp_obj_tag(BSEMAPHORE_TNAME);
+  tag_event = luamp_obj_tag(EVENT_TNAME);
   luaL_setfuncs(L, funcs, 0);
   if (lua_getfield(L, -1, "methods") != LUA_TTABLE) {
     lua_pop(L, 1);
@@ -1268,19 +1275,13 @@ int luamp_open_sync(lua_State *L) {
   new_meta(L, EVENT_TNAME, event_tostring);
   new_meta(L, CONDITION_TNAME, cond_tostring);
   new_meta(L, BARRIER_TNAME, barrier_tostring);
-  set_methods(L, LUAMP_LOCK_TNAME, "Lock", lock_meth, LUAMP_LOCK_TNAME,
-              LUAMP_RLOCK_TNAME, NULL);
-  set_methods(L, LUAMP_RLOCK_TNAME, "RLock", lock_meth, LUAMP_LOCK_TNAME,
-              LUAMP_RLOCK_TNAME, NULL);
-  set_methods(L, SEMAPHORE_TNAME, "Semaphore", sem_meth, SEMAPHORE_TNAME,
-              BSEMAPHORE_TNAME, NULL);
-  set_methods(L, BSEMAPHORE_TNAME, "BoundedSemaphore", sem_meth,
-              SEMAPHORE_TNAME, BSEMAPHORE_TNAME, NULL);
-  set_methods(L, EVENT_TNAME, "Event", event_meth, EVENT_TNAME, NULL, NULL);
-  set_methods(L, CONDITION_TNAME, "Condition", cond_meth, CONDITION_TNAME,
-              NULL, NULL);
-  set_methods(L, BARRIER_TNAME, "Barrier", barrier_meth, BARRIER_TNAME, NULL,
-              barrier_index);
+  set_methods(L, LUAMP_LOCK_TNAME, "Lock", lock_meth, NULL);
+  set_methods(L, LUAMP_RLOCK_TNAME, "RLock", lock_meth, NULL);
+  set_methods(L, SEMAPHORE_TNAME, "Semaphore", sem_meth, NULL);
+  set_methods(L, BSEMAPHORE_TNAME, "BoundedSemaphore", sem_meth, NULL);
+  set_methods(L, EVENT_TNAME, "Event", event_meth, NULL);
+  set_methods(L, CONDITION_TNAME, "Condition", cond_meth, NULL);
+  set_methods(L, BARRIER_TNAME, "Barrier", barrier_meth, barrier_index);
   lua_pop(L, 1);
   for (size_t i = 0; i < sizeof handle_ops / sizeof handle_ops[0]; i++)
     luamp_register_handle(L, &handle_ops[i]);

@@ -207,12 +207,14 @@ static struct vobj vfrom(struct luamp_obj *o) {
   return v;
 }
 
-/* Every Value and Array function (methods and metamethods) has the two
- * metatables as upvalues 1 and 2: checking self is a pointer compare.
- * Metamethods also have the string "value" (3); the __index functions
- * the method table (4). */
+/* self is checked by tag (luamp_obj_tagged).  Every Value and Array
+ * function has the two metatables as upvalues 1 and 2; metamethods also
+ * have the string "value" (3); the __index functions the method table
+ * (4). */
+static uint64_t tag_value, tag_array;   /* set when the module opens */
+
 static struct vobj vcheck(lua_State *L, int idx) {
-  struct luamp_obj *o = luamp_obj_up(L, idx, 1, 2);
+  struct luamp_obj *o = luamp_obj_tagged(L, idx, tag_value, tag_array, 0);
   if (o == NULL) luaL_typeerror(L, idx, "Value or Array");
   if (o->arena == NULL)
     luamp_raise(L, "ValueError", "%s is closed",
@@ -610,6 +612,8 @@ int luamp_open_value(lua_State *L) {
     {"__gc", luamp_obj_gc}, {"__close", v_close},
     {"__tostring", v_tostring}, {NULL, NULL}
   };
+  tag_value = luamp_obj_tag(VALUE_TNAME);
+  tag_array = luamp_obj_tag(ARRAY_TNAME);
   luaL_setfuncs(L, funcs, 0);
   if (lua_getfield(L, -1, "methods") != LUA_TTABLE) {
     lua_pop(L, 1);

@@ -99,6 +99,8 @@ describe("Queue", function()
     assert.matches("number expected", select(2, pcall(q.get, q, true, "soon")))
     assert.matches("timeout is NaN", select(2, pcall(q.get, q, true, 0/0)))
     assert.matches("Queue expected", select(2, pcall(q.get, {})))
+    assert.matches("Queue expected", select(2, pcall(q.get, io.stdout)))
+    assert.matches("Queue expected", select(2, pcall(q.put, mp.Lock(), 1)))
   end)
 
   it("fails at put on an unencodable value and stays intact", function()
