@@ -199,10 +199,12 @@ struct vobj {
   char *data;
 };
 
+/* o->flags caches the typecode's entry (index + 1) in this process. */
 static struct vobj vfrom(struct luamp_obj *o) {
   struct vobj v;
   v.h = (struct vhdr *)o->p;
-  v.t = find_tc((int)v.h->typecode);
+  if (o->flags == 0) o->flags = (int)(find_tc((int)v.h->typecode) - typecodes) + 1;
+  v.t = &typecodes[o->flags - 1];
   v.data = o->arena->base + DATA_OFF;
   return v;
 }
