@@ -316,6 +316,9 @@ int luamp_open_queue(lua_State *L);
 /* ---- value.c, shm.c ---------------------------------------------------- */
 int luamp_open_value(lua_State *L);
 int luamp_open_shm(lua_State *L);
+/* Unlinks the SharedMemory blocks this process created and still tracks
+ * (at exit; luamp_child_exit calls it, since children leave by _exit). */
+void luamp_shm_cleanup(void);
 /* ---- process.c: fork discipline, children ------------------------- */
 
 /* Every fork the runtime makes: runs the before-fork hooks (Lua hooks of

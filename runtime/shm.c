@@ -9,7 +9,8 @@
  *
  * Cleanup is the creator's alone, as Python's resource tracker does it:
  * a block created here (with track ~= false) is unlinked when the process
- * that created it exits, unless unlink() was called before.  close()
+ * that created it exits (atexit, or luamp_child_exit in a forked child),
+ * unless unlink() was called before.  close()
  * only unmaps; no other process, and no garbage collection, ever unlinks
  * a block behind the user's back.  Forked children never unlink their
  * parent's blocks (the creator pid is recorded).
@@ -48,7 +49,7 @@ struct tracked {
 };
 static struct tracked *tracked;
 
-static void unlink_tracked_at_exit(void) {
+void luamp_shm_cleanup(void) {
   pid_t me = getpid();
   struct tracked *t, *next;
   pthread_mutex_lock(&track_mu);
@@ -62,7 +63,7 @@ static void unlink_tracked_at_exit(void) {
 }
 
 static void register_atexit(void) {
-  atexit(unlink_tracked_at_exit);
+  atexit(luamp_shm_cleanup);
 }
 
 static void track(const char *name) {

@@ -115,6 +115,21 @@ describe("SharedMemory", function()
     assert.is_false(exists(kept))
   end)
 
+  pit("is unlinked when a child that created it exits", function()
+    local q = mp.Queue()
+    local p = mp.Process{target = function()
+      local a = mp.SharedMemory{create = true, size = 16}
+      local b = mp.SharedMemory{create = true, size = 16, track = false}
+      q:put({a.name, b.name})
+    end}
+    p:start(); p:join()
+    assert.equal(0, p.exitcode)
+    local names = q:get(false)
+    assert.is_false(exists(names[1]))
+    assert.is_true(exists(names[2]))
+    mp.SharedMemory(names[2]):unlink()
+  end)
+
   pit("is not unlinked by a child process that exits", function()
     local a = mp.SharedMemory{create = true, size = 16}
     local p = mp.Process{target = function() a:write(0, "child") end}
