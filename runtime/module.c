@@ -27,6 +27,7 @@ static int (*const primitives[])(lua_State *L) = {
   luamp_open_queue,
   luamp_open_process,
   luamp_open_conn,
+  luamp_open_store,
   NULL
 };
 
