@@ -69,6 +69,7 @@ static const char names_key = 0;    /* value -> {module, field} name cache */
 static const char handles_key = 0;  /* tname -> lightuserdata ops */
 static const char classes_key = 0;  /* metatable -> class name */
 static const char classdefs_key = 0;/* class name -> {mt, reduce, rebuild} */
+static const char dumps_key = 0;    /* closure -> its bytecode (weak keys) */
 
 /* ======================================================================
  * Encoder memory
@@ -1001,17 +1002,41 @@ static int enc_function(struct enc *e, int idx) {
   r = enter_object(e, lua_topointer(L, idx), &def);
   if (r != 0) return r < 0 ? -1 : 0;
   if (begin_ext(e, EXT_FUNC, &at) < 0) return -1;
-  /* bytecode as bin32, length patched after the dump */
-  ROOM(e, 5);
-  bin = e->b->len;
-  wp(e)[0] = 0xc6;
-  e->b->len += 5;
+  /* bytecode as bin32.  A closure's bytecode never changes, so it is
+   * dumped once and kept (weakly) by closure: sending the same function
+   * again -- a pool task after task -- copies it and encodes only the
+   * upvalues. */
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key);
   lua_pushvalue(L, idx);
-  r = lua_dump(L, dump_writer, e, 0);
-  lua_pop(L, 1);
-  if (r != 0) return e->oom ? -1 : fail(e, "cannot dump function");
-  if (e->b->len - bin - 5 > 0xffffffffu) return fail(e, "function too big");
-  w32(e->b->buf + bin + 1, (uint32_t)(e->b->len - bin - 5));
+  if (lua_rawget(L, -2) == LUA_TSTRING) {
+    size_t n;
+    const char *code = lua_tolstring(L, -1, &n);
+    r = put_string(e, code, n, 0);
+    lua_pop(L, 2);
+    if (r < 0) return -1;
+  } else {
+    lua_pop(L, 1);
+    ROOM(e, 5);
+    bin = e->b->len;
+    wp(e)[0] = 0xc6;
+    e->b->len += 5;
+    lua_pushvalue(L, idx);
+    r = lua_dump(L, dump_writer, e, 0);
+    lua_pop(L, 1);
+    if (r != 0) {
+      lua_pop(L, 1);
+      return e->oom ? -1 : fail(e, "cannot dump function");
+    }
+    if (e->b->len - bin - 5 > 0xffffffffu) {
+      lua_pop(L, 1);
+      return fail(e, "function too big");
+    }
+    w32(e->b->buf + bin + 1, (uint32_t)(e->b->len - bin - 5));
+    lua_pushvalue(L, idx);
+    lua_pushlstring(L, (const char *)e->b->buf + bin + 5, e->b->len - bin - 5);
+    lua_rawset(L, -3);
+    lua_pop(L, 1);
+  }
   lua_pushvalue(L, idx);
   lua_getinfo(L, ">u", &ar);
   if (put_int(e, ar.nups) < 0) return -1;
@@ -1802,6 +1827,15 @@ int luamp_open_codec(lua_State *L) {
   };
   luaL_setfuncs(L, funcs, 0);
   luaL_newmetatable(L, EXT_MT);
+  lua_pop(L, 1);
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key) != LUA_TTABLE) {
+    lua_newtable(L);
+    lua_createtable(L, 0, 1);
+    lua_pushliteral(L, "k");
+    lua_setfield(L, -2, "__mode");
+    lua_setmetatable(L, -2);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &dumps_key);
+  }
   lua_pop(L, 1);
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &handles_key) != LUA_TTABLE) {
     lua_newtable(L);

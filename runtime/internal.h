@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <poll.h>
+#include <pthread.h>
+#include <stdatomic.h>
 
 #include <lua.h>
 #include <lauxlib.h>
@@ -116,6 +118,207 @@ struct luamp_handle_ops {
 void luamp_register_handle(lua_State *L, const struct luamp_handle_ops *ops);
 int luamp_open_codec(lua_State *L);
 
+/* ---- arena.c: shared mappings, robust mutexes, futex waits ----------- */
+
+/* The first bytes of every arena (one memfd mapped MAP_SHARED); objects
+ * start at LUAMP_ARENA_HDR.  Written once by the creator, then read-only. */
+struct luamp_arena_hdr {
+  uint64_t magic;
+  uint64_t uid;        /* random: checked after opening /proc/<pid>/fd/<n> */
+  uint64_t size;       /* bytes mapped (the memfd's size) */
+  int32_t creator;     /* pid of the creating process */
+  int32_t creator_fd;  /* its memfd number there */
+  uint32_t kind;       /* LUAMP_KIND_* */
+  uint32_t pad;
+};
+#define LUAMP_ARENA_HDR 64
+
+enum {
+  LUAMP_KIND_LOCK = 1, LUAMP_KIND_SEMAPHORE, LUAMP_KIND_EVENT,
+  LUAMP_KIND_CONDITION, LUAMP_KIND_BARRIER, LUAMP_KIND_VALUE,
+  LUAMP_KIND_QUEUE
+};
+
+/* This process's record of one mapped arena (registry in arena.c). */
+struct luamp_arena {
+  struct luamp_arena *next;  /* registry chain */
+  uint64_t uid;
+  char *base;
+  size_t size;
+  int fd;                    /* the memfd, open while mapped */
+  unsigned refs;             /* Lua objects of this process using it */
+};
+
+/* Makes an arena of size bytes (at least the header), memfd named name;
+ * raises OSError. */
+struct luamp_arena *luamp_arena_new(lua_State *L, const char *name,
+                                    size_t size, uint32_t kind);
+void luamp_arena_ref(struct luamp_arena *a);
+void luamp_arena_unref(struct luamp_arena *a);   /* last one unmaps */
+/* Appends the bytes that let another process of the tree reach
+ * (arena, offset). */
+void luamp_arena_describe(luaL_Buffer *b, struct luamp_arena *a,
+                          size_t offset);
+/* Parses such bytes at *p (advancing *p, *n), returns the arena with a
+ * reference taken, mapping it when this process does not have it yet;
+ * raises DecodeError when it cannot be reached or its kind is not in the
+ * mask kinds (LUAMP_KINDS(k) | ...). */
+struct luamp_arena *luamp_arena_attach(lua_State *L, const char **p,
+                                       size_t *n, uint32_t kinds,
+                                       size_t *offset);
+#define LUAMP_KINDS(k) (1u << (k))
+
+/* A Lua object living in an arena: every shared primitive's userdata. */
+struct luamp_obj {
+  uint64_t tag;               /* luamp_obj_tag(its type name) */
+  struct luamp_arena *arena;  /* NULL once closed */
+  char *p;                    /* the object: arena->base + offset */
+  pid_t owner;                /* process that made this Lua object */
+  int flags;                  /* per type */
+  char *buf;                  /* per-process scratch (queue get), malloc */
+  size_t bufcap;
+};
+/* Pushes a new closed object with metatable tname and nuv user values. */
+struct luamp_obj *luamp_obj_alloc(lua_State *L, const char *tname, int nuv);
+/* Binds the (closed) object at idx to (a, offset), taking over the
+ * caller's reference to a, and records it for luamp_obj_push_cached. */
+void luamp_obj_bind(lua_State *L, int idx, struct luamp_arena *a,
+                    size_t offset);
+/* Pushes this state's object for (a, offset) of type tname if it has one. */
+int luamp_obj_push_cached(lua_State *L, struct luamp_arena *a,
+                          size_t offset, const char *tname);
+/* The fast type check of the methods: every object carries a tag, a
+ * per-process random secret mixed with a hash of its type name, so a full
+ * userdata of exactly our size with one of the given tags is ours (no
+ * metatable look-up).  luamp_obj_tagged returns the object at idx if its
+ * tag is t1, t2 or t3, else NULL. */
+uint64_t luamp_obj_tag(const char *tname);
+static inline struct luamp_obj *luamp_obj_tagged(lua_State *L, int idx,
+                                                 uint64_t t1, uint64_t t2,
+                                                 uint64_t t3) {
+  struct luamp_obj *o = (struct luamp_obj *)lua_touserdata(L, idx);
+  if (o != NULL && lua_rawlen(L, idx) == sizeof *o &&
+      (o->tag == t1 || o->tag == t2 || o->tag == t3))
+    return o;
+  return NULL;
+}
+/* luaL_checkudata, raising ValueError on a closed object. */
+struct luamp_obj *luamp_obj_check(lua_State *L, int idx, const char *tname);
+void luamp_obj_close(lua_State *L, int idx);     /* idempotent */
+int luamp_obj_gc(lua_State *L);                  /* a __gc for them all */
+/* Handle bytes for the object at idx (EncodeError when closed). */
+void luamp_obj_describe(lua_State *L, int idx, luaL_Buffer *b);
+/* Pushes the object that handle bytes describe: this state's own when it
+ * has it (returns 1), else a new one (returns 0). */
+int luamp_obj_decode(lua_State *L, const char **p, size_t *n,
+                     const char *tname, uint32_t kinds, int nuv);
+
+/* Python's keyword arguments: when the only argument is a plain table
+ * (no metatable), replaces it with its fields keys[0], keys[1]... (a
+ * NULL-terminated list) as positional arguments; returns 1 if it did. */
+int luamp_opts_args(lua_State *L, const char *const *keys);
+int luamp_is_plain_table(lua_State *L, int idx);  /* a table, no metatable */
+
+/* The calling thread as 64 bits: tid | low 32 bits of its start time
+ * << 32, so a recycled tid is never taken for a dead holder. */
+uint64_t luamp_self_id(void);
+/* 0 when that thread has exited (or is a zombie), else 1. */
+int luamp_id_alive(uint64_t id);
+
+/* Process-shared robust mutex.  lock: on EOWNERDEAD calls repair(arg)
+ * (which must be idempotent) and marks the mutex consistent; returns 0
+ * or an errno. */
+int luamp_mutex_init(pthread_mutex_t *m);
+int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg);
+void luamp_mutex_unlock(pthread_mutex_t *m);
+
+/* One step of a blocking wait: sleeps while *w == val, at most slice_ms
+ * and not past deadline (luamp_deadline's convention).  The caller
+ * re-checks its condition after LUAMP_WAIT_AGAIN; LUAMP_WAIT_SLICE says a
+ * whole slice passed without a wake-up (time to check that the process it
+ * waits for is alive). */
+enum {
+  LUAMP_WAIT_AGAIN, LUAMP_WAIT_SLICE, LUAMP_WAIT_TIMEOUT,
+  LUAMP_WAIT_INTERRUPTED
+};
+int luamp_wait_step(lua_State *L, _Atomic uint32_t *w, uint32_t val,
+                    double deadline, int slice_ms);
+void luamp_futex_wake(_Atomic uint32_t *w, int n);
+int luamp_open_arena(lua_State *L);
+
+/* A pause in a spin loop. */
+static inline void luamp_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- sync.c: locks and friends ----------------------------------------- */
+
+/* Lock and RLock in shared memory (also the lock inside a Value).
+ * Ownership is by thread id: owner holds the holder's luamp_self_id(), 0
+ * when free; its low half (the holder's tid) is the futex waiters sleep
+ * on.  A waiter that finds the holder dead takes the lock over. */
+struct luamp_lock {
+  _Atomic uint64_t owner;
+  _Atomic uint32_t waiters;  /* sleepers; approximate (a killed sleeper
+                                leaves it high, costing only wake-ups) */
+  uint32_t count;            /* RLock depth; written by the holder only */
+  uint32_t recursive;        /* const after init */
+  uint32_t pad;
+};
+#define LUAMP_LOCK_TNAME "multiprocessing.Lock"
+#define LUAMP_RLOCK_TNAME "multiprocessing.RLock"
+void luamp_lock_init(struct luamp_lock *l, int recursive);
+/* Pushes a new Lock/RLock object for the lock at (a, offset), taking a
+ * reference to a (or this state's existing object for it). */
+void luamp_lock_push(lua_State *L, struct luamp_arena *a, size_t offset);
+/* The lock of the Lock or RLock object at idx, or NULL if it is not one. */
+struct luamp_lock *luamp_lock_test(lua_State *L, int idx);
+int luamp_lock_acquire(lua_State *L, struct luamp_lock *l, int block,
+                       double deadline);
+void luamp_lock_release(lua_State *L, struct luamp_lock *l);
+/* Handles of objects that may carry a lock as user value 1 (Condition,
+ * Value, Array): the object's bytes, then the lock's when it has one.
+ * decode pushes the object and returns as luamp_obj_decode. */
+void luamp_lockable_encode(lua_State *L, int idx);
+int luamp_lockable_decode(lua_State *L, const char *p, size_t n,
+                          const char *tname, uint32_t kinds, int nuv);
+/* with() and guard() for method tables that have _enter and _exit. */
+extern const luaL_Reg luamp_scoped_methods[];
+int luamp_open_sync(lua_State *L);
+
+/* ---- queue.c: Queue, SimpleQueue, JoinableQueue ------------------------ */
+
+/* put/get as the methods do (raising Full/Empty/EncodeError...); tag is
+ * stored with the record; get with slot >= 0 records the tag of the
+ * record it takes in the queue's slot table in the same step (Pool). */
+int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
+                    int block, double deadline);
+int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
+                    int slot);
+/* For mp.wait: is idx a queue (of any kind); would a get not block now. */
+int luamp_queue_test(lua_State *L, int idx);
+int luamp_queue_ready(lua_State *L, int idx);
+/* After luamp_queue_watch(L, idx, 1), the next put on the queue (from
+ * any process) makes luamp_wakeup_fd() readable, once: a waiter registers
+ * again each time before it sleeps (queue:_wait_fd does all this for
+ * mp.wait).  The wake-up fd is this process's own non-blocking pipe (made
+ * on first use, remade after fork); drain it with luamp_wakeup_drain()
+ * before re-checking readiness. */
+void luamp_queue_watch(lua_State *L, int idx, int on);
+int luamp_wakeup_fd(lua_State *L);
+void luamp_wakeup_drain(void);
+int luamp_open_queue(lua_State *L);
+
+/* ---- value.c, shm.c ---------------------------------------------------- */
+int luamp_open_value(lua_State *L);
+int luamp_open_shm(lua_State *L);
+/* Unlinks the SharedMemory blocks this process created and still tracks
+ * (at exit; luamp_child_exit calls it, since children leave by _exit). */
+void luamp_shm_cleanup(void);
 /* ---- process.c: fork discipline, children ------------------------- */
 
 /* Every fork the runtime makes: runs the before-fork hooks (Lua hooks of
@@ -137,6 +340,9 @@ pid_t luamp_pid(void);
 /* ---- conn.c: Pipe, Connection, Listener/Client, wait --------------- */
 
 int luamp_open_conn(lua_State *L);
+
+/* ---- store.c: append-only bytes shared with forked children ---------- */
+int luamp_open_store(lua_State *L);
 
 /* ---- module.c -------------------------------------------------------- */
 

@@ -20,8 +20,14 @@ static int (*const primitives[])(lua_State *L) = {
   luamp_open_errors,
   luamp_open_sys,
   luamp_open_codec,
+  luamp_open_arena,
+  luamp_open_sync,
+  luamp_open_value,
+  luamp_open_shm,
+  luamp_open_queue,
   luamp_open_process,
   luamp_open_conn,
+  luamp_open_store,
   NULL
 };
 

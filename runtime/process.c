@@ -328,6 +328,7 @@ pid_t luamp_fork(lua_State *L) {
 
 void luamp_child_exit(int code) {
   cleanup_children(NULL);
+  luamp_shm_cleanup();     /* blocks this child created (shm.c) */
   fflush(NULL);
   _exit(code);
 }

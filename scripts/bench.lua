@@ -253,6 +253,107 @@ add("manager.apply_2procs", "ops/s", manager_work(function(m) return m:dict{n = 
     local inc = function(v) return v + 1 end
     for _ = 1, n do d:apply("n", inc) end
   end, 2))
+-- ---- queues, locks, shared values (issue 5) ---------------------------------
+
+-- n items from `producers` child processes through one Queue to the parent
+local function queue_run(n, producers, item)
+  local q = mp.Queue()
+  local per = n // producers
+  local ps = {}
+  for k = 1, producers do
+    ps[k] = mp.Process{target = function()
+      if item == nil then
+        for i = 1, per do q:put(i) end
+      else
+        for _ = 1, per do q:put(item) end
+      end
+    end}
+    ps[k]:start()
+  end
+  for _ = 1, per * producers do q:get() end
+  for k = 1, producers do ps[k]:join() end
+  q:close()
+end
+
+local SMALL = {id = 1, name = "abc", vals = {1.5, 2.5, 3.5}}
+
+if mp.Process then
+  add("queue.ints_1to1", "items/s", function()
+    return timed(function(n) queue_run(n, 1) end, 20000, 1.0)
+  end)
+  add("queue.table_1to1", "items/s", function()
+    return timed(function(n) queue_run(n, 1, SMALL) end, 20000, 1.0)
+  end)
+  add("queue.ints_4to1", "items/s", function()
+    return timed(function(n) queue_run(n, 4) end, 20000, 1.0)
+  end)
+  add("queue.1mib_1to1", "items/s", function()
+    local item = string.rep("x", 2^20)
+    return timed(function(n) queue_run(n, 1, item) end, 64, 1.0)
+  end)
+  -- v.value = v.value + 1 under v's lock, two processes at once
+  add("value.locked_add_2procs", "ops/s", function()
+    local n, dt = timed(function(n)
+      local v = mp.Value("i", 0)
+      local per = n // 2
+      local function work()
+        local l = v:get_lock()
+        for _ = 1, per do
+          l:acquire()
+          v.value = v.value + 1
+          l:release()
+        end
+      end
+      local p = mp.Process{target = work}
+      p:start()
+      work()
+      p:join()
+      assert(v.value == 2 * per)
+    end, 20000, 1.0)
+    return n, dt
+  end)
+end
+
+add("lock.pairs_uncontended", "pairs/s", function()
+  local l = mp.Lock()
+  return timed(function(n)
+    for _ = 1, n do l:acquire(); l:release() end
+  end, 100000)
+end)
+
+-- memory of an empty queue: this process's proportional share of resident
+-- memory (shared pages included) plus its page tables, over 1000 queues;
+-- reported as queues per MiB (more is better)
+local function mem_kib()
+  local kib = 0
+  local f = io.open("/proc/self/smaps_rollup")
+  for line in f:lines() do
+    local v = line:match("^Pss:%s+(%d+) kB")
+    if v then kib = kib + tonumber(v) end
+  end
+  f:close()
+  f = io.open("/proc/self/status")
+  for line in f:lines() do
+    local v = line:match("^VmPTE:%s+(%d+) kB")
+    if v then kib = kib + tonumber(v) end
+  end
+  f:close()
+  return kib
+end
+
+add("queue.empty_memory", "queues/MiB", function()
+  collectgarbage()
+  local before, qs = mem_kib(), {}
+  for i = 1, 1000 do
+    qs[i] = mp.Queue()
+    qs[i]:put(i)       -- used once, then empty
+    qs[i]:get()
+  end
+  collectgarbage()
+  local kib = math.max(mem_kib() - before, 1)
+  for i = 1, 1000 do qs[i]:close() end
+  return 1000, kib / 1024
+end)
 
 local _ = mp
 for _, w in ipairs(W) do

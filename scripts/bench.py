@@ -239,6 +239,115 @@ W.append(("manager.dict_set", "ops/s", _manager_work(lambda m: m.dict(), _dict_s
 W.append(("manager.dict_get", "ops/s", _manager_work(_dict_get_setup, _dict_get)))
 W.append(("manager.list_append", "ops/s", _manager_work(lambda m: m.list(), _list_append)))
 W.append(("manager.apply_2procs", "ops/s", _manager_work(_incr_setup, _incr, 2)))
+# ---- queues, locks, shared values (issue 5) ---------------------------------
+
+SMALL = {"id": 1, "name": "abc", "vals": [1.5, 2.5, 3.5]}
+
+
+def _produce(q, n, item):
+    if item is None:
+        for i in range(n):
+            q.put(i)
+    else:
+        for _ in range(n):
+            q.put(item)
+
+
+def _queue_run(n, producers, item=None):
+    q = mp.Queue()
+    per = n // producers
+    ps = [mp.Process(target=_produce, args=(q, per, item)) for _ in range(producers)]
+    for p in ps:
+        p.start()
+    for _ in range(per * producers):
+        q.get()
+    for p in ps:
+        p.join()
+    q.close()
+    q.join_thread()
+
+
+@workload("queue.ints_1to1", "items/s")
+def _q_ints():
+    return timed(lambda n: _queue_run(n, 1), 20000, 1.0)
+
+
+@workload("queue.table_1to1", "items/s")
+def _q_table():
+    return timed(lambda n: _queue_run(n, 1, SMALL), 20000, 1.0)
+
+
+@workload("queue.ints_4to1", "items/s")
+def _q_4to1():
+    return timed(lambda n: _queue_run(n, 4), 20000, 1.0)
+
+
+@workload("queue.1mib_1to1", "items/s")
+def _q_1mib():
+    item = b"x" * 2**20
+    return timed(lambda n: _queue_run(n, 1, item), 64, 1.0)
+
+
+def _locked_add(v, n):
+    for _ in range(n):
+        with v.get_lock():
+            v.value += 1
+
+
+@workload("value.locked_add_2procs", "ops/s")
+def _value_add():
+    def run(n):
+        v = mp.Value("i", 0)
+        per = n // 2
+        p = mp.Process(target=_locked_add, args=(v, per))
+        p.start()
+        _locked_add(v, per)
+        p.join()
+        assert v.value == 2 * per
+    return timed(run, 20000, 1.0)
+
+
+@workload("lock.pairs_uncontended", "pairs/s")
+def _lock_pairs():
+    lock = mp.Lock()
+
+    def run(n):
+        for _ in range(n):
+            lock.acquire()
+            lock.release()
+    return timed(run, 100000)
+
+
+def _mem_kib():
+    kib = 0
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                kib += int(line.split()[1])
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmPTE:"):
+                kib += int(line.split()[1])
+    return kib
+
+
+@workload("queue.empty_memory", "queues/MiB")
+def _q_memory():
+    import gc
+    gc.collect()
+    before = _mem_kib()
+    qs = []
+    for i in range(1000):
+        q = mp.Queue()
+        q.put(i)          # used once (starts the feeder thread), then empty
+        q.get()
+        qs.append(q)
+    gc.collect()
+    kib = max(_mem_kib() - before, 1)
+    for q in qs:
+        q.close()
+        q.join_thread()
+    return 1000, kib / 1024
 
 
 if __name__ == "__main__":

@@ -96,6 +96,19 @@ rows[#rows + 1] = {"manager list append (child)", "luamp:manager.list_append",
   {"CPython", "py:manager.list_append"}}
 rows[#rows + 1] = {"manager atomic increment, 2 procs", "luamp:manager.apply_2procs",
   {"CPython (lock+get+set)", "py:manager.apply_2procs"}}
+-- queues, locks, shared values (issue 5)
+for _, r in ipairs {
+  {"queue small ints 1->1", "queue.ints_1to1", 10},
+  {"queue small table 1->1", "queue.table_1to1", 5},
+  {"queue ints 4 producers->1", "queue.ints_4to1"},
+  {"queue 1 MiB items 1->1", "queue.1mib_1to1"},
+  {"Value += 1 under lock, 2 procs", "value.locked_add_2procs", 5},
+  {"Lock acquire+release, uncontended", "lock.pairs_uncontended"},
+  {"empty queues per MiB of memory", "queue.empty_memory"},
+} do
+  rows[#rows + 1] = {r[1], "luamp:" .. r[2], {"CPython", "py:" .. r[2]},
+    target = r[3] and {1, r[3]} or nil}
+end
 
 local function fmt(v)
   if not v then return "-" end

@@ -3,6 +3,23 @@ local H = require "helpers"
 
 -- example file -> {args, check(out, err, code)}
 local expected = {
+  ["queue_producer_consumer.lua"] = function(out)
+    assert.equal("item 1: 1 squared is 1\nitem 2: 2 squared is 4\n" ..
+      "item 3: 3 squared is 9\nitem 4: 4 squared is 16\n" ..
+      "item 5: 5 squared is 25\nconsumer saw the end after 5 items\n" ..
+      "exit codes\t0\t0\n", out)
+  end,
+  ["queue_add_ten.lua"] = function(out)
+    assert.equal("result:\t20\n", out)
+  end,
+  ["shared_counter.lua"] = function(out)
+    assert.equal("counter\t2000\nhits\t750 750 750 750\nsum\t1000.0\n" ..
+      "atomic\t10000\n", out)
+  end,
+  ["event_semaphore.lua"] = function(out)
+    assert.equal("event set?\tfalse\nfinished\t1 2 3 4\n" ..
+      "most inside at once\t2\nevent set?\ttrue\n", out)
+  end,
   ["hello.lua"] = function(out)
     assert.matches("^luamp %d+%.%d+%.%d+: %d+ CPUs, running as MainProcess %(pid %d+%)\n$", out)
   end,

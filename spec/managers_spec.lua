@@ -240,6 +240,29 @@ describe("Manager proxies", function()
     assert.same({"child", "snow"}, l:copy())
   end)
 
+  it("proxies travel through mp.Queue, as upvalues and nested", function()
+    local q, back = mp.Queue(), mp.Queue()
+    local l = m:list()
+    local p = mp.Process{target = function()
+      local got = q:get()
+      got[1]:append("via queue")
+      got.d.seen = true
+      back:put(got[1]:copy())
+    end}
+    p:start()
+    q:put({m:list{"fresh"}, d = m:dict(), l})
+    assert.same({"fresh", "via queue"}, back:get())
+    p:join()
+    -- the child appended to the fresh list, which nobody here holds now
+    collectgarbage()
+    local f = function() l:append("upvalue") end
+    local p2 = mp.Process{target = function() q:get()() end}
+    p2:start()
+    q:put(f)
+    p2:join()
+    assert.same({"upvalue"}, l:copy())
+  end)
+
   it("each process has its own connection (made again after a fork)", function()
     local d = m:dict()
     d.x = 0

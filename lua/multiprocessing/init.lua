@@ -27,6 +27,22 @@ local lazy = {
   current_process = "multiprocessing.process",
   parent_process = "multiprocessing.process",
   active_children = "multiprocessing.process",
+  Lock = "multiprocessing.synchronize",
+  RLock = "multiprocessing.synchronize",
+  Semaphore = "multiprocessing.synchronize",
+  BoundedSemaphore = "multiprocessing.synchronize",
+  Event = "multiprocessing.synchronize",
+  Condition = "multiprocessing.synchronize",
+  Barrier = "multiprocessing.synchronize",
+  Value = "multiprocessing.sharedctypes",
+  Array = "multiprocessing.sharedctypes",
+  RawValue = "multiprocessing.sharedctypes",
+  RawArray = "multiprocessing.sharedctypes",
+  SharedMemory = "multiprocessing.shared_memory",
+  Queue = "multiprocessing.queues",
+  JoinableQueue = "multiprocessing.queues",
+  SimpleQueue = "multiprocessing.queues",
+  shared_memory = "multiprocessing.shared_memory",
   register_at_fork = "multiprocessing.process",
   Pipe = "multiprocessing.connection",
   wait = "multiprocessing.connection",
@@ -43,6 +59,7 @@ setmetatable(M, {
     if modname == nil then return nil end
     local mod = require(modname)
     local v = mod[k]
+    if v == nil and modname == "multiprocessing." .. k then v = mod end
     rawset(t, k, v)
     return v
   end,

@@ -1,0 +1,942 @@
+/*
+ * queue.c -- Queue, SimpleQueue and JoinableQueue: a multi-producer,
+ * multi-consumer byte ring in shared memory.
+ *
+ * No feeder thread, no helper process.  put() encodes the value in the
+ * caller (luamp_encode), copies the bytes into the ring under the queue's
+ * mutex and returns when the item is committed: a process may exit right
+ * after put() and nothing is lost, and "join, then get" cannot deadlock.
+ * get() copies the bytes out under the mutex and decodes after unlocking.
+ *
+ * The ring.  One arena: a header page, then `cap` bytes of ring (4 GiB by
+ * default, a power of two).  The memfd is sparse: only pages that hold
+ * data exist, so an empty queue costs one page and memory follows the
+ * backlog.  A big ring instead of a small ring plus spill segments keeps
+ * one code path for every size: an unbounded put never waits for bytes
+ * until 4 GiB are queued, a 1 GiB message is one record like any other,
+ * and small messages pay nothing for big ones.  To keep small messages
+ * cache-hot and out of page faults, positions restart at the ring's
+ * start whenever the queue becomes empty, and a producer that finds the
+ * data past WRAP_AT with the ring's start free goes on there (a skip
+ * record tells consumers), so a small backlog cycles through the first
+ * HOT bytes, which stay resident.  Pages behind the consumer beyond those
+ * go back to the kernel (MADV_REMOVE) every PUNCH bytes and when the
+ * queue empties.
+ *
+ * Records are 16-byte aligned: {u64 length, u64 tag} then the payload
+ * (which may wrap around the ring's end; headers never do).  Positions
+ * are 64-bit logical byte counts that never wrap; the ring offset is
+ * position & (cap - 1).
+ *
+ * Crash safety.  Every change of the header happens under the robust
+ * mutex, inside a journal: the old values are saved first, and a process
+ * that finds the mutex's holder dead (EOWNERDEAD) restores them.  put()
+ * publishes by advancing tail, last; so a producer killed at any instant
+ * either committed its item whole or left no trace.  A consumer killed
+ * inside get() leaves the item in the queue; one killed after get()
+ * returned had it.  Waiting is on futex sequence words, in slices.
+ *
+ * The tag of a record is for the Pool: get with a slot records the tag of
+ * the record it takes in the queue's slot table in the same journaled
+ * step, so a worker's death can be mapped to exactly the tasks it took.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define QUEUE_TNAME "multiprocessing.Queue"
+#define SIMPLEQUEUE_TNAME "multiprocessing.SimpleQueue"
+#define JOINABLEQUEUE_TNAME "multiprocessing.JoinableQueue"
+
+#define PAGE 4096
+#define RING_OFF 4096                 /* the ring starts at this arena offset */
+#define REC 16                        /* record header */
+#define HOT ((uint64_t)2 << 20)       /* ring bytes never given back */
+#define WRAP_AT (HOT / 2)             /* a small backlog wraps from here */
+#define SKIP UINT64_MAX               /* record length: go on at next lap */
+#define PUNCH ((uint64_t)4 << 20)     /* give back consumed pages this often */
+#define DEFAULT_CAP ((uint64_t)4 << 30)
+#define MIN_CAP ((uint64_t)64 << 10)
+#define MAX_CAP ((uint64_t)1 << 40)
+#define WATCH_SLOTS 16                /* processes in mp.wait on one queue */
+#define MAX_SLOTS 4096                /* Pool worker slots */
+#define SLICE_MS 250
+#define SPIN_NS 10000                 /* polling before sleeping in get */
+#define KEEP_SCRATCH ((size_t)8 << 20) /* get's buffer kept up to this */
+
+/* The header, in the arena's first page.  Lock rules: mu guards every
+ * field marked [mu]; a field marked [mu, atomic] is changed under mu and
+ * also read without it (qsize, empty, the spin before sleeping).  The
+ * futex words are bumped under mu and slept on without it. */
+struct qhdr {
+  uint64_t cap;               /* const: ring bytes, a power of two */
+  int64_t maxsize;            /* const: items; 0 = unbounded */
+  uint32_t joinable;          /* const */
+  uint32_t nslots;            /* const: Pool slots after the header */
+  pthread_mutex_t mu;
+  uint64_t head;              /* [mu] position of the oldest record */
+  uint64_t tail;              /* [mu] position after the newest record */
+  uint64_t released;          /* [mu] ring pages before it were given back */
+  _Atomic uint64_t count;     /* [mu, atomic] items */
+  _Atomic uint64_t unfinished;/* [mu, atomic] JoinableQueue: puts not done */
+  struct {                    /* [mu] undo record of the step in progress */
+    uint32_t active;
+    uint32_t slot;            /* slot + 1 written in this step, 0 none */
+    uint64_t head, tail, released, count, unfinished, slot_tag;
+  } journal;
+  _Atomic uint32_t put_seq;   /* futex: bumped by every put (getters wait) */
+  _Atomic uint32_t get_seq;   /* futex: bumped by every get (putters wait) */
+  _Atomic uint32_t done_seq;  /* futex: bumped when unfinished hits 0 */
+  _Atomic uint32_t getters;   /* sleepers on put_seq (approximate) */
+  _Atomic uint32_t putters;   /* sleepers on get_seq (approximate) */
+  _Atomic uint32_t joiners;   /* sleepers on done_seq (approximate) */
+  _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
+  uint32_t repairs;           /* [mu] times a dead holder was found (stats) */
+  uint64_t skips;             /* [mu] early wraps passed (stats) */
+  struct {                    /* [mu] processes in mp.wait on this queue */
+    int32_t pid;              /* 0 free */
+    int32_t fd;               /* write end of its wake-up pipe */
+  } watch[WATCH_SLOTS];
+  uint64_t slots[];           /* [mu] Pool: tag taken by worker i, +1; 0 none */
+};
+
+struct queue {
+  struct qhdr *h;
+  char *ring;
+};
+
+static struct queue qget(struct luamp_obj *o) {
+  struct queue q;
+  q.h = (struct qhdr *)o->p;
+  q.ring = o->arena->base + RING_OFF;
+  return q;
+}
+
+static uint64_t tag_q, tag_sq, tag_jq;   /* set when the module opens */
+
+/* Checked by tag (luamp_obj_tagged): no metatable look-up. */
+static struct luamp_obj *checkqueue(lua_State *L, int idx) {
+  struct luamp_obj *o = luamp_obj_tagged(L, idx, tag_q, tag_sq, tag_jq);
+  if (o == NULL) luaL_typeerror(L, idx, "Queue");
+  if (o->arena == NULL) luamp_raise(L, "ValueError", "Queue is closed");
+  return o;
+}
+
+/* ---- the journal ------------------------------------------------------------ */
+
+static void journal_begin(struct qhdr *h) {
+  h->journal.head = h->head;
+  h->journal.tail = h->tail;
+  h->journal.released = h->released;
+  h->journal.count = atomic_load(&h->count);
+  h->journal.unfinished = atomic_load(&h->unfinished);
+  h->journal.slot = 0;
+  atomic_thread_fence(memory_order_release);
+  h->journal.active = 1;
+}
+
+static void journal_end(struct qhdr *h) {
+  atomic_thread_fence(memory_order_release);
+  h->journal.active = 0;
+}
+
+/* EOWNERDEAD: the holder died inside a step; undo it. */
+static void queue_repair(void *arg) {
+  struct qhdr *h = arg;
+  h->repairs++;
+  if (!h->journal.active) return;   /* died after its step: all done */
+  h->head = h->journal.head;
+  h->tail = h->journal.tail;
+  h->released = h->journal.released;
+  atomic_store(&h->count, h->journal.count);
+  atomic_store(&h->unfinished, h->journal.unfinished);
+  if (h->journal.slot) h->slots[h->journal.slot - 1] = h->journal.slot_tag;
+  h->journal.active = 0;
+}
+
+static void qlock(lua_State *L, struct qhdr *h) {
+  int r = luamp_mutex_lock(&h->mu, queue_repair, h);
+  if (r != 0) luamp_raise_errno(L, "OSError", r, "queue mutex");
+}
+
+/* ---- the ring --------------------------------------------------------------- */
+
+static uint64_t rec_size(uint64_t len) {
+  return REC + ((len + 15) & ~(uint64_t)15);
+}
+
+static void ring_write(struct queue *q, uint64_t pos, const char *p,
+                       uint64_t n) {
+  uint64_t off = pos & (q->h->cap - 1), first = q->h->cap - off;
+  if (first >= n) {
+    memcpy(q->ring + off, p, n);
+  } else {
+    memcpy(q->ring + off, p, first);
+    memcpy(q->ring, p + first, n - first);
+  }
+}
+
+static void ring_read(struct queue *q, uint64_t pos, char *p, uint64_t n) {
+  uint64_t off = pos & (q->h->cap - 1), first = q->h->cap - off;
+  if (first >= n) {
+    memcpy(p, q->ring + off, n);
+  } else {
+    memcpy(p, q->ring + off, first);
+    memcpy(p + first, q->ring, n - first);
+  }
+}
+
+/* Gives back whole pages of ring offsets [x, y), sparing the first HOT. */
+static void punch_span(struct queue *q, uint64_t x, uint64_t y) {
+  if (x < HOT) x = HOT;
+  x = (x + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+  y &= ~(uint64_t)(PAGE - 1);
+  if (x < y) madvise(q->ring + x, y - x, MADV_REMOVE);
+}
+
+/* Gives back the pages of consumed positions [a, b).  Positions before
+ * tail - cap only: later ones share their ring offsets with the next lap,
+ * which a producer may have written already.  Partial pages at either
+ * end stay, unless all is consumed (the queue is empty: all_done). */
+static void punch(struct queue *q, uint64_t a, uint64_t b, int all_done) {
+  uint64_t cap = q->h->cap, pa, pb;
+  if (q->h->tail > cap && a < q->h->tail - cap) a = q->h->tail - cap;
+  if (all_done) b = (b + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+  if (b <= a) return;
+  if (b - a > cap) a = b - cap;
+  pa = a & (cap - 1);
+  pb = pa + (b - a);
+  if (pb <= cap) {
+    punch_span(q, pa, pb);
+  } else {
+    punch_span(q, pa, cap);
+    punch_span(q, 0, pb - cap);
+  }
+}
+
+/* After a get has committed (under mu, a journaled step of its own, so
+ * that an undone get never finds its pages given back): restart at the
+ * ring's start when empty, give back consumed pages now and then. */
+static void after_get(struct queue *q) {
+  struct qhdr *h = q->h;
+  if (h->head != h->tail && h->head - h->released < PUNCH) return;
+  journal_begin(h);
+  if (h->head == h->tail) {
+    uint64_t restart = (h->head + h->cap - 1) & ~(h->cap - 1);
+    punch(q, h->released, h->head, 1);
+    h->head = h->tail = h->released = restart;
+  } else {
+    uint64_t upto = h->head & ~(uint64_t)(PAGE - 1);
+    punch(q, h->released, upto, 0);
+    h->released = upto;
+  }
+  journal_end(h);
+}
+
+/* The consumer reached a skip record at head (under mu): the data goes on
+ * at the next lap's start.  One journaled step. */
+static void pass_skip(struct queue *q) {
+  struct qhdr *h = q->h;
+  journal_begin(h);
+  punch(q, h->released, h->head, 0);
+  h->head = h->released = (h->head + h->cap) & ~(h->cap - 1);
+  journal_end(h);
+  h->skips++;
+}
+
+/* Whether a put of need bytes should wrap early (under mu): the data lies
+ * in one piece past WRAP_AT, and the ring's start is free for it.  Keeps
+ * a small backlog in pages that are already there (no page faults) and
+ * out of the pages that are given back. */
+static int early_wrap(struct qhdr *h, uint64_t need) {
+  uint64_t mask = h->cap - 1, ot = h->tail & mask, oh = h->head & mask;
+  return h->tail != h->head && ot >= WRAP_AT && ot >= oh && need <= oh &&
+         (h->tail & ~mask) == (h->head & ~mask);
+}
+
+/* ---- watchers (mp.wait) ---------------------------------------------------------- */
+
+/* This process's wake-up pipe: made on first use, remade after a fork
+ * (a child must not share its parent's). */
+static int wake_pid, wake_rfd = -1, wake_wfd = -1;
+
+int luamp_wakeup_fd(lua_State *L) {
+  if (wake_pid != getpid()) {
+    int p[2];
+    if (wake_pid != 0) {       /* the parent's, inherited: not ours */
+      close(wake_rfd);
+      close(wake_wfd);
+    }
+    wake_pid = 0;
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
+      luamp_raise_errno(L, "OSError", errno, "pipe2");
+    wake_rfd = p[0];
+    wake_wfd = p[1];
+    wake_pid = getpid();
+  }
+  return wake_rfd;
+}
+
+void luamp_wakeup_drain(void) {
+  char buf[64];
+  if (wake_pid == getpid())
+    while (read(wake_rfd, buf, sizeof buf) > 0) {}
+}
+
+/* Pokes every process watching the queue, once: the registrations are
+ * used up (a watcher that still waits registers again before sleeping),
+ * so one that went away costs at most one poke.  After a put, mu not
+ * held. */
+static void poke_watchers(lua_State *L, struct queue *q) {
+  int32_t pids[WATCH_SLOTS], fds[WATCH_SLOTS];
+  int n = 0;
+  pid_t me = getpid();
+  qlock(L, q->h);
+  for (int i = 0; i < WATCH_SLOTS; i++) {
+    if (q->h->watch[i].pid) {
+      pids[n] = q->h->watch[i].pid;
+      fds[n++] = q->h->watch[i].fd;
+      q->h->watch[i].pid = 0;
+    }
+  }
+  atomic_store(&q->h->nwatch, 0);
+  luamp_mutex_unlock(&q->h->mu);
+  for (int i = 0; i < n; i++) {
+    char path[64];
+    int fd;
+    if (pids[i] == me) {
+      if (wake_pid == me) (void)!write(wake_wfd, "", 1);
+      continue;
+    }
+    /* the watcher's own pipe, reached through /proc: gone with it */
+    snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)pids[i], (int)fds[i]);
+    fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) continue;
+    (void)!write(fd, "", 1);   /* a full pipe is poked already */
+    close(fd);
+  }
+}
+
+int luamp_queue_test(lua_State *L, int idx) {
+  return luamp_obj_tagged(L, idx, tag_q, tag_sq, tag_jq) != NULL;
+}
+
+int luamp_queue_ready(lua_State *L, int idx) {
+  struct luamp_obj *o = checkqueue(L, idx);
+  return atomic_load(&((struct qhdr *)o->p)->count) > 0;
+}
+
+void luamp_queue_watch(lua_State *L, int idx, int on) {
+  struct luamp_obj *o = checkqueue(L, idx);
+  struct queue q = qget(o);
+  pid_t me = getpid();
+  int wfd;
+  luamp_wakeup_fd(L);
+  wfd = wake_wfd;
+  qlock(L, q.h);
+  for (int i = 0; i < WATCH_SLOTS; i++) {
+    if (q.h->watch[i].pid == me) {
+      if (!on) {
+        q.h->watch[i].pid = 0;
+        atomic_fetch_sub(&q.h->nwatch, 1);
+      }
+      on = 0;   /* registered already */
+    }
+  }
+  if (on) {
+    int i;
+    for (i = 0; i < WATCH_SLOTS && q.h->watch[i].pid; i++) {}
+    if (i == WATCH_SLOTS) {
+      luamp_mutex_unlock(&q.h->mu);
+      luamp_raise(L, "OSError", "too many processes waiting on one queue "
+                  "with mp.wait (%d)", WATCH_SLOTS);
+    }
+    q.h->watch[i].pid = me;
+    q.h->watch[i].fd = wfd;
+    atomic_fetch_add(&q.h->nwatch, 1);
+  }
+  luamp_mutex_unlock(&q.h->mu);
+}
+
+/* ---- put and get -------------------------------------------------------------------- */
+
+/* Polls *w for a short while (SPIN_NS) before the caller sleeps: a cheap
+ * way to skip two system calls when the other side is running. */
+static int spin_until_nonzero(_Atomic uint64_t *w) {
+  double until = 0;
+  for (int i = 1;; i++) {
+    if (atomic_load_explicit(w, memory_order_relaxed) != 0) return 1;
+    luamp_cpu_relax();
+    if ((i & 63) == 0) {
+      double now = luamp_now();
+      if (until == 0) until = now + SPIN_NS * 1e-9;
+      else if (now >= until) return 0;
+    }
+  }
+}
+
+/* Waits (mu not held) for *seq to move from snap; returns the wait result. */
+static int sleep_on(lua_State *L, _Atomic uint32_t *seq, uint32_t snap,
+                    _Atomic uint32_t *sleepers, double deadline) {
+  int r;
+  atomic_fetch_add(sleepers, 1);
+  r = luamp_wait_step(L, seq, snap, deadline, SLICE_MS);
+  atomic_fetch_sub(sleepers, 1);
+  return r;
+}
+
+static int queue_put(lua_State *L, struct luamp_obj *o, int vidx,
+                     uint64_t tag, int block, double deadline) {
+  struct queue q = qget(o);
+  struct qhdr *h = q.h;
+  size_t len;
+  const char *data = luamp_encode(L, vidx, 0, &len, NULL);
+  uint64_t need = rec_size(len), rec[2];
+  uint32_t gs, ps;
+  int wrap = 0;
+  if (need > h->cap)
+    luamp_raise(L, "ValueError", "item of %I bytes is larger than the "
+                "queue's capacity (%I bytes)", (lua_Integer)len,
+                (lua_Integer)(h->cap - REC));
+  qlock(L, h);
+  while ((h->maxsize > 0 && atomic_load(&h->count) >= (uint64_t)h->maxsize) ||
+         (!(wrap = early_wrap(h, need)) && h->tail + need - h->head > h->cap)) {
+    uint32_t snap = atomic_load(&h->get_seq);
+    int r;
+    luamp_mutex_unlock(&h->mu);
+    if (!block) luamp_raise(L, "Full", "queue is full");
+    r = sleep_on(L, &h->get_seq, snap, &h->putters, deadline);
+    if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
+    if (r == LUAMP_WAIT_TIMEOUT) luamp_raise(L, "Full", "queue is full");
+    qlock(L, h);
+  }
+  journal_begin(h);
+  if (wrap) {
+    rec[0] = SKIP;
+    rec[1] = 0;
+    ring_write(&q, h->tail, (const char *)rec, REC);
+    h->tail = (h->tail + h->cap) & ~(h->cap - 1);
+  }
+  rec[0] = len;
+  rec[1] = tag;
+  ring_write(&q, h->tail, (const char *)rec, REC);
+  ring_write(&q, h->tail + REC, data, len);
+  /* count and unfinished change under mu only: a store, not a locked
+   * read-modify-write (put_seq's below is the fence the sleepers need) */
+  atomic_store_explicit(&h->count, atomic_load_explicit(&h->count,
+                        memory_order_relaxed) + 1, memory_order_release);
+  if (h->joinable)
+    atomic_store_explicit(&h->unfinished, atomic_load_explicit(
+        &h->unfinished, memory_order_relaxed) + 1, memory_order_release);
+  h->tail += need;                    /* the item exists from here on */
+  journal_end(h);
+  atomic_fetch_add(&h->put_seq, 1);
+  gs = atomic_load(&h->getters);
+  /* a putter behind us may fit too (wake-ups are one at a time) */
+  ps = atomic_load(&h->putters) > 0 &&
+       (h->maxsize <= 0 || atomic_load(&h->count) < (uint64_t)h->maxsize);
+  luamp_mutex_unlock(&h->mu);
+  if (gs) luamp_futex_wake(&h->put_seq, 1);
+  if (ps) luamp_futex_wake(&h->get_seq, 1);
+  if (atomic_load(&h->nwatch) > 0) poke_watchers(L, &q);
+  return 0;
+}
+
+/* Makes room for n bytes in the object's scratch buffer (mu not held). */
+static char *scratch(lua_State *L, struct luamp_obj *o, uint64_t n) {
+  if (o->bufcap < n || o->buf == NULL) {
+    size_t want = n < 256 ? 256 : (size_t)n;
+    char *b = realloc(o->buf, want);
+    if (b == NULL)
+      luamp_raise_errno(L, "OSError", ENOMEM, "queue get buffer");
+    o->buf = b;
+    o->bufcap = want;
+  }
+  return o->buf;
+}
+
+static int queue_get(lua_State *L, struct luamp_obj *o, int block,
+                     double deadline, int slot) {
+  struct queue q = qget(o);
+  struct qhdr *h = q.h;
+  uint64_t rec[2], len;
+  uint32_t ps, gs;
+  if (slot >= 0 && (uint32_t)slot >= h->nslots)
+    luaL_argerror(L, 2, "slot out of range");
+  for (;;) {
+    if (atomic_load(&h->count) == 0) {
+      uint32_t snap;
+      int r;
+      if (!block) luamp_raise(L, "Empty", "queue is empty");
+      /* a producer on another core is usually a moment away */
+      if (spin_until_nonzero(&h->count)) continue;
+      snap = atomic_load(&h->put_seq);
+      if (atomic_load(&h->count) > 0) continue;
+      r = sleep_on(L, &h->put_seq, snap, &h->getters, deadline);
+      if (r == LUAMP_WAIT_INTERRUPTED || r == LUAMP_WAIT_TIMEOUT) {
+        /* pass on a wake-up we may have taken from another getter */
+        if (atomic_load(&h->count) > 0 && atomic_load(&h->getters) > 0)
+          luamp_futex_wake(&h->put_seq, 1);
+        if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
+        if (atomic_load(&h->count) == 0)
+          luamp_raise(L, "Empty", "queue is empty");
+      }
+      continue;
+    }
+    qlock(L, h);
+    if (atomic_load(&h->count) == 0) {   /* another getter was quicker */
+      luamp_mutex_unlock(&h->mu);
+      continue;
+    }
+    ring_read(&q, h->head, (char *)rec, REC);
+    len = rec[0];
+    if (len == SKIP) {
+      pass_skip(&q);
+      ring_read(&q, h->head, (char *)rec, REC);
+      len = rec[0];
+    }
+    if (len <= o->bufcap && o->buf) break;
+    luamp_mutex_unlock(&h->mu);
+    scratch(L, o, len);
+  }
+  journal_begin(h);
+  ring_read(&q, h->head + REC, o->buf, len);
+  if (slot >= 0) {
+    h->journal.slot = (uint32_t)slot + 1;
+    h->journal.slot_tag = h->slots[slot];
+    h->slots[slot] = rec[1] + 1;
+  }
+  h->head += rec_size(len);
+  atomic_store_explicit(&h->count, atomic_load_explicit(&h->count,
+                        memory_order_relaxed) - 1, memory_order_release);
+  journal_end(h);
+  after_get(&q);
+  atomic_fetch_add(&h->get_seq, 1);
+  ps = atomic_load(&h->putters);
+  gs = atomic_load(&h->getters) > 0 && atomic_load(&h->count) > 0;
+  luamp_mutex_unlock(&h->mu);
+  if (ps) luamp_futex_wake(&h->get_seq, 1);
+  if (gs) luamp_futex_wake(&h->put_seq, 1);
+  luamp_decode(L, o->buf, (size_t)len, 0);
+  if (o->bufcap > KEEP_SCRATCH) {   /* a rare big one: don't keep it */
+    free(o->buf);
+    o->buf = NULL;
+    o->bufcap = 0;
+  }
+  return 1;
+}
+
+int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
+                    int block, double deadline) {
+  return queue_put(L, checkqueue(L, qidx), vidx, tag, block, deadline);
+}
+
+int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
+                    int slot) {
+  return queue_get(L, checkqueue(L, qidx), block, deadline, slot);
+}
+
+/* ---- construction ------------------------------------------------------------------- */
+
+static int can_map(uint64_t n) {
+  void *p = mmap(NULL, n, PROT_NONE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return 0;
+  munmap(p, n);
+  return 1;
+}
+
+static int new_queue(lua_State *L, const char *tname, int joinable) {
+  static const char *const keys[] = {"maxsize", "capacity", "slots", NULL};
+  lua_Integer maxsize, capreq, nslots;
+  uint64_t cap = MIN_CAP;
+  struct luamp_arena *a;
+  struct qhdr *h;
+  size_t hsize;
+  int r;
+  luamp_opts_args(L, keys);
+  maxsize = luaL_optinteger(L, 1, 0);
+  capreq = luaL_optinteger(L, 2, 0);
+  nslots = luaL_optinteger(L, 3, 0);
+  luaL_argcheck(L, maxsize >= 0, 1, "maxsize must be >= 0 (0: unbounded)");
+  luaL_argcheck(L, capreq >= 0 && (uint64_t)capreq <= MAX_CAP, 2,
+                "capacity must be between 0 (default) and 2^40 bytes");
+  luaL_argcheck(L, nslots >= 0 && nslots <= MAX_SLOTS, 3,
+                "slots out of range");
+  hsize = LUAMP_ARENA_HDR + sizeof(struct qhdr) +
+          (size_t)nslots * sizeof(uint64_t);
+  luaL_argcheck(L, hsize <= RING_OFF, 3, "too many slots");
+  if (capreq == 0) {
+    cap = sizeof(void *) < 8 ? (uint64_t)256 << 20 : DEFAULT_CAP;
+  } else {
+    while (cap < (uint64_t)capreq) cap <<= 1;
+  }
+  if (capreq == 0) {
+    /* the ring is virtual address space: when that is short (ulimit -v),
+     * a smaller ring beats none */
+    while (cap > ((uint64_t)64 << 20) && !can_map(RING_OFF + cap)) cap >>= 1;
+  }
+  luamp_obj_alloc(L, tname, 0);
+  a = luamp_arena_new(L, "luamp-queue", RING_OFF + cap, LUAMP_KIND_QUEUE);
+  h = (struct qhdr *)(a->base + LUAMP_ARENA_HDR);
+  h->cap = cap;
+  h->maxsize = maxsize;
+  h->joinable = joinable != 0;
+  h->nslots = (uint32_t)nslots;
+  luamp_obj_bind(L, -1, a, LUAMP_ARENA_HDR);
+  if ((r = luamp_mutex_init(&h->mu)) != 0)
+    luamp_raise_errno(L, "OSError", r, "pthread_mutex_init");
+  return 1;
+}
+
+static int l_Queue(lua_State *L) {
+  return new_queue(L, QUEUE_TNAME, 0);
+}
+
+static int l_JoinableQueue(lua_State *L) {
+  return new_queue(L, JOINABLEQUEUE_TNAME, 1);
+}
+
+static int l_SimpleQueue(lua_State *L) {
+  lua_settop(L, 0);
+  return new_queue(L, SIMPLEQUEUE_TNAME, 0);
+}
+
+/* ---- methods ------------------------------------------------------------------------- */
+
+/* block, timeout at i, i+1: the deadline, or -2 for non-blocking */
+static double block_timeout(lua_State *L, int i) {
+  if (!lua_isnoneornil(L, i)) {
+    luaL_checktype(L, i, LUA_TBOOLEAN);
+    if (!lua_toboolean(L, i)) return -2.0;
+  }
+  return luamp_deadline_arg(L, i + 1);
+}
+
+/* q:put(v [, block [, timeout]]) */
+static int q_put(lua_State *L) {
+  struct luamp_obj *o;
+  double d;
+  lua_settop(L, 4);
+  o = checkqueue(L, 1);
+  d = block_timeout(L, 3);
+  queue_put(L, o, 2, 0, d != -2.0, d == -2.0 ? 0 : d);
+  return 0;
+}
+
+static int q_put_nowait(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1);
+  lua_settop(L, 2);
+  queue_put(L, o, 2, 0, 0, 0);
+  return 0;
+}
+
+/* q:get([block [, timeout]]) -> v */
+static int q_get(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1);
+  double d = block_timeout(L, 2);
+  return queue_get(L, o, d != -2.0, d == -2.0 ? 0 : d, -1);
+}
+
+static int q_get_nowait(lua_State *L) {
+  return queue_get(L, checkqueue(L, 1), 0, 0, -1);
+}
+
+/* SimpleQueue:get() waits forever (Ctrl-C still interrupts) */
+static int sq_get(lua_State *L) {
+  return queue_get(L, checkqueue(L, 1), 1, -1.0, -1);
+}
+
+static int sq_put(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1);
+  lua_settop(L, 2);
+  queue_put(L, o, 2, 0, 1, -1.0);
+  return 0;
+}
+
+/* Pool support: q:_put_tagged(v, tag [, block [, timeout]]) and
+ * q:_get_slot(slot [, block [, timeout]]) -> v, which records the tag in
+ * slot (0-based) in the same step; q:_taken(slot) -> tag or nil;
+ * q:_clear(slot). */
+static int q_put_tagged(lua_State *L) {
+  lua_Integer tag = luaL_checkinteger(L, 3);
+  double d;
+  lua_settop(L, 5);
+  checkqueue(L, 1);
+  luaL_argcheck(L, tag >= 0, 3, "tag must be >= 0");
+  d = block_timeout(L, 4);
+  luamp_queue_put(L, 1, 2, (uint64_t)tag, d != -2.0, d == -2.0 ? 0 : d);
+  return 0;
+}
+
+static int q_get_slot(lua_State *L) {
+  lua_Integer slot = luaL_checkinteger(L, 2);
+  double d;
+  checkqueue(L, 1);
+  luaL_argcheck(L, slot >= 0 && slot < MAX_SLOTS, 2, "slot out of range");
+  d = block_timeout(L, 3);
+  return luamp_queue_get(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot);
+}
+
+static int q_taken(lua_State *L) {
+  struct queue q = qget(checkqueue(L, 1));
+  lua_Integer slot = luaL_checkinteger(L, 2);
+  uint64_t v;
+  luaL_argcheck(L, slot >= 0 && (uint64_t)slot < q.h->nslots, 2,
+                "slot out of range");
+  qlock(L, q.h);
+  v = q.h->slots[slot];
+  luamp_mutex_unlock(&q.h->mu);
+  if (v == 0) return 0;
+  lua_pushinteger(L, (lua_Integer)(v - 1));
+  return 1;
+}
+
+static int q_clear(lua_State *L) {
+  struct queue q = qget(checkqueue(L, 1));
+  lua_Integer slot = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, slot >= 0 && (uint64_t)slot < q.h->nslots, 2,
+                "slot out of range");
+  qlock(L, q.h);
+  q.h->slots[slot] = 0;
+  luamp_mutex_unlock(&q.h->mu);
+  return 0;
+}
+
+/* mp.wait's protocol: q:_wait_fd() -> fd, ready, true.  fd is this
+ * process's wake-up pipe, a hint shared by every queue it waits on;
+ * ready(q) drains it, registers for the next put, and says whether a
+ * get would not block (registration first: a put after the check pokes). */
+static int q_wait_ready(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1);
+  luamp_wakeup_drain();
+  luamp_queue_watch(L, 1, 1);
+  if (atomic_load(&((struct qhdr *)o->p)->count) > 0) {
+    luamp_queue_watch(L, 1, 0);
+    lua_pushboolean(L, 1);
+  } else {
+    lua_pushboolean(L, 0);
+  }
+  return 1;
+}
+
+static int q_wait_fd(lua_State *L) {
+  checkqueue(L, 1);
+  lua_pushinteger(L, luamp_wakeup_fd(L));
+  lua_pushcfunction(L, q_wait_ready);
+  lua_pushboolean(L, 1);
+  return 3;
+}
+
+static int q_qsize(lua_State *L) {
+  struct queue q = qget(checkqueue(L, 1));
+  lua_pushinteger(L, (lua_Integer)atomic_load(&q.h->count));
+  return 1;
+}
+
+static int q_empty(lua_State *L) {
+  struct queue q = qget(checkqueue(L, 1));
+  lua_pushboolean(L, atomic_load(&q.h->count) == 0);
+  return 1;
+}
+
+static int q_full(lua_State *L) {
+  struct queue q = qget(checkqueue(L, 1));
+  lua_pushboolean(L, q.h->maxsize > 0 &&
+                     atomic_load(&q.h->count) >= (uint64_t)q.h->maxsize);
+  return 1;
+}
+
+static int q_close(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TUSERDATA);
+  luamp_obj_close(L, 1);
+  return 0;
+}
+
+/* Python's join_thread() waits for the feeder thread after close(); there
+ * is no feeder here, every put is complete when it returns. */
+static int q_join_thread(lua_State *L) {
+  struct luamp_obj *o = lua_touserdata(L, 1);
+  luaL_checktype(L, 1, LUA_TUSERDATA);
+  if (o->arena != NULL)
+    luamp_raise(L, "ValueError", "Queue is not closed (join_thread comes "
+                "after close)");
+  return 0;
+}
+
+static int q_cancel_join_thread(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TUSERDATA);
+  return 0;
+}
+
+static int jq_task_done(lua_State *L) {
+  struct queue q = qget(checkqueue(L, 1));
+  struct qhdr *h = q.h;
+  int zero;
+  qlock(L, h);
+  if (atomic_load(&h->unfinished) == 0) {
+    luamp_mutex_unlock(&h->mu);
+    luamp_raise(L, "ValueError", "task_done() called too many times");
+  }
+  journal_begin(h);
+  zero = atomic_fetch_sub(&h->unfinished, 1) == 1;
+  journal_end(h);
+  if (zero) atomic_fetch_add(&h->done_seq, 1);
+  luamp_mutex_unlock(&h->mu);
+  if (zero && atomic_load(&h->joiners) > 0)
+    luamp_futex_wake(&h->done_seq, 0x7fffffff);
+  return 0;
+}
+
+/* q:join([timeout]) -> true, or false when the timeout passed (beyond
+ * Python, whose join() has no timeout) */
+static int jq_join(lua_State *L) {
+  struct queue q = qget(checkqueue(L, 1));
+  struct qhdr *h = q.h;
+  double deadline = luamp_deadline_arg(L, 2);
+  for (;;) {
+    uint32_t snap = atomic_load(&h->done_seq);
+    int r;
+    if (atomic_load(&h->unfinished) == 0) break;
+    r = sleep_on(L, &h->done_seq, snap, &h->joiners, deadline);
+    if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
+    if (r == LUAMP_WAIT_TIMEOUT) {
+      lua_pushboolean(L, atomic_load(&h->unfinished) == 0);
+      return 1;
+    }
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* q:_stats() -> {capacity =, bytes =, resident =, repairs =}: bytes
+ * queued, and bytes of memory the queue holds (specs, diagnostics) */
+static int q_stats(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1);
+  struct queue q = qget(o);
+  struct stat st;
+  qlock(L, q.h);
+  lua_createtable(L, 0, 4);
+  if (fstat(o->arena->fd, &st) == 0) {
+    lua_pushinteger(L, (lua_Integer)st.st_blocks * 512);
+    lua_setfield(L, -2, "resident");
+  }
+  lua_pushinteger(L, (lua_Integer)q.h->cap);
+  lua_setfield(L, -2, "capacity");
+  lua_pushinteger(L, (lua_Integer)(q.h->tail - q.h->head));
+  lua_setfield(L, -2, "bytes");
+  lua_pushinteger(L, (lua_Integer)q.h->repairs);
+  lua_setfield(L, -2, "repairs");
+  lua_pushinteger(L, (lua_Integer)atomic_load(&q.h->nwatch));
+  lua_setfield(L, -2, "watchers");
+  lua_pushinteger(L, (lua_Integer)q.h->skips);
+  lua_setfield(L, -2, "skips");
+  luamp_mutex_unlock(&q.h->mu);
+  return 1;
+}
+
+static int q_tostring(lua_State *L) {
+  struct luamp_obj *o = lua_touserdata(L, 1);
+  const char *name = luaL_testudata(L, 1, SIMPLEQUEUE_TNAME) ? "SimpleQueue"
+                     : luaL_testudata(L, 1, JOINABLEQUEUE_TNAME)
+                         ? "JoinableQueue" : "Queue";
+  if (o->arena == NULL) {
+    lua_pushfstring(L, "<%s (closed)>", name);
+  } else {
+    struct qhdr *h = (struct qhdr *)o->p;
+    lua_pushfstring(L, "<%s (%I items)>", name,
+                    (lua_Integer)atomic_load(&h->count));
+  }
+  return 1;
+}
+
+/* ---- handles ------------------------------------------------------------------------- */
+
+static void q_encode(lua_State *L, int idx) {
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  luamp_obj_describe(L, idx, &b);
+  luaL_pushresult(&b);
+}
+
+static void q_decode(lua_State *L, const char *p, size_t n) {
+  luamp_obj_decode(L, &p, &n, QUEUE_TNAME, LUAMP_KINDS(LUAMP_KIND_QUEUE), 0);
+}
+
+static void sq_decode(lua_State *L, const char *p, size_t n) {
+  luamp_obj_decode(L, &p, &n, SIMPLEQUEUE_TNAME,
+                   LUAMP_KINDS(LUAMP_KIND_QUEUE), 0);
+}
+
+static void jq_decode(lua_State *L, const char *p, size_t n) {
+  luamp_obj_decode(L, &p, &n, JOINABLEQUEUE_TNAME,
+                   LUAMP_KINDS(LUAMP_KIND_QUEUE), 0);
+}
+
+static const struct luamp_handle_ops handle_ops[] = {
+  {QUEUE_TNAME, q_encode, q_decode},
+  {SIMPLEQUEUE_TNAME, q_encode, sq_decode},
+  {JOINABLEQUEUE_TNAME, q_encode, jq_decode},
+};
+
+int luamp_open_queue(lua_State *L) {
+  static const luaL_Reg funcs[] = {
+    {"Queue", l_Queue}, {"JoinableQueue", l_JoinableQueue},
+    {"SimpleQueue", l_SimpleQueue}, {NULL, NULL}
+  };
+  static const luaL_Reg queue_meth[] = {
+    {"put", q_put}, {"get", q_get}, {"put_nowait", q_put_nowait},
+    {"get_nowait", q_get_nowait}, {"qsize", q_qsize}, {"empty", q_empty},
+    {"full", q_full}, {"close", q_close}, {"join_thread", q_join_thread},
+    {"cancel_join_thread", q_cancel_join_thread},
+    {"_put_tagged", q_put_tagged}, {"_get_slot", q_get_slot},
+    {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
+    {"_wait_fd", q_wait_fd},
+    {"task_done", jq_task_done}, {"join", jq_join},   /* Joinable only */
+    {NULL, NULL}
+  };
+  static const luaL_Reg simple_meth[] = {
+    {"put", sq_put}, {"get", sq_get}, {"empty", q_empty},
+    {"close", q_close}, {"_wait_fd", q_wait_fd}, {NULL, NULL}
+  };
+  static const char *const tnames[3] = {QUEUE_TNAME, JOINABLEQUEUE_TNAME,
+                                        SIMPLEQUEUE_TNAME};
+  static const char *const labels[3] = {"Queue", "JoinableQueue",
+                                        "SimpleQueue"};
+  tag_q = luamp_obj_tag(QUEUE_TNAME);
+  tag_sq = luamp_obj_tag(SIMPLEQUEUE_TNAME);
+  tag_jq = luamp_obj_tag(JOINABLEQUEUE_TNAME);
+  luaL_setfuncs(L, funcs, 0);
+  lua_getfield(L, -1, "methods");
+  for (int i = 0; i < 3; i++) {
+    luaL_newmetatable(L, tnames[i]);
+    lua_newtable(L);
+    luaL_setfuncs(L, i == 2 ? simple_meth : queue_meth, 0);
+    if (i == 0) {     /* a plain Queue has no task_done/join */
+      lua_pushnil(L);
+      lua_setfield(L, -2, "task_done");
+      lua_pushnil(L);
+      lua_setfield(L, -2, "join");
+    }
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -4, labels[i]);   /* core.methods[label] */
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, luamp_obj_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, q_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, q_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  for (int i = 0; i < 3; i++) luamp_register_handle(L, &handle_ops[i]);
+  return 0;
+}

@@ -1,0 +1,130 @@
+/*
+ * store.c -- an append-only byte store shared with forked children.
+ *
+ * The Pool ships each distinct function once per worker: the owner
+ * appends the encoded function to the store once and sends only its
+ * (offset, length) with every task; a worker reads it on first use and
+ * keeps the decoded function.  The store is a memfd: children forked after
+ * it was made share the file through their inherited descriptor and read
+ * with pread, so it grows without anyone remapping anything, and it
+ * disappears with the last process that holds it.
+ *
+ * Only the owner (the process that made the store) appends; everyone may
+ * read.  Bytes are written before their offset is handed out, so a reader
+ * never sees a partial record.
+ */
+#include <errno.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "internal.h"
+
+#define STORE_TNAME "multiprocessing.Store"
+
+struct store {
+  int fd;          /* -1 once closed */
+  pid_t owner;     /* the process that appends */
+  int64_t size;    /* bytes appended (meaningful in the owner) */
+};
+
+static struct store *checkstore(lua_State *L) {
+  struct store *s = luaL_checkudata(L, 1, STORE_TNAME);
+  if (s->fd < 0) luamp_raise(L, "ValueError", "store is closed");
+  return s;
+}
+
+/* core.Store() -> a new, empty store owned by this process */
+static int l_store(lua_State *L) {
+  struct store *s = lua_newuserdatauv(L, sizeof *s, 0);
+  s->fd = -1;       /* closed until the resource exists (liolib's order) */
+  s->owner = luamp_pid();
+  s->size = 0;
+  luaL_setmetatable(L, STORE_TNAME);
+  s->fd = memfd_create("luamp-store", MFD_CLOEXEC);
+  if (s->fd < 0) luamp_raise_errno(L, "OSError", errno, "memfd_create");
+  return 1;
+}
+
+/* store:put(s) -> offset (the owner only) */
+static int store_put(lua_State *L) {
+  struct store *s = checkstore(L);
+  size_t n, done = 0;
+  const char *data = luaL_checklstring(L, 2, &n);
+  if (s->owner != luamp_pid())
+    luamp_raise(L, "ValueError", "only the process that made a store appends");
+  while (done < n) {
+    ssize_t w = pwrite(s->fd, data + done, n - done, s->size + (off_t)done);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      luamp_raise_errno(L, "OSError", errno, "store write");
+    }
+    done += (size_t)w;
+  }
+  lua_pushinteger(L, s->size);
+  s->size += (int64_t)n;
+  return 1;
+}
+
+/* store:get(offset, length) -> string */
+static int store_get(lua_State *L) {
+  struct store *s = checkstore(L);
+  lua_Integer off = luaL_checkinteger(L, 2), len = luaL_checkinteger(L, 3);
+  luaL_Buffer b;
+  char *p;
+  size_t done = 0;
+  luaL_argcheck(L, off >= 0, 2, "offset must be >= 0");
+  luaL_argcheck(L, len >= 0 && len <= ((lua_Integer)1 << 40), 3,
+                "length out of range");
+  p = luaL_buffinitsize(L, &b, (size_t)len);
+  while (done < (size_t)len) {
+    ssize_t r = pread(s->fd, p + done, (size_t)len - done, (off_t)off + (off_t)done);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      luamp_raise_errno(L, "OSError", errno, "store read");
+    }
+    if (r == 0) luamp_raise(L, "ValueError", "store read beyond its end");
+    done += (size_t)r;
+  }
+  luaL_pushresultsize(&b, (size_t)len);
+  return 1;
+}
+
+/* store:close(); also __gc and __close.  Every process closes its own
+ * descriptor; the file goes when the last one is closed. */
+static int store_close(lua_State *L) {
+  struct store *s = luaL_checkudata(L, 1, STORE_TNAME);
+  if (s->fd >= 0) {
+    int fd = s->fd;
+    s->fd = -1;     /* closed before the resource goes */
+    close(fd);
+  }
+  return 0;
+}
+
+static int store_tostring(lua_State *L) {
+  struct store *s = luaL_checkudata(L, 1, STORE_TNAME);
+  if (s->fd < 0) lua_pushliteral(L, "Store (closed)");
+  else lua_pushfstring(L, "Store (%d bytes)", (int)s->size);
+  return 1;
+}
+
+int luamp_open_store(lua_State *L) {
+  static const luaL_Reg meth[] = {
+    {"put", store_put}, {"get", store_get}, {"close", store_close},
+    {NULL, NULL}
+  };
+  static const luaL_Reg metameth[] = {
+    {"__gc", store_close}, {"__close", store_close},
+    {"__tostring", store_tostring}, {"__index", NULL}, {NULL, NULL}
+  };
+  if (luaL_newmetatable(L, STORE_TNAME)) {
+    luaL_setfuncs(L, metameth, 0);
+    luaL_newlib(L, meth);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, l_store);
+  lua_setfield(L, -2, "Store");
+  return 0;
+}

@@ -1,0 +1,199 @@
+/* C tests of queue.c's interface for mp.wait (readiness, watching, the
+ * wake-up pipe) and of arena.c's robust-mutex repair, with real forks and
+ * real deaths. */
+#include <errno.h>
+#include <poll.h>
+#include <sys/mman.h>
+
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "internal.h"
+#include "tap.h"
+
+static lua_State *new_state(void) {
+  lua_State *L = luaL_newstate();
+  CHECK(L != NULL);
+  luaL_openlibs(L);
+  luamp_preload(L);
+  return L;
+}
+
+static int run(lua_State *L, const char *code) {
+  if (luaL_dostring(L, code) != LUA_OK) {
+    printf("# lua error: %s\n", lua_tostring(L, -1));
+    return 0;
+  }
+  return 1;
+}
+
+static int readable(int fd, int ms) {
+  struct pollfd p = {fd, POLLIN, 0};
+  return poll(&p, 1, ms) == 1 && (p.revents & POLLIN);
+}
+
+/* forks a child that runs code and exits; returns after it ended */
+static void child_runs(lua_State *L, const char *code) {
+  pid_t pid;
+  int status;
+  fflush(stdout);
+  pid = fork();
+  CHECK(pid >= 0);
+  if (pid == 0) _exit(run(L, code) ? 0 : 1);
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+static void test_ready_and_wakeup(void) {
+  lua_State *L = new_state();
+  int fd;
+  CHECK(run(L, "mp = require 'multiprocessing'; q = mp.Queue()"));
+  lua_getglobal(L, "q");
+  CHECK(luamp_queue_test(L, -1));
+  CHECK(!luamp_queue_ready(L, -1));
+  luamp_queue_watch(L, -1, 1);
+  luamp_queue_watch(L, -1, 1);             /* twice is once */
+  fd = luamp_wakeup_fd(L);
+  CHECK(fd >= 0);
+  CHECK(!readable(fd, 0));
+  /* a put in another process pokes us through /proc/<pid>/fd */
+  child_runs(L, "q:put(1)");
+  CHECK(readable(fd, 2000));
+  CHECK(luamp_queue_ready(L, -1));
+  luamp_wakeup_drain();
+  CHECK(!readable(fd, 0));
+  /* a registration is used up by the poke: one put, one poke */
+  child_runs(L, "q:put(1.5)");
+  CHECK(!readable(fd, 200));
+  /* registered again, a put of our own */
+  luamp_queue_watch(L, -1, 1);
+  CHECK(run(L, "q:put(2)"));
+  CHECK(readable(fd, 0));
+  luamp_wakeup_drain();
+  /* not watched any more: no poke */
+  luamp_queue_watch(L, -1, 0);
+  child_runs(L, "q:put(3)");
+  CHECK(!readable(fd, 200));
+  CHECK(run(L, "assert(q:qsize() == 4) assert(q:_stats().watchers == 0)"));
+  lua_pushinteger(L, 1);
+  CHECK(!luamp_queue_test(L, -1));
+  lua_close(L);
+}
+
+static void test_dead_watcher_costs_one_poke(void) {
+  lua_State *L = new_state();
+  CHECK(run(L, "mp = require 'multiprocessing'; q = mp.Queue()"));
+  /* the child watches, then exits without unwatching */
+  fflush(stdout);
+  {
+    pid_t pid = fork();
+    int status;
+    if (pid == 0) {
+      lua_getglobal(L, "q");
+      luamp_queue_watch(L, -1, 1);
+      _exit(0);
+    }
+    CHECK(waitpid(pid, &status, 0) == pid);
+  }
+  CHECK(run(L, "assert(q:_stats().watchers == 1)"));
+  CHECK(run(L, "q:put(1)"));               /* finds it gone */
+  CHECK(run(L, "assert(q:_stats().watchers == 0)"));
+  lua_close(L);
+}
+
+/* A holder dies inside a critical section: the next locker repairs. */
+struct shared {
+  pthread_mutex_t mu;
+  int value, saved, repairs;
+};
+
+static void repair(void *arg) {
+  struct shared *s = arg;
+  s->value = s->saved;           /* undo the half-done step */
+  s->repairs++;
+}
+
+static void test_robust_mutex_repair(void) {
+  struct shared *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  pid_t pid;
+  int status;
+  CHECK(s != MAP_FAILED);
+  CHECK(luamp_mutex_init(&s->mu) == 0);
+  s->value = 1;
+  fflush(stdout);
+  pid = fork();
+  if (pid == 0) {
+    luamp_mutex_lock(&s->mu, repair, s);
+    s->saved = s->value;
+    s->value = 99;               /* ...and dies before finishing */
+    kill(getpid(), SIGKILL);
+  }
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFSIGNALED(status));
+  CHECK(luamp_mutex_lock(&s->mu, repair, s) == 0);
+  CHECK(s->repairs == 1);
+  CHECK(s->value == 1);
+  luamp_mutex_unlock(&s->mu);
+  CHECK(luamp_mutex_lock(&s->mu, repair, s) == 0);   /* consistent again */
+  CHECK(s->repairs == 1);
+  luamp_mutex_unlock(&s->mu);
+}
+
+static void test_identity_and_liveness(void) {
+  uint64_t me = luamp_self_id();
+  pid_t pid;
+  int status;
+  CHECK((pid_t)(me & 0xffffffffu) == getpid());
+  CHECK(luamp_id_alive(me));
+  CHECK(!luamp_id_alive(0));
+  /* a recycled tid is not the old holder: same tid, other start time */
+  CHECK(!luamp_id_alive((me & 0xffffffffu) | ((me >> 32) + 1) << 32));
+  fflush(stdout);
+  pid = fork();
+  if (pid == 0) {
+    uint64_t child = luamp_self_id();
+    _exit(child != me && (pid_t)(child & 0xffffffffu) == getpid() ? 0 : 1);
+  }
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  /* a zombie holds nothing: a child killed and not reaped yet */
+  pid = fork();
+  if (pid == 0) {
+    pause();
+    _exit(0);
+  }
+  {
+    /* its identity as it would have recorded it */
+    char path[64], buf[512];
+    FILE *f;
+    unsigned long long start = 0;
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    for (int i = 0; i < 100 && start == 0; i++) {
+      f = fopen(path, "r");
+      if (f && fgets(buf, sizeof buf, f)) {
+        char *p = strrchr(buf, ')') + 2;
+        for (int field = 3; field < 22; p++) if (*p == ' ') field++;
+        start = strtoull(p, NULL, 10);
+      }
+      if (f) fclose(f);
+    }
+    uint64_t id = (uint64_t)(uint32_t)pid | ((start & 0xffffffffu) << 32);
+    CHECK(luamp_id_alive(id));
+    kill(pid, SIGKILL);
+    for (int i = 0; i < 200 && luamp_id_alive(id); i++) usleep(5000);
+    CHECK(!luamp_id_alive(id));
+    CHECK(waitpid(pid, &status, 0) == pid);
+  }
+}
+
+static const struct tap_test tests[] = {
+  {"readiness and the wake-up pipe", test_ready_and_wakeup},
+  {"a dead watcher costs one poke", test_dead_watcher_costs_one_poke},
+  {"robust mutex repair after a holder's death", test_robust_mutex_repair},
+  {"thread identity and liveness (zombies, recycled tids)",
+   test_identity_and_liveness},
+  {NULL, NULL}
+};
+
+int main(void) { return tap_run(tests); }
