@@ -725,6 +725,24 @@ describe("Manager faults", function()
     assert.equal(0, #mp.active_children())
   end)
 
+  it("only its owner shuts a manager down (explicitly or when collected)", function()
+    local m = mp.Manager()
+    local d = m:dict{x = 1}
+    spawn(function()
+      m:shutdown()                 -- a child's copy: only its connection goes
+      return d.x
+    end)()
+    assert.equal(1, d.x)
+    local pid = m.pid
+    m, d = nil, nil
+    collectgarbage()
+    collectgarbage()
+    assert.is_true(H.eventually(function()
+      return not core.kill(pid, 0)
+    end, 5))
+    assert.equal(0, H.zombies())
+  end)
+
   it("the manager holds no copy of its creator's pipes", function()
     local a, b = mp.Pipe(false)
     local m <close> = mp.Manager()
@@ -840,6 +858,7 @@ describe("remote managers", function()
     local jobs = mp.managers.JoinableQueue()
     QM:register("get_jobs", function() return jobs end)
     QM:register("get_list", function() return mp.managers.list{"shared"} end)
+    QM:register("broken", function() error("kaput") end)
     local m <close> = QM{address = {"127.0.0.1", 0}, authkey = "k"}
     m:start()
     assert.is_true(m.address[2] > 0)
@@ -860,6 +879,10 @@ describe("remote managers", function()
     assert.equal(0, code, err)
     assert.equal("job\nshared\n", out)
     q:join()
+    local e = err_of(m.broken, m)
+    assert.equal("RemoteError", e.kind)
+    assert.matches("kaput", e.message)
+    assert.matches("stack traceback", e.traceback)
     -- a manager without authentication refuses functions
     local open <close> = mp.managers.SyncManager{authkey = false}:start()
     local d = open:dict()

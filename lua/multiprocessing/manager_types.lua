@@ -1199,14 +1199,17 @@ types.auto = Auto
 function T.exposed(obj)
   local names, seen = {}, {}
   local function scan(t, depth)
-    if type(t) ~= "table" or depth > 8 then return end
-    for k, v in next, t do
-      if type(k) == "string" and type(v) == "function" and not seen[k] and
-         k:sub(1, 1) ~= "_" then
-        seen[k] = true
-        names[#names + 1] = k
+    if depth > 8 then return end
+    if type(t) == "table" then
+      for k, v in next, t do
+        if type(k) == "string" and type(v) == "function" and not seen[k] and
+           k:sub(1, 1) ~= "_" then
+          seen[k] = true
+          names[#names + 1] = k
+        end
       end
     end
+    -- (a userdata's methods are in its metatable's __index)
     local mt = getmetatable(t)
     if type(mt) == "table" then scan(rawget(mt, "__index"), depth + 1) end
   end
