@@ -49,7 +49,7 @@ local connection = require "multiprocessing.connection"
 local PARKED = T.PARKED
 local now, getpid = core.now, core.getpid
 local is_error, new_error = core.is_error, core.new_error
-local encode, decode = core.encode, core.decode
+local encode = core.encode
 local unpack = table.unpack
 local REC_MT = managers._REC_MT
 
@@ -57,7 +57,6 @@ local S = {}
 
 -- Messages served from one client before the others get a turn.
 local BATCH = 256
-local UNTRUSTED = {untrusted = true}
 
 -- ---- the kernel the referents use ----------------------------------------
 
@@ -462,14 +461,23 @@ function Server:run(C, msg)
   return 1, r.value
 end
 
-function Server:handle(C, s)
-  local ok, msg = pcall(decode, s, (not C.trusted) and UNTRUSTED or nil)
-  if not ok or type(msg) ~= "table" then
-    local m = ok and "malformed request" or
-              (is_error(msg) and msg.message or tostring(msg))
-    return reply(C, -1, 2, "cannot decode the request: " .. m)
+-- The next request of C: the message; nil when it could not be decoded
+-- (answered; the stream is still in step: the frame was read whole);
+-- false when the connection ended (C is dropped).  The connection
+-- decodes code (functions) only from an authenticated peer.
+function Server:receive(C)
+  local ok, msg = pcall(C.conn.recv, C.conn)
+  if ok then return msg end
+  if is_error(msg, "DecodeError") then
+    reply(C, -1, 2, "cannot decode the request: " .. tostring(msg.message))
+    return nil
   end
-  local seq = msg[1]
+  self:drop(C, msg)
+  return false
+end
+
+function Server:handle(C, msg)
+  local seq = type(msg) == "table" and msg[1]
   if math.type(seq) ~= "integer" then
     return reply(C, -1, 2, "malformed request")
   end
@@ -545,12 +553,9 @@ function Server:serve(C)
   -- (another client's request may have drained it since the poll)
   if self.drains ~= self.polled_at and not conn:poll() then return false end
   for _ = 1, BATCH do
-    local ok, s = pcall(conn.recv_bytes, conn)
-    if not ok then
-      self:drop(C, s)
-      return false
-    end
-    self:handle(C, s)
+    local msg = self:receive(C)
+    if msg == false then return false end
+    if msg ~= nil then self:handle(C, msg) end
     if C.closed or not self.buffered(conn) then return false end
   end
   return true
@@ -563,8 +568,8 @@ end
 -- on a Unix socket, a write that returned is already in our receive
 -- buffer, so draining what is readable now makes those writes visible to
 -- the request (causal order across connections).  A client that keeps
--- writing is drained up to DRAIN_BYTES per request.
-local DRAIN_BYTES = 8 << 20
+-- writing is drained up to DRAIN_MSGS messages per request.
+local DRAIN_MSGS = 100000
 
 function Server:drain(cur)
   self.draining = true
@@ -587,24 +592,16 @@ function Server:drain(cur)
       if C ~= cur and not C.closed then
         local conn, got = C.conn, 0
         repeat
-          local rok, s = pcall(conn.recv_bytes, conn)
-          if not rok then
-            self:drain_drop(C, s)
-            break
-          end
-          got = got + #s
-          self:handle(C, s)
-        until C.closed or got > DRAIN_BYTES or not conn:poll()
+          local msg = self:receive(C)
+          if msg == false then break end
+          if msg ~= nil then self:handle(C, msg) end
+          got = got + 1
+        until C.closed or got > DRAIN_MSGS or not conn:poll()
         if not C.closed and not self.buffered(conn) then self.more[C] = nil end
       end
     end
   end
   self.draining = false
-end
-
-function Server:drain_drop(C, why)
-  self.more[C] = nil
-  self:drop(C, why)
 end
 
 local function run_timers()
