@@ -57,6 +57,8 @@ local S = {}
 
 -- Messages served from one client before the others get a turn.
 local BATCH = 256
+-- Arguments a request may carry.
+local MAX_ARGS = 1000
 
 -- ---- the kernel the referents use ----------------------------------------
 
@@ -412,6 +414,9 @@ end
 function Server:run(C, msg)
   local seq, id, meth = msg[1], msg[2], msg[3]
   local n = msg.n or #msg
+  if math.type(n) ~= "integer" or n < 3 or n > MAX_ARGS + 3 then
+    return 2, "malformed request (argument count)"
+  end
   C.cur_seq = seq
   if id == 0 then
     local op = ops[meth]
@@ -476,7 +481,18 @@ function Server:receive(C)
   return false
 end
 
+-- Handles one request; a failure of the server's own code is answered
+-- (and reported on stderr) instead of stopping the loop.
 function Server:handle(C, msg)
+  local ok, err = xpcall(self.handle1, debug.traceback, self, C, msg)
+  if not ok then
+    io.stderr:write("manager: internal error: ", tostring(err), "\n")
+    io.stderr:flush()
+    reply(C, -1, 2, "internal error in the manager: " .. tostring(err))
+  end
+end
+
+function Server:handle1(C, msg)
   local seq = type(msg) == "table" and msg[1]
   if math.type(seq) ~= "integer" then
     return reply(C, -1, 2, "malformed request")
@@ -638,6 +654,12 @@ function Server:serve_forever()
       elseif heap[1] then
         timeout = math.max(heap[1].t - now(), 0)
       end
+      if self.owner_pid then
+        -- a started server ends with its owner, even one killed by
+        -- SIGKILL (its finalizer never ran): checked each second
+        if core.getppid() ~= self.owner_pid then break end
+        if timeout == nil or timeout > 1 then timeout = 1 end
+      end
       local ready = core.wait_fds(fds, timeout)
       self.polled_at = self.drains
       local served = {}
@@ -689,7 +711,7 @@ function S.new(opts)
                                        authkey = opts.authkey, timeout = 5}
   local self = setmetatable({
     listener = listener, address = listener.address, authkey = opts.authkey,
-    registry = opts.registry or {}, uid = string.format("%d-%x-%x", getpid(),
+    registry = opts.registry or {}, owner_pid = opts.owner_pid, uid = string.format("%d-%x-%x", getpid(),
       math.floor(now() * 1e6), math.random(0, 0x7fffffff)),
     recs = weak_values(), rec_by_obj = setmetatable({}, {__mode = "k"}),
     pinned = {}, transits = {}, early = {}, clients = {}, next_id = 1,

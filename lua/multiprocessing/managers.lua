@@ -874,6 +874,7 @@ function BaseManager:start(initializer, initargs)
   local registry = registry_of(self)
   local address, authkey = self.address, self.authkey
   local r, w = core.Pipe(false)
+  local owner = getpid()
   counter = counter + 1
   local proc = Process{name = class_of(self)._class_name .. "-" .. counter,
                        daemon = true, target = function()
@@ -886,7 +887,7 @@ function BaseManager:start(initializer, initargs)
     if initializer then initializer(unpack(initargs or {}, 1, (initargs or {}).n)) end
     local S = require "multiprocessing.manager_server"
     local ok, server = pcall(S.new, {registry = registry, address = address,
-                                     authkey = authkey})
+                                     authkey = authkey, owner_pid = owner})
     if not ok then
       w:send({err = is_error(server) and server or tostring(server)})
       w:close()
