@@ -747,6 +747,14 @@ describe("Manager faults", function()
     assert.equal(0, H.zombies())
   end)
 
+  it("the server ignores SIGINT (Ctrl-C is for its owner to handle)", function()
+    local m <close> = mp.Manager()
+    local d = m:dict{x = 1}
+    core.kill(m.pid, "SIGINT")
+    sleep(0.1)
+    assert.equal(1, d.x)
+  end)
+
   it("a manager whose owner is killed ends too", function()
     local a, b = mp.Pipe()
     local owner = mp.Process{target = function()
