@@ -8,11 +8,7 @@ local core = require "multiprocessing.core"
 
 local now, sleep = core.now, core.sleep
 
-local function err_of(f, ...)
-  local ok, e = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return e
-end
+local err_of = H.err_of
 
 local function kind_of(f, ...)
   local e = err_of(f, ...)
@@ -601,6 +597,14 @@ describe("Manager object lifetime", function()
     assert.equal(base + 2, objects())
     assert.same({1, 2}, d.l:copy())
     d.l = nil
+    assert.equal(base + 1, objects())
+    -- apply storing a managed object takes no token for its check
+    local inner = m:list()
+    d:apply("wrapped", function(_, x) return {x} end, inner)
+    inner = nil
+    assert.equal(base + 2, objects())
+    assert.equal(0, m:_debug_info().transits)
+    d.wrapped = nil
     assert.equal(base + 1, objects())
   end)
 

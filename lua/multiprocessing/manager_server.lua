@@ -172,8 +172,14 @@ function K.call(fn, ...)
   return fn(...)
 end
 
+-- (while checking, managed objects inside v are encoded as placeholders:
+-- no hold or token is taken for an encoding that goes nowhere)
+local CHECKING = {}
+
 function K.check_storable(v)
+  managers._reply_to = CHECKING
   local ok, err = pcall(encode, v)
+  managers._reply_to = nil
   if not ok then
     error(is_error(err) and err or new_error("EncodeError", tostring(err)), 0)
   end
@@ -304,6 +310,7 @@ end
 -- a reply holds it for its client; anything else takes a token.
 function Server:reduce_rec(rec)
   local C = managers._reply_to
+  if C == CHECKING then return {} end
   local token
   if C then
     self:hold(C, rec)
