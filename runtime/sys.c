@@ -149,6 +149,12 @@ static int l_getppid(lua_State *L) {
   return 1;
 }
 
+/* core.isatty(fd) -> boolean */
+static int l_isatty(lua_State *L) {
+  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
+  return 1;
+}
+
 static int l_now(lua_State *L) {
   lua_pushnumber(L, luamp_now());
   return 1;
@@ -170,6 +176,7 @@ int luamp_open_sys(lua_State *L) {
     {"getpid", l_getpid},
     {"getppid", l_getppid},
     {"now", l_now},
+    {"isatty", l_isatty},
     {"sleep", l_sleep},
     {NULL, NULL}
   };

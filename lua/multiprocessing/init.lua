@@ -47,6 +47,8 @@ local lazy = {
   Pipe = "multiprocessing.connection",
   wait = "multiprocessing.connection",
   connection = "multiprocessing.connection",
+  Pool = "multiprocessing.pool",
+  pool = "multiprocessing.pool",
   get_logger = "multiprocessing.util",
   log_to_stderr = "multiprocessing.util",
 }
