@@ -25,6 +25,7 @@ local process = require "multiprocessing.process"
 local connection = require "multiprocessing.connection"
 
 local encode, decode, now = core.encode, core.decode, core.now
+local upvalue_snapshot, upvalues_same = core.upvalue_snapshot, core.upvalues_same
 local unpack, pack = table.unpack, table.pack
 local raise, new_error = core.raise, core.new_error
 local getpid = core.pid or core.getpid
@@ -36,7 +37,13 @@ local FCACHE_MAX = 512       -- decoded functions a worker keeps
 local FBLOBS_MAX = 1024      -- stored encodings the owner remembers
 local SLICE = 0.25           -- longest sleep while tasks have deadlines
 local APPLY, MAP, STARMAP = 1, 2, 3
+local NO_OPTIONS = setmetatable({}, {__newindex = function()
+  error("internal: options table is shared", 2)
+end})
 local OK, FAILED, INIT_FAILED = 0, 1, 2
+-- the record of a task whose map failed before it was fully submitted
+local ORPHAN = {{_kind = "imap", _chunk_done = {}, _chunk_err = {},
+                 _items_done = 0, _left = math.huge}, 1, 0, 0}
 
 -- ---------------------------------------------------------------------------
 -- Worker side
@@ -98,16 +105,20 @@ local function worker_main(cfg)
       return 1
     end
   end
+  -- decoded functions, by their encoding (inline) or store offset
   local fns, nfns = {}, 0
-  local function resolve(fr)
-    local key = type(fr) == "string" and fr or fr[1]
-    local f = fns[key]
+  local function resolve(fr, flen)
+    local f = fns[fr]
     if f == nil then
-      f = decode(type(fr) == "string" and fr or store:get(fr[1], fr[2]))
+      f = decode(flen and store:get(fr, flen) or fr)
       if nfns >= FCACHE_MAX then fns, nfns = {}, 0 end
-      fns[key], nfns = f, nfns + 1
+      fns[fr], nfns = f, nfns + 1
     end
     return f
+  end
+  local function apply_reply(tag, ok, ...)
+    if ok then return {tag, OK, select("#", ...), ...} end
+    return {tag, FAILED, remote_error((...))}
   end
   local stamp = function() starts[slot + 1] = now() end
   local done, limit = 0, cfg.maxtasks
@@ -115,22 +126,22 @@ local function worker_main(cfg)
     local task = tq:_get_slot(slot)
     if not task then break end          -- false: the pool is closing
     local tag, mode, items, n = task[1], task[3], task[4], task[5]
-    local f = resolve(task[2])
+    local f = resolve(task[2], task[7])
     local timed = task[6]
     if timed then
       starts[slot + 1] = now()
       started[slot + 1] = tag
     end
     local reply
+    -- replies: {tag, OK, n, v1..vn} for apply, {tag, OK, n, results} for
+    -- a chunk, {tag, FAILED, err [, partial results, count]}
     if mode == APPLY then
-      local res = pack(xpcall(f, traceback, unpack(items, 1, n)))
-      if res[1] then reply = {tag, OK, res, res.n}
-      else reply = {tag, FAILED, remote_error(res[2])} end
+      reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
     else
       local out, count = {}, {0}
       local ok, err = xpcall(run_chunk, traceback, f, items, n, out,
                              mode == STARMAP, count, timed and stamp or nil)
-      if ok then reply = {tag, OK, out, n}
+      if ok then reply = {tag, OK, n, out}
       else reply = {tag, FAILED, remote_error(err), out, count[1]} end
     end
     local ok, err = pcall(rq.put, rq, reply)
@@ -159,7 +170,7 @@ local function new_job(pool, kind, opts)
   if opts then
     job._callback, job._error_callback = opts.callback, opts.error_callback
   end
-  pool._jobs[job] = true
+  if kind == "imap" then pool._jobs[job] = true end
   return job
 end
 
@@ -177,35 +188,43 @@ end
 local function finish(job)
   if job._done then return end
   job._done = true
-  job._pool._jobs[job] = nil
+  if job._kind == "imap" then job._pool._jobs[job] = nil end
   if job._progress then job._progress:finish(job) end
   if job._ok then
     if job._callback then
       run_callback(job._pool, job._callback,
-                   job._kind == "apply" and job._value[2] or job._value)
+                   job._kind == "apply" and job._value[4] or job._value)
     end
   elseif job._error_callback then
-    run_callback(job._pool, job._error_callback, job._value)
+    run_callback(job._pool, job._error_callback,
+                 job._kind == "apply" and job._value[3] or job._value)
   end
 end
 
--- A task's outcome.  ok: value holds the results (for apply, xpcall's
--- packed results: true, values...), n of them.  Failed: value is the
--- error, partial the results of the items of a chunk done before it.
-local function settle(job, task, ok, value, n, partial, count)
-  if job._kind == "apply" then
-    job._ok, job._value = ok, value
-    return finish(job)
+-- A task's outcome: m is the worker's reply (or a made-up failure).  A
+-- task record is the job itself for apply, {job, first, count, chunk} for
+-- a chunk of the map family.
+local function settle(rec, m)
+  local ok = m[2] == OK
+  if rec._kind then                  -- apply: the record is the job
+    rec._ok, rec._value = ok, m
+    return finish(rec)
   end
-  local first, res = task.first, job._results
-  local got = ok and n or count or 0
-  if got > 0 then table.move(ok and value or partial, 1, got, first, res) end
-  if not ok and (job._err == nil or first < job._err_at) then
-    job._err, job._err_at = value, first + got
+  local job, first, count, chunk = rec[1], rec[2], rec[3], rec[4]
+  local got
+  if ok then
+    got = m[3]
+    if got > 0 then table.move(m[4], 1, got, first, job._results) end
+  else
+    got = m[5] or 0
+    if got > 0 then table.move(m[4], 1, got, first, job._results) end
+    if job._err == nil or first < job._err_at then
+      job._err, job._err_at = m[3], first + got
+    end
+    job._chunk_err[chunk] = m[3]
   end
-  job._chunk_done[task.chunk] = got
-  if not ok then job._chunk_err[task.chunk] = value end
-  job._items_done = job._items_done + task.count
+  job._chunk_done[chunk] = got
+  job._items_done = job._items_done + count
   job._left = job._left - 1
   if job._progress then job._progress:update(job) end
   if job._kind == "imap" then return end
@@ -232,9 +251,13 @@ end
 
 function AsyncResult:get(timeout)
   if not self:wait(timeout) then raise("TimeoutError", "result not ready in time") end
-  if not self._ok then error(self._value, 0) end
-  if self._kind == "apply" then return unpack(self._value, 2, self._value.n) end
-  return self._value
+  local v = self._value
+  if self._kind == "apply" then
+    if not self._ok then error(v[3], 0) end
+    return unpack(v, 4, 3 + v[3])
+  end
+  if not self._ok then error(v, 0) end
+  return v
 end
 
 function AsyncResult:successful()
@@ -347,7 +370,7 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _maxtasks = maxtasksperchild,
     _tq = core.Queue{slots = n}, _rq = core.Queue(), _store = core.Store(),
     _starts = core.RawArray("d", n), _started = core.RawArray("q", n),
-    _workers = {}, _tasks = {}, _jobs = {}, _tag = 1,
+    _workers = {}, _tasks = {}, _timeouts = {}, _jobs = {}, _tag = 1,
     _fblobs = {}, _nfblobs = 0, _fcache = setmetatable({}, {__mode = "k"}),
   }, Pool)
   for slot = 0, n - 1 do self._started[slot + 1] = -1 end
@@ -374,6 +397,17 @@ end
 -- function with many tasks, so it is stored at once (stored = true).
 -- Encodings too big to copy into every task are always stored.
 function Pool:_fref(f, stored)
+  local c = self._fcache[f]
+  -- unchanged since the last submission: the same encoding, stored now
+  if c and c.snap and upvalues_same(f, c.snap) then
+    if c.ref then return c.ref end
+    if not stored and c.inline_left > 0 then
+      c.inline_left = c.inline_left - 1
+      return c.blob
+    end
+    c.ref = self:_store_blob(c.blob)
+    return c.ref
+  end
   local ok, blob = pcall(encode, f)
   if not ok then
     if core.is_error(blob, "EncodeError") then
@@ -381,22 +415,25 @@ function Pool:_fref(f, stored)
     end
     error(blob, 0)
   end
-  local c = self._fcache[f]
   if c and c.blob == blob then
     if c.ref then return c.ref end
     stored = true
   end
-  if not stored and #blob <= INLINE_MAX then
-    self._fcache[f] = {blob = blob}
-    return blob
-  end
+  c = {blob = blob, snap = upvalue_snapshot(f), inline_left = 1}
+  self._fcache[f] = c
+  if not stored and #blob <= INLINE_MAX then return blob end
+  c.ref = self:_store_blob(blob)
+  return c.ref
+end
+
+-- Appends an encoding to the store, once.
+function Pool:_store_blob(blob)
   local ref = self._fblobs[blob]
   if not ref then
     if self._nfblobs >= FBLOBS_MAX then self._fblobs, self._nfblobs = {}, 0 end
     ref = {self._store:put(blob), #blob}
     self._fblobs[blob], self._nfblobs = ref, self._nfblobs + 1
   end
-  self._fcache[f] = {blob = blob, ref = ref}
   return ref
 end
 
@@ -414,17 +451,25 @@ local function rename_path(err, mode, first)
   return new_error("EncodeError", msg)
 end
 
--- Puts one task on the queue: {tag, function, mode, items, n, timed}.
-function Pool:_submit(job, fref, mode, items, n, first, chunk, timeout)
+-- Puts one task on the queue: {tag, function, mode, items, n, timed,
+-- function length when stored}; rec is what the reply settles.
+function Pool:_submit(rec, fref, mode, items, n, first, timeout)
   local tag = self._tag
-  local ok, err = pcall(self._tq._put_tagged, self._tq,
-                        {tag, fref, mode, items, n, timeout and true or nil}, tag)
+  local ok, err
+  if type(fref) == "string" then
+    ok, err = pcall(self._tq._put_tagged, self._tq,
+                    {tag, fref, mode, items, n, timeout and true or false}, tag)
+  else
+    ok, err = pcall(self._tq._put_tagged, self._tq,
+                    {tag, fref[1], mode, items, n, timeout and true or false, fref[2]}, tag)
+  end
   if not ok then error(rename_path(err, mode, first), 0) end
   self._tag = tag + 1
-  self._tasks[tag] = {job = job, first = first, count = mode == APPLY and 1 or n,
-                      chunk = chunk, timeout = timeout}
-  if job._chunk_first then job._chunk_first[chunk] = first end
-  if timeout then self._timed = (self._timed or 0) + 1 end
+  self._tasks[tag] = rec
+  if timeout then
+    self._timeouts[tag] = timeout
+    self._timed = (self._timed or 0) + 1
+  end
   return tag
 end
 
@@ -436,7 +481,7 @@ local function task_options(x, what)
       raise("ValueError", "timeout must be a non-negative number")
     end
     return x
-  elseif x == nil then return {}
+  elseif x == nil then return NO_OPTIONS
   elseif what == "apply" and type(x) == "function" then return {callback = x}
   elseif what == "map" and math.type(x) == "integer" then return {chunksize = x}
   end
@@ -456,15 +501,13 @@ function Pool:apply_async(f, args, opts, error_callback)
   check_function(f, 1, "apply_async")
   args = check_args(args)
   opts = task_options(opts, "apply")
-  if error_callback then opts.error_callback = error_callback end
+  if error_callback then
+    opts = {callback = opts.callback, error_callback = error_callback,
+            timeout = opts.timeout}
+  end
   local fref = self:_fref(f)
   local job = new_job(self, "apply", opts)
-  local ok, err = pcall(self._submit, self, job, fref, APPLY, args,
-                        args.n or #args, 1, 1, opts.timeout)
-  if not ok then
-    self._jobs[job] = nil
-    error(err, 0)
-  end
+  self:_submit(job, fref, APPLY, args, args.n or #args, 1, opts.timeout)
   return job
 end
 
@@ -517,13 +560,13 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
     local last = math.min(first + chunksize - 1, n)
     local payload = table.move(items, first, last, 1, {})
     chunk = chunk + 1
-    local ok, err = pcall(self._submit, self, job, fref, mode, payload,
-                          last - first + 1, first, chunk, opts.timeout)
+    local rec = {job, first, last - first + 1, chunk}
+    local ok, err = pcall(self._submit, self, rec, fref, mode, payload,
+                          last - first + 1, first, opts.timeout)
     if not ok then
       -- this map fails now; chunks already queued run, unheard
-      self._jobs[job] = nil
-      for _, task in pairs(self._tasks) do
-        if task.job == job then task.job = nil end
+      for tag, r in pairs(self._tasks) do
+        if r[1] == job then self._tasks[tag] = ORPHAN end
       end
       error(err, 0)
     end
@@ -614,7 +657,9 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       end
       if k == 0 then break end
       fed = fed + k
-      pool:_submit(job, fref, MAP, payload, k, first, chunks + 1, opts.timeout)
+      job._chunk_first[chunks + 1] = first
+      pool:_submit({job, first, k, chunks + 1}, fref, MAP, payload, k, first,
+                   opts.timeout)
       chunks = chunks + 1
       job._left = job._left + 1
     end
@@ -703,11 +748,14 @@ function Pool:_handle(m)
     return self:_break("initializer failed in a worker: " .. tostring(m[3].message),
                        m[3])
   end
-  local task = self._tasks[tag]
-  if task == nil then return end           -- failed already (worker lost)
+  local rec = self._tasks[tag]
+  if rec == nil then return end            -- failed already (worker lost)
   self._tasks[tag] = nil
-  if task.timeout then self._timed = self._timed - 1 end
-  if task.job then settle(task.job, task, status == OK, m[3], m[4], m[4], m[5]) end
+  if self._timeouts[tag] then
+    self._timeouts[tag] = nil
+    self._timed = self._timed - 1
+  end
+  settle(rec, m)
 end
 
 -- Takes every result that is there now; returns how many.
@@ -722,11 +770,7 @@ end
 
 -- A task lost with its worker (or killed for its timeout).
 function Pool:_fail_task(tag, err)
-  local task = self._tasks[tag]
-  if task == nil then return end
-  self._tasks[tag] = nil
-  if task.timeout then self._timed = self._timed - 1 end
-  if task.job then settle(task.job, task, false, err) end
+  return self:_handle({tag, FAILED, err})
 end
 
 local function describe_exit(code)
@@ -746,7 +790,7 @@ function Pool:_check_workers()
         if w.killed_for == tag then
           self:_fail_task(tag, new_error("TimeoutError", string.format(
             "task took longer than its %g s timeout; worker %d was killed",
-            self._tasks[tag] and self._tasks[tag].timeout or 0, w.pid)))
+            self._timeouts[tag] or 0, w.pid)))
         else
           self:_fail_task(tag, new_error("WorkerLostError", string.format(
             "worker %d died (%s) while running this task", w.pid,
@@ -770,9 +814,9 @@ function Pool:_check_timeouts()
   local wake
   for slot, w in pairs(self._workers) do
     local tag = self._started[slot + 1]
-    local task = tag >= 0 and self._tasks[tag]
-    if task and task.timeout and not w.killed_for then
-      local due = self._starts[slot + 1] + task.timeout
+    local timeout = tag >= 0 and self._tasks[tag] and self._timeouts[tag]
+    if timeout and not w.killed_for then
+      local due = self._starts[slot + 1] + timeout
       if t >= due then
         w.killed_for = tag
         w.h:signal("SIGKILL")
