@@ -786,7 +786,10 @@ function Pool:_check_workers()
     if gone then
       self:_drain()                 -- its last results, if they came
       local tag = self._tq:_taken(slot)
-      if tag ~= nil then
+      -- tag 0 is the close sentinel (plain puts carry tag 0): that worker
+      -- left as asked, and the sentinels left over are for the others
+      local left_as_asked = tag == 0
+      if tag ~= nil and tag ~= 0 then
         if w.killed_for == tag then
           self:_fail_task(tag, new_error("TimeoutError", string.format(
             "task took longer than its %g s timeout; worker %d was killed",
@@ -796,12 +799,13 @@ function Pool:_check_workers()
             "worker %d died (%s) while running this task", w.pid,
             describe_exit(code))))
         end
-        self._tq:_clear(slot)
       end
+      if tag ~= nil then self._tq:_clear(slot) end
       w.h:close()
       self._workers[slot] = nil
       self._started[slot + 1] = -1
-      if self._state == "RUN" or (self._state == "CLOSE" and not self._tq:empty()) then
+      if self._state == "RUN" or
+         (self._state == "CLOSE" and not left_as_asked and not self._tq:empty()) then
         spawn_worker(self, slot)
       end
     end
