@@ -26,6 +26,8 @@ local connection = require "multiprocessing.connection"
 
 local encode, decode, now = core.encode, core.decode, core.now
 local upvalue_snapshot, upvalues_same = core.upvalue_snapshot, core.upvalues_same
+local table_slice, table_into, table_new = core.table_slice, core.table_into,
+                                           core.table_new
 local unpack, pack = table.unpack, table.pack
 local raise, new_error = core.raise, core.new_error
 local getpid = core.pid or core.getpid
@@ -72,21 +74,31 @@ local function remote_error(caught)
   return new_error("RemoteError", msg, {value = e, traceback = caught.traceback})
 end
 
--- Runs f over items 1..n of a chunk, results into out; done[1] counts
--- the items finished (for the position of an error).
-local function run_chunk(f, items, n, out, star, done, stamp)
-  for i = 1, n do
-    if stamp then stamp() end
-    local v
-    if star then
-      local a = items[i]
-      v = f(unpack(a, 1, a.n or #a))
+-- Runs f over items 1..n of a chunk, results into out; count[1] is set
+-- to the number of items finished when an item fails.
+local function run_chunk(f, items, n, out, star, count, stamp)
+  local i = 0
+  local ok, err = xpcall(function()
+    if stamp or star then
+      for k = 1, n do
+        i = k - 1
+        if stamp then stamp() end
+        if star then
+          local a = items[k]
+          out[k] = f(unpack(a, 1, a.n or #a))
+        else
+          out[k] = f(items[k])
+        end
+      end
     else
-      v = f(items[i])
+      for k = 1, n do
+        i = k - 1
+        out[k] = f(items[k])
+      end
     end
-    out[i] = v
-    done[1] = i
-  end
+  end, traceback)
+  count[1] = i
+  return ok, err
 end
 
 local function worker_main(cfg)
@@ -138,9 +150,9 @@ local function worker_main(cfg)
     if mode == APPLY then
       reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
     else
-      local out, count = {}, {0}
-      local ok, err = xpcall(run_chunk, traceback, f, items, n, out,
-                             mode == STARMAP, count, timed and stamp or nil)
+      local out, count = table_new(n), {0}
+      local ok, err = run_chunk(f, items, n, out, mode == STARMAP, count,
+                                timed and stamp or nil)
       if ok then reply = {tag, OK, n, out}
       else reply = {tag, FAILED, remote_error(err), out, count[1]} end
     end
@@ -214,10 +226,10 @@ local function settle(rec, m)
   local got
   if ok then
     got = m[3]
-    if got > 0 then table.move(m[4], 1, got, first, job._results) end
+    if got > 0 then table_into(job._results, first, m[4], got) end
   else
     got = m[5] or 0
-    if got > 0 then table.move(m[4], 1, got, first, job._results) end
+    if got > 0 then table_into(job._results, first, m[4], got) end
     if job._err == nil or first < job._err_at then
       job._err, job._err_at = m[3], first + got
     end
@@ -488,6 +500,17 @@ local function task_options(x, what)
   error("bad option table for " .. what, 3)
 end
 
+-- The options of a *_async call with its positional callbacks merged in.
+local function with_callbacks(opts, callback, error_callback)
+  local o = task_options(opts, "map")
+  if callback == nil and error_callback == nil then return o end
+  local t = {}
+  for k, v in pairs(o) do t[k] = v end
+  t.callback = t.callback or callback
+  t.error_callback = t.error_callback or error_callback
+  return t
+end
+
 local function check_args(args)
   if args == nil then return {n = 0} end
   if type(args) ~= "table" then
@@ -550,27 +573,20 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
     raise("ValueError", "Chunksize must be 1+, not " .. tostring(chunksize))
   end
   local job = new_job(self, "map", opts)
-  job._results = {n = n}
+  job._results = table_new(n, 1)
+  job._results.n = n
   job._left, job._items_done = 0, 0
   job._chunk_done, job._chunk_err = {}, {}
   if opts.progress then job._progress = new_progress(n) end
   local fref = self:_fref(f, true)
-  local chunk = 0
-  for first = 1, n, math.max(chunksize, 1) do
-    local last = math.min(first + chunksize - 1, n)
-    local payload = table.move(items, first, last, 1, {})
-    chunk = chunk + 1
-    local rec = {job, first, last - first + 1, chunk}
-    local ok, err = pcall(self._submit, self, rec, fref, mode, payload,
-                          last - first + 1, first, opts.timeout)
-    if not ok then
-      -- this map fails now; chunks already queued run, unheard
-      for tag, r in pairs(self._tasks) do
-        if r[1] == job then self._tasks[tag] = ORPHAN end
-      end
-      error(err, 0)
+  local ok, err = pcall(self._submit_chunks, self, job, fref, mode, items, n,
+                        chunksize, opts.timeout)
+  if not ok then
+    -- this map fails now; chunks already queued run, unheard
+    for tag, r in pairs(self._tasks) do
+      if r[1] == job then self._tasks[tag] = ORPHAN end
     end
-    job._left = job._left + 1
+    error(err, 0)
   end
   if job._left == 0 then
     job._ok, job._value = true, job._results
@@ -579,11 +595,24 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
   return job
 end
 
+-- Queues the chunks of a map: items[1..n] in chunks of chunksize.
+function Pool:_submit_chunks(job, fref, mode, items, n, chunksize, timeout)
+  local chunk = 0
+  for first = 1, n, chunksize do
+    local last = first + chunksize - 1
+    if last > n then last = n end
+    local payload = chunksize == 1 and {items[first]} or
+                    table_slice(items, first, last)
+    chunk = chunk + 1
+    self:_submit({job, first, last - first + 1, chunk}, fref, mode, payload,
+                 last - first + 1, first, timeout)
+    job._left = job._left + 1
+  end
+end
+
 function Pool:map_async(f, iterable, opts, callback, error_callback)
-  local o = task_options(opts, "map")
-  o.callback = o.callback or callback
-  o.error_callback = o.error_callback or error_callback
-  return self:_map_async(f, iterable, o, MAP, "map_async")
+  return self:_map_async(f, iterable, with_callbacks(opts, callback, error_callback),
+                         MAP, "map_async")
 end
 
 function Pool:map(f, iterable, opts)
@@ -591,10 +620,8 @@ function Pool:map(f, iterable, opts)
 end
 
 function Pool:starmap_async(f, iterable, opts, callback, error_callback)
-  local o = task_options(opts, "map")
-  o.callback = o.callback or callback
-  o.error_callback = o.error_callback or error_callback
-  return self:_map_async(f, iterable, o, STARMAP, "starmap_async")
+  return self:_map_async(f, iterable, with_callbacks(opts, callback, error_callback),
+                         STARMAP, "starmap_async")
 end
 
 function Pool:starmap(f, iterable, opts)
