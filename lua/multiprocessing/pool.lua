@@ -596,14 +596,18 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
   local fref = self:_fref(f, true)
   local ahead = math.max(4, 2 * self._n)
   local fed, chunks, exhausted = 0, 0, false
+  -- items the caller has had (or that failed with their chunk); the
+  -- read-ahead is bounded by fed - consumed, not by the chunks in flight,
+  -- so that a slow consumer does not make results pile up without end
+  local consumed, sizes = 0, {}
   local yielded_chunk, yielded_item = 1, 0     -- ordered: position
-  local ready = {}                              -- unordered: {index, value}
+  local ready, rlen = {}, 0                     -- unordered: indexes ready
   local rpos = 1
   local pool = self
 
   local function feed()
     if pool._state ~= "RUN" then exhausted = true end
-    while not exhausted and job._left < ahead do
+    while not exhausted and fed - consumed < ahead * chunksize do
       local payload, k = {}, 0
       local first = fed + 1
       while k < chunksize do
@@ -616,20 +620,31 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       fed = fed + k
       pool:_submit(job, fref, MAP, payload, k, first, chunks + 1, opts.timeout)
       chunks = chunks + 1
+      sizes[chunks] = k
       job._left = job._left + 1
     end
   end
 
-  -- unordered: collect newly finished chunks' items
-  local harvested = {}
+  -- unordered: collect newly finished chunks' items; a harvested chunk
+  -- leaves _chunk_done, so each harvest costs only the chunks new since
+  -- the last one
+  local lost = {}        -- a failed chunk -> its items that did not run
   local function harvest()
-    for c, count in pairs(job._chunk_done) do
-      if not harvested[c] then
-        harvested[c] = true
-        local first = job._chunk_first[c]
-        for i = first, first + count - 1 do ready[#ready + 1] = i end
-        if job._chunk_err[c] then ready[#ready + 1] = -c end
+    local done, firsts = job._chunk_done, job._chunk_first
+    for c, count in pairs(done) do
+      done[c] = nil
+      local first = firsts[c]
+      firsts[c] = nil
+      for i = first, first + count - 1 do
+        rlen = rlen + 1
+        ready[rlen] = i
       end
+      if job._chunk_err[c] then
+        rlen = rlen + 1
+        ready[rlen] = -c
+        lost[c] = sizes[c] - count
+      end
+      sizes[c] = nil
     end
   end
   job._chunk_first = {}
@@ -646,8 +661,12 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
             job._results[idx] = nil
             return idx, v
           end
-          local err = job._chunk_err[yielded_chunk]
-          yielded_chunk, yielded_item = yielded_chunk + 1, 0
+          local c = yielded_chunk
+          local err = job._chunk_err[c]
+          consumed = consumed + sizes[c]
+          -- (a passed chunk's records go: an endless input keeps no trail)
+          job._chunk_done[c], job._chunk_first[c], sizes[c] = nil, nil, nil
+          yielded_chunk, yielded_item = c + 1, 0
           if err then
             job._chunk_err[yielded_chunk - 1] = nil
             error(err, 0)
@@ -663,11 +682,17 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
         end
       else
         harvest()
-        if rpos <= #ready then
+        if rpos <= rlen then
           local idx = ready[rpos]
           ready[rpos] = nil
           rpos = rpos + 1
-          if idx < 0 then error(job._chunk_err[-idx], 0) end
+          if idx < 0 then
+            local err = job._chunk_err[-idx]
+            consumed = consumed + lost[-idx]
+            job._chunk_err[-idx], lost[-idx] = nil, nil
+            error(err, 0)
+          end
+          consumed = consumed + 1
           local v = job._results[idx]
           job._results[idx] = nil
           return idx, v
@@ -840,7 +865,18 @@ function Pool:_break(msg, cause)
 end
 
 function Pool:_kill_workers()
-  for _, w in pairs(self._workers) do w.h:signal("SIGTERM") end
+  for slot, w in pairs(self._workers) do
+    if w.h:pid() == nil then
+      -- the handle was finalized before the pool (a pool dropped
+      -- without terminate: its workers' handles, made after it, are
+      -- finalized first); the worker still runs and is a child entry
+      -- the runtime reaps later, so its pid is still its own
+      core.kill(w.pid, "SIGKILL")
+      self._workers[slot] = nil
+    else
+      w.h:signal("SIGTERM")
+    end
+  end
   local deadline = now() + 1
   for slot, w in pairs(self._workers) do
     local _, gone = w.h:poll()
@@ -882,6 +918,8 @@ function Pool:join()
     raise("ProcessError", "a pool can only be joined by the process that made it")
   end
   if self._state == "RUN" then raise("ValueError", "Pool is still running") end
+  -- terminate, or an earlier join, has released the queues: nothing to wait for
+  if self._released then return end
   while next(self._workers) ~= nil do
     self:_pump(nil)
     self:_check_workers()
