@@ -97,6 +97,7 @@ local function worker_main(cfg)
       end
       return 1
     end
+    started[slot + 1] = -1              -- the initializer is done
   end
   local fns, nfns = {}, 0
   local function resolve(fr)
@@ -113,7 +114,12 @@ local function worker_main(cfg)
   local done, limit = 0, cfg.maxtasks
   while true do
     local task = tq:_get_slot(slot)
-    if not task then break end          -- false: the pool is closing
+    if not task then
+      -- false: the pool is closing; tell the owner this worker took its
+      -- sentinel, so that it is not replaced
+      started[slot + 1] = -2
+      break
+    end
     local tag, mode, items, n = task[1], task[3], task[4], task[5]
     local f = resolve(task[2])
     local timed = task[6]
@@ -313,6 +319,8 @@ local function spawn_worker(self, slot)
     maxtasks = self._maxtasks,
     name = string.format("%s-Worker-%d", self._name, slot + 1),
   }
+  -- -3: in the initializer (the worker sets -1 once it returned)
+  if self._initializer then self._started[slot + 1] = -3 end
   local h = core.spawn(worker_main, cfg, true, true)
   self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel()}
 end
@@ -760,11 +768,27 @@ local function describe_exit(code)
   return "exit code " .. code
 end
 
--- Replaces dead workers and fails exactly the tasks they held.
+-- Replaces dead workers and fails exactly the tasks they held; returns
+-- how many it found.
 function Pool:_check_workers()
+  local dead, broken = 0, nil
   for slot, w in pairs(self._workers) do
     local code, gone = w.h:poll()
     if gone then
+      dead = dead + 1
+      local took_sentinel = self._started[slot + 1] == -2
+      -- died in its initializer without a word (os.exit, a signal): after
+      -- three such deaths in a row the pool is broken instead of
+      -- replacing workers forever (Python's Pool loops here)
+      if self._started[slot + 1] == -3 then
+        self._init_deaths = (self._init_deaths or 0) + 1
+        if self._init_deaths >= 3 then
+          broken = string.format("initializer failed in a worker: worker %d died (%s) in it",
+                                 w.pid, describe_exit(code))
+        end
+      else
+        self._init_deaths = 0
+      end
       self:_drain()                 -- its last results, if they came
       local tag = self._tq:_taken(slot)
       if tag ~= nil then
@@ -782,11 +806,22 @@ function Pool:_check_workers()
       w.h:close()
       self._workers[slot] = nil
       self._started[slot + 1] = -1
-      if self._state == "RUN" or (self._state == "CLOSE" and not self._tq:empty()) then
+      if broken then
+        -- (no replacement: the pool breaks below)
+      elseif self._state == "RUN" then
+        spawn_worker(self, slot)
+      elseif self._state == "CLOSE" and not took_sentinel and not self._tq:empty() then
+        -- tasks are left and this worker did not leave for a sentinel
+        -- (killed, or recycled by maxtasksperchild).  Its replacement
+        -- gets a sentinel of its own: the dead one may have taken one
+        -- in the instant before it died.  (A spare false is harmless.)
+        self._tq:put(false)
         spawn_worker(self, slot)
       end
     end
   end
+  if broken then self:_break(broken) end
+  return dead
 end
 
 -- Kills workers whose current task is overdue.
@@ -817,7 +852,8 @@ function Pool:_pump(deadline)
   local t = now()
   if self:_drain() > 0 and t < (self._next_check or 0) then return end
   self._next_check = t + 0.05
-  self:_check_workers()
+  -- a lost task has settled: the caller may be waiting for just that
+  if self:_check_workers() > 0 then return end
   local wake = deadline
   if (self._timed or 0) > 0 then
     local due = self:_check_timeouts()
