@@ -1011,9 +1011,17 @@ static int enc_function(struct enc *e, int idx) {
   if (lua_rawget(L, -2) == LUA_TSTRING) {
     size_t n;
     const char *code = lua_tolstring(L, -1, &n);
-    r = put_string(e, code, n, 0);
+    unsigned char *p;
+    /* bin32 as on the first dump, so that every encoding of a function
+     * is the same bytes (the Pool recognises a function it has already
+     * shipped by its encoding) */
+    ROOM(e, n + 5);
+    p = wp(e);
+    p[0] = 0xc6;
+    w32(p + 1, (uint32_t)n);
+    memcpy(p + 5, code, n);
+    e->b->len += n + 5;
     lua_pop(L, 2);
-    if (r < 0) return -1;
   } else {
     lua_pop(L, 1);
     ROOM(e, 5);

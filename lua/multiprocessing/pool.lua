@@ -44,8 +44,8 @@ local NO_OPTIONS = setmetatable({}, {__newindex = function()
 end})
 local OK, FAILED, INIT_FAILED = 0, 1, 2
 -- the record of a task whose map failed before it was fully submitted
-local ORPHAN = {{_kind = "imap", _chunk_done = {}, _chunk_err = {},
-                 _items_done = 0, _left = math.huge}, 1, 0, 0}
+-- (its reply, when it comes, is dropped)
+local ORPHAN = {}
 
 -- ---------------------------------------------------------------------------
 -- Worker side
@@ -116,6 +116,7 @@ local function worker_main(cfg)
       end
       return 1
     end
+    started[slot + 1] = -1              -- the initializer is done
   end
   -- decoded functions, by their encoding (inline) or store offset
   local fns, nfns = {}, 0
@@ -136,7 +137,12 @@ local function worker_main(cfg)
   local done, limit = 0, cfg.maxtasks
   while true do
     local task = tq:_get_slot(slot)
-    if not task then break end          -- false: the pool is closing
+    if not task then
+      -- false: the pool is closing; tell the owner this worker took its
+      -- sentinel, so that it is not replaced
+      started[slot + 1] = -2
+      break
+    end
     local tag, mode, items, n = task[1], task[3], task[4], task[5]
     local f = resolve(task[2], task[7])
     local timed = task[6]
@@ -160,7 +166,21 @@ local function worker_main(cfg)
     if not ok then
       -- the result cannot travel: the task fails, the worker lives
       if core.is_error(err, "EncodeError") then
-        err = new_error("EncodeError", (err.message:gsub(" at value%[3%]", " at result", 1)))
+        -- name the result, not the reply's insides: an apply's k-th value
+        -- (reply[3 + k]), a chunk's j-th item (reply[4][j], renumbered
+        -- over the whole input by the owner)
+        local msg, j, rest = err.message, nil, nil
+        if mode == APPLY then
+          msg = msg:gsub(" at value%[(%d+)%]", function(k)
+            return string.format(" at result[%d]", tonumber(k) - 3)
+          end, 1)
+        else
+          local head
+          head, j, rest = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
+          if head then msg = head end
+        end
+        err = new_error("EncodeError", msg)
+        if j then err.item, err.rest = tonumber(j), rest end
       end
       rq:put({tag, FAILED, err})
     end
@@ -230,6 +250,13 @@ local function settle(rec, m)
   else
     got = m[5] or 0
     if got > 0 then table_into(job._results, first, m[4], got) end
+    local err = m[3]
+    if type(err) == "table" and err.item then
+      -- a result that could not travel: its index over the whole input
+      err.message = string.format("%s at result[%d]%s", err.message,
+                                  first + err.item - 1, err.rest)
+      err.item, err.rest = nil, nil
+    end
     if job._err == nil or first < job._err_at then
       job._err, job._err_at = m[3], first + got
     end
@@ -348,6 +375,8 @@ local function spawn_worker(self, slot)
     maxtasks = self._maxtasks,
     name = string.format("%s-Worker-%d", self._name, slot + 1),
   }
+  -- -3: in the initializer (the worker sets -1 once it returned)
+  if self._initializer then self._started[slot + 1] = -3 end
   local h = core.spawn(worker_main, cfg, true, true)
   self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel()}
 end
@@ -555,7 +584,7 @@ local function collect(iterable)
 end
 
 local function default_chunksize(n, workers)
-  if n == 0 then return 0 end
+  if n == 0 then return 1 end
   local c, extra = n // (workers * 4), n % (workers * 4)
   if extra > 0 then c = c + 1 end
   return c
@@ -666,14 +695,18 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
   local fref = self:_fref(f, true)
   local ahead = math.max(4, 2 * self._n)
   local fed, chunks, exhausted = 0, 0, false
+  -- items the caller has had (or that failed with their chunk); the
+  -- read-ahead is bounded by fed - consumed, not by the chunks in flight,
+  -- so that a slow consumer does not make results pile up without end
+  local consumed, sizes = 0, {}
   local yielded_chunk, yielded_item = 1, 0     -- ordered: position
-  local ready = {}                              -- unordered: {index, value}
+  local ready, rlen = {}, 0                     -- unordered: indexes ready
   local rpos = 1
   local pool = self
 
   local function feed()
     if pool._state ~= "RUN" then exhausted = true end
-    while not exhausted and job._left < ahead do
+    while not exhausted and fed - consumed < ahead * chunksize do
       local payload, k = {}, 0
       local first = fed + 1
       while k < chunksize do
@@ -688,20 +721,31 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       pool:_submit({job, first, k, chunks + 1}, fref, MAP, payload, k, first,
                    opts.timeout)
       chunks = chunks + 1
+      sizes[chunks] = k
       job._left = job._left + 1
     end
   end
 
-  -- unordered: collect newly finished chunks' items
-  local harvested = {}
+  -- unordered: collect newly finished chunks' items; a harvested chunk
+  -- leaves _chunk_done, so each harvest costs only the chunks new since
+  -- the last one
+  local lost = {}        -- a failed chunk -> its items that did not run
   local function harvest()
-    for c, count in pairs(job._chunk_done) do
-      if not harvested[c] then
-        harvested[c] = true
-        local first = job._chunk_first[c]
-        for i = first, first + count - 1 do ready[#ready + 1] = i end
-        if job._chunk_err[c] then ready[#ready + 1] = -c end
+    local done, firsts = job._chunk_done, job._chunk_first
+    for c, count in pairs(done) do
+      done[c] = nil
+      local first = firsts[c]
+      firsts[c] = nil
+      for i = first, first + count - 1 do
+        rlen = rlen + 1
+        ready[rlen] = i
       end
+      if job._chunk_err[c] then
+        rlen = rlen + 1
+        ready[rlen] = -c
+        lost[c] = sizes[c] - count
+      end
+      sizes[c] = nil
     end
   end
   job._chunk_first = {}
@@ -718,8 +762,12 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
             job._results[idx] = nil
             return idx, v
           end
-          local err = job._chunk_err[yielded_chunk]
-          yielded_chunk, yielded_item = yielded_chunk + 1, 0
+          local c = yielded_chunk
+          local err = job._chunk_err[c]
+          consumed = consumed + sizes[c]
+          -- (a passed chunk's records go: an endless input keeps no trail)
+          job._chunk_done[c], job._chunk_first[c], sizes[c] = nil, nil, nil
+          yielded_chunk, yielded_item = c + 1, 0
           if err then
             job._chunk_err[yielded_chunk - 1] = nil
             error(err, 0)
@@ -735,11 +783,17 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
         end
       else
         harvest()
-        if rpos <= #ready then
+        if rpos <= rlen then
           local idx = ready[rpos]
           ready[rpos] = nil
           rpos = rpos + 1
-          if idx < 0 then error(job._chunk_err[-idx], 0) end
+          if idx < 0 then
+            local err = job._chunk_err[-idx]
+            consumed = consumed + lost[-idx]
+            job._chunk_err[-idx], lost[-idx] = nil, nil
+            error(err, 0)
+          end
+          consumed = consumed + 1
           local v = job._results[idx]
           job._results[idx] = nil
           return idx, v
@@ -782,7 +836,7 @@ function Pool:_handle(m)
     self._timeouts[tag] = nil
     self._timed = self._timed - 1
   end
-  settle(rec, m)
+  if rec ~= ORPHAN then settle(rec, m) end
 end
 
 -- Takes every result that is there now; returns how many.
@@ -806,16 +860,32 @@ local function describe_exit(code)
   return "exit code " .. code
 end
 
--- Replaces dead workers and fails exactly the tasks they held.
+-- Replaces dead workers and fails exactly the tasks they held; returns
+-- how many it found.
 function Pool:_check_workers()
+  local dead, broken = 0, nil
   for slot, w in pairs(self._workers) do
     local code, gone = w.h:poll()
     if gone then
+      dead = dead + 1
+      local took_sentinel = self._started[slot + 1] == -2
+      -- died in its initializer without a word (os.exit, a signal): after
+      -- three such deaths in a row the pool is broken instead of
+      -- replacing workers forever (Python's Pool loops here)
+      if self._started[slot + 1] == -3 then
+        self._init_deaths = (self._init_deaths or 0) + 1
+        if self._init_deaths >= 3 then
+          broken = string.format("initializer failed in a worker: worker %d died (%s) in it",
+                                 w.pid, describe_exit(code))
+        end
+      else
+        self._init_deaths = 0
+      end
       self:_drain()                 -- its last results, if they came
       local tag = self._tq:_taken(slot)
       -- tag 0 is the close sentinel (plain puts carry tag 0): that worker
       -- left as asked, and the sentinels left over are for the others
-      local left_as_asked = tag == 0
+      took_sentinel = took_sentinel or tag == 0
       if tag ~= nil and tag ~= 0 then
         if w.killed_for == tag then
           self:_fail_task(tag, new_error("TimeoutError", string.format(
@@ -831,12 +901,22 @@ function Pool:_check_workers()
       w.h:close()
       self._workers[slot] = nil
       self._started[slot + 1] = -1
-      if self._state == "RUN" or
-         (self._state == "CLOSE" and not left_as_asked and not self._tq:empty()) then
+      if broken then
+        -- (no replacement: the pool breaks below)
+      elseif self._state == "RUN" then
+        spawn_worker(self, slot)
+      elseif self._state == "CLOSE" and not took_sentinel and not self._tq:empty() then
+        -- tasks are left and this worker did not leave for a sentinel
+        -- (killed, or recycled by maxtasksperchild).  Its replacement
+        -- gets a sentinel of its own: the dead one may have taken one
+        -- in the instant before it died.  (A spare false is harmless.)
+        self._tq:put(false)
         spawn_worker(self, slot)
       end
     end
   end
+  if broken then self:_break(broken) end
+  return dead
 end
 
 -- Kills workers whose current task is overdue.
@@ -867,7 +947,8 @@ function Pool:_pump(deadline)
   local t = now()
   if self:_drain() > 0 and t < (self._next_check or 0) then return end
   self._next_check = t + 0.05
-  self:_check_workers()
+  -- a lost task has settled: the caller may be waiting for just that
+  if self:_check_workers() > 0 then return end
   local wake = deadline
   if (self._timed or 0) > 0 then
     local due = self:_check_timeouts()
@@ -915,7 +996,18 @@ function Pool:_break(msg, cause)
 end
 
 function Pool:_kill_workers()
-  for _, w in pairs(self._workers) do w.h:signal("SIGTERM") end
+  for slot, w in pairs(self._workers) do
+    if w.h:pid() == nil then
+      -- the handle was finalized before the pool (a pool dropped
+      -- without terminate: its workers' handles, made after it, are
+      -- finalized first); the worker still runs and is a child entry
+      -- the runtime reaps later, so its pid is still its own
+      core.kill(w.pid, "SIGKILL")
+      self._workers[slot] = nil
+    else
+      w.h:signal("SIGTERM")
+    end
+  end
   local deadline = now() + 1
   for slot, w in pairs(self._workers) do
     local _, gone = w.h:poll()
@@ -957,6 +1049,8 @@ function Pool:join()
     raise("ProcessError", "a pool can only be joined by the process that made it")
   end
   if self._state == "RUN" then raise("ValueError", "Pool is still running") end
+  -- terminate, or an earlier join, has released the queues: nothing to wait for
+  if self._released then return end
   while next(self._workers) ~= nil do
     self:_pump(nil)
     self:_check_workers()
