@@ -32,13 +32,14 @@ override LDFLAGS += $(SAN) -Wl,-z,now
 LIBS    := -lm
 
 # libedit (line editing, history and completion in the REPL) when
-# pkg-config finds it; without it (or with LIBEDIT=no) the REPL reads
-# plain lines.  build/tests/luamp-noedit is always built that way, so the
-# suite checks the fallback too.
+# pkg-config finds its header; the REPL loads the library (dlopen) when it
+# starts on a terminal, so scripts never map it.  Without it (or with
+# LIBEDIT=no, or when the library is missing at run time) the REPL reads
+# plain lines.  build/tests/luamp-noedit is always built without it, so
+# the suite checks the fallback too.
 LIBEDIT ?= $(shell pkg-config --exists libedit 2>/dev/null && echo yes)
 ifeq ($(LIBEDIT),yes)
 EDIT_CFLAGS := -DLUAMP_HAVE_LIBEDIT $(shell pkg-config --cflags libedit)
-EDIT_LIBS   := $(shell pkg-config --libs libedit)
 endif
 
 HOST_SRC := runtime/luamp.c runtime/repl.c
@@ -111,7 +112,7 @@ $(BUILD)/examples/embed-host: scripts/examples/embed/host.c $(BUILD)/libluamp.so
 	  $(LDFLAGS) $(LUA_LIBS) $(LIBS)
 
 $(BUILD)/luamp: $(HOST_OBJ) $(BUILD)/libluamp.a
-	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) $(EDIT_LIBS) $(LIBS)
+	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) -ldl $(LIBS)
 
 $(BUILD)/tests/luamp-noedit: $(NOEDIT_OBJ) $(BUILD)/libluamp.a | $(BUILD)/tests
 	$(CC) $(LDFLAGS) -o $@ $(NOEDIT_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) $(LIBS)

@@ -28,6 +28,7 @@
 #include <lauxlib.h>
 
 #ifdef LUAMP_HAVE_LIBEDIT
+#include <dlfcn.h>
 #include <editline/readline.h>
 #endif
 
@@ -139,6 +140,56 @@ static int push_helper(lua_State *L, const char *name) {
 
 #ifdef LUAMP_HAVE_LIBEDIT
 
+/* libedit is loaded when the REPL starts on a terminal, not linked: a
+ * script or a worker never maps it, which keeps every fork of a luamp
+ * process cheaper (fewer mappings to copy and fault in), and luamp runs
+ * where the library is missing, with a plain prompt.  The header gives the
+ * types; these pointers the functions and variables. */
+static struct {
+  __typeof__(&readline) readline;
+  __typeof__(&add_history) add_history;
+  __typeof__(&read_history) read_history;
+  __typeof__(&write_history) write_history;
+  __typeof__(&using_history) using_history;
+  __typeof__(&stifle_history) stifle_history;
+  __typeof__(&rl_initialize) initialize;
+  __typeof__(&rl_readline_name) readline_name;
+  __typeof__(&rl_catch_signals) catch_signals;
+  __typeof__(&rl_attempted_completion_function) attempted_completion_function;
+  __typeof__(&rl_basic_word_break_characters) basic_word_break_characters;
+  __typeof__(&rl_completer_word_break_characters) completer_word_break_characters;
+  __typeof__(&rl_completion_append_character) completion_append_character;
+  __typeof__(&rl_attempted_completion_over) attempted_completion_over;
+} ed;
+
+static int editing = 0;     /* libedit is loaded and reads the lines */
+
+static int load_libedit(void) {
+  void *h = dlopen("libedit.so.2", RTLD_NOW | RTLD_LOCAL);
+  if (h == NULL) return 0;
+#define SYM(field, name) \
+  if ((*(void **)&ed.field = dlsym(h, name)) == NULL) goto missing
+  SYM(readline, "readline");
+  SYM(add_history, "add_history");
+  SYM(read_history, "read_history");
+  SYM(write_history, "write_history");
+  SYM(using_history, "using_history");
+  SYM(stifle_history, "stifle_history");
+  SYM(initialize, "rl_initialize");
+  SYM(readline_name, "rl_readline_name");
+  SYM(catch_signals, "rl_catch_signals");
+  SYM(attempted_completion_function, "rl_attempted_completion_function");
+  SYM(basic_word_break_characters, "rl_basic_word_break_characters");
+  SYM(completer_word_break_characters, "rl_completer_word_break_characters");
+  SYM(completion_append_character, "rl_completion_append_character");
+  SYM(attempted_completion_over, "rl_attempted_completion_over");
+#undef SYM
+  return 1;
+missing:
+  dlclose(h);
+  return 0;
+}
+
 /* libedit's callbacks take no user pointer: the state being edited for. */
 static lua_State *edit_L = NULL;
 static char *history_path = NULL;
@@ -155,7 +206,7 @@ static char **complete(const char *text, int start, int end) {
   char **matches = NULL;
   size_t n, common = 0;
   (void)start; (void)end;
-  rl_attempted_completion_over = 1;  /* never fall back to file names */
+  *ed.attempted_completion_over = 1;  /* never fall back to file names */
   if (!push_helper(L, "complete")) return NULL;
   lua_pushstring(L, text);
   if (lua_pcall(L, 1, 1, 0) != LUA_OK || !lua_istable(L, -1)) goto done;
@@ -225,17 +276,17 @@ static void leave_user_locale(char *saved) {
 static void edit_open(lua_State *L) {
   char *loc = enter_user_locale();
   edit_L = L;
-  rl_readline_name = "luamp";
-  rl_catch_signals = 0;          /* Ctrl-C is ours (catch_prompt_sigint) */
-  rl_attempted_completion_function = complete;
-  rl_basic_word_break_characters = word_breaks;
-  rl_completer_word_break_characters = word_breaks;
-  rl_completion_append_character = '\0';
-  rl_initialize();
-  using_history();
-  stifle_history(1000);
+  *ed.readline_name = "luamp";
+  *ed.catch_signals = 0;         /* Ctrl-C is ours (catch_prompt_sigint) */
+  *ed.attempted_completion_function = complete;
+  *ed.basic_word_break_characters = word_breaks;
+  *ed.completer_word_break_characters = word_breaks;
+  *ed.completion_append_character = '\0';
+  ed.initialize();
+  ed.using_history();
+  ed.stifle_history(1000);
   history_path = find_history_path();
-  if (history_path) read_history(history_path);
+  if (history_path) ed.read_history(history_path);
   leave_user_locale(loc);
 }
 
@@ -251,21 +302,21 @@ static void edit_close(void) {
 static void remember(const char *line) {
   if (line[strspn(line, " \t")] == '\0') return;
   if (last_saved && strcmp(last_saved, line) == 0) return;
-  add_history(line);
+  ed.add_history(line);
   free(last_saved);
   last_saved = strdup(line);
   if (history_path) {
     /* private from the start: history may hold secrets */
     int fd = open(history_path, O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
     if (fd >= 0) close(fd);
-    write_history(history_path);
+    ed.write_history(history_path);
   }
 }
 
 static int edit_read_line(lua_State *L, const char *prompt) {
   char *line, *loc = enter_user_locale();
   prompt_interrupted = 0;
-  line = readline(prompt);
+  line = ed.readline(prompt);
   leave_user_locale(loc);
   if (prompt_interrupted) {  /* the read failed with EINTR */
     free(line);
@@ -285,7 +336,7 @@ static int edit_read_line(lua_State *L, const char *prompt) {
 static int read_line(lua_State *L, int first) {
   const char *prompt = get_prompt(L, first);
 #ifdef LUAMP_HAVE_LIBEDIT
-  if (interactive) return edit_read_line(L, prompt);
+  if (editing) return edit_read_line(L, prompt);
 #endif
   return plain_read_line(L, prompt);
 }
@@ -399,7 +450,8 @@ void luamp_repl(lua_State *L) {
   luamp_host_progname = NULL;
   if (interactive) load_helper(L);
 #ifdef LUAMP_HAVE_LIBEDIT
-  if (interactive) edit_open(L);
+  editing = interactive && load_libedit();
+  if (editing) edit_open(L);
 #endif
   for (;;) {
     int r, status;
@@ -422,7 +474,7 @@ void luamp_repl(lua_State *L) {
     else luamp_host_report(L, status);
   }
 #ifdef LUAMP_HAVE_LIBEDIT
-  if (interactive) edit_close();
+  if (editing) edit_close();
 #endif
   lua_settop(L, 0);
   fputc('\n', stdout);

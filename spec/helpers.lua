@@ -174,4 +174,25 @@ function H.eventually(f, timeout)
   return f()
 end
 
+-- fds of this process that are luamp shared objects (memfds) or POSIX
+-- shared memory: what a leak of ours would leave behind
+function H.our_fds()
+  local n = 0
+  local p = io.popen("ls -l /proc/" .. H.pid() .. "/fd")
+  for l in p:lines() do
+    if l:find("memfd:luamp", 1, true) or l:find("/dev/shm/", 1, true) then
+      n = n + 1
+    end
+  end
+  p:close()
+  return n
+end
+
+-- The error f(...) raises (the spec fails if it does not raise).
+function H.err_of(f, ...)
+  local ok, err = pcall(f, ...)
+  assert(not ok, "expected an error")
+  return err
+end
+
 return H

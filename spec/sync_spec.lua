@@ -7,25 +7,9 @@ local core = require "multiprocessing.core"
 
 local pit = it   -- cross-process (mp.Process)
 
--- fds of this process that are luamp shared objects (memfds) or POSIX
--- shared memory: what a leak of ours would leave behind
-local function our_fds()
-  local n = 0
-  local p = io.popen("ls -l /proc/" .. H.pid() .. "/fd")
-  for l in p:lines() do
-    if l:find("memfd:luamp", 1, true) or l:find("/dev/shm/", 1, true) then
-      n = n + 1
-    end
-  end
-  p:close()
-  return n
-end
+local our_fds = H.our_fds
 
-local function err_of(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
+local err_of = H.err_of
 
 local function kind_of(f, ...)
   local err = err_of(f, ...)
