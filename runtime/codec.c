@@ -1011,9 +1011,17 @@ static int enc_function(struct enc *e, int idx) {
   if (lua_rawget(L, -2) == LUA_TSTRING) {
     size_t n;
     const char *code = lua_tolstring(L, -1, &n);
-    r = put_string(e, code, n, 0);
+    unsigned char *p;
+    /* bin32 as on the first dump, so that every encoding of a function
+     * is the same bytes (the Pool recognises a function it has already
+     * shipped by its encoding) */
+    ROOM(e, n + 5);
+    p = wp(e);
+    p[0] = 0xc6;
+    w32(p + 1, (uint32_t)n);
+    memcpy(p + 5, code, n);
+    e->b->len += n + 5;
     lua_pop(L, 2);
-    if (r < 0) return -1;
   } else {
     lua_pop(L, 1);
     ROOM(e, 5);
@@ -1781,6 +1789,109 @@ static int l_register_class(lua_State *L) {
   return 0;
 }
 
+/* ---- upvalue snapshots: would a function encode as before? ----------- */
+
+/* The Pool resends a function with every task; when its upvalues still
+ * hold the same values, its encoding has not changed (bytecode never
+ * does) and need not be made again.  A snapshot records the upvalues whose
+ * encoding depends only on their identity: nil, booleans, numbers,
+ * strings, C functions, the globals (and _ENV views of them), loaded
+ * module tables, and Lua functions whose own upvalues are such (kept at
+ * snap[-i], to a depth of 4).  Any other upvalue (a plain table, whose
+ * contents may change, or userdata) makes the function unsnapshotable. */
+static int is_module_table(lua_State *L, int v) {
+  int r = 0;
+  if (lua_rawgetp(L, LUA_REGISTRYINDEX, &names_key) == LUA_TTABLE) {
+    lua_pushvalue(L, v);
+    r = lua_rawget(L, -2) == LUA_TTABLE;
+    lua_pop(L, 1);
+  }
+  lua_pop(L, 1);
+  return r;
+}
+
+/* Pushes the snapshot of the function at f and returns 1, or pushes
+ * nothing and returns 0. */
+static int snapshot(lua_State *L, int f, int depth) {
+  lua_Debug ar;
+  int snap;
+  const void *globals;
+  if (depth > 4 || !lua_checkstack(L, 8)) return 0;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+  globals = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  lua_pushvalue(L, f);
+  lua_getinfo(L, ">u", &ar);
+  lua_createtable(L, ar.nups, 0);
+  snap = lua_gettop(L);
+  for (int i = 1; i <= ar.nups; i++) {
+    const char *name = lua_getupvalue(L, f, i);
+    int v = lua_gettop(L), ok = 1;
+    switch (lua_type(L, v)) {
+      case LUA_TNIL: case LUA_TBOOLEAN: case LUA_TNUMBER: case LUA_TSTRING:
+        break;
+      case LUA_TFUNCTION:
+        if (!lua_iscfunction(L, v)) {
+          ok = snapshot(L, v, depth + 1);
+          if (ok) lua_rawseti(L, snap, -i);
+        }
+        break;
+      case LUA_TTABLE:
+        ok = lua_topointer(L, v) == globals ||
+             (name && strcmp(name, "_ENV") == 0 && lua_getmetatable(L, v) &&
+              (lua_pop(L, 1), 1)) ||
+             is_module_table(L, v);
+        break;
+      default:
+        ok = 0;
+    }
+    if (!ok) {
+      lua_settop(L, snap - 1);
+      return 0;
+    }
+    lua_rawseti(L, snap, i);
+  }
+  return 1;
+}
+
+static int same_as_snapshot(lua_State *L, int f, int snap, int depth) {
+  lua_Debug ar;
+  if (depth > 4 || !lua_checkstack(L, 6)) return 0;
+  lua_pushvalue(L, f);
+  lua_getinfo(L, ">u", &ar);
+  for (int i = 1; i <= ar.nups; i++) {
+    int same;
+    lua_getupvalue(L, f, i);
+    lua_rawgeti(L, snap, i);
+    same = lua_rawequal(L, -1, -2);
+    if (same && lua_type(L, -2) == LUA_TFUNCTION && !lua_iscfunction(L, -2)) {
+      lua_rawgeti(L, snap, -i);
+      same = lua_istable(L, -1) &&
+             same_as_snapshot(L, lua_gettop(L) - 2, lua_gettop(L), depth + 1);
+      lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+    if (!same) return 0;
+  }
+  return 1;
+}
+
+/* core.upvalue_snapshot(f) -> snapshot or nil */
+static int l_upvalue_snapshot(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  lua_settop(L, 1);
+  if (!snapshot(L, 1, 0)) lua_pushnil(L);
+  return 1;
+}
+
+/* core.upvalues_same(f, snapshot) -> boolean */
+static int l_upvalues_same(lua_State *L) {
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  lua_pushboolean(L, same_as_snapshot(L, 1, 2, 0));
+  return 1;
+}
+
 /* mp.codec_options{max_depth = n, track = bool} sets the process-wide
  * nesting limit and identity tracking; returns the current options. */
 static int l_codec_options(lua_State *L) {
@@ -1823,6 +1934,8 @@ int luamp_open_codec(lua_State *L) {
     {"register_class", l_register_class},
     {"codec_options", l_codec_options},
     {"Ext", l_ext},
+    {"upvalue_snapshot", l_upvalue_snapshot},
+    {"upvalues_same", l_upvalues_same},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

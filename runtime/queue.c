@@ -438,7 +438,13 @@ static int queue_put(lua_State *L, struct luamp_obj *o, int vidx,
   h->tail += need;                    /* the item exists from here on */
   journal_end(h);
   atomic_fetch_add(&h->put_seq, 1);
-  gs = atomic_load(&h->getters);
+  /* Only the put that makes the queue non-empty wakes a getter: that getter
+   * wakes the next one if items remain (see queue_get), so a producer
+   * filling the queue for sleeping consumers makes one system call, not
+   * one per item.  (A woken getter that dies before passing the wake-up on
+   * costs the others one wait slice, never a hang.) */
+  gs = atomic_load(&h->getters) > 0 &&
+       atomic_load_explicit(&h->count, memory_order_relaxed) == 1;
   /* a putter behind us may fit too (wake-ups are one at a time) */
   ps = atomic_load(&h->putters) > 0 &&
        (h->maxsize <= 0 || atomic_load(&h->count) < (uint64_t)h->maxsize);

@@ -13,6 +13,7 @@
 #include <sched.h>
 #include <stdio.h>
 #include <sys/mman.h>
+#include <stdint.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -149,6 +150,51 @@ static int l_getppid(lua_State *L) {
   return 1;
 }
 
+/* core.table_slice(t, i, j [, extra]) -> a new table holding t[i..j] at
+ * 1..j-i+1, presized (and raw: no metamethods); room for `extra` more
+ * array items is reserved.  The Pool cuts maps into chunks with it. */
+static int l_table_slice(lua_State *L) {
+  lua_Integer i = luaL_checkinteger(L, 2), j = luaL_checkinteger(L, 3);
+  lua_Integer extra = luaL_optinteger(L, 4, 0), n = j - i + 1;
+  luaL_checktype(L, 1, LUA_TTABLE);
+  if (n < 0) n = 0;
+  luaL_argcheck(L, n <= INT32_MAX - (extra > 0 ? extra : 0), 3, "slice too long");
+  lua_createtable(L, (int)(n + (extra > 0 ? extra : 0)), 0);
+  for (lua_Integer k = 0; k < n; k++) {
+    lua_rawgeti(L, 1, i + k);
+    lua_rawseti(L, -2, k + 1);
+  }
+  return 1;
+}
+
+/* core.table_into(dst, first, src, n): dst[first..first+n-1] = src[1..n],
+ * raw. */
+static int l_table_into(lua_State *L) {
+  lua_Integer first = luaL_checkinteger(L, 2), n = luaL_checkinteger(L, 4);
+  luaL_checktype(L, 1, LUA_TTABLE);
+  luaL_checktype(L, 3, LUA_TTABLE);
+  for (lua_Integer k = 1; k <= n; k++) {
+    lua_rawgeti(L, 3, k);
+    lua_rawseti(L, 1, first + k - 1);
+  }
+  return 0;
+}
+
+/* core.table_new(narray [, nhash]) -> an empty table with room */
+static int l_table_new(lua_State *L) {
+  lua_Integer na = luaL_checkinteger(L, 1), nh = luaL_optinteger(L, 2, 0);
+  luaL_argcheck(L, na >= 0 && na <= INT32_MAX, 1, "size out of range");
+  luaL_argcheck(L, nh >= 0 && nh <= INT32_MAX, 2, "size out of range");
+  lua_createtable(L, (int)na, (int)nh);
+  return 1;
+}
+
+/* core.isatty(fd) -> boolean */
+static int l_isatty(lua_State *L) {
+  lua_pushboolean(L, isatty((int)luaL_checkinteger(L, 1)) == 1);
+  return 1;
+}
+
 static int l_now(lua_State *L) {
   lua_pushnumber(L, luamp_now());
   return 1;
@@ -170,6 +216,10 @@ int luamp_open_sys(lua_State *L) {
     {"getpid", l_getpid},
     {"getppid", l_getppid},
     {"now", l_now},
+    {"isatty", l_isatty},
+    {"table_slice", l_table_slice},
+    {"table_into", l_table_into},
+    {"table_new", l_table_new},
     {"sleep", l_sleep},
     {NULL, NULL}
   };

@@ -49,6 +49,8 @@ local lazy = {
   connection = "multiprocessing.connection",
   Manager = "multiprocessing.managers",
   managers = "multiprocessing.managers",
+  Pool = "multiprocessing.pool",
+  pool = "multiprocessing.pool",
   get_logger = "multiprocessing.util",
   log_to_stderr = "multiprocessing.util",
 }

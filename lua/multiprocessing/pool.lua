@@ -1,0 +1,1081 @@
+-- multiprocessing.pool: Pool, AsyncResult and the imap iterators.
+--
+-- Policy lives here; the mechanisms are C: workers are forked with
+-- core.spawn, tasks travel through a shared-memory Queue (runtime/queue.c)
+-- and results through another, functions are encoded by the codec.
+--
+-- Tasks.  Each task (one apply, or one chunk of a map) is put on the task
+-- queue with a tag; a worker takes it with q:_get_slot(slot), which records
+-- the tag in the worker's slot in the same step as the take.  So when a
+-- worker dies, q:_taken(slot) names exactly the task it held: that task
+-- fails with WorkerLostError (unless its result already arrived), the
+-- worker is replaced, and every other task goes on.
+--
+-- Functions.  A task carries its function encoded by the codec (bytecode
+-- and the upvalues' values at submission).  Small encodings travel inline;
+-- bigger ones are appended once to a Store (a memfd the workers read) and
+-- tasks carry only their offset.  Workers keep decoded functions by
+-- content or offset, so each distinct function is decoded once per worker.
+--
+-- No threads: results are collected, callbacks run, dead workers are
+-- replaced and overdue tasks are killed while the owner is inside a pool
+-- call (map, get, wait, imap's iteration, join) or pool:poll().
+local core = require "multiprocessing.core"
+local process = require "multiprocessing.process"
+local connection = require "multiprocessing.connection"
+
+local encode, decode, now = core.encode, core.decode, core.now
+local upvalue_snapshot, upvalues_same = core.upvalue_snapshot, core.upvalues_same
+local table_slice, table_into, table_new = core.table_slice, core.table_into,
+                                           core.table_new
+local unpack, pack = table.unpack, table.pack
+local raise, new_error = core.raise, core.new_error
+local getpid = core.pid or core.getpid
+
+local M = {}
+
+local INLINE_MAX = 512       -- function encodings up to this travel inline
+local FCACHE_MAX = 512       -- decoded functions a worker keeps
+local FBLOBS_MAX = 1024      -- stored encodings the owner remembers
+local SLICE = 0.25           -- longest sleep while tasks have deadlines
+local APPLY, MAP, STARMAP = 1, 2, 3
+local NO_OPTIONS = setmetatable({}, {__newindex = function()
+  error("internal: options table is shared", 2)
+end})
+local OK, FAILED, INIT_FAILED = 0, 1, 2
+-- the record of a task whose map failed before it was fully submitted
+-- (its reply, when it comes, is dropped)
+local ORPHAN = {}
+
+-- ---------------------------------------------------------------------------
+-- Worker side
+
+local function traceback(e)
+  local msg
+  if type(e) == "string" then msg = e
+  elseif core.is_error(e) then msg = tostring(e)
+  else
+    local mt = getmetatable(e)
+    msg = mt and mt.__tostring and tostring(e) or
+          "(error object is a " .. type(e) .. " value)"
+  end
+  local tb = debug.traceback(msg, 2)
+  local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
+  return {value = e, traceback = cut and tb:sub(1, cut - 1) or tb}
+end
+
+-- The error a caller sees for a task that raised e in a worker.
+local function remote_error(caught)
+  local e = caught.value
+  local msg
+  if type(e) == "string" then msg = e
+  elseif core.is_error(e) then msg = e.kind .. ": " .. tostring(e.message)
+  else msg = "(error object is a " .. type(e) .. " value)" end
+  return new_error("RemoteError", msg, {value = e, traceback = caught.traceback})
+end
+
+-- Runs f over items 1..n of a chunk, results into out; count[1] is set
+-- to the number of items finished when an item fails.
+local function run_chunk(f, items, n, out, star, count, stamp)
+  local i = 0
+  local ok, err = xpcall(function()
+    if stamp or star then
+      for k = 1, n do
+        i = k - 1
+        if stamp then stamp() end
+        if star then
+          local a = items[k]
+          out[k] = f(unpack(a, 1, a.n or #a))
+        else
+          out[k] = f(items[k])
+        end
+      end
+    else
+      for k = 1, n do
+        i = k - 1
+        out[k] = f(items[k])
+      end
+    end
+  end, traceback)
+  count[1] = i
+  return ok, err
+end
+
+local function worker_main(cfg)
+  process._become_child(cfg.name, true)
+  local tq, rq, store, slot = cfg.tq, cfg.rq, cfg.store, cfg.slot
+  local starts, started = cfg.starts, cfg.started
+  if cfg.initializer then
+    local a = cfg.initargs
+    local ok, err = xpcall(cfg.initializer, traceback, unpack(a, 1, a.n or #a))
+    if not ok then
+      local e = remote_error(err)
+      if not pcall(rq.put, rq, {-1, INIT_FAILED, e}) then
+        rq:put({-1, INIT_FAILED, new_error("RemoteError", e.message,
+                                           {traceback = e.traceback})})
+      end
+      return 1
+    end
+    started[slot + 1] = -1              -- the initializer is done
+  end
+  -- decoded functions, by their encoding (inline) or store offset
+  local fns, nfns = {}, 0
+  local function resolve(fr, flen)
+    local f = fns[fr]
+    if f == nil then
+      f = decode(flen and store:get(fr, flen) or fr)
+      if nfns >= FCACHE_MAX then fns, nfns = {}, 0 end
+      fns[fr], nfns = f, nfns + 1
+    end
+    return f
+  end
+  local function apply_reply(tag, ok, ...)
+    if ok then return {tag, OK, select("#", ...), ...} end
+    return {tag, FAILED, remote_error((...))}
+  end
+  local stamp = function() starts[slot + 1] = now() end
+  local done, limit = 0, cfg.maxtasks
+  while true do
+    local task = tq:_get_slot(slot)
+    if not task then
+      -- false: the pool is closing; tell the owner this worker took its
+      -- sentinel, so that it is not replaced
+      started[slot + 1] = -2
+      break
+    end
+    local tag, mode, items, n = task[1], task[3], task[4], task[5]
+    local f = resolve(task[2], task[7])
+    local timed = task[6]
+    if timed then
+      starts[slot + 1] = now()
+      started[slot + 1] = tag
+    end
+    local reply
+    -- replies: {tag, OK, n, v1..vn} for apply, {tag, OK, n, results} for
+    -- a chunk, {tag, FAILED, err [, partial results, count]}
+    if mode == APPLY then
+      reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
+    else
+      local out, count = table_new(n), {0}
+      local ok, err = run_chunk(f, items, n, out, mode == STARMAP, count,
+                                timed and stamp or nil)
+      if ok then reply = {tag, OK, n, out}
+      else reply = {tag, FAILED, remote_error(err), out, count[1]} end
+    end
+    local ok, err = pcall(rq.put, rq, reply)
+    if not ok then
+      -- the result cannot travel: the task fails, the worker lives
+      if core.is_error(err, "EncodeError") then
+        -- name the result, not the reply's insides: an apply's k-th value
+        -- (reply[3 + k]), a chunk's j-th item (reply[4][j], renumbered
+        -- over the whole input by the owner)
+        local msg, j, rest = err.message, nil, nil
+        if mode == APPLY then
+          msg = msg:gsub(" at value%[(%d+)%]", function(k)
+            return string.format(" at result[%d]", tonumber(k) - 3)
+          end, 1)
+        else
+          local head
+          head, j, rest = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
+          if head then msg = head end
+        end
+        err = new_error("EncodeError", msg)
+        if j then err.item, err.rest = tonumber(j), rest end
+      end
+      rq:put({tag, FAILED, err})
+    end
+    done = done + 1
+    if limit and done >= limit then break end
+  end
+  return 0
+end
+
+-- ---------------------------------------------------------------------------
+-- Results
+
+local AsyncResult = {}
+AsyncResult.__index = AsyncResult
+AsyncResult.__name = "AsyncResult"
+
+local function new_job(pool, kind, opts)
+  local job = setmetatable({_pool = pool, _kind = kind, _done = false}, AsyncResult)
+  if opts then
+    job._callback, job._error_callback = opts.callback, opts.error_callback
+  end
+  if kind == "imap" then pool._jobs[job] = true end
+  return job
+end
+
+local function run_callback(pool, f, v)
+  local ok, err = xpcall(f, debug.traceback, v)
+  if not ok then
+    -- a failing callback is reported, and the pool goes on
+    io.stderr:write("Exception in pool callback: ", tostring(err), "\n")
+    io.stderr:flush()
+    pool._callback_errors = (pool._callback_errors or 0) + 1
+  end
+end
+
+-- Marks job finished and runs its callback.
+local function finish(job)
+  if job._done then return end
+  job._done = true
+  if job._kind == "imap" then job._pool._jobs[job] = nil end
+  if job._progress then job._progress:finish(job) end
+  if job._ok then
+    if job._callback then
+      run_callback(job._pool, job._callback,
+                   job._kind == "apply" and job._value[4] or job._value)
+    end
+  elseif job._error_callback then
+    run_callback(job._pool, job._error_callback,
+                 job._kind == "apply" and job._value[3] or job._value)
+  end
+end
+
+-- A task's outcome: m is the worker's reply (or a made-up failure).  A
+-- task record is the job itself for apply, {job, first, count, chunk} for
+-- a chunk of the map family.
+local function settle(rec, m)
+  local ok = m[2] == OK
+  if rec._kind then                  -- apply: the record is the job
+    rec._ok, rec._value = ok, m
+    return finish(rec)
+  end
+  local job, first, count, chunk = rec[1], rec[2], rec[3], rec[4]
+  local got
+  if ok then
+    got = m[3]
+    if got > 0 then table_into(job._results, first, m[4], got) end
+  else
+    got = m[5] or 0
+    if got > 0 then table_into(job._results, first, m[4], got) end
+    local err = m[3]
+    if type(err) == "table" and err.item then
+      -- a result that could not travel: its index over the whole input
+      err.message = string.format("%s at result[%d]%s", err.message,
+                                  first + err.item - 1, err.rest)
+      err.item, err.rest = nil, nil
+    end
+    if job._err == nil or first < job._err_at then
+      job._err, job._err_at = m[3], first + got
+    end
+    job._chunk_err[chunk] = m[3]
+  end
+  job._chunk_done[chunk] = got
+  job._items_done = job._items_done + count
+  job._left = job._left - 1
+  if job._progress then job._progress:update(job) end
+  if job._kind == "imap" then return end
+  if job._left == 0 then
+    if job._err then job._ok, job._value = false, job._err
+    else job._ok, job._value = true, job._results end
+    finish(job)
+  end
+end
+
+function AsyncResult:ready()
+  if not self._done then self._pool:_pump(0) end
+  return self._done
+end
+
+function AsyncResult:wait(timeout)
+  local deadline = timeout and now() + math.max(timeout, 0)
+  while not self._done do
+    if deadline and now() >= deadline then return false end
+    self._pool:_pump(deadline)
+  end
+  return true
+end
+
+function AsyncResult:get(timeout)
+  if not self:wait(timeout) then raise("TimeoutError", "result not ready in time") end
+  local v = self._value
+  if self._kind == "apply" then
+    if not self._ok then error(v[3], 0) end
+    return unpack(v, 4, 3 + v[3])
+  end
+  if not self._ok then error(v, 0) end
+  return v
+end
+
+function AsyncResult:successful()
+  if not self:ready() then raise("ValueError", "result is not ready") end
+  return self._ok
+end
+
+-- ---------------------------------------------------------------------------
+-- Progress bar: stderr, redrawn at most 10 times a second on a terminal; a
+-- plain final line otherwise.
+
+local Progress = {}
+Progress.__index = Progress
+
+local function new_progress(total)
+  return setmetatable({total = total, t0 = now(), last = 0,
+                       tty = core.isatty(2)}, Progress)
+end
+
+local function clock(s)
+  s = math.max(0, math.floor(s + 0.5))
+  return string.format("%d:%02d", s // 60, s % 60)
+end
+
+function Progress:line(done)
+  local dt = now() - self.t0
+  local rate = dt > 0 and done / dt or 0
+  local eta = rate > 0 and (self.total - done) / rate or 0
+  local width = 30
+  local fill = self.total > 0 and math.floor(width * done / self.total) or width
+  return string.format("[%s%s] %d/%d %.1f it/s ETA %s", string.rep("#", fill),
+    string.rep(".", width - fill), done, self.total, rate, clock(eta))
+end
+
+function Progress:update(job)
+  if not self.tty then return end
+  local t = now()
+  if t - self.last < 0.1 then return end
+  self.last = t
+  io.stderr:write("\r", self:line(job._items_done), "\27[K")
+  io.stderr:flush()
+end
+
+function Progress:finish(job)
+  local done, dt = job._items_done, now() - self.t0
+  if self.tty then
+    io.stderr:write("\r", self:line(done), "\27[K\n")
+  else
+    io.stderr:write(string.format("%d/%d done in %.2f s (%.1f it/s)\n", done,
+      self.total, dt, dt > 0 and done / dt or 0))
+  end
+  io.stderr:flush()
+end
+
+-- ---------------------------------------------------------------------------
+-- Pool
+
+local Pool = {}
+Pool.__index = Pool
+Pool.__name = "Pool"
+
+local pool_count = 0
+
+local function check_function(f, argn, fname)
+  if type(f) ~= "function" then
+    error(string.format("bad argument #%d to '%s' (function expected, got %s)",
+                        argn, fname, type(f)), 3)
+  end
+end
+
+local function spawn_worker(self, slot)
+  local cfg = {
+    tq = self._tq, rq = self._rq, store = self._store, slot = slot,
+    starts = self._starts, started = self._started,
+    initializer = self._initializer, initargs = self._initargs,
+    maxtasks = self._maxtasks,
+    name = string.format("%s-Worker-%d", self._name, slot + 1),
+  }
+  -- -3: in the initializer (the worker sets -1 once it returned)
+  if self._initializer then self._started[slot + 1] = -3 end
+  local h = core.spawn(worker_main, cfg, true, true)
+  self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel()}
+end
+
+function M.Pool(opts, initializer, initargs, maxtasksperchild)
+  local n
+  if type(opts) == "table" then
+    n = opts.processes
+    initializer, initargs = opts.initializer, opts.initargs
+    maxtasksperchild = opts.maxtasksperchild
+  else
+    n = opts
+  end
+  if n == nil then n = core.cpu_count() end
+  if math.type(n) ~= "integer" then
+    n = math.tointeger(n)
+    if not n then error("bad argument #1 to 'Pool' (processes must be an integer)", 2) end
+  end
+  if n < 1 then raise("ValueError", "Number of processes must be at least 1") end
+  if n > 4096 then raise("ValueError", "at most 4096 processes") end
+  if initializer ~= nil and type(initializer) ~= "function" then
+    raise("ValueError", "initializer must be a function")
+  end
+  if maxtasksperchild ~= nil and (math.type(maxtasksperchild) ~= "integer" or
+                                  maxtasksperchild < 1) then
+    raise("ValueError", "maxtasksperchild must be a positive integer")
+  end
+  pool_count = pool_count + 1
+  local self = setmetatable({
+    _n = n, _owner = getpid(), _state = "RUN", _name = "Pool" .. pool_count,
+    _initializer = initializer, _initargs = initargs or {},
+    _maxtasks = maxtasksperchild,
+    _tq = core.Queue{slots = n}, _rq = core.Queue(), _store = core.Store(),
+    _starts = core.RawArray("d", n), _started = core.RawArray("q", n),
+    _workers = {}, _tasks = {}, _timeouts = {}, _jobs = {}, _tag = 1,
+    _fblobs = {}, _nfblobs = 0, _fcache = setmetatable({}, {__mode = "k"}),
+  }, Pool)
+  for slot = 0, n - 1 do self._started[slot + 1] = -1 end
+  for slot = 0, n - 1 do spawn_worker(self, slot) end
+  return self
+end
+
+local function check_running(self)
+  if self._state ~= "RUN" then
+    if self._state == "BROKEN" then
+      raise("BrokenPoolError", self._broken_msg or "the pool is broken")
+    end
+    raise("ValueError", "Pool not running")
+  end
+  if self._owner ~= getpid() then
+    raise("ProcessError", "a pool can only be used by the process that made it")
+  end
+end
+
+-- The task's function reference.  The codec's encoding of f (bytecode and
+-- the upvalues' current values) goes inline the first time; when the same
+-- encoding is sent again -- the same function, unchanged upvalues -- it is
+-- put in the store once and tasks carry only its place.  A map sends its
+-- function with many tasks, so it is stored at once (stored = true).
+-- Encodings too big to copy into every task are always stored.
+function Pool:_fref(f, stored)
+  local c = self._fcache[f]
+  -- unchanged since the last submission: the same encoding, stored now
+  if c and c.snap and upvalues_same(f, c.snap) then
+    if c.ref then return c.ref end
+    if not stored and c.inline_left > 0 then
+      c.inline_left = c.inline_left - 1
+      return c.blob
+    end
+    c.ref = self:_store_blob(c.blob)
+    return c.ref
+  end
+  local ok, blob = pcall(encode, f)
+  if not ok then
+    if core.is_error(blob, "EncodeError") then
+      blob = new_error("EncodeError", (blob.message:gsub(" at value", " at function", 1)))
+    end
+    error(blob, 0)
+  end
+  if c and c.blob == blob then
+    if c.ref then return c.ref end
+    stored = true
+  end
+  c = {blob = blob, snap = upvalue_snapshot(f), inline_left = 1}
+  self._fcache[f] = c
+  if not stored and #blob <= INLINE_MAX then return blob end
+  c.ref = self:_store_blob(blob)
+  return c.ref
+end
+
+-- Appends an encoding to the store, once.
+function Pool:_store_blob(blob)
+  local ref = self._fblobs[blob]
+  if not ref then
+    if self._nfblobs >= FBLOBS_MAX then self._fblobs, self._nfblobs = {}, 0 end
+    ref = {self._store:put(blob), #blob}
+    self._fblobs[blob], self._nfblobs = ref, self._nfblobs + 1
+  end
+  return ref
+end
+
+-- An EncodeError about a task message, told in the caller's terms.
+local function rename_path(err, mode, first)
+  if not core.is_error(err, "EncodeError") then return err end
+  local msg = err.message
+  if mode == APPLY then
+    msg = msg:gsub(" at value%[4%]", " at args", 1)
+  else
+    msg = msg:gsub(" at value%[4%]%[(%d+)%]", function(k)
+      return " at iterable[" .. (first + tonumber(k) - 1) .. "]"
+    end, 1)
+  end
+  return new_error("EncodeError", msg)
+end
+
+-- Puts one task on the queue: {tag, function, mode, items, n, timed,
+-- function length when stored}; rec is what the reply settles.
+function Pool:_submit(rec, fref, mode, items, n, first, timeout)
+  local tag = self._tag
+  local ok, err
+  if type(fref) == "string" then
+    ok, err = pcall(self._tq._put_tagged, self._tq,
+                    {tag, fref, mode, items, n, timeout and true or false}, tag)
+  else
+    ok, err = pcall(self._tq._put_tagged, self._tq,
+                    {tag, fref[1], mode, items, n, timeout and true or false, fref[2]}, tag)
+  end
+  if not ok then error(rename_path(err, mode, first), 0) end
+  self._tag = tag + 1
+  self._tasks[tag] = rec
+  if timeout then
+    self._timeouts[tag] = timeout
+    self._timed = (self._timed or 0) + 1
+  end
+  return tag
+end
+
+-- Options of apply_async's third argument and the map family's third.
+local function task_options(x, what)
+  if type(x) == "table" then
+    local t = x.timeout
+    if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
+      raise("ValueError", "timeout must be a non-negative number")
+    end
+    return x
+  elseif x == nil then return NO_OPTIONS
+  elseif what == "apply" and type(x) == "function" then return {callback = x}
+  elseif what == "map" and math.type(x) == "integer" then return {chunksize = x}
+  end
+  error("bad option table for " .. what, 3)
+end
+
+-- The options of a *_async call with its positional callbacks merged in.
+local function with_callbacks(opts, callback, error_callback)
+  local o = task_options(opts, "map")
+  if callback == nil and error_callback == nil then return o end
+  local t = {}
+  for k, v in pairs(o) do t[k] = v end
+  t.callback = t.callback or callback
+  t.error_callback = t.error_callback or error_callback
+  return t
+end
+
+local function check_args(args)
+  if args == nil then return {n = 0} end
+  if type(args) ~= "table" then
+    error("bad argument #2 (args must be a table, got " .. type(args) .. ")", 3)
+  end
+  return args
+end
+
+function Pool:apply_async(f, args, opts, error_callback)
+  check_running(self)
+  check_function(f, 1, "apply_async")
+  args = check_args(args)
+  opts = task_options(opts, "apply")
+  if error_callback then
+    opts = {callback = opts.callback, error_callback = error_callback,
+            timeout = opts.timeout}
+  end
+  local fref = self:_fref(f)
+  local job = new_job(self, "apply", opts)
+  self:_submit(job, fref, APPLY, args, args.n or #args, 1, opts.timeout)
+  return job
+end
+
+function Pool:apply(f, args, opts)
+  return self:apply_async(f, args, opts):get()
+end
+
+-- The items of an iterable: a sequence (args.n honoured) or an iterator
+-- function returning nil at the end.
+local function collect(iterable)
+  if type(iterable) == "table" then return iterable, iterable.n or #iterable end
+  if type(iterable) == "function" then
+    local items, n = {}, 0
+    for v in iterable do
+      n = n + 1
+      items[n] = v
+    end
+    return items, n
+  end
+  error("bad argument #2 (iterable must be a table or an iterator function, got " ..
+        type(iterable) .. ")", 3)
+end
+
+local function default_chunksize(n, workers)
+  if n == 0 then return 1 end
+  local c, extra = n // (workers * 4), n % (workers * 4)
+  if extra > 0 then c = c + 1 end
+  return c
+end
+
+function Pool:_map_async(f, iterable, opts, mode, fname)
+  check_running(self)
+  check_function(f, 1, fname)
+  opts = task_options(opts, "map")
+  local items, n = collect(iterable)
+  local chunksize = opts.chunksize
+  if chunksize == nil then
+    chunksize = opts.timeout and 1 or default_chunksize(n, self._n)
+  elseif math.type(chunksize) ~= "integer" or chunksize < 1 then
+    raise("ValueError", "Chunksize must be 1+, not " .. tostring(chunksize))
+  end
+  local job = new_job(self, "map", opts)
+  job._results = table_new(n, 1)
+  job._results.n = n
+  job._left, job._items_done = 0, 0
+  job._chunk_done, job._chunk_err = {}, {}
+  if opts.progress then job._progress = new_progress(n) end
+  local fref = self:_fref(f, true)
+  local ok, err = pcall(self._submit_chunks, self, job, fref, mode, items, n,
+                        chunksize, opts.timeout)
+  if not ok then
+    -- this map fails now; chunks already queued run, unheard
+    for tag, r in pairs(self._tasks) do
+      if r[1] == job then self._tasks[tag] = ORPHAN end
+    end
+    error(err, 0)
+  end
+  if job._left == 0 then
+    job._ok, job._value = true, job._results
+    finish(job)
+  end
+  return job
+end
+
+-- Queues the chunks of a map: items[1..n] in chunks of chunksize.
+function Pool:_submit_chunks(job, fref, mode, items, n, chunksize, timeout)
+  local chunk = 0
+  for first = 1, n, chunksize do
+    local last = first + chunksize - 1
+    if last > n then last = n end
+    local payload = chunksize == 1 and {items[first]} or
+                    table_slice(items, first, last)
+    chunk = chunk + 1
+    self:_submit({job, first, last - first + 1, chunk}, fref, mode, payload,
+                 last - first + 1, first, timeout)
+    job._left = job._left + 1
+  end
+end
+
+function Pool:map_async(f, iterable, opts, callback, error_callback)
+  return self:_map_async(f, iterable, with_callbacks(opts, callback, error_callback),
+                         MAP, "map_async")
+end
+
+function Pool:map(f, iterable, opts)
+  return self:_map_async(f, iterable, opts, MAP, "map"):get()
+end
+
+function Pool:starmap_async(f, iterable, opts, callback, error_callback)
+  return self:_map_async(f, iterable, with_callbacks(opts, callback, error_callback),
+                         STARMAP, "starmap_async")
+end
+
+function Pool:starmap(f, iterable, opts)
+  return self:_map_async(f, iterable, opts, STARMAP, "starmap"):get()
+end
+
+-- imap and imap_unordered: for i, v in pool:imap(f, xs) do ... end.  The
+-- input is read ahead by a bounded number of chunks, so an endless
+-- iterator function works; results come as (index, value) so that nil
+-- values do not end the loop.
+function Pool:_imap(f, iterable, opts, ordered, fname)
+  check_running(self)
+  check_function(f, 1, fname)
+  opts = task_options(opts, "map")
+  local chunksize = opts.chunksize or 1
+  if math.type(chunksize) ~= "integer" or chunksize < 1 then
+    raise("ValueError", "Chunksize must be 1+, not " .. tostring(chunksize))
+  end
+  local next_item
+  if type(iterable) == "table" then
+    local i, n = 0, iterable.n or #iterable
+    next_item = function()
+      if i >= n then return false end
+      i = i + 1
+      return true, iterable[i]
+    end
+  elseif type(iterable) == "function" then
+    next_item = function()
+      local v = iterable()
+      if v == nil then return false end
+      return true, v
+    end
+  else
+    error("bad argument #2 to '" .. fname .. "' (table or function expected)", 2)
+  end
+  local job = new_job(self, "imap", opts)
+  job._results, job._left, job._items_done = {}, 0, 0
+  job._chunk_done, job._chunk_err = {}, {}
+  if opts.progress and type(iterable) == "table" then
+    job._progress = new_progress(iterable.n or #iterable)
+  end
+  local fref = self:_fref(f, true)
+  local ahead = math.max(4, 2 * self._n)
+  local fed, chunks, exhausted = 0, 0, false
+  -- items the caller has had (or that failed with their chunk); the
+  -- read-ahead is bounded by fed - consumed, not by the chunks in flight,
+  -- so that a slow consumer does not make results pile up without end
+  local consumed, sizes = 0, {}
+  local yielded_chunk, yielded_item = 1, 0     -- ordered: position
+  local ready, rlen = {}, 0                     -- unordered: indexes ready
+  local rpos = 1
+  local pool = self
+
+  local function feed()
+    if pool._state ~= "RUN" then exhausted = true end
+    while not exhausted and fed - consumed < ahead * chunksize do
+      local payload, k = {}, 0
+      local first = fed + 1
+      while k < chunksize do
+        local more, v = next_item()
+        if not more then exhausted = true break end
+        k = k + 1
+        payload[k] = v
+      end
+      if k == 0 then break end
+      fed = fed + k
+      job._chunk_first[chunks + 1] = first
+      pool:_submit({job, first, k, chunks + 1}, fref, MAP, payload, k, first,
+                   opts.timeout)
+      chunks = chunks + 1
+      sizes[chunks] = k
+      job._left = job._left + 1
+    end
+  end
+
+  -- unordered: collect newly finished chunks' items; a harvested chunk
+  -- leaves _chunk_done, so each harvest costs only the chunks new since
+  -- the last one
+  local lost = {}        -- a failed chunk -> its items that did not run
+  local function harvest()
+    local done, firsts = job._chunk_done, job._chunk_first
+    for c, count in pairs(done) do
+      done[c] = nil
+      local first = firsts[c]
+      firsts[c] = nil
+      for i = first, first + count - 1 do
+        rlen = rlen + 1
+        ready[rlen] = i
+      end
+      if job._chunk_err[c] then
+        rlen = rlen + 1
+        ready[rlen] = -c
+        lost[c] = sizes[c] - count
+      end
+      sizes[c] = nil
+    end
+  end
+  job._chunk_first = {}
+  local function iter()
+    feed()
+    while true do
+      if ordered then
+        local count = job._chunk_done[yielded_chunk]
+        if count ~= nil then
+          if yielded_item < count then
+            yielded_item = yielded_item + 1
+            local idx = job._chunk_first[yielded_chunk] + yielded_item - 1
+            local v = job._results[idx]
+            job._results[idx] = nil
+            return idx, v
+          end
+          local c = yielded_chunk
+          local err = job._chunk_err[c]
+          consumed = consumed + sizes[c]
+          -- (a passed chunk's records go: an endless input keeps no trail)
+          job._chunk_done[c], job._chunk_first[c], sizes[c] = nil, nil, nil
+          yielded_chunk, yielded_item = c + 1, 0
+          if err then
+            job._chunk_err[yielded_chunk - 1] = nil
+            error(err, 0)
+          end
+          feed()
+        elseif exhausted and job._left == 0 and yielded_chunk > chunks then
+          if job._broken then error(job._broken, 0) end
+          if not job._done then job._ok, job._value = true, nil finish(job) end
+          return nil
+        else
+          pool:_pump(nil)
+          feed()
+        end
+      else
+        harvest()
+        if rpos <= rlen then
+          local idx = ready[rpos]
+          ready[rpos] = nil
+          rpos = rpos + 1
+          if idx < 0 then
+            local err = job._chunk_err[-idx]
+            consumed = consumed + lost[-idx]
+            job._chunk_err[-idx], lost[-idx] = nil, nil
+            error(err, 0)
+          end
+          consumed = consumed + 1
+          local v = job._results[idx]
+          job._results[idx] = nil
+          return idx, v
+        elseif exhausted and job._left == 0 then
+          if job._broken then error(job._broken, 0) end
+          if not job._done then job._ok, job._value = true, nil finish(job) end
+          return nil
+        else
+          pool:_pump(nil)
+          feed()
+        end
+      end
+    end
+  end
+  return iter
+end
+
+function Pool:imap(f, iterable, opts)
+  return self:_imap(f, iterable, opts, true, "imap")
+end
+
+function Pool:imap_unordered(f, iterable, opts)
+  return self:_imap(f, iterable, opts, false, "imap_unordered")
+end
+
+-- ---------------------------------------------------------------------------
+-- The owner's side of the machinery
+
+-- Handles one message from the result queue.
+function Pool:_handle(m)
+  local tag, status = m[1], m[2]
+  if status == INIT_FAILED then
+    return self:_break("initializer failed in a worker: " .. tostring(m[3].message),
+                       m[3])
+  end
+  local rec = self._tasks[tag]
+  if rec == nil then return end            -- failed already (worker lost)
+  self._tasks[tag] = nil
+  if self._timeouts[tag] then
+    self._timeouts[tag] = nil
+    self._timed = self._timed - 1
+  end
+  if rec ~= ORPHAN then settle(rec, m) end
+end
+
+-- Takes every result that is there now; returns how many.
+function Pool:_drain()
+  local rq, n = self._rq, 0
+  while not rq:empty() do
+    self:_handle(rq:get_nowait())
+    n = n + 1
+  end
+  return n
+end
+
+-- A task lost with its worker (or killed for its timeout).
+function Pool:_fail_task(tag, err)
+  return self:_handle({tag, FAILED, err})
+end
+
+local function describe_exit(code)
+  if code == nil then return "an unknown status" end
+  if code < 0 then return "signal " .. -code end
+  return "exit code " .. code
+end
+
+-- Replaces dead workers and fails exactly the tasks they held; returns
+-- how many it found.
+function Pool:_check_workers()
+  local dead, broken = 0, nil
+  for slot, w in pairs(self._workers) do
+    local code, gone = w.h:poll()
+    if gone then
+      dead = dead + 1
+      local took_sentinel = self._started[slot + 1] == -2
+      -- died in its initializer without a word (os.exit, a signal): after
+      -- three such deaths in a row the pool is broken instead of
+      -- replacing workers forever (Python's Pool loops here)
+      if self._started[slot + 1] == -3 then
+        self._init_deaths = (self._init_deaths or 0) + 1
+        if self._init_deaths >= 3 then
+          broken = string.format("initializer failed in a worker: worker %d died (%s) in it",
+                                 w.pid, describe_exit(code))
+        end
+      else
+        self._init_deaths = 0
+      end
+      self:_drain()                 -- its last results, if they came
+      local tag = self._tq:_taken(slot)
+      -- tag 0 is the close sentinel (plain puts carry tag 0): that worker
+      -- left as asked, and the sentinels left over are for the others
+      took_sentinel = took_sentinel or tag == 0
+      if tag ~= nil and tag ~= 0 then
+        if w.killed_for == tag then
+          self:_fail_task(tag, new_error("TimeoutError", string.format(
+            "task took longer than its %g s timeout; worker %d was killed",
+            self._timeouts[tag] or 0, w.pid)))
+        else
+          self:_fail_task(tag, new_error("WorkerLostError", string.format(
+            "worker %d died (%s) while running this task", w.pid,
+            describe_exit(code))))
+        end
+      end
+      if tag ~= nil then self._tq:_clear(slot) end
+      w.h:close()
+      self._workers[slot] = nil
+      self._started[slot + 1] = -1
+      if broken then
+        -- (no replacement: the pool breaks below)
+      elseif self._state == "RUN" then
+        spawn_worker(self, slot)
+      elseif self._state == "CLOSE" and not took_sentinel and not self._tq:empty() then
+        -- tasks are left and this worker did not leave for a sentinel
+        -- (killed, or recycled by maxtasksperchild).  Its replacement
+        -- gets a sentinel of its own: the dead one may have taken one
+        -- in the instant before it died.  (A spare false is harmless.)
+        self._tq:put(false)
+        spawn_worker(self, slot)
+      end
+    end
+  end
+  if broken then self:_break(broken) end
+  return dead
+end
+
+-- Kills workers whose current task is overdue.
+function Pool:_check_timeouts()
+  local t = now()
+  local wake
+  for slot, w in pairs(self._workers) do
+    local tag = self._started[slot + 1]
+    local timeout = tag >= 0 and self._tasks[tag] and self._timeouts[tag]
+    if timeout and not w.killed_for then
+      local due = self._starts[slot + 1] + timeout
+      if t >= due then
+        w.killed_for = tag
+        w.h:signal("SIGKILL")
+      elseif not wake or due < wake then
+        wake = due
+      end
+    end
+  end
+  return wake
+end
+
+-- Makes progress: takes results, runs callbacks, replaces workers, kills
+-- overdue tasks; sleeps until something happens or the deadline (nil:
+-- until something happens; 0: do not sleep).
+function Pool:_pump(deadline)
+  if self._owner ~= getpid() then return end
+  local t = now()
+  if self:_drain() > 0 and t < (self._next_check or 0) then return end
+  self._next_check = t + 0.05
+  -- a lost task has settled: the caller may be waiting for just that
+  if self:_check_workers() > 0 then return end
+  local wake = deadline
+  if (self._timed or 0) > 0 then
+    local due = self:_check_timeouts()
+    local slice = now() + SLICE
+    if due and due < slice then slice = due end
+    if not wake or slice < wake then wake = slice end
+  end
+  -- nothing can happen: do not sleep
+  if deadline == 0 or next(self._workers) == nil or
+     (next(self._tasks) == nil and deadline == nil and self._state ~= "CLOSE") then
+    return
+  end
+  local objs = {self._rq}
+  for _, w in pairs(self._workers) do objs[#objs + 1] = w.sentinel end
+  local timeout = wake and math.max(wake - now(), 0) or nil
+  connection.wait(objs, timeout)
+  self:_drain()
+end
+
+-- pool:poll(): runs callbacks of finished tasks without waiting.
+function Pool:poll()
+  self:_pump(0)
+end
+
+-- Every live job fails with err (terminate, a broken pool).
+function Pool:_fail_all(err)
+  for tag in pairs(self._tasks) do self:_fail_task(tag, err) end
+  for job in pairs(self._jobs) do
+    if not job._done then
+      job._ok, job._value = false, err
+      if job._kind == "imap" then job._broken = err end
+      finish(job)
+    end
+  end
+end
+
+function Pool:_break(msg, cause)
+  if self._state == "BROKEN" then return end
+  self._state = "BROKEN"
+  self._broken_msg = msg
+  local err = new_error("BrokenPoolError", msg,
+                        {value = cause, traceback = cause and cause.traceback})
+  self:_kill_workers()
+  self:_fail_all(err)
+end
+
+function Pool:_kill_workers()
+  for slot, w in pairs(self._workers) do
+    if w.h:pid() == nil then
+      -- the handle was finalized before the pool (a pool dropped
+      -- without terminate: its workers' handles, made after it, are
+      -- finalized first); the worker still runs and is a child entry
+      -- the runtime reaps later, so its pid is still its own
+      core.kill(w.pid, "SIGKILL")
+      self._workers[slot] = nil
+    else
+      w.h:signal("SIGTERM")
+    end
+  end
+  local deadline = now() + 1
+  for slot, w in pairs(self._workers) do
+    local _, gone = w.h:poll()
+    while not gone and now() < deadline do
+      w.h:wait(math.max(deadline - now(), 0))
+      _, gone = w.h:poll()
+    end
+    if not gone then
+      w.h:signal("SIGKILL")
+      w.h:wait()
+    end
+    w.h:close()
+    self._workers[slot] = nil
+  end
+end
+
+function Pool:close()
+  if self._owner ~= getpid() then return end
+  if self._state == "RUN" then
+    self._state = "CLOSE"
+    for _ = 1, self._n do self._tq:put(false) end
+  end
+end
+
+function Pool:terminate()
+  if self._owner ~= getpid() then return end
+  if self._state == "TERMINATE" then return end
+  local was = self._state
+  self._state = "TERMINATE"
+  self:_kill_workers()
+  if was ~= "BROKEN" then
+    self:_fail_all(new_error("BrokenPoolError", "the pool was terminated"))
+  end
+  self:_release()
+end
+
+function Pool:join()
+  if self._owner ~= getpid() then
+    raise("ProcessError", "a pool can only be joined by the process that made it")
+  end
+  if self._state == "RUN" then raise("ValueError", "Pool is still running") end
+  -- terminate, or an earlier join, has released the queues: nothing to wait for
+  if self._released then return end
+  while next(self._workers) ~= nil do
+    self:_pump(nil)
+    self:_check_workers()
+  end
+  self:_drain()
+  self:_release()
+end
+
+function Pool:_release()
+  if self._released then return end
+  self._released = true
+  self._tq:close()
+  self._rq:close()
+  self._store:close()
+end
+
+Pool.__close = function(self) self:terminate() end
+Pool.__gc = function(self)
+  if self._owner == getpid() and self._state ~= "TERMINATE" and not self._released then
+    pcall(self.terminate, self)
+  end
+end
+Pool.__tostring = function(self)
+  return string.format("<Pool state=%s pool_size=%d>", self._state, self._n)
+end
+
+M.AsyncResult = AsyncResult
+return M

@@ -1,0 +1,842 @@
+-- Pool: construction, the apply and map families, AsyncResult, imap's
+-- iterators, functions as tasks, function shipping, errors, callbacks and
+-- the life cycle (close, join, terminate, <close>, __gc).  Worker deaths,
+-- timeouts and leaks are in pool_faults_spec.lua.
+local H = require "helpers"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+
+local function err_of(f, ...)
+  local ok, err = pcall(f, ...)
+  assert.is_false(ok, "expected an error")
+  return err
+end
+
+local function kind_of(f, ...)
+  local err = err_of(f, ...)
+  return mp.is_error(err) and err.kind or tostring(err)
+end
+
+-- pids of the pool's live workers (white box: the pool's worker table)
+local function worker_pids(pool)
+  local t = {}
+  for _, w in pairs(pool._workers) do t[#t + 1] = w.pid end
+  table.sort(t)
+  return t
+end
+
+-- true while pid is a process that has not finished (zombies count as gone)
+local function alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local s = f:read("a")
+  f:close()
+  return s:match("^%d+ %b() (%a)") ~= "Z"
+end
+
+local function store_bytes(pool)
+  return tonumber(tostring(pool._store):match("(%d+) bytes"))
+end
+
+local function range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+describe("Pool construction", function()
+  it("takes a count or an options table; default cpu_count workers", function()
+    local p <close> = mp.Pool(3)
+    assert.equal(3, #worker_pids(p))
+    assert.matches("<Pool state=RUN pool_size=3>", tostring(p), 1, true)
+    local q <close> = mp.Pool{processes = 2}
+    assert.equal(2, #worker_pids(q))
+    local d <close> = mp.Pool()
+    assert.equal(mp.cpu_count(), #worker_pids(d))
+    -- the workers really run at once: cpu_count tasks meet at a barrier
+    local n = mp.cpu_count()
+    local b = mp.Barrier(n)
+    local rs = {}
+    for i = 1, n do rs[i] = d:apply_async(function() return b:wait(10) end) end
+    local seen = {}
+    for i = 1, n do seen[rs[i]:get(20)] = true end
+    for i = 1, n do assert.is_true(seen[i]) end
+  end)
+
+  it("accepts a float with an integer value", function()
+    local p <close> = mp.Pool(2.0)
+    assert.equal(2, #worker_pids(p))
+  end)
+
+  it("rejects bad values with clear errors", function()
+    assert.equal("ValueError", kind_of(mp.Pool, 0))
+    assert.equal("ValueError", kind_of(mp.Pool, -3))
+    assert.equal("ValueError", kind_of(mp.Pool, {processes = 0}))
+    assert.matches("processes must be an integer", tostring(err_of(mp.Pool, 1.5)))
+    assert.matches("processes must be an integer", tostring(err_of(mp.Pool, "four")))
+    assert.equal("ValueError", kind_of(mp.Pool, {processes = 1, initializer = 5}))
+    assert.equal("ValueError", kind_of(mp.Pool, {processes = 1, maxtasksperchild = 0}))
+    assert.equal("ValueError", kind_of(mp.Pool, {processes = 1, maxtasksperchild = 1.5}))
+    assert.equal("ValueError", kind_of(mp.Pool, {processes = 1, maxtasksperchild = "x"}))
+    assert.equal(0, H.zombies())
+  end)
+
+  it("runs initializer(initargs...) once in each worker", function()
+    local ev = mp.Queue()
+    local p <close> = mp.Pool{processes = 2, initializer = function(a, b, c)
+      -- (_G: busted runs this file in an environment of its own)
+      _G.POOL_INIT = (a or "nil") .. "/" .. tostring(b) .. "/" .. c
+      ev:put(mp.current_process().pid)
+    end, initargs = {n = 3, "x", nil, "z"}}
+    local got = p:map(function() return _G.POOL_INIT end, range(20), 1)
+    for i = 1, 20 do assert.equal("x/nil/z", got[i]) end
+    local inits = {}
+    for _ = 1, 2 do inits[#inits + 1] = ev:get(true, 5) end
+    table.sort(inits)
+    assert.same(worker_pids(p), inits)
+    assert.is_true(ev:empty())
+    -- the initializer ran in the workers, not here
+    assert.is_nil(_G.POOL_INIT)
+  end)
+
+  it("positional initializer, initargs, maxtasksperchild as Python", function()
+    local p <close> = mp.Pool(1, function(v) _G.POOL_POS = v end, {"pos"}, 3)
+    assert.equal("pos", p:apply(function() return _G.POOL_POS end))
+  end)
+end)
+
+describe("Pool apply", function()
+  local pool
+  setup(function() pool = mp.Pool(2) end)
+  teardown(function() pool:terminate() end)
+
+  it("apply returns the task's results, all of them", function()
+    assert.equal(3, pool:apply(function(a, b) return a + b end, {1, 2}))
+    local a, b, c = pool:apply(function(x) return x, nil, x * 2 end, {21})
+    assert.equal(21, a)
+    assert.is_nil(b)
+    assert.equal(42, c)
+    assert.equal(0, select("#", pool:apply(function() end)))
+    -- args.n keeps nil arguments
+    assert.equal("nil,2,nil,3", pool:apply(function(...)
+      local t = table.pack(...)
+      for i = 1, t.n do t[i] = tostring(t[i]) end
+      return table.concat(t, ",") .. "," .. t.n
+    end, {n = 3, nil, 2, nil}))
+  end)
+
+  it("runs in a worker, not in the caller", function()
+    local me = mp.current_process().pid
+    local pid, ppid = pool:apply(function()
+      return mp.current_process().pid, mp.parent_process().pid
+    end)
+    assert.are_not.equal(me, pid)
+    assert.equal(me, ppid)
+    assert.is_true(pool:apply(function() return mp.current_process().name end)
+      :match("^Pool%d+%-Worker%-%d$") ~= nil)
+  end)
+
+  it("AsyncResult: ready, wait, get(timeout), successful", function()
+    local go = mp.Event()
+    local r = pool:apply_async(function(x) go:wait(30) return x * 10 end, {4})
+    assert.is_false(r:ready())
+    assert.equal("ValueError", kind_of(r.successful, r))
+    local t0 = core.now()
+    assert.is_false(r:wait(0.2))
+    assert.is_true(core.now() - t0 >= 0.15)
+    local err = err_of(r.get, r, 0.1)
+    assert.equal("TimeoutError", err.kind)
+    assert.is_false(r:ready())     -- a get that timed out leaves the task be
+    go:set()
+    assert.is_true(r:wait(20))
+    assert.is_true(r:ready())
+    assert.is_true(r:successful())
+    assert.equal(40, r:get())
+    assert.equal(40, r:get(0))    -- get again: the same value
+    local bad = pool:apply_async(function() error("no") end)
+    assert.is_true(bad:wait(20))
+    assert.is_false(bad:successful())
+    assert.equal("RemoteError", kind_of(bad.get, bad))
+    assert.equal(0, select("#", pool:apply_async(function() end):get(20)))
+  end)
+
+  it("negative timeouts count as 0", function()
+    local go = mp.Event()
+    local r = pool:apply_async(function() go:wait(30) return 1 end)
+    assert.is_false(r:wait(-1))
+    assert.equal("TimeoutError", kind_of(r.get, r, -5))
+    go:set()
+    assert.equal(1, r:get())
+  end)
+
+  it("callbacks run in the caller's process with the result", function()
+    local me = mp.current_process().pid
+    local got, where = {}, {}
+    local rs = {}
+    for i = 1, 5 do
+      rs[i] = pool:apply_async(function(x) return x * x end, {i}, function(v)
+        got[#got + 1] = v
+        where[#where + 1] = mp.current_process().pid
+      end)
+    end
+    for i = 1, 5 do rs[i]:wait() end
+    table.sort(got)
+    assert.same({1, 4, 9, 16, 25}, got)
+    for _, pid in ipairs(where) do assert.equal(me, pid) end
+    -- the callback has run before wait returns
+    local seen
+    local r = pool:apply_async(function() return "x" end, nil, function(v) seen = v end)
+    assert.is_true(r:wait(20))
+    assert.equal("x", seen)
+  end)
+
+  it("error_callback gets the RemoteError; the options table form", function()
+    local ok_seen, err_seen
+    local r = pool:apply_async(function() error({code = 7}) end, nil,
+      function(v) ok_seen = v end, function(e) err_seen = e end)
+    r:wait()
+    assert.is_nil(ok_seen)
+    assert.equal("RemoteError", err_seen.kind)
+    assert.equal(7, err_seen.value.code)
+    local cb, ecb
+    local r2 = pool:apply_async(function(a) return a + 1 end, {1},
+      {callback = function(v) cb = v end, error_callback = function(e) ecb = e end})
+    assert.equal(2, r2:get())
+    assert.equal(2, cb)
+    assert.is_nil(ecb)
+    local r3 = pool:apply_async(function() error("bad", 0) end, nil,
+      {error_callback = function(e) ecb = e end})
+    r3:wait()
+    assert.equal("bad", ecb.value)
+  end)
+
+  it("pool:poll() runs callbacks of finished tasks without waiting", function()
+    local n = 0
+    for _ = 1, 4 do
+      pool:apply_async(function() return 1 end, nil, function() n = n + 1 end)
+    end
+    H.eventually(function() pool:poll() return n == 4 end, 20)
+    assert.equal(4, n)
+  end)
+
+  it("a callback that raises is reported on stderr; the pool goes on", function()
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local pool <close> = mp.Pool(2)
+      local r = pool:apply_async(function() return 1 end, nil, function(v)
+        error("callback broke on " .. v)
+      end)
+      r:wait()
+      print("ready", r:ready(), r:successful(), r:get())
+      local r2 = pool:map_async(function(x) return x end, {1, 2}, nil, nil,
+        function() end)
+      r2:wait()
+      local r3 = pool:apply_async(function() error("x") end, nil, nil, function(e)
+        error("error callback broke too")
+      end)
+      r3:wait()
+      print("after", pool:apply(function(a) return a * 2 end, {21}),
+            #pool:map(function(x) return x end, {1, 2, 3}))
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("ready\ttrue\ttrue\t1\nafter\t42\t3\n", out)
+    assert.matches("callback broke on 1", err)
+    assert.matches("error callback broke too", err)
+  end)
+
+  it("bad arguments get clear errors", function()
+    assert.matches("function expected, got nil", tostring(err_of(pool.apply, pool, nil)))
+    assert.matches("function expected, got number", tostring(err_of(pool.apply_async, pool, 5)))
+    assert.matches("args must be a table", tostring(err_of(pool.apply, pool, print, 5)))
+    assert.equal("ValueError", kind_of(pool.apply_async, pool, print, {}, {timeout = -1}))
+    assert.equal("ValueError", kind_of(pool.apply_async, pool, print, {}, {timeout = "x"}))
+    assert.matches("bad option", tostring(err_of(pool.apply_async, pool, print, {}, 5)))
+    -- still serving
+    assert.equal(2, pool:apply(function() return 2 end))
+  end)
+end)
+
+describe("Pool map family", function()
+  local pool
+  setup(function() pool = mp.Pool(2) end)
+  teardown(function() pool:terminate() end)
+
+  it("map keeps order, nil results keep their positions, field n", function()
+    local r = pool:map(function(x) return x * x end, {1, 2, 3})
+    assert.same({1, 4, 9, n = 3}, r)
+    local holes = pool:map(function(x) if x % 3 == 0 then return nil end return x end,
+                           range(10))
+    assert.equal(10, holes.n)
+    for i = 1, 10 do
+      if i % 3 == 0 then assert.is_nil(holes[i]) else assert.equal(i, holes[i]) end
+    end
+    local trailing = pool:map(function() return nil end, {1, 2})
+    assert.equal(2, trailing.n)
+    assert.is_nil(next(trailing, next(trailing)))  -- only n is there
+    assert.same({n = 0}, pool:map(function(x) return x end, {}))
+    -- big: many chunks, every position
+    local big = pool:map(function(x) return x + 1 end, range(10000))
+    assert.equal(10000, big.n)
+    for i = 1, 10000 do assert.equal(i + 1, big[i]) end
+  end)
+
+  it("map takes an iterator function and honours iterable.n", function()
+    local i = 0
+    local r = pool:map(function(x) return x * 2 end, function()
+      i = i + 1
+      if i <= 5 then return i end
+    end)
+    assert.same({2, 4, 6, 8, 10, n = 5}, r)
+    local withnil = pool:map(function(x) return x == nil end, {n = 3, 1, nil, 3})
+    assert.same({false, true, false, n = 3}, withnil)
+    assert.same({"A", "B", n = 2}, pool:map(string.upper, {"a", "b"}))
+    assert.matches("iterable must be a table or an iterator function",
+                   tostring(err_of(pool.map, pool, print, 5)))
+  end)
+
+  it("chunksize: a number or {chunksize = n}; bad values raise", function()
+    for _, cs in ipairs {1, 3, 7, 100} do
+      assert.same({1, 4, 9, 16, 25, 36, 49, n = 7},
+        pool:map(function(x) return x * x end, range(7), cs))
+      assert.same({1, 4, 9, 16, 25, 36, 49, n = 7},
+        pool:map(function(x) return x * x end, range(7), {chunksize = cs}))
+    end
+    assert.equal("ValueError", kind_of(pool.map, pool, print, {1}, 0))
+    assert.equal("ValueError", kind_of(pool.map, pool, print, {1}, {chunksize = -1}))
+    assert.equal("ValueError", kind_of(pool.map, pool, print, {1}, {chunksize = 1.5}))
+  end)
+
+  it("the default chunksize is Python's: ceil(n / (4 * workers))", function()
+    -- (white box: the number of chunks a map_async queued)
+    local go = mp.Event()
+    local f = function(x) go:wait(30) return x end
+    local function chunks(n)
+      local r = pool:map_async(f, range(n))
+      local c = r._left
+      return c, r
+    end
+    local cases = {[1] = 1, [7] = 7, [8] = 8, [9] = 5, [100] = 8, [1000] = 8, [1001] = 8}
+    local rs = {}
+    for n, expect in pairs(cases) do
+      local c, r = chunks(n)
+      -- Python: chunksize = ceil(n / 8); chunks = ceil(n / chunksize)
+      local cs = (n + 7) // 8
+      assert.equal((n + cs - 1) // cs, c)
+      assert.equal(expect, c)
+      rs[#rs + 1] = {r, n}
+    end
+    go:set()
+    for _, x in ipairs(rs) do assert.equal(x[2], x[1]:get(30).n) end
+  end)
+
+  it("starmap unpacks argument lists (n honoured); results keep nils", function()
+    local r = pool:starmap(function(a, b) return a and b and a * b end,
+                           {{2, 3}, {4, 5}, {n = 2, nil, 1}, {6, 7}})
+    assert.same({6, 20, nil, 42, n = 4}, r)
+    local counts = pool:starmap(function(...) return select("#", ...) end,
+                                {{}, {1}, {n = 3}, {1, 2}})
+    assert.same({0, 1, 3, 2, n = 4}, counts)
+    assert.same({n = 0}, pool:starmap(print, {}))
+  end)
+
+  it("map_async and starmap_async: callbacks, options table", function()
+    local got
+    local r = pool:map_async(function(x) return -x end, {1, 2, 3}, nil,
+                             function(v) got = v end)
+    assert.same({-1, -2, -3, n = 3}, r:get(20))
+    assert.same({-1, -2, -3, n = 3}, got)
+    local got2, err2
+    local r2 = pool:starmap_async(function(a, b) return a .. b end,
+      {{"a", "b"}, {"c", "d"}}, {chunksize = 1, callback = function(v) got2 = v end})
+    assert.same({"ab", "cd", n = 2}, r2:get(20))
+    assert.same({"ab", "cd", n = 2}, got2)
+    local r3 = pool:map_async(function(x) if x == 2 then error("two") end return x end,
+      {1, 2, 3}, {error_callback = function(e) err2 = e end})
+    assert.is_true(r3:wait(20))
+    assert.is_false(r3:successful())
+    assert.equal("RemoteError", err2.kind)
+    local empty_cb
+    local r4 = pool:map_async(print, {}, nil, function(v) empty_cb = v end)
+    assert.is_true(r4:ready())
+    assert.same({n = 0}, r4:get())
+    assert.same({n = 0}, empty_cb)
+  end)
+
+  it("a map error is raised after all chunks finished, the first one", function()
+    local count = mp.Value("i", 0)
+    local err = err_of(pool.map, pool, function(x)
+      count:add(1)
+      if x == 3 or x == 8 then error("item " .. x .. " failed") end
+      return x
+    end, range(12), 1)
+    assert.equal("RemoteError", err.kind)
+    assert.matches("item 3 failed", err.message)
+    assert.matches("item 3 failed", tostring(err.value))
+    -- every other chunk ran: 12 items, each incremented once
+    assert.equal(12, count.value)
+    -- in one chunk, the items after the failing one do not run (Python)
+    count.value = 0
+    err = err_of(pool.map, pool, function(x)
+      count:add(1)
+      if x == 2 then error("stop") end
+    end, range(6), 6)
+    assert.equal(2, count.value)
+  end)
+
+  it("imap yields (index, value) in order; nil values do not end the loop", function()
+    local seen = {}
+    for i, v in pool:imap(function(x) if x % 2 == 0 then return nil end return x * 10 end,
+                          range(9)) do
+      seen[#seen + 1] = {i, v}
+    end
+    assert.equal(9, #seen)
+    for k = 1, 9 do
+      assert.equal(k, seen[k][1])
+      if k % 2 == 0 then assert.is_nil(seen[k][2]) else assert.equal(k * 10, seen[k][2]) end
+    end
+    local n = 0
+    for _ in pool:imap(print, {}) do n = n + 1 end
+    assert.equal(0, n)
+    for cs = 1, 4 do
+      local idx = {}
+      for i, v in pool:imap(function(x) return x + 1 end, range(10), cs) do
+        assert.equal(i + 1, v)
+        idx[#idx + 1] = i
+      end
+      assert.same(range(10), idx)
+    end
+  end)
+
+  it("imap is ordered even when later items finish first", function()
+    local order = {}
+    for i, v in pool:imap(function(x) core.sleep(x == 1 and 0.3 or 0) return x end,
+                          range(6)) do
+      assert.equal(i, v)
+      order[#order + 1] = i
+    end
+    assert.same(range(6), order)
+  end)
+
+  it("imap_unordered yields in completion order, each index once", function()
+    local order = {}
+    for i, v in pool:imap_unordered(function(x)
+      core.sleep(x == 1 and 0.5 or 0.01)
+      return x * 2
+    end, range(8)) do
+      assert.equal(i * 2, v)
+      order[#order + 1] = i
+    end
+    assert.equal(8, #order)
+    assert.are_not.equal(1, order[1])     -- item 1 sleeps; others come first
+    table.sort(order)
+    assert.same(range(8), order)
+    local seen = {}
+    for i, v in pool:imap_unordered(function(x) return x end, range(50), 7) do
+      assert.equal(i, v)
+      assert.is_nil(seen[i])
+      seen[i] = true
+    end
+    for i = 1, 50 do assert.is_true(seen[i]) end
+  end)
+
+  it("imap over an endless iterator reads ahead a bounded amount", function()
+    for _, unordered in ipairs {false, true} do
+      local consumed = 0
+      local function naturals()
+        consumed = consumed + 1
+        return consumed
+      end
+      local it = unordered and pool:imap_unordered(function(x) return x * x end, naturals)
+                 or pool:imap(function(x) return x * x end, naturals)
+      local got = 0
+      for i, v in it do
+        assert.equal(i * i, v)
+        got = got + 1
+        if got == 100 then break end
+      end
+      assert.equal(100, got)
+      -- read ahead: a few chunks per worker, not the whole (endless) input
+      assert.is_true(consumed >= 100 and consumed <= 100 + 16, consumed)
+      local consumed2 = 0
+      for _, v in pool:imap(function(x) return x end, function()
+        consumed2 = consumed2 + 1
+        return consumed2
+      end, 10) do
+        if v == 55 then break end
+      end
+      assert.is_true(consumed2 >= 60 and consumed2 <= 60 + 16 * 10, consumed2)
+    end
+    -- the pool serves on after abandoned iterators
+    assert.same({1, n = 1}, pool:map(function(x) return x end, {1}))
+  end)
+
+  it("an imap error is raised at its place; the rest still comes", function()
+    local it = pool:imap(function(x)
+      if x == 3 then error("three") end
+      return x
+    end, range(5))
+    local got, errs = {}, {}
+    while true do
+      local ok, i, v = pcall(it)
+      if not ok then errs[#errs + 1] = i
+      elseif i == nil then break
+      else got[#got + 1] = v end
+    end
+    assert.same({1, 2, 4, 5}, got)
+    assert.equal(1, #errs)
+    assert.equal("RemoteError", errs[1].kind)
+    assert.matches("three", errs[1].message)
+  end)
+
+  it("progress = true: a plain final line on stderr when not a terminal", function()
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local pool <close> = mp.Pool(2)
+      local r = pool:map(function(x) return x end, {1, 2, 3, 4, 5}, {progress = true})
+      io.write(r.n, "\n")
+      for _ in pool:imap(function(x) return x end, {1, 2, 3}, {progress = true}) do end
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("5\n", out)
+    assert.matches("^5/5 done in [%d.]+ s %([%d.]+ it/s%)\n3/3 done in", err)
+  end)
+
+  it("progress = true draws a bar on a terminal", function()
+    local path = H.write(os.tmpname() .. ".lua", [[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local pool <close> = mp.Pool(2)
+      pool:map(function(x) core.sleep(0.01) return x end, (function()
+        local t = {} for i = 1, 200 do t[i] = i end return t end)(),
+        {progress = true, chunksize = 1})
+      io.write("MAP DONE\n")
+      io.read()
+    ]])
+    local t = H.terminal(H.luamp .. " " .. path, 100, 10)
+    local ok, screen = pcall(t.wait_for, t, "MAP DONE", 30)
+    t:close()
+    os.remove(path)
+    assert.is_true(ok, screen)
+    assert.matches("%[##############################%] 200/200 [%d.]+ it/s ETA 0:00", screen)
+  end)
+end)
+
+describe("Pool tasks as functions", function()
+  local pool
+  setup(function() pool = mp.Pool(2) end)
+  teardown(function() pool:terminate() end)
+
+  it("upvalues are copied by value when the task is submitted", function()
+    local t = {v = "old"}
+    local x = 1
+    local go = mp.Event()
+    local function f() go:wait(30) return t.v, x end
+    local r1 = pool:apply_async(f)
+    t.v, x = "new", 2
+    local r2 = pool:apply_async(f)
+    t.v, x = "newest", 3
+    go:set()
+    assert.same({"old", 1}, {r1:get(20)})
+    assert.same({"new", 2}, {r2:get(20)})
+    -- and a map over the same function sees the value at its submission
+    local r3 = pool:map_async(function() return x end, range(4))
+    x = 4
+    assert.same({3, 3, 3, 3, n = 4}, r3:get(20))
+    -- the same function again and again, upvalue changing each time
+    local function g() return x end
+    for k = 1, 20 do
+      x = k
+      assert.equal(k, pool:apply(g))
+    end
+  end)
+
+  it("writes to upvalues stay in the worker", function()
+    local counter = 0
+    local function bump() counter = counter + 1 return counter end
+    pool:map(bump, range(10))
+    assert.equal(0, counter)
+  end)
+
+  it("module upvalues, standard library functions, nested functions", function()
+    local cjson = require "cjson"
+    local r = pool:map(function(s) return cjson.decode(s).a end,
+                       {'{"a": 1}', '{"a": "two"}', '{"a": [3]}'})
+    assert.same({1, "two", {3}, n = 3}, r)
+    assert.same({"A", "B", n = 2}, pool:map(string.upper, {"a", "b"}))
+    assert.same({2, 3, n = 2}, pool:map(math.sqrt, {4, 9}))
+    assert.same({"1", "x", n = 2}, pool:map(tostring, {1, "x"}))
+    assert.same({"ab", n = 1}, pool:starmap(string.rep, {{"ab", 1}}))
+    local fmt = string.format
+    local function helper(x) return fmt("<%s>", x) end
+    local function outer(x) return helper(x) .. helper(x) end
+    assert.same({"<1><1>", n = 1}, pool:map(outer, {1}))
+    -- a recursive local function (an upvalue cycle)
+    local function fib(n) if n < 2 then return n end return fib(n - 1) + fib(n - 2) end
+    assert.same({55, 6765, n = 2}, pool:map(fib, {10, 20}))
+    local mpm = mp
+    assert.equal("function", pool:apply(function() return type(mpm.Pool) end))
+  end)
+
+  it("functions made after the pool started, and from loaded code", function()
+    local f = load("return function(x) return x .. '!' end")()
+    assert.equal("hi!", pool:apply(f, {"hi"}))
+    local adders = {}
+    for k = 1, 5 do adders[k] = function(x) return x + k end end
+    for k = 1, 5 do assert.equal(10 + k, pool:apply(adders[k], {10})) end
+  end)
+
+  it("shared objects made before the pool travel as upvalues", function()
+    local q = mp.Queue()
+    local v = mp.Value("i", 0)
+    pool:map(function(x) q:put(x) v:add(x) end, range(10))
+    local s = 0
+    for _ = 1, 10 do s = s + q:get(true, 5) end
+    assert.equal(55, s)
+    assert.equal(55, v.value)
+  end)
+
+  it("ships each distinct function once, not per task", function()
+    local blob = string.rep("0123456789abcdef", 65536)   -- 1 MiB upvalue
+    local function big(x) return #blob + x end
+    -- (each encoding of a function is the same bytes: that is how the
+    -- pool knows it has shipped it)
+    assert.equal(mp.encode(big), mp.encode(big))
+    local p <close> = mp.Pool(2)
+    local before = store_bytes(p)
+    local r = p:map(big, range(200), 1)
+    assert.equal(200, r.n)
+    assert.equal(#blob + 200, r[200])
+    local once = store_bytes(p) - before
+    assert.is_true(once >= #blob and once < #blob + 65536, once)
+    -- the same function again: nothing new in the store
+    for _ = 1, 20 do p:apply_async(big, {1}) end
+    p:map(big, range(50), 1)
+    assert.equal(before + once, store_bytes(p))
+    -- a changed upvalue is a new function value: stored once more
+    blob = blob:upper()
+    assert.equal(#blob + 1, p:apply(big, {1}))
+    local twice = store_bytes(p) - before
+    assert.is_true(twice >= 2 * #blob and twice < 2 * #blob + 131072, twice)
+    -- while the workers are busy, the queued tasks are small: 100 tasks
+    -- of the 1 MiB function are a few KiB on the task queue
+    local go = mp.Event()
+    local held = {}
+    for k = 1, 2 do held[k] = p:apply_async(function() go:wait(30) end) end
+    H.eventually(function() return p._tq:qsize() == 0 end, 10)
+    local r2 = p:map_async(big, range(100), 1)
+    local queued = p._tq:_stats().bytes
+    assert.is_true(queued > 0 and queued < 100 * 1024, queued)
+    go:set()
+    assert.equal(100, r2:get(30).n)
+  end)
+
+  it("functions that cannot be encoded: EncodeError naming the upvalue", function()
+    local fh = io.stdout
+    local err = err_of(pool.apply, pool, function() return fh end)
+    assert.equal("EncodeError", err.kind)
+    assert.matches("function", err.message)
+    assert.matches("upvalue 'fh'", err.message)
+    err = err_of(pool.map, pool, function() return fh end, {1})
+    assert.equal("EncodeError", err.kind)
+    assert.matches("upvalue 'fh'", err.message)
+    assert.equal(1, pool:apply(function() return 1 end))
+  end)
+end)
+
+describe("Pool errors", function()
+  local pool
+  setup(function() pool = mp.Pool(2) end)
+  teardown(function() pool:terminate() end)
+
+  it("a task's error is a RemoteError with value and the worker's traceback", function()
+    local function failing_task(x) error("bad input " .. x) end
+    local err = err_of(pool.apply, pool, failing_task, {5})
+    assert.equal("RemoteError", err.kind)
+    assert.matches("bad input 5", err.message)
+    assert.matches("bad input 5", err.value)
+    assert.matches("stack traceback", err.traceback)
+    assert.matches("pool_spec%.lua:%d+: in function", err.traceback)
+    assert.matches("^RemoteError: .*bad input 5", tostring(err))
+    assert.matches("stack traceback", tostring(err))
+    -- a table error value arrives as it was
+    err = err_of(pool.apply, pool, function() error({code = 42, why = {"nested"}}) end)
+    assert.same({code = 42, why = {"nested"}}, err.value)
+    assert.matches("table value", err.message)
+    -- a contract error raised in the task
+    err = err_of(pool.apply, pool, function() mp.Queue():get(false) end)
+    assert.equal("RemoteError", err.kind)
+    assert.equal("Empty", err.value.kind)
+    assert.matches("^Empty: ", err.message)
+    -- error(nil)
+    err = err_of(pool.apply, pool, function() error() end)
+    assert.equal("RemoteError", err.kind)
+    assert.is_nil(err.value)
+  end)
+
+  it("unencodable arguments: EncodeError naming the path; nothing is queued", function()
+    local err = err_of(pool.apply, pool, type, {1, io.stdout})
+    assert.equal("EncodeError", err.kind)
+    assert.matches("args%[2%]", err.message)
+    err = err_of(pool.apply_async, pool, type, {{file = io.stdout}})
+    assert.matches("args%[1%]%.file", err.message)
+    err = err_of(pool.map, pool, type, {1, 2, io.stdout, 4})
+    assert.equal("EncodeError", err.kind)
+    assert.matches("iterable%[3%]", err.message)
+    err = err_of(pool.map, pool, type, {1, 2, 3, 4, {x = coroutine.create(print)}}, 2)
+    assert.matches("iterable%[5%]%.x", err.message)
+    err = err_of(pool.starmap, pool, select, {{1}, {2, io.stdout}}, 1)
+    assert.matches("iterable%[2%]%[2%]", err.message)
+    local it = pool:imap(type, {1, io.stderr})
+    err = err_of(it)
+    assert.equal("EncodeError", err.kind)
+    assert.matches("iterable%[2%]", err.message)
+    assert.same({1, 2, n = 2}, pool:map(function(x) return x end, {1, 2}))
+  end)
+
+  it("unencodable results: EncodeError naming the result, the worker lives", function()
+    local before = worker_pids(pool)
+    local err = err_of(pool.apply, pool, function() return 1, io.stdout end)
+    assert.equal("EncodeError", err.kind)
+    assert.matches("result", err.message)
+    err = err_of(pool.map, pool, function(x)
+      if x == 3 then return {f = io.stdout} end
+      return x
+    end, range(4), 1)
+    assert.equal("EncodeError", err.kind)
+    assert.matches("result", err.message)
+    assert.same(before, worker_pids(pool))
+    assert.equal(7, pool:apply(function() return 7 end))
+    assert.same(before, worker_pids(pool))
+  end)
+end)
+
+describe("Pool life cycle", function()
+  it("close: no new tasks (ValueError 'Pool not running'); join waits for the queued ones", function()
+    local pool = mp.Pool(2)
+    local rs = {}
+    for i = 1, 10 do
+      rs[i] = pool:apply_async(function(x) core.sleep(0.02) return x end, {i})
+    end
+    local m = pool:map_async(function(x) return x * 2 end, range(30))
+    assert.equal("ValueError", kind_of(pool.join, pool))
+    assert.matches("still running", tostring(err_of(pool.join, pool)))
+    pool:close()
+    pool:close()      -- twice is fine
+    for _, f in ipairs {"apply", "apply_async", "map", "map_async", "starmap",
+                        "starmap_async", "imap", "imap_unordered"} do
+      local err = err_of(pool[f], pool, print, {})
+      assert.equal("ValueError", err.kind, f)
+      assert.equal("Pool not running", err.message, f)
+    end
+    local pids = worker_pids(pool)
+    pool:join()
+    for i = 1, 10 do
+      assert.is_true(rs[i]:ready())
+      assert.equal(i, rs[i]:get())
+    end
+    assert.equal(60, m:get()[30])
+    for _, pid in ipairs(pids) do assert.is_false(alive(pid)) end
+    pool:join()       -- again: nothing to do
+    pool:terminate()  -- after join: fine
+    assert.equal(0, H.zombies())
+  end)
+
+  it("terminate stops the workers at once and fails what was pending", function()
+    local pool = mp.Pool(2)
+    local pids = worker_pids(pool)
+    local slow = pool:apply_async(function() core.sleep(30) end)
+    local m = pool:map_async(function() core.sleep(30) end, range(10))
+    local t0 = core.now()
+    pool:terminate()
+    assert.is_true(core.now() - t0 < 5)
+    for _, pid in ipairs(pids) do assert.is_false(alive(pid)) end
+    assert.is_true(slow:ready())
+    assert.equal("BrokenPoolError", kind_of(slow.get, slow))
+    assert.equal("BrokenPoolError", kind_of(m.get, m, 1))
+    assert.equal("ValueError", kind_of(pool.apply, pool, print))
+    pool:terminate()
+    pool:close()
+    pool:join()
+    assert.equal(0, H.zombies())
+  end)
+
+  it("a <close> variable terminates the pool", function()
+    local pids
+    do
+      local pool <close> = mp.Pool(2)
+      pids = worker_pids(pool)
+      assert.equal(2, pool:apply(function() return 2 end))
+      for _, pid in ipairs(pids) do assert.is_true(alive(pid)) end
+    end
+    for _, pid in ipairs(pids) do assert.is_false(alive(pid)) end
+    -- also when the block leaves with an error
+    local ok = pcall(function()
+      local pool <close> = mp.Pool(1)
+      pids = worker_pids(pool)
+      error("leaving")
+    end)
+    assert.is_false(ok)
+    for _, pid in ipairs(pids) do assert.is_false(alive(pid)) end
+    assert.equal(0, H.zombies())
+  end)
+
+  it("a forgotten pool is terminated by the garbage collector", function()
+    -- (made in a function of its own: a block's dead local stays on the
+    -- stack, and so reachable, until its register is reused)
+    local pids = (function()
+      local pool = mp.Pool(2)
+      pool:apply(function() end)
+      return worker_pids(pool)
+    end)()
+    collectgarbage()
+    collectgarbage()
+    for _, pid in ipairs(pids) do
+      assert.is_true(H.eventually(function() return not alive(pid) end, 5))
+    end
+    -- (the killed workers are reaped at the runtime's next fork)
+    mp.Pool(1):terminate()
+    assert.equal(0, H.zombies())
+  end)
+
+  it("workers that exit at the end of the script are not left behind", function()
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local pool = mp.Pool(2)   -- never closed
+      local pids = {}
+      for _, w in pairs(pool._workers) do pids[#pids + 1] = w.pid end
+      print(pool:apply(function() return "ok" end), table.concat(pids, " "))
+    ]])
+    assert.equal(0, code, err)
+    local pids = {}
+    for pid in out:match("^ok\t(.*)\n$"):gmatch("%d+") do pids[#pids + 1] = pid end
+    assert.equal(2, #pids)
+    for _, pid in ipairs(pids) do
+      assert.is_true(H.eventually(function() return not alive(pid) end, 5))
+    end
+  end)
+
+  it("a pool can only be used by the process that made it", function()
+    local pool <close> = mp.Pool(1)
+    local p = mp.Process{target = function()
+      local ok, err = pcall(pool.apply, pool, print)
+      os.exit(not ok and err.kind == "ProcessError" and 0 or 3)
+    end}
+    p:start()
+    p:join()
+    assert.equal(0, p.exitcode)
+    assert.equal(5, pool:apply(function() return 5 end))
+  end)
+
+  it("nested pools inside tasks", function()
+    local pool <close> = mp.Pool(2)
+    local r = pool:map(function(n)
+      local inner <close> = mp.Pool(2)
+      local sq = inner:map(function(x) return x * x end, range(n))
+      local s = 0
+      for i = 1, sq.n do s = s + sq[i] end
+      return s
+    end, {3, 10, 100})
+    assert.same({14, 385, 338350, n = 3}, r)
+    assert.equal(0, H.zombies())
+  end)
+end)
