@@ -380,7 +380,8 @@ local function spawn_worker(self, slot)
   }
   -- -3: in the initializer (the worker sets -1 once it returned)
   if self._initializer then self._started[slot + 1] = -3 end
-  local h = core.spawn(worker_main, cfg, true, true)
+  -- (workers die with their owner: a SIGKILLed owner leaves no orphans)
+  local h = core.spawn(worker_main, cfg, true, true, true)
   self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel()}
 end
 
