@@ -111,7 +111,7 @@ static int reap(struct child *c, int hang) {
   int st;
   pid_t r;
   if (c->reaped) return 1;
-  if (c->owner != getpid()) return 0;
+  if (c->owner != luamp_pid()) return 0;
   do r = waitpid(c->pid, &st, hang ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
   if (r == c->pid) {
     c->reaped = 1;
@@ -148,7 +148,7 @@ static void sweep(void) {
   struct child **pp = &registry;
   while (*pp) {
     struct child *c = *pp;
-    if (c->owner == getpid()) reap(c, 0);
+    if (c->owner == luamp_pid()) reap(c, 0);
     if (c->reaped && !c->has_handle) {
       *pp = c->next;
       close_sentinel(c);
@@ -181,7 +181,7 @@ static int wait_quietly(struct child *c, double deadline) {
  * children, then join every child.  state limits it to the children a
  * Lua state started (NULL: all of this process's children). */
 static void cleanup_children(const void *state) {
-  pid_t me = getpid();
+  pid_t me = luamp_pid();
   double deadline;
   int any = 0;
   for (struct child *c = registry; c; c = c->next)
@@ -263,20 +263,15 @@ static void run_lua_hooks(lua_State *L, int kind) {
 
 /* The child's side of luamp_fork, signals still blocked. */
 static void after_fork_in_child(void) {
-  /* Forget the parent's children: free what no handle refers to; the
-   * handles' own entries are freed by their finalizers (which, seeing
-   * another owner, only close this process's copy of the sentinel). */
-  struct child *c = registry;
+  /* Forget the parent's children without writing to their entries: they
+   * are scattered over the heap, and every page a child writes is a copy.
+   * A handle's finalizer frees its own entry (seeing another owner, it
+   * only closes this process's copy of the sentinel); entries no handle
+   * refers to have their fd closed now and their memory left to this
+   * process's exit. */
+  for (const struct child *c = registry; c; c = c->next)
+    if (!c->has_handle && c->sentinel >= 0) close(c->sentinel);
   registry = NULL;
-  while (c) {
-    struct child *next = c->next;
-    c->next = NULL;
-    if (!c->has_handle) {
-      close_sentinel(c);
-      free(c);
-    }
-    c = next;
-  }
   if (own_sentinel_wfd >= 0) {
     close(own_sentinel_wfd);
     own_sentinel_wfd = -1;
@@ -385,7 +380,7 @@ static struct child *check_child(lua_State *L, int idx) {
 
 static struct child *owned_child(lua_State *L, int idx) {
   struct child *c = check_child(L, idx);
-  if (c->owner != getpid())
+  if (c->owner != luamp_pid())
     luamp_raise(L, "ProcessError", "can only wait for a child process "
                 "(pid %d belongs to process %d)", (int)c->pid, (int)c->owner);
   return c;
@@ -404,7 +399,7 @@ static int child_release(lua_State *L) {
   if (c == NULL) return 0;
   b->c = NULL;
   c->has_handle = 0;
-  if (c->owner != getpid()) {
+  if (c->owner != luamp_pid()) {
     /* inherited: drop our copy of the sentinel, nothing else */
     close_sentinel(c);
     free(c);
@@ -560,7 +555,7 @@ static int l_spawn(lua_State *L) {
   int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);
   int die_with_parent = lua_toboolean(L, 5);
   int pfd[2] = {-1, -1};
-  pid_t pid, parent = getpid();
+  pid_t pid, parent = luamp_pid();
   luaL_checktype(L, 1, LUA_TFUNCTION);
   lua_settop(L, 4);
   b = lua_newuserdatauv(L, sizeof *b, 0);   /* created closed */
@@ -605,7 +600,7 @@ static int l_spawn(lua_State *L) {
     luamp_raise_errno(L, "OSError", err, "fork");
   }
   c->pid = pid;
-  c->owner = getpid();
+  c->owner = luamp_pid();
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   c->state = lua_topointer(L, -1);
   lua_pop(L, 1);
