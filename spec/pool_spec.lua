@@ -673,6 +673,37 @@ describe("Pool errors", function()
     assert.is_nil(err.value)
   end)
 
+  it("a map task's traceback ends at the task, as an apply's does", function()
+    local function failing_task(x) error("bad input " .. x) end
+    local tbs = {}
+    tbs.apply = err_of(pool.apply, pool, failing_task, {1}).traceback
+    tbs.map = err_of(pool.map, pool, failing_task, {1, 2}).traceback
+    tbs.starmap = err_of(pool.starmap, pool, failing_task, {{1}}).traceback
+    for _, f in ipairs {"imap", "imap_unordered"} do
+      tbs[f] = err_of(function()
+        for _ in pool[f](pool, failing_task, {1}) do end
+      end).traceback
+    end
+    for how, tb in pairs(tbs) do
+      assert.matches("^[^\n]*pool_spec%.lua:%d+: bad input 1\nstack traceback:\n" ..
+                     "\t%[C%]: in function 'error'\n" ..
+                     "\t[^\n]*pool_spec%.lua:%d+: in function <[^\n]*pool_spec%.lua:%d+>$",
+                     tb, 1, how)
+      assert.is_nil(tb:find("pool.lua", 1, true), how)
+    end
+    -- a C function as the task: its frame is left as it is
+    local tb = err_of(pool.starmap, pool, error, {{"plain", 0}}).traceback
+    assert.is_nil(tb:find("pool.lua", 1, true), tb)
+    assert.matches("^plain\nstack traceback:\n", tb)
+    -- frames of a nested pool's call above the task's stay
+    tb = err_of(pool.apply, pool, function()
+      local inner <close> = mp.Pool(1)
+      return inner:map(error, {"deep"})
+    end).traceback
+    assert.matches("pool%.lua:%d+: in ", tb)
+    assert.matches("pool_spec%.lua:%d+: in function <", tb)
+  end)
+
   it("unencodable arguments: EncodeError naming the path; nothing is queued", function()
     local err = err_of(pool.apply, pool, type, {1, io.stdout})
     assert.equal("EncodeError", err.kind)
