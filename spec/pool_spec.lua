@@ -470,6 +470,32 @@ describe("Pool map family", function()
     assert.same({1, n = 1}, pool:map(function(x) return x end, {1}))
   end)
 
+  it("an imap loop left early is not kept by the pool", function()
+    local p <close> = mp.Pool(2)
+    local function count(t) local n = 0 for _ in pairs(t) do n = n + 1 end return n end
+    for _ = 1, 50 do
+      for i in p:imap(function(x) return string.rep("x", 1000) .. x end, range(40)) do
+        if i == 2 then break end
+      end
+    end
+    -- the chunks in flight settle (apply waits behind them on the queue)
+    assert.equal(1, p:apply(function() return 1 end))
+    assert.is_true(H.eventually(function()
+      p:poll()
+      collectgarbage()
+      return count(p._tasks) == 0 and count(p._jobs) == 0
+    end, 10))
+    -- an iterator still held stays, and finishes
+    local it = p:imap(function(x) return x end, range(5))
+    assert.same({1, 1}, {it()})
+    collectgarbage()
+    assert.equal(1, count(p._jobs))
+    local n = 1
+    for _ in it do n = n + 1 end
+    assert.equal(5, n)
+    assert.equal(0, count(p._jobs))
+  end)
+
   it("an imap error is raised at its place; the rest still comes", function()
     local it = pool:imap(function(x)
       if x == 3 then error("three") end

@@ -435,7 +435,11 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _maxtasks = maxtasksperchild,
     _tq = core.Queue{slots = n}, _rq = core.Queue(), _store = core.Store(),
     _starts = core.RawArray("d", n), _started = core.RawArray("q", n),
-    _workers = {}, _tasks = {}, _timeouts = {}, _jobs = {}, _tag = 1,
+    -- _jobs: the imap iterators not finished yet, weakly: one the caller
+    -- dropped (a loop left with break) goes once its chunks in flight
+    -- have settled (their task records hold it till then)
+    _workers = {}, _tasks = {}, _timeouts = {}, _tag = 1,
+    _jobs = setmetatable({}, {__mode = "k"}),
     _fblobs = {}, _nfblobs = 0, _fcache = setmetatable({}, {__mode = "k"}),
   }, Pool)
   for slot = 0, n - 1 do self._started[slot + 1] = -1 end
