@@ -33,6 +33,8 @@ local function make_line(i)
 end
 
 local path = os.tmpname()
+-- removed when the script ends, an error included
+local cleanup <close> = setmetatable({}, {__close = function() os.remove(path) end})
 
 -- the worker: counts the lines that start in the range {first, last} (a
 -- byte range of the file, from 0, last excluded)
@@ -91,7 +93,6 @@ for _, part in pool:imap_unordered(count_range, ranges) do
   merge(total.levels, part.levels)
   merge(total.words, part.words)
 end
-os.remove(path)
 
 local function show(counts)
   local keys = {}
