@@ -33,6 +33,7 @@
 #include <stdio_ext.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -548,15 +549,18 @@ LUAMP_NORETURN static void child_main(lua_State *L, int fn, int arg) {
   luamp_child_exit(code);
 }
 
-/* core.spawn(fn, arg, daemon, ignore_sigint) -> Child handle.
- * Forks; the child runs fn(arg) and exits with its integer result (0 for
- * none, 1 with the traceback on stderr for an error). */
+/* core.spawn(fn, arg, daemon, ignore_sigint, die_with_parent) -> Child
+ * handle.  Forks; the child runs fn(arg) and exits with its integer result
+ * (0 for none, 1 with the traceback on stderr for an error).  A child made
+ * with die_with_parent is SIGKILLed by the kernel when its parent dies
+ * (Pool workers: nothing else would tell them, blocked on their queue). */
 static int l_spawn(lua_State *L) {
   struct childbox *b;
   struct child *c;
   int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);
+  int die_with_parent = lua_toboolean(L, 5);
   int pfd[2] = {-1, -1};
-  pid_t pid;
+  pid_t pid, parent = getpid();
   luaL_checktype(L, 1, LUA_TFUNCTION);
   lua_settop(L, 4);
   b = lua_newuserdatauv(L, sizeof *b, 0);   /* created closed */
@@ -582,6 +586,10 @@ static int l_spawn(lua_State *L) {
     /* c is not freed here: the child leaves with _exit, and touching the
      * allocator would copy its pages for nothing */
     if (ignore_sigint) signal(SIGINT, SIG_IGN);
+    /* (the parent may have died before the prctl: then getppid changed) */
+    if (die_with_parent &&
+        (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent))
+      _exit(1);
     /* As Python's children: stdin is /dev/null, so that parent and
      * children do not compete for the terminal's input (and input the
      * parent had buffered is not read twice). */

@@ -222,10 +222,13 @@ AsyncResult.__index = AsyncResult
 AsyncResult.__name = "AsyncResult"
 
 local function new_job(pool, kind, opts)
-  local job = setmetatable({_pool = pool, _kind = kind, _done = false}, AsyncResult)
-  if opts then
-    job._callback, job._error_callback = opts.callback, opts.error_callback
-  end
+  -- every field a job will have, in one constructor (one allocation)
+  local job = setmetatable({_pool = pool, _kind = kind, _done = false,
+                            _ok = false, _value = false,
+                            _callback = opts and opts.callback or false,
+                            _error_callback = opts and opts.error_callback or false,
+                            _progress = false},
+                           AsyncResult)
   if kind == "imap" then pool._jobs[job] = true end
   return job
 end
@@ -401,7 +404,8 @@ local function spawn_worker(self, slot)
   }
   -- -3: in the initializer (the worker sets -1 once it returned)
   if self._initializer then self._started[slot + 1] = -3 end
-  local h = core.spawn(worker_main, cfg, true, true)
+  -- (workers die with their owner: a SIGKILLed owner leaves no orphans)
+  local h = core.spawn(worker_main, cfg, true, true, true)
   self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel()}
 end
 
@@ -441,6 +445,7 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _workers = {}, _tasks = {}, _timeouts = {}, _tag = 1,
     _jobs = setmetatable({}, {__mode = "k"}),
     _fblobs = {}, _nfblobs = 0, _fcache = setmetatable({}, {__mode = "k"}),
+    _timed = 0, _next_check = 0,
   }, Pool)
   for slot = 0, n - 1 do self._started[slot + 1] = -1 end
   for slot = 0, n - 1 do spawn_worker(self, slot) end
