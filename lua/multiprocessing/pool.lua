@@ -50,6 +50,9 @@ local ORPHAN = {}
 -- ---------------------------------------------------------------------------
 -- Worker side
 
+-- the function of the chunk a worker runs (to name it in tracebacks)
+local chunk_fn
+
 local function traceback(e)
   local msg
   if type(e) == "string" then msg = e
@@ -61,7 +64,26 @@ local function traceback(e)
   end
   local tb = debug.traceback(msg, 2)
   local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
-  return {value = e, traceback = cut and tb:sub(1, cut - 1) or tb}
+  if cut then tb = tb:sub(1, cut - 1) end
+  -- the worker's own frames below the task's (run_chunk's loop) are not
+  -- the user's business; frames of pool.lua above the task's (a nested
+  -- pool's call that raised) stay
+  repeat
+    local last = tb:match("\n([^\n]*)$")
+    local drop = last and (last:find("multiprocessing/pool%.lua:%d+:") or
+                           last == "\t(...tail calls...)")
+    if drop then tb = tb:sub(1, #tb - #last - 1) end
+  until not drop
+  -- run_chunk calls the task's function as its upvalue 'f': name it as
+  -- an apply's traceback does
+  if chunk_fn and tb:find("\n\t[^\n]*: in upvalue 'f'$") then
+    local info = debug.getinfo(chunk_fn, "S")
+    if info.what == "C" then return {value = e, traceback = tb} end
+    local name = string.format("in function <%s:%d>", info.short_src,
+                               info.linedefined)
+    tb = tb:sub(1, -#"in upvalue 'f'" - 1) .. name
+  end
+  return {value = e, traceback = tb}
 end
 
 -- The error a caller sees for a task that raised e in a worker.
@@ -157,8 +179,10 @@ local function worker_main(cfg)
       reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
     else
       local out, count = table_new(n), {0}
+      chunk_fn = f
       local ok, err = run_chunk(f, items, n, out, mode == STARMAP, count,
                                 timed and stamp or nil)
+      chunk_fn = nil
       if ok then reply = {tag, OK, n, out}
       else reply = {tag, FAILED, remote_error(err), out, count[1]} end
     end
@@ -415,7 +439,11 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _maxtasks = maxtasksperchild,
     _tq = core.Queue{slots = n}, _rq = core.Queue(), _store = core.Store(),
     _starts = core.RawArray("d", n), _started = core.RawArray("q", n),
-    _workers = {}, _tasks = {}, _timeouts = {}, _jobs = {}, _tag = 1,
+    -- _jobs: the imap iterators not finished yet, weakly: one the caller
+    -- dropped (a loop left with break) goes once its chunks in flight
+    -- have settled (their task records hold it till then)
+    _workers = {}, _tasks = {}, _timeouts = {}, _tag = 1,
+    _jobs = setmetatable({}, {__mode = "k"}),
     _fblobs = {}, _nfblobs = 0, _fcache = setmetatable({}, {__mode = "k"}),
     _timed = 0, _next_check = 0,
   }, Pool)
