@@ -584,9 +584,7 @@ function Pool:apply_async(f, args, opts, error_callback)
   end
   local fref = self:_fref(f)
   local job = new_job(self, "apply", opts)
-  local tag = self:_submit(job, fref, APPLY, args, args.n or #args, 1,
-                          opts.timeout)
-  job._first_tag, job._last_tag = tag, tag
+  self:_submit(job, fref, APPLY, args, args.n or #args, 1, opts.timeout)
   return job
 end
 
@@ -594,7 +592,7 @@ end
 -- wait ends in an error while their job is unfinished -- Ctrl-C, the only
 -- way out of it -- nobody can have the job any more, so it is cancelled.
 local Guard = {__close = function(g, err)
-  if err ~= nil and not g.job._done then g.pool:_cancel_job(g.job) end
+  if err ~= nil and not g.job._done then g.pool:_cancel_job(g.job, true) end
 end}
 
 local function get_guarded(pool, job)
@@ -647,7 +645,6 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
   job._chunk_done, job._chunk_err = {}, {}
   if opts.progress then job._progress = new_progress(n) end
   local fref = self:_fref(f, true)
-  job._first_tag = self._tag
   local ok, err = pcall(self._submit_chunks, self, job, fref, mode, items, n,
                         chunksize, opts.timeout)
   if not ok then
@@ -657,7 +654,6 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
     end
     error(err, 0)
   end
-  job._last_tag = self._tag - 1       -- (its chunks' tags are consecutive)
   if job._left == 0 then
     job._ok, job._value = true, job._results
     finish(job)
@@ -849,7 +845,13 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       end
     end
   end
-  return iter
+  -- the loop's closing value: leaving a for loop before the end (break,
+  -- an error, Ctrl-C) cancels what the loop will never take; on an error
+  -- the workers running its tasks are stopped too
+  local closer = setmetatable({}, {__close = function(_, err)
+    if not job._done then pool:_cancel_job(job, err ~= nil) end
+  end})
+  return iter, nil, nil, closer
 end
 
 function Pool:imap(f, iterable, opts)
@@ -965,37 +967,52 @@ function Pool:_check_workers()
   return dead
 end
 
--- Cancels an unfinished job whose caller was interrupted: its queued
--- tasks are marked for the workers to skip, the workers running its tasks
--- are killed and replaced (Ctrl-C stops the work, as it stops a loop in
--- the caller), and results that still come are dropped.  Never raises:
--- it runs while the interrupt unwinds.
-function Pool:_cancel_job(job)
+-- Cancels an unfinished job that nobody will wait for: its caller was
+-- interrupted (Ctrl-C), or left an imap loop.  Its queued tasks are marked
+-- for the workers to skip and results that still come are dropped; with
+-- kill, the workers running its tasks are killed and replaced too (Ctrl-C
+-- stops the work, as it stops a loop in the caller).  Never raises: it
+-- runs while an error unwinds.
+function Pool:_cancel_job(job, kill)
   if self._owner ~= getpid() or (self._state ~= "RUN" and self._state ~= "CLOSE") then
     return
   end
-  local first, last = job._first_tag, job._last_tag
-  if not first or not last or last < first then return end
   pcall(self._drain, self)            -- what is there may finish it
-  local pending = {}
-  for tag = first, last do
-    if self._tasks[tag] ~= nil then
+  local pending, tags = {}, {}
+  for tag, rec in pairs(self._tasks) do
+    if rec == job or (rec ~= ORPHAN and not rec._kind and rec[1] == job) then
       pending[tag] = true
-      self._tasks[tag] = nil
-      if self._timeouts[tag] then
-        self._timeouts[tag] = nil
-        self._timed = self._timed - 1
-      end
+      tags[#tags + 1] = tag
     end
   end
-  if next(pending) == nil then return end
-  local cancel = self._cancel
-  if first < 1 << (63 - CANCEL_BITS) then
-    local count = cancel[1]
-    cancel[count % CANCEL_RING + 2] =
-      (first << CANCEL_BITS) | math.min(last - first + 1, CANCEL_MAX)
-    cancel[1] = count + 1
+  if job._kind == "imap" then
+    job._done = true
+    self._jobs[job] = nil
   end
+  if #tags == 0 then return end
+  for _, tag in ipairs(tags) do
+    self._tasks[tag] = nil
+    if self._timeouts[tag] then
+      self._timeouts[tag] = nil
+      self._timed = self._timed - 1
+    end
+  end
+  -- the ring gets the tags as runs of consecutive ones (a map's are one
+  -- run; an imap's may be interleaved with other calls' tasks)
+  table.sort(tags)
+  local cancel = self._cancel
+  local i = 1
+  while i <= #tags and tags[i] < 1 << (63 - CANCEL_BITS) do
+    local first, n = tags[i], 1
+    while i + n <= #tags and tags[i + n] == first + n and n < CANCEL_MAX do
+      n = n + 1
+    end
+    local count = cancel[1]
+    cancel[count % CANCEL_RING + 2] = (first << CANCEL_BITS) | n
+    cancel[1] = count + 1
+    i = i + n
+  end
+  if not kill then return end
   local killed = false
   for slot, w in pairs(self._workers) do
     local ok, tag = pcall(self._tq._taken, self._tq, slot)
@@ -1040,7 +1057,8 @@ end
 function Pool:_pump(deadline)
   if self._owner ~= getpid() then return end
   local t = now()
-  if self:_drain() > 0 and t < (self._next_check or 0) then return end
+  local drained = self:_drain()
+  if drained > 0 and t < (self._next_check or 0) then return end
   self._next_check = t + 0.05
   -- a lost task has settled: the caller may be waiting for just that
   if self:_check_workers() > 0 then return end
@@ -1051,6 +1069,9 @@ function Pool:_pump(deadline)
     if due and due < slice then slice = due end
     if not wake or slice < wake then wake = slice end
   end
+  -- results came: the caller may have what it waits for (an imap's next
+  -- chunk), so no sleep until the next result
+  if drained > 0 then return end
   -- nothing can happen: do not sleep
   if deadline == 0 or next(self._workers) == nil or
      (next(self._tasks) == nil and deadline == nil and self._state ~= "CLOSE") then
