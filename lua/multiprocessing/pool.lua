@@ -101,13 +101,15 @@ local function run_chunk(f, items, n, out, star, count, stamp)
   return ok, err
 end
 
--- Cancelled tasks.  A map or apply whose caller was interrupted (Ctrl-C)
--- is cancelled: its tags are written to a ring of CANCEL_RING words in
--- shared memory, each (first tag << CANCEL_BITS) | count, one aligned
--- 64-bit store, so a worker never reads half of an entry; word 1 counts
--- the cancellations so far (0: none, the worker's only check).  A worker
--- skips a task whose tag is in the ring.  An entry overwritten before its
--- tasks came up only means they run, their results dropped.
+-- Cancelled tasks.  A map or apply whose caller was interrupted (Ctrl-C),
+-- or an imap whose for loop was left early, is cancelled
+-- (Pool:_cancel_job): its tags go to a ring of CANCEL_RING words in
+-- shared memory as runs of consecutive tags, each word (first tag <<
+-- CANCEL_BITS) | count, one aligned 64-bit store, so a worker never reads
+-- half of an entry; word 1 counts the runs written so far (0: none, the
+-- worker's only check).  A worker skips a task whose tag is in the ring.
+-- An entry overwritten before its tasks came up only means they run,
+-- their results dropped.
 local CANCEL_RING, CANCEL_BITS = 16, 24
 local CANCEL_MAX = (1 << CANCEL_BITS) - 1
 
