@@ -88,10 +88,30 @@
  *
  * C functions of the host work in workers: a forked child has all of the
  * host's code.  For a Pool task (which is encoded) to refer to one, it
- * must be reachable by name -- a field of a module in package.loaded
- * (luaL_requiref(L, "host", open_host, 1)) or a C function stored in a
- * global -- because functions of C travel by name and are looked up again
- * in the worker.  scripts/examples/embed/host.c does this.
+ * must be a field of a module in package.loaded (luaL_requiref(L, "host",
+ * open_host, 1)), because functions of C travel by name and are looked up
+ * again in the worker; any other C function raises EncodeError.  Such a C
+ * function can be the task itself -- a "C worker" -- driven from C as any
+ * method call:
+ *
+ *     // stack: pool (from mp.Pool(4)), then:
+ *     lua_getfield(L, pool, "map");
+ *     lua_pushvalue(L, pool);
+ *     lua_getfield(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+ *     lua_getfield(L, -1, "host");
+ *     lua_getfield(L, -1, "checksum");      // host.checksum, by name
+ *     lua_replace(L, -3);
+ *     lua_pop(L, 1);
+ *     push_the_inputs_table(L);
+ *     if (lua_pcall(L, 3, 1, 0) != LUA_OK) ...   // results, in order
+ *
+ * and a Lua task may call it (function(w) return host.checksum(w) end,
+ * with host an upvalue or a global).  scripts/examples/embed/host.c runs
+ * such a Pool from a script; spec/c/test_embed.c drives one from C.
+ * Globals a task reads are looked up in the worker, whose globals are the
+ * host's as they were when the Pool forked it: set what tasks need (or
+ * load modules) before creating the Pool, or give it to them as
+ * upvalues or arguments.
  *
  * Errors raised by the module are tables (fields kind, message and, where
  * they apply, traceback, value, errno) with a __tostring metamethod: use
@@ -120,8 +140,13 @@
  * the child will need), parent after it in the parent (release them),
  * child in the new child before any Lua code (release or re-create the
  * locks, close or forget inherited handles, reseed).  They run together
- * with the Lua hooks of mp.register_at_fork, so script and host see the
- * same forks.
+ * with the Lua hooks of mp.register_at_fork (before, after_in_parent,
+ * after_in_child), so script and host see the same forks, in this order:
+ * the Lua before hooks, then the C before hooks (each kind in reverse
+ * order of registration); fork; then in each process the C hooks, then
+ * the Lua ones (in order of registration) -- the host's hooks are the
+ * innermost, so a child's Lua hooks already see the host's state reset.
+ * A hook returns nothing: it cannot stop the fork.
  *
  * ---- Hosts with threads ---------------------------------------------------
  *
@@ -224,8 +249,9 @@ LUAMP_API const char *luamp_version(void);
  * itself starts no threads; a host that runs threads should use these to
  * hold the locks a forked child will need across the fork (as with
  * pthread_atfork), and must not fork from a Lua state while another
- * thread uses the same state.  Returns 0, or -1 when the hook table (32
- * entries) is full. */
+ * thread uses the same state.  The hooks are per process, for every state
+ * in it, and stay registered (there is no unregistering).  Returns 0, or
+ * -1 with errno ENOMEM when the hook table (32 entries) is full. */
 LUAMP_API int luamp_atfork(void (*before)(void *), void (*parent)(void *),
                            void (*child)(void *), void *ud);
 

@@ -183,7 +183,7 @@ describe("examples", function()
 end)
 
 -- The embedding example: a C host (built as build/examples/embed-host)
--- running a script that calls the host's own C function.
+-- running a script whose Pool tasks call the host's own C function.
 describe("examples/embed", function()
   -- FNV-1a, as host.checksum computes it in C
   local function fnv1a(s)
@@ -194,19 +194,46 @@ describe("examples/embed", function()
     return h
   end
 
-  it("host.c runs checksums.lua with its C function and the module", function()
+  it("host.c runs checksums.lua: a Pool whose tasks call the host's C function", function()
     local out, err, code = H.sh(H.q(H.build .. "/examples/embed-host") ..
-      " scripts/examples/embed/checksums.lua alpha 'two words' ''")
+      " scripts/examples/embed/checksums.lua alpha 'two words' '' gamma")
     assert.equal(0, code, err)
     assert.equal("", err)
     local expect = {}
-    for _, w in ipairs {"alpha", "two words", ""} do
+    for _, w in ipairs {"alpha", "two words", "", "gamma"} do
       expect[#expect + 1] = string.format("%-8s %08x\n", w, fnv1a(w))
     end
-    expect[#expect + 1] = string.format("task(%q) = %08x\n", "alpha", fnv1a("alpha"))
+    -- the tasks ran in the workers (other pids, where the host's at-fork
+    -- child hook ran); the parent hook counted the pool's two forks
+    expect[#expect + 1] = "computed by the pool's workers: true; here: main, 2 forks\n"
     assert.equal(table.concat(expect), out:match("^(.-\n)embed%-host"))
-    assert.matches("\nembed%-host %d+%.%d+%.%d+: 3 words in MainProcess %(pid %d+%), " ..
+    assert.matches("\nembed%-host %d+%.%d+%.%d+: 4 words in MainProcess %(pid %d+%), " ..
                    "luamp %d+%.%d+%.%d+, %d+ CPUs\n$", out)
+  end)
+
+  it("host.c's pool leaves no process behind", function()
+    -- the host's children are listed by the script itself before it ends
+    local path = H.write(os.tmpname() .. ".lua", [[
+      local mp = require "multiprocessing"
+      local host = require "host"
+      local pool = mp.Pool(2)
+      local pids = {}
+      for _, w in pairs(pool._workers) do pids[#pids + 1] = w.pid end
+      print(table.concat(pool:map(function(w) return host.checksum(w) end,
+                                  {"a", "b"}), " "))
+      pool:terminate()
+      print(table.concat(pids, " "))
+    ]])
+    local out, err, code = H.sh(H.q(H.build .. "/examples/embed-host") .. " " .. H.q(path))
+    os.remove(path)
+    assert.equal(0, code, err)
+    assert.equal(string.format("%d %d", fnv1a("a"), fnv1a("b")), out:match("^(.-)\n"))
+    local n = 0
+    for pid in out:match("\n([%d ]+)\n$"):gmatch("%d+") do
+      n = n + 1
+      assert.is_nil(io.open("/proc/" .. pid .. "/stat"), "worker " .. pid .. " is left")
+    end
+    assert.equal(2, n)
   end)
 
   it("host.c reports a script error with a traceback and status 1", function()

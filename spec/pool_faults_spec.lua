@@ -471,6 +471,53 @@ describe("Pool and signals to the owner", function()
     end
   end)
 
+  it("Ctrl-C caught by the script cancels the map: its work stops, the pool goes on", function()
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local pool = mp.Pool(2)
+      local ran = mp.Value("q", 0)
+      local me = mp.current_process().pid
+      local before = {}
+      for _, w in pairs(pool._workers) do before[w.pid] = true end
+      mp.Process{target = function() core.sleep(0.4) core.kill(me, "SIGINT") end}:start()
+      local t = {}
+      for i = 1, 200 do t[i] = i end
+      -- chunks of 10 items of 0.05 s: a worker is mid-chunk at the signal
+      local ok, e = pcall(pool.map, pool, function(x)
+        core.sleep(0.05) ran:add(1) return x end, t, 10)
+      print("map", ok, e)
+      local n = ran.value
+      core.sleep(0.5)
+      print("ran after", n < 200, ran.value - n)
+      print("again", table.concat(pool:map(function(x) return x * x end, {1, 2, 3}), ","))
+      local live, replaced = 0, 0
+      for _, w in pairs(pool._workers) do
+        live = live + 1
+        if not before[w.pid] then replaced = replaced + 1 end
+      end
+      print("workers", live, replaced)
+      for pid in pairs(before) do
+        if not pool._workers[pid] then
+          local f = io.open("/proc/" .. pid .. "/stat")
+          print("old worker", f and f:read("a"):match("^%d+ %b() (%a)") or "reaped")
+          if f then f:close() end
+        end
+      end
+      pool:terminate()
+    ]])
+    assert.equal(0, code, err)
+    assert.matches("^map\tfalse\tinterrupted!\n", out)
+    -- nothing of the cancelled map ran once the call was interrupted
+    assert.matches("\nran after\ttrue\t0\n", out)
+    assert.matches("\nagain\t1,4,9\n", out)
+    -- the workers that were mid-chunk were killed, reaped and replaced
+    local live, replaced = out:match("\nworkers\t(%d+)\t(%d+)\n")
+    assert.equal("2", live)
+    assert.is_true(tonumber(replaced) >= 1, out)
+    for state in out:gmatch("old worker\t(%S+)") do assert.equal("reaped", state) end
+  end)
+
   it("workers do not outlive an owner that was SIGKILLed", function()
     local _, _, _, pids = run_and_signal("KILL")
     for i = 1, 2 do

@@ -514,6 +514,58 @@ describe("Pool map family", function()
     assert.matches("three", errs[1].message)
   end)
 
+  it("leaving an imap loop early cancels the tasks it read ahead", function()
+    -- item 1 comes at once; items 2.. take 0.3 s and then mark that they
+    -- ran.  When the loop leaves after item 1, items 2 and 3 (most likely)
+    -- are running and item 4 is read ahead, waiting in the queue.
+    local function leave(how)
+      local ran = mp.RawArray("q", 6)
+      local f = function(x)
+        if x > 1 then core.sleep(0.3) end
+        ran[x] = 1
+        return x
+      end
+      local ok, err = pcall(function()
+        for _, v in pool:imap(f, range(6)) do
+          if v == 1 then
+            if how == "break" then break end
+            error("enough")
+          end
+        end
+      end)
+      assert.equal(how == "break", ok, tostring(err))
+      -- the queue is behind this map, and the 0.3 s tasks are over
+      assert.same({7, n = 1}, pool:map(function(x) return x end, {7}))
+      core.sleep(0.4)
+      return ran:totable()
+    end
+    local ran = leave("break")
+    -- break: what runs ends, what waits is dropped
+    assert.same({1, 0, 0}, {ran[1], ran[4], ran[5]})
+    -- an error (Ctrl-C is one) leaving the loop stops the running ones too
+    ran = leave("error")
+    assert.same({1, 0, 0, 0, 0, 0}, ran)
+  end)
+
+  it("imap yields a result as soon as it is there, also after the pool was idle", function()
+    -- (a result drained while the pool's periodic checks were due used to
+    -- wait for the next event: here the slow items' end, a second later)
+    for _ = 1, 6 do
+      core.sleep(0.06)
+      local t0, first = core.now(), nil
+      pcall(function()
+        for _, v in pool:imap(function(x)
+          if x > 1 then core.sleep(1) end
+          return x
+        end, range(4)) do
+          first = core.now() - t0
+          error("enough")      -- (an error leaving the loop stops the slow ones)
+        end
+      end)
+      assert.is_true(first < 0.5, tostring(first))
+    end
+  end)
+
   it("progress = true: a plain final line on stderr when not a terminal", function()
     local out, err, code = H.script([[
       local mp = require "multiprocessing"

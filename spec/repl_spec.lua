@@ -175,6 +175,32 @@ local function enter(text, output)
                        (output and output .. "\n" or "") .. ">>?$")
 end
 
+-- The children of pid: their pids (sorted) and how many are zombies.
+local function children(pid)
+  local out = H.sh("env -u LD_PRELOAD ps -o pid=,stat= --ppid " .. pid)
+  local pids, zombies = {}, 0
+  for child, stat in out:gmatch("(%d+)%s+(%S+)") do
+    pids[#pids + 1] = tonumber(child)
+    if stat:sub(1, 1) == "Z" then zombies = zombies + 1 end
+  end
+  table.sort(pids)
+  return pids, zombies
+end
+
+local function gone(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return true end
+  local s = f:read("a")
+  f:close()
+  return s:match("^%d+ %b() (%a)") == "Z"
+end
+
+-- The REPL's pid, asked at the prompt (mp must be loaded).
+local function repl_pid()
+  local screen = enter("='pid ' .. mp.current_process().pid", "pid %d+")
+  return assert(tonumber(screen:match("pid (%d+)\n>$")))
+end
+
 describe("REPL in a terminal", function()
   after_each(function()
     if term then term:close() end
@@ -353,6 +379,73 @@ describe("REPL in a terminal", function()
     assert.is_truthy(H.eventually(function()
       return select(3, H.sh("kill -0 " .. pid)) ~= 0
     end, 5))
+  end)
+
+  it("interrupts a long pool:map with Ctrl-C: its work stops, the pool goes on", function()
+    start()
+    enter("mp = require 'multiprocessing'; core = require 'multiprocessing.core'")
+    enter("ran = mp.Value('q', 0)")    -- (globals the workers see: set before the pool)
+    enter("pool = mp.Pool(2)")
+    local pid = repl_pid()
+    local workers, zombies = children(pid)
+    assert.equal(2, #workers)
+    -- 400 items of 50 ms on 2 workers: ten seconds of work
+    term:type("r = pool:map(function(x) core.sleep(0.05) ran:add(1) return x end, " ..
+              "(function() local t = {} for i = 1, 400 do t[i] = i end return t end)(), 5)\n")
+    H.sleep(0.6)
+    term:send("C-c")
+    term:wait_for("interrupted!\nstack traceback:.*\n>$")
+    -- the workers that were running its chunks were killed, reaped and
+    -- replaced: two live children, no zombie, none orphaned
+    local now_workers
+    now_workers, zombies = children(pid)
+    assert.equal(2, #now_workers)
+    assert.equal(0, zombies)
+    for _, w in ipairs(workers) do
+      if not contains(now_workers, w) then assert.is_true(gone(w), "worker " .. w) end
+    end
+    -- nothing of the interrupted map runs any more
+    enter("n = ran.value")
+    H.sleep(0.3)
+    enter("=n > 0 and n < 400, ran.value - n", "true%s+0")
+    -- and the pool serves the next call at once, with the right results
+    enter("=table.concat(pool:map(function(x) return x * x end, {1, 2, 3}), ',')", "1,4,9")
+    enter("=pool", "<Pool state=RUN pool_size=2>")
+    workers = children(pid)
+    term:send("C-d")
+    term:wait_for("%[exit 0%]")
+    for _, w in ipairs(workers) do
+      assert.is_truthy(H.eventually(function() return gone(w) end, 5), "worker " .. w)
+    end
+  end)
+
+  it("runs functions typed at the prompt as Pool tasks; Ctrl-D leaves no worker", function()
+    start()
+    enter("mp = require 'multiprocessing'")
+    enter("pool = mp.Pool(2)")
+    enter("function sq(x) return x * x end")
+    enter("=table.concat(pool:map(sq, {1, 2, 3, 4}), ' ')", "1 4 9 16")
+    -- a local of the same chunk is an upvalue: it travels with the function
+    enter("local k = 3; f = function(x) return x + k end")
+    enter("=table.concat(pool:map(f, {1, 2, 3}), ' ')", "4 5 6")
+    -- a function typed over several lines
+    term:type("function cube(x)\n")
+    term:wait_for("\n>>$")
+    enter("return x * x * x end")
+    enter("=table.concat(pool:map(cube, {1, 2, 3}), ' ')", "1 8 27")
+    -- one that calls a function typed before, through an upvalue (the
+    -- global sq was set after the pool forked its workers: they have none)
+    enter("local sq = sq; g = function(a, b) return sq(a) + b end")
+    enter("=table.concat(pool:starmap(g, {{1, 10}, {2, 20}, {3, 30}}), ' ')", "11 24 39")
+    enter("=pool:apply(function(...) return select('#', ...), ... end, {7, 8})", "2%s+7%s+8")
+    local pid = repl_pid()
+    local workers = children(pid)
+    assert.equal(2, #workers)
+    term:send("C-d")
+    term:wait_for("%[exit 0%]")
+    for _, w in ipairs(workers) do
+      assert.is_truthy(H.eventually(function() return gone(w) end, 5), "worker " .. w)
+    end
   end)
 
   it("follows _PROMPT and _PROMPT2", function()

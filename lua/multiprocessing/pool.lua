@@ -123,10 +123,33 @@ local function run_chunk(f, items, n, out, star, count, stamp)
   return ok, err
 end
 
+-- Cancelled tasks.  A map or apply whose caller was interrupted (Ctrl-C),
+-- or an imap whose for loop was left early, is cancelled
+-- (Pool:_cancel_job): its tags go to a ring of CANCEL_RING words in
+-- shared memory as runs of consecutive tags, each word (first tag <<
+-- CANCEL_BITS) | count, one aligned 64-bit store, so a worker never reads
+-- half of an entry; word 1 counts the runs written so far (0: none, the
+-- worker's only check).  A worker skips a task whose tag is in the ring.
+-- An entry overwritten before its tasks came up only means they run,
+-- their results dropped.
+local CANCEL_RING, CANCEL_BITS = 16, 24
+local CANCEL_MAX = (1 << CANCEL_BITS) - 1
+
+local function is_cancelled(cancel, tag)
+  for i = 2, CANCEL_RING + 1 do
+    local w = cancel[i]
+    if w ~= 0 then
+      local first = w >> CANCEL_BITS
+      if tag >= first and tag < first + (w & CANCEL_MAX) then return true end
+    end
+  end
+  return false
+end
+
 local function worker_main(cfg)
   process._become_child(cfg.name, true)
   local tq, rq, store, slot = cfg.tq, cfg.rq, cfg.store, cfg.slot
-  local starts, started = cfg.starts, cfg.started
+  local starts, started, cancel = cfg.starts, cfg.started, cfg.cancel
   if cfg.initializer then
     local a = cfg.initargs
     local ok, err = xpcall(cfg.initializer, traceback, unpack(a, 1, a.n or #a))
@@ -166,50 +189,53 @@ local function worker_main(cfg)
       break
     end
     local tag, mode, items, n = task[1], task[3], task[4], task[5]
-    local f = resolve(task[2], task[7])
-    local timed = task[6]
-    if timed then
-      starts[slot + 1] = now()
-      started[slot + 1] = tag
-    end
-    local reply
-    -- replies: {tag, OK, n, v1..vn} for apply, {tag, OK, n, results} for
-    -- a chunk, {tag, FAILED, err [, partial results, count]}
-    if mode == APPLY then
-      reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
-    else
-      local out, count = table_new(n), {0}
-      chunk_fn = f
-      local ok, err = run_chunk(f, items, n, out, mode == STARMAP, count,
-                                timed and stamp or nil)
-      chunk_fn = nil
-      if ok then reply = {tag, OK, n, out}
-      else reply = {tag, FAILED, remote_error(err), out, count[1]} end
-    end
-    local ok, err = pcall(rq.put, rq, reply)
-    if not ok then
-      -- the result cannot travel: the task fails, the worker lives
-      if core.is_error(err, "EncodeError") then
-        -- name the result, not the reply's insides: an apply's k-th value
-        -- (reply[3 + k]), a chunk's j-th item (reply[4][j], renumbered
-        -- over the whole input by the owner)
-        local msg, j, rest = err.message, nil, nil
-        if mode == APPLY then
-          msg = msg:gsub(" at value%[(%d+)%]", function(k)
-            return string.format(" at result[%d]", tonumber(k) - 3)
-          end, 1)
-        else
-          local head
-          head, j, rest = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
-          if head then msg = head end
-        end
-        err = new_error("EncodeError", msg)
-        if j then err.item, err.rest = tonumber(j), rest end
+    -- (a cancelled task is skipped: no reply, nobody waits for it)
+    if cancel[1] == 0 or not is_cancelled(cancel, tag) then
+      local f = resolve(task[2], task[7])
+      local timed = task[6]
+      if timed then
+        starts[slot + 1] = now()
+        started[slot + 1] = tag
       end
-      rq:put({tag, FAILED, err})
+      local reply
+      -- replies: {tag, OK, n, v1..vn} for apply, {tag, OK, n, results} for
+      -- a chunk, {tag, FAILED, err [, partial results, count]}
+      if mode == APPLY then
+        reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
+      else
+        local out, count = table_new(n), {0}
+        chunk_fn = f
+        local ok, err = run_chunk(f, items, n, out, mode == STARMAP, count,
+                                  timed and stamp or nil)
+        chunk_fn = nil
+        if ok then reply = {tag, OK, n, out}
+        else reply = {tag, FAILED, remote_error(err), out, count[1]} end
+      end
+      local ok, err = pcall(rq.put, rq, reply)
+      if not ok then
+        -- the result cannot travel: the task fails, the worker lives
+        if core.is_error(err, "EncodeError") then
+          -- name the result, not the reply's insides: an apply's k-th value
+          -- (reply[3 + k]), a chunk's j-th item (reply[4][j], renumbered
+          -- over the whole input by the owner)
+          local msg, j, rest = err.message, nil, nil
+          if mode == APPLY then
+            msg = msg:gsub(" at value%[(%d+)%]", function(k)
+              return string.format(" at result[%d]", tonumber(k) - 3)
+            end, 1)
+          else
+            local head
+            head, j, rest = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
+            if head then msg = head end
+          end
+          err = new_error("EncodeError", msg)
+          if j then err.item, err.rest = tonumber(j), rest end
+        end
+        rq:put({tag, FAILED, err})
+      end
+      done = done + 1
+      if limit and done >= limit then break end
     end
-    done = done + 1
-    if limit and done >= limit then break end
   end
   return 0
 end
@@ -397,7 +423,7 @@ end
 local function spawn_worker(self, slot)
   local cfg = {
     tq = self._tq, rq = self._rq, store = self._store, slot = slot,
-    starts = self._starts, started = self._started,
+    starts = self._starts, started = self._started, cancel = self._cancel,
     initializer = self._initializer, initargs = self._initargs,
     maxtasks = self._maxtasks,
     name = string.format("%s-Worker-%d", self._name, slot + 1),
@@ -439,6 +465,7 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _maxtasks = maxtasksperchild,
     _tq = core.Queue{slots = n}, _rq = core.Queue(), _store = core.Store(),
     _starts = core.RawArray("d", n), _started = core.RawArray("q", n),
+    _cancel = core.RawArray("q", CANCEL_RING + 1),
     -- _jobs: the imap iterators not finished yet, weakly: one the caller
     -- dropped (a loop left with break) goes once its chunks in flight
     -- have settled (their task records hold it till then)
@@ -596,8 +623,20 @@ function Pool:apply_async(f, args, opts, error_callback)
   return job
 end
 
+-- The blocking calls (apply, map, starmap) wait with a guard: when the
+-- wait ends in an error while their job is unfinished -- Ctrl-C, the only
+-- way out of it -- nobody can have the job any more, so it is cancelled.
+local Guard = {__close = function(g, err)
+  if err ~= nil and not g.job._done then g.pool:_cancel_job(g.job, true) end
+end}
+
+local function get_guarded(pool, job)
+  local _ <close> = setmetatable({pool = pool, job = job}, Guard)
+  return job:get()
+end
+
 function Pool:apply(f, args, opts)
-  return self:apply_async(f, args, opts):get()
+  return get_guarded(self, self:apply_async(f, args, opts))
 end
 
 -- The items of an iterable: a sequence (args.n honoured) or an iterator
@@ -678,7 +717,7 @@ function Pool:map_async(f, iterable, opts, callback, error_callback)
 end
 
 function Pool:map(f, iterable, opts)
-  return self:_map_async(f, iterable, opts, MAP, "map"):get()
+  return get_guarded(self, self:_map_async(f, iterable, opts, MAP, "map"))
 end
 
 function Pool:starmap_async(f, iterable, opts, callback, error_callback)
@@ -687,7 +726,7 @@ function Pool:starmap_async(f, iterable, opts, callback, error_callback)
 end
 
 function Pool:starmap(f, iterable, opts)
-  return self:_map_async(f, iterable, opts, STARMAP, "starmap"):get()
+  return get_guarded(self, self:_map_async(f, iterable, opts, STARMAP, "starmap"))
 end
 
 -- imap and imap_unordered: for i, v in pool:imap(f, xs) do ... end.  The
@@ -841,7 +880,13 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       end
     end
   end
-  return iter
+  -- the loop's closing value: leaving a for loop before the end (break,
+  -- an error, Ctrl-C) cancels what the loop will never take; on an error
+  -- the workers running its tasks are stopped too
+  local closer = setmetatable({}, {__close = function(_, err)
+    if not job._done then pool:_cancel_job(job, err ~= nil) end
+  end})
+  return iter, nil, nil, closer
 end
 
 function Pool:imap(f, iterable, opts)
@@ -920,7 +965,12 @@ function Pool:_check_workers()
       -- left as asked, and the sentinels left over are for the others
       took_sentinel = took_sentinel or tag == 0
       if tag ~= nil and tag ~= 0 then
-        if w.killed_for == tag then
+        if w.cancelled and w.cancelled ~= tag then
+          -- it had finished the cancelled task and taken this one
+          self:_fail_task(tag, new_error("WorkerLostError", string.format(
+            "worker %d was killed to stop an interrupted call while it " ..
+            "ran this task", w.pid)))
+        elseif w.killed_for == tag then
           self:_fail_task(tag, new_error("TimeoutError", string.format(
             "task took longer than its %g s timeout; worker %d was killed",
             self._timeouts[tag] or 0, w.pid)))
@@ -952,6 +1002,70 @@ function Pool:_check_workers()
   return dead
 end
 
+-- Cancels an unfinished job that nobody will wait for: its caller was
+-- interrupted (Ctrl-C), or left an imap loop.  Its queued tasks are marked
+-- for the workers to skip and results that still come are dropped; with
+-- kill, the workers running its tasks are killed and replaced too (Ctrl-C
+-- stops the work, as it stops a loop in the caller).  Never raises: it
+-- runs while an error unwinds.
+function Pool:_cancel_job(job, kill)
+  if self._owner ~= getpid() or (self._state ~= "RUN" and self._state ~= "CLOSE") then
+    return
+  end
+  pcall(self._drain, self)            -- what is there may finish it
+  local pending, tags = {}, {}
+  for tag, rec in pairs(self._tasks) do
+    if rec == job or (rec ~= ORPHAN and not rec._kind and rec[1] == job) then
+      pending[tag] = true
+      tags[#tags + 1] = tag
+    end
+  end
+  if job._kind == "imap" then
+    job._done = true
+    self._jobs[job] = nil
+  end
+  if #tags == 0 then return end
+  for _, tag in ipairs(tags) do
+    self._tasks[tag] = nil
+    if self._timeouts[tag] then
+      self._timeouts[tag] = nil
+      self._timed = self._timed - 1
+    end
+  end
+  -- the ring gets the tags as runs of consecutive ones (a map's are one
+  -- run; an imap's may be interleaved with other calls' tasks)
+  table.sort(tags)
+  local cancel = self._cancel
+  local i = 1
+  while i <= #tags and tags[i] < 1 << (63 - CANCEL_BITS) do
+    local first, n = tags[i], 1
+    while i + n <= #tags and tags[i + n] == first + n and n < CANCEL_MAX do
+      n = n + 1
+    end
+    local count = cancel[1]
+    cancel[count % CANCEL_RING + 2] = (first << CANCEL_BITS) | n
+    cancel[1] = count + 1
+    i = i + n
+  end
+  if not kill then return end
+  local killed = false
+  for slot, w in pairs(self._workers) do
+    local ok, tag = pcall(self._tq._taken, self._tq, slot)
+    if ok and tag and pending[tag] then
+      w.cancelled = tag
+      pcall(w.h.signal, w.h, "SIGKILL")
+      killed = true
+    end
+  end
+  if killed then
+    -- reap and replace them now: no zombie waits for the next call
+    for _, w in pairs(self._workers) do
+      if w.cancelled then pcall(w.h.wait, w.h, 5) end
+    end
+    pcall(self._check_workers, self)
+  end
+end
+
 -- Kills workers whose current task is overdue.
 function Pool:_check_timeouts()
   local t = now()
@@ -978,7 +1092,8 @@ end
 function Pool:_pump(deadline)
   if self._owner ~= getpid() then return end
   local t = now()
-  if self:_drain() > 0 and t < (self._next_check or 0) then return end
+  local drained = self:_drain()
+  if drained > 0 and t < (self._next_check or 0) then return end
   self._next_check = t + 0.05
   -- a lost task has settled: the caller may be waiting for just that
   if self:_check_workers() > 0 then return end
@@ -989,6 +1104,9 @@ function Pool:_pump(deadline)
     if due and due < slice then slice = due end
     if not wake or slice < wake then wake = slice end
   end
+  -- results came: the caller may have what it waits for (an imap's next
+  -- chunk), so no sleep until the next result
+  if drained > 0 then return end
   -- nothing can happen: do not sleep
   if deadline == 0 or next(self._workers) == nil or
      (next(self._tasks) == nil and deadline == nil and self._state ~= "CLOSE") then

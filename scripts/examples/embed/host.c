@@ -5,9 +5,11 @@
  *
  * It opens a Lua state with the standard libraries, makes
  * require "multiprocessing" available (luamp_preload), registers a module
- * of its own written in C ("host", with host.checksum), and runs SCRIPT
- * with ARGS as "..." and the global arg, as lua5.4 would.  An uncaught
- * error prints a traceback and exits with status 1.
+ * of its own written in C ("host", with host.checksum), hooks the forks
+ * the runtime makes (luamp_atfork), and runs SCRIPT with ARGS as "..."
+ * and the global arg, as lua5.4 would.  An uncaught error prints a
+ * traceback and exits with status 1.  checksums.lua, beside this file,
+ * runs a Pool whose tasks call host.checksum in the workers.
  *
  * The C function is registered as a module (package.loaded.host) rather
  * than a bare global so that Lua code handed to worker processes can refer
@@ -44,9 +46,41 @@ static int host_checksum(lua_State *L) {
   return 1;
 }
 
+/* What a host does around forks, with luamp_atfork: here it only counts
+ * the forks its state made and notes, in a child, that it is a worker (a
+ * real host would close its listening sockets, forget its event loop or
+ * database handles and reseed its generators in at_fork_child). */
+static int forks_made;       /* by this process, since it started */
+static int is_worker;
+
+static void at_fork_parent(void *ud) {
+  (void)ud;
+  forks_made++;
+}
+
+static void at_fork_child(void *ud) {
+  (void)ud;
+  is_worker = 1;
+  forks_made = 0;            /* the parent's count is not the child's */
+}
+
+/* host.role() -> "worker" in a process forked by the runtime, else "main" */
+static int host_role(lua_State *L) {
+  lua_pushstring(L, is_worker ? "worker" : "main");
+  return 1;
+}
+
+/* host.forks() -> how many forks this process made */
+static int host_forks(lua_State *L) {
+  lua_pushinteger(L, forks_made);
+  return 1;
+}
+
 static int open_host(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"checksum", host_checksum},
+    {"role", host_role},
+    {"forks", host_forks},
     {NULL, NULL}
   };
   luaL_newlib(L, funcs);
@@ -107,6 +141,7 @@ int main(int argc, char **argv) {
   }
   mainL = luaL_newstate();
   if (mainL == NULL) return 1;
+  if (luamp_atfork(NULL, at_fork_parent, at_fork_child, NULL) != 0) return 1;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = on_sigint;      /* no SA_RESTART: waits must see EINTR */
   sigemptyset(&sa.sa_mask);
