@@ -210,6 +210,36 @@ static int l_sleep(lua_State *L) {
   return 0;
 }
 
+/* core.shielded(f, ...) -> f's results.  Runs f where Ctrl-C cannot cut
+ * it in two: lua.c and luamp answer SIGINT with a hook on the main thread
+ * only, so f runs in a thread of its own (its hook cleared) to its end,
+ * and "interrupted!" comes at the caller's next instruction.  For the few
+ * steps that must not stop half-done (a result taken from a queue and
+ * recorded); blocking waits inside still see the Ctrl-C (they check the
+ * main thread).  Errors pass through; f may not yield. */
+static int l_shielded(lua_State *L) {
+  int n = lua_gettop(L), status, nres;
+  lua_State *co;
+  luaL_checktype(L, 1, LUA_TFUNCTION);
+  co = lua_newthread(L);
+  lua_sethook(co, NULL, 0, 0);
+  lua_rotate(L, 1, 1);                 /* thread, f, args... */
+  lua_xmove(L, co, n);
+  status = lua_resume(co, L, n - 1, &nres);
+  if (status == LUA_OK) {
+    luaL_checkstack(L, nres, "too many results");
+    lua_xmove(co, L, nres);
+    return nres;
+  }
+  if (status == LUA_YIELD) {
+    lua_resetthread(co);
+    return luaL_error(L, "attempt to yield from a shielded call");
+  }
+  lua_xmove(co, L, 1);                 /* the error object */
+  lua_resetthread(co);
+  return lua_error(L);
+}
+
 int luamp_open_sys(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"cpu_count", l_cpu_count},
@@ -221,6 +251,7 @@ int luamp_open_sys(lua_State *L) {
     {"table_into", l_table_into},
     {"table_new", l_table_new},
     {"sleep", l_sleep},
+    {"shielded", l_shielded},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -31,6 +31,7 @@ local table_slice, table_into, table_new = core.table_slice, core.table_into,
 local unpack, pack = table.unpack, table.pack
 local raise, new_error = core.raise, core.new_error
 local getpid = core.pid or core.getpid
+local shielded = core.shielded
 
 local M = {}
 
@@ -918,13 +919,20 @@ function Pool:_handle(m)
 end
 
 -- Takes every result that is there now; returns how many.
-function Pool:_drain()
+local function drain(self)
   local rq, n = self._rq, 0
   while not rq:empty() do
     self:_handle(rq:get_nowait())
     n = n + 1
   end
   return n
+end
+
+-- (shielded: a Ctrl-C between taking a result and recording it would
+-- lose it, and its get would wait forever)
+function Pool:_drain()
+  if self._rq:empty() then return 0 end
+  return shielded(drain, self)
 end
 
 -- A task lost with its worker (or killed for its timeout).
@@ -940,7 +948,7 @@ end
 
 -- Replaces dead workers and fails exactly the tasks they held; returns
 -- how many it found.
-function Pool:_check_workers()
+local function check_workers(self)
   local dead, broken = 0, nil
   for slot, w in pairs(self._workers) do
     local code, gone = w.h:poll()
@@ -1067,7 +1075,7 @@ function Pool:_cancel_job(job, kill)
 end
 
 -- Kills workers whose current task is overdue.
-function Pool:_check_timeouts()
+local function check_timeouts(self)
   local t = now()
   local wake
   for slot, w in pairs(self._workers) do
@@ -1085,6 +1093,11 @@ function Pool:_check_timeouts()
   end
   return wake
 end
+
+-- (shielded: a dead worker's replacement, a task's failure and a worker
+-- killed for its timeout are each done whole, whatever Ctrl-C does)
+function Pool:_check_workers() return shielded(check_workers, self) end
+function Pool:_check_timeouts() return shielded(check_timeouts, self) end
 
 -- Makes progress: takes results, runs callbacks, replaces workers, kills
 -- overdue tasks; sleeps until something happens or the deadline (nil:
