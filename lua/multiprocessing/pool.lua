@@ -945,7 +945,8 @@ end
 function Pool:_pump(deadline)
   if self._owner ~= getpid() then return end
   local t = now()
-  if self:_drain() > 0 and t < (self._next_check or 0) then return end
+  local got = self:_drain()
+  if got > 0 and t < (self._next_check or 0) then return end
   self._next_check = t + 0.05
   -- a lost task has settled: the caller may be waiting for just that
   if self:_check_workers() > 0 then return end
@@ -956,8 +957,9 @@ function Pool:_pump(deadline)
     if due and due < slice then slice = due end
     if not wake or slice < wake then wake = slice end
   end
-  -- nothing can happen: do not sleep
-  if deadline == 0 or next(self._workers) == nil or
+  -- results were taken (the caller's may be among them), or nothing can
+  -- happen: do not sleep
+  if got > 0 or deadline == 0 or next(self._workers) == nil or
      (next(self._tasks) == nil and deadline == nil and self._state ~= "CLOSE") then
     return
   end
