@@ -33,6 +33,7 @@
 #include <stdio_ext.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -110,7 +111,7 @@ static int reap(struct child *c, int hang) {
   int st;
   pid_t r;
   if (c->reaped) return 1;
-  if (c->owner != getpid()) return 0;
+  if (c->owner != luamp_pid()) return 0;
   do r = waitpid(c->pid, &st, hang ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
   if (r == c->pid) {
     c->reaped = 1;
@@ -147,7 +148,7 @@ static void sweep(void) {
   struct child **pp = &registry;
   while (*pp) {
     struct child *c = *pp;
-    if (c->owner == getpid()) reap(c, 0);
+    if (c->owner == luamp_pid()) reap(c, 0);
     if (c->reaped && !c->has_handle) {
       *pp = c->next;
       close_sentinel(c);
@@ -180,7 +181,7 @@ static int wait_quietly(struct child *c, double deadline) {
  * children, then join every child.  state limits it to the children a
  * Lua state started (NULL: all of this process's children). */
 static void cleanup_children(const void *state) {
-  pid_t me = getpid();
+  pid_t me = luamp_pid();
   double deadline;
   int any = 0;
   for (struct child *c = registry; c; c = c->next)
@@ -262,20 +263,15 @@ static void run_lua_hooks(lua_State *L, int kind) {
 
 /* The child's side of luamp_fork, signals still blocked. */
 static void after_fork_in_child(void) {
-  /* Forget the parent's children: free what no handle refers to; the
-   * handles' own entries are freed by their finalizers (which, seeing
-   * another owner, only close this process's copy of the sentinel). */
-  struct child *c = registry;
+  /* Forget the parent's children without writing to their entries: they
+   * are scattered over the heap, and every page a child writes is a copy.
+   * A handle's finalizer frees its own entry (seeing another owner, it
+   * only closes this process's copy of the sentinel); entries no handle
+   * refers to have their fd closed now and their memory left to this
+   * process's exit. */
+  for (const struct child *c = registry; c; c = c->next)
+    if (!c->has_handle && c->sentinel >= 0) close(c->sentinel);
   registry = NULL;
-  while (c) {
-    struct child *next = c->next;
-    c->next = NULL;
-    if (!c->has_handle) {
-      close_sentinel(c);
-      free(c);
-    }
-    c = next;
-  }
   if (own_sentinel_wfd >= 0) {
     close(own_sentinel_wfd);
     own_sentinel_wfd = -1;
@@ -384,7 +380,7 @@ static struct child *check_child(lua_State *L, int idx) {
 
 static struct child *owned_child(lua_State *L, int idx) {
   struct child *c = check_child(L, idx);
-  if (c->owner != getpid())
+  if (c->owner != luamp_pid())
     luamp_raise(L, "ProcessError", "can only wait for a child process "
                 "(pid %d belongs to process %d)", (int)c->pid, (int)c->owner);
   return c;
@@ -403,7 +399,7 @@ static int child_release(lua_State *L) {
   if (c == NULL) return 0;
   b->c = NULL;
   c->has_handle = 0;
-  if (c->owner != getpid()) {
+  if (c->owner != luamp_pid()) {
     /* inherited: drop our copy of the sentinel, nothing else */
     close_sentinel(c);
     free(c);
@@ -548,15 +544,18 @@ LUAMP_NORETURN static void child_main(lua_State *L, int fn, int arg) {
   luamp_child_exit(code);
 }
 
-/* core.spawn(fn, arg, daemon, ignore_sigint) -> Child handle.
- * Forks; the child runs fn(arg) and exits with its integer result (0 for
- * none, 1 with the traceback on stderr for an error). */
+/* core.spawn(fn, arg, daemon, ignore_sigint, die_with_parent) -> Child
+ * handle.  Forks; the child runs fn(arg) and exits with its integer result
+ * (0 for none, 1 with the traceback on stderr for an error).  A child made
+ * with die_with_parent is SIGKILLed by the kernel when its parent dies
+ * (Pool workers: nothing else would tell them, blocked on their queue). */
 static int l_spawn(lua_State *L) {
   struct childbox *b;
   struct child *c;
   int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);
+  int die_with_parent = lua_toboolean(L, 5);
   int pfd[2] = {-1, -1};
-  pid_t pid;
+  pid_t pid, parent = luamp_pid();
   luaL_checktype(L, 1, LUA_TFUNCTION);
   lua_settop(L, 4);
   b = lua_newuserdatauv(L, sizeof *b, 0);   /* created closed */
@@ -582,6 +581,10 @@ static int l_spawn(lua_State *L) {
     /* c is not freed here: the child leaves with _exit, and touching the
      * allocator would copy its pages for nothing */
     if (ignore_sigint) signal(SIGINT, SIG_IGN);
+    /* (the parent may have died before the prctl: then getppid changed) */
+    if (die_with_parent &&
+        (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent))
+      _exit(1);
     /* As Python's children: stdin is /dev/null, so that parent and
      * children do not compete for the terminal's input (and input the
      * parent had buffered is not read twice). */
@@ -597,7 +600,7 @@ static int l_spawn(lua_State *L) {
     luamp_raise_errno(L, "OSError", err, "fork");
   }
   c->pid = pid;
-  c->owner = getpid();
+  c->owner = luamp_pid();
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   c->state = lua_topointer(L, -1);
   lua_pop(L, 1);

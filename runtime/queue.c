@@ -268,7 +268,7 @@ static int early_wrap(struct qhdr *h, uint64_t need) {
 static int wake_pid, wake_rfd = -1, wake_wfd = -1;
 
 int luamp_wakeup_fd(lua_State *L) {
-  if (wake_pid != getpid()) {
+  if (wake_pid != luamp_pid()) {
     int p[2];
     if (wake_pid != 0) {       /* the parent's, inherited: not ours */
       close(wake_rfd);
@@ -279,14 +279,14 @@ int luamp_wakeup_fd(lua_State *L) {
       luamp_raise_errno(L, "OSError", errno, "pipe2");
     wake_rfd = p[0];
     wake_wfd = p[1];
-    wake_pid = getpid();
+    wake_pid = luamp_pid();
   }
   return wake_rfd;
 }
 
 void luamp_wakeup_drain(void) {
   char buf[64];
-  if (wake_pid == getpid())
+  if (wake_pid == luamp_pid())
     while (read(wake_rfd, buf, sizeof buf) > 0) {}
 }
 
@@ -297,7 +297,7 @@ void luamp_wakeup_drain(void) {
 static void poke_watchers(lua_State *L, struct queue *q) {
   int32_t pids[WATCH_SLOTS], fds[WATCH_SLOTS];
   int n = 0;
-  pid_t me = getpid();
+  pid_t me = luamp_pid();
   qlock(L, q->h);
   for (int i = 0; i < WATCH_SLOTS; i++) {
     if (q->h->watch[i].pid) {
@@ -336,7 +336,7 @@ int luamp_queue_ready(lua_State *L, int idx) {
 void luamp_queue_watch(lua_State *L, int idx, int on) {
   struct luamp_obj *o = checkqueue(L, idx);
   struct queue q = qget(o);
-  pid_t me = getpid();
+  pid_t me = luamp_pid();
   int wfd;
   luamp_wakeup_fd(L);
   wfd = wake_wfd;

@@ -253,6 +253,111 @@ add("manager.apply_2procs", "ops/s", manager_work(function(m) return m:dict{n = 
     local inc = function(v) return v + 1 end
     for _ = 1, n do d:apply("n", inc) end
   end, 2))
+-- ---- pool (issue 6) --------------------------------------------------------
+
+local function double(x) return x * 2 end
+local function range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+-- map of a tiny function over n items, default chunks, pool start and
+-- shutdown included (as a user's script pays them)
+local function pool_map(workers, n)
+  return function()
+    local xs = range(n)
+    local t0 = now()
+    local pool = mp.Pool(workers)
+    local r = pool:map(double, xs)
+    pool:close()
+    pool:join()
+    local dt = now() - t0
+    assert(r[n] == 2 * n)
+    return n, dt
+  end
+end
+add("pool.map_default", "tasks/s", pool_map(nil, 200000))
+
+add("pool.map_chunksize1", "tasks/s", function()
+  local pool <close> = mp.Pool()
+  local xs = range(20000)
+  local t0 = now()
+  local r = pool:map(double, xs, 1)
+  local dt = now() - t0
+  assert(r[20000] == 40000)
+  return 20000, dt
+end)
+
+add("pool.apply_async", "tasks/s", function()
+  local pool <close> = mp.Pool()
+  local rs = {}
+  local t0 = now()
+  for i = 1, 20000 do rs[i] = pool:apply_async(double, {i}) end
+  for i = 1, 20000 do assert(rs[i]:get() == 2 * i) end
+  return 20000, now() - t0
+end)
+
+-- CPU-bound: 8 tasks of ~60 ms on one worker, then on two; the speed-up
+-- is the median of 5 such pairs
+local function spin(k)
+  local x = 0
+  for i = 1, k do x = x + i % 7 end
+  return x
+end
+add("pool.cpu_speedup_2w", "x", function()
+  local k = 1
+  repeat                               -- size one task to ~60 ms here
+    k = k * 2
+    local t0 = now()
+    spin(k)
+    local dt = now() - t0
+  until dt > 0.06
+  local tasks = {}
+  for i = 1, 8 do tasks[i] = k end
+  local ratios = {}
+  for run = 1, 5 do
+    local t = {}
+    for w = 1, 2 do
+      local pool <close> = mp.Pool(w)
+      pool:map(spin, {1, 1})           -- workers up and warm
+      local t0 = now()
+      pool:map(spin, tasks, 1)
+      t[w] = now() - t0
+    end
+    ratios[run] = t[1] / t[2]
+  end
+  table.sort(ratios)
+  return ratios[3], 1
+end)
+
+-- private memory (USS) of an idle worker after a 1000-task map
+local function uss_kib(pid)
+  local kib = 0
+  local f = assert(io.open("/proc/" .. pid .. "/smaps_rollup"))
+  for line in f:lines() do
+    local v = line:match("^Private_%a+:%s+(%d+) kB")
+    if v then kib = kib + tonumber(v) end
+  end
+  f:close()
+  return kib
+end
+add("pool.idle_worker_uss", "KiB", function()
+  local pool <close> = mp.Pool(2)
+  pool:map(double, range(1000), 1)
+  core.sleep(0.2)
+  local sum, n = 0, 0
+  for _, w in pairs(pool._workers) do
+    sum, n = sum + uss_kib(w.pid), n + 1
+  end
+  return sum / n, 1
+end)
+
+-- the same 10^5-task map with 1, 2, 4, 16 and 64 workers on this machine
+for _, w in ipairs {1, 2, 4, 16, 64} do
+  add("pool.scale_" .. w, "tasks/s", pool_map(w, 100000))
+end
+
 -- ---- queues, locks, shared values (issue 5) ---------------------------------
 
 -- n items from `producers` child processes through one Queue to the parent

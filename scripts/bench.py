@@ -239,6 +239,103 @@ W.append(("manager.dict_set", "ops/s", _manager_work(lambda m: m.dict(), _dict_s
 W.append(("manager.dict_get", "ops/s", _manager_work(_dict_get_setup, _dict_get)))
 W.append(("manager.list_append", "ops/s", _manager_work(lambda m: m.list(), _list_append)))
 W.append(("manager.apply_2procs", "ops/s", _manager_work(_incr_setup, _incr, 2)))
+# ---- pool (issue 6) ---------------------------------------------------------
+
+def _double(x):
+    return x * 2
+
+
+def _pool_map(workers, n):
+    def run():
+        xs = list(range(1, n + 1))
+        t0 = time.perf_counter()
+        with mp.Pool(workers) as pool:
+            r = pool.map(_double, xs)
+            pool.close()
+            pool.join()
+        dt = time.perf_counter() - t0
+        assert r[-1] == 2 * n
+        return n, dt
+    return run
+
+
+W.append(("pool.map_default", "tasks/s", _pool_map(None, 200000)))
+
+
+@workload("pool.map_chunksize1", "tasks/s")
+def _pool_map_cs1():
+    with mp.Pool() as pool:
+        xs = list(range(1, 20001))
+        t0 = time.perf_counter()
+        r = pool.map(_double, xs, 1)
+        dt = time.perf_counter() - t0
+        assert r[-1] == 40000
+    return 20000, dt
+
+
+@workload("pool.apply_async", "tasks/s")
+def _pool_apply_async():
+    with mp.Pool() as pool:
+        t0 = time.perf_counter()
+        rs = [pool.apply_async(_double, (i,)) for i in range(1, 20001)]
+        for i, r in enumerate(rs, 1):
+            assert r.get() == 2 * i
+        dt = time.perf_counter() - t0
+    return 20000, dt
+
+
+def _spin(k):
+    x = 0
+    for i in range(1, k + 1):
+        x += i % 7
+    return x
+
+
+@workload("pool.cpu_speedup_2w", "x")
+def _pool_speedup():
+    k = 1
+    while True:
+        k *= 2
+        t0 = time.perf_counter()
+        _spin(k)
+        if time.perf_counter() - t0 > 0.06:
+            break
+    ratios = []
+    for _ in range(5):
+        t = {}
+        for w in (1, 2):
+            with mp.Pool(w) as pool:
+                pool.map(_spin, [1, 1])
+                t0 = time.perf_counter()
+                pool.map(_spin, [k] * 8, 1)
+                t[w] = time.perf_counter() - t0
+        ratios.append(t[1] / t[2])
+    ratios.sort()
+    return ratios[2], 1
+
+
+def _uss_kib(pid):
+    kib = 0
+    with open("/proc/%d/smaps_rollup" % pid) as f:
+        for line in f:
+            if line.startswith("Private_"):
+                kib += int(line.split()[1])
+    return kib
+
+
+@workload("pool.idle_worker_uss", "KiB")
+def _pool_uss():
+    with mp.Pool(2) as pool:
+        pool.map(_double, range(1000), 1)
+        time.sleep(0.2)
+        kibs = [_uss_kib(p.pid) for p in pool._pool]
+    return sum(kibs) / len(kibs), 1
+
+
+for _w in (1, 2, 4, 16, 64):
+    W.append(("pool.scale_%d" % _w, "tasks/s", _pool_map(_w, 100000)))
+
+
 # ---- queues, locks, shared values (issue 5) ---------------------------------
 
 SMALL = {"id": 1, "name": "abc", "vals": [1.5, 2.5, 3.5]}

@@ -96,6 +96,21 @@ rows[#rows + 1] = {"manager list append (child)", "luamp:manager.list_append",
   {"CPython", "py:manager.list_append"}}
 rows[#rows + 1] = {"manager atomic increment, 2 procs", "luamp:manager.apply_2procs",
   {"CPython (lock+get+set)", "py:manager.apply_2procs"}}
+-- pool rows (issue 6)
+rows[#rows + 1] = {"pool map 2e5, default chunks", "luamp:pool.map_default",
+  {"CPython", "py:pool.map_default"}, target = {1, 2}}
+rows[#rows + 1] = {"pool map 2e4, chunksize 1", "luamp:pool.map_chunksize1",
+  {"CPython", "py:pool.map_chunksize1"}, target = {1, 10}}
+rows[#rows + 1] = {"pool 2e4 apply_async", "luamp:pool.apply_async",
+  {"CPython", "py:pool.apply_async"}, target = {1, 10}}
+rows[#rows + 1] = {"pool CPU speed-up, 2 workers", "luamp:pool.cpu_speedup_2w",
+  {"CPython", "py:pool.cpu_speedup_2w"}, target = {abs = 1.9}}
+rows[#rows + 1] = {"pool idle worker USS", "luamp:pool.idle_worker_uss",
+  {"CPython", "py:pool.idle_worker_uss"}, target = {max = 819.2}}
+for _, w in ipairs {1, 2, 4, 16, 64} do
+  rows[#rows + 1] = {"pool map 1e5, " .. w .. " workers", "luamp:pool.scale_" .. w,
+    {"CPython", "py:pool.scale_" .. w}}
+end
 -- queues, locks, shared values (issue 5)
 for _, r in ipairs {
   {"queue small ints 1->1", "queue.ints_1to1", 10},
@@ -135,7 +150,10 @@ for _, row in ipairs(rows) do
     end
   end
   local target = ""
-  if row.target and row.target.abs then
+  if row.target and row.target.max then
+    target = string.format("≤ %g %s: %s", row.target.max, me and me.unit or "",
+      me and (me.rate <= row.target.max and "met" or "MISSED") or "n/a")
+  elseif row.target and row.target.abs then
     target = string.format("≥ %g %s: %s", row.target.abs, me and me.unit or "",
       me and (me.rate >= row.target.abs and "met" or "MISSED") or "n/a")
   elseif row.target then

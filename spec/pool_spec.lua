@@ -470,6 +470,32 @@ describe("Pool map family", function()
     assert.same({1, n = 1}, pool:map(function(x) return x end, {1}))
   end)
 
+  it("an imap loop left early is not kept by the pool", function()
+    local p <close> = mp.Pool(2)
+    local function count(t) local n = 0 for _ in pairs(t) do n = n + 1 end return n end
+    for _ = 1, 50 do
+      for i in p:imap(function(x) return string.rep("x", 1000) .. x end, range(40)) do
+        if i == 2 then break end
+      end
+    end
+    -- the chunks in flight settle (apply waits behind them on the queue)
+    assert.equal(1, p:apply(function() return 1 end))
+    assert.is_true(H.eventually(function()
+      p:poll()
+      collectgarbage()
+      return count(p._tasks) == 0 and count(p._jobs) == 0
+    end, 10))
+    -- an iterator still held stays, and finishes
+    local it = p:imap(function(x) return x end, range(5))
+    assert.same({1, 1}, {it()})
+    collectgarbage()
+    assert.equal(1, count(p._jobs))
+    local n = 1
+    for _ in it do n = n + 1 end
+    assert.equal(5, n)
+    assert.equal(0, count(p._jobs))
+  end)
+
   it("an imap error is raised at its place; the rest still comes", function()
     local it = pool:imap(function(x)
       if x == 3 then error("three") end
@@ -671,6 +697,37 @@ describe("Pool errors", function()
     err = err_of(pool.apply, pool, function() error() end)
     assert.equal("RemoteError", err.kind)
     assert.is_nil(err.value)
+  end)
+
+  it("a map task's traceback ends at the task, as an apply's does", function()
+    local function failing_task(x) error("bad input " .. x) end
+    local tbs = {}
+    tbs.apply = err_of(pool.apply, pool, failing_task, {1}).traceback
+    tbs.map = err_of(pool.map, pool, failing_task, {1, 2}).traceback
+    tbs.starmap = err_of(pool.starmap, pool, failing_task, {{1}}).traceback
+    for _, f in ipairs {"imap", "imap_unordered"} do
+      tbs[f] = err_of(function()
+        for _ in pool[f](pool, failing_task, {1}) do end
+      end).traceback
+    end
+    for how, tb in pairs(tbs) do
+      assert.matches("^[^\n]*pool_spec%.lua:%d+: bad input 1\nstack traceback:\n" ..
+                     "\t%[C%]: in function 'error'\n" ..
+                     "\t[^\n]*pool_spec%.lua:%d+: in function <[^\n]*pool_spec%.lua:%d+>$",
+                     tb, 1, how)
+      assert.is_nil(tb:find("pool.lua", 1, true), how)
+    end
+    -- a C function as the task: its frame is left as it is
+    local tb = err_of(pool.starmap, pool, error, {{"plain", 0}}).traceback
+    assert.is_nil(tb:find("pool.lua", 1, true), tb)
+    assert.matches("^plain\nstack traceback:\n", tb)
+    -- frames of a nested pool's call above the task's stay
+    tb = err_of(pool.apply, pool, function()
+      local inner <close> = mp.Pool(1)
+      return inner:map(error, {"deep"})
+    end).traceback
+    assert.matches("pool%.lua:%d+: in ", tb)
+    assert.matches("pool_spec%.lua:%d+: in function <", tb)
   end)
 
   it("unencodable arguments: EncodeError naming the path; nothing is queued", function()

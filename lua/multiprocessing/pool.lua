@@ -50,6 +50,9 @@ local ORPHAN = {}
 -- ---------------------------------------------------------------------------
 -- Worker side
 
+-- the function of the chunk a worker runs (to name it in tracebacks)
+local chunk_fn
+
 local function traceback(e)
   local msg
   if type(e) == "string" then msg = e
@@ -61,7 +64,26 @@ local function traceback(e)
   end
   local tb = debug.traceback(msg, 2)
   local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
-  return {value = e, traceback = cut and tb:sub(1, cut - 1) or tb}
+  if cut then tb = tb:sub(1, cut - 1) end
+  -- the worker's own frames below the task's (run_chunk's loop) are not
+  -- the user's business; frames of pool.lua above the task's (a nested
+  -- pool's call that raised) stay
+  repeat
+    local last = tb:match("\n([^\n]*)$")
+    local drop = last and (last:find("multiprocessing/pool%.lua:%d+:") or
+                           last == "\t(...tail calls...)")
+    if drop then tb = tb:sub(1, #tb - #last - 1) end
+  until not drop
+  -- run_chunk calls the task's function as its upvalue 'f': name it as
+  -- an apply's traceback does
+  if chunk_fn and tb:find("\n\t[^\n]*: in upvalue 'f'$") then
+    local info = debug.getinfo(chunk_fn, "S")
+    if info.what == "C" then return {value = e, traceback = tb} end
+    local name = string.format("in function <%s:%d>", info.short_src,
+                               info.linedefined)
+    tb = tb:sub(1, -#"in upvalue 'f'" - 1) .. name
+  end
+  return {value = e, traceback = tb}
 end
 
 -- The error a caller sees for a task that raised e in a worker.
@@ -157,8 +179,10 @@ local function worker_main(cfg)
       reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
     else
       local out, count = table_new(n), {0}
+      chunk_fn = f
       local ok, err = run_chunk(f, items, n, out, mode == STARMAP, count,
                                 timed and stamp or nil)
+      chunk_fn = nil
       if ok then reply = {tag, OK, n, out}
       else reply = {tag, FAILED, remote_error(err), out, count[1]} end
     end
@@ -198,10 +222,13 @@ AsyncResult.__index = AsyncResult
 AsyncResult.__name = "AsyncResult"
 
 local function new_job(pool, kind, opts)
-  local job = setmetatable({_pool = pool, _kind = kind, _done = false}, AsyncResult)
-  if opts then
-    job._callback, job._error_callback = opts.callback, opts.error_callback
-  end
+  -- every field a job will have, in one constructor (one allocation)
+  local job = setmetatable({_pool = pool, _kind = kind, _done = false,
+                            _ok = false, _value = false,
+                            _callback = opts and opts.callback or false,
+                            _error_callback = opts and opts.error_callback or false,
+                            _progress = false},
+                           AsyncResult)
   if kind == "imap" then pool._jobs[job] = true end
   return job
 end
@@ -377,7 +404,8 @@ local function spawn_worker(self, slot)
   }
   -- -3: in the initializer (the worker sets -1 once it returned)
   if self._initializer then self._started[slot + 1] = -3 end
-  local h = core.spawn(worker_main, cfg, true, true)
+  -- (workers die with their owner: a SIGKILLed owner leaves no orphans)
+  local h = core.spawn(worker_main, cfg, true, true, true)
   self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel()}
 end
 
@@ -411,8 +439,13 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _maxtasks = maxtasksperchild,
     _tq = core.Queue{slots = n}, _rq = core.Queue(), _store = core.Store(),
     _starts = core.RawArray("d", n), _started = core.RawArray("q", n),
-    _workers = {}, _tasks = {}, _timeouts = {}, _jobs = {}, _tag = 1,
+    -- _jobs: the imap iterators not finished yet, weakly: one the caller
+    -- dropped (a loop left with break) goes once its chunks in flight
+    -- have settled (their task records hold it till then)
+    _workers = {}, _tasks = {}, _timeouts = {}, _tag = 1,
+    _jobs = setmetatable({}, {__mode = "k"}),
     _fblobs = {}, _nfblobs = 0, _fcache = setmetatable({}, {__mode = "k"}),
+    _timed = 0, _next_check = 0,
   }, Pool)
   for slot = 0, n - 1 do self._started[slot + 1] = -1 end
   for slot = 0, n - 1 do spawn_worker(self, slot) end
