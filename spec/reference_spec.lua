@@ -83,13 +83,66 @@ end
 -- ---------------------------------------------------------------------------
 -- The module's actual public names
 
+-- Fields computed by an __index function, found in its source: Lua
+-- functions by their `k == "name"` tests, C ones (runtime/*.c, listed in
+-- C_INDEX) by their `strcmp(k, "name")` tests.  So a field added to an
+-- __index function must be on the page too.
+local function source_lines(path, first, last)
+  local f = io.open(path, "r") or io.open("lua/" .. path, "r")
+  if not f then return nil end
+  local out, n = {}, 0
+  for line in f:lines() do
+    n = n + 1
+    if n >= first and n <= last then out[#out + 1] = line end
+  end
+  f:close()
+  return table.concat(out, "\n")
+end
+
+local function lua_index_fields(fn, into)
+  local info = debug.getinfo(fn, "S")
+  if info.what ~= "Lua" or info.source:sub(1, 1) ~= "@" then return end
+  local body = source_lines(info.source:sub(2), info.linedefined, info.lastlinedefined)
+  assert(body, "cannot read the source of " .. info.source)
+  for name in body:gmatch('k%s*==%s*"([%a_][%w_]*)"') do into[name] = true end
+end
+
+-- C __index functions -> the kinds whose objects use them
+local C_INDEX = {
+  conn_index = {"Connection"},
+  shm_index = {"SharedMemory"},
+  barrier_index = {"Barrier"},
+  value_index = {"Value", "RawValue"},
+  array_index = {"Array", "RawArray"},
+}
+
+-- kind -> {name = true} for the fields C __index functions compute;
+-- raises for an __index function in runtime/*.c that C_INDEX lacks
+local function c_index_fields()
+  local out = {}
+  local files = io.popen("ls runtime/*.c")
+  for path in files:lines() do
+    local src = H.slurp(path)
+    for fname, body in src:gmatch("\nstatic int ([%w_]+_index)%(lua_State %*L%) {(.-)\n}\n") do
+      local kinds = C_INDEX[fname]
+      assert(kinds, path .. ": " .. fname .. " is not in reference_spec's C_INDEX")
+      for _, kind in ipairs(kinds) do
+        out[kind] = out[kind] or {}
+        for name in body:gmatch('strcmp%(k, "([%a_][%w_]*)"%)') do out[kind][name] = true end
+      end
+    end
+  end
+  files:close()
+  return out
+end
+
 -- The public (not "_"-prefixed) string keys reachable from x: its own
 -- keys when a table, then through its metatable: __methods (manager
 -- proxies), an __index table (followed up its own __index chain, as
 -- classes inherit) or the tables an __index function holds as upvalues
 -- (the method tables of C objects and of Lua objects with computed
--- fields).  Fields computed in C (conn.closed...) are not reachable this
--- way; the page's entries for them are checked by indexing instead.
+-- fields), plus the fields a Lua __index function tests for.  Fields
+-- computed in C (conn.closed...) come from c_index_fields().
 local function public_names(x)
   local names, seen = {}, {}
   local function add_keys(t)
@@ -119,8 +172,22 @@ local function public_names(x)
       local up, v = debug.getupvalue(index, i)
       if up == nil then break end
       if type(v) == "table" and v ~= x then walk(v) end
+      -- a field name the C function compares keys with (v.value)
+      if type(v) == "string" and v:match("^[%a][%w_]*$") then names[v] = true end
     end
+    lua_index_fields(index, names)
   end
+  -- computed fields of a Lua __index function (here or up the chain)
+  local seen_fn = {}
+  local t = type(index) == "table" and index or nil
+  while t and not seen_fn[t] do
+    seen_fn[t] = true
+    local tmt = getmetatable(t)
+    local up = type(tmt) == "table" and rawget(tmt, "__index")
+    if type(up) == "function" then lua_index_fields(up, names) end
+    t = type(up) == "table" and up or nil
+  end
+  if type(rawget(mt, "__index")) == "function" then lua_index_fields(rawget(mt, "__index"), names) end
   return names
 end
 
@@ -237,13 +304,17 @@ local NOT_ENUMERATED = {ManagerServer = true}
 
 -- The module's names: mp.names(); submodules: their own public keys but
 -- themselves (mp.connection.connection is listed on the page anyway).
+local C_FIELDS   -- c_index_fields(), once
 local function actual_names(kind, obj)
   if kind == "module" then
     local t = {}
     for _, k in ipairs(mp.names()) do t[k] = true end
     return t
   end
-  return public_names(obj)
+  local t = public_names(obj)
+  C_FIELDS = C_FIELDS or c_index_fields()
+  for name in pairs(C_FIELDS[kind] or {}) do t[name] = true end
+  return t
 end
 
 local function exists(obj, name)
@@ -376,8 +447,15 @@ describe("docs/reference.md", function()
     assert.is_true(names.put and names.get_nowait and not names._wait_fd)
     local a = mp.Pipe()
     assert.is_true(public_names(a).recv_bytes)
-    assert.is_nil(public_names(a).closed)          -- computed in C
+    assert.is_nil(public_names(a).closed)          -- computed in C...
+    assert.is_true(c_index_fields().Connection.closed)   -- ...found in its source
+    assert.is_true(c_index_fields().Barrier.n_waiting)
     assert.is_true(exists(a, "closed"))
+    -- fields a Lua __index function computes, from its source
+    local l <close> = mp.connection.Listener()
+    assert.is_true(public_names(l).address)
+    assert.is_true(public_names(mp.current_process()).pid)
+    assert.is_true(public_names(mp.Value("i", 0)).value)   -- a C upvalue
     assert.is_false(exists(a, "no_such_method"))
     -- ...and headings parse into prefix and name
     local d = entries_of("### `mp.Pool([n])` · `q:put(v)` · `#a` · `mp.connection.Client{}`\n")
