@@ -5,7 +5,8 @@
 -- The page's conventions (see its introduction):
 --   * a ```lua block is an example; the runner puts
 --     `local mp = require "multiprocessing"` in front of it; a ```text
---     block right after it is its exact standard output;
+--     block right after it is its exact standard output, a ```stderr
+--     block its exact standard error;
 --   * a "### " heading names entries in `backticks`: `prefix.name` or
 --     `prefix:name` (what follows the name -- arguments, braces -- is
 --     ignored, and so are spans without a prefix, such as `#a`).  The
@@ -42,14 +43,19 @@ local function examples_of(text)
       assert(i <= #lines, DOC .. ":" .. start .. ": unterminated code block")
       if fence == "lua" then
         local ex = {code = table.concat(body, "\n") .. "\n", line = start}
-        if lines[i + 1] and lines[i + 1]:match("^```text%s*$") then
+        -- then a ```text block (stdout) and/or a ```stderr block
+        local kind = lines[i + 1] and lines[i + 1]:match("^```(%a+)%s*$")
+        while kind == "text" or kind == "stderr" do
           local exp = {}
           i = i + 2
           while i <= #lines and not lines[i]:match("^```%s*$") do
             exp[#exp + 1] = lines[i]
             i = i + 1
           end
-          ex.expected = table.concat(exp, "\n") .. "\n"
+          local field = kind == "text" and "expected" or "expected_err"
+          assert(ex[field] == nil, DOC .. ":" .. start .. ": two " .. kind .. " blocks")
+          ex[field] = table.concat(exp, "\n") .. "\n"
+          kind = lines[i + 1] and lines[i + 1]:match("^```(%a+)%s*$")
         end
         out[#out + 1] = ex
       end
@@ -380,6 +386,9 @@ describe("docs/reference.md", function()
       elseif ex.expected and r.out ~= ex.expected then
         failures[#failures + 1] = string.format(
           "%s: printed\n%s\ninstead of\n%s", where, r.out, ex.expected)
+      elseif ex.expected_err and r.err ~= ex.expected_err then
+        failures[#failures + 1] = string.format(
+          "%s: wrote on stderr\n%s\ninstead of\n%s", where, r.err, ex.expected_err)
       end
     end
     assert(#failures == 0, table.concat(failures, "\n----\n"))
@@ -463,9 +472,13 @@ describe("docs/reference.md", function()
     assert.equal(1, d.q.put)
     assert.equal(1, d["mp.connection"].Client)
     assert.is_nil(d.a)
-    local ex = examples_of("```lua\nprint(1)\n```\n```text\n1\n```\n```lua\nx()\n```\n")
-    assert.equal(2, #ex)
+    local ex = examples_of("```lua\nprint(1)\n```\n```text\n1\n```\n```lua\nx()\n```\n" ..
+                           "```lua\ny()\n```\n```stderr\ne\n```\n```text\no\n```\n")
+    assert.equal(3, #ex)
     assert.equal("1\n", ex[1].expected)
     assert.is_nil(ex[2].expected)
+    assert.equal("y()\n", ex[3].code)
+    assert.equal("e\n", ex[3].expected_err)
+    assert.equal("o\n", ex[3].expected)
   end)
 end)
