@@ -6,7 +6,7 @@
 --   * a ```lua block is an example; the runner puts
 --     `local mp = require "multiprocessing"` in front of it; a ```text
 --     block right after it is its exact standard output, a ```stderr
---     block its exact standard error;
+--     block its exact standard error (without one: nothing);
 --   * a "### " heading names entries in `backticks`: `prefix.name` or
 --     `prefix:name` (what follows the name -- arguments, braces -- is
 --     ignored, and so are spans without a prefix, such as `#a`).  The
@@ -386,7 +386,7 @@ describe("docs/reference.md", function()
       elseif ex.expected and r.out ~= ex.expected then
         failures[#failures + 1] = string.format(
           "%s: printed\n%s\ninstead of\n%s", where, r.out, ex.expected)
-      elseif ex.expected_err and r.err ~= ex.expected_err then
+      elseif r.err ~= (ex.expected_err or "") then
         failures[#failures + 1] = string.format(
           "%s: wrote on stderr\n%s\ninstead of\n%s", where, r.err, ex.expected_err)
       end
