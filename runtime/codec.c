@@ -1490,10 +1490,12 @@ static void dec_class(struct dec *d) {
   dec_value(d);                         /* the state; may take the slot */
   if (lua_getfield(L, def, "rebuild") == LUA_TFUNCTION) {
     lua_insert(L, -2);
-    if (lua_pcall(L, 1, 1, 0) != LUA_OK)
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+      /* the error as tostring shows it (error objects have __tostring) */
+      const char *why = luaL_tolstring(L, -1, NULL);
       luamp_raise(L, "DecodeError", "rebuilding class '%s' failed: %s",
-                  lua_tostring(L, top + 1),
-                  lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error)");
+                  lua_tostring(L, top + 1), why);
+    }
     if (slot) {
       lua_pushvalue(L, -1);
       lua_rawseti(L, d->refs, slot);

@@ -390,6 +390,21 @@ describe("codec classes", function()
     assert.same({1}, e.value)
   end)
 
+  it("names the error of a failing rebuild, error objects included", function()
+    local Fails = {}
+    mp.register_class("spec.Fails", Fails, {
+      rebuild = function() error(mp.new_error("ValueError", "no such record")) end,
+    })
+    local ok, err = pcall(dec, enc(setmetatable({}, Fails)))
+    assert.is_false(ok)
+    assert.equal("DecodeError", err.kind)
+    assert.equal("rebuilding class 'spec.Fails' failed: ValueError: no such record",
+                 err.message)
+    mp.register_class("spec.Fails", Fails, {rebuild = function() error("plain") end})
+    ok, err = pcall(dec, enc(setmetatable({}, Fails)))
+    assert.matches("failed: .*plain$", err.message)
+  end)
+
   it("refuses unknown classes on decode", function()
     local M = {}
     mp.register_class("spec.Unknown", M)

@@ -921,4 +921,35 @@ describe("remote managers", function()
     assert.equal("RemoteError", (kind_of(d.apply, d, "x", function(x) return x end)))
     assert.equal(1, d.x)
   end)
+
+  it("a process that bound a server a child serves is its client", function()
+    -- get_server() here, serve_forever() in a forked child: this process
+    -- holds the server object but does not serve, so what it receives
+    -- from that server are proxies (they used to be taken for the
+    -- server's own object records: DecodeError).  In its own process,
+    -- with a time limit, as that failure also hung the program's exit.
+    local path = H.write(os.tmpname() .. ".lua", [[
+      local mp = require "multiprocessing"
+      local QM = mp.managers.BaseManager:extend()
+      local served = mp.managers.Queue()
+      QM:register("get_queue", function() return served end)
+      local server = QM{address = {"127.0.0.1", 0}, authkey = "k"}:get_server()
+      local p = mp.Process{daemon = true, target = function()
+        server:serve_forever()
+      end}
+      p:start()
+      local CM = mp.managers.BaseManager:extend()
+      CM:register("get_queue")
+      local m = CM{address = server.address, authkey = "k"}:connect()
+      m:get_queue():put("hello")
+      print(m:get_queue():get(true, 10))
+      m:shutdown()
+      p:join(10)
+      print(p.exitcode)
+    ]])
+    local out, err, code = H.sh("timeout -k 5 30 " .. H.q(H.luamp) .. " " .. H.q(path))
+    os.remove(path)
+    assert.equal(0, code, err)
+    assert.equal("hello\n0\n", out)
+  end)
 end)

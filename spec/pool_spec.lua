@@ -949,3 +949,29 @@ describe("Pool life cycle", function()
     assert.equal(0, H.zombies())
   end)
 end)
+
+describe("Pool waits", function()
+  -- A result already in the result queue when get/wait is called ends the
+  -- wait at once, even while other tasks still run (the owner used to
+  -- take it, then sleep until the next event: the other task's end, or
+  -- the wait's whole timeout).
+  it("a finished task's get does not wait for an unrelated running task", function()
+    local pool <close> = mp.Pool(2)
+    local ev = mp.Event()
+    local slow = pool:apply_async(function() ev:wait(10); return "slow" end)
+    local fast = pool:apply_async(function() return "fast" end)
+    -- its result reaches the queue while the owner is not in a pool call
+    -- (and the owner's periodic worker check is due)
+    mp.Event():wait(0.3)
+    local t = mp.now()
+    assert.equal("fast", fast:get())
+    assert.is_true(mp.now() - t < 2, "get waited for the other task")
+    local t2 = mp.now()
+    local quick = pool:apply_async(function() return 1 end)
+    mp.Event():wait(0.3)
+    assert.is_true(quick:wait(10))
+    assert.is_true(mp.now() - t2 < 2.5, "wait(10) waited out its timeout")
+    ev:set()
+    assert.equal("slow", slow:get(10))
+  end)
+end)

@@ -642,6 +642,9 @@ end
 function Server:serve_forever()
   if self.running then error("the server is already serving", 2) end
   self.running = true
+  -- the process that serves (the one that bound the server may fork a
+  -- child to serve and stay a client; see rebuild in managers.lua)
+  self.serving_pid = getpid()
   local fds, list = {}, {}
   local lfd = self.listener:fileno()
   local more = self.more

@@ -294,7 +294,11 @@ end
 local function rebuild(s)
   local uid, id = s[1], s[2]
   local server = M._serving[uid]
-  if server then return server:rebuild_rec(s) end
+  -- an object record in the process serving it; elsewhere (a process that
+  -- bound a server a child of it serves, or a child of the server) a proxy
+  if server and server.serving_pid == getpid() then
+    return server:rebuild_rec(s)
+  end
   local cl = client_for(uid, s[4], s[5])
   local p = proxy_for(cl, id, s[3], s[8])
   if s[7] ~= nil then
