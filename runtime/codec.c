@@ -1207,8 +1207,23 @@ static void trim_box(struct encbox *b) {
   }
 }
 
-char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
-                   const char *root) {
+/* The values idx .. idx+count-1 as one array (count >= 0), or the one
+ * value at idx (count < 0). */
+static int enc_values(struct enc *e, int idx, int count) {
+  if (count < 0) return enc_value(e, idx);
+  if (put_array_header(e, (lua_Unsigned)count) < 0) return -1;
+  for (int k = 0; k < count; k++)
+    if (enc_value(e, idx + k) < 0) {
+      char step[24];
+      snprintf(step, sizeof step, "[%d]", k + 1);
+      path_step(e, step);
+      return -1;
+    }
+  return 0;
+}
+
+static char *encode(lua_State *L, int idx, int count, size_t reserve,
+                    size_t *len, const char *root) {
   struct enc e;
   int top, r;
   idx = lua_absindex(L, idx);
@@ -1238,7 +1253,7 @@ char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
     r = e.b->cap < reserve + 64 ? grow(&e, reserve + 64) : 0;
     if (r == 0) {
       e.b->len = reserve;
-      r = enc_value(&e, idx);
+      r = enc_values(&e, idx, count);
     }
     map_truncate(e.b, 0);
     if (r < 0 || e.pass == 2 || e.nshared == 0) break;
@@ -1256,6 +1271,16 @@ char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
   }
   *len = e.b->len - reserve;
   return (char *)e.b->buf;
+}
+
+char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
+                   const char *root) {
+  return encode(L, idx, -1, reserve, len, root);
+}
+
+char *luamp_encode_values(lua_State *L, int idx, int count, size_t reserve,
+                          size_t *len, const char *root) {
+  return encode(L, idx, count < 0 ? 0 : count, reserve, len, root);
 }
 
 /* ======================================================================

@@ -96,6 +96,10 @@ int luamp_open_sys(lua_State *L);
  * message ("args", "result"; NULL gives "value"). */
 char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
                    const char *root);
+/* The same for the count values from idx on, encoded as one array (as if
+ * they were a table's items 1..count, with no table made). */
+char *luamp_encode_values(lua_State *L, int idx, int count, size_t reserve,
+                          size_t *len, const char *root);
 
 /* Decodes exactly n bytes and pushes the one value they hold; raises
  * DecodeError with the byte offset of the problem. */

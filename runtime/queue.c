@@ -392,12 +392,15 @@ static int sleep_on(lua_State *L, _Atomic uint32_t *seq, uint32_t snap,
   return r;
 }
 
-static int queue_put(lua_State *L, struct luamp_obj *o, int vidx,
+/* Puts the value at vidx (count < 0) or the count values from vidx on,
+ * as one array. */
+static int queue_put(lua_State *L, struct luamp_obj *o, int vidx, int count,
                      uint64_t tag, int block, double deadline) {
   struct queue q = qget(o);
   struct qhdr *h = q.h;
   size_t len;
-  const char *data = luamp_encode(L, vidx, 0, &len, NULL);
+  const char *data = count < 0 ? luamp_encode(L, vidx, 0, &len, NULL)
+                               : luamp_encode_values(L, vidx, count, 0, &len, NULL);
   uint64_t need = rec_size(len), rec[2];
   uint32_t gs, ps;
   int wrap = 0;
@@ -541,7 +544,7 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
 
 int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
                     int block, double deadline) {
-  return queue_put(L, checkqueue(L, qidx), vidx, tag, block, deadline);
+  return queue_put(L, checkqueue(L, qidx), vidx, -1, tag, block, deadline);
 }
 
 int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
@@ -633,14 +636,14 @@ static int q_put(lua_State *L) {
   lua_settop(L, 4);
   o = checkqueue(L, 1);
   d = block_timeout(L, 3);
-  queue_put(L, o, 2, 0, d != -2.0, d == -2.0 ? 0 : d);
+  queue_put(L, o, 2, -1, 0, d != -2.0, d == -2.0 ? 0 : d);
   return 0;
 }
 
 static int q_put_nowait(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1);
   lua_settop(L, 2);
-  queue_put(L, o, 2, 0, 0, 0);
+  queue_put(L, o, 2, -1, 0, 0, 0);
   return 0;
 }
 
@@ -663,7 +666,7 @@ static int sq_get(lua_State *L) {
 static int sq_put(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1);
   lua_settop(L, 2);
-  queue_put(L, o, 2, 0, 1, -1.0);
+  queue_put(L, o, 2, -1, 0, 1, -1.0);
   return 0;
 }
 
@@ -679,6 +682,16 @@ static int q_put_tagged(lua_State *L) {
   luaL_argcheck(L, tag >= 0, 3, "tag must be >= 0");
   d = block_timeout(L, 4);
   luamp_queue_put(L, 1, 2, (uint64_t)tag, d != -2.0, d == -2.0 ? 0 : d);
+  return 0;
+}
+
+/* q:_put_task(tag, v1, ..., vn): puts {v1, ..., vn} tagged, waiting for
+ * room as long as it takes (the Pool's task records, with no table made). */
+static int q_put_task(lua_State *L) {
+  lua_Integer tag = luaL_checkinteger(L, 2);
+  struct luamp_obj *o = checkqueue(L, 1);
+  luaL_argcheck(L, tag >= 0, 2, "tag must be >= 0");
+  queue_put(L, o, 3, lua_gettop(L) - 2, (uint64_t)tag, 1, -1.0);
   return 0;
 }
 
@@ -902,7 +915,8 @@ int luamp_open_queue(lua_State *L) {
     {"get_nowait", q_get_nowait}, {"qsize", q_qsize}, {"empty", q_empty},
     {"full", q_full}, {"close", q_close}, {"join_thread", q_join_thread},
     {"cancel_join_thread", q_cancel_join_thread},
-    {"_put_tagged", q_put_tagged}, {"_get_slot", q_get_slot},
+    {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
+    {"_get_slot", q_get_slot},
     {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
     {"_wait_fd", q_wait_fd},
     {"task_done", jq_task_done}, {"join", jq_join},   /* Joinable only */

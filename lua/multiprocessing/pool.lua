@@ -39,7 +39,9 @@ local INLINE_MAX = 512       -- function encodings up to this travel inline
 local FCACHE_MAX = 512       -- decoded functions a worker keeps
 local FBLOBS_MAX = 1024      -- stored encodings the owner remembers
 local SLICE = 0.25           -- longest sleep while tasks have deadlines
-local APPLY, MAP, STARMAP = 1, 2, 3
+-- task modes; MAP1 and STARMAP1 are chunks of one item sent bare (no
+-- table around the item, none around its result)
+local APPLY, MAP, STARMAP, MAP1, STARMAP1 = 1, 2, 3, 4, 5
 local NO_OPTIONS = setmetatable({}, {__newindex = function()
   error("internal: options table is shared", 2)
 end})
@@ -66,7 +68,7 @@ local function traceback(e)
   local tb = debug.traceback(msg, 2)
   local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
   if cut then tb = tb:sub(1, cut - 1) end
-  -- the worker's own frames below the task's (run_chunk's loop) are not
+  -- the worker's own frames below the task's (run_items's loop) are not
   -- the user's business; frames of pool.lua above the task's (a nested
   -- pool's call that raised) stay
   repeat
@@ -75,14 +77,14 @@ local function traceback(e)
                            last == "\t(...tail calls...)")
     if drop then tb = tb:sub(1, #tb - #last - 1) end
   until not drop
-  -- run_chunk calls the task's function as its upvalue 'f': name it as
-  -- an apply's traceback does
-  if chunk_fn and tb:find("\n\t[^\n]*: in upvalue 'f'$") then
+  -- run_items calls the task's function as its local 'f': name it as an
+  -- apply's traceback does
+  if chunk_fn and tb:find("\n\t[^\n]*: in local 'f'$") then
     local info = debug.getinfo(chunk_fn, "S")
     if info.what == "C" then return {value = e, traceback = tb} end
     local name = string.format("in function <%s:%d>", info.short_src,
                                info.linedefined)
-    tb = tb:sub(1, -#"in upvalue 'f'" - 1) .. name
+    tb = tb:sub(1, -#"in local 'f'" - 1) .. name
   end
   return {value = e, traceback = tb}
 end
@@ -97,31 +99,34 @@ local function remote_error(caught)
   return new_error("RemoteError", msg, {value = e, traceback = caught.traceback})
 end
 
--- Runs f over items 1..n of a chunk, results into out; count[1] is set
--- to the number of items finished when an item fails.
-local function run_chunk(f, items, n, out, star, count, stamp)
-  local i = 0
-  local ok, err = xpcall(function()
-    if stamp or star then
-      for k = 1, n do
-        i = k - 1
-        if stamp then stamp() end
-        if star then
-          local a = items[k]
-          out[k] = f(unpack(a, 1, a.n or #a))
-        else
-          out[k] = f(items[k])
-        end
-      end
-    else
-      for k = 1, n do
-        i = k - 1
+-- Runs f over items 1..n of a chunk, results into out; returns ok, the
+-- error, and how many items finished.  (No closure per chunk: the
+-- progress is one upvalue shared by all chunks.)
+local chunk_done = 0
+local function run_items(f, items, n, out, star, stamp)
+  if stamp or star then
+    for k = 1, n do
+      chunk_done = k - 1
+      if stamp then stamp() end
+      if star then
+        local a = items[k]
+        out[k] = f(unpack(a, 1, a.n or #a))
+      else
         out[k] = f(items[k])
       end
     end
-  end, traceback)
-  count[1] = i
-  return ok, err
+  else
+    for k = 1, n do
+      chunk_done = k - 1
+      out[k] = f(items[k])
+    end
+  end
+end
+
+local function run_chunk(f, items, n, out, star, stamp)
+  chunk_done = 0
+  local ok, err = xpcall(run_items, traceback, f, items, n, out, star, stamp)
+  return ok, err, chunk_done
 end
 
 -- Cancelled tasks.  A map or apply whose caller was interrupted (Ctrl-C),
@@ -203,14 +208,22 @@ local function worker_main(cfg)
       -- a chunk, {tag, FAILED, err [, partial results, count]}
       if mode == APPLY then
         reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
-      else
-        local out, count = table_new(n), {0}
+      elseif mode == MAP1 or mode == STARMAP1 then
+        local ok, v
         chunk_fn = f
-        local ok, err = run_chunk(f, items, n, out, mode == STARMAP, count,
-                                  timed and stamp or nil)
+        if mode == MAP1 then ok, v = xpcall(f, traceback, items)
+        else ok, v = xpcall(f, traceback, unpack(items, 1, items.n or #items)) end
+        chunk_fn = nil
+        if ok then reply = {tag, OK, 1, v}
+        else reply = {tag, FAILED, remote_error(v), nil, 0} end
+      else
+        local out = table_new(n)
+        chunk_fn = f
+        local ok, err, count = run_chunk(f, items, n, out, mode == STARMAP,
+                                         timed and stamp or nil)
         chunk_fn = nil
         if ok then reply = {tag, OK, n, out}
-        else reply = {tag, FAILED, remote_error(err), out, count[1]} end
+        else reply = {tag, FAILED, remote_error(err), out, count} end
       end
       local ok, err = pcall(rq.put, rq, reply)
       if not ok then
@@ -224,6 +237,10 @@ local function worker_main(cfg)
             msg = msg:gsub(" at value%[(%d+)%]", function(k)
               return string.format(" at result[%d]", tonumber(k) - 3)
             end, 1)
+          elseif mode == MAP1 or mode == STARMAP1 then
+            local head
+            head, rest = msg:match("^(.-) at value%[4%](.*)$")
+            if head then msg, j = head, "1" end
           else
             local head
             head, j, rest = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
@@ -300,7 +317,8 @@ local function settle(rec, m)
   local got
   if ok then
     got = m[3]
-    if got > 0 then table_into(job._results, first, m[4], got) end
+    if rec[5] then job._results[first] = m[4]     -- one item, sent bare
+    elseif got > 0 then table_into(job._results, first, m[4], got) end
   else
     got = m[5] or 0
     if got > 0 then table_into(job._results, first, m[4], got) end
@@ -314,13 +332,16 @@ local function settle(rec, m)
     if job._err == nil or first < job._err_at then
       job._err, job._err_at = m[3], first + got
     end
-    job._chunk_err[chunk] = m[3]
   end
-  job._chunk_done[chunk] = got
   job._items_done = job._items_done + count
   job._left = job._left - 1
   if job._progress then job._progress:update(job) end
-  if job._kind == "imap" then return end
+  if job._kind == "imap" then
+    -- (the iterator harvests chunks by these; a map needs only the counts)
+    if not ok then job._chunk_err[chunk] = m[3] end
+    job._chunk_done[chunk] = got
+    return
+  end
   if job._left == 0 then
     if job._err then job._ok, job._value = false, job._err
     else job._ok, job._value = true, job._results end
@@ -545,6 +566,8 @@ local function rename_path(err, mode, first)
   local msg = err.message
   if mode == APPLY then
     msg = msg:gsub(" at value%[4%]", " at args", 1)
+  elseif mode == MAP1 or mode == STARMAP1 then
+    msg = msg:gsub(" at value%[4%]", " at iterable[" .. first .. "]", 1)
   else
     msg = msg:gsub(" at value%[4%]%[(%d+)%]", function(k)
       return " at iterable[" .. (first + tonumber(k) - 1) .. "]"
@@ -559,11 +582,11 @@ function Pool:_submit(rec, fref, mode, items, n, first, timeout)
   local tag = self._tag
   local ok, err
   if type(fref) == "string" then
-    ok, err = pcall(self._tq._put_tagged, self._tq,
-                    {tag, fref, mode, items, n, timeout and true or false}, tag)
+    ok, err = pcall(self._tq._put_task, self._tq, tag,
+                    tag, fref, mode, items, n, timeout and true or false)
   else
-    ok, err = pcall(self._tq._put_tagged, self._tq,
-                    {tag, fref[1], mode, items, n, timeout and true or false, fref[2]}, tag)
+    ok, err = pcall(self._tq._put_task, self._tq, tag,
+                    tag, fref[1], mode, items, n, timeout and true or false, fref[2])
   end
   if not ok then error(rename_path(err, mode, first), 0) end
   self._tag = tag + 1
@@ -678,7 +701,6 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
   job._results = table_new(n, 1)
   job._results.n = n
   job._left, job._items_done = 0, 0
-  job._chunk_done, job._chunk_err = {}, {}
   if opts.progress then job._progress = new_progress(n) end
   local fref = self:_fref(f, true)
   local ok, err = pcall(self._submit_chunks, self, job, fref, mode, items, n,
@@ -703,11 +725,14 @@ function Pool:_submit_chunks(job, fref, mode, items, n, chunksize, timeout)
   for first = 1, n, chunksize do
     local last = first + chunksize - 1
     if last > n then last = n end
-    local payload = chunksize == 1 and {items[first]} or
-                    table_slice(items, first, last)
     chunk = chunk + 1
-    self:_submit({job, first, last - first + 1, chunk}, fref, mode, payload,
-                 last - first + 1, first, timeout)
+    if chunksize == 1 then
+      self:_submit({job, first, 1, chunk, true}, fref,
+                   mode == MAP and MAP1 or STARMAP1, items[first], 1, first, timeout)
+    else
+      self:_submit({job, first, last - first + 1, chunk}, fref, mode,
+                   table_slice(items, first, last), last - first + 1, first, timeout)
+    end
     job._left = job._left + 1
   end
 end
@@ -791,8 +816,13 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       if k == 0 then break end
       fed = fed + k
       job._chunk_first[chunks + 1] = first
-      pool:_submit({job, first, k, chunks + 1}, fref, MAP, payload, k, first,
-                   opts.timeout)
+      if chunksize == 1 then
+        pool:_submit({job, first, 1, chunks + 1, true}, fref, MAP1, payload[1], 1,
+                     first, opts.timeout)
+      else
+        pool:_submit({job, first, k, chunks + 1}, fref, MAP, payload, k, first,
+                     opts.timeout)
+      end
       chunks = chunks + 1
       sizes[chunks] = k
       job._left = job._left + 1
