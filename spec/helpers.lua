@@ -195,4 +195,28 @@ function H.err_of(f, ...)
   return err
 end
 
+-- true while pid is a process that has not finished (zombies count as gone)
+function H.alive(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local s = f:read("a")
+  f:close()
+  return s:match("^%d+ %b() (%a)") ~= "Z"
+end
+
+-- {1, 2, ..., n}
+function H.range(n)
+  local t = {}
+  for i = 1, n do t[i] = i end
+  return t
+end
+
+-- pids of a pool's live workers, sorted (white box: its worker table)
+function H.worker_pids(pool)
+  local t = {}
+  for _, w in pairs(pool._workers) do t[#t + 1] = w.pid end
+  table.sort(t)
+  return t
+end
+
 return H

@@ -5,33 +5,7 @@
 local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
-
-local function err_of(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
-
-local function worker_pids(pool)
-  local t = {}
-  for _, w in pairs(pool._workers) do t[#t + 1] = w.pid end
-  table.sort(t)
-  return t
-end
-
-local function alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local s = f:read("a")
-  f:close()
-  return s:match("^%d+ %b() (%a)") ~= "Z"
-end
-
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
-end
+local err_of, alive, range, worker_pids = H.err_of, H.alive, H.range, H.worker_pids
 
 -- live children of this process (zombies included)
 local function children()

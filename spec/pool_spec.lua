@@ -5,43 +5,15 @@
 local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
-
-local function err_of(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
+local err_of, alive, range, worker_pids = H.err_of, H.alive, H.range, H.worker_pids
 
 local function kind_of(f, ...)
   local err = err_of(f, ...)
   return mp.is_error(err) and err.kind or tostring(err)
 end
 
--- pids of the pool's live workers (white box: the pool's worker table)
-local function worker_pids(pool)
-  local t = {}
-  for _, w in pairs(pool._workers) do t[#t + 1] = w.pid end
-  table.sort(t)
-  return t
-end
-
--- true while pid is a process that has not finished (zombies count as gone)
-local function alive(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return false end
-  local s = f:read("a")
-  f:close()
-  return s:match("^%d+ %b() (%a)") ~= "Z"
-end
-
 local function store_bytes(pool)
   return tonumber(tostring(pool._store):match("(%d+) bytes"))
-end
-
-local function range(n)
-  local t = {}
-  for i = 1, n do t[i] = i end
-  return t
 end
 
 describe("Pool construction", function()

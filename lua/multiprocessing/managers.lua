@@ -453,6 +453,25 @@ local function seq_pairs(p)
   end, p, nil
 end
 
+-- The metamethods of a proxy of a sequence (list, Array) whose other
+-- methods are M: integer indexes go to the referent, names to M.
+local function seq_metamethods(M)
+  return {
+    __index = function(p, k)
+      if type(k) == "number" then
+        return call(cl_of(p), {0, rawget(p, ID), "get", k})
+      end
+      return M[k]
+    end,
+    __newindex = function(p, k, v)
+      check_index(k, "__newindex", 2)
+      post(cl_of(p), {0, rawget(p, ID), "set", k, v, n = 5})
+    end,
+    __len = function(p) return call(cl_of(p), {0, rawget(p, ID), "len"}) end,
+    __pairs = seq_pairs,
+  }
+end
+
 local ListM = common{
   append = function(p, v)
     post(cl_of(p), {0, rawget(p, ID), "append", v, n = 4})
@@ -486,20 +505,7 @@ local ListM = common{
   apply = apply_method(true),
 }
 
-define("list", "ListProxy", ListM, {
-  __index = function(p, k)
-    if type(k) == "number" then
-      return call(cl_of(p), {0, rawget(p, ID), "get", k})
-    end
-    return ListM[k]
-  end,
-  __newindex = function(p, k, v)
-    check_index(k, "__newindex", 2)
-    post(cl_of(p), {0, rawget(p, ID), "set", k, v, n = 5})
-  end,
-  __len = function(p) return call(cl_of(p), {0, rawget(p, ID), "len"}) end,
-  __pairs = seq_pairs,
-})
+define("list", "ListProxy", ListM, seq_metamethods(ListM))
 
 -- ---- Namespace ---------------------------------------------------------------
 
@@ -569,20 +575,7 @@ local ArrayM = common{
   apply = apply_method(true),
 }
 
-define("Array", "ArrayProxy", ArrayM, {
-  __index = function(p, k)
-    if type(k) == "number" then
-      return call(cl_of(p), {0, rawget(p, ID), "get", k})
-    end
-    return ArrayM[k]
-  end,
-  __newindex = function(p, k, v)
-    check_index(k, "__newindex", 2)
-    post(cl_of(p), {0, rawget(p, ID), "set", k, v, n = 5})
-  end,
-  __len = function(p) return call(cl_of(p), {0, rawget(p, ID), "len"}) end,
-  __pairs = seq_pairs,
-})
+define("Array", "ArrayProxy", ArrayM, seq_metamethods(ArrayM))
 
 -- ---- queues ---------------------------------------------------------------------
 
