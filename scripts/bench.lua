@@ -1,5 +1,7 @@
--- bench.lua [FILTER]: luamp's side of make bench.  Prints one JSON line
--- per workload: {"name", "seconds", "rate", "unit"}.  scripts/bench.py does
+-- bench.lua [FILTER | =NAME | --list]: luamp's side of make bench.  Prints
+-- one JSON line per workload: {"name", "seconds", "rate", "unit"} (those
+-- whose name contains FILTER, or the one named NAME); --list prints the
+-- names.  scripts/bench.py does
 -- the same workloads with CPython's multiprocessing; bench_table.lua runs
 -- both and prints the comparison.  Workloads are added by name below.
 local cjson = require "cjson"
@@ -461,8 +463,12 @@ add("queue.empty_memory", "queues/MiB", function()
 end)
 
 local _ = mp
+local exact = filter and filter:match("^=(.*)$")
 for _, w in ipairs(W) do
-  if not filter or w.name:find(filter, 1, true) then
+  if filter == "--list" then
+    io.write(w.name, "\n")
+  elseif not filter or (exact and w.name == exact) or
+         (not exact and w.name:find(filter, 1, true)) then
     collectgarbage("collect")
     local count, secs = w.fn()
     io.write(cjson.encode({name = w.name, seconds = secs, rate = count / secs,

@@ -1,4 +1,4 @@
-"""bench.py [FILTER]: CPython's side of make bench.
+"""bench.py [FILTER | =NAME | --list]: CPython's side of make bench.
 
 The same workloads as scripts/bench.lua, with CPython's multiprocessing
 (fork start method), one JSON line per workload.  Run it with Debian's
@@ -450,7 +450,13 @@ def _q_memory():
 if __name__ == "__main__":
     mp.set_start_method("fork")
     for name, unit, fn in W:
-        if FILTER and FILTER not in name:
+        if FILTER == "--list":
+            print(name)
+            continue
+        if FILTER and FILTER.startswith("="):
+            if name != FILTER[1:]:
+                continue
+        elif FILTER and FILTER not in name:
             continue
         gc.collect()
         count, secs = fn()
