@@ -1222,8 +1222,8 @@ static int enc_values(struct enc *e, int idx, int count) {
   return 0;
 }
 
-static char *encode(lua_State *L, int idx, int count, size_t reserve,
-                    size_t *len, const char *root) {
+static char *encode(lua_State *L, struct encbox *box, int idx, int count,
+                    size_t reserve, size_t *len, const char *root) {
   struct enc e;
   int top, r;
   idx = lua_absindex(L, idx);
@@ -1238,7 +1238,9 @@ static char *encode(lua_State *L, int idx, int count, size_t reserve,
   e.pathlen = 0;
   luaL_checkstack(L, 8, "no room to encode");
   top = lua_gettop(L);
-  e.b = get_box(L);
+  /* (box: the state's box, known to the caller; a nested encode, which
+   * finds it busy, gets one of its own) */
+  e.b = box && !box->busy ? box : get_box(L);
   e.b->busy = 1;
   trim_box(e.b);
   if (e.b->globals == NULL) {
@@ -1275,12 +1277,12 @@ static char *encode(lua_State *L, int idx, int count, size_t reserve,
 
 char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
                    const char *root) {
-  return encode(L, idx, -1, reserve, len, root);
+  return encode(L, NULL, idx, -1, reserve, len, root);
 }
 
 char *luamp_encode_values(lua_State *L, int idx, int count, size_t reserve,
                           size_t *len, const char *root) {
-  return encode(L, idx, count < 0 ? 0 : count, reserve, len, root);
+  return encode(L, NULL, idx, count < 0 ? 0 : count, reserve, len, root);
 }
 
 /* ======================================================================
@@ -1757,11 +1759,13 @@ void luamp_register_handle(lua_State *L, const struct luamp_handle_ops *ops) {
 }
 
 /* mp.encode(v) -> string */
+/* mp.encode(v) -> string.  Its upvalue is the state's encoder box (no
+ * registry lookup per call). */
 static int l_encode(lua_State *L) {
   size_t n;
   const char *s;
   luaL_checkany(L, 1);
-  s = luamp_encode(L, 1, 0, &n, NULL);
+  s = encode(L, lua_touserdata(L, lua_upvalueindex(1)), 1, -1, 0, &n, NULL);
   lua_pushlstring(L, s, n);
   return 1;
 }
@@ -1966,6 +1970,9 @@ int luamp_open_codec(lua_State *L) {
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
+  get_box(L);
+  lua_pushcclosure(L, l_encode, 1);
+  lua_setfield(L, -2, "encode");
   luaL_newmetatable(L, EXT_MT);
   lua_pop(L, 1);
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key) != LUA_TTABLE) {
