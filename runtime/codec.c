@@ -1741,6 +1741,40 @@ void luamp_decode(lua_State *L, const char *p, size_t n, int flags) {
   decode_with(L, p, n, flags, max_depth);
 }
 
+int luamp_decode_items(lua_State *L, const char *p, size_t n, int flags) {
+  const unsigned char *u = (const unsigned char *)p;
+  uint32_t k, hdr;
+  struct dec d;
+  if (n >= 1 && u[0] >= 0x90 && u[0] <= 0x9f) {
+    k = u[0] & 0x0f;
+    hdr = 1;
+  } else if (n >= 3 && u[0] == 0xdc) {
+    k = r16(u + 1);
+    hdr = 3;
+  } else {
+    decode_with(L, p, n, flags, max_depth);
+    return 1;
+  }
+  luaL_checkstack(L, (int)k + 8, "no room to decode");
+  d.L = L;
+  d.start = u;
+  d.p = u + hdr;
+  d.end = u + n;
+  d.depth = 0;
+  d.maxdepth = max_depth;
+  d.flags = flags;
+  d.nslots = 0;
+  d.pending = 0;
+  if (k > (size_t)(d.end - d.p)) dec_fail(&d, "array longer than the input");
+  lua_pushnil(L);            /* the DEF table's slot */
+  d.refs = lua_gettop(L);
+  enter(&d);                 /* (the array's level) */
+  for (uint32_t i = 0; i < k; i++) dec_value(&d);
+  if (d.p != d.end) dec_fail(&d, "trailing bytes");
+  lua_remove(L, d.refs);
+  return (int)k;
+}
+
 /* ======================================================================
  * Lua face
  * ====================================================================== */

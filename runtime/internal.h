@@ -105,6 +105,10 @@ char *luamp_encode_values(lua_State *L, int idx, int count, size_t reserve,
  * DecodeError with the byte offset of the problem. */
 #define LUAMP_DECODE_UNTRUSTED 1  /* refuse code: functions, names, handles */
 void luamp_decode(lua_State *L, const char *p, size_t n, int flags);
+/* The same for a message that is an array of at most 65535 items: pushes
+ * the items themselves (no table) and returns how many; any other message
+ * is pushed as its one value (returns 1). */
+int luamp_decode_items(lua_State *L, const char *p, size_t n, int flags);
 
 /* The runtime's own objects (queues, locks, shared values...) travel as
  * handles: each userdata type registers how to describe itself in bytes

@@ -471,8 +471,10 @@ static char *scratch(lua_State *L, struct luamp_obj *o, uint64_t n) {
   return o->buf;
 }
 
+/* Takes the next item; with items, an empty queue (not blocking) gives
+ * no result, and an array message its items themselves. */
 static int queue_get(lua_State *L, struct luamp_obj *o, int block,
-                     double deadline, int slot) {
+                     double deadline, int slot, int items) {
   struct queue q = qget(o);
   struct qhdr *h = q.h;
   uint64_t rec[2], len;
@@ -483,7 +485,10 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
     if (atomic_load(&h->count) == 0) {
       uint32_t snap;
       int r;
-      if (!block) luamp_raise(L, "Empty", "queue is empty");
+      if (!block) {
+        if (items) return 0;
+        luamp_raise(L, "Empty", "queue is empty");
+      }
       /* a producer on another core is usually a moment away */
       if (spin_until_nonzero(&h->count)) continue;
       snap = atomic_load(&h->put_seq);
@@ -533,13 +538,17 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   luamp_mutex_unlock(&h->mu);
   if (ps) luamp_futex_wake(&h->get_seq, 1);
   if (gs) luamp_futex_wake(&h->put_seq, 1);
-  luamp_decode(L, o->buf, (size_t)len, 0);
-  if (o->bufcap > KEEP_SCRATCH) {   /* a rare big one: don't keep it */
-    free(o->buf);
-    o->buf = NULL;
-    o->bufcap = 0;
+  {
+    int nres = 1;
+    if (items) nres = luamp_decode_items(L, o->buf, (size_t)len, 0);
+    else luamp_decode(L, o->buf, (size_t)len, 0);
+    if (o->bufcap > KEEP_SCRATCH) {   /* a rare big one: don't keep it */
+      free(o->buf);
+      o->buf = NULL;
+      o->bufcap = 0;
+    }
+    return nres;
   }
-  return 1;
 }
 
 int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
@@ -549,7 +558,7 @@ int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
 
 int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
                     int slot) {
-  return queue_get(L, checkqueue(L, qidx), block, deadline, slot);
+  return queue_get(L, checkqueue(L, qidx), block, deadline, slot, 0);
 }
 
 /* ---- construction ------------------------------------------------------------------- */
@@ -651,16 +660,22 @@ static int q_put_nowait(lua_State *L) {
 static int q_get(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1);
   double d = block_timeout(L, 2);
-  return queue_get(L, o, d != -2.0, d == -2.0 ? 0 : d, -1);
+  return queue_get(L, o, d != -2.0, d == -2.0 ? 0 : d, -1, 0);
+}
+
+/* q:_get_items() -> the items of the next message (an array), or nothing
+ * when the queue is empty; never waits (the Pool's replies). */
+static int q_get_items(lua_State *L) {
+  return queue_get(L, checkqueue(L, 1), 0, 0, -1, 1);
 }
 
 static int q_get_nowait(lua_State *L) {
-  return queue_get(L, checkqueue(L, 1), 0, 0, -1);
+  return queue_get(L, checkqueue(L, 1), 0, 0, -1, 0);
 }
 
 /* SimpleQueue:get() waits forever (Ctrl-C still interrupts) */
 static int sq_get(lua_State *L) {
-  return queue_get(L, checkqueue(L, 1), 1, -1.0, -1);
+  return queue_get(L, checkqueue(L, 1), 1, -1.0, -1, 0);
 }
 
 static int sq_put(lua_State *L) {
@@ -916,7 +931,7 @@ int luamp_open_queue(lua_State *L) {
     {"full", q_full}, {"close", q_close}, {"join_thread", q_join_thread},
     {"cancel_join_thread", q_cancel_join_thread},
     {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
-    {"_get_slot", q_get_slot},
+    {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
     {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
     {"_wait_fd", q_wait_fd},
     {"task_done", jq_task_done}, {"join", jq_join},   /* Joinable only */

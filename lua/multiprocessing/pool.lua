@@ -304,25 +304,27 @@ local function finish(job)
   end
 end
 
--- A task's outcome: m is the worker's reply (or a made-up failure).  A
--- task record is the job itself for apply, {job, first, count, chunk} for
--- a chunk of the map family.
-local function settle(rec, m)
-  local ok = m[2] == OK
-  if rec._kind then                  -- apply: the record is the job
-    rec._ok, rec._value = ok, m
-    return finish(rec)
+-- A chunk's outcome, from the worker's reply (or a made-up failure):
+-- {tag, OK, n, results} or {tag, FAILED, err, partial results, count},
+-- given as its items status, a, b, c.  The record is {job, first, count,
+-- chunk [, bare]}.
+local function settle_chunk(rec, status, a, b, c, tag)
+  local ok = status == OK
+  local job, first, count, chunk, bare
+  if rec._kind then                 -- a map's item sent bare (submit_bare)
+    job, first, count, bare = rec, tag - rec._tag0 + 1, 1, true
+  else
+    job, first, count, chunk, bare = rec[1], rec[2], rec[3], rec[4], rec[5]
   end
-  local job, first, count, chunk = rec[1], rec[2], rec[3], rec[4]
   local got
   if ok then
-    got = m[3]
-    if rec[5] then job._results[first] = m[4]     -- one item, sent bare
-    elseif got > 0 then table_into(job._results, first, m[4], got) end
+    got = a
+    if bare then job._results[first] = b          -- one item, sent bare
+    elseif got > 0 then table_into(job._results, first, b, got) end
   else
-    got = m[5] or 0
-    if got > 0 then table_into(job._results, first, m[4], got) end
-    local err = m[3]
+    got = c or 0
+    if got > 0 then table_into(job._results, first, b, got) end
+    local err = a
     if type(err) == "table" and err.item then
       -- a result that could not travel: its index over the whole input
       err.message = string.format("%s at result[%d]%s", err.message,
@@ -330,7 +332,7 @@ local function settle(rec, m)
       err.item, err.rest = nil, nil
     end
     if job._err == nil or first < job._err_at then
-      job._err, job._err_at = m[3], first + got
+      job._err, job._err_at = err, first + got
     end
   end
   job._items_done = job._items_done + count
@@ -338,7 +340,7 @@ local function settle(rec, m)
   if job._progress then job._progress:update(job) end
   if job._kind == "imap" then
     -- (the iterator harvests chunks by these; a map needs only the counts)
-    if not ok then job._chunk_err[chunk] = m[3] end
+    if not ok then job._chunk_err[chunk] = a end
     job._chunk_done[chunk] = got
     return
   end
@@ -708,7 +710,7 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
   if not ok then
     -- this map fails now; chunks already queued run, unheard
     for tag, r in pairs(self._tasks) do
-      if r[1] == job then self._tasks[tag] = ORPHAN end
+      if r == job or r[1] == job then self._tasks[tag] = ORPHAN end
     end
     error(err, 0)
   end
@@ -719,8 +721,36 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
   return job
 end
 
+-- Queues items[1..n] one a task, sent bare, with no task record: the job
+-- itself is the record of every one, its tags consecutive from job._tag0
+-- (the item's index is tag - _tag0 + 1).  Without timeouts only.
+local function submit_bare(self, job, fref, mode, items, n)
+  local tq, tasks, tag0 = self._tq, self._tasks, self._tag
+  local put = tq._put_task
+  local f, flen = fref, nil
+  if type(fref) ~= "string" then f, flen = fref[1], fref[2] end
+  local m1 = mode == MAP and MAP1 or STARMAP1
+  job._tag0 = tag0
+  local i = 0
+  local ok, err = pcall(function()
+    for k = 1, n do
+      i = k
+      local tag = tag0 + k - 1
+      put(tq, tag, tag, f, m1, items[k], 1, false, flen)
+      tasks[tag] = job
+    end
+  end)
+  -- (the tags of the items queued are used)
+  self._tag = tag0 + (ok and n or i - 1)
+  job._left = job._left + (ok and n or i - 1)
+  if not ok then error(rename_path(err, m1, i), 0) end
+end
+
 -- Queues the chunks of a map: items[1..n] in chunks of chunksize.
 function Pool:_submit_chunks(job, fref, mode, items, n, chunksize, timeout)
+  if chunksize == 1 and not timeout then
+    return submit_bare(self, job, fref, mode, items, n)
+  end
   local chunk = 0
   for first = 1, n, chunksize do
     local last = first + chunksize - 1
@@ -931,30 +961,63 @@ end
 -- ---------------------------------------------------------------------------
 -- The owner's side of the machinery
 
--- Handles one message from the result queue.
-function Pool:_handle(m)
-  local tag, status = m[1], m[2]
-  if status == INIT_FAILED then
-    return self:_break("initializer failed in a worker: " .. tostring(m[3].message),
-                       m[3])
-  end
+-- Handles one message from the result queue, given as its items: an
+-- apply's {tag, OK, n, v1..vn} or {tag, FAILED, err}, a chunk's (see
+-- settle_chunk), an initializer's {-1, INIT_FAILED, err}.  Returns false
+-- for no message.
+-- The record of task tag, taken off the books (nil: failed already).
+local function take(self, tag)
   local rec = self._tasks[tag]
-  if rec == nil then return end            -- failed already (worker lost)
+  if rec == nil then return nil end        -- failed already (worker lost)
   self._tasks[tag] = nil
   if self._timeouts[tag] then
     self._timeouts[tag] = nil
     self._timed = self._timed - 1
   end
-  if rec ~= ORPHAN then settle(rec, m) end
+  return rec
+end
+
+local function handle(self, tag, status, a, b, c, ...)
+  if tag == nil then return false end
+  if type(tag) == "table" then             -- a reply of over 65535 items
+    local m = tag
+    local rec = take(self, m[1])
+    if rec and rec ~= ORPHAN then
+      if rec._kind == "apply" then
+        rec._ok, rec._value = m[2] == OK, m
+        finish(rec)
+      else
+        settle_chunk(rec, m[2], m[3], m[4], m[5], m[1])
+      end
+    end
+    return true
+  end
+  if status == INIT_FAILED then
+    self:_break("initializer failed in a worker: " .. tostring(a.message), a)
+    return true
+  end
+  local rec = take(self, tag)
+  if rec == nil or rec == ORPHAN then return true end
+  if rec._kind == "apply" then             -- apply: the record is the job
+    -- (the reply is its value: get unpacks v[4 .. 3 + v[3]])
+    rec._ok, rec._value = status == OK, {tag, status, a, b, c, ...}
+    finish(rec)
+  else
+    settle_chunk(rec, status, a, b, c, tag)
+  end
+  return true
+end
+
+-- The same for a reply as a table.
+function Pool:_handle(m)
+  return handle(self, m[1], m[2], m[3], m[4], m[5])
 end
 
 -- Takes every result that is there now; returns how many.
 local function drain(self)
   local rq, n = self._rq, 0
-  while not rq:empty() do
-    self:_handle(rq:get_nowait())
-    n = n + 1
-  end
+  local get = rq._get_items
+  while handle(self, get(rq)) do n = n + 1 end
   return n
 end
 
