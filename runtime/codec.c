@@ -170,10 +170,40 @@ static uint32_t map_find(const struct encbox *b, const void *p) {
 /* Forgets the objects with ordinals >= keep, newest first: every slot on
  * the probe path of the newest key was taken when it went in, by older
  * keys still present, so each lookup still finds its key. */
+/* Empties slot i and closes the gap: each entry after it in its cluster
+ * moves back into the gap unless its home slot lies cyclically in
+ * (gap, its slot].  (Clearing the slot alone would cut the probe chains
+ * of the entries after it: removal in reverse order of insertion is not
+ * enough once the table has been rehashed in slot order by map_grow.) */
+static void map_remove_slot(struct encbox *b, uint32_t i) {
+  uint32_t mask = b->hcap - 1, j = i;
+  b->keys[i] = NULL;
+  for (;;) {
+    uint32_t home;
+    j = (j + 1) & mask;
+    if (b->keys[j] == NULL) return;
+    home = ptr_hash(b->keys[j]) & mask;
+    if (i <= j ? (i < home && home <= j) : (i < home || home <= j)) continue;
+    b->keys[i] = b->keys[j];
+    b->vals[i] = b->vals[j];
+    b->keys[j] = NULL;
+    i = j;
+  }
+}
+
+/* Forgets the objects registered after the first keep.  (Each removal
+ * closes its gap, so the lookups of the others, and of the next message's
+ * objects, stay right: a slot left holding a dead object's address would
+ * make a new object at that address look seen.) */
 static void map_truncate(struct encbox *b, uint32_t keep) {
+  if (keep == 0 && b->hcap > 0 && b->norder * 4 >= b->hcap) {  /* most: wipe */
+    memset(b->keys, 0, b->hcap * sizeof *b->keys);
+    b->norder = b->hcount = 0;
+    return;
+  }
   while (b->norder > keep) {
     const void *p = b->order[--b->norder];
-    b->keys[map_slot(b, p)] = NULL;
+    map_remove_slot(b, map_slot(b, p));
     b->hcount--;
   }
 }
