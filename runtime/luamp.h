@@ -177,7 +177,9 @@
  * pool, an async logger or a background flusher never happens in the
  * child.  Threads that block signals to take them in a signal thread do
  * not stop children from being signalled: children start with every
- * signal unblocked.
+ * signal unblocked.  Pool workers are made to die with the thread that
+ * forked them (PR_SET_PDEATHSIG, so that an owner killed outright leaves
+ * no orphans): a thread that creates a Pool must outlive it.
  *
  * ---- Ctrl-C ---------------------------------------------------------------
  *
