@@ -608,10 +608,10 @@ function Server:drain(cur)
   local clist = self.clist
   local ok, ready = pcall(core.wait_fds, self.cfds, 0)
   if ok then
-    local todo = {}
-    for _, i in ipairs(ready) do todo[clist[i]] = true end
-    for C in pairs(self.more) do todo[C] = true end
-    for C in pairs(todo) do
+    local to_serve = {}
+    for _, i in ipairs(ready) do to_serve[clist[i]] = true end
+    for C in pairs(self.more) do to_serve[C] = true end
+    for C in pairs(to_serve) do
       if C ~= cur and not C.closed then
         local conn, got = C.conn, 0
         repeat
