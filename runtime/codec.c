@@ -84,7 +84,8 @@ static const char dumps_key = 0;    /* closure -> its bytecode (weak keys) */
 struct encbox {
   unsigned char *buf;       /* reserve bytes, then the message */
   size_t len, cap;
-  /* open-addressing set: table/function pointer -> ordinal + 1 */
+  /* open-addressing set: table/function pointer -> ordinal + 1; used
+   * only past MAP_LINEAR objects (empty, hcount 0, until then) */
   const void **keys;
   uint32_t *vals;
   uint32_t hcap, hcount;
@@ -95,6 +96,9 @@ struct encbox {
   int busy;
   const void *globals;      /* the state's globals table (never changes) */
 };
+
+/* Up to this many objects in a message, identity lookups scan order[]. */
+#define MAP_LINEAR 16
 
 static int encbox_gc(lua_State *L) {
   struct encbox *b = lua_touserdata(L, 1);
@@ -159,17 +163,53 @@ static int map_grow(struct encbox *b) {
   return 0;
 }
 
-/* Ordinal + 1 of p, 0 when p has not been seen. */
+/* Ordinal + 1 of p, 0 when p has not been seen.  A message with few
+ * objects (most messages) is searched linearly: nothing to hash, nothing
+ * to clear afterwards. */
 static uint32_t map_find(const struct encbox *b, const void *p) {
   uint32_t s;
-  if (b->hcount == 0) return 0;
+  if (b->hcount == 0) {
+    for (uint32_t o = 0; o < b->norder; o++)
+      if (b->order[o] == p) return o + 1;
+    return 0;
+  }
   s = map_slot(b, p);
   return b->keys[s] ? b->vals[s] : 0;
 }
 
-/* Forgets the objects with ordinals >= keep, newest first: every slot on
- * the probe path of the newest key was taken when it went in, by older
- * keys still present, so each lookup still finds its key. */
+/* Registers p (not yet seen) under the next ordinal: in order[], and in
+ * the hash too once there are more than MAP_LINEAR objects (then the hash
+ * holds them all).  -1 when out of memory, with nothing changed. */
+static int map_add(struct encbox *b, const void *p) {
+  uint32_t from;
+  if (b->norder == b->ocap) {
+    uint32_t ncap = b->ocap ? b->ocap * 2 : 64;
+    const void **no = realloc(b->order, ncap * sizeof *no);
+    uint32_t *ni;
+    if (no == NULL) return -1;
+    b->order = no;
+    ni = realloc(b->info, ncap * sizeof *ni);
+    if (ni == NULL) return -1;
+    b->info = ni;
+    b->ocap = ncap;
+  }
+  if (b->norder < MAP_LINEAR) {
+    b->order[b->norder++] = p;
+    return 0;
+  }
+  from = b->norder == MAP_LINEAR ? 0 : b->norder;
+  while ((b->norder + 1) * 2 > b->hcap)
+    if (map_grow(b) < 0) return -1;
+  b->order[b->norder++] = p;
+  for (uint32_t o = from; o < b->norder; o++) {
+    uint32_t s = map_slot(b, b->order[o]);
+    b->keys[s] = b->order[o];
+    b->vals[s] = o + 1;
+    b->hcount++;
+  }
+  return 0;
+}
+
 /* Empties slot i and closes the gap: each entry after it in its cluster
  * moves back into the gap unless its home slot lies cyclically in
  * (gap, its slot].  (Clearing the slot alone would cut the probe chains
@@ -192,20 +232,23 @@ static void map_remove_slot(struct encbox *b, uint32_t i) {
 }
 
 /* Forgets the objects registered after the first keep.  (Each removal
- * closes its gap, so the lookups of the others, and of the next message's
- * objects, stay right: a slot left holding a dead object's address would
- * make a new object at that address look seen.) */
+ * from the hash closes its gap, so the lookups of the others, and of the
+ * next message's objects, stay right: a slot left holding a dead object's
+ * address would make a new object at that address look seen.) */
 static void map_truncate(struct encbox *b, uint32_t keep) {
-  if (keep == 0 && b->hcap > 0 && b->norder * 4 >= b->hcap) {  /* most: wipe */
-    memset(b->keys, 0, b->hcap * sizeof *b->keys);
-    b->norder = b->hcount = 0;
-    return;
+  if (keep >= b->norder) return;
+  if (b->hcount > 0) {   /* hashed, hcount == norder */
+    uint32_t stop = keep > MAP_LINEAR ? keep : 0;
+    if (stop == 0 && b->hcount * 4 >= b->hcap) {   /* most: wipe */
+      memset(b->keys, 0, b->hcap * sizeof *b->keys);
+      b->hcount = 0;
+    }
+    while (b->hcount > stop) {
+      map_remove_slot(b, map_slot(b, b->order[b->hcount - 1]));
+      b->hcount--;
+    }
   }
-  while (b->norder > keep) {
-    const void *p = b->order[--b->norder];
-    map_remove_slot(b, map_slot(b, p));
-    b->hcount--;
-  }
+  b->norder = keep;
 }
 
 /* ======================================================================
@@ -417,21 +460,10 @@ static int utf8_valid(const unsigned char *s, size_t n) {
 }
 
 /* str when text is valid UTF-8, bin otherwise. */
-static int put_string(struct enc *e, const char *s, size_t n, int force_str) {
+static LUAMP_NOINLINE int put_string_any(struct enc *e, const char *s,
+                                         size_t n, int force_str) {
   unsigned char *p;
   int str;
-  if (n < 32) {   /* short ASCII (most keys and words): inline */
-    unsigned acc = 0;
-    for (size_t i = 0; i < n; i++) acc |= (unsigned char)s[i];
-    if (acc < 0x80) {
-      ROOM(e, 32);
-      p = wp(e);
-      p[0] = (unsigned char)(0xa0 | n);
-      memcpy(p + 1, s, n);
-      e->b->len += n + 1;
-      return 0;
-    }
-  }
   str = force_str || utf8_valid((const unsigned char *)s, n);
   if (n > 0xffffffffu) return fail(e, "string of %zu bytes is too long", n);
   ROOM(e, n + 5);
@@ -449,6 +481,39 @@ static int put_string(struct enc *e, const char *s, size_t n, int force_str) {
   memcpy(wp(e), s, n);
   e->b->len += n;
   return 0;
+}
+
+/* put_string_any, with short ASCII text (most keys and words) copied as
+ * it is checked, inline. */
+static LUAMP_INLINE int put_string(struct enc *e, const char *s, size_t n,
+                                   int force_str) {
+  if (n < 32 && e->b->cap - e->b->len >= 32) {
+    unsigned char *p = wp(e);
+    uint64_t acc = 0, w;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      memcpy(&w, s + i, 8);
+      memcpy(p + 1 + i, &w, 8);
+      acc |= w;
+    }
+    if (i + 4 <= n) {
+      uint32_t h;
+      memcpy(&h, s + i, 4);
+      memcpy(p + 1 + i, &h, 4);
+      acc |= h;
+      i += 4;
+    }
+    for (; i < n; i++) {
+      p[1 + i] = (unsigned char)s[i];
+      acc |= (unsigned char)s[i];
+    }
+    if ((acc & 0x8080808080808080ULL) == 0) {
+      p[0] = (unsigned char)(0xa0 | n);
+      e->b->len += n + 1;
+      return 0;
+    }
+  }
+  return put_string_any(e, s, n, force_str);
 }
 
 static int put_array_header(struct enc *e, lua_Unsigned n) {
@@ -520,7 +585,7 @@ static int put_ref(struct enc *e, uint32_t id) {
  * DEF header, *def set to its offset, else SIZE_MAX), -1 on failure. */
 static int enter_object(struct enc *e, const void *p, size_t *def) {
   struct encbox *b = e->b;
-  uint32_t o, s;
+  uint32_t o;
   *def = SIZE_MAX;
   if (!track_refs) return 0;
   o = map_find(b, p);
@@ -537,24 +602,8 @@ static int enter_object(struct enc *e, const void *p, size_t *def) {
       return fail(e, "the value changed while it was being encoded");
     return put_ref(e, (b->info[o] & DEFID_MASK) - 1) < 0 ? -1 : 1;
   }
-  if ((b->hcount + 1) * 2 > b->hcap && map_grow(b) < 0) goto oom;
-  if (b->norder == b->ocap) {
-    uint32_t ncap = b->ocap ? b->ocap * 2 : 64;
-    const void **no = realloc(b->order, ncap * sizeof *no);
-    uint32_t *ni;
-    if (no == NULL) goto oom;
-    b->order = no;
-    ni = realloc(b->info, ncap * sizeof *ni);
-    if (ni == NULL) goto oom;
-    b->info = ni;
-    b->ocap = ncap;
-  }
-  o = b->norder++;
-  s = map_slot(b, p);
-  b->keys[s] = p;
-  b->vals[s] = o + 1;
-  b->hcount++;
-  b->order[o] = p;
+  if (map_add(b, p) < 0) goto oom;
+  o = b->norder - 1;
   if (e->pass == 1) {
     b->info[o] = 0;
   } else if (b->info[o] & SHARED_BIT) {
@@ -590,7 +639,7 @@ static void roll_back(struct enc *e, struct mark m) {
 }
 
 static int enc_value(struct enc *e, int idx);
-static inline int enc_typed(struct enc *e, int idx, int t);
+static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t);
 
 /* ---- names of modules and their functions --------------------------- */
 
@@ -1164,7 +1213,7 @@ static int enc_userdata(struct enc *e, int idx) {
 
 /* ---- dispatch ------------------------------------------------------------------ */
 
-static int enc_object(struct enc *e, int idx, int t) {
+static LUAMP_NOINLINE int enc_object(struct enc *e, int idx, int t) {
   switch (t) {
     case LUA_TTABLE: return enc_table(e, idx);
     case LUA_TFUNCTION: return enc_function(e, idx);
@@ -1174,8 +1223,9 @@ static int enc_object(struct enc *e, int idx, int t) {
   }
 }
 
-/* The value at idx, whose type is t; scalars are written inline. */
-static inline int enc_typed(struct enc *e, int idx, int t) {
+/* The value at idx, whose type is t; scalars are written inline (in the
+ * loops over a table's items), objects by enc_object. */
+static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
   lua_State *L = e->L;
   switch (t) {
     case LUA_TNUMBER:

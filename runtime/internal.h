@@ -24,7 +24,11 @@
 #if defined(__GNUC__)
 #define LUAMP_NORETURN __attribute__((noreturn))
 #define LUAMP_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#define LUAMP_INLINE inline __attribute__((always_inline))
+#define LUAMP_NOINLINE __attribute__((noinline))
 #else
+#define LUAMP_INLINE inline
+#define LUAMP_NOINLINE
 #define LUAMP_NORETURN
 #define LUAMP_PRINTF(a, b)
 #endif
