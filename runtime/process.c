@@ -60,6 +60,7 @@ struct child {
   const void *state;    /* main thread of the Lua state that started it */
   int daemon;
   int sentinel;         /* pidfd or pipe read end; -1 once closed */
+  int exposed;          /* the sentinel was given out (h:sentinel()) */
   int reaped;           /* 0 running, 1 status valid, 2 lost (ECHILD) */
   int status;           /* waitpid status when reaped == 1 */
   int has_handle;       /* a Child userdata refers to this entry */
@@ -74,6 +75,10 @@ static int own_sentinel_wfd = -1;
  * handler (so forks made by others count too): getpid() is a system call,
  * and Process checks ownership often. */
 static pid_t my_pid = 0;
+/* This process has not taken on the identity of the Process it was
+ * started as (process.lua takes it when first asked): set in the child of
+ * core.spawn(..., started), inherited by forks until taken. */
+static int started_child = 0;
 static void refresh_pid(void) { my_pid = getpid(); }
 pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
 /* /dev/null, opened once, for the children's stdin */
@@ -105,6 +110,14 @@ static int pidfd_usable(void) {
   return have_pidfd;
 }
 
+static void close_sentinel(struct child *c) {
+  if (c->sentinel >= 0) {
+    int fd = c->sentinel;
+    c->sentinel = -1;
+    close(fd);
+  }
+}
+
 /* waitpid(pid, hang ? 0 : WNOHANG) for an entry; updates it.  Returns 1
  * when the child is gone (reaped now or before), 0 while it runs. */
 static int reap(struct child *c, int hang) {
@@ -121,15 +134,11 @@ static int reap(struct child *c, int hang) {
      * stray waitpid(-1)).  The status is lost; it is gone all the same. */
     c->reaped = 2;
   }
+  /* A sentinel nobody was given is not needed any more: closed now, so
+   * that children forked later do not inherit (and close at exit) one fd
+   * per child whose handle the GC has not collected yet. */
+  if (c->reaped && !c->exposed) close_sentinel(c);
   return c->reaped != 0;
-}
-
-static void close_sentinel(struct child *c) {
-  if (c->sentinel >= 0) {
-    int fd = c->sentinel;
-    c->sentinel = -1;
-    close(fd);
-  }
 }
 
 static void unlink_entry(struct child *c) {
@@ -298,9 +307,8 @@ pid_t luamp_fork(lua_State *L) {
     signal(SIGCHLD, SIG_DFL);
   fflush(NULL);
   sigfillset(&all);
-  sigprocmask(SIG_SETMASK, &all, &old);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
   pid = luamp_sys.fork();
-  err = errno;
   if (pid == 0) {
     after_fork_in_child();
     /* The child starts with every signal unblocked: a host that blocks
@@ -308,13 +316,14 @@ pid_t luamp_fork(lua_State *L) {
      * child does not have) would otherwise leave a child that SIGTERM
      * cannot stop. */
     memset(&old, 0, sizeof old);          /* the empty set */
-    sigprocmask(SIG_SETMASK, &old, NULL);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
     for (int i = 0; i < n_c_hooks; i++)
       if (c_hooks[i].child) c_hooks[i].child(c_hooks[i].ud);
     if (L) run_lua_hooks(L, 3);
     return 0;
   }
-  sigprocmask(SIG_SETMASK, &old, NULL);
+  err = errno;
+  pthread_sigmask(SIG_SETMASK, &old, NULL);
   for (int i = 0; i < n_c_hooks; i++)
     if (c_hooks[i].parent) c_hooks[i].parent(c_hooks[i].ud);
   if (L) run_lua_hooks(L, 2);
@@ -423,6 +432,15 @@ static int child_pid(lua_State *L) {
 
 static int child_sentinel(lua_State *L) {
   struct child *c = check_child(L, 1);
+  if (c->sentinel < 0 && c->reaped) {
+    /* closed when it was reaped: one that is ready, as it would be */
+    int p[2];
+    if (pipe2(p, O_CLOEXEC) != 0)
+      luamp_raise_errno(L, "OSError", errno, "pipe2");
+    close(p[1]);
+    c->sentinel = p[0];
+  }
+  c->exposed = 1;
   lua_pushinteger(L, c->sentinel);
   return 1;
 }
@@ -544,16 +562,18 @@ LUAMP_NORETURN static void child_main(lua_State *L, int fn, int arg) {
   luamp_child_exit(code);
 }
 
-/* core.spawn(fn, arg, daemon, ignore_sigint, die_with_parent) -> Child
- * handle.  Forks; the child runs fn(arg) and exits with its integer result
- * (0 for none, 1 with the traceback on stderr for an error).  A child made
- * with die_with_parent is SIGKILLed by the kernel when its parent dies
- * (Pool workers: nothing else would tell them, blocked on their queue). */
+/* core.spawn(fn, arg, daemon, ignore_sigint, die_with_parent, started)
+ * -> Child handle.  Forks; the child runs fn(arg) and exits with its
+ * integer result (0 for none, 1 with the traceback on stderr for an
+ * error).  A child made with die_with_parent is SIGKILLed by the kernel
+ * when its parent dies (Pool workers: nothing else would tell them,
+ * blocked on their queue).  A child made with started (and its forks)
+ * gets true from its first core.take_started(). */
 static int l_spawn(lua_State *L) {
   struct childbox *b;
   struct child *c;
   int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);
-  int die_with_parent = lua_toboolean(L, 5);
+  int die_with_parent = lua_toboolean(L, 5), started = lua_toboolean(L, 6);
   int pfd[2] = {-1, -1};
   pid_t pid, parent = luamp_pid();
   luaL_checktype(L, 1, LUA_TFUNCTION);
@@ -570,10 +590,12 @@ static int l_spawn(lua_State *L) {
     luamp_raise_errno(L, "OSError", err, "pipe2");
   }
   if (devnull < 0) devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
-  sweep();
-  renew_sentinel(L);
+  /* (what can wait, the sweep and the sentinel, is done after the fork,
+   * while the child runs: the time from one child's exit to the next
+   * fork is what a start+join loop is made of) */
   pid = luamp_fork(L);
   if (pid == 0) {
+    if (started) started_child = 1;
     if (pfd[0] >= 0) {
       close(pfd[0]);
       own_sentinel_wfd = pfd[1];
@@ -614,9 +636,11 @@ static int l_spawn(lua_State *L) {
      * exhaustion; the wait loop then polls the pid. */
   }
   c->has_handle = 1;
+  sweep();
   c->next = registry;
   registry = c;
   b->c = c;
+  renew_sentinel(L);
   return 1;
 }
 
@@ -653,6 +677,14 @@ static int l_fork(lua_State *L) {
   pid_t pid = luamp_fork(L);
   if (pid < 0) luamp_raise_errno(L, "OSError", errno, "fork");
   lua_pushinteger(L, pid);
+  return 1;
+}
+
+/* core.take_started() -> true once in a process started by
+ * core.spawn(..., started) or forked from one before it took it. */
+static int l_take_started(lua_State *L) {
+  lua_pushboolean(L, started_child);
+  started_child = 0;
   return 1;
 }
 
@@ -830,6 +862,7 @@ int luamp_open_process(lua_State *L) {
     {"kill", l_kill},
     {"pidfd", l_pidfd},
     {"pid", l_pid},
+    {"take_started", l_take_started},
     {"set_signal", l_set_signal},
     {"close_fd", l_close_fd},
     {"detach_inherited_fds", l_detach_inherited_fds},

@@ -165,6 +165,46 @@ describe("Process", function()
     assert.equal(0, p.exitcode)
   end)
 
+  it("gives a ready sentinel when first asked for it after join", function()
+    local p = mp.Process{target = function() end}
+    p:start()
+    p:join()
+    local s = p.sentinel
+    assert.equal("integer", math.type(s))
+    assert.same({s}, mp.wait({s}, 0))
+    assert.equal(s, p.sentinel)
+    p:close()
+  end)
+
+  it("takes on its identity in forks made before it asked for it", function()
+    -- a started child that has not asked who it is yet forks: raw
+    -- (core.fork) and through a Pool; both see it as their parent
+    local a, b = mp.Pipe()
+    local p = mp.Process{name = "Kid", target = function()
+      local pid = core.fork()
+      if pid == 0 then
+        b:send({"raw", mp.current_process().name})
+        core._exit(0)
+      end
+      core.waitpid(pid)
+      local pool = mp.Pool(1)
+      b:send({"pool", pool:apply(function()
+        return mp.parent_process().name
+      end)})
+      pool:terminate()
+      b:send({"self", mp.current_process().name, mp.parent_process().name})
+    end}
+    p:start()
+    local got = {}
+    for _ = 1, 3 do
+      local v = a:recv()
+      got[v[1]] = {table.unpack(v, 2)}
+    end
+    p:join()
+    assert.same({raw = {"Kid"}, pool = {"Kid"}, self = {"Kid", "MainProcess"}},
+                got)
+  end)
+
   it("knows who it is in the child, and its parent", function()
     local a, b = mp.Pipe()
     local p = mp.Process{name = "Kid", target = function()
@@ -699,6 +739,21 @@ describe("lifecycle", function()
     assert.equal(fds, H.fd_count())
     assert.equal(z, H.zombies())
     assert.same({}, mp.active_children())
+  end)
+
+  it("joined processes hold no fd, even before they are collected", function()
+    mp.active_children()
+    collectgarbage()
+    collectgarbage()
+    local fds = H.fd_count()
+    local keep = {}
+    for i = 1, 50 do
+      keep[i] = mp.Process{target = function() end}
+      keep[i]:start()
+      keep[i]:join()
+    end
+    assert.equal(fds, H.fd_count())
+    assert.equal(50, #keep)
   end)
 
   it("closing processes releases their sentinels at once", function()

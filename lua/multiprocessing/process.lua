@@ -27,28 +27,44 @@ setmetatable(main_process, {
   end,
 })
 
--- This process's identity, in one table: a child rewrites it right after
--- the fork, and every page a child writes is a copy (one table, one page).
--- Fields: current (what current_process() returns); parent, made on first
--- use from parent_name and parent_pid (nothing is allocated in a child
--- that does not ask); children, the Process objects started here
--- (Process -> true: strong references, as Python's _children, so a
--- running child's object is never collected; a forked child drops its
--- inherited copy, see my_children); children_owner, the pid they belong
--- to; counter, for default names (Process-<n>).  All slots exist from the
--- start, so a child's writes allocate nothing.
-local S = {current = main_process, parent = nil, parent_name = nil,
-           parent_pid = nil, children = {}, children_owner = getpid(),
-           counter = 0}
+-- This process's identity, in one table, for the process S.owner.  A
+-- child forked by start() writes nothing when it begins (every page a
+-- child writes is a copy of its parent's): it finds S still describing its
+-- parent and takes on its own identity in sync(), the first time it is
+-- asked for it.  Fields: current (what current_process() returns);
+-- starting, the Process being started (what a started child becomes);
+-- parent, made on first use from parent_name and parent_pid; children,
+-- the Process objects started here (Process -> true: strong references,
+-- as Python's _children, so a running child's object is never collected);
+-- counter, for default names (Process-<n>).  All slots exist from the
+-- start, so these writes allocate nothing.
+local S = {current = main_process, starting = nil, parent = nil,
+           parent_name = nil, parent_pid = nil, children = nil,
+           counter = 0, owner = getpid()}
+
+-- Makes S describe this process.  A process started by start() and the
+-- forks it made before asking (core.take_started, runtime/process.c) take
+-- on the identity of the Process started; any other fork (core.fork, a
+-- host's fork) keeps its parent's, without its children.
+local function sync()
+  local me = getpid()
+  if S.owner == me then return end
+  if core.take_started() then
+    local self = S.starting
+    S.current, S.parent = self, nil
+    S.parent_name, S.parent_pid = self._parent_name, self._parent_pid
+  end
+  S.children, S.counter, S.owner = nil, 0, me
+end
 
 local function my_children()
-  local me = getpid()
-  if S.children_owner ~= me then
-    S.children, S.children_owner, S.counter = {}, me, 0
-  elseif S.children == nil then
-    S.children = {}
+  sync()
+  local c = S.children
+  if c == nil then
+    c = {}
+    S.children = c
   end
-  return S.children
+  return c
 end
 
 -- ---- logging hooks (the logger is loaded only when used) -------------------
@@ -74,6 +90,7 @@ end
 
 local function describe(self)
   local status
+  sync()
   if rawget(self, "_closed") then
     status = "closed"
   elseif self == S.current then
@@ -86,7 +103,7 @@ local function describe(self)
     else status = "stopped exitcode=" .. tostring(code) end
   end
   local parts = {string.format("<%s name=%q", self._class_name, self.name)}
-  if rawget(self, "pid") then parts[#parts + 1] = "pid=" .. self.pid end
+  if self.pid then parts[#parts + 1] = "pid=" .. self.pid end
   parts[#parts + 1] = "parent=" .. tostring(self._parent_pid)
   parts[#parts + 1] = status
   if self.daemon then parts[#parts + 1] = "daemon" end
@@ -118,15 +135,16 @@ local function make_class(base, name)
   return setmetatable(cls, {
     __index = base,
     __call = function(c, ...)
-      if S.children_owner ~= getpid() then my_children() end
+      sync()
       S.counter = S.counter + 1
-      local id = S.current._identity
-      id = id == "" and tostring(S.counter) or id .. ":" .. S.counter
       -- every field the object will get, so that later assignments find
-      -- their slot (no rehash, fewer pages written around forks)
+      -- their slot (no rehash, fewer pages written around forks); the
+      -- identity ("2:1") and the default name ("Process-2:1") are made
+      -- when first asked for (props), not for every process started
       local self = setmetatable({
-        name = "Process-" .. id, daemon = S.current.daemon and true or false,
-        pid = nil, _identity = id, _parent_pid = getpid(),
+        name = nil, daemon = S.current.daemon and true or false,
+        pid = nil, _identity = nil, _id_parent = S.current._identity,
+        _id_n = S.counter, _parent_pid = getpid(),
         _parent_name = S.current.name, _args = EMPTY, _target = nil,
         _child = nil, _exitcode = nil, _closed = nil,
       }, inst_mt)
@@ -197,7 +215,8 @@ function Process:run()
   local t = self._target
   if t ~= nil then
     local a = self._args
-    t(unpack(a, 1, a.n or #a))
+    local n = a.n or #a
+    if n == 0 then t() else t(unpack(a, 1, n)) end
   end
 end
 
@@ -217,11 +236,8 @@ local function traceback(e)
 end
 
 -- Runs in the child (core.spawn calls it; its result is the exit code).
+-- It writes nothing of its own (see S).
 local function bootstrap(self)
-  S.current = self
-  S.parent, S.parent_name, S.parent_pid = nil, self._parent_name, self._parent_pid
-  S.children, S.children_owner, S.counter = nil, getpid(), 0
-  rawset(self, "pid", S.children_owner)
   log(5, "child process calling self.run()")
   local ok, err = xpcall(self.run, traceback, self)
   local code = 0
@@ -237,7 +253,8 @@ end
 
 -- Reaps finished children (Python's _cleanup), allocating nothing.
 local function sweep()
-  if S.children == nil or S.children_owner ~= getpid() then return end
+  sync()
+  if S.children == nil then return end
   for p in pairs(S.children) do
     local h = rawget(p, "_child")
     local code, gone = nil, true
@@ -258,13 +275,15 @@ function Process:start()
     raise("ProcessError",
           "can only start a process object created by the current process")
   end
+  sync()
   if S.current.daemon then
     raise("ProcessError", "daemonic processes are not allowed to have children")
   end
-  sweep()
-  local h = core.spawn(bootstrap, self, self.daemon)
+  S.starting = self
+  local h = core.spawn(bootstrap, self, self.daemon, false, false, true)
+  S.starting = nil   -- (the child has its copy; here it is not to be kept)
   rawset(self, "_child", h)
-  rawset(self, "pid", h:pid())
+  sweep()     -- after the fork, while the child runs
   my_children()[self] = true
 end
 
@@ -292,6 +311,7 @@ function Process:join(timeout)
 end
 
 function Process:is_alive()
+  sync()
   if self == S.current then return true end
   check_closed(self)
   if not rawget(self, "_child") then return false end
@@ -324,6 +344,7 @@ function Process:close()
   if h then
     rawset(self, "_exitcode", rawget(self, "_exitcode") or
            (self._parent_pid == getpid() and (h:poll())) or nil)
+    rawset(self, "pid", h:pid())
     h:close()
   end
   my_children()[self] = nil
@@ -346,7 +367,32 @@ props.sentinel = function(self)
   return h:sentinel()
 end
 
-props.ident = function(self) return rawget(self, "pid") end
+-- (a closed Process keeps its pid as a field; see close)
+props.pid = function(self)
+  local h = rawget(self, "_child")
+  if h then return h:pid() end
+  sync()
+  if self == S.current then return getpid() end
+  return nil
+end
+
+props.ident = function(self) return self.pid end
+
+props._identity = function(self)
+  local base, n = rawget(self, "_id_parent"), rawget(self, "_id_n")
+  if n == nil then return nil end
+  local id = base == "" and tostring(n) or base .. ":" .. n
+  rawset(self, "_identity", id)
+  return id
+end
+
+props.name = function(self)
+  local id = self._identity
+  if id == nil then return nil end
+  local name = "Process-" .. id
+  rawset(self, "name", name)
+  return name
+end
 
 -- Process is itself a class (mp.Process{...} constructs one).
 do
@@ -359,6 +405,7 @@ P.Process = Process
 -- ---- module functions -------------------------------------------------------
 
 function P.current_process()
+  sync()
   return S.current
 end
 
@@ -390,6 +437,7 @@ function P._make_parent(name, pid)
 end
 
 function P.parent_process()
+  sync()
   if S.parent == nil and S.parent_pid ~= nil then
     S.parent = P._make_parent(S.parent_name, S.parent_pid)
   end
@@ -421,12 +469,13 @@ end
 -- For other parts of the runtime that fork their own workers (the Pool):
 -- makes this process look like a child with the given name.
 function P._become_child(name, daemon)
+  sync()
   local id = S.current._identity
   local me = {name = name, daemon = daemon and true or false,
               pid = getpid(), _identity = id == "" and "0" or id .. ":0"}
   S.parent, S.parent_name, S.parent_pid = nil, S.current.name, core.getppid()
   S.current = me
-  S.children, S.children_owner, S.counter = nil, getpid(), 0
+  S.children, S.counter = nil, 0
   return me
 end
 
