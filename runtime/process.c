@@ -79,6 +79,7 @@ static pid_t my_pid = 0;
  * started as (process.lua takes it when first asked): set in the child of
  * core.spawn(..., started), inherited by forks until taken. */
 static int started_child = 0;
+static int spawning_started = 0;   /* the fork under way is such a start */
 static void refresh_pid(void) { my_pid = getpid(); }
 pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
 /* /dev/null, opened once, for the children's stdin */
@@ -281,6 +282,7 @@ static void after_fork_in_child(void) {
   for (const struct child *c = registry; c; c = c->next)
     if (!c->has_handle && c->sentinel >= 0) close(c->sentinel);
   registry = NULL;
+  if (spawning_started) started_child = 1;   /* before the at-fork hooks */
   if (own_sentinel_wfd >= 0) {
     close(own_sentinel_wfd);
     own_sentinel_wfd = -1;
@@ -593,9 +595,10 @@ static int l_spawn(lua_State *L) {
   /* (what can wait, the sweep and the sentinel, is done after the fork,
    * while the child runs: the time from one child's exit to the next
    * fork is what a start+join loop is made of) */
+  spawning_started = started;
   pid = luamp_fork(L);
+  spawning_started = 0;
   if (pid == 0) {
-    if (started) started_child = 1;
     if (pfd[0] >= 0) {
       close(pfd[0]);
       own_sentinel_wfd = pfd[1];

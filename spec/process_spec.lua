@@ -610,6 +610,19 @@ describe("the fork discipline", function()
     assert.matches("error in at%-fork hook %(ignored%):.*hook failed", err)
   end)
 
+  it("lets at-fork hooks in a started child know who it is", function()
+    local out, err = H.script(PRE .. [[
+      local r, w = mp.Pipe(false)
+      mp.register_at_fork{after_in_child = function()
+        w:send(mp.current_process().name)
+      end}
+      local p = mp.Process{name = "Kid", target = function() end}
+      p:start() p:join()
+      print(r:recv(), p.exitcode)
+    ]])
+    assert.equal("Kid\t0\n", out, err)
+  end)
+
   it("lets Ctrl-C (SIGINT) end a child's run with 'interrupted!' (exit code 1)", function()
     local out, err = H.script(PRE .. [[
       local p = mp.Process{target = function() while true do end end}
