@@ -27,6 +27,9 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -294,12 +297,37 @@ static void after_fork_in_child(void) {
    * KeyboardInterrupt does in Python. */
 }
 
+/* Heap memory that malloc keeps but nothing uses is still mapped: every
+ * fork copies its page table entries into the child and every exit tears
+ * them down again (on a heap that once held much more than it does now,
+ * that costs more than the rest of the fork).  So it is given back to the
+ * kernel before the first fork -- the garbage of loading the program --
+ * and before any fork that finds the Lua heap down to half the largest
+ * size seen at a fork since the last time.  (Not at every fork: freeing
+ * the pages of each cycle's garbage only to fault them in again costs
+ * more than it saves.) */
+static void trim_heap(lua_State *L) {
+#ifdef __GLIBC__
+  static int first = 1;
+  static int peak_kib = 0;
+  int kib = L ? lua_gc(L, LUA_GCCOUNT, 0) : 0;
+  if (kib > peak_kib) peak_kib = kib;
+  if (!first && kib * 2 >= peak_kib) return;
+  first = 0;
+  malloc_trim(0);
+  peak_kib = kib;
+#else
+  (void)L;
+#endif
+}
+
 pid_t luamp_fork(lua_State *L) {
   sigset_t all, old;
   pid_t pid;
   int err;
   struct sigaction sa;
 
+  trim_heap(L);
   if (L) run_lua_hooks(L, 1);
   for (int i = n_c_hooks - 1; i >= 0; i--)
     if (c_hooks[i].before) c_hooks[i].before(c_hooks[i].ud);

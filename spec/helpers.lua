@@ -56,6 +56,16 @@ function H.sh(cmdline, stdin)
   return out, err, ok and 0 or code
 end
 
+-- True when the build under test is instrumented by make sanitize (its
+-- allocator is ASan's, not glibc's).
+local sanitized
+function H.sanitized()
+  if sanitized == nil then
+    sanitized = H.sh("readelf -d " .. H.q(H.build .. "/libluamp.so")):find("libasan") ~= nil
+  end
+  return sanitized
+end
+
 -- Runs luamp with the given argument string.
 function H.luamp_run(args, stdin, env)
   return H.sh((env and env .. " " or "") .. H.q(H.luamp) .. " " .. args, stdin)

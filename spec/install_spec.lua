@@ -39,8 +39,7 @@ end
 
 -- Flags that a program linking the sanitizer-built library needs too.
 local function san_flags()
-  local dyn = sh("readelf -d " .. H.q(H.build .. "/libluamp.so"))
-  return dyn:find("libasan") and "-fsanitize=address,undefined" or ""
+  return H.sanitized() and "-fsanitize=address,undefined" or ""
 end
 
 local C_PROGRAM = [[
