@@ -83,6 +83,8 @@ static pid_t my_pid = 0;
  * core.spawn(..., started), inherited by forks until taken. */
 static int started_child = 0;
 static int spawning_started = 0;   /* the fork under way is such a start */
+/* A zeroed entry for the next spawn, allocated after the last one */
+static struct child *spare_entry = NULL;
 static void refresh_pid(void) { my_pid = getpid(); }
 pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
 /* /dev/null, opened once, for the children's stdin */
@@ -608,11 +610,14 @@ static int l_spawn(lua_State *L) {
   pid_t pid, parent = luamp_pid();
   luaL_checktype(L, 1, LUA_TFUNCTION);
   lua_settop(L, 4);
-  b = lua_newuserdatauv(L, sizeof *b, 0);   /* created closed */
-  b->c = NULL;
-  luaL_setmetatable(L, CHILD_MT);
-  c = calloc(1, sizeof *c);
-  if (c == NULL) luamp_raise(L, "OSError", "not enough memory");
+  /* What can wait is done after the fork, while the child runs: the time
+   * from one child's exit to the next fork is what a start+join loop is
+   * made of.  So the entry is the one set aside at the last spawn, and the
+   * handle, the sweep and the sentinel come after the fork. */
+  c = spare_entry;
+  spare_entry = NULL;
+  if (c == NULL && (c = calloc(1, sizeof *c)) == NULL)
+    luamp_raise(L, "OSError", "not enough memory");
   c->sentinel = -1;
   if (!pidfd_usable() && pipe2(pfd, O_CLOEXEC) != 0) {
     int err = errno;
@@ -620,9 +625,6 @@ static int l_spawn(lua_State *L) {
     luamp_raise_errno(L, "OSError", err, "pipe2");
   }
   if (devnull < 0) devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
-  /* (what can wait, the sweep and the sentinel, is done after the fork,
-   * while the child runs: the time from one child's exit to the next
-   * fork is what a start+join loop is made of) */
   spawning_started = started;
   pid = luamp_fork(L);
   spawning_started = 0;
@@ -666,12 +668,17 @@ static int l_spawn(lua_State *L) {
     /* pidfd_open cannot fail for our own unreaped child but for fd
      * exhaustion; the wait loop then polls the pid. */
   }
-  c->has_handle = 1;
   sweep();
   c->next = registry;
   registry = c;
+  /* (should the handle fail to be made, the entry stays registered
+   * without one: reaped by a later sweep or joined at exit) */
+  b = lua_newuserdatauv(L, sizeof *b, 0);
   b->c = c;
+  c->has_handle = 1;
+  luaL_setmetatable(L, CHILD_MT);
   renew_sentinel(L);
+  if (spare_entry == NULL) spare_entry = calloc(1, sizeof *spare_entry);
   return 1;
 }
 
