@@ -54,11 +54,16 @@ local lnames = names(luamp .. " scripts/bench.lua")
 local pynames = {}
 for _, n in ipairs(names(PY .. " scripts/bench.py")) do pynames[n] = true end
 
+-- The raw C probe a workload is compared with runs right before it, so
+-- that both see the machine in the same state.
+local PROBE = {
+  ["process.start_join"] = "fork 3000",
+  ["pipe.pingpong"] = "pingpong 200000",
+  ["pipe.stream_1mib"] = "stream 2048",
+}
+
 for _ = 1, REPEAT do
-  -- C probes and start-up of the three interpreters
-  collect("c", probes .. " fork 3000")
-  collect("c", probes .. " pingpong 200000")
-  collect("c", probes .. " stream 2048")
+  -- start-up of the three interpreters
   collect("luamp", probes .. " spawn startup 200 " .. luamp .. " -e ''")
   collect("lua5.4", probes .. " spawn startup 200 lua5.4 -e ''")
   collect("py", probes .. " spawn startup 50 " .. PY .. " -c ''")
@@ -69,6 +74,7 @@ for _ = 1, REPEAT do
   -- the workloads, luamp's and CPython's of each back to back
   for _, name in ipairs(lnames) do
     if not filter or name:find(filter, 1, true) then
+      if PROBE[name] then collect("c", probes .. " " .. PROBE[name]) end
       collect("luamp", luamp .. " scripts/bench.lua " .. q("=" .. name))
       if pynames[name] then
         collect("py", PY .. " scripts/bench.py " .. q("=" .. name))
