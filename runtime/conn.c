@@ -48,6 +48,10 @@
 #define HEADROOM 12             /* -1 marker + 8-byte length */
 #define RA_SIZE 65536           /* read-ahead: a small message costs one read */
 #define KEEP_RBUF (4u << 20)    /* receive buffer kept between messages */
+/* A duplex Pipe's send buffer (the kernel doubles it): a message of a
+ * MiB or two goes out in one write, without the sender and the receiver
+ * taking turns at the default ~200 KiB (twice the bandwidth). */
+#define PIPE_SNDBUF (1 << 20)
 #define GROW_STEP (64u << 20)   /* trust a claimed length this far at once */
 
 /* ---- Connection handles ---------------------------------------------- */
@@ -553,8 +557,12 @@ static int l_pipe(lua_State *L) {
   int fds[2];
   struct conn *a = new_conn(L), *b = new_conn(L);
   if (duplex) {
+    int sndbuf = PIPE_SNDBUF;
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
       luamp_raise_errno(L, "OSError", errno, "socketpair");
+    /* (capped by net.core.wmem_max; a failure only costs speed) */
+    for (int i = 0; i < 2; i++)
+      (void)setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
   } else if (pipe2(fds, O_CLOEXEC) != 0) {
     luamp_raise_errno(L, "OSError", errno, "pipe2");
   }

@@ -66,6 +66,29 @@ describe("Pipe", function()
     assert.equal(0, p.exitcode)
   end)
 
+  it("takes a MiB message in one write, before the receiver reads", function()
+    -- (the send buffer is raised to 2 MiB, as far as net.core.wmem_max
+    -- lets an unprivileged process)
+    local f = io.open("/proc/sys/net/core/wmem_max")
+    local max = f and tonumber(f:read("l"))
+    if f then f:close() end
+    if not max or max < 2^20 then
+      pending("net.core.wmem_max is below 1 MiB here")
+      return
+    end
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function()
+      a:close()
+      b:send_bytes(string.rep("x", 2^20))
+    end}
+    p:start()
+    b:close()
+    -- the child's send completes with nobody reading
+    p:join(10)
+    assert.equal(0, p.exitcode)
+    assert.equal(2^20, #a:recv_bytes())
+  end)
+
   it("is one-way with Pipe(false): a receives, b sends", function()
     local a, b = mp.Pipe(false)
     assert.is_true(a.readable)
