@@ -220,6 +220,8 @@ static void cleanup_children(const void *state) {
 
 static void cleanup_at_exit(void) {
   cleanup_children(NULL);
+  free(spare_entry);
+  spare_entry = NULL;
 }
 
 /* ---- at-fork hooks --------------------------------------------------- */
