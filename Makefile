@@ -42,6 +42,13 @@ ifeq ($(LIBEDIT),yes)
 EDIT_CFLAGS := -DLUAMP_HAVE_LIBEDIT $(shell pkg-config --cflags libedit)
 endif
 
+# The configuration a build was made with (compiler, flags, libedit or
+# not).  Every object depends on $(BUILD)/config, which is rewritten only
+# when that text changes: a build dir made before libedit (or another
+# dependency) was installed is rebuilt with it, not kept as it was.
+CONFIG_TEXT := $(CC) $(CFLAGS) | $(EDIT_CFLAGS) | $(LDFLAGS) | $(HOST_LUA) | $(LIBS)
+CONFIG  := $(BUILD)/config
+
 HOST_SRC := runtime/luamp.c runtime/repl.c
 LIB_SRC  := $(filter-out $(HOST_SRC),$(wildcard runtime/*.c))
 LUA_SRC  := $(sort $(wildcard lua/multiprocessing/*.lua))
@@ -65,7 +72,7 @@ LUA_CMOD   ?= $(PREFIX)/lib/lua/5.4
 LUA_LMOD   ?= $(PREFIX)/share/lua/5.4
 
 .PHONY: all deps test check sanitize bench example soak clean install \
-        uninstall rock rock-install fuzz
+        uninstall rock rock-install fuzz FORCE
 all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
      $(BUILD)/libluamp.so $(CTESTS) $(BUILD)/tests/luamp-noedit \
      $(BUILD)/examples/embed-host
@@ -73,19 +80,23 @@ all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
 deps:
 	@scripts/deps.sh
 
-$(BUILD)/obj/%.o: runtime/%.c $(HEADERS) | $(BUILD)/obj
+$(CONFIG): FORCE | $(BUILD)/obj
+	@printf '%s\n' '$(subst ','\'',$(CONFIG_TEXT))' | cmp -s - $@ || \
+	  printf '%s\n' '$(subst ','\'',$(CONFIG_TEXT))' > $@
+
+$(BUILD)/obj/%.o: runtime/%.c $(HEADERS) $(CONFIG) | $(BUILD)/obj
 	$(CC) $(CFLAGS) -c $< -o $@
 
-$(HOST_OBJ): $(BUILD)/obj/%.o: runtime/%.c $(HEADERS) | $(BUILD)/obj
+$(HOST_OBJ): $(BUILD)/obj/%.o: runtime/%.c $(HEADERS) $(CONFIG) | $(BUILD)/obj
 	$(CC) $(CFLAGS) $(EDIT_CFLAGS) -c $< -o $@
 
-$(BUILD)/obj/noedit-%.o: runtime/%.c $(HEADERS) | $(BUILD)/obj
+$(BUILD)/obj/noedit-%.o: runtime/%.c $(HEADERS) $(CONFIG) | $(BUILD)/obj
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/luafiles.c: scripts/embed.lua $(LUA_SRC) | $(BUILD)/obj
 	lua5.4 scripts/embed.lua $@ $(LUA_SRC)
 
-$(BUILD)/obj/luafiles.o: $(BUILD)/luafiles.c runtime/internal.h
+$(BUILD)/obj/luafiles.o: $(BUILD)/luafiles.c runtime/internal.h $(CONFIG)
 	$(CC) $(CFLAGS) -c $< -o $@
 
 $(BUILD)/libluamp.a: $(LIB_OBJ)
@@ -117,7 +128,7 @@ $(BUILD)/luamp: $(HOST_OBJ) $(BUILD)/libluamp.a
 $(BUILD)/tests/luamp-noedit: $(NOEDIT_OBJ) $(BUILD)/libluamp.a | $(BUILD)/tests
 	$(CC) $(LDFLAGS) -o $@ $(NOEDIT_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) $(LIBS)
 
-$(BUILD)/tests/%: spec/c/%.c $(BUILD)/libluamp.a $(HEADERS) | $(BUILD)/tests
+$(BUILD)/tests/%: spec/c/%.c $(BUILD)/libluamp.a $(HEADERS) $(CONFIG) | $(BUILD)/tests
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)
 
 $(BUILD)/bench_probes: scripts/bench_probes.c | $(BUILD)/obj
@@ -175,7 +186,7 @@ $(BUILD)/obj $(BUILD)/tests:
 # The whole suite: specs under luamp and under stock lua5.4, C tests.
 test: deps
 	@$(MAKE) --no-print-directory all
-	@lua5.4 scripts/run_tests.lua --build $(BUILD)
+	@lua5.4 scripts/run_tests.lua --build $(BUILD) $(if $(FILTER),--filter '$(FILTER)')
 
 check: test
 

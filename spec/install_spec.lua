@@ -272,3 +272,24 @@ describe("rockspec", function()
     sh("rm -rf " .. H.q(tree_dir))
   end)
 end)
+
+describe("the build's configuration", function()
+  it("rebuilds a build dir made without libedit once libedit is used", function()
+    local dir = tmpdir()
+    local function build(args)
+      local out, err, code = sh("make --no-print-directory BUILD=" .. H.q(dir) ..
+                                  " " .. args .. " " .. H.q(dir .. "/luamp"))
+      assert.equal(0, code, out .. err)
+      return H.slurp(dir .. "/luamp")
+    end
+    -- without libedit the host never names the library it would load
+    assert.is_nil(build("LIBEDIT=no"):find("libedit.so", 1, true))
+    assert.equal("yes", (sh("pkg-config --exists libedit && echo yes"):gsub("\n", "")))
+    assert.truthy(build(""):find("libedit.so", 1, true))
+    -- and an unchanged configuration rebuilds nothing
+    local out = sh("make --no-print-directory BUILD=" .. H.q(dir) .. " " ..
+                     H.q(dir .. "/luamp"))
+    assert.is_nil(out:find("-c runtime/", 1, true), out)
+    sh("rm -rf " .. H.q(dir))
+  end)
+end)
