@@ -49,7 +49,7 @@ endif
 CONFIG_TEXT := $(CC) $(CFLAGS) | $(EDIT_CFLAGS) | $(LDFLAGS) | $(HOST_LUA) | $(LIBS)
 CONFIG  := $(BUILD)/config
 
-HOST_SRC := runtime/luamp.c runtime/repl.c
+HOST_SRC := runtime/luamp.c runtime/repl.c runtime/host.c
 LIB_SRC  := $(filter-out $(HOST_SRC),$(wildcard runtime/*.c))
 LUA_SRC  := $(sort $(wildcard lua/multiprocessing/*.lua))
 LIB_OBJ  := $(LIB_SRC:runtime/%.c=$(BUILD)/obj/%.o) $(BUILD)/obj/luafiles.o

@@ -1,9 +1,12 @@
 /*
- * host.h -- what the luamp command's two files share (luamp.c, repl.c).
- * Not part of libluamp.
+ * host.h -- what the luamp command's files share: host.c runs chunks and
+ * reports errors for luamp.c (the command line) and repl.c (the
+ * interactive loop); luamp.c calls the loop.  Not part of libluamp.
  */
 #ifndef LUAMP_HOST_H
 #define LUAMP_HOST_H
+
+#include <signal.h>
 
 #include <lua.h>
 
@@ -17,6 +20,9 @@ int luamp_host_docall(lua_State *L, int narg, int nres);
 /* Prints the error on top of the stack (if status says there is one). */
 int luamp_host_report(lua_State *L, int status);
 void luamp_host_message(const char *pname, const char *msg);
+/* Puts handler in place for SIGINT without SA_RESTART (a blocked read
+ * sees EINTR); the previous action goes to *old. */
+void luamp_host_sigint(void (*handler)(int), struct sigaction *old);
 /* The interactive loop; returns at end of input. */
 void luamp_repl(lua_State *L);
 

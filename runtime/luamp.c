@@ -5,9 +5,9 @@
  * Options, exit statuses, the arg table, LUA_INIT and error reports follow
  * the stock lua5.4 interpreter, so that "luamp" can replace "lua5.4" in any
  * command line.  The host knows nothing about the module beyond
- * luamp_preload(); the interactive loop lives in repl.c.
+ * luamp_preload(); the interactive loop lives in repl.c, and running a
+ * chunk (Ctrl-C, tracebacks, error reports) in host.c.
  */
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,86 +20,7 @@
 #include "luamp.h"
 #include "host.h"
 
-const char *luamp_host_progname = "luamp";
 #define progname luamp_host_progname
-static lua_State *globalL = NULL;
-
-/* ---- signals: Ctrl-C stops the running chunk ------------------------- */
-
-static void stop_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
-  lua_sethook(L, NULL, 0, 0);
-  luaL_error(L, "interrupted!");
-}
-
-/* The handler only installs a hook, which raises "interrupted!" at the next
- * Lua instruction.  C code blocked in a system call sees EINTR and the same
- * hook (luamp_interrupted in sys.c).  The disposition goes back to default
- * so that a second Ctrl-C kills a program stuck in C code. */
-static void on_sigint(int sig) {
-  const int mask = LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT;
-  signal(sig, SIG_DFL);
-  lua_sethook(globalL, stop_hook, mask, 1);
-}
-
-static void set_sigint(void (*handler)(int), struct sigaction *old) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = handler;
-  sigemptyset(&sa.sa_mask);
-  sa.sa_flags = 0; /* no SA_RESTART: blocked reads must see EINTR */
-  sigaction(SIGINT, &sa, old);
-}
-
-/* ---- reporting ------------------------------------------------------ */
-
-void luamp_host_message(const char *pname, const char *msg) {
-  if (pname) fprintf(stderr, "%s: ", pname);
-  fprintf(stderr, "%s\n", msg);
-  fflush(stderr);
-}
-
-int luamp_host_report(lua_State *L, int status) {
-  if (status != LUA_OK) {
-    const char *msg = lua_tostring(L, -1);
-    if (msg == NULL) msg = "(error object is not a string)";
-    luamp_host_message(progname, msg);
-    lua_pop(L, 1);
-  }
-  return status;
-}
-
-/* Message handler: turns any error value into text with a traceback.
- * Error objects with __tostring (the module's errors) keep their text and
- * get the traceback too, unlike lua.c, which drops it for them. */
-static int msghandler(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL) {
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)",
-                            luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
-  return 1;
-}
-
-int luamp_host_docall(lua_State *L, int narg, int nres) {
-  int status;
-  int base = lua_gettop(L) - narg;
-  lua_pushcfunction(L, msghandler);
-  lua_insert(L, base);
-  struct sigaction old;
-  globalL = L;
-  set_sigint(on_sigint, &old);
-  status = lua_pcall(L, narg, nres, base);
-  /* back to what was there: the default for scripts, the REPL's own
-   * handler between its chunks */
-  sigaction(SIGINT, &old, NULL);
-  lua_remove(L, base);
-  return status;
-}
 
 static void print_version(void) {
   printf("luamp %s -- %s\n", LUAMP_VERSION, LUA_COPYRIGHT);
@@ -321,7 +242,6 @@ int main(int argc, char **argv) {
     luamp_host_message(progname, "cannot create state: not enough memory");
     return EXIT_FAILURE;
   }
-  globalL = L;
   lua_gc(L, LUA_GCSTOP);
   lua_pushcfunction(L, pmain);
   lua_pushinteger(L, argc);

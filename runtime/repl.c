@@ -48,18 +48,6 @@ static void on_prompt_sigint(int sig) {
   prompt_interrupted = 1;
 }
 
-/* For the whole session Ctrl-C only sets a flag (luamp_host_docall puts
- * its own handler in place while a chunk runs), so that a Ctrl-C between
- * two chunks cannot kill the REPL.  At the prompt it makes the blocked
- * read fail with EINTR, hence no SA_RESTART. */
-static void catch_sigint(struct sigaction *old) {
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = on_prompt_sigint;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGINT, &sa, old);
-}
-
 static const char *get_prompt(lua_State *L, int first) {
   const char *p;
   lua_getglobal(L, first ? "_PROMPT" : "_PROMPT2");
@@ -445,7 +433,11 @@ static void load_helper(lua_State *L) {
 void luamp_repl(lua_State *L) {
   const char *saved = luamp_host_progname;
   struct sigaction outer;
-  catch_sigint(&outer);
+  /* For the whole session Ctrl-C only sets a flag (luamp_host_docall puts
+   * its own handler in place while a chunk runs), so that a Ctrl-C between
+   * two chunks cannot kill the REPL; at the prompt it makes the blocked
+   * read fail with EINTR. */
+  luamp_host_sigint(on_prompt_sigint, &outer);
   interactive = isatty(STDIN_FILENO);
   luamp_host_progname = NULL;
   if (interactive) load_helper(L);
