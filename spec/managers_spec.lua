@@ -862,6 +862,19 @@ describe("Manager proxies and trust", function()
     assert.equal("false\tAuthenticationError\nx\n", out)
   end)
 
+  it("a keyless manager takes its own proxies from its peers, never a keyed manager's", function()
+    local open <close> = mp.managers.SyncManager{authkey = false}:start()
+    local keyed <close> = mp.Manager()
+    local d, l = open:dict(), open:list{"own"}
+    d.sub = l
+    assert.equal("own", d.sub[1])
+    d.other = keyed:list{"keyed"}
+    local ok, e = pcall(d.sync, d)
+    assert.is_false(ok)
+    assert.matches("refused from an unauthenticated peer", tostring(e))
+    assert.is_nil(d.other)
+  end)
+
   it("an untrusted decode refuses a forged proxy and connects nowhere", function()
     local path = os.tmpname()
     os.remove(path)
