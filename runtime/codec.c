@@ -1478,6 +1478,12 @@ static void take_slot(struct dec *d) {
   }
 }
 
+/* n free Lua stack slots for what the caller pushes (exts push several
+ * values beyond the 4 enter() keeps per level). */
+static void room(struct dec *d, int n) {
+  if (!lua_checkstack(d->L, n)) dec_fail(d, "nesting too deep for the Lua stack");
+}
+
 static void enter(struct dec *d) {
   if (++d->depth > d->maxdepth) dec_fail(d, "nesting too deep");
   if (!lua_checkstack(d->L, 4)) dec_fail(d, "nesting too deep for the Lua stack");
@@ -1601,6 +1607,7 @@ static void dec_named(struct dec *d) {
   lua_State *L = d->L;
   const unsigned char *at = d->p;
   int top = lua_gettop(L);
+  room(d, 6);
   dec_value(d);
   dec_value(d);
   if (lua_type(L, top + 1) != LUA_TSTRING ||
@@ -1631,13 +1638,12 @@ static void dec_named(struct dec *d) {
   lua_settop(L, top + 1);
 }
 
-/* ops->decode(data) under lua_pcall: upvalue 1 the ops, argument 1 the
- * data. */
+/* ops->decode(p, n) under lua_pcall: arguments ops, p (light
+ * userdata) and n; nothing allocated to make the call. */
 static int handle_decode_call(lua_State *L) {
-  const struct luamp_handle_ops *ops = lua_touserdata(L, lua_upvalueindex(1));
-  size_t n;
-  const char *p = lua_tolstring(L, 1, &n);
-  ops->decode(L, p, n);
+  const struct luamp_handle_ops *ops = lua_touserdata(L, 1);
+  const char *p = lua_touserdata(L, 2);
+  ops->decode(L, p, (size_t)lua_tointeger(L, 3));
   return 1;
 }
 
@@ -1646,6 +1652,7 @@ static void dec_handle(struct dec *d) {
   const unsigned char *name, *data, *at = d->p;
   size_t nn, dn;
   const struct luamp_handle_ops *ops;
+  room(d, 8);   /* (and what the type's decode pushes: LUA_MINSTACK) */
   name = dec_bytes(d, &nn);
   data = dec_bytes(d, &dn);
   lua_rawgetp(L, LUA_REGISTRYINDEX, &handles_key);
@@ -1656,10 +1663,11 @@ static void dec_handle(struct dec *d) {
   if (ops == NULL) dec_failf(d, at, "handle of an unknown type");
   /* the type's own DecodeError (an object gone, a closed one) gets the
    * offset too; anything else (memory, interrupt) passes as it is */
+  lua_pushcfunction(L, handle_decode_call);
   lua_pushlightuserdata(L, (void *)ops);
-  lua_pushcclosure(L, handle_decode_call, 1);
-  lua_pushlstring(L, (const char *)data, dn);
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+  lua_pushlightuserdata(L, (void *)data);
+  lua_pushinteger(L, (lua_Integer)dn);
+  if (lua_pcall(L, 3, 1, 0) != LUA_OK) {
     int err = lua_gettop(L);
     if (lua_type(L, err) == LUA_TTABLE) {
       int kind = lua_getfield(L, err, "kind");
@@ -1679,6 +1687,7 @@ static void dec_class(struct dec *d) {
   const unsigned char *at = d->p, *name = dec_bytes(d, &nn);
   int top = lua_gettop(L), def;
   uint32_t slot = d->pending;
+  room(d, 8);
   lua_pushlstring(L, (const char *)name, nn);           /* top + 1 */
   lua_rawgetp(L, LUA_REGISTRYINDEX, &classdefs_key);
   lua_pushvalue(L, top + 1);
