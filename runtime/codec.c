@@ -11,7 +11,7 @@
  *              again (shared tables, cycles, recursive closures); DEFs are
  *              numbered in order of appearance from 0
  *   3 FUNC     ext32: bin bytecode (lua_dump), uint nups, nups values
- *   4 GLOBALS  fixext1: the globals table (rebound to the receiver's); an
+ *   4 GLOBALS  ext8, empty: the globals table (rebound to the receiver's); an
  *              _ENV upvalue with a metatable (a view of the globals, as a
  *              sandbox or busted makes) is rebound the same way
  *   5 NAMED    a loaded module or a function of one, by name: str module,
@@ -31,7 +31,14 @@
  * EncodeError.  All encoder memory lives in a userdata (struct encbox)
  * anchored in the registry, so nothing leaks if Lua raises regardless
  * (memory errors).  The decoder holds no heap memory and raises
- * DecodeError directly, with the byte offset.
+ * DecodeError directly; every message ends with the byte offset.
+ *
+ * Trust.  Lua does not verify binary chunks, so FUNC, NAMED (require),
+ * GLOBALS and HANDLE (attach) are made only by a trusted decode, as are
+ * classes registered trusted_only (manager proxies: they connect).
+ * mp.decode is untrusted unless told {trusted = true}; the transports pass
+ * their own flag (pipes and queues of the tree, authenticated peers
+ * trusted), so the check is one branch on flags already in hand.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -47,6 +54,34 @@ enum {
   EXT_HANDLE = 6, EXT_CLASS = 7
 };
 #define EXT_TIMESTAMP (-1)
+/* Ext types 1..7 are luamp's own (above): an mp.Ext may not take them. */
+#define EXT_RESERVED(t) ((t) >= EXT_REF && (t) <= EXT_CLASS)
+
+static inline uint32_t r32(const unsigned char *p);
+static inline uint64_t r64(const unsigned char *p);
+
+/* What is wrong with a timestamp payload (ext -1: 4, 8 or 12 bytes,
+ * nanoseconds below 10^9), or NULL.  Shared by the decoder and by
+ * mp.Ext / the encoder, so nothing is written that would not be read. */
+static const char *timestamp_fault(const unsigned char *p, size_t n,
+                                   int64_t *sec, uint32_t *nsec) {
+  if (n == 4) {
+    *sec = r32(p);
+    *nsec = 0;
+  } else if (n == 8) {
+    uint64_t v = r64(p);
+    *nsec = (uint32_t)(v >> 34);
+    *sec = (int64_t)(v & 0x3ffffffffULL);
+  } else if (n == 12) {
+    *nsec = r32(p);
+    *sec = (int64_t)r64(p + 4);
+  } else {
+    return "malformed timestamp (payload of 4, 8 or 12 bytes expected)";
+  }
+  if (*nsec > 999999999u)
+    return "malformed timestamp (nanoseconds above 999999999)";
+  return NULL;
+}
 
 #define DEFAULT_MAX_DEPTH 256
 /* Each level of nesting takes a few hundred bytes of C stack in the
@@ -966,6 +1001,21 @@ static int enc_with_metatable(struct enc *e, int idx) {
       return fail(e, "Ext object needs integer exttype in -128..127 and "
                      "string data");
     }
+    if (EXT_RESERVED(type)) {
+      lua_pop(L, 2);
+      return fail(e, "Ext type %d is reserved (1..7 are luamp's own)",
+                  (int)type);
+    }
+    if (type == EXT_TIMESTAMP) {
+      int64_t sec;
+      uint32_t nsec;
+      const char *fault =
+          timestamp_fault((const unsigned char *)data, n, &sec, &nsec);
+      if (fault) {
+        lua_pop(L, 2);
+        return fail(e, "%s", fault);
+      }
+    }
     if (put_ext(e, (int)type, data, n) < 0) {
       lua_pop(L, 2);
       return -1;
@@ -1018,7 +1068,7 @@ static int enc_table(struct enc *e, int idx) {
   const void *p = lua_topointer(L, idx);
   size_t def;
   int r;
-  if (p == e->globals) return put_ext(e, EXT_GLOBALS, "", 1);
+  if (p == e->globals) return put_ext(e, EXT_GLOBALS, "", 0);
   if (e->depth >= max_depth)
     return fail(e, "nesting deeper than %d levels", max_depth);
   if (!lua_checkstack(L, 8)) return fail(e, "Lua stack overflow");
@@ -1137,7 +1187,7 @@ static int enc_function(struct enc *e, int idx) {
      * receiver's globals; other tables are copied */
     if (lua_istable(L, v) && lua_topointer(L, v) != e->globals) {
       if (name && strcmp(name, "_ENV") == 0 && is_global_view(e, v))
-        r = put_ext(e, EXT_GLOBALS, "", 1) < 0 ? -1 : 1;
+        r = put_ext(e, EXT_GLOBALS, "", 0) < 0 ? -1 : 1;
       else
         r = put_named(e, v);
     }
@@ -1385,6 +1435,22 @@ static void dec_fail(struct dec *d, const char *what) {
   __builtin_unreachable();
 }
 
+/* DecodeError about the object whose encoding starts at byte at (a
+ * module, class or handle that cannot be made here): fmt as
+ * lua_pushfstring's, then the offset, as every DecodeError has. */
+static void dec_failf(struct dec *d, const unsigned char *at,
+                      const char *fmt, ...) LUAMP_NORETURN;
+static void dec_failf(struct dec *d, const unsigned char *at,
+                      const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  lua_pushvfstring(d->L, fmt, ap);
+  va_end(ap);
+  luamp_raise(d->L, "DecodeError", "%s at byte %d", lua_tostring(d->L, -1),
+              (int)(at - d->start));
+  __builtin_unreachable();
+}
+
 #define NEED(d, n) \
   do { \
     if ((size_t)((d)->end - (d)->p) < (size_t)(n)) \
@@ -1410,6 +1476,12 @@ static void take_slot(struct dec *d) {
     lua_rawseti(d->L, d->refs, d->pending);
     d->pending = 0;
   }
+}
+
+/* n free Lua stack slots for what the caller pushes (exts push several
+ * values beyond the 4 enter() keeps per level). */
+static void room(struct dec *d, int n) {
+  if (!lua_checkstack(d->L, n)) dec_fail(d, "nesting too deep for the Lua stack");
 }
 
 static void enter(struct dec *d) {
@@ -1533,7 +1605,9 @@ static void dec_function(struct dec *d) {
 
 static void dec_named(struct dec *d) {
   lua_State *L = d->L;
+  const unsigned char *at = d->p;
   int top = lua_gettop(L);
+  room(d, 6);
   dec_value(d);
   dec_value(d);
   if (lua_type(L, top + 1) != LUA_TSTRING ||
@@ -1546,30 +1620,39 @@ static void dec_named(struct dec *d) {
     lua_getglobal(L, "require");
     lua_pushvalue(L, top + 1);
     if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
-      luamp_raise(L, "DecodeError", "cannot load module '%s': %s",
-                  lua_tostring(L, top + 1),
-                  lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error)");
+      dec_failf(d, at, "cannot load module '%s': %s",
+                lua_tostring(L, top + 1),
+                lua_isstring(L, -1) ? lua_tostring(L, -1) : "(error)");
     }
   }
   if (!lua_isnil(L, top + 2)) {
     if (!lua_istable(L, -1))
-      luamp_raise(L, "DecodeError", "module '%s' is not a table",
-                  lua_tostring(L, top + 1));
+      dec_failf(d, at, "module '%s' is not a table", lua_tostring(L, top + 1));
     lua_pushvalue(L, top + 2);
     lua_rawget(L, -2);
     if (lua_isnil(L, -1))
-      luamp_raise(L, "DecodeError", "module '%s' has no field '%s'",
-                  lua_tostring(L, top + 1), lua_tostring(L, top + 2));
+      dec_failf(d, at, "module '%s' has no field '%s'",
+                lua_tostring(L, top + 1), lua_tostring(L, top + 2));
   }
   lua_replace(L, top + 1);
   lua_settop(L, top + 1);
 }
 
+/* ops->decode(p, n) under lua_pcall: arguments ops, p (light
+ * userdata) and n; nothing allocated to make the call. */
+static int handle_decode_call(lua_State *L) {
+  const struct luamp_handle_ops *ops = lua_touserdata(L, 1);
+  const char *p = lua_touserdata(L, 2);
+  ops->decode(L, p, (size_t)lua_tointeger(L, 3));
+  return 1;
+}
+
 static void dec_handle(struct dec *d) {
   lua_State *L = d->L;
-  const unsigned char *name, *data;
+  const unsigned char *name, *data, *at = d->p;
   size_t nn, dn;
   const struct luamp_handle_ops *ops;
+  room(d, 8);   /* (and what the type's decode pushes: LUA_MINSTACK) */
   name = dec_bytes(d, &nn);
   data = dec_bytes(d, &dn);
   lua_rawgetp(L, LUA_REGISTRYINDEX, &handles_key);
@@ -1577,31 +1660,59 @@ static void dec_handle(struct dec *d) {
   lua_rawget(L, -2);
   ops = lua_touserdata(L, -1);
   lua_pop(L, 2);
-  if (ops == NULL) dec_fail(d, "handle of an unknown type");
-  ops->decode(L, (const char *)data, dn);
+  if (ops == NULL) dec_failf(d, at, "handle of an unknown type");
+  /* the type's own DecodeError (an object gone, a closed one) gets the
+   * offset too; anything else (memory, interrupt) passes as it is */
+  lua_pushcfunction(L, handle_decode_call);
+  lua_pushlightuserdata(L, (void *)ops);
+  lua_pushlightuserdata(L, (void *)data);
+  lua_pushinteger(L, (lua_Integer)dn);
+  if (lua_pcall(L, 3, 1, 0) != LUA_OK) {
+    int err = lua_gettop(L);
+    if (lua_type(L, err) == LUA_TTABLE) {
+      int kind = lua_getfield(L, err, "kind");
+      int msg = lua_getfield(L, err, "message");
+      if (kind == LUA_TSTRING && msg == LUA_TSTRING &&
+          strcmp(lua_tostring(L, -2), "DecodeError") == 0)
+        dec_failf(d, at, "%s", lua_tostring(L, -1));
+      lua_settop(L, err);
+    }
+    lua_error(L);
+  }
 }
 
 static void dec_class(struct dec *d) {
   lua_State *L = d->L;
   size_t nn;
-  const unsigned char *name = dec_bytes(d, &nn);
+  const unsigned char *at = d->p, *name = dec_bytes(d, &nn);
   int top = lua_gettop(L), def;
   uint32_t slot = d->pending;
+  room(d, 8);
   lua_pushlstring(L, (const char *)name, nn);           /* top + 1 */
   lua_rawgetp(L, LUA_REGISTRYINDEX, &classdefs_key);
   lua_pushvalue(L, top + 1);
   if (lua_rawget(L, -2) != LUA_TTABLE)
-    luamp_raise(L, "DecodeError", "class '%s' is not registered here",
-                lua_tostring(L, top + 1));
+    dec_failf(d, at, "class '%s' is not registered here",
+              lua_tostring(L, top + 1));
   def = lua_gettop(L);
+  /* a class whose rebuild connects, attaches or trusts (a manager proxy)
+   * is never made from untrusted data, not even its state */
+  if (d->flags & LUAMP_DECODE_UNTRUSTED) {
+    if (lua_getfield(L, def, "trusted_only") != LUA_TNIL &&
+        !(d->flags & LUAMP_DECODE_PEER))
+      dec_failf(d, at, "class '%s' refused from an untrusted source",
+                lua_tostring(L, top + 1));
+    lua_pop(L, 1);
+  }
   dec_value(d);                         /* the state; may take the slot */
   if (lua_getfield(L, def, "rebuild") == LUA_TFUNCTION) {
     lua_insert(L, -2);
-    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
+    lua_pushboolean(L, d->flags & LUAMP_DECODE_UNTRUSTED);  /* untrusted */
+    if (lua_pcall(L, 2, 1, 0) != LUA_OK) {
       /* the error as tostring shows it (error objects have __tostring) */
       const char *why = luaL_tolstring(L, -1, NULL);
-      luamp_raise(L, "DecodeError", "rebuilding class '%s' failed: %s",
-                  lua_tostring(L, top + 1), why);
+      dec_failf(d, at, "rebuilding class '%s' failed: %s",
+                lua_tostring(L, top + 1), why);
     }
     if (slot) {
       lua_pushvalue(L, -1);
@@ -1629,20 +1740,8 @@ static void push_ext_object(struct dec *d, int type, const unsigned char *p,
   if (type == EXT_TIMESTAMP) {
     int64_t sec;
     uint32_t nsec;
-    if (n == 4) {
-      sec = r32(p);
-      nsec = 0;
-    } else if (n == 8) {
-      uint64_t v = r64(p);
-      nsec = (uint32_t)(v >> 34);
-      sec = (int64_t)(v & 0x3ffffffffULL);
-    } else if (n == 12) {
-      nsec = r32(p);
-      sec = (int64_t)r64(p + 4);
-    } else {
-      dec_fail(d, "malformed timestamp");
-    }
-    if (nsec > 999999999u) dec_fail(d, "malformed timestamp");
+    const char *fault = timestamp_fault(p, n, &sec, &nsec);
+    if (fault) dec_fail(d, fault);
     lua_pushinteger(L, sec);
     lua_setfield(L, -2, "seconds");
     lua_pushinteger(L, nsec);
@@ -1696,7 +1795,7 @@ static void dec_ext(struct dec *d, int type, size_t n) {
       break;
     case EXT_GLOBALS:
       refuse_untrusted(d, "globals table");
-      d->p += n;
+      if (n != 0) dec_fail(d, "malformed globals (payload not empty)");
       lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
       return;
     case EXT_NAMED:
@@ -1884,15 +1983,25 @@ static int l_encode(lua_State *L) {
   return 1;
 }
 
-/* mp.decode(s [, {untrusted = bool, max_depth = n}]) -> value */
+/* mp.decode(s [, {trusted = bool, max_depth = n}]) -> value.  Untrusted
+ * unless told otherwise: bytecode is loaded (and Lua does not verify
+ * binary chunks), modules required and handles attached only for data the
+ * caller vouches for.  (untrusted = true, the default, is still
+ * accepted.) */
 static int l_decode(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  int flags = 0, depth = max_depth;
+  int flags = LUAMP_DECODE_UNTRUSTED, depth = max_depth;
   if (!lua_isnoneornil(L, 2)) {
+    int trusted, untrusted;
     luaL_checktype(L, 2, LUA_TTABLE);
-    if (lua_getfield(L, 2, "untrusted") != LUA_TNIL && lua_toboolean(L, -1))
-      flags |= LUAMP_DECODE_UNTRUSTED;
+    lua_getfield(L, 2, "trusted");
+    lua_getfield(L, 2, "untrusted");
+    trusted = lua_toboolean(L, -2);
+    untrusted = lua_toboolean(L, -1);
+    luaL_argcheck(L, !(trusted && untrusted), 2,
+                  "both trusted and untrusted set");
+    if (trusted) flags = 0;
     if (lua_getfield(L, 2, "max_depth") != LUA_TNIL) {
       lua_Integer v = luaL_checkinteger(L, -1);
       luaL_argcheck(L, v >= 1 && v <= MAX_DEPTH_LIMIT, 2, "max_depth out of range");
@@ -1904,11 +2013,13 @@ static int l_decode(lua_State *L) {
   return 1;
 }
 
-/* mp.register_class(name, mt [, {reduce = f, rebuild = g}]): tables with
+/* mp.register_class(name, mt [, {reduce = f, rebuild = g,
+ * trusted_only = bool}]): tables with
  * metatable mt travel as class name + state and come back with the
  * receiver's metatable registered under the same name.  reduce(obj) gives
- * the state (default: the table's own fields); rebuild(state) makes the
- * object (default: setmetatable(state, mt)). */
+ * the state (default: the table's own fields); rebuild(state, untrusted)
+ * makes the object (default: setmetatable(state, mt)).  trusted_only: the
+ * rebuild connects, attaches or trusts; untrusted decodes refuse it. */
 static int l_register_class(lua_State *L) {
   luaL_checkstring(L, 1);
   luaL_checktype(L, 2, LUA_TTABLE);
@@ -1929,6 +2040,13 @@ static int l_register_class(lua_State *L) {
     lua_getfield(L, 3, "rebuild");
     if (!lua_isnil(L, -1)) luaL_checktype(L, -1, LUA_TFUNCTION);
     lua_setfield(L, -2, "rebuild");
+    /* trusted_only: its rebuild connects, attaches or trusts (a manager
+     * proxy): refused by untrusted decodes */
+    if (lua_getfield(L, 3, "trusted_only") != LUA_TNIL && lua_toboolean(L, -1)) {
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -3, "trusted_only");
+    }
+    lua_pop(L, 1);
   }
   lua_rawset(L, -3);
   return 0;
@@ -2058,11 +2176,23 @@ static int l_codec_options(lua_State *L) {
   return 1;
 }
 
-/* mp.Ext(exttype, data): an application ext value that round-trips. */
+/* mp.Ext(exttype, data): an application ext value that round-trips.
+ * Types 1..7 are luamp's own; a timestamp (-1) must be one the decoder
+ * reads back. */
 static int l_ext(lua_State *L) {
   lua_Integer t = luaL_checkinteger(L, 1);
-  luaL_checkstring(L, 2);
+  size_t n;
+  const char *data = luaL_checklstring(L, 2, &n);
   luaL_argcheck(L, t >= -128 && t <= 127, 1, "exttype out of range -128..127");
+  luaL_argcheck(L, !EXT_RESERVED(t), 1,
+                "exttype 1..7 is reserved for luamp's own types");
+  if (t == EXT_TIMESTAMP) {
+    int64_t sec;
+    uint32_t nsec;
+    const char *fault =
+        timestamp_fault((const unsigned char *)data, n, &sec, &nsec);
+    if (fault) luaL_argerror(L, 2, fault);
+  }
   lua_createtable(L, 0, 2);
   lua_pushinteger(L, t);
   lua_setfield(L, -2, "exttype");

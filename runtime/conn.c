@@ -60,6 +60,7 @@ struct conn {
   int fd;                 /* -1 once closed */
   unsigned readable : 1, writable : 1;
   unsigned trusted : 1;   /* decode code payloads: pipes, authenticated peers */
+  unsigned peer : 1;      /* untrusted, a keyless manager's: its proxies made */
   unsigned rbroken : 1;   /* a message was cut off mid-read */
   unsigned wbroken : 1;   /* a message was cut off mid-write */
   char *ra;               /* read-ahead buffer (RA_SIZE bytes) */
@@ -432,7 +433,9 @@ static int conn_send(lua_State *L) {
 static int conn_recv(lua_State *L) {
   struct conn *c = check_readable(L, 1);
   uint64_t n = read_header(L, c, -1);
-  int flags = c->trusted ? 0 : LUAMP_DECODE_UNTRUSTED;
+  int flags = c->trusted ? 0
+            : c->peer ? LUAMP_DECODE_UNTRUSTED | LUAMP_DECODE_PEER
+            : LUAMP_DECODE_UNTRUSTED;
   if (n <= RA_SIZE) {
     luamp_decode(L, read_view(L, c, (size_t)n, -1), (size_t)n, flags);
   } else {
@@ -769,11 +772,20 @@ static int l_answer_challenge(lua_State *L) {
   return 0;
 }
 
-/* core.set_trusted(conn): after a successful handshake, code payloads
- * (functions) from this peer may be decoded. */
+/* core.set_trusted(conn [, how]): after a successful handshake, code
+ * payloads (functions) from this peer may be decoded.  how = "peer": a
+ * keyless manager's connection, untrusted but its proxies are made. */
 static int l_set_trusted(lua_State *L) {
   struct conn *c = check_conn(L, 1);
+  if (lua_type(L, 2) == LUA_TSTRING) {
+    luaL_argcheck(L, strcmp(lua_tostring(L, 2), "peer") == 0, 2,
+                  "\"peer\" or a boolean expected");
+    c->trusted = 0;
+    c->peer = 1;
+    return 0;
+  }
   c->trusted = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
+  c->peer = 0;
   return 0;
 }
 

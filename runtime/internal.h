@@ -108,6 +108,9 @@ char *luamp_encode_values(lua_State *L, int idx, int count, size_t reserve,
 /* Decodes exactly n bytes and pushes the one value they hold; raises
  * DecodeError with the byte offset of the problem. */
 #define LUAMP_DECODE_UNTRUSTED 1  /* refuse code: functions, names, handles */
+/* With UNTRUSTED: a keyless manager's peer.  trusted_only classes (proxies)
+ * are still made, their rebuild told the data is untrusted. */
+#define LUAMP_DECODE_PEER 2
 void luamp_decode(lua_State *L, const char *p, size_t n, int flags);
 /* The same for a message that is an array of at most 65535 items: pushes
  * the items themselves (no table) and returns how many; any other message

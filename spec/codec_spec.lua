@@ -33,7 +33,9 @@ local function same(a, b, seen)
   return getmetatable(a) == getmetatable(b)
 end
 
-local function rt(v) return dec(enc(v)) end
+-- Round trip through a trusted decode (functions, names, handles too).
+local TRUSTED = {trusted = true}
+local function rt(v) return dec(enc(v), TRUSTED) end
 
 -- Random plain values (no functions, no shared tables).
 local function random_value(rng, depth, opts)
@@ -398,11 +400,11 @@ describe("codec classes", function()
     local ok, err = pcall(dec, enc(setmetatable({}, Fails)))
     assert.is_false(ok)
     assert.equal("DecodeError", err.kind)
-    assert.equal("rebuilding class 'spec.Fails' failed: ValueError: no such record",
+    assert.equal("rebuilding class 'spec.Fails' failed: ValueError: no such record at byte 6",
                  err.message)
     mp.register_class("spec.Fails", Fails, {rebuild = function() error("plain") end})
     ok, err = pcall(dec, enc(setmetatable({}, Fails)))
-    assert.matches("failed: .*plain$", err.message)
+    assert.matches("failed: .*plain at byte 6$", err.message)
   end)
 
   it("refuses unknown classes on decode", function()
@@ -416,9 +418,175 @@ describe("codec classes", function()
   end)
 end)
 
+describe("codec trust", function()
+  it("decodes untrusted by default: a mutated function encoding is a DecodeError, never a crash", function()
+    -- in a fresh process, so a crash fails this test instead of the runner
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local s = mp.encode(function(a, b)
+        local t = {}
+        for i = 1, a do t[i] = i * b end
+        return #t
+      end)
+      math.randomseed(13)
+      local n, decoded = 0, 0
+      for _ = 1, 400 do
+        -- two bytes of the bytecode changed; what a trusted decode gives
+        -- is called, as a receiver would (a crash before this fix: Lua
+        -- does not verify binary chunks)
+        local i, j = math.random(8, #s), math.random(8, #s)
+        local a, b = math.random(0, 255), math.random(0, 255)
+        local m = s:sub(1, i - 1) .. string.char(a) .. s:sub(i + 1)
+        m = m:sub(1, j - 1) .. string.char(b) .. m:sub(j + 1)
+        local ok, f = pcall(mp.decode, m)
+        if ok and type(f) == "function" then pcall(f, 3, 4) end
+        if ok or not mp.is_error(f, "DecodeError") then
+          decoded = decoded + 1
+        elseif f.message:find("refused from an untrusted source at byte %d+$") then
+          n = n + 1
+        end
+      end
+      print("refused", n, "decoded", decoded)
+    ]])
+    assert.equal(0, code, "exit " .. code .. ": " .. out .. err)
+    assert.equal("refused\t400\tdecoded\t0\n", out)
+  end)
+
+  it("refuses module names, globals and handles by default; trusted = true accepts them", function()
+    local q = mp.Queue()
+    local cjson = require "cjson"
+    for _, case in ipairs {
+      {print, "module reference"}, {_G, "globals table"},
+      {q, "runtime object handle"}, {function() return 1 end, "function"},
+    } do
+      local v, what = case[1], case[2]
+      local s = enc(v)
+      if what then
+        local ok, err = pcall(dec, s)
+        assert.is_false(ok)
+        assert.equal("DecodeError", err.kind)
+        assert.matches("^" .. what .. " refused from an untrusted source at byte %d+$", err.message)
+        ok, err = pcall(dec, s, {untrusted = true})
+        assert.is_false(ok)
+      end
+      local back = dec(s, TRUSTED)
+      if type(v) == "function" and what == "function" then
+        assert.equal(1, back())
+      elseif what then
+        assert.is_true(back == v)
+      end
+    end
+    -- a module held by a function goes by name: refused with the function
+    local f = function() return cjson.encode({}) end
+    assert.has_error(function() dec(enc(f)) end)
+    assert.equal("{}", dec(enc(f), TRUSTED)())
+    local ok, err = pcall(dec, enc(1), {trusted = true, untrusted = true})
+    assert.is_false(ok)
+    assert.matches("both trusted and untrusted", err)
+    -- plain data and registered classes need no trust
+    assert.same({1, {x = "y"}}, dec(enc({1, {x = "y"}})))
+    assert.is_true(mp.is_error(dec(enc(mp.new_error("ValueError", "v"))), "ValueError"))
+  end)
+
+  it("refuses trusted_only classes from untrusted sources, before making anything", function()
+    local Conn, made = {}, 0
+    mp.register_class("spec.Connects", Conn, {
+      rebuild = function(s) made = made + 1 return setmetatable(s, Conn) end,
+      trusted_only = true,
+    })
+    local s = enc(setmetatable({to = "somewhere"}, Conn))
+    local ok, err = pcall(dec, s)
+    assert.is_false(ok)
+    assert.equal("class 'spec.Connects' refused from an untrusted source at byte 6", err.message)
+    assert.equal(0, made)
+    assert.equal("somewhere", dec(s, TRUSTED).to)
+    assert.equal(1, made)
+  end)
+end)
+
+describe("codec ext types", function()
+  it("reserves 1..7 for luamp: mp.Ext and the encoder refuse them", function()
+    for t = 1, 7 do
+      local ok, err = pcall(mp.Ext, t, "x")
+      assert.is_false(ok)
+      assert.matches("bad argument #1 to '[%w.]*Ext' %(exttype 1..7 is reserved", err)
+      local fake = setmetatable({exttype = t, data = "x"}, getmetatable(mp.Ext(42, "")))
+      local ok2, err2 = pcall(enc, {fake})
+      assert.is_false(ok2)
+      assert.equal("Ext type " .. t .. " is reserved (1..7 are luamp's own) at value[1]",
+                   err2.message)
+    end
+    for _, t in ipairs {0, 8, -2, 127, -128} do
+      assert.equal(t, dec(enc(mp.Ext(t, "x"))).exttype)
+    end
+  end)
+
+  it("reads the globals only from an empty payload", function()
+    assert.equal("c70004", hex(enc(_G)))
+    assert.is_true(dec(unhex("c70004"), TRUSTED) == _G)
+    for _, bad in ipairs {"d40400", "d7040000000000000000", "c7010441"} do
+      local ok, err = pcall(dec, unhex(bad), TRUSTED)
+      assert.is_false(ok, bad)
+      assert.equal("DecodeError", err.kind)
+      assert.matches("malformed globals %(payload not empty%) at byte %d+$", err.message)
+    end
+  end)
+
+  it("makes only timestamps the decoder reads back", function()
+    for _, ok_data in ipairs {"\0\0\0\1", ("\0"):rep(8), ("\0"):rep(12),
+                              string.pack(">I4I8", 999999999, 5)} do
+      local x = mp.Ext(-1, ok_data)
+      assert.equal(ok_data, dec(enc(x)).data)
+    end
+    for _, bad in ipairs {"", "abc", ("\0"):rep(5), ("\0"):rep(16),
+                          string.pack(">I4I8", 1000000000, 5),
+                          string.pack(">I8", 0xffffffff << 34)} do
+      local ok, err = pcall(mp.Ext, -1, bad)
+      assert.is_false(ok, hex(bad))
+      assert.matches("bad argument #2 to '[%w.]*Ext' %(malformed timestamp", err)
+      local ok2, err2 = pcall(dec, "\xc7" .. string.char(#bad) .. "\xff" .. bad)
+      assert.is_false(ok2, hex(bad))
+      assert.matches("malformed timestamp", err2.message)
+      local fake = setmetatable({exttype = -1, data = bad}, getmetatable(mp.Ext(42, "")))
+      assert.has_error(function() enc(fake) end)
+    end
+  end)
+
+  it("gives every DecodeError its byte offset", function()
+    local Fails = {}
+    mp.register_class("spec.Fails2", Fails, {rebuild = function() error("no") end})
+    local M = {}
+    mp.register_class("spec.Known", M)
+    local unknown = enc(setmetatable({}, M)):gsub("spec%.Known", "spec.Knowx")
+    local gone = H.script([[
+      local mp = require "multiprocessing"
+      io.write((mp.encode(mp.Queue()):gsub(".", function(c) return string.format("%02x", c:byte()) end)))
+    ]])
+    local cases = {
+      {"\xc1"}, {"\x92\x01"}, {"\x01\x02"}, {""}, {"\x81\xc0\x01"},
+      {("\x91"):rep(300) .. "\x01"},
+      {"\xc7\x0d\x05\xab" .. "no.such.mod" .. "\xc0", TRUSTED},
+      {"\xc7\x0b\x05\xa6string\xa4nope", TRUSTED},
+      {"\xc7\x0a\x05\xa6string\xa3len", TRUSTED},
+      {"\xc7\x07\x06\xa1x\xc4\x03abc", TRUSTED},
+      {unhex(gone), TRUSTED},
+      {unknown},
+      {enc(setmetatable({}, Fails))},
+      {"\xc7\x01\x04\x00", TRUSTED},
+      {"\xd6\xff\x00\x00"},
+    }
+    for i, c in ipairs(cases) do
+      local ok, err = pcall(dec, c[1], c[2])
+      assert.is_false(ok, "case " .. i)
+      assert.equal("DecodeError", err.kind, "case " .. i)
+      assert.matches(" at byte %d+$", err.message, nil, false, "case " .. i)
+    end
+  end)
+end)
+
 describe("codec on bad input", function()
-  local function bad(bytes, pattern)
-    local ok, err = pcall(dec, bytes)
+  local function bad(bytes, pattern, opts)
+    local ok, err = pcall(dec, bytes, opts)
     if ok or err.kind ~= "DecodeError" then
       error("not a DecodeError for " .. hex(bytes:sub(1, 40)) .. ": " .. tostring(err))
     end
@@ -494,12 +662,13 @@ describe("codec on bad input", function()
   it("rejects malformed luamp exts", function()
     bad("\xd5\x01\x00\x00", "malformed reference")     -- REF of 2 bytes
     bad("\xd6\x01\x00\x00\x00\x05", "unknown object")    -- REF without DEF
-    bad("\xc7\x03\x03\xc4\x01\x00", "bytecode")          -- FUNC, bad bytecode
-    bad("\xc7\x02\x05\x01\x02", "malformed name")       -- NAMED, wrong shape
-    bad("\xc7\x0d\x05\xab" .. "no.such.mod" .. "\xc0", "cannot load module")
-    bad("\xc7\x07\x06\xa1x\xc4\x03abc", "unknown type")  -- HANDLE
+    bad("\xc7\x03\x03\xc4\x01\x00", "bytecode", TRUSTED) -- FUNC, bad bytecode
+    bad("\xc7\x02\x05\x01\x02", "malformed name", TRUSTED) -- NAMED, wrong shape
+    bad("\xc7\x0d\x05\xab" .. "no.such.mod" .. "\xc0", "cannot load module.* at byte 3$",
+        TRUSTED)
+    bad("\xc7\x07\x06\xa1x\xc4\x03abc", "unknown type at byte 3", TRUSTED) -- HANDLE
     bad("\xc7\x02\x02\x01\x01", "length")                -- DEF with 2 values
-    bad("\xc7\x00\x03", "truncated")                     -- empty FUNC
+    bad("\xc7\x00\x03", "truncated", TRUSTED)            -- empty FUNC
     bad("\xd7\xff\x00\x00\x00\x00\xff\xff\xff\xff\x00", "trailing")
   end)
 

@@ -802,6 +802,106 @@ describe("Manager faults", function()
   end)
 end)
 
+describe("Manager proxies and trust", function()
+  local function tohex(s)
+    return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+  end
+
+  it("a proxy's encoding does not carry its manager's authkey", function()
+    local key = "sekrit-authkey-0123456789"
+    local m <close> = mp.Manager{authkey = key}
+    local d = m:dict{a = 1}
+    local s = mp.encode({d, m:list()})
+    assert.is_nil(s:find(key, 1, true))
+    local m2 <close> = mp.Manager()
+    s = mp.encode(m2:list())
+    assert.is_nil(s:find(m2.authkey, 1, true))
+    -- a process that holds the key uses the decoded proxy as before
+    assert.is_true(mp.decode(mp.encode(d), {trusted = true}) == d)
+    assert.equal(1, d.a)
+  end)
+
+  it("a proxy reaches a child forked before its manager (the tree's key); another key is an AuthenticationError there", function()
+    local q, back = mp.Queue(), mp.Queue()
+    local p = mp.Process{target = function()
+      for _ = 1, 2 do
+        local got = q:get()
+        local ok, e = pcall(function() got:append("child") return #got end)
+        back:put(ok and "ok" or (type(e) == "table" and e.kind or tostring(e)))
+      end
+    end}
+    p:start()
+    local m <close> = mp.Manager()
+    local l = m:list()
+    q:put(l)
+    assert.equal("ok", back:get(true, 20))
+    assert.same({"child"}, l:copy())
+    local m2 <close> = mp.Manager{authkey = "not-the-tree-key"}
+    local l2 = m2:list()
+    q:put(l2)
+    assert.equal("AuthenticationError", back:get(true, 20))
+    p:join()
+    assert.equal(0, #l2)
+  end)
+
+  it("a process that does not hold the key gets AuthenticationError on first use; connecting with the key gives it", function()
+    local m <close> = mp.Manager{address = {"127.0.0.1", 0}, authkey = "given-key-77"}
+    local l = m:list{"x"}
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local _ = mp.managers
+      local s = (arg[1]:gsub("..", function(h) return string.char(tonumber(h, 16)) end))
+      local l = mp.decode(s, {trusted = true})
+      local ok, e = pcall(function() return l[1] end)
+      print(ok, type(e) == "table" and e.kind or e)
+      mp.managers.SyncManager{address = {"127.0.0.1", tonumber(arg[2])},
+                              authkey = "given-key-77"}:connect()
+      print(l[1])
+    ]], tohex(mp.encode(l)) .. " " .. m.address[2])
+    assert.equal(0, code, err)
+    assert.equal("false\tAuthenticationError\nx\n", out)
+  end)
+
+  it("a keyless manager takes its own proxies from its peers, never a keyed manager's", function()
+    local open <close> = mp.managers.SyncManager{authkey = false}:start()
+    local keyed <close> = mp.Manager()
+    local d, l = open:dict(), open:list{"own"}
+    d.sub = l
+    assert.equal("own", d.sub[1])
+    d.other = keyed:list{"keyed"}
+    local ok, e = pcall(d.sync, d)
+    assert.is_false(ok)
+    assert.matches("refused from an unauthenticated peer", tostring(e))
+    assert.is_nil(d.other)
+  end)
+
+  it("an untrusted decode refuses a forged proxy and connects nowhere", function()
+    local path = os.tmpname()
+    os.remove(path)
+    local lst <close> = mp.connection.Listener{address = path}
+    -- a proxy of "a manager" at our listener, with a key the forger chose
+    local state = mp.encode({"forged-uid", 1, "dict", path, "forged-key", false})
+    local payload = "\xb5multiprocessing.Proxy" .. state
+    local forged = "\xc7" .. string.char(#payload) .. "\x07" .. payload
+    local _ = mp.managers
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function()
+      local ok, e = pcall(mp.decode, forged)
+      b:send({ok, type(e) == "table" and e.message or tostring(e)})
+    end}
+    p:start()
+    local connected = pcall(lst.accept, lst, 1.5)
+    if connected then p:kill() end
+    p:join(20)
+    os.remove(path)
+    assert.is_false(connected, "the decode connected to the forged address")
+    local r = a:recv()
+    assert.is_false(r[1])
+    assert.equal("class 'multiprocessing.Proxy' refused from an untrusted source at byte 3",
+                 r[2])
+  end)
+end)
+
 describe("remote managers", function()
   local server_code = [[
     local mp = require "multiprocessing"

@@ -218,7 +218,7 @@ describe("Values as handles", function()
     local l = mp.RLock()
     local v = mp.Value("i", 1, {lock = l})
     local a = mp.Array("d", {1, 2})
-    local t = mp.decode(mp.encode({v, a, l}))
+    local t = mp.decode(mp.encode({v, a, l}), {trusted = true})
     assert.is_true(t[1] == v and t[2] == a and t[3] == l)
     assert.is_true(t[1]:get_lock() == l)
   end)
@@ -233,7 +233,7 @@ describe("Values as handles", function()
     local out, err, code = H.script([[
       local mp = require "multiprocessing"
       local s = (...):gsub("..", function(h) return string.char(tonumber(h, 16)) end)
-      local t = mp.decode(s)
+      local t = mp.decode(s, {trusted = true})
       t[1]:with(function() t[1].value = t[1].value + 1 end)
       t[2][2] = 20
       print(t[1].value, tostring(t[1]:get_lock()):match("^<(%a+)"), #t[2])

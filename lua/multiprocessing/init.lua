@@ -6,6 +6,17 @@
 -- used, so that require "multiprocessing" stays cheap.
 local core = require "multiprocessing.core"
 
+-- The process tree's authentication key (Python's current_process().
+-- authkey): made here, in the main process, before any fork, so every
+-- process of the tree holds it.  Managers use it by default; a proxy's
+-- encoding does not carry it (managers.lua).
+if core.tree_authkey == nil then
+  local f = io.open("/dev/urandom", "rb")
+  local raw = f and f:read(32) or tostring(os.time()) .. tostring({}) .. os.clock()
+  if f then f:close() end
+  core.tree_authkey = raw:gsub(".", function(c) return string.format("%02x", c:byte()) end)
+end
+
 local M = {
   version = core.version,
   cpu_count = core.cpu_count,

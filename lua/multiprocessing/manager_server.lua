@@ -319,7 +319,7 @@ function Server:reduce_rec(rec)
     token = "s" .. self.token_n
     self:transit(rec, token)
   end
-  return {self.uid, rec.id, rec.typeid, self.address, self.authkey,
+  return {self.uid, rec.id, rec.typeid, self.address, self.authkey ~= nil,
           C ~= nil, token, rec.exposed}
 end
 
@@ -567,6 +567,8 @@ end
 function Server:accept()
   local ok, conn = pcall(self.listener.accept, self.listener, 0)
   if not ok then return nil end  -- a client that went away or failed to log in
+  -- keyless: no code from the client, but the proxies it passes are made
+  if self.authkey == nil then core.set_trusted(conn, "peer") end
   return self:add_client(conn, self.authkey ~= nil)
 end
 

@@ -213,6 +213,8 @@ function hello(cl)
     if is_error(c, "AuthenticationError") then error(c, 0) end
     lost(cl, c)
   end
+  -- a keyless manager's replies are untrusted (no code) but hold proxies
+  if cl.authkey == nil then core.set_trusted(c, "peer") end
   cl.conn, cl.pid = c, getpid()
   local ids = {}
   for id in pairs(cl.live) do ids[#ids + 1] = id end
@@ -276,9 +278,19 @@ local function proxy_for(cl, id, typeid, exposed)
 end
 
 -- Codec: proxies (and, in a server, its object records) travel as
--- {uid, id, typeid, address, authkey, held, token, exposed}.  A proxy
+-- {uid, id, typeid, address, keyed, held, token, exposed}.  A proxy
 -- encoded by a client takes a transit token first, so its object stays
 -- alive until the receiver adopts it.
+--
+-- The authkey never travels (keyed only says whether the manager has
+-- one), as in Python: the receiver uses the key it already holds for that
+-- manager -- the one this process (or the parent it was forked from)
+-- started or connected it with -- or else the process tree's key
+-- (core.tree_authkey, what managers use by default), and a process that
+-- holds neither gets AuthenticationError on first use; connecting a
+-- manager object with the right key (BaseManager{address=, authkey=}:
+-- connect()) gives it.  Proxies are a trusted_only class: an untrusted
+-- decode refuses them before anything connects.
 local function reduce(x)
   if getmetatable(x) == REC_MT then return x.server:reduce_rec(x) end
   local cl, id = rawget(x, CL), rawget(x, ID)
@@ -287,29 +299,40 @@ local function reduce(x)
                               math.floor(now() * 1e6))
   post(cl, {0, 0, "transit", id, token})
   local mt = getmetatable(x)
-  return {cl.uid, id, mt.__typeid, cl.address, cl.authkey, false, token,
-          mt.__exposed}
+  return {cl.uid, id, mt.__typeid, cl.address, cl.authkey ~= nil, false,
+          token, mt.__exposed}
 end
 
-local function rebuild(s)
+local function rebuild(s, untrusted)
   local uid, id = s[1], s[2]
+  if untrusted and s[5] then
+    -- (a keyless manager's peer may send its own proxies, never ones that
+    -- would authenticate: the key could be relayed)
+    raise("DecodeError", "a proxy of a manager with an authkey refused " ..
+          "from an unauthenticated peer")
+  end
   local server = M._serving[uid]
   -- an object record in the process serving it; elsewhere (a process that
   -- bound a server a child of it serves, or a child of the server) a proxy
   if server and server.serving_pid == getpid() then
     return server:rebuild_rec(s)
   end
-  local cl = client_for(uid, s[4], s[5])
+  local cl = clients[uid] or
+    client_for(uid, s[4], s[5] and core.tree_authkey or nil)
   local p = proxy_for(cl, id, s[3], s[8])
-  if s[7] ~= nil then
-    if not cl.dead then post(cl, {0, 0, "adopt", id, s[7]}) end
-  elseif not s[6] then
-    if not cl.dead then post(cl, {0, 0, "adopt", id}) end
+  local adopt
+  if s[7] ~= nil then adopt = {0, 0, "adopt", id, s[7]}
+  elseif not s[6] then adopt = {0, 0, "adopt", id} end
+  if adopt and not cl.dead then
+    -- without the manager's key the proxy is still made: its first use
+    -- raises the AuthenticationError (as Python's)
+    local ok, err = pcall(post, cl, adopt)
+    if not ok and not is_error(err, "AuthenticationError") then error(err, 0) end
   end
   return p
 end
 
-local codec_hooks = {reduce = reduce, rebuild = rebuild}
+local codec_hooks = {reduce = reduce, rebuild = rebuild, trusted_only = true}
 core.register_class("multiprocessing.Proxy", REC_MT, codec_hooks)
 
 local function cl_of(p) return rawget(p, CL) end
@@ -750,11 +773,10 @@ local function new_instance(cls, opts)
           "string, got " .. type(authkey) .. ")", 3)
   end
   if authkey == nil then
-    -- as Python's process authkey: random, known to this process tree
-    local f = io.open("/dev/urandom", "rb")
-    local raw = f and f:read(32) or tostring(now()) .. tostring(math.random())
-    if f then f:close() end
-    authkey = (raw:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+    -- as Python's: the process tree's key (made when the main process
+    -- loaded the module), so every process of the tree can use the proxies
+    -- without the key travelling
+    authkey = core.tree_authkey
   elseif authkey == false or authkey == "" then
     authkey = nil    -- no authentication (functions are then refused)
   end
@@ -939,6 +961,7 @@ function BaseManager:connect()
   local c = hello(probe)
   local info = call(probe, {0, 0, "hello", getpid(), {}})
   local cl = client_for(info.uid, self.address, self.authkey)
+  cl.authkey = self.authkey   -- (a proxy decoded earlier may have guessed)
   if cl.conn and cl.pid == getpid() then
     pcall(c.close, c)
   else

@@ -37,6 +37,7 @@ local M = {}
 
 local INLINE_MAX = 512       -- function encodings up to this travel inline
 local FCACHE_MAX = 512       -- decoded functions a worker keeps
+local TRUSTED = {trusted = true}
 local FBLOBS_MAX = 1024      -- stored encodings the owner remembers
 local SLICE = 0.25           -- longest sleep while tasks have deadlines
 -- task modes; MAP1 and STARMAP1 are chunks of one item sent bare (no
@@ -174,7 +175,8 @@ local function worker_main(cfg)
   local function resolve(fr, flen)
     local f = fns[fr]
     if f == nil then
-      f = decode(flen and store:get(fr, flen) or fr)
+      -- the pool's own store or task message: trusted (bytecode)
+      f = decode(flen and store:get(fr, flen) or fr, TRUSTED)
       if nfns >= FCACHE_MAX then fns, nfns = {}, 0 end
       fns[fr], nfns = f, nfns + 1
     end
