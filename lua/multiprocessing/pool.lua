@@ -23,6 +23,7 @@
 local core = require "multiprocessing.core"
 local process = require "multiprocessing.process"
 local connection = require "multiprocessing.connection"
+local util = require "multiprocessing.util"
 
 local encode, decode, now = core.encode, core.decode, core.now
 local upvalue_snapshot, upvalues_same = core.upvalue_snapshot, core.upvalues_same
@@ -32,6 +33,7 @@ local unpack, pack = table.unpack, table.pack
 local raise, new_error = core.raise, core.new_error
 local getpid = core.pid or core.getpid
 local shielded = core.shielded
+local argerror, typeerror = util.argerror, util.typeerror
 
 local M = {}
 
@@ -356,7 +358,15 @@ function AsyncResult:ready()
   return self._done
 end
 
+-- A wait's timeout: nil (no limit) or a number (below 0 counts as 0).
+local function check_timeout(timeout, argn, fname)
+  if timeout == nil then return end
+  if type(timeout) ~= "number" then typeerror(argn, fname, "number or nil", timeout) end
+  if timeout ~= timeout then argerror(argn, fname, "timeout is NaN") end
+end
+
 function AsyncResult:wait(timeout)
+  check_timeout(timeout, 1, "wait")
   local deadline = timeout and now() + math.max(timeout, 0)
   while not self._done do
     if deadline and now() >= deadline then return false end
@@ -366,6 +376,7 @@ function AsyncResult:wait(timeout)
 end
 
 function AsyncResult:get(timeout)
+  check_timeout(timeout, 1, "get")
   if not self:wait(timeout) then raise("TimeoutError", "result not ready in time") end
   local v = self._value
   if self._kind == "apply" then
@@ -438,25 +449,25 @@ Pool.__name = "Pool"
 local pool_count = 0
 
 local function check_function(f, argn, fname)
-  if type(f) ~= "function" then
-    error(string.format("bad argument #%d to '%s' (function expected, got %s)",
-                        argn, fname, type(f)), 3)
-  end
+  if type(f) ~= "function" then typeerror(argn, fname, "function", f) end
 end
 
 local function spawn_worker(self, slot)
+  local name = string.format("%s-Worker-%d", self._name, slot + 1)
   local cfg = {
     tq = self._tq, rq = self._rq, store = self._store, slot = slot,
     starts = self._starts, started = self._started, cancel = self._cancel,
     initializer = self._initializer, initargs = self._initargs,
     maxtasks = self._maxtasks,
-    name = string.format("%s-Worker-%d", self._name, slot + 1),
+    name = name,
   }
   -- -3: in the initializer (the worker sets -1 once it returned)
   if self._initializer then self._started[slot + 1] = -3 end
   -- (workers die with their owner: a SIGKILLed owner leaves no orphans)
   local h = core.spawn(worker_main, cfg, true, true, true)
-  self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel()}
+  -- (proc: the worker as mp.active_children() lists it)
+  self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel(),
+                         proc = process._adopt(name, h)}
 end
 
 function M.Pool(opts, initializer, initargs, maxtasksperchild)
@@ -470,8 +481,12 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
   end
   if n == nil then n = core.cpu_count() end
   if math.type(n) ~= "integer" then
-    n = math.tointeger(n)
-    if not n then error("bad argument #1 to 'Pool' (processes must be an integer)", 2) end
+    local i = math.tointeger(n)
+    if not i then
+      argerror(1, "Pool", "processes must be an integer, got " ..
+               (type(n) == "number" and tostring(n) or util.typename(n)))
+    end
+    n = i
   end
   if n < 1 then raise("ValueError", "Number of processes must be at least 1") end
   if n > 4096 then raise("ValueError", "at most 4096 processes") end
@@ -481,6 +496,10 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
   if maxtasksperchild ~= nil and (math.type(maxtasksperchild) ~= "integer" or
                                   maxtasksperchild < 1) then
     raise("ValueError", "maxtasksperchild must be a positive integer")
+  end
+  if initargs ~= nil and type(initargs) ~= "table" then
+    argerror(type(opts) == "table" and 1 or 3, "Pool",
+             "initargs must be a table, got " .. util.typename(initargs))
   end
   pool_count = pool_count + 1
   local self = setmetatable({
@@ -601,7 +620,7 @@ function Pool:_submit(rec, fref, mode, items, n, first, timeout)
 end
 
 -- Options of apply_async's third argument and the map family's third.
-local function task_options(x, what)
+local function task_options(x, what, fname)
   if type(x) == "table" then
     local t = x.timeout
     if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
@@ -612,12 +631,13 @@ local function task_options(x, what)
   elseif what == "apply" and type(x) == "function" then return {callback = x}
   elseif what == "map" and math.type(x) == "integer" then return {chunksize = x}
   end
-  error("bad option table for " .. what, 3)
+  argerror(3, fname, "bad options: table" .. (what == "apply" and
+           " or callback" or " or chunksize") .. " expected, got " .. util.typename(x))
 end
 
 -- The options of a *_async call with its positional callbacks merged in.
-local function with_callbacks(opts, callback, error_callback)
-  local o = task_options(opts, "map")
+local function with_callbacks(opts, callback, error_callback, fname)
+  local o = task_options(opts, "map", fname)
   if callback == nil and error_callback == nil then return o end
   local t = {}
   for k, v in pairs(o) do t[k] = v end
@@ -626,19 +646,28 @@ local function with_callbacks(opts, callback, error_callback)
   return t
 end
 
-local function check_args(args)
+local function check_args(args, fname)
   if args == nil then return {n = 0} end
   if type(args) ~= "table" then
-    error("bad argument #2 (args must be a table, got " .. type(args) .. ")", 3)
+    argerror(2, fname, "args must be a table, got " .. util.typename(args))
   end
   return args
 end
 
-function Pool:apply_async(f, args, opts, error_callback)
+local function check_callback(cb, argn, fname)
+  if cb ~= nil and type(cb) ~= "function" then
+    typeerror(argn, fname, "function or nil", cb)
+  end
+end
+
+function Pool:_apply_async(f, args, opts, error_callback, fname)
   check_running(self)
-  check_function(f, 1, "apply_async")
-  args = check_args(args)
-  opts = task_options(opts, "apply")
+  check_function(f, 1, fname)
+  args = check_args(args, fname)
+  opts = task_options(opts, "apply", fname)
+  check_callback(opts.callback, 3, fname)
+  check_callback(opts.error_callback, 3, fname)
+  check_callback(error_callback, 4, fname)
   if error_callback then
     opts = {callback = opts.callback, error_callback = error_callback,
             timeout = opts.timeout}
@@ -661,14 +690,36 @@ local function get_guarded(pool, job)
   return job:get()
 end
 
+function Pool:apply_async(f, args, opts, error_callback)
+  return self:_apply_async(f, args, opts, error_callback, "apply_async")
+end
+
 function Pool:apply(f, args, opts)
-  return get_guarded(self, self:apply_async(f, args, opts))
+  return get_guarded(self, self:_apply_async(f, args, opts, nil, "apply"))
+end
+
+-- The length of a sequence given as an iterable (n honoured); a table
+-- with keys but no items ({a = 1}) is refused rather than mapped to
+-- nothing.
+local function seq_len(t, fname)
+  local n = t.n
+  if n == nil then
+    n = #t
+    if n == 0 and next(t) ~= nil then
+      argerror(2, fname, "iterable must be a sequence (keys 1..n) or an " ..
+               "iterator function, got a table with key " .. tostring((next(t))))
+    end
+  elseif math.type(n) ~= "integer" or n < 0 then
+    argerror(2, fname, "iterable's n must be a non-negative integer, got " ..
+             tostring(n))
+  end
+  return n
 end
 
 -- The items of an iterable: a sequence (args.n honoured) or an iterator
 -- function returning nil at the end.
-local function collect(iterable)
-  if type(iterable) == "table" then return iterable, iterable.n or #iterable end
+local function collect(iterable, fname)
+  if type(iterable) == "table" then return iterable, seq_len(iterable, fname) end
   if type(iterable) == "function" then
     local items, n = {}, 0
     for v in iterable do
@@ -677,8 +728,20 @@ local function collect(iterable)
     end
     return items, n
   end
-  error("bad argument #2 (iterable must be a table or an iterator function, got " ..
-        type(iterable) .. ")", 3)
+  argerror(2, fname, "iterable must be a table or an iterator function, got " ..
+           util.typename(iterable))
+end
+
+-- starmap's items are argument lists: one that is not a table is refused
+-- here, in the caller, rather than failing in (and killing) a worker.
+local function check_star_items(items, n, fname)
+  for i = 1, n do
+    local a = items[i]
+    if type(a) ~= "table" then
+      argerror(2, fname, string.format("item %d of iterable must be a table " ..
+               "of arguments, got %s", i, util.typename(a)))
+    end
+  end
 end
 
 local function default_chunksize(n, workers)
@@ -691,8 +754,11 @@ end
 function Pool:_map_async(f, iterable, opts, mode, fname)
   check_running(self)
   check_function(f, 1, fname)
-  opts = task_options(opts, "map")
-  local items, n = collect(iterable)
+  opts = task_options(opts, "map", fname)
+  check_callback(opts.callback, 4, fname)
+  check_callback(opts.error_callback, 5, fname)
+  local items, n = collect(iterable, fname)
+  if mode == STARMAP then check_star_items(items, n, fname) end
   local chunksize = opts.chunksize
   if chunksize == nil then
     chunksize = opts.timeout and 1 or default_chunksize(n, self._n)
@@ -768,7 +834,8 @@ function Pool:_submit_chunks(job, fref, mode, items, n, chunksize, timeout)
 end
 
 function Pool:map_async(f, iterable, opts, callback, error_callback)
-  return self:_map_async(f, iterable, with_callbacks(opts, callback, error_callback),
+  return self:_map_async(f, iterable,
+                         with_callbacks(opts, callback, error_callback, "map_async"),
                          MAP, "map_async")
 end
 
@@ -777,7 +844,8 @@ function Pool:map(f, iterable, opts)
 end
 
 function Pool:starmap_async(f, iterable, opts, callback, error_callback)
-  return self:_map_async(f, iterable, with_callbacks(opts, callback, error_callback),
+  return self:_map_async(f, iterable,
+                         with_callbacks(opts, callback, error_callback, "starmap_async"),
                          STARMAP, "starmap_async")
 end
 
@@ -792,14 +860,14 @@ end
 function Pool:_imap(f, iterable, opts, ordered, fname)
   check_running(self)
   check_function(f, 1, fname)
-  opts = task_options(opts, "map")
+  opts = task_options(opts, "map", fname)
   local chunksize = opts.chunksize or 1
   if math.type(chunksize) ~= "integer" or chunksize < 1 then
     raise("ValueError", "Chunksize must be 1+, not " .. tostring(chunksize))
   end
   local next_item
   if type(iterable) == "table" then
-    local i, n = 0, iterable.n or #iterable
+    local i, n = 0, seq_len(iterable, fname)
     next_item = function()
       if i >= n then return false end
       i = i + 1
@@ -812,7 +880,7 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       return true, v
     end
   else
-    error("bad argument #2 to '" .. fname .. "' (table or function expected)", 2)
+    typeerror(2, fname, "table or function", iterable)
   end
   local job = new_job(self, "imap", opts)
   job._results, job._left, job._items_done = {}, 0, 0
@@ -1017,14 +1085,16 @@ end
 local function drain(self)
   local rq, n = self._rq, 0
   local get = rq._get_items
-  while handle(self, get(rq)) do n = n + 1 end
+  -- (a callback run by handle may have terminated the pool: its queues
+  -- are closed then, and what was taken so far is all there is)
+  while not self._released and handle(self, get(rq)) do n = n + 1 end
   return n
 end
 
 -- (shielded: a Ctrl-C between taking a result and recording it would
 -- lose it, and its get would wait forever)
 function Pool:_drain()
-  if self._rq:empty() then return 0 end
+  if self._released or self._rq:empty() then return 0 end
   return shielded(drain, self)
 end
 
@@ -1082,6 +1152,7 @@ local function check_workers(self)
         end
       end
       if tag ~= nil then self._tq:_clear(slot) end
+      process._disown(w.proc, code, w.pid)
       w.h:close()
       self._workers[slot] = nil
       self._started[slot + 1] = -1
@@ -1260,6 +1331,7 @@ function Pool:_kill_workers()
       -- finalized first); the worker still runs and is a child entry
       -- the runtime reaps later, so its pid is still its own
       core.kill(w.pid, "SIGKILL")
+      process._disown(w.proc, nil, w.pid)
       self._workers[slot] = nil
     else
       w.h:signal("SIGTERM")
@@ -1276,6 +1348,7 @@ function Pool:_kill_workers()
       w.h:signal("SIGKILL")
       w.h:wait()
     end
+    process._disown(w.proc, (w.h:poll()), w.pid)
     w.h:close()
     self._workers[slot] = nil
   end
@@ -1333,6 +1406,22 @@ end
 Pool.__tostring = function(self)
   return string.format("<Pool state=%s pool_size=%d>", self._state, self._n)
 end
+
+-- Every public method checks its self first: pool.map(f, t), Python's
+-- habit, gets "use pool:map(...)" at the caller's line, not an index error
+-- deep in here.  (The private _methods are called by this file only.)
+local function is_pool(v) return getmetatable(v) == Pool end
+local function is_result(v) return getmetatable(v) == AsyncResult end
+local function check_selves(cls, clsname, var, is_cls)
+  local public = {}
+  for k, f in pairs(cls) do
+    if type(f) == "function" and not k:find("^_") then public[k] = f end
+  end
+  util.checked_methods(public, clsname, var, is_cls)
+  for k, f in pairs(public) do cls[k] = f end
+end
+check_selves(Pool, "Pool", "pool", is_pool)
+check_selves(AsyncResult, "AsyncResult", "result", is_result)
 
 M.AsyncResult = AsyncResult
 return M
