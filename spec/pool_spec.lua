@@ -1067,3 +1067,38 @@ describe("Pool: a callback that terminates its own pool", function()
     assert.equal("<Pool state=TERMINATE pool_size=2>", tostring(pool2))
   end)
 end)
+
+-- issue 13 item 8
+describe("Pool imap over an input iterator that raises", function()
+  local pool
+  setup(function() pool = mp.Pool(2) end)
+  teardown(function() pool:terminate() end)
+
+  -- CPython's exception_throwing_generator: 0, 1, ... and an error at when
+  local function gen(total, when)
+    local i = -1
+    return function()
+      i = i + 1
+      if i == when then error("SayWhenError at " .. i, 0) end
+      if i < total then return i end
+    end
+  end
+  local function sqr(x) return x * x end
+
+  for _, case in ipairs{{"imap", 1, gen, 10}, {"imap", 2, gen, 4},
+                        {"imap_unordered", 1, gen, 10}, {"imap_unordered", 2, gen, 4}} do
+    local method, chunksize, make, total = case[1], case[2], case[3], case[4]
+    it(method .. " (chunksize " .. chunksize .. ") yields the items before the failure, then raises", function()
+      local got = {}
+      local ok, err = pcall(function()
+        for _, v in pool[method](pool, sqr, make(total, 3), chunksize) do got[#got + 1] = v end
+      end)
+      assert.is_false(ok)
+      assert.equal("SayWhenError at 3", err)
+      table.sort(got)
+      assert.same({0, 1, 4}, got)
+      -- the pool goes on
+      assert.same({1, 4, n = 2}, pool:map(sqr, {1, 2}))
+    end)
+  end
+end)

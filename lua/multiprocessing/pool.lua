@@ -899,6 +899,10 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
   local ready, rlen = {}, 0                     -- unordered: indexes ready
   local rpos = 1
   local pool = self
+  -- the error the input iterator raised: the items read before it are
+  -- still sent and their results yielded, then it is raised (CPython's
+  -- test_imap_handle_iterable_exception)
+  local input_err
 
   local function feed()
     if pool._state ~= "RUN" then exhausted = true end
@@ -906,7 +910,13 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       local payload, k = {}, 0
       local first = fed + 1
       while k < chunksize do
-        local more, v = next_item()
+        local ok, more, v = pcall(next_item)
+        if not ok then
+          -- (Ctrl-C is not deferred)
+          if more == "interrupted!" then error(more, 0) end
+          input_err, exhausted = more, true
+          break
+        end
         if not more then exhausted = true break end
         k = k + 1
         payload[k] = v
@@ -950,6 +960,18 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
     end
   end
   job._chunk_first = {}
+  -- the end of the results: the input's error, if it raised one
+  local function the_end()
+    if job._broken then error(job._broken, 0) end
+    if input_err ~= nil then
+      local err = input_err
+      input_err = nil
+      if not job._done then job._ok, job._value = false, err finish(job) end
+      error(err, 0)
+    end
+    if not job._done then job._ok, job._value = true, nil finish(job) end
+    return nil
+  end
   local function iter()
     feed()
     while true do
@@ -975,9 +997,7 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
           end
           feed()
         elseif exhausted and job._left == 0 and yielded_chunk > chunks then
-          if job._broken then error(job._broken, 0) end
-          if not job._done then job._ok, job._value = true, nil finish(job) end
-          return nil
+          return the_end()
         else
           pool:_pump(nil)
           feed()
@@ -999,9 +1019,7 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
           job._results[idx] = nil
           return idx, v
         elseif exhausted and job._left == 0 then
-          if job._broken then error(job._broken, 0) end
-          if not job._done then job._ok, job._value = true, nil finish(job) end
-          return nil
+          return the_end()
         else
           pool:_pump(nil)
           feed()
