@@ -1416,8 +1416,22 @@ function Pool:_release()
 end
 
 Pool.__close = function(self) self:terminate() end
+-- A pool collected while running was forgotten: its workers idled until
+-- now.  They are terminated, and the first time the process is told, on
+-- stderr, as Python's ResourceWarning does.
+local warned_unclosed = false
 Pool.__gc = function(self)
   if self._owner == getpid() and self._state ~= "TERMINATE" and not self._released then
+    if self._state == "RUN" and not warned_unclosed then
+      warned_unclosed = true
+      pcall(function()
+        io.stderr:write("ResourceWarning: unclosed running multiprocessing pool ",
+          tostring(self), " collected; its workers are terminated now (call ",
+          "pool:close() and pool:join(), or pool:terminate(), or hold it in ",
+          "a local <close>)\n")
+        io.stderr:flush()
+      end)
+    end
     pcall(self.terminate, self)
   end
 end
