@@ -567,7 +567,7 @@ describe("Pool map family", function()
     t:close()
     os.remove(path)
     assert.is_true(ok, screen)
-    assert.matches("%[##############################%] 200/200 [%d.]+ it/s ETA 0:00", screen)
+    assert.matches("%[##############################%] 200/200 [%d.]+ it/s in 0:%d%d", screen)
   end)
 end)
 
@@ -1101,4 +1101,62 @@ describe("Pool imap over an input iterator that raises", function()
       assert.same({1, 4, n = 2}, pool:map(sqr, {1, 2}))
     end)
   end
+end)
+
+-- issue 13 item 16
+describe("Pool progress bar", function()
+  it("fits a 40-column terminal, keeps prints on their own lines, counts iterator input, ends with the time taken", function()
+    local path = H.write(os.tmpname() .. ".lua", [[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local pool <close> = mp.Pool(2)
+      local t = {} for i = 1, 60 do t[i] = i end
+      pool:map(function(x)
+        core.sleep(0.01)
+        if x == 30 then print("worker says " .. x) end
+        return x
+      end, t, {progress = true, chunksize = 1})
+      for i, v in pool:imap(function(x) core.sleep(0.01) return x end, t, {progress = true}) do
+        if i == 20 then print("got " .. v) end
+      end
+      local n = 0
+      for _ in pool:imap(function(x) core.sleep(0.01) return x end,
+                         function() n = n + 1 if n <= 50 then return n end end,
+                         {progress = true}) do end
+      io.write("ALL DONE\n")
+      io.read()
+    ]])
+    local t = H.terminal(H.luamp .. " " .. path, 40, 12)
+    local ok, screen = pcall(t.wait_for, t, "ALL DONE", 60)
+    t:close()
+    os.remove(path)
+    assert.is_true(ok, screen)
+    local lines, bars = {}, 0
+    for l in (screen .. "\n"):gmatch("([^\n]*)\n") do
+      lines[#lines + 1] = l
+      -- (the screen joins wrapped lines: one longer than 39 wrapped)
+      assert.is_true(#l < 40, "a line wider than the terminal: " .. l)
+      if l:find("it/s", 1, true) then bars = bars + 1 end
+    end
+    assert.equal(3, bars, screen)
+    assert.is_true(screen:find("\nworker says 30\n", 1, true) ~= nil or
+                   screen:find("^worker says 30\n") ~= nil, screen)
+    assert.is_not_nil(screen:find("\ngot 20\n", 1, true), screen)
+    assert.matches("\n%[#+%] 60/60 [%d.]+ it/s in 0:%d%d\n", screen)
+    assert.matches("\n50 done [%d.]+ it/s in 0:%d%d\nALL DONE$", screen)
+  end)
+
+  it("counts iterator input when stderr is not a terminal", function()
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local pool <close> = mp.Pool(2)
+      local n = 0
+      for _ in pool:imap(function(x) return x end,
+                         function() n = n + 1 if n <= 7 then return n end end,
+                         {progress = true}) do end
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("", out)
+    assert.matches("^7 done in [%d.]+ s %([%d.]+ it/s%)\n$", err)
+  end)
 end)
