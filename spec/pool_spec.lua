@@ -1160,3 +1160,29 @@ describe("Pool progress bar", function()
     assert.matches("^7 done in [%d.]+ s %([%d.]+ it/s%)\n$", err)
   end)
 end)
+
+-- issue 13 item 12: error objects too (a stock lua5.4 prints an uncaught
+-- one's tostring alone)
+describe("Error objects of a public call carry the caller's line", function()
+  it("in the message, as error() puts it in a string, and in err.where", function()
+    local pool = mp.Pool(1)
+    pool:close()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local ok, err = pcall(function() pool:map(print, {1}) end)
+    assert.is_false(ok)
+    assert.equal("ValueError", err.kind)
+    assert.matches("pool_spec%.lua:" .. line .. ": Pool not running$", err.message)
+    assert.matches("pool_spec%.lua:" .. line .. "$", err.where)
+    assert.matches("^ValueError: [^\n]*pool_spec%.lua:" .. line .. ": Pool not running",
+                   tostring(err))
+    -- called straight through pcall (a C function) there is no line
+    assert.equal("Pool not running", select(2, pcall(pool.map, pool, print, {1})).message)
+    pool:join()
+    local p = mp.Process(function() end)
+    p:start() p:join()
+    line = debug.getinfo(1, "l").currentline + 1
+    ok, err = pcall(function() p:start() end)
+    assert.equal("ProcessError", err.kind)
+    assert.matches("pool_spec%.lua:" .. line .. ": cannot start a process twice$", err.message)
+  end)
+end)

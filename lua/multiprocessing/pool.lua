@@ -30,10 +30,12 @@ local upvalue_snapshot, upvalues_same = core.upvalue_snapshot, core.upvalues_sam
 local table_slice, table_into, table_new = core.table_slice, core.table_into,
                                            core.table_new
 local unpack, pack = table.unpack, table.pack
-local raise, new_error = core.raise, core.new_error
+local new_error = core.new_error
 local getpid = core.pid or core.getpid
 local shielded = core.shielded
 local argerror, typeerror = util.argerror, util.typeerror
+-- (errors of a public call: led by the caller's file:line)
+local raise = util.raise
 
 local M = {}
 

@@ -11,7 +11,7 @@ local core = require "multiprocessing.core"
 local util = require "multiprocessing.util"
 
 local getpid = core.pid       -- cached by the C side, right after forks too
-local raise = core.raise
+local raise = util.raise     -- (led by the caller's file:line)
 local unpack = table.unpack
 
 local P = {}

@@ -15,7 +15,8 @@
 -- stack past this library's own frames, so that a check may sit any number
 -- of calls deep (pool:map -> _map_async -> check) and still point at the
 -- caller.  The message is a string with "file:line:" in front, as error()
--- makes it, so a stock lua5.4 that prints an uncaught error prints where.
+-- makes it, so a stock lua5.4 that prints an uncaught error prints where
+-- (and U.raise puts it in an error object's message the same way).
 local U = {}
 
 local levels = {
@@ -200,6 +201,22 @@ function U.selferror(fname, clsname, var, v, is_cls)
   local name = is_cls and name_in_caller(level, is_cls, var) or var
   error(string.format("calling '%s' on bad self (%s expected, got %s; use %s:%s(...))",
                       fname, clsname, U.typename(v), name, fname), level)
+end
+
+-- Raises the error object {kind, message} (core.raise's) from a public
+-- call, its message led by the user's "file:line: " as error() would lead
+-- a string (a stock lua5.4 prints an uncaught error object's tostring
+-- alone, no traceback): also in the field where.  Called through a C
+-- function (pcall(pool.map, pool, ...)) there is no line, as for strings.
+function U.raise(kind, msg, fields)
+  local level = user_level()
+  local info = debug.getinfo(level, "Sl")
+  local where = info and info.currentline > 0 and
+                (info.short_src .. ":" .. info.currentline) or nil
+  local err = require("multiprocessing.core").new_error(kind,
+    where and (where .. ": " .. msg) or msg, fields)
+  if where then err.where = where end
+  error(err, 0)
 end
 
 -- Wraps every function of the method table methods so that it checks its
