@@ -546,3 +546,46 @@ describe("Pool and signals to the owner", function()
     end
   end)
 end)
+
+-- issue 13 item 17
+describe("Pool collected while running", function()
+  it("warns once on stderr (as Python's ResourceWarning) and its workers end", function()
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local function forget()
+        local pool = mp.Pool(2)
+        pool:apply(function() end)
+        local pids = {}
+        for _, w in pairs(pool._workers) do pids[#pids + 1] = w.pid end
+        return pids
+      end
+      local pids = forget()
+      for _, pid in ipairs(forget()) do pids[#pids + 1] = pid end
+      collectgarbage() collectgarbage()
+      io.stderr:write("collected\n")
+      -- (workers whose handles were finalized first are sent SIGKILL:
+      -- they end a moment later)
+      local gone, t0 = 0, mp.now()
+      repeat
+        gone = 0
+        for _, pid in ipairs(pids) do
+          local f = io.open("/proc/" .. pid .. "/stat")
+          local s = f and f:read("a") or ""
+          if f then f:close() end
+          if s == "" or s:match("^%d+ %b() (%a)") == "Z" then gone = gone + 1 end
+        end
+      until gone == #pids or mp.now() - t0 > 10
+      print(#pids, gone)
+      -- a closed (or terminated) pool is not warned about
+      local p = mp.Pool(1) p:close() p = nil
+      collectgarbage() collectgarbage()
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("4\t4\n", out)
+    local _, n = err:gsub("ResourceWarning: unclosed running multiprocessing pool", "")
+    assert.equal(1, n, err)
+    assert.matches("^ResourceWarning: unclosed running multiprocessing pool <Pool " ..
+                   "state=RUN pool_size=2> collected; its workers are terminated now", err)
+    assert.matches("collected\n$", err)
+  end)
+end)

@@ -567,7 +567,7 @@ describe("Pool map family", function()
     t:close()
     os.remove(path)
     assert.is_true(ok, screen)
-    assert.matches("%[##############################%] 200/200 [%d.]+ it/s ETA 0:00", screen)
+    assert.matches("%[##############################%] 200/200 [%d.]+ it/s in 0:%d%d", screen)
   end)
 end)
 
@@ -945,5 +945,244 @@ describe("Pool waits", function()
     assert.is_true(mp.now() - t2 < 2.5, "wait(10) waited out its timeout")
     ev:set()
     assert.equal("slow", slow:get(10))
+  end)
+end)
+
+-- issue 13 (items 10, 12, S7): misuse raises in the caller, at the
+-- caller's line, naming the call; a dot-call for a method call says so.
+describe("Pool misuse is told at the caller's line", function()
+  local pool
+  setup(function() pool = mp.Pool(2) end)
+  teardown(function() pool:terminate() end)
+
+  -- the message f raises (a string: the position is in it)
+  local function raised(f)
+    local ok, err = pcall(f)
+    assert.is_false(ok, "expected an error")
+    assert.equal("string", type(err), tostring(err))
+    return err
+  end
+  local function here() return debug.getinfo(2, "l").currentline end
+  local function at(line) return "pool_spec%.lua:" .. line .. ": " end
+
+  it("a dot-call (Python's habit) says to use a colon", function()
+    local e, l = raised(function() pool.map(print, {1}) end), here()
+    assert.matches(at(l) .. "calling 'map' on bad self %(Pool expected, got " ..
+                   "function; use pool:map%(%.%.%.%)%)", e)
+    e, l = raised(function() pool.apply(print) end), here()
+    assert.matches(at(l) .. "calling 'apply' on bad self .*use pool:apply", e)
+    local r = pool:apply_async(function() return 1 end)
+    e, l = raised(function() r.get() end), here()
+    assert.matches(at(l) .. "calling 'get' on bad self %(AsyncResult expected, " ..
+                   "got nil; use r:get%(%.%.%.%)%)", e)
+    assert.equal(1, r:get(10))
+  end)
+
+  it("bad arguments name the call and point at the caller", function()
+    local e, l = raised(function() pool:apply(print, 5) end), here()
+    assert.matches(at(l) .. "bad argument #2 to 'apply' %(args must be a table, got number%)", e)
+    e, l = raised(function() pool:map({1, 2}, print) end), here()
+    assert.matches(at(l) .. "bad argument #1 to 'map' %(function expected, got table%)", e)
+    e, l = raised(function() pool:imap(print, 5) end), here()
+    assert.matches(at(l) .. "bad argument #2 to 'imap' %(table or function expected, got number%)", e)
+    e, l = raised(function() pool:apply_async(print, {}, 5) end), here()
+    assert.matches(at(l) .. "bad argument #3 to 'apply_async' %(bad options", e)
+    e, l = raised(function() pool:map_async(print, {1}, nil, 5) end), here()
+    assert.matches(at(l) .. "bad argument #4 to 'map_async' %(function or nil expected", e)
+    e, l = raised(function() mp.Pool("x") end), here()
+    assert.matches(at(l) .. "bad argument #1 to 'Pool' %(processes must be an integer", e)
+  end)
+
+  it("map over a table that is not a sequence raises (not an empty result)", function()
+    local e, l = raised(function() pool:map(print, {a = 1, b = 2}) end), here()
+    assert.matches(at(l) .. "bad argument #2 to 'map' %(iterable must be a sequence", e)
+    e, l = raised(function() pool:imap_unordered(print, {a = 1}) end), here()
+    assert.matches(at(l) .. "bad argument #2 to 'imap_unordered' %(iterable must be a sequence", e)
+    -- an empty table is an empty sequence still
+    assert.equal(0, pool:map(print, {}).n)
+  end)
+
+  it("starmap's items that are not tables raise in the caller; no worker dies", function()
+    local pids = worker_pids(pool)
+    local e, l = raised(function() pool:starmap(math.max, {1, 2, 3}) end), here()
+    assert.matches(at(l) .. "bad argument #2 to 'starmap' %(item 1 of iterable " ..
+                   "must be a table of arguments, got number%)", e)
+    e = raised(function() pool:starmap_async(math.max, {{1, 2}, "x"}) end)
+    assert.matches("item 2 of iterable must be a table of arguments, got string", e)
+    assert.same(pids, worker_pids(pool))
+    assert.same({2, 4, n = 2}, pool:starmap(math.max, {{1, 2}, {4, 3}}))
+  end)
+
+  it("AsyncResult:get and wait refuse a timeout that is not a number", function()
+    local r = pool:apply_async(function() return 7 end)
+    local e, l = raised(function() r:get("x") end), here()
+    assert.matches(at(l) .. "bad argument #1 to 'get' %(number or nil expected, got string%)", e)
+    e, l = raised(function() r:wait({}) end), here()
+    assert.matches(at(l) .. "bad argument #1 to 'wait' %(number or nil expected, got table%)", e)
+    assert.matches("timeout is NaN", raised(function() r:get(0/0) end))
+    assert.equal(7, r:get(10))
+  end)
+
+  it("mp.wait(objs, false) raises instead of waiting forever", function()
+    local a, b = mp.Pipe()
+    local t0 = core.now()
+    local e, l = raised(function() mp.wait({a}, false) end), here()
+    assert.matches(at(l) .. "bad argument #2 to 'wait' %(number or nil expected, got boolean%)", e)
+    assert.is_true(core.now() - t0 < 5)
+    b:send(1)
+    assert.same({a}, mp.wait({a}, 5))
+    a:close() b:close()
+  end)
+
+  it("a Listener's and a manager proxy's dot-calls are told too", function()
+    local listener = mp.connection.Listener()
+    local e, l = raised(function() listener.accept(0) end), here()
+    assert.matches(at(l) .. "calling 'accept' on bad self %(Listener expected, " ..
+                   "got number; use listener:accept%(%.%.%.%)%)", e)
+    listener:close()
+    local m <close> = mp.Manager()
+    local d = m:dict()
+    d.a = 1
+    e, l = raised(function() d.keys() end), here()
+    assert.matches(at(l) .. "calling 'keys' on bad self %(DictProxy expected, " ..
+                   "got nil; use d:keys%(%.%.%.%)%)", e)
+    local q = m:JoinableQueue()
+    q:put(1)                           -- (inherited methods still accept it)
+    e, l = raised(function() q.get() end), here()
+    assert.matches(at(l) .. "calling 'get' on bad self", e)
+    assert.equal(1, q:get())
+    assert.same({"a"}, d:keys())
+  end)
+end)
+
+describe("Pool: a callback that terminates its own pool", function()
+  it("get still returns the result that had arrived", function()
+    local pool = mp.Pool(2)
+    local r = pool:apply_async(function() return 42 end, {}, function() pool:terminate() end)
+    assert.equal(42, r:get(10))
+    local pool2 = mp.Pool(2)
+    local m = pool2:map_async(function(x) return x * 2 end, {1, 2, 3}, nil,
+                              function() pool2:terminate() end)
+    assert.same({2, 4, 6, n = 3}, m:get(10))
+    assert.equal("<Pool state=TERMINATE pool_size=2>", tostring(pool2))
+  end)
+end)
+
+-- issue 13 item 8
+describe("Pool imap over an input iterator that raises", function()
+  local pool
+  setup(function() pool = mp.Pool(2) end)
+  teardown(function() pool:terminate() end)
+
+  -- CPython's exception_throwing_generator: 0, 1, ... and an error at when
+  local function gen(total, when)
+    local i = -1
+    return function()
+      i = i + 1
+      if i == when then error("SayWhenError at " .. i, 0) end
+      if i < total then return i end
+    end
+  end
+  local function sqr(x) return x * x end
+
+  for _, case in ipairs{{"imap", 1, gen, 10}, {"imap", 2, gen, 4},
+                        {"imap_unordered", 1, gen, 10}, {"imap_unordered", 2, gen, 4}} do
+    local method, chunksize, make, total = case[1], case[2], case[3], case[4]
+    it(method .. " (chunksize " .. chunksize .. ") yields the items before the failure, then raises", function()
+      local got = {}
+      local ok, err = pcall(function()
+        for _, v in pool[method](pool, sqr, make(total, 3), chunksize) do got[#got + 1] = v end
+      end)
+      assert.is_false(ok)
+      assert.equal("SayWhenError at 3", err)
+      table.sort(got)
+      assert.same({0, 1, 4}, got)
+      -- the pool goes on
+      assert.same({1, 4, n = 2}, pool:map(sqr, {1, 2}))
+    end)
+  end
+end)
+
+-- issue 13 item 16
+describe("Pool progress bar", function()
+  it("fits a 40-column terminal, keeps prints on their own lines, counts iterator input, ends with the time taken", function()
+    local path = H.write(os.tmpname() .. ".lua", [[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local pool <close> = mp.Pool(2)
+      local t = {} for i = 1, 60 do t[i] = i end
+      pool:map(function(x)
+        core.sleep(0.01)
+        if x == 30 then print("worker says " .. x) end
+        return x
+      end, t, {progress = true, chunksize = 1})
+      for i, v in pool:imap(function(x) core.sleep(0.01) return x end, t, {progress = true}) do
+        if i == 20 then print("got " .. v) end
+      end
+      local n = 0
+      for _ in pool:imap(function(x) core.sleep(0.01) return x end,
+                         function() n = n + 1 if n <= 50 then return n end end,
+                         {progress = true}) do end
+      io.write("ALL DONE\n")
+      io.read()
+    ]])
+    local t = H.terminal(H.luamp .. " " .. path, 40, 12)
+    local ok, screen = pcall(t.wait_for, t, "ALL DONE", 60)
+    t:close()
+    os.remove(path)
+    assert.is_true(ok, screen)
+    local lines, bars = {}, 0
+    for l in (screen .. "\n"):gmatch("([^\n]*)\n") do
+      lines[#lines + 1] = l
+      -- (the screen joins wrapped lines: one longer than 39 wrapped)
+      assert.is_true(#l < 40, "a line wider than the terminal: " .. l)
+      if l:find("it/s", 1, true) then bars = bars + 1 end
+    end
+    assert.equal(3, bars, screen)
+    assert.is_true(screen:find("\nworker says 30\n", 1, true) ~= nil or
+                   screen:find("^worker says 30\n") ~= nil, screen)
+    assert.is_not_nil(screen:find("\ngot 20\n", 1, true), screen)
+    assert.matches("\n%[#+%] 60/60 [%d.]+ it/s in 0:%d%d\n", screen)
+    assert.matches("\n50 done [%d.]+ it/s in 0:%d%d\nALL DONE$", screen)
+  end)
+
+  it("counts iterator input when stderr is not a terminal", function()
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local pool <close> = mp.Pool(2)
+      local n = 0
+      for _ in pool:imap(function(x) return x end,
+                         function() n = n + 1 if n <= 7 then return n end end,
+                         {progress = true}) do end
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("", out)
+    assert.matches("^7 done in [%d.]+ s %([%d.]+ it/s%)\n$", err)
+  end)
+end)
+
+-- issue 13 item 12: error objects too (a stock lua5.4 prints an uncaught
+-- one's tostring alone)
+describe("Error objects of a public call carry the caller's line", function()
+  it("in the message, as error() puts it in a string, and in err.where", function()
+    local pool = mp.Pool(1)
+    pool:close()
+    local line = debug.getinfo(1, "l").currentline + 1
+    local ok, err = pcall(function() pool:map(print, {1}) end)
+    assert.is_false(ok)
+    assert.equal("ValueError", err.kind)
+    assert.matches("pool_spec%.lua:" .. line .. ": Pool not running$", err.message)
+    assert.matches("pool_spec%.lua:" .. line .. "$", err.where)
+    assert.matches("^ValueError: [^\n]*pool_spec%.lua:" .. line .. ": Pool not running",
+                   tostring(err))
+    -- called straight through pcall (a C function) there is no line
+    assert.equal("Pool not running", select(2, pcall(pool.map, pool, print, {1})).message)
+    pool:join()
+    local p = mp.Process(function() end)
+    p:start() p:join()
+    line = debug.getinfo(1, "l").currentline + 1
+    ok, err = pcall(function() p:start() end)
+    assert.equal("ProcessError", err.kind)
+    assert.matches("pool_spec%.lua:" .. line .. ": cannot start a process twice$", err.message)
   end)
 end)

@@ -838,3 +838,61 @@ describe("logging", function()
     assert.matches("^false\t.*level expected", out)
   end)
 end)
+
+-- issue 13 items 9 and 12
+describe("Process identity and misuse (issue 13)", function()
+  it("current_process():is_alive() is true, in the main process and a pool worker", function()
+    assert.is_true(mp.current_process():is_alive())
+    local pool <close> = mp.Pool(1)
+    assert.same({true, "Pool"}, pool:apply(function()
+      local me = mp.current_process()
+      return {me:is_alive(), me.name:match("^Pool")}
+    end))
+  end)
+
+  it("active_children() lists a pool's workers while they run", function()
+    local pool = mp.Pool(2)
+    local kids = mp.active_children()
+    local pids = {}
+    for _, p in ipairs(kids) do
+      if tostring(p.name):match("^Pool%d+%-Worker%-%d$") then
+        pids[#pids + 1] = p.pid
+        assert.is_true(p:is_alive())
+        assert.is_true(p.daemon)
+      end
+    end
+    table.sort(pids)
+    local want = {}
+    for _, w in pairs(pool._workers) do want[#want + 1] = w.pid end
+    table.sort(want)
+    assert.same(want, pids)
+    pool:terminate()
+    for _, p in ipairs(mp.active_children()) do
+      assert.is_nil(tostring(p.name):match("^Pool%d+%-Worker"))
+    end
+    -- the objects handed out before say the worker is gone
+    for _, p in ipairs(kids) do
+      if tostring(p.name):match("^Pool") then
+        assert.is_false(p:is_alive())
+        assert.is_number(p.exitcode)
+      end
+    end
+  end)
+
+  it("p.start() (a dot-call) says to use p:start(...) at the caller's line", function()
+    local p = mp.Process(function() end)
+    local line = debug.getinfo(1, "l").currentline + 1
+    local ok, err = pcall(function() p.start() end)
+    assert.is_false(ok)
+    assert.matches("process_spec%.lua:" .. line .. ": calling 'start' on bad self " ..
+                   "%(Process expected, got nil; use p:start%(%.%.%.%)%)", err)
+    line = debug.getinfo(1, "l").currentline + 1
+    ok, err = pcall(function() mp.Process{target = 5} end)
+    assert.is_false(ok)
+    assert.matches("process_spec%.lua:" .. line .. ": bad argument #1 to 'Process' " ..
+                   "%(target must be a function, got number%)", err)
+    p:start()
+    p:join()
+    assert.equal(0, p.exitcode)
+  end)
+end)

@@ -494,3 +494,29 @@ describe("REPL on a pipe", function()
     assert.equal("stdin:1: 'end' expected near <eof>\n", err)
   end)
 end)
+
+-- issue 13 item 18
+describe("repl.complete hides private names", function()
+  it("offers an object's _ methods and fields only when asked for", function()
+    local Cls = {}
+    Cls.__index = Cls
+    function Cls:run() end
+    function Cls:_pump() end
+    local env = {obj = setmetatable({_state = 1, size = 2}, Cls), _G = _G,
+                 _VERSION = _VERSION}
+    assert.same({"obj:run("}, R.complete("obj:", env))
+    assert.same({"obj.run(", "obj.size"}, R.complete("obj.", env))
+    assert.same({"obj:_pump("}, R.complete("obj:_", env))
+    assert.same({"obj.__index", "obj._pump(", "obj._state"}, R.complete("obj._", env))
+    -- globals named with "_" are Lua's own, offered as before
+    assert.same({"_G", "_VERSION"}, R.complete("_", env))
+  end)
+
+  it("a Pool offers only its public methods", function()
+    local mp = require "multiprocessing"
+    local pool <close> = mp.Pool(1)
+    local got = R.complete("pool:", {pool = pool})
+    assert.is_true(contains(got, "pool:map("), table.concat(got, " "))
+    for _, c in ipairs(got) do assert.is_nil(c:find(":_", 1, true), c) end
+  end)
+end)

@@ -6,6 +6,8 @@
 -- then answers the client's challenge), timeouts, and which objects
 -- mp.wait understands.
 local core = require "multiprocessing.core"
+local util = require "multiprocessing.util"
+local argerror, typeerror = util.argerror, util.typeerror
 
 local C = {}
 C.connection = C      -- mp.connection is this module
@@ -24,8 +26,7 @@ end
 
 local function check_authkey(authkey, argn, fname)
   if authkey ~= nil and type(authkey) ~= "string" then
-    error(string.format("bad argument #%d to '%s' (authkey must be a " ..
-      "string, got %s)", argn, fname, type(authkey)), 3)
+    argerror(argn, fname, "authkey must be a string, got " .. util.typename(authkey))
   end
   if authkey == "" then authkey = nil end
   return authkey
@@ -79,8 +80,7 @@ function C.Listener(opts, family, backlog, authkey)
   end
   for k in pairs(opts) do
     if not listener_opts[k] then
-      error("bad argument #1 to 'Listener' (unknown option '" ..
-            tostring(k) .. "')", 2)
+      argerror(1, "Listener", "unknown option '" .. tostring(k) .. "'")
     end
   end
   local address = opts.address
@@ -157,8 +157,7 @@ local function wait_spec(obj)
   if t == "number" then
     local fd = math.tointeger(obj)
     if not fd or fd < 0 then
-      error("bad argument #1 to 'wait' (bad file descriptor " ..
-            tostring(obj) .. ")", 4)
+      argerror(1, "wait", "bad file descriptor " .. tostring(obj))
     end
     return fd
   end
@@ -170,15 +169,16 @@ local function wait_spec(obj)
     ok, f = pcall(function() return obj.fileno end)
     if ok and f then return f(obj) end
   end
-  error("bad argument #1 to 'wait' (cannot wait for a " .. t .. " value)", 4)
+  argerror(1, "wait", "cannot wait for a " .. util.typename(obj) .. " value")
 end
 
 -- mp.wait(objects [, timeout]) -> the ready subset of objects, in their
 -- order; an empty list on timeout.
 function C.wait(objects, timeout)
-  if type(objects) ~= "table" then
-    error("bad argument #1 to 'wait' (table expected, got " ..
-          type(objects) .. ")", 2)
+  if type(objects) ~= "table" then typeerror(1, "wait", "table", objects) end
+  if timeout ~= nil then
+    if type(timeout) ~= "number" then typeerror(2, "wait", "number or nil", timeout) end
+    if timeout ~= timeout then argerror(2, "wait", "timeout is NaN") end
   end
   local fds, readies, hints = {}, {}, {}
   local n = #objects
@@ -215,5 +215,12 @@ function C.wait(objects, timeout)
     -- only hints fired and none was ready: wait again
   end
 end
+
+-- A Listener's methods check their self (listener.accept() for
+-- listener:accept() is told so at the caller's line).
+util.checked_methods(Listener, "Listener", "listener", function(v)
+  return getmetatable(v) == Listener
+end)
+Listener.__close = Listener.close
 
 return C

@@ -371,7 +371,29 @@ local function apply_method(with_key)
   end
 end
 
+-- Every proxy method checks its self first (d.keys() for d:keys() gets
+-- "use d:keys(...)" at the caller's line); a method table shared by two
+-- types (Lock, RLock) is wrapped once, and accepts any proxy whose
+-- methods are these or inherit them.
+local checked = setmetatable({}, {__mode = "k"})
+local function check_selves(methods, name)
+  if checked[methods] then return end
+  checked[methods] = true
+  require("multiprocessing.util").checked_methods(methods, name, "proxy", function(v)
+    local mt = type(v) == "table" and getmetatable(v)
+    local m = type(mt) == "table" and rawget(mt, "__methods")
+    -- (a JoinableQueue's methods inherit a Queue's)
+    while type(m) == "table" do
+      if m == methods then return true end
+      local up = getmetatable(m)
+      m = type(up) == "table" and rawget(up, "__index")
+    end
+    return false
+  end)
+end
+
 local function define(typeid, name, methods, mt)
+  check_selves(methods, name)
   mt.__typeid = typeid
   mt.__name = name
   mt.__gc = proxy_gc

@@ -23,15 +23,19 @@
 local core = require "multiprocessing.core"
 local process = require "multiprocessing.process"
 local connection = require "multiprocessing.connection"
+local util = require "multiprocessing.util"
 
 local encode, decode, now = core.encode, core.decode, core.now
 local upvalue_snapshot, upvalues_same = core.upvalue_snapshot, core.upvalues_same
 local table_slice, table_into, table_new = core.table_slice, core.table_into,
                                            core.table_new
 local unpack, pack = table.unpack, table.pack
-local raise, new_error = core.raise, core.new_error
+local new_error = core.new_error
 local getpid = core.pid or core.getpid
 local shielded = core.shielded
+local argerror, typeerror = util.argerror, util.typeerror
+-- (errors of a public call: led by the caller's file:line)
+local raise = util.raise
 
 local M = {}
 
@@ -140,6 +144,9 @@ end
 -- An entry overwritten before its tasks came up only means they run,
 -- their results dropped.
 local CANCEL_RING, CANCEL_BITS = 16, 24
+-- (the word after the ring: 1 while the owner's progress bar is drawn;
+-- see Progress)
+local BAR = CANCEL_RING + 2
 local CANCEL_MAX = (1 << CANCEL_BITS) - 1
 
 local function is_cancelled(cancel, tag)
@@ -157,6 +164,17 @@ local function worker_main(cfg)
   process._become_child(cfg.name, true)
   local tq, rq, store, slot = cfg.tq, cfg.rq, cfg.store, cfg.slot
   local starts, started, cancel = cfg.starts, cfg.started, cfg.cancel
+  -- a task's print or io.write clears the owner's progress bar first, when
+  -- one is drawn, so that its output is on a line of its own
+  local print0, write0, stderr = print, io.write, io.stderr
+  local function clear()
+    if cancel[BAR] ~= 0 then
+      cancel[BAR] = 0
+      stderr:write("\r\27[K")
+    end
+  end
+  print = function(...) clear() return print0(...) end
+  io.write = function(...) clear() return write0(...) end
   if cfg.initializer then
     local a = cfg.initargs
     local ok, err = xpcall(cfg.initializer, traceback, unpack(a, 1, a.n or #a))
@@ -358,7 +376,15 @@ function AsyncResult:ready()
   return self._done
 end
 
+-- A wait's timeout: nil (no limit) or a number (below 0 counts as 0).
+local function check_timeout(timeout, argn, fname)
+  if timeout == nil then return end
+  if type(timeout) ~= "number" then typeerror(argn, fname, "number or nil", timeout) end
+  if timeout ~= timeout then argerror(argn, fname, "timeout is NaN") end
+end
+
 function AsyncResult:wait(timeout)
+  check_timeout(timeout, 1, "wait")
   local deadline = timeout and now() + math.max(timeout, 0)
   while not self._done do
     if deadline and now() >= deadline then return false end
@@ -368,6 +394,7 @@ function AsyncResult:wait(timeout)
 end
 
 function AsyncResult:get(timeout)
+  check_timeout(timeout, 1, "get")
   if not self:wait(timeout) then raise("TimeoutError", "result not ready in time") end
   local v = self._value
   if self._kind == "apply" then
@@ -385,14 +412,30 @@ end
 
 -- ---------------------------------------------------------------------------
 -- Progress bar: stderr, redrawn at most 10 times a second on a terminal; a
--- plain final line otherwise.
+-- plain final line otherwise.  On a terminal the line fits its width (a
+-- line that wraps would make every redraw a new line), and output must
+-- not run into it: while a bar is drawn, print and io.write clear it
+-- first -- in this process (wrapped for the bar's life, the bar redrawn
+-- after) and in the workers (wrapped for good, see worker_main: they
+-- clear it when the pool's shared BAR word says it is drawn, and the
+-- owner draws it again at its next update).  With an iterator function
+-- as input (imap) the total is unknown: the count and the rate show.
 
 local Progress = {}
 Progress.__index = Progress
 
-local function new_progress(total)
-  return setmetatable({total = total, t0 = now(), last = 0,
-                       tty = core.isatty(2)}, Progress)
+-- the terminal's width: $COLUMNS, else stty's answer about stderr
+local function term_cols()
+  local c = math.tointeger(tonumber(os.getenv("COLUMNS") or ""))
+  if c and c > 0 then return c end
+  local f = io.popen("stty size <&2 2>/dev/null")
+  if f then
+    local out = f:read("a") or ""
+    f:close()
+    c = math.tointeger(tonumber(out:match("^%d+ (%d+)") or ""))
+    if c and c > 0 then return c end
+  end
+  return 80
 end
 
 local function clock(s)
@@ -400,32 +443,114 @@ local function clock(s)
   return string.format("%d:%02d", s // 60, s % 60)
 end
 
-function Progress:line(done)
+-- The bar being drawn in this process (one at a time), and the print and
+-- io.write it wrapped.
+local drawn_bar, plain_print, plain_write
+
+local function clear_bar()
+  local bar = drawn_bar
+  if bar and bar.drawn then
+    io.stderr:write("\r\27[K")
+    bar.drawn = false
+    if bar.flag then bar.flag[BAR] = 0 end
+  end
+end
+
+local function redraw_bar()
+  local bar = drawn_bar
+  if bar and not bar.drawn and not bar.ended then
+    io.stdout:flush()
+    bar:draw()
+  end
+end
+
+local function bar_print(...)
+  clear_bar()
+  plain_print(...)
+  redraw_bar()
+end
+
+local function bar_write(...)
+  clear_bar()
+  local r = plain_write(...)
+  if select("#", ...) > 0 and tostring(select(select("#", ...), ...)):find("\n$") then
+    redraw_bar()
+  end
+  return r
+end
+
+-- total: the number of items, nil when unknown; flag: the pool's shared
+-- words (BAR says a bar is drawn, for the workers)
+local function new_progress(total, flag)
+  local self = setmetatable({total = total, t0 = now(), last = 0, done = 0,
+                             tty = core.isatty(2), flag = flag,
+                             drawn = false, ended = false}, Progress)
+  if self.tty then
+    self.cols = term_cols()
+    if drawn_bar == nil then
+      plain_print, plain_write = print, io.write
+      print, io.write = bar_print, bar_write
+    end
+    drawn_bar = self
+  end
+  return self
+end
+
+-- The bar's line for done items, at most cols - 1 characters.
+function Progress:line(done, final)
   local dt = now() - self.t0
   local rate = dt > 0 and done / dt or 0
-  local eta = rate > 0 and (self.total - done) / rate or 0
-  local width = 30
-  local fill = self.total > 0 and math.floor(width * done / self.total) or width
-  return string.format("[%s%s] %d/%d %.1f it/s ETA %s", string.rep("#", fill),
-    string.rep(".", width - fill), done, self.total, rate, clock(eta))
+  local total = self.total
+  local tail = final and ("in " .. clock(dt)) or
+               (total and "ETA " .. clock(rate > 0 and (total - done) / rate or 0) or
+                clock(dt))
+  local count = total and string.format("%d/%d", done, total) or (done .. " done")
+  local text = string.format("%s %.1f it/s %s", count, rate, tail)
+  local room = (self.cols or 80) - 1
+  local width = total and math.min(30, room - #text - 3) or 0
+  if width < 5 then return text:sub(1, room) end
+  local fill = total > 0 and math.floor(width * done / total) or width
+  if fill > width then fill = width end
+  return string.format("[%s%s] %s", string.rep("#", fill),
+                       string.rep(".", width - fill), text)
+end
+
+function Progress:draw()
+  io.stderr:write("\r", self:line(self.done), "\27[K")
+  io.stderr:flush()
+  self.drawn = true
+  if self.flag then self.flag[BAR] = 1 end
 end
 
 function Progress:update(job)
-  if not self.tty then return end
+  self.done = job._items_done
+  if not self.tty or self.ended then return end
   local t = now()
-  if t - self.last < 0.1 then return end
+  -- (a worker that printed cleared the bar: drawn again now)
+  if self.drawn and self.flag and self.flag[BAR] == 0 then self.drawn = false end
+  if self.drawn and t - self.last < 0.1 then return end
   self.last = t
-  io.stderr:write("\r", self:line(job._items_done), "\27[K")
-  io.stderr:flush()
+  self:draw()
 end
 
+-- The last line: the count, the rate and the time it took.
 function Progress:finish(job)
+  if self.ended then return end
+  self.ended = true
   local done, dt = job._items_done, now() - self.t0
+  self.done = done
   if self.tty then
-    io.stderr:write("\r", self:line(done), "\27[K\n")
+    io.stderr:write("\r", self:line(done, true), "\27[K\n")
+    if self.flag then self.flag[BAR] = 0 end
+    if drawn_bar == self then
+      drawn_bar = nil
+      if print == bar_print then print = plain_print end
+      if io.write == bar_write then io.write = plain_write end
+    end
   else
-    io.stderr:write(string.format("%d/%d done in %.2f s (%.1f it/s)\n", done,
-      self.total, dt, dt > 0 and done / dt or 0))
+    io.stderr:write(string.format("%s done in %.2f s (%.1f it/s)\n",
+      self.total and done .. "/" .. self.total or tostring(done), dt,
+      dt > 0 and done / dt or 0))
   end
   io.stderr:flush()
 end
@@ -440,25 +565,25 @@ Pool.__name = "Pool"
 local pool_count = 0
 
 local function check_function(f, argn, fname)
-  if type(f) ~= "function" then
-    error(string.format("bad argument #%d to '%s' (function expected, got %s)",
-                        argn, fname, type(f)), 3)
-  end
+  if type(f) ~= "function" then typeerror(argn, fname, "function", f) end
 end
 
 local function spawn_worker(self, slot)
+  local name = string.format("%s-Worker-%d", self._name, slot + 1)
   local cfg = {
     tq = self._tq, rq = self._rq, store = self._store, slot = slot,
     starts = self._starts, started = self._started, cancel = self._cancel,
     initializer = self._initializer, initargs = self._initargs,
     maxtasks = self._maxtasks,
-    name = string.format("%s-Worker-%d", self._name, slot + 1),
+    name = name,
   }
   -- -3: in the initializer (the worker sets -1 once it returned)
   if self._initializer then self._started[slot + 1] = -3 end
   -- (workers die with their owner: a SIGKILLed owner leaves no orphans)
   local h = core.spawn(worker_main, cfg, true, true, true)
-  self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel()}
+  -- (proc: the worker as mp.active_children() lists it)
+  self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel(),
+                         proc = process._adopt(name, h)}
 end
 
 function M.Pool(opts, initializer, initargs, maxtasksperchild)
@@ -472,8 +597,12 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
   end
   if n == nil then n = core.cpu_count() end
   if math.type(n) ~= "integer" then
-    n = math.tointeger(n)
-    if not n then error("bad argument #1 to 'Pool' (processes must be an integer)", 2) end
+    local i = math.tointeger(n)
+    if not i then
+      argerror(1, "Pool", "processes must be an integer, got " ..
+               (type(n) == "number" and tostring(n) or util.typename(n)))
+    end
+    n = i
   end
   if n < 1 then raise("ValueError", "Number of processes must be at least 1") end
   if n > 4096 then raise("ValueError", "at most 4096 processes") end
@@ -484,6 +613,10 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
                                   maxtasksperchild < 1) then
     raise("ValueError", "maxtasksperchild must be a positive integer")
   end
+  if initargs ~= nil and type(initargs) ~= "table" then
+    argerror(type(opts) == "table" and 1 or 3, "Pool",
+             "initargs must be a table, got " .. util.typename(initargs))
+  end
   pool_count = pool_count + 1
   local self = setmetatable({
     _n = n, _owner = getpid(), _state = "RUN", _name = "Pool" .. pool_count,
@@ -491,7 +624,7 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _maxtasks = maxtasksperchild,
     _tq = core.Queue{slots = n}, _rq = core.Queue(), _store = core.Store(),
     _starts = core.RawArray("d", n), _started = core.RawArray("q", n),
-    _cancel = core.RawArray("q", CANCEL_RING + 1),
+    _cancel = core.RawArray("q", CANCEL_RING + 2),
     -- _jobs: the imap iterators not finished yet, weakly: one the caller
     -- dropped (a loop left with break) goes once its chunks in flight
     -- have settled (their task records hold it till then)
@@ -603,7 +736,7 @@ function Pool:_submit(rec, fref, mode, items, n, first, timeout)
 end
 
 -- Options of apply_async's third argument and the map family's third.
-local function task_options(x, what)
+local function task_options(x, what, fname)
   if type(x) == "table" then
     local t = x.timeout
     if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
@@ -614,12 +747,13 @@ local function task_options(x, what)
   elseif what == "apply" and type(x) == "function" then return {callback = x}
   elseif what == "map" and math.type(x) == "integer" then return {chunksize = x}
   end
-  error("bad option table for " .. what, 3)
+  argerror(3, fname, "bad options: table" .. (what == "apply" and
+           " or callback" or " or chunksize") .. " expected, got " .. util.typename(x))
 end
 
 -- The options of a *_async call with its positional callbacks merged in.
-local function with_callbacks(opts, callback, error_callback)
-  local o = task_options(opts, "map")
+local function with_callbacks(opts, callback, error_callback, fname)
+  local o = task_options(opts, "map", fname)
   if callback == nil and error_callback == nil then return o end
   local t = {}
   for k, v in pairs(o) do t[k] = v end
@@ -628,19 +762,28 @@ local function with_callbacks(opts, callback, error_callback)
   return t
 end
 
-local function check_args(args)
+local function check_args(args, fname)
   if args == nil then return {n = 0} end
   if type(args) ~= "table" then
-    error("bad argument #2 (args must be a table, got " .. type(args) .. ")", 3)
+    argerror(2, fname, "args must be a table, got " .. util.typename(args))
   end
   return args
 end
 
-function Pool:apply_async(f, args, opts, error_callback)
+local function check_callback(cb, argn, fname)
+  if cb ~= nil and type(cb) ~= "function" then
+    typeerror(argn, fname, "function or nil", cb)
+  end
+end
+
+function Pool:_apply_async(f, args, opts, error_callback, fname)
   check_running(self)
-  check_function(f, 1, "apply_async")
-  args = check_args(args)
-  opts = task_options(opts, "apply")
+  check_function(f, 1, fname)
+  args = check_args(args, fname)
+  opts = task_options(opts, "apply", fname)
+  check_callback(opts.callback, 3, fname)
+  check_callback(opts.error_callback, 3, fname)
+  check_callback(error_callback, 4, fname)
   if error_callback then
     opts = {callback = opts.callback, error_callback = error_callback,
             timeout = opts.timeout}
@@ -663,14 +806,36 @@ local function get_guarded(pool, job)
   return job:get()
 end
 
+function Pool:apply_async(f, args, opts, error_callback)
+  return self:_apply_async(f, args, opts, error_callback, "apply_async")
+end
+
 function Pool:apply(f, args, opts)
-  return get_guarded(self, self:apply_async(f, args, opts))
+  return get_guarded(self, self:_apply_async(f, args, opts, nil, "apply"))
+end
+
+-- The length of a sequence given as an iterable (n honoured); a table
+-- with keys but no items ({a = 1}) is refused rather than mapped to
+-- nothing.
+local function seq_len(t, fname)
+  local n = t.n
+  if n == nil then
+    n = #t
+    if n == 0 and next(t) ~= nil then
+      argerror(2, fname, "iterable must be a sequence (keys 1..n) or an " ..
+               "iterator function, got a table with key " .. tostring((next(t))))
+    end
+  elseif math.type(n) ~= "integer" or n < 0 then
+    argerror(2, fname, "iterable's n must be a non-negative integer, got " ..
+             tostring(n))
+  end
+  return n
 end
 
 -- The items of an iterable: a sequence (args.n honoured) or an iterator
 -- function returning nil at the end.
-local function collect(iterable)
-  if type(iterable) == "table" then return iterable, iterable.n or #iterable end
+local function collect(iterable, fname)
+  if type(iterable) == "table" then return iterable, seq_len(iterable, fname) end
   if type(iterable) == "function" then
     local items, n = {}, 0
     for v in iterable do
@@ -679,8 +844,20 @@ local function collect(iterable)
     end
     return items, n
   end
-  error("bad argument #2 (iterable must be a table or an iterator function, got " ..
-        type(iterable) .. ")", 3)
+  argerror(2, fname, "iterable must be a table or an iterator function, got " ..
+           util.typename(iterable))
+end
+
+-- starmap's items are argument lists: one that is not a table is refused
+-- here, in the caller, rather than failing in (and killing) a worker.
+local function check_star_items(items, n, fname)
+  for i = 1, n do
+    local a = items[i]
+    if type(a) ~= "table" then
+      argerror(2, fname, string.format("item %d of iterable must be a table " ..
+               "of arguments, got %s", i, util.typename(a)))
+    end
+  end
 end
 
 local function default_chunksize(n, workers)
@@ -693,8 +870,11 @@ end
 function Pool:_map_async(f, iterable, opts, mode, fname)
   check_running(self)
   check_function(f, 1, fname)
-  opts = task_options(opts, "map")
-  local items, n = collect(iterable)
+  opts = task_options(opts, "map", fname)
+  check_callback(opts.callback, 4, fname)
+  check_callback(opts.error_callback, 5, fname)
+  local items, n = collect(iterable, fname)
+  if mode == STARMAP then check_star_items(items, n, fname) end
   local chunksize = opts.chunksize
   if chunksize == nil then
     chunksize = opts.timeout and 1 or default_chunksize(n, self._n)
@@ -705,7 +885,7 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
   job._results = table_new(n, 1)
   job._results.n = n
   job._left, job._items_done = 0, 0
-  if opts.progress then job._progress = new_progress(n) end
+  if opts.progress then job._progress = new_progress(n, self._cancel) end
   local fref = self:_fref(f, true)
   local ok, err = pcall(self._submit_chunks, self, job, fref, mode, items, n,
                         chunksize, opts.timeout)
@@ -770,7 +950,8 @@ function Pool:_submit_chunks(job, fref, mode, items, n, chunksize, timeout)
 end
 
 function Pool:map_async(f, iterable, opts, callback, error_callback)
-  return self:_map_async(f, iterable, with_callbacks(opts, callback, error_callback),
+  return self:_map_async(f, iterable,
+                         with_callbacks(opts, callback, error_callback, "map_async"),
                          MAP, "map_async")
 end
 
@@ -779,7 +960,8 @@ function Pool:map(f, iterable, opts)
 end
 
 function Pool:starmap_async(f, iterable, opts, callback, error_callback)
-  return self:_map_async(f, iterable, with_callbacks(opts, callback, error_callback),
+  return self:_map_async(f, iterable,
+                         with_callbacks(opts, callback, error_callback, "starmap_async"),
                          STARMAP, "starmap_async")
 end
 
@@ -794,14 +976,14 @@ end
 function Pool:_imap(f, iterable, opts, ordered, fname)
   check_running(self)
   check_function(f, 1, fname)
-  opts = task_options(opts, "map")
+  opts = task_options(opts, "map", fname)
   local chunksize = opts.chunksize or 1
   if math.type(chunksize) ~= "integer" or chunksize < 1 then
     raise("ValueError", "Chunksize must be 1+, not " .. tostring(chunksize))
   end
   local next_item
   if type(iterable) == "table" then
-    local i, n = 0, iterable.n or #iterable
+    local i, n = 0, seq_len(iterable, fname)
     next_item = function()
       if i >= n then return false end
       i = i + 1
@@ -814,13 +996,14 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       return true, v
     end
   else
-    error("bad argument #2 to '" .. fname .. "' (table or function expected)", 2)
+    typeerror(2, fname, "table or function", iterable)
   end
   local job = new_job(self, "imap", opts)
   job._results, job._left, job._items_done = {}, 0, 0
   job._chunk_done, job._chunk_err = {}, {}
-  if opts.progress and type(iterable) == "table" then
-    job._progress = new_progress(iterable.n or #iterable)
+  if opts.progress then
+    job._progress = new_progress(type(iterable) == "table" and
+                                 seq_len(iterable, fname) or nil, self._cancel)
   end
   local fref = self:_fref(f, true)
   local ahead = math.max(4, 2 * self._n)
@@ -833,6 +1016,10 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
   local ready, rlen = {}, 0                     -- unordered: indexes ready
   local rpos = 1
   local pool = self
+  -- the error the input iterator raised: the items read before it are
+  -- still sent and their results yielded, then it is raised (CPython's
+  -- test_imap_handle_iterable_exception)
+  local input_err
 
   local function feed()
     if pool._state ~= "RUN" then exhausted = true end
@@ -840,7 +1027,13 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
       local payload, k = {}, 0
       local first = fed + 1
       while k < chunksize do
-        local more, v = next_item()
+        local ok, more, v = pcall(next_item)
+        if not ok then
+          -- (Ctrl-C is not deferred)
+          if more == "interrupted!" then error(more, 0) end
+          input_err, exhausted = more, true
+          break
+        end
         if not more then exhausted = true break end
         k = k + 1
         payload[k] = v
@@ -884,6 +1077,18 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
     end
   end
   job._chunk_first = {}
+  -- the end of the results: the input's error, if it raised one
+  local function the_end()
+    if job._broken then error(job._broken, 0) end
+    if input_err ~= nil then
+      local err = input_err
+      input_err = nil
+      if not job._done then job._ok, job._value = false, err finish(job) end
+      error(err, 0)
+    end
+    if not job._done then job._ok, job._value = true, nil finish(job) end
+    return nil
+  end
   local function iter()
     feed()
     while true do
@@ -909,9 +1114,7 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
           end
           feed()
         elseif exhausted and job._left == 0 and yielded_chunk > chunks then
-          if job._broken then error(job._broken, 0) end
-          if not job._done then job._ok, job._value = true, nil finish(job) end
-          return nil
+          return the_end()
         else
           pool:_pump(nil)
           feed()
@@ -933,9 +1136,7 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
           job._results[idx] = nil
           return idx, v
         elseif exhausted and job._left == 0 then
-          if job._broken then error(job._broken, 0) end
-          if not job._done then job._ok, job._value = true, nil finish(job) end
-          return nil
+          return the_end()
         else
           pool:_pump(nil)
           feed()
@@ -1019,14 +1220,16 @@ end
 local function drain(self)
   local rq, n = self._rq, 0
   local get = rq._get_items
-  while handle(self, get(rq)) do n = n + 1 end
+  -- (a callback run by handle may have terminated the pool: its queues
+  -- are closed then, and what was taken so far is all there is)
+  while not self._released and handle(self, get(rq)) do n = n + 1 end
   return n
 end
 
 -- (shielded: a Ctrl-C between taking a result and recording it would
 -- lose it, and its get would wait forever)
 function Pool:_drain()
-  if self._rq:empty() then return 0 end
+  if self._released or self._rq:empty() then return 0 end
   return shielded(drain, self)
 end
 
@@ -1084,6 +1287,7 @@ local function check_workers(self)
         end
       end
       if tag ~= nil then self._tq:_clear(slot) end
+      process._disown(w.proc, code, w.pid)
       w.h:close()
       self._workers[slot] = nil
       self._started[slot + 1] = -1
@@ -1116,6 +1320,7 @@ function Pool:_cancel_job(job, kill)
     return
   end
   pcall(self._drain, self)            -- what is there may finish it
+  if job._progress then pcall(job._progress.finish, job._progress, job) end
   local pending, tags = {}, {}
   for tag, rec in pairs(self._tasks) do
     if rec == job or (rec ~= ORPHAN and not rec._kind and rec[1] == job) then
@@ -1262,6 +1467,7 @@ function Pool:_kill_workers()
       -- finalized first); the worker still runs and is a child entry
       -- the runtime reaps later, so its pid is still its own
       core.kill(w.pid, "SIGKILL")
+      process._disown(w.proc, nil, w.pid)
       self._workers[slot] = nil
     else
       w.h:signal("SIGTERM")
@@ -1278,6 +1484,7 @@ function Pool:_kill_workers()
       w.h:signal("SIGKILL")
       w.h:wait()
     end
+    process._disown(w.proc, (w.h:poll()), w.pid)
     w.h:close()
     self._workers[slot] = nil
   end
@@ -1327,14 +1534,44 @@ function Pool:_release()
 end
 
 Pool.__close = function(self) self:terminate() end
+-- A pool collected while running was forgotten: its workers idled until
+-- now.  They are terminated, and the first time the process is told, on
+-- stderr, as Python's ResourceWarning does.
+local warned_unclosed = false
 Pool.__gc = function(self)
   if self._owner == getpid() and self._state ~= "TERMINATE" and not self._released then
+    if self._state == "RUN" and not warned_unclosed then
+      warned_unclosed = true
+      pcall(function()
+        io.stderr:write("ResourceWarning: unclosed running multiprocessing pool ",
+          tostring(self), " collected; its workers are terminated now (call ",
+          "pool:close() and pool:join(), or pool:terminate(), or hold it in ",
+          "a local <close>)\n")
+        io.stderr:flush()
+      end)
+    end
     pcall(self.terminate, self)
   end
 end
 Pool.__tostring = function(self)
   return string.format("<Pool state=%s pool_size=%d>", self._state, self._n)
 end
+
+-- Every public method checks its self first: pool.map(f, t), Python's
+-- habit, gets "use pool:map(...)" at the caller's line, not an index error
+-- deep in here.  (The private _methods are called by this file only.)
+local function is_pool(v) return getmetatable(v) == Pool end
+local function is_result(v) return getmetatable(v) == AsyncResult end
+local function check_selves(cls, clsname, var, is_cls)
+  local public = {}
+  for k, f in pairs(cls) do
+    if type(f) == "function" and not k:find("^_") then public[k] = f end
+  end
+  util.checked_methods(public, clsname, var, is_cls)
+  for k, f in pairs(public) do cls[k] = f end
+end
+check_selves(Pool, "Pool", "pool", is_pool)
+check_selves(AsyncResult, "AsyncResult", "result", is_result)
 
 M.AsyncResult = AsyncResult
 return M

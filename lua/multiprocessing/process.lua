@@ -8,16 +8,21 @@
 -- names, daemon inheritance, the checks and their error messages, the
 -- class mechanism (Process:extend()).
 local core = require "multiprocessing.core"
+local util = require "multiprocessing.util"
 
 local getpid = core.pid       -- cached by the C side, right after forks too
-local raise = core.raise
+local raise = util.raise     -- (led by the caller's file:line)
 local unpack = table.unpack
 
 local P = {}
 
 -- ---- this process's identity ---------------------------------------------
 
-local main_process = {name = "MainProcess", daemon = false, _identity = ""}
+-- (this process is alive whatever asks: Python's current_process().is_alive())
+local function self_alive() return true end
+
+local main_process = {name = "MainProcess", daemon = false, _identity = "",
+                      is_alive = self_alive}
 setmetatable(main_process, {
   __index = function(_, k)
     if k == "pid" or k == "ident" then return getpid() end
@@ -38,9 +43,12 @@ setmetatable(main_process, {
 -- as Python's _children, so a running child's object is never collected);
 -- counter, for default names (Process-<n>).  All slots exist from the
 -- start, so these writes allocate nothing.
+-- adopted: Process objects standing for children that other parts of the
+-- runtime forked themselves (Pool workers, see P._adopt), weakly: their
+-- owner (the pool) holds them while they run.
 local S = {current = main_process, starting = nil, parent = nil,
            parent_name = nil, parent_pid = nil, children = nil,
-           counter = 0, owner = getpid()}
+           adopted = nil, counter = 0, owner = getpid()}
 
 -- Makes S describe this process.  A process started by start() and the
 -- forks it made before asking (core.take_started, runtime/process.c) take
@@ -54,7 +62,7 @@ local function sync()
     S.current, S.parent = self, nil
     S.parent_name, S.parent_pid = self._parent_name, self._parent_pid
   end
-  S.children, S.counter, S.owner = nil, 0, me
+  S.children, S.adopted, S.counter, S.owner = nil, nil, 0, me
 end
 
 local function my_children()
@@ -96,7 +104,9 @@ local function describe(self)
   elseif self == S.current then
     status = "started"
   elseif not rawget(self, "_child") then
-    status = "initial"
+    -- (an adopted child keeps its exit code once its owner let it go)
+    local code = rawget(self, "_exitcode")
+    status = code == nil and "initial" or "stopped exitcode=" .. tostring(code)
   else
     local code = self.exitcode
     if code == nil then status = "started"
@@ -160,32 +170,26 @@ local options = {target = true, args = true, name = true, daemon = true}
 function Process.init(self, opts, args)
   if type(opts) == "function" then opts = {target = opts, args = args} end
   if opts == nil then return end
-  if type(opts) ~= "table" then
-    error("bad argument #1 to 'Process' (table expected, got " ..
-          type(opts) .. ")", 3)
-  end
+  local argerror, typename = util.argerror, util.typename
+  if type(opts) ~= "table" then util.typeerror(1, "Process", "table", opts) end
   for k in pairs(opts) do
     if not options[k] then
-      error("bad argument #1 to 'Process' (unknown option '" ..
-            tostring(k) .. "')", 3)
+      argerror(1, "Process", "unknown option '" .. tostring(k) .. "'")
     end
   end
   local t = opts.target
   if t ~= nil and type(t) ~= "function" then
     local mt = getmetatable(t)
     if not (type(mt) == "table" and mt.__call) then
-      error("bad argument #1 to 'Process' (target must be a function, got " ..
-            type(t) .. ")", 3)
+      argerror(1, "Process", "target must be a function, got " .. typename(t))
     end
   end
   if opts.args ~= nil and type(opts.args) ~= "table" then
-    error("bad argument #1 to 'Process' (args must be a table, got " ..
-          type(opts.args) .. ")", 3)
+    argerror(1, "Process", "args must be a table, got " .. typename(opts.args))
   end
   if opts.name ~= nil and type(opts.name) ~= "string" and
      type(opts.name) ~= "number" then
-    error("bad argument #1 to 'Process' (name must be a string, got " ..
-          type(opts.name) .. ")", 3)
+    argerror(1, "Process", "name must be a string, got " .. typename(opts.name))
   end
   rawset(self, "_target", t)
   if opts.args then
@@ -394,6 +398,18 @@ props.name = function(self)
   return name
 end
 
+-- The public methods check their self (p.start() for p:start() gets "use
+-- p:start(...)" at the caller's line); run and init are the user's to
+-- override and call as they like, extend is the class's.
+do
+  local keep = {run = Process.run, init = Process.init, extend = Process.extend}
+  util.checked_methods(Process, "Process", "p", function(v)
+    local mt = getmetatable(v)
+    return type(mt) == "table" and rawget(mt, "__name") == "multiprocessing.Process"
+  end)
+  for k, f in pairs(keep) do Process[k] = f end
+end
+
 -- Process is itself a class (mp.Process{...} constructs one).
 do
   local cls = make_class(nil, "Process")
@@ -456,10 +472,49 @@ function P.reap()
   return live
 end
 
+-- The live children: Processes started here and the children adopted
+-- (Pool workers), as Python's, which lists its pools' workers too.
 function P.active_children()
   local live = P.reap()
+  if S.adopted then
+    for p in pairs(S.adopted) do
+      local ok, _, gone = pcall(p._child.poll, p._child)
+      if ok and not gone then live[#live + 1] = p end
+    end
+  end
   table.sort(live, function(a, b) return a.pid < b.pid end)
   return live
+end
+
+-- For other parts of the runtime that fork their own children (the Pool's
+-- workers, core.spawn handles they own and reap): a Process object
+-- standing for the child h, daemonic, for active_children and the user.
+-- The owner keeps it and calls P._disown(p) before it closes h.
+function P._adopt(name, h)
+  sync()
+  local p = setmetatable({
+    name = name, daemon = true, pid = nil, _identity = nil, _id_parent = nil,
+    _id_n = nil, _parent_pid = getpid(), _parent_name = S.current.name,
+    _args = EMPTY, _target = nil, _child = h, _exitcode = nil, _closed = nil,
+  }, Process._instance_mt)
+  local a = S.adopted
+  if a == nil then
+    a = setmetatable({}, {__mode = "k"})
+    S.adopted = a
+  end
+  a[p] = true
+  return p
+end
+
+-- The adopted child is gone (exit code code) and its handle about to close.
+-- (It keeps its pid and exit code; without a handle it is not alive.)
+function P._disown(p, code, pid)
+  if S.adopted then S.adopted[p] = nil end
+  local h = rawget(p, "_child")
+  if h == nil then return end
+  rawset(p, "pid", pid)
+  rawset(p, "_exitcode", code)
+  rawset(p, "_child", nil)
 end
 
 function P.register_at_fork(hooks)
@@ -472,10 +527,11 @@ function P._become_child(name, daemon)
   sync()
   local id = S.current._identity
   local me = {name = name, daemon = daemon and true or false,
-              pid = getpid(), _identity = id == "" and "0" or id .. ":0"}
+              pid = getpid(), _identity = id == "" and "0" or id .. ":0",
+              is_alive = self_alive}
   S.parent, S.parent_name, S.parent_pid = nil, S.current.name, core.getppid()
   S.current = me
-  S.children, S.counter = nil, 0
+  S.children, S.adopted, S.counter = nil, nil, 0
   return me
 end
 

@@ -203,7 +203,8 @@ end
 -- Candidates for the word before the cursor: "pri" -> globals and
 -- keywords; "mp.Po" -> fields of mp; "q:pu" -> methods of q (functions
 -- only).  Each candidate is the whole word as it would read once
--- completed, with "(" after functions.  Sorted.
+-- completed, with "(" after functions.  Sorted.  After "." or ":" names
+-- beginning with "_" (private by convention) only when the prefix does.
 function R.complete(word, env)
   env = env or _G
   local base, sep, prefix = word:match("^(.*)([.:])([%w_]*)$")
@@ -223,9 +224,13 @@ function R.complete(word, env)
     pool = fields(env)
     for k in pairs(keywords) do pool[k] = pool[k] or true end
   end
+  -- (an object's "_" fields and methods are its own business: offered
+  -- only when the prefix asks for them; globals such as _G stay)
+  local hide_private = base ~= nil and prefix:sub(1, 1) ~= "_"
   local out = {}
   for k, val in pairs(pool) do
-    if is_name(k) or (not base and keywords[k]) then
+    if (is_name(k) or (not base and keywords[k])) and
+       not (hide_private and k:sub(1, 1) == "_") then
       if k:sub(1, #prefix) == prefix and (sep ~= ":" or type(val) == "function") then
         local suffix = type(val) == "function" and "(" or ""
         out[#out + 1] = (base and base .. sep or "") .. k .. suffix

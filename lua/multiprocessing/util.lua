@@ -8,6 +8,15 @@
 -- WARNING and above go to stderr as the bare message, the rest nowhere.
 -- log_to_stderr(level) adds a handler writing "[LEVEL/ProcessName] message"
 -- to stderr.  A forked child inherits its parent's configuration.
+--
+-- It also holds the argument checks every Lua face of the module shares
+-- (U.argerror, U.check_self, ...): misuse raises Lua's standard "bad
+-- argument #n to 'name' (...)" at the user's line, found by walking the
+-- stack past this library's own frames, so that a check may sit any number
+-- of calls deep (pool:map -> _map_async -> check) and still point at the
+-- caller.  The message is a string with "file:line:" in front, as error()
+-- makes it, so a stock lua5.4 that prints an uncaught error prints where
+-- (and U.raise puts it in an error object's message the same way).
 local U = {}
 
 local levels = {
@@ -119,6 +128,109 @@ function U.log_to_stderr(level)
   if not have then logger:add_handler(stderr_handler) end
   if level ~= nil then logger.level = level_of(level, 1, "log_to_stderr") end
   return logger
+end
+
+-- ---- argument checks -------------------------------------------------------
+
+-- A frame of this library: a file multiprocessing/<name>.lua (the embedded
+-- chunks are "@multiprocessing/pool.lua", installed ones a path ending so).
+local function ours(info)
+  return info.what ~= "C" and info.source:find("multiprocessing/[%w_]+%.lua$") ~= nil
+end
+
+-- The level, as error() counts it from the function calling user_level's
+-- caller, of the first frame that is not this library's: the user's call.
+-- (A C frame there, pcall say, leaves the message without a position, as
+-- Lua's own luaL_argerror does.)
+local function user_level()
+  local level = 3               -- 1 user_level, 2 its caller (the raiser)
+  while true do
+    local info = debug.getinfo(level, "S")
+    if info == nil or not ours(info) then return level - 1 end
+    level = level + 1
+  end
+end
+
+-- The name of v's type as Lua's luaL_typeerror says it (a __name wins).
+function U.typename(v)
+  local mt = getmetatable(v)
+  if type(mt) == "table" and type(rawget(mt, "__name")) == "string" then
+    return rawget(mt, "__name")
+  end
+  return type(v)
+end
+
+-- Raises "bad argument #n to 'fname' (msg)" at the user's line.
+function U.argerror(n, fname, msg)
+  error(string.format("bad argument #%d to '%s' (%s)", n, fname, msg), user_level())
+end
+
+-- Raises "bad argument #n to 'fname' (expected expected, got <type>)".
+function U.typeerror(n, fname, expected, v)
+  error(string.format("bad argument #%d to '%s' (%s expected, got %s)", n, fname,
+                      expected, U.typename(v)), user_level())
+end
+
+-- The name the caller gave an object of class cls (a local or upvalue of
+-- the user's function holding one), for "use pool:map(...)"; var otherwise.
+local function name_in_caller(level, cls, var)
+  local function is(v)
+    return (type(v) == "table" or type(v) == "userdata") and cls(v)
+  end
+  for i = 1, 250 do
+    local name, v = debug.getlocal(level + 1, i)
+    if name == nil then break end
+    if name:match("^[%a_][%w_]*$") and is(v) then return name end
+  end
+  local info = debug.getinfo(level + 1, "f")
+  if info and info.func then
+    for i = 1, 250 do
+      local name, v = debug.getupvalue(info.func, i)
+      if name == nil then break end
+      if name:match("^[%a_][%w_]*$") and is(v) then return name end
+    end
+  end
+  return var
+end
+
+-- Raises "calling 'fname' on bad self (Class expected, got <type>; use
+-- var:fname(...))": nearly always obj.fname(...) written for
+-- obj:fname(...), the Python habit.  is_cls(v) says whether v is one.
+function U.selferror(fname, clsname, var, v, is_cls)
+  local level = user_level()
+  local name = is_cls and name_in_caller(level, is_cls, var) or var
+  error(string.format("calling '%s' on bad self (%s expected, got %s; use %s:%s(...))",
+                      fname, clsname, U.typename(v), name, fname), level)
+end
+
+-- Raises the error object {kind, message} (core.raise's) from a public
+-- call, its message led by the user's "file:line: " as error() would lead
+-- a string (a stock lua5.4 prints an uncaught error object's tostring
+-- alone, no traceback): also in the field where.  Called through a C
+-- function (pcall(pool.map, pool, ...)) there is no line, as for strings.
+function U.raise(kind, msg, fields)
+  local level = user_level()
+  local info = debug.getinfo(level, "Sl")
+  local where = info and info.currentline > 0 and
+                (info.short_src .. ":" .. info.currentline) or nil
+  local err = require("multiprocessing.core").new_error(kind,
+    where and (where .. ": " .. msg) or msg, fields)
+  if where then err.where = where end
+  error(err, 0)
+end
+
+-- Wraps every function of the method table methods so that it checks its
+-- self with is_cls(self) first (for classes whose methods are not hot).
+function U.checked_methods(methods, clsname, var, is_cls)
+  for k, f in pairs(methods) do
+    if type(f) == "function" and type(k) == "string" and not k:find("^__") then
+      methods[k] = function(self, ...)
+        if not is_cls(self) then U.selferror(k, clsname, var, self, is_cls) end
+        return f(self, ...)
+      end
+    end
+  end
+  return methods
 end
 
 return U

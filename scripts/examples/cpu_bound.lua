@@ -1,5 +1,8 @@
 -- cpu_bound.lua: the same CPU-bound work done sequentially, then by four
--- processes at once; prints both times and the speed-up.
+-- processes at once; prints both times, the speed-up, and the speed-up to
+-- expect: one per free core, up to four (the machine's load average says
+-- how many cores other programs keep busy).  A few seconds of work, so
+-- that a timing is not a matter of luck.
 local mp = require "multiprocessing"
 local now = mp.now
 
@@ -16,7 +19,17 @@ local function sum_squares(n)
   return string.format("%d%015d", hi, lo)
 end
 
-local tasks = {10^6 // 1, 5 * 10^6 // 1, 10^6 // 1, 5 * 10^6 // 1}
+local tasks = {3 * 10^7 // 1, 3 * 10^7 // 1, 3 * 10^7 // 1, 3 * 10^7 // 1}
+
+-- the cores free of other work now (Linux: the 1-minute load average)
+local ncpu = mp.cpu_count()
+local free = ncpu
+local f = io.open("/proc/loadavg")
+if f then
+  local load = tonumber(f:read("l"):match("^[%d.]+"))
+  f:close()
+  if load then free = math.max(1, math.min(ncpu, math.floor(ncpu - load + 0.5))) end
+end
 
 local t0 = now()
 local sequential = {}
@@ -47,3 +60,6 @@ print(string.format("sequential:        %.2f s", t_seq))
 print(string.format("%d processes:       %.2f s (%d CPUs)", #tasks, t_par,
   mp.cpu_count()))
 print(string.format("speed-up:          %.2fx", t_seq / t_par))
+print(string.format("expected:          about %dx: %d processes on %d free core%s of %d " ..
+  "(less while other programs run)", math.min(#tasks, free), #tasks, free,
+  free == 1 and "" or "s", ncpu))
