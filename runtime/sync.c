@@ -1029,9 +1029,27 @@ static void call_method(lua_State *L, int obj, const char *name) {
   lua_call(L, 1, 0);
 }
 
+/* self of with() and guard(), which every lock-like type shares: one of
+ * the runtime's objects whose methods include _enter. */
+static void check_scoped(lua_State *L) {
+  int ok = 0;
+  if (lua_type(L, 1) == LUA_TUSERDATA &&
+      luaL_getmetafield(L, 1, "__name") == LUA_TSTRING) {
+    ok = strncmp(lua_tostring(L, -1), "multiprocessing.", 16) == 0;
+    lua_pop(L, 1);
+    if (ok) {
+      ok = lua_getfield(L, 1, "_enter") == LUA_TFUNCTION;
+      lua_pop(L, 1);
+    }
+  }
+  if (!ok)
+    luaL_typeerror(L, 1, "Lock, RLock, Semaphore, Condition, Value or Array");
+}
+
 /* obj:with(fn, ...) -> fn's results, run holding obj; released on errors */
 static int scoped_with(lua_State *L) {
   int n = lua_gettop(L), ok;
+  check_scoped(L);
   luaL_checkany(L, 2);
   call_method(L, 1, "_enter");
   ok = lua_pcall(L, n - 2, LUA_MULTRET, 0);
@@ -1057,7 +1075,7 @@ static int guard_close(lua_State *L) {
 
 /* local held <close> = obj:guard(): held until the scope ends */
 static int scoped_guard(lua_State *L) {
-  luaL_checkany(L, 1);
+  check_scoped(L);
   lua_settop(L, 1);
   call_method(L, 1, "_enter");
   lua_createtable(L, 1, 0);

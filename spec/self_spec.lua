@@ -202,4 +202,59 @@ describe("a wrong self", function()
     assert.matches("multiprocessing.JoinableQueue expected, got " ..
                    "multiprocessing.Queue", err)
   end)
+
+  -- The Lua classes over the C handles: a wrong self reaches Lua code,
+  -- which may index it (an error) but must never crash or hang.  (Some
+  -- still return quietly -- Pool.close({}), Process.is_alive({}): their
+  -- own self checks belong with the Lua side's argument errors.)
+  it("never crashes the methods of Process, Pool, Listener and manager proxies", function()
+    local m = mp.Manager()
+    local pool = mp.Pool(1)
+    local listener = mp.connection.Listener("/tmp/luamp-self-l-" .. core.pid())
+    local p = mp.Process{target = function() end}
+    local classes = {
+      {name = "Process", v = p, from = {mp.Process}},
+      {name = "Pool", v = pool},
+      {name = "Listener", v = listener},
+      {name = "Manager", v = m},
+    }
+    for _, kind in ipairs{"dict", "list", "Lock", "Queue", "Value", "Event",
+                          "Namespace"} do
+      local proxy = kind == "Value" and m:Value("i", 1) or m[kind](m)
+      classes[#classes + 1] = {name = kind .. " proxy", v = proxy,
+                               from = {getmetatable(proxy).__methods}}
+    end
+    local bad, calls = {}, 0
+    local selves = {io.stdout, {}, "nil", 42, "str", objs[4].v}
+    for _, c in ipairs(classes) do
+      local ms, seen = {}, {}
+      local mt = getmetatable(c.v)
+      for _, t in ipairs{mt, type(mt.__index) == "table" and mt.__index or {},
+                         table.unpack(c.from or {})} do
+        for k, f in pairs(t) do
+          if type(f) == "function" and not seen[f] then
+            seen[f] = true
+            ms[#ms + 1] = {name = tostring(k), f = f}
+          end
+        end
+      end
+      table.sort(ms, function(a, b) return a.name < b.name end)
+      for _, meth in ipairs(ms) do
+        for _, s in ipairs(selves) do
+          if s == "nil" then s = nil end
+          calls = calls + 1
+          local r = in_child(meth.f, s, 1, 1, 1)
+          if r ~= "raised" and r ~= "returned" then
+            bad[#bad + 1] = string.format("%s.%s(%s, 1, 1, 1): %s", c.name,
+                                          meth.name, label(s), r)
+          end
+        end
+      end
+    end
+    pool:terminate()
+    listener:close()
+    m:shutdown()
+    assert.is_true(calls > 200, "only " .. calls .. " calls")
+    assert.same({}, bad)
+  end)
 end)
