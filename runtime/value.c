@@ -16,6 +16,7 @@
  * (string.pack's "J" convention): values above math.maxinteger read back
  * negative.
  */
+#include <limits.h>
 #include <math.h>
 #include <string.h>
 
@@ -544,6 +545,11 @@ static int array_totable(lua_State *L) {
   lua_Integer i = luaL_optinteger(L, 2, 1), j = luaL_optinteger(L, 3, n);
   if (i < 1) i = 1;
   if (j > n) j = n;
+  /* a Lua table holds at most 2^31 - 1 items: refuse more at once rather
+   * than grow one until memory runs out */
+  if (j >= i && j - i >= INT_MAX)
+    luaL_argerror(L, 3, lua_pushfstring(L, "%I elements do not fit in a Lua "
+                  "table (at most %d: take a range)", j - i + 1, INT_MAX));
   lua_createtable(L, j >= i ? (int)(j - i + 1) : 0, 0);
   for (lua_Integer k = i; k <= j; k++) {
     push_elem(L, v.t, v.data + (size_t)(k - 1) * v.t->size);
