@@ -42,8 +42,8 @@
 
 #include "internal.h"
 
-#define CONN_MT "multiprocessing.Connection"
-#define LISTENER_MT "multiprocessing.Listener"
+#define CONN_TNAME "multiprocessing.Connection"
+#define LISTENER_TNAME "multiprocessing.Listener"
 
 #define HEADROOM 12             /* -1 marker + 8-byte length */
 #define RA_SIZE 65536           /* read-ahead: a small message costs one read */
@@ -75,7 +75,7 @@ static struct conn *new_conn(lua_State *L) {
   struct conn *c = lua_newuserdatauv(L, sizeof *c, 0);
   memset(c, 0, sizeof *c);
   c->fd = -1;                         /* created closed */
-  luaL_setmetatable(L, CONN_MT);
+  luaL_setmetatable(L, CONN_TNAME);
   return c;
 }
 
@@ -911,7 +911,7 @@ static int l_listen(lua_State *L) {
   struct listener *l = lua_newuserdatauv(L, sizeof *l, 0);
   memset(l, 0, sizeof *l);
   l->fd = -1;
-  luaL_setmetatable(L, LISTENER_MT);
+  luaL_setmetatable(L, LISTENER_TNAME);
   fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
   if (family != AF_UNIX) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -1076,10 +1076,10 @@ static const luaL_Reg listener_mm[] = {
   {"__tostring", listener_tostring}, {NULL, NULL}
 };
 static struct luamp_type conn_type = {
-  CONN_MT, conn_meth, conn_mm, conn_index, 0, 0
+  CONN_TNAME, conn_meth, conn_mm, conn_index, 0, 0
 };
 static struct luamp_type listener_type = {
-  LISTENER_MT, listener_meth, listener_mm, NULL, 0, 0
+  LISTENER_TNAME, listener_meth, listener_mm, NULL, 0, 0
 };
 
 int luamp_open_conn(lua_State *L) {

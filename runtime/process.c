@@ -43,8 +43,8 @@
 
 #include "internal.h"
 
-#define CHILD_MT "multiprocessing.Child"
-#define SENTINEL_MT "multiprocessing.ChildrenSentinel"
+#define CHILD_TNAME "multiprocessing.Child"
+#define SENTINEL_TNAME "multiprocessing.ChildrenSentinel"
 
 /* Seconds a daemon child gets to die after SIGTERM at exit before it is
  * killed (Python waits forever; a daemon that ignores SIGTERM must not
@@ -400,15 +400,15 @@ static int sentinel_gc(lua_State *L) {
 
 static void renew_sentinel(lua_State *L) {
   struct sentinel *s;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, SENTINEL_MT "#") == LUA_TUSERDATA) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, SENTINEL_TNAME "#") == LUA_TUSERDATA) {
     s = lua_touserdata(L, -1);
     s->armed = 0;
   }
   lua_pop(L, 1);
   s = lua_newuserdatauv(L, sizeof *s, 0);
   s->armed = 1;
-  luaL_setmetatable(L, SENTINEL_MT);
-  lua_setfield(L, LUA_REGISTRYINDEX, SENTINEL_MT "#");
+  luaL_setmetatable(L, SENTINEL_TNAME);
+  lua_setfield(L, LUA_REGISTRYINDEX, SENTINEL_TNAME "#");
 }
 
 /* ---- Child handles --------------------------------------------------- */
@@ -680,7 +680,7 @@ static int l_spawn(lua_State *L) {
   b = lua_newuserdatauv(L, sizeof *b, 0);
   b->c = c;
   c->has_handle = 1;
-  luaL_setmetatable(L, CHILD_MT);
+  luaL_setmetatable(L, CHILD_TNAME);
   renew_sentinel(L);
   if (spare_entry == NULL) spare_entry = calloc(1, sizeof *spare_entry);
   return 1;
@@ -906,10 +906,10 @@ static const luaL_Reg child_mm[] = {
 };
 static const luaL_Reg sentinel_mm[] = {{"__gc", sentinel_gc}, {NULL, NULL}};
 static struct luamp_type child_type = {
-  CHILD_MT, child_meth, child_mm, NULL, 0, 0
+  CHILD_TNAME, child_meth, child_mm, NULL, 0, 0
 };
 static struct luamp_type sentinel_type = {
-  SENTINEL_MT, NULL, sentinel_mm, NULL, 0, 0
+  SENTINEL_TNAME, NULL, sentinel_mm, NULL, 0, 0
 };
 
 int luamp_open_process(lua_State *L) {

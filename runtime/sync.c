@@ -1058,7 +1058,7 @@ static int scoped_with(lua_State *L) {
   return lua_gettop(L) - 1;
 }
 
-#define GUARD_MT "multiprocessing.guard"
+#define GUARD_TNAME "multiprocessing.guard"
 
 /* A guard is a table {obj} with this metatable. */
 static int guard_close(lua_State *L) {
@@ -1081,7 +1081,7 @@ static int scoped_guard(lua_State *L) {
   lua_createtable(L, 1, 0);
   lua_pushvalue(L, 1);
   lua_rawseti(L, -2, 1);
-  luaL_setmetatable(L, GUARD_MT);
+  luaL_setmetatable(L, GUARD_TNAME);
   return 1;
 }
 
@@ -1288,7 +1288,7 @@ static struct luamp_type cond_type = {
 static struct luamp_type barrier_type = {
   BARRIER_TNAME, barrier_meth, barrier_mm, barrier_index, 1, 0
 };
-static struct luamp_type guard_type = {GUARD_MT, NULL, guard_mm, NULL, 0, 0};
+static struct luamp_type guard_type = {GUARD_TNAME, NULL, guard_mm, NULL, 0, 0};
 
 int luamp_open_sync(lua_State *L) {
   static const luaL_Reg funcs[] = {
