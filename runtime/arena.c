@@ -519,9 +519,9 @@ uint64_t luamp_obj_tag(const char *tname) {
   return h ^ tag_secret;
 }
 
-struct luamp_obj *luamp_obj_self(lua_State *L, int idx,
-                                 const struct luamp_type *const *set,
-                                 const char *what) {
+struct luamp_obj *luamp_obj_self_slow(lua_State *L, int idx,
+                                      const struct luamp_type *const *set,
+                                      const char *what) {
   struct luamp_obj *o = luamp_self_of(L, idx, set);
   if (o->arena == NULL) {
     if (what == NULL) {

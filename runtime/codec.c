@@ -103,9 +103,9 @@ struct encbox {
 static int encbox_gc(lua_State *L);
 static const luaL_Reg encbox_mm[] = {{"__gc", encbox_gc}, {NULL, NULL}};
 static struct luamp_type encbox_type = {
-  "multiprocessing.encbox", NULL, encbox_mm, NULL, 0, 0
+  "multiprocessing.encbox", NULL, encbox_mm, NULL, 0, 0, 0
 };
-static struct luamp_type ext_type = {EXT_MT, NULL, NULL, NULL, 0, 0};
+static struct luamp_type ext_type = {EXT_MT, NULL, NULL, NULL, 0, 0, 0};
 
 static int encbox_gc(lua_State *L) {
   struct encbox *b = luamp_self(L, 1, &encbox_type);

@@ -1076,10 +1076,10 @@ static const luaL_Reg listener_mm[] = {
   {"__tostring", listener_tostring}, {NULL, NULL}
 };
 static struct luamp_type conn_type = {
-  CONN_TNAME, conn_meth, conn_mm, conn_index, 0, 0
+  CONN_TNAME, conn_meth, conn_mm, conn_index, 0, 0, 0
 };
 static struct luamp_type listener_type = {
-  LISTENER_TNAME, listener_meth, listener_mm, NULL, 0, 0
+  LISTENER_TNAME, listener_meth, listener_mm, NULL, 0, 0, 0
 };
 
 int luamp_open_conn(lua_State *L) {

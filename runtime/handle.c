@@ -37,7 +37,10 @@ static void push_methods(lua_State *L) {
 }
 
 void luamp_newtype(lua_State *L, struct luamp_type *t) {
-  if (t->is_obj) t->tag = luamp_obj_tag(t->tname);
+  if (t->is_obj) {
+    t->tag = luamp_obj_tag(t->tname);
+    t->size = sizeof(struct luamp_obj);
+  }
   if (luaL_newmetatable(L, t->tname)) {   /* sets __name */
     if (t->metameth) luaL_setfuncs(L, t->metameth, 0);
     if (t->meth) {
@@ -98,7 +101,7 @@ void *luamp_self_of(lua_State *L, int idx,
   return self_error(L, idx, set);
 }
 
-void *luamp_self(lua_State *L, int idx, const struct luamp_type *t) {
+void *luamp_self_slow(lua_State *L, int idx, const struct luamp_type *t) {
   const struct luamp_type *set[2] = {t, NULL};
   return luamp_self_of(L, idx, set);
 }

@@ -46,6 +46,7 @@ struct luamp_type {
   lua_CFunction index;        /* NULL: __index is the method table */
   int is_obj;                 /* its userdata is a struct luamp_obj */
   uint64_t tag;               /* is_obj: set by luamp_newtype */
+  size_t size;                /* is_obj: set by luamp_newtype */
 };
 /* Registers t; pushes its method table (nil when it has none). */
 void luamp_newtype(lua_State *L, struct luamp_type *t);
@@ -53,9 +54,19 @@ void luamp_newtype(lua_State *L, struct luamp_type *t);
  * of the NULL-terminated set (a method registered on several types),
  * else raises "bad argument #idx to 'name' (<tname> expected, got ...)".
  * A table type (metatable only) passes and gives NULL. */
-void *luamp_self(lua_State *L, int idx, const struct luamp_type *t);
 void *luamp_self_of(lua_State *L, int idx,
                     const struct luamp_type *const *set);
+void *luamp_self_slow(lua_State *L, int idx, const struct luamp_type *t);
+static inline void *luamp_self(lua_State *L, int idx,
+                               const struct luamp_type *t) {
+  /* arena objects by tag, inline (their __index runs on every call) */
+  if (t->is_obj) {
+    uint64_t *tag = (uint64_t *)lua_touserdata(L, idx);
+    if (tag != NULL && lua_rawlen(L, idx) == t->size && *tag == t->tag)
+      return tag;
+  }
+  return luamp_self_slow(L, idx, t);
+}
 /* Whether the value at idx is of type t (no error). */
 int luamp_is(lua_State *L, int idx, const struct luamp_type *t);
 
@@ -228,10 +239,21 @@ int luamp_obj_push_cached(lua_State *L, struct luamp_arena *a,
  * hash of its type name: the fast type check of luamp_self (handle.c). */
 uint64_t luamp_obj_tag(const char *tname);
 /* self of an object's method (luamp_self_of), raising ValueError "<what>
- * is closed" on a closed one (what NULL: its type's name). */
-struct luamp_obj *luamp_obj_self(lua_State *L, int idx,
-                                 const struct luamp_type *const *set,
-                                 const char *what);
+ * is closed" on a closed one (what NULL: its type's name).  Inline: the
+ * hot methods (a queue put, a lock acquire) pay a size and a tag compare;
+ * everything else (the errors) is luamp_obj_self_slow. */
+struct luamp_obj *luamp_obj_self_slow(lua_State *L, int idx,
+                                      const struct luamp_type *const *set,
+                                      const char *what);
+static inline struct luamp_obj *luamp_obj_self(
+    lua_State *L, int idx, const struct luamp_type *const *set,
+    const char *what) {
+  struct luamp_obj *o = (struct luamp_obj *)lua_touserdata(L, idx);
+  if (o != NULL && lua_rawlen(L, idx) == sizeof *o && o->arena != NULL)
+    for (int i = 0; set[i]; i++)
+      if (o->tag == set[i]->tag) return o;
+  return luamp_obj_self_slow(L, idx, set, what);
+}
 /* Closes o (checked by the caller): idempotent; every type's close(),
  * __close and __gc. */
 void luamp_obj_close(lua_State *L, struct luamp_obj *o);

@@ -906,10 +906,10 @@ static const luaL_Reg child_mm[] = {
 };
 static const luaL_Reg sentinel_mm[] = {{"__gc", sentinel_gc}, {NULL, NULL}};
 static struct luamp_type child_type = {
-  CHILD_TNAME, child_meth, child_mm, NULL, 0, 0
+  CHILD_TNAME, child_meth, child_mm, NULL, 0, 0, 0
 };
 static struct luamp_type sentinel_type = {
-  SENTINEL_TNAME, NULL, sentinel_mm, NULL, 0, 0
+  SENTINEL_TNAME, NULL, sentinel_mm, NULL, 0, 0, 0
 };
 
 int luamp_open_process(lua_State *L) {

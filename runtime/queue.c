@@ -952,13 +952,13 @@ static const luaL_Reg queue_metameth[] = {
   {NULL, NULL}
 };
 static struct luamp_type queue_type = {
-  QUEUE_TNAME, queue_meth, queue_metameth, NULL, 1, 0
+  QUEUE_TNAME, queue_meth, queue_metameth, NULL, 1, 0, 0
 };
 static struct luamp_type joinable_type = {
-  JOINABLEQUEUE_TNAME, queue_meth, queue_metameth, NULL, 1, 0
+  JOINABLEQUEUE_TNAME, queue_meth, queue_metameth, NULL, 1, 0, 0
 };
 static struct luamp_type simple_type = {
-  SIMPLEQUEUE_TNAME, simple_meth, queue_metameth, NULL, 1, 0
+  SIMPLEQUEUE_TNAME, simple_meth, queue_metameth, NULL, 1, 0, 0
 };
 
 int luamp_open_queue(lua_State *L) {

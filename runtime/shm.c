@@ -294,7 +294,7 @@ static const luaL_Reg shm_mm[] = {
   {"__tostring", shm_tostring}, {NULL, NULL}
 };
 static struct luamp_type shm_type = {
-  SHM_TNAME, shm_meth, shm_mm, shm_index, 0, 0
+  SHM_TNAME, shm_meth, shm_mm, shm_index, 0, 0, 0
 };
 
 int luamp_open_shm(lua_State *L) {

@@ -120,7 +120,7 @@ static const luaL_Reg store_mm[] = {
   {"__tostring", store_tostring}, {NULL, NULL}
 };
 static struct luamp_type store_type = {
-  STORE_TNAME, store_meth, store_mm, NULL, 0, 0
+  STORE_TNAME, store_meth, store_mm, NULL, 0, 0, 0
 };
 
 int luamp_open_store(lua_State *L) {

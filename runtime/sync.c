@@ -1268,27 +1268,27 @@ static const luaL_Reg barrier_mm[] = {
 static const luaL_Reg guard_mm[] = {{"__close", guard_close}, {NULL, NULL}};
 
 static struct luamp_type lock_type = {
-  LUAMP_LOCK_TNAME, lock_meth, lock_mm, NULL, 1, 0
+  LUAMP_LOCK_TNAME, lock_meth, lock_mm, NULL, 1, 0, 0
 };
 static struct luamp_type rlock_type = {
-  LUAMP_RLOCK_TNAME, lock_meth, lock_mm, NULL, 1, 0
+  LUAMP_RLOCK_TNAME, lock_meth, lock_mm, NULL, 1, 0, 0
 };
 static struct luamp_type sem_type = {
-  SEMAPHORE_TNAME, sem_meth, sem_mm, NULL, 1, 0
+  SEMAPHORE_TNAME, sem_meth, sem_mm, NULL, 1, 0, 0
 };
 static struct luamp_type bsem_type = {
-  BSEMAPHORE_TNAME, sem_meth, sem_mm, NULL, 1, 0
+  BSEMAPHORE_TNAME, sem_meth, sem_mm, NULL, 1, 0, 0
 };
 static struct luamp_type event_type = {
-  EVENT_TNAME, event_meth, event_mm, NULL, 1, 0
+  EVENT_TNAME, event_meth, event_mm, NULL, 1, 0, 0
 };
 static struct luamp_type cond_type = {
-  CONDITION_TNAME, cond_meth, cond_mm, NULL, 1, 0
+  CONDITION_TNAME, cond_meth, cond_mm, NULL, 1, 0, 0
 };
 static struct luamp_type barrier_type = {
-  BARRIER_TNAME, barrier_meth, barrier_mm, barrier_index, 1, 0
+  BARRIER_TNAME, barrier_meth, barrier_mm, barrier_index, 1, 0, 0
 };
-static struct luamp_type guard_type = {GUARD_TNAME, NULL, guard_mm, NULL, 0, 0};
+static struct luamp_type guard_type = {GUARD_TNAME, NULL, guard_mm, NULL, 0, 0, 0};
 
 int luamp_open_sync(lua_State *L) {
   static const luaL_Reg funcs[] = {

@@ -617,10 +617,10 @@ static const luaL_Reg array_mm[] = {
   {"__tostring", v_tostring}, {NULL, NULL}
 };
 static struct luamp_type value_type = {
-  VALUE_TNAME, value_meth, value_mm, value_index, 1, 0
+  VALUE_TNAME, value_meth, value_mm, value_index, 1, 0, 0
 };
 static struct luamp_type array_type = {
-  ARRAY_TNAME, array_meth, array_mm, array_index, 1, 0
+  ARRAY_TNAME, array_meth, array_mm, array_index, 1, 0, 0
 };
 
 int luamp_open_value(lua_State *L) {
