@@ -76,7 +76,7 @@ static int is_type(lua_State *L, int idx, void *p,
 }
 
 static void *self_error(lua_State *L, int idx,
-                                      const struct luamp_type *const *set) {
+                        const struct luamp_type *const *set) {
   luaL_Buffer b;
   luaL_buffinit(L, &b);
   /* "multiprocessing.Lock or RLock": the common prefix once */

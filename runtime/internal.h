@@ -62,7 +62,8 @@ static inline void *luamp_self(lua_State *L, int idx,
   /* arena objects by tag, inline (their __index runs on every call) */
   if (t->is_obj) {
     uint64_t *tag = (uint64_t *)lua_touserdata(L, idx);
-    if (tag != NULL && lua_rawlen(L, idx) == t->size && *tag == t->tag)
+    if (tag != NULL && t->size != 0 && lua_rawlen(L, idx) == t->size &&
+        *tag == t->tag)
       return tag;
   }
   return luamp_self_slow(L, idx, t);
