@@ -482,7 +482,6 @@ void luamp_obj_bind(lua_State *L, int idx, struct luamp_arena *a,
   idx = lua_absindex(L, idx);
   o->arena = a;
   o->p = a->base + offset;
-  o->owner = getpid();
   push_objects(L);
   lua_pushvalue(L, idx);
   lua_rawsetp(L, -2, o->p);
@@ -520,17 +519,24 @@ uint64_t luamp_obj_tag(const char *tname) {
   return h ^ tag_secret;
 }
 
-struct luamp_obj *luamp_obj_check(lua_State *L, int idx, const char *tname) {
-  struct luamp_obj *o = luaL_checkudata(L, idx, tname);
+struct luamp_obj *luamp_obj_self_slow(lua_State *L, int idx,
+                                      const struct luamp_type *const *set,
+                                      const char *what) {
+  struct luamp_obj *o = luamp_self_of(L, idx, set);
   if (o->arena == NULL) {
-    if (strncmp(tname, "multiprocessing.", 16) == 0) tname += 16;
-    luamp_raise(L, "ValueError", "%s is closed", tname);
+    if (what == NULL) {
+      for (int i = 0; set[i]; i++)
+        if (luamp_is(L, idx, set[i])) what = set[i]->tname;
+      if (strncmp(what, "multiprocessing.", 16) == 0) what += 16;
+    }
+    luamp_raise(L, "ValueError", "%s is closed", what);
   }
   return o;
 }
 
-void luamp_obj_close(lua_State *L, int idx) {
-  struct luamp_obj *o = lua_touserdata(L, idx);
+/* Also every __gc: the cache entry of a collected object went with it
+ * (weak values are cleared before finalizers run) and is left alone. */
+void luamp_obj_close(lua_State *L, struct luamp_obj *o) {
   struct luamp_arena *a = o->arena;
   if (a == NULL) return;
   /* drop it from the cache only if the cache still names this object */
@@ -547,21 +553,6 @@ void luamp_obj_close(lua_State *L, int idx) {
   o->buf = NULL;
   o->bufcap = 0;
   luamp_arena_unref(a);
-}
-
-/* __gc: the cache entry went with the object (weak values are cleared
- * before finalizers run), so only the arena reference is left to drop. */
-int luamp_obj_gc(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
-  if (o && o->arena) {
-    struct luamp_arena *a = o->arena;
-    o->arena = NULL;
-    o->p = NULL;
-    free(o->buf);
-    o->buf = NULL;
-    luamp_arena_unref(a);
-  }
-  return 0;
 }
 
 void luamp_obj_describe(lua_State *L, int idx, luaL_Buffer *b) {

@@ -135,8 +135,15 @@ struct encbox {
 /* Up to this many objects in a message, identity lookups scan order[]. */
 #define MAP_LINEAR 16
 
+static int encbox_gc(lua_State *L);
+static const luaL_Reg encbox_mm[] = {{"__gc", encbox_gc}, {NULL, NULL}};
+static struct luamp_type encbox_type = {
+  "multiprocessing.encbox", NULL, encbox_mm, NULL, 0, 0, 0
+};
+static struct luamp_type ext_type = {EXT_MT, NULL, NULL, NULL, 0, 0, 0};
+
 static int encbox_gc(lua_State *L) {
-  struct encbox *b = lua_touserdata(L, 1);
+  struct encbox *b = luamp_self(L, 1, &encbox_type);
   free(b->buf);
   free(b->keys);
   free(b->vals);
@@ -149,11 +156,9 @@ static int encbox_gc(lua_State *L) {
 static struct encbox *new_encbox(lua_State *L) {
   struct encbox *b = lua_newuserdatauv(L, sizeof *b, 0);
   memset(b, 0, sizeof *b);
-  if (luaL_newmetatable(L, "multiprocessing.encbox")) {
-    lua_pushcfunction(L, encbox_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_setmetatable(L, -2);
+  luamp_newtype(L, &encbox_type);
+  lua_pop(L, 1);
+  luaL_setmetatable(L, encbox_type.tname);
   return b;
 }
 
@@ -2217,7 +2222,7 @@ int luamp_open_codec(lua_State *L) {
   get_box(L);
   lua_pushcclosure(L, l_encode, 1);
   lua_setfield(L, -2, "encode");
-  luaL_newmetatable(L, EXT_MT);
+  luamp_newtype(L, &ext_type);
   lua_pop(L, 1);
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key) != LUA_TTABLE) {
     lua_newtable(L);

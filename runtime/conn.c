@@ -42,8 +42,8 @@
 
 #include "internal.h"
 
-#define CONN_MT "multiprocessing.Connection"
-#define LISTENER_MT "multiprocessing.Listener"
+#define CONN_TNAME "multiprocessing.Connection"
+#define LISTENER_TNAME "multiprocessing.Listener"
 
 #define HEADROOM 12             /* -1 marker + 8-byte length */
 #define RA_SIZE 65536           /* read-ahead: a small message costs one read */
@@ -55,6 +55,8 @@
 #define GROW_STEP (64u << 20)   /* trust a claimed length this far at once */
 
 /* ---- Connection handles ---------------------------------------------- */
+
+static struct luamp_type conn_type, listener_type;   /* (at the end) */
 
 struct conn {
   int fd;                 /* -1 once closed */
@@ -74,12 +76,12 @@ static struct conn *new_conn(lua_State *L) {
   struct conn *c = lua_newuserdatauv(L, sizeof *c, 0);
   memset(c, 0, sizeof *c);
   c->fd = -1;                         /* created closed */
-  luaL_setmetatable(L, CONN_MT);
+  luaL_setmetatable(L, CONN_TNAME);
   return c;
 }
 
 static struct conn *check_conn(lua_State *L, int idx) {
-  struct conn *c = luaL_checkudata(L, idx, CONN_MT);
+  struct conn *c = luamp_self(L, idx, &conn_type);
   if (c->fd < 0) luamp_raise(L, "OSError", "connection is closed");
   return c;
 }
@@ -103,7 +105,7 @@ static struct conn *check_writable(lua_State *L, int idx) {
 }
 
 static int conn_close(lua_State *L) {
-  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  struct conn *c = luamp_self(L, 1, &conn_type);
   if (c->fd >= 0) {
     int fd = c->fd;
     c->fd = -1;                       /* closed before the fd goes */
@@ -501,7 +503,7 @@ static int conn_poll(lua_State *L) {
 /* Whether bytes are waiting in the read-ahead buffer (mp.wait's "ready
  * now" check: the fd alone does not show them). */
 static int conn_buffered(lua_State *L) {
-  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  struct conn *c = luamp_self(L, 1, &conn_type);
   if (c->fd >= 0) ra_check(c);
   lua_pushboolean(L, c->fd >= 0 && c->rpos < c->rend);
   return 1;
@@ -523,7 +525,7 @@ static int conn_fileno(lua_State *L) {
 
 /* Fields closed/readable/writable, then the methods. */
 static int conn_index(lua_State *L) {
-  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  struct conn *c = luamp_self(L, 1, &conn_type);
   const char *k = lua_tostring(L, 2);
   if (k != NULL) {
     if (strcmp(k, "closed") == 0) {
@@ -545,7 +547,7 @@ static int conn_index(lua_State *L) {
 }
 
 static int conn_tostring(lua_State *L) {
-  struct conn *c = luaL_checkudata(L, 1, CONN_MT);
+  struct conn *c = luamp_self(L, 1, &conn_type);
   if (c->fd < 0) lua_pushliteral(L, "Connection (closed)");
   else lua_pushfstring(L, "Connection (fd %d, %s)", c->fd,
                        c->readable && c->writable ? "duplex" :
@@ -894,14 +896,14 @@ struct listener {
 };
 
 static struct listener *check_listener(lua_State *L, int idx) {
-  struct listener *l = luaL_checkudata(L, idx, LISTENER_MT);
+  struct listener *l = luamp_self(L, idx, &listener_type);
   if (l->fd < 0) luamp_raise(L, "OSError", "listener is closed");
   return l;
 }
 
 /* Closes the socket; the owner also removes its Unix socket file. */
 static int listener_close(lua_State *L) {
-  struct listener *l = luaL_checkudata(L, 1, LISTENER_MT);
+  struct listener *l = luamp_self(L, 1, &listener_type);
   if (l->fd >= 0) {
     int fd = l->fd;
     l->fd = -1;
@@ -921,7 +923,7 @@ static int l_listen(lua_State *L) {
   struct listener *l = lua_newuserdatauv(L, sizeof *l, 0);
   memset(l, 0, sizeof *l);
   l->fd = -1;
-  luaL_setmetatable(L, LISTENER_MT);
+  luaL_setmetatable(L, LISTENER_TNAME);
   fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
   if (family != AF_UNIX) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
@@ -981,7 +983,7 @@ static int listener_fileno(lua_State *L) {
 }
 
 static int listener_tostring(lua_State *L) {
-  struct listener *l = luaL_checkudata(L, 1, LISTENER_MT);
+  struct listener *l = luamp_self(L, 1, &listener_type);
   if (l->fd < 0) lua_pushliteral(L, "Listener (closed)");
   else lua_pushfstring(L, "Listener (fd %d)", l->fd);
   return 1;
@@ -1067,6 +1069,31 @@ static int l_wait_fds(lua_State *L) {
   return 1;
 }
 
+static const luaL_Reg conn_meth[] = {
+  {"send", conn_send}, {"recv", conn_recv},
+  {"send_bytes", conn_send_bytes}, {"recv_bytes", conn_recv_bytes},
+  {"poll", conn_poll}, {"fileno", conn_fileno}, {"close", conn_close},
+  {"_wait_fd", conn_wait_fd}, {NULL, NULL}
+};
+static const luaL_Reg conn_mm[] = {
+  {"__gc", conn_close}, {"__close", conn_close},
+  {"__tostring", conn_tostring}, {NULL, NULL}
+};
+static const luaL_Reg listener_meth[] = {
+  {"accept", listener_accept}, {"address", listener_address},
+  {"fileno", listener_fileno}, {"close", listener_close}, {NULL, NULL}
+};
+static const luaL_Reg listener_mm[] = {
+  {"__gc", listener_close}, {"__close", listener_close},
+  {"__tostring", listener_tostring}, {NULL, NULL}
+};
+static struct luamp_type conn_type = {
+  CONN_TNAME, conn_meth, conn_mm, conn_index, 0, 0, 0
+};
+static struct luamp_type listener_type = {
+  LISTENER_TNAME, listener_meth, listener_mm, NULL, 0, 0, 0
+};
+
 int luamp_open_conn(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Pipe", l_pipe},
@@ -1079,47 +1106,9 @@ int luamp_open_conn(lua_State *L) {
     {"wait_fds", l_wait_fds},
     {NULL, NULL}
   };
-  static const luaL_Reg conn_meth[] = {
-    {"send", conn_send},
-    {"recv", conn_recv},
-    {"send_bytes", conn_send_bytes},
-    {"recv_bytes", conn_recv_bytes},
-    {"poll", conn_poll},
-    {"fileno", conn_fileno},
-    {"close", conn_close},
-    {"_wait_fd", conn_wait_fd},
-    {NULL, NULL}
-  };
-  static const luaL_Reg listener_meth[] = {
-    {"accept", listener_accept},
-    {"address", listener_address},
-    {"fileno", listener_fileno},
-    {"close", listener_close},
-    {NULL, NULL}
-  };
-  if (luaL_newmetatable(L, CONN_MT)) {
-    lua_pushcfunction(L, conn_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, conn_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, conn_tostring);
-    lua_setfield(L, -2, "__tostring");
-    luaL_newlib(L, conn_meth);
-    lua_pushcclosure(L, conn_index, 1);
-    lua_setfield(L, -2, "__index");
-  }
-  lua_pop(L, 1);
-  if (luaL_newmetatable(L, LISTENER_MT)) {
-    lua_pushcfunction(L, listener_close);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, listener_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, listener_tostring);
-    lua_setfield(L, -2, "__tostring");
-    luaL_newlib(L, listener_meth);
-    lua_setfield(L, -2, "__index");
-  }
-  lua_pop(L, 1);
+  luamp_newtype(L, &conn_type);
+  luamp_newtype(L, &listener_type);
+  lua_pop(L, 2);
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

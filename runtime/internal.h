@@ -33,6 +33,44 @@
 #define LUAMP_PRINTF(a, b)
 #endif
 
+/* ---- handle.c: one shape for every handle type ----------------------- */
+
+/* A handle type (static storage).  luamp_newtype makes its metatable
+ * once per state: metameth's functions, __name, and __index = a table of
+ * meth's functions (with with()/guard() when it has _enter), or the
+ * closure index with that table as upvalue 1 (types with fields). */
+struct luamp_type {
+  const char *tname;          /* "multiprocessing.Queue" */
+  const luaL_Reg *meth;       /* NULL: no methods */
+  const luaL_Reg *metameth;   /* __gc and __close: the same close */
+  lua_CFunction index;        /* NULL: __index is the method table */
+  int is_obj;                 /* its userdata is a struct luamp_obj */
+  uint64_t tag;               /* is_obj: set by luamp_newtype */
+  size_t size;                /* is_obj: set by luamp_newtype */
+};
+/* Registers t; pushes its method table (nil when it has none). */
+void luamp_newtype(lua_State *L, struct luamp_type *t);
+/* self: the userdata at idx when it is of type t (luamp_self) or of one
+ * of the NULL-terminated set (a method registered on several types),
+ * else raises "bad argument #idx to 'name' (<tname> expected, got ...)".
+ * A table type (metatable only) passes and gives NULL. */
+void *luamp_self_of(lua_State *L, int idx,
+                    const struct luamp_type *const *set);
+void *luamp_self_slow(lua_State *L, int idx, const struct luamp_type *t);
+static inline void *luamp_self(lua_State *L, int idx,
+                               const struct luamp_type *t) {
+  /* arena objects by tag, inline (their __index runs on every call) */
+  if (t->is_obj) {
+    uint64_t *tag = (uint64_t *)lua_touserdata(L, idx);
+    if (tag != NULL && t->size != 0 && lua_rawlen(L, idx) == t->size &&
+        *tag == t->tag)
+      return tag;
+  }
+  return luamp_self_slow(L, idx, t);
+}
+/* Whether the value at idx is of type t (no error). */
+int luamp_is(lua_State *L, int idx, const struct luamp_type *t);
+
 /* ---- errors.c: the contract's error objects ------------------------- */
 
 /* Pushes a new error object {kind=, message=} (kind must be one of the
@@ -188,7 +226,6 @@ struct luamp_obj {
   uint64_t tag;               /* luamp_obj_tag(its type name) */
   struct luamp_arena *arena;  /* NULL once closed */
   char *p;                    /* the object: arena->base + offset */
-  pid_t owner;                /* process that made this Lua object */
   int flags;                  /* per type */
   char *buf;                  /* per-process scratch (queue get), malloc */
   size_t bufcap;
@@ -202,25 +239,28 @@ void luamp_obj_bind(lua_State *L, int idx, struct luamp_arena *a,
 /* Pushes this state's object for (a, offset) of type tname if it has one. */
 int luamp_obj_push_cached(lua_State *L, struct luamp_arena *a,
                           size_t offset, const char *tname);
-/* The fast type check of the methods: every object carries a tag, a
- * per-process random secret mixed with a hash of its type name, so a full
- * userdata of exactly our size with one of the given tags is ours (no
- * metatable look-up).  luamp_obj_tagged returns the object at idx if its
- * tag is t1, t2 or t3, else NULL. */
+/* Every object carries a tag, a per-process random secret mixed with a
+ * hash of its type name: the fast type check of luamp_self (handle.c). */
 uint64_t luamp_obj_tag(const char *tname);
-static inline struct luamp_obj *luamp_obj_tagged(lua_State *L, int idx,
-                                                 uint64_t t1, uint64_t t2,
-                                                 uint64_t t3) {
+/* self of an object's method (luamp_self_of), raising ValueError "<what>
+ * is closed" on a closed one (what NULL: its type's name).  Inline: the
+ * hot methods (a queue put, a lock acquire) pay a size and a tag compare;
+ * everything else (the errors) is luamp_obj_self_slow. */
+struct luamp_obj *luamp_obj_self_slow(lua_State *L, int idx,
+                                      const struct luamp_type *const *set,
+                                      const char *what);
+static inline struct luamp_obj *luamp_obj_self(
+    lua_State *L, int idx, const struct luamp_type *const *set,
+    const char *what) {
   struct luamp_obj *o = (struct luamp_obj *)lua_touserdata(L, idx);
-  if (o != NULL && lua_rawlen(L, idx) == sizeof *o &&
-      (o->tag == t1 || o->tag == t2 || o->tag == t3))
-    return o;
-  return NULL;
+  if (o != NULL && lua_rawlen(L, idx) == sizeof *o && o->arena != NULL)
+    for (int i = 0; set[i]; i++)
+      if (o->tag == set[i]->tag) return o;
+  return luamp_obj_self_slow(L, idx, set, what);
 }
-/* luaL_checkudata, raising ValueError on a closed object. */
-struct luamp_obj *luamp_obj_check(lua_State *L, int idx, const char *tname);
-void luamp_obj_close(lua_State *L, int idx);     /* idempotent */
-int luamp_obj_gc(lua_State *L);                  /* a __gc for them all */
+/* Closes o (checked by the caller): idempotent; every type's close(),
+ * __close and __gc. */
+void luamp_obj_close(lua_State *L, struct luamp_obj *o);
 /* Handle bytes for the object at idx (EncodeError when closed). */
 void luamp_obj_describe(lua_State *L, int idx, luaL_Buffer *b);
 /* Pushes the object that handle bytes describe: this state's own when it

@@ -43,8 +43,8 @@
 
 #include "internal.h"
 
-#define CHILD_MT "multiprocessing.Child"
-#define SENTINEL_MT "multiprocessing.ChildrenSentinel"
+#define CHILD_TNAME "multiprocessing.Child"
+#define SENTINEL_TNAME "multiprocessing.ChildrenSentinel"
 
 /* Seconds a daemon child gets to die after SIGTERM at exit before it is
  * killed (Python waits forever; a daemon that ignores SIGTERM must not
@@ -374,6 +374,8 @@ void luamp_child_exit(int code) {
 
 /* ---- the state's sentinel -------------------------------------------- */
 
+static struct luamp_type sentinel_type, child_type;   /* (at the end) */
+
 /* At lua_close, objects are finalized in the reverse order in which they
  * were marked for finalization.  A new sentinel is made at every spawn so
  * that it is finalized before the objects made until then: children are
@@ -384,7 +386,7 @@ struct sentinel {
 };
 
 static int sentinel_gc(lua_State *L) {
-  struct sentinel *s = luaL_checkudata(L, 1, SENTINEL_MT);
+  struct sentinel *s = luamp_self(L, 1, &sentinel_type);
   if (s->armed) {
     const void *state;
     s->armed = 0;
@@ -398,15 +400,15 @@ static int sentinel_gc(lua_State *L) {
 
 static void renew_sentinel(lua_State *L) {
   struct sentinel *s;
-  if (lua_getfield(L, LUA_REGISTRYINDEX, SENTINEL_MT "#") == LUA_TUSERDATA) {
+  if (lua_getfield(L, LUA_REGISTRYINDEX, SENTINEL_TNAME "#") == LUA_TUSERDATA) {
     s = lua_touserdata(L, -1);
     s->armed = 0;
   }
   lua_pop(L, 1);
   s = lua_newuserdatauv(L, sizeof *s, 0);
   s->armed = 1;
-  luaL_setmetatable(L, SENTINEL_MT);
-  lua_setfield(L, LUA_REGISTRYINDEX, SENTINEL_MT "#");
+  luaL_setmetatable(L, SENTINEL_TNAME);
+  lua_setfield(L, LUA_REGISTRYINDEX, SENTINEL_TNAME "#");
 }
 
 /* ---- Child handles --------------------------------------------------- */
@@ -416,7 +418,7 @@ struct childbox {
 };
 
 static struct child *check_child(lua_State *L, int idx) {
-  struct childbox *b = luaL_checkudata(L, idx, CHILD_MT);
+  struct childbox *b = luamp_self(L, idx, &child_type);
   if (b->c == NULL) luamp_raise(L, "ValueError", "process object is closed");
   return b->c;
 }
@@ -437,7 +439,7 @@ static void push_status(lua_State *L, struct child *c) {
 /* Releases the handle's hold on its entry: the entry stays registered
  * while the child runs (exit cleanup still joins it). */
 static int child_release(lua_State *L) {
-  struct childbox *b = luaL_checkudata(L, 1, CHILD_MT);
+  struct childbox *b = luamp_self(L, 1, &child_type);
   struct child *c = b->c;
   if (c == NULL) return 0;
   b->c = NULL;
@@ -458,7 +460,7 @@ static int child_release(lua_State *L) {
 }
 
 static int child_pid(lua_State *L) {
-  struct childbox *b = luaL_checkudata(L, 1, CHILD_MT);
+  struct childbox *b = luamp_self(L, 1, &child_type);
   if (b->c == NULL) lua_pushnil(L);
   else lua_pushinteger(L, b->c->pid);
   return 1;
@@ -546,7 +548,7 @@ static int child_daemon(lua_State *L) {
 }
 
 static int child_tostring(lua_State *L) {
-  struct childbox *b = luaL_checkudata(L, 1, CHILD_MT);
+  struct childbox *b = luamp_self(L, 1, &child_type);
   if (b->c == NULL) lua_pushliteral(L, "Child (closed)");
   else lua_pushfstring(L, "Child (pid %d, %s)", (int)b->c->pid,
                        b->c->reaped ? "exited" : "running");
@@ -678,7 +680,7 @@ static int l_spawn(lua_State *L) {
   b = lua_newuserdatauv(L, sizeof *b, 0);
   b->c = c;
   c->has_handle = 1;
-  luaL_setmetatable(L, CHILD_MT);
+  luaL_setmetatable(L, CHILD_TNAME);
   renew_sentinel(L);
   if (spare_entry == NULL) spare_entry = calloc(1, sizeof *spare_entry);
   return 1;
@@ -893,6 +895,23 @@ static int l_register_at_fork(lua_State *L) {
   return 0;
 }
 
+static const luaL_Reg child_meth[] = {
+  {"pid", child_pid}, {"sentinel", child_sentinel}, {"poll", child_poll},
+  {"wait", child_wait}, {"signal", child_signal}, {"daemon", child_daemon},
+  {"close", child_release}, {NULL, NULL}
+};
+static const luaL_Reg child_mm[] = {
+  {"__gc", child_release}, {"__close", child_release},
+  {"__tostring", child_tostring}, {NULL, NULL}
+};
+static const luaL_Reg sentinel_mm[] = {{"__gc", sentinel_gc}, {NULL, NULL}};
+static struct luamp_type child_type = {
+  CHILD_TNAME, child_meth, child_mm, NULL, 0, 0, 0
+};
+static struct luamp_type sentinel_type = {
+  SENTINEL_TNAME, NULL, sentinel_mm, NULL, 0, 0, 0
+};
+
 int luamp_open_process(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"spawn", l_spawn},
@@ -909,36 +928,12 @@ int luamp_open_process(lua_State *L) {
     {"register_at_fork", l_register_at_fork},
     {NULL, NULL}
   };
-  static const luaL_Reg meth[] = {
-    {"pid", child_pid},
-    {"sentinel", child_sentinel},
-    {"poll", child_poll},
-    {"wait", child_wait},
-    {"signal", child_signal},
-    {"daemon", child_daemon},
-    {"close", child_release},
-    {NULL, NULL}
-  };
-  static const luaL_Reg metameth[] = {
-    {"__gc", child_release},
-    {"__close", child_release},
-    {"__tostring", child_tostring},
-    {NULL, NULL}
-  };
   static int atexit_done = 0;
   struct sigaction sa;
 
-  if (luaL_newmetatable(L, CHILD_MT)) {
-    luaL_setfuncs(L, metameth, 0);
-    luaL_newlib(L, meth);
-    lua_setfield(L, -2, "__index");
-  }
-  lua_pop(L, 1);
-  if (luaL_newmetatable(L, SENTINEL_MT)) {
-    lua_pushcfunction(L, sentinel_gc);
-    lua_setfield(L, -2, "__gc");
-  }
-  lua_pop(L, 1);
+  luamp_newtype(L, &child_type);
+  luamp_newtype(L, &sentinel_type);
+  lua_pop(L, 2);
   luaL_setfuncs(L, funcs, 0);
   lua_createtable(L, 0, 20);
   for (int i = 0; signals[i].name; i++) {

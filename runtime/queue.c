@@ -119,14 +119,24 @@ static struct queue qget(struct luamp_obj *o) {
   return q;
 }
 
-static uint64_t tag_q, tag_sq, tag_jq;   /* set when the module opens */
+static struct luamp_type queue_type, simple_type, joinable_type;
 
-/* Checked by tag (luamp_obj_tagged): no metatable look-up. */
-static struct luamp_obj *checkqueue(lua_State *L, int idx) {
-  struct luamp_obj *o = luamp_obj_tagged(L, idx, tag_q, tag_sq, tag_jq);
-  if (o == NULL) luaL_typeerror(L, idx, "Queue");
-  if (o->arena == NULL) luamp_raise(L, "ValueError", "Queue is closed");
-  return o;
+/* The types a function accepts as self: those it is registered on. */
+static const struct luamp_type *const any_queue[] = {
+  &queue_type, &joinable_type, &simple_type, NULL
+};
+static const struct luamp_type *const full_queue[] = {
+  &queue_type, &joinable_type, NULL
+};
+static const struct luamp_type *const joinable_only[] = {
+  &joinable_type, NULL
+};
+static const struct luamp_type *const simple_only[] = {&simple_type, NULL};
+
+/* self, open; set is one of the above */
+static struct luamp_obj *checkqueue(lua_State *L, int idx,
+                                    const struct luamp_type *const *set) {
+  return luamp_obj_self(L, idx, set, "Queue");
 }
 
 /* ---- the journal ------------------------------------------------------------ */
@@ -325,16 +335,17 @@ static void poke_watchers(lua_State *L, struct queue *q) {
 }
 
 int luamp_queue_test(lua_State *L, int idx) {
-  return luamp_obj_tagged(L, idx, tag_q, tag_sq, tag_jq) != NULL;
+  return luamp_is(L, idx, &queue_type) || luamp_is(L, idx, &joinable_type) ||
+         luamp_is(L, idx, &simple_type);
 }
 
 int luamp_queue_ready(lua_State *L, int idx) {
-  struct luamp_obj *o = checkqueue(L, idx);
+  struct luamp_obj *o = checkqueue(L, idx, any_queue);
   return atomic_load(&((struct qhdr *)o->p)->count) > 0;
 }
 
 void luamp_queue_watch(lua_State *L, int idx, int on) {
-  struct luamp_obj *o = checkqueue(L, idx);
+  struct luamp_obj *o = checkqueue(L, idx, any_queue);
   struct queue q = qget(o);
   pid_t me = luamp_pid();
   int wfd;
@@ -553,12 +564,12 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
 
 int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
                     int block, double deadline) {
-  return queue_put(L, checkqueue(L, qidx), vidx, -1, tag, block, deadline);
+  return queue_put(L, checkqueue(L, qidx, any_queue), vidx, -1, tag, block, deadline);
 }
 
 int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
                     int slot) {
-  return queue_get(L, checkqueue(L, qidx), block, deadline, slot, 0);
+  return queue_get(L, checkqueue(L, qidx, any_queue), block, deadline, slot, 0);
 }
 
 /* ---- construction ------------------------------------------------------------------- */
@@ -643,14 +654,14 @@ static int q_put(lua_State *L) {
   struct luamp_obj *o;
   double d;
   lua_settop(L, 4);
-  o = checkqueue(L, 1);
+  o = checkqueue(L, 1, full_queue);
   d = block_timeout(L, 3);
   queue_put(L, o, 2, -1, 0, d != -2.0, d == -2.0 ? 0 : d);
   return 0;
 }
 
 static int q_put_nowait(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1);
+  struct luamp_obj *o = checkqueue(L, 1, full_queue);
   lua_settop(L, 2);
   queue_put(L, o, 2, -1, 0, 0, 0);
   return 0;
@@ -658,7 +669,7 @@ static int q_put_nowait(lua_State *L) {
 
 /* q:get([block [, timeout]]) -> v */
 static int q_get(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1);
+  struct luamp_obj *o = checkqueue(L, 1, full_queue);
   double d = block_timeout(L, 2);
   return queue_get(L, o, d != -2.0, d == -2.0 ? 0 : d, -1, 0);
 }
@@ -666,20 +677,20 @@ static int q_get(lua_State *L) {
 /* q:_get_items() -> the items of the next message (an array), or nothing
  * when the queue is empty; never waits (the Pool's replies). */
 static int q_get_items(lua_State *L) {
-  return queue_get(L, checkqueue(L, 1), 0, 0, -1, 1);
+  return queue_get(L, checkqueue(L, 1, full_queue), 0, 0, -1, 1);
 }
 
 static int q_get_nowait(lua_State *L) {
-  return queue_get(L, checkqueue(L, 1), 0, 0, -1, 0);
+  return queue_get(L, checkqueue(L, 1, full_queue), 0, 0, -1, 0);
 }
 
 /* SimpleQueue:get() waits forever (Ctrl-C still interrupts) */
 static int sq_get(lua_State *L) {
-  return queue_get(L, checkqueue(L, 1), 1, -1.0, -1, 0);
+  return queue_get(L, checkqueue(L, 1, simple_only), 1, -1.0, -1, 0);
 }
 
 static int sq_put(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1);
+  struct luamp_obj *o = checkqueue(L, 1, simple_only);
   lua_settop(L, 2);
   queue_put(L, o, 2, -1, 0, 1, -1.0);
   return 0;
@@ -693,7 +704,7 @@ static int q_put_tagged(lua_State *L) {
   lua_Integer tag = luaL_checkinteger(L, 3);
   double d;
   lua_settop(L, 5);
-  checkqueue(L, 1);
+  checkqueue(L, 1, full_queue);
   luaL_argcheck(L, tag >= 0, 3, "tag must be >= 0");
   d = block_timeout(L, 4);
   luamp_queue_put(L, 1, 2, (uint64_t)tag, d != -2.0, d == -2.0 ? 0 : d);
@@ -704,7 +715,7 @@ static int q_put_tagged(lua_State *L) {
  * room as long as it takes (the Pool's task records, with no table made). */
 static int q_put_task(lua_State *L) {
   lua_Integer tag = luaL_checkinteger(L, 2);
-  struct luamp_obj *o = checkqueue(L, 1);
+  struct luamp_obj *o = checkqueue(L, 1, full_queue);
   luaL_argcheck(L, tag >= 0, 2, "tag must be >= 0");
   queue_put(L, o, 3, lua_gettop(L) - 2, (uint64_t)tag, 1, -1.0);
   return 0;
@@ -713,14 +724,14 @@ static int q_put_task(lua_State *L) {
 static int q_get_slot(lua_State *L) {
   lua_Integer slot = luaL_checkinteger(L, 2);
   double d;
-  checkqueue(L, 1);
+  checkqueue(L, 1, full_queue);
   luaL_argcheck(L, slot >= 0 && slot < MAX_SLOTS, 2, "slot out of range");
   d = block_timeout(L, 3);
   return luamp_queue_get(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot);
 }
 
 static int q_taken(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1));
+  struct queue q = qget(checkqueue(L, 1, full_queue));
   lua_Integer slot = luaL_checkinteger(L, 2);
   uint64_t v;
   luaL_argcheck(L, slot >= 0 && (uint64_t)slot < q.h->nslots, 2,
@@ -734,7 +745,7 @@ static int q_taken(lua_State *L) {
 }
 
 static int q_clear(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1));
+  struct queue q = qget(checkqueue(L, 1, full_queue));
   lua_Integer slot = luaL_checkinteger(L, 2);
   luaL_argcheck(L, slot >= 0 && (uint64_t)slot < q.h->nslots, 2,
                 "slot out of range");
@@ -749,7 +760,7 @@ static int q_clear(lua_State *L) {
  * ready(q) drains it, registers for the next put, and says whether a
  * get would not block (registration first: a put after the check pokes). */
 static int q_wait_ready(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1);
+  struct luamp_obj *o = checkqueue(L, 1, any_queue);
   luamp_wakeup_drain();
   luamp_queue_watch(L, 1, 1);
   if (atomic_load(&((struct qhdr *)o->p)->count) > 0) {
@@ -762,7 +773,7 @@ static int q_wait_ready(lua_State *L) {
 }
 
 static int q_wait_fd(lua_State *L) {
-  checkqueue(L, 1);
+  checkqueue(L, 1, any_queue);
   lua_pushinteger(L, luamp_wakeup_fd(L));
   lua_pushcfunction(L, q_wait_ready);
   lua_pushboolean(L, 1);
@@ -770,35 +781,34 @@ static int q_wait_fd(lua_State *L) {
 }
 
 static int q_qsize(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1));
+  struct queue q = qget(checkqueue(L, 1, full_queue));
   lua_pushinteger(L, (lua_Integer)atomic_load(&q.h->count));
   return 1;
 }
 
 static int q_empty(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1));
+  struct queue q = qget(checkqueue(L, 1, any_queue));
   lua_pushboolean(L, atomic_load(&q.h->count) == 0);
   return 1;
 }
 
 static int q_full(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1));
+  struct queue q = qget(checkqueue(L, 1, full_queue));
   lua_pushboolean(L, q.h->maxsize > 0 &&
                      atomic_load(&q.h->count) >= (uint64_t)q.h->maxsize);
   return 1;
 }
 
+/* close(), __close and __gc of the three types */
 static int q_close(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TUSERDATA);
-  luamp_obj_close(L, 1);
+  luamp_obj_close(L, luamp_self_of(L, 1, any_queue));
   return 0;
 }
 
 /* Python's join_thread() waits for the feeder thread after close(); there
  * is no feeder here, every put is complete when it returns. */
 static int q_join_thread(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
-  luaL_checktype(L, 1, LUA_TUSERDATA);
+  struct luamp_obj *o = luamp_self_of(L, 1, full_queue);
   if (o->arena != NULL)
     luamp_raise(L, "ValueError", "Queue is not closed (join_thread comes "
                 "after close)");
@@ -806,12 +816,12 @@ static int q_join_thread(lua_State *L) {
 }
 
 static int q_cancel_join_thread(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TUSERDATA);
+  luamp_self_of(L, 1, full_queue);
   return 0;
 }
 
 static int jq_task_done(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1));
+  struct queue q = qget(checkqueue(L, 1, joinable_only));
   struct qhdr *h = q.h;
   int zero;
   qlock(L, h);
@@ -832,7 +842,7 @@ static int jq_task_done(lua_State *L) {
 /* q:join([timeout]) -> true, or false when the timeout passed (beyond
  * Python, whose join() has no timeout) */
 static int jq_join(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1));
+  struct queue q = qget(checkqueue(L, 1, joinable_only));
   struct qhdr *h = q.h;
   double deadline = luamp_deadline_arg(L, 2);
   for (;;) {
@@ -853,7 +863,7 @@ static int jq_join(lua_State *L) {
 /* q:_stats() -> {capacity =, bytes =, resident =, repairs =}: bytes
  * queued, and bytes of memory the queue holds (specs, diagnostics) */
 static int q_stats(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1);
+  struct luamp_obj *o = checkqueue(L, 1, full_queue);
   struct queue q = qget(o);
   struct stat st;
   qlock(L, q.h);
@@ -877,10 +887,10 @@ static int q_stats(lua_State *L) {
 }
 
 static int q_tostring(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
-  const char *name = luaL_testudata(L, 1, SIMPLEQUEUE_TNAME) ? "SimpleQueue"
-                     : luaL_testudata(L, 1, JOINABLEQUEUE_TNAME)
-                         ? "JoinableQueue" : "Queue";
+  struct luamp_obj *o = luamp_self_of(L, 1, any_queue);
+  const char *name = luamp_is(L, 1, &simple_type) ? "SimpleQueue"
+                     : luamp_is(L, 1, &joinable_type) ? "JoinableQueue"
+                                                      : "Queue";
   if (o->arena == NULL) {
     lua_pushfstring(L, "<%s (closed)>", name);
   } else {
@@ -920,57 +930,51 @@ static const struct luamp_handle_ops handle_ops[] = {
   {JOINABLEQUEUE_TNAME, q_encode, jq_decode},
 };
 
+static const luaL_Reg queue_meth[] = {
+  {"put", q_put}, {"get", q_get}, {"put_nowait", q_put_nowait},
+  {"get_nowait", q_get_nowait}, {"qsize", q_qsize}, {"empty", q_empty},
+  {"full", q_full}, {"close", q_close}, {"join_thread", q_join_thread},
+  {"cancel_join_thread", q_cancel_join_thread},
+  {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
+  {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
+  {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
+  {"_wait_fd", q_wait_fd}, {NULL, NULL}
+};
+static const luaL_Reg joinable_meth[] = {
+  {"task_done", jq_task_done}, {"join", jq_join}, {NULL, NULL}
+};
+static const luaL_Reg simple_meth[] = {
+  {"put", sq_put}, {"get", sq_get}, {"empty", q_empty},
+  {"close", q_close}, {"_wait_fd", q_wait_fd}, {NULL, NULL}
+};
+static const luaL_Reg queue_metameth[] = {
+  {"__gc", q_close}, {"__close", q_close}, {"__tostring", q_tostring},
+  {NULL, NULL}
+};
+static struct luamp_type queue_type = {
+  QUEUE_TNAME, queue_meth, queue_metameth, NULL, 1, 0, 0
+};
+static struct luamp_type joinable_type = {
+  JOINABLEQUEUE_TNAME, queue_meth, queue_metameth, NULL, 1, 0, 0
+};
+static struct luamp_type simple_type = {
+  SIMPLEQUEUE_TNAME, simple_meth, queue_metameth, NULL, 1, 0, 0
+};
+
 int luamp_open_queue(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Queue", l_Queue}, {"JoinableQueue", l_JoinableQueue},
     {"SimpleQueue", l_SimpleQueue}, {NULL, NULL}
   };
-  static const luaL_Reg queue_meth[] = {
-    {"put", q_put}, {"get", q_get}, {"put_nowait", q_put_nowait},
-    {"get_nowait", q_get_nowait}, {"qsize", q_qsize}, {"empty", q_empty},
-    {"full", q_full}, {"close", q_close}, {"join_thread", q_join_thread},
-    {"cancel_join_thread", q_cancel_join_thread},
-    {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
-    {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
-    {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
-    {"_wait_fd", q_wait_fd},
-    {"task_done", jq_task_done}, {"join", jq_join},   /* Joinable only */
-    {NULL, NULL}
-  };
-  static const luaL_Reg simple_meth[] = {
-    {"put", sq_put}, {"get", sq_get}, {"empty", q_empty},
-    {"close", q_close}, {"_wait_fd", q_wait_fd}, {NULL, NULL}
-  };
-  static const char *const tnames[3] = {QUEUE_TNAME, JOINABLEQUEUE_TNAME,
-                                        SIMPLEQUEUE_TNAME};
-  static const char *const labels[3] = {"Queue", "JoinableQueue",
-                                        "SimpleQueue"};
-  tag_q = luamp_obj_tag(QUEUE_TNAME);
-  tag_sq = luamp_obj_tag(SIMPLEQUEUE_TNAME);
-  tag_jq = luamp_obj_tag(JOINABLEQUEUE_TNAME);
   luaL_setfuncs(L, funcs, 0);
   lua_getfield(L, -1, "methods");
-  for (int i = 0; i < 3; i++) {
-    luaL_newmetatable(L, tnames[i]);
-    lua_newtable(L);
-    luaL_setfuncs(L, i == 2 ? simple_meth : queue_meth, 0);
-    if (i == 0) {     /* a plain Queue has no task_done/join */
-      lua_pushnil(L);
-      lua_setfield(L, -2, "task_done");
-      lua_pushnil(L);
-      lua_setfield(L, -2, "join");
-    }
-    lua_pushvalue(L, -1);
-    lua_setfield(L, -4, labels[i]);   /* core.methods[label] */
-    lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, luamp_obj_gc);
-    lua_setfield(L, -2, "__gc");
-    lua_pushcfunction(L, q_close);
-    lua_setfield(L, -2, "__close");
-    lua_pushcfunction(L, q_tostring);
-    lua_setfield(L, -2, "__tostring");
-    lua_pop(L, 1);
-  }
+  luamp_newtype(L, &queue_type);
+  lua_setfield(L, -2, "Queue");           /* core.methods.Queue */
+  luamp_newtype(L, &joinable_type);
+  luaL_setfuncs(L, joinable_meth, 0);     /* (again: idempotent) */
+  lua_setfield(L, -2, "JoinableQueue");
+  luamp_newtype(L, &simple_type);
+  lua_setfield(L, -2, "SimpleQueue");
   lua_pop(L, 1);
   for (int i = 0; i < 3; i++) luamp_register_handle(L, &handle_ops[i]);
   return 0;

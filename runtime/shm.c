@@ -92,8 +92,10 @@ static void untrack(const char *name) {
 
 /* ---- the object --------------------------------------------------------------- */
 
+static struct luamp_type shm_type;   /* (at the end) */
+
 static struct shm *checkshm(lua_State *L, int idx) {
-  struct shm *s = luaL_checkudata(L, idx, SHM_TNAME);
+  struct shm *s = luamp_self(L, idx, &shm_type);
   if (s->base == NULL)
     luamp_raise(L, "ValueError", "SharedMemory is closed");
   return s;
@@ -193,7 +195,7 @@ static int l_SharedMemory(lua_State *L) {
 }
 
 static int shm_close(lua_State *L) {
-  struct shm *s = luaL_checkudata(L, 1, SHM_TNAME);
+  struct shm *s = luamp_self(L, 1, &shm_type);
   if (s->base) {
     char *base = s->base;
     s->base = NULL;   /* closed before the mapping goes */
@@ -205,7 +207,7 @@ static int shm_close(lua_State *L) {
 /* unlink(): removes the name (any process may, as Python); the memory
  * lives on while mapped. */
 static int shm_unlink_m(lua_State *L) {
-  struct shm *s = luaL_checkudata(L, 1, SHM_TNAME);
+  struct shm *s = luamp_self(L, 1, &shm_type);
   if (shm_unlink(s->name) != 0) {
     int err = errno;
     if (err == ENOENT)
@@ -255,7 +257,7 @@ static int shm_write(lua_State *L) {
 }
 
 static int shm_index(lua_State *L) {
-  struct shm *s = luaL_checkudata(L, 1, SHM_TNAME);
+  struct shm *s = luamp_self(L, 1, &shm_type);
   const char *k = lua_tostring(L, 2);
   if (k && lua_type(L, 2) == LUA_TSTRING) {
     if (strcmp(k, "name") == 0) {
@@ -277,29 +279,28 @@ static int shm_index(lua_State *L) {
 }
 
 static int shm_tostring(lua_State *L) {
-  struct shm *s = luaL_checkudata(L, 1, SHM_TNAME);
+  struct shm *s = luamp_self(L, 1, &shm_type);
   lua_pushfstring(L, "SharedMemory('%s', size=%I%s)", s->name + 1,
                   (lua_Integer)s->size, s->base ? "" : ", closed");
   return 1;
 }
 
+static const luaL_Reg shm_meth[] = {
+  {"read", shm_read}, {"write", shm_write}, {"close", shm_close},
+  {"unlink", shm_unlink_m}, {NULL, NULL}
+};
+static const luaL_Reg shm_mm[] = {
+  {"__gc", shm_close}, {"__close", shm_close},
+  {"__tostring", shm_tostring}, {NULL, NULL}
+};
+static struct luamp_type shm_type = {
+  SHM_TNAME, shm_meth, shm_mm, shm_index, 0, 0, 0
+};
+
 int luamp_open_shm(lua_State *L) {
-  static const luaL_Reg meth[] = {
-    {"read", shm_read}, {"write", shm_write}, {"close", shm_close},
-    {"unlink", shm_unlink_m}, {NULL, NULL}
-  };
-  static const luaL_Reg mm[] = {
-    {"__gc", shm_close}, {"__close", shm_close},
-    {"__tostring", shm_tostring}, {NULL, NULL}
-  };
   lua_pushcfunction(L, l_SharedMemory);
   lua_setfield(L, -2, "SharedMemory");
-  luaL_newmetatable(L, SHM_TNAME);
-  luaL_setfuncs(L, mm, 0);
-  lua_newtable(L);
-  luaL_setfuncs(L, meth, 0);
-  lua_pushcclosure(L, shm_index, 1);
-  lua_setfield(L, -2, "__index");
+  luamp_newtype(L, &shm_type);
   lua_pop(L, 1);
   return 0;
 }

@@ -28,8 +28,10 @@ struct store {
   int64_t size;    /* bytes appended (meaningful in the owner) */
 };
 
+static struct luamp_type store_type;   /* (at the end) */
+
 static struct store *checkstore(lua_State *L) {
-  struct store *s = luaL_checkudata(L, 1, STORE_TNAME);
+  struct store *s = luamp_self(L, 1, &store_type);
   if (s->fd < 0) luamp_raise(L, "ValueError", "store is closed");
   return s;
 }
@@ -93,7 +95,7 @@ static int store_get(lua_State *L) {
 /* store:close(); also __gc and __close.  Every process closes its own
  * descriptor; the file goes when the last one is closed. */
 static int store_close(lua_State *L) {
-  struct store *s = luaL_checkudata(L, 1, STORE_TNAME);
+  struct store *s = luamp_self(L, 1, &store_type);
   if (s->fd >= 0) {
     int fd = s->fd;
     s->fd = -1;     /* closed before the resource goes */
@@ -103,26 +105,26 @@ static int store_close(lua_State *L) {
 }
 
 static int store_tostring(lua_State *L) {
-  struct store *s = luaL_checkudata(L, 1, STORE_TNAME);
+  struct store *s = luamp_self(L, 1, &store_type);
   if (s->fd < 0) lua_pushliteral(L, "Store (closed)");
   else lua_pushfstring(L, "Store (%d bytes)", (int)s->size);
   return 1;
 }
 
+static const luaL_Reg store_meth[] = {
+  {"put", store_put}, {"get", store_get}, {"close", store_close},
+  {NULL, NULL}
+};
+static const luaL_Reg store_mm[] = {
+  {"__gc", store_close}, {"__close", store_close},
+  {"__tostring", store_tostring}, {NULL, NULL}
+};
+static struct luamp_type store_type = {
+  STORE_TNAME, store_meth, store_mm, NULL, 0, 0, 0
+};
+
 int luamp_open_store(lua_State *L) {
-  static const luaL_Reg meth[] = {
-    {"put", store_put}, {"get", store_get}, {"close", store_close},
-    {NULL, NULL}
-  };
-  static const luaL_Reg metameth[] = {
-    {"__gc", store_close}, {"__close", store_close},
-    {"__tostring", store_tostring}, {"__index", NULL}, {NULL, NULL}
-  };
-  if (luaL_newmetatable(L, STORE_TNAME)) {
-    luaL_setfuncs(L, metameth, 0);
-    luaL_newlib(L, meth);
-    lua_setfield(L, -2, "__index");
-  }
+  luamp_newtype(L, &store_type);
   lua_pop(L, 1);
   lua_pushcfunction(L, l_store);
   lua_setfield(L, -2, "Store");

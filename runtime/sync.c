@@ -148,10 +148,22 @@ void luamp_lock_release(lua_State *L, struct luamp_lock *l) {
   if (atomic_load(&l->waiters) > 0) luamp_futex_wake(owner_word(l), 1);
 }
 
+/* The types (registration at the end of the file), and the sets of them
+ * that a function shared by several accepts as self. */
+static struct luamp_type lock_type, rlock_type, sem_type, bsem_type,
+    event_type, cond_type, barrier_type, guard_type;
+static const struct luamp_type *const locks[] = {
+  &lock_type, &rlock_type, NULL
+};
+static const struct luamp_type *const sems[] = {&sem_type, &bsem_type, NULL};
+static const struct luamp_type *const events[] = {&event_type, NULL};
+static const struct luamp_type *const conds[] = {&cond_type, NULL};
+static const struct luamp_type *const barriers[] = {&barrier_type, NULL};
+
 struct luamp_lock *luamp_lock_test(lua_State *L, int idx) {
-  struct luamp_obj *o = luaL_testudata(L, idx, LUAMP_LOCK_TNAME);
-  if (o == NULL) o = luaL_testudata(L, idx, LUAMP_RLOCK_TNAME);
-  if (o == NULL) return NULL;
+  struct luamp_obj *o = lua_touserdata(L, idx);
+  if (!luamp_is(L, idx, &lock_type) && !luamp_is(L, idx, &rlock_type))
+    return NULL;
   if (o->arena == NULL) luamp_raise(L, "ValueError", "lock is closed");
   return (struct luamp_lock *)o->p;
 }
@@ -162,24 +174,8 @@ static struct luamp_lock *checklock(lua_State *L, int idx) {
   return l;
 }
 
-/* Tags of the types (luamp_obj_tag), set when the module opens. */
-static uint64_t tag_lock, tag_rlock, tag_sem, tag_bsem, tag_event;
-
-/* self for the methods of a family: a Lock's are Lock and RLock... */
-static struct luamp_obj *self(lua_State *L, const char *what) {
-  struct luamp_obj *o = NULL;
-  switch (what[0]) {
-    case 'L': o = luamp_obj_tagged(L, 1, tag_lock, tag_rlock, 0); break;
-    case 'S': o = luamp_obj_tagged(L, 1, tag_sem, tag_bsem, 0); break;
-    default: o = luamp_obj_tagged(L, 1, tag_event, 0, 0); break;
-  }
-  if (o == NULL) luaL_typeerror(L, 1, what);
-  if (o->arena == NULL) luamp_raise(L, "ValueError", "%s is closed", what);
-  return o;
-}
-
 static struct luamp_lock *selflock(lua_State *L) {
-  return (struct luamp_lock *)self(L, "Lock or RLock")->p;
+  return (struct luamp_lock *)luamp_obj_self(L, 1, locks, "Lock or RLock")->p;
 }
 
 void luamp_lock_push(lua_State *L, struct luamp_arena *a, size_t offset) {
@@ -237,16 +233,35 @@ static int lock_is_mine(lua_State *L) {
   return 1;
 }
 
-static int obj_close(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TUSERDATA);
-  luamp_obj_close(L, 1);
+/* close(), __close and __gc of each family */
+static int lock_close(lua_State *L) {
+  luamp_obj_close(L, luamp_self_of(L, 1, locks));
+  return 0;
+}
+
+static int sem_close(lua_State *L) {
+  luamp_obj_close(L, luamp_self_of(L, 1, sems));
+  return 0;
+}
+
+static int event_close(lua_State *L) {
+  luamp_obj_close(L, luamp_self_of(L, 1, events));
+  return 0;
+}
+
+static int cond_close(lua_State *L) {
+  luamp_obj_close(L, luamp_self_of(L, 1, conds));
+  return 0;
+}
+
+static int barrier_close(lua_State *L) {
+  luamp_obj_close(L, luamp_self_of(L, 1, barriers));
   return 0;
 }
 
 static int lock_tostring(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
-  const char *name = luaL_testudata(L, 1, LUAMP_RLOCK_TNAME) ? "RLock"
-                                                             : "Lock";
+  struct luamp_obj *o = luamp_self_of(L, 1, locks);
+  const char *name = luamp_is(L, 1, &rlock_type) ? "RLock" : "Lock";
   if (o->arena == NULL) {
     lua_pushfstring(L, "<%s (closed)>", name);
   } else {
@@ -282,8 +297,7 @@ struct ssem {
 };
 
 static struct ssem *checksem(lua_State *L, int idx) {
-  (void)idx;
-  return (struct ssem *)self(L, "Semaphore")->p;
+  return (struct ssem *)luamp_obj_self(L, idx, sems, "Semaphore")->p;
 }
 
 static int sem_try(struct ssem *s) {
@@ -451,9 +465,9 @@ static int sem_get_value(lua_State *L) {
 }
 
 static int sem_tostring(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
-  const char *name = luaL_testudata(L, 1, BSEMAPHORE_TNAME)
-                         ? "BoundedSemaphore" : "Semaphore";
+  struct luamp_obj *o = luamp_self_of(L, 1, sems);
+  const char *name = luamp_is(L, 1, &bsem_type) ? "BoundedSemaphore"
+                                                : "Semaphore";
   if (o->arena == NULL)
     lua_pushfstring(L, "<%s (closed)>", name);
   else
@@ -470,8 +484,7 @@ struct sevent {
 };
 
 static struct sevent *checkevent(lua_State *L, int idx) {
-  (void)idx;
-  return (struct sevent *)self(L, "Event")->p;
+  return (struct sevent *)luamp_obj_self(L, idx, events, "Event")->p;
 }
 
 static int l_Event(lua_State *L) {
@@ -521,7 +534,7 @@ static int event_wait(lua_State *L) {
 }
 
 static int event_tostring(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
+  struct luamp_obj *o = luamp_self_of(L, 1, events);
   if (o->arena == NULL)
     lua_pushliteral(L, "<Event (closed)>");
   else
@@ -560,7 +573,7 @@ static void cond_repair(void *arg) {
 }
 
 static struct luamp_obj *checkcond_obj(lua_State *L, int idx) {
-  return luamp_obj_check(L, idx, CONDITION_TNAME);
+  return luamp_obj_self(L, idx, conds, NULL);
 }
 
 /* The condition's lock (user value 1) at the top of the stack. */
@@ -748,7 +761,7 @@ static int cond_notify_all(lua_State *L) {
 }
 
 static int cond_tostring(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
+  struct luamp_obj *o = luamp_self_of(L, 1, conds);
   if (o->arena == NULL) {
     lua_pushliteral(L, "<Condition (closed)>");
   } else {
@@ -786,7 +799,7 @@ static void barrier_repair(void *arg) {
 }
 
 static struct luamp_obj *checkbarrier(lua_State *L, int idx) {
-  return luamp_obj_check(L, idx, BARRIER_TNAME);
+  return luamp_obj_self(L, idx, barriers, NULL);
 }
 
 static void barrier_bump(struct sbarrier *b) {
@@ -974,7 +987,7 @@ static int barrier_abort(lua_State *L) {
 /* Fields as Python's properties: parties, n_waiting, broken; else methods. */
 static int barrier_index(lua_State *L) {
   const char *k = lua_tostring(L, 2);
-  struct luamp_obj *o = luaL_checkudata(L, 1, BARRIER_TNAME);
+  struct luamp_obj *o = luamp_self_of(L, 1, barriers);
   if (k && o->arena) {
     struct sbarrier *b = (struct sbarrier *)o->p;
     if (strcmp(k, "parties") == 0) {
@@ -999,7 +1012,7 @@ static int barrier_index(lua_State *L) {
 }
 
 static int barrier_tostring(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
+  struct luamp_obj *o = luamp_self_of(L, 1, barriers);
   if (o->arena == NULL)
     lua_pushliteral(L, "<Barrier (closed)>");
   else
@@ -1016,9 +1029,27 @@ static void call_method(lua_State *L, int obj, const char *name) {
   lua_call(L, 1, 0);
 }
 
+/* self of with() and guard(), which every lock-like type shares: one of
+ * the runtime's objects whose methods include _enter. */
+static void check_scoped(lua_State *L) {
+  int ok = 0;
+  if (lua_type(L, 1) == LUA_TUSERDATA &&
+      luaL_getmetafield(L, 1, "__name") == LUA_TSTRING) {
+    ok = strncmp(lua_tostring(L, -1), "multiprocessing.", 16) == 0;
+    lua_pop(L, 1);
+    if (ok) {
+      ok = lua_getfield(L, 1, "_enter") == LUA_TFUNCTION;
+      lua_pop(L, 1);
+    }
+  }
+  if (!ok)
+    luaL_typeerror(L, 1, "Lock, RLock, Semaphore, Condition, Value or Array");
+}
+
 /* obj:with(fn, ...) -> fn's results, run holding obj; released on errors */
 static int scoped_with(lua_State *L) {
   int n = lua_gettop(L), ok;
+  check_scoped(L);
   luaL_checkany(L, 2);
   call_method(L, 1, "_enter");
   ok = lua_pcall(L, n - 2, LUA_MULTRET, 0);
@@ -1027,9 +1058,12 @@ static int scoped_with(lua_State *L) {
   return lua_gettop(L) - 1;
 }
 
-static const char GUARD_MT[] = "multiprocessing.guard";
+#define GUARD_TNAME "multiprocessing.guard"
 
+/* A guard is a table {obj} with this metatable. */
 static int guard_close(lua_State *L) {
+  luamp_self(L, 1, &guard_type);
+  luaL_checktype(L, 1, LUA_TTABLE);
   if (lua_rawgeti(L, 1, 1) != LUA_TNIL) {
     int held = lua_gettop(L);
     lua_pushnil(L);
@@ -1041,17 +1075,13 @@ static int guard_close(lua_State *L) {
 
 /* local held <close> = obj:guard(): held until the scope ends */
 static int scoped_guard(lua_State *L) {
-  luaL_checkany(L, 1);
+  check_scoped(L);
   lua_settop(L, 1);
   call_method(L, 1, "_enter");
   lua_createtable(L, 1, 0);
   lua_pushvalue(L, 1);
   lua_rawseti(L, -2, 1);
-  if (luaL_newmetatable(L, GUARD_MT)) {
-    lua_pushcfunction(L, guard_close);
-    lua_setfield(L, -2, "__close");
-  }
-  lua_setmetatable(L, -2);
+  luaL_setmetatable(L, GUARD_TNAME);
   return 1;
 }
 
@@ -1193,61 +1223,72 @@ static const luaL_Reg lock_meth[] = {
   {"acquire", lock_acquire}, {"release", lock_release},
   {"_enter", lock_enter}, {"_exit", lock_release},
   {"locked", lock_locked}, {"_is_mine", lock_is_mine},
-  {"close", obj_close}, {NULL, NULL}
+  {"close", lock_close}, {NULL, NULL}
+};
+static const luaL_Reg lock_mm[] = {
+  {"__gc", lock_close}, {"__close", lock_close},
+  {"__tostring", lock_tostring}, {NULL, NULL}
 };
 static const luaL_Reg sem_meth[] = {
   {"acquire", sem_acquire_m}, {"release", sem_release_m},
   {"_enter", sem_enter}, {"_exit", sem_exit},
-  {"get_value", sem_get_value}, {"close", obj_close}, {NULL, NULL}
+  {"get_value", sem_get_value}, {"close", sem_close}, {NULL, NULL}
+};
+static const luaL_Reg sem_mm[] = {
+  {"__gc", sem_close}, {"__close", sem_close},
+  {"__tostring", sem_tostring}, {NULL, NULL}
 };
 static const luaL_Reg event_meth[] = {
   {"set", event_set}, {"clear", event_clear}, {"is_set", event_is_set},
-  {"wait", event_wait}, {"close", obj_close}, {NULL, NULL}
+  {"wait", event_wait}, {"close", event_close}, {NULL, NULL}
+};
+static const luaL_Reg event_mm[] = {
+  {"__gc", event_close}, {"__close", event_close},
+  {"__tostring", event_tostring}, {NULL, NULL}
 };
 static const luaL_Reg cond_meth[] = {
   {"acquire", cond_acquire}, {"release", cond_release},
   {"_enter", cond_enter}, {"_exit", cond_release},
   {"wait", cond_wait}, {"notify", cond_notify},
   {"notify_all", cond_notify_all}, {"wait_for", cond_wait_for},
-  {"close", obj_close}, {NULL, NULL}
+  {"close", cond_close}, {NULL, NULL}
+};
+static const luaL_Reg cond_mm[] = {
+  {"__gc", cond_close}, {"__close", cond_close},
+  {"__tostring", cond_tostring}, {NULL, NULL}
 };
 static const luaL_Reg barrier_meth[] = {
   {"wait", barrier_wait}, {"reset", barrier_reset},
-  {"abort", barrier_abort}, {"close", obj_close}, {NULL, NULL}
+  {"abort", barrier_abort}, {"close", barrier_close}, {NULL, NULL}
 };
+static const luaL_Reg barrier_mm[] = {
+  {"__gc", barrier_close}, {"__close", barrier_close},
+  {"__tostring", barrier_tostring}, {NULL, NULL}
+};
+static const luaL_Reg guard_mm[] = {{"__close", guard_close}, {NULL, NULL}};
 
-/* Makes metatable tname (without __index yet). */
-static void new_meta(lua_State *L, const char *tname, lua_CFunction tostring) {
-  luaL_newmetatable(L, tname);
-  lua_pushcfunction(L, luamp_obj_gc);
-  lua_setfield(L, -2, "__gc");
-  lua_pushcfunction(L, obj_close);
-  lua_setfield(L, -2, "__close");
-  lua_pushcfunction(L, tostring);
-  lua_setfield(L, -2, "__tostring");
-  lua_pop(L, 1);
-}
-
-/* Gives tname its methods (its __index, or the upvalue of a custom
- * __index) and puts the method table in core.methods[label]
- * (core.methods is at the top). */
-static void set_methods(lua_State *L, const char *tname, const char *label,
-                        const luaL_Reg *meth, lua_CFunction index) {
-  luaL_getmetatable(L, tname);
-  lua_newtable(L);
-  luaL_setfuncs(L, meth, 0);
-  if (lua_getfield(L, -1, "_enter") != LUA_TNIL) {
-    lua_pop(L, 1);
-    luaL_setfuncs(L, luamp_scoped_methods, 0);
-  } else {
-    lua_pop(L, 1);
-  }
-  lua_pushvalue(L, -1);
-  lua_setfield(L, -4, label);
-  if (index) lua_pushcclosure(L, index, 1);
-  lua_setfield(L, -2, "__index");
-  lua_pop(L, 1);
-}
+static struct luamp_type lock_type = {
+  LUAMP_LOCK_TNAME, lock_meth, lock_mm, NULL, 1, 0, 0
+};
+static struct luamp_type rlock_type = {
+  LUAMP_RLOCK_TNAME, lock_meth, lock_mm, NULL, 1, 0, 0
+};
+static struct luamp_type sem_type = {
+  SEMAPHORE_TNAME, sem_meth, sem_mm, NULL, 1, 0, 0
+};
+static struct luamp_type bsem_type = {
+  BSEMAPHORE_TNAME, sem_meth, sem_mm, NULL, 1, 0, 0
+};
+static struct luamp_type event_type = {
+  EVENT_TNAME, event_meth, event_mm, NULL, 1, 0, 0
+};
+static struct luamp_type cond_type = {
+  CONDITION_TNAME, cond_meth, cond_mm, NULL, 1, 0, 0
+};
+static struct luamp_type barrier_type = {
+  BARRIER_TNAME, barrier_meth, barrier_mm, barrier_index, 1, 0, 0
+};
+static struct luamp_type guard_type = {GUARD_TNAME, NULL, guard_mm, NULL, 0, 0, 0};
 
 int luamp_open_sync(lua_State *L) {
   static const luaL_Reg funcs[] = {
@@ -1256,11 +1297,14 @@ int luamp_open_sync(lua_State *L) {
     {"Event", l_Event}, {"Condition", l_Condition}, {"Barrier", l_Barrier},
     {NULL, NULL}
   };
-  tag_lock = luamp_obj_tag(LUAMP_LOCK_TNAME);
-  tag_rlock = luamp_obj_tag(LUAMP_RLOCK_TNAME);
-  tag_sem = luamp_obj_tag(SEMAPHORE_TNAME);
-  tag_bsem = luamp_obj_tag(BSEMAPHORE_TNAME);
-  tag_event = luamp_obj_tag(EVENT_TNAME);
+  static struct luamp_type *const types[] = {
+    &lock_type, &rlock_type, &sem_type, &bsem_type, &event_type, &cond_type,
+    &barrier_type
+  };
+  static const char *const labels[] = {
+    "Lock", "RLock", "Semaphore", "BoundedSemaphore", "Event", "Condition",
+    "Barrier"
+  };
   luaL_setfuncs(L, funcs, 0);
   if (lua_getfield(L, -1, "methods") != LUA_TTABLE) {
     lua_pop(L, 1);
@@ -1268,20 +1312,12 @@ int luamp_open_sync(lua_State *L) {
     lua_pushvalue(L, -1);
     lua_setfield(L, -3, "methods");
   }
-  new_meta(L, LUAMP_LOCK_TNAME, lock_tostring);
-  new_meta(L, LUAMP_RLOCK_TNAME, lock_tostring);
-  new_meta(L, SEMAPHORE_TNAME, sem_tostring);
-  new_meta(L, BSEMAPHORE_TNAME, sem_tostring);
-  new_meta(L, EVENT_TNAME, event_tostring);
-  new_meta(L, CONDITION_TNAME, cond_tostring);
-  new_meta(L, BARRIER_TNAME, barrier_tostring);
-  set_methods(L, LUAMP_LOCK_TNAME, "Lock", lock_meth, NULL);
-  set_methods(L, LUAMP_RLOCK_TNAME, "RLock", lock_meth, NULL);
-  set_methods(L, SEMAPHORE_TNAME, "Semaphore", sem_meth, NULL);
-  set_methods(L, BSEMAPHORE_TNAME, "BoundedSemaphore", sem_meth, NULL);
-  set_methods(L, EVENT_TNAME, "Event", event_meth, NULL);
-  set_methods(L, CONDITION_TNAME, "Condition", cond_meth, NULL);
-  set_methods(L, BARRIER_TNAME, "Barrier", barrier_meth, barrier_index);
+  for (size_t i = 0; i < sizeof types / sizeof types[0]; i++) {
+    luamp_newtype(L, types[i]);
+    lua_setfield(L, -2, labels[i]);        /* core.methods[label] */
+  }
+  lua_pop(L, 1);
+  luamp_newtype(L, &guard_type);
   lua_pop(L, 1);
   for (size_t i = 0; i < sizeof handle_ops / sizeof handle_ops[0]; i++)
     luamp_register_handle(L, &handle_ops[i]);

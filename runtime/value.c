@@ -16,6 +16,7 @@
  * (string.pack's "J" convention): values above math.maxinteger read back
  * negative.
  */
+#include <limits.h>
 #include <math.h>
 #include <string.h>
 
@@ -209,19 +210,19 @@ static struct vobj vfrom(struct luamp_obj *o) {
   return v;
 }
 
-/* self is checked by tag (luamp_obj_tagged).  Every Value and Array
- * function has the two metatables as upvalues 1 and 2; metamethods also
- * have the string "value" (3); the __index functions the method table
- * (4). */
-static uint64_t tag_value, tag_array;   /* set when the module opens */
+/* The types (registered at the end of the file) and the sets of them a
+ * function accepts as self: the types it is registered on. */
+static struct luamp_type value_type, array_type;
+static const struct luamp_type *const both[] = {
+  &value_type, &array_type, NULL
+};
+static const struct luamp_type *const value_only[] = {&value_type, NULL};
+static const struct luamp_type *const array_only[] = {&array_type, NULL};
 
-static struct vobj vcheck(lua_State *L, int idx) {
-  struct luamp_obj *o = luamp_obj_tagged(L, idx, tag_value, tag_array, 0);
-  if (o == NULL) luaL_typeerror(L, idx, "Value or Array");
-  if (o->arena == NULL)
-    luamp_raise(L, "ValueError", "%s is closed",
-                luaL_testudata(L, idx, VALUE_TNAME) ? "Value" : "Array");
-  return vfrom(o);
+/* self, open */
+static struct vobj vcheck(lua_State *L, int idx,
+                          const struct luamp_type *const *set) {
+  return vfrom(luamp_obj_self(L, idx, set, NULL));
 }
 
 /* The lock option at idx (an options table {lock = ...}, or the lock
@@ -339,7 +340,7 @@ static int l_RawArray(lua_State *L) { return array_new(L, 1); }
 
 /* get_lock(): the lock, as an RLock object (the same one every time). */
 static int v_get_lock(lua_State *L) {
-  struct vobj v = vcheck(L, 1);
+  struct vobj v = vcheck(L, 1, both);
   if (v.h->lockmode == LOCK_NONE)
     luamp_raise(L, "ValueError", "this %s has no lock (lock=false or Raw%s)",
                 v.h->is_array ? "Array" : "Value",
@@ -381,7 +382,7 @@ static int v_release(lua_State *L) {
 }
 
 static struct vobj check_int_value(lua_State *L, const char *what) {
-  struct vobj v = vcheck(L, 1);
+  struct vobj v = vcheck(L, 1, value_only);
   if (v.t->kind != 'i' && v.t->kind != 'u')
     luamp_raise(L, "ValueError", "%s needs an integer typecode, not '%c'",
                 what, v.t->code);
@@ -425,33 +426,34 @@ static int v_cas(lua_State *L) {
   return 1;
 }
 
+/* close(), __close and __gc */
 static int v_close(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TUSERDATA);
-  luamp_obj_close(L, 1);
+  luamp_obj_close(L, luamp_self_of(L, 1, both));
   return 0;
 }
 
+/* v.value, v.typecode, then the methods (upvalue 1) */
 static int value_index(lua_State *L) {
-  const char *k;
-  if (lua_rawequal(L, 2, lua_upvalueindex(3))) {   /* v.value */
-    struct vobj v = vcheck(L, 1);
+  const char *k = lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : NULL;
+  if (k && strcmp(k, "value") == 0) {
+    struct vobj v = vcheck(L, 1, value_only);
     push_elem(L, v.t, v.data);
     return 1;
   }
-  k = lua_tostring(L, 2);
-  if (k && strcmp(k, "typecode") == 0 && lua_type(L, 2) == LUA_TSTRING) {
-    struct vobj v = vcheck(L, 1);
+  if (k && strcmp(k, "typecode") == 0) {
+    struct vobj v = vcheck(L, 1, value_only);
     lua_pushlstring(L, &v.t->code, 1);
     return 1;
   }
+  luamp_self(L, 1, &value_type);
   lua_pushvalue(L, 2);
-  lua_rawget(L, lua_upvalueindex(4));
+  lua_rawget(L, lua_upvalueindex(1));
   return 1;
 }
 
 static int value_newindex(lua_State *L) {
-  struct vobj v = vcheck(L, 1);
-  if (!lua_rawequal(L, 2, lua_upvalueindex(3)))
+  struct vobj v = vcheck(L, 1, value_only);
+  if (lua_type(L, 2) != LUA_TSTRING || strcmp(lua_tostring(L, 2), "value"))
     return luaL_error(L, "cannot set field '%s' of a Value (only 'value')",
                       luaL_tolstring(L, 2, NULL));
   store_bits(v.data, v.t->size, check_elem(L, v.t, 3));
@@ -475,7 +477,7 @@ static lua_Integer array_pos(lua_State *L, struct vobj *v, int idx,
 
 static int array_index(lua_State *L) {
   if (lua_type(L, 2) == LUA_TNUMBER) {
-    struct vobj v = vcheck(L, 1);
+    struct vobj v = vcheck(L, 1, array_only);
     lua_Integer i = array_pos(L, &v, 2, 1);
     if (i < 0) return 0;
     push_elem(L, v.t, v.data + (size_t)i * v.t->size);
@@ -484,7 +486,7 @@ static int array_index(lua_State *L) {
   if (lua_type(L, 2) == LUA_TSTRING) {
     const char *k = lua_tostring(L, 2);
     if (strcmp(k, "value") == 0 || strcmp(k, "raw") == 0) {
-      struct vobj v = vcheck(L, 1);
+      struct vobj v = vcheck(L, 1, array_only);
       if (v.t->kind == 'c') {
         size_t len = (size_t)v.h->n;
         if (k[0] == 'v') len = strnlen(v.data, len);   /* up to a NUL */
@@ -493,18 +495,19 @@ static int array_index(lua_State *L) {
       }
     }
     if (strcmp(k, "typecode") == 0) {
-      struct vobj v = vcheck(L, 1);
+      struct vobj v = vcheck(L, 1, array_only);
       lua_pushlstring(L, &v.t->code, 1);
       return 1;
     }
   }
+  luamp_self(L, 1, &array_type);
   lua_pushvalue(L, 2);
-  lua_rawget(L, lua_upvalueindex(4));
+  lua_rawget(L, lua_upvalueindex(1));
   return 1;
 }
 
 static int array_newindex(lua_State *L) {
-  struct vobj v = vcheck(L, 1);
+  struct vobj v = vcheck(L, 1, array_only);
   if (lua_type(L, 2) == LUA_TNUMBER) {
     lua_Integer i = array_pos(L, &v, 2, 0);
     store_bits(v.data + (size_t)i * v.t->size, v.t->size,
@@ -530,18 +533,23 @@ static int array_newindex(lua_State *L) {
 }
 
 static int array_len(lua_State *L) {
-  struct vobj v = vcheck(L, 1);
+  struct vobj v = vcheck(L, 1, array_only);
   lua_pushinteger(L, (lua_Integer)v.h->n);
   return 1;
 }
 
 /* a:totable([i [, j]]) -> a plain Lua sequence of the elements i..j */
 static int array_totable(lua_State *L) {
-  struct vobj v = vcheck(L, 1);
+  struct vobj v = vcheck(L, 1, array_only);
   lua_Integer n = (lua_Integer)v.h->n;
   lua_Integer i = luaL_optinteger(L, 2, 1), j = luaL_optinteger(L, 3, n);
   if (i < 1) i = 1;
   if (j > n) j = n;
+  /* a Lua table holds at most 2^31 - 1 items: refuse more at once rather
+   * than grow one until memory runs out */
+  if (j >= i && j - i >= INT_MAX)
+    luaL_argerror(L, 3, lua_pushfstring(L, "%I elements do not fit in a Lua "
+                  "table (at most %d: take a range)", j - i + 1, INT_MAX));
   lua_createtable(L, j >= i ? (int)(j - i + 1) : 0, 0);
   for (lua_Integer k = i; k <= j; k++) {
     push_elem(L, v.t, v.data + (size_t)(k - 1) * v.t->size);
@@ -551,14 +559,14 @@ static int array_totable(lua_State *L) {
 }
 
 static int v_tostring(lua_State *L) {
-  struct luamp_obj *o = lua_touserdata(L, 1);
-  int is_array = luaL_testudata(L, 1, ARRAY_TNAME) != NULL;
+  struct luamp_obj *o = luamp_self_of(L, 1, both);
+  int is_array = luamp_is(L, 1, &array_type);
   if (o->arena == NULL) {
     lua_pushstring(L, is_array ? "<Array (closed)>" : "<Value (closed)>");
     return 1;
   }
   {
-    struct vobj v = vcheck(L, 1);
+    struct vobj v = vcheck(L, 1, both);
     const char *raw = v.h->lockmode == LOCK_NONE ? "Raw" : "";
     if (is_array) {
       lua_pushfstring(L, "<%sArray('%c', %I)>", raw, v.t->code,
@@ -587,82 +595,52 @@ static const struct luamp_handle_ops handle_ops[] = {
   {ARRAY_TNAME, luamp_lockable_encode, array_decode},
 };
 
+static const luaL_Reg value_meth[] = {
+  {"get_lock", v_get_lock}, {"acquire", v_acquire},
+  {"release", v_release}, {"_enter", v_enter}, {"_exit", v_release},
+  {"close", v_close}, {"add", v_add}, {"compare_and_swap", v_cas},
+  {NULL, NULL}
+};
+static const luaL_Reg array_meth[] = {
+  {"get_lock", v_get_lock}, {"acquire", v_acquire},
+  {"release", v_release}, {"_enter", v_enter}, {"_exit", v_release},
+  {"close", v_close}, {"totable", array_totable}, {NULL, NULL}
+};
+static const luaL_Reg value_mm[] = {
+  {"__newindex", value_newindex},
+  {"__gc", v_close}, {"__close", v_close},
+  {"__tostring", v_tostring}, {NULL, NULL}
+};
+static const luaL_Reg array_mm[] = {
+  {"__newindex", array_newindex}, {"__len", array_len},
+  {"__gc", v_close}, {"__close", v_close},
+  {"__tostring", v_tostring}, {NULL, NULL}
+};
+static struct luamp_type value_type = {
+  VALUE_TNAME, value_meth, value_mm, value_index, 1, 0, 0
+};
+static struct luamp_type array_type = {
+  ARRAY_TNAME, array_meth, array_mm, array_index, 1, 0, 0
+};
+
 int luamp_open_value(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Value", l_Value}, {"RawValue", l_RawValue},
     {"Array", l_Array}, {"RawArray", l_RawArray},
     {NULL, NULL}
   };
-  static const luaL_Reg common[] = {
-    {"get_lock", v_get_lock}, {"acquire", v_acquire},
-    {"release", v_release}, {"_enter", v_enter}, {"_exit", v_release},
-    {"close", v_close}, {NULL, NULL}
-  };
-  static const luaL_Reg value_meth[] = {
-    {"add", v_add}, {"compare_and_swap", v_cas}, {NULL, NULL}
-  };
-  static const luaL_Reg array_meth[] = {
-    {"totable", array_totable}, {NULL, NULL}
-  };
-  static const luaL_Reg value_mm[] = {
-    {"__newindex", value_newindex},
-    {"__gc", luamp_obj_gc}, {"__close", v_close},
-    {"__tostring", v_tostring}, {NULL, NULL}
-  };
-  static const luaL_Reg array_mm[] = {
-    {"__newindex", array_newindex}, {"__len", array_len},
-    {"__gc", luamp_obj_gc}, {"__close", v_close},
-    {"__tostring", v_tostring}, {NULL, NULL}
-  };
-  tag_value = luamp_obj_tag(VALUE_TNAME);
-  tag_array = luamp_obj_tag(ARRAY_TNAME);
   luaL_setfuncs(L, funcs, 0);
   if (lua_getfield(L, -1, "methods") != LUA_TTABLE) {
     lua_pop(L, 1);
     lua_newtable(L);
-    lua_setfield(L, -2, "methods");
-  } else {
-    lua_pop(L, 1);
+    lua_pushvalue(L, -1);
+    lua_setfield(L, -3, "methods");
   }
-  /* both metatables first: every function gets them as upvalues */
-  luaL_newmetatable(L, VALUE_TNAME);
-  luaL_newmetatable(L, ARRAY_TNAME);
-  lua_pop(L, 2);
-  {
-    const luaL_Reg *metas[2] = {value_mm, array_mm};
-    const luaL_Reg *meths[2] = {value_meth, array_meth};
-    const char *tnames[2] = {VALUE_TNAME, ARRAY_TNAME};
-    const char *labels[2] = {"Value", "Array"};
-    lua_CFunction indexes[2] = {value_index, array_index};
-    for (int i = 0; i < 2; i++) {
-      luaL_getmetatable(L, tnames[i]);               /* mt */
-      luaL_getmetatable(L, VALUE_TNAME);
-      luaL_getmetatable(L, ARRAY_TNAME);
-      lua_pushliteral(L, "value");
-      luaL_setfuncs(L, metas[i], 3);
-      lua_newtable(L);                               /* mt, methods */
-      luaL_getmetatable(L, VALUE_TNAME);
-      luaL_getmetatable(L, ARRAY_TNAME);
-      luaL_setfuncs(L, common, 2);
-      luaL_getmetatable(L, VALUE_TNAME);
-      luaL_getmetatable(L, ARRAY_TNAME);
-      luaL_setfuncs(L, meths[i], 2);
-      luaL_setfuncs(L, luamp_scoped_methods, 0);
-      lua_getfield(L, -3, "methods");
-      lua_pushvalue(L, -2);
-      lua_setfield(L, -2, labels[i]);                /* core.methods */
-      lua_pop(L, 1);
-      luaL_getmetatable(L, VALUE_TNAME);             /* mt, methods, up1 */
-      lua_insert(L, -2);
-      luaL_getmetatable(L, ARRAY_TNAME);
-      lua_insert(L, -2);
-      lua_pushliteral(L, "value");
-      lua_insert(L, -2);                       /* mt, up1, up2, "value", meth */
-      lua_pushcclosure(L, indexes[i], 4);
-      lua_setfield(L, -2, "__index");
-      lua_pop(L, 1);
-    }
-  }
+  luamp_newtype(L, &value_type);
+  lua_setfield(L, -2, "Value");              /* core.methods.Value */
+  luamp_newtype(L, &array_type);
+  lua_setfield(L, -2, "Array");
+  lua_pop(L, 1);
   luamp_register_handle(L, &handle_ops[0]);
   luamp_register_handle(L, &handle_ops[1]);
   return 0;

@@ -464,7 +464,7 @@ describe("docs/reference.md", function()
     local l <close> = mp.connection.Listener()
     assert.is_true(public_names(l).address)
     assert.is_true(public_names(mp.current_process()).pid)
-    assert.is_true(public_names(mp.Value("i", 0)).value)   -- a C upvalue
+    assert.is_true(c_index_fields().Value.value)   -- v.value, from value.c
     assert.is_false(exists(a, "no_such_method"))
     -- ...and headings parse into prefix and name
     local d = entries_of("### `mp.Pool([n])` · `q:put(v)` · `#a` · `mp.connection.Client{}`\n")

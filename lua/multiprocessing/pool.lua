@@ -1023,7 +1023,9 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
 
   local function feed()
     if pool._state ~= "RUN" then exhausted = true end
-    while not exhausted and fed - consumed < ahead * chunksize do
+    -- (divided, not multiplied: ahead * chunksize overflows for a huge
+    -- chunksize, and the loop would never feed)
+    while not exhausted and (fed - consumed) // chunksize < ahead do
       local payload, k = {}, 0
       local first = fed + 1
       while k < chunksize do
