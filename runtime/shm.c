@@ -105,10 +105,11 @@ static int l_SharedMemory(lua_State *L) {
   static const char *const keys[] = {"name", "create", "size", "track",
                                      NULL};
   const char *name;
+  size_t namelen = 0;
   int create, do_track;
   lua_Integer size;
   luamp_opts_args(L, keys);
-  name = luaL_optstring(L, 1, NULL);
+  name = luaL_optlstring(L, 1, NULL, &namelen);
   create = lua_toboolean(L, 2);
   size = luaL_optinteger(L, 3, 0);
   do_track = lua_isnoneornil(L, 4) || lua_toboolean(L, 4);
@@ -123,6 +124,11 @@ static int l_SharedMemory(lua_State *L) {
   if (!create && name == NULL)
     luaL_argerror(L, 1, "'name' can only be nil if create is true");
   if (name) {
+    /* the OS would see the name cut at the NUL: another block */
+    const char *nul = memchr(name, '\0', namelen);
+    if (nul != NULL)
+      luamp_raise(L, "ValueError", "SharedMemory: name contains a NUL byte "
+                  "(at byte %d)", (int)(nul - name) + 1);
     luaL_argcheck(L, name[0] != '\0' && strlen(name) <= NAME_MAX_LEN &&
                   strchr(name, '/') == NULL, 1,
                   "name must be 1..250 characters without '/'");
