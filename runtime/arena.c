@@ -122,23 +122,65 @@ int luamp_mutex_init(pthread_mutex_t *m) {
   return r;
 }
 
-int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg) {
-  /* Critical sections are short: spinning a little before sleeping saves
-   * the two system calls of a sleep and a wake-up when the holder runs on
-   * another core. */
+/* Critical sections are short: spinning a little before sleeping saves
+ * the two system calls of a sleep and a wake-up when the holder runs on
+ * another core.  Returns trylock's result. */
+static int mutex_spin(pthread_mutex_t *m) {
   int r = pthread_mutex_trylock(m);
   for (int i = 0; r == EBUSY && i < MUTEX_SPINS; i++) {
     for (int j = 0; j < 16; j++) luamp_cpu_relax();
     r = pthread_mutex_trylock(m);
   }
-  if (r == EBUSY) r = pthread_mutex_lock(m);
+  return r;
+}
+
+/* After a lock call: the previous holder died inside its critical
+ * section.  repair() must be idempotent: if we die in it, the next locker
+ * repeats it. */
+static int mutex_owner_dead(int r, pthread_mutex_t *m,
+                            void (*repair)(void *), void *arg) {
   if (r == EOWNERDEAD) {
-    /* The previous holder died inside its critical section.  repair()
-     * must be idempotent: if we die in it, the next locker repeats it. */
     if (repair) repair(arg);
     r = pthread_mutex_consistent(m);
   }
   return r;
+}
+
+int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg) {
+  int r = mutex_spin(m);
+  if (r == EBUSY) r = pthread_mutex_lock(m);
+  return mutex_owner_dead(r, m, repair, arg);
+}
+
+/* A holder that is alive but stopped (SIGSTOP, a debugger, a swapped-out
+ * machine) keeps an internal guard for as long as it stays stopped;
+ * pthread_mutex_lock would wait that long and never see Ctrl-C (glibc
+ * retries its futex wait after a signal).  So a caller with a deadline
+ * waits in slices of MUTEX_SLICE_MS on the monotonic clock (luamp_now's),
+ * checking the deadline and the Lua state's pending Ctrl-C between them. */
+#define MUTEX_SLICE_MS 100
+
+int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
+                           void (*repair)(void *), void *arg,
+                           double deadline) {
+  int r = mutex_spin(m);
+  while (r == EBUSY) {
+    struct timespec ts;
+    int ms;
+    if (L && luamp_interrupted(L)) return EINTR;
+    ms = luamp_remaining_ms(deadline, MUTEX_SLICE_MS);
+    if (deadline >= 0 && ms == 0) return ETIMEDOUT;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000L;
+    }
+    r = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+    if (r == ETIMEDOUT) r = EBUSY;   /* a slice passed: check again */
+  }
+  return mutex_owner_dead(r, m, repair, arg);
 }
 
 void luamp_mutex_unlock(pthread_mutex_t *m) {

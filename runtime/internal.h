@@ -243,6 +243,12 @@ int luamp_id_alive(uint64_t id);
 int luamp_mutex_init(pthread_mutex_t *m);
 int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg);
 void luamp_mutex_unlock(pthread_mutex_t *m);
+/* The same for a caller that waits with a deadline (luamp_deadline's
+ * convention, < 0: none) and notices Ctrl-C in L (NULL: never): 0 when
+ * held, ETIMEDOUT past the deadline, EINTR on Ctrl-C, or an errno. */
+int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
+                           void (*repair)(void *), void *arg,
+                           double deadline);
 
 /* One step of a blocking wait: sleeps while *w == val, at most slice_ms
  * and not past deadline (luamp_deadline's convention).  The caller
