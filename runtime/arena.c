@@ -94,6 +94,14 @@ uint64_t luamp_self_id(void) {
   return self_id;
 }
 
+/* The same identity for the process as a whole: its pid and start time
+ * (what SharedMemory's owners are; a thread of an embedding host may end
+ * long before its process). */
+uint64_t luamp_process_id(void) {
+  pid_t pid = getpid();
+  return (uint64_t)(uint32_t)pid | ((task_start(pid, NULL) & 0xffffffffu) << 32);
+}
+
 int luamp_id_alive(uint64_t id) {
   pid_t tid = (pid_t)(id & 0xffffffffu);
   char state = '?';

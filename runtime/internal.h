@@ -236,6 +236,8 @@ int luamp_is_plain_table(lua_State *L, int idx);  /* a table, no metatable */
 uint64_t luamp_self_id(void);
 /* 0 when that thread has exited (or is a zombie), else 1. */
 int luamp_id_alive(uint64_t id);
+/* The calling process's identity in luamp_self_id's form (pid, start). */
+uint64_t luamp_process_id(void);
 
 /* Process-shared robust mutex.  lock: on EOWNERDEAD calls repair(arg)
  * (which must be idempotent) and marks the mutex consistent; returns 0
@@ -337,6 +339,9 @@ int luamp_open_shm(lua_State *L);
 /* Unlinks the SharedMemory blocks this process created and still tracks
  * (at exit; luamp_child_exit calls it, since children leave by _exit). */
 void luamp_shm_cleanup(void);
+/* Unlinks the tracked blocks whose owners all died (after reaping a child
+ * killed by a signal; the tracker process does it too, a moment later). */
+void luamp_shm_sweep(void);
 /* ---- process.c: fork discipline, children ------------------------- */
 
 /* Every fork the runtime makes: runs the before-fork hooks (Lua hooks of
