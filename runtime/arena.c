@@ -154,10 +154,31 @@ static int mutex_owner_dead(int r, pthread_mutex_t *m,
   return r;
 }
 
+/* Specs: core._stop_in_next_lock("SIGSTOP" [, n]) makes the n-th next
+ * internal mutex this process takes (1 by default) stop it (SIGSTOP)
+ * while it holds that mutex -- a process stopped inside an operation, on
+ * demand. */
+static int stop_in_next_lock;
+
+static int mutex_taken(int r) {
+  if (r == 0 && stop_in_next_lock > 0 && --stop_in_next_lock == 0)
+    kill(getpid(), SIGSTOP);
+  return r;
+}
+
+static int l_stop_in_next_lock(lua_State *L) {
+  lua_Integer n = luaL_optinteger(L, 2, 1);
+  luaL_argcheck(L, strcmp(luaL_checkstring(L, 1), "SIGSTOP") == 0, 1,
+                "'SIGSTOP' expected");
+  luaL_argcheck(L, n >= 1 && n <= 1000, 2, "1..1000 expected");
+  stop_in_next_lock = (int)n;
+  return 0;
+}
+
 int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg) {
   int r = mutex_spin(m);
   if (r == EBUSY) r = pthread_mutex_lock(m);
-  return mutex_owner_dead(r, m, repair, arg);
+  return mutex_taken(mutex_owner_dead(r, m, repair, arg));
 }
 
 /* A holder that is alive but stopped (SIGSTOP, a debugger, a swapped-out
@@ -188,7 +209,7 @@ int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
     r = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
     if (r == ETIMEDOUT) r = EBUSY;   /* a slice passed: check again */
   }
-  return mutex_owner_dead(r, m, repair, arg);
+  return mutex_taken(mutex_owner_dead(r, m, repair, arg));
 }
 
 void luamp_mutex_unlock(pthread_mutex_t *m) {
@@ -681,6 +702,7 @@ static int l_arena_count(lua_State *L) {
 int luamp_open_arena(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"arena_count", l_arena_count},
+    {"_stop_in_next_lock", l_stop_in_next_lock},
     {NULL, NULL}
   };
   push_objects(L);   /* made now, so that later look-ups never allocate */

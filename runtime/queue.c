@@ -42,7 +42,6 @@
  */
 #include <errno.h>
 #include <fcntl.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -874,18 +873,12 @@ static int jq_join(lua_State *L) {
 }
 
 /* q:_stats() -> {capacity =, bytes =, resident =, repairs =}: bytes
- * queued, and bytes of memory the queue holds (specs, diagnostics).
- * q:_stats("stop") first stops this process (SIGSTOP) while it holds mu,
- * and goes on when continued: the specs' process stopped inside a queue
- * operation. */
+ * queued, and bytes of memory the queue holds (specs, diagnostics) */
 static int q_stats(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1);
   struct queue q = qget(o);
   struct stat st;
-  int stop = lua_type(L, 2) == LUA_TSTRING &&
-             strcmp(lua_tostring(L, 2), "stop") == 0;
   qlock(L, q.h);
-  if (stop) kill(getpid(), SIGSTOP);
   lua_createtable(L, 0, 4);
   if (fstat(o->arena->fd, &st) == 0) {
     lua_pushinteger(L, (lua_Integer)st.st_blocks * 512);

@@ -620,7 +620,10 @@ describe("Queue with a process stopped inside an operation (issue 13 S5)", funct
     local q = mp.Queue()
     for i = 1, 3 do q:put({i, string.rep("x", 1000)}) end
     -- p takes the queue's internal lock and stops itself (SIGSTOP)
-    local p = mp.Process{target = function() q:_stats("stop") end}
+    local p = mp.Process{target = function()
+      core._stop_in_next_lock("SIGSTOP")
+      q:_stats()
+    end}
     p:start()
     assert.is_truthy(H.eventually(function() return state(p.pid) == "T" end, 10),
                      "the holder never stopped")
