@@ -339,9 +339,10 @@ int luamp_open_shm(lua_State *L);
 /* Unlinks the SharedMemory blocks this process created and still tracks
  * (at exit; luamp_child_exit calls it, since children leave by _exit). */
 void luamp_shm_cleanup(void);
-/* Unlinks the tracked blocks whose owners all died (after reaping a child
- * killed by a signal; the tracker process does it too, a moment later). */
-void luamp_shm_sweep(void);
+/* Unlinks the tracked blocks whose owners all died, looking at owners
+ * with that pid only (after reaping a child killed by a signal; the
+ * tracker process looks at all, a moment later); 0: at all. */
+void luamp_shm_sweep(pid_t pid);
 /* ---- process.c: fork discipline, children ------------------------- */
 
 /* Every fork the runtime makes: runs the before-fork hooks (Lua hooks of

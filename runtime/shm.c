@@ -89,6 +89,8 @@ struct track_entry {
 struct track_table {
   pthread_mutex_t mu;
   uint64_t tracker;                /* [mu] the tracker's identity; 0 none */
+  double starting;                 /* [mu] when one was last forked: the
+                                      next try waits a second for it */
   uint32_t used;                   /* [mu] entries in use */
   struct track_entry e[TRACK_SLOTS];
 };
@@ -144,9 +146,10 @@ static void entry_unlink(const struct track_entry *e) {
   if (same) shm_unlink(e->name);
 }
 
-/* Drops owners that are dead or are `leaving` (0: none) and unlinks the
- * blocks left with no owner by that (under mu). */
-static void sweep_locked(uint64_t leaving) {
+/* Drops owners that are `leaving` (0: none) or dead -- of those, only the
+ * ones with pid `only` when it is not 0 (a cheap look after one death) --
+ * and unlinks the blocks left with no owner by that (under mu). */
+static void sweep_locked(uint64_t leaving, pid_t only) {
   uint32_t used = 0;
   for (int i = 0; i < TRACK_SLOTS; i++) {
     struct track_entry *e = &table->e[i];
@@ -155,7 +158,10 @@ static void sweep_locked(uint64_t leaving) {
     used++;
     for (int j = 0; j < TRACK_OWNERS; j++) {
       uint64_t o = e->owners[j];
-      if (o != 0 && (o == leaving || !luamp_id_alive(o))) {
+      if (o == 0) continue;
+      if (o == leaving ||
+          ((only == 0 || (pid_t)(o & 0xffffffffu) == only) &&
+           !luamp_id_alive(o))) {
         e->owners[j] = 0;
         dropped = 1;
       }
@@ -169,10 +175,10 @@ static void sweep_locked(uint64_t leaving) {
   table->used = used;   /* recounted: right again after a torn update */
 }
 
-void luamp_shm_sweep(void) {
+void luamp_shm_sweep(pid_t pid) {
   if (table == NULL || table->used == 0) return;   /* a hint; rechecked */
   if (!table_lock()) return;
-  sweep_locked(0);
+  sweep_locked(0, pid);
   table_unlock();
 }
 
@@ -233,7 +239,7 @@ static LUAMP_NORETURN void tracker_main(void) {
     while (nanosleep(&period, &period) != 0 && errno == EINTR) {}
     period.tv_nsec = TRACKER_PERIOD_MS * 1000000L;
     if (!table_lock()) _exit(0);
-    sweep_locked(0);
+    sweep_locked(0, 0);
     if (table->tracker != me) {     /* replaced (we were thought dead) */
       table_unlock();
       _exit(0);
@@ -315,7 +321,9 @@ static int own(const char *name, uint64_t dev, uint64_t ino) {
       e->owners[free_slot] = me;
     }
   }
-  need_tracker = table->tracker == 0 || !luamp_id_alive(table->tracker);
+  need_tracker = (table->tracker == 0 || !luamp_id_alive(table->tracker)) &&
+                 luamp_now() - table->starting > 1.0;
+  if (need_tracker) table->starting = luamp_now();
   table_unlock();
   pthread_once(&atexit_once, register_atexit);
   if (need_tracker) start_tracker();
@@ -372,7 +380,7 @@ void luamp_shm_cleanup(void) {
   tracked = NULL;
   pthread_mutex_unlock(&track_mu);
   if (table != NULL && table->used > 0 && table_lock()) {
-    sweep_locked(luamp_process_id());
+    sweep_locked(luamp_process_id(), -1);
     table_unlock();
   }
 }
