@@ -89,8 +89,9 @@ struct track_entry {
 struct track_table {
   pthread_mutex_t mu;
   uint64_t tracker;                /* [mu] the tracker's identity; 0 none */
-  double starting;                 /* [mu] when one was last forked: the
-                                      next try waits a second for it */
+  double starting;                 /* [mu] when one was forked and has not
+                                      registered yet (0: none): the next
+                                      try waits a second for it */
   uint32_t used;                   /* [mu] entries in use */
   struct track_entry e[TRACK_SLOTS];
 };
@@ -182,11 +183,15 @@ void luamp_shm_sweep(pid_t pid) {
   table_unlock();
 }
 
-/* Keeps only the table among the shared mappings this process inherited:
- * the tracker must not keep queues', Values' or blocks' memory alive. */
-static void drop_shared_mappings(void) {
+/* Keeps only the table among the shared mappings this process inherited
+ * (the tracker must not keep queues', Values' or blocks' memory alive),
+ * and gives back the program's malloc heap: a fork shares it copy-on-write,
+ * so every page the program writes later would stay twice while the
+ * tracker runs.  The tracker calls nothing that allocates after this. */
+static void drop_inherited_memory(void) {
   enum { MAX_MAPS = 4096 };
   static uintptr_t lo[MAX_MAPS], hi[MAX_MAPS];
+  uintptr_t heap_lo = 0, heap_hi = 0;
   int n = 0;
   char line[512];
   FILE *f = fopen("/proc/self/maps", "re");
@@ -199,12 +204,18 @@ static void drop_shared_mappings(void) {
       while ((c = fgetc(f)) != EOF && c != '\n') {}
     }
     if (sscanf(line, "%lx-%lx %7s", &a, &b, perms) != 3) continue;
+    if (strstr(line, " [heap]")) {
+      heap_lo = a;
+      heap_hi = b;
+    }
     if (perms[3] != 's' || a == (uintptr_t)table) continue;
     lo[n] = a;
     hi[n++] = b;
   }
   fclose(f);
   for (int i = 0; i < n; i++) munmap((void *)lo[i], hi[i] - lo[i]);
+  if (heap_hi > heap_lo)
+    madvise((void *)heap_lo, heap_hi - heap_lo, MADV_DONTNEED);
 }
 
 static LUAMP_NORETURN void tracker_main(void) {
@@ -212,6 +223,7 @@ static LUAMP_NORETURN void tracker_main(void) {
   uint64_t me = luamp_process_id();
   sigset_t none;
   int idle = 0, fd;
+  prctl(PR_SET_NAME, "luamp-shmtrack");
   setsid();                         /* a terminal's Ctrl-C is not for it */
   signal(SIGINT, SIG_IGN);
   signal(SIGHUP, SIG_IGN);
@@ -225,8 +237,7 @@ static LUAMP_NORETURN void tracker_main(void) {
     (void)!dup(0);
     (void)!dup(0);
   }
-  drop_shared_mappings();
-  prctl(PR_SET_NAME, "luamp-shmtrack");
+  drop_inherited_memory();
   if (!table_lock()) _exit(0);
   if (table->tracker != 0 && table->tracker != me &&
       luamp_id_alive(table->tracker)) {
@@ -234,6 +245,7 @@ static LUAMP_NORETURN void tracker_main(void) {
     _exit(0);
   }
   table->tracker = me;
+  table->starting = 0;              /* started: no one waits for us now */
   table_unlock();
   for (;;) {
     while (nanosleep(&period, &period) != 0 && errno == EINTR) {}

@@ -337,8 +337,11 @@ describe("SharedMemory's tracker process (issue 13)", function()
   pit("holds no fd and no shared memory of the program", function()
     local r, w = mp.Pipe(false)
     local a = mp.SharedMemory{create = true, size = 1 << 20}   -- starts it
-    local found = 0
-    for pid in H.sh("env -u LD_PRELOAD pgrep -x luamp-shmtrack"):gmatch("%d+") do
+    local found, pids = 0, H.eventually(function()
+      local o = H.sh("env -u LD_PRELOAD pgrep -x luamp-shmtrack")
+      return o:match("%d") and o
+    end, 5) or ""
+    for pid in pids:gmatch("%d+") do
       local fds = H.sh("ls -l /proc/" .. pid .. "/fd 2>/dev/null")
       local maps = H.slurp("/proc/" .. pid .. "/maps") or ""
       if maps ~= "" then
@@ -358,5 +361,36 @@ describe("SharedMemory's tracker process (issue 13)", function()
     w:close()
     assert.equal("EOFError", select(2, pcall(r.recv, r)).kind)
     a:unlink()
+  end)
+
+  it("does not keep the program's heap (a fork of it would, copy-on-write)", function()
+    if H.sanitized() then
+      pending("ASan's allocator is not the brk heap the tracker gives back")
+      return
+    end
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local t = {}
+      for i = 1, 1000000 do t[i] = "item " .. i .. string.rep("x", 80) end
+      local a = mp.SharedMemory{create = true, size = 64}   -- forks the tracker
+      local function rss(pid)
+        local f = io.open("/proc/" .. pid .. "/status")
+        local kb = f and tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
+        if f then f:close() end
+        return kb
+      end
+      local p = io.popen("env -u LD_PRELOAD pgrep -n -x luamp-shmtrack")
+      local pid = p:read("l")
+      p:close()
+      require("multiprocessing.core").sleep(0.3)
+      print(rss("self"), rss(pid))
+      a:unlink()
+    ]])
+    assert.equal(0, code, err)
+    local mine, its = out:match("^(%d+)\t(%d+)\n$")
+    assert.is_truthy(mine, out)
+    mine, its = tonumber(mine), tonumber(its)
+    assert.is_true(mine > 100000, "the program's heap is only " .. mine .. " kB")
+    assert.is_true(its < mine / 2, "tracker " .. its .. " kB, program " .. mine .. " kB")
   end)
 end)
