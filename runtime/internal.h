@@ -336,8 +336,9 @@ int luamp_open_queue(lua_State *L);
 /* ---- value.c, shm.c ---------------------------------------------------- */
 int luamp_open_value(lua_State *L);
 int luamp_open_shm(lua_State *L);
-/* Unlinks the SharedMemory blocks this process created and still tracks
- * (at exit; luamp_child_exit calls it, since children leave by _exit). */
+/* Ends this process's ownership of tracked SharedMemory blocks,
+ * unlinking those it was the last owner of (at exit; luamp_child_exit
+ * calls it, since children leave by _exit). */
 void luamp_shm_cleanup(void);
 /* Unlinks the tracked blocks whose owners all died, looking at owners
  * with that pid only (after reaping a child killed by a signal; the
