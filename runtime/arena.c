@@ -94,6 +94,14 @@ uint64_t luamp_self_id(void) {
   return self_id;
 }
 
+/* The same identity for the process as a whole: its pid and start time
+ * (what SharedMemory's owners are; a thread of an embedding host may end
+ * long before its process). */
+uint64_t luamp_process_id(void) {
+  pid_t pid = getpid();
+  return (uint64_t)(uint32_t)pid | ((task_start(pid, NULL) & 0xffffffffu) << 32);
+}
+
 int luamp_id_alive(uint64_t id) {
   pid_t tid = (pid_t)(id & 0xffffffffu);
   char state = '?';
@@ -122,23 +130,86 @@ int luamp_mutex_init(pthread_mutex_t *m) {
   return r;
 }
 
-int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg) {
-  /* Critical sections are short: spinning a little before sleeping saves
-   * the two system calls of a sleep and a wake-up when the holder runs on
-   * another core. */
+/* Critical sections are short: spinning a little before sleeping saves
+ * the two system calls of a sleep and a wake-up when the holder runs on
+ * another core.  Returns trylock's result. */
+static int mutex_spin(pthread_mutex_t *m) {
   int r = pthread_mutex_trylock(m);
   for (int i = 0; r == EBUSY && i < MUTEX_SPINS; i++) {
     for (int j = 0; j < 16; j++) luamp_cpu_relax();
     r = pthread_mutex_trylock(m);
   }
-  if (r == EBUSY) r = pthread_mutex_lock(m);
+  return r;
+}
+
+/* After a lock call: the previous holder died inside its critical
+ * section.  repair() must be idempotent: if we die in it, the next locker
+ * repeats it. */
+static int mutex_owner_dead(int r, pthread_mutex_t *m,
+                            void (*repair)(void *), void *arg) {
   if (r == EOWNERDEAD) {
-    /* The previous holder died inside its critical section.  repair()
-     * must be idempotent: if we die in it, the next locker repeats it. */
     if (repair) repair(arg);
     r = pthread_mutex_consistent(m);
   }
   return r;
+}
+
+/* Specs: core._stop_in_next_lock("SIGSTOP" [, n]) makes the n-th next
+ * internal mutex this process takes (1 by default) stop it (SIGSTOP)
+ * while it holds that mutex -- a process stopped inside an operation, on
+ * demand. */
+static int stop_in_next_lock;
+
+static int mutex_taken(int r) {
+  if (r == 0 && stop_in_next_lock > 0 && --stop_in_next_lock == 0)
+    kill(getpid(), SIGSTOP);
+  return r;
+}
+
+static int l_stop_in_next_lock(lua_State *L) {
+  lua_Integer n = luaL_optinteger(L, 2, 1);
+  luaL_argcheck(L, strcmp(luaL_checkstring(L, 1), "SIGSTOP") == 0, 1,
+                "'SIGSTOP' expected");
+  luaL_argcheck(L, n >= 1 && n <= 1000, 2, "1..1000 expected");
+  stop_in_next_lock = (int)n;
+  return 0;
+}
+
+int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg) {
+  int r = mutex_spin(m);
+  if (r == EBUSY) r = pthread_mutex_lock(m);
+  return mutex_taken(mutex_owner_dead(r, m, repair, arg));
+}
+
+/* A holder that is alive but stopped (SIGSTOP, a debugger, a swapped-out
+ * machine) keeps an internal guard for as long as it stays stopped;
+ * pthread_mutex_lock would wait that long and never see Ctrl-C (glibc
+ * retries its futex wait after a signal).  So a caller with a deadline
+ * waits in slices of MUTEX_SLICE_MS on the monotonic clock (luamp_now's),
+ * checking the deadline and the Lua state's pending Ctrl-C between them. */
+#define MUTEX_SLICE_MS 100
+
+int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
+                           void (*repair)(void *), void *arg,
+                           double deadline) {
+  int r = mutex_spin(m);
+  while (r == EBUSY) {
+    struct timespec ts;
+    int ms;
+    if (L && luamp_interrupted(L)) return EINTR;
+    ms = luamp_remaining_ms(deadline, MUTEX_SLICE_MS);
+    if (deadline >= 0 && ms == 0) return ETIMEDOUT;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+      ts.tv_sec++;
+      ts.tv_nsec -= 1000000000L;
+    }
+    r = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
+    if (r == ETIMEDOUT) r = EBUSY;   /* a slice passed: check again */
+  }
+  return mutex_taken(mutex_owner_dead(r, m, repair, arg));
 }
 
 void luamp_mutex_unlock(pthread_mutex_t *m) {
@@ -622,6 +693,7 @@ static int l_arena_count(lua_State *L) {
 int luamp_open_arena(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"arena_count", l_arena_count},
+    {"_stop_in_next_lock", l_stop_in_next_lock},
     {NULL, NULL}
   };
   push_objects(L);   /* made now, so that later look-ups never allocate */

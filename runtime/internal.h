@@ -279,6 +279,8 @@ int luamp_is_plain_table(lua_State *L, int idx);  /* a table, no metatable */
 uint64_t luamp_self_id(void);
 /* 0 when that thread has exited (or is a zombie), else 1. */
 int luamp_id_alive(uint64_t id);
+/* The calling process's identity in luamp_self_id's form (pid, start). */
+uint64_t luamp_process_id(void);
 
 /* Process-shared robust mutex.  lock: on EOWNERDEAD calls repair(arg)
  * (which must be idempotent) and marks the mutex consistent; returns 0
@@ -286,6 +288,12 @@ int luamp_id_alive(uint64_t id);
 int luamp_mutex_init(pthread_mutex_t *m);
 int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg);
 void luamp_mutex_unlock(pthread_mutex_t *m);
+/* The same for a caller that waits with a deadline (luamp_deadline's
+ * convention, < 0: none) and notices Ctrl-C in L (NULL: never): 0 when
+ * held, ETIMEDOUT past the deadline, EINTR on Ctrl-C, or an errno. */
+int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
+                           void (*repair)(void *), void *arg,
+                           double deadline);
 
 /* One step of a blocking wait: sleeps while *w == val, at most slice_ms
  * and not past deadline (luamp_deadline's convention).  The caller
@@ -371,9 +379,14 @@ int luamp_open_queue(lua_State *L);
 /* ---- value.c, shm.c ---------------------------------------------------- */
 int luamp_open_value(lua_State *L);
 int luamp_open_shm(lua_State *L);
-/* Unlinks the SharedMemory blocks this process created and still tracks
- * (at exit; luamp_child_exit calls it, since children leave by _exit). */
+/* Ends this process's ownership of tracked SharedMemory blocks,
+ * unlinking those it was the last owner of (at exit; luamp_child_exit
+ * calls it, since children leave by _exit). */
 void luamp_shm_cleanup(void);
+/* Unlinks the tracked blocks whose owners all died, looking at owners
+ * with that pid only (after reaping a child killed by a signal; the
+ * tracker process looks at all, a moment later); 0: at all. */
+void luamp_shm_sweep(pid_t pid);
 /* ---- process.c: fork discipline, children ------------------------- */
 
 /* Every fork the runtime makes: runs the before-fork hooks (Lua hooks of

@@ -135,6 +135,7 @@ static int reap(struct child *c, int hang) {
   if (r == c->pid) {
     c->reaped = 1;
     c->status = st;
+    if (WIFSIGNALED(st)) luamp_shm_sweep(c->pid);   /* its blocks (shm.c) */
   } else if (r < 0) {
     /* ECHILD: someone else reaped it (SIGCHLD ignored by the host, or a
      * stray waitpid(-1)).  The status is lost; it is gone all the same. */

@@ -171,10 +171,30 @@ static void queue_repair(void *arg) {
   h->journal.active = 0;
 }
 
-static void qlock(lua_State *L, struct qhdr *h) {
-  int r = luamp_mutex_lock(&h->mu, queue_repair, h);
-  if (r != 0) luamp_raise_errno(L, "OSError", r, "queue mutex");
+/* Takes mu by the deadline (< 0: none), or raises kind ("Empty" for a
+ * get, "Full" for a put) when it passes, or "interrupted!" on Ctrl-C.
+ * mu is held for short, bounded work, but its holder may be stopped
+ * (SIGSTOP) inside it for any time: a caller's timeout still holds. */
+static void qlock_until(lua_State *L, struct qhdr *h, double deadline,
+                        const char *kind) {
+  int r = luamp_mutex_lock_until(L, &h->mu, queue_repair, h, deadline);
+  if (r == 0) return;
+  if (r == EINTR) luamp_raise_interrupt(L);
+  if (r == ETIMEDOUT && kind)
+    luamp_raise(L, kind, "queue is %s (another process is inside an "
+                "operation on it and did not finish in time)",
+                kind[0] == 'E' ? "empty" : "full");
+  luamp_raise_errno(L, "OSError", r, "queue mutex");
 }
+
+static void qlock(lua_State *L, struct qhdr *h) {
+  qlock_until(L, h, -1.0, NULL);
+}
+
+/* A non-blocking put or get waits this long for another process inside
+ * an operation (Python's would not wait at all, but a put copying a big
+ * item holds mu for a while, and "empty" then would be a lie). */
+#define NONBLOCK_GRACE 1.0
 
 /* ---- the ring --------------------------------------------------------------- */
 
@@ -419,7 +439,8 @@ static int queue_put(lua_State *L, struct luamp_obj *o, int vidx, int count,
     luamp_raise(L, "ValueError", "item of %I bytes is larger than the "
                 "queue's capacity (%I bytes)", (lua_Integer)len,
                 (lua_Integer)(h->cap - REC));
-  qlock(L, h);
+  if (!block) deadline = luamp_deadline(NONBLOCK_GRACE);
+  qlock_until(L, h, deadline, "Full");
   while ((h->maxsize > 0 && atomic_load(&h->count) >= (uint64_t)h->maxsize) ||
          (!(wrap = early_wrap(h, need)) && h->tail + need - h->head > h->cap)) {
     uint32_t snap = atomic_load(&h->get_seq);
@@ -429,7 +450,7 @@ static int queue_put(lua_State *L, struct luamp_obj *o, int vidx, int count,
     r = sleep_on(L, &h->get_seq, snap, &h->putters, deadline);
     if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
     if (r == LUAMP_WAIT_TIMEOUT) luamp_raise(L, "Full", "queue is full");
-    qlock(L, h);
+    qlock_until(L, h, deadline, "Full");
   }
   journal_begin(h);
   if (wrap) {
@@ -515,7 +536,8 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
       }
       continue;
     }
-    qlock(L, h);
+    qlock_until(L, h, block ? deadline : luamp_deadline(NONBLOCK_GRACE),
+                "Empty");
     if (atomic_load(&h->count) == 0) {   /* another getter was quicker */
       luamp_mutex_unlock(&h->mu);
       continue;

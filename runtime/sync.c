@@ -325,10 +325,13 @@ static void sem_repair(void *arg) {
   (void)arg;
 }
 
-/* Returns the units of scoped holders that died; true if any came back. */
-static int sem_recover(struct ssem *s) {
+/* Returns the units of scoped holders that died; true if any came back.
+ * Gives up (false) at the deadline or on Ctrl-C: mu's holder may be
+ * stopped inside it, and recovery is only a chance taken. */
+static int sem_recover(lua_State *L, struct ssem *s, double deadline) {
   int back = 0;
-  if (luamp_mutex_lock(&s->mu, sem_repair, s) != 0) return 0;
+  if (luamp_mutex_lock_until(L, &s->mu, sem_repair, s, deadline) != 0)
+    return 0;
   for (int i = 0; i < SEM_HOLDERS; i++) {
     uint64_t id = s->holders[i].id;
     if (id != 0 && s->holders[i].count > 0 && !luamp_id_alive(id)) {
@@ -350,7 +353,7 @@ static int sem_acquire(lua_State *L, struct ssem *s, int block,
                        double deadline) {
   int slice = FIRST_SLICE_MS, got = 0;
   if (sem_try(s)) return 1;
-  if (!block) return sem_recover(s) && sem_try(s);
+  if (!block) return sem_recover(L, s, luamp_now()) && sem_try(s);
   atomic_fetch_add(&s->waiters, 1);
   for (;;) {
     int r;
@@ -358,7 +361,7 @@ static int sem_acquire(lua_State *L, struct ssem *s, int block,
     r = luamp_wait_step(L, &s->value, 0, deadline, slice);
     if (r == LUAMP_WAIT_SLICE) {
       slice = SLICE_MS;
-      sem_recover(s);
+      sem_recover(L, s, deadline);
     } else if (r == LUAMP_WAIT_TIMEOUT) {
       got = sem_try(s);
       break;
@@ -375,11 +378,15 @@ static int sem_acquire(lua_State *L, struct ssem *s, int block,
   return got;
 }
 
-/* Records (delta > 0) or forgets (delta < 0) a scoped unit of the caller. */
-static void sem_track(struct ssem *s, int delta) {
+/* Records (delta > 0) or forgets (delta < 0) a scoped unit of the caller.
+ * A record may be skipped on Ctrl-C (that unit is then not recoverable);
+ * forgetting never is (a unit would be given back twice). */
+static void sem_track(lua_State *L, struct ssem *s, int delta) {
   uint64_t me = luamp_self_id();
   int free_slot = -1;
-  if (luamp_mutex_lock(&s->mu, sem_repair, s) != 0) return;
+  if (luamp_mutex_lock_until(delta > 0 ? L : NULL, &s->mu, sem_repair, s,
+                             -1.0) != 0)
+    return;
   for (int i = 0; i < SEM_HOLDERS; i++) {
     if (s->holders[i].id == me) {
       if (delta < 0 && s->holders[i].count > 0) s->holders[i].count--;
@@ -445,7 +452,7 @@ static int sem_release_m(lua_State *L) {
 static int sem_enter(lua_State *L) {
   struct ssem *s = checksem(L, 1);
   sem_acquire(L, s, 1, -1.0);
-  sem_track(s, 1);
+  sem_track(L, s, 1);
   return 0;
 }
 
@@ -453,7 +460,7 @@ static int sem_exit(lua_State *L) {
   struct ssem *s = checksem(L, 1);
   /* forget before giving back: dying in between loses a unit rather than
    * handing out one too many */
-  sem_track(s, -1);
+  sem_track(L, s, -1);
   if (!sem_post(s, 1))
     luamp_raise(L, "ValueError", "semaphore or lock released too many times");
   return 0;
@@ -695,8 +702,14 @@ static int cond_wait(lua_State *L) {
   uint32_t depth, snap;
   int slot, r, notified = 0, interrupted = 0;
   must_own(L, l, "wait");
-  if ((r = luamp_mutex_lock(&c->mu, cond_repair, c)) != 0)
-    luamp_raise_errno(L, "OSError", r, "Condition");
+  /* mu's holder may be stopped inside it: the timeout still holds */
+  r = luamp_mutex_lock_until(L, &c->mu, cond_repair, c, deadline);
+  if (r == ETIMEDOUT) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  if (r == EINTR) raise_interrupt(L);
+  if (r != 0) luamp_raise_errno(L, "OSError", r, "Condition");
   slot = cond_claim(c, me);
   luamp_mutex_unlock(&c->mu);
   if (slot < 0)
@@ -742,8 +755,9 @@ static int cond_notify_n(lua_State *L, lua_Integer n) {
   int r;
   must_own(L, l, "notify");
   if (n <= 0) return 0;
-  if ((r = luamp_mutex_lock(&c->mu, cond_repair, c)) != 0)
-    luamp_raise_errno(L, "OSError", r, "Condition");
+  r = luamp_mutex_lock_until(L, &c->mu, cond_repair, c, -1.0);
+  if (r == EINTR) raise_interrupt(L);
+  if (r != 0) luamp_raise_errno(L, "OSError", r, "Condition");
   if (cond_mark(c, n) > 0) {
     atomic_fetch_add(&c->seq, 1);
     luamp_futex_wake(&c->seq, 0x7fffffff);
@@ -848,6 +862,15 @@ static int barrier_lock(lua_State *L, struct sbarrier *b) {
   return 0;
 }
 
+/* The same before the caller changed anything: Ctrl-C may end the wait
+ * (mu's holder may be stopped inside it).  Once inside wait(), a party
+ * must take mu to leave, so those takes are barrier_lock's. */
+static void barrier_lock_intr(lua_State *L, struct sbarrier *b) {
+  int r = luamp_mutex_lock_until(L, &b->mu, barrier_repair, b, -1.0);
+  if (r == EINTR) raise_interrupt(L);
+  if (r != 0) luamp_raise_errno(L, "OSError", r, "Barrier");
+}
+
 /* Breaks the barrier if a party inside wait() died (under mu). */
 static int barrier_reap(struct sbarrier *b) {
   int dead = 0;
@@ -886,7 +909,7 @@ static int barrier_wait(lua_State *L) {
     deadline = b->timeout < 0 ? -1.0 : luamp_deadline(b->timeout);
   else
     deadline = luamp_deadline_arg(L, 2);
-  barrier_lock(L, b);
+  barrier_lock_intr(L, b);
   /* Python's _enter: wait while the previous cycle drains or resets */
   while (b->state == B_DRAINING || b->state == B_RESETTING ||
          b->state == B_RELEASING) {
@@ -962,7 +985,7 @@ static int barrier_wait(lua_State *L) {
 
 static int barrier_reset(lua_State *L) {
   struct sbarrier *b = (struct sbarrier *)checkbarrier(L, 1)->p;
-  barrier_lock(L, b);
+  barrier_lock_intr(L, b);
   barrier_reap(b);
   if (b->count > 0) {
     if (b->state == B_FILLING || b->state == B_BROKEN)
@@ -977,7 +1000,7 @@ static int barrier_reset(lua_State *L) {
 
 static int barrier_abort(lua_State *L) {
   struct sbarrier *b = (struct sbarrier *)checkbarrier(L, 1)->p;
-  barrier_lock(L, b);
+  barrier_lock_intr(L, b);
   b->state = B_BROKEN;
   barrier_bump(b);
   luamp_mutex_unlock(&b->mu);
@@ -997,7 +1020,7 @@ static int barrier_index(lua_State *L) {
     if (strcmp(k, "n_waiting") == 0 || strcmp(k, "broken") == 0) {
       int state;
       uint32_t count;
-      barrier_lock(L, b);
+      barrier_lock_intr(L, b);
       state = b->state;
       count = b->count;
       luamp_mutex_unlock(&b->mu);

@@ -606,3 +606,50 @@ describe("Queue and Ctrl-C", function()
     assert.equal("ready\nfalse\tinterrupted!\nstill works\n", out, err)
   end)
 end)
+
+describe("Queue with a process stopped inside an operation (issue 13 S5)", function()
+  local function state(pid)
+    local f = io.open("/proc/" .. pid .. "/stat")
+    if not f then return nil end
+    local s = f:read("a")
+    f:close()
+    return s:match("%) (%a)")
+  end
+
+  pit("times out a get and a put while the queue's lock holder is stopped", function()
+    local q = mp.Queue()
+    for i = 1, 3 do q:put({i, string.rep("x", 1000)}) end
+    -- p takes the queue's internal lock and stops itself (SIGSTOP)
+    local p = mp.Process{target = function()
+      core._stop_in_next_lock("SIGSTOP")
+      q:_stats()
+    end}
+    p:start()
+    assert.is_truthy(H.eventually(function() return state(p.pid) == "T" end, 10),
+                     "the holder never stopped")
+    -- without deadlines on the lock, both calls waited for this SIGCONT
+    local waker = mp.Process{target = function()
+      H.sleep(6)
+      os.execute("kill -CONT " .. p.pid .. " 2>/dev/null")
+    end}
+    waker:start()
+    local kind
+    local dt = elapsed(function() kind = kind_of(q.get, q, true, 0.2) end)
+    assert.equal("Empty", kind)
+    assert.is_true(dt >= 0.15 and dt < 3, "get with timeout 0.2 took " .. dt .. " s")
+    dt = elapsed(function() kind = kind_of(q.put, q, "late", true, 0.2) end)
+    assert.equal("Full", kind)
+    assert.is_true(dt >= 0.15 and dt < 3, "put with timeout 0.2 took " .. dt .. " s")
+    assert.equal("T", state(p.pid))
+    -- continued, the holder finishes; the queue lost nothing
+    os.execute("kill -CONT " .. p.pid)
+    p:join(10)
+    assert.equal(0, p.exitcode)
+    waker:terminate(); waker:join()
+    q:put("after")
+    for i = 1, 3 do assert.same({i, string.rep("x", 1000)}, q:get(true, 5)) end
+    assert.equal("after", q:get(true, 5))
+    assert.is_true(q:empty())
+    assert.equal(0, q:_stats().repairs)
+  end)
+end)

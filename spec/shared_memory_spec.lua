@@ -200,3 +200,197 @@ shm.close()
     assert.equal(shm, H.shm_entries())
   end)
 end)
+
+describe("SharedMemory names (issue 13)", function()
+  it("refuses a name with a NUL byte instead of cutting it there", function()
+    local name = "luamp_nul_" .. H.pid()
+    local a = mp.SharedMemory{name = name, create = true, size = 8}
+    a:write(0, "real")
+    -- attaching to "<name>\0x" attached to <name> itself before
+    local err = err_of(mp.SharedMemory, {name = name .. "\0x"})
+    assert.equal("ValueError", err.kind)
+    assert.matches("SharedMemory: name contains a NUL byte", err.message)
+    err = err_of(mp.SharedMemory, name .. "\0", true, 8)
+    assert.equal("ValueError", err.kind)
+    err = err_of(mp.SharedMemory, {name = "\0" .. name, create = true, size = 8})
+    assert.equal("ValueError", err.kind)
+    assert.is_true(exists(name))
+    assert.equal("real", a:read(0, 4))
+    a:unlink()
+    a:close()
+  end)
+end)
+
+describe("SharedMemory of a killed owner (issue 13)", function()
+  for _, how in ipairs{{"kill", -9}, {"terminate", -15}} do
+    pit("is unlinked when a child that created it is killed (" .. how[1] .. ")", function()
+      collectgarbage()
+      local fds, zombies = our_fds(), H.zombies()
+      local q = mp.Queue()
+      local p = mp.Process{target = function()
+        local a = mp.SharedMemory{create = true, size = 4096}
+        local b = mp.SharedMemory{create = true, size = 4096, track = false}
+        q:put({a.name, b.name})
+        H.sleep(60)
+      end}
+      p:start()
+      local names = q:get(true, 10)
+      assert.is_true(exists(names[1]))
+      p[how[1]](p)
+      p:join(10)
+      assert.equal(how[2], p.exitcode)
+      -- gone when join returns (before: it stayed in /dev/shm for good)
+      assert.is_false(exists(names[1]))
+      assert.is_true(exists(names[2]))   -- untracked: the user's to unlink
+      mp.SharedMemory(names[2]):unlink()
+      q:close()
+      collectgarbage(); collectgarbage()
+      assert.equal(fds, our_fds())
+      assert.equal(zombies, H.zombies())
+    end)
+  end
+
+  pit("is kept while another live process owns it (track), and given up by untrack", function()
+    local q, go = mp.Queue(), mp.Event()
+    local p = mp.Process{target = function()
+      local a = mp.SharedMemory{create = true, size = 64}
+      local b = mp.SharedMemory{create = true, size = 64}
+      a:write(0, "handed on")
+      assert(b:untrack() == true)      -- b: ownership given up
+      q:put({a.name, b.name})
+      H.sleep(60)
+    end}
+    -- a second owner in another process: registers, then waits
+    local r = mp.Queue()
+    p:start()
+    local names = q:get(true, 10)
+    local c = mp.Process{target = function()
+      local a = mp.SharedMemory(names[1])
+      a:track()
+      r:put("owned")
+      go:wait(30)
+    end}
+    c:start()
+    assert.equal("owned", r:get(true, 10))
+    -- this process takes ownership of a too, and gives it up again
+    local mine = mp.SharedMemory(names[1])
+    mine:track()
+    assert.is_true(mine:untrack())
+    assert.is_false(mine:untrack())
+    p:kill(); p:join(10)
+    assert.equal(-9, p.exitcode)
+    H.sleep(0.6)          -- the tracker's rounds too
+    assert.is_true(exists(names[1]), "unlinked while c owned it")
+    assert.equal("handed on", mine:read(0, 9))
+    assert.is_true(exists(names[2]), "unlinked after untrack")
+    -- the last owner killed: now it goes
+    c:kill(); c:join(10)
+    assert.is_false(exists(names[1]))
+    assert.is_true(exists(names[2]))
+    mp.SharedMemory(names[2]):unlink()
+    mine:close()
+  end)
+
+  pit("is not unlinked for a dead owner once the name holds another block", function()
+    local q = mp.Queue()
+    local p = mp.Process{target = function()
+      local a = mp.SharedMemory{create = true, size = 64}
+      q:put(a.name)
+      H.sleep(60)
+    end}
+    p:start()
+    local name = q:get(true, 10)
+    -- unlinked behind luamp's back (by Python, say) and made again
+    os.remove("/dev/shm/" .. name)
+    local again = mp.SharedMemory{name = name, create = true, size = 64, track = false}
+    p:kill(); p:join(10)
+    assert.is_true(exists(name))
+    again:unlink()
+  end)
+
+  it("is unlinked when the whole program is SIGKILLed, its first process included", function()
+    local out, err = H.sh(H.q(H.luamp) .. " -e " .. H.q([[
+      local mp = require "multiprocessing"
+      local a = mp.SharedMemory{create = true, size = 64}
+      local q = mp.Queue()
+      local p = mp.Process{target = function()
+        local b = mp.SharedMemory{create = true, size = 64}
+        q:put(b.name)
+        require("multiprocessing.core").sleep(60)
+      end, daemon = true}
+      p:start()
+      print(a.name, q:get(true, 10))
+      io.stdout:flush()
+      -- the child first, then this first process itself
+      os.execute("kill -9 " .. p.pid .. " " .. mp.current_process().pid)
+    ]]))
+    local a, b = out:match("^(%S+)\t(%S+)\n$")
+    assert.is_truthy(a, out .. err)
+    -- the tracker notices the deaths within a few of its rounds
+    assert.is_truthy(H.eventually(function()
+      return not exists(a) and not exists(b)
+    end, 5), "left in /dev/shm")
+  end)
+end)
+
+describe("SharedMemory's tracker process (issue 13)", function()
+  pit("holds no fd and no shared memory of the program", function()
+    local r, w = mp.Pipe(false)
+    local a = mp.SharedMemory{create = true, size = 1 << 20}   -- starts it
+    local found, pids = 0, H.eventually(function()
+      local o = H.sh("env -u LD_PRELOAD pgrep -x luamp-shmtrack")
+      return o:match("%d") and o
+    end, 5) or ""
+    for pid in pids:gmatch("%d+") do
+      local fds = H.sh("ls -l /proc/" .. pid .. "/fd 2>/dev/null")
+      local maps = H.slurp("/proc/" .. pid .. "/maps") or ""
+      if maps ~= "" then
+        found = found + 1
+        for target in fds:gmatch("%-> ([^\n]+)") do
+          assert.equal("/dev/null", target)
+        end
+        local shared = 0
+        for perms in maps:gmatch("%x+%-%x+ (%S+)") do
+          if perms:sub(4, 4) == "s" then shared = shared + 1 end
+        end
+        assert.equal(1, shared, "shared mappings of tracker " .. pid)   -- its table
+      end
+    end
+    assert.is_true(found >= 1, "no tracker running")
+    -- the write end's only holder closes it: the reader sees EOF
+    w:close()
+    assert.equal("EOFError", select(2, pcall(r.recv, r)).kind)
+    a:unlink()
+  end)
+
+  it("does not keep the program's heap (a fork of it would, copy-on-write)", function()
+    if H.sanitized() then
+      pending("ASan's allocator is not the brk heap the tracker gives back")
+      return
+    end
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local t = {}
+      for i = 1, 1000000 do t[i] = "item " .. i .. string.rep("x", 80) end
+      local a = mp.SharedMemory{create = true, size = 64}   -- forks the tracker
+      local function rss(pid)
+        local f = io.open("/proc/" .. pid .. "/status")
+        local kb = f and tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
+        if f then f:close() end
+        return kb
+      end
+      local p = io.popen("env -u LD_PRELOAD pgrep -n -x luamp-shmtrack")
+      local pid = p:read("l")
+      p:close()
+      require("multiprocessing.core").sleep(0.3)
+      print(rss("self"), rss(pid))
+      a:unlink()
+    ]])
+    assert.equal(0, code, err)
+    local mine, its = out:match("^(%d+)\t(%d+)\n$")
+    assert.is_truthy(mine, out)
+    mine, its = tonumber(mine), tonumber(its)
+    assert.is_true(mine > 100000, "the program's heap is only " .. mine .. " kB")
+    assert.is_true(its < mine / 2, "tracker " .. its .. " kB, program " .. mine .. " kB")
+  end)
+end)

@@ -187,12 +187,78 @@ static void test_identity_and_liveness(void) {
   }
 }
 
+/* issue 13 S5: a holder stopped (SIGSTOP) inside its critical section
+ * does not hold a caller with a deadline, or with a pending Ctrl-C, past
+ * it; a holder that died is repaired as by luamp_mutex_lock. */
+static void stop_hook(lua_State *L, lua_Debug *ar) {
+  (void)L;
+  (void)ar;
+}
+
+static void test_mutex_deadline_with_stopped_holder(void) {
+  struct shared *s = mmap(NULL, sizeof *s, PROT_READ | PROT_WRITE,
+                          MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  lua_State *L = new_state();
+  pid_t pid;
+  int status;
+  double t0, dt;
+  CHECK(s != MAP_FAILED);
+  CHECK(luamp_mutex_init(&s->mu) == 0);
+  fflush(stdout);
+  pid = fork();
+  if (pid == 0) {
+    luamp_mutex_lock(&s->mu, repair, s);
+    s->value = 1;
+    kill(getpid(), SIGSTOP);    /* stopped while holding it */
+    s->value = 2;
+    luamp_mutex_unlock(&s->mu);
+    _exit(0);
+  }
+  CHECK(waitpid(pid, &status, WUNTRACED) == pid && WIFSTOPPED(status));
+  t0 = luamp_now();
+  CHECK(luamp_mutex_lock_until(L, &s->mu, repair, s, t0 + 0.2) == ETIMEDOUT);
+  dt = luamp_now() - t0;
+  CHECK(dt >= 0.19 && dt < 2.0);
+  /* Ctrl-C as lua.c signals it: a count hook of 1 with every mask */
+  lua_sethook(L, stop_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE |
+              LUA_MASKCOUNT, 1);
+  t0 = luamp_now();
+  CHECK(luamp_mutex_lock_until(L, &s->mu, repair, s, -1.0) == EINTR);
+  CHECK(luamp_now() - t0 < 2.0);
+  lua_sethook(L, NULL, 0, 0);
+  /* continued, the holder finishes; the lock is free and intact */
+  kill(pid, SIGCONT);
+  CHECK(luamp_mutex_lock_until(L, &s->mu, repair, s, luamp_now() + 10) == 0);
+  CHECK(s->value == 2 && s->repairs == 0);
+  luamp_mutex_unlock(&s->mu);
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  /* a holder killed while stopped: repaired once, then consistent */
+  pid = fork();
+  if (pid == 0) {
+    luamp_mutex_lock(&s->mu, repair, s);
+    s->saved = s->value;
+    s->value = 99;
+    kill(getpid(), SIGSTOP);
+    _exit(0);
+  }
+  CHECK(waitpid(pid, &status, WUNTRACED) == pid && WIFSTOPPED(status));
+  kill(pid, SIGKILL);
+  CHECK(waitpid(pid, &status, 0) == pid);
+  CHECK(luamp_mutex_lock_until(L, &s->mu, repair, s, luamp_now() + 5) == 0);
+  CHECK(s->repairs == 1 && s->value == 2);
+  luamp_mutex_unlock(&s->mu);
+  lua_close(L);
+}
+
 static const struct tap_test tests[] = {
   {"readiness and the wake-up pipe", test_ready_and_wakeup},
   {"a dead watcher costs one poke", test_dead_watcher_costs_one_poke},
   {"robust mutex repair after a holder's death", test_robust_mutex_repair},
   {"thread identity and liveness (zombies, recycled tids)",
    test_identity_and_liveness},
+  {"a stopped lock holder does not outlast a deadline or Ctrl-C",
+   test_mutex_deadline_with_stopped_holder},
   {NULL, NULL}
 };
 
