@@ -179,7 +179,7 @@ describe("ProcessPoolExecutor", function()
     assert.is_false(ok)
     assert.equal("RemoteError", e.kind)
     ok, e = pcall(function()
-      for _ in ex:map(function(x) core.sleep(x) end, {0, 5}, {timeout = 0.3}) do end
+      for _ in ex:map(function(x) core.sleep(x) end, {0, 1.5}, {timeout = 0.3}) do end
     end)
     assert.is_false(ok)
     assert.equal("TimeoutError", e.kind)
@@ -283,8 +283,8 @@ end)
 describe("as_completed and wait", function()
   it("as_completed yields each future once, as it completes", function()
     local ex <close> = futures.ProcessPoolExecutor(3)
-    local slow = ex:submit(sleeper(0.6, "slow"))
-    local mid = ex:submit(sleeper(0.3, "mid"))
+    local slow = ex:submit(sleeper(1.2, "slow"))
+    local mid = ex:submit(sleeper(0.4, "mid"))
     local fast = ex:submit(sleeper(0, "fast"))
     fast:result(10)
     local order = {}
@@ -357,7 +357,7 @@ describe("as_completed and wait", function()
     assert.equal(4, #done)
     assert.equal(0, #not_done)
     local got = {}
-    for f in futures.as_completed({ex1:submit(sleeper(0.2, "x")),
+    for f in futures.as_completed({ex1:submit(sleeper(0.5, "x")),
                                    pool:apply_async(function() return "y" end)}, 20) do
       got[#got + 1] = f:result()
     end
@@ -440,8 +440,7 @@ describe("executor lifecycles", function()
         ex:submit(sleeper(30)):cancel{force = true}
       end
       if i % 5 == 0 then
-        ex:submit(sleeper(30))
-        ex:submit(sleeper(30))
+        for _ = 1, 4 do ex:submit(sleeper(0.1)) end
         ex:shutdown(false, {cancel_futures = true})
       end
     end

@@ -250,31 +250,38 @@ local function futures_of(fs, fname)
   return list
 end
 
--- Makes progress on the pools of the unfinished futures of list: takes
--- results (running done callbacks), replaces dead workers; blocks until
--- something happens or the deadline (nil: no deadline).
-local function progress(list, deadline)
-  local pools, npools = {}, 0
+-- The distinct pools of the unfinished futures of list, each pumped once
+-- without waiting (so what is there now is collected).
+local function pools_of(list)
+  local pools, seen = {}, {}
   for _, f in ipairs(list) do
-    if not f._done and not pools[f._pool] then
-      pools[f._pool] = true
-      npools = npools + 1
+    local p = f._pool
+    if not f._done and not seen[p] then
+      seen[p] = true
+      pools[#pools + 1] = p
     end
   end
-  if npools == 0 then return end
-  if npools == 1 then
-    next(pools):_pump(deadline)
+  for _, p in ipairs(pools) do p:_pump(0) end
+  return pools
+end
+
+-- Makes progress on the pools: takes results (running done callbacks),
+-- replaces dead workers; blocks until something happens or the deadline
+-- (nil: no deadline).
+local function progress(pools, deadline)
+  if #pools == 1 then
+    pools[1]:_pump(deadline)
     return
   end
-  for p in pairs(pools) do p:_pump(0) end
+  for _, p in ipairs(pools) do p:_pump(0) end
   local objs, wake = {}, deadline
-  for p in pairs(pools) do
+  for _, p in ipairs(pools) do
     local due = p:_wait_set(objs)
     if due and (not wake or due < wake) then wake = due end
   end
   if #objs == 0 then return end
   connection.wait(objs, wake and math.max(wake - now(), 0) or nil)
-  for p in pairs(pools) do p:_pump(0) end
+  for _, p in ipairs(pools) do p:_pump(0) end
 end
 
 -- for f in futures.as_completed(fs [, timeout]): each future once, as it
@@ -285,10 +292,8 @@ function M.as_completed(fs, timeout)
   check_timeout(timeout, 2, "as_completed")
   local deadline = timeout and now() + timeout
   local waiter, pos = {}, 1
-  -- what is there now: collected before the first future is yielded
-  for _, f in ipairs(list) do
-    if not f._done then f:ready() end
-  end
+  -- (what is there now is collected before the first future is yielded)
+  local pools = pools_of(list)
   for _, f in ipairs(list) do f:_add_waiter(waiter) end
   local total = #list
   return function()
@@ -298,7 +303,7 @@ function M.as_completed(fs, timeout)
         raise("TimeoutError", string.format("%d (of %d) futures unfinished",
               total - pos + 1, total))
       end
-      progress(list, deadline)
+      progress(pools, deadline)
     end
     local f = waiter[pos]
     waiter[pos] = false
@@ -321,9 +326,7 @@ function M.wait(fs, opts)
              "or ALL_COMPLETED, got " .. tostring(when), 2)
   end
   local deadline = opts.timeout and now() + opts.timeout
-  for _, f in ipairs(list) do
-    if not f._done then f:ready() end
-  end
+  local pools = pools_of(list)
   local waiter = {}
   for _, f in ipairs(list) do f:_add_waiter(waiter) end
   local seen = 0
@@ -341,7 +344,7 @@ function M.wait(fs, opts)
   end
   while not satisfied() do
     if deadline and now() >= deadline then break end
-    progress(list, deadline)
+    progress(pools, deadline)
   end
   local done, not_done = {}, {}
   for _, f in ipairs(list) do
