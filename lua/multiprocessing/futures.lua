@@ -177,14 +177,16 @@ function Executor:map(fn, iterable, opts)
     i = i + 1
     if cs == 1 then
       local t = deadline and math.max(deadline - now(), 0)
-      local f = fs[i]
+      -- (the future leaves fs once it gave its result: one that timed
+      -- out is still cancelled by the closer)
+      local v = fs[i]:result(t)
       fs[i] = nil
-      return i, f:result(t)
+      return i, v
     end
     if not chunk or (i - 1) % cs == 0 then
-      k = k + 1
       local t = deadline and math.max(deadline - now(), 0)
-      chunk = fs[k]:result(t)
+      chunk = fs[k + 1]:result(t)
+      k = k + 1
       fs[k] = nil
     end
     return i, chunk[(i - 1) % cs + 1]
