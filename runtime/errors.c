@@ -22,7 +22,7 @@ static const char *const kinds[] = {
   "ValueError", "ProcessError", "RemoteError", "WorkerLostError",
   "BrokenPoolError", "AuthenticationError", "EncodeError", "DecodeError",
   "BrokenBarrierError", "BufferTooShort", "FileExistsError",
-  "FileNotFoundError", "OSError", NULL
+  "FileNotFoundError", "OSError", "CancelledError", NULL
 };
 
 static int valid_kind(const char *kind) {

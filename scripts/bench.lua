@@ -385,6 +385,30 @@ for _, w in ipairs {1, 2, 4, 16, 64} do
   add("pool.scale_" .. w, "tasks/s", pool_map(w, 100000))
 end
 
+-- ---- futures (issue 15) ------------------------------------------------------
+
+-- submit -> result, one future at a time: the latency of one task
+add("futures.submit_result_rtt", "roundtrips/s", function()
+  local futures = require "multiprocessing.futures"
+  local ex <close> = futures.ProcessPoolExecutor()
+  ex:submit(double, 0):result()
+  return timed(function(n)
+    for i = 1, n do assert(ex:submit(double, i):result() == 2 * i) end
+  end, 500)
+end)
+
+-- 2e4 submits, then every result
+add("futures.submit_2e4", "tasks/s", function()
+  local futures = require "multiprocessing.futures"
+  local ex <close> = futures.ProcessPoolExecutor()
+  ex:submit(double, 0):result()
+  local fs = {}
+  local t0 = now()
+  for i = 1, 20000 do fs[i] = ex:submit(double, i) end
+  for i = 1, 20000 do assert(fs[i]:result() == 2 * i) end
+  return 20000, now() - t0
+end)
+
 -- ---- queues, locks, shared values (issue 5) ---------------------------------
 
 -- n items from `producers` child processes through one Queue to the parent

@@ -336,6 +336,37 @@ for _w in (1, 2, 4, 16, 64):
     W.append(("pool.scale_%d" % _w, "tasks/s", _pool_map(_w, 100000)))
 
 
+# ---- futures (issue 15) -----------------------------------------------------
+
+def _executor():
+    import concurrent.futures
+    return concurrent.futures.ProcessPoolExecutor(
+        mp_context=mp.get_context("fork"))
+
+
+@workload("futures.submit_result_rtt", "roundtrips/s")
+def _futures_rtt():
+    with _executor() as ex:
+        ex.submit(_double, 0).result()
+
+        def run(n):
+            for i in range(n):
+                assert ex.submit(_double, i).result() == 2 * i
+        return timed(run, 100)
+
+
+@workload("futures.submit_2e4", "tasks/s")
+def _futures_2e4():
+    with _executor() as ex:
+        ex.submit(_double, 0).result()
+        t0 = time.perf_counter()
+        fs = [ex.submit(_double, i) for i in range(1, 20001)]
+        for i, f in enumerate(fs, 1):
+            assert f.result() == 2 * i
+        dt = time.perf_counter() - t0
+    return 20000, dt
+
+
 # ---- queues, locks, shared values (issue 5) ---------------------------------
 
 SMALL = {"id": 1, "name": "abc", "vals": [1.5, 2.5, 3.5]}

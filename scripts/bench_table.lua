@@ -147,6 +147,11 @@ for _, w in ipairs {1, 2, 4, 16, 64} do
   rows[#rows + 1] = {"pool map 1e5, " .. w .. " workers", "luamp:pool.scale_" .. w,
     {"CPython", "py:pool.scale_" .. w}}
 end
+-- futures rows (issue 15)
+rows[#rows + 1] = {"futures submit->result round trip", "luamp:futures.submit_result_rtt",
+  {"CPython", "py:futures.submit_result_rtt"}, target = {1, 10}}
+rows[#rows + 1] = {"futures 2e4 submits, then results", "luamp:futures.submit_2e4",
+  {"CPython", "py:futures.submit_2e4"}, target = {1, 10}}
 -- queues, locks, shared values (issue 5)
 for _, r in ipairs {
   {"queue small ints 1->1", "queue.ints_1to1", 10},

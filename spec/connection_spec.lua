@@ -819,3 +819,31 @@ describe("connections when a process is killed", function()
     client:join()
   end)
 end)
+
+describe("mp.wait and Ctrl-C", function()
+  -- (found by pool_faults_spec's Ctrl-C-at-any-instruction test: an
+  -- interrupt inside wait's field lookups was taken for "no such field")
+  it("raises an interrupt that lands anywhere in it, never swallows one", function()
+    for _, q in ipairs {core.Queue(), mp.Queue()} do
+      local fired, raised = 0, 0
+      for count = 1, 300 do
+        local ok, err = pcall(function()
+          debug.sethook(function()
+            debug.sethook()
+            fired = fired + 1
+            error("interrupted!", 0)
+          end, "", count)
+          mp.connection.wait({q}, 0)
+          debug.sethook()
+        end)
+        debug.sethook()
+        if not ok then
+          assert.equal("interrupted!", err)
+          raised = raised + 1
+        end
+      end
+      assert.is_true(fired > 10)
+      assert.equal(fired, raised)
+    end
+  end)
+end)

@@ -74,7 +74,7 @@ describe("error objects", function()
       "BrokenPipeError", "ValueError", "ProcessError", "RemoteError",
       "WorkerLostError", "BrokenPoolError", "AuthenticationError",
       "EncodeError", "DecodeError", "BrokenBarrierError", "BufferTooShort",
-      "FileExistsError", "FileNotFoundError", "OSError"}
+      "FileExistsError", "FileNotFoundError", "OSError", "CancelledError"}
     assert.same(kinds, mp.error_kinds)
     for _, k in ipairs(kinds) do
       assert.equal(k, mp.new_error(k, "m").kind)

@@ -203,6 +203,7 @@ local PREFIXES = {
   ["mp.connection"] = {"connection"},
   ["mp.managers"] = {"managers"},
   ["mp.pool"] = {"pool"},
+  ["mp.futures"] = {"futures"},
   ["mp.shared_memory"] = {"shared_memory"},
   ["me"] = {"current_process"},
   ["parent"] = {"parent_process"},
@@ -225,6 +226,7 @@ local PREFIXES = {
   ["shm"] = {"SharedMemory"},
   ["pool"] = {"Pool"},
   ["res"] = {"AsyncResult"},
+  ["ex"] = {"ProcessPoolExecutor"},
   ["m"] = {"Manager"},
   ["server"] = {"ManagerServer"},
   ["proxy"] = {"DictProxy", "ListProxy", "NamespaceProxy", "ValueProxy",
@@ -257,6 +259,7 @@ local function live_objects()
   objs.connection = mp.connection
   objs.managers = mp.managers
   objs.pool = mp.pool
+  objs.futures = mp.futures
   objs.shared_memory = mp.shared_memory
   objs.repl = require "multiprocessing.repl"
   objs.current_process = mp.current_process()
@@ -287,6 +290,8 @@ local function live_objects()
   objs.AsyncResult = pool:apply_async(function() return 1 end)
   objs.AsyncResult:get(30)
   keep(function() pool:terminate() end)
+  objs.ProcessPoolExecutor = mp.futures.ProcessPoolExecutor(1)
+  keep(function() objs.ProcessPoolExecutor:shutdown() end)
   local m = mp.Manager()
   objs.Manager = m
   keep(function() m:shutdown() end)

@@ -152,6 +152,16 @@ end
 --     false positives.
 --   anything with fileno() (Listener, Python-style objects)
 -- Queues join by providing _wait_fd.
+-- obj[k], or nil when indexing obj raises (a userdata without fields);
+-- a Ctrl-C ("interrupted!") that lands in the pcall is raised on, not
+-- taken for "no such field"
+local function field(obj, k)
+  local ok, v = pcall(function() return obj[k] end)
+  if ok then return v end
+  if v == "interrupted!" then error(v, 0) end
+  return nil
+end
+
 local function wait_spec(obj)
   local t = type(obj)
   if t == "number" then
@@ -162,12 +172,12 @@ local function wait_spec(obj)
     return fd
   end
   if t == "table" or t == "userdata" then
-    local ok, f = pcall(function() return obj._wait_fd end)
-    if ok and f then return f(obj) end
-    ok, f = pcall(function() return obj.sentinel end)
-    if ok and type(f) == "number" then return f end
-    ok, f = pcall(function() return obj.fileno end)
-    if ok and f then return f(obj) end
+    local f = field(obj, "_wait_fd")
+    if f then return f(obj) end
+    f = field(obj, "sentinel")
+    if type(f) == "number" then return f end
+    f = field(obj, "fileno")
+    if f then return f(obj) end
   end
   argerror(1, "wait", "cannot wait for a " .. util.typename(obj) .. " value")
 end

@@ -62,6 +62,7 @@ local lazy = {
   managers = "multiprocessing.managers",
   Pool = "multiprocessing.pool",
   pool = "multiprocessing.pool",
+  futures = "multiprocessing.futures",
   get_logger = "multiprocessing.util",
   log_to_stderr = "multiprocessing.util",
 }

@@ -322,6 +322,7 @@ local function finish(job)
     run_callback(job._pool, job._error_callback,
                  job._kind == "apply" and job._value[3] or job._value)
   end
+  if job._done_callbacks then job:_run_done_callbacks() end
 end
 
 -- A chunk's outcome, from the worker's reply (or a made-up failure):
@@ -408,6 +409,127 @@ end
 function AsyncResult:successful()
   if not self:ready() then raise("ValueError", "result is not ready") end
   return self._ok
+end
+
+-- The Future face of an AsyncResult (multiprocessing.futures): one result
+-- type for Pool and executor alike.  A future is pending (queued), running
+-- (a worker took one of its tasks), or done: finished, failed or
+-- cancelled.  A cancelled one holds a CancelledError as its failure, so
+-- get/result raise it and error callbacks receive it.
+
+local function check_timeout(t, fname)
+  if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
+    error(string.format("bad argument #1 to '%s' (timeout must be a " ..
+      "non-negative number, got %s)", fname, tostring(t)), 3)
+  end
+end
+
+-- Done callbacks: functions called with the future, and the waiters of
+-- futures.wait/as_completed (tables the future appends itself to).  They
+-- run in the owner, when the result is collected or the future cancelled;
+-- one that raises is reported on stderr and the others still run.
+function AsyncResult:_run_done_callbacks()
+  local cbs = self._done_callbacks
+  self._done_callbacks = false
+  for i = 1, #cbs do
+    local cb = cbs[i]
+    if type(cb) == "table" then
+      cb[#cb + 1] = self
+    else
+      local ok, err = xpcall(cb, debug.traceback, self)
+      if not ok then
+        io.stderr:write("exception calling callback for ", tostring(self), ": ",
+                        tostring(err), "\n")
+        io.stderr:flush()
+      end
+    end
+  end
+end
+
+function AsyncResult:add_done_callback(fn)
+  if type(fn) ~= "function" then
+    error("bad argument #1 to 'add_done_callback' (function expected, got " ..
+          type(fn) .. ")", 2)
+  end
+  if self._done then
+    self._done_callbacks = {fn}
+    self:_run_done_callbacks()
+  else
+    local cbs = self._done_callbacks
+    if not cbs then cbs = {} self._done_callbacks = cbs end
+    cbs[#cbs + 1] = fn
+  end
+end
+
+-- (a waiter: a table the future is appended to when done)
+function AsyncResult:_add_waiter(w)
+  if self._done then w[#w + 1] = self return end
+  local cbs = self._done_callbacks
+  if not cbs then cbs = {} self._done_callbacks = cbs end
+  cbs[#cbs + 1] = w
+end
+
+function AsyncResult:done()
+  return self:ready()
+end
+
+function AsyncResult:cancelled()
+  return self._cancelled == true
+end
+
+function AsyncResult:running()
+  if self:ready() then return false end
+  return self._pool:_running(self)
+end
+
+-- cancel(): only while pending (true), or when already cancelled;
+-- cancel{force = true} also stops a running future: its worker is killed
+-- and replaced.
+function AsyncResult:cancel(opts)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("bad argument #1 to 'cancel' (table expected, got " .. type(opts) .. ")", 2)
+  end
+  local force = opts ~= nil and opts.force
+  if self._done then return self._cancelled == true end
+  if self._kind == "imap" then return false end
+  local pool = self._pool
+  if not force and pool:_running(self) then return false end
+  if self._done then return self._cancelled == true end
+  pool:_cancel_jobs({self}, force)
+  return self._cancelled == true
+end
+
+-- Marks an unfinished job cancelled (its tasks are off the books already).
+function AsyncResult:_set_cancelled()
+  if self._done then return end
+  local err = new_error("CancelledError", "the future was cancelled")
+  self._cancelled = true
+  self._ok = false
+  self._value = self._kind == "apply" and {0, FAILED, err} or err
+  finish(self)
+end
+
+function AsyncResult:result(timeout)
+  check_timeout(timeout, "result")
+  return self:get(timeout)
+end
+
+-- The error the task raised (nil when it succeeded); raises
+-- CancelledError for a cancelled future, TimeoutError when not done in
+-- time.
+function AsyncResult:exception(timeout)
+  check_timeout(timeout, "exception")
+  if not self:wait(timeout) then raise("TimeoutError", "result not ready in time") end
+  if self._ok then return nil end
+  local err = self._kind == "apply" and self._value[3] or self._value
+  if self._cancelled then error(err, 0) end
+  return err
+end
+
+AsyncResult.__tostring = function(self)
+  local state = self._cancelled and "cancelled" or
+                self._done and (self._ok and "finished" or "failed") or "pending"
+  return string.format("<AsyncResult %s>", state)
 end
 
 -- ---------------------------------------------------------------------------
@@ -1557,6 +1679,141 @@ Pool.__gc = function(self)
 end
 Pool.__tostring = function(self)
   return string.format("<Pool state=%s pool_size=%d>", self._state, self._n)
+end
+
+-- ---------------------------------------------------------------------------
+-- Support for multiprocessing.futures
+
+-- Submits f(table.unpack(args, 1, n)) as one future; the job keeps its
+-- tag, so cancelling it needs no search of the task records.
+function Pool:_submit_future(f, args, n, timeout)
+  check_running(self)
+  local fref = self:_fref(f)
+  local job = new_job(self, "apply", NO_OPTIONS)
+  job._tag = self:_submit(job, fref, APPLY, args, n, 1, timeout)
+  return job
+end
+
+-- The job of a task record.
+local function job_of(rec)
+  if rec == nil or rec == ORPHAN then return nil end
+  if rec._kind then return rec end
+  return rec[1]
+end
+
+-- Whether a worker holds one of job's tasks now (a worker's slot keeps the
+-- tag of the task it took last; a task whose reply came is off the books).
+function Pool:_running(job)
+  if self._owner ~= getpid() or self._released then return false end
+  self:_drain()
+  if job._done then return false end
+  for slot in pairs(self._workers) do
+    local tag = self._tq:_taken(slot)
+    if tag and job_of(self._tasks[tag]) == job then return true end
+  end
+  return false
+end
+
+-- Cancels the jobs of the list (unfinished futures): their tasks leave the
+-- books and go to the cancel ring (workers skip them), and each job ends
+-- cancelled.  With kill, workers running their tasks are killed and
+-- replaced; without, a job with a running task is left alone.
+function Pool:_cancel_jobs(jobs, kill)
+  if self._owner ~= getpid() or (self._state ~= "RUN" and self._state ~= "CLOSE") then
+    return
+  end
+  self:_drain()
+  local running = {}            -- tag -> slot, for the tasks workers hold
+  for slot in pairs(self._workers) do
+    local tag = self._tq:_taken(slot)
+    if tag and self._tasks[tag] then running[tag] = slot end
+  end
+  local want, untagged = {}, false
+  for _, job in ipairs(jobs) do
+    if not job._done then
+      want[job] = true
+      if not job._tag then untagged = true end
+    end
+  end
+  if not kill then
+    for tag in pairs(running) do
+      local job = job_of(self._tasks[tag])
+      if job then want[job] = nil end
+    end
+  end
+  if next(want) == nil then return end
+  local tags = {}
+  if untagged then
+    for tag, rec in pairs(self._tasks) do
+      if want[job_of(rec) or false] then tags[#tags + 1] = tag end
+    end
+  else
+    for job in pairs(want) do
+      if self._tasks[job._tag] == job then tags[#tags + 1] = job._tag end
+    end
+  end
+  local kill_slots = {}
+  for _, tag in ipairs(tags) do
+    self._tasks[tag] = nil
+    if self._timeouts[tag] then
+      self._timeouts[tag] = nil
+      self._timed = self._timed - 1
+    end
+    if running[tag] then kill_slots[#kill_slots + 1] = running[tag] end
+  end
+  table.sort(tags)
+  local cancel = self._cancel
+  local i = 1
+  while i <= #tags and tags[i] < 1 << (63 - CANCEL_BITS) do
+    local first, n = tags[i], 1
+    while i + n <= #tags and tags[i + n] == first + n and n < CANCEL_MAX do
+      n = n + 1
+    end
+    local count = cancel[1]
+    cancel[count % CANCEL_RING + 2] = (first << CANCEL_BITS) | n
+    cancel[1] = count + 1
+    i = i + n
+  end
+  for job in pairs(want) do job:_set_cancelled() end
+  if #kill_slots > 0 then
+    for _, slot in ipairs(kill_slots) do
+      local w = self._workers[slot]
+      w.cancelled = self._tq:_taken(slot)
+      pcall(w.h.signal, w.h, "SIGKILL")
+    end
+    -- reaped and replaced now: no zombie waits for the next call
+    for _, slot in ipairs(kill_slots) do
+      local w = self._workers[slot]
+      if w then pcall(w.h.wait, w.h, 5) end
+    end
+    self:_check_workers()
+  end
+end
+
+-- Every unfinished job that no worker runs now, cancelled.
+function Pool:_cancel_pending()
+  local jobs, seen = {}, {}
+  for _, rec in pairs(self._tasks) do
+    local job = job_of(rec)
+    if job and not seen[job] and job._kind ~= "imap" then
+      seen[job] = true
+      jobs[#jobs + 1] = job
+    end
+  end
+  self:_cancel_jobs(jobs, false)
+end
+
+-- What to wait for when waiting on several pools at once: appends the
+-- result queue and the workers' sentinels to objs; returns the time by
+-- which the pool must be pumped again (tasks with deadlines), or nil.
+function Pool:_wait_set(objs)
+  if self._owner ~= getpid() or self._released or next(self._workers) == nil then
+    return nil
+  end
+  objs[#objs + 1] = self._rq
+  for _, w in pairs(self._workers) do objs[#objs + 1] = w.sentinel end
+  if (self._timed or 0) > 0 then return now() + SLICE end
+  return nil
 end
 
 -- Every public method checks its self first: pool.map(f, t), Python's
