@@ -676,7 +676,18 @@ local CondM = scoped(common{
 define("Condition", "ConditionProxy", CondM, {__index = CondM})
 
 local BarrierM = common{
-  wait = sync_method("wait"),
+  -- the wait that completes a round with an action gets the action to
+  -- run here (see Barrier:wait in manager_types.lua)
+  wait = function(p, timeout)
+    local cl, id = cl_of(p), rawget(p, ID)
+    local r = call(cl, {0, id, "wait", timeout, n = 4})
+    if type(r) ~= "table" then return r end
+    local ok, err = pcall(r[2])
+    local fine = call(cl, {0, id, "finish_action", ok})
+    if not ok then error(err, 0) end
+    if not fine then raise("BrokenBarrierError", "the barrier is broken") end
+    return r[3]
+  end,
   reset = sync_method("reset"),
   abort = sync_method("abort"),
 }
@@ -755,8 +766,14 @@ local function new_instance(cls, opts)
     local raw = f and f:read(32) or tostring(now()) .. tostring(math.random())
     if f then f:close() end
     authkey = (raw:gsub(".", function(c) return string.format("%02x", c:byte()) end))
-  elseif authkey == false or authkey == "" then
+  elseif authkey == "" then
+    raise("ValueError", cls._class_name .. ": authkey must not be empty " ..
+          "(authkey = false turns authentication off)")
+  elseif authkey == false then
     authkey = nil    -- no authentication (functions are then refused)
+  end
+  if opts.address ~= nil then
+    connection._check_address(opts.address, cls._class_name)
   end
   local mt = instance_mts[cls]
   return setmetatable({address = opts.address, authkey = authkey, pid = nil,
@@ -1050,6 +1067,12 @@ local builtin = {
 
 local SyncManager = BaseManager:extend("SyncManager")
 for typeid, f in pairs(builtin) do SyncManager:register(typeid, f) end
+-- a size the server cannot honour is refused here, before asking
+rawset(SyncManager, "Array", function(m, tc, init)
+  local n = math.type(init) == "float" and math.tointeger(init) or init
+  if math.type(n) == "integer" then T().check_array_size(n, "Array") end
+  return m:_create("Array", tc, init)
+end)
 M.SyncManager = SyncManager
 
 -- mp.Manager([opts]) -> a started SyncManager
