@@ -1029,6 +1029,16 @@ describe("Manager against hostile peers and impossible requests (issue 13)", fun
     assert.matches("SyncManager: address contains a NUL byte", e.message)
   end)
 
+  it("a client without a key gets AuthenticationError from a keyed manager", function()
+    local m <close> = mp.managers.SyncManager{address = {"127.0.0.1", 0},
+                                              authkey = "k"}:start()
+    local kind, e = kind_of(function()
+      mp.managers.SyncManager{address = m.address, authkey = false}:connect()
+    end)
+    assert.equal("AuthenticationError", kind)
+    assert.matches("authkey", e.message)
+  end)
+
   it("an Array too large for the machine is refused fast, with a message", function()
     local m <close> = mp.Manager()
     local t0 = now()

@@ -190,7 +190,11 @@ local function call(cl, msg)
         pcall(c.send, c, {0, 0, "cancel", seq})
         error(r, 0)
       end
-      if is_error(r, "DecodeError") then error(r, 0) end
+      -- (AuthenticationError: a client without a key met a keyed
+      -- server's challenge; the manager is not gone)
+      if is_error(r, "DecodeError") or is_error(r, "AuthenticationError") then
+        error(r, 0)
+      end
       out_of_step(cl, r)
       lost(cl, r)
     end
