@@ -53,6 +53,11 @@
  * taking turns at the default ~200 KiB (twice the bandwidth). */
 #define PIPE_SNDBUF (1 << 20)
 #define GROW_STEP (64u << 20)   /* trust a claimed length this far at once */
+#define HANDSHAKE_MAX 256       /* CPython's cap on a handshake message */
+/* the handshake's messages (see "HMAC challenge" below) */
+#define CHALLENGE "#CHALLENGE#"
+#define WELCOME "#WELCOME#"
+#define FAILURE "#FAILURE#"
 
 /* ---- Connection handles ---------------------------------------------- */
 
@@ -70,6 +75,10 @@ struct conn {
   pid_t rpid;             /* the process that read them (see ra_check) */
   char *rbuf;             /* buffer for payloads beyond RA_SIZE */
   size_t rcap;
+  /* non-blocking receive (frame_nowait): a message whose header was
+   * read; nb_got of its nb_len bytes are in rbuf (when > RA_SIZE) */
+  unsigned nb : 1;
+  size_t nb_len, nb_got;
 };
 
 static struct conn *new_conn(lua_State *L) {
@@ -411,7 +420,172 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
   }
 }
 
+/* ---- receiving without waiting ----------------------------------------
+
+   A server that serves many peers must not let one of them hold it: a
+   peer that sends half a message and stops, or trickles its bytes,
+   would keep a blocking read (and everyone else) waiting.  frame_nowait
+   reads what has arrived and keeps the message being assembled in c (nb,
+   nb_len, nb_got), so the caller goes back to its poll loop and comes
+   again when the fd is readable.  Memory follows the bytes that arrived,
+   not the length the header claims, and a claim beyond maxlen is refused
+   at once (an unauthenticated peer may announce only so much). */
+
+/* One read that never waits: the count, 0 at end of file, -1 with
+ * errno EAGAIN when nothing is there. */
+static ssize_t read_nowait(struct conn *c, char *p, size_t n) {
+  for (;;) {
+    ssize_t r = recv(c->fd, p, n, MSG_DONTWAIT);
+    if (r >= 0) return r;
+    if (errno == EINTR) continue;
+    if (errno == ENOTSOCK) {           /* a pipe: ask poll first */
+      struct pollfd q = {c->fd, POLLIN, 0};
+      int k = poll(&q, 1, 0);
+      if (k < 0 && errno == EINTR) continue;
+      if (k == 0) {
+        errno = EAGAIN;
+        return -1;
+      }
+      r = read(c->fd, p, n);
+      if (r < 0 && errno == EINTR) continue;
+      return r;
+    }
+    return -1;
+  }
+}
+
+/* rbuf has room for more of the message being assembled (it grows with
+ * what arrived: doubling, up to nb_len). */
+static size_t nb_room(lua_State *L, struct conn *c) {
+  size_t cap = c->rcap < c->nb_len ? c->rcap : c->nb_len;
+  if (cap == c->nb_got) {
+    size_t want = c->rcap < RA_SIZE ? 2 * RA_SIZE : 2 * c->rcap;
+    if (want > c->nb_len) want = c->nb_len;
+    rbuf_reserve(L, c, want);
+    cap = want;
+  }
+  return cap - c->nb_got;
+}
+
+/* 1 when a whole message of c has arrived: *pp, *np are its payload (in
+ * c's buffers, valid until the next read on c); 0 when more must come.
+ * handshake: the peer is in the handshake (a message beyond maxlen is
+ * then an AuthenticationError). */
+static int frame_nowait(lua_State *L, struct conn *c, uint64_t maxlen,
+                        int handshake, const char **pp, size_t *np) {
+  ra_alloc(L, c);
+  for (;;) {
+    size_t avail = c->rend - c->rpos;
+    ssize_t r;
+    if (!c->nb) {
+      const unsigned char *h = (const unsigned char *)c->ra + c->rpos;
+      if (avail >= 4) {
+        uint32_t n32 = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 |
+                       (uint32_t)h[2] << 8 | h[3];
+        uint64_t n = n32;
+        size_t hl = 4;
+        if (n32 == 0xffffffffu) {
+          if (avail < 12) goto fill;
+          n = 0;
+          for (int i = 4; i < 12; i++) n = n << 8 | h[i];
+          hl = 12;
+        } else if (n32 & 0x80000000u) {
+          c->rbroken = 1;
+          luamp_raise(L, handshake ? "AuthenticationError" : "OSError",
+                      "bad message length: negative length %d in the "
+                      "header", (int)(int32_t)n32);
+        }
+        if (n > maxlen) {
+          c->rbroken = 1;
+          if (handshake)
+            luamp_raise(L, "AuthenticationError", "handshake message too "
+                        "long (%I bytes > %d)", (lua_Integer)(n > 1000000000
+                        ? 1000000000 : n), HANDSHAKE_MAX);
+          luamp_raise(L, "OSError", "message too long from a peer that did "
+                      "not authenticate (%I bytes > %I)",
+                      (lua_Integer)(n > (uint64_t)LUA_MAXINTEGER
+                                    ? LUA_MAXINTEGER : n),
+                      (lua_Integer)maxlen);
+        }
+        c->rpos += hl;
+        c->nb = 1;
+        c->nb_len = (size_t)n;
+        c->nb_got = 0;
+        continue;
+      }
+    } else if (c->nb_len <= RA_SIZE) {
+      if (avail >= c->nb_len) {
+        *pp = c->ra + c->rpos;
+        *np = c->nb_len;
+        c->rpos += c->nb_len;
+        c->nb = 0;
+        return 1;
+      }
+    } else {
+      /* big: what the read-ahead holds, then straight into rbuf */
+      if (avail > 0) {
+        size_t take = nb_room(L, c);
+        if (take > avail) take = avail;
+        memcpy(c->rbuf + c->nb_got, c->ra + c->rpos, take);
+        c->rpos += take;
+        c->nb_got += take;
+      }
+      if (c->nb_got == c->nb_len) {
+        *pp = c->rbuf;
+        *np = c->nb_len;
+        c->nb = 0;
+        return 1;
+      }
+      if (c->rpos < c->rend) continue;
+      r = read_nowait(c, c->rbuf + c->nb_got, nb_room(L, c));
+      if (r > 0) {
+        c->nb_got += (size_t)r;
+        continue;
+      }
+      goto got;
+    }
+  fill:
+    if (c->rpos > 0) {
+      memmove(c->ra, c->ra + c->rpos, avail);
+      c->rpos = 0;
+      c->rend = avail;
+    }
+    r = read_nowait(c, c->ra + c->rend, RA_SIZE - c->rend);
+    if (r > 0) {
+      c->rend += (size_t)r;
+      c->rpid = luamp_pid();
+      continue;
+    }
+  got:
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return 0;
+    if (r < 0 && errno != ECONNRESET) {
+      c->rbroken = 1;
+      luamp_raise_errno(L, "OSError", errno, "recv");
+    }
+    /* end of file */
+    if (!c->nb && c->rend == c->rpos)
+      luamp_raise(L, "EOFError", "the peer closed the connection");
+    eof_midway(L, c);
+  }
+}
+
 /* ---- Connection methods ---------------------------------------------- */
+
+/* A message that cannot be MessagePack, recognised before the decoder's
+ * "trailing bytes": 0x23 ('#') and 0x80 are complete one-byte values,
+ * so a longer message starting with them is something else -- the
+ * handshake of a Listener that has an authkey, or a Python pickle
+ * (0x80, protocol 2..5) from CPython's Connection.send().  The frame
+ * was read whole: the stream stays in step. */
+static void check_foreign(lua_State *L, const char *p, size_t n) {
+  if (n > sizeof CHALLENGE - 1 && memcmp(p, CHALLENGE, sizeof CHALLENGE - 1) == 0)
+    luamp_raise(L, "AuthenticationError", "the peer asks for authentication "
+                "(it sent an HMAC challenge): connect with its authkey");
+  if (n > 1 && (unsigned char)p[0] == 0x80 && p[1] >= 2 && p[1] <= 5)
+    luamp_raise(L, "DecodeError", "peer sent data that is not MessagePack "
+                "(a Python pickle? have the peer use send_bytes with "
+                "msgpack, not send) at byte 0");
+}
 
 /* conn:send(v): the codec's encoding of v as one message.  An
  * unencodable value raises EncodeError before anything is written. */
@@ -430,23 +604,66 @@ static int conn_send(lua_State *L) {
   return 0;
 }
 
+/* How messages from c are decoded: with code (trusted), as a keyless
+ * manager's peer (its proxies made), or as plain data. */
+static int decode_flags(const struct conn *c) {
+  return c->trusted ? 0
+       : c->peer ? LUAMP_DECODE_UNTRUSTED | LUAMP_DECODE_PEER
+       : LUAMP_DECODE_UNTRUSTED;
+}
+
 /* conn:recv() -> the next message's value; EOFError when the peer has
  * closed and nothing is left. */
 static int conn_recv(lua_State *L) {
   struct conn *c = check_readable(L, 1);
   uint64_t n = read_header(L, c, -1);
-  int flags = c->trusted ? 0
-            : c->peer ? LUAMP_DECODE_UNTRUSTED | LUAMP_DECODE_PEER
-            : LUAMP_DECODE_UNTRUSTED;
+  int flags = decode_flags(c);
   if (n <= RA_SIZE) {
-    luamp_decode(L, read_view(L, c, (size_t)n, -1), (size_t)n, flags);
+    const char *p = read_view(L, c, (size_t)n, -1);
+    check_foreign(L, p, (size_t)n);
+    luamp_decode(L, p, (size_t)n, flags);
   } else {
     char *p = read_payload(L, c, n, -1);
     /* the buffer belongs to c, which the stack keeps alive: a raising
      * decoder leaks nothing */
+    check_foreign(L, p, (size_t)n);
     luamp_decode(L, p, (size_t)n, flags);
     rbuf_trim(c);
   }
+  return 1;
+}
+
+/* conn:_recv_nowait([maxlength]) -> true, value when a whole message
+ * has arrived; false when more must come (nothing waits).  What it has
+ * read so far stays in the connection for the next call.  For servers
+ * of peers that did not authenticate (the manager's, without a key):
+ * a longer message than maxlength is refused from its header. */
+static int conn_recv_nowait(lua_State *L) {
+  struct conn *c = check_readable(L, 1);
+  lua_Integer maxlen = luaL_optinteger(L, 2, LUA_MAXINTEGER);
+  const char *p;
+  size_t n;
+  luaL_argcheck(L, maxlen >= 0, 2, "negative maxlength");
+  if (!frame_nowait(L, c, (uint64_t)maxlen, 0, &p, &n)) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  lua_pushboolean(L, 1);
+  check_foreign(L, p, n);
+  luamp_decode(L, p, n, decode_flags(c));
+  if (p == c->rbuf) rbuf_trim(c);
+  return 2;
+}
+
+/* conn:_recv_small() -> the next handshake message (at most
+ * HANDSHAKE_MAX bytes) when it has arrived, nil otherwise (nothing
+ * waits).  AuthenticationError for a longer one. */
+static int conn_recv_small(lua_State *L) {
+  struct conn *c = check_readable(L, 1);
+  const char *p;
+  size_t n;
+  if (!frame_nowait(L, c, HANDSHAKE_MAX, 1, &p, &n)) return 0;
+  lua_pushlstring(L, p, n);
   return 1;
 }
 
@@ -604,9 +821,6 @@ static int l_from_fd(lua_State *L) {
  * challenge, the bare 16-byte HMAC-MD5.  A 16- or 20-byte answer is
  * legacy MD5; the MAC covers the prefix, so a peer cannot downgrade a
  * modern challenge.  Then "#WELCOME#" or "#FAILURE#". */
-#define CHALLENGE "#CHALLENGE#"
-#define WELCOME "#WELCOME#"
-#define FAILURE "#FAILURE#"
 #define MESSAGE_LENGTH 40
 #define MAX_DIGEST_LEN 8
 
@@ -685,11 +899,11 @@ static void hmac_of(lua_State *L, const EVP_MD *md, const char *key,
                 "available in this OpenSSL)");
 }
 
-/* Receives a handshake message (at most 256 bytes) into buf. */
+/* Receives a handshake message (at most HANDSHAKE_MAX bytes) into buf. */
 static size_t recv_small(lua_State *L, struct conn *c, char *buf,
                          double deadline) {
   uint64_t n = read_header(L, c, deadline);
-  if (n > 256) {
+  if (n > HANDSHAKE_MAX) {
     c->rbroken = 1;
     luamp_raise(L, "AuthenticationError", "handshake message too long "
                 "(%I bytes)", (lua_Integer)(n > 1000000 ? 1000000 : n));
@@ -702,54 +916,48 @@ static double handshake_deadline(lua_State *L, int idx) {
   return lua_isnoneornil(L, idx) ? -1.0 : luamp_deadline_arg(L, idx);
 }
 
-/* core.deliver_challenge(conn, authkey [, timeout]): the server side's
- * first half.  Raises AuthenticationError (after telling the peer) when
- * the answer is wrong, TimeoutError when the peer says nothing. */
-static int l_deliver_challenge(lua_State *L) {
-  struct conn *c = check_conn(L, 1);
-  size_t klen, rlen, off;
-  const char *key = luaL_checklstring(L, 2, &klen);
-  double deadline = handshake_deadline(L, 3);
-  char msg[sizeof CHALLENGE - 1 + 8 + MESSAGE_LENGTH], resp[256];
+/* The three computations of the handshake, shared by the blocking halves
+ * below (a Client) and the non-blocking steps a Listener runs for many
+ * peers at once (connection.lua). */
+
+/* A fresh challenge: "#CHALLENGE#{sha256}" and MESSAGE_LENGTH random
+ * bytes into msg (CHALLENGE_LEN bytes). */
+#define CHALLENGE_LEN (sizeof CHALLENGE - 1 + 8 + MESSAGE_LENGTH)
+static void make_challenge(lua_State *L, char *msg) {
   const size_t pre = sizeof CHALLENGE - 1;
-  size_t mlen = 8 + MESSAGE_LENGTH;
-  unsigned char expect[EVP_MAX_MD_SIZE];
-  unsigned elen;
-  int legacy, ok;
-  const EVP_MD *md;
-  load_crypto(L);
   memcpy(msg, CHALLENGE "{sha256}", pre + 8);
   if (getrandom(msg + pre + 8, MESSAGE_LENGTH, 0) != MESSAGE_LENGTH)
     luamp_raise_errno(L, "OSError", errno, "getrandom");
-  send_frame(L, c, msg, pre + mlen, deadline);
-  rlen = recv_small(L, c, resp, deadline);
-  md = parse_digest(resp, rlen, &off, &legacy);
-  ok = 0;
-  if (md != NULL) {
-    hmac_of(L, md, key, klen, msg + pre, mlen, expect, &elen);
-    ok = rlen - off == elen && crypto.memcmp_ct(expect, resp + off, elen) == 0;
-  }
-  send_frame(L, c, ok ? WELCOME : FAILURE, 9, deadline);
-  if (!ok) luamp_raise(L, "AuthenticationError", "digest received was wrong");
-  return 0;
 }
 
-/* core.answer_challenge(conn, authkey [, timeout]): the client side's
- * first half.  Raises AuthenticationError when the peer refuses us. */
-static int l_answer_challenge(lua_State *L) {
-  struct conn *c = check_conn(L, 1);
-  size_t klen, mlen, off;
-  const char *key = luaL_checklstring(L, 2, &klen);
-  double deadline = handshake_deadline(L, 3);
+/* Whether resp answers the challenge msg (made by make_challenge). */
+static int answer_ok(lua_State *L, const char *key, size_t klen,
+                     const char *msg, const char *resp, size_t rlen) {
   const size_t pre = sizeof CHALLENGE - 1;
-  char buf[256 + 1], out[2 + MAX_DIGEST_LEN + EVP_MAX_MD_SIZE];
-  unsigned char mac[EVP_MAX_MD_SIZE];
-  unsigned maclen;
-  size_t olen = 0;
+  unsigned char expect[EVP_MAX_MD_SIZE];
+  unsigned elen;
+  size_t off;
   int legacy;
   const EVP_MD *md;
   load_crypto(L);
-  mlen = recv_small(L, c, buf, deadline);
+  md = parse_digest(resp, rlen, &off, &legacy);
+  if (md == NULL) return 0;
+  hmac_of(L, md, key, klen, msg + pre, CHALLENGE_LEN - pre, expect, &elen);
+  return rlen - off == elen && crypto.memcmp_ct(expect, resp + off, elen) == 0;
+}
+
+/* The answer to the peer's challenge buf (mlen bytes) into out; raises
+ * AuthenticationError for something that is not a challenge. */
+#define ANSWER_MAX (2 + MAX_DIGEST_LEN + EVP_MAX_MD_SIZE)
+static size_t make_answer(lua_State *L, const char *key, size_t klen,
+                          const char *buf, size_t mlen, char *out) {
+  const size_t pre = sizeof CHALLENGE - 1;
+  unsigned char mac[EVP_MAX_MD_SIZE];
+  unsigned maclen;
+  size_t olen = 0, off;
+  int legacy;
+  const EVP_MD *md;
+  load_crypto(L);
   if (mlen < pre || memcmp(buf, CHALLENGE, pre) != 0)
     luamp_raise(L, "AuthenticationError", "protocol error, expected a "
                 "challenge");
@@ -766,12 +974,77 @@ static int l_answer_challenge(lua_State *L) {
     olen = off;
   }
   memcpy(out + olen, mac, maclen);
-  olen += maclen;
+  return olen + maclen;
+}
+
+/* core.deliver_challenge(conn, authkey [, timeout]): the server side's
+ * first half.  Raises AuthenticationError (after telling the peer) when
+ * the answer is wrong, TimeoutError when the peer says nothing. */
+static int l_deliver_challenge(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  size_t klen, rlen;
+  const char *key = luaL_checklstring(L, 2, &klen);
+  double deadline = handshake_deadline(L, 3);
+  char msg[CHALLENGE_LEN], resp[HANDSHAKE_MAX];
+  int ok;
+  load_crypto(L);
+  make_challenge(L, msg);
+  send_frame(L, c, msg, CHALLENGE_LEN, deadline);
+  rlen = recv_small(L, c, resp, deadline);
+  ok = answer_ok(L, key, klen, msg, resp, rlen);
+  send_frame(L, c, ok ? WELCOME : FAILURE, 9, deadline);
+  if (!ok) luamp_raise(L, "AuthenticationError", "digest received was wrong");
+  return 0;
+}
+
+/* core.answer_challenge(conn, authkey [, timeout]): the client side's
+ * first half.  Raises AuthenticationError when the peer refuses us. */
+static int l_answer_challenge(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  size_t klen, mlen, olen;
+  const char *key = luaL_checklstring(L, 2, &klen);
+  double deadline = handshake_deadline(L, 3);
+  char buf[HANDSHAKE_MAX + 1], out[ANSWER_MAX];
+  load_crypto(L);
+  mlen = recv_small(L, c, buf, deadline);
+  olen = make_answer(L, key, klen, buf, mlen, out);
   send_frame(L, c, out, olen, deadline);
   mlen = recv_small(L, c, buf, deadline);
   if (mlen != 9 || memcmp(buf, WELCOME, 9) != 0)
     luamp_raise(L, "AuthenticationError", "digest sent was rejected");
   return 0;
+}
+
+/* The steps of a server's handshake that never wait (the Listener
+ * interleaves many peers' handshakes, each with its own deadline):
+ *   core.hs_challenge() -> a challenge message
+ *   core.hs_verify(authkey, challenge, answer) -> boolean
+ *   core.hs_answer(authkey, peer_challenge) -> our answer
+ * and conn:_recv_small() below reads their messages as they come. */
+static int l_hs_challenge(lua_State *L) {
+  char msg[CHALLENGE_LEN];
+  make_challenge(L, msg);
+  lua_pushlstring(L, msg, CHALLENGE_LEN);
+  return 1;
+}
+
+static int l_hs_verify(lua_State *L) {
+  size_t klen, mlen, rlen;
+  const char *key = luaL_checklstring(L, 1, &klen);
+  const char *msg = luaL_checklstring(L, 2, &mlen);
+  const char *resp = luaL_checklstring(L, 3, &rlen);
+  luaL_argcheck(L, mlen == CHALLENGE_LEN, 2, "not a challenge of hs_challenge");
+  lua_pushboolean(L, answer_ok(L, key, klen, msg, resp, rlen));
+  return 1;
+}
+
+static int l_hs_answer(lua_State *L) {
+  size_t klen, mlen;
+  const char *key = luaL_checklstring(L, 1, &klen);
+  const char *msg = luaL_checklstring(L, 2, &mlen);
+  char out[ANSWER_MAX];
+  lua_pushlstring(L, out, make_answer(L, key, klen, msg, mlen, out));
+  return 1;
 }
 
 /* core.set_trusted(conn [, how]): after a successful handshake, code
@@ -804,6 +1077,10 @@ static int parse_address(lua_State *L, int idx, struct sockaddr_storage *ss,
     const char *path = lua_tolstring(L, idx, &n);
     luaL_argcheck(L, n > 0 && n < sizeof un->sun_path, idx,
                   "Unix socket path empty or too long");
+    /* the kernel would cut a path at its first NUL (an abstract name,
+     * "\0..." , is taken whole) */
+    if (path[0] != '\0' && memchr(path, '\0', n) != NULL)
+      luamp_raise(L, "ValueError", "Unix socket path contains a NUL byte");
     un->sun_family = AF_UNIX;
     memcpy(un->sun_path, path, n);
     *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n +
@@ -820,6 +1097,8 @@ static int parse_address(lua_State *L, int idx, struct sockaddr_storage *ss,
     host = lua_tostring(L, -2);
     if (host == NULL)
       luaL_argerror(L, idx, "address {host, port}: host must be a string");
+    if (strlen(host) != lua_rawlen(L, -2))
+      luamp_raise(L, "ValueError", "host name contains a NUL byte");
     if (!lua_isinteger(L, -1))
       luaL_argerror(L, idx, "address {host, port}: port must be an integer");
     port = lua_tointeger(L, -1);
@@ -1073,7 +1352,8 @@ static const luaL_Reg conn_meth[] = {
   {"send", conn_send}, {"recv", conn_recv},
   {"send_bytes", conn_send_bytes}, {"recv_bytes", conn_recv_bytes},
   {"poll", conn_poll}, {"fileno", conn_fileno}, {"close", conn_close},
-  {"_wait_fd", conn_wait_fd}, {NULL, NULL}
+  {"_wait_fd", conn_wait_fd}, {"_recv_nowait", conn_recv_nowait},
+  {"_recv_small", conn_recv_small}, {NULL, NULL}
 };
 static const luaL_Reg conn_mm[] = {
   {"__gc", conn_close}, {"__close", conn_close},
@@ -1103,6 +1383,9 @@ int luamp_open_conn(lua_State *L) {
     {"deliver_challenge", l_deliver_challenge},
     {"answer_challenge", l_answer_challenge},
     {"set_trusted", l_set_trusted},
+    {"hs_challenge", l_hs_challenge},
+    {"hs_verify", l_hs_verify},
+    {"hs_answer", l_hs_answer},
     {"wait_fds", l_wait_fds},
     {NULL, NULL}
   };

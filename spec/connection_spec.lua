@@ -847,3 +847,127 @@ describe("mp.wait and Ctrl-C", function()
     end
   end)
 end)
+
+-- A raw TCP peer (Debian's Python): connects to port, sends bytes, then
+-- stays silent.  Returns a function that ends it.
+local function raw_peer(port, bytes)
+  local hex = bytes:gsub(".", function(ch) return string.format("%02x", ch:byte()) end)
+  local h = io.popen(PY .. [[ -c 'import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(bytes.fromhex(sys.argv[2]))
+print("sent", flush=True)
+time.sleep(30)' ]] .. port .. " '" .. hex .. "' & echo $!")
+  local pid = tonumber(h:read("l"))
+  assert.equal("sent", h:read("l"))
+  return function()
+    core.kill(pid, "SIGKILL")
+    h:close()
+  end
+end
+
+describe("Listener and Client against hostile or mistaken peers (issue 13)", function()
+  it("a trickling peer does not hold accept: a good client is accepted at once", function()
+    local l = mp.connection.Listener{address = {"127.0.0.1", 0}, authkey = "k"}
+    -- connected first, it sends one byte of its answer's header and stops
+    -- (the default handshake timeout, 20 s, is running for it)
+    local stop = raw_peer(l.address[2], "\0")
+    local good = mp.Process{target = function()
+      local c = mp.connection.Client(l.address, "k")
+      c:send("served")
+      core.sleep(5)
+    end}
+    local t0 = core.now()
+    good:start()
+    local c = l:accept()
+    local dt = core.now() - t0
+    assert.equal("served", c:recv())
+    assert.is_true(dt < 3, "accept took " .. dt .. " s")
+    good:kill(); good:join()
+    stop(); l:close()
+  end)
+
+  it("an announced handshake message over 256 bytes is refused at once", function()
+    local l = mp.connection.Listener{address = {"127.0.0.1", 0}, authkey = "k"}
+    local stop = raw_peer(l.address[2], be32(-1) .. string.pack(">I8", 1 << 31))
+    local t0 = core.now()
+    local kind, e = kind_of(l.accept, l)
+    assert.equal("AuthenticationError", kind)
+    assert.matches("too long", e.message)
+    assert.is_true(core.now() - t0 < 3)
+    stop(); l:close()
+  end)
+
+  it("an empty authkey is refused, not taken for no key", function()
+    local kind, e = kind_of(mp.connection.Listener, {address = {"127.0.0.1", 0}, authkey = ""})
+    assert.equal("ValueError", kind)
+    assert.matches("Listener: authkey must not be empty", e.message)
+    local l = mp.connection.Listener{address = {"127.0.0.1", 0}}
+    kind, e = kind_of(mp.connection.Client, l.address, "")
+    assert.equal("ValueError", kind)
+    assert.matches("Client: authkey must not be empty", e.message)
+    l:close()
+  end)
+
+  it("a client without a key gets AuthenticationError from a keyed server", function()
+    local l = mp.connection.Listener{address = {"127.0.0.1", 0}, authkey = "k",
+                                     timeout = 0.5}
+    local r, w = mp.Pipe(false)
+    local p = mp.Process{target = function()
+      local c = mp.connection.Client(l.address)
+      local ok, e = pcall(c.recv, c)
+      w:send({ok, e.kind, e.message})
+    end}
+    p:start()
+    pcall(l.accept, l)
+    local got = r:recv()
+    p:join()
+    assert.is_false(got[1])
+    assert.equal("AuthenticationError", got[2])
+    assert.matches("authkey", got[3])
+    l:close()
+  end)
+
+  it("refuse NUL bytes in addresses with ValueError naming the call", function()
+    local path = os.tmpname()
+    os.remove(path)
+    local kind, e = kind_of(mp.connection.Listener, {address = path .. "\0x"})
+    assert.equal("ValueError", kind)
+    assert.matches("^Listener: address contains a NUL byte", e.message)
+    kind, e = kind_of(mp.connection.Client, path .. "\0x")
+    assert.equal("ValueError", kind)
+    assert.matches("^Client: address contains a NUL byte", e.message)
+    kind, e = kind_of(mp.connection.Client, {"127.0.0.1\0evil", 1})
+    assert.equal("ValueError", kind)
+    assert.matches("host name", e.message)
+    -- the cut path was never bound
+    assert.is_nil(io.open(path, "r"))
+    -- an abstract name is taken whole, NULs and all
+    local l = mp.connection.Listener{address = "\0luamp-nul\0test-" .. core.getpid()}
+    assert.equal("\0luamp-nul\0test-" .. core.getpid(), l.address)
+    l:close()
+  end)
+end)
+
+describe("interop: a Python pickle sent to luamp (issue 13)", function()
+  it("is reported as not MessagePack, not as trailing bytes", function()
+    local path = os.tmpname() .. ".py"
+    H.write(path, [[
+import sys
+from multiprocessing.connection import Client
+c = Client(('127.0.0.1', int(sys.argv[2])), authkey=sys.argv[1].encode())
+c.send({"a": 1})
+c.recv_bytes()
+]])
+    local l = mp.connection.Listener{address = {"127.0.0.1", 0}, authkey = "secret"}
+    local py = io.popen(PY .. " " .. path .. " secret " .. l.address[2] .. " 2>&1")
+    local c = l:accept()
+    local kind, e = kind_of(c.recv, c)
+    assert.equal("DecodeError", kind)
+    assert.matches("not MessagePack %(a Python pickle%?", e.message)
+    c:send_bytes("bye")
+    py:read("a")
+    py:close()
+    l:close()
+    os.remove(path)
+  end)
+end)

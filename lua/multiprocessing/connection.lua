@@ -24,15 +24,39 @@ function C.Pipe(duplex)
   return core.Pipe(duplex)
 end
 
+-- An empty key would be no key at all: refused, so that authentication
+-- is never turned off by accident (nil is the way to have none).
 local function check_authkey(authkey, argn, fname)
   if authkey ~= nil and type(authkey) ~= "string" then
     argerror(argn, fname, "authkey must be a string, got " .. util.typename(authkey))
   end
-  if authkey == "" then authkey = nil end
+  if authkey == "" then
+    core.raise("ValueError", fname .. ": authkey must not be empty (an " ..
+               "empty key would turn authentication off; pass nil for none)")
+  end
   return authkey
 end
 
--- Runs the handshake halves on a fresh connection; closes it on failure.
+-- A NUL byte in a path or host name would cut it where the OS reads it
+-- (an abstract Unix name, "\0...", is taken whole).
+function C._check_address(address, fname)
+  local what
+  if type(address) == "string" then
+    if address:sub(1, 1) ~= "\0" and address:find("\0", 1, true) then
+      what = "a Unix socket path"
+    end
+  elseif type(address) == "table" and type(address[1]) == "string" and
+         address[1]:find("\0", 1, true) then
+    what = "a host name"
+  end
+  if what then
+    core.raise("ValueError", fname .. ": address contains a NUL byte (" ..
+               what .. " would be cut at it)")
+  end
+end
+
+-- Runs the handshake halves on a fresh connection (the client's side);
+-- closes it on failure.
 local function authenticate(conn, authkey, server, timeout)
   local ok, err = pcall(function()
     if server then
@@ -52,6 +76,130 @@ local function authenticate(conn, authkey, server, timeout)
 end
 
 -- ---- Listener --------------------------------------------------------------
+
+-- Handshakes run side by side.  A peer that connects and then says
+-- nothing, or trickles its bytes, must not hold the listener: each
+-- accepted connection that must authenticate becomes a pending handshake
+-- (a coroutine over non-blocking steps, with its own deadline), and the
+-- listener's loop polls the listening socket and every pending handshake
+-- together.  A peer may send at most 256 bytes per handshake message (as
+-- CPython).  Finished connections queue in _done, failures in _failed
+-- (accept raises them in turn; the manager's server drops them).
+
+-- The server's half of the handshake (as CPython's: challenge the
+-- client, then answer its challenge); yields while waiting for input.
+local function server_handshake(conn, key)
+  local function recv()
+    while true do
+      local m = conn:_recv_small()
+      if m then return m end
+      coroutine.yield()
+    end
+  end
+  -- (the few bytes we send fit in a fresh socket's buffer: no wait)
+  local challenge = core.hs_challenge()
+  conn:send_bytes(challenge)
+  local ok = core.hs_verify(key, challenge, recv())
+  conn:send_bytes(ok and "#WELCOME#" or "#FAILURE#")
+  if not ok then core.raise("AuthenticationError", "digest received was wrong") end
+  conn:send_bytes(core.hs_answer(key, recv()))
+  if recv() ~= "#WELCOME#" then
+    core.raise("AuthenticationError", "digest sent was rejected")
+  end
+end
+
+local function is_interrupt(e)
+  return type(e) == "string" and e:find("interrupted!", 1, true) ~= nil
+end
+
+-- Runs p's handshake until it waits: "wait", "done" or "failed", err.
+local function advance(p)
+  local ok, err = coroutine.resume(p.co, p.conn, p.key)
+  if ok and coroutine.status(p.co) == "suspended" then return "wait" end
+  if ok then
+    core.set_trusted(p.conn)
+    return "done"
+  end
+  p.conn:close()
+  return "failed", err
+end
+
+-- One round of the listener's loop: waits up to `left` seconds (nil:
+-- without end) for a client or for input of a pending handshake, then
+-- accepts what came and advances what can move.  Ctrl-C is raised once
+-- the queues are consistent again.
+local function service(self, left)
+  local pend, done, failed = self._pending, self._done, self._failed
+  local fds, wake = {self._handle:fileno()}, left and core.now() + left
+  for i, p in ipairs(pend) do
+    fds[i + 1] = p.fd
+    if wake == nil or p.deadline < wake then wake = p.deadline end
+  end
+  local hit = core.wait_fds(fds, wake and math.max(wake - core.now(), 0))
+  local ready = {}
+  for _, i in ipairs(hit) do ready[i] = true end
+  local interrupted
+  local function settle(p, st, err)
+    if st == "wait" then return true end
+    if st == "done" then done[#done + 1] = p.conn
+    elseif is_interrupt(err) then interrupted = err
+    else failed[#failed + 1] = err end
+    return false
+  end
+  local keep, t = {}, core.now()
+  for i, p in ipairs(pend) do
+    local st, err = "wait"
+    if ready[i + 1] then
+      st, err = advance(p)
+    elseif t >= p.deadline then
+      p.conn:close()
+      st, err = "failed", core.new_error("TimeoutError", "the client did " ..
+        "not complete the handshake in time")
+    end
+    if settle(p, st, err) then keep[#keep + 1] = p end
+  end
+  if ready[1] then
+    -- every client queued by now (a bounded number per round)
+    local key = self._authkey
+    for _ = 1, 64 do
+      local ok, conn = pcall(self._handle.accept, self._handle, 0)
+      if not ok then
+        if is_interrupt(conn) then interrupted = conn end
+        break                    -- (TimeoutError: no one left)
+      end
+      if key == nil then
+        done[#done + 1] = conn
+      else
+        local p = {conn = conn, fd = conn:fileno(), key = key,
+                   co = coroutine.create(server_handshake),
+                   deadline = core.now() + (self._timeout or C.CONNECTION_TIMEOUT)}
+        if settle(p, advance(p)) then keep[#keep + 1] = p end
+      end
+    end
+  end
+  self._pending = keep
+  if interrupted then error(interrupted, 0) end
+end
+
+-- For a server's own poll loop (the manager's): the fds to watch for
+-- this listener and the time its next handshake expires (or nil).
+function C._listener_watch(self)
+  local fds, wake = {self._handle:fileno()}, nil
+  for i, p in ipairs(self._pending) do
+    fds[i + 1] = p.fd
+    if wake == nil or p.deadline < wake then wake = p.deadline end
+  end
+  return fds, wake
+end
+
+-- ... and the connections that finished their handshake by now (failed
+-- handshakes are dropped).  Never waits.
+function C._listener_take(self)
+  service(self, 0)
+  local done = self._done
+  self._done, self._failed = {}, {}
+  return done
+end
 
 local Listener = {}
 Listener.__index = function(self, k)
@@ -89,10 +237,12 @@ function C.Listener(opts, family, backlog, authkey)
     address = string.format("\0luamp-listener-%d-%d-%d", core.getpid(), anon,
                             math.random(0, 0x7fffffff))
   end
+  C._check_address(address, "Listener")
   local key = check_authkey(opts.authkey, 1, "Listener")
   local h = core.listen(address, opts.backlog)
   local self = setmetatable({_handle = h, _authkey = key,
-                             _timeout = opts.timeout}, Listener)
+                             _timeout = opts.timeout, _pending = {},
+                             _done = {}, _failed = {}}, Listener)
   self._address = h:address()
   return self
 end
@@ -100,18 +250,29 @@ end
 -- listener:accept([timeout]) -> Connection.  With an authkey the HMAC
 -- handshake runs first: AuthenticationError on a wrong key, TimeoutError
 -- when the client does not complete it in time; the listener stays
--- usable either way.
+-- usable either way, and other clients' handshakes go on meanwhile.
 function Listener:accept(timeout)
-  local conn = self._handle:accept(timeout)
-  local key = self._authkey
-  if key then
-    authenticate(conn, key, true, self._timeout or C.CONNECTION_TIMEOUT)
+  if timeout ~= nil and type(timeout) ~= "number" then
+    error("bad argument #1 to 'accept' (number expected, got " ..
+          type(timeout) .. ")", 2)
   end
-  return conn
+  local deadline = timeout and core.now() + math.max(timeout, 0)
+  local last
+  while true do
+    if #self._done > 0 then return table.remove(self._done, 1) end
+    if #self._failed > 0 then error(table.remove(self._failed, 1), 0) end
+    local left = deadline and math.max(deadline - core.now(), 0)
+    if last then core.raise("TimeoutError", "timed out") end
+    service(self, left)
+    last = left == 0
+  end
 end
 
 function Listener:close()
   rawset(self, "_closed", true)
+  for _, p in ipairs(self._pending) do p.conn:close() end
+  for _, c in ipairs(self._done) do c:close() end
+  self._pending, self._done, self._failed = {}, {}, {}
   self._handle:close()
 end
 function Listener:fileno() return self._handle:fileno() end
@@ -131,6 +292,7 @@ function C.Client(address, a2, a3, a4)
   else
     authkey, timeout = a2, a3
   end
+  C._check_address(address, "Client")
   local key = check_authkey(authkey, 2, "Client")
   local t = timeout or C.CONNECTION_TIMEOUT
   local conn = core.connect(address, t)

@@ -409,11 +409,19 @@ end
 -- ---- dispatch ------------------------------------------------------------------
 
 -- xpcall handler: error objects stay as they are; any other value is
--- kept (value) with its text and the server's traceback.
+-- kept (value) with its text and the server's traceback (the frames
+-- only: the message is not repeated in it).
 local function traceback(e)
   if is_error(e) then return e end
-  return {value = e, message = tostring(e),
-          traceback = debug.traceback(tostring(e), 2)}
+  local tb = debug.traceback("", 2):gsub("^\n", "")
+  return {value = e, message = tostring(e), traceback = tb}
+end
+
+-- What xpcall returned on failure, as traceback() makes it: Lua calls
+-- no handler for a memory error, which comes as its bare message.
+local function caught(r)
+  if is_error(r) or (type(r) == "table" and r.message ~= nil) then return r end
+  return {value = r, message = tostring(r)}
 end
 
 -- Runs one decoded request; returns status, value, extra (status nil when
@@ -432,6 +440,7 @@ function Server:run(C, msg)
     end
     local ok, r, err = xpcall(op, traceback, self, C, unpack(msg, 4, n))
     if not ok then
+      r = caught(r)
       if is_error(r) then return 1, r end
       return 2, r.message, r.traceback
     end
@@ -468,6 +477,7 @@ function Server:run(C, msg)
     if r == PARKED then return nil end
     return 0, r
   end
+  r = caught(r)
   if is_error(r) then return 1, r end
   -- a plain error value (a string from user code): as it was raised
   return 1, r.value
@@ -477,8 +487,26 @@ end
 -- (answered; the stream is still in step: the frame was read whole);
 -- false when the connection ended (C is dropped).  The connection
 -- decodes code (functions) only from an authenticated peer.
+--
+-- A client that did not authenticate (a manager without a key) is read
+-- without waiting: half a message and a pause must not hold the loop,
+-- and it may announce at most UNAUTH_MAX bytes.  INCOMPLETE then says
+-- that the rest has not arrived yet.
+local INCOMPLETE = {}
+local UNAUTH_MAX = 256 * 1024 * 1024
+S.UNAUTH_MAX = UNAUTH_MAX
+
 function Server:receive(C)
-  local ok, msg = pcall(C.conn.recv, C.conn)
+  local ok, msg, v
+  if C.trusted then
+    ok, msg = pcall(C.conn.recv, C.conn)
+  else
+    ok, msg, v = pcall(C.conn._recv_nowait, C.conn, UNAUTH_MAX)
+    if ok then
+      if not msg then return INCOMPLETE end
+      msg = v
+    end
+  end
   if ok then return msg end
   if is_error(msg, "DecodeError") then
     reply(C, -1, 2, "cannot decode the request: " .. tostring(msg.message))
@@ -564,12 +592,18 @@ function Server:drop(C, why)
   local _ = why
 end
 
+-- The clients whose handshake finished by now.  Handshakes run side by
+-- side with serving (the listener keeps them pending between calls), so
+-- a peer that connects and says nothing costs the others nothing; one
+-- that failed to log in is dropped.
 function Server:accept()
-  local ok, conn = pcall(self.listener.accept, self.listener, 0)
-  if not ok then return nil end  -- a client that went away or failed to log in
-  -- keyless: no code from the client, but the proxies it passes are made
-  if self.authkey == nil then core.set_trusted(conn, "peer") end
-  return self:add_client(conn, self.authkey ~= nil)
+  local out = {}
+  for _, conn in ipairs(connection._listener_take(self.listener)) do
+    -- keyless: no code from the client, but the proxies it passes are made
+    if self.authkey == nil then core.set_trusted(conn, "peer") end
+    out[#out + 1] = self:add_client(conn, self.authkey ~= nil)
+  end
+  return out
 end
 
 -- Serves up to BATCH messages of C; true when more are buffered.
@@ -579,7 +613,7 @@ function Server:serve(C)
   if self.drains ~= self.polled_at and not conn:poll() then return false end
   for _ = 1, BATCH do
     local msg = self:receive(C)
-    if msg == false then return false end
+    if msg == false or msg == INCOMPLETE then return false end
     if msg ~= nil then self:handle(C, msg) end
     if C.closed or not self.buffered(conn) then return false end
   end
@@ -618,7 +652,7 @@ function Server:drain(cur)
         local conn, got = C.conn, 0
         repeat
           local msg = self:receive(C)
-          if msg == false then break end
+          if msg == false or msg == INCOMPLETE then break end
           if msg ~= nil then self:handle(C, msg) end
           got = got + 1
         until C.closed or got > DRAIN_MSGS or not conn:poll()
@@ -647,17 +681,21 @@ function Server:serve_forever()
   -- the process that serves (the one that bound the server may fork a
   -- child to serve and stay a client; see rebuild in managers.lua)
   self.serving_pid = getpid()
-  local fds, list = {}, {}
-  local lfd = self.listener:fileno()
+  -- fds: the clients', then the listener's (its socket and the
+  -- handshakes in progress)
+  local fds, list, nc = {}, {}, 0
   local more = self.more
   local ok, err = pcall(function()
     while self.running do
-      if self.dirty then
-        fds, list = {lfd}, {}
+      local lfds, lwake = connection._listener_watch(self.listener)
+      if self.dirty or #lfds > 1 or #fds ~= nc + 1 then
+        fds, list = {}, {}
         for C in pairs(self.clients) do
           list[#list + 1] = C
           fds[#fds + 1] = C.fd
         end
+        nc = #list
+        for _, fd in ipairs(lfds) do fds[#fds + 1] = fd end
         self.dirty = false
       end
       local timeout = nil
@@ -665,6 +703,10 @@ function Server:serve_forever()
         timeout = 0
       elseif heap[1] then
         timeout = math.max(heap[1].t - now(), 0)
+      end
+      if lwake then
+        local t = math.max(lwake - now(), 0)
+        if timeout == nil or t < timeout then timeout = t end
       end
       if self.owner_pid then
         -- a started server ends with its owner, even one killed by
@@ -674,18 +716,22 @@ function Server:serve_forever()
       end
       local ready = core.wait_fds(fds, timeout)
       self.polled_at = self.drains
-      local served = {}
+      local served, listener = {}, lwake ~= nil and now() >= lwake
       for _, i in ipairs(ready) do
-        if i == 1 then
-          -- the handshake may have read the client's first request ahead
-          local C = self:accept()
-          if C and self.buffered(C.conn) then more[C] = true end
+        if i > nc then
+          listener = true
         else
-          local C = list[i - 1]
+          local C = list[i]
           served[C] = true
           if not C.closed then more[C] = self:serve(C) or nil end
         end
         if not self.running then break end
+      end
+      if listener and self.running then
+        for _, C in ipairs(self:accept()) do
+          -- the handshake may have read the client's first request ahead
+          if self.buffered(C.conn) then more[C] = true end
+        end
       end
       for C in pairs(more) do
         if not served[C] then
@@ -718,7 +764,7 @@ function S.new(opts)
   if srv and srv.running then
     error("this process already runs a manager server", 2)
   end
-  -- (a client has 5 s to log in; the loop waits for nobody else then)
+  -- (a client has 5 s to log in; the loop serves the others meanwhile)
   local listener = connection.Listener{address = opts.address,
                                        authkey = opts.authkey, timeout = 5}
   local self = setmetatable({

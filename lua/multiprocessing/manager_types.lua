@@ -637,11 +637,41 @@ end
 
 local Array = class("Array")
 
+-- The largest Array the server can hold: a slot costs 16 bytes in a Lua
+-- table, and a table's array holds fewer than 2^31.  A bigger one is
+-- refused at once (checked by the client before asking, and here): the
+-- server would otherwise fill memory slot by slot, serving no one, and
+-- fail without a usable message.
+local max_array
+function T.max_array_size()
+  if max_array == nil then
+    local total
+    local f = io.open("/proc/meminfo", "r")
+    if f then
+      local kb = f:read("a"):match("MemTotal:%s*(%d+)")
+      f:close()
+      total = kb and tonumber(kb) * 1024
+    end
+    max_array = math.min(total and total // 16 or 0x7fffffff, 0x7fffffff)
+  end
+  return max_array
+end
+
+-- Raises ValueError for a size the server cannot honour.
+function T.check_array_size(n, where)
+  local max = T.max_array_size()
+  if n > max then
+    raise("ValueError", string.format("%s: size %d is too large (at most " ..
+          "%d elements fit this machine's memory)", where, n, max))
+  end
+end
+
 function T.new_array(tc, init)
   check_typecode(tc)
   local a, n = {}, nil
   if type(init) == "number" then
     n = int_arg(init, "Array size", 0)
+    T.check_array_size(n, "Array")
     local zero = coerce(tc, tc == "c" and "\0" or 0)
     for i = 1, n do a[i] = zero end
   elseif type(init) == "table" and not K.rec_of(init) then
@@ -991,6 +1021,8 @@ function T.release_dead(obj, C, n)
       obj.owner, obj.count = nil, 0
       lock_handoff(obj)
     end
+  elseif mt == types.Barrier then
+    obj:_release_dead(C)
   elseif mt == Semaphore or mt == BoundedSemaphore then
     obj.value = obj.value + n
     if mt == BoundedSemaphore and obj.value > obj.initial then
@@ -1132,6 +1164,7 @@ end
 
 local function barrier_break(self)
   self.broken = true
+  self.acting = nil
   local waiting = self.waiting
   self.waiting, self.count = {}, 0
   for _, P in ipairs(waiting) do
@@ -1139,24 +1172,51 @@ local function barrier_break(self)
   end
 end
 
+local function barrier_release(self)
+  local waiting = self.waiting
+  self.waiting, self.count = {}, 0
+  for _, P in ipairs(waiting) do
+    if not P.done then K.resolve(P, P.index) end
+  end
+end
+
+-- The completing process ran the action: ok releases the round, a
+-- failure breaks the barrier.
+function Barrier:finish_action(C, ok)
+  if self.acting ~= C then error(broken_error(), 0) end
+  self.acting = nil
+  K.unhold(C, self, 1)
+  if not ok then
+    barrier_break(self)
+    return false
+  end
+  barrier_release(self)
+  return true
+end
+
+-- (T.release_dead: a process that died running the action)
+function Barrier:_release_dead(C)
+  if self.acting == C then barrier_break(self) end
+end
+
 function Barrier:wait(C, timeout)
   timeout = timeout_arg(timeout, 1)
   if timeout == nil then timeout = self.timeout end
   if self.broken then error(broken_error(), 0) end
+  if self.acting then error(broken_error(), 0) end
   local index = self.count + 1
   if index == self.parties then
     if self.action then
-      local ok, err = pcall(K.call, self.action)
-      if not ok then
-        barrier_break(self)
-        error(err, 0)
-      end
+      -- The action runs in the process whose wait completed the round
+      -- (as CPython runs it in one of the waiting threads): there the
+      -- proxies it captured are proxies, here they would be the bare
+      -- objects.  The others stay parked until that process reports
+      -- (finish_action); its death breaks the barrier.
+      self.acting = C
+      K.hold(C, self, 1)
+      return {"run action", self.action, index}
     end
-    local waiting = self.waiting
-    self.waiting, self.count = {}, 0
-    for _, P in ipairs(waiting) do
-      if not P.done then K.resolve(P, P.index) end
-    end
+    barrier_release(self)
     return index
   end
   self.count = index

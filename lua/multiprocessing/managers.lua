@@ -190,7 +190,11 @@ local function call(cl, msg)
         pcall(c.send, c, {0, 0, "cancel", seq})
         error(r, 0)
       end
-      if is_error(r, "DecodeError") then error(r, 0) end
+      -- (AuthenticationError: a client without a key met a keyed
+      -- server's challenge; the manager is not gone)
+      if is_error(r, "DecodeError") or is_error(r, "AuthenticationError") then
+        error(r, 0)
+      end
       out_of_step(cl, r)
       lost(cl, r)
     end
@@ -721,7 +725,18 @@ local CondM = scoped(common{
 define("Condition", "ConditionProxy", CondM, {__index = CondM})
 
 local BarrierM = common{
-  wait = sync_method("wait"),
+  -- the wait that completes a round with an action gets the action to
+  -- run here (see Barrier:wait in manager_types.lua)
+  wait = function(p, timeout)
+    local cl, id = cl_of(p), rawget(p, ID)
+    local r = call(cl, {0, id, "wait", timeout, n = 4})
+    if type(r) ~= "table" then return r end
+    local ok, err = pcall(r[2])
+    local fine = call(cl, {0, id, "finish_action", ok})
+    if not ok then error(err, 0) end
+    if not fine then raise("BrokenBarrierError", "the barrier is broken") end
+    return r[3]
+  end,
   reset = sync_method("reset"),
   abort = sync_method("abort"),
 }
@@ -799,8 +814,14 @@ local function new_instance(cls, opts)
     -- loaded the module), so every process of the tree can use the proxies
     -- without the key travelling
     authkey = core.tree_authkey
-  elseif authkey == false or authkey == "" then
+  elseif authkey == "" then
+    raise("ValueError", cls._class_name .. ": authkey must not be empty " ..
+          "(authkey = false turns authentication off)")
+  elseif authkey == false then
     authkey = nil    -- no authentication (functions are then refused)
+  end
+  if opts.address ~= nil then
+    connection._check_address(opts.address, cls._class_name)
   end
   local mt = instance_mts[cls]
   return setmetatable({address = opts.address, authkey = authkey, pid = nil,
@@ -1095,6 +1116,12 @@ local builtin = {
 
 local SyncManager = BaseManager:extend("SyncManager")
 for typeid, f in pairs(builtin) do SyncManager:register(typeid, f) end
+-- a size the server cannot honour is refused here, before asking
+rawset(SyncManager, "Array", function(m, tc, init)
+  local n = math.type(init) == "float" and math.tointeger(init) or init
+  if math.type(n) == "integer" then T().check_array_size(n, "Array") end
+  return m:_create("Array", tc, init)
+end)
 M.SyncManager = SyncManager
 
 -- mp.Manager([opts]) -> a started SyncManager
