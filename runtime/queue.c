@@ -640,6 +640,7 @@ static double block_timeout(lua_State *L, int i) {
 
 /* q:put(v [, block [, timeout]]) */
 static int q_put(lua_State *L) {
+  LUAMP_FENCE(L);
   struct luamp_obj *o;
   double d;
   lua_settop(L, 4);
@@ -650,6 +651,7 @@ static int q_put(lua_State *L) {
 }
 
 static int q_put_nowait(lua_State *L) {
+  LUAMP_FENCE(L);
   struct luamp_obj *o = checkqueue(L, 1);
   lua_settop(L, 2);
   queue_put(L, o, 2, -1, 0, 0, 0);
@@ -679,6 +681,7 @@ static int sq_get(lua_State *L) {
 }
 
 static int sq_put(lua_State *L) {
+  LUAMP_FENCE(L);
   struct luamp_obj *o = checkqueue(L, 1);
   lua_settop(L, 2);
   queue_put(L, o, 2, -1, 0, 1, -1.0);
@@ -690,6 +693,7 @@ static int sq_put(lua_State *L) {
  * slot (0-based) in the same step; q:_taken(slot) -> tag or nil;
  * q:_clear(slot). */
 static int q_put_tagged(lua_State *L) {
+  LUAMP_FENCE(L);
   lua_Integer tag = luaL_checkinteger(L, 3);
   double d;
   lua_settop(L, 5);
@@ -703,6 +707,7 @@ static int q_put_tagged(lua_State *L) {
 /* q:_put_task(tag, v1, ..., vn): puts {v1, ..., vn} tagged, waiting for
  * room as long as it takes (the Pool's task records, with no table made). */
 static int q_put_task(lua_State *L) {
+  LUAMP_FENCE(L);
   lua_Integer tag = luaL_checkinteger(L, 2);
   struct luamp_obj *o = checkqueue(L, 1);
   luaL_argcheck(L, tag >= 0, 2, "tag must be >= 0");
@@ -811,6 +816,7 @@ static int q_cancel_join_thread(lua_State *L) {
 }
 
 static int jq_task_done(lua_State *L) {
+  LUAMP_FENCE(L);
   struct queue q = qget(checkqueue(L, 1));
   struct qhdr *h = q.h;
   int zero;
