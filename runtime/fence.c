@@ -23,8 +23,9 @@
  * none of its parent's writes; managers.lua forgets them too).  A flush
  * never runs inside another (the flush itself talks to the managers over
  * connections marked as theirs, which are not sync points, but finalizers
- * may run anything).  In a program with several Lua states, a state that
- * has no fence function leaves the flag to the state that set it.
+ * may run anything).  In a program with several Lua states the flag
+ * counts the states with writes waiting; a sync point runs its own
+ * state's flush, which leaves the others' counts alone.
  */
 #include <pthread.h>
 
@@ -88,9 +89,12 @@ static int l_set_write_fence(lua_State *L) {
   return 0;
 }
 
-/* core._writes_pending(bool): managers.lua says whether writes wait */
+/* core._writes_pending(bool): managers.lua says that its state now has
+ * (true) or no longer has (false) writes waiting, on each change only.
+ * The flag counts the states that have (a host may run several). */
 static int l_writes_pending(lua_State *L) {
-  luamp_pending_writes = lua_toboolean(L, 1);
+  if (lua_toboolean(L, 1)) luamp_pending_writes++;
+  else if (luamp_pending_writes > 0) luamp_pending_writes--;
   return 0;
 }
 

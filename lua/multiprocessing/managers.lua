@@ -49,7 +49,7 @@ local core = require "multiprocessing.core"
 local connection = require "multiprocessing.connection"
 
 local raise, getpid, now = core.raise, core.getpid, core.now
-local set_pending, set_nofence = core._writes_pending, core._set_nofence
+local writes_pending, set_nofence = core._writes_pending, core._set_nofence
 local is_error, new_error = core.is_error, core.new_error
 local unpack, select, type = table.unpack, select, type
 local rawget, setmetatable, getmetatable = rawget, setmetatable, getmetatable
@@ -104,10 +104,20 @@ end
 -- last answer: not known to be applied yet.  A forked child starts with
 -- none (it sent none of them; fence.c clears the C flag in the child).
 local dirty, n_dirty, dirty_pid = {}, 0, nil
+local pending = false   -- what this state told fence.c (changes only)
+
+local function set_pending(on)
+  if on ~= pending then
+    pending = on
+    writes_pending(on)
+  end
+end
 
 local function mark_dirty(cl)
   local pid = getpid()
-  if dirty_pid ~= pid then dirty, n_dirty, dirty_pid = {}, 0, pid end
+  if dirty_pid ~= pid then
+    dirty, n_dirty, dirty_pid, pending = {}, 0, pid, false
+  end
   cl.dirty = true
   if not dirty[cl] then
     dirty[cl] = true
@@ -261,7 +271,7 @@ end
 local function flush(except)
   local pid = getpid()
   if dirty_pid ~= pid then
-    dirty, n_dirty, dirty_pid = {}, 0, pid
+    dirty, n_dirty, dirty_pid, pending = {}, 0, pid, false
   end
   local err, list = nil, {}
   for cl in pairs(dirty) do list[#list + 1] = cl end
