@@ -70,6 +70,8 @@ struct conn {
   unsigned peer : 1;      /* untrusted, a keyless manager's: its proxies made */
   unsigned rbroken : 1;   /* a message was cut off mid-read */
   unsigned wbroken : 1;   /* a message was cut off mid-write */
+  unsigned nofence : 1;   /* a manager client's own: sends are not sync
+                             points (fence.c) */
   char *ra;               /* read-ahead buffer (RA_SIZE bytes) */
   size_t rpos, rend;      /* its unread bytes: ra[rpos..rend) */
   pid_t rpid;             /* the process that read them (see ra_check) */
@@ -591,6 +593,7 @@ static void check_foreign(lua_State *L, const char *p, size_t n) {
  * unencodable value raises EncodeError before anything is written. */
 static int conn_send(lua_State *L) {
   struct conn *c = check_writable(L, 1);
+  if (luamp_pending_writes && !c->nofence) luamp_flush_writes(L);
   size_t n, hlen;
   char *p;
   luaL_checkany(L, 2);
@@ -671,6 +674,7 @@ static int conn_recv_small(lua_State *L) {
  * the start of s (0-based, as Python's), size defaults to the rest. */
 static int conn_send_bytes(lua_State *L) {
   struct conn *c = check_writable(L, 1);
+  if (luamp_pending_writes && !c->nofence) luamp_flush_writes(L);
   size_t len;
   const char *s = luaL_checklstring(L, 2, &len);
   lua_Integer off = luaL_optinteger(L, 3, 0), size;
@@ -1064,6 +1068,13 @@ static int l_set_trusted(lua_State *L) {
   return 0;
 }
 
+/* core._set_nofence(conn): the connection is a manager client's own;
+ * its sends do not wait for pending manager writes (they are those). */
+static int l_set_nofence(lua_State *L) {
+  check_conn(L, 1)->nofence = 1;
+  return 0;
+}
+
 /* ---- addresses -------------------------------------------------------- */
 
 /* A string is a Unix socket path (a leading "\0" for Linux's abstract
@@ -1386,6 +1397,7 @@ int luamp_open_conn(lua_State *L) {
     {"hs_challenge", l_hs_challenge},
     {"hs_verify", l_hs_verify},
     {"hs_answer", l_hs_answer},
+    {"_set_nofence", l_set_nofence},
     {"wait_fds", l_wait_fds},
     {NULL, NULL}
   };

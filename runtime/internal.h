@@ -353,6 +353,26 @@ int luamp_lockable_decode(lua_State *L, const char *p, size_t n,
 extern const luaL_Reg luamp_scoped_methods[];
 int luamp_open_sync(lua_State *L);
 
+/* ---- fence.c: manager writes applied before a sync point ------------- */
+
+/* Nonzero while this process has manager writes not yet known to be
+ * applied (set by managers.lua).  Every sync point (lock release or wait,
+ * event set, barrier wait, queue put, pipe send, spawn, child exit)
+ * starts with LUAMP_FENCE(L), or returns LUAMP_FENCE_RELEASE(L, itself)
+ * when it releases something, so that a failed flush never leaves a lock
+ * held: the release runs, then the flush's error is raised. */
+extern int luamp_pending_writes;
+void luamp_flush_writes(lua_State *L);       /* raises the flush's error */
+int luamp_flush_writes_p(lua_State *L);      /* 1: failed, error pushed */
+int luamp_flush_then_release(lua_State *L, lua_CFunction release);
+#define LUAMP_FENCE(L) \
+  do { if (luamp_pending_writes) luamp_flush_writes(L); } while (0)
+#define LUAMP_FENCE_RELEASE(L, fn) \
+  do { \
+    if (luamp_pending_writes) return luamp_flush_then_release(L, fn); \
+  } while (0)
+int luamp_open_fence(lua_State *L);
+
 /* ---- queue.c: Queue, SimpleQueue, JoinableQueue ------------------------ */
 
 /* put/get as the methods do (raising Full/Empty/EncodeError...); tag is

@@ -596,6 +596,12 @@ LUAMP_NORETURN static void child_main(lua_State *L, int fn, int arg) {
     const char *msg = lua_tostring(L, -1);
     fprintf(stderr, "%s\n", msg ? msg : "(error object is not a string)");
   }
+  /* leaving is a sync point: the manager writes it made are applied */
+  if (luamp_pending_writes && luamp_flush_writes_p(L)) {
+    fprintf(stderr, "manager writes of this process may be lost: %s\n",
+            luaL_tolstring(L, -1, NULL));
+    if (code == 0) code = 1;
+  }
   luamp_child_exit(code);
 }
 
@@ -607,6 +613,7 @@ LUAMP_NORETURN static void child_main(lua_State *L, int fn, int arg) {
  * blocked on their queue).  A child made with started (and its forks)
  * gets true from its first core.take_started(). */
 static int l_spawn(lua_State *L) {
+  LUAMP_FENCE(L);
   struct childbox *b;
   struct child *c;
   int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);

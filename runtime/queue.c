@@ -673,6 +673,7 @@ static double block_timeout(lua_State *L, int i) {
 
 /* q:put(v [, block [, timeout]]) */
 static int q_put(lua_State *L) {
+  LUAMP_FENCE(L);
   struct luamp_obj *o;
   double d;
   lua_settop(L, 4);
@@ -684,6 +685,7 @@ static int q_put(lua_State *L) {
 
 static int q_put_nowait(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1, full_queue);
+  LUAMP_FENCE(L);
   lua_settop(L, 2);
   queue_put(L, o, 2, -1, 0, 0, 0);
   return 0;
@@ -713,6 +715,7 @@ static int sq_get(lua_State *L) {
 
 static int sq_put(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1, simple_only);
+  LUAMP_FENCE(L);
   lua_settop(L, 2);
   queue_put(L, o, 2, -1, 0, 1, -1.0);
   return 0;
@@ -723,6 +726,7 @@ static int sq_put(lua_State *L) {
  * slot (0-based) in the same step; q:_taken(slot) -> tag or nil;
  * q:_clear(slot). */
 static int q_put_tagged(lua_State *L) {
+  LUAMP_FENCE(L);
   lua_Integer tag = luaL_checkinteger(L, 3);
   double d;
   lua_settop(L, 5);
@@ -736,6 +740,7 @@ static int q_put_tagged(lua_State *L) {
 /* q:_put_task(tag, v1, ..., vn): puts {v1, ..., vn} tagged, waiting for
  * room as long as it takes (the Pool's task records, with no table made). */
 static int q_put_task(lua_State *L) {
+  LUAMP_FENCE(L);
   lua_Integer tag = luaL_checkinteger(L, 2);
   struct luamp_obj *o = checkqueue(L, 1, full_queue);
   luaL_argcheck(L, tag >= 0, 2, "tag must be >= 0");
@@ -844,6 +849,7 @@ static int q_cancel_join_thread(lua_State *L) {
 
 static int jq_task_done(lua_State *L) {
   struct queue q = qget(checkqueue(L, 1, joinable_only));
+  LUAMP_FENCE(L);
   struct qhdr *h = q.h;
   int zero;
   qlock(L, h);

@@ -203,6 +203,7 @@ static int l_Lock(lua_State *L) { return new_lock(L, 0); }
 static int l_RLock(lua_State *L) { return new_lock(L, 1); }
 
 static int lock_acquire(lua_State *L) {
+  LUAMP_FENCE(L);
   struct luamp_lock *l = selflock(L);
   double deadline = lua_gettop(L) == 1 ? -1.0 : block_timeout_args(L, 2);
   lua_pushboolean(L, luamp_lock_acquire(L, l, deadline != -2.0,
@@ -211,12 +212,14 @@ static int lock_acquire(lua_State *L) {
 }
 
 static int lock_release(lua_State *L) {
+  LUAMP_FENCE_RELEASE(L, lock_release);
   luamp_lock_release(L, selflock(L));
   return 0;
 }
 
 /* with()/guard(): acquire without timeout, raising on Ctrl-C */
 static int lock_enter(lua_State *L) {
+  LUAMP_FENCE(L);
   luamp_lock_acquire(L, selflock(L), 1, -1.0);
   return 0;
 }
@@ -435,6 +438,7 @@ static int l_Semaphore(lua_State *L) { return new_sem(L, 0); }
 static int l_BoundedSemaphore(lua_State *L) { return new_sem(L, 1); }
 
 static int sem_acquire_m(lua_State *L) {
+  LUAMP_FENCE(L);
   struct ssem *s = checksem(L, 1);
   double deadline = block_timeout_args(L, 2);
   lua_pushboolean(L, sem_acquire(L, s, deadline != -2.0,
@@ -443,6 +447,7 @@ static int sem_acquire_m(lua_State *L) {
 }
 
 static int sem_release_m(lua_State *L) {
+  LUAMP_FENCE_RELEASE(L, sem_release_m);
   struct ssem *s = checksem(L, 1);
   if (!sem_post(s, 1))
     luamp_raise(L, "ValueError", "semaphore or lock released too many times");
@@ -450,6 +455,7 @@ static int sem_release_m(lua_State *L) {
 }
 
 static int sem_enter(lua_State *L) {
+  LUAMP_FENCE(L);
   struct ssem *s = checksem(L, 1);
   sem_acquire(L, s, 1, -1.0);
   sem_track(L, s, 1);
@@ -457,6 +463,7 @@ static int sem_enter(lua_State *L) {
 }
 
 static int sem_exit(lua_State *L) {
+  LUAMP_FENCE_RELEASE(L, sem_exit);
   struct ssem *s = checksem(L, 1);
   /* forget before giving back: dying in between loses a unit rather than
    * handing out one too many */
@@ -505,6 +512,7 @@ static int l_Event(lua_State *L) {
 }
 
 static int event_set(lua_State *L) {
+  LUAMP_FENCE(L);
   struct sevent *e = checkevent(L, 1);
   if (atomic_exchange(&e->flag, 1) == 0 && atomic_load(&e->waiters) > 0)
     luamp_futex_wake(&e->flag, 0x7fffffff);
@@ -522,6 +530,7 @@ static int event_is_set(lua_State *L) {
 }
 
 static int event_wait(lua_State *L) {
+  LUAMP_FENCE(L);
   struct sevent *e = checkevent(L, 1);
   double deadline = luamp_deadline_arg(L, 2);
   int r = LUAMP_WAIT_AGAIN;
@@ -619,6 +628,7 @@ static int l_Condition(lua_State *L) {
 }
 
 static int cond_acquire(lua_State *L) {
+  LUAMP_FENCE(L);
   struct luamp_lock *l;
   double deadline;
   checkcond_obj(L, 1);
@@ -630,12 +640,14 @@ static int cond_acquire(lua_State *L) {
 }
 
 static int cond_release(lua_State *L) {
+  LUAMP_FENCE_RELEASE(L, cond_release);
   checkcond_obj(L, 1);
   luamp_lock_release(L, cond_lock(L, 1));
   return 0;
 }
 
 static int cond_enter(lua_State *L) {
+  LUAMP_FENCE(L);
   checkcond_obj(L, 1);
   luamp_lock_acquire(L, cond_lock(L, 1), 1, -1.0);
   return 0;
@@ -695,6 +707,7 @@ static lua_Integer cond_mark(struct scond *c, lua_Integer n) {
 }
 
 static int cond_wait(lua_State *L) {
+  LUAMP_FENCE(L);
   struct scond *c = (struct scond *)checkcond_obj(L, 1)->p;
   double deadline = luamp_deadline_arg(L, 2);
   struct luamp_lock *l = cond_lock(L, 1);
@@ -901,6 +914,7 @@ static void barrier_leave(struct sbarrier *b, uint32_t entry) {
 }
 
 static int barrier_wait(lua_State *L) {
+  LUAMP_FENCE(L);
   struct sbarrier *b = (struct sbarrier *)checkbarrier(L, 1)->p;
   double deadline;
   uint32_t index, entry = 0, snap;

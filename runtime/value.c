@@ -364,6 +364,7 @@ static struct luamp_lock *v_lock(lua_State *L) {
 }
 
 static int v_acquire(lua_State *L) {
+  LUAMP_FENCE(L);
   struct luamp_lock *l = v_lock(L);
   int block = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
   double deadline = block ? luamp_deadline_arg(L, 3) : 0;
@@ -372,11 +373,13 @@ static int v_acquire(lua_State *L) {
 }
 
 static int v_enter(lua_State *L) {
+  LUAMP_FENCE(L);
   luamp_lock_acquire(L, v_lock(L), 1, -1.0);
   return 0;
 }
 
 static int v_release(lua_State *L) {
+  LUAMP_FENCE_RELEASE(L, v_release);
   luamp_lock_release(L, v_lock(L));
   return 0;
 }

@@ -261,6 +261,15 @@ add("manager.dict_set", "ops/s", manager_work(function(m) return m:dict() end,
     for i = 1, n do d[i] = i end
     d:sync()
   end))
+-- the same writes each inside an mp.Lock: the release waits until the
+-- write is applied (a round trip each, as CPython's writes)
+add("manager.dict_set_locked", "ops/s", manager_work(function(m)
+    return {m:dict(), mp.Lock()}
+  end, function(o, n)
+    local d, lock = o[1], o[2]
+    local function set(i) d[i] = i end
+    for i = 1, n do lock:with(set, i) end
+  end))
 add("manager.dict_get", "ops/s", manager_work(function(m)
     local d = m:dict()
     for i = 1, 100 do d[i] = i end

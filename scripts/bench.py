@@ -207,6 +207,17 @@ def _dict_set(d, n):
         d[i] = i
 
 
+def _dict_set_locked_setup(m):
+    return (m.dict(), mp.Lock())
+
+
+def _dict_set_locked(obj, n):
+    d, lock = obj
+    for i in range(1, n + 1):
+        with lock:
+            d[i] = i
+
+
 def _dict_get_setup(m):
     d = m.dict()
     for i in range(1, 101):
@@ -236,6 +247,8 @@ def _incr(obj, n):
 
 
 W.append(("manager.dict_set", "ops/s", _manager_work(lambda m: m.dict(), _dict_set)))
+W.append(("manager.dict_set_locked", "ops/s",
+          _manager_work(_dict_set_locked_setup, _dict_set_locked)))
 W.append(("manager.dict_get", "ops/s", _manager_work(_dict_get_setup, _dict_get)))
 W.append(("manager.list_append", "ops/s", _manager_work(lambda m: m.list(), _list_append)))
 W.append(("manager.apply_2procs", "ops/s", _manager_work(_incr_setup, _incr, 2)))

@@ -126,6 +126,8 @@ rows[#rows + 1] = {"codec record encode, identity tracking off",
 -- set + release.
 rows[#rows + 1] = {"manager dict set (child, 2e4)", "luamp:manager.dict_set",
   {"CPython", "py:manager.dict_set"}, target = {1, 3}}
+rows[#rows + 1] = {"manager dict set inside an mp.Lock (child, 2e4)",
+  "luamp:manager.dict_set_locked", {"CPython", "py:manager.dict_set_locked"}}
 rows[#rows + 1] = {"manager dict get (round trips)", "luamp:manager.dict_get",
   {"CPython", "py:manager.dict_get"}, {"C pipe", "c:c.pipe_pingpong"}}
 rows[#rows + 1] = {"manager list append (child)", "luamp:manager.list_append",

@@ -1202,3 +1202,202 @@ describe("Manager against hostile peers and impossible requests (issue 13)", fun
     assert.is_true(b2.broken)
   end)
 end)
+
+describe("Manager writes before a sync point", function()
+  -- Writes are pipelined, but every synchronisation point of a process
+  -- waits until its writes are applied (runtime/fence.c): the process
+  -- told of it by that sync point reads them.  Without that, a read could
+  -- reach the server before the write it was told of.  Other processes
+  -- keep the manager busy with requests meanwhile (the server's own
+  -- catching up with every client before a request misses the requests
+  -- it serves while doing so: how stale reads used to slip through).
+  local m
+  setup(function() m = mp.Manager() end)
+  teardown(function() m:shutdown() end)
+
+  local function with_traffic(n, fn)
+    local stop, bg, ps = mp.Event(), m:dict(), {}
+    for i = 1, n do
+      ps[i] = mp.Process{target = function()
+        local j = 0
+        while not stop:is_set() do
+          j = j + 1
+          bg[i] = j
+          local _ = bg[i]
+        end
+      end}
+      ps[i]:start()
+    end
+    local ok, err = pcall(fn)
+    stop:set()
+    for i = 1, n do ps[i]:join() end
+    if not ok then error(err, 0) end
+  end
+
+  local function join_all(ps)
+    for _, p in ipairs(ps) do
+      p:join()
+      assert.equal(0, p.exitcode)
+    end
+  end
+
+  it("8 processes x 400 increments under an mp.Lock end at 3200", function()
+    local d, lock, N = m:dict{a = 0}, mp.Lock(), 400
+    local ps = {}
+    for i = 1, 8 do
+      ps[i] = mp.Process{target = function()
+        for j = 1, N do
+          lock:with(function() d.a = d.a + 1 end)
+          d["k" .. i] = j           -- other manager traffic
+          local _ = d["k" .. i]
+        end
+      end}
+      ps[i]:start()
+    end
+    join_all(ps)
+    assert.equal(8 * N, d.a)
+  end)
+
+  -- P processes take R turns each: a turn waits with take(i), reads d.n,
+  -- writes d.n + 1 and hands the turn on with hand(next), the sync point
+  -- under test.  Every turn must see the write of the turn before it.
+  local function turns(make, P, R)
+    P, R = P or 3, R or 150
+    local d = m:dict{n = 0}
+    local take, hand = make(P)
+    with_traffic(2, function()
+      local ps = {}
+      for i = 1, P do
+        ps[i] = mp.Process{target = function()
+          for _ = 1, R do
+            take(i)
+            d.n = d.n + 1
+            hand(i % P + 1)
+          end
+        end}
+        ps[i]:start()
+      end
+      hand(1)
+      join_all(ps)
+    end)
+    assert.equal(P * R, d.n)
+  end
+
+  it("event set: the waiter reads the write", function()
+    turns(function(P)
+      local ev = {}
+      for i = 1, P do ev[i] = mp.Event() end
+      return function(i) ev[i]:wait(); ev[i]:clear() end,
+             function(j) ev[j]:set() end
+    end)
+  end)
+
+  it("queue put: the consumer reads the write", function()
+    turns(function(P)
+      local q = {}
+      for i = 1, P do q[i] = mp.Queue() end
+      return function(i) q[i]:get() end, function(j) q[j]:put(true) end
+    end)
+  end)
+
+  it("pipe send: the receiver reads the write", function()
+    turns(function(P)
+      local r, w = {}, {}
+      for i = 1, P do r[i], w[i] = mp.Pipe(false) end
+      return function(i) r[i]:recv() end, function(j) w[j]:send(true) end
+    end)
+  end)
+
+  it("Semaphore release: the acquirer reads the write", function()
+    turns(function(P)
+      local s = {}
+      for i = 1, P do s[i] = mp.Semaphore(0) end
+      return function(i) s[i]:acquire() end, function(j) s[j]:release() end
+    end)
+  end)
+
+  it("a managed Lock's release orders the writes made through another manager", function()
+    local m2 <close> = mp.Manager()
+    local d, lock, N = m:dict{a = 0}, m2:Lock(), 150
+    with_traffic(2, function()
+      local ps = {}
+      for i = 1, 3 do
+        ps[i] = mp.Process{target = function()
+          for _ = 1, N do lock:with(function() d.a = d.a + 1 end) end
+        end}
+        ps[i]:start()
+      end
+      join_all(ps)
+    end)
+    assert.equal(3 * N, d.a)
+  end)
+
+  it("Barrier wait: the other parties read the write", function()
+    local d, P, R = m:dict{n = 0}, 3, 150
+    local b, stale = mp.Barrier(P, nil, 60), m:list()
+    with_traffic(2, function()
+      local ps = {}
+      for i = 1, P do
+        ps[i] = mp.Process{target = function()
+          for r = 1, R do
+            -- one party writes per round; all read after the barrier
+            if r % P == i - 1 then d.n = d.n + 1 end
+            b:wait()
+            local n = d.n
+            if n ~= r then stale:append(n) end
+            b:wait()
+          end
+        end}
+        ps[i]:start()
+      end
+      join_all(ps)
+    end)
+    assert.same({}, stale:copy())
+    assert.equal(R, d.n)
+  end)
+
+  it("process exit: the parent's join, then the write is there", function()
+    local d, K, stale = m:dict{n = 0}, 100, {}
+    with_traffic(2, function()
+      for k = 1, K do
+        local p = mp.Process{target = function() d.n = k end}
+        p:start()
+        p:join()
+        assert.equal(0, p.exitcode)
+        local n = d.n
+        if n ~= k then stale[#stale + 1] = n end
+      end
+    end)
+    assert.same({}, stale)
+  end)
+
+  it("a write the server refused is raised by the next sync point", function()
+    local l, q, lock = m:list{1, 2, 3}, mp.Queue(), mp.Lock()
+    l[10] = 1                         -- fails in the server, later
+    local e = err_of(q.put, q, "x")
+    assert.equal("ValueError", e.kind)
+    assert.matches("pipelined set", e.message)
+    assert.is_true(q:empty())         -- raised before the put
+    lock:acquire()
+    l[10] = 1
+    e = err_of(lock.release, lock)
+    assert.equal("ValueError", e.kind)
+    assert.is_false(lock:locked())    -- raised after the release
+    assert.same({1, 2, 3}, l:copy())  -- and reported once
+  end)
+
+  it("a release still happens when the manager died; its error follows", function()
+    local m2 = mp.Manager()
+    local d2, lock = m2:dict(), mp.Lock()
+    lock:acquire()
+    d2.x = 1                          -- pending
+    m2._process:kill()
+    m2._process:join()
+    local e = err_of(lock.release, lock)
+    assert.equal("EOFError", e.kind)
+    assert.is_false(lock:locked())    -- released all the same
+    lock:acquire()                    -- and usable
+    lock:release()
+    m2:shutdown()
+  end)
+end)

@@ -541,7 +541,11 @@ function Server:handle1(C, msg)
       "; %d later write%s discarded", dropped, dropped == 1 and " was" or
       "s were") or ""))
   end
-  if seq ~= 0 and not self.draining and self.nclients > 1 then self:drain(C) end
+  -- (a ping, the write fence of managers.lua, reads nothing of others')
+  if seq ~= 0 and not self.draining and self.nclients > 1 and
+     not (msg[2] == 0 and msg[3] == "ping") then
+    self:drain(C)
+  end
   local status, v, extra = self:run(C, msg)
   if status == nil then return end
   if seq == 0 then

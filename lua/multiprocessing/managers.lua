@@ -25,6 +25,21 @@
 -- failed one are discarded.  Errors the caller can see at once
 -- (unencodable values, bad key types) are raised by the write itself.
 --
+-- Release semantics.  Pipelining must not let another process read an
+-- old value after this one told it, by some other means, that it wrote a
+-- new one: the server serves connections in no fixed order.  So every
+-- synchronisation point of this process first waits until its writes are
+-- applied: lock, semaphore and condition acquire/release/wait, event
+-- set/wait, barrier wait, queue put, pipe send, spawn and a child's exit
+-- (runtime/fence.c calls the flush below when core._writes_pending says
+-- there are writes), and every call of this file that waits for an
+-- answer (it flushes the other managers' writes first; its own are
+-- ordered before it on the connection).  The flush pings each client
+-- with writes since its last answer ("dirty"); a flush that fails raises
+-- its error after the release at a release, before the operation
+-- elsewhere.  The clients' own connections are marked (core._set_nofence)
+-- so their sends, which carry the writes, are not sync points.
+--
 -- Lifetime.  The server keeps an object while some process holds a
 -- proxy of it (counted per process: a proxy collected here sends a
 -- release with the next message), while a proxy of it is in transit
@@ -34,6 +49,7 @@ local core = require "multiprocessing.core"
 local connection = require "multiprocessing.connection"
 
 local raise, getpid, now = core.raise, core.getpid, core.now
+local writes_pending, set_nofence = core._writes_pending, core._set_nofence
 local is_error, new_error = core.is_error, core.new_error
 local unpack, select, type = table.unpack, select, type
 local rawget, setmetatable, getmetatable = rawget, setmetatable, getmetatable
@@ -82,10 +98,49 @@ local function client_for(uid, address, authkey)
   return cl
 end
 
+-- ---- the write fence (runtime/fence.c) -------------------------------------
+
+-- The clients of this process (dirty_pid) with writes sent since their
+-- last answer: not known to be applied yet.  A forked child starts with
+-- none (it sent none of them; fence.c clears the C flag in the child).
+local dirty, n_dirty, dirty_pid = {}, 0, nil
+local pending = false   -- what this state told fence.c (changes only)
+
+local function set_pending(on)
+  if on ~= pending then
+    pending = on
+    writes_pending(on)
+  end
+end
+
+local function mark_dirty(cl)
+  local pid = getpid()
+  if dirty_pid ~= pid then
+    dirty, n_dirty, dirty_pid, pending = {}, 0, pid, false
+  end
+  cl.dirty = true
+  if not dirty[cl] then
+    dirty[cl] = true
+    n_dirty = n_dirty + 1
+    if n_dirty == 1 then set_pending(true) end
+  end
+end
+
+-- cl's writes are applied (an answer came after them) or lost with it.
+local function clean(cl)
+  cl.dirty = false
+  if dirty[cl] and dirty_pid == getpid() then
+    dirty[cl] = nil
+    n_dirty = n_dirty - 1
+    if n_dirty == 0 then set_pending(false) end
+  end
+end
+
 -- The manager is gone: every later call fails at once with this.
 local function lost(cl, err)
   if cl.conn then pcall(cl.conn.close, cl.conn) end
   cl.conn = nil
+  if cl.dirty then clean(cl) end
   if not cl.dead then
     local why = is_error(err) and err.message or tostring(err)
     cl.dead = string.format("the manager at %s is gone (it shut down or " ..
@@ -118,6 +173,7 @@ local function ready(cl)
     -- inherited through fork: that connection is the parent's
     if cl.conn then pcall(cl.conn.close, cl.conn) end
     cl.conn, cl.pid, cl.seq, cl.to_release, cl.flush = nil, getpid(), 0, {}, false
+    cl.dirty = false
   end
   local c = cl.conn
   if c == nil then
@@ -155,6 +211,7 @@ local function post(cl, msg)
   if c == nil or cl.flush or cl.pid ~= getpid() then c = ready(cl) end
   local ok, err = pcall(c.send, c, msg)
   if not ok then send_failed(cl, err) end
+  if not cl.dirty then mark_dirty(cl) end
 end
 
 local function raise_reply(r)
@@ -172,8 +229,9 @@ local function raise_reply(r)
 end
 
 -- A request: sent, then its answer awaited.  Answers to requests an
--- interrupt abandoned (older seq) are skipped.
-local function call(cl, msg)
+-- interrupt abandoned (older seq) are skipped.  An answer means every
+-- write sent before the request is applied.
+local function rawcall(cl, msg)
   local c = cl.conn
   if c == nil or cl.flush or cl.pid ~= getpid() then c = ready(cl) end
   local seq = cl.seq + 1
@@ -200,12 +258,49 @@ local function call(cl, msg)
     end
     local rs = r[1]
     if rs == seq then
+      if cl.dirty then clean(cl) end
       if r[2] == 0 then return r[3] end
       raise_reply(r)
     elseif rs == -1 then
+      if cl.dirty then clean(cl) end
       raise_reply(r)
     end
   end
+end
+
+-- The fence: waits until the writes of every dirty client but except are
+-- applied (one ping each).  An error (a dead manager, a write the server
+-- refused) is raised once, after the other clients are done; Ctrl-C at
+-- once (that client stays dirty).
+local function flush(except)
+  local pid = getpid()
+  if dirty_pid ~= pid then
+    dirty, n_dirty, dirty_pid, pending = {}, 0, pid, false
+  end
+  local err, list = nil, {}
+  for cl in pairs(dirty) do list[#list + 1] = cl end
+  for _, cl in ipairs(list) do
+    if cl ~= except then
+      local ok, e = true, nil
+      if cl.dirty then ok, e = pcall(rawcall, cl, {0, 0, "ping"}) end
+      if not ok and is_interrupt(e) then
+        set_pending(true)
+        error(e, 0)
+      end
+      clean(cl)
+      if not ok then err = err or e end
+    end
+  end
+  set_pending(n_dirty > 0)
+  if err then error(err, 0) end
+end
+core._set_write_fence(function() flush(nil) end)
+
+-- A request of the program is a sync point too: the writes made through
+-- other managers are applied first (this one's are ordered before it).
+local function call(cl, msg)
+  if n_dirty > (cl.dirty and 1 or 0) then flush(cl) end
+  return rawcall(cl, msg)
 end
 
 -- Connects and says hello: the server adopts what this process already
@@ -219,10 +314,11 @@ function hello(cl)
   end
   -- a keyless manager's replies are untrusted (no code) but hold proxies
   if cl.authkey == nil then core.set_trusted(c, "peer") end
+  set_nofence(c)   -- (its sends carry the writes the fence waits for)
   cl.conn, cl.pid = c, getpid()
   local ids = {}
   for id in pairs(cl.live) do ids[#ids + 1] = id end
-  local info = call(cl, {0, 0, "hello", getpid(), ids})
+  local info = rawcall(cl, {0, 0, "hello", getpid(), ids})
   if cl.uid and info.uid ~= cl.uid then
     lost(cl, "a different manager now serves that address")
   end
@@ -676,9 +772,19 @@ local function acquire_method(p, block, timeout)
   return call(cl_of(p), {0, rawget(p, ID), "acquire", block, timeout, n = 5})
 end
 
+-- As the C locks' (fence.c): a failed fence never leaves the lock held;
+-- the release goes first, then the fence's error.
+local function release_method(p, ...)
+  local cl = cl_of(p)
+  local ok, err = true, nil
+  if n_dirty > (cl.dirty and 1 or 0) then ok, err = pcall(flush, cl) end
+  rawcall(cl, req(rawget(p, ID), "release", ...))
+  if not ok then error(err, 0) end
+end
+
 local LockM = scoped(common{
   acquire = acquire_method,
-  release = sync_method("release"),
+  release = release_method,
   locked = sync_method("locked"),
 })
 define("Lock", "LockProxy", LockM, {__index = LockM})
@@ -686,7 +792,7 @@ define("RLock", "RLockProxy", LockM, {__index = LockM})
 
 local SemM = scoped(common{
   acquire = acquire_method,
-  release = sync_method("release"),
+  release = release_method,
   get_value = sync_method("get_value"),
 })
 define("Semaphore", "SemaphoreProxy", SemM, {__index = SemM})
@@ -702,7 +808,7 @@ define("Event", "EventProxy", EventM, {__index = EventM})
 
 local CondM = scoped(common{
   acquire = acquire_method,
-  release = sync_method("release"),
+  release = release_method,
   wait = sync_method("wait"),
   notify = sync_method("notify"),
   notify_all = sync_method("notify_all"),
@@ -1002,7 +1108,7 @@ function BaseManager:connect()
     authkey = self.authkey, pid = getpid(), seq = 0, live = {},
     cache = {}, to_release = {}, flush = false, tokens = 0}, Client)
   local c = hello(probe)
-  local info = call(probe, {0, 0, "hello", getpid(), {}})
+  local info = rawcall(probe, {0, 0, "hello", getpid(), {}})
   local cl = client_for(info.uid, self.address, self.authkey)
   cl.authkey = self.authkey   -- (a proxy decoded earlier may have guessed)
   if cl.conn and cl.pid == getpid() then
@@ -1048,6 +1154,7 @@ function BaseManager:shutdown()
       -- a short one for the request
       pcall(function()
         local c <close> = connection.Client(cl.address, cl.authkey)
+        set_nofence(c)
         c:send({1, 0, "shutdown"})
         c:recv()
       end)
@@ -1056,6 +1163,7 @@ function BaseManager:shutdown()
     cl.conn = nil
     cl.dead = cl.dead or string.format("the manager at %s has shut down",
                                        address_text(cl.address))
+    if cl.dirty then clean(cl) end
     clients[cl.uid] = nil
   end
   local proc = rawget(self, "_process")
