@@ -518,6 +518,24 @@ static int conn_fileno(lua_State *L) {
   return 1;
 }
 
+/* The cqueues protocol: pollfd (the fd), events "r", timeout 0 while
+ * bytes wait in the read-ahead buffer -- readable data the fd no longer
+ * shows (a host loop with only the fd drains with poll(): see the
+ * README's "Event loops"). */
+static int conn_events(lua_State *L) {
+  check_conn(L, 1);
+  lua_pushliteral(L, "r");
+  return 1;
+}
+
+static int conn_timeout(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  ra_check(c);
+  if (c->rpos >= c->rend) return 0;
+  lua_pushinteger(L, 0);
+  return 1;
+}
+
 /* Fields closed/readable/writable, then the methods. */
 static int conn_index(lua_State *L) {
   struct conn *c = luaL_checkudata(L, 1, CONN_MT);
@@ -968,6 +986,17 @@ static int listener_fileno(lua_State *L) {
   return 1;
 }
 
+static int listener_events(lua_State *L) {
+  check_listener(L, 1);
+  lua_pushliteral(L, "r");
+  return 1;
+}
+
+static int listener_timeout(lua_State *L) {
+  check_listener(L, 1);
+  return 0;
+}
+
 static int listener_tostring(lua_State *L) {
   struct listener *l = luaL_checkudata(L, 1, LISTENER_MT);
   if (l->fd < 0) lua_pushliteral(L, "Listener (closed)");
@@ -1074,6 +1103,9 @@ int luamp_open_conn(lua_State *L) {
     {"recv_bytes", conn_recv_bytes},
     {"poll", conn_poll},
     {"fileno", conn_fileno},
+    {"pollfd", conn_fileno},
+    {"events", conn_events},
+    {"timeout", conn_timeout},
     {"close", conn_close},
     {"_wait_fd", conn_wait_fd},
     {NULL, NULL}
@@ -1082,6 +1114,9 @@ int luamp_open_conn(lua_State *L) {
     {"accept", listener_accept},
     {"address", listener_address},
     {"fileno", listener_fileno},
+    {"pollfd", listener_fileno},
+    {"events", listener_events},
+    {"timeout", listener_timeout},
     {"close", listener_close},
     {NULL, NULL}
   };
