@@ -290,6 +290,8 @@ void luamp_wakeup_drain(void) {
     while (read(wake_rfd, buf, sizeof buf) > 0) {}
 }
 
+static int qfd_owns(int wfd);   /* a fileno() pipe of ours (below) */
+
 /* Pokes every process watching the queue, once: the registrations are
  * used up (a watcher that still waits registers again before sleeping),
  * so one that went away costs at most one poke.  After a put, mu not
@@ -312,7 +314,8 @@ static void poke_watchers(lua_State *L, struct queue *q) {
     char path[64];
     int fd;
     if (pids[i] == me) {   /* mp.wait's pipe or a handle's fileno() pipe */
-      (void)!write(fds[i], "", 1);
+      if ((wake_pid == me && fds[i] == wake_wfd) || qfd_owns(fds[i]))
+        (void)!write(fds[i], "", 1);
       continue;
     }
     /* the watcher's own pipe, reached through /proc: gone with it */
@@ -666,6 +669,15 @@ static struct qfd *qfd_find(struct luamp_obj *o) {
     if (qfds[i].o == o) return &qfds[i];
   }
   return NULL;
+}
+
+/* Whether wfd is the write end of one of this process's fileno() pipes
+ * (a slot left by a dead process whose pid came back names some fd). */
+static int qfd_owns(int wfd) {
+  pid_t me = luamp_pid();
+  for (int i = 0; i < nqfds; i++)
+    if (qfds[i].pid == me && qfds[i].wfd == wfd) return 1;
+  return 0;
 }
 
 /* Takes (me, wfd)'s watch slot (on) or gives it back (off). */
