@@ -744,6 +744,24 @@ static int conn_fileno(lua_State *L) {
   return 1;
 }
 
+/* The cqueues protocol: pollfd (the fd), events "r", timeout 0 while
+ * bytes wait in the read-ahead buffer -- readable data the fd no longer
+ * shows (a host loop with only the fd drains with poll(): see the
+ * README's "Event loops"). */
+static int conn_events(lua_State *L) {
+  check_conn(L, 1);
+  lua_pushliteral(L, "r");
+  return 1;
+}
+
+static int conn_timeout(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  ra_check(c);
+  if (c->rpos >= c->rend) return 0;
+  lua_pushinteger(L, 0);
+  return 1;
+}
+
 /* Fields closed/readable/writable, then the methods. */
 static int conn_index(lua_State *L) {
   struct conn *c = luamp_self(L, 1, &conn_type);
@@ -1272,6 +1290,17 @@ static int listener_fileno(lua_State *L) {
   return 1;
 }
 
+static int listener_events(lua_State *L) {
+  check_listener(L, 1);
+  lua_pushliteral(L, "r");
+  return 1;
+}
+
+static int listener_timeout(lua_State *L) {
+  check_listener(L, 1);
+  return 0;
+}
+
 static int listener_tostring(lua_State *L) {
   struct listener *l = luamp_self(L, 1, &listener_type);
   if (l->fd < 0) lua_pushliteral(L, "Listener (closed)");
@@ -1362,7 +1391,8 @@ static int l_wait_fds(lua_State *L) {
 static const luaL_Reg conn_meth[] = {
   {"send", conn_send}, {"recv", conn_recv},
   {"send_bytes", conn_send_bytes}, {"recv_bytes", conn_recv_bytes},
-  {"poll", conn_poll}, {"fileno", conn_fileno}, {"close", conn_close},
+  {"poll", conn_poll}, {"fileno", conn_fileno}, {"pollfd", conn_fileno},
+  {"events", conn_events}, {"timeout", conn_timeout}, {"close", conn_close},
   {"_wait_fd", conn_wait_fd}, {"_recv_nowait", conn_recv_nowait},
   {"_recv_small", conn_recv_small}, {NULL, NULL}
 };
@@ -1372,7 +1402,9 @@ static const luaL_Reg conn_mm[] = {
 };
 static const luaL_Reg listener_meth[] = {
   {"accept", listener_accept}, {"address", listener_address},
-  {"fileno", listener_fileno}, {"close", listener_close}, {NULL, NULL}
+  {"fileno", listener_fileno}, {"pollfd", listener_fileno},
+  {"events", listener_events}, {"timeout", listener_timeout},
+  {"close", listener_close}, {NULL, NULL}
 };
 static const luaL_Reg listener_mm[] = {
   {"__gc", listener_close}, {"__close", listener_close},

@@ -431,6 +431,8 @@ int luamp_open_conn(lua_State *L);
 
 /* ---- store.c: append-only bytes shared with forked children ---------- */
 int luamp_open_store(lua_State *L);
+/* ---- evset.c: epoll set + timerfd behind one fd (Pool:fileno) ---- */
+int luamp_open_evset(lua_State *L);
 
 /* ---- module.c -------------------------------------------------------- */
 

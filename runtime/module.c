@@ -29,6 +29,7 @@ static int (*const primitives[])(lua_State *L) = {
   luamp_open_conn,
   luamp_open_store,
   luamp_open_fence,
+  luamp_open_evset,
   NULL
 };
 

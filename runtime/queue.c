@@ -320,6 +320,8 @@ void luamp_wakeup_drain(void) {
     while (read(wake_rfd, buf, sizeof buf) > 0) {}
 }
 
+static int qfd_owns(int wfd);   /* a fileno() pipe of ours (below) */
+
 /* Pokes every process watching the queue, once: the registrations are
  * used up (a watcher that still waits registers again before sleeping),
  * so one that went away costs at most one poke.  After a put, mu not
@@ -341,8 +343,9 @@ static void poke_watchers(lua_State *L, struct queue *q) {
   for (int i = 0; i < n; i++) {
     char path[64];
     int fd;
-    if (pids[i] == me) {
-      if (wake_pid == me) (void)!write(wake_wfd, "", 1);
+    if (pids[i] == me) {   /* mp.wait's pipe or a handle's fileno() pipe */
+      if ((wake_pid == me && fds[i] == wake_wfd) || qfd_owns(fds[i]))
+        (void)!write(fds[i], "", 1);
       continue;
     }
     /* the watcher's own pipe, reached through /proc: gone with it */
@@ -373,7 +376,7 @@ void luamp_queue_watch(lua_State *L, int idx, int on) {
   wfd = wake_wfd;
   qlock(L, q.h);
   for (int i = 0; i < WATCH_SLOTS; i++) {
-    if (q.h->watch[i].pid == me) {
+    if (q.h->watch[i].pid == me && q.h->watch[i].fd == wfd) {
       if (!on) {
         q.h->watch[i].pid = 0;
         atomic_fetch_sub(&q.h->nwatch, 1);
@@ -660,6 +663,156 @@ static int l_SimpleQueue(lua_State *L) {
   return new_queue(L, SIMPLEQUEUE_TNAME, 0);
 }
 
+/* ---- event loops: fileno() ---------------------------------------------------- */
+
+/* A host event loop (luv, cqueues) wants an fd per object, readable when
+ * a get would not block.  mp.wait's pipe is one per process, and libuv
+ * refuses two poll handles on one fd, so each handle that fileno() was
+ * asked of gets a pipe of its own (this table, per process), registered
+ * in the queue's watch slots as (pid, write end) like mp.wait's.
+ *
+ * Arming: drain the pipe, register for the next put, then look at count
+ * (registration and count both change under mu, so a put either sees the
+ * registration and pokes, or committed before and the look sees it; no
+ * put is missed) and poke ourselves if items are there.  Registrations
+ * are used up by the poke; the handle's own get, get_nowait, empty and
+ * pollfd re-arm whenever they find the queue empty.  So after the loop
+ * drained the queue (get_nowait until Empty) the fd is quiet until the
+ * next put.  A poke can be stale (another consumer took the item): the
+ * loop then meets Empty once, which re-arms. */
+struct qfd {
+  struct luamp_obj *o;   /* the handle (entries leave with it) */
+  pid_t pid;             /* the process that made the pipe */
+  int rfd, wfd;
+};
+static struct qfd *qfds;
+static int nqfds, capqfds;
+
+/* This process's entry for o, or NULL; drops entries inherited through
+ * fork (their pipes are the parent's registrations, not ours). */
+static struct qfd *qfd_find(struct luamp_obj *o) {
+  pid_t me = luamp_pid();
+  for (int i = 0; i < nqfds; i++) {
+    if (qfds[i].pid != me) {
+      close(qfds[i].rfd);
+      close(qfds[i].wfd);
+      qfds[i--] = qfds[--nqfds];
+      continue;
+    }
+    if (qfds[i].o == o) return &qfds[i];
+  }
+  return NULL;
+}
+
+/* Whether wfd is the write end of one of this process's fileno() pipes
+ * (a slot left by a dead process whose pid came back names some fd). */
+static int qfd_owns(int wfd) {
+  pid_t me = luamp_pid();
+  for (int i = 0; i < nqfds; i++)
+    if (qfds[i].pid == me && qfds[i].wfd == wfd) return 1;
+  return 0;
+}
+
+/* Takes (me, wfd)'s watch slot (on) or gives it back (off). */
+static void qfd_watch(lua_State *L, struct qhdr *h, int wfd, int on) {
+  pid_t me = luamp_pid();
+  int free_i = -1;
+  qlock(L, h);
+  for (int i = 0; i < WATCH_SLOTS; i++) {
+    if (h->watch[i].pid == me && h->watch[i].fd == wfd) {
+      if (!on) {
+        h->watch[i].pid = 0;
+        atomic_fetch_sub(&h->nwatch, 1);
+      }
+      luamp_mutex_unlock(&h->mu);
+      return;
+    }
+    if (h->watch[i].pid == 0 && free_i < 0) free_i = i;
+  }
+  if (on) {
+    if (free_i < 0) {
+      luamp_mutex_unlock(&h->mu);
+      luamp_raise(L, "OSError", "too many watchers on one queue (%d)",
+                  WATCH_SLOTS);
+    }
+    h->watch[free_i].pid = me;
+    h->watch[free_i].fd = wfd;
+    atomic_fetch_add(&h->nwatch, 1);
+  }
+  luamp_mutex_unlock(&h->mu);
+}
+
+static void qfd_arm(lua_State *L, struct luamp_obj *o, struct qfd *f) {
+  struct qhdr *h = (struct qhdr *)o->p;
+  char buf[64];
+  while (read(f->rfd, buf, sizeof buf) > 0) {}
+  if (atomic_load(&h->count) == 0) {
+    qfd_watch(L, h, f->wfd, 1);
+    if (atomic_load(&h->count) == 0) return;
+  }
+  (void)!write(f->wfd, "", 1);
+}
+
+/* After (and before) a get by a watched handle: an empty queue re-arms. */
+static void qfd_settle(lua_State *L, struct luamp_obj *o) {
+  struct qfd *f;
+  if (nqfds == 0 || o->arena == NULL ||
+      atomic_load(&((struct qhdr *)o->p)->count) != 0)
+    return;
+  if ((f = qfd_find(o)) != NULL) qfd_arm(L, o, f);
+}
+
+/* Gives up the handle's pipe and slot (close, __gc). */
+static void qfd_drop(lua_State *L, struct luamp_obj *o) {
+  struct qfd *f;
+  if (nqfds == 0 || (f = qfd_find(o)) == NULL) return;
+  if (o->arena != NULL) qfd_watch(L, (struct qhdr *)o->p, f->wfd, 0);
+  close(f->rfd);
+  close(f->wfd);
+  *f = qfds[--nqfds];
+}
+
+/* q:fileno() / q:pollfd() -> fd: made on first use, armed at each call. */
+static int q_fileno(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1, any_queue);
+  struct qfd *f = qfd_find(o);
+  if (f == NULL) {
+    int p[2];
+    if (nqfds == capqfds) {
+      int n = capqfds ? capqfds * 2 : 8;
+      struct qfd *t = realloc(qfds, (size_t)n * sizeof *t);
+      if (t == NULL) luamp_raise_errno(L, "OSError", ENOMEM, "fileno");
+      qfds = t;
+      capqfds = n;
+    }
+    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
+      luamp_raise_errno(L, "OSError", errno, "pipe2");
+    f = &qfds[nqfds++];
+    f->o = o;
+    f->pid = luamp_pid();
+    f->rfd = p[0];
+    f->wfd = p[1];
+  }
+  qfd_arm(L, o, f);
+  lua_pushinteger(L, f->rfd);
+  return 1;
+}
+
+/* The rest of the cqueues protocol: events "r"; timeout 0 while items
+ * are there (nil: only the fd). */
+static int q_events(lua_State *L) {
+  checkqueue(L, 1, any_queue);
+  lua_pushliteral(L, "r");
+  return 1;
+}
+
+static int q_timeout(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1, any_queue);
+  if (atomic_load(&((struct qhdr *)o->p)->count) == 0) return 0;
+  lua_pushinteger(L, 0);
+  return 1;
+}
+
 /* ---- methods ------------------------------------------------------------------------- */
 
 /* block, timeout at i, i+1: the deadline, or -2 for non-blocking */
@@ -691,26 +844,38 @@ static int q_put_nowait(lua_State *L) {
   return 0;
 }
 
+/* queue_get, and a watched handle's fileno() re-armed when it finds the
+ * queue empty: before (a get that raises Empty leaves it armed) and
+ * after (a get that took the last item). */
+static int watched_get(lua_State *L, struct luamp_obj *o, int block,
+                       double deadline, int items) {
+  int n;
+  qfd_settle(L, o);
+  n = queue_get(L, o, block, deadline, -1, items);
+  qfd_settle(L, o);
+  return n;
+}
+
 /* q:get([block [, timeout]]) -> v */
 static int q_get(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1, full_queue);
   double d = block_timeout(L, 2);
-  return queue_get(L, o, d != -2.0, d == -2.0 ? 0 : d, -1, 0);
+  return watched_get(L, o, d != -2.0, d == -2.0 ? 0 : d, 0);
 }
 
 /* q:_get_items() -> the items of the next message (an array), or nothing
  * when the queue is empty; never waits (the Pool's replies). */
 static int q_get_items(lua_State *L) {
-  return queue_get(L, checkqueue(L, 1, full_queue), 0, 0, -1, 1);
+  return watched_get(L, checkqueue(L, 1, full_queue), 0, 0, 1);
 }
 
 static int q_get_nowait(lua_State *L) {
-  return queue_get(L, checkqueue(L, 1, full_queue), 0, 0, -1, 0);
+  return watched_get(L, checkqueue(L, 1, full_queue), 0, 0, 0);
 }
 
 /* SimpleQueue:get() waits forever (Ctrl-C still interrupts) */
 static int sq_get(lua_State *L) {
-  return queue_get(L, checkqueue(L, 1, simple_only), 1, -1.0, -1, 0);
+  return watched_get(L, checkqueue(L, 1, simple_only), 1, -1.0, 0);
 }
 
 static int sq_put(lua_State *L) {
@@ -814,7 +979,9 @@ static int q_qsize(lua_State *L) {
 }
 
 static int q_empty(lua_State *L) {
-  struct queue q = qget(checkqueue(L, 1, any_queue));
+  struct luamp_obj *o = checkqueue(L, 1, any_queue);
+  struct queue q = qget(o);
+  qfd_settle(L, o);   /* a SimpleQueue's loop drains while not empty() */
   lua_pushboolean(L, atomic_load(&q.h->count) == 0);
   return 1;
 }
@@ -828,7 +995,9 @@ static int q_full(lua_State *L) {
 
 /* close(), __close and __gc of the three types */
 static int q_close(lua_State *L) {
-  luamp_obj_close(L, luamp_self_of(L, 1, any_queue));
+  struct luamp_obj *o = luamp_self_of(L, 1, any_queue);
+  qfd_drop(L, o);
+  luamp_obj_close(L, o);
   return 0;
 }
 
@@ -966,14 +1135,17 @@ static const luaL_Reg queue_meth[] = {
   {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
   {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
   {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
-  {"_wait_fd", q_wait_fd}, {NULL, NULL}
+  {"_wait_fd", q_wait_fd}, {"fileno", q_fileno}, {"pollfd", q_fileno},
+  {"events", q_events}, {"timeout", q_timeout}, {NULL, NULL}
 };
 static const luaL_Reg joinable_meth[] = {
   {"task_done", jq_task_done}, {"join", jq_join}, {NULL, NULL}
 };
 static const luaL_Reg simple_meth[] = {
   {"put", sq_put}, {"get", sq_get}, {"empty", q_empty},
-  {"close", q_close}, {"_wait_fd", q_wait_fd}, {NULL, NULL}
+  {"close", q_close}, {"_wait_fd", q_wait_fd}, {"fileno", q_fileno},
+  {"pollfd", q_fileno}, {"events", q_events}, {"timeout", q_timeout},
+  {NULL, NULL}
 };
 static const luaL_Reg queue_metameth[] = {
   {"__gc", q_close}, {"__close", q_close}, {"__tostring", q_tostring},

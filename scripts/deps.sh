@@ -15,11 +15,12 @@
 #   luarocks              builds the rockspec in the packaging spec
 #   groff-base            renders the man page in the packaging spec
 #   binutils              nm/readelf for the exported-symbols spec
+#   lua-luv lua-cqueues   event-loop interop tests
 set -eu
 
 PKGS="gcc make pkg-config lua5.4 liblua5.4-dev lua-cjson lua-busted libssl-dev
 libedit-dev python3 python3-msgpack lua-messagepack tmux clang luarocks
-groff-base binutils"
+groff-base binutils lua-luv lua-cqueues"
 
 missing=""
 for p in $PKGS; do

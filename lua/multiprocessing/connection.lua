@@ -276,6 +276,11 @@ function Listener:close()
   self._handle:close()
 end
 function Listener:fileno() return self._handle:fileno() end
+-- the cqueues protocol: readable when accept() would not block (the
+-- handshake of an authkey may still wait for the client)
+function Listener:pollfd() return self._handle:fileno() end
+function Listener:events() return "r" end
+function Listener:timeout() return nil end
 Listener.__close = Listener.close
 
 -- mp.connection.Client(address, authkey [, timeout])

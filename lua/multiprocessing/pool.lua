@@ -1559,6 +1559,7 @@ end
 -- pool:poll(): runs callbacks of finished tasks without waiting.
 function Pool:poll()
   self:_pump(0)
+  if self._ev then self:_ev_sync() end
 end
 
 -- Every live job fails with err (terminate, a broken pool).
@@ -1814,6 +1815,87 @@ function Pool:_wait_set(objs)
   for _, w in pairs(self._workers) do objs[#objs + 1] = w.sentinel end
   if (self._timed or 0) > 0 then return now() + SLICE end
   return nil
+end
+
+-- ---------------------------------------------------------------------------
+-- Event loops: pool:fileno(), and the cqueues protocol
+--
+-- One fd (an EventSet: epoll over the result queue's fileno() pipe, the
+-- workers' sentinels and a timerfd) that is readable while the pool has
+-- something to do: a result came, a worker died, a task's deadline
+-- passed.  The host loop then calls pool:poll(), which does it without
+-- waiting and re-arms the set (_ev_sync): the result queue registered for
+-- the next put, the sentinels of replaced workers swapped, the timer set
+-- to the next deadline.  Nothing is missed between poll's drain and the
+-- re-arm: arming the queue looks at it after registering.
+
+-- Brings the set up to date; the pool's state is settled (poll ran).
+function Pool:_ev_sync()
+  local es = self._ev
+  if self._released or self._owner ~= getpid() then return end
+  -- a dead worker is replaced now (poll's drain may have skipped the
+  -- check), else its sentinel keeps the fd readable
+  self:_check_workers()
+  self._rq:pollfd()                 -- drained: armed for the next put
+  local have, live = self._ev_fds, {}
+  for _, w in pairs(self._workers) do live[w.pid] = w.sentinel end
+  -- gone ones out first: a new sentinel may have the old one's number
+  for pid, fd in pairs(have) do
+    if live[pid] ~= fd then
+      es:remove(fd)
+      have[pid] = nil
+    end
+  end
+  for pid, fd in pairs(live) do
+    if not have[pid] then
+      es:add(fd)
+      have[pid] = fd
+    end
+  end
+  -- the next task deadline; a timed task still queued has none yet (its
+  -- clock starts in the worker), so look again after SLICE meanwhile
+  local due
+  if (self._timed or 0) > 0 then
+    due = self:_check_timeouts()
+    local slice = now() + SLICE
+    if not due or slice < due then due = slice end
+  end
+  if due ~= self._ev_due then es:set_timer(due) end   -- (set: 2 syscalls)
+  self._ev_due = due
+end
+
+-- pool:fileno() -> fd, readable when pool:poll() has work to do (a
+-- closed pool still has results to deliver: only terminate ends it)
+function Pool:fileno()
+  if self._owner ~= getpid() then
+    raise("ProcessError", "a pool can only be used by the process that made it")
+  end
+  if self._released then raise("ValueError", "Pool is terminated") end
+  if not self._ev then
+    local es = core.EventSet()
+    self._ev, self._ev_fds = es, {}
+    es:add(self._rq:fileno())
+  end
+  self:_ev_sync()
+  return self._ev:fileno()
+end
+
+-- The cqueues protocol: cqueues.poll(pool) returns when pool:poll() has
+-- work to do.
+Pool.pollfd = Pool.fileno
+function Pool:events() return "r" end
+function Pool:timeout()
+  local due = self._ev_due
+  if due == nil then return nil end
+  return math.max(due - now(), 0)
+end
+
+do
+  local release = Pool._release
+  function Pool:_release()
+    release(self)
+    if self._ev then self._ev:close() end
+  end
 end
 
 -- Every public method checks its self first: pool.map(f, t), Python's

@@ -355,6 +355,13 @@ function Process:close()
   rawset(self, "_closed", true)
 end
 
+-- Event loops: p:fileno() is the sentinel, readable exactly when join()
+-- would not block; pollfd/events/timeout are the cqueues protocol.
+function Process:fileno() return self.sentinel end
+function Process:pollfd() return self.sentinel end
+function Process:events() return "r" end
+function Process:timeout() return nil end
+
 props.exitcode = function(self)
   local h = rawget(self, "_child")
   if rawget(self, "_closed") or not h then return rawget(self, "_exitcode") end

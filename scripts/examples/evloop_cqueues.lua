@@ -1,0 +1,39 @@
+-- evloop_cqueues.lua: a cqueues coroutine waits on a Queue and on a Pool
+-- result in one cqueues.poll.  Queues and pools speak the cqueues polling
+-- protocol (pollfd, events, timeout), so they can be polled like sockets.
+local mp = require "multiprocessing"
+local cqueues = require "cqueues"
+
+local pool = mp.Pool(2)
+local q = mp.Queue()
+
+local producer = mp.Process{target = function(out)
+  for i = 1, 3 do out:put("message " .. i) end
+end, args = {q}}
+producer:start()
+
+local res = pool:apply_async(function(a, b) return a + b end, {40, 2})
+
+local loop = cqueues.new()
+loop:wrap(function()
+  local messages, answer = 0, nil
+  while messages < 3 or answer == nil do
+    for _, ready in ipairs({cqueues.poll(q, pool)}) do
+      if ready == q then
+        while not q:empty() do    -- take all that is there
+          print("queue: " .. q:get())
+          messages = messages + 1
+        end
+      elseif ready == pool then
+        pool:poll()               -- settles finished tasks
+        if res:ready() then answer = res:get() end
+      end
+    end
+  end
+  print("pool: 40 + 2 = " .. answer)
+end)
+assert(loop:loop())
+
+producer:join()
+pool:close()
+pool:join()

@@ -1,0 +1,372 @@
+-- Event loops: fileno() and the cqueues protocol (pollfd, events,
+-- timeout) on queues, connections, listeners, processes and the Pool,
+-- driven by real host loops -- luv (libuv) and cqueues -- in this process.
+local H = require "helpers"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local uv = require "luv"
+local cqueues = require "cqueues"
+
+local CLK_TCK = tonumber((H.sh("getconf CLK_TCK"))) or 100
+
+-- This process's CPU time (utime + stime), in seconds.
+local function cpu_seconds()
+  local f = {}
+  for x in H.slurp("/proc/self/stat"):match("^%d+ %b() (.*)$"):gmatch("%S+") do
+    f[#f + 1] = x
+  end
+  -- (fields 14 and 15 of the file; 12 and 13 after pid and comm)
+  return (tonumber(f[12]) + tonumber(f[13])) / CLK_TCK
+end
+
+-- Whether fd is readable now, by poll(2) alone.
+local function readable(fd, timeout)
+  return #core.wait_fds({fd}, timeout or 0) > 0
+end
+
+-- Runs a host loop over watch = {{obj, on_ready}, ...} until an
+-- on_ready calls stop() or limit seconds pass (an error).  "luv": one
+-- uv poll handle per object on obj:fileno(); "cqueues": one coroutine
+-- that cqueues.poll()s them all.  Returns how many times each on_ready
+-- ran.  setup(stop), when given, runs inside the loop first.
+local function drive(kind, watch, limit, setup)
+  local stopped, failure = false, nil
+  local runs = {}
+  for i = 1, #watch do runs[i] = 0 end
+  local function stop() stopped = true end
+  local function call(i)
+    runs[i] = runs[i] + 1
+    local ok, e = pcall(watch[i][2], stop)
+    if not ok then failure, stopped = e, true end
+  end
+  if kind == "luv" then
+    local handles = {}
+    local function close_all()
+      for _, h in ipairs(handles) do
+        if not h:is_closing() then h:close() end
+      end
+    end
+    local guard = uv.new_timer()
+    handles[1] = guard
+    guard:start(math.floor(limit * 1000), 0, function()
+      failure, stopped = failure or "the loop timed out", true
+      close_all()
+    end)
+    for i, w in ipairs(watch) do
+      local h = uv.new_poll(w[1]:fileno())
+      handles[#handles + 1] = h
+      h:start("r", function(err)
+        if err then failure, stopped = err, true else call(i) end
+        if stopped then close_all() end
+      end)
+    end
+    if setup then
+      local ok, e = pcall(setup, stop)
+      if not ok then failure, stopped = e, true end
+      if stopped then close_all() end
+    end
+    uv.run()
+  else
+    local deadline = core.now() + limit
+    local cq = cqueues.new()
+    cq:wrap(function()
+      if setup then setup(stop) end
+      local objs = {}
+      for i, w in ipairs(watch) do objs[i] = w[1] end
+      objs[#objs + 1] = 1.0        -- (a timeout: look at the clock)
+      while not stopped do
+        if core.now() > deadline then
+          failure = "the loop timed out"
+          break
+        end
+        for _, o in ipairs({cqueues.poll(table.unpack(objs))}) do
+          for i, w in ipairs(watch) do
+            if w[1] == o and not stopped then call(i) end
+          end
+        end
+      end
+    end)
+    local ok, err = cq:loop()
+    if not ok then failure = failure or err end
+  end
+  if failure then error(failure, 0) end
+  return runs
+end
+
+-- Takes what is in q now (get_nowait until Empty), calling f on each.
+local function take_all(q, f)
+  while true do
+    local ok, v = pcall(q.get_nowait, q)
+    if not ok then
+      assert(type(v) == "table" and v.kind == "Empty", tostring(v))
+      return
+    end
+    f(v)
+  end
+end
+
+local N = 1000
+local function nap(i)
+  core.sleep(0.008)
+  return i
+end
+
+for _, kind in ipairs {"luv", "cqueues"} do
+  describe("Pool in a " .. kind .. " loop", function()
+    it("runs 1000 tasks to completion; the loop's process sleeps while it waits", function()
+      local pool <close> = mp.Pool(2)
+      local done, sum = 0, 0
+      local c0, t0
+      drive(kind, {{pool, function() pool:poll() end}}, 120, function(stop)
+        for i = 1, N do
+          pool:apply_async(nap, {i}, function(v)
+            done, sum = done + 1, sum + v
+            if done == N then stop() end
+          end)
+        end
+        c0, t0 = cpu_seconds(), core.now()
+      end)
+      local cpu, wall = cpu_seconds() - c0, core.now() - t0
+      assert.equal(N, done)
+      assert.equal(N * (N + 1) // 2, sum)
+      -- (generous: a busy-polling loop uses ~100%)
+      assert.is_true(cpu < 0.05 * wall, string.format(
+        "the loop used %.2f s of CPU in %.2f s", cpu, wall))
+    end)
+
+    it("a worker SIGKILLed while the loop waits: the fd fires, its task fails with WorkerLostError", function()
+      local pool <close> = mp.Pool(2)
+      local q = mp.Queue()
+      local err
+      local r = pool:apply_async(function()
+        q:put(mp.current_process().pid)
+        core.sleep(60)
+        return "never"
+      end, nil, {error_callback = function(e) err = e end})
+      local ok = pool:apply_async(function() return "fine" end)
+      drive(kind, {
+        {q, function() take_all(q, function(pid) core.kill(pid, "SIGKILL") end) end},
+        {pool, function(stop)
+          pool:poll()
+          if err then stop() end
+        end},
+      }, 60)
+      assert.equal("WorkerLostError", err.kind)
+      assert.equal("WorkerLostError", H.err_of(r.get, r, 0).kind)
+      assert.equal("fine", ok:get(10))
+      -- the pool goes on (the worker was replaced)
+      assert.equal(7, pool:apply(function() return 7 end))
+    end)
+
+    it("a task's deadline fires through the fd with no other event", function()
+      local pool <close> = mp.Pool(1)
+      local err
+      local t0 = core.now()
+      pool:apply_async(function() core.sleep(60) end, nil,
+                       {timeout = 0.3, error_callback = function(e) err = e end})
+      local runs = drive(kind, {{pool, function(stop)
+        pool:poll()
+        if err then stop() end
+      end}}, 30)
+      local took = core.now() - t0
+      assert.equal("TimeoutError", err.kind)
+      assert.is_true(took >= 0.3 and took < 10, "took " .. took)
+      -- woken by the deadline and the worker's death, not by polling
+      assert.is_true(runs[1] <= 20, "woken " .. runs[1] .. " times")
+    end)
+  end)
+end
+
+describe("two pools and two queues in one luv loop", function()
+  it("lose no wake-up over 10^4 events", function()
+    local M = 2500                       -- per source: 4 sources
+    local pa <close> = mp.Pool(1)
+    local pb <close> = mp.Pool(1)
+    local qa, qb = mp.Queue(), mp.Queue()
+    local function producer(q, m)
+      for i = 1, m do
+        q:put(i)
+        if i % 100 == 0 then core.sleep(0.002) end   -- empty now and then
+      end
+    end
+    local procs = {}
+    for i, q in ipairs {qa, qb} do
+      procs[i] = mp.Process{target = producer, args = {q, M}}
+    end
+    local count = {0, 0, 0, 0}
+    local sums = {0, 0, 0, 0}
+    local total = 0
+    local stop_loop
+    local function got(k, v)
+      count[k], sums[k] = count[k] + 1, sums[k] + v
+      total = total + 1
+      if total == 4 * M then stop_loop() end
+    end
+    local submitted = 0
+    local feeder = uv.new_timer()        -- pool tasks go in while the loop runs
+    drive("luv", {
+      {pa, function() pa:poll() end},
+      {pb, function() pb:poll() end},
+      {qa, function() take_all(qa, function(v) got(3, v) end) end},
+      {qb, function() take_all(qb, function(v) got(4, v) end) end},
+    }, 120, function(stop)
+      stop_loop = function()
+        stop()
+        if not feeder:is_closing() then feeder:close() end
+      end
+      for _, p in ipairs(procs) do p:start() end
+      feeder:start(1, 1, function()
+        for _ = 1, 50 do
+          if submitted == M then feeder:stop() return end
+          submitted = submitted + 1
+          local i = submitted
+          pa:apply_async(function(x) return x end, {i}, function(v) got(1, v) end)
+          pb:apply_async(function(x) return x end, {i}, function(v) got(2, v) end)
+        end
+      end)
+    end)
+    if not feeder:is_closing() then feeder:close() end
+    uv.run()
+    for _, p in ipairs(procs) do p:join(10) end
+    assert.same({M, M, M, M}, count)
+    local s = M * (M + 1) // 2
+    assert.same({s, s, s, s}, sums)
+  end)
+end)
+
+describe("Queue:fileno()", function()
+  for _, make in ipairs {"Queue", "JoinableQueue", "SimpleQueue"} do
+    it(make .. ": readable exactly while a get would not block", function()
+      local q = mp[make]()
+      local fd = q:fileno()
+      assert.equal(fd, q:pollfd())
+      assert.equal("r", q:events())
+      assert.is_false(readable(fd))
+      assert.is_nil(q:timeout())
+      local p = mp.Process{target = function(x) x:put("a") x:put("b") end, args = {q}}
+      p:start()
+      assert.is_true(readable(fd, 10))
+      p:join()
+      assert.equal(0, q:timeout())
+      assert.equal("a", q:get())
+      assert.is_true(readable(fd))          -- "b" is still there
+      assert.equal("b", q:get())
+      assert.is_false(readable(fd))         -- took the last: re-armed
+      assert.is_true(q:empty())
+      q:put("c")                            -- this process's put pokes too
+      assert.is_true(readable(fd))
+      assert.equal("c", q:get())
+      assert.is_false(readable(fd))
+      q:close()
+    end)
+  end
+
+  it("two queues have two fds; each is woken by its own puts only", function()
+    local a, b = mp.Queue(), mp.Queue()
+    local fa, fb = a:fileno(), b:fileno()
+    assert.are_not.equal(fa, fb)
+    b:put(1)
+    assert.is_false(readable(fa))
+    assert.is_true(readable(fb))
+    assert.equal(1, b:get_nowait())
+    assert.is_false(readable(fb))
+  end)
+
+  it("an Empty from get_nowait re-arms after a stale wake-up", function()
+    local q = mp.Queue()
+    local fd = q:fileno()
+    local other = mp.Process{target = function(x) x:put(1) end, args = {q}}
+    other:start()
+    other:join()
+    assert.is_true(readable(fd))
+    -- another consumer takes the item: the wake-up is stale
+    local thief = mp.Process{target = function(x) x:get() end, args = {q}}
+    thief:start()
+    thief:join()
+    assert.equal(0, thief.exitcode)
+    assert.equal("Empty", H.err_of(q.get_nowait, q).kind)
+    assert.is_false(readable(fd))
+    q:put(2)
+    assert.is_true(readable(fd))
+  end)
+
+  it("mp.wait and fileno() on one queue each get their wake-up", function()
+    local q = mp.Queue()
+    local fd = q:fileno()
+    local p = mp.Process{target = function(x) core.sleep(0.2) x:put(1) end, args = {q}}
+    p:start()
+    local t = core.now()
+    local ready = mp.connection.wait({q}, 10)
+    assert.equal(1, #ready)
+    assert.is_true(core.now() - t < 5, "mp.wait woke after " .. core.now() - t .. " s")
+    assert.is_true(readable(fd, 5))
+    p:join()
+  end)
+
+  it("works with cqueues.poll", function()
+    local q = mp.Queue()
+    assert.are_not.equal(q, (cqueues.poll(q, 0.05)))
+    local p = mp.Process{target = function(x) core.sleep(0.1) x:put(1) end, args = {q}}
+    p:start()
+    assert.equal(q, cqueues.poll(q, 10))
+    assert.equal(1, q:get_nowait())
+    p:join()
+  end)
+end)
+
+describe("Process:fileno()", function()
+  it("is readable exactly when join would not block", function()
+    local ev = mp.Event()
+    local p = mp.Process{target = function(e) e:wait() end, args = {ev}}
+    finally(function() ev:set() end)     -- (a failure must not leave it waiting)
+    p:start()
+    assert.equal(p.sentinel, p:fileno())
+    assert.equal(p.sentinel, p:pollfd())
+    assert.equal("r", p:events())
+    assert.is_nil(p:timeout())
+    assert.are_not.equal(p, (cqueues.poll(p, 0.2)))
+    p:join(0)
+    assert.is_true(p:is_alive())
+    ev:set()
+    assert.equal(p, cqueues.poll(p, 10))
+    local t = core.now()
+    p:join()
+    assert.is_true(core.now() - t < 1)
+    assert.equal(0, p.exitcode)
+  end)
+end)
+
+describe("Connection and Listener", function()
+  it("Connection: timeout() is 0 while messages wait in the read-ahead buffer", function()
+    local a, b = mp.Pipe()
+    assert.equal(a:fileno(), a:pollfd())
+    assert.equal("r", a:events())
+    assert.is_nil(a:timeout())
+    assert.are_not.equal(a, (cqueues.poll(a, 0.05)))
+    b:send(1)
+    b:send(2)
+    assert.equal(a, cqueues.poll(a, 5))
+    assert.equal(1, a:recv())
+    -- 2 was read ahead with 1: the fd no longer shows it, timeout does
+    assert.is_false(readable(a:fileno()))
+    assert.equal(0, a:timeout())
+    assert.equal(a, cqueues.poll(a, 0.5))
+    assert.equal(2, a:recv())
+    assert.is_nil(a:timeout())
+  end)
+
+  it("Listener: readable when accept would not block", function()
+    local l <close> = mp.connection.Listener()
+    assert.equal(l:fileno(), l:pollfd())
+    assert.equal("r", l:events())
+    assert.is_nil(l:timeout())
+    assert.are_not.equal(l, (cqueues.poll(l, 0.05)))
+    local c = mp.connection.Client(l.address)
+    assert.equal(l, cqueues.poll(l, 5))
+    local s = l:accept(1)
+    c:send("hi")
+    assert.equal("hi", s:recv())
+    c:close()
+    s:close()
+  end)
+end)
