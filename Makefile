@@ -128,7 +128,7 @@ $(BUILD)/luamp: $(HOST_OBJ) $(BUILD)/libluamp.a
 $(BUILD)/tests/luamp-noedit: $(NOEDIT_OBJ) $(BUILD)/libluamp.a | $(BUILD)/tests
 	$(CC) $(LDFLAGS) -o $@ $(NOEDIT_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) $(LIBS)
 
-$(BUILD)/tests/%: spec/c/%.c $(BUILD)/libluamp.a $(HEADERS) $(CONFIG) | $(BUILD)/tests
+$(BUILD)/tests/%: spec/c/%.c $(BUILD)/libluamp.a $(HEADERS) $(wildcard spec/c/*.h) $(CONFIG) | $(BUILD)/tests
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libluamp.a $(LUA_LIBS) $(LIBS)
 
 $(BUILD)/bench_probes: scripts/bench_probes.c | $(BUILD)/obj

@@ -12,24 +12,10 @@
 
 #include "luamp.h"
 #include "tap.h"
-
-static lua_State *new_state(void) {
-  lua_State *L = luaL_newstate();
-  CHECK(L != NULL);
-  luaL_openlibs(L);
-  return L;
-}
-
-static int run(lua_State *L, const char *code) {
-  if (luaL_dostring(L, code) != LUA_OK) {
-    printf("# lua error: %s\n", lua_tostring(L, -1));
-    return 0;
-  }
-  return 1;
-}
+#include "luatest.h"
 
 static void test_preload(void) {
-  lua_State *L = new_state();
+  lua_State *L = bare_state();
   luamp_preload(L);
   CHECK(run(L, "mp = require 'multiprocessing'"));
   CHECK(run(L, "assert(mp.cpu_count() >= 1)"));
@@ -38,7 +24,7 @@ static void test_preload(void) {
 }
 
 static void test_requiref(void) {
-  lua_State *L = new_state();
+  lua_State *L = bare_state();
   luaL_requiref(L, "multiprocessing", luaopen_multiprocessing, 0);
   lua_pop(L, 1);
   CHECK(run(L, "local mp = require 'multiprocessing'; "
@@ -144,7 +130,7 @@ static void call_method(lua_State *L, const char *name, int nargs, int nresults)
 static void test_pool_of_c_workers(void) {
   const int n = 40;
   int all, zombies, pool_idx, res;
-  lua_State *L = new_state();
+  lua_State *L = bare_state();
   luamp_preload(L);
   luaL_requiref(L, "work", open_work, 1);       /* package.loaded.work */
   lua_pop(L, 1);

@@ -9,23 +9,7 @@
 
 #include "internal.h"
 #include "tap.h"
-
-static lua_State *new_state(void) {
-  lua_State *L = luaL_newstate();
-  CHECK(L != NULL);
-  luaL_openlibs(L);
-  luaL_requiref(L, "multiprocessing", luaopen_multiprocessing, 1);
-  lua_pop(L, 1);
-  return L;
-}
-
-static int run(lua_State *L, const char *code) {
-  if (luaL_dostring(L, code) != LUA_OK) {
-    printf("# lua error: %s\n", lua_tostring(L, -1));
-    return 0;
-  }
-  return 1;
-}
+#include "luatest.h"
 
 static char trace[64];
 static void note(char c) {

@@ -10,22 +10,7 @@
 
 #include "internal.h"
 #include "tap.h"
-
-static lua_State *new_state(void) {
-  lua_State *L = luaL_newstate();
-  CHECK(L != NULL);
-  luaL_openlibs(L);
-  luamp_preload(L);
-  return L;
-}
-
-static int run(lua_State *L, const char *code) {
-  if (luaL_dostring(L, code) != LUA_OK) {
-    printf("# lua error: %s\n", lua_tostring(L, -1));
-    return 0;
-  }
-  return 1;
-}
+#include "luatest.h"
 
 static int readable(int fd, int ms) {
   struct pollfd p = {fd, POLLIN, 0};
