@@ -18,11 +18,7 @@ local function be32(n)
   return string.pack(">i4", n)
 end
 
-local function kind_of(f, ...)
-  local ok, e = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return type(e) == "table" and e.kind or e, e
-end
+local kind_of = H.kind_of
 
 describe("Pipe", function()
   it("carries values both ways (duplex)", function()

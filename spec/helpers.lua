@@ -205,6 +205,13 @@ function H.err_of(f, ...)
   return err
 end
 
+-- The kind of the error f(...) raises (an error object's kind, else the
+-- error as text), and the error itself.
+function H.kind_of(f, ...)
+  local e = H.err_of(f, ...)
+  return type(e) == "table" and e.kind or tostring(e), e
+end
+
 -- true while pid is a process that has not finished (zombies count as gone)
 function H.alive(pid)
   local f = io.open("/proc/" .. pid .. "/stat")

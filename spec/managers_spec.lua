@@ -10,10 +10,7 @@ local now, sleep = core.now, core.sleep
 
 local err_of = H.err_of
 
-local function kind_of(f, ...)
-  local e = err_of(f, ...)
-  return type(e) == "table" and e.kind or e, e
-end
+local kind_of = H.kind_of
 
 -- Runs fn(...) in a child; returns a function that waits and returns
 -- what fn returned (through a pipe).

@@ -7,10 +7,7 @@ local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
 local err_of, alive, range, worker_pids = H.err_of, H.alive, H.range, H.worker_pids
 
-local function kind_of(f, ...)
-  local err = err_of(f, ...)
-  return mp.is_error(err) and err.kind or tostring(err)
-end
+local kind_of = H.kind_of
 
 local function store_bytes(pool)
   return tonumber(tostring(pool._store):match("(%d+) bytes"))

@@ -9,11 +9,7 @@ local pit = it   -- cross-process (mp.Process)
 
 local our_fds = H.our_fds
 
-local function kind_of(f, ...)
-  local ok, err = pcall(f, ...)
-  assert.is_false(ok, "expected an error")
-  return mp.is_error(err) and err.kind or tostring(err)
-end
+local kind_of = H.kind_of
 
 local function elapsed(f, ...)
   local t0 = core.now()

@@ -11,10 +11,7 @@ local our_fds = H.our_fds
 
 local err_of = H.err_of
 
-local function kind_of(f, ...)
-  local err = err_of(f, ...)
-  return mp.is_error(err) and err.kind or tostring(err)
-end
+local kind_of = H.kind_of
 
 local function timed(f, ...)
   local t0 = core.now()
