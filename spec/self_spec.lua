@@ -94,6 +94,7 @@ local function instances()
   add("Connection (write end)", select(2, mp.Pipe(false)))
   add("Listener handle", core.listen("/tmp/luamp-self-" .. core.pid()))
   add("Store", core.Store())
+  add("EventSet", core.EventSet())
   local p = mp.Process{target = function() end}
   p:start()
   p:join()
