@@ -88,7 +88,6 @@ static const char *timestamp_fault(const unsigned char *p, size_t n,
  * recursive encoder and decoder: the limit keeps that within 2 MiB. */
 #define MAX_DEPTH_LIMIT 5000
 #define EXT_MT "multiprocessing.Ext"
-#define ERROR_MT "multiprocessing.Error"
 
 /* Process-wide default nesting limit (encode and decode). */
 static int max_depth = DEFAULT_MAX_DEPTH;
@@ -2247,8 +2246,8 @@ int luamp_open_codec(lua_State *L) {
   lua_pop(L, 1);
   /* the module's own error objects keep their kind and metatable */
   lua_pushcfunction(L, l_register_class);
-  lua_pushliteral(L, ERROR_MT);
-  luaL_getmetatable(L, ERROR_MT);
+  lua_pushliteral(L, LUAMP_ERROR_MT);
+  luaL_getmetatable(L, LUAMP_ERROR_MT);
   lua_call(L, 2, 0);
   return 0;
 }
