@@ -62,15 +62,8 @@ local ORPHAN = {}
 local chunk_fn
 
 local function traceback(e)
-  local msg
-  if type(e) == "string" then msg = e
-  elseif core.is_error(e) then msg = tostring(e)
-  else
-    local mt = getmetatable(e)
-    msg = mt and mt.__tostring and tostring(e) or
-          "(error object is a " .. type(e) .. " value)"
-  end
-  local tb = debug.traceback(msg, 2)
+  -- the frames alone: the RemoteError's tostring puts its message first
+  local tb = debug.traceback(nil, 2)
   local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
   if cut then tb = tb:sub(1, cut - 1) end
   -- the worker's own frames below the task's (run_items's loop) are not
