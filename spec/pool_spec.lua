@@ -771,6 +771,12 @@ describe("Pool errors", function()
     assert.matches("iterable%[5%]%.x", err.message)
     err = err_of(pool.starmap, pool, select, {{1}, {2, io.stdout}}, 1)
     assert.matches("iterable%[2%]%[2%]", err.message)
+    -- the path as data, from the caller's argument
+    assert.same({2, 2}, err.path)
+    assert.equal("cannot encode a userdata (FILE*)", err.reason)
+    assert.same({1, ".file"}, err_of(pool.apply, pool, type, {{file = io.stdout}}).path)
+    assert.same({5, ".x"}, err_of(pool.map, pool, type,
+                                 {1, 2, 3, 4, {x = coroutine.create(print)}}, 2).path)
     local it = pool:imap(type, {1, io.stderr})
     err = err_of(it)
     assert.equal("EncodeError", err.kind)

@@ -812,20 +812,26 @@ function Pool:_store_blob(blob)
   return ref
 end
 
--- An EncodeError about a task message, told in the caller's terms.
+-- An EncodeError about a task message, told in the caller's terms: the
+-- items are slot 4 of the message, so its path {4, ...} becomes one from
+-- the caller's args (apply) or iterable (map: the item's own index first).
 local function rename_path(err, mode, first)
-  if not core.is_error(err, "EncodeError") then return err end
-  local msg = err.message
-  if mode == APPLY then
-    msg = msg:gsub(" at value%[4%]", " at args", 1)
-  elseif mode == MAP1 or mode == STARMAP1 then
-    msg = msg:gsub(" at value%[4%]", " at iterable[" .. first .. "]", 1)
-  else
-    msg = msg:gsub(" at value%[4%]%[(%d+)%]", function(k)
-      return " at iterable[" .. (first + tonumber(k) - 1) .. "]"
-    end, 1)
+  if not core.is_error(err, "EncodeError") or err.path[1] ~= 4 then
+    return err
   end
-  return new_error("EncodeError", msg)
+  local path, root, from = {}, "iterable", 2
+  if mode == APPLY then root = "args"
+  elseif mode == MAP1 or mode == STARMAP1 then path[1] = first
+  elseif math.type(err.path[2]) == "integer" then
+    path[1], from = first + err.path[2] - 1, 3
+  else return err end
+  table.move(err.path, from, #err.path, #path + 1, path)
+  local where = {}
+  for i, step in ipairs(path) do
+    where[i] = math.type(step) == "integer" and "[" .. step .. "]" or step
+  end
+  return new_error("EncodeError", err.reason .. " at " .. root ..
+                   table.concat(where), {reason = err.reason, path = path})
 end
 
 -- Puts one task on the queue: {tag, function, mode, items, n, timed,
