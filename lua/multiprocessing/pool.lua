@@ -412,8 +412,8 @@ end
 
 local function check_timeout(t, fname)
   if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
-    error(string.format("bad argument #1 to '%s' (timeout must be a " ..
-      "non-negative number, got %s)", fname, tostring(t)), 3)
+    argerror(1, fname, "timeout must be a non-negative number, got " ..
+             tostring(t))
   end
 end
 
@@ -441,8 +441,7 @@ end
 
 function AsyncResult:add_done_callback(fn)
   if type(fn) ~= "function" then
-    error("bad argument #1 to 'add_done_callback' (function expected, got " ..
-          type(fn) .. ")", 2)
+    typeerror(1, "add_done_callback", "function", fn)
   end
   if self._done then
     self._done_callbacks = {fn}
@@ -480,7 +479,7 @@ end
 -- and replaced.
 function AsyncResult:cancel(opts)
   if opts ~= nil and type(opts) ~= "table" then
-    error("bad argument #1 to 'cancel' (table expected, got " .. type(opts) .. ")", 2)
+    typeerror(1, "cancel", "table", opts)
   end
   local force = opts ~= nil and opts.force
   if self._done then return self._cancelled == true end
