@@ -448,8 +448,8 @@ static void path_key(struct enc *e, int k) {
       if (lua_isinteger(L, k)) {
         path_index(e, lua_tointeger(L, k));
         return;
-      } else
-        snprintf(step, sizeof step, "[%.14g]", lua_tonumber(L, k));
+      }
+      snprintf(step, sizeof step, "[%.14g]", lua_tonumber(L, k));
       break;
     case LUA_TSTRING: {
       size_t n;
