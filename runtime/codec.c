@@ -84,11 +84,11 @@ static const char *timestamp_fault(const unsigned char *p, size_t n,
 }
 
 #define DEFAULT_MAX_DEPTH 256
+#define PATH_STEPS 32   /* steps of an EncodeError's path kept as data */
 /* Each level of nesting takes a few hundred bytes of C stack in the
  * recursive encoder and decoder: the limit keeps that within 2 MiB. */
 #define MAX_DEPTH_LIMIT 5000
 #define EXT_MT "multiprocessing.Ext"
-#define ERROR_MT "multiprocessing.Error"
 
 /* Process-wide default nesting limit (encode and decode). */
 static int max_depth = DEFAULT_MAX_DEPTH;
@@ -309,6 +309,10 @@ struct enc {
   char msg[160];         /* innermost failure */
   char path[400];        /* steps from the root to it, built outwards */
   size_t pathlen;
+  /* the same steps as data for the error's path field, innermost first:
+   * each one's length in path, and the integer when it is an index */
+  struct { size_t len; int isint; lua_Integer i; } steps[PATH_STEPS];
+  int nsteps;
 };
 
 static int grow(struct enc *e, size_t need) {
@@ -369,15 +373,52 @@ static int fail(struct enc *e, const char *fmt, ...) {
   return -1;
 }
 
-/* Prepends one step to the error path (the failure is inside it). */
-static void path_step(struct enc *e, const char *step) {
+/* Prepends one step to the error path (the failure is inside it); isint:
+ * the step is the index i. */
+static void path_step_i(struct enc *e, const char *step, int isint,
+                        lua_Integer i) {
   size_t n = strlen(step), room = sizeof e->path - 1;
   if (n > room) n = room;
+  if (e->nsteps == PATH_STEPS) {   /* keep the outer steps */
+    memmove(e->steps, e->steps + 1, (PATH_STEPS - 1) * sizeof e->steps[0]);
+    e->nsteps--;
+  }
+  e->steps[e->nsteps].len = n;
+  e->steps[e->nsteps].isint = isint;
+  e->steps[e->nsteps].i = i;
+  e->nsteps++;
   if (e->pathlen + n > room) e->pathlen = room - n;  /* drop the tail */
   memmove(e->path + n, e->path, e->pathlen);
   memcpy(e->path, step, n);
   e->pathlen += n;
   e->path[e->pathlen] = '\0';
+}
+
+static void path_step(struct enc *e, const char *step) {
+  path_step_i(e, step, 0, 0);
+}
+
+/* The step for the index i: [i]. */
+static void path_index(struct enc *e, lua_Integer i) {
+  char step[32];
+  snprintf(step, sizeof step, "[%lld]", (long long)i);
+  path_step_i(e, step, 1, i);
+}
+
+/* Pushes the path as data: the steps from the root inwards, an integer
+ * for an index, else the step's text as in the message (".name",
+ * '["odd key"]', "{upvalue 'u' of function at f.lua:3}"). */
+static void push_path(lua_State *L, struct enc *e) {
+  size_t at = 0;
+  lua_createtable(L, e->nsteps, 0);
+  for (int k = e->nsteps - 1, n = 1; k >= 0; k--, n++) {
+    size_t len = e->steps[k].len;
+    if (at + len > e->pathlen) break;   /* (the text lost its tail) */
+    if (e->steps[k].isint) lua_pushinteger(L, e->steps[k].i);
+    else lua_pushlstring(L, e->path + at, len);
+    lua_rawseti(L, -2, n);
+    at += len;
+  }
 }
 
 static int is_identifier(const char *s, size_t n) {
@@ -404,10 +445,11 @@ static void path_key(struct enc *e, int k) {
   char step[64];
   switch (lua_type(L, k)) {
     case LUA_TNUMBER:
-      if (lua_isinteger(L, k))
-        snprintf(step, sizeof step, "[%lld]", (long long)lua_tointeger(L, k));
-      else
-        snprintf(step, sizeof step, "[%.14g]", lua_tonumber(L, k));
+      if (lua_isinteger(L, k)) {
+        path_index(e, lua_tointeger(L, k));
+        return;
+      }
+      snprintf(step, sizeof step, "[%.14g]", lua_tonumber(L, k));
       break;
     case LUA_TSTRING: {
       size_t n;
@@ -917,9 +959,7 @@ static int enc_table_general(struct enc *e, int idx, lua_Unsigned n) {
   for (lua_Unsigned i = 1; i <= n; i++) {
     int t = lua_rawgeti(L, idx, (lua_Integer)i);
     if (enc_typed(e, lua_gettop(L), t) < 0) {
-      char step[32];
-      snprintf(step, sizeof step, "[%llu]", (unsigned long long)i);
-      path_step(e, step);
+      path_index(e, (lua_Integer)i);
       lua_pop(L, 1);
       return -1;
     }
@@ -1349,9 +1389,7 @@ static int enc_values(struct enc *e, int idx, int count) {
   if (put_array_header(e, (lua_Unsigned)count) < 0) return -1;
   for (int k = 0; k < count; k++)
     if (enc_value(e, idx + k) < 0) {
-      char step[24];
-      snprintf(step, sizeof step, "[%d]", k + 1);
-      path_step(e, step);
+      path_index(e, k + 1);
       return -1;
     }
   return 0;
@@ -1371,6 +1409,7 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
   e.oom = 0;
   e.msg[0] = e.path[0] = '\0';
   e.pathlen = 0;
+  e.nsteps = 0;
   luaL_checkstack(L, 8, "no room to encode");
   top = lua_gettop(L);
   /* (box: the state's box, known to the caller; a nested encode, which
@@ -1402,9 +1441,14 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
     lua_rawsetp(L, LUA_REGISTRYINDEX, e.b);
   }
   e.b->busy = 0;
-  if (r < 0) {
-    luamp_raise(L, "EncodeError", "%s at %s%s", e.msg, root ? root : "value",
-                e.path);
+  if (r < 0) {   /* message "<reason> at <root><path>"; both as data */
+    luamp_push_error(L, "EncodeError", lua_pushfstring(L, "%s at %s%s", e.msg,
+                     root ? root : "value", e.path));
+    lua_pushstring(L, e.msg);
+    lua_setfield(L, -2, "reason");
+    push_path(L, &e);
+    lua_setfield(L, -2, "path");
+    lua_error(L);
   }
   *len = e.b->len - reserve;
   return (char *)e.b->buf;
@@ -2247,8 +2291,8 @@ int luamp_open_codec(lua_State *L) {
   lua_pop(L, 1);
   /* the module's own error objects keep their kind and metatable */
   lua_pushcfunction(L, l_register_class);
-  lua_pushliteral(L, ERROR_MT);
-  luaL_getmetatable(L, ERROR_MT);
+  lua_pushliteral(L, LUAMP_ERROR_MT);
+  luaL_getmetatable(L, LUAMP_ERROR_MT);
   lua_call(L, 2, 0);
   return 0;
 }

@@ -172,9 +172,7 @@ static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
         continue;
       }
       if (sent) c->wbroken = 1;
-      if (err == EPIPE || err == ECONNRESET)
-        luamp_raise_errno(L, "BrokenPipeError", err, "send");
-      luamp_raise_errno(L, "OSError", err, "send");
+      luamp_raise_errno(L, "OSError", err, "send");  /* EPIPE: broken */
     }
     sent += (size_t)w;
     while (n > 0 && (size_t)w >= iov->iov_len) {
@@ -1188,12 +1186,6 @@ static void tune_socket(int fd, int family) {
   }
 }
 
-static int raise_socket_error(lua_State *L, int err, const char *what) {
-  if (err == ENOENT) luamp_raise_errno(L, "FileNotFoundError", err, what);
-  if (err == EEXIST) luamp_raise_errno(L, "FileExistsError", err, what);
-  return luamp_raise_errno(L, "OSError", err, what);
-}
-
 /* ---- Listener --------------------------------------------------------- */
 
 struct listener {
@@ -1238,7 +1230,7 @@ static int l_listen(lua_State *L) {
   if (bind(fd, (struct sockaddr *)&ss, len) != 0 || listen(fd, backlog) != 0) {
     int err = errno;
     close(fd);
-    raise_socket_error(L, err, "bind");
+    luamp_raise_errno(L, "OSError", err, "bind");
   }
   l->fd = fd;
   l->owner = getpid();
@@ -1332,7 +1324,7 @@ static int l_connect(lua_State *L) {
       if (r == 0) luamp_raise(L, "TimeoutError", "connect timed out");
       if (r < 0) luamp_raise_errno(L, "OSError", errno, "poll");
       getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen);
-      if (err != 0) raise_socket_error(L, err, "connect");
+      if (err != 0) luamp_raise_errno(L, "OSError", err, "connect");
       break;
     }
     if (errno == EAGAIN && family == AF_UNIX) {
@@ -1343,7 +1335,7 @@ static int l_connect(lua_State *L) {
         luamp_raise(L, "TimeoutError", "connect timed out");
       continue;
     }
-    raise_socket_error(L, errno, "connect");
+    luamp_raise_errno(L, "OSError", errno, "connect");
   }
   fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
   tune_socket(fd, family);

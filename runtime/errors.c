@@ -15,8 +15,6 @@
 
 #include "internal.h"
 
-#define ERROR_MT "multiprocessing.Error"
-
 static const char *const kinds[] = {
   "Empty", "Full", "TimeoutError", "EOFError", "BrokenPipeError",
   "ValueError", "ProcessError", "RemoteError", "WorkerLostError",
@@ -37,7 +35,7 @@ void luamp_push_error(lua_State *L, const char *kind, const char *message) {
   lua_setfield(L, -2, "kind");
   lua_pushstring(L, message);
   lua_setfield(L, -2, "message");
-  luaL_setmetatable(L, ERROR_MT);
+  luaL_setmetatable(L, LUAMP_ERROR_MT);
 }
 
 int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...) {
@@ -50,8 +48,25 @@ int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...) {
   __builtin_unreachable();
 }
 
+/* The kind an errno gives, as Python's OSError(errno, ...) becomes the
+ * subclass for that errno -- those of its subclasses the contract has:
+ * a reset peer is a broken pipe here (no ConnectionResetError), and
+ * ECONNREFUSED, EACCES and the rest stay OSError (the kinds are flat, so
+ * a new one would escape every check for "OSError"). */
+const char *luamp_errno_kind(int err) {
+  switch (err) {
+    case ENOENT: return "FileNotFoundError";
+    case EEXIST: return "FileExistsError";
+    case EPIPE: case ESHUTDOWN: case ECONNRESET: return "BrokenPipeError";
+    case ETIMEDOUT: return "TimeoutError";
+    default: return "OSError";
+  }
+}
+
 int luamp_raise_errno(lua_State *L, const char *kind, int err,
                       const char *what) {
+  if (kind == NULL || strcmp(kind, "OSError") == 0)
+    kind = luamp_errno_kind(err);
   lua_pushfstring(L, "%s: %s", what, strerror(err));
   luamp_push_error(L, kind, lua_tostring(L, -1));
   lua_pushinteger(L, err);
@@ -125,7 +140,7 @@ static int l_raise(lua_State *L) {
 static int l_is_error(lua_State *L) {
   int ok = 0;
   if (lua_getmetatable(L, 1)) {
-    luaL_getmetatable(L, ERROR_MT);
+    luaL_getmetatable(L, LUAMP_ERROR_MT);
     ok = lua_rawequal(L, -1, -2);
     lua_pop(L, 2);
   }
@@ -145,7 +160,7 @@ int luamp_open_errors(lua_State *L) {
     {"is_error", l_is_error},
     {NULL, NULL}
   };
-  if (luaL_newmetatable(L, ERROR_MT)) {
+  if (luaL_newmetatable(L, LUAMP_ERROR_MT)) {
     lua_pushcfunction(L, error_tostring);
     lua_setfield(L, -2, "__tostring");
     lua_pushliteral(L, "Error");

@@ -73,6 +73,7 @@ int luamp_is(lua_State *L, int idx, const struct luamp_type *t);
 
 /* ---- errors.c: the contract's error objects ------------------------- */
 
+#define LUAMP_ERROR_MT "multiprocessing.Error"   /* their metatable */
 /* Pushes a new error object {kind=, message=} (kind must be one of the
  * contract's kinds). */
 void luamp_push_error(lua_State *L, const char *kind, const char *message);
@@ -80,10 +81,13 @@ void luamp_push_error(lua_State *L, const char *kind, const char *message);
  * %s %d %I %f %p %c %U %%). */
 LUAMP_NORETURN int luamp_raise(lua_State *L, const char *kind,
                                const char *fmt, ...);
-/* Raises kind (normally "OSError") with field errno = err and message
- * "<what>: <strerror(err)>". */
+/* Raises kind with field errno = err and message "<what>: <strerror(err)>".
+ * Kind "OSError" (or NULL) becomes the kind err names, as Python's
+ * OSError(errno, ...) becomes FileNotFoundError for ENOENT: see
+ * luamp_errno_kind, the one errno -> kind mapping. */
 LUAMP_NORETURN int luamp_raise_errno(lua_State *L, const char *kind, int err,
                                      const char *what);
+const char *luamp_errno_kind(int err);
 /* Raises the same "interrupted!" error as lua.c's SIGINT hook. */
 LUAMP_NORETURN int luamp_raise_interrupt(lua_State *L);
 int luamp_open_errors(lua_State *L);

@@ -433,6 +433,12 @@ static struct shm *checkshm(lua_State *L, int idx) {
   return s;
 }
 
+/* What a failed shm_open/shm_unlink names in its message:
+ * "shared memory 'psm_x': No such file or directory". */
+static const char *shm_what(lua_State *L, struct shm *s) {
+  return lua_pushfstring(L, "shared memory '%s'", s->name + 1);
+}
+
 /* SharedMemory{name =, create =, size =, track =} or
  * SharedMemory(name, create, size, track) */
 static int l_SharedMemory(lua_State *L) {
@@ -488,13 +494,7 @@ static int l_SharedMemory(lua_State *L) {
   }
   if (fd < 0) {
     err = errno;
-    if (err == ENOENT)
-      luamp_raise(L, "FileNotFoundError", "no shared memory named '%s'",
-                  s->name + 1);
-    if (err == EEXIST)
-      luamp_raise(L, "FileExistsError", "shared memory '%s' already exists",
-                  s->name + 1);
-    luamp_raise_errno(L, "OSError", err, s->name + 1);
+    luamp_raise_errno(L, "OSError", err, shm_what(L, s));
   }
   if (create) {
     if (ftruncate(fd, (off_t)size) != 0) {
@@ -549,10 +549,7 @@ static int shm_unlink_m(lua_State *L) {
   struct shm *s = luamp_self(L, 1, &shm_type);
   if (shm_unlink(s->name) != 0) {
     int err = errno;
-    if (err == ENOENT)
-      luamp_raise(L, "FileNotFoundError", "no shared memory named '%s'",
-                  s->name + 1);
-    luamp_raise_errno(L, "OSError", err, s->name + 1);
+    luamp_raise_errno(L, "OSError", err, shm_what(L, s));
   }
   s->unlinked = 1;
   untrack(s->name);

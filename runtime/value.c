@@ -457,8 +457,8 @@ static int value_index(lua_State *L) {
 static int value_newindex(lua_State *L) {
   struct vobj v = vcheck(L, 1, value_only);
   if (lua_type(L, 2) != LUA_TSTRING || strcmp(lua_tostring(L, 2), "value"))
-    return luaL_error(L, "cannot set field '%s' of a Value (only 'value')",
-                      luaL_tolstring(L, 2, NULL));
+    return luamp_raise(L, "ValueError", "cannot set field '%s' of a Value "
+                       "(only 'value')", luaL_tolstring(L, 2, NULL));
   store_bits(v.data, v.t->size, check_elem(L, v.t, 3));
   return 0;
 }
@@ -470,11 +470,11 @@ static lua_Integer array_pos(lua_State *L, struct vobj *v, int idx,
   lua_Integer i;
   int isint;
   i = lua_tointegerx(L, idx, &isint);
-  if (!isint) luaL_error(L, "Array index must be an integer");
+  if (!isint) luamp_raise(L, "ValueError", "Array index must be an integer");
   if (reading && (uint64_t)i == v->h->n + 1) return -1;
   if (i < 1 || (uint64_t)i > v->h->n)
-    luaL_error(L, "Array index %I out of range 1..%I", i,
-               (lua_Integer)v->h->n);
+    luamp_raise(L, "ValueError", "Array index %I out of range 1..%I", i,
+                (lua_Integer)v->h->n);
   return i - 1;
 }
 
@@ -531,8 +531,8 @@ static int array_newindex(lua_State *L) {
     if (len < v.h->n && lua_tostring(L, 2)[0] == 'v') v.data[len] = '\0';
     return 0;
   }
-  return luaL_error(L, "cannot set field '%s' of an Array",
-                    luaL_tolstring(L, 2, NULL));
+  return luamp_raise(L, "ValueError", "cannot set field '%s' of an Array",
+                     luaL_tolstring(L, 2, NULL));
 }
 
 static int array_len(lua_State *L) {

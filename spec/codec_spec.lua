@@ -333,6 +333,23 @@ describe("codec functions", function()
     assert.matches('%["odd key"%]%[3%]', err.message)
   end)
 
+  it("gives the path and the reason of an EncodeError as data", function()
+    local _, err = pcall(enc, {1, {file = io.stdout}})
+    assert.same({2, ".file"}, err.path)
+    assert.equal("cannot encode a userdata (FILE*)", err.reason)
+    _, err = pcall(enc, {["odd key"] = {[3] = io.stderr}})
+    assert.same({'["odd key"]', 3}, err.path)
+    _, err = pcall(enc, io.stdout)
+    assert.same({}, err.path)
+    -- a deep path keeps its outer steps
+    local deep = io.stdout
+    for _ = 1, 100 do deep = {deep} end
+    _, err = pcall(enc, deep)
+    assert.equal("EncodeError", err.kind)
+    assert.is_true(#err.path > 0 and #err.path <= 100)
+    for _, step in ipairs(err.path) do assert.equal(1, step) end
+  end)
+
   it("refuses C functions that no loaded module holds", function()
     local cfunc = coroutine.wrap(function() end)
     local ok, err = pcall(enc, {cfunc})

@@ -591,7 +591,9 @@ describe("Listener and Client", function()
     assert.has_error(function() mp.connection.Listener{adress = "x"} end)
     local path = os.tmpname()
     os.remove(path)
-    assert.equal("FileNotFoundError", kind_of(mp.connection.Client, path))
+    local nf, enf = kind_of(mp.connection.Client, path)
+    assert.equal("FileNotFoundError", nf)
+    assert.equal(2, enf.errno)                        -- ENOENT
     local l = mp.connection.Listener{address = {"127.0.0.1", 0}}
     local port = l.address[2]
     l:close()

@@ -82,6 +82,24 @@ describe("error objects", function()
     assert.has_error(function() mp.new_error("NoSuchError", "m") end)
     assert.has_error(function() mp.new_error(nil, "m") end)
   end)
+
+  it("come from one place each: the Lua side's argument errors from util", function()
+    -- no Lua file but util.lua spells "bad argument #n to ..." itself
+    local files = H.sh("ls lua/multiprocessing/*.lua")
+    local n = 0
+    for path in files:gmatch("[^\n]+") do
+      n = n + 1
+      if not path:find("util%.lua$") then
+        assert.is_nil(H.slurp(path):find("bad argument", 1, true), path)
+      end
+    end
+    assert.is_true(n > 5)
+    -- and util's helpers make Lua's own message at the caller's line
+    local util = require "multiprocessing.util"
+    local ok, msg = pcall(function() util.typeerror(2, "f", "table", io.stdout) end)
+    assert.is_false(ok)
+    assert.matches("module_spec%.lua:%d+: bad argument #2 to 'f' %(table expected, got FILE%*%)$", msg)
+  end)
 end)
 
 describe("interruptible waits", function()

@@ -57,6 +57,23 @@ describe("SharedMemory", function()
     assert.equal("FileNotFoundError", err.kind)
   end)
 
+  it("gives the errno of a failed open or unlink, as OSError's kin", function()
+    local name = "luamp_spec_errno_" .. H.pid()
+    local a = mp.SharedMemory(name, true, 10)
+    local err = err_of(mp.SharedMemory, {name = name, create = true, size = 10})
+    assert.equal("FileExistsError", err.kind)
+    assert.equal(17, err.errno)                       -- EEXIST
+    assert.matches("shared memory '" .. name .. "'", err.message, 1, true)
+    a:unlink()
+    err = err_of(mp.SharedMemory, name)
+    assert.equal("FileNotFoundError", err.kind)
+    assert.equal(2, err.errno)                        -- ENOENT
+    err = err_of(a.unlink, a)
+    assert.equal("FileNotFoundError", err.kind)
+    assert.equal(2, err.errno)
+    a:close()
+  end)
+
   it("gives clear errors for bad input", function()
     assert.matches("different from zero", tostring(err_of(mp.SharedMemory, {create = true, size = 0})))
     assert.matches("positive", tostring(err_of(mp.SharedMemory, {create = true, size = -5})))

@@ -253,8 +253,7 @@ end
 -- usable either way, and other clients' handshakes go on meanwhile.
 function Listener:accept(timeout)
   if timeout ~= nil and type(timeout) ~= "number" then
-    error("bad argument #1 to 'accept' (number expected, got " ..
-          type(timeout) .. ")", 2)
+    typeerror(1, "accept", "number", timeout)
   end
   local deadline = timeout and core.now() + math.max(timeout, 0)
   local last

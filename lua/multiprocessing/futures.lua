@@ -35,24 +35,22 @@ local M = {
 local RETURN_WHEN = {FIRST_COMPLETED = true, FIRST_EXCEPTION = true,
                      ALL_COMPLETED = true}
 
-local function argerror(n, fname, msg, level)
-  error(string.format("bad argument #%d to '%s' (%s)", n, fname, msg), level + 1)
-end
+local argerror = require("multiprocessing.util").argerror
 
 local function check_timeout(t, n, fname)
   if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
     argerror(n, fname, "timeout must be a non-negative number, got " ..
-             tostring(t), 3)
+             tostring(t))
   end
 end
 
 local function check_options(opts, n, fname, known)
   if opts == nil then return {} end
   if type(opts) ~= "table" then
-    argerror(n, fname, "table expected, got " .. type(opts), 3)
+    argerror(n, fname, "table expected, got " .. type(opts))
   end
   for k in pairs(opts) do
-    if not known[k] then argerror(n, fname, "unknown option '" .. tostring(k) .. "'", 3) end
+    if not known[k] then argerror(n, fname, "unknown option '" .. tostring(k) .. "'") end
   end
   return opts
 end
@@ -73,7 +71,7 @@ function M.ProcessPoolExecutor(opts)
     o = check_options(opts, 1, "ProcessPoolExecutor", EXECUTOR_OPTIONS)
     n = o.max_workers
   elseif opts ~= nil and type(opts) ~= "number" then
-    argerror(1, "ProcessPoolExecutor", "number or table expected, got " .. type(opts), 2)
+    argerror(1, "ProcessPoolExecutor", "number or table expected, got " .. type(opts))
   end
   if n ~= nil and (math.tointeger(n) == nil or n < 1) then
     raise("ValueError", "max_workers must be an integer greater than 0")
@@ -93,10 +91,10 @@ end
 
 local function check_submit(self, fn, n, fname)
   if getmetatable(self) ~= Executor then
-    argerror(1, fname, "ProcessPoolExecutor expected, got " .. type(self), 3)
+    argerror(1, fname, "ProcessPoolExecutor expected, got " .. type(self))
   end
   if type(fn) ~= "function" then
-    argerror(n, fname, "function expected, got " .. type(fn), 3)
+    argerror(n, fname, "function expected, got " .. type(fn))
   end
   if self._shutdown then
     raise("ValueError", "cannot schedule new futures after shutdown")
@@ -119,7 +117,7 @@ function Executor:submit_with(opts, fn, ...)
   local t = opts.timeout
   if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
     argerror(1, "submit_with", "timeout must be a non-negative number, got " ..
-             tostring(t), 2)
+             tostring(t))
   end
   return self._pool:_submit_future(fn, pack(...), select("#", ...), t)
 end
@@ -137,7 +135,7 @@ function Executor:map(fn, iterable, opts)
   check_timeout(opts.timeout, 2, "map")
   local tt = opts.task_timeout
   if tt ~= nil and (type(tt) ~= "number" or tt ~= tt or tt < 0) then
-    argerror(2, "map", "task_timeout must be a non-negative number", 2)
+    argerror(2, "map", "task_timeout must be a non-negative number")
   end
   local cs = opts.chunksize or 1
   if math.type(cs) ~= "integer" or cs < 1 then
@@ -150,7 +148,7 @@ function Executor:map(fn, iterable, opts)
     items, n = {}, 0
     for v in iterable do n = n + 1 items[n] = v end
   else
-    argerror(2, "map", "table or function expected, got " .. type(iterable), 2)
+    argerror(2, "map", "table or function expected, got " .. type(iterable))
   end
   local deadline = opts.timeout and now() + opts.timeout
   local pool = self._pool
@@ -235,14 +233,14 @@ end
 -- caller for a value that is not one.
 local function futures_of(fs, fname)
   if type(fs) ~= "table" then
-    argerror(1, fname, "table of futures expected, got " .. type(fs), 3)
+    argerror(1, fname, "table of futures expected, got " .. type(fs))
   end
   local list, seen = {}, {}
   for i = 1, fs.n or #fs do
     local f = fs[i]
     if getmetatable(f) ~= AsyncResult or f._kind == "imap" then
       argerror(1, fname, string.format("item %d is not a future (%s)", i,
-               f == nil and "nil" or tostring(f)), 3)
+               f == nil and "nil" or tostring(f)))
     end
     if not seen[f] then
       seen[f] = true
@@ -325,7 +323,7 @@ function M.wait(fs, opts)
   local when = opts.return_when or "ALL_COMPLETED"
   if not RETURN_WHEN[when] then
     argerror(2, "wait", "return_when must be FIRST_COMPLETED, FIRST_EXCEPTION " ..
-             "or ALL_COMPLETED, got " .. tostring(when), 2)
+             "or ALL_COMPLETED, got " .. tostring(when))
   end
   local deadline = opts.timeout and now() + opts.timeout
   local pools = pools_of(list)

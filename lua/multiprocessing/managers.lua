@@ -49,6 +49,8 @@ local core = require "multiprocessing.core"
 local connection = require "multiprocessing.connection"
 
 local raise, getpid, now = core.raise, core.getpid, core.now
+local util = require "multiprocessing.util"
+local argerror, typeerror = util.argerror, util.typeerror
 local writes_pending, set_nofence = core._writes_pending, core._set_nofence
 local is_error, new_error = core.is_error, core.new_error
 local unpack, select, type = table.unpack, select, type
@@ -456,16 +458,14 @@ local function apply_method(with_key)
   if with_key then
     return function(p, k, fn, ...)
       if type(fn) ~= "function" then
-        error("bad argument #2 to 'apply' (function expected, got " ..
-              type(fn) .. ")", 2)
+        typeerror(2, "apply", "function", fn)
       end
       return call(cl_of(p), req(rawget(p, ID), "apply", k, fn, ...))
     end
   end
   return function(p, fn, ...)
     if type(fn) ~= "function" then
-      error("bad argument #1 to 'apply' (function expected, got " ..
-            type(fn) .. ")", 2)
+      typeerror(1, "apply", "function", fn)
     end
     return call(cl_of(p), req(rawget(p, ID), "apply", fn, ...))
   end
@@ -511,8 +511,8 @@ end
 local function check_key(k, fname, argn)
   local t = type(k)
   if t == "string" or t == "boolean" or (t == "number" and k == k) then return end
-  error(string.format("bad argument #%d to '%s' (dict key must be a string, " ..
-    "number or boolean, got %s)", argn, fname, t == "number" and "NaN" or t), 3)
+  argerror(argn, fname, "dict key must be a string, number or boolean, got " ..
+           (t == "number" and "NaN" or t))
 end
 
 local DictM = common{
@@ -539,7 +539,7 @@ local DictM = common{
   end,
   update = function(p, t)
     if type(t) ~= "table" then
-      error("bad argument #1 to 'update' (table expected, got " .. type(t) .. ")", 2)
+      typeerror(1, "update", "table", t)
     end
     post(cl_of(p), {0, rawget(p, ID), "update", t})
   end,
@@ -583,8 +583,8 @@ local function check_index(i, fname, argn)
   if math.type(i) == "integer" or (math.type(i) == "float" and math.tointeger(i)) then
     return
   end
-  error(string.format("bad argument #%d to '%s' (integer index expected, " ..
-    "got %s)", argn, fname, math.type(i) or type(i)), 3)
+  argerror(argn, fname, "integer index expected, got " ..
+           (math.type(i) or type(i)))
 end
 
 local function seq_pairs(p)
@@ -623,7 +623,7 @@ local ListM = common{
   end,
   extend = function(p, t)
     if type(t) ~= "table" then
-      error("bad argument #1 to 'extend' (table expected, got " .. type(t) .. ")", 2)
+      typeerror(1, "extend", "table", t)
     end
     post(cl_of(p), {0, rawget(p, ID), "extend", t})
   end,
@@ -656,8 +656,7 @@ define("list", "ListProxy", ListM, seq_metamethods(ListM))
 
 local function check_field(k, fname, argn)
   if type(k) ~= "string" then
-    error(string.format("bad argument #%d to '%s' (field name must be a " ..
-      "string, got %s)", argn, fname, type(k)), 3)
+    argerror(argn, fname, "field name must be a string, got " .. type(k))
   end
 end
 
@@ -900,20 +899,17 @@ local manager_opts = {address = true, authkey = true, shutdown_timeout = true}
 
 local function new_instance(cls, opts)
   if opts ~= nil and type(opts) ~= "table" then
-    error("bad argument #1 to '" .. cls._class_name .. "' (options table " ..
-          "expected, got " .. type(opts) .. ")", 3)
+    typeerror(1, cls._class_name, "options table", opts)
   end
   opts = opts or {}
   for k in pairs(opts) do
     if not manager_opts[k] then
-      error("bad argument #1 to '" .. cls._class_name .. "' (unknown option '" ..
-            tostring(k) .. "')", 3)
+      argerror(1, cls._class_name, "unknown option '" .. tostring(k) .. "'")
     end
   end
   local authkey = opts.authkey
   if authkey ~= nil and authkey ~= false and type(authkey) ~= "string" then
-    error("bad argument #1 to '" .. cls._class_name .. "' (authkey must be a " ..
-          "string, got " .. type(authkey) .. ")", 3)
+    argerror(1, cls._class_name, "authkey must be a string, got " .. type(authkey))
   end
   if authkey == nil then
     -- as Python's: the process tree's key (made when the main process
@@ -964,14 +960,12 @@ end
 -- as they are).  The client side registers the name alone.
 function BaseManager:register(typeid, callable, opts)
   if type(typeid) ~= "string" then
-    error("bad argument #1 to 'register' (typeid must be a string, got " ..
-          type(typeid) .. ")", 2)
+    argerror(1, "register", "typeid must be a string, got " .. type(typeid))
   end
   if callable ~= nil and type(callable) ~= "function" then
     local mt = getmetatable(callable)
     if not (mt and mt.__call) then
-      error("bad argument #2 to 'register' (function expected, got " ..
-            type(callable) .. ")", 2)
+      typeerror(2, "register", "function", callable)
     end
   end
   local cls = rawget(self, "_registry") and self or class_of(self)
@@ -1036,7 +1030,7 @@ function BaseManager:start(initializer, initargs)
     raise("ProcessError", "the manager is already " .. self._state)
   end
   if initializer ~= nil and type(initializer) ~= "function" then
-    error("bad argument #1 to 'start' (initializer must be a function)", 2)
+    argerror(1, "start", "initializer must be a function")
   end
   local Process = require("multiprocessing.process").Process
   local registry = registry_of(self)

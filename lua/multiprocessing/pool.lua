@@ -62,15 +62,8 @@ local ORPHAN = {}
 local chunk_fn
 
 local function traceback(e)
-  local msg
-  if type(e) == "string" then msg = e
-  elseif core.is_error(e) then msg = tostring(e)
-  else
-    local mt = getmetatable(e)
-    msg = mt and mt.__tostring and tostring(e) or
-          "(error object is a " .. type(e) .. " value)"
-  end
-  local tb = debug.traceback(msg, 2)
+  -- the frames alone: the RemoteError's tostring puts its message first
+  local tb = debug.traceback(nil, 2)
   local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
   if cut then tb = tb:sub(1, cut - 1) end
   -- the worker's own frames below the task's (run_items's loop) are not
@@ -419,8 +412,8 @@ end
 
 local function check_timeout(t, fname)
   if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
-    error(string.format("bad argument #1 to '%s' (timeout must be a " ..
-      "non-negative number, got %s)", fname, tostring(t)), 3)
+    argerror(1, fname, "timeout must be a non-negative number, got " ..
+             tostring(t))
   end
 end
 
@@ -448,8 +441,7 @@ end
 
 function AsyncResult:add_done_callback(fn)
   if type(fn) ~= "function" then
-    error("bad argument #1 to 'add_done_callback' (function expected, got " ..
-          type(fn) .. ")", 2)
+    typeerror(1, "add_done_callback", "function", fn)
   end
   if self._done then
     self._done_callbacks = {fn}
@@ -487,7 +479,7 @@ end
 -- and replaced.
 function AsyncResult:cancel(opts)
   if opts ~= nil and type(opts) ~= "table" then
-    error("bad argument #1 to 'cancel' (table expected, got " .. type(opts) .. ")", 2)
+    typeerror(1, "cancel", "table", opts)
   end
   local force = opts ~= nil and opts.force
   if self._done then return self._cancelled == true end
@@ -819,20 +811,26 @@ function Pool:_store_blob(blob)
   return ref
 end
 
--- An EncodeError about a task message, told in the caller's terms.
+-- An EncodeError about a task message, told in the caller's terms: the
+-- items are slot 4 of the message, so its path {4, ...} becomes one from
+-- the caller's args (apply) or iterable (map: the item's own index first).
 local function rename_path(err, mode, first)
-  if not core.is_error(err, "EncodeError") then return err end
-  local msg = err.message
-  if mode == APPLY then
-    msg = msg:gsub(" at value%[4%]", " at args", 1)
-  elseif mode == MAP1 or mode == STARMAP1 then
-    msg = msg:gsub(" at value%[4%]", " at iterable[" .. first .. "]", 1)
-  else
-    msg = msg:gsub(" at value%[4%]%[(%d+)%]", function(k)
-      return " at iterable[" .. (first + tonumber(k) - 1) .. "]"
-    end, 1)
+  if not core.is_error(err, "EncodeError") or err.path[1] ~= 4 then
+    return err
   end
-  return new_error("EncodeError", msg)
+  local path, root, from = {}, "iterable", 2
+  if mode == APPLY then root = "args"
+  elseif mode == MAP1 or mode == STARMAP1 then path[1] = first
+  elseif math.type(err.path[2]) == "integer" then
+    path[1], from = first + err.path[2] - 1, 3
+  else return err end
+  table.move(err.path, from, #err.path, #path + 1, path)
+  local where = {}
+  for i, step in ipairs(path) do
+    where[i] = math.type(step) == "integer" and "[" .. step .. "]" or step
+  end
+  return new_error("EncodeError", err.reason .. " at " .. root ..
+                   table.concat(where), {reason = err.reason, path = path})
 end
 
 -- Puts one task on the queue: {tag, function, mode, items, n, timed,

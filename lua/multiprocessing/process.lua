@@ -207,7 +207,7 @@ end
 function Process:extend(name)
   local base = self
   if type(base) ~= "table" or not rawget(base, "_instance_mt") then
-    error("bad argument #1 to 'extend' (call it as Class:extend())", 2)
+    util.argerror(1, "extend", "call it as Class:extend()")
   end
   local cls = make_class(base, name)
   if name == nil then rawset(cls, "_class_name", base._class_name) end

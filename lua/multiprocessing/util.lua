@@ -30,9 +30,9 @@ U.levels = levels
 local function level_of(v, argn, fname)
   if type(v) == "number" then return math.tointeger(v) or math.floor(v) end
   if type(v) == "string" and levels[v:upper()] then return levels[v:upper()] end
-  error(string.format("bad argument #%d to '%s' (level expected: a number " ..
-    "or one of DEBUG, INFO, WARNING, ERROR, CRITICAL; got %s)", argn, fname,
-    type(v) == "string" and ("'" .. v .. "'") or type(v)), 3)
+  U.argerror(argn, fname, "level expected: a number or one of DEBUG, INFO, " ..
+    "WARNING, ERROR, CRITICAL; got " ..
+    (type(v) == "string" and ("'" .. v .. "'") or type(v)))
 end
 
 local function level_name(level)
@@ -61,8 +61,7 @@ end
 -- handler(record) gets {level=, levelname=, message=, process_name=, pid=}
 function Logger:add_handler(handler)
   if type(handler) ~= "function" then
-    error("bad argument #1 to 'add_handler' (function expected, got " ..
-          type(handler) .. ")", 2)
+    U.typeerror(1, "add_handler", "function", handler)
   end
   self.handlers[#self.handlers + 1] = handler
 end
