@@ -158,12 +158,17 @@ local function worker_main(cfg)
   local tq, rq, store, slot = cfg.tq, cfg.rq, cfg.store, cfg.slot
   local starts, started, cancel = cfg.starts, cfg.started, cfg.cancel
   -- a task's print or io.write clears the owner's progress bar first, when
-  -- one is drawn, so that its output is on a line of its own
-  local print0, write0, stderr = print, io.write, io.stderr
+  -- one is drawn, so that its output is on a line of its own.  The clear
+  -- goes to stdout ahead of the text, in stdout's buffer: both leave in
+  -- one write, so the owner's redraw cannot come between them (it goes
+  -- before, and is cleared, or after, on the next line).  Only when stdout
+  -- is the terminal too: a file gets no escapes.
+  local print0, write0, stdout = print, io.write, io.stdout
+  local tty_out = core.isatty(1)
   local function clear()
-    if cancel[BAR] ~= 0 then
+    if cancel[BAR] ~= 0 and tty_out then
       cancel[BAR] = 0
-      stderr:write("\r\27[K")
+      stdout:write("\r\27[K")
     end
   end
   print = function(...) clear() return print0(...) end
@@ -630,10 +635,11 @@ function Progress:line(done, final)
 end
 
 function Progress:draw()
+  -- (the flag first: a worker printing from now on clears what comes)
+  if self.flag then self.flag[BAR] = 1 end
   io.stderr:write("\r", self:line(self.done), "\27[K")
   io.stderr:flush()
   self.drawn = true
-  if self.flag then self.flag[BAR] = 1 end
 end
 
 function Progress:update(job)
