@@ -38,12 +38,59 @@ void luamp_push_error(lua_State *L, const char *kind, const char *message) {
   luaL_setmetatable(L, LUAMP_ERROR_MT);
 }
 
+/* Whether a frame runs the library's own Lua code (multiprocessing/
+ * NAME.lua, embedded or from LUA_PATH). */
+static int is_ours(const lua_Debug *ar) {
+  const char *s = ar->source, *slash = strrchr(s, '/');
+  size_t n = strlen(s);
+  return ar->what[0] != 'C' && s[0] == '@' && n > 4 &&
+         strcmp(s + n - 4, ".lua") == 0 && slash != NULL &&
+         slash - s >= 16 && memcmp(slash - 15, "multiprocessing", 15) == 0;
+}
+
+/* Pushes the user's position, "file:line", of a failure raised now: the
+ * first frame above the raising C function that is not the library's;
+ * nil when that frame is a C function (pcall(q.get, q)), which, as for
+ * Lua's own errors, has no line. */
+static void push_where(lua_State *L) {
+  lua_Debug ar;
+  for (int level = 1; lua_getstack(L, level, &ar); level++) {
+    lua_getinfo(L, "Sl", &ar);
+    if (is_ours(&ar)) continue;
+    if (ar.currentline > 0) {
+      lua_pushfstring(L, "%s:%d", ar.short_src, ar.currentline);
+      return;
+    }
+    break;
+  }
+  lua_pushnil(L);
+}
+
+/* Raises the error object kind with the message on top of the stack, led
+ * by the user's "file:line: " (also in the field where), as error() leads
+ * a string: a stock lua5.4 prints an uncaught error object's tostring
+ * alone, with no traceback.  Replaces the message; returns with the
+ * object on top, not raised. */
+static void push_located_error(lua_State *L, const char *kind) {
+  int msg = lua_gettop(L);
+  push_where(L);                                   /* msg where */
+  if (!lua_isnil(L, -1))
+    lua_pushfstring(L, "%s: %s", lua_tostring(L, -1), lua_tostring(L, msg));
+  else
+    lua_pushvalue(L, msg);                         /* msg where text */
+  luamp_push_error(L, kind, lua_tostring(L, -1));  /* msg where text err */
+  lua_pushvalue(L, msg + 1);
+  lua_setfield(L, -2, "where");                    /* (nil: no field) */
+  lua_replace(L, msg);                             /* err where text */
+  lua_settop(L, msg);
+}
+
 int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
   lua_pushvfstring(L, fmt, ap);
   va_end(ap);
-  luamp_push_error(L, kind, lua_tostring(L, -1));
+  push_located_error(L, kind);
   lua_error(L);
   __builtin_unreachable();
 }
@@ -68,7 +115,7 @@ int luamp_raise_errno(lua_State *L, const char *kind, int err,
   if (kind == NULL || strcmp(kind, "OSError") == 0)
     kind = luamp_errno_kind(err);
   lua_pushfstring(L, "%s: %s", what, strerror(err));
-  luamp_push_error(L, kind, lua_tostring(L, -1));
+  push_located_error(L, kind);
   lua_pushinteger(L, err);
   lua_setfield(L, -2, "errno");
   lua_error(L);

@@ -56,6 +56,30 @@ describe("error objects", function()
     assert.is_false(mp.is_error("Empty"))
   end)
 
+  it("raised by the runtime (C) lead their message with the user's file:line", function()
+    local q = mp.Queue()
+    local ok, e = pcall(function()
+      q:get(true, 0.01)     -- this line
+    end)
+    local line = debug.getinfo(1, "l").currentline - 2
+    assert.is_false(ok)
+    assert.equal("Empty", e.kind)
+    assert.equal("spec/module_spec.lua:" .. line, e.where)
+    assert.equal("spec/module_spec.lua:" .. line .. ": queue is empty", e.message)
+    -- through the library's own Lua code (SharedMemory{} is Lua over C)
+    ok, e = pcall(function()
+      mp.SharedMemory{name = "luamp-no-such-block-" .. mp.current_process().pid}
+    end)
+    line = debug.getinfo(1, "l").currentline - 2
+    assert.equal("FileNotFoundError", e.kind)
+    assert.equal("spec/module_spec.lua:" .. line, e.where)
+    -- called straight from pcall (a C frame) there is no line, as for Lua's own
+    ok, e = pcall(q.get, q, true, 0.01)
+    assert.is_nil(e.where)
+    assert.equal("queue is empty", e.message)
+    q:close()
+  end)
+
   it("append the remote traceback when there is one", function()
     local e = mp.new_error("RemoteError", "boom",
       {traceback = "stack traceback:\n\tx.lua:1", value = {1}})
