@@ -11,16 +11,36 @@
 #include <errno.h>
 #include <math.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
 #include <stdint.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
 
+/* (accept4 and connect take glibc's transparent sockaddr unions: called
+ * through these so that the table's types are the plain ones) */
+static int sys_accept4(int fd, struct sockaddr *a, socklen_t *n, int fl) {
+  return accept4(fd, a, n, fl);
+}
+static int sys_connect(int fd, const struct sockaddr *a, socklen_t n) {
+  return connect(fd, a, n);
+}
+
 struct luamp_syscalls luamp_sys = {
-  fork, read, write, poll, mmap, ftruncate
+  .fork = fork, .waitpid = waitpid, .sigmask = pthread_sigmask,
+  .read = read, .write = write, .writev = writev,
+  .pread = pread, .pwrite = pwrite, .recv = recv, .poll = poll,
+  .pipe2 = pipe2, .socketpair = socketpair, .socket = socket,
+  .accept4 = sys_accept4, .connect = sys_connect,
+  .memfd_create = memfd_create, .shm_open = shm_open,
+  .ftruncate = ftruncate, .mmap = mmap
 };
 
 /* Longest single sleep while waiting with an interruptible state: a
@@ -80,39 +100,6 @@ ssize_t luamp_robust_read(int fd, void *buf, size_t n) {
   ssize_t r;
   do r = luamp_sys.read(fd, buf, n); while (r < 0 && errno == EINTR);
   return r;
-}
-
-ssize_t luamp_robust_write(int fd, const void *buf, size_t n) {
-  ssize_t r;
-  do r = luamp_sys.write(fd, buf, n); while (r < 0 && errno == EINTR);
-  return r;
-}
-
-int luamp_write_full(int fd, const void *buf, size_t n) {
-  const char *p = buf;
-  while (n > 0) {
-    ssize_t w = luamp_robust_write(fd, p, n);
-    if (w < 0) return -1;
-    p += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
-int luamp_read_full(int fd, void *buf, size_t n) {
-  char *p = buf;
-  size_t got = 0;
-  while (got < n) {
-    ssize_t r = luamp_robust_read(fd, p + got, n - got);
-    if (r < 0) return -1;
-    if (r == 0) {
-      if (got == 0) return 1;
-      errno = EPIPE; /* EOF inside the object: never a short value */
-      return -1;
-    }
-    got += (size_t)r;
-  }
-  return 0;
 }
 
 int luamp_robust_poll(lua_State *L, struct pollfd *fds, nfds_t n,

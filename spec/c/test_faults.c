@@ -1,0 +1,178 @@
+/* Fault injection through the syscall table (sys.c's luamp_sys): a system
+ * call fails in conn.c, store.c, process.c and shm.c, and the Lua caller
+ * sees the contract's error (kind OSError, the errno), with no fd or
+ * shared-memory name left behind and the handle still usable or closed
+ * cleanly.  Each test runs in its own process (tap.h), so a replaced
+ * entry never leaks into the next test. */
+#include <dirent.h>
+#include <errno.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <lauxlib.h>
+#include <lualib.h>
+
+#include "internal.h"
+#include "tap.h"
+
+static lua_State *new_state(void) {
+  lua_State *L = luaL_newstate();
+  CHECK(L != NULL);
+  luaL_openlibs(L);
+  luaL_requiref(L, "multiprocessing", luaopen_multiprocessing, 1);
+  lua_pop(L, 1);
+  return L;
+}
+
+static int run(lua_State *L, const char *code) {
+  if (luaL_dostring(L, code) != LUA_OK) {
+    printf("# lua error: %s\n", lua_tostring(L, -1));
+    return 0;
+  }
+  return 1;
+}
+
+/* Open descriptors of this process (a leak shows as a higher count). */
+static int count_fds(void) {
+  DIR *d = opendir("/proc/self/fd");
+  int n = 0;
+  CHECK(d != NULL);
+  while (readdir(d) != NULL) n++;
+  closedir(d);
+  return n;
+}
+
+/* Asserts in Lua that calling `call` raises kind OSError with errno err;
+ * `setup` runs first (its locals are visible to `call`). */
+#define EXPECT_OSERROR(setup, call, err) \
+  setup "\nlocal ok, e = pcall(function() " call " end)\n" \
+  "assert(not ok, 'no error')\n" \
+  "assert(type(e) == 'table', 'not an error object: ' .. tostring(e))\n" \
+  "assert(e.kind == 'OSError', 'kind ' .. tostring(e.kind))\n" \
+  "assert(e.errno == " #err ", 'errno ' .. tostring(e.errno))\n"
+
+static int fail_errno = EIO;
+
+static ssize_t fail_writev(int fd, const struct iovec *v, int n) {
+  (void)fd; (void)v; (void)n;
+  errno = fail_errno;
+  return -1;
+}
+static ssize_t fail_read(int fd, void *b, size_t n) {
+  (void)fd; (void)b; (void)n;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_pair(int d, int t, int p, int *fds) {
+  (void)d; (void)t; (void)p; (void)fds;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_pipe2(int *fds, int fl) {
+  (void)fds; (void)fl;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_socket(int d, int t, int p) {
+  (void)d; (void)t; (void)p;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_accept4(int fd, struct sockaddr *a, socklen_t *n, int fl) {
+  (void)fd; (void)a; (void)n; (void)fl;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_connect(int fd, const struct sockaddr *a, socklen_t n) {
+  (void)fd; (void)a; (void)n;
+  errno = fail_errno;
+  return -1;
+}
+
+/* ---- conn.c ---------------------------------------------------------- */
+
+static void test_conn_send_and_recv_fail(void) {
+  lua_State *L = new_state();
+  int before;
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "a, b = mp.Pipe()"));
+  before = count_fds();
+  luamp_sys.writev = fail_writev;
+  CHECK(run(L, EXPECT_OSERROR("", "a:send('hello')", 5)));
+  luamp_sys.read = fail_read;
+  CHECK(run(L, EXPECT_OSERROR("", "b:recv()", 5)));
+  CHECK(count_fds() == before);
+  CHECK(run(L, "a:close() b:close()"));
+  lua_close(L);
+}
+
+static void test_conn_pipe_creation_fails(void) {
+  lua_State *L = new_state();
+  int before = count_fds();
+  fail_errno = EMFILE;
+  luamp_sys.socketpair = fail_pair;
+  luamp_sys.pipe2 = fail_pipe2;
+  CHECK(run(L, EXPECT_OSERROR("local mp = require 'multiprocessing'",
+                              "mp.Pipe()", 24)));
+  CHECK(run(L, EXPECT_OSERROR("local mp = require 'multiprocessing'",
+                              "mp.Pipe(false)", 24)));
+  CHECK(run(L, "collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
+  lua_close(L);
+}
+
+static void test_listener_accept_and_connect_fail(void) {
+  lua_State *L = new_state();
+  int before;
+  CHECK(run(L, "core = require 'multiprocessing.core'\n"
+               "l = core.listen({'127.0.0.1', 0})\n"
+               "addr = l:address()"));
+  before = count_fds();
+  luamp_sys.connect = fail_connect;
+  CHECK(run(L, EXPECT_OSERROR("", "core.connect(addr, 1)", 5)));
+  CHECK(run(L, "collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
+  lua_close(L);
+}
+
+static void test_socket_and_accept_fail(void) {
+  lua_State *L = new_state();
+  int before, sock;
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  CHECK(run(L, "core = require 'multiprocessing.core'\n"
+               "l = core.listen({'127.0.0.1', 0})\n"
+               "addr = l:address()"));
+  /* a real client, so that the listener is readable */
+  CHECK(run(L, "FD = l:fileno()"));
+  lua_getglobal(L, "FD");
+  CHECK(getsockname((int)lua_tointeger(L, -1), (struct sockaddr *)&ss,
+                    &len) == 0);
+  lua_pop(L, 1);
+  sock = socket(ss.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  CHECK(sock >= 0 && connect(sock, (struct sockaddr *)&ss, len) == 0);
+  before = count_fds();
+  fail_errno = EMFILE;
+  luamp_sys.accept4 = fail_accept4;
+  CHECK(run(L, EXPECT_OSERROR("", "l:accept(1)", 24)));
+  luamp_sys.socket = fail_socket;
+  CHECK(run(L, EXPECT_OSERROR("", "core.connect(addr, 1)", 24)));
+  CHECK(run(L, "collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
+  close(sock);
+  lua_close(L);
+}
+
+int main(void) {
+  static const struct tap_test tests[] = {
+    {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
+    {"conn: Pipe that cannot be made raises OSError, no fd left",
+     test_conn_pipe_creation_fails},
+    {"conn: connect that fails raises OSError, no fd left",
+     test_listener_accept_and_connect_fail},
+    {"conn: accept and socket that fail raise OSError",
+     test_socket_and_accept_fail},
+    {NULL, NULL}
+  };
+  return tap_run(tests);
+}
