@@ -6,6 +6,7 @@
  * entry never leaks into the next test. */
 #include <dirent.h>
 #include <errno.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 
@@ -163,6 +164,52 @@ static void test_socket_and_accept_fail(void) {
   lua_close(L);
 }
 
+/* ---- store.c --------------------------------------------------------- */
+
+static int fail_memfd(const char *name, unsigned int fl) {
+  (void)name; (void)fl;
+  errno = fail_errno;
+  return -1;
+}
+static ssize_t fail_pwrite(int fd, const void *b, size_t n, off_t off) {
+  (void)fd; (void)b; (void)n; (void)off;
+  errno = fail_errno;
+  return -1;
+}
+static ssize_t fail_pread(int fd, void *b, size_t n, off_t off) {
+  (void)fd; (void)b; (void)n; (void)off;
+  errno = fail_errno;
+  return -1;
+}
+
+static void test_store_faults(void) {
+  lua_State *L = new_state();
+  int before = count_fds();
+  fail_errno = EMFILE;
+  luamp_sys.memfd_create = fail_memfd;
+  CHECK(run(L, EXPECT_OSERROR("core = require 'multiprocessing.core'",
+                              "core.Store()", 24)));
+  CHECK(run(L, "collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
+  luamp_sys.memfd_create = memfd_create;
+  CHECK(run(L, "s = core.Store()\n"
+               "assert(s:put('abc') == 0)"));
+  fail_errno = ENOSPC;
+  luamp_sys.pwrite = fail_pwrite;
+  CHECK(run(L, EXPECT_OSERROR("", "s:put('defg')", 28)));
+  fail_errno = EIO;
+  luamp_sys.pread = fail_pread;
+  CHECK(run(L, EXPECT_OSERROR("", "s:get(0, 3)", 5)));
+  luamp_sys.pread = pread;
+  /* the failed put appended nothing: the next one goes at 3 */
+  luamp_sys.pwrite = pwrite;
+  CHECK(run(L, "assert(s:put('xy') == 3)\n"
+               "assert(s:get(0, 5) == 'abcxy')\n"
+               "s:close()"));
+  CHECK(count_fds() == before);
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
@@ -172,6 +219,8 @@ int main(void) {
      test_listener_accept_and_connect_fail},
     {"conn: accept and socket that fail raise OSError",
      test_socket_and_accept_fail},
+    {"store: memfd_create, pwrite and pread that fail raise OSError",
+     test_store_faults},
     {NULL, NULL}
   };
   return tap_run(tests);
