@@ -113,7 +113,7 @@ struct iovec;
 struct luamp_syscalls {
   pid_t (*fork)(void);
   pid_t (*waitpid)(pid_t, int *, int);
-  int (*sigmask)(int, const sigset_t *, sigset_t *);  /* pthread_sigmask */
+  int (*pthread_sigmask)(int, const sigset_t *, sigset_t *);
   ssize_t (*read)(int, void *, size_t);
   ssize_t (*write)(int, const void *, size_t);
   ssize_t (*writev)(int, const struct iovec *, int);

@@ -34,7 +34,7 @@ static int sys_connect(int fd, const struct sockaddr *a, socklen_t n) {
 }
 
 struct luamp_syscalls luamp_sys = {
-  .fork = fork, .waitpid = waitpid, .sigmask = pthread_sigmask,
+  .fork = fork, .waitpid = waitpid, .pthread_sigmask = pthread_sigmask,
   .read = read, .write = write, .writev = writev,
   .pread = pread, .pwrite = pwrite, .recv = recv, .poll = poll,
   .pipe2 = pipe2, .socketpair = socketpair, .socket = socket,
@@ -128,7 +128,7 @@ static int l_cpu_count(lua_State *L) {
 }
 
 static int l_getpid(lua_State *L) {
-  lua_pushinteger(L, getpid());
+  lua_pushinteger(L, luamp_pid());
   return 1;
 }
 

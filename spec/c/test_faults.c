@@ -6,6 +6,7 @@
  * entry never leaks into the next test. */
 #include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -210,6 +211,62 @@ static void test_store_faults(void) {
   lua_close(L);
 }
 
+/* ---- process.c ------------------------------------------------------- */
+
+static pid_t fail_waitpid(pid_t pid, int *st, int fl) {
+  (void)pid; (void)st; (void)fl;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_sigmask(int how, const sigset_t *set, sigset_t *old) {
+  (void)how; (void)set; (void)old;
+  return EINVAL;   /* pthread_sigmask returns the error number */
+}
+
+/* The sentinel pipe (no pidfd) and the signal mask cannot be set up: the
+ * start raises OSError, nothing is forked and no fd is left. */
+static void test_spawn_faults(void) {
+  lua_State *L;
+  int before;
+  setenv("LUAMP_NO_PIDFD", "1", 1);
+  L = new_state();
+  /* (a first start opens /dev/null for the children's stdin, once) */
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "p = mp.Process{target = function() end}\n"
+               "p:start() p:join() p:close() collectgarbage()"));
+  before = count_fds();
+  fail_errno = EMFILE;
+  luamp_sys.pipe2 = fail_pipe2;
+  CHECK(run(L, EXPECT_OSERROR("p = mp.Process{target = function() end}",
+                              "p:start()", 24)
+               "assert(p.pid == nil and #mp.active_children() == 0)"));
+  CHECK(count_fds() == before);
+  luamp_sys.pipe2 = pipe2;
+  luamp_sys.pthread_sigmask = fail_sigmask;
+  CHECK(run(L, EXPECT_OSERROR("p = mp.Process{target = function() end}",
+                              "p:start()", 22)
+               "assert(p.pid == nil and #mp.active_children() == 0)"));
+  CHECK(count_fds() == before);
+  luamp_sys.pthread_sigmask = pthread_sigmask;
+  CHECK(run(L, "p = mp.Process{target = function() os.exit(4) end}\n"
+               "p:start() p:join() assert(p.exitcode == 4)"));
+  lua_close(L);
+}
+
+static void test_waitpid_fault(void) {
+  lua_State *L = new_state();
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "core = require 'multiprocessing.core'\n"
+               "p = mp.Process{target = function() os.exit(3) end}\n"
+               "p:start()"));
+  fail_errno = EINVAL;
+  luamp_sys.waitpid = fail_waitpid;
+  CHECK(run(L, EXPECT_OSERROR("", "core.waitpid(p.pid)", 22)));
+  luamp_sys.waitpid = waitpid;
+  CHECK(run(L, "p:join() assert(p.exitcode == 3, tostring(p.exitcode))"));
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
@@ -221,6 +278,9 @@ int main(void) {
      test_socket_and_accept_fail},
     {"store: memfd_create, pwrite and pread that fail raise OSError",
      test_store_faults},
+    {"process: a start whose sentinel pipe or signal mask fails raises OSError",
+     test_spawn_faults},
+    {"process: waitpid that fails raises OSError", test_waitpid_fault},
     {NULL, NULL}
   };
   return tap_run(tests);
