@@ -267,6 +267,60 @@ static void test_waitpid_fault(void) {
   lua_close(L);
 }
 
+/* ---- shm.c ----------------------------------------------------------- */
+
+static int fail_shm_open(const char *name, int fl, mode_t mode) {
+  (void)name; (void)fl; (void)mode;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_ftruncate(int fd, off_t n) {
+  (void)fd; (void)n;
+  errno = fail_errno;
+  return -1;
+}
+static void *fail_mmap(void *a, size_t n, int prot, int fl, int fd, off_t o) {
+  (void)a; (void)n; (void)prot; (void)fl; (void)fd; (void)o;
+  errno = fail_errno;
+  return MAP_FAILED;
+}
+
+/* Creating a block fails at each step: OSError with the errno, no fd
+ * left, and no name left behind in /dev/shm. */
+static void test_shm_faults(void) {
+  lua_State *L = new_state();
+  int before;
+  char path[64];
+  snprintf(path, sizeof path, "/dev/shm/luamp_fault_%d", (int)getpid());
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "core = require 'multiprocessing.core'\n"
+               "name = 'luamp_fault_' .. core.getpid()\n"
+               "function make() return mp.SharedMemory{name = name, "
+               "create = true, size = 64} end\n"
+               "make():unlink()"));   /* tables and tracker set up */
+  before = count_fds();
+  fail_errno = EMFILE;
+  luamp_sys.shm_open = fail_shm_open;
+  CHECK(run(L, EXPECT_OSERROR("", "make()", 24)));
+  luamp_sys.shm_open = shm_open;
+  fail_errno = ENOSPC;
+  luamp_sys.ftruncate = fail_ftruncate;
+  CHECK(run(L, EXPECT_OSERROR("", "make()", 28)));
+  CHECK(access(path, F_OK) != 0);
+  luamp_sys.ftruncate = ftruncate;
+  fail_errno = ENODEV;
+  luamp_sys.mmap = fail_mmap;
+  CHECK(run(L, EXPECT_OSERROR("", "make()", 19)));
+  CHECK(access(path, F_OK) != 0);
+  luamp_sys.mmap = mmap;
+  CHECK(run(L, "collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
+  CHECK(run(L, "local s = make() s:write(0, 'ok') "
+               "assert(s:read(0, 2) == 'ok') s:unlink() s:close()"));
+  CHECK(access(path, F_OK) != 0);
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
@@ -281,6 +335,8 @@ int main(void) {
     {"process: a start whose sentinel pipe or signal mask fails raises OSError",
      test_spawn_faults},
     {"process: waitpid that fails raises OSError", test_waitpid_fault},
+    {"shm: shm_open, ftruncate and mmap that fail raise OSError, no name left",
+     test_shm_faults},
     {NULL, NULL}
   };
   return tap_run(tests);
