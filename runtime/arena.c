@@ -98,7 +98,7 @@ uint64_t luamp_self_id(void) {
  * (what SharedMemory's owners are; a thread of an embedding host may end
  * long before its process). */
 uint64_t luamp_process_id(void) {
-  pid_t pid = getpid();
+  pid_t pid = luamp_pid();
   return (uint64_t)(uint32_t)pid | ((task_start(pid, NULL) & 0xffffffffu) << 32);
 }
 
@@ -162,7 +162,7 @@ static int stop_in_next_lock;
 
 static int mutex_taken(int r) {
   if (r == 0 && stop_in_next_lock > 0 && --stop_in_next_lock == 0)
-    kill(getpid(), SIGSTOP);
+    kill(luamp_pid(), SIGSTOP);
   return r;
 }
 
@@ -292,7 +292,7 @@ static uint64_t new_uid(void) {
   uint64_t u = 0;
   if (getrandom(&u, sizeof u, GRND_NONBLOCK) != (ssize_t)sizeof u) {
     /* no entropy yet: pid, time and a counter are unique enough here */
-    u = ((uint64_t)getpid() << 40) ^ (uint64_t)(luamp_now() * 1e9) ^
+    u = ((uint64_t)luamp_pid() << 40) ^ (uint64_t)(luamp_now() * 1e9) ^
         (atomic_fetch_add(&counter, 1) << 20);
   }
   return u ? u : 1;
@@ -301,13 +301,13 @@ static uint64_t new_uid(void) {
 /* memfd_create, raising the soft fd limit to the hard one once if the
  * process runs out of fds: every shared object holds one. */
 static int new_memfd(const char *name) {
-  int fd = memfd_create(name, MFD_CLOEXEC);
+  int fd = luamp_sys.memfd_create(name, MFD_CLOEXEC);
   if (fd < 0 && errno == EMFILE) {
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
       rl.rlim_cur = rl.rlim_max;
       if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
-        fd = memfd_create(name, MFD_CLOEXEC);
+        fd = luamp_sys.memfd_create(name, MFD_CLOEXEC);
     }
     if (fd < 0) errno = EMFILE;
   }
@@ -345,7 +345,7 @@ struct luamp_arena *luamp_arena_new(lua_State *L, const char *name,
   h = base;
   h->uid = new_uid();
   h->size = size;
-  h->creator = (int32_t)getpid();
+  h->creator = (int32_t)luamp_pid();
   h->creator_fd = fd;
   h->kind = kind;
   h->magic = ARENA_MAGIC;
@@ -405,7 +405,7 @@ void luamp_arena_describe(luaL_Buffer *b, struct luamp_arena *a,
   hh.uid = a->uid;
   hh.size = a->size;
   hh.offset = offset;
-  cand[0] = (int32_t)getpid();
+  cand[0] = (int32_t)luamp_pid();
   cand[1] = a->fd;
   cand[2] = h->creator;
   cand[3] = h->creator_fd;

@@ -1,9 +1,9 @@
 /* Fault injection through the syscall table (sys.c's luamp_sys): a system
- * call fails in conn.c, store.c, process.c and shm.c, and the Lua caller
- * sees the contract's error (kind OSError, the errno), with no fd or
- * shared-memory name left behind and the handle still usable or closed
- * cleanly.  Each test runs in its own process (tap.h), so a replaced
- * entry never leaks into the next test. */
+ * call fails in conn.c, store.c, process.c, shm.c, queue.c or arena.c,
+ * and the Lua caller sees the contract's error (kind OSError, the errno),
+ * with no fd or shared-memory name left behind and the handle still
+ * usable or closed cleanly.  Each test runs in its own process
+ * (tap.h), so a replaced entry never leaks into the next test. */
 #include <dirent.h>
 #include <errno.h>
 #include <signal.h>
@@ -321,6 +321,34 @@ static void test_shm_faults(void) {
   lua_close(L);
 }
 
+/* ---- queue.c and arena.c -------------------------------------------- */
+
+/* The shared memory behind a queue, and its fileno() pipe, cannot be
+ * made: OSError with the errno, no fd left, and the queue works after. */
+static void test_queue_faults(void) {
+  lua_State *L = new_state();
+  int before;
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "local q = mp.Queue() q:put(1) assert(q:get() == 1) q:close()\n"
+               "collectgarbage() collectgarbage()"));
+  before = count_fds();
+  fail_errno = EMFILE;
+  luamp_sys.memfd_create = fail_memfd;
+  CHECK(run(L, EXPECT_OSERROR("", "mp.Queue()", 24)));
+  luamp_sys.memfd_create = memfd_create;
+  CHECK(run(L, "collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
+  CHECK(run(L, "q = mp.Queue()"));
+  luamp_sys.pipe2 = fail_pipe2;
+  CHECK(run(L, EXPECT_OSERROR("", "q:fileno()", 24)));
+  luamp_sys.pipe2 = pipe2;
+  CHECK(run(L, "q:put('x') assert(q:get() == 'x')\n"
+               "assert(type(q:fileno()) == 'number') q:close()\n"
+               "q = nil collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
@@ -337,6 +365,8 @@ int main(void) {
     {"process: waitpid that fails raises OSError", test_waitpid_fault},
     {"shm: shm_open, ftruncate and mmap that fail raise OSError, no name left",
      test_shm_faults},
+    {"queue: memfd_create and fileno's pipe2 that fail raise OSError",
+     test_queue_faults},
     {NULL, NULL}
   };
   return tap_run(tests);
