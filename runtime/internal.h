@@ -110,6 +110,7 @@ int luamp_interrupted(lua_State *L);
  * that runs in production (sqlite's aSyscall[] idea).  Callers keep their
  * own EINTR loops (they also check for Ctrl-C there). */
 struct iovec;
+struct epoll_event;
 struct luamp_syscalls {
   pid_t (*fork)(void);
   pid_t (*waitpid)(pid_t, int *, int);
@@ -130,6 +131,9 @@ struct luamp_syscalls {
   int (*shm_open)(const char *, int, mode_t);
   int (*ftruncate)(int, off_t);
   void *(*mmap)(void *, size_t, int, int, int, off_t);
+  int (*timerfd_create)(clockid_t, int);
+  int (*epoll_create1)(int);
+  int (*epoll_ctl)(int, int, int, struct epoll_event *);
 };
 extern struct luamp_syscalls luamp_sys;
 

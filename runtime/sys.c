@@ -1,12 +1,19 @@
 /*
  * sys.c -- robust system calls, deadlines and interrupts.
  *
- * Every blocking call in the runtime goes through a wrapper here with its
- * EINTR loop.  Timeouts are deadlines: computed once from the caller's
- * timeout, the time left recomputed after every wake-up.  A wait that
- * sees EINTR asks luamp_interrupted() whether the signal was SIGINT for
- * this Lua state; if so it returns so that the caller can release what it
- * holds and raise "interrupted!".
+ * The runtime's blocking calls (read, writev, poll, waitpid, accept4,
+ * connect, ...) and the calls that make its resources (fork, pipe2,
+ * sockets, memfd_create, shm_open, ftruncate, mmap, epoll and timerfd
+ * fds, pthread_sigmask around fork) go through the luamp_sys table
+ * below, so that C tests (spec/c/test_faults.c) inject failures into the
+ * code that runs in production; the rest (close, kill, fstat, bind,
+ * listen, ...) is called directly.  Call sites keep their EINTR loops, as
+ * most must also notice a Ctrl-C there; poll's loop is luamp_robust_poll.
+ * Timeouts are deadlines: computed once from the caller's timeout, the
+ * time left recomputed after every wake-up.  A wait that sees EINTR asks
+ * luamp_interrupted() whether the signal was SIGINT for this Lua state;
+ * if so it returns so that the caller can release what it holds and raise
+ * "interrupted!".
  */
 #include <errno.h>
 #include <math.h>
@@ -15,7 +22,9 @@
 #include <stdio.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
 #include <stdint.h>
@@ -40,7 +49,9 @@ struct luamp_syscalls luamp_sys = {
   .pipe2 = pipe2, .socketpair = socketpair, .socket = socket,
   .accept4 = sys_accept4, .connect = sys_connect,
   .memfd_create = memfd_create, .shm_open = shm_open,
-  .ftruncate = ftruncate, .mmap = mmap
+  .ftruncate = ftruncate, .mmap = mmap,
+  .timerfd_create = timerfd_create, .epoll_create1 = epoll_create1,
+  .epoll_ctl = epoll_ctl
 };
 
 /* Longest single sleep while waiting with an interruptible state: a

@@ -1,14 +1,16 @@
 /* Fault injection through the syscall table (sys.c's luamp_sys): a system
- * call fails in conn.c, store.c, process.c, shm.c, queue.c or arena.c,
- * and the Lua caller sees the contract's error (kind OSError, the errno),
- * with no fd or shared-memory name left behind and the handle still
- * usable or closed cleanly.  Each test runs in its own process
+ * call fails in conn.c, store.c, process.c, shm.c, queue.c, arena.c or
+ * evset.c, and the Lua caller sees the contract's error (kind OSError,
+ * the errno), with no fd or shared-memory name left behind and the handle
+ * still usable or closed cleanly.  Each test runs in its own process
  * (tap.h), so a replaced entry never leaks into the next test. */
 #include <dirent.h>
 #include <errno.h>
 #include <signal.h>
+#include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/uio.h>
 
 #include <lauxlib.h>
@@ -349,6 +351,51 @@ static void test_queue_faults(void) {
   lua_close(L);
 }
 
+/* ---- evset.c --------------------------------------------------------- */
+
+static int fail_timerfd(clockid_t clock, int fl) {
+  (void)clock; (void)fl;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_epoll_create1(int fl) {
+  (void)fl;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_epoll_ctl(int ep, int op, int fd, struct epoll_event *ev) {
+  (void)ep; (void)op; (void)fd; (void)ev;
+  errno = fail_errno;
+  return -1;
+}
+
+static void test_evset_faults(void) {
+  lua_State *L = new_state();
+  int before = count_fds();
+  CHECK(run(L, "core = require 'multiprocessing.core'"));
+  fail_errno = EMFILE;
+  luamp_sys.timerfd_create = fail_timerfd;
+  CHECK(run(L, EXPECT_OSERROR("", "core.EventSet()", 24)));
+  luamp_sys.timerfd_create = timerfd_create;
+  luamp_sys.epoll_create1 = fail_epoll_create1;
+  CHECK(run(L, EXPECT_OSERROR("", "core.EventSet()", 24)));
+  luamp_sys.epoll_create1 = epoll_create1;
+  fail_errno = ENOSPC;
+  luamp_sys.epoll_ctl = fail_epoll_ctl;
+  CHECK(run(L, EXPECT_OSERROR("", "core.EventSet()", 28)));
+  CHECK(run(L, "collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
+  luamp_sys.epoll_ctl = epoll_ctl;
+  CHECK(run(L, "es = core.EventSet()"));
+  luamp_sys.epoll_ctl = fail_epoll_ctl;
+  CHECK(run(L, EXPECT_OSERROR("", "es:add(0)", 28)));
+  luamp_sys.epoll_ctl = epoll_ctl;
+  CHECK(run(L, "local a, b = core.Pipe() es:add(a:fileno())\n"
+               "es:close() a:close() b:close()"));
+  CHECK(count_fds() == before);
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
@@ -367,6 +414,8 @@ int main(void) {
      test_shm_faults},
     {"queue: memfd_create and fileno's pipe2 that fail raise OSError",
      test_queue_faults},
+    {"evset: timerfd_create, epoll_create1 and epoll_ctl that fail raise OSError",
+     test_evset_faults},
     {NULL, NULL}
   };
   return tap_run(tests);
