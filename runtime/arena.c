@@ -218,13 +218,8 @@ void luamp_mutex_unlock(pthread_mutex_t *m) {
 
 /* ---- futexes ------------------------------------------------------------ */
 
-static long futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
-                  const struct timespec *ts) {
-  return syscall(SYS_futex, uaddr, op, val, ts, NULL, 0);
-}
-
 void luamp_futex_wake(_Atomic uint32_t *w, int n) {
-  futex(w, FUTEX_WAKE, (uint32_t)n, NULL);
+  luamp_sys.futex(w, FUTEX_WAKE, (uint32_t)n, NULL);
 }
 
 /* Sleeps while *w == val, at most ms milliseconds (ms < 0: no limit).
@@ -236,7 +231,7 @@ static int futex_wait_ms(_Atomic uint32_t *w, uint32_t val, int ms) {
     ts.tv_nsec = (long)(ms % 1000) * 1000000L;
     tp = &ts;
   }
-  if (futex(w, FUTEX_WAIT, val, tp) == 0) return 0;
+  if (luamp_sys.futex(w, FUTEX_WAIT, val, tp) == 0) return 0;
   if (errno == EAGAIN) return 0;
   return errno == ETIMEDOUT ? ETIMEDOUT : errno == EINTR ? EINTR : 0;
 }

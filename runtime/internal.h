@@ -111,6 +111,7 @@ int luamp_interrupted(lua_State *L);
  * own EINTR loops (they also check for Ctrl-C there). */
 struct iovec;
 struct epoll_event;
+struct timespec;
 struct luamp_syscalls {
   pid_t (*fork)(void);
   pid_t (*waitpid)(pid_t, int *, int);
@@ -134,6 +135,8 @@ struct luamp_syscalls {
   int (*timerfd_create)(clockid_t, int);
   int (*epoll_create1)(int);
   int (*epoll_ctl)(int, int, int, struct epoll_event *);
+  /* futex(2) without its last two arguments (arena.c's waits and wakes) */
+  long (*futex)(_Atomic uint32_t *, int, uint32_t, const struct timespec *);
 };
 extern struct luamp_syscalls luamp_sys;
 

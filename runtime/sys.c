@@ -24,6 +24,7 @@
 #include <sys/mman.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -42,6 +43,11 @@ static int sys_connect(int fd, const struct sockaddr *a, socklen_t n) {
   return connect(fd, a, n);
 }
 
+static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
+                      const struct timespec *ts) {
+  return syscall(SYS_futex, uaddr, op, val, ts, NULL, 0);
+}
+
 struct luamp_syscalls luamp_sys = {
   .fork = fork, .waitpid = waitpid, .pthread_sigmask = pthread_sigmask,
   .read = read, .write = write, .writev = writev,
@@ -51,7 +57,7 @@ struct luamp_syscalls luamp_sys = {
   .memfd_create = memfd_create, .shm_open = shm_open,
   .ftruncate = ftruncate, .mmap = mmap,
   .timerfd_create = timerfd_create, .epoll_create1 = epoll_create1,
-  .epoll_ctl = epoll_ctl
+  .epoll_ctl = epoll_ctl, .futex = sys_futex
 };
 
 /* Longest single sleep while waiting with an interruptible state: a

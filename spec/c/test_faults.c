@@ -2,8 +2,9 @@
  * call fails in conn.c, store.c, process.c, shm.c, queue.c, arena.c or
  * evset.c, and the Lua caller sees the contract's error (kind OSError,
  * the errno), with no fd or shared-memory name left behind and the handle
- * still usable or closed cleanly.  Each test runs in its own process
- * (tap.h), so a replaced entry never leaks into the next test. */
+ * still usable or closed cleanly; a futex wait cut by a signal sees the
+ * Ctrl-C or times out.  Each test runs in its own process (tap.h), so a
+ * replaced entry never leaks into the next test. */
 #include <dirent.h>
 #include <errno.h>
 #include <signal.h>
@@ -396,6 +397,55 @@ static void test_evset_faults(void) {
   lua_close(L);
 }
 
+/* ---- arena.c's futex waits (sync.c, queue.c) ------------------------- */
+
+static lua_State *waiting_state;
+static int eintr_waits, raise_sigint;
+static long (*real_futex)(_Atomic uint32_t *, int, uint32_t,
+                          const struct timespec *);
+
+/* lua.c's answer to SIGINT: a count hook on the main thread. */
+static void sigint_hook(lua_State *L, lua_Debug *ar) {
+  (void)ar;
+  lua_sethook(L, NULL, 0, 0);
+  luaL_error(L, "interrupted!");
+}
+
+/* Waits are cut short by a signal: EINTR (after SIGINT's hook is set when
+ * raise_sigint says so); wakes go through. */
+static long eintr_futex(_Atomic uint32_t *w, int op, uint32_t val,
+                        const struct timespec *ts) {
+  if ((op & 0x7f) != 0) return real_futex(w, op, val, ts); /* not a WAIT */
+  eintr_waits++;
+  if (raise_sigint)
+    lua_sethook(waiting_state, sigint_hook, LUA_MASKCALL | LUA_MASKRET |
+                LUA_MASKLINE | LUA_MASKCOUNT, 1);
+  errno = EINTR;
+  return -1;
+}
+
+/* A wait whose futex sees EINTR: Ctrl-C raises "interrupted!", another
+ * signal lets a timed wait time out at its deadline. */
+static void test_futex_eintr(void) {
+  lua_State *L = new_state();
+  waiting_state = L;
+  real_futex = luamp_sys.futex;
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "s = mp.Semaphore(0)"));
+  luamp_sys.futex = eintr_futex;
+  raise_sigint = 1;
+  CHECK(run(L, "local ok, e = pcall(s.acquire, s)\n"
+               "assert(not ok and tostring(e):find('interrupted!'), tostring(e))"));
+  CHECK(eintr_waits >= 1);
+  raise_sigint = 0;
+  eintr_waits = 0;
+  CHECK(run(L, "assert(s:acquire(true, 0.05) == false)"));
+  CHECK(eintr_waits >= 1);
+  luamp_sys.futex = real_futex;
+  CHECK(run(L, "s:release() assert(s:acquire(true, 1) == true)"));
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
@@ -416,6 +466,8 @@ int main(void) {
      test_queue_faults},
     {"evset: timerfd_create, epoll_create1 and epoll_ctl that fail raise OSError",
      test_evset_faults},
+    {"futex: a wait cut by EINTR sees Ctrl-C, or times out",
+     test_futex_eintr},
     {NULL, NULL}
   };
   return tap_run(tests);
