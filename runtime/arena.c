@@ -420,12 +420,13 @@ static struct luamp_arena *attach_via_proc(int32_t pid, int32_t fdno,
   void *base;
   int fd;
   snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)pid, (int)fdno);
-  fd = open(path, O_RDWR | O_CLOEXEC);
+  fd = luamp_sys.open(path, O_RDWR | O_CLOEXEC, 0);
   if (fd < 0) {
     *err = errno;
     return NULL;
   }
-  if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != size) {
+  if (luamp_sys.fstat(fd, &st) != 0 ||
+      (uint64_t)st.st_size != size) {
     close(fd);
     *err = ESTALE;
     return NULL;

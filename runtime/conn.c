@@ -1235,7 +1235,8 @@ static int l_listen(lua_State *L) {
   fd = luamp_sys.socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
   if (family != AF_UNIX) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (bind(fd, (struct sockaddr *)&ss, len) != 0 || listen(fd, backlog) != 0) {
+  if (luamp_sys.bind(fd, (struct sockaddr *)&ss, len) != 0 ||
+      luamp_sys.listen(fd, backlog) != 0) {
     int err = errno;
     close(fd);
     raise_socket_error(L, err, "bind");
@@ -1279,7 +1280,7 @@ static int listener_address(lua_State *L) {
   struct listener *l = check_listener(L, 1);
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
-  if (getsockname(l->fd, (struct sockaddr *)&ss, &len) != 0)
+  if (luamp_sys.getsockname(l->fd, (struct sockaddr *)&ss, &len) != 0)
     luamp_raise_errno(L, "OSError", errno, "getsockname");
   push_address(L, &ss, len);
   return 1;

@@ -125,7 +125,7 @@ static int evset_set_timer(lua_State *L) {
       its.it_value.tv_nsec = 1;
   }
   (void)!luamp_sys.read(e->tfd, &ticks, sizeof ticks);
-  if (timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
+  if (luamp_sys.timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
     luamp_raise_errno(L, "OSError", errno, "timerfd_settime");
   return 0;
 }

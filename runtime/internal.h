@@ -112,6 +112,8 @@ int luamp_interrupted(lua_State *L);
 struct iovec;
 struct epoll_event;
 struct timespec;
+struct itimerspec;
+struct stat;
 struct luamp_syscalls {
   pid_t (*fork)(void);
   pid_t (*waitpid)(pid_t, int *, int);
@@ -137,6 +139,15 @@ struct luamp_syscalls {
   int (*epoll_ctl)(int, int, int, struct epoll_event *);
   /* futex(2) without its last two arguments (arena.c's waits and wakes) */
   long (*futex)(_Atomic uint32_t *, int, uint32_t, const struct timespec *);
+  int (*open)(const char *, int, mode_t);
+  int (*fstat)(int, struct stat *);
+  int (*bind)(int, const struct sockaddr *, socklen_t);
+  int (*listen)(int, int);
+  int (*kill)(pid_t, int);
+  int (*timerfd_settime)(int, int, const struct itimerspec *,
+                         struct itimerspec *);
+  int (*shm_unlink)(const char *);
+  int (*getsockname)(int, struct sockaddr *, socklen_t *);
 };
 extern struct luamp_syscalls luamp_sys;
 

@@ -203,7 +203,7 @@ static void cleanup_children(const void *state) {
   for (struct child *c = registry; c; c = c->next)
     if (c->owner == me && (!state || c->state == state) && !reap(c, 0) &&
         c->daemon) {
-      kill(c->pid, SIGTERM);
+      luamp_sys.kill(c->pid, SIGTERM);
       any = 1;
     }
   if (any) {
@@ -211,7 +211,7 @@ static void cleanup_children(const void *state) {
     for (struct child *c = registry; c; c = c->next)
       if (c->owner == me && (!state || c->state == state) && c->daemon &&
           !wait_quietly(c, deadline)) {
-        kill(c->pid, SIGKILL);
+        luamp_sys.kill(c->pid, SIGKILL);
         reap(c, 1);
       }
   }
@@ -537,7 +537,7 @@ static int child_signal(lua_State *L) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  if (kill(c->pid, sig) != 0) {
+  if (luamp_sys.kill(c->pid, sig) != 0) {
     if (errno == ESRCH) {
       lua_pushboolean(L, 0);
       return 1;
@@ -778,7 +778,7 @@ static int l_kill(lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
   int sig = signal_number(L, 2);
   luaL_argcheck(L, pid > 0, 1, "pid must be positive");
-  if (kill(pid, sig) != 0) {
+  if (luamp_sys.kill(pid, sig) != 0) {
     if (errno == ESRCH) {
       lua_pushboolean(L, 0);
       return 1;

@@ -141,10 +141,10 @@ static void entry_unlink(const struct track_entry *e) {
   struct stat st;
   int fd = luamp_sys.shm_open(e->name, O_RDONLY, 0), same;
   if (fd < 0) return;
-  same = fstat(fd, &st) == 0 && (uint64_t)st.st_dev == e->dev &&
+  same = luamp_sys.fstat(fd, &st) == 0 && (uint64_t)st.st_dev == e->dev &&
          (uint64_t)st.st_ino == e->ino;
   close(fd);
-  if (same) shm_unlink(e->name);
+  if (same) luamp_sys.shm_unlink(e->name);
 }
 
 /* Drops owners that are `leaving` (0: none) or dead -- of those, only the
@@ -388,7 +388,7 @@ void luamp_shm_cleanup(void) {
   pthread_mutex_lock(&track_mu);
   for (t = tracked; t; t = next) {
     next = t->next;
-    if (t->pid == me) shm_unlink(t->name);
+    if (t->pid == me) luamp_sys.shm_unlink(t->name);
     free(t);
   }
   tracked = NULL;
@@ -502,14 +502,14 @@ static int l_SharedMemory(lua_State *L) {
     if (luamp_sys.ftruncate(fd, (off_t)size) != 0) {
       err = errno;
       close(fd);
-      shm_unlink(s->name);
+      luamp_sys.shm_unlink(s->name);
       luamp_raise_errno(L, "OSError", err, "ftruncate");
     }
   }
-  if (fstat(fd, &st) != 0) {
+  if (luamp_sys.fstat(fd, &st) != 0) {
     err = errno;
     close(fd);
-    if (create) shm_unlink(s->name);
+    if (create) luamp_sys.shm_unlink(s->name);
     luamp_raise_errno(L, "OSError", err, "fstat");
   }
   s->dev = (uint64_t)st.st_dev;
@@ -525,7 +525,7 @@ static int l_SharedMemory(lua_State *L) {
   err = errno;
   close(fd);   /* the mapping keeps the memory; no fd held */
   if (base == MAP_FAILED) {
-    if (create) shm_unlink(s->name);
+    if (create) luamp_sys.shm_unlink(s->name);
     luamp_raise_errno(L, "OSError", err, "mmap");
   }
   s->base = base;
@@ -549,7 +549,7 @@ static int shm_close(lua_State *L) {
  * lives on while mapped. */
 static int shm_unlink_m(lua_State *L) {
   struct shm *s = luamp_self(L, 1, &shm_type);
-  if (shm_unlink(s->name) != 0) {
+  if (luamp_sys.shm_unlink(s->name) != 0) {
     int err = errno;
     if (err == ENOENT)
       luamp_raise(L, "FileNotFoundError", "no shared memory named '%s'",

@@ -2,13 +2,16 @@
  * sys.c -- robust system calls, deadlines and interrupts.
  *
  * The runtime's blocking calls (read, writev, poll, waitpid, accept4,
- * connect, ...) and the calls that make its resources (fork, pipe2,
+ * connect, futex, ...), the calls that make its resources (fork, pipe2,
  * sockets, memfd_create, shm_open, ftruncate, mmap, epoll and timerfd
- * fds, pthread_sigmask around fork) go through the luamp_sys table
- * below, so that C tests (spec/c/test_faults.c) inject failures into the
- * code that runs in production; the rest (close, kill, fstat, bind,
- * listen, ...) is called directly.  Call sites keep their EINTR loops, as
- * most must also notice a Ctrl-C there; poll's loop is luamp_robust_poll.
+ * fds, pthread_sigmask around fork) and the others whose failure reaches
+ * Lua as an error (bind, listen, getsockname, kill, fstat, open, shm_unlink,
+ * timerfd_settime) go through the luamp_sys table below, so that C tests
+ * (spec/c/test_faults.c) inject failures into the code that runs in
+ * production.  The rest (close, munmap, setsockopt, fcntl, probes whose
+ * failure only selects a fallback) is called directly.  Call sites keep their
+ * EINTR loops, as most must also notice a Ctrl-C there; poll's loop is
+ * luamp_robust_poll.
  * Timeouts are deadlines: computed once from the caller's timeout, the
  * time left recomputed after every wake-up.  A wait that sees EINTR asks
  * luamp_interrupted() whether the signal was SIGINT for this Lua state;
@@ -24,6 +27,7 @@
 #include <sys/mman.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/timerfd.h>
 #include <sys/uio.h>
@@ -43,6 +47,17 @@ static int sys_connect(int fd, const struct sockaddr *a, socklen_t n) {
   return connect(fd, a, n);
 }
 
+static int sys_bind(int fd, const struct sockaddr *a, socklen_t n) {
+  return bind(fd, a, n);
+}
+static int sys_getsockname(int fd, struct sockaddr *a, socklen_t *n) {
+  return getsockname(fd, a, n);
+}
+/* (open takes its mode as a variadic argument) */
+static int sys_open(const char *path, int flags, mode_t mode) {
+  return open(path, flags, mode);
+}
+
 static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
                       const struct timespec *ts) {
   return syscall(SYS_futex, uaddr, op, val, ts, NULL, 0);
@@ -57,7 +72,10 @@ struct luamp_syscalls luamp_sys = {
   .memfd_create = memfd_create, .shm_open = shm_open,
   .ftruncate = ftruncate, .mmap = mmap,
   .timerfd_create = timerfd_create, .epoll_create1 = epoll_create1,
-  .epoll_ctl = epoll_ctl, .futex = sys_futex
+  .epoll_ctl = epoll_ctl, .futex = sys_futex,
+  .open = sys_open, .fstat = fstat, .bind = sys_bind, .listen = listen,
+  .kill = kill, .timerfd_settime = timerfd_settime,
+  .shm_unlink = shm_unlink, .getsockname = sys_getsockname
 };
 
 /* Longest single sleep while waiting with an interruptible state: a

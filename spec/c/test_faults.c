@@ -11,6 +11,7 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/timerfd.h>
 #include <sys/uio.h>
 
@@ -94,6 +95,12 @@ static int fail_connect(int fd, const struct sockaddr *a, socklen_t n) {
   return -1;
 }
 
+static int fail_getsockname(int fd, struct sockaddr *a, socklen_t *n) {
+  (void)fd; (void)a; (void)n;
+  errno = fail_errno;
+  return -1;
+}
+
 /* ---- conn.c ---------------------------------------------------------- */
 
 static void test_conn_send_and_recv_fail(void) {
@@ -135,6 +142,8 @@ static void test_listener_accept_and_connect_fail(void) {
   before = count_fds();
   luamp_sys.connect = fail_connect;
   CHECK(run(L, EXPECT_OSERROR("", "core.connect(addr, 1)", 5)));
+  luamp_sys.getsockname = fail_getsockname;
+  CHECK(run(L, EXPECT_OSERROR("", "l:address()", 5)));
   CHECK(run(L, "collectgarbage() collectgarbage()"));
   CHECK(count_fds() == before);
   lua_close(L);
@@ -165,6 +174,32 @@ static void test_socket_and_accept_fail(void) {
   CHECK(run(L, "collectgarbage() collectgarbage()"));
   CHECK(count_fds() == before);
   close(sock);
+  lua_close(L);
+}
+
+static int fail_bind(int fd, const struct sockaddr *a, socklen_t n) {
+  (void)fd; (void)a; (void)n;
+  errno = fail_errno;
+  return -1;
+}
+static int fail_listen(int fd, int backlog) {
+  (void)fd; (void)backlog;
+  errno = fail_errno;
+  return -1;
+}
+
+static void test_bind_and_listen_fail(void) {
+  lua_State *L = new_state();
+  int before = count_fds();
+  CHECK(run(L, "core = require 'multiprocessing.core'"));
+  luamp_sys.bind = fail_bind;
+  CHECK(run(L, EXPECT_OSERROR("", "core.listen({'127.0.0.1', 0})", 5)));
+  luamp_sys.bind = bind;
+  luamp_sys.listen = fail_listen;
+  CHECK(run(L, EXPECT_OSERROR("", "core.listen({'127.0.0.1', 0})", 5)));
+  luamp_sys.listen = listen;
+  CHECK(run(L, "collectgarbage() collectgarbage()"));
+  CHECK(count_fds() == before);
   lua_close(L);
 }
 
@@ -256,6 +291,28 @@ static void test_spawn_faults(void) {
   lua_close(L);
 }
 
+static int fail_kill(pid_t pid, int sig) {
+  (void)pid; (void)sig;
+  errno = fail_errno;
+  return -1;
+}
+
+static void test_kill_fault(void) {
+  lua_State *L = new_state();
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "core = require 'multiprocessing.core'\n"
+               "p = mp.Process{target = function() core.sleep(30) end}\n"
+               "p:start()"));
+  fail_errno = EINVAL;
+  luamp_sys.kill = fail_kill;
+  CHECK(run(L, EXPECT_OSERROR("", "p:terminate()", 22)));
+  CHECK(run(L, EXPECT_OSERROR("", "core.kill(p.pid, 'SIGTERM')", 22)
+               "assert(p:is_alive())"));
+  luamp_sys.kill = kill;
+  CHECK(run(L, "p:terminate() p:join() assert(p.exitcode == -15)"));
+  lua_close(L);
+}
+
 static void test_waitpid_fault(void) {
   lua_State *L = new_state();
   CHECK(run(L, "mp = require 'multiprocessing'\n"
@@ -288,6 +345,18 @@ static void *fail_mmap(void *a, size_t n, int prot, int fl, int fd, off_t o) {
   return MAP_FAILED;
 }
 
+static int fail_fstat(int fd, struct stat *st) {
+  (void)fd; (void)st;
+  errno = fail_errno;
+  return -1;
+}
+
+static int fail_shm_unlink(const char *name) {
+  (void)name;
+  errno = fail_errno;
+  return -1;
+}
+
 /* Creating a block fails at each step: OSError with the errno, no fd
  * left, and no name left behind in /dev/shm. */
 static void test_shm_faults(void) {
@@ -316,10 +385,20 @@ static void test_shm_faults(void) {
   CHECK(run(L, EXPECT_OSERROR("", "make()", 19)));
   CHECK(access(path, F_OK) != 0);
   luamp_sys.mmap = mmap;
+  fail_errno = EIO;
+  luamp_sys.fstat = fail_fstat;
+  CHECK(run(L, EXPECT_OSERROR("", "make()", 5)));
+  CHECK(access(path, F_OK) != 0);
+  luamp_sys.fstat = fstat;
   CHECK(run(L, "collectgarbage() collectgarbage()"));
   CHECK(count_fds() == before);
-  CHECK(run(L, "local s = make() s:write(0, 'ok') "
-               "assert(s:read(0, 2) == 'ok') s:unlink() s:close()"));
+  CHECK(run(L, "s = make() s:write(0, 'ok') assert(s:read(0, 2) == 'ok')"));
+  fail_errno = EIO;
+  luamp_sys.shm_unlink = fail_shm_unlink;
+  CHECK(run(L, EXPECT_OSERROR("", "s:unlink()", 5)));
+  CHECK(access(path, F_OK) == 0);
+  luamp_sys.shm_unlink = shm_unlink;
+  CHECK(run(L, "s:unlink() s:close()"));
   CHECK(access(path, F_OK) != 0);
   lua_close(L);
 }
@@ -370,6 +449,13 @@ static int fail_epoll_ctl(int ep, int op, int fd, struct epoll_event *ev) {
   return -1;
 }
 
+static int fail_settime(int fd, int fl, const struct itimerspec *v,
+                        struct itimerspec *old) {
+  (void)fd; (void)fl; (void)v; (void)old;
+  errno = fail_errno;
+  return -1;
+}
+
 static void test_evset_faults(void) {
   lua_State *L = new_state();
   int before = count_fds();
@@ -391,6 +477,11 @@ static void test_evset_faults(void) {
   luamp_sys.epoll_ctl = fail_epoll_ctl;
   CHECK(run(L, EXPECT_OSERROR("", "es:add(0)", 28)));
   luamp_sys.epoll_ctl = epoll_ctl;
+  fail_errno = EIO;
+  luamp_sys.timerfd_settime = fail_settime;
+  CHECK(run(L, EXPECT_OSERROR("", "es:set_timer(core.now() + 1)", 5)));
+  luamp_sys.timerfd_settime = timerfd_settime;
+  CHECK(run(L, "es:set_timer(core.now() + 1) es:set_timer(nil)"));
   CHECK(run(L, "local a, b = core.Pipe() es:add(a:fileno())\n"
                "es:close() a:close() b:close()"));
   CHECK(count_fds() == before);
@@ -451,15 +542,18 @@ int main(void) {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
     {"conn: Pipe that cannot be made raises OSError, no fd left",
      test_conn_pipe_creation_fails},
-    {"conn: connect that fails raises OSError, no fd left",
+    {"conn: connect and getsockname that fail raise OSError, no fd left",
      test_listener_accept_and_connect_fail},
     {"conn: accept and socket that fail raise OSError",
      test_socket_and_accept_fail},
+    {"conn: bind and listen that fail raise OSError, no fd left",
+     test_bind_and_listen_fail},
     {"store: memfd_create, pwrite and pread that fail raise OSError",
      test_store_faults},
     {"process: a start whose sentinel pipe or signal mask fails raises OSError",
      test_spawn_faults},
     {"process: waitpid that fails raises OSError", test_waitpid_fault},
+    {"process: kill that fails raises OSError", test_kill_fault},
     {"shm: shm_open, ftruncate and mmap that fail raise OSError, no name left",
      test_shm_faults},
     {"queue: memfd_create and fileno's pipe2 that fail raise OSError",
