@@ -98,7 +98,7 @@ uint64_t luamp_self_id(void) {
  * (what SharedMemory's owners are; a thread of an embedding host may end
  * long before its process). */
 uint64_t luamp_process_id(void) {
-  pid_t pid = getpid();
+  pid_t pid = luamp_pid();
   return (uint64_t)(uint32_t)pid | ((task_start(pid, NULL) & 0xffffffffu) << 32);
 }
 
@@ -162,7 +162,7 @@ static int stop_in_next_lock;
 
 static int mutex_taken(int r) {
   if (r == 0 && stop_in_next_lock > 0 && --stop_in_next_lock == 0)
-    kill(getpid(), SIGSTOP);
+    kill(luamp_pid(), SIGSTOP);
   return r;
 }
 
@@ -218,13 +218,8 @@ void luamp_mutex_unlock(pthread_mutex_t *m) {
 
 /* ---- futexes ------------------------------------------------------------ */
 
-static long futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
-                  const struct timespec *ts) {
-  return syscall(SYS_futex, uaddr, op, val, ts, NULL, 0);
-}
-
 void luamp_futex_wake(_Atomic uint32_t *w, int n) {
-  futex(w, FUTEX_WAKE, (uint32_t)n, NULL);
+  luamp_sys.futex(w, FUTEX_WAKE, (uint32_t)n, NULL);
 }
 
 /* Sleeps while *w == val, at most ms milliseconds (ms < 0: no limit).
@@ -236,7 +231,7 @@ static int futex_wait_ms(_Atomic uint32_t *w, uint32_t val, int ms) {
     ts.tv_nsec = (long)(ms % 1000) * 1000000L;
     tp = &ts;
   }
-  if (futex(w, FUTEX_WAIT, val, tp) == 0) return 0;
+  if (luamp_sys.futex(w, FUTEX_WAIT, val, tp) == 0) return 0;
   if (errno == EAGAIN) return 0;
   return errno == ETIMEDOUT ? ETIMEDOUT : errno == EINTR ? EINTR : 0;
 }
@@ -292,7 +287,7 @@ static uint64_t new_uid(void) {
   uint64_t u = 0;
   if (getrandom(&u, sizeof u, GRND_NONBLOCK) != (ssize_t)sizeof u) {
     /* no entropy yet: pid, time and a counter are unique enough here */
-    u = ((uint64_t)getpid() << 40) ^ (uint64_t)(luamp_now() * 1e9) ^
+    u = ((uint64_t)luamp_pid() << 40) ^ (uint64_t)(luamp_now() * 1e9) ^
         (atomic_fetch_add(&counter, 1) << 20);
   }
   return u ? u : 1;
@@ -301,13 +296,13 @@ static uint64_t new_uid(void) {
 /* memfd_create, raising the soft fd limit to the hard one once if the
  * process runs out of fds: every shared object holds one. */
 static int new_memfd(const char *name) {
-  int fd = memfd_create(name, MFD_CLOEXEC);
+  int fd = luamp_sys.memfd_create(name, MFD_CLOEXEC);
   if (fd < 0 && errno == EMFILE) {
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
       rl.rlim_cur = rl.rlim_max;
       if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
-        fd = memfd_create(name, MFD_CLOEXEC);
+        fd = luamp_sys.memfd_create(name, MFD_CLOEXEC);
     }
     if (fd < 0) errno = EMFILE;
   }
@@ -345,7 +340,7 @@ struct luamp_arena *luamp_arena_new(lua_State *L, const char *name,
   h = base;
   h->uid = new_uid();
   h->size = size;
-  h->creator = (int32_t)getpid();
+  h->creator = (int32_t)luamp_pid();
   h->creator_fd = fd;
   h->kind = kind;
   h->magic = ARENA_MAGIC;
@@ -405,7 +400,7 @@ void luamp_arena_describe(luaL_Buffer *b, struct luamp_arena *a,
   hh.uid = a->uid;
   hh.size = a->size;
   hh.offset = offset;
-  cand[0] = (int32_t)getpid();
+  cand[0] = (int32_t)luamp_pid();
   cand[1] = a->fd;
   cand[2] = h->creator;
   cand[3] = h->creator_fd;
@@ -425,12 +420,13 @@ static struct luamp_arena *attach_via_proc(int32_t pid, int32_t fdno,
   void *base;
   int fd;
   snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)pid, (int)fdno);
-  fd = open(path, O_RDWR | O_CLOEXEC);
+  fd = luamp_sys.open(path, O_RDWR | O_CLOEXEC, 0);
   if (fd < 0) {
     *err = errno;
     return NULL;
   }
-  if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != size) {
+  if (luamp_sys.fstat(fd, &st) != 0 ||
+      (uint64_t)st.st_size != size) {
     close(fd);
     *err = ESTALE;
     return NULL;

@@ -157,7 +157,7 @@ static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
   while (n > 0) {
     ssize_t w;
     if (deadline >= 0) wait_fd(L, c, POLLOUT, deadline, sent > 0);
-    w = writev(c->fd, iov, n);
+    w = luamp_sys.writev(c->fd, iov, n);
     if (w < 0) {
       int err = errno;
       if (err == EINTR) {
@@ -199,7 +199,7 @@ static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
   for (;;) {
     ssize_t r;
     if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway);
-    r = read(c->fd, p, n);
+    r = luamp_sys.read(c->fd, p, n);
     if (r >= 0) return (size_t)r;
     if (errno == EINTR) {
       if (luamp_interrupted(L)) {
@@ -435,18 +435,18 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
  * errno EAGAIN when nothing is there. */
 static ssize_t read_nowait(struct conn *c, char *p, size_t n) {
   for (;;) {
-    ssize_t r = recv(c->fd, p, n, MSG_DONTWAIT);
+    ssize_t r = luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
     if (r >= 0) return r;
     if (errno == EINTR) continue;
     if (errno == ENOTSOCK) {           /* a pipe: ask poll first */
       struct pollfd q = {c->fd, POLLIN, 0};
-      int k = poll(&q, 1, 0);
+      int k = luamp_sys.poll(&q, 1, 0);
       if (k < 0 && errno == EINTR) continue;
       if (k == 0) {
         errno = EAGAIN;
         return -1;
       }
-      r = read(c->fd, p, n);
+      r = luamp_sys.read(c->fd, p, n);
       if (r < 0 && errno == EINTR) continue;
       return r;
     }
@@ -800,12 +800,12 @@ static int l_pipe(lua_State *L) {
   struct conn *a = new_conn(L), *b = new_conn(L);
   if (duplex) {
     int sndbuf = PIPE_SNDBUF;
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
+    if (luamp_sys.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
       luamp_raise_errno(L, "OSError", errno, "socketpair");
     /* (capped by net.core.wmem_max; a failure only costs speed) */
     for (int i = 0; i < 2; i++)
       (void)setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
-  } else if (pipe2(fds, O_CLOEXEC) != 0) {
+  } else if (luamp_sys.pipe2(fds, O_CLOEXEC) != 0) {
     luamp_raise_errno(L, "OSError", errno, "pipe2");
   }
   a->fd = fds[0];
@@ -1208,7 +1208,7 @@ static int listener_close(lua_State *L) {
     int fd = l->fd;
     l->fd = -1;
     close(fd);
-    if (l->path[0] && l->owner == getpid()) unlink(l->path);
+    if (l->path[0] && l->owner == luamp_pid()) unlink(l->path);
     l->path[0] = '\0';
   }
   return 0;
@@ -1224,16 +1224,17 @@ static int l_listen(lua_State *L) {
   memset(l, 0, sizeof *l);
   l->fd = -1;
   luaL_setmetatable(L, LISTENER_TNAME);
-  fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  fd = luamp_sys.socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
   if (family != AF_UNIX) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (bind(fd, (struct sockaddr *)&ss, len) != 0 || listen(fd, backlog) != 0) {
+  if (luamp_sys.bind(fd, (struct sockaddr *)&ss, len) != 0 ||
+      luamp_sys.listen(fd, backlog) != 0) {
     int err = errno;
     close(fd);
     luamp_raise_errno(L, "OSError", err, "bind");
   }
   l->fd = fd;
-  l->owner = getpid();
+  l->owner = luamp_pid();
   l->family = family;
   if (family == AF_UNIX) {
     const struct sockaddr_un *un = (const struct sockaddr_un *)&ss;
@@ -1254,7 +1255,7 @@ static int listener_accept(lua_State *L) {
     if (r == -2) luamp_raise_interrupt(L);
     if (r == 0) luamp_raise(L, "TimeoutError", "timed out");
     if (r < 0) luamp_raise_errno(L, "OSError", errno, "poll");
-    fd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+    fd = luamp_sys.accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
     if (fd >= 0) {
       tune_socket(fd, l->family);
       c->fd = fd;
@@ -1271,7 +1272,7 @@ static int listener_address(lua_State *L) {
   struct listener *l = check_listener(L, 1);
   struct sockaddr_storage ss;
   socklen_t len = sizeof ss;
-  if (getsockname(l->fd, (struct sockaddr *)&ss, &len) != 0)
+  if (luamp_sys.getsockname(l->fd, (struct sockaddr *)&ss, &len) != 0)
     luamp_raise_errno(L, "OSError", errno, "getsockname");
   push_address(L, &ss, len);
   return 1;
@@ -1307,12 +1308,12 @@ static int l_connect(lua_State *L) {
   int family = parse_address(L, 1, &ss, &len), fd, r;
   double deadline = luamp_deadline_arg(L, 2);
   struct conn *c = new_conn(L);
-  fd = socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  fd = luamp_sys.socket(family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
   c->fd = fd;                /* closed by the handle if we raise */
   c->readable = c->writable = 1;
   for (;;) {
-    r = connect(fd, (struct sockaddr *)&ss, len);
+    r = luamp_sys.connect(fd, (struct sockaddr *)&ss, len);
     if (r == 0) break;
     if (errno == EINTR) continue;
     if (errno == EINPROGRESS || errno == EALREADY) {

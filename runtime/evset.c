@@ -60,9 +60,10 @@ static int l_evset(lua_State *L) {
   e->epfd = e->tfd = -1;     /* closed until the resources exist */
   e->owner = luamp_pid();
   luaL_setmetatable(L, EVSET_TNAME);
-  e->tfd = timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK);
+  e->tfd = luamp_sys.timerfd_create(CLOCK_MONOTONIC,
+                                    TFD_CLOEXEC | TFD_NONBLOCK);
   if (e->tfd < 0) luamp_raise_errno(L, "OSError", errno, "timerfd_create");
-  e->epfd = epoll_create1(EPOLL_CLOEXEC);
+  e->epfd = luamp_sys.epoll_create1(EPOLL_CLOEXEC);
   if (e->epfd < 0) {
     int err = errno;
     close(e->tfd);
@@ -71,7 +72,7 @@ static int l_evset(lua_State *L) {
   }
   ev.events = EPOLLIN;
   ev.data.fd = e->tfd;
-  if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->tfd, &ev) != 0)
+  if (luamp_sys.epoll_ctl(e->epfd, EPOLL_CTL_ADD, e->tfd, &ev) != 0)
     luamp_raise_errno(L, "OSError", errno, "epoll_ctl");
   return 1;
 }
@@ -89,7 +90,8 @@ static int evset_add(lua_State *L) {
   struct epoll_event ev = {0};
   ev.events = EPOLLIN;
   ev.data.fd = fd;
-  if (epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) != 0 && errno != EEXIST)
+  if (luamp_sys.epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) != 0 &&
+      errno != EEXIST)
     luamp_raise_errno(L, "OSError", errno, "epoll_ctl");
   return 0;
 }
@@ -99,8 +101,8 @@ static int evset_add(lua_State *L) {
 static int evset_remove(lua_State *L) {
   struct evset *e = checkevset(L);
   int fd = checkfd(L, 2);
-  if (epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL) != 0 && errno != ENOENT &&
-      errno != EBADF)
+  if (luamp_sys.epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL) != 0 &&
+      errno != ENOENT && errno != EBADF)
     luamp_raise_errno(L, "OSError", errno, "epoll_ctl");
   return 0;
 }
@@ -122,8 +124,8 @@ static int evset_set_timer(lua_State *L) {
     if (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0)
       its.it_value.tv_nsec = 1;
   }
-  (void)!read(e->tfd, &ticks, sizeof ticks);
-  if (timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
+  (void)!luamp_sys.read(e->tfd, &ticks, sizeof ticks);
+  if (luamp_sys.timerfd_settime(e->tfd, TFD_TIMER_ABSTIME, &its, NULL) != 0)
     luamp_raise_errno(L, "OSError", errno, "timerfd_settime");
   return 0;
 }
@@ -133,7 +135,7 @@ static int evset_ready(lua_State *L) {
   struct evset *e = checkevset(L);
   struct pollfd p = {e->epfd, POLLIN, 0};
   int r;
-  while ((r = poll(&p, 1, 0)) < 0 && errno == EINTR) {}
+  while ((r = luamp_sys.poll(&p, 1, 0)) < 0 && errno == EINTR) {}
   lua_pushboolean(L, r > 0);
   return 1;
 }

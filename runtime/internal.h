@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 #include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <pthread.h>
 #include <stdatomic.h>
 
@@ -107,25 +109,54 @@ int luamp_remaining_ms(double deadline, int cap_ms);
  * (luamp and stock lua5.4 both install it from their SIGINT handler). */
 int luamp_interrupted(lua_State *L);
 
-/* Syscalls that can fail, called through this table so C tests can inject
- * failures (sqlite's aSyscall[] idea). */
+/* The system calls that can fail or block, called through this table
+ * and nowhere else, so that C tests can inject failures into the code
+ * that runs in production (sqlite's aSyscall[] idea).  Callers keep their
+ * own EINTR loops (they also check for Ctrl-C there). */
+struct iovec;
+struct epoll_event;
+struct timespec;
+struct itimerspec;
+struct stat;
 struct luamp_syscalls {
   pid_t (*fork)(void);
+  pid_t (*waitpid)(pid_t, int *, int);
+  int (*pthread_sigmask)(int, const sigset_t *, sigset_t *);
   ssize_t (*read)(int, void *, size_t);
   ssize_t (*write)(int, const void *, size_t);
+  ssize_t (*writev)(int, const struct iovec *, int);
+  ssize_t (*pread)(int, void *, size_t, off_t);
+  ssize_t (*pwrite)(int, const void *, size_t, off_t);
+  ssize_t (*recv)(int, void *, size_t, int);
   int (*poll)(struct pollfd *, nfds_t, int);
-  void *(*mmap)(void *, size_t, int, int, int, off_t);
+  int (*pipe2)(int *, int);
+  int (*socketpair)(int, int, int, int *);
+  int (*socket)(int, int, int);
+  int (*accept4)(int, struct sockaddr *, socklen_t *, int);
+  int (*connect)(int, const struct sockaddr *, socklen_t);
+  int (*memfd_create)(const char *, unsigned int);
+  int (*shm_open)(const char *, int, mode_t);
   int (*ftruncate)(int, off_t);
+  void *(*mmap)(void *, size_t, int, int, int, off_t);
+  int (*timerfd_create)(clockid_t, int);
+  int (*epoll_create1)(int);
+  int (*epoll_ctl)(int, int, int, struct epoll_event *);
+  /* futex(2) without its last two arguments (arena.c's waits and wakes) */
+  long (*futex)(_Atomic uint32_t *, int, uint32_t, const struct timespec *);
+  int (*open)(const char *, int, mode_t);
+  int (*fstat)(int, struct stat *);
+  int (*bind)(int, const struct sockaddr *, socklen_t);
+  int (*listen)(int, int);
+  int (*kill)(pid_t, int);
+  int (*timerfd_settime)(int, int, const struct itimerspec *,
+                         struct itimerspec *);
+  int (*shm_unlink)(const char *);
+  int (*getsockname)(int, struct sockaddr *, socklen_t *);
 };
 extern struct luamp_syscalls luamp_sys;
 
-/* read/write/poll with their EINTR loops.  The *_full variants move all n
- * bytes or fail; they return 0 on success, -1 with errno set on failure,
- * and for read_full 1 on a clean EOF before the first byte. */
+/* read with its EINTR loop. */
 ssize_t luamp_robust_read(int fd, void *buf, size_t n);
-ssize_t luamp_robust_write(int fd, const void *buf, size_t n);
-int luamp_write_full(int fd, const void *buf, size_t n);
-int luamp_read_full(int fd, void *buf, size_t n);
 /* poll until an event, the deadline, or (when L is given) an interrupt;
  * returns poll's count, 0 on timeout, -2 when interrupted, -1 on error. */
 int luamp_robust_poll(lua_State *L, struct pollfd *fds, nfds_t n,

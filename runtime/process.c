@@ -109,7 +109,7 @@ static int pidfd_open_(pid_t pid) {
 static int pidfd_usable(void) {
   if (have_pidfd < 0) {
     const char *off = getenv("LUAMP_NO_PIDFD");  /* tests the fallback */
-    int fd = (off && *off && strcmp(off, "0") != 0) ? -1 : pidfd_open_(getpid());
+    int fd = (off && *off && strcmp(off, "0") != 0) ? -1 : pidfd_open_(luamp_pid());
     have_pidfd = fd >= 0;
     if (fd >= 0) close(fd);
   }
@@ -131,7 +131,7 @@ static int reap(struct child *c, int hang) {
   pid_t r;
   if (c->reaped) return 1;
   if (c->owner != luamp_pid()) return 0;
-  do r = waitpid(c->pid, &st, hang ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
+  do r = luamp_sys.waitpid(c->pid, &st, hang ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
   if (r == c->pid) {
     c->reaped = 1;
     c->status = st;
@@ -184,7 +184,7 @@ static int wait_quietly(struct child *c, double deadline) {
       struct pollfd p = {c->sentinel, POLLIN, 0};
       int ms = luamp_remaining_ms(deadline, -1);
       if (ms == 0) return reap(c, 0);
-      if (poll(&p, 1, ms) < 0 && errno != EINTR) return reap(c, deadline < 0);
+      if (luamp_sys.poll(&p, 1, ms) < 0 && errno != EINTR) return reap(c, deadline < 0);
     } else {
       if (deadline < 0) return reap(c, 1);
       if (luamp_remaining_ms(deadline, -1) == 0) return reap(c, 0);
@@ -203,7 +203,7 @@ static void cleanup_children(const void *state) {
   for (struct child *c = registry; c; c = c->next)
     if (c->owner == me && (!state || c->state == state) && !reap(c, 0) &&
         c->daemon) {
-      kill(c->pid, SIGTERM);
+      luamp_sys.kill(c->pid, SIGTERM);
       any = 1;
     }
   if (any) {
@@ -211,7 +211,7 @@ static void cleanup_children(const void *state) {
     for (struct child *c = registry; c; c = c->next)
       if (c->owner == me && (!state || c->state == state) && c->daemon &&
           !wait_quietly(c, deadline)) {
-        kill(c->pid, SIGKILL);
+        luamp_sys.kill(c->pid, SIGKILL);
         reap(c, 1);
       }
   }
@@ -329,7 +329,7 @@ static void trim_heap(lua_State *L) {
 pid_t luamp_fork(lua_State *L) {
   sigset_t all, old;
   pid_t pid;
-  int err;
+  int err, blocked;
   struct sigaction sa;
 
   trim_heap(L);
@@ -342,8 +342,13 @@ pid_t luamp_fork(lua_State *L) {
     signal(SIGCHLD, SIG_DFL);
   fflush(NULL);
   sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &old);
-  pid = luamp_sys.fork();
+  blocked = luamp_sys.pthread_sigmask(SIG_SETMASK, &all, &old);
+  if (blocked != 0) {      /* no fork with signals open: fails as fork */
+    errno = blocked;
+    pid = -1;
+  } else {
+    pid = luamp_sys.fork();
+  }
   if (pid == 0) {
     after_fork_in_child();
     /* The child starts with every signal unblocked: a host that blocks
@@ -351,14 +356,15 @@ pid_t luamp_fork(lua_State *L) {
      * child does not have) would otherwise leave a child that SIGTERM
      * cannot stop. */
     memset(&old, 0, sizeof old);          /* the empty set */
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (luamp_sys.pthread_sigmask(SIG_SETMASK, &old, NULL) != 0) _exit(127);
     for (int i = 0; i < n_c_hooks; i++)
       if (c_hooks[i].child) c_hooks[i].child(c_hooks[i].ud);
     if (L) run_lua_hooks(L, 3);
     return 0;
   }
   err = errno;
-  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  /* (cannot fail: the same call accepted this set a moment ago) */
+  if (blocked == 0) (void)luamp_sys.pthread_sigmask(SIG_SETMASK, &old, NULL);
   for (int i = 0; i < n_c_hooks; i++)
     if (c_hooks[i].parent) c_hooks[i].parent(c_hooks[i].ud);
   if (L) run_lua_hooks(L, 2);
@@ -472,7 +478,7 @@ static int child_sentinel(lua_State *L) {
   if (c->sentinel < 0 && c->reaped) {
     /* closed when it was reaped: one that is ready, as it would be */
     int p[2];
-    if (pipe2(p, O_CLOEXEC) != 0)
+    if (luamp_sys.pipe2(p, O_CLOEXEC) != 0)
       luamp_raise_errno(L, "OSError", errno, "pipe2");
     close(p[1]);
     c->sentinel = p[0];
@@ -531,7 +537,7 @@ static int child_signal(lua_State *L) {
     lua_pushboolean(L, 0);
     return 1;
   }
-  if (kill(c->pid, sig) != 0) {
+  if (luamp_sys.kill(c->pid, sig) != 0) {
     if (errno == ESRCH) {
       lua_pushboolean(L, 0);
       return 1;
@@ -631,7 +637,7 @@ static int l_spawn(lua_State *L) {
   if (c == NULL && (c = calloc(1, sizeof *c)) == NULL)
     luamp_raise(L, "OSError", "not enough memory");
   c->sentinel = -1;
-  if (!pidfd_usable() && pipe2(pfd, O_CLOEXEC) != 0) {
+  if (!pidfd_usable() && luamp_sys.pipe2(pfd, O_CLOEXEC) != 0) {
     int err = errno;
     free(c);
     luamp_raise_errno(L, "OSError", err, "pipe2");
@@ -755,7 +761,7 @@ static int l_waitpid(lua_State *L) {
   pid_t r;
   luaL_argcheck(L, pid > 0, 1, "pid must be positive");
   for (;;) {
-    r = waitpid(pid, &st, WNOHANG);
+    r = luamp_sys.waitpid(pid, &st, WNOHANG);
     if (r != 0 || nohang) break;
     /* blocking, but interruptible: wait in slices */
     if (luamp_robust_poll(L, NULL, 0, luamp_deadline(0.005)) == -2)
@@ -772,7 +778,7 @@ static int l_kill(lua_State *L) {
   pid_t pid = (pid_t)luaL_checkinteger(L, 1);
   int sig = signal_number(L, 2);
   luaL_argcheck(L, pid > 0, 1, "pid must be positive");
-  if (kill(pid, sig) != 0) {
+  if (luamp_sys.kill(pid, sig) != 0) {
     if (errno == ESRCH) {
       lua_pushboolean(L, 0);
       return 1;

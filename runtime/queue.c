@@ -305,7 +305,7 @@ int luamp_wakeup_fd(lua_State *L) {
       close(wake_wfd);
     }
     wake_pid = 0;
-    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
+    if (luamp_sys.pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
       luamp_raise_errno(L, "OSError", errno, "pipe2");
     wake_rfd = p[0];
     wake_wfd = p[1];
@@ -317,7 +317,7 @@ int luamp_wakeup_fd(lua_State *L) {
 void luamp_wakeup_drain(void) {
   char buf[64];
   if (wake_pid == luamp_pid())
-    while (read(wake_rfd, buf, sizeof buf) > 0) {}
+    while (luamp_sys.read(wake_rfd, buf, sizeof buf) > 0) {}
 }
 
 static int qfd_owns(int wfd);   /* a fileno() pipe of ours (below) */
@@ -345,14 +345,14 @@ static void poke_watchers(lua_State *L, struct queue *q) {
     int fd;
     if (pids[i] == me) {   /* mp.wait's pipe or a handle's fileno() pipe */
       if ((wake_pid == me && fds[i] == wake_wfd) || qfd_owns(fds[i]))
-        (void)!write(fds[i], "", 1);
+        (void)!luamp_sys.write(fds[i], "", 1);
       continue;
     }
     /* the watcher's own pipe, reached through /proc: gone with it */
     snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)pids[i], (int)fds[i]);
     fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) continue;
-    (void)!write(fd, "", 1);   /* a full pipe is poked already */
+    (void)!luamp_sys.write(fd, "", 1);   /* a full pipe is poked already */
     close(fd);
   }
 }
@@ -600,7 +600,7 @@ int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
 /* ---- construction ------------------------------------------------------------------- */
 
 static int can_map(uint64_t n) {
-  void *p = mmap(NULL, n, PROT_NONE,
+  void *p = luamp_sys.mmap(NULL, n, PROT_NONE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) return 0;
   munmap(p, n);
@@ -745,12 +745,12 @@ static void qfd_watch(lua_State *L, struct qhdr *h, int wfd, int on) {
 static void qfd_arm(lua_State *L, struct luamp_obj *o, struct qfd *f) {
   struct qhdr *h = (struct qhdr *)o->p;
   char buf[64];
-  while (read(f->rfd, buf, sizeof buf) > 0) {}
+  while (luamp_sys.read(f->rfd, buf, sizeof buf) > 0) {}
   if (atomic_load(&h->count) == 0) {
     qfd_watch(L, h, f->wfd, 1);
     if (atomic_load(&h->count) == 0) return;
   }
-  (void)!write(f->wfd, "", 1);
+  (void)!luamp_sys.write(f->wfd, "", 1);
 }
 
 /* After (and before) a get by a watched handle: an empty queue re-arms. */
@@ -785,7 +785,7 @@ static int q_fileno(lua_State *L) {
       qfds = t;
       capqfds = n;
     }
-    if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
+    if (luamp_sys.pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
       luamp_raise_errno(L, "OSError", errno, "pipe2");
     f = &qfds[nqfds++];
     f->o = o;

@@ -99,7 +99,7 @@ struct track_table {
 static struct track_table *table;  /* NULL: no table, local list only */
 
 static void table_init(void) {
-  void *p = mmap(NULL, sizeof *table, PROT_READ | PROT_WRITE,
+  void *p = luamp_sys.mmap(NULL, sizeof *table, PROT_READ | PROT_WRITE,
                  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return;
   if (luamp_mutex_init(&((struct track_table *)p)->mu) != 0) {
@@ -139,12 +139,12 @@ static int entry_owners(const struct track_entry *e) {
 /* Unlinks the entry's block if the name still holds that block. */
 static void entry_unlink(const struct track_entry *e) {
   struct stat st;
-  int fd = shm_open(e->name, O_RDONLY, 0), same;
+  int fd = luamp_sys.shm_open(e->name, O_RDONLY, 0), same;
   if (fd < 0) return;
-  same = fstat(fd, &st) == 0 && (uint64_t)st.st_dev == e->dev &&
+  same = luamp_sys.fstat(fd, &st) == 0 && (uint64_t)st.st_dev == e->dev &&
          (uint64_t)st.st_ino == e->ino;
   close(fd);
-  if (same) shm_unlink(e->name);
+  if (same) luamp_sys.shm_unlink(e->name);
 }
 
 /* Drops owners that are `leaving` (0: none) or dead -- of those, only the
@@ -229,7 +229,7 @@ static LUAMP_NORETURN void tracker_main(void) {
   signal(SIGHUP, SIG_IGN);
   signal(SIGPIPE, SIG_IGN);
   sigemptyset(&none);
-  pthread_sigmask(SIG_SETMASK, &none, NULL);
+  if (luamp_sys.pthread_sigmask(SIG_SETMASK, &none, NULL) != 0) _exit(0);
   /* no fd of the program: pipes and sockets must see EOF without us */
   close_range(0, ~0U, 0);
   fd = open("/dev/null", O_RDWR);
@@ -274,15 +274,17 @@ static void start_tracker(void) {
   pid_t mid;
   int st;
   sigfillset(&all);
-  pthread_sigmask(SIG_SETMASK, &all, &old);
-  mid = fork();
+  if (luamp_sys.pthread_sigmask(SIG_SETMASK, &all, &old) != 0)
+    return;                         /* not started: retried later */
+  mid = luamp_sys.fork();
   if (mid == 0) {
-    if (fork() == 0) tracker_main();
+    if (luamp_sys.fork() == 0) tracker_main();
     _exit(0);
   }
-  pthread_sigmask(SIG_SETMASK, &old, NULL);
+  /* (cannot fail: the same call accepted this set a moment ago) */
+  (void)luamp_sys.pthread_sigmask(SIG_SETMASK, &old, NULL);
   if (mid > 0)
-    while (waitpid(mid, &st, 0) < 0 && errno == EINTR) {}
+    while (luamp_sys.waitpid(mid, &st, 0) < 0 && errno == EINTR) {}
 }
 
 static pthread_once_t atexit_once = PTHREAD_ONCE_INIT;
@@ -381,12 +383,12 @@ struct tracked {
 static struct tracked *tracked;
 
 void luamp_shm_cleanup(void) {
-  pid_t me = getpid();
+  pid_t me = luamp_pid();
   struct tracked *t, *next;
   pthread_mutex_lock(&track_mu);
   for (t = tracked; t; t = next) {
     next = t->next;
-    if (t->pid == me) shm_unlink(t->name);
+    if (t->pid == me) luamp_sys.shm_unlink(t->name);
     free(t);
   }
   tracked = NULL;
@@ -400,7 +402,7 @@ void luamp_shm_cleanup(void) {
 static void track(const char *name) {
   struct tracked *t = malloc(sizeof *t);
   if (t == NULL) return;   /* then it is not cleaned up: never wrong */
-  t->pid = getpid();
+  t->pid = luamp_pid();
   snprintf(t->name, sizeof t->name, "%s", name);
   pthread_mutex_lock(&track_mu);
   t->next = tracked;
@@ -478,17 +480,17 @@ static int l_SharedMemory(lua_State *L) {
   luaL_setmetatable(L, SHM_TNAME);
   if (name) {
     snprintf(s->name, sizeof s->name, "/%s", name);
-    fd = shm_open(s->name, create ? O_CREAT | O_EXCL | O_RDWR : O_RDWR,
+    fd = luamp_sys.shm_open(s->name, create ? O_CREAT | O_EXCL | O_RDWR : O_RDWR,
                   0600);
   } else {
     /* Python's default names: psm_ and 8 hex digits, retried on clash */
     for (int tries = 0; tries < 100; tries++) {
       uint32_t r;
       if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
-        r = (uint32_t)(getpid() * 2654435761u) ^ (uint32_t)(luamp_now() * 1e6) ^
+        r = (uint32_t)(luamp_pid() * 2654435761u) ^ (uint32_t)(luamp_now() * 1e6) ^
             (uint32_t)tries;
       snprintf(s->name, sizeof s->name, "/psm_%08x", (unsigned)r);
-      fd = shm_open(s->name, O_CREAT | O_EXCL | O_RDWR, 0600);
+      fd = luamp_sys.shm_open(s->name, O_CREAT | O_EXCL | O_RDWR, 0600);
       if (fd >= 0 || errno != EEXIST) break;
     }
   }
@@ -497,17 +499,17 @@ static int l_SharedMemory(lua_State *L) {
     luamp_raise_errno(L, "OSError", err, shm_what(L, s));
   }
   if (create) {
-    if (ftruncate(fd, (off_t)size) != 0) {
+    if (luamp_sys.ftruncate(fd, (off_t)size) != 0) {
       err = errno;
       close(fd);
-      shm_unlink(s->name);
+      luamp_sys.shm_unlink(s->name);
       luamp_raise_errno(L, "OSError", err, "ftruncate");
     }
   }
-  if (fstat(fd, &st) != 0) {
+  if (luamp_sys.fstat(fd, &st) != 0) {
     err = errno;
     close(fd);
-    if (create) shm_unlink(s->name);
+    if (create) luamp_sys.shm_unlink(s->name);
     luamp_raise_errno(L, "OSError", err, "fstat");
   }
   s->dev = (uint64_t)st.st_dev;
@@ -519,11 +521,11 @@ static int l_SharedMemory(lua_State *L) {
       luamp_raise(L, "ValueError", "shared memory '%s' is empty", s->name + 1);
     }
   }
-  base = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  base = luamp_sys.mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   err = errno;
   close(fd);   /* the mapping keeps the memory; no fd held */
   if (base == MAP_FAILED) {
-    if (create) shm_unlink(s->name);
+    if (create) luamp_sys.shm_unlink(s->name);
     luamp_raise_errno(L, "OSError", err, "mmap");
   }
   s->base = base;
@@ -547,7 +549,7 @@ static int shm_close(lua_State *L) {
  * lives on while mapped. */
 static int shm_unlink_m(lua_State *L) {
   struct shm *s = luamp_self(L, 1, &shm_type);
-  if (shm_unlink(s->name) != 0) {
+  if (luamp_sys.shm_unlink(s->name) != 0) {
     int err = errno;
     luamp_raise_errno(L, "OSError", err, shm_what(L, s));
   }

@@ -43,7 +43,7 @@ static int l_store(lua_State *L) {
   s->owner = luamp_pid();
   s->size = 0;
   luaL_setmetatable(L, STORE_TNAME);
-  s->fd = memfd_create("luamp-store", MFD_CLOEXEC);
+  s->fd = luamp_sys.memfd_create("luamp-store", MFD_CLOEXEC);
   if (s->fd < 0) luamp_raise_errno(L, "OSError", errno, "memfd_create");
   return 1;
 }
@@ -56,7 +56,7 @@ static int store_put(lua_State *L) {
   if (s->owner != luamp_pid())
     luamp_raise(L, "ValueError", "only the process that made a store appends");
   while (done < n) {
-    ssize_t w = pwrite(s->fd, data + done, n - done, s->size + (off_t)done);
+    ssize_t w = luamp_sys.pwrite(s->fd, data + done, n - done, s->size + (off_t)done);
     if (w < 0) {
       if (errno == EINTR) continue;
       luamp_raise_errno(L, "OSError", errno, "store write");
@@ -80,7 +80,7 @@ static int store_get(lua_State *L) {
                 "length out of range");
   p = luaL_buffinitsize(L, &b, (size_t)len);
   while (done < (size_t)len) {
-    ssize_t r = pread(s->fd, p + done, (size_t)len - done, (off_t)off + (off_t)done);
+    ssize_t r = luamp_sys.pread(s->fd, p + done, (size_t)len - done, (off_t)off + (off_t)done);
     if (r < 0) {
       if (errno == EINTR) continue;
       luamp_raise_errno(L, "OSError", errno, "store read");

@@ -1,26 +1,81 @@
 /*
  * sys.c -- robust system calls, deadlines and interrupts.
  *
- * Every blocking call in the runtime goes through a wrapper here with its
- * EINTR loop.  Timeouts are deadlines: computed once from the caller's
- * timeout, the time left recomputed after every wake-up.  A wait that
- * sees EINTR asks luamp_interrupted() whether the signal was SIGINT for
- * this Lua state; if so it returns so that the caller can release what it
- * holds and raise "interrupted!".
+ * The runtime's blocking calls (read, writev, poll, waitpid, accept4,
+ * connect, futex, ...), the calls that make its resources (fork, pipe2,
+ * sockets, memfd_create, shm_open, ftruncate, mmap, epoll and timerfd
+ * fds, pthread_sigmask around fork) and the others whose failure reaches
+ * Lua as an error (bind, listen, getsockname, kill, fstat, open, shm_unlink,
+ * timerfd_settime) go through the luamp_sys table below, so that C tests
+ * (spec/c/test_faults.c) inject failures into the code that runs in
+ * production.  The rest (close, munmap, setsockopt, fcntl, probes whose
+ * failure only selects a fallback) is called directly.  Call sites keep their
+ * EINTR loops, as most must also notice a Ctrl-C there; poll's loop is
+ * luamp_robust_poll.
+ * Timeouts are deadlines: computed once from the caller's timeout, the
+ * time left recomputed after every wake-up.  A wait that sees EINTR asks
+ * luamp_interrupted() whether the signal was SIGINT for this Lua state;
+ * if so it returns so that the caller can release what it holds and raise
+ * "interrupted!".
  */
 #include <errno.h>
 #include <math.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/timerfd.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
 #include <stdint.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "internal.h"
 
+/* (accept4 and connect take glibc's transparent sockaddr unions: called
+ * through these so that the table's types are the plain ones) */
+static int sys_accept4(int fd, struct sockaddr *a, socklen_t *n, int fl) {
+  return accept4(fd, a, n, fl);
+}
+static int sys_connect(int fd, const struct sockaddr *a, socklen_t n) {
+  return connect(fd, a, n);
+}
+
+static int sys_bind(int fd, const struct sockaddr *a, socklen_t n) {
+  return bind(fd, a, n);
+}
+static int sys_getsockname(int fd, struct sockaddr *a, socklen_t *n) {
+  return getsockname(fd, a, n);
+}
+/* (open takes its mode as a variadic argument) */
+static int sys_open(const char *path, int flags, mode_t mode) {
+  return open(path, flags, mode);
+}
+
+static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
+                      const struct timespec *ts) {
+  return syscall(SYS_futex, uaddr, op, val, ts, NULL, 0);
+}
+
 struct luamp_syscalls luamp_sys = {
-  fork, read, write, poll, mmap, ftruncate
+  .fork = fork, .waitpid = waitpid, .pthread_sigmask = pthread_sigmask,
+  .read = read, .write = write, .writev = writev,
+  .pread = pread, .pwrite = pwrite, .recv = recv, .poll = poll,
+  .pipe2 = pipe2, .socketpair = socketpair, .socket = socket,
+  .accept4 = sys_accept4, .connect = sys_connect,
+  .memfd_create = memfd_create, .shm_open = shm_open,
+  .ftruncate = ftruncate, .mmap = mmap,
+  .timerfd_create = timerfd_create, .epoll_create1 = epoll_create1,
+  .epoll_ctl = epoll_ctl, .futex = sys_futex,
+  .open = sys_open, .fstat = fstat, .bind = sys_bind, .listen = listen,
+  .kill = kill, .timerfd_settime = timerfd_settime,
+  .shm_unlink = shm_unlink, .getsockname = sys_getsockname
 };
 
 /* Longest single sleep while waiting with an interruptible state: a
@@ -82,39 +137,6 @@ ssize_t luamp_robust_read(int fd, void *buf, size_t n) {
   return r;
 }
 
-ssize_t luamp_robust_write(int fd, const void *buf, size_t n) {
-  ssize_t r;
-  do r = luamp_sys.write(fd, buf, n); while (r < 0 && errno == EINTR);
-  return r;
-}
-
-int luamp_write_full(int fd, const void *buf, size_t n) {
-  const char *p = buf;
-  while (n > 0) {
-    ssize_t w = luamp_robust_write(fd, p, n);
-    if (w < 0) return -1;
-    p += w;
-    n -= (size_t)w;
-  }
-  return 0;
-}
-
-int luamp_read_full(int fd, void *buf, size_t n) {
-  char *p = buf;
-  size_t got = 0;
-  while (got < n) {
-    ssize_t r = luamp_robust_read(fd, p + got, n - got);
-    if (r < 0) return -1;
-    if (r == 0) {
-      if (got == 0) return 1;
-      errno = EPIPE; /* EOF inside the object: never a short value */
-      return -1;
-    }
-    got += (size_t)r;
-  }
-  return 0;
-}
-
 int luamp_robust_poll(lua_State *L, struct pollfd *fds, nfds_t n,
                       double deadline) {
   for (;;) {
@@ -141,7 +163,7 @@ static int l_cpu_count(lua_State *L) {
 }
 
 static int l_getpid(lua_State *L) {
-  lua_pushinteger(L, getpid());
+  lua_pushinteger(L, luamp_pid());
   return 1;
 }
 
