@@ -43,7 +43,7 @@
 --     connections), so an adoption that comes first is remembered.
 local core = require "multiprocessing.core"
 local T = require "multiprocessing.manager_types"
-local managers = require "multiprocessing.managers"
+local state = require "multiprocessing.manager_state"
 local connection = require "multiprocessing.connection"
 
 local PARKED = T.PARKED
@@ -51,7 +51,7 @@ local now, getpid = core.now, core.getpid
 local is_error, new_error = core.is_error, core.new_error
 local encode = core.encode
 local unpack = table.unpack
-local REC_MT = managers._REC_MT
+local REC_MT = state.REC_MT
 
 local S = {}
 
@@ -68,9 +68,9 @@ T.set_kernel(K)
 
 local function reply(C, seq, status, v, extra)
   if seq == 0 or C.closed then return end
-  managers._reply_to = C
+  state.reply_to = C
   local ok, err = pcall(C.conn.send, C.conn, {seq, status, v, extra})
-  managers._reply_to = nil
+  state.reply_to = nil
   if ok then return end
   if is_error(err, "EncodeError") then
     -- the result cannot travel: say so instead
@@ -177,9 +177,9 @@ end
 local CHECKING = {}
 
 function K.check_storable(v)
-  managers._reply_to = CHECKING
+  state.reply_to = CHECKING
   local ok, err = pcall(encode, v)
-  managers._reply_to = nil
+  state.reply_to = nil
   if not ok then
     error(is_error(err) and err or new_error("EncodeError", tostring(err)), 0)
   end
@@ -306,10 +306,10 @@ function Server:consume(token)
   return nil
 end
 
--- Reducing a rec for the wire (managers.lua's class reducer calls this):
+-- Reducing a rec for the wire (manager_proxies.lua's reducer calls this):
 -- a reply holds it for its client; anything else takes a token.
 function Server:reduce_rec(rec)
-  local C = managers._reply_to
+  local C = state.reply_to
   if C == CHECKING then return {} end
   local token
   if C then
@@ -541,7 +541,7 @@ function Server:handle1(C, msg)
       "; %d later write%s discarded", dropped, dropped == 1 and " was" or
       "s were") or ""))
   end
-  -- (a ping, the write fence of managers.lua, reads nothing of others')
+  -- (a ping, the write fence of manager_client.lua, reads nothing of others')
   if seq ~= 0 and not self.draining and self.nclients > 1 and
      not (msg[2] == 0 and msg[3] == "ping") then
     self:drain(C)
@@ -683,7 +683,7 @@ function Server:serve_forever()
   if self.running then error("the server is already serving", 2) end
   self.running = true
   -- the process that serves (the one that bound the server may fork a
-  -- child to serve and stay a client; see rebuild in managers.lua)
+  -- child to serve and stay a client; see rebuild in manager_proxies.lua)
   self.serving_pid = getpid()
   -- fds: the clients', then the listener's (its socket and the
   -- handshakes in progress)
@@ -760,7 +760,7 @@ function Server:close()
   end
   self.clients = {}
   pcall(self.listener.close, self.listener)
-  managers._serving[self.uid] = nil
+  state.serving[self.uid] = nil
 end
 
 -- Server.new{registry=, address=, authkey=}: binds the listener.
@@ -786,7 +786,7 @@ function S.new(opts)
   probe_a:close(); probe_b:close()
   self.buffered = buffered
   srv = self
-  managers._serving[self.uid] = self
+  state.serving[self.uid] = self
   return self
 end
 
