@@ -166,7 +166,7 @@ local checked = setmetatable({}, {__mode = "k"})
 local function check_selves(methods, name)
   if checked[methods] then return end
   checked[methods] = true
-  require("multiprocessing.util").checked_methods(methods, name, "proxy", function(v)
+  util.checked_methods(methods, name, "proxy", function(v)
     local mt = type(v) == "table" and getmetatable(v)
     local m = type(mt) == "table" and rawget(mt, "__methods")
     -- (a JoinableQueue's methods inherit a Queue's)
@@ -519,7 +519,7 @@ define("Condition", "ConditionProxy", CondM, {__index = CondM})
 
 local BarrierM = common{
   -- the wait that completes a round with an action gets the action to
-  -- run here (see Barrier:wait in manager_types.lua)
+  -- run here (see Barrier:wait in manager_waiting.lua)
   wait = function(p, timeout)
     local cl, id = cl_of(p), rawget(p, ID)
     local r = call(cl, {0, id, "wait", timeout, n = 4})

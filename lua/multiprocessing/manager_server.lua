@@ -42,7 +42,8 @@
 --     arrive in either order relative to their adoption (different
 --     connections), so an adoption that comes first is remembered.
 local core = require "multiprocessing.core"
-local T = require "multiprocessing.manager_types"
+require "multiprocessing.manager_containers"
+local T = require "multiprocessing.manager_waiting"   -- (manager_types, every type loaded)
 local state = require "multiprocessing.manager_state"
 local connection = require "multiprocessing.connection"
 
@@ -63,8 +64,7 @@ local MAX_ARGS = 1000
 -- ---- the kernel the referents use ----------------------------------------
 
 local srv   -- the server this process runs (one per process)
-local K = {}
-T.set_kernel(K)
+local K = T.kernel
 
 local function reply(C, seq, status, v, extra)
   if seq == 0 or C.closed then return end

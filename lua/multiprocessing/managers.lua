@@ -355,7 +355,10 @@ end
 -- ---- SyncManager: the types of Python's multiprocessing.Manager() ---------------
 
 -- Server-side constructors (run in the manager process).
-local function T() return require "multiprocessing.manager_types" end
+local function T()
+  require "multiprocessing.manager_containers"
+  return require "multiprocessing.manager_waiting"   -- (manager_types, loaded)
+end
 local builtin = {
   dict = function(init) return T().new_dict(init) end,
   list = function(init) return T().new_list(init) end,
