@@ -46,6 +46,7 @@ require "multiprocessing.manager_containers"
 local T = require "multiprocessing.manager_waiting"   -- (manager_types, every type loaded)
 local state = require "multiprocessing.manager_state"
 local connection = require "multiprocessing.connection"
+local pretty = require "multiprocessing.pretty"
 
 local PARKED = T.PARKED
 local now, getpid = core.now, core.getpid
@@ -195,29 +196,17 @@ function K.typename(obj)
   return type(mt) == "table" and (mt.__name or mt.__typeid) or type(obj)
 end
 
-local pretty
 function K.show(v)
   if getmetatable(v) == REC_MT then return tostring(v) end
   if type(v) == "table" and getmetatable(v) == nil then
-    pretty = pretty or require("multiprocessing.repl").pretty
-    return pretty(v, {width = math.huge})
+    return pretty.pretty(v, {width = math.huge})
   end
-  if type(v) == "string" then
-    return (string.format("%q", v):gsub("\\\n", "\\n"):gsub("\r", "\\r"))
-  end
+  if type(v) == "string" then return pretty.quote(v) end
   return tostring(v)
 end
 
-local keywords = {}
-for w in ([[and break do else elseif end false for function goto if in
-            local nil not or repeat return then true until while]]):gmatch("%a+") do
-  keywords[w] = true
-end
-
 function K.key_text(k)
-  if type(k) == "string" and k:match("^[%a_][%w_]*$") and not keywords[k] then
-    return k
-  end
+  if pretty.is_name(k) then return k end
   return "[" .. K.show(k) .. "]"
 end
 
