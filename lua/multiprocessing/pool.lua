@@ -43,6 +43,7 @@ local NO_OPTIONS, ORPHAN, CANCEL_RING = proto.NO_OPTIONS, proto.ORPHAN,
   proto.CANCEL_RING
 local AsyncResult, new_job, finish = results.AsyncResult, results.new_job,
   results.finish
+local new_imap = results.new_imap
 local new_progress, spawn_worker = progress.new, worker.spawn
 local check_running = Pool._check_running
 
@@ -431,7 +432,9 @@ end
 -- imap and imap_unordered: for i, v in pool:imap(f, xs) do ... end.  The
 -- input is read ahead by a bounded number of chunks, so an endless
 -- iterator function works; results come as (index, value) so that nil
--- values do not end the loop.
+-- values do not end the loop.  The loop's state is an iterator object
+-- (pool_results.lua's IMap); this checks the call and says how a chunk
+-- is queued.
 function Pool:_imap(f, iterable, opts, ordered, fname)
   check_running(self)
   check_function(f, 1, fname)
@@ -458,160 +461,23 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
     typeerror(2, fname, "table or function", iterable)
   end
   local job = new_job(self, "imap", opts)
-  job._results, job._left, job._items_done = {}, 0, 0
-  job._chunk_done, job._chunk_err = {}, {}
+  local fref, timeout = nil, opts.timeout
+  local function submit(rec, payload, k, first)
+    if chunksize == 1 then
+      self:_submit(rec, fref, MAP1, payload[1], 1, first, timeout)
+    else
+      self:_submit(rec, fref, MAP, payload, k, first, timeout)
+    end
+  end
+  local it = new_imap(self, job, ordered, next_item, chunksize,
+                      math.max(4, 2 * self._n), submit)
   if opts.progress then
     job._progress = new_progress(type(iterable) == "table" and
                                  seq_len(iterable, fname) or nil, self._cancel)
   end
-  local fref = self:_fref(f, true)
-  local ahead = math.max(4, 2 * self._n)
-  local fed, chunks, exhausted = 0, 0, false
-  -- items the caller has had (or that failed with their chunk); the
-  -- read-ahead is bounded by fed - consumed, not by the chunks in flight,
-  -- so that a slow consumer does not make results pile up without end
-  local consumed, sizes = 0, {}
-  local yielded_chunk, yielded_item = 1, 0     -- ordered: position
-  local ready, rlen = {}, 0                     -- unordered: indexes ready
-  local rpos = 1
-  local pool = self
-  -- the error the input iterator raised: the items read before it are
-  -- still sent and their results yielded, then it is raised (CPython's
-  -- test_imap_handle_iterable_exception)
-  local input_err
-
-  local function feed()
-    if pool._state ~= "RUN" then exhausted = true end
-    -- (divided, not multiplied: ahead * chunksize overflows for a huge
-    -- chunksize, and the loop would never feed)
-    while not exhausted and (fed - consumed) // chunksize < ahead do
-      local payload, k = {}, 0
-      local first = fed + 1
-      while k < chunksize do
-        local ok, more, v = pcall(next_item)
-        if not ok then
-          -- (Ctrl-C is not deferred)
-          if more == "interrupted!" then error(more, 0) end
-          input_err, exhausted = more, true
-          break
-        end
-        if not more then exhausted = true break end
-        k = k + 1
-        payload[k] = v
-      end
-      if k == 0 then break end
-      fed = fed + k
-      job._chunk_first[chunks + 1] = first
-      if chunksize == 1 then
-        pool:_submit({job, first, 1, chunks + 1, true}, fref, MAP1, payload[1], 1,
-                     first, opts.timeout)
-      else
-        pool:_submit({job, first, k, chunks + 1}, fref, MAP, payload, k, first,
-                     opts.timeout)
-      end
-      chunks = chunks + 1
-      sizes[chunks] = k
-      job._left = job._left + 1
-    end
-  end
-
-  -- unordered: collect newly finished chunks' items; a harvested chunk
-  -- leaves _chunk_done, so each harvest costs only the chunks new since
-  -- the last one
-  local lost = {}        -- a failed chunk -> its items that did not run
-  local function harvest()
-    local done, firsts = job._chunk_done, job._chunk_first
-    for c, count in pairs(done) do
-      done[c] = nil
-      local first = firsts[c]
-      firsts[c] = nil
-      for i = first, first + count - 1 do
-        rlen = rlen + 1
-        ready[rlen] = i
-      end
-      if job._chunk_err[c] then
-        rlen = rlen + 1
-        ready[rlen] = -c
-        lost[c] = sizes[c] - count
-      end
-      sizes[c] = nil
-    end
-  end
-  job._chunk_first = {}
-  -- the end of the results: the input's error, if it raised one
-  local function the_end()
-    if job._broken then error(job._broken, 0) end
-    if input_err ~= nil then
-      local err = input_err
-      input_err = nil
-      if not job._done then job._ok, job._value = false, err finish(job) end
-      error(err, 0)
-    end
-    if not job._done then job._ok, job._value = true, nil finish(job) end
-    return nil
-  end
-  local function iter()
-    feed()
-    while true do
-      if ordered then
-        local count = job._chunk_done[yielded_chunk]
-        if count ~= nil then
-          if yielded_item < count then
-            yielded_item = yielded_item + 1
-            local idx = job._chunk_first[yielded_chunk] + yielded_item - 1
-            local v = job._results[idx]
-            job._results[idx] = nil
-            return idx, v
-          end
-          local c = yielded_chunk
-          local err = job._chunk_err[c]
-          consumed = consumed + sizes[c]
-          -- (a passed chunk's records go: an endless input keeps no trail)
-          job._chunk_done[c], job._chunk_first[c], sizes[c] = nil, nil, nil
-          yielded_chunk, yielded_item = c + 1, 0
-          if err then
-            job._chunk_err[yielded_chunk - 1] = nil
-            error(err, 0)
-          end
-          feed()
-        elseif exhausted and job._left == 0 and yielded_chunk > chunks then
-          return the_end()
-        else
-          pool:_pump(nil)
-          feed()
-        end
-      else
-        harvest()
-        if rpos <= rlen then
-          local idx = ready[rpos]
-          ready[rpos] = nil
-          rpos = rpos + 1
-          if idx < 0 then
-            local err = job._chunk_err[-idx]
-            consumed = consumed + lost[-idx]
-            job._chunk_err[-idx], lost[-idx] = nil, nil
-            error(err, 0)
-          end
-          consumed = consumed + 1
-          local v = job._results[idx]
-          job._results[idx] = nil
-          return idx, v
-        elseif exhausted and job._left == 0 then
-          return the_end()
-        else
-          pool:_pump(nil)
-          feed()
-        end
-      end
-    end
-  end
-  -- the loop's closing value: leaving a for loop before the end (break,
-  -- an error, Ctrl-C) cancels what the loop will never take; on an error
-  -- the workers running its tasks are stopped too
-  local closer = setmetatable({}, {__close = function(_, err)
-    if not job._done then pool:_cancel_job(job, err ~= nil) end
-  end})
-  return iter, nil, nil, closer
+  fref = self:_fref(f, true)
+  -- (the loop's closing value is the iterator: see pool_results.lua)
+  return function() return it:next() end, nil, nil, it
 end
 
 function Pool:imap(f, iterable, opts)

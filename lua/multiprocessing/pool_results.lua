@@ -264,6 +264,191 @@ AsyncResult.__tostring = function(self)
 end
 
 
+-- ---------------------------------------------------------------------------
+-- The imap iterators (CPython's IMapIterator and IMapUnorderedIterator):
+-- one object per imap call, its loop's state in fields.  The input is
+-- read ahead by a bounded number of chunks (feed), so an endless iterator
+-- function works; results come as (index, value) so that nil values do
+-- not end the loop.  The for loop's closing value is the object itself:
+-- leaving the loop before the end (break, an error, Ctrl-C) cancels what
+-- the loop will never take; on an error the workers running its tasks
+-- are stopped too.
+
+local IMap = {}
+IMap.__index = IMap
+
+-- job: the imap's AsyncResult; next_item() -> more, item; submit(rec,
+-- payload, k, first) queues one chunk (the caller's Pool:_submit with the
+-- function and mode); ahead: chunks read ahead.
+function M.new_imap(pool, job, ordered, next_item, chunksize, ahead, submit)
+  job._results, job._left, job._items_done = {}, 0, 0
+  job._chunk_done, job._chunk_err, job._chunk_first = {}, {}, {}
+  return setmetatable({
+    pool = pool, job = job, ordered = ordered, next_item = next_item,
+    chunksize = chunksize, ahead = ahead, submit = submit,
+    fed = 0, chunks = 0, exhausted = false,
+    -- items the caller has had (or that failed with their chunk); the
+    -- read-ahead is bounded by fed - consumed, not by the chunks in
+    -- flight, so that a slow consumer does not make results pile up
+    -- without end
+    consumed = 0, sizes = {},
+    yielded_chunk = 1, yielded_item = 0,   -- ordered: position
+    ready = {}, rlen = 0, rpos = 1,        -- unordered: indexes ready
+    lost = {},         -- unordered: a failed chunk -> its items not run
+    -- the error the input iterator raised: the items read before it are
+    -- still sent and their results yielded, then it is raised (CPython's
+    -- test_imap_handle_iterable_exception)
+    input_err = nil,
+  }, IMap)
+end
+
+-- Reads and queues chunks while the read-ahead allows.
+function IMap:feed()
+  local job, chunksize = self.job, self.chunksize
+  if self.pool._state ~= "RUN" then self.exhausted = true end
+  -- (divided, not multiplied: ahead * chunksize overflows for a huge
+  -- chunksize, and the loop would never feed)
+  while not self.exhausted and
+        (self.fed - self.consumed) // chunksize < self.ahead do
+    local payload, k = {}, 0
+    local first = self.fed + 1
+    while k < chunksize do
+      local ok, more, v = pcall(self.next_item)
+      if not ok then
+        -- (Ctrl-C is not deferred)
+        if more == "interrupted!" then error(more, 0) end
+        self.input_err, self.exhausted = more, true
+        break
+      end
+      if not more then self.exhausted = true break end
+      k = k + 1
+      payload[k] = v
+    end
+    if k == 0 then break end
+    self.fed = self.fed + k
+    local c = self.chunks + 1
+    job._chunk_first[c] = first
+    self.submit({job, first, k, c, chunksize == 1 or nil}, payload, k, first)
+    self.chunks = c
+    self.sizes[c] = k
+    job._left = job._left + 1
+  end
+end
+
+-- unordered: collect newly finished chunks' items; a harvested chunk
+-- leaves _chunk_done, so each harvest costs only the chunks new since the
+-- last one
+function IMap:harvest()
+  local job, ready, rlen = self.job, self.ready, self.rlen
+  local done, firsts = job._chunk_done, job._chunk_first
+  for c, count in pairs(done) do
+    done[c] = nil
+    local first = firsts[c]
+    firsts[c] = nil
+    for i = first, first + count - 1 do
+      rlen = rlen + 1
+      ready[rlen] = i
+    end
+    if job._chunk_err[c] then
+      rlen = rlen + 1
+      ready[rlen] = -c
+      self.lost[c] = self.sizes[c] - count
+    end
+    self.sizes[c] = nil
+  end
+  self.rlen = rlen
+end
+
+-- The end of the results: the input's error, if it raised one.
+function IMap:the_end()
+  local job = self.job
+  if job._broken then error(job._broken, 0) end
+  if self.input_err ~= nil then
+    local err = self.input_err
+    self.input_err = nil
+    if not job._done then job._ok, job._value = false, err finish(job) end
+    error(err, 0)
+  end
+  if not job._done then job._ok, job._value = true, nil finish(job) end
+  return nil
+end
+
+-- The next (index, value) in input order; nil, true when there is none
+-- yet (the caller pumps and asks again).
+function IMap:next_ordered()
+  local job = self.job
+  local c = self.yielded_chunk
+  local count = job._chunk_done[c]
+  if count ~= nil then
+    if self.yielded_item < count then
+      local k = self.yielded_item + 1
+      self.yielded_item = k
+      local idx = job._chunk_first[c] + k - 1
+      local v = job._results[idx]
+      job._results[idx] = nil
+      return idx, v
+    end
+    local err = job._chunk_err[c]
+    self.consumed = self.consumed + self.sizes[c]
+    -- (a passed chunk's records go: an endless input keeps no trail)
+    job._chunk_done[c], job._chunk_first[c], self.sizes[c] = nil, nil, nil
+    self.yielded_chunk, self.yielded_item = c + 1, 0
+    if err then
+      job._chunk_err[c] = nil
+      error(err, 0)
+    end
+    self:feed()
+    return nil, true
+  elseif self.exhausted and job._left == 0 and c > self.chunks then
+    return self:the_end()
+  end
+  self.pool:_pump(nil)
+  self:feed()
+  return nil, true
+end
+
+-- The next (index, value) in completion order; nil, true when there is
+-- none yet.
+function IMap:next_unordered()
+  local job = self.job
+  self:harvest()
+  local rpos = self.rpos
+  if rpos <= self.rlen then
+    local idx = self.ready[rpos]
+    self.ready[rpos] = nil
+    self.rpos = rpos + 1
+    if idx < 0 then
+      local err = job._chunk_err[-idx]
+      self.consumed = self.consumed + self.lost[-idx]
+      job._chunk_err[-idx], self.lost[-idx] = nil, nil
+      error(err, 0)
+    end
+    self.consumed = self.consumed + 1
+    local v = job._results[idx]
+    job._results[idx] = nil
+    return idx, v
+  elseif self.exhausted and job._left == 0 then
+    return self:the_end()
+  end
+  self.pool:_pump(nil)
+  self:feed()
+  return nil, true
+end
+
+-- The loop's next (index, value), nil at the end.
+function IMap:next()
+  self:feed()
+  local step = self.ordered and self.next_ordered or self.next_unordered
+  while true do
+    local idx, v = step(self)
+    if idx ~= nil or v == nil then return idx, v end
+  end
+end
+
+IMap.__close = function(self, err)
+  if not self.job._done then self.pool:_cancel_job(self.job, err ~= nil) end
+end
+
 M.AsyncResult, M.new_job, M.finish, M.settle_chunk =
   AsyncResult, new_job, finish, settle_chunk
 return M
