@@ -1,5 +1,5 @@
--- multiprocessing.manager_client: a process's connection to a manager
--- -- one client record per manager per process, requests and pipelined
+-- multiprocessing.manager_client: a process's connection to a manager:
+-- one client record per manager per process, requests and pipelined
 -- writes on it, and the write fence (runtime/fence.c) that makes every
 -- synchronisation point wait for this process's writes.
 --

@@ -1,6 +1,7 @@
--- multiprocessing.pool_results: AsyncResult (the Future of
--- multiprocessing.futures too) -- a job's state, how a worker's reply
--- settles it, its callbacks, and waiting for it.
+-- multiprocessing.pool_results: how results reach the caller --
+-- AsyncResult (the Future of multiprocessing.futures too: a job's state,
+-- how a worker's reply settles it, its callbacks, waiting for it) and the
+-- imap iterator object that yields a job's results as they come.
 local core = require "multiprocessing.core"
 local util = require "multiprocessing.util"
 local proto = require "multiprocessing.pool_proto"
