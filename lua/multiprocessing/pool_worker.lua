@@ -12,6 +12,7 @@
 -- and the upvalues' values at submission).  Small encodings travel inline;
 -- bigger ones are appended once to a Store (a memfd the workers read) and
 -- tasks carry only their offset.  Workers keep decoded functions by
+-- content or offset, so each distinct function is decoded once per worker.
 local core = require "multiprocessing.core"
 local process = require "multiprocessing.process"
 local proto = require "multiprocessing.pool_proto"
