@@ -150,3 +150,79 @@ describe("interruptible waits", function()
     assert.is_true(core.now() - t < 0.1)
   end)
 end)
+
+-- The house's shape (issue 14): the Lua files depend on each other one
+-- way, and each is small enough to hold one idea.
+describe("the Lua files", function()
+  local dir = "lua/multiprocessing/"
+  -- name -> its source, for every lua/multiprocessing/*.lua
+  local function sources()
+    local src = {}
+    for path in io.popen("ls " .. dir .. "*.lua"):lines() do
+      local f = assert(io.open(path, "rb"))
+      src[path:match("([%w_]+)%.lua$")] = f:read("a")
+      f:close()
+    end
+    return src
+  end
+
+  -- The modules of this directory a source requires (at load or inside a
+  -- function: either way the two files depend on each other).
+  local function requires(text)
+    local out = {}
+    for line in (text .. "\n"):gmatch("([^\n]*)\n") do
+      line = line:gsub("%-%-.*$", "")       -- comments do not count
+      for name in line:gmatch("require%s*%(?%s*[\"']multiprocessing%.?([%w_]*)[\"']") do
+        out[#out + 1] = name == "" and "init" or name
+      end
+    end
+    return out
+  end
+
+  it("require no file that (through others) requires them back", function()
+    local src = sources()
+    assert.is_truthy(src.pool and src.managers, "run from the checkout's root")
+    local deps = {}
+    for name, text in pairs(src) do
+      deps[name] = {}
+      for _, d in ipairs(requires(text)) do
+        if src[d] and d ~= name then deps[name][#deps[name] + 1] = d end
+      end
+    end
+    -- depth-first; a file met again while it is on the path is a cycle
+    local state, path = {}, {}
+    local function visit(name)
+      if state[name] == "done" then return end
+      if state[name] == "open" then
+        local from = 1
+        while path[from] ~= name do from = from + 1 end
+        local cycle = table.concat(path, " -> ", from) .. " -> " .. name
+        error("require cycle: " .. cycle, 0)
+      end
+      state[name] = "open"
+      path[#path + 1] = name
+      for _, d in ipairs(deps[name]) do visit(d) end
+      path[#path] = nil
+      state[name] = "done"
+    end
+    local names = {}
+    for name in pairs(src) do names[#names + 1] = name end
+    table.sort(names)
+    for _, name in ipairs(names) do
+      local ok, err = pcall(visit, name)
+      assert.is_true(ok, err)
+    end
+    -- (the parse sees what it must: pool.lua requires its parts)
+    assert.is_truthy(table.concat(requires(src.pool), " "):find("pool_worker", 1, true))
+  end)
+
+  it("are at most 700 lines each", function()
+    local long = {}
+    for name, text in pairs(sources()) do
+      local _, lines = text:gsub("\n", "")
+      if lines > 700 then long[#long + 1] = name .. ".lua: " .. lines end
+    end
+    table.sort(long)
+    assert.same({}, long)
+  end)
+end)

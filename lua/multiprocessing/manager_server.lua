@@ -42,16 +42,16 @@
 --     arrive in either order relative to their adoption (different
 --     connections), so an adoption that comes first is remembered.
 local core = require "multiprocessing.core"
-local T = require "multiprocessing.manager_types"
-local managers = require "multiprocessing.managers"
+require "multiprocessing.manager_containers"
+local T = require "multiprocessing.manager_waiting"   -- (manager_types, every type loaded)
+local state = require "multiprocessing.manager_state"
 local connection = require "multiprocessing.connection"
 
 local PARKED = T.PARKED
 local now, getpid = core.now, core.getpid
 local is_error, new_error = core.is_error, core.new_error
-local encode = core.encode
 local unpack = table.unpack
-local REC_MT = managers._REC_MT
+local REC_MT = state.REC_MT
 
 local S = {}
 
@@ -60,166 +60,13 @@ local BATCH = 256
 -- Arguments a request may carry.
 local MAX_ARGS = 1000
 
--- ---- the kernel the referents use ----------------------------------------
+-- ---- the kernel the referents use (manager_kernel.lua) ----------------------
 
 local srv   -- the server this process runs (one per process)
-local K = {}
-T.set_kernel(K)
-
-local function reply(C, seq, status, v, extra)
-  if seq == 0 or C.closed then return end
-  managers._reply_to = C
-  local ok, err = pcall(C.conn.send, C.conn, {seq, status, v, extra})
-  managers._reply_to = nil
-  if ok then return end
-  if is_error(err, "EncodeError") then
-    -- the result cannot travel: say so instead
-    ok, err = pcall(C.conn.send, C.conn, {seq, 2,
-      "cannot send the result: " .. tostring(err.message)})
-    if ok then return end
-  end
-  srv:drop(C, err)
-end
-
-local heap = {}   -- timers: {t = deadline, P = parked request}, min-heap
-
-local function heap_push(e)
-  local i = #heap + 1
-  heap[i] = e
-  while i > 1 do
-    local p = i // 2
-    if heap[p].t <= e.t then break end
-    heap[i], heap[p] = heap[p], e
-    i = p
-  end
-end
-
-local function heap_pop()
-  local top, n = heap[1], #heap
-  local last = heap[n]
-  heap[n] = nil
-  n = n - 1
-  if n > 0 then
-    local i = 1
-    heap[1] = last
-    while true do
-      local l, r, m = 2 * i, 2 * i + 1, i
-      if l <= n and heap[l].t < heap[m].t then m = l end
-      if r <= n and heap[r].t < heap[m].t then m = r end
-      if m == i then break end
-      heap[i], heap[m] = heap[m], heap[i]
-      i = m
-    end
-  end
-  return top
-end
-
--- K.park(C, timeout, on_timeout) -> P: the request being served waits.
--- on_timeout(P) runs when timeout seconds pass first (it normally answers
--- P; a Condition re-queues instead).
-function K.park(C, timeout, on_timeout)
-  local P = {C = C, seq = C.cur_seq, done = false}
-  if C.cur_seq ~= 0 then C.parked[C.cur_seq] = P end
-  if timeout then
-    P.deadline = now() + timeout
-    P.on_timeout = on_timeout
-    heap_push({t = P.deadline, P = P})
-  end
-  return P
-end
-
-function K.unpark_timer(P) P.deadline = nil end
-
-local function finish(P)
-  if P.done then return false end
-  P.done = true
-  P.deadline = nil
-  P.C.parked[P.seq] = nil
-  return true
-end
-
-function K.resolve(P, v)
-  if finish(P) then reply(P.C, P.seq, 0, v) end
-end
-
-function K.reject(P, err)
-  if finish(P) then reply(P.C, P.seq, 1, err) end
-end
-
--- What a client holds of a lock-like object (released if it dies).
-function K.hold(C, obj, n)
-  C.locking[obj] = (C.locking[obj] or 0) + n
-end
-
-function K.unhold(C, obj, n)
-  local have = C.locking[obj]
-  if have then
-    have = have - n
-    C.locking[obj] = have > 0 and have or nil
-  end
-end
-
--- User code (apply's function, sort keys, a Barrier's action): its errors
--- are the referent's own and travel back as they are.
-function K.call(fn, ...)
-  local t = type(fn)
-  if t ~= "function" then
-    local mt = getmetatable(fn)
-    if not (mt and mt.__call) then
-      core.raise("ValueError", "expected a function, got " .. t)
-    end
-  end
-  return fn(...)
-end
-
--- (while checking, managed objects inside v are encoded as placeholders:
--- no hold or token is taken for an encoding that goes nowhere)
-local CHECKING = {}
-
-function K.check_storable(v)
-  managers._reply_to = CHECKING
-  local ok, err = pcall(encode, v)
-  managers._reply_to = nil
-  if not ok then
-    error(is_error(err) and err or new_error("EncodeError", tostring(err)), 0)
-  end
-end
-
-function K.rec_of(v)
-  if getmetatable(v) == REC_MT then return v end
-  return nil
-end
-
-function K.typename(obj)
-  local mt = getmetatable(obj)
-  return type(mt) == "table" and (mt.__name or mt.__typeid) or type(obj)
-end
-
-local pretty
-function K.show(v)
-  if getmetatable(v) == REC_MT then return tostring(v) end
-  if type(v) == "table" and getmetatable(v) == nil then
-    pretty = pretty or require("multiprocessing.repl").pretty
-    return pretty(v, {width = math.huge})
-  end
-  if type(v) == "string" then
-    return (string.format("%q", v):gsub("\\\n", "\\n"):gsub("\r", "\\r"))
-  end
-  return tostring(v)
-end
-
-local keywords = {}
-for w in ([[and break do else elseif end false for function goto if in
-            local nil not or repeat return then true until while]]):gmatch("%a+") do
-  keywords[w] = true
-end
-
-function K.key_text(k)
-  if type(k) == "string" and k:match("^[%a_][%w_]*$") and not keywords[k] then
-    return k
-  end
-  return "[" .. K.show(k) .. "]"
-end
+local kernel = require "multiprocessing.manager_kernel"
+local reply, finish, CHECKING = kernel.reply, kernel.finish, kernel.CHECKING
+local heap, heap_pop = kernel.heap, kernel.heap_pop
+local K = kernel.K
 
 -- ---- records ------------------------------------------------------------------
 
@@ -306,10 +153,10 @@ function Server:consume(token)
   return nil
 end
 
--- Reducing a rec for the wire (managers.lua's class reducer calls this):
+-- Reducing a rec for the wire (manager_proxies.lua's reducer calls this):
 -- a reply holds it for its client; anything else takes a token.
 function Server:reduce_rec(rec)
-  local C = managers._reply_to
+  local C = state.reply_to
   if C == CHECKING then return {} end
   local token
   if C then
@@ -541,7 +388,7 @@ function Server:handle1(C, msg)
       "; %d later write%s discarded", dropped, dropped == 1 and " was" or
       "s were") or ""))
   end
-  -- (a ping, the write fence of managers.lua, reads nothing of others')
+  -- (a ping, the write fence of manager_client.lua, reads nothing of others')
   if seq ~= 0 and not self.draining and self.nclients > 1 and
      not (msg[2] == 0 and msg[3] == "ping") then
     self:drain(C)
@@ -683,7 +530,7 @@ function Server:serve_forever()
   if self.running then error("the server is already serving", 2) end
   self.running = true
   -- the process that serves (the one that bound the server may fork a
-  -- child to serve and stay a client; see rebuild in managers.lua)
+  -- child to serve and stay a client; see rebuild in manager_proxies.lua)
   self.serving_pid = getpid()
   -- fds: the clients', then the listener's (its socket and the
   -- handshakes in progress)
@@ -760,7 +607,7 @@ function Server:close()
   end
   self.clients = {}
   pcall(self.listener.close, self.listener)
-  managers._serving[self.uid] = nil
+  state.serving[self.uid] = nil
 end
 
 -- Server.new{registry=, address=, authkey=}: binds the listener.
@@ -786,7 +633,8 @@ function S.new(opts)
   probe_a:close(); probe_b:close()
   self.buffered = buffered
   srv = self
-  managers._serving[self.uid] = self
+  kernel.set_server(self)
+  state.serving[self.uid] = self
   return self
 end
 

@@ -542,4 +542,6 @@ function P._become_child(name, daemon)
   return me
 end
 
+util._set_current_process(P.current_process)
+
 return P

@@ -72,6 +72,8 @@ function Logger:remove_handler(handler)
   end
 end
 
+local current_process   -- (see U._set_current_process)
+
 -- logger:log(level, fmt, ...): fmt is formatted with string.format when
 -- arguments follow it, else used as it is (tostring'd).
 function Logger:log(level, fmt, ...)
@@ -83,7 +85,7 @@ function Logger:log(level, fmt, ...)
   else
     msg = tostring(fmt)
   end
-  local me = require("multiprocessing.process").current_process()
+  local me = current_process()
   local record = {level = level, levelname = level_name(level), message = msg,
                   process_name = me.name, pid = me.pid}
   if #self.handlers == 0 then
@@ -104,6 +106,14 @@ for name, level in pairs(levels) do
     end
   end
 end
+
+-- The process a record names.  multiprocessing.process installs its
+-- current_process here when it loads (it requires this file, so this file
+-- does not require it back); until then this is the main process.
+current_process = function()
+  return {name = "MainProcess", pid = require("multiprocessing.core").getpid()}
+end
+function U._set_current_process(f) current_process = f end
 
 local logger = setmetatable({name = "multiprocessing", level = 0,
                              handlers = {}}, Logger)

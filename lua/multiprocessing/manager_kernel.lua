@@ -1,0 +1,168 @@
+-- multiprocessing.manager_kernel: what the objects a manager serves call
+-- on their server (manager_types.lua's T.kernel) -- answering requests
+-- (reply), parking a request until it can be answered or its timeout
+-- passes (the timer heap the server's loop runs), what a client holds of
+-- lock-like objects, running user code, checking that a value can be
+-- stored, and showing values in __tostring.
+local core = require "multiprocessing.core"
+local T = require "multiprocessing.manager_types"
+local state = require "multiprocessing.manager_state"
+local pretty = require "multiprocessing.pretty"
+
+local now = core.now
+local is_error, new_error = core.is_error, core.new_error
+local encode = core.encode
+local REC_MT = state.REC_MT
+
+local M = {}
+
+local srv   -- the server this process runs (one per process)
+function M.set_server(s) srv = s end
+local K = T.kernel
+
+local function reply(C, seq, status, v, extra)
+  if seq == 0 or C.closed then return end
+  state.reply_to = C
+  local ok, err = pcall(C.conn.send, C.conn, {seq, status, v, extra})
+  state.reply_to = nil
+  if ok then return end
+  if is_error(err, "EncodeError") then
+    -- the result cannot travel: say so instead
+    ok, err = pcall(C.conn.send, C.conn, {seq, 2,
+      "cannot send the result: " .. tostring(err.message)})
+    if ok then return end
+  end
+  srv:drop(C, err)
+end
+
+local heap = {}   -- timers: {t = deadline, P = parked request}, min-heap
+
+local function heap_push(e)
+  local i = #heap + 1
+  heap[i] = e
+  while i > 1 do
+    local p = i // 2
+    if heap[p].t <= e.t then break end
+    heap[i], heap[p] = heap[p], e
+    i = p
+  end
+end
+
+local function heap_pop()
+  local top, n = heap[1], #heap
+  local last = heap[n]
+  heap[n] = nil
+  n = n - 1
+  if n > 0 then
+    local i = 1
+    heap[1] = last
+    while true do
+      local l, r, m = 2 * i, 2 * i + 1, i
+      if l <= n and heap[l].t < heap[m].t then m = l end
+      if r <= n and heap[r].t < heap[m].t then m = r end
+      if m == i then break end
+      heap[i], heap[m] = heap[m], heap[i]
+      i = m
+    end
+  end
+  return top
+end
+
+-- K.park(C, timeout, on_timeout) -> P: the request being served waits.
+-- on_timeout(P) runs when timeout seconds pass first (it normally answers
+-- P; a Condition re-queues instead).
+function K.park(C, timeout, on_timeout)
+  local P = {C = C, seq = C.cur_seq, done = false}
+  if C.cur_seq ~= 0 then C.parked[C.cur_seq] = P end
+  if timeout then
+    P.deadline = now() + timeout
+    P.on_timeout = on_timeout
+    heap_push({t = P.deadline, P = P})
+  end
+  return P
+end
+
+function K.unpark_timer(P) P.deadline = nil end
+
+local function finish(P)
+  if P.done then return false end
+  P.done = true
+  P.deadline = nil
+  P.C.parked[P.seq] = nil
+  return true
+end
+
+function K.resolve(P, v)
+  if finish(P) then reply(P.C, P.seq, 0, v) end
+end
+
+function K.reject(P, err)
+  if finish(P) then reply(P.C, P.seq, 1, err) end
+end
+
+-- What a client holds of a lock-like object (released if it dies).
+function K.hold(C, obj, n)
+  C.locking[obj] = (C.locking[obj] or 0) + n
+end
+
+function K.unhold(C, obj, n)
+  local have = C.locking[obj]
+  if have then
+    have = have - n
+    C.locking[obj] = have > 0 and have or nil
+  end
+end
+
+-- User code (apply's function, sort keys, a Barrier's action): its errors
+-- are the referent's own and travel back as they are.
+function K.call(fn, ...)
+  local t = type(fn)
+  if t ~= "function" then
+    local mt = getmetatable(fn)
+    if not (mt and mt.__call) then
+      core.raise("ValueError", "expected a function, got " .. t)
+    end
+  end
+  return fn(...)
+end
+
+-- (while checking, managed objects inside v are encoded as placeholders:
+-- no hold or token is taken for an encoding that goes nowhere)
+local CHECKING = {}
+
+function K.check_storable(v)
+  state.reply_to = CHECKING
+  local ok, err = pcall(encode, v)
+  state.reply_to = nil
+  if not ok then
+    error(is_error(err) and err or new_error("EncodeError", tostring(err)), 0)
+  end
+end
+
+function K.rec_of(v)
+  if getmetatable(v) == REC_MT then return v end
+  return nil
+end
+
+function K.typename(obj)
+  local mt = getmetatable(obj)
+  return type(mt) == "table" and (mt.__name or mt.__typeid) or type(obj)
+end
+
+function K.show(v)
+  if getmetatable(v) == REC_MT then return tostring(v) end
+  if type(v) == "table" and getmetatable(v) == nil then
+    return pretty.pretty(v, {width = math.huge})
+  end
+  if type(v) == "string" then return pretty.quote(v) end
+  return tostring(v)
+end
+
+function K.key_text(k)
+  if pretty.is_name(k) then return k end
+  return "[" .. K.show(k) .. "]"
+end
+
+M.K, M.reply, M.finish, M.CHECKING = K, reply, finish, CHECKING
+M.heap, M.heap_pop = heap, heap_pop
+return M

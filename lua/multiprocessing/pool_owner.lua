@@ -1,0 +1,440 @@
+-- multiprocessing.pool_owner: the Pool class and the owner's side of its
+-- machinery -- collecting results, replacing dead workers, killing
+-- overdue tasks, cancelling jobs, and close/terminate/join.  Submission
+-- (multiprocessing.pool) and the futures and event-loop support
+-- (multiprocessing.pool_events) add their methods to the same class.
+--
+-- No threads: results are collected, callbacks run, dead workers are
+-- replaced and overdue tasks are killed while the owner is inside a pool
+-- call (map, get, wait, imap's iteration, join) or pool:poll().
+local core = require "multiprocessing.core"
+local process = require "multiprocessing.process"
+local connection = require "multiprocessing.connection"
+local util = require "multiprocessing.util"
+local proto = require "multiprocessing.pool_proto"
+local worker = require "multiprocessing.pool_worker"
+local results = require "multiprocessing.pool_results"
+
+local now, new_error = core.now, core.new_error
+local getpid = core.pid or core.getpid
+local shielded = core.shielded
+local raise = util.raise
+local OK, FAILED, INIT_FAILED = proto.OK, proto.FAILED, proto.INIT_FAILED
+local ORPHAN, SLICE = proto.ORPHAN, proto.SLICE
+local CANCEL_RING, CANCEL_BITS, CANCEL_MAX = proto.CANCEL_RING,
+  proto.CANCEL_BITS, proto.CANCEL_MAX
+local finish, settle_chunk = results.finish, results.settle_chunk
+local spawn_worker = worker.spawn
+
+local Pool = {}
+Pool.__index = Pool
+Pool.__name = "Pool"
+
+-- (raises unless the pool takes work, in the process that made it)
+function Pool:_check_running()
+  if self._state ~= "RUN" then
+    if self._state == "BROKEN" then
+      raise("BrokenPoolError", self._broken_msg or "the pool is broken")
+    end
+    raise("ValueError", "Pool not running")
+  end
+  if self._owner ~= getpid() then
+    raise("ProcessError", "a pool can only be used by the process that made it")
+  end
+end
+
+-- Handles one message from the result queue, given as its items: an
+-- apply's {tag, OK, n, v1..vn} or {tag, FAILED, err}, a chunk's (see
+-- settle_chunk), an initializer's {-1, INIT_FAILED, err}.  Returns false
+-- for no message.
+-- The record of task tag, taken off the books (nil: failed already).
+local function take(self, tag)
+  local rec = self._tasks[tag]
+  if rec == nil then return nil end        -- failed already (worker lost)
+  self._tasks[tag] = nil
+  if self._timeouts[tag] then
+    self._timeouts[tag] = nil
+    self._timed = self._timed - 1
+  end
+  return rec
+end
+
+local function handle(self, tag, status, a, b, c, ...)
+  if tag == nil then return false end
+  if type(tag) == "table" then             -- a reply of over 65535 items
+    local m = tag
+    local rec = take(self, m[1])
+    if rec and rec ~= ORPHAN then
+      if rec._kind == "apply" then
+        rec._ok, rec._value = m[2] == OK, m
+        finish(rec)
+      else
+        settle_chunk(rec, m[2], m[3], m[4], m[5], m[1])
+      end
+    end
+    return true
+  end
+  if status == INIT_FAILED then
+    self:_break("initializer failed in a worker: " .. tostring(a.message), a)
+    return true
+  end
+  local rec = take(self, tag)
+  if rec == nil or rec == ORPHAN then return true end
+  if rec._kind == "apply" then             -- apply: the record is the job
+    -- (the reply is its value: get unpacks v[4 .. 3 + v[3]])
+    rec._ok, rec._value = status == OK, {tag, status, a, b, c, ...}
+    finish(rec)
+  else
+    settle_chunk(rec, status, a, b, c, tag)
+  end
+  return true
+end
+
+-- The same for a reply as a table.
+function Pool:_handle(m)
+  return handle(self, m[1], m[2], m[3], m[4], m[5])
+end
+
+-- Takes every result that is there now; returns how many.
+local function drain(self)
+  local rq, n = self._rq, 0
+  local get = rq._get_items
+  -- (a callback run by handle may have terminated the pool: its queues
+  -- are closed then, and what was taken so far is all there is)
+  while not self._released and handle(self, get(rq)) do n = n + 1 end
+  return n
+end
+
+-- (shielded: a Ctrl-C between taking a result and recording it would
+-- lose it, and its get would wait forever)
+function Pool:_drain()
+  if self._released or self._rq:empty() then return 0 end
+  return shielded(drain, self)
+end
+
+-- A task lost with its worker (or killed for its timeout).
+function Pool:_fail_task(tag, err)
+  return self:_handle({tag, FAILED, err})
+end
+
+local function describe_exit(code)
+  if code == nil then return "an unknown status" end
+  if code < 0 then return "signal " .. -code end
+  return "exit code " .. code
+end
+
+-- Replaces dead workers and fails exactly the tasks they held; returns
+-- how many it found.
+local function check_workers(self)
+  local dead, broken = 0, nil
+  for slot, w in pairs(self._workers) do
+    local code, gone = w.h:poll()
+    if gone then
+      dead = dead + 1
+      local took_sentinel = self._started[slot + 1] == -2
+      -- died in its initializer without a word (os.exit, a signal): after
+      -- three such deaths in a row the pool is broken instead of
+      -- replacing workers forever (Python's Pool loops here)
+      if self._started[slot + 1] == -3 then
+        self._init_deaths = (self._init_deaths or 0) + 1
+        if self._init_deaths >= 3 then
+          broken = string.format("initializer failed in a worker: worker %d died (%s) in it",
+                                 w.pid, describe_exit(code))
+        end
+      else
+        self._init_deaths = 0
+      end
+      self:_drain()                 -- its last results, if they came
+      local tag = self._tq:_taken(slot)
+      -- tag 0 is the close sentinel (plain puts carry tag 0): that worker
+      -- left as asked, and the sentinels left over are for the others
+      took_sentinel = took_sentinel or tag == 0
+      if tag ~= nil and tag ~= 0 then
+        if w.cancelled and w.cancelled ~= tag then
+          -- it had finished the cancelled task and taken this one
+          self:_fail_task(tag, new_error("WorkerLostError", string.format(
+            "worker %d was killed to stop an interrupted call while it " ..
+            "ran this task", w.pid)))
+        elseif w.killed_for == tag then
+          self:_fail_task(tag, new_error("TimeoutError", string.format(
+            "task took longer than its %g s timeout; worker %d was killed",
+            self._timeouts[tag] or 0, w.pid)))
+        else
+          self:_fail_task(tag, new_error("WorkerLostError", string.format(
+            "worker %d died (%s) while running this task", w.pid,
+            describe_exit(code))))
+        end
+      end
+      if tag ~= nil then self._tq:_clear(slot) end
+      process._disown(w.proc, code, w.pid)
+      w.h:close()
+      self._workers[slot] = nil
+      self._started[slot + 1] = -1
+      if broken then
+        -- (no replacement: the pool breaks below)
+      elseif self._state == "RUN" then
+        spawn_worker(self, slot)
+      elseif self._state == "CLOSE" and not took_sentinel and not self._tq:empty() then
+        -- tasks are left and this worker did not leave for a sentinel
+        -- (killed, or recycled by maxtasksperchild).  Its replacement
+        -- gets a sentinel of its own: the dead one may have taken one
+        -- in the instant before it died.  (A spare false is harmless.)
+        self._tq:put(false)
+        spawn_worker(self, slot)
+      end
+    end
+  end
+  if broken then self:_break(broken) end
+  return dead
+end
+
+-- Cancels an unfinished job that nobody will wait for: its caller was
+-- interrupted (Ctrl-C), or left an imap loop.  Its queued tasks are marked
+-- for the workers to skip and results that still come are dropped; with
+-- kill, the workers running its tasks are killed and replaced too (Ctrl-C
+-- stops the work, as it stops a loop in the caller).  Never raises: it
+-- runs while an error unwinds.
+function Pool:_cancel_job(job, kill)
+  if self._owner ~= getpid() or (self._state ~= "RUN" and self._state ~= "CLOSE") then
+    return
+  end
+  pcall(self._drain, self)            -- what is there may finish it
+  if job._progress then pcall(job._progress.finish, job._progress, job) end
+  local pending, tags = {}, {}
+  for tag, rec in pairs(self._tasks) do
+    if rec == job or (rec ~= ORPHAN and not rec._kind and rec[1] == job) then
+      pending[tag] = true
+      tags[#tags + 1] = tag
+    end
+  end
+  if job._kind == "imap" then
+    job._done = true
+    self._jobs[job] = nil
+  end
+  if #tags == 0 then return end
+  for _, tag in ipairs(tags) do
+    self._tasks[tag] = nil
+    if self._timeouts[tag] then
+      self._timeouts[tag] = nil
+      self._timed = self._timed - 1
+    end
+  end
+  -- the ring gets the tags as runs of consecutive ones (a map's are one
+  -- run; an imap's may be interleaved with other calls' tasks)
+  table.sort(tags)
+  local cancel = self._cancel
+  local i = 1
+  while i <= #tags and tags[i] < 1 << (63 - CANCEL_BITS) do
+    local first, n = tags[i], 1
+    while i + n <= #tags and tags[i + n] == first + n and n < CANCEL_MAX do
+      n = n + 1
+    end
+    local count = cancel[1]
+    cancel[count % CANCEL_RING + 2] = (first << CANCEL_BITS) | n
+    cancel[1] = count + 1
+    i = i + n
+  end
+  if not kill then return end
+  local killed = false
+  for slot, w in pairs(self._workers) do
+    local ok, tag = pcall(self._tq._taken, self._tq, slot)
+    if ok and tag and pending[tag] then
+      w.cancelled = tag
+      pcall(w.h.signal, w.h, "SIGKILL")
+      killed = true
+    end
+  end
+  if killed then
+    -- reap and replace them now: no zombie waits for the next call
+    for _, w in pairs(self._workers) do
+      if w.cancelled then pcall(w.h.wait, w.h, 5) end
+    end
+    pcall(self._check_workers, self)
+  end
+end
+
+-- Kills workers whose current task is overdue.
+local function check_timeouts(self)
+  local t = now()
+  local wake
+  for slot, w in pairs(self._workers) do
+    local tag = self._started[slot + 1]
+    local timeout = tag >= 0 and self._tasks[tag] and self._timeouts[tag]
+    if timeout and not w.killed_for then
+      local due = self._starts[slot + 1] + timeout
+      if t >= due then
+        w.killed_for = tag
+        w.h:signal("SIGKILL")
+      elseif not wake or due < wake then
+        wake = due
+      end
+    end
+  end
+  return wake
+end
+
+-- (shielded: a dead worker's replacement, a task's failure and a worker
+-- killed for its timeout are each done whole, whatever Ctrl-C does)
+function Pool:_check_workers() return shielded(check_workers, self) end
+function Pool:_check_timeouts() return shielded(check_timeouts, self) end
+
+-- Makes progress: takes results, runs callbacks, replaces workers, kills
+-- overdue tasks; sleeps until something happens or the deadline (nil:
+-- until something happens; 0: do not sleep).
+function Pool:_pump(deadline)
+  if self._owner ~= getpid() then return end
+  local t = now()
+  local drained = self:_drain()
+  if drained > 0 and t < (self._next_check or 0) then return end
+  self._next_check = t + 0.05
+  -- a lost task has settled: the caller may be waiting for just that
+  if self:_check_workers() > 0 then return end
+  local wake = deadline
+  if (self._timed or 0) > 0 then
+    local due = self:_check_timeouts()
+    local slice = now() + SLICE
+    if due and due < slice then slice = due end
+    if not wake or slice < wake then wake = slice end
+  end
+  -- results came: the caller may have what it waits for (an imap's next
+  -- chunk), so no sleep until the next result
+  if drained > 0 then return end
+  -- nothing can happen: do not sleep
+  if deadline == 0 or next(self._workers) == nil or
+     (next(self._tasks) == nil and deadline == nil and self._state ~= "CLOSE") then
+    return
+  end
+  local objs = {self._rq}
+  for _, w in pairs(self._workers) do objs[#objs + 1] = w.sentinel end
+  local timeout = wake and math.max(wake - now(), 0) or nil
+  connection.wait(objs, timeout)
+  self:_drain()
+end
+
+-- pool:poll(): runs callbacks of finished tasks without waiting.
+function Pool:poll()
+  self:_pump(0)
+  if self._ev then self:_ev_sync() end
+end
+
+-- Every live job fails with err (terminate, a broken pool).
+function Pool:_fail_all(err)
+  for tag in pairs(self._tasks) do self:_fail_task(tag, err) end
+  for job in pairs(self._jobs) do
+    if not job._done then
+      job._ok, job._value = false, err
+      if job._kind == "imap" then job._broken = err end
+      finish(job)
+    end
+  end
+end
+
+function Pool:_break(msg, cause)
+  if self._state == "BROKEN" then return end
+  self._state = "BROKEN"
+  self._broken_msg = msg
+  local err = new_error("BrokenPoolError", msg,
+                        {value = cause, traceback = cause and cause.traceback})
+  self:_kill_workers()
+  self:_fail_all(err)
+end
+
+function Pool:_kill_workers()
+  for slot, w in pairs(self._workers) do
+    if w.h:pid() == nil then
+      -- the handle was finalized before the pool (a pool dropped
+      -- without terminate: its workers' handles, made after it, are
+      -- finalized first); the worker still runs and is a child entry
+      -- the runtime reaps later, so its pid is still its own
+      core.kill(w.pid, "SIGKILL")
+      process._disown(w.proc, nil, w.pid)
+      self._workers[slot] = nil
+    else
+      w.h:signal("SIGTERM")
+    end
+  end
+  local deadline = now() + 1
+  for slot, w in pairs(self._workers) do
+    local _, gone = w.h:poll()
+    while not gone and now() < deadline do
+      w.h:wait(math.max(deadline - now(), 0))
+      _, gone = w.h:poll()
+    end
+    if not gone then
+      w.h:signal("SIGKILL")
+      w.h:wait()
+    end
+    process._disown(w.proc, (w.h:poll()), w.pid)
+    w.h:close()
+    self._workers[slot] = nil
+  end
+end
+
+function Pool:close()
+  if self._owner ~= getpid() then return end
+  if self._state == "RUN" then
+    self._state = "CLOSE"
+    for _ = 1, self._n do self._tq:put(false) end
+  end
+end
+
+function Pool:terminate()
+  if self._owner ~= getpid() then return end
+  if self._state == "TERMINATE" then return end
+  local was = self._state
+  self._state = "TERMINATE"
+  self:_kill_workers()
+  if was ~= "BROKEN" then
+    self:_fail_all(new_error("BrokenPoolError", "the pool was terminated"))
+  end
+  self:_release()
+end
+
+function Pool:join()
+  if self._owner ~= getpid() then
+    raise("ProcessError", "a pool can only be joined by the process that made it")
+  end
+  if self._state == "RUN" then raise("ValueError", "Pool is still running") end
+  -- terminate, or an earlier join, has released the queues: nothing to wait for
+  if self._released then return end
+  while next(self._workers) ~= nil do
+    self:_pump(nil)
+    self:_check_workers()
+  end
+  self:_drain()
+  self:_release()
+end
+
+function Pool:_release()
+  if self._released then return end
+  self._released = true
+  self._tq:close()
+  self._rq:close()
+  self._store:close()
+end
+
+Pool.__close = function(self) self:terminate() end
+-- A pool collected while running was forgotten: its workers idled until
+-- now.  They are terminated, and the first time the process is told, on
+-- stderr, as Python's ResourceWarning does.
+local warned_unclosed = false
+Pool.__gc = function(self)
+  if self._owner == getpid() and self._state ~= "TERMINATE" and not self._released then
+    if self._state == "RUN" and not warned_unclosed then
+      warned_unclosed = true
+      pcall(function()
+        io.stderr:write("ResourceWarning: unclosed running multiprocessing pool ",
+          tostring(self), " collected; its workers are terminated now (call ",
+          "pool:close() and pool:join(), or pool:terminate(), or hold it in ",
+          "a local <close>)\n")
+        io.stderr:flush()
+      end)
+    end
+    pcall(self.terminate, self)
+  end
+end
+Pool.__tostring = function(self)
+  return string.format("<Pool state=%s pool_size=%d>", self._state, self._n)
+end
+
+return Pool

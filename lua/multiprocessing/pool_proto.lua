@@ -1,0 +1,35 @@
+-- multiprocessing.pool_proto: the words the pool's files share -- task
+-- modes, reply statuses, the cancel ring's layout (with the progress bar's
+-- word after it) and the owner's placeholder records.  Data only.
+local M = {}
+
+-- task modes; MAP1 and STARMAP1 are chunks of one item sent bare (no
+-- table around the item, none around its result)
+M.APPLY, M.MAP, M.STARMAP, M.MAP1, M.STARMAP1 = 1, 2, 3, 4, 5
+-- reply statuses
+M.OK, M.FAILED, M.INIT_FAILED = 0, 1, 2
+-- options of a call that gave none
+M.NO_OPTIONS = setmetatable({}, {__newindex = function()
+  error("internal: options table is shared", 2)
+end})
+-- the record of a task whose map failed before it was fully submitted
+-- (its reply, when it comes, is dropped)
+M.ORPHAN = {}
+M.SLICE = 0.25           -- longest sleep while tasks have deadlines
+
+-- Cancelled tasks.  A map or apply whose caller was interrupted (Ctrl-C),
+-- or an imap whose for loop was left early, is cancelled
+-- (Pool:_cancel_job): its tags go to a ring of CANCEL_RING words in
+-- shared memory as runs of consecutive tags, each word (first tag <<
+-- CANCEL_BITS) | count, one aligned 64-bit store, so a worker never reads
+-- half of an entry; word 1 counts the runs written so far (0: none, the
+-- worker's only check).  A worker skips a task whose tag is in the ring.
+-- An entry overwritten before its tasks came up only means they run,
+-- their results dropped.
+M.CANCEL_RING, M.CANCEL_BITS = 16, 24
+-- (the word after the ring: 1 while the owner's progress bar is drawn;
+-- see Progress)
+M.BAR = M.CANCEL_RING + 2
+M.CANCEL_MAX = (1 << M.CANCEL_BITS) - 1
+
+return M

@@ -1,0 +1,256 @@
+-- multiprocessing.pool_worker: a pool's worker -- how it is started
+-- (spawn) and its loop: take a task, run it, put its reply.
+--
+-- Tasks.  Each task (one apply, or one chunk of a map) is put on the task
+-- queue with a tag; a worker takes it with q:_get_slot(slot), which records
+-- the tag in the worker's slot in the same step as the take.  So when a
+-- worker dies, q:_taken(slot) names exactly the task it held: that task
+-- fails with WorkerLostError (unless its result already arrived), the
+-- worker is replaced, and every other task goes on.
+--
+-- Functions.  A task carries its function encoded by the codec (bytecode
+-- and the upvalues' values at submission).  Small encodings travel inline;
+-- bigger ones are appended once to a Store (a memfd the workers read) and
+-- tasks carry only their offset.  Workers keep decoded functions by
+-- content or offset, so each distinct function is decoded once per worker.
+local core = require "multiprocessing.core"
+local process = require "multiprocessing.process"
+local proto = require "multiprocessing.pool_proto"
+
+local decode, now, new_error = core.decode, core.now, core.new_error
+local table_new, unpack = core.table_new, table.unpack
+local APPLY, MAP1, STARMAP1, STARMAP = proto.APPLY, proto.MAP1, proto.STARMAP1,
+                                       proto.STARMAP
+local OK, FAILED, INIT_FAILED = proto.OK, proto.FAILED, proto.INIT_FAILED
+local CANCEL_RING, CANCEL_BITS, CANCEL_MAX, BAR = proto.CANCEL_RING,
+  proto.CANCEL_BITS, proto.CANCEL_MAX, proto.BAR
+
+local M = {}
+
+local FCACHE_MAX = 512       -- decoded functions a worker keeps
+local TRUSTED = {trusted = true}
+
+-- the function of the chunk a worker runs (to name it in tracebacks)
+local chunk_fn
+
+local function traceback(e)
+  -- the frames alone: the RemoteError's tostring puts its message first
+  local tb = debug.traceback(nil, 2)
+  local cut = tb:find("\n\t%[C%]: in function 'xpcall'")
+  if cut then tb = tb:sub(1, cut - 1) end
+  -- the worker's own frames below the task's (run_items's loop) are not
+  -- the user's business; frames of pool.lua above the task's (a nested
+  -- pool's call that raised) stay
+  repeat
+    local last = tb:match("\n([^\n]*)$")
+    local drop = last and (last:find("multiprocessing/pool_worker%.lua:%d+:") or
+                           last == "\t(...tail calls...)")
+    if drop then tb = tb:sub(1, #tb - #last - 1) end
+  until not drop
+  -- run_items calls the task's function as its local 'f': name it as an
+  -- apply's traceback does
+  if chunk_fn and tb:find("\n\t[^\n]*: in local 'f'$") then
+    local info = debug.getinfo(chunk_fn, "S")
+    if info.what == "C" then return {value = e, traceback = tb} end
+    local name = string.format("in function <%s:%d>", info.short_src,
+                               info.linedefined)
+    tb = tb:sub(1, -#"in local 'f'" - 1) .. name
+  end
+  return {value = e, traceback = tb}
+end
+
+-- The error a caller sees for a task that raised e in a worker.
+local function remote_error(caught)
+  local e = caught.value
+  local msg
+  if type(e) == "string" then msg = e
+  elseif core.is_error(e) then msg = e.kind .. ": " .. tostring(e.message)
+  else msg = "(error object is a " .. type(e) .. " value)" end
+  return new_error("RemoteError", msg, {value = e, traceback = caught.traceback})
+end
+
+-- Runs f over items 1..n of a chunk, results into out; returns ok, the
+-- error, and how many items finished.  (No closure per chunk: the
+-- progress is one upvalue shared by all chunks.)
+local chunk_done = 0
+local function run_items(f, items, n, out, star, stamp)
+  if stamp or star then
+    for k = 1, n do
+      chunk_done = k - 1
+      if stamp then stamp() end
+      if star then
+        local a = items[k]
+        out[k] = f(unpack(a, 1, a.n or #a))
+      else
+        out[k] = f(items[k])
+      end
+    end
+  else
+    for k = 1, n do
+      chunk_done = k - 1
+      out[k] = f(items[k])
+    end
+  end
+end
+
+local function run_chunk(f, items, n, out, star, stamp)
+  chunk_done = 0
+  local ok, err = xpcall(run_items, traceback, f, items, n, out, star, stamp)
+  return ok, err, chunk_done
+end
+
+
+local function is_cancelled(cancel, tag)
+  for i = 2, CANCEL_RING + 1 do
+    local w = cancel[i]
+    if w ~= 0 then
+      local first = w >> CANCEL_BITS
+      if tag >= first and tag < first + (w & CANCEL_MAX) then return true end
+    end
+  end
+  return false
+end
+
+local function worker_main(cfg)
+  process._become_child(cfg.name, true)
+  local tq, rq, store, slot = cfg.tq, cfg.rq, cfg.store, cfg.slot
+  local starts, started, cancel = cfg.starts, cfg.started, cfg.cancel
+  -- a task's print or io.write clears the owner's progress bar first, when
+  -- one is drawn, so that its output is on a line of its own.  The clear
+  -- goes to stdout ahead of the text, in stdout's buffer: both leave in
+  -- one write, so the owner's redraw cannot come between them (it goes
+  -- before, and is cleared, or after, on the next line).  Only when stdout
+  -- is the terminal too: a file gets no escapes.
+  local print0, write0, stdout = print, io.write, io.stdout
+  local tty_out = core.isatty(1)
+  local function clear()
+    if cancel[BAR] ~= 0 and tty_out then
+      cancel[BAR] = 0
+      stdout:write("\r\27[K")
+    end
+  end
+  print = function(...) clear() return print0(...) end
+  io.write = function(...) clear() return write0(...) end
+  if cfg.initializer then
+    local a = cfg.initargs
+    local ok, err = xpcall(cfg.initializer, traceback, unpack(a, 1, a.n or #a))
+    if not ok then
+      local e = remote_error(err)
+      if not pcall(rq.put, rq, {-1, INIT_FAILED, e}) then
+        rq:put({-1, INIT_FAILED, new_error("RemoteError", e.message,
+                                           {traceback = e.traceback})})
+      end
+      return 1
+    end
+    started[slot + 1] = -1              -- the initializer is done
+  end
+  -- decoded functions, by their encoding (inline) or store offset
+  local fns, nfns = {}, 0
+  local function resolve(fr, flen)
+    local f = fns[fr]
+    if f == nil then
+      -- the pool's own store or task message: trusted (bytecode)
+      f = decode(flen and store:get(fr, flen) or fr, TRUSTED)
+      if nfns >= FCACHE_MAX then fns, nfns = {}, 0 end
+      fns[fr], nfns = f, nfns + 1
+    end
+    return f
+  end
+  local function apply_reply(tag, ok, ...)
+    if ok then return {tag, OK, select("#", ...), ...} end
+    return {tag, FAILED, remote_error((...))}
+  end
+  local stamp = function() starts[slot + 1] = now() end
+  local done, limit = 0, cfg.maxtasks
+  while true do
+    local task = tq:_get_slot(slot)
+    if not task then
+      -- false: the pool is closing; tell the owner this worker took its
+      -- sentinel, so that it is not replaced
+      started[slot + 1] = -2
+      break
+    end
+    local tag, mode, items, n = task[1], task[3], task[4], task[5]
+    -- (a cancelled task is skipped: no reply, nobody waits for it)
+    if cancel[1] == 0 or not is_cancelled(cancel, tag) then
+      local f = resolve(task[2], task[7])
+      local timed = task[6]
+      if timed then
+        starts[slot + 1] = now()
+        started[slot + 1] = tag
+      end
+      local reply
+      -- replies: {tag, OK, n, v1..vn} for apply, {tag, OK, n, results} for
+      -- a chunk, {tag, FAILED, err [, partial results, count]}
+      if mode == APPLY then
+        reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
+      elseif mode == MAP1 or mode == STARMAP1 then
+        local ok, v
+        chunk_fn = f
+        if mode == MAP1 then ok, v = xpcall(f, traceback, items)
+        else ok, v = xpcall(f, traceback, unpack(items, 1, items.n or #items)) end
+        chunk_fn = nil
+        if ok then reply = {tag, OK, 1, v}
+        else reply = {tag, FAILED, remote_error(v), nil, 0} end
+      else
+        local out = table_new(n)
+        chunk_fn = f
+        local ok, err, count = run_chunk(f, items, n, out, mode == STARMAP,
+                                         timed and stamp or nil)
+        chunk_fn = nil
+        if ok then reply = {tag, OK, n, out}
+        else reply = {tag, FAILED, remote_error(err), out, count} end
+      end
+      local ok, err = pcall(rq.put, rq, reply)
+      if not ok then
+        -- the result cannot travel: the task fails, the worker lives
+        if core.is_error(err, "EncodeError") then
+          -- name the result, not the reply's insides: an apply's k-th value
+          -- (reply[3 + k]), a chunk's j-th item (reply[4][j], renumbered
+          -- over the whole input by the owner)
+          local msg, j, rest = err.message, nil, nil
+          if mode == APPLY then
+            msg = msg:gsub(" at value%[(%d+)%]", function(k)
+              return string.format(" at result[%d]", tonumber(k) - 3)
+            end, 1)
+          elseif mode == MAP1 or mode == STARMAP1 then
+            local head
+            head, rest = msg:match("^(.-) at value%[4%](.*)$")
+            if head then msg, j = head, "1" end
+          else
+            local head
+            head, j, rest = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
+            if head then msg = head end
+          end
+          err = new_error("EncodeError", msg)
+          if j then err.item, err.rest = tonumber(j), rest end
+        end
+        rq:put({tag, FAILED, err})
+      end
+      done = done + 1
+      if limit and done >= limit then break end
+    end
+  end
+  return 0
+end
+
+-- Starts the worker of slot for pool self (a new one or a replacement).
+function M.spawn(self, slot)
+  local name = string.format("%s-Worker-%d", self._name, slot + 1)
+  local cfg = {
+    tq = self._tq, rq = self._rq, store = self._store, slot = slot,
+    starts = self._starts, started = self._started, cancel = self._cancel,
+    initializer = self._initializer, initargs = self._initargs,
+    maxtasks = self._maxtasks,
+    name = name,
+  }
+  -- -3: in the initializer (the worker sets -1 once it returned)
+  if self._initializer then self._started[slot + 1] = -3 end
+  -- (workers die with their owner: a SIGKILLed owner leaves no orphans)
+  local h = core.spawn(worker_main, cfg, true, true, true)
+  -- (proc: the worker as mp.active_children() lists it)
+  self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel(),
+                         proc = process._adopt(name, h)}
+end
+
+return M
