@@ -770,6 +770,11 @@ static void qfd_drop(lua_State *L, struct luamp_obj *o) {
   close(f->rfd);
   close(f->wfd);
   *f = qfds[--nqfds];
+  if (nqfds == 0) {         /* the last one: nothing left to leak at exit */
+    free(qfds);
+    qfds = NULL;
+    capqfds = 0;
+  }
 }
 
 /* q:fileno() / q:pollfd() -> fd: made on first use, armed at each call. */

@@ -129,8 +129,10 @@ for _, kind in ipairs {"luv", "cqueues"} do
       local cpu, wall = cpu_seconds() - c0, core.now() - t0
       assert.equal(N, done)
       assert.equal(N * (N + 1) // 2, sum)
-      -- (generous: a busy-polling loop uses ~100%)
-      assert.is_true(cpu < 0.05 * wall, string.format(
+      -- (generous: a busy-polling loop uses ~100%; the sanitizers make the
+      -- loop's own work -- 1000 results and callbacks -- about 3x dearer)
+      local share = H.sanitized() and 0.15 or 0.05
+      assert.is_true(cpu < share * wall, string.format(
         "the loop used %.2f s of CPU in %.2f s", cpu, wall))
     end)
 

@@ -61,7 +61,7 @@ end
 local sanitized
 function H.sanitized()
   if sanitized == nil then
-    sanitized = H.sh("readelf -d " .. H.q(H.build .. "/libluamp.so")):find("libasan") ~= nil
+    sanitized = H.sh("env -u LD_PRELOAD readelf -d " .. H.q(H.build .. "/libluamp.so")):find("libasan") ~= nil
   end
   return sanitized
 end
