@@ -8,7 +8,7 @@
  * object it watches, so the Pool puts them in an epoll set, whose own fd
  * is readable while any member is (level-triggered), and adds a timerfd
  * for the next deadline.  The policy -- which fds, which deadline, what
- * to do when it fires -- is the Pool's (pool.lua); this file is only the
+ * to do when it fires -- is the Pool's (pool_events.lua); this file is only the
  * mechanism.
  *
  * The epoll instance is shared with children through fork like any fd;

@@ -3,7 +3,7 @@
  * process synchronises with another.
  *
  * A manager proxy's writes (d.k = v, l:append(v)...) are pipelined: sent
- * without waiting for the server (managers.lua).  That alone would let a
+ * without waiting for the server (manager_client.lua).  That alone would let a
  * process write under a lock, release it, and have the next holder read
  * the old value from the server, whose loop had not reached the write
  * yet.  So every synchronisation point of this process -- releasing or
@@ -12,7 +12,7 @@
  * sure the writes it has sent are applied (release semantics, as a
  * memory fence orders stores before a lock release).
  *
- * C is mechanism, managers.lua is policy: the Lua side knows which
+ * C is mechanism, manager_client.lua is policy: the Lua side knows which
  * manager connections have unconfirmed writes, and sets
  * luamp_pending_writes while there are any; its flush function (stored
  * in the registry by core._set_write_fence) makes one round trip on each
@@ -20,7 +20,7 @@
  * write is pending.
  *
  * The flag is process-wide and cleared in a forked child (the child sent
- * none of its parent's writes; managers.lua forgets them too).  A flush
+ * none of its parent's writes; manager_client.lua forgets them too).  A flush
  * never runs inside another (the flush itself talks to the managers over
  * connections marked as theirs, which are not sync points, but finalizers
  * may run anything).  In a program with several Lua states the flag
@@ -81,7 +81,7 @@ int luamp_flush_then_release(lua_State *L, lua_CFunction release) {
   return lua_gettop(L);
 }
 
-/* core._set_write_fence(fn): fn() is the flush (managers.lua) */
+/* core._set_write_fence(fn): fn() is the flush (manager_client.lua) */
 static int l_set_write_fence(lua_State *L) {
   luaL_checktype(L, 1, LUA_TFUNCTION);
   lua_settop(L, 1);
@@ -89,7 +89,7 @@ static int l_set_write_fence(lua_State *L) {
   return 0;
 }
 
-/* core._writes_pending(bool): managers.lua says that its state now has
+/* core._writes_pending(bool): manager_client.lua says that its state now has
  * (true) or no longer has (false) writes waiting, on each change only.
  * The flag counts the states that have (a host may run several). */
 static int l_writes_pending(lua_State *L) {

@@ -391,7 +391,7 @@ int luamp_open_sync(lua_State *L);
 /* ---- fence.c: manager writes applied before a sync point ------------- */
 
 /* Nonzero while this process has manager writes not yet known to be
- * applied (set by managers.lua).  Every sync point (lock release or wait,
+ * applied (set by manager_client.lua).  Every sync point (lock release or wait,
  * event set, barrier wait, queue put, pipe send, spawn, child exit)
  * starts with LUAMP_FENCE(L), or returns LUAMP_FENCE_RELEASE(L, itself)
  * when it releases something, so that a failed flush never leaves a lock
