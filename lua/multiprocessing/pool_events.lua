@@ -12,8 +12,6 @@ local getpid = core.pid or core.getpid
 local raise = util.raise
 local APPLY, ORPHAN, SLICE, NO_OPTIONS = proto.APPLY, proto.ORPHAN,
   proto.SLICE, proto.NO_OPTIONS
-local CANCEL_RING, CANCEL_BITS, CANCEL_MAX = proto.CANCEL_RING,
-  proto.CANCEL_BITS, proto.CANCEL_MAX
 local new_job = results.new_job
 local check_running = Pool._check_running
 
@@ -97,19 +95,7 @@ function Pool:_cancel_jobs(jobs, kill)
     end
     if running[tag] then kill_slots[#kill_slots + 1] = running[tag] end
   end
-  table.sort(tags)
-  local cancel = self._cancel
-  local i = 1
-  while i <= #tags and tags[i] < 1 << (63 - CANCEL_BITS) do
-    local first, n = tags[i], 1
-    while i + n <= #tags and tags[i + n] == first + n and n < CANCEL_MAX do
-      n = n + 1
-    end
-    local count = cancel[1]
-    cancel[count % CANCEL_RING + 2] = (first << CANCEL_BITS) | n
-    cancel[1] = count + 1
-    i = i + n
-  end
+  proto.cancel_tags(self._cancel, tags)
   for job in pairs(want) do job:_set_cancelled() end
   if #kill_slots > 0 then
     for _, slot in ipairs(kill_slots) do

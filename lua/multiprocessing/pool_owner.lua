@@ -21,8 +21,6 @@ local shielded = core.shielded
 local raise = util.raise
 local OK, FAILED, INIT_FAILED = proto.OK, proto.FAILED, proto.INIT_FAILED
 local ORPHAN, SLICE = proto.ORPHAN, proto.SLICE
-local CANCEL_RING, CANCEL_BITS, CANCEL_MAX = proto.CANCEL_RING,
-  proto.CANCEL_BITS, proto.CANCEL_MAX
 local finish, settle_chunk = results.finish, results.settle_chunk
 local spawn_worker = worker.spawn
 
@@ -219,21 +217,7 @@ function Pool:_cancel_job(job, kill)
       self._timed = self._timed - 1
     end
   end
-  -- the ring gets the tags as runs of consecutive ones (a map's are one
-  -- run; an imap's may be interleaved with other calls' tasks)
-  table.sort(tags)
-  local cancel = self._cancel
-  local i = 1
-  while i <= #tags and tags[i] < 1 << (63 - CANCEL_BITS) do
-    local first, n = tags[i], 1
-    while i + n <= #tags and tags[i + n] == first + n and n < CANCEL_MAX do
-      n = n + 1
-    end
-    local count = cancel[1]
-    cancel[count % CANCEL_RING + 2] = (first << CANCEL_BITS) | n
-    cancel[1] = count + 1
-    i = i + n
-  end
+  proto.cancel_tags(self._cancel, tags)
   if not kill then return end
   local killed = false
   for slot, w in pairs(self._workers) do

@@ -1,6 +1,7 @@
 -- multiprocessing.pool_proto: the words the pool's files share -- task
 -- modes, reply statuses, the cancel ring's layout (with the progress bar's
--- word after it) and the owner's placeholder records.  Data only.
+-- word after it, and writing tags into it) and the owner's placeholder
+-- records.
 local M = {}
 
 -- task modes; MAP1 and STARMAP1 are chunks of one item sent bare (no
@@ -31,5 +32,24 @@ M.CANCEL_RING, M.CANCEL_BITS = 16, 24
 -- see Progress)
 M.BAR = M.CANCEL_RING + 2
 M.CANCEL_MAX = (1 << M.CANCEL_BITS) - 1
+
+-- Writes tags (a list, sorted here) into the ring cancel as runs of
+-- consecutive ones (a map's are one run; an imap's may be interleaved
+-- with other calls' tasks).
+function M.cancel_tags(cancel, tags)
+  local bits, max, ring = M.CANCEL_BITS, M.CANCEL_MAX, M.CANCEL_RING
+  table.sort(tags)
+  local i = 1
+  while i <= #tags and tags[i] < 1 << (63 - bits) do
+    local first, n = tags[i], 1
+    while i + n <= #tags and tags[i + n] == first + n and n < max do
+      n = n + 1
+    end
+    local count = cancel[1]
+    cancel[count % ring + 2] = (first << bits) | n
+    cancel[1] = count + 1
+    i = i + n
+  end
+end
 
 return M
