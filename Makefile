@@ -18,6 +18,11 @@ HOST_LUA := -Wl,-E $(LUA_STATIC) -ldl
 else
 HOST_LUA := $(LUA_LIBS)
 endif
+# A build dir keeps the optimisation and sanitizer flags it was first
+# made with ($(BUILD)/flags.mk): a later make on it without them (make
+# install run by a spec on build/san, say) builds the same kind of objects
+# instead of replacing them.  Flags given on the command line win.
+-include $(BUILD)/flags.mk
 OPT     ?= -O2
 SAN     ?=
 SHELL   := /bin/bash
@@ -46,7 +51,8 @@ endif
 # not).  Every object depends on $(BUILD)/config, which is rewritten only
 # when that text changes: a build dir made before libedit (or another
 # dependency) was installed is rebuilt with it, not kept as it was.
-CONFIG_TEXT := $(CC) $(CFLAGS) | $(EDIT_CFLAGS) | $(LDFLAGS) | $(HOST_LUA) | $(LIBS)
+# (-I$(BUILD) left out: the same dir named relative or absolute is one)
+CONFIG_TEXT := $(CC) $(subst -I$(BUILD),,$(CFLAGS)) | $(EDIT_CFLAGS) | $(LDFLAGS) | $(HOST_LUA) | $(LIBS)
 CONFIG  := $(BUILD)/config
 
 HOST_SRC := runtime/luamp.c runtime/repl.c runtime/host.c
@@ -81,6 +87,8 @@ deps:
 	@scripts/deps.sh
 
 $(CONFIG): FORCE | $(BUILD)/obj
+	@test -f $(BUILD)/flags.mk || \
+	  printf 'OPT ?= %s\nSAN ?= %s\n' '$(OPT)' '$(SAN)' > $(BUILD)/flags.mk
 	@printf '%s\n' '$(subst ','\'',$(CONFIG_TEXT))' | cmp -s - $@ || \
 	  printf '%s\n' '$(subst ','\'',$(CONFIG_TEXT))' > $@
 
