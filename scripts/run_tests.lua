@@ -81,7 +81,7 @@ local runners = {
 }
 runners[#runners + 1] = {
   name = "lua5.4",
-  env = env .. " LUA_CPATH=" .. sh_quote(abs_build .. "/?.so;;") ..
+  env = env .. " LUAMP_SPEC_PASS=2 LUA_CPATH=" .. sh_quote(abs_build .. "/?.so;;") ..
         " LUA_PATH=" .. sh_quote("./lua/?.lua;./lua/?/init.lua;;"),
   cmd = lua54,
 }

@@ -354,7 +354,7 @@ describe("Pool leaks", function()
     warm:terminate()
     collectgarbage()
     local fds, shm = H.fd_count(), H.shm_entries()
-    for i = 1, 1000 do
+    for i = 1, H.soak(1000) do
       local pool = mp.Pool(2)
       if i % 100 == 0 then
         assert.equal(i, pool:apply(function(x) return x end, {i}))

@@ -204,7 +204,7 @@ shm.close()
   it("leaves no fd and no /dev/shm entry after 10^4 blocks", function()
     collectgarbage()
     local fds, shm = our_fds(), H.shm_entries()
-    for i = 1, 10000 do
+    for i = 1, H.soak(10000) do
       local a = mp.SharedMemory{create = true, size = 4096}
       a:write(0, tostring(i))
       local b = mp.SharedMemory(a.name)
