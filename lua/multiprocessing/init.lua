@@ -30,6 +30,9 @@ local M = {
   register_class = core.register_class,
   codec_options = core.codec_options,
   Ext = core.Ext,
+  -- Python's freeze_support() readies a frozen Windows executable; there
+  -- is nothing to ready here, so ported code's call is accepted
+  freeze_support = function() end,
 }
 
 -- name -> submodule that defines it (loaded on first access)
