@@ -224,6 +224,7 @@ local PREFIXES = {
   ["v"] = {"Value", "RawValue"},
   ["a"] = {"Array", "RawArray"},
   ["shm"] = {"SharedMemory"},
+  ["sl"] = {"ShareableList"},
   ["pool"] = {"Pool"},
   ["res"] = {"AsyncResult"},
   ["ex"] = {"ProcessPoolExecutor"},
@@ -285,6 +286,8 @@ local function live_objects()
   objs.Array, objs.RawArray = mp.Array("c", "xy"), mp.RawArray("c", "xy")
   objs.SharedMemory = mp.SharedMemory{create = true, size = 8}
   keep(function() objs.SharedMemory:close(); objs.SharedMemory:unlink() end)
+  objs.ShareableList = mp.shared_memory.ShareableList{1}
+  keep(function() objs.ShareableList.shm:close(); objs.ShareableList.shm:unlink() end)
   local pool = mp.Pool(1)
   objs.Pool = pool
   objs.AsyncResult = pool:apply_async(function() return 1 end)

@@ -35,6 +35,16 @@ local M = {
   freeze_support = function() end,
 }
 
+-- A ShareableList travels as a registered class (shared_memory.lua); its
+-- name is known from here on, so a process that has not loaded that file
+-- yet (a pool worker forked before) can still receive one.
+core.register_class("multiprocessing.ShareableList", {}, {
+  rebuild = function(state)
+    return require("multiprocessing.shared_memory")._rebuild(state)
+  end,
+  trusted_only = true,
+})
+
 -- name -> submodule that defines it (loaded on first access)
 local lazy = {
   Process = "multiprocessing.process",
