@@ -135,5 +135,12 @@ describe("SharedMemoryManager", function()
     assert.equal("ValueError", err.kind)
     assert.matches("has shut down", err.message)
     assert.equal("ValueError", err_of(smm.ShareableList, smm, {1}).kind)
+
+    -- without authentication its server may not attach what clients name
+    local open <close> = SMM{authkey = false}:start()
+    err = err_of(open.SharedMemory, open, 10)
+    assert.equal("ValueError", err.kind)
+    assert.matches("authkey = false cannot take blocks", err.message)
+    assert.equal("ValueError", err_of(open.ShareableList, open, {1}).kind)
   end)
 end)

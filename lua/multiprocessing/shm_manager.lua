@@ -92,6 +92,12 @@ return function(BaseManager)
             "started (call start() first)")
     elseif state == "shutdown" then
       raise("ValueError", fname .. ": the SharedMemoryManager has shut down")
+    elseif self.authkey == nil then
+      -- its server decodes requests as untrusted, and rightly refuses to
+      -- attach (then own and unlink) blocks named by unauthenticated peers
+      raise("ValueError", fname .. ": a SharedMemoryManager with authkey " ..
+            "= false cannot take blocks (its server must not attach " ..
+            "blocks that unauthenticated clients name)")
     end
   end
 
