@@ -139,6 +139,7 @@ describe("ShareableList", function()
     assert.matches("bad argument #2 to 'ShareableList' %(options table expected",
                    tostring(err_of(SL, {1}, "name")))
     assert.matches("name must be a string", tostring(err_of(SL, {name = 5})))
+    assert.matches("a sequence with a 'name' field", tostring(err_of(SL, {1, name = "x"})))
     local err = err_of(SL, {string.rep("x", 9999992)})
     assert.equal("ValueError", err.kind)
     assert.matches("at most 9999991", err.message)

@@ -192,6 +192,10 @@ local function new(_, seq, opts)
     seq = copy
   elseif type(seq) ~= "table" then
     typeerror(1, "ShareableList", "table", seq)
+  elseif getmetatable(seq) == nil and rawget(seq, "name") ~= nil then
+    -- {1, 2, name = "x"}: a name that would be ignored, a list unnamed
+    argerror(1, "ShareableList", "a sequence with a 'name' field (the " ..
+             "name goes in the options: ShareableList(seq, {name = n}))")
   end
   return create(seq, name)
 end
