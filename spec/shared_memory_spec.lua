@@ -463,6 +463,25 @@ describe("SharedMemory travelling (issue 17)", function()
     a:unlink(); a:close()
   end)
 
+  pit("goes as a Process argument and through a manager's dict", function()
+    local a = mp.SharedMemory{create = true, size = 16}
+    local p = mp.Process{target = function(shm, off) shm:write(off, "arg") end,
+                         args = {a, 2}}
+    p:start(); p:join(30)
+    assert.equal(0, p.exitcode)
+    assert.equal("arg", a:read(2, 3))
+    assert.is_true(exists(a.name))       -- the child owned nothing
+    local m <close> = mp.Manager()
+    local d = m:dict()
+    d.block = a
+    local back = d.block
+    assert.equal(a.name, back.name)
+    back:write(0, "m")
+    assert.equal("m", a:read(0, 1))
+    back:close()
+    a:unlink(); a:close()
+  end)
+
   pit("never makes the receiver an owner: its death unlinks nothing", function()
     local a = mp.SharedMemory{create = true, size = 16}
     local q, ready = mp.Queue(), mp.Queue()
