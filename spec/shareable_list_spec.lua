@@ -122,6 +122,13 @@ describe("ShareableList", function()
     assert.equal(11, sl[1])
     local third = SL(nil, {name = name})
     assert.equal(2, #third)
+    do
+      local scoped <close> = SL{name = name}
+      assert.equal(11, scoped[1])
+      third = scoped
+    end
+    assert.is_true(third.shm.closed)    -- <close> unmapped it, unlinked nothing
+    assert.is_true(exists(name))
     assert.equal("FileExistsError", err_of(SL, {1}, {name = name}).kind)
     third.shm:close(); other.shm:close()
     drop(sl)

@@ -329,6 +329,10 @@ end
 
 SL_MT.__len = function(self) return self._n end
 
+-- local sl <close> = ...: closes this process's mapping of the block (as
+-- sl.shm:close(); the block is not unlinked)
+SL_MT.__close = function(self) self.shm:close() end
+
 -- pairs(sl): every position 1..#sl, nil items included
 SL_MT.__pairs = function(self)
   local i = 0
