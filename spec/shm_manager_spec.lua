@@ -99,6 +99,18 @@ describe("SharedMemoryManager", function()
     assert.is_true(H.eventually(function() return not H.alive(tonumber(pid)) end, 15))
   end)
 
+  it("leaves nothing in /dev/shm when its owner exits without shutdown()", function()
+    local out, err, code = H.script([[
+      local mp = require "multiprocessing"
+      local smm = mp.managers.SharedMemoryManager():start()
+      print(smm:SharedMemory(8).name, smm:ShareableList{1}.shm.name)
+    ]])
+    assert.equal(0, code, err)
+    local a, b = out:match("^(psm_%x+)\t(psm_%x+)\n$")
+    assert.is_truthy(a, out)
+    assert.is_true(all_gone({a, b}, 15))
+  end)
+
   it("leaves nothing in /dev/shm when its server is killed", function()
     local smm <close> = SMM():start()
     local a = smm:SharedMemory(64)
