@@ -649,6 +649,89 @@ static int shm_tostring(lua_State *L) {
   return 1;
 }
 
+/* ---- travelling: a block goes by name, arrives attached -------------------------
+ *
+ * Through a queue, a pipe or as a task's argument a SharedMemory travels
+ * as Python pickles one: by name.  The handle also carries the block's
+ * device and inode, so the receiver attaches to that very block or fails
+ * (DecodeError) -- never to another block made under the name since.  The
+ * receiver merely attaches: it is no owner (see "ownership"), so its
+ * exit, its death or its garbage collector never unlink the block; it
+ * may call track() to become one.
+ *
+ * Trust: handles are only made by trusted decodes (codec.c), i.e. data
+ * from the process tree or an authenticated peer, which may send code
+ * anyway.  An untrusted mp.decode refuses a SharedMemory as it refuses
+ * every handle: attaching by a name a stranger chose would map (and let
+ * the program write) any block this user can open. */
+#define WIRE_FIXED 24   /* dev, ino, size: 8 bytes each, then the name */
+
+static void shm_encode(lua_State *L, int idx) {
+  struct shm *s = luamp_self(L, idx, &shm_type);
+  luaL_Buffer b;
+  uint64_t fixed[3];
+  if (s->base == NULL)
+    luamp_raise(L, "ValueError", "SharedMemory '%s' is closed", s->name + 1);
+  if (s->unlinked)
+    luamp_raise(L, "ValueError", "SharedMemory '%s' was unlinked: its name "
+                "reaches nothing", s->name + 1);
+  fixed[0] = s->dev;
+  fixed[1] = s->ino;
+  fixed[2] = (uint64_t)s->size;
+  luaL_buffinit(L, &b);
+  luaL_addlstring(&b, (const char *)fixed, sizeof fixed);
+  luaL_addstring(&b, s->name + 1);
+  luaL_pushresult(&b);
+}
+
+static void shm_decode(lua_State *L, const char *p, size_t n) {
+  uint64_t fixed[3];
+  struct shm *s;
+  struct stat st;
+  void *base;
+  int fd, err;
+  if (n <= WIRE_FIXED || n - WIRE_FIXED > NAME_MAX_LEN ||
+      memchr(p + WIRE_FIXED, '/', n - WIRE_FIXED) != NULL ||
+      memchr(p + WIRE_FIXED, '\0', n - WIRE_FIXED) != NULL)
+    luamp_raise(L, "DecodeError", "malformed SharedMemory handle");
+  memcpy(fixed, p, sizeof fixed);
+  s = lua_newuserdatauv(L, sizeof *s, 0);
+  memset(s, 0, sizeof *s);
+  luaL_setmetatable(L, SHM_TNAME);
+  s->name[0] = '/';
+  memcpy(s->name + 1, p + WIRE_FIXED, n - WIRE_FIXED);
+  s->name[n - WIRE_FIXED + 1] = '\0';
+  fd = luamp_sys.shm_open(s->name, O_RDWR, 0);
+  if (fd < 0) {
+    err = errno;
+    luamp_raise(L, "DecodeError", "shared memory '%s' cannot be attached: "
+                "%s (unlinked before it arrived?)", s->name + 1,
+                strerror(err));
+  }
+  if (luamp_sys.fstat(fd, &st) != 0 || (uint64_t)st.st_dev != fixed[0] ||
+      (uint64_t)st.st_ino != fixed[1] || st.st_size <= 0) {
+    close(fd);
+    luamp_raise(L, "DecodeError", "shared memory '%s' is not the block that "
+                "was sent (it was unlinked, and the name made again)",
+                s->name + 1);
+  }
+  base = luamp_sys.mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE,
+                        MAP_SHARED, fd, 0);
+  err = errno;
+  close(fd);
+  if (base == MAP_FAILED)
+    luamp_raise(L, "DecodeError", "shared memory '%s' cannot be mapped: %s",
+                s->name + 1, strerror(err));
+  s->dev = fixed[0];
+  s->ino = fixed[1];
+  s->size = (size_t)st.st_size;
+  s->base = base;   /* attached, not owned: nothing registered */
+}
+
+static const struct luamp_handle_ops shm_handle_ops = {
+  SHM_TNAME, shm_encode, shm_decode
+};
+
 static const luaL_Reg shm_meth[] = {
   {"read", shm_read}, {"write", shm_write}, {"close", shm_close},
   {"unlink", shm_unlink_m}, {"track", shm_track},
@@ -669,5 +752,6 @@ int luamp_open_shm(lua_State *L) {
   lua_setfield(L, -2, "SharedMemory");
   luamp_newtype(L, &shm_type);
   lua_pop(L, 1);
+  luamp_register_handle(L, &shm_handle_ops);
   return 0;
 }

@@ -355,6 +355,18 @@ static int v_get_lock(lua_State *L) {
   return 1;
 }
 
+/* get_obj(): Python's synchronized wrapper hands out the raw ctypes
+ * object behind it for lock-free access.  Here the object is its own raw
+ * object: v.value, a[i], #a and totable never take the lock (each
+ * element is one atomic load or store, see the top of this file), so the
+ * same userdata serves both roles -- same memory, same identity, every
+ * process of the tree. */
+static int v_get_obj(lua_State *L) {
+  vcheck(L, 1, both);
+  lua_settop(L, 1);
+  return 1;
+}
+
 static struct luamp_lock *v_lock(lua_State *L) {
   struct luamp_lock *l;
   v_get_lock(L);
@@ -599,13 +611,13 @@ static const struct luamp_handle_ops handle_ops[] = {
 };
 
 static const luaL_Reg value_meth[] = {
-  {"get_lock", v_get_lock}, {"acquire", v_acquire},
+  {"get_lock", v_get_lock}, {"get_obj", v_get_obj}, {"acquire", v_acquire},
   {"release", v_release}, {"_enter", v_enter}, {"_exit", v_release},
   {"close", v_close}, {"add", v_add}, {"compare_and_swap", v_cas},
   {NULL, NULL}
 };
 static const luaL_Reg array_meth[] = {
-  {"get_lock", v_get_lock}, {"acquire", v_acquire},
+  {"get_lock", v_get_lock}, {"get_obj", v_get_obj}, {"acquire", v_acquire},
   {"release", v_release}, {"_enter", v_enter}, {"_exit", v_release},
   {"close", v_close}, {"totable", array_totable}, {NULL, NULL}
 };

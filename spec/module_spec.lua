@@ -32,6 +32,17 @@ describe("the module", function()
     end
   end)
 
+  it("accepts freeze_support(), which has nothing to do (issue 17)", function()
+    assert.equal(0, select("#", mp.freeze_support()))
+    -- Python's idiom at the top of a main script, then processes as usual
+    local out, err, code = H.sh(H.q(H.luamp) .. " -e 'local mp = require \"multiprocessing\" " ..
+      "mp.freeze_support() local p = mp.Process{target = function() os.exit(3) end} " ..
+      "p:start() p:join() print(p.exitcode)'")
+    assert.equal("", err)
+    assert.equal("3\n", out)
+    assert.equal(0, code)
+  end)
+
   it("loads in stock lua5.4 from multiprocessing.so alone", function()
     local out, err, code = H.sh("LUA_PATH='/nowhere/?.lua' LUA_CPATH=" ..
       H.q(H.build .. "/?.so") ..

@@ -411,3 +411,165 @@ describe("SharedMemory's tracker process (issue 13)", function()
     assert.is_true(its < mine / 2, "tracker " .. its .. " kB, program " .. mine .. " kB")
   end)
 end)
+
+describe("SharedMemory travelling (issue 17)", function()
+  pit("goes through a Queue and a Pipe by name, arriving attached", function()
+    local a = mp.SharedMemory{create = true, size = 64}
+    a:write(0, "parent")
+    local q, done = mp.Queue(), mp.Queue()
+    local r, w = mp.Pipe(false)
+    local p = mp.Process{target = function()
+      local got = q:get(true, 30)
+      got:write(6, " queue")
+      local via_pipe = r:recv()
+      via_pipe:write(12, " pipe")
+      done:put({got.name, got.size, via_pipe:read(0, 17)})
+      got:close(); via_pipe:close()
+    end}
+    p:start()
+    q:put(a)
+    w:send(a)
+    local info = done:get(true, 30)
+    p:join(30)
+    assert.equal(0, p.exitcode)
+    assert.same({a.name, 64, "parent queue pipe"}, info)
+    assert.equal("parent queue pipe", a:read(0, 17))
+    -- the receiver owned nothing: its exit unlinked nothing
+    assert.is_true(exists(a.name))
+    a:unlink(); a:close()
+  end)
+
+  it("goes to Pool tasks as an argument and comes back as a result", function()
+    local a = mp.SharedMemory{create = true, size = 32}
+    local pool <close> = mp.Pool(1)
+    local s, size, back = pool:apply(function(shm)
+      shm:write(0, "worker")
+      return shm:read(0, 6), shm.size, shm
+    end, {a})
+    assert.equal("worker", s)
+    assert.equal(32, size)
+    assert.equal(a.name, back.name)
+    assert.equal("worker", back:read(0, 6))
+    -- a block the worker made arrives too (the worker owns it until it
+    -- gives it up; then it is ours to unlink)
+    local made = pool:apply(function()
+      local b = mp.SharedMemory{create = true, size = 16}
+      b:write(0, "made there")
+      b:untrack()
+      return b
+    end)
+    assert.equal("made there", made:read(0, 10))
+    made:unlink(); made:close()
+    a:unlink(); a:close()
+  end)
+
+  pit("goes as a Process argument and through a manager's dict", function()
+    local a = mp.SharedMemory{create = true, size = 16}
+    local p = mp.Process{target = function(shm, off) shm:write(off, "arg") end,
+                         args = {a, 2}}
+    p:start(); p:join(30)
+    assert.equal(0, p.exitcode)
+    assert.equal("arg", a:read(2, 3))
+    assert.is_true(exists(a.name))       -- the child owned nothing
+    local m <close> = mp.Manager()
+    local d = m:dict()
+    d.block = a
+    local back = d.block
+    assert.equal(a.name, back.name)
+    back:write(0, "m")
+    assert.equal("m", a:read(0, 1))
+    back:close()
+    a:unlink(); a:close()
+  end)
+
+  pit("never makes the receiver an owner: its death unlinks nothing", function()
+    local a = mp.SharedMemory{create = true, size = 16}
+    local q, ready = mp.Queue(), mp.Queue()
+    local p = mp.Process{target = function()
+      local got = q:get(true, 30)
+      ready:put(got:read(0, 2))
+      H.sleep(60)
+    end}
+    p:start()
+    a:write(0, "ok")
+    q:put(a)
+    assert.equal("ok", ready:get(true, 30))
+    p:kill(); p:join(30)
+    H.sleep(0.5)    -- (the tracker's period is 0.2 s)
+    assert.is_true(exists(a.name))
+    a:unlink(); a:close()
+  end)
+
+  pit("lets a receiver take ownership with track()", function()
+    local a = mp.SharedMemory{create = true, size = 16}
+    local q, ready = mp.Queue(), mp.Queue()
+    local p = mp.Process{target = function()
+      local got = q:get(true, 30)
+      got:track()
+      ready:put(true)
+      H.sleep(60)
+    end}
+    p:start()
+    q:put(a)
+    assert.is_true(ready:get(true, 30))
+    assert.is_true(a:untrack())    -- the receiver is now the only owner
+    p:kill(); p:join(30)
+    assert.is_false(exists(a.name))
+    a:close()
+  end)
+
+  it("refuses a closed or unlinked block at encode, naming where it sits", function()
+    local a = mp.SharedMemory{create = true, size = 16}
+    local name = a.name
+    a:unlink()
+    local err = err_of(mp.encode, {args = {1, a}})
+    assert.equal("EncodeError", err.kind)
+    assert.matches("SharedMemory '" .. name .. "' was unlinked", err.message)
+    assert.matches("args%[2%]", err.message)
+    a:close()
+    err = err_of(function() mp.Queue():put(a) end)
+    assert.equal("EncodeError", err.kind)
+    assert.matches("SharedMemory '" .. name .. "' is closed", err.message)
+  end)
+
+  it("fails to decode when the block is gone or another took its name", function()
+    local name = "luamp_travel_" .. H.pid()
+    local a = mp.SharedMemory{name = name, create = true, size = 16}
+    local bytes = mp.encode(a)
+    a:unlink(); a:close()
+    local err = err_of(mp.decode, bytes, {trusted = true})
+    assert.equal("DecodeError", err.kind)
+    assert.matches("shared memory '" .. name .. "' cannot be attached", err.message)
+    -- made again under the same name: not the block that was sent
+    local b = mp.SharedMemory{name = name, create = true, size = 16}
+    err = err_of(mp.decode, bytes, {trusted = true})
+    assert.equal("DecodeError", err.kind)
+    assert.matches("is not the block that was sent", err.message)
+    b:unlink(); b:close()
+  end)
+
+  it("is refused by an untrusted decode, and malformed handles fail cleanly", function()
+    local a = mp.SharedMemory{create = true, size = 16}
+    local err = err_of(mp.decode, mp.encode(a))
+    assert.equal("DecodeError", err.kind)
+    assert.matches("refused from an untrusted source", err.message)
+    -- a handle whose bytes are not a block's (ext 6: type name, bytes)
+    local tname = "multiprocessing.SharedMemory"
+    for _, data in ipairs{"", string.rep("\0", 24), string.rep("\0", 24) .. "a/b",
+                          string.rep("\0", 24) .. "a\0b", string.rep("\0", 24) .. string.rep("x", 251)} do
+      local body = string.char(0xd9, #tname) .. tname .. string.char(0xc5) .. string.pack(">I2", #data) .. data
+      local msg = string.char(0xc9) .. string.pack(">I4", #body) .. string.char(6) .. body
+      err = err_of(mp.decode, msg, {trusted = true})
+      assert.equal("DecodeError", err.kind)
+      assert.matches("malformed SharedMemory handle", err.message)
+    end
+    -- well-formed, but naming no block
+    local data = string.rep("\0", 24) .. "luamp_no_such_block_" .. H.pid()
+    local body = string.char(0xd9, #tname) .. tname .. string.char(0xc4, #data) .. data
+    local msg = string.char(0xc9) .. string.pack(">I4", #body) .. string.char(6) .. body
+    err = err_of(mp.decode, msg, {trusted = true})
+    assert.equal("DecodeError", err.kind)
+    assert.matches("cannot be attached", err.message)
+    a:unlink(); a:close()
+  end)
+end)

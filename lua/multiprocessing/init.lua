@@ -30,7 +30,20 @@ local M = {
   register_class = core.register_class,
   codec_options = core.codec_options,
   Ext = core.Ext,
+  -- Python's freeze_support() readies a frozen Windows executable; there
+  -- is nothing to ready here, so ported code's call is accepted
+  freeze_support = function() end,
 }
+
+-- A ShareableList travels as a registered class (shared_memory.lua); its
+-- name is known from here on, so a process that has not loaded that file
+-- yet (a pool worker forked before) can still receive one.
+core.register_class("multiprocessing.ShareableList", {}, {
+  rebuild = function(state)
+    return require("multiprocessing.shared_memory")._rebuild(state)
+  end,
+  trusted_only = true,
+})
 
 -- name -> submodule that defines it (loaded on first access)
 local lazy = {

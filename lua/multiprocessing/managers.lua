@@ -401,4 +401,8 @@ for typeid, f in pairs(builtin) do
   end
 end
 
+-- Python's SharedMemoryManager (shm_manager.lua, which gets BaseManager
+-- from here rather than requiring this file)
+M.SharedMemoryManager = require("multiprocessing.shm_manager")(BaseManager)
+
 return M
