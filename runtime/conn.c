@@ -698,6 +698,44 @@ static int conn_recv_bytes(lua_State *L) {
   return 1;
 }
 
+/* conn:recv_bytes_into(buffer [, offset]) -> the message's length in
+ * bytes, written into buffer (an Array of any typecode, raw or
+ * synchronized -- its lock is not taken -- or a SharedMemory) from byte
+ * offset (counted from 0, as send_bytes's).  A message longer than the
+ * room left is consumed whole and raised as BufferTooShort with the
+ * message in err.value (Python's); the buffer is then untouched. */
+static int conn_recv_bytes_into(lua_State *L) {
+  struct conn *c = check_readable(L, 1);
+  size_t cap = 0;
+  char *dst = luamp_array_bytes(L, 2, &cap);
+  lua_Integer off;
+  uint64_t n;
+  if (dst == NULL && (dst = luamp_shm_bytes(L, 2, &cap)) == NULL)
+    return luaL_typeerror(L, 2, "Array or SharedMemory");
+  off = luaL_optinteger(L, 3, 0);
+  luaL_argcheck(L, off >= 0, 3, "offset is negative");
+  luaL_argcheck(L, (uint64_t)off <= cap, 3, "offset beyond the buffer's end");
+  n = read_header(L, c, -1);
+  if (n <= cap - (size_t)off) {
+    if (n <= RA_SIZE)
+      memcpy(dst + off, read_view(L, c, (size_t)n, -1), (size_t)n);
+    else
+      read_all(L, c, dst + off, (size_t)n, -1, 1);
+    lua_pushinteger(L, (lua_Integer)n);
+    return 1;
+  }
+  if (n <= RA_SIZE) {
+    lua_pushlstring(L, read_view(L, c, (size_t)n, -1), (size_t)n);
+  } else {
+    lua_pushlstring(L, read_payload(L, c, n, -1), (size_t)n);
+    rbuf_trim(c);
+  }
+  return luamp_raise_value(L, "BufferTooShort", -1, "recv_bytes_into: a "
+                           "message of %I bytes does not fit in the %I "
+                           "bytes after offset %I", (lua_Integer)n,
+                           (lua_Integer)(cap - (size_t)off), off);
+}
+
 /* conn:poll([timeout]) -> true when a message (or the end of file) is
  * there to read.  poll() does not wait, as Python's default 0;
  * poll(math.huge) waits forever. */
@@ -1384,6 +1422,7 @@ static int l_wait_fds(lua_State *L) {
 static const luaL_Reg conn_meth[] = {
   {"send", conn_send}, {"recv", conn_recv},
   {"send_bytes", conn_send_bytes}, {"recv_bytes", conn_recv_bytes},
+  {"recv_bytes_into", conn_recv_bytes_into},
   {"poll", conn_poll}, {"fileno", conn_fileno}, {"pollfd", conn_fileno},
   {"events", conn_events}, {"timeout", conn_timeout}, {"close", conn_close},
   {"_wait_fd", conn_wait_fd}, {"_recv_nowait", conn_recv_nowait},

@@ -83,6 +83,10 @@ void luamp_push_error(lua_State *L, const char *kind, const char *message);
  * %s %d %I %f %p %c %U %%). */
 LUAMP_NORETURN int luamp_raise(lua_State *L, const char *kind,
                                const char *fmt, ...);
+/* The same with field value = the value at vidx (BufferTooShort: the
+ * message that did not fit). */
+LUAMP_NORETURN int luamp_raise_value(lua_State *L, const char *kind, int vidx,
+                                     const char *fmt, ...);
 /* Raises kind with field errno = err and message "<what>: <strerror(err)>".
  * Kind "OSError" (or NULL) becomes the kind err names, as Python's
  * OSError(errno, ...) becomes FileNotFoundError for ENOENT: see
@@ -442,6 +446,11 @@ void luamp_shm_cleanup(void);
  * with that pid only (after reaping a child killed by a signal; the
  * tracker process looks at all, a moment later); 0: at all. */
 void luamp_shm_sweep(pid_t pid);
+/* The writable bytes of an Array / a SharedMemory at idx (a receive
+ * buffer: conn:recv_bytes_into); NULL when idx is not one; ValueError
+ * when it is closed. */
+char *luamp_array_bytes(lua_State *L, int idx, size_t *n);
+char *luamp_shm_bytes(lua_State *L, int idx, size_t *n);
 /* ---- process.c: fork discipline, children ------------------------- */
 
 /* Every fork the runtime makes: runs the before-fork hooks (Lua hooks of
