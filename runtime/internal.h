@@ -118,6 +118,7 @@ int luamp_interrupted(lua_State *L);
  * that runs in production (sqlite's aSyscall[] idea).  Callers keep their
  * own EINTR loops (they also check for Ctrl-C there). */
 struct iovec;
+struct msghdr;
 struct epoll_event;
 struct timespec;
 struct itimerspec;
@@ -156,6 +157,9 @@ struct luamp_syscalls {
                          struct itimerspec *);
   int (*shm_unlink)(const char *);
   int (*getsockname)(int, struct sockaddr *, socklen_t *);
+  /* (conn.c: fds passed with SCM_RIGHTS) */
+  ssize_t (*sendmsg)(int, const struct msghdr *, int);
+  ssize_t (*recvmsg)(int, struct msghdr *, int);
 };
 extern struct luamp_syscalls luamp_sys;
 

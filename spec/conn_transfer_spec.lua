@@ -131,3 +131,246 @@ describe("conn:recv_bytes_into", function()
     b:close(); r:close(); arr:close()
   end)
 end)
+
+-- CPython's test_fd_transfer family: a Connection or Listener sent to
+-- another process of the tree arrives usable (its fd rides along with
+-- SCM_RIGHTS over the Unix socket that carries the message).
+describe("Connections and Listeners sent to other processes", function()
+  it("one end of a Pipe, sent to a child, is used there", function()
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    do
+      local a, b = mp.Pipe()
+      local x, y = mp.Pipe()
+      local p = mp.Process{target = function()
+        local got = b:recv()
+        got.conn:send("from the child through the passed end")
+        got.conn:send(got.conn:recv() + 1)
+      end}
+      p:start()
+      a:send({conn = x, note = "here"})
+      x:close()      -- the child's copy is its own
+      assert.equal("from the child through the passed end", y:recv())
+      y:send(41)
+      assert.equal(42, y:recv())
+      p:join()
+      assert.equal(0, p.exitcode)
+      a:close(); b:close(); y:close()
+    end
+    assert.equal(fds, H.fd_count())
+  end)
+
+  it("a Listener sent to a child accepts there; the key comes along", function()
+    local a, b = mp.Pipe()
+    local l = mp.connection.Listener{authkey = "secret"}
+    local p = mp.Process{target = function()
+      local l2 = b:recv()
+      local c = l2:accept(10)
+      c:send({c:recv(), "accepted by the child"})
+      c:close(); l2:close()
+    end}
+    p:start()
+    a:send(l)
+    local c = mp.connection.Client(l.address, "secret")
+    c:send("hi")
+    assert.same({"hi", "accepted by the child"}, c:recv())
+    p:join()
+    assert.equal(0, p.exitcode)
+    c:close(); l:close(); a:close(); b:close()
+  end)
+
+  it("a Client connection and an accepted one on a Unix path travel, and are trusted as before", function()
+    local path = os.tmpname() .. ".sock"
+    os.remove(path)
+    local l = mp.connection.Listener{address = path, authkey = "k"}
+    local a, b = mp.Pipe()
+    local p = mp.Process{target = function()
+      local t = b:recv()
+      -- both authenticated: functions pass
+      t.client:send(function() return "code ok" end)
+      t.server:send(t.server:recv() * 2)
+    end}
+    p:start()
+    local client = mp.Process{target = function()
+      local c = mp.connection.Client(path, "k")
+      local f = c:recv()
+      c:send(21)
+      assert(c:recv() == 42 and f() == "code ok")
+      -- a Client connection passed back over an authenticated socket
+      c:close()
+    end}
+    client:start()
+    local server = l:accept(10)
+    -- the child gets the accepted end twice: as server, and the client's
+    -- functions go through it too
+    a:send({server = server, client = server})
+    p:join(); client:join()
+    assert.equal(0, p.exitcode)
+    assert.equal(0, client.exitcode)
+    server:close(); l:close(); a:close(); b:close()
+    os.remove(path)
+  end)
+
+  it("the same Connection twice in one message arrives as two working handles", function()
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    do
+      local a, b = mp.Pipe()
+      local x, y = mp.Pipe()
+      a:send({x, x, {deep = x}})
+      local t = b:recv()
+      t[1]:send(1); t[2]:send(2); t[3].deep:send(3)
+      assert.same({1, 2, 3}, {y:recv(), y:recv(), y:recv()})
+      t[1]:close()
+      t[3].deep:send("still open")
+      assert.equal("still open", y:recv())
+      t[2]:close(); t[3].deep:close()
+      a:close(); b:close(); x:close(); y:close()
+    end
+    assert.equal(fds, H.fd_count())
+  end)
+
+  it("leaks no fd: messages never received, read raw, or whose decode fails", function()
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    do
+      -- never received: the kernel drops them with the socket
+      local a, b = mp.Pipe()
+      local x, y = mp.Pipe()
+      for _ = 1, 20 do a:send({x, y}) end
+      a:close(); b:close()
+      -- received into the read-ahead, then the connection closed
+      a, b = mp.Pipe()
+      for _ = 1, 20 do a:send({x, y}) end
+      b:send("marker"); assert.equal("marker", a:recv())
+      assert.is_table(b:recv())    -- reads ahead the other 19
+      a:close(); b:close()
+      -- read raw: its fds are closed
+      a, b = mp.Pipe()
+      a:send(x)
+      assert.is_string(b:recv_bytes())
+      a:send(y)
+      local buf = mp.Array("B", 100)
+      assert.is_true(b:recv_bytes_into(buf) > 0)
+      a:send({x, string.rep("z", 200)})
+      assert.equal("BufferTooShort", kind_of(function() return b:recv_bytes_into(buf) end))
+      buf:close()
+      -- a decode that fails after a handle took its fd, and before
+      local mt = {}
+      mp.register_class("conn_transfer_spec.Bad", mt, {
+        rebuild = function() error("no rebuild") end})
+      a:send({x, setmetatable({}, mt)})
+      assert.matches("no rebuild", tostring(select(2, pcall(b.recv, b))))
+      a:send({setmetatable({}, mt), x})
+      assert.matches("no rebuild", tostring(select(2, pcall(b.recv, b))))
+      -- both ends still fine
+      a:send(1); assert.equal(1, b:recv())
+      a:close(); b:close(); x:close(); y:close()
+    end
+    collectgarbage(); collectgarbage()
+    assert.equal(fds, H.fd_count())
+  end)
+
+  it("a receiver that died makes the send raise, never hang; nothing leaks", function()
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    do
+      local a, b = mp.Pipe()
+      local x, y = mp.Pipe()
+      local p = mp.Process{target = function() b:recv(); os.exit(0) end}
+      p:start()
+      b:close()
+      a:send(x)
+      p:join()
+      -- the child read one and died; the next sends find no reader
+      local kind
+      for _ = 1, 10000 do
+        local ok, err = pcall(a.send, a, {x, y, string.rep("p", 1000)})
+        if not ok then kind = err.kind break end
+      end
+      assert.equal("BrokenPipeError", kind)
+      -- a child killed with messages unread: its fds go with it
+      a, b = mp.Pipe()
+      p = mp.Process{target = function() while true do mp.sleep(1) end end}
+      p:start()
+      b:close()
+      for _ = 1, 10 do a:send({x, y}) end
+      p:kill(); p:join()
+      assert.equal("BrokenPipeError", kind_of(function() a:send(x) end))
+      a:close(); x:close(); y:close()
+    end
+    collectgarbage(); collectgarbage()
+    assert.equal(fds, H.fd_count())
+  end)
+
+  it("as a Process argument (fork: inherited) and through a Pool's task a clear error", function()
+    local x, y = mp.Pipe()
+    local p = mp.Process{target = function(c) c:send("inherited") end, args = {x}}
+    p:start(); p:join()
+    assert.equal("inherited", y:recv())
+    local q = mp.Queue()
+    local k, err = kind_of(function() q:put({conn = x}) end)
+    assert.equal("EncodeError", k)
+    assert.matches("cannot encode multiprocessing.Connection: a Connection travels only by send%(%) on a duplex Pipe", err.message)
+    assert.equal("EncodeError", kind_of(function() mp.encode(x) end))
+    local l = mp.connection.Listener()
+    assert.matches("Listener travels only by send",
+                   select(2, kind_of(function() q:put(l) end)).message)
+    q:close(); l:close()
+    -- a one-way Pipe is a pipe, not a socket
+    local r, w = mp.Pipe(false)
+    assert.equal("EncodeError", kind_of(function() w:send(x) end))
+    -- closed objects
+    local c1, c2 = mp.Pipe()
+    c1:close()
+    local a, b = mp.Pipe()
+    assert.matches("connection is closed", select(2, kind_of(function() a:send({c1}) end)).message)
+    a:send("still in step"); assert.equal("still in step", b:recv())
+    r:close(); w:close(); c2:close(); a:close(); b:close(); x:close(); y:close()
+  end)
+
+  it("a handle is decoded only from the connection that carried its fd", function()
+    local a, b = mp.Pipe()
+    local x, y = mp.Pipe()
+    a:send(x)
+    local raw = b:recv_bytes()
+    -- the bytes alone, decoded trusted elsewhere: no fd, no object
+    local k, err = kind_of(function() mp.decode(raw:sub(10), {trusted = true}) end)
+    assert.equal("DecodeError", k)
+    assert.matches("arrives only in a message of the connection", err.message)
+    -- untrusted: refused as any handle
+    assert.equal("DecodeError", kind_of(function() mp.decode(raw:sub(10)) end))
+    a:close(); b:close(); x:close(); y:close()
+  end)
+
+  it("fds sent by an outsider to a Listener without a key are dropped by the kernel", function()
+    local l = mp.connection.Listener()
+    local addr = l.address
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    local py = [[
+import socket, sys, os, struct
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1].replace("@", "\0", 1))
+r, w = os.pipe()
+payload = b"\xc1luampF\0\x01" + b"\x93\x01\x02\x03"
+socket.send_fds(s, [struct.pack(">i", len(payload)) + payload], [r, w, r, w])
+s.recv(1)
+]]
+    local tmp = os.tmpname()
+    H.write(tmp, py)
+    local p = mp.Process{target = function()
+      os.execute("env -u LD_PRELOAD /usr/bin/python3 " .. H.q(tmp) .. " " ..
+                 H.q((addr:gsub("%z", "@"))))
+    end}
+    p:start()
+    local c = l:accept(10)
+    -- 0xc1 is no MessagePack: refused (and no fd is read)
+    assert.equal("DecodeError", kind_of(function() return c:recv() end))
+    c:close()
+    p:join()
+    os.remove(tmp)
+    assert.equal(fds, H.fd_count())
+    l:close()
+  end)
+end)
