@@ -199,7 +199,7 @@ static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
   }
 }
 
-static ssize_t recv_fds(struct conn *c, char *p, size_t n);
+static ssize_t recv_fds(struct conn *c, char *p, size_t n, int flags);
 static void fds_discard(struct conn *c, const char *p, size_t n);
 
 /* One read(2) of at most n bytes: returns the count, 0 at end of file;
@@ -210,7 +210,8 @@ static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
   for (;;) {
     ssize_t r;
     if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway);
-    r = c->unixsock && c->trusted ? recv_fds(c, p, n) : luamp_sys.read(c->fd, p, n);
+    r = c->unixsock && c->trusted ? recv_fds(c, p, n, 0)
+                                  : luamp_sys.read(c->fd, p, n);
     if (r >= 0) return (size_t)r;
     if (errno == EINTR) {
       if (luamp_interrupted(L)) {
@@ -448,7 +449,8 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
  * errno EAGAIN when nothing is there. */
 static ssize_t read_nowait(struct conn *c, char *p, size_t n) {
   for (;;) {
-    ssize_t r = luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
+    ssize_t r = c->unixsock && c->trusted ? recv_fds(c, p, n, MSG_DONTWAIT)
+                                          : luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
     if (r >= 0) return r;
     if (errno == EINTR) continue;
     if (errno == ENOTSOCK) {           /* a pipe: ask poll first */
@@ -682,9 +684,9 @@ static void inq_push(struct conn *c, const int *fds, size_t k) {
   c->inq_pid = luamp_pid();
 }
 
-/* read_once's read on a trusted Unix socket: the fds that come are
- * queued in c. */
-static ssize_t recv_fds(struct conn *c, char *p, size_t n) {
+/* read_once's and read_nowait's read on a trusted Unix socket: the fds
+ * that come are queued in c. */
+static ssize_t recv_fds(struct conn *c, char *p, size_t n, int flags) {
   union {
     struct cmsghdr h;
     char buf[CMSG_SPACE(sizeof(int) * FD_MAX)];
@@ -698,7 +700,7 @@ static ssize_t recv_fds(struct conn *c, char *p, size_t n) {
   m.msg_iovlen = 1;
   m.msg_control = u.buf;
   m.msg_controllen = sizeof u.buf;
-  r = luamp_sys.recvmsg(c->fd, &m, MSG_CMSG_CLOEXEC);
+  r = luamp_sys.recvmsg(c->fd, &m, flags | MSG_CMSG_CLOEXEC);
   if (r < 0) return r;
   for (h = CMSG_FIRSTHDR(&m); h != NULL; h = CMSG_NXTHDR(&m, h))
     if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
@@ -769,11 +771,52 @@ static void decode_msg(lua_State *L, struct conn *c, const char *p, size_t n,
   lua_remove(L, top);
 }
 
+static const char claimed_key = 0;   /* ticket -> object, weak values */
+
+/* A parked fd (handle bytes p/n): claimed from the keeper once; the same
+ * handle again (an object twice in one message) dups the first's fd. */
+static int fdin_claim(lua_State *L, const char *p, size_t n) {
+  const char *ticket = p + 4;
+  int fd;
+  if (n <= 4 + LUAMP_FDKEEP_TICKET || n > 4 + LUAMP_FDKEEP_TICKET +
+      LUAMP_FDKEEP_NAME || p[4 + LUAMP_FDKEEP_TICKET] != '\0')
+    luamp_raise(L, "DecodeError", "malformed %s handle",
+                p[0] == 'L' ? "Listener" : "Connection");
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &claimed_key);
+  lua_pushlstring(L, ticket, LUAMP_FDKEEP_TICKET);
+  if (lua_rawget(L, -2) == LUA_TNIL) {
+    lua_pop(L, 2);
+    return luamp_fdkeep_claim(L, p + 4 + LUAMP_FDKEEP_TICKET,
+                              n - 4 - LUAMP_FDKEEP_TICKET,
+                              (const unsigned char *)ticket);
+  }
+  fd = *(int *)lua_touserdata(L, -1);  /* (both structs start with fd) */
+  lua_pop(L, 2);
+  if (fd < 0)
+    luamp_raise(L, "DecodeError", "the fd of this %s was received before "
+                "and closed", p[0] == 'L' ? "Listener" : "Connection");
+  fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) luamp_raise_errno(L, "OSError", errno, "dup");
+  return fd;
+}
+
+/* Remembers the object on top as the one made from the parked handle p/n. */
+static void fdin_note(lua_State *L, const char *p, size_t n) {
+  const unsigned char *u = (const unsigned char *)p;
+  if (n <= 4 + LUAMP_FDKEEP_TICKET || u[2] != 0xff || u[3] != 0xff) return;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &claimed_key);
+  lua_pushlstring(L, p + 4, LUAMP_FDKEEP_TICKET);
+  lua_pushvalue(L, -3);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
 /* The fd that handle bytes p/n (kind, flags, index) name, taken from the
  * message being decoded. */
 static int fdin_take(lua_State *L, const char *p, size_t n) {
   const unsigned char *u = (const unsigned char *)p;
   int i, fd;
+  if (n > 4 && u[2] == 0xff && u[3] == 0xff) return fdin_claim(L, p, n);
   if (n != 4)
     luamp_raise(L, "DecodeError", "malformed %s handle",
                 p[0] == 'L' ? "Listener" : "Connection");
@@ -795,12 +838,8 @@ static int fdin_take(lua_State *L, const char *p, size_t n) {
   return fd;
 }
 
-/* Adds fd to the message being sent, returning its index; outside
- * send() on a Unix socket, says where such objects can go. */
-static int fdout_add(lua_State *L, int fd, const char *what) {
-  if (!fdout.armed)
-    luamp_raise(L, "EncodeError", "a %s travels only by send() on a duplex "
-                "Pipe or Unix-socket connection", what);
+/* Adds fd to the message being sent, returning its index. */
+static int fdout_add(lua_State *L, int fd) {
   for (int i = 0; i < fdout.n; i++)
     if (fdout.fds[i] == fd) return i;
   if (fdout.n == FD_MAX)
@@ -810,9 +849,32 @@ static int fdout_add(lua_State *L, int fd, const char *what) {
   return fdout.n++;
 }
 
-static void push_fd_handle(lua_State *L, char kind, int flags, int i) {
-  char d[4] = {kind, (char)flags, (char)(i >> 8), (char)i};
-  lua_pushlstring(L, d, sizeof d);
+/* Pushes the handle bytes of an object (kind, flags) with fd: its index
+ * in the message on send() over a Unix socket; else -- a Queue, a
+ * one-way Pipe, mp.encode -- index 0xffff, then the ticket and keeper
+ * name it was parked under (fdkeep.c); never to a peer that did not
+ * authenticate. */
+static void push_fd_handle(lua_State *L, char kind, int flags, int fd,
+                           const char *what) {
+  char d[4 + LUAMP_FDKEEP_TICKET + LUAMP_FDKEEP_NAME];
+  const char *name;
+  size_t n;
+  int i;
+  if (fdout.armed < 0)
+    luamp_raise(L, "EncodeError", "a %s is not sent to a peer that did not "
+                "authenticate", what);
+  i = fdout.armed ? fdout_add(L, fd) : 0xffff;
+  d[0] = kind;
+  d[1] = (char)flags;
+  d[2] = (char)(i >> 8);
+  d[3] = (char)i;
+  if (fdout.armed) {
+    lua_pushlstring(L, d, 4);
+    return;
+  }
+  luamp_fdkeep_park(L, fd, (unsigned char *)d + 4, &name, &n);
+  memcpy(d + 4 + LUAMP_FDKEEP_TICKET, name, n);
+  lua_pushlstring(L, d, 4 + LUAMP_FDKEEP_TICKET + n);
 }
 
 /* the guard of fdout: disarms it however the encode ends */
@@ -887,15 +949,17 @@ static void send_with_fds(lua_State *L, struct conn *c, char *p, size_t n) {
   }
 }
 
-/* conn:send(v) on a trusted Unix socket: the encode may meet
- * Connections and Listeners (their fds then go along).  Returns 1 when
- * it sent the message with fds, 0 when p/n is for the plain path. */
-static int send_maybe_fds(lua_State *L, struct conn *c, char **p, size_t *n) {
+/* conn:send(v) on a trusted Unix socket (mode 1): the encode may meet
+ * Connections and Listeners, whose fds then go along; returns 1 when it
+ * sent the message so, 0 when p/n is for the plain path.  Mode -1 (a peer
+ * that did not authenticate): they are refused. */
+static int send_maybe_fds(lua_State *L, struct conn *c, char **p, size_t *n,
+                          int mode) {
   int top = lua_gettop(L) + 1, sent;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &fdout_guard_key);
   lua_toclose(L, top);
   fdout.n = 0;
-  fdout.armed = 1;
+  fdout.armed = mode;
   *p = luamp_encode(L, 2, HEADROOM, n, "value");
   sent = fdout.n > 0;
   if (sent) send_with_fds(L, c, *p, *n);
@@ -913,7 +977,9 @@ static int conn_send(lua_State *L) {
   char *p;
   luaL_checkany(L, 2);
   if (c->unixsock && c->trusted) {
-    if (send_maybe_fds(L, c, &p, &n)) return 0;
+    if (send_maybe_fds(L, c, &p, &n, 1)) return 0;
+  } else if (!c->trusted) {
+    send_maybe_fds(L, c, &p, &n, -1);
   } else {
     p = luamp_encode(L, 2, HEADROOM, &n, "value");
   }
@@ -1758,7 +1824,7 @@ static void conn_handle_encode(lua_State *L, int idx) {
   push_fd_handle(L, 'C', (c->readable ? HF_READ : 0) |
                  (c->writable ? HF_WRITE : 0) | (c->trusted ? HF_TRUSTED : 0) |
                  (c->peer ? HF_PEER : 0) | (c->unixsock ? HF_UNIX : 0),
-                 fdout_add(L, c->fd, "Connection"));
+                 c->fd, "Connection");
 }
 
 static void conn_handle_decode(lua_State *L, const char *p, size_t n) {
@@ -1771,13 +1837,14 @@ static void conn_handle_decode(lua_State *L, const char *p, size_t n) {
   c->trusted = (f & HF_TRUSTED) != 0;
   c->peer = (f & HF_PEER) != 0;
   c->unixsock = (f & HF_UNIX) != 0;
+  fdin_note(L, p, n);
 }
 
 static void listener_handle_encode(lua_State *L, int idx) {
   struct listener *l = luamp_self(L, idx, &listener_type);
   if (l->fd < 0) luamp_raise(L, "EncodeError", "listener is closed");
-  push_fd_handle(L, 'L', l->family == AF_UNIX ? HF_UNIX : 0,
-                 fdout_add(L, l->fd, "Listener"));
+  push_fd_handle(L, 'L', l->family == AF_UNIX ? HF_UNIX : 0, l->fd,
+                 "Listener");
 }
 
 static void listener_handle_decode(lua_State *L, const char *p, size_t n) {
@@ -1787,6 +1854,7 @@ static void listener_handle_decode(lua_State *L, const char *p, size_t n) {
   luaL_setmetatable(L, LISTENER_TNAME);
   l->fd = fdin_take(L, p, n);
   l->family = (unsigned char)p[1] & HF_UNIX ? AF_UNIX : AF_INET;
+  fdin_note(L, p, n);
 }
 
 static const struct luamp_handle_ops fd_handle_ops[] = {
@@ -1859,6 +1927,13 @@ int luamp_open_conn(lua_State *L) {
   lua_setfield(L, -2, "__close");
   lua_setmetatable(L, -2);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &fdout_guard_key);
+  lua_newtable(L);                     /* claimed: ticket -> object */
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &claimed_key);
+  luamp_fdkeep_init();
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

@@ -477,6 +477,22 @@ pid_t luamp_pid(void);
 
 int luamp_open_conn(lua_State *L);
 
+/* ---- fdkeep.c: the tree's fd keeper (fds through Queues) ------------ */
+
+#define LUAMP_FDKEEP_TICKET 16
+#define LUAMP_FDKEEP_NAME 64      /* the longest keeper name */
+/* Names this process image's keeper (once; forked children inherit it):
+ * called when the module opens, so a program's processes share one. */
+void luamp_fdkeep_init(void);
+/* Parks a duplicate of fd with the keeper (started on first need): fills
+ * ticket (LUAMP_FDKEEP_TICKET bytes) and the keeper's name. */
+void luamp_fdkeep_park(lua_State *L, int fd, unsigned char *ticket,
+                       const char **name, size_t *n);
+/* The fd parked under ticket with the keeper named name (once);
+ * DecodeError when it is not held (claimed before, keeper gone). */
+int luamp_fdkeep_claim(lua_State *L, const char *name, size_t n,
+                       const unsigned char *ticket);
+
 /* ---- store.c: append-only bytes shared with forked children ---------- */
 int luamp_open_store(lua_State *L);
 /* ---- evset.c: epoll set + timerfd behind one fd (Pool:fileno) ---- */

@@ -291,7 +291,7 @@ describe("Connections and Listeners sent to other processes", function()
       assert.equal("BrokenPipeError", kind)
       -- a child killed with messages unread: its fds go with it
       a, b = mp.Pipe()
-      p = mp.Process{target = function() while true do mp.sleep(1) end end}
+      p = mp.Process{target = function() while true do os.execute("sleep 1") end end}
       p:start()
       b:close()
       for _ = 1, 10 do a:send({x, y}) end
@@ -303,30 +303,35 @@ describe("Connections and Listeners sent to other processes", function()
     assert.equal(fds, H.fd_count())
   end)
 
-  it("as a Process argument (fork: inherited) and through a Pool's task a clear error", function()
+  it("as a Process argument it is inherited (fork)", function()
     local x, y = mp.Pipe()
     local p = mp.Process{target = function(c) c:send("inherited") end, args = {x}}
     p:start(); p:join()
     assert.equal("inherited", y:recv())
-    local q = mp.Queue()
-    local k, err = kind_of(function() q:put({conn = x}) end)
-    assert.equal("EncodeError", k)
-    assert.matches("cannot encode multiprocessing.Connection: a Connection travels only by send%(%) on a duplex Pipe", err.message)
-    assert.equal("EncodeError", kind_of(function() mp.encode(x) end))
+    x:close(); y:close()
+  end)
+
+  it("is refused on a connection whose peer did not authenticate, and when closed", function()
     local l = mp.connection.Listener()
-    assert.matches("Listener travels only by send",
-                   select(2, kind_of(function() q:put(l) end)).message)
-    q:close(); l:close()
-    -- a one-way Pipe is a pipe, not a socket
-    local r, w = mp.Pipe(false)
-    assert.equal("EncodeError", kind_of(function() w:send(x) end))
-    -- closed objects
+    local client = mp.connection.Client(l.address)
+    local server = l:accept(5)
+    local x, y = mp.Pipe()
+    local k, err = kind_of(function() client:send({x}) end)
+    assert.equal("EncodeError", k)
+    assert.matches("cannot encode multiprocessing.Connection: a Connection is not sent to a peer that did not authenticate at value%[1%]",
+                   err.message)
+    assert.matches("Listener is not sent", select(2, kind_of(function() server:send(l) end)).message)
+    client:send("still in step"); assert.equal("still in step", server:recv())
     local c1, c2 = mp.Pipe()
     c1:close()
     local a, b = mp.Pipe()
-    assert.matches("connection is closed", select(2, kind_of(function() a:send({c1}) end)).message)
+    assert.matches("connection is closed at value%[1%]", select(2, kind_of(function() a:send({c1}) end)).message)
+    local q = mp.Queue()
+    assert.matches("connection is closed", select(2, kind_of(function() q:put(c1) end)).message)
+    l:close()
+    assert.matches("listener is closed", select(2, kind_of(function() a:send(l) end)).message)
     a:send("still in step"); assert.equal("still in step", b:recv())
-    r:close(); w:close(); c2:close(); a:close(); b:close(); x:close(); y:close()
+    q:close(); client:close(); server:close(); c2:close(); a:close(); b:close(); x:close(); y:close()
   end)
 
   it("a handle is decoded only from the connection that carried its fd", function()
@@ -335,11 +340,11 @@ describe("Connections and Listeners sent to other processes", function()
     a:send(x)
     local raw = b:recv_bytes()
     -- the bytes alone, decoded trusted elsewhere: no fd, no object
-    local k, err = kind_of(function() mp.decode(raw:sub(10), {trusted = true}) end)
+    local k, err = kind_of(function() return mp.decode(raw:sub(10), {trusted = true}) end)
     assert.equal("DecodeError", k)
     assert.matches("arrives only in a message of the connection", err.message)
     -- untrusted: refused as any handle
-    assert.equal("DecodeError", kind_of(function() mp.decode(raw:sub(10)) end))
+    assert.equal("DecodeError", kind_of(function() return mp.decode(raw:sub(10)) end))
     a:close(); b:close(); x:close(); y:close()
   end)
 
@@ -372,5 +377,125 @@ s.recv(1)
     os.remove(tmp)
     assert.equal(fds, H.fd_count())
     l:close()
+  end)
+end)
+
+-- Carriers that move only bytes (a Queue's shared ring, a one-way Pipe,
+-- a Pool's task, mp.encode): the fd is parked with the program's fd
+-- keeper under a random ticket the message carries (runtime/fdkeep.c).
+describe("Connections and Listeners through Queues, one-way Pipes and Pools", function()
+  it("a Connection and a Listener put in a Queue arrive usable in a child", function()
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    do
+      local x, y = mp.Pipe()
+      local q = mp.Queue()
+      local l = mp.connection.Listener{authkey = "k"}
+      local p = mp.Process{target = function()
+        local t = q:get()
+        t.conn:send("via the queue " .. t.n)
+        local c = t.l:accept(10)
+        c:send("accepted in the child"); c:close()
+      end}
+      p:start()
+      q:put({conn = x, n = 7, l = l})
+      -- the sender holds nothing more for them
+      assert.equal("via the queue 7", y:recv())
+      local c = mp.connection.Client(l.address, "k")
+      assert.equal("accepted in the child", c:recv())
+      p:join()
+      assert.equal(0, p.exitcode)
+      c:close(); l:close(); q:close(); x:close(); y:close()
+    end
+    collectgarbage(); collectgarbage()
+    assert.equal(fds, H.fd_count())
+  end)
+
+  it("as a Pool task's argument, through a one-way Pipe, and mp.encode/decode (trusted)", function()
+    local x, y = mp.Pipe()
+    local pool = mp.Pool(2)
+    assert.equal("ok", pool:apply(function(c) c:send("from a worker"); return "ok" end, {x}))
+    assert.equal("from a worker", y:recv())
+    pool:close(); pool:join()
+    local r, w = mp.Pipe(false)
+    local p = mp.Process{target = function() w:send({x}) end}
+    p:start(); p:join()
+    local got = r:recv()[1]
+    got:send("through a one-way pipe"); got:close()
+    assert.equal("through a one-way pipe", y:recv())
+    local s = mp.encode(x)
+    assert.equal("DecodeError", kind_of(function() return mp.decode(s) end))
+    local z = mp.decode(s, {trusted = true})
+    z:send("decoded"); assert.equal("decoded", y:recv())
+    z:close()
+    -- a ticket is good once
+    local k, err = kind_of(function() return mp.decode(s, {trusted = true}) end)
+    assert.equal("DecodeError", k)
+    assert.matches("received before", err.message)
+    r:close(); w:close(); x:close(); y:close()
+  end)
+
+  it("the same Connection twice in one queued message: two working handles", function()
+    local x, y = mp.Pipe()
+    local q = mp.SimpleQueue()
+    q:put({x, x})
+    local t = q:get()
+    t[1]:send(1); t[2]:send(2)
+    assert.same({1, 2}, {y:recv(), y:recv()})
+    assert.are_not.equal(t[1]:fileno(), t[2]:fileno())
+    t[1]:close(); t[2]:close(); x:close(); y:close(); q:close()
+  end)
+
+  it("a receiver that dies never hangs the sender; the keeper ends with the program", function()
+    local out, err, rc = H.script([[
+      local mp = require "multiprocessing"
+      local x, y = mp.Pipe()
+      local q = mp.Queue()
+      local p = mp.Process{target = function() q:get(); os.exit(3) end}
+      p:start()
+      q:put(x)               -- taken by a receiver that exits at once
+      p:join()
+      q:put({x, x})          -- never received
+      for _ = 1, 50 do q:put(x) end
+      print(p.exitcode, require("multiprocessing.core").getpid())
+    ]])
+    assert.equal(0, rc, err)
+    local code, pid = out:match("^(%d+)\t(%d+)\n$")
+    assert.equal("3", code)
+    -- that program's keeper (named after its pid) ends soon after it
+    local name = "@luamp-fdkeep-" .. pid .. "-"
+    local gone = false
+    for _ = 1, 50 do
+      if not H.sh("cat /proc/net/unix"):find(name, 1, true) then
+        gone = true
+        break
+      end
+      os.execute("sleep 0.1")
+    end
+    assert.is_true(gone)
+  end)
+
+  it("through a Manager and back (an authenticated connection)", function()
+    local m = mp.Manager()
+    local x, y = mp.Pipe()
+    local d = m:dict()
+    d.c = x
+    local back = d.c
+    back:send("through the manager")
+    assert.equal("through the manager", y:recv())
+    back:close(); x:close(); y:close()
+    m:shutdown()
+  end)
+
+  it("a handle whose keeper is gone is a DecodeError naming that", function()
+    local x, y = mp.Pipe()
+    local s = mp.encode(x)
+    -- the keeper's name sits at the end of the handle: point it elsewhere
+    local bad = s:gsub("luamp%-fdkeep%-", "luamp-fdkeeX-")
+    local k, err = kind_of(function() return mp.decode(bad, {trusted = true}) end)
+    assert.equal("DecodeError", k)
+    assert.matches("fd keeper holding this object is gone", err.message)
+    assert.is_userdata(mp.decode(s, {trusted = true}))
+    x:close(); y:close()
   end)
 end)

@@ -287,7 +287,7 @@ Listener.__close = Listener.close
 -- and timeout; handshakes under way stay with the sender.
 core.register_class("multiprocessing.connection.Listener", Listener, {
   reduce = function(self)
-    if rawget(self, "_closed") then core.raise("EncodeError", "listener is closed") end
+    if rawget(self, "_closed") then error("listener is closed", 0) end
     return {handle = self._handle, authkey = self._authkey,
             timeout = self._timeout, address = self._address}
   end,
