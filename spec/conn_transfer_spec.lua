@@ -487,6 +487,41 @@ describe("Connections and Listeners through Queues, one-way Pipes and Pools", fu
     m:shutdown()
   end)
 
+  it("a keeper that was killed: its tickets are a DecodeError, the next send starts a new one", function()
+    local core = require "multiprocessing.core"
+    local x, y = mp.Pipe()
+    local s = mp.encode(x)
+    -- the keeper: the process holding the listening socket named after us
+    local name = "@luamp-fdkeep-" .. core.getpid() .. "-"
+    local inode
+    for line in io.lines("/proc/net/unix") do
+      if line:find(name, 1, true) and line:match("^%S+ %S+ %S+ (%S+)") == "00010000" then
+        inode = line:match("(%d+) @")
+      end
+    end
+    assert.is_string(inode)
+    local keeper
+    for pid in H.sh("ls /proc"):gmatch("%d+") do
+      if tonumber(pid) ~= core.getpid() and
+         H.sh("ls -l /proc/" .. pid .. "/fd 2>/dev/null"):find("socket:[" .. inode .. "]", 1, true) then
+        keeper = pid
+      end
+    end
+    assert.is_string(keeper)
+    os.execute("kill -9 " .. keeper)
+    for _ = 1, 50 do
+      if not H.alive(keeper) then break end
+      os.execute("sleep 0.05")
+    end
+    local k, err = kind_of(function() return mp.decode(s, {trusted = true}) end)
+    assert.equal("DecodeError", k)
+    assert.matches("fd keeper holding this object is gone", err.message)
+    local z = mp.decode(mp.encode(x), {trusted = true})
+    z:send("after a restart")
+    assert.equal("after a restart", y:recv())
+    z:close(); x:close(); y:close()
+  end)
+
   it("a handle whose keeper is gone is a DecodeError naming that", function()
     local x, y = mp.Pipe()
     local s = mp.encode(x)
