@@ -225,6 +225,7 @@ static LUAMP_NORETURN void keeper_main(int lfd) {
   sigemptyset(&none);
   sigprocmask(SIG_SETMASK, &none, NULL);
   setsid();
+  if (chdir("/") != 0) {}       /* (holds no directory busy) */
   if (lfd > 0) close_range(0, (unsigned)lfd - 1, 0);
   close_range((unsigned)lfd + 1, ~0u, 0);
   drop_shared_maps();
