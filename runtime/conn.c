@@ -81,6 +81,11 @@ struct conn {
    * read; nb_got of its nb_len bytes are in rbuf (when > RA_SIZE) */
   unsigned nb : 1;
   size_t nb_len, nb_got;
+  /* fd passing (see "passing fds"): an AF_UNIX socket carries them */
+  unsigned unixsock : 1;
+  int *inq;               /* fd sets received, unclaimed: count, fds... */
+  size_t inq_len, inq_cap;
+  pid_t inq_pid;          /* the process that received them */
 };
 
 static struct conn *new_conn(lua_State *L) {
@@ -115,6 +120,8 @@ static struct conn *check_writable(lua_State *L, int idx) {
   return c;
 }
 
+static void inq_drop(struct conn *c);
+
 static int conn_close(lua_State *L) {
   struct conn *c = luamp_self(L, 1, &conn_type);
   if (c->fd >= 0) {
@@ -128,6 +135,7 @@ static int conn_close(lua_State *L) {
   free(c->ra);
   c->ra = NULL;
   c->rpos = c->rend = 0;
+  inq_drop(c);
   return 0;
 }
 
@@ -191,6 +199,9 @@ static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
   }
 }
 
+static ssize_t recv_fds(struct conn *c, char *p, size_t n, int flags);
+static void fds_discard(struct conn *c, const char *p, size_t n);
+
 /* One read(2) of at most n bytes: returns the count, 0 at end of file;
  * raises on errors, interrupts and the deadline.  midway says whether a
  * message is half read (an interrupt then breaks the stream). */
@@ -199,7 +210,8 @@ static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
   for (;;) {
     ssize_t r;
     if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway);
-    r = luamp_sys.read(c->fd, p, n);
+    r = c->unixsock && c->trusted ? recv_fds(c, p, n, 0)
+                                  : luamp_sys.read(c->fd, p, n);
     if (r >= 0) return (size_t)r;
     if (errno == EINTR) {
       if (luamp_interrupted(L)) {
@@ -223,6 +235,7 @@ static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
  * them and reads the fd afresh. */
 static void ra_check(struct conn *c) {
   if (c->rpos < c->rend && c->rpid != luamp_pid()) c->rpos = c->rend = 0;
+  if (c->inq_len > 0 && c->inq_pid != luamp_pid()) inq_drop(c);
 }
 
 static void ra_alloc(lua_State *L, struct conn *c) {
@@ -418,6 +431,7 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
     lua_pushlstring(L, p, (size_t)n);
     rbuf_trim(c);
   }
+  if (c->inq_len > 0) fds_discard(c, lua_tostring(L, -1), (size_t)n);
 }
 
 /* ---- receiving without waiting ----------------------------------------
@@ -435,7 +449,8 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
  * errno EAGAIN when nothing is there. */
 static ssize_t read_nowait(struct conn *c, char *p, size_t n) {
   for (;;) {
-    ssize_t r = luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
+    ssize_t r = c->unixsock && c->trusted ? recv_fds(c, p, n, MSG_DONTWAIT)
+                                          : luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
     if (r >= 0) return r;
     if (errno == EINTR) continue;
     if (errno == ENOTSOCK) {           /* a pipe: ask poll first */
@@ -587,6 +602,372 @@ static void check_foreign(lua_State *L, const char *p, size_t n) {
                 "msgpack, not send) at byte 0");
 }
 
+/* ---- passing fds -------------------------------------------------------
+
+   Connections and Listeners travel inside messages to other processes of
+   the tree (CPython's test_fd_transfer family).  Over an AF_UNIX socket
+   -- a duplex Pipe, a Client or accepted connection on a Unix path --
+   the fds ride with the message itself, as SCM_RIGHTS: the kernel holds
+   them while they are in flight, so a message that is never read costs
+   nothing once the receiving socket is closed (the kernel drops its
+   queue, cycles included), and a receiver that died only turns the send
+   into a BrokenPipeError, as for any message.
+
+   The codec's handle for such an object is an index into the message's
+   fd list.  send() collects the list while it encodes (fdout, armed only
+   during that encode: anywhere else -- a Queue, mp.encode -- the handle
+   raises EncodeError) and prefixes the payload with FDMARK and the
+   count, so the receiver knows which messages own an fd set without
+   decoding them.  The fds come with the read that takes the first byte
+   of the sendmsg carrying them, and read-ahead may take them before
+   their message's turn: a connection queues the sets it received (inq),
+   and each marked message claims the oldest.  A marked message read raw
+   (recv_bytes) closes its set; a decode closes the fds no handle took,
+   whether it succeeds or raises.  Only trusted connections read with
+   recvmsg; on the others plain read() makes the kernel discard any fds,
+   so an outsider cannot plant fds in us. */
+
+#define FD_MAX 253                   /* the kernel's SCM_MAX_FD */
+static const char FDMARK[8] = "\xc1luampF";    /* 0xc1: never MessagePack */
+#define FDMARK_LEN 9                 /* FDMARK and the count */
+
+/* the fds of the message being encoded by send(); borrowed from the
+ * handles on the stack until the sendmsg */
+static struct {
+  int armed, n;
+  int fds[FD_MAX];
+} fdout;
+
+/* The fds of the message being decoded, taken by its handles (a stack:
+ * a decode may receive on another connection); a to-be-closed userdata
+ * whose close gives back what no handle took. */
+#define FDSET_TNAME "multiprocessing.fdset"
+struct fdset {
+  struct fdset *prev;
+  int armed, n;
+  int fds[FD_MAX];         /* -1 once taken */
+  int given[FD_MAX];       /* the fd a handle took (a second one dups it) */
+};
+static struct fdset *fdin;
+
+static void close_fds(const int *fds, size_t n) {
+  for (size_t i = 0; i < n; i++)
+    if (fds[i] >= 0) close(fds[i]);
+}
+
+/* Closes the sets received and not claimed (in a forked child: its own
+ * copies, of messages its parent read). */
+static void inq_drop(struct conn *c) {
+  for (size_t i = 0; i < c->inq_len; i += 1 + (size_t)c->inq[i])
+    close_fds(c->inq + i + 1, (size_t)c->inq[i]);
+  free(c->inq);
+  c->inq = NULL;
+  c->inq_len = c->inq_cap = 0;
+}
+
+static void inq_push(struct conn *c, const int *fds, size_t k) {
+  if (c->inq_len > 0 && c->inq_pid != luamp_pid()) inq_drop(c);
+  if (c->inq_len + k + 1 > c->inq_cap) {
+    size_t cap = 2 * c->inq_cap + k + 1;
+    int *q = realloc(c->inq, cap * sizeof *q);
+    if (q == NULL) {             /* the pairing of sets is lost */
+      close_fds(fds, k);
+      c->rbroken = 1;
+      return;
+    }
+    c->inq = q;
+    c->inq_cap = cap;
+  }
+  c->inq[c->inq_len] = (int)k;
+  memcpy(c->inq + c->inq_len + 1, fds, k * sizeof *fds);
+  c->inq_len += k + 1;
+  c->inq_pid = luamp_pid();
+}
+
+/* read_once's and read_nowait's read on a trusted Unix socket: the fds
+ * that come are queued in c. */
+static ssize_t recv_fds(struct conn *c, char *p, size_t n, int flags) {
+  union {
+    struct cmsghdr h;
+    char buf[CMSG_SPACE(sizeof(int) * FD_MAX)];
+  } u;
+  struct iovec iov = {p, n};
+  struct msghdr m;
+  struct cmsghdr *h;
+  ssize_t r;
+  memset(&m, 0, sizeof m);
+  m.msg_iov = &iov;
+  m.msg_iovlen = 1;
+  m.msg_control = u.buf;
+  m.msg_controllen = sizeof u.buf;
+  r = luamp_sys.recvmsg(c->fd, &m, flags | MSG_CMSG_CLOEXEC);
+  if (r < 0) return r;
+  for (h = CMSG_FIRSTHDR(&m); h != NULL; h = CMSG_NXTHDR(&m, h))
+    if (h->cmsg_level == SOL_SOCKET && h->cmsg_type == SCM_RIGHTS) {
+      int fds[FD_MAX];
+      size_t k = (h->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      memcpy(fds, CMSG_DATA(h), k * sizeof(int));
+      inq_push(c, fds, k);   /* (a set cut by MSG_CTRUNC: fds missing) */
+    }
+  return r;
+}
+
+/* Whether the message p/n carries fds; if so, its set moves from c's
+ * queue to out (its count, 0 when none came: the handles then say so). */
+static int fds_claim(struct conn *c, const char *p, size_t n, int *out,
+                     int *count) {
+  size_t k;
+  if (n < FDMARK_LEN || memcmp(p, FDMARK, sizeof FDMARK) != 0) return 0;
+  *count = 0;
+  if (c->inq_len > 0 && c->inq_pid != luamp_pid()) inq_drop(c);
+  if (c->inq_len == 0) return 1;
+  k = (size_t)c->inq[0];
+  memcpy(out, c->inq + 1, k * sizeof *out);
+  c->inq_len -= k + 1;
+  memmove(c->inq, c->inq + k + 1, c->inq_len * sizeof *c->inq);
+  *count = (int)k;
+  return 1;
+}
+
+/* A message read raw: its fds, if any, are closed. */
+static void fds_discard(struct conn *c, const char *p, size_t n) {
+  int fds[FD_MAX], k;
+  if (fds_claim(c, p, n, fds, &k)) close_fds(fds, (size_t)k);
+}
+
+static int fdset_close(lua_State *L) {
+  struct fdset *f = luaL_checkudata(L, 1, FDSET_TNAME);
+  if (f->armed) {
+    f->armed = 0;
+    fdin = f->prev;
+    close_fds(f->fds, (size_t)f->n);
+  }
+  return 0;
+}
+
+/* Decodes the message p/n of c: a marked one with its fds at hand. */
+static void decode_msg(lua_State *L, struct conn *c, const char *p, size_t n,
+                       int flags) {
+  struct fdset *f;
+  int top;
+  if (!(c->unixsock && c->trusted) || n < FDMARK_LEN ||
+      memcmp(p, FDMARK, sizeof FDMARK) != 0) {
+    check_foreign(L, p, n);
+    luamp_decode(L, p, n, flags);
+    return;
+  }
+  f = lua_newuserdatauv(L, sizeof *f, 0);
+  f->armed = 0;
+  luaL_setmetatable(L, FDSET_TNAME);
+  top = lua_gettop(L);
+  lua_toclose(L, top);
+  fds_claim(c, p, n, f->fds, &f->n);
+  for (int i = 0; i < f->n; i++) f->given[i] = -1;
+  f->prev = fdin;
+  fdin = f;
+  f->armed = 1;
+  luamp_decode(L, p + FDMARK_LEN, n - FDMARK_LEN, flags);
+  lua_closeslot(L, top);
+  lua_remove(L, top);
+}
+
+static const char claimed_key = 0;   /* ticket -> object, weak values */
+
+/* A parked fd (handle bytes p/n): claimed from the keeper once; the same
+ * handle again (an object twice in one message) dups the first's fd. */
+static int fdin_claim(lua_State *L, const char *p, size_t n) {
+  const char *ticket = p + 4;
+  int fd;
+  if (n <= 4 + LUAMP_FDKEEP_TICKET || n > 4 + LUAMP_FDKEEP_TICKET +
+      LUAMP_FDKEEP_NAME || p[4 + LUAMP_FDKEEP_TICKET] != '\0')
+    luamp_raise(L, "DecodeError", "malformed %s handle",
+                p[0] == 'L' ? "Listener" : "Connection");
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &claimed_key);
+  lua_pushlstring(L, ticket, LUAMP_FDKEEP_TICKET);
+  if (lua_rawget(L, -2) == LUA_TNIL) {
+    lua_pop(L, 2);
+    return luamp_fdkeep_claim(L, p + 4 + LUAMP_FDKEEP_TICKET,
+                              n - 4 - LUAMP_FDKEEP_TICKET,
+                              (const unsigned char *)ticket);
+  }
+  fd = *(int *)lua_touserdata(L, -1);  /* (both structs start with fd) */
+  lua_pop(L, 2);
+  if (fd < 0)
+    luamp_raise(L, "DecodeError", "the fd of this %s was received before "
+                "and closed", p[0] == 'L' ? "Listener" : "Connection");
+  fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) luamp_raise_errno(L, "OSError", errno, "dup");
+  return fd;
+}
+
+/* Remembers the object on top as the one made from the parked handle p/n. */
+static void fdin_note(lua_State *L, const char *p, size_t n) {
+  const unsigned char *u = (const unsigned char *)p;
+  if (n <= 4 + LUAMP_FDKEEP_TICKET || u[2] != 0xff || u[3] != 0xff) return;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &claimed_key);
+  lua_pushlstring(L, p + 4, LUAMP_FDKEEP_TICKET);
+  lua_pushvalue(L, -3);
+  lua_rawset(L, -3);
+  lua_pop(L, 1);
+}
+
+/* The fd that handle bytes p/n (kind, flags, index) name, taken from the
+ * message being decoded. */
+static int fdin_take(lua_State *L, const char *p, size_t n) {
+  const unsigned char *u = (const unsigned char *)p;
+  int i, fd;
+  if (n > 4 && u[2] == 0xff && u[3] == 0xff) return fdin_claim(L, p, n);
+  if (n != 4)
+    luamp_raise(L, "DecodeError", "malformed %s handle",
+                p[0] == 'L' ? "Listener" : "Connection");
+  if (fdin == NULL)
+    luamp_raise(L, "DecodeError", "a %s arrives only in a message of the "
+                "connection that carried its fd",
+                p[0] == 'L' ? "Listener" : "Connection");
+  i = u[2] << 8 | u[3];
+  if (i >= fdin->n)
+    luamp_raise(L, "DecodeError", "the fd of a %s did not arrive with its "
+                "message", p[0] == 'L' ? "Listener" : "Connection");
+  if (fdin->fds[i] >= 0) {
+    fdin->given[i] = fdin->fds[i];
+    fdin->fds[i] = -1;
+    return fdin->given[i];
+  }
+  fd = fcntl(fdin->given[i], F_DUPFD_CLOEXEC, 0);   /* the same one twice */
+  if (fd < 0) luamp_raise_errno(L, "OSError", errno, "dup");
+  return fd;
+}
+
+/* Adds fd to the message being sent, returning its index. */
+static int fdout_add(lua_State *L, int fd) {
+  for (int i = 0; i < fdout.n; i++)
+    if (fdout.fds[i] == fd) return i;
+  if (fdout.n == FD_MAX)
+    luamp_raise(L, "EncodeError", "more than %d Connections and Listeners "
+                "in one message", FD_MAX);
+  fdout.fds[fdout.n] = fd;
+  return fdout.n++;
+}
+
+/* Pushes the handle bytes of an object (kind, flags) with fd: its index
+ * in the message on send() over a Unix socket; else -- a Queue, a
+ * one-way Pipe, mp.encode -- index 0xffff, then the ticket and keeper
+ * name it was parked under (fdkeep.c); never to a peer that did not
+ * authenticate. */
+static void push_fd_handle(lua_State *L, char kind, int flags, int fd,
+                           const char *what) {
+  char d[4 + LUAMP_FDKEEP_TICKET + LUAMP_FDKEEP_NAME];
+  const char *name;
+  size_t n;
+  int i;
+  if (fdout.armed < 0)
+    luamp_raise(L, "EncodeError", "a %s is not sent to a peer that did not "
+                "authenticate", what);
+  i = fdout.armed ? fdout_add(L, fd) : 0xffff;
+  d[0] = kind;
+  d[1] = (char)flags;
+  d[2] = (char)(i >> 8);
+  d[3] = (char)i;
+  if (fdout.armed) {
+    lua_pushlstring(L, d, 4);
+    return;
+  }
+  luamp_fdkeep_park(L, fd, (unsigned char *)d + 4, &name, &n);
+  memcpy(d + 4 + LUAMP_FDKEEP_TICKET, name, n);
+  lua_pushlstring(L, d, 4 + LUAMP_FDKEEP_TICKET + n);
+}
+
+/* the guard of fdout: disarms it however the encode ends */
+static int fdout_close(lua_State *L) {
+  (void)L;
+  fdout.armed = 0;
+  fdout.n = 0;
+  return 0;
+}
+static const char fdout_guard_key = 0;
+
+/* Sends the n-byte encoding at p (HEADROOM before it) with the fds
+ * collected, the payload marked: the first sendmsg carries them. */
+static void send_with_fds(lua_State *L, struct conn *c, char *p, size_t n) {
+  union {
+    struct cmsghdr h;
+    char buf[CMSG_SPACE(sizeof(int) * FD_MAX)];
+  } u;
+  unsigned char h[HEADROOM], mark[FDMARK_LEN];
+  size_t hlen, sent = 0;
+  struct iovec iov[3], *v = iov;
+  struct msghdr m;
+  struct cmsghdr *cm;
+  put_header(h, n + FDMARK_LEN, &hlen);
+  memcpy(mark, FDMARK, sizeof FDMARK);
+  mark[FDMARK_LEN - 1] = (unsigned char)fdout.n;
+  iov[0] = (struct iovec){h, hlen};
+  iov[1] = (struct iovec){mark, FDMARK_LEN};
+  iov[2] = (struct iovec){p + HEADROOM, n};
+  memset(&m, 0, sizeof m);
+  memset(&u, 0, sizeof u);
+  m.msg_iov = iov;
+  m.msg_iovlen = 3;
+  m.msg_control = u.buf;
+  m.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)fdout.n);
+  cm = CMSG_FIRSTHDR(&m);
+  cm->cmsg_level = SOL_SOCKET;
+  cm->cmsg_type = SCM_RIGHTS;
+  cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)fdout.n);
+  memcpy(CMSG_DATA(cm), fdout.fds, sizeof(int) * (size_t)fdout.n);
+  while (m.msg_iovlen > 0) {
+    ssize_t w = luamp_sys.sendmsg(c->fd, &m, MSG_NOSIGNAL);
+    if (w < 0) {
+      int err = errno;
+      if (err == EINTR) {
+        if (luamp_interrupted(L)) {
+          if (sent) c->wbroken = 1;
+          luamp_raise_interrupt(L);
+        }
+        continue;
+      }
+      if (err == EAGAIN || err == EWOULDBLOCK) {
+        wait_fd(L, c, POLLOUT, -1, sent > 0);
+        continue;
+      }
+      if (sent) c->wbroken = 1;
+      luamp_raise_errno(L, "OSError", err, "send");
+    }
+    sent += (size_t)w;
+    m.msg_control = NULL;          /* the fds went with the first bytes */
+    m.msg_controllen = 0;
+    while (m.msg_iovlen > 0 && (size_t)w >= v->iov_len) {
+      w -= (ssize_t)v->iov_len;
+      v++;
+      m.msg_iovlen--;
+    }
+    if (m.msg_iovlen > 0) {
+      v->iov_base = (char *)v->iov_base + w;
+      v->iov_len -= (size_t)w;
+    }
+    m.msg_iov = v;
+  }
+}
+
+/* conn:send(v) on a trusted Unix socket (mode 1): the encode may meet
+ * Connections and Listeners, whose fds then go along; returns 1 when it
+ * sent the message so, 0 when p/n is for the plain path.  Mode -1 (a peer
+ * that did not authenticate): they are refused. */
+static int send_maybe_fds(lua_State *L, struct conn *c, char **p, size_t *n,
+                          int mode) {
+  int top = lua_gettop(L) + 1, sent;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &fdout_guard_key);
+  lua_toclose(L, top);
+  fdout.n = 0;
+  fdout.armed = mode;
+  *p = luamp_encode(L, 2, HEADROOM, n, "value");
+  sent = fdout.n > 0;
+  if (sent) send_with_fds(L, c, *p, *n);
+  lua_closeslot(L, top);
+  lua_settop(L, top - 1);
+  return sent;
+}
+
 /* conn:send(v): the codec's encoding of v as one message.  An
  * unencodable value raises EncodeError before anything is written. */
 static int conn_send(lua_State *L) {
@@ -595,7 +976,13 @@ static int conn_send(lua_State *L) {
   size_t n, hlen;
   char *p;
   luaL_checkany(L, 2);
-  p = luamp_encode(L, 2, HEADROOM, &n, "value");
+  if (c->unixsock && c->trusted) {
+    if (send_maybe_fds(L, c, &p, &n, 1)) return 0;
+  } else if (!c->trusted) {
+    send_maybe_fds(L, c, &p, &n, -1);
+  } else {
+    p = luamp_encode(L, 2, HEADROOM, &n, "value");
+  }
   put_header((unsigned char *)p, n, &hlen);
   if (hlen == 4) memcpy(p + HEADROOM - 4, p, 4);
   {
@@ -621,14 +1008,12 @@ static int conn_recv(lua_State *L) {
   int flags = decode_flags(c);
   if (n <= RA_SIZE) {
     const char *p = read_view(L, c, (size_t)n, -1);
-    check_foreign(L, p, (size_t)n);
-    luamp_decode(L, p, (size_t)n, flags);
+    decode_msg(L, c, p, (size_t)n, flags);
   } else {
     char *p = read_payload(L, c, n, -1);
     /* the buffer belongs to c, which the stack keeps alive: a raising
      * decoder leaks nothing */
-    check_foreign(L, p, (size_t)n);
-    luamp_decode(L, p, (size_t)n, flags);
+    decode_msg(L, c, p, (size_t)n, flags);
     rbuf_trim(c);
   }
   return 1;
@@ -650,8 +1035,7 @@ static int conn_recv_nowait(lua_State *L) {
     return 1;
   }
   lua_pushboolean(L, 1);
-  check_foreign(L, p, n);
-  luamp_decode(L, p, n, decode_flags(c));
+  decode_msg(L, c, p, n, decode_flags(c));
   if (p == c->rbuf) rbuf_trim(c);
   return 2;
 }
@@ -696,6 +1080,46 @@ static int conn_recv_bytes(lua_State *L) {
   }
   recv_frame(L, c, maxlen, -1);
   return 1;
+}
+
+/* conn:recv_bytes_into(buffer [, offset]) -> the message's length in
+ * bytes, written into buffer (an Array of any typecode, raw or
+ * synchronized -- its lock is not taken -- or a SharedMemory) from byte
+ * offset (counted from 0, as send_bytes's).  A message longer than the
+ * room left is consumed whole and raised as BufferTooShort with the
+ * message in err.value (Python's); the buffer is then untouched. */
+static int conn_recv_bytes_into(lua_State *L) {
+  struct conn *c = check_readable(L, 1);
+  size_t cap = 0;
+  char *dst = luamp_array_bytes(L, 2, &cap);
+  lua_Integer off;
+  uint64_t n;
+  if (dst == NULL && (dst = luamp_shm_bytes(L, 2, &cap)) == NULL)
+    return luaL_typeerror(L, 2, "Array or SharedMemory");
+  off = luaL_optinteger(L, 3, 0);
+  luaL_argcheck(L, off >= 0, 3, "offset is negative");
+  luaL_argcheck(L, (uint64_t)off <= cap, 3, "offset beyond the buffer's end");
+  n = read_header(L, c, -1);
+  if (n <= cap - (size_t)off) {
+    if (n <= RA_SIZE)
+      memcpy(dst + off, read_view(L, c, (size_t)n, -1), (size_t)n);
+    else
+      read_all(L, c, dst + off, (size_t)n, -1, 1);
+    if (c->inq_len > 0) fds_discard(c, dst + off, (size_t)n);
+    lua_pushinteger(L, (lua_Integer)n);
+    return 1;
+  }
+  if (n <= RA_SIZE) {
+    lua_pushlstring(L, read_view(L, c, (size_t)n, -1), (size_t)n);
+  } else {
+    lua_pushlstring(L, read_payload(L, c, n, -1), (size_t)n);
+    rbuf_trim(c);
+  }
+  if (c->inq_len > 0) fds_discard(c, lua_tostring(L, -1), (size_t)n);
+  return luamp_raise_value(L, "BufferTooShort", -1, "recv_bytes_into: a "
+                           "message of %I bytes does not fit in the %I "
+                           "bytes after offset %I", (lua_Integer)n,
+                           (lua_Integer)(cap - (size_t)off), off);
 }
 
 /* conn:poll([timeout]) -> true when a message (or the end of file) is
@@ -811,6 +1235,7 @@ static int l_pipe(lua_State *L) {
   a->fd = fds[0];
   b->fd = fds[1];
   a->trusted = b->trusted = 1;
+  a->unixsock = b->unixsock = duplex;
   a->readable = 1;
   a->writable = duplex;
   b->readable = duplex;
@@ -1260,6 +1685,7 @@ static int listener_accept(lua_State *L) {
       tune_socket(fd, l->family);
       c->fd = fd;
       c->readable = c->writable = 1;
+      c->unixsock = l->family == AF_UNIX;
       return 1;
     }
     if (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED &&
@@ -1312,6 +1738,7 @@ static int l_connect(lua_State *L) {
   if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
   c->fd = fd;                /* closed by the handle if we raise */
   c->readable = c->writable = 1;
+  c->unixsock = family == AF_UNIX;
   for (;;) {
     r = luamp_sys.connect(fd, (struct sockaddr *)&ss, len);
     if (r == 0) break;
@@ -1381,9 +1808,64 @@ static int l_wait_fds(lua_State *L) {
   return 1;
 }
 
+/* ---- Connections and Listeners as handles ------------------------------
+
+   Their handle bytes: kind ('C' or 'L'), flags, the fd's index (2 bytes)
+   in the message's set (see "passing fds").  A Connection arrives with
+   the direction and trust it had: the sender vouches for it, as it does
+   for any value of a trusted message.  A Listener's Unix socket file
+   stays its binder's to remove. */
+
+enum { HF_READ = 1, HF_WRITE = 2, HF_TRUSTED = 4, HF_PEER = 8, HF_UNIX = 16 };
+
+static void conn_handle_encode(lua_State *L, int idx) {
+  struct conn *c = luamp_self(L, idx, &conn_type);
+  if (c->fd < 0) luamp_raise(L, "EncodeError", "connection is closed");
+  push_fd_handle(L, 'C', (c->readable ? HF_READ : 0) |
+                 (c->writable ? HF_WRITE : 0) | (c->trusted ? HF_TRUSTED : 0) |
+                 (c->peer ? HF_PEER : 0) | (c->unixsock ? HF_UNIX : 0),
+                 c->fd, "Connection");
+}
+
+static void conn_handle_decode(lua_State *L, const char *p, size_t n) {
+  struct conn *c = new_conn(L);
+  int f;
+  c->fd = fdin_take(L, p, n);
+  f = (unsigned char)p[1];
+  c->readable = (f & HF_READ) != 0;
+  c->writable = (f & HF_WRITE) != 0;
+  c->trusted = (f & HF_TRUSTED) != 0;
+  c->peer = (f & HF_PEER) != 0;
+  c->unixsock = (f & HF_UNIX) != 0;
+  fdin_note(L, p, n);
+}
+
+static void listener_handle_encode(lua_State *L, int idx) {
+  struct listener *l = luamp_self(L, idx, &listener_type);
+  if (l->fd < 0) luamp_raise(L, "EncodeError", "listener is closed");
+  push_fd_handle(L, 'L', l->family == AF_UNIX ? HF_UNIX : 0, l->fd,
+                 "Listener");
+}
+
+static void listener_handle_decode(lua_State *L, const char *p, size_t n) {
+  struct listener *l = lua_newuserdatauv(L, sizeof *l, 0);
+  memset(l, 0, sizeof *l);
+  l->fd = -1;
+  luaL_setmetatable(L, LISTENER_TNAME);
+  l->fd = fdin_take(L, p, n);
+  l->family = (unsigned char)p[1] & HF_UNIX ? AF_UNIX : AF_INET;
+  fdin_note(L, p, n);
+}
+
+static const struct luamp_handle_ops fd_handle_ops[] = {
+  {CONN_TNAME, conn_handle_encode, conn_handle_decode},
+  {LISTENER_TNAME, listener_handle_encode, listener_handle_decode},
+};
+
 static const luaL_Reg conn_meth[] = {
   {"send", conn_send}, {"recv", conn_recv},
   {"send_bytes", conn_send_bytes}, {"recv_bytes", conn_recv_bytes},
+  {"recv_bytes_into", conn_recv_bytes_into},
   {"poll", conn_poll}, {"fileno", conn_fileno}, {"pollfd", conn_fileno},
   {"events", conn_events}, {"timeout", conn_timeout}, {"close", conn_close},
   {"_wait_fd", conn_wait_fd}, {"_recv_nowait", conn_recv_nowait},
@@ -1429,6 +1911,29 @@ int luamp_open_conn(lua_State *L) {
   luamp_newtype(L, &conn_type);
   luamp_newtype(L, &listener_type);
   lua_pop(L, 2);
+  luamp_register_handle(L, &fd_handle_ops[0]);
+  luamp_register_handle(L, &fd_handle_ops[1]);
+  if (luaL_newmetatable(L, FDSET_TNAME)) {
+    lua_pushcfunction(L, fdset_close);
+    lua_setfield(L, -2, "__close");
+    lua_pushcfunction(L, fdset_close);
+    lua_setfield(L, -2, "__gc");
+  }
+  lua_pop(L, 1);
+  /* fdout's guard: a to-be-closed value whose close disarms it */
+  lua_newuserdatauv(L, 1, 0);
+  lua_newtable(L);
+  lua_pushcfunction(L, fdout_close);
+  lua_setfield(L, -2, "__close");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &fdout_guard_key);
+  lua_newtable(L);                     /* claimed: ticket -> object */
+  lua_createtable(L, 0, 1);
+  lua_pushliteral(L, "v");
+  lua_setfield(L, -2, "__mode");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &claimed_key);
+  luamp_fdkeep_init();
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

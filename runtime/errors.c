@@ -95,6 +95,20 @@ int luamp_raise(lua_State *L, const char *kind, const char *fmt, ...) {
   __builtin_unreachable();
 }
 
+int luamp_raise_value(lua_State *L, const char *kind, int vidx,
+                      const char *fmt, ...) {
+  va_list ap;
+  vidx = lua_absindex(L, vidx);
+  va_start(ap, fmt);
+  lua_pushvfstring(L, fmt, ap);
+  va_end(ap);
+  push_located_error(L, kind);
+  lua_pushvalue(L, vidx);
+  lua_setfield(L, -2, "value");
+  lua_error(L);
+  __builtin_unreachable();
+}
+
 /* The kind an errno gives, as Python's OSError(errno, ...) becomes the
  * subclass for that errno -- those of its subclasses the contract has:
  * a reset peer is a broken pipe here (no ConnectionResetError), and

@@ -83,6 +83,10 @@ void luamp_push_error(lua_State *L, const char *kind, const char *message);
  * %s %d %I %f %p %c %U %%). */
 LUAMP_NORETURN int luamp_raise(lua_State *L, const char *kind,
                                const char *fmt, ...);
+/* The same with field value = the value at vidx (BufferTooShort: the
+ * message that did not fit). */
+LUAMP_NORETURN int luamp_raise_value(lua_State *L, const char *kind, int vidx,
+                                     const char *fmt, ...);
 /* Raises kind with field errno = err and message "<what>: <strerror(err)>".
  * Kind "OSError" (or NULL) becomes the kind err names, as Python's
  * OSError(errno, ...) becomes FileNotFoundError for ENOENT: see
@@ -114,6 +118,7 @@ int luamp_interrupted(lua_State *L);
  * that runs in production (sqlite's aSyscall[] idea).  Callers keep their
  * own EINTR loops (they also check for Ctrl-C there). */
 struct iovec;
+struct msghdr;
 struct epoll_event;
 struct timespec;
 struct itimerspec;
@@ -152,6 +157,9 @@ struct luamp_syscalls {
                          struct itimerspec *);
   int (*shm_unlink)(const char *);
   int (*getsockname)(int, struct sockaddr *, socklen_t *);
+  /* (conn.c: fds passed with SCM_RIGHTS) */
+  ssize_t (*sendmsg)(int, const struct msghdr *, int);
+  ssize_t (*recvmsg)(int, struct msghdr *, int);
 };
 extern struct luamp_syscalls luamp_sys;
 
@@ -442,6 +450,11 @@ void luamp_shm_cleanup(void);
  * with that pid only (after reaping a child killed by a signal; the
  * tracker process looks at all, a moment later); 0: at all. */
 void luamp_shm_sweep(pid_t pid);
+/* The writable bytes of an Array / a SharedMemory at idx (a receive
+ * buffer: conn:recv_bytes_into); NULL when idx is not one; ValueError
+ * when it is closed. */
+char *luamp_array_bytes(lua_State *L, int idx, size_t *n);
+char *luamp_shm_bytes(lua_State *L, int idx, size_t *n);
 /* ---- process.c: fork discipline, children ------------------------- */
 
 /* Every fork the runtime makes: runs the before-fork hooks (Lua hooks of
@@ -463,6 +476,22 @@ pid_t luamp_pid(void);
 /* ---- conn.c: Pipe, Connection, Listener/Client, wait --------------- */
 
 int luamp_open_conn(lua_State *L);
+
+/* ---- fdkeep.c: the tree's fd keeper (fds through Queues) ------------ */
+
+#define LUAMP_FDKEEP_TICKET 16
+#define LUAMP_FDKEEP_NAME 64      /* the longest keeper name */
+/* Names this process image's keeper (once; forked children inherit it):
+ * called when the module opens, so a program's processes share one. */
+void luamp_fdkeep_init(void);
+/* Parks a duplicate of fd with the keeper (started on first need): fills
+ * ticket (LUAMP_FDKEEP_TICKET bytes) and the keeper's name. */
+void luamp_fdkeep_park(lua_State *L, int fd, unsigned char *ticket,
+                       const char **name, size_t *n);
+/* The fd parked under ticket with the keeper named name (once);
+ * DecodeError when it is not held (claimed before, keeper gone). */
+int luamp_fdkeep_claim(lua_State *L, const char *name, size_t n,
+                       const unsigned char *ticket);
 
 /* ---- store.c: append-only bytes shared with forked children ---------- */
 int luamp_open_store(lua_State *L);

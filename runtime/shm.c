@@ -620,6 +620,17 @@ static int shm_write(lua_State *L) {
   return 1;
 }
 
+/* The block at idx, for a receive that writes into it
+ * (conn:recv_bytes_into): NULL when idx holds no SharedMemory;
+ * ValueError when it is closed. */
+char *luamp_shm_bytes(lua_State *L, int idx, size_t *n) {
+  struct shm *s;
+  if (!luamp_is(L, idx, &shm_type)) return NULL;
+  s = checkshm(L, idx);
+  *n = s->size;
+  return s->base;
+}
+
 static int shm_index(lua_State *L) {
   struct shm *s = luamp_self(L, 1, &shm_type);
   const char *k = lua_tostring(L, 2);

@@ -75,7 +75,8 @@ struct luamp_syscalls luamp_sys = {
   .epoll_ctl = epoll_ctl, .futex = sys_futex,
   .open = sys_open, .fstat = fstat, .bind = sys_bind, .listen = listen,
   .kill = kill, .timerfd_settime = timerfd_settime,
-  .shm_unlink = shm_unlink, .getsockname = sys_getsockname
+  .shm_unlink = shm_unlink, .getsockname = sys_getsockname,
+  .sendmsg = sendmsg, .recvmsg = recvmsg
 };
 
 /* Longest single sleep while waiting with an interruptible state: a

@@ -573,6 +573,18 @@ static int array_totable(lua_State *L) {
   return 1;
 }
 
+/* The bytes of the Array at idx, for a receive that writes into it
+ * (conn:recv_bytes_into): any typecode, as Python's buffer of it, and
+ * without taking its lock (Python writes into get_obj()).  NULL when idx
+ * holds no Array; ValueError when it is closed. */
+char *luamp_array_bytes(lua_State *L, int idx, size_t *n) {
+  struct vobj v;
+  if (!luamp_is(L, idx, &array_type)) return NULL;
+  v = vcheck(L, idx, array_only);
+  *n = (size_t)v.h->n * v.t->size;
+  return v.data;
+}
+
 static int v_tostring(lua_State *L) {
   struct luamp_obj *o = luamp_self_of(L, 1, both);
   int is_array = luamp_is(L, 1, &array_type);

@@ -282,6 +282,22 @@ function Listener:events() return "r" end
 function Listener:timeout() return nil end
 Listener.__close = Listener.close
 
+-- A Listener travels to other processes of the tree (send() on a duplex
+-- Pipe; conn.c passes its socket with SCM_RIGHTS) with its address, key
+-- and timeout; handshakes under way stay with the sender.
+core.register_class("multiprocessing.connection.Listener", Listener, {
+  reduce = function(self)
+    if rawget(self, "_closed") then error("listener is closed", 0) end
+    return {handle = self._handle, authkey = self._authkey,
+            timeout = self._timeout, address = self._address}
+  end,
+  rebuild = function(s)
+    return setmetatable({_handle = s.handle, _authkey = s.authkey,
+                         _timeout = s.timeout, _address = s.address,
+                         _pending = {}, _done = {}, _failed = {}}, Listener)
+  end,
+  trusted_only = true})
+
 -- mp.connection.Client(address, authkey [, timeout])
 -- or Client{address=, authkey=, timeout=}; Python's family argument may
 -- stand between address and authkey.

@@ -69,6 +69,16 @@ static ssize_t fail_read(int fd, void *b, size_t n) {
   errno = fail_errno;
   return -1;
 }
+static ssize_t fail_recvmsg(int fd, struct msghdr *m, int f) {
+  (void)fd; (void)m; (void)f;
+  errno = fail_errno;
+  return -1;
+}
+static ssize_t fail_sendmsg(int fd, const struct msghdr *m, int f) {
+  (void)fd; (void)m; (void)f;
+  errno = fail_errno;
+  return -1;
+}
 static int fail_pair(int d, int t, int p, int *fds) {
   (void)d; (void)t; (void)p; (void)fds;
   errno = fail_errno;
@@ -112,9 +122,27 @@ static void test_conn_send_and_recv_fail(void) {
   luamp_sys.writev = fail_writev;
   CHECK(run(L, EXPECT_OSERROR("", "a:send('hello')", 5)));
   luamp_sys.read = fail_read;
+  /* (a duplex Pipe receives with recvmsg: fds may come along) */
+  luamp_sys.recvmsg = fail_recvmsg;
   CHECK(run(L, EXPECT_OSERROR("", "b:recv()", 5)));
   CHECK(count_fds() == before);
   CHECK(run(L, "a:close() b:close()"));
+  lua_close(L);
+}
+
+/* A message with a Connection in it goes out with sendmsg (SCM_RIGHTS):
+ * its failure is an OSError, nothing written, nothing left open. */
+static void test_conn_send_fds_fails(void) {
+  lua_State *L = new_state();
+  int before;
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "a, b = mp.Pipe() x, y = mp.Pipe()"));
+  before = count_fds();
+  luamp_sys.sendmsg = fail_sendmsg;
+  CHECK(run(L, EXPECT_OSERROR("", "a:send({x})", 5)));
+  CHECK(run(L, "a:send('in step') assert(b:recv() == 'in step')"));
+  CHECK(count_fds() == before);
+  CHECK(run(L, "a:close() b:close() x:close() y:close()"));
   lua_close(L);
 }
 
@@ -540,6 +568,8 @@ static void test_futex_eintr(void) {
 int main(void) {
   static const struct tap_test tests[] = {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
+    {"conn: a send with fds whose sendmsg fails raises OSError, no fd left",
+     test_conn_send_fds_fails},
     {"conn: Pipe that cannot be made raises OSError, no fd left",
      test_conn_pipe_creation_fails},
     {"conn: connect and getsockname that fail raise OSError, no fd left",
