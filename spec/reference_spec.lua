@@ -232,13 +232,14 @@ local PREFIXES = {
   ["proxy"] = {"DictProxy", "ListProxy", "NamespaceProxy", "ValueProxy",
                "ArrayProxy", "QueueProxy", "JoinableQueueProxy", "LockProxy",
                "RLockProxy", "SemaphoreProxy", "BoundedSemaphoreProxy",
-               "EventProxy", "ConditionProxy", "BarrierProxy"},
+               "EventProxy", "ConditionProxy", "BarrierProxy", "SetProxy"},
   ["d"] = {"DictProxy"},
   ["l"] = {"ListProxy"},
   ["ns"] = {"NamespaceProxy"},
   ["mv"] = {"ValueProxy"},
   ["ma"] = {"ArrayProxy"},
   ["mq"] = {"QueueProxy", "JoinableQueueProxy"},
+  ["ms"] = {"SetProxy"},
   ["mjq"] = {"JoinableQueueProxy"},
   ["mlock"] = {"LockProxy", "RLockProxy"},
   ["msem"] = {"SemaphoreProxy", "BoundedSemaphoreProxy"},
@@ -298,6 +299,7 @@ local function live_objects()
   objs.DictProxy, objs.ListProxy, objs.NamespaceProxy = m:dict(), m:list(), m:Namespace()
   objs.ValueProxy, objs.ArrayProxy = m:Value("i", 1), m:Array("i", {1})
   objs.QueueProxy, objs.JoinableQueueProxy = m:Queue(), m:JoinableQueue()
+  objs.SetProxy = m:set()
   objs.LockProxy, objs.RLockProxy = m:Lock(), m:RLock()
   objs.SemaphoreProxy, objs.BoundedSemaphoreProxy = m:Semaphore(), m:BoundedSemaphore()
   objs.EventProxy, objs.ConditionProxy, objs.BarrierProxy = m:Event(), m:Condition(), m:Barrier(2)

@@ -263,6 +263,53 @@ define("dict", "DictProxy", DictM, {
   __pairs = snapshot_pairs,
 })
 
+-- ---- set (Python 3.14's managed set; equality: manager_set.lua) -------------
+
+local function check_member(v, fname)
+  local t = type(v)
+  if v == nil or v ~= v then
+    argerror(1, fname, "a set member must not be " .. (v == nil and "nil" or "NaN"))
+  end
+  if t ~= "string" and t ~= "number" and t ~= "boolean" and t ~= "table" then
+    typeerror(1, fname, "string, number, boolean or table", v)
+  end
+end
+
+local function member_method(name, fname)
+  return function(p, v)
+    check_member(v, fname)
+    return call(cl_of(p), {0, rawget(p, ID), name, v})
+  end
+end
+
+local SetM = common{
+  add = member_method("add", "add"),
+  discard = member_method("discard", "discard"),
+  remove = member_method("remove", "remove"),
+  has = member_method("has", "has"),
+  update = function(p, t)
+    if type(t) ~= "table" then typeerror(1, "update", "table", t) end
+    call(cl_of(p), {0, rawget(p, ID), "update", t})
+  end,
+  clear = sync_method("clear"),
+  pop = sync_method("pop"),
+  copy = sync_method("copy"),
+  len = sync_method("len"),
+}
+
+define("set", "SetProxy", SetM, {
+  __index = SetM,
+  __len = function(p) return call(cl_of(p), {0, rawget(p, ID), "len"}) end,
+  -- for v in pairs(s): each member (then true), from a snapshot
+  __pairs = function(p)
+    local items, i = call(cl_of(p), {0, rawget(p, ID), "copy"}), 0
+    return function()
+      i = i + 1
+      if items[i] ~= nil then return items[i], true end
+    end, p, nil
+  end,
+})
+
 -- ---- list --------------------------------------------------------------------
 
 local function check_index(i, fname, argn)
@@ -425,6 +472,13 @@ local QueueM = common{
   qsize = sync_method("qsize"),
   empty = sync_method("empty"),
   full = sync_method("full"),
+  shutdown = function(p, immediate)
+    if immediate ~= nil and type(immediate) ~= "boolean" then
+      typeerror(1, "shutdown", "boolean", immediate)
+    end
+    call(cl_of(p), {0, rawget(p, ID), "shutdown", immediate, n = 4})
+  end,
+  is_shutdown = sync_method("is_shutdown"),
 }
 local JQueueM = setmetatable(common{
   task_done = sync_method("task_done"),

@@ -355,12 +355,14 @@ end
 -- Server-side constructors (run in the manager process).
 local function T()
   require "multiprocessing.manager_containers"
+  require "multiprocessing.manager_set"
   return require "multiprocessing.manager_waiting"   -- (manager_types, loaded)
 end
 local builtin = {
   dict = function(init) return T().new_dict(init) end,
   list = function(init) return T().new_list(init) end,
   Namespace = function(init) return T().new_namespace(init) end,
+  set = function(init) return T().new_set(init) end,
   Queue = function(maxsize) return T().new_queue(maxsize, false) end,
   JoinableQueue = function(maxsize) return T().new_queue(maxsize, true) end,
   Lock = function() return T().new_lock(false) end,
