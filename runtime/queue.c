@@ -826,7 +826,7 @@ static int q_fileno(lua_State *L) {
 }
 
 /* The rest of the cqueues protocol: events "r"; timeout 0 while items
- * are there (nil: only the fd). */
+ * are there or the queue is shut down (nil: only the fd). */
 static int q_events(lua_State *L) {
   checkqueue(L, 1, any_queue);
   lua_pushliteral(L, "r");
@@ -834,9 +834,7 @@ static int q_events(lua_State *L) {
 }
 
 static int q_timeout(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1, any_queue);
-  if (!luamp_queue_ready(L, 1)) return 0;
-  (void)o;
+  if (!luamp_queue_ready(L, 1)) return 0;   /* (checks self) */
   lua_pushinteger(L, 0);
   return 1;
 }
@@ -980,10 +978,9 @@ static int q_clear(lua_State *L) {
  * ready(q) drains it, registers for the next put, and says whether a
  * get would not block (registration first: a put after the check pokes). */
 static int q_wait_ready(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1, any_queue);
+  checkqueue(L, 1, any_queue);
   luamp_wakeup_drain();
   luamp_queue_watch(L, 1, 1);
-  (void)o;
   if (luamp_queue_ready(L, 1)) {
     luamp_queue_watch(L, 1, 0);
     lua_pushboolean(L, 1);

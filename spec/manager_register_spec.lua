@@ -211,6 +211,23 @@ describe("m:Pool(n)", function()
     pool:join()
   end)
 
+  it("lets a pool no process holds go, workers and all", function()
+    local pool = m:Pool(2)
+    local pids = pool:map(function() return require("multiprocessing.core").getpid() end,
+                          {1, 2, 3, 4}, 1)
+    pool:close()
+    pool = nil
+    local d = m:dict()
+    for i = 1, pids.n do
+      assert.is_true(H.eventually(function()
+        collectgarbage()
+        d.x = i                   -- (carries the release to the server)
+        m:_debug_info()           -- (the server collects)
+        return not H.alive(pids[i])
+      end, 20), "worker " .. pids[i] .. " outlived its pool")
+    end
+  end)
+
   it("leaves no worker behind when the manager shuts down", function()
     local m2 = mp.Manager()
     local pool = m2:Pool(2)

@@ -28,7 +28,10 @@ end
 local MPool = class("Pool")
 local MResult = class("AsyncResult")
 
-local live = {}   -- the server's pools (watched by its loop) -> true
+-- the server's pools (watched by its loop) -> true; weak: a pool no
+-- client holds a proxy of any more goes as a local one does (its
+-- finalizer terminates the workers)
+local live = setmetatable({}, {__mode = "k"})
 
 -- ---- AsyncResult ------------------------------------------------------
 
