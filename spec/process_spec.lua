@@ -117,8 +117,8 @@ describe("Process", function()
 
   it("interrupts with SIGINT: 'interrupted!' in the child, exit code 1", function()
     local e = mp.Event()
-    -- busy in Lua code
-    local p = mp.Process{target = function() e:set() while true do end end}
+    -- busy in Lua code (daemons: should this fail, they go at exit)
+    local p = mp.Process{daemon = true, target = function() e:set() while true do end end}
     p:start()
     assert.is_true(e:wait(10))
     p:interrupt()
@@ -127,7 +127,7 @@ describe("Process", function()
     -- blocked in a queue's get (C code), and one that catches it itself
     local q, a, b = mp.Queue(), mp.Pipe()
     e:clear()
-    local r = mp.Process{target = function()
+    local r = mp.Process{daemon = true, target = function()
       local ok, err = pcall(function() e:set() return q:get() end)
       b:send(tostring(err))
       os.exit(ok and 0 or 5)
@@ -136,6 +136,7 @@ describe("Process", function()
     assert.is_true(e:wait(10))
     core.sleep(0.1)
     r:interrupt()
+    assert.is_true(a:poll(10))
     assert.equal("interrupted!", a:recv())
     r:join(10)
     assert.equal(5, r.exitcode)
