@@ -127,6 +127,11 @@ describe("m:set()", function()
     local cyc = {}
     cyc[1] = cyc
     assert.equal("ValueError", kind_of(s.add, s, cyc))
+    -- the runtime's objects are no members, inside a table or not
+    ok, e = pcall(function() s:add(mp.Queue()) end)
+    assert.matches("bad argument #1 to 'add' %(string, number, boolean or " ..
+                   "table expected, got multiprocessing.Queue%)", e)
+    assert.equal("ValueError", kind_of(s.add, s, {lock = mp.Lock()}))
     -- not encodable at all
     assert.equal("EncodeError", kind_of(s.add, s, {io.stdout}))
     -- wrong self

@@ -13,7 +13,9 @@
 --     member; a cycle or a table nested deeper than MAX_DEPTH is refused;
 --   * a managed object (a proxy) by identity: two proxies of the same
 --     object are one member, two objects with equal contents are two;
---   * anything else (functions, Ext values...) is refused: ValueError.
+--   * anything else (functions, the runtime's handles, Ext values...) is
+--     refused: ValueError.  (A table with a metatable arrives as its
+--     contents: the codec drops the metatable.)
 -- Members keep the insertion order (pairs and copy list them in it).
 local core = require "multiprocessing.core"
 local T = require "multiprocessing.manager_types"
