@@ -1019,7 +1019,10 @@ static int q_full(lua_State *L) {
   return 1;
 }
 
-/* q:shutdown([immediate]): see "Shutdown" at the top.  Idempotent. */
+/* q:shutdown([immediate]): see "Shutdown" at the top.  Idempotent.  The
+ * flag is outside the journal and never undone: a caller killed inside
+ * leaves the queue shut down, with or without its items (the dropping
+ * is one journaled step), and shutdown(true) again finishes the job. */
 static int q_shutdown(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1, any_queue);
   struct queue q = qget(o);
