@@ -20,7 +20,7 @@ static const char *const kinds[] = {
   "ValueError", "ProcessError", "RemoteError", "WorkerLostError",
   "BrokenPoolError", "AuthenticationError", "EncodeError", "DecodeError",
   "BrokenBarrierError", "BufferTooShort", "FileExistsError",
-  "FileNotFoundError", "OSError", "CancelledError", NULL
+  "FileNotFoundError", "OSError", "CancelledError", "ShutDown", "KeyError", NULL
 };
 
 static int valid_kind(const char *kind) {

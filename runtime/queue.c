@@ -36,6 +36,13 @@
  * inside get() leaves the item in the queue; one killed after get()
  * returned had it.  Waiting is on futex sequence words, in slices.
  *
+ * Shutdown (Python 3.13's queue.Queue.shutdown): a one-way flag in the
+ * header.  Once it is set every put raises ShutDown, a get takes what is
+ * left and raises ShutDown on an empty queue, and every sleeper is woken
+ * (the futex words are bumped, so sleepers in other processes wake too;
+ * each re-checks the flag).  shutdown(true) also drops the items in one
+ * journaled step, counting them done for join().
+ *
  * The tag of a record is for the Pool: get with a slot records the tag of
  * the record it takes in the queue's slot table in the same journaled
  * step, so a worker's death can be mapped to exactly the tasks it took.
@@ -97,6 +104,7 @@ struct qhdr {
   _Atomic uint32_t getters;   /* sleepers on put_seq (approximate) */
   _Atomic uint32_t putters;   /* sleepers on get_seq (approximate) */
   _Atomic uint32_t joiners;   /* sleepers on done_seq (approximate) */
+  _Atomic uint32_t shut;      /* [mu, atomic] shutdown() was called: 0/1 */
   _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
   uint32_t repairs;           /* [mu] times a dead holder was found (stats) */
   uint64_t skips;             /* [mu] early wraps passed (stats) */
@@ -364,7 +372,8 @@ int luamp_queue_test(lua_State *L, int idx) {
 
 int luamp_queue_ready(lua_State *L, int idx) {
   struct luamp_obj *o = checkqueue(L, idx, any_queue);
-  return atomic_load(&((struct qhdr *)o->p)->count) > 0;
+  struct qhdr *h = (struct qhdr *)o->p;
+  return atomic_load(&h->count) > 0 || atomic_load(&h->shut);
 }
 
 void luamp_queue_watch(lua_State *L, int idx, int on) {
@@ -426,6 +435,10 @@ static int sleep_on(lua_State *L, _Atomic uint32_t *seq, uint32_t snap,
   return r;
 }
 
+static void raise_shut(lua_State *L, const char *what) {
+  luamp_raise(L, "ShutDown", "%s on a queue that was shut down", what);
+}
+
 /* Puts the value at vidx (count < 0) or the count values from vidx on,
  * as one array. */
 static int queue_put(lua_State *L, struct luamp_obj *o, int vidx, int count,
@@ -444,15 +457,23 @@ static int queue_put(lua_State *L, struct luamp_obj *o, int vidx, int count,
                 (lua_Integer)(h->cap - REC));
   if (!block) deadline = luamp_deadline(NONBLOCK_GRACE);
   qlock_until(L, h, deadline, "Full");
-  while ((h->maxsize > 0 && atomic_load(&h->count) >= (uint64_t)h->maxsize) ||
-         (!(wrap = early_wrap(h, need)) && h->tail + need - h->head > h->cap)) {
-    uint32_t snap = atomic_load(&h->get_seq);
+  for (;;) {
+    uint32_t snap;
     int r;
+    if (atomic_load(&h->shut)) {
+      luamp_mutex_unlock(&h->mu);
+      raise_shut(L, "put");
+    }
+    if (!((h->maxsize > 0 && atomic_load(&h->count) >= (uint64_t)h->maxsize) ||
+          (!(wrap = early_wrap(h, need)) && h->tail + need - h->head > h->cap)))
+      break;
+    snap = atomic_load(&h->get_seq);
     luamp_mutex_unlock(&h->mu);
     if (!block) luamp_raise(L, "Full", "queue is full");
     r = sleep_on(L, &h->get_seq, snap, &h->putters, deadline);
     if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
-    if (r == LUAMP_WAIT_TIMEOUT) luamp_raise(L, "Full", "queue is full");
+    if (r == LUAMP_WAIT_TIMEOUT && !atomic_load(&h->shut))
+      luamp_raise(L, "Full", "queue is full");
     qlock_until(L, h, deadline, "Full");
   }
   journal_begin(h);
@@ -520,6 +541,7 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
     if (atomic_load(&h->count) == 0) {
       uint32_t snap;
       int r;
+      if (atomic_load(&h->shut)) raise_shut(L, "get");
       if (!block) {
         if (items) return 0;
         luamp_raise(L, "Empty", "queue is empty");
@@ -534,7 +556,7 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
         if (atomic_load(&h->count) > 0 && atomic_load(&h->getters) > 0)
           luamp_futex_wake(&h->put_seq, 1);
         if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
-        if (atomic_load(&h->count) == 0)
+        if (atomic_load(&h->count) == 0 && !atomic_load(&h->shut))
           luamp_raise(L, "Empty", "queue is empty");
       }
       continue;
@@ -746,9 +768,9 @@ static void qfd_arm(lua_State *L, struct luamp_obj *o, struct qfd *f) {
   struct qhdr *h = (struct qhdr *)o->p;
   char buf[64];
   while (luamp_sys.read(f->rfd, buf, sizeof buf) > 0) {}
-  if (atomic_load(&h->count) == 0) {
+  if (atomic_load(&h->count) == 0 && !atomic_load(&h->shut)) {
     qfd_watch(L, h, f->wfd, 1);
-    if (atomic_load(&h->count) == 0) return;
+    if (atomic_load(&h->count) == 0 && !atomic_load(&h->shut)) return;
   }
   (void)!luamp_sys.write(f->wfd, "", 1);
 }
@@ -804,7 +826,7 @@ static int q_fileno(lua_State *L) {
 }
 
 /* The rest of the cqueues protocol: events "r"; timeout 0 while items
- * are there (nil: only the fd). */
+ * are there or the queue is shut down (nil: only the fd). */
 static int q_events(lua_State *L) {
   checkqueue(L, 1, any_queue);
   lua_pushliteral(L, "r");
@@ -812,8 +834,7 @@ static int q_events(lua_State *L) {
 }
 
 static int q_timeout(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1, any_queue);
-  if (atomic_load(&((struct qhdr *)o->p)->count) == 0) return 0;
+  if (!luamp_queue_ready(L, 1)) return 0;   /* (checks self) */
   lua_pushinteger(L, 0);
   return 1;
 }
@@ -957,10 +978,10 @@ static int q_clear(lua_State *L) {
  * ready(q) drains it, registers for the next put, and says whether a
  * get would not block (registration first: a put after the check pokes). */
 static int q_wait_ready(lua_State *L) {
-  struct luamp_obj *o = checkqueue(L, 1, any_queue);
+  checkqueue(L, 1, any_queue);
   luamp_wakeup_drain();
   luamp_queue_watch(L, 1, 1);
-  if (atomic_load(&((struct qhdr *)o->p)->count) > 0) {
+  if (luamp_queue_ready(L, 1)) {
     luamp_queue_watch(L, 1, 0);
     lua_pushboolean(L, 1);
   } else {
@@ -995,6 +1016,52 @@ static int q_full(lua_State *L) {
   struct queue q = qget(checkqueue(L, 1, full_queue));
   lua_pushboolean(L, q.h->maxsize > 0 &&
                      atomic_load(&q.h->count) >= (uint64_t)q.h->maxsize);
+  return 1;
+}
+
+/* q:shutdown([immediate]): see "Shutdown" at the top.  Idempotent.  The
+ * flag is outside the journal and never undone: a caller killed inside
+ * leaves the queue shut down, with or without its items (the dropping
+ * is one journaled step), and shutdown(true) again finishes the job. */
+static int q_shutdown(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1, any_queue);
+  struct queue q = qget(o);
+  struct qhdr *h = q.h;
+  int immediate = 0, done = 0;
+  if (!lua_isnoneornil(L, 2)) {
+    luaL_checktype(L, 2, LUA_TBOOLEAN);
+    immediate = lua_toboolean(L, 2);
+  }
+  LUAMP_FENCE(L);
+  qlock(L, h);
+  atomic_store(&h->shut, 1);
+  if (immediate && atomic_load(&h->count) > 0) {
+    uint64_t n = atomic_load(&h->count), u = atomic_load(&h->unfinished);
+    journal_begin(h);
+    h->head = h->tail;
+    atomic_store(&h->count, 0);
+    if (h->joinable) {
+      atomic_store(&h->unfinished, u > n ? u - n : 0);
+      done = u > 0 && u <= n;
+    }
+    journal_end(h);
+    after_get(&q);   /* restart at the ring's start, pages given back */
+  }
+  if (done) atomic_fetch_add(&h->done_seq, 1);
+  atomic_fetch_add(&h->put_seq, 1);
+  atomic_fetch_add(&h->get_seq, 1);
+  luamp_mutex_unlock(&h->mu);
+  luamp_futex_wake(&h->put_seq, 0x7fffffff);
+  luamp_futex_wake(&h->get_seq, 0x7fffffff);
+  if (done) luamp_futex_wake(&h->done_seq, 0x7fffffff);
+  if (atomic_load(&h->nwatch) > 0) poke_watchers(L, &q);
+  return 0;
+}
+
+/* q:is_shutdown() -> boolean (Python's is_shutdown attribute) */
+static int q_is_shutdown(lua_State *L) {
+  struct qhdr *h = qget(checkqueue(L, 1, any_queue)).h;
+  lua_pushboolean(L, atomic_load(&h->shut) != 0);
   return 1;
 }
 
@@ -1141,7 +1208,8 @@ static const luaL_Reg queue_meth[] = {
   {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
   {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
   {"_wait_fd", q_wait_fd}, {"fileno", q_fileno}, {"pollfd", q_fileno},
-  {"events", q_events}, {"timeout", q_timeout}, {NULL, NULL}
+  {"events", q_events}, {"timeout", q_timeout}, {"shutdown", q_shutdown},
+  {"is_shutdown", q_is_shutdown}, {NULL, NULL}
 };
 static const luaL_Reg joinable_meth[] = {
   {"task_done", jq_task_done}, {"join", jq_join}, {NULL, NULL}
@@ -1150,7 +1218,7 @@ static const luaL_Reg simple_meth[] = {
   {"put", sq_put}, {"get", sq_get}, {"empty", q_empty},
   {"close", q_close}, {"_wait_fd", q_wait_fd}, {"fileno", q_fileno},
   {"pollfd", q_fileno}, {"events", q_events}, {"timeout", q_timeout},
-  {NULL, NULL}
+  {"shutdown", q_shutdown}, {"is_shutdown", q_is_shutdown}, {NULL, NULL}
 };
 static const luaL_Reg queue_metameth[] = {
   {"__gc", q_close}, {"__close", q_close}, {"__tostring", q_tostring},

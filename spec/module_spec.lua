@@ -109,7 +109,8 @@ describe("error objects", function()
       "BrokenPipeError", "ValueError", "ProcessError", "RemoteError",
       "WorkerLostError", "BrokenPoolError", "AuthenticationError",
       "EncodeError", "DecodeError", "BrokenBarrierError", "BufferTooShort",
-      "FileExistsError", "FileNotFoundError", "OSError", "CancelledError"}
+      "FileExistsError", "FileNotFoundError", "OSError", "CancelledError",
+      "ShutDown", "KeyError"}
     assert.same(kinds, mp.error_kinds)
     for _, k in ipairs(kinds) do
       assert.equal(k, mp.new_error(k, "m").kind)

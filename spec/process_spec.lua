@@ -115,6 +115,40 @@ describe("Process", function()
     q:kill()
   end)
 
+  it("interrupts with SIGINT: 'interrupted!' in the child, exit code 1", function()
+    local e = mp.Event()
+    -- busy in Lua code (daemons: should this fail, they go at exit)
+    local p = mp.Process{daemon = true, target = function() e:set() while true do end end}
+    p:start()
+    assert.is_true(e:wait(10))
+    p:interrupt()
+    p:join(10)
+    assert.equal(1, p.exitcode)
+    -- blocked in a queue's get (C code), and one that catches it itself
+    local q, a, b = mp.Queue(), mp.Pipe()
+    e:clear()
+    local r = mp.Process{daemon = true, target = function()
+      local ok, err = pcall(function() e:set() return q:get() end)
+      b:send(tostring(err))
+      os.exit(ok and 0 or 5)
+    end}
+    r:start()
+    assert.is_true(e:wait(10))
+    core.sleep(0.1)
+    r:interrupt()
+    assert.is_true(a:poll(10))
+    assert.equal("interrupted!", a:recv())
+    r:join(10)
+    assert.equal(5, r.exitcode)
+    -- interrupting a finished process is harmless
+    r:interrupt()
+    assert.equal(5, r.exitcode)
+    -- a process that was never started
+    local kind = H.kind_of(mp.Process{target = print}.interrupt,
+                           mp.Process{target = print})
+    assert.equal("ProcessError", kind)
+  end)
+
   it("join(timeout) returns after the timeout while the child runs", function()
     local p = mp.Process{target = function() core.sleep(30) end}
     p:start()
@@ -279,7 +313,8 @@ describe("Process", function()
     p:close()
     p:close()   -- idempotent
     assert.equal(3, p.exitcode)
-    for _, m in ipairs {"start", "join", "terminate", "kill", "is_alive"} do
+    for _, m in ipairs {"start", "join", "terminate", "kill", "interrupt",
+                        "is_alive"} do
       local ok, e = pcall(p[m], p)
       assert.is_false(ok)
       assert.equal("ValueError", e.kind, m)
@@ -397,7 +432,7 @@ describe("Process misuse", function()
     sib:start()
     local p = mp.Process{target = function()
       local r = {}
-      for _, m in ipairs {"join", "terminate", "kill", "start"} do
+      for _, m in ipairs {"join", "terminate", "kill", "interrupt", "start"} do
         local ok, e = pcall(sib[m], sib)
         r[#r + 1] = (not ok) and e.kind or "ok"
       end
@@ -405,8 +440,8 @@ describe("Process misuse", function()
       b:send(r)
     end}
     p:start()
-    assert.same({"ProcessError", "ProcessError", "ProcessError", "ProcessError"},
-                a:recv())
+    assert.same({"ProcessError", "ProcessError", "ProcessError", "ProcessError",
+                  "ProcessError"}, a:recv())
     p:join()
     assert.is_true(sib:is_alive())
     sib:kill()

@@ -234,13 +234,17 @@ local PREFIXES = {
   ["proxy"] = {"DictProxy", "ListProxy", "NamespaceProxy", "ValueProxy",
                "ArrayProxy", "QueueProxy", "JoinableQueueProxy", "LockProxy",
                "RLockProxy", "SemaphoreProxy", "BoundedSemaphoreProxy",
-               "EventProxy", "ConditionProxy", "BarrierProxy"},
+               "EventProxy", "ConditionProxy", "BarrierProxy", "SetProxy",
+               "PoolProxy", "AsyncResultProxy"},
   ["d"] = {"DictProxy"},
   ["l"] = {"ListProxy"},
   ["ns"] = {"NamespaceProxy"},
   ["mv"] = {"ValueProxy"},
   ["ma"] = {"ArrayProxy"},
   ["mq"] = {"QueueProxy", "JoinableQueueProxy"},
+  ["ms"] = {"SetProxy"},
+  ["mpool"] = {"PoolProxy"},
+  ["mres"] = {"AsyncResultProxy"},
   ["mjq"] = {"JoinableQueueProxy"},
   ["mlock"] = {"LockProxy", "RLockProxy"},
   ["msem"] = {"SemaphoreProxy", "BoundedSemaphoreProxy"},
@@ -304,6 +308,10 @@ local function live_objects()
   objs.DictProxy, objs.ListProxy, objs.NamespaceProxy = m:dict(), m:list(), m:Namespace()
   objs.ValueProxy, objs.ArrayProxy = m:Value("i", 1), m:Array("i", {1})
   objs.QueueProxy, objs.JoinableQueueProxy = m:Queue(), m:JoinableQueue()
+  objs.SetProxy = m:set()
+  objs.PoolProxy = m:Pool(1)
+  objs.AsyncResultProxy = objs.PoolProxy:apply_async(function() return 1 end)
+  objs.AsyncResultProxy:get(30)
   objs.LockProxy, objs.RLockProxy = m:Lock(), m:RLock()
   objs.SemaphoreProxy, objs.BoundedSemaphoreProxy = m:Semaphore(), m:BoundedSemaphore()
   objs.EventProxy, objs.ConditionProxy, objs.BarrierProxy = m:Event(), m:Condition(), m:Barrier(2)

@@ -139,6 +139,10 @@ function K.check_storable(v)
   end
 end
 
+-- the record serving v (made on first use): a referent's method returns
+-- it to hand out a proxy of another object it made (manager_pool.lua)
+function K.rec_for(v) return srv:rec_for(v) end
+
 function K.rec_of(v)
   if getmetatable(v) == REC_MT then return v end
   return nil

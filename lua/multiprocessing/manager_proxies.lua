@@ -50,11 +50,14 @@ local function proxy_gc(p)
   end
 end
 
-local function proxy_for(cl, id, typeid, exposed)
+local function proxy_for(cl, id, typeid, exposed, ptype)
   local p = cl.cache[id]
   if p then return p end
   local mt = proxy_classes[typeid]
-  if typeid == "auto" then mt = M._auto_class(exposed) end
+  if typeid == "auto" then
+    mt = ptype and M.user_classes[ptype] and M.user_classes[ptype](exposed) or
+         M._auto_class(exposed)
+  end
   if mt == nil then
     raise("DecodeError", "unknown managed type '" .. tostring(typeid) .. "'")
   end
@@ -88,7 +91,7 @@ local function reduce(x)
   post(cl, {0, 0, "transit", id, token})
   local mt = getmetatable(x)
   return {cl.uid, id, mt.__typeid, cl.address, cl.authkey ~= nil, false,
-          token, mt.__exposed}
+          token, mt.__exposed, mt.__ptype}
 end
 
 local function rebuild(s, untrusted)
@@ -107,7 +110,7 @@ local function rebuild(s, untrusted)
   end
   local cl = clients[uid] or
     client_for(uid, s[4], s[5] and core.tree_authkey or nil)
-  local p = proxy_for(cl, id, s[3], s[8])
+  local p = proxy_for(cl, id, s[3], s[8], s[9])
   local adopt
   if s[7] ~= nil then adopt = {0, 0, "adopt", id, s[7]}
   elseif not s[6] then adopt = {0, 0, "adopt", id} end
@@ -425,6 +428,13 @@ local QueueM = common{
   qsize = sync_method("qsize"),
   empty = sync_method("empty"),
   full = sync_method("full"),
+  shutdown = function(p, immediate)
+    if immediate ~= nil and type(immediate) ~= "boolean" then
+      typeerror(1, "shutdown", "boolean", immediate)
+    end
+    call(cl_of(p), {0, rawget(p, ID), "shutdown", immediate, n = 4})
+  end,
+  is_shutdown = sync_method("is_shutdown"),
 }
 local JQueueM = setmetatable(common{
   task_done = sync_method("task_done"),
@@ -564,6 +574,41 @@ function M._auto_class(exposed)
   proxy_classes[sig] = mt
   return mt
 end
+
+-- Proxies of a typeid registered with a proxytype (Python's BaseProxy
+-- subclass): the exposed methods as an AutoProxy's, then the proxytype's
+-- own functions over them; p:_callmethod(name, ...) calls the object's
+-- method (it must be exposed).  typeid -> maker(exposed) -> metatable.
+M.user_classes = {}
+function M.user_class(typeid, ptype, exposed0)
+  local made = {}
+  M.user_classes[typeid] = function(exposed)
+    exposed = exposed or exposed0 or {}
+    local sig = table.concat(exposed, ",")
+    if made[sig] then return made[sig] end
+    local methods = common{}
+    local function callmethod(p, name, ...)
+      local r = call(cl_of(p), req(rawget(p, ID), "call_method", name, ...))
+      return unpack(r, 1, r.n)
+    end
+    for _, name in ipairs(exposed) do
+      methods[name] = function(p, ...) return callmethod(p, name, ...) end
+    end
+    for k, f in pairs(ptype) do
+      if type(k) == "string" and type(f) == "function" then methods[k] = f end
+    end
+    methods._callmethod = callmethod
+    local mt = define("auto", typeid .. "Proxy", methods, {__index = methods})
+    mt.__exposed, mt.__ptype = exposed, typeid
+    proxy_classes.auto = nil
+    made[sig] = mt
+    return mt
+  end
+end
+
+-- What manager_extra_proxies.lua builds its classes with.
+M._kit = {define = define, common = common, sync_method = sync_method,
+          cl_of = cl_of, ID = ID, call = call, req = req}
 
 -- m:_debug_info() / proxy internals for tests
 function M._proxy_id(p) return rawget(p, ID) end

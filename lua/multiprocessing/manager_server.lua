@@ -128,6 +128,18 @@ function Server:rec_for(v)
   return self:new_rec(v, "auto", T.exposed(v))
 end
 
+-- rec as registered typeid serves it (an object served through its
+-- methods): register's exposed, method_to_typeid and proxytype.
+function Server:typed_rec(rec, typeid)
+  local entry = self.registry[typeid]
+  if rec.typeid ~= "auto" or entry == nil then return rec end
+  if entry.exposed then rec.exposed = entry.exposed end
+  rec.allowed = nil
+  rec.m2t = entry.method_to_typeid
+  if entry.proxytype then rec.ptype = typeid end
+  return rec
+end
+
 -- A transit token for rec, taken by the server itself (a proxy encoded
 -- other than into a reply).
 function Server:transit(rec, token)
@@ -167,7 +179,7 @@ function Server:reduce_rec(rec)
     self:transit(rec, token)
   end
   return {self.uid, rec.id, rec.typeid, self.address, self.authkey ~= nil,
-          C ~= nil, token, rec.exposed}
+          C ~= nil, token, rec.exposed, rec.ptype}
 end
 
 -- Decoding a proxy of this very server (a proxy stored into an object,
@@ -206,7 +218,7 @@ function ops.create(self, C, typeid, ...)
   local v = entry.callable(...)
   local t = type(v)
   if t == "table" or (t == "userdata" and getmetatable(v) ~= nil) then
-    return self:rec_for(v)
+    return self:typed_rec(self:rec_for(v), typeid)
   end
   return v
 end
@@ -310,7 +322,26 @@ function Server:run(C, msg)
     if meth ~= "call_method" then
       return 2, string.format("unknown method '%s'", tostring(meth))
     end
+    local name = msg[4]
+    if not rec.allowed then   -- exposed, as a set
+      rec.allowed = {}
+      for _, m in ipairs(rec.exposed or {}) do rec.allowed[m] = true end
+    end
+    if not rec.allowed[name] then
+      return 1, new_error("ValueError", string.format("method '%s' is not " ..
+        "exposed by this '%s' proxy", tostring(name), rec.ptype or "auto"))
+    end
     ok, r = xpcall(T.call_method, traceback, obj, unpack(msg, 4, n))
+    local to = ok and rec.m2t and rec.m2t[name]
+    if to then   -- method_to_typeid: the result as a proxy
+      local v = r[1]
+      local t = type(v)
+      if t == "table" or (t == "userdata" and getmetatable(v) ~= nil) then
+        ok, r = pcall(function()
+          return table.pack(self:typed_rec(self:rec_for(v), to))
+        end)
+      end
+    end
   else
     local f = type(meth) == "string" and getmetatable(obj)[meth]
     if type(f) ~= "function" or (meth:sub(1, 1) == "_" and meth ~= "__get" and
@@ -559,17 +590,27 @@ function Server:serve_forever()
         local t = math.max(lwake - now(), 0)
         if timeout == nil or t < timeout then timeout = t end
       end
+      -- the pools it serves (manager_pool.lua): their fds after ours
+      local pfds, pt = T.pool_fds and T.pool_fds()
+      if pt and (timeout == nil or pt < timeout) then timeout = pt end
+      local wfds = fds
+      if pfds then
+        wfds = table.move(fds, 1, #fds, 1, {})
+        table.move(pfds, 1, #pfds, #fds + 1, wfds)
+      end
       if self.owner_pid then
         -- a started server ends with its owner, even one killed by
         -- SIGKILL (its finalizer never ran): checked each second
         if core.getppid() ~= self.owner_pid then break end
         if timeout == nil or timeout > 1 then timeout = 1 end
       end
-      local ready = core.wait_fds(fds, timeout)
+      local ready = core.wait_fds(wfds, timeout)
       self.polled_at = self.drains
+      if pfds then T.poll_pools() end
       local served, listener = {}, lwake ~= nil and now() >= lwake
       for _, i in ipairs(ready) do
-        if i > nc then
+        if i > #fds then   -- a pool's: polled above
+        elseif i > nc then
           listener = true
         else
           local C = list[i]
@@ -601,6 +642,7 @@ end
 -- clients' calls fail at once: the manager is gone).
 function Server:close()
   self.running = false
+  if T.close_pools then T.close_pools() end
   for C in pairs(self.clients) do
     C.closed = true
     pcall(C.conn.close, C.conn)

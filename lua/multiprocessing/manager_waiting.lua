@@ -102,9 +102,14 @@ local function q_settle(self)
   end
 end
 
+local function shut_error(what)
+  return core.new_error("ShutDown", what .. " on a queue that was shut down")
+end
+
 function Queue:put(C, v, block, timeout)
   if block == nil then block = true end
   timeout = timeout_arg(timeout, 3)
+  if self.shut then error(shut_error("put"), 0) end
   if not q_full(self) then
     q_push(self, v)
     q_settle(self)
@@ -128,6 +133,7 @@ function Queue:get(C, block, timeout)
     q_settle(self)
     return v
   end
+  if self.shut then error(shut_error("get"), 0) end
   if not block or timeout == 0 then raise("Empty", "the queue is empty") end
   local P = K.park(C, timeout, function(P)
     K.reject(P, core.new_error("Empty", "the queue is empty"))
@@ -144,18 +150,43 @@ function Queue:__tostring()
   return string.format("<Queue size=%d maxsize=%d>", q_size(self), self.maxsize)
 end
 
+-- Python 3.13's shutdown: later puts raise, gets drain then raise; the
+-- parked getters (the queue is empty, or they would hold an item) and
+-- putters are answered with ShutDown now.  immediate drops the items,
+-- counting them done for join().
+local function wake_joiners(self)
+  local P = wq_pop(self.joiners)
+  while P do
+    K.resolve(P, nil)
+    P = wq_pop(self.joiners)
+  end
+end
+
+function Queue:shutdown(C, immediate)
+  self.shut = true
+  if immediate == true then   -- (the proxy checked its type)
+    local n = q_size(self)
+    self.items, self.head, self.tail = {}, 1, 0
+    self.unfinished = math.max(self.unfinished - n, 0)
+    if self.unfinished == 0 then wake_joiners(self) end
+  end
+  for _, list in ipairs {self.getters, self.putters} do
+    local w = wq_pop(list)
+    while w do
+      K.reject(w.P or w, shut_error(list == self.getters and "get" or "put"))
+      w = wq_pop(list)
+    end
+  end
+end
+
+function Queue:is_shutdown() return self.shut == true end
+
 function JoinableQueue:task_done()
   if self.unfinished <= 0 then
     raise("ValueError", "task_done() called too many times")
   end
   self.unfinished = self.unfinished - 1
-  if self.unfinished == 0 then
-    local P = wq_pop(self.joiners)
-    while P do
-      K.resolve(P, nil)
-      P = wq_pop(self.joiners)
-    end
-  end
+  if self.unfinished == 0 then wake_joiners(self) end
 end
 
 function JoinableQueue:join(C)

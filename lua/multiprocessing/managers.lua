@@ -21,6 +21,7 @@ local argerror, typeerror = util.argerror, util.typeerror
 local state = require "multiprocessing.manager_state"
 local client = require "multiprocessing.manager_client"
 local proxies = require "multiprocessing.manager_proxies"
+require "multiprocessing.manager_extra_proxies"   -- (set, Pool: classes)
 
 local Client, clients, client_for = client.Client, client.clients,
   client.client_for
@@ -114,7 +115,56 @@ end
 -- Cls:register(typeid [, callable [, opts]]): typeid becomes a method
 -- m:typeid(...) that asks the server to call callable(...) and returns
 -- a proxy of its result (a table or object; other values are returned
--- as they are).  The client side registers the name alone.
+-- as they are).  The client side registers the name alone.  Options, as
+-- Python's: exposed (the method names a proxy may call; the server
+-- refuses others), method_to_typeid (method name -> a registered typeid:
+-- that method's result comes back as a proxy of that type rather than as
+-- a copy), proxytype (a table of functions, the proxy's own methods,
+-- which reach the object with p:_callmethod(name, ...)), create_method.
+local register_opts = {create_method = true, exposed = true,
+                       proxytype = true, method_to_typeid = true}
+
+local function check_register_opts(typeid, opts)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then typeerror(3, "register", "options table", opts) end
+  for k in pairs(opts) do
+    if not register_opts[k] then
+      argerror(3, "register", "unknown option '" .. tostring(k) .. "'")
+    end
+  end
+  local exposed, m2t, ptype = opts.exposed, opts.method_to_typeid, opts.proxytype
+  if exposed ~= nil then
+    if type(exposed) ~= "table" then
+      argerror(3, "register", "exposed must be a list of method names, got " ..
+               type(exposed))
+    end
+    for i, name in ipairs(exposed) do
+      if type(name) ~= "string" or name:sub(1, 1) == "_" then
+        argerror(3, "register", string.format("exposed[%d] must be a method " ..
+                 "name not starting with '_', got %s", i,
+                 type(name) == "string" and "'" .. name .. "'" or type(name)))
+      end
+    end
+  end
+  if m2t ~= nil then
+    if type(m2t) ~= "table" then
+      argerror(3, "register", "method_to_typeid must be a table, got " .. type(m2t))
+    end
+    for k, v in pairs(m2t) do
+      if type(k) ~= "string" or type(v) ~= "string" then
+        argerror(3, "register", "method_to_typeid maps method names to " ..
+                 "typeids (strings)")
+      end
+    end
+  end
+  if ptype ~= nil and type(ptype) ~= "table" then
+    argerror(3, "register", "proxytype must be a table of methods, got " ..
+             type(ptype))
+  end
+  if ptype ~= nil then proxies.user_class(typeid, ptype, exposed) end
+  return {exposed = exposed, method_to_typeid = m2t, proxytype = ptype ~= nil}
+end
+
 function BaseManager:register(typeid, callable, opts)
   if type(typeid) ~= "string" then
     argerror(1, "register", "typeid must be a string, got " .. type(typeid))
@@ -129,7 +179,10 @@ function BaseManager:register(typeid, callable, opts)
   if cls == BaseManager then
     error("register on a subclass: local QM = mp.managers.BaseManager:extend()", 2)
   end
-  cls._registry[typeid] = {callable = callable}
+  local o = check_register_opts(typeid, opts)
+  cls._registry[typeid] = {callable = callable, exposed = o.exposed,
+                           method_to_typeid = o.method_to_typeid,
+                           proxytype = o.proxytype}
   if not (type(opts) == "table" and opts.create_method == false) then
     rawset(cls, typeid, function(m, ...)
       return m:_create(typeid, ...)
@@ -355,12 +408,16 @@ end
 -- Server-side constructors (run in the manager process).
 local function T()
   require "multiprocessing.manager_containers"
+  require "multiprocessing.manager_set"
+  require "multiprocessing.manager_pool"
   return require "multiprocessing.manager_waiting"   -- (manager_types, loaded)
 end
 local builtin = {
   dict = function(init) return T().new_dict(init) end,
   list = function(init) return T().new_list(init) end,
   Namespace = function(init) return T().new_namespace(init) end,
+  set = function(init) return T().new_set(init) end,
+  Pool = function(...) return T().new_pool(...) end,
   Queue = function(maxsize) return T().new_queue(maxsize, false) end,
   JoinableQueue = function(maxsize) return T().new_queue(maxsize, true) end,
   Lock = function() return T().new_lock(false) end,

@@ -335,6 +335,10 @@ end
 
 function Process:terminate() send(self, "SIGTERM", "terminate") end
 function Process:kill() send(self, "SIGKILL", "kill") end
+-- Python 3.14's interrupt(): SIGINT.  A child keeps the host's SIGINT
+-- handler across the fork (after_fork_in_child in process.c), so its run
+-- ends with "interrupted!" and exit code 1, as KeyboardInterrupt does.
+function Process:interrupt() send(self, "SIGINT", "interrupt") end
 
 function Process:close()
   if rawget(self, "_closed") then return end
