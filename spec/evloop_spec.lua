@@ -372,3 +372,98 @@ describe("Connection and Listener", function()
     s:close()
   end)
 end)
+
+-- A lost wake-up, made certain: the worker has finished dying before the
+-- loop asks for the pool's fd again (cqueues calls pollfd() at every
+-- cqueues.poll), and a dead worker's sentinel still open in its sibling
+-- workers (they inherited it through fork).
+describe("Pool fd: wake-ups are kept until pool:poll()", function()
+  local function dead(pid)
+    assert.is_true(H.eventually(function() return not H.alive(pid) end, 10))
+  end
+
+  it("pollfd() and fileno() do no work: a finished death stays readable for poll()", function()
+    local pool <close> = mp.Pool(2)
+    local q = mp.Queue()
+    local err
+    local fd = pool:fileno()
+    pool:apply_async(function()
+      q:put(mp.current_process().pid)
+      core.sleep(60)
+    end, nil, {error_callback = function(e) err = e end})
+    local pid = q:get(true, 10)
+    core.kill(pid, "SIGKILL")
+    dead(pid)
+    assert.equal(fd, pool:pollfd())          -- what cqueues does each round
+    assert.equal(fd, pool:fileno())
+    assert.is_nil(err)                       -- no callback outside poll()
+    assert.is_true(readable(fd), "the death's wake-up was swallowed")
+    pool:poll()
+    assert.equal("WorkerLostError", err.kind)
+  end)
+
+  it("is quiet again after poll() handled a death, whichever worker died", function()
+    local pool <close> = mp.Pool(3)
+    local fd = pool:fileno()
+    for round = 1, 3 do
+      -- the oldest worker first: every younger one holds its sentinel
+      local pid = H.worker_pids(pool)[1]
+      core.kill(pid, "SIGKILL")
+      dead(pid)
+      assert.is_true(readable(fd, 10))
+      pool:poll()
+      assert.are_not.equal(pid, H.worker_pids(pool)[1])
+      assert.is_false(readable(fd, 0.05),
+        "round " .. round .. ": the fd stays readable after poll()")
+    end
+    assert.equal(5, pool:apply(function() return 5 end))
+  end)
+
+  for _, kind in ipairs {"luv", "cqueues"} do
+    it(kind .. ": a death complete before the loop looks again wakes it", function()
+      for _ = 1, 3 do
+        local pool <close> = mp.Pool(2)
+        local q = mp.Queue()
+        local err
+        pool:apply_async(function()
+          q:put(mp.current_process().pid)
+          core.sleep(60)
+        end, nil, {error_callback = function(e) err = e end})
+        local t0 = core.now()
+        drive(kind, {
+          {q, function() take_all(q, function(pid)
+            core.kill(pid, "SIGKILL")
+            dead(pid)
+          end) end},
+          {pool, function(stop)
+            pool:poll()
+            if err then stop() end
+          end},
+        }, 20)
+        assert.equal("WorkerLostError", err.kind)
+        assert.is_true(core.now() - t0 < 15)
+      end
+    end)
+  end
+end)
+
+describe("EventSet", function()
+  it("holds its own copy of each member: remove(key) works after the caller closed its fd", function()
+    local es <close> = core.EventSet()
+    local a, b = mp.Pipe()
+    local key = es:add(a:fileno())
+    assert.are_not.equal(a:fileno(), key)
+    -- a child holds a copy of a's fd: closing ours does not end the file
+    local ev = mp.Event()
+    local p = mp.Process{target = function(e) e:wait(30) end, args = {ev}}
+    finally(function() ev:set() p:join(10) end)
+    p:start()
+    b:send(1)
+    assert.is_true(es:ready())
+    a:close()
+    es:remove(key)
+    assert.is_false(es:ready())
+    assert.matches("not a key", tostring(H.err_of(es.remove, es, key)))
+    b:close()
+  end)
+end)
