@@ -242,6 +242,21 @@ function Pool:timeout()
   return due and math.max(due - now(), 0)
 end
 
+-- The cqueues protocol on a future (an AsyncResult): cqueues.poll(fut)
+-- returns when its pool has something to do, at once when the future is
+-- done; fut:done() (or result) then collects.  A done future has no fd
+-- (nil: only the timeout counts), so polling it never needs the pool.
+local AsyncResult = results.AsyncResult
+function AsyncResult:pollfd()
+  if self._done then return nil end
+  return self._pool:fileno()
+end
+function AsyncResult:events() return "r" end
+function AsyncResult:timeout()
+  if self._done then return 0 end
+  return self._pool:timeout()
+end
+
 do
   local release = Pool._release
   function Pool:_release()
