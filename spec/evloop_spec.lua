@@ -535,6 +535,30 @@ for _, kind in ipairs {"luv", "cqueues"} do
       assert.equal(7, ex:submit(function() return 7 end):result(10))
     end)
 
+    it("max_tasks_per_child = 1: each worker leaves after a task and is replaced through the fd", function()
+      local ex <close> = futures.ProcessPoolExecutor{max_workers = 2, max_tasks_per_child = 1}
+      local M, done, pids = 60, 0, {}
+      local runs = drive(kind, {{ex, function(stop)
+        ex:poll()
+        if done == M then stop() end
+      end}}, 60, function()
+        for i = 1, M do
+          ex:submit(function(x) return x, core.getpid() end, i):add_done_callback(function(f)
+            local _, pid = f:result()
+            pids[pid] = true
+            done = done + 1
+          end)
+        end
+      end)
+      local n = 0
+      for _ in pairs(pids) do n = n + 1 end
+      assert.equal(M, done)
+      assert.equal(M, n)
+      -- woken for results and deaths (at most about 2 * M), not spinning on
+      -- a dead worker's sentinel left in the set (500+ runs of a luv loop)
+      assert.is_true(runs[1] <= 4 * M, "woken " .. runs[1] .. " times")
+    end)
+
     it("a task deadline fires through the fd with no other event", function()
       local ex <close> = futures.ProcessPoolExecutor(1)
       local t0 = core.now()
