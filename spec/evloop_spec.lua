@@ -184,6 +184,29 @@ for _, kind in ipairs {"luv", "cqueues"} do
   end)
 end
 
+describe("a task deadline submitted while the luv loop already waits", function()
+  it("fires through the fd with no other event", function()
+    -- (luv asks for the fd once: the timed submit itself must arm the
+    -- timer; cqueues arms at every cqueues.poll)
+    local pool <close> = mp.Pool(1)
+    local err
+    local t0 = core.now()
+    local kick = uv.new_timer()
+    drive("luv", {{pool, function(stop)
+      pool:poll()
+      if err then stop() end
+    end}}, 20, function()
+      kick:start(50, 0, function()
+        kick:close()
+        pool:apply_async(function() core.sleep(60) end, nil,
+                         {timeout = 0.3, error_callback = function(e) err = e end})
+      end)
+    end)
+    assert.equal("TimeoutError", err.kind)
+    assert.is_true(core.now() - t0 < 10)
+  end)
+end)
+
 for _, kind in ipairs {"luv", "cqueues"} do
   describe("two pools and two queues in one " .. kind .. " loop", function()
     it("lose no wake-up over 10^4 events", function()

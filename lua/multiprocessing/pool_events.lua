@@ -203,6 +203,8 @@ function Pool:_ev_arm()
       self._ev_slice = slice
     end
     if not due or slice < due then due = slice end
+  else
+    self._ev_slice = nil          -- (a timed submit arms again: pool.lua)
   end
   if due ~= self._ev_due then es:set_timer(due) end   -- (set: 2 syscalls)
   self._ev_due = due
