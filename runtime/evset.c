@@ -11,12 +11,21 @@
  * to do when it fires -- is the Pool's (pool_events.lua); this file is only the
  * mechanism.
  *
+ * The set holds its own copy (a dup) of every fd added: epoll keeps an
+ * entry while its file is open anywhere, and a pool's sibling workers
+ * inherit each other's sentinels through fork, so an entry for a fd the
+ * caller closed could never be taken out again (a dead worker's pidfd
+ * would keep the set readable for good).  add() returns the copy as the
+ * member's key; remove(key) takes the entry out and closes the copy.
+ *
  * The epoll instance is shared with children through fork like any fd;
- * only the process that made the set changes it (a child's copy of the fd
- * is closed by its finalizer and nothing else).
+ * only the process that made the set changes it (a child's copies of the
+ * fds are closed by its finalizer and nothing else).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
+#include <stdlib.h>
 #include <sys/epoll.h>
 #include <sys/timerfd.h>
 #include <unistd.h>
@@ -31,6 +40,8 @@ struct evset {
   int epfd;        /* -1 once closed */
   int tfd;         /* the deadline's timerfd, a member of the set */
   pid_t owner;     /* the process that made it: the only one changing it */
+  int *keys;       /* the members' copies (see above) */
+  int nkeys, capkeys;
 };
 
 static struct evset *checkevset(lua_State *L) {
@@ -50,6 +61,13 @@ static int evset_close(lua_State *L) {
     close(t);
     close(ep);
   }
+  if (e->keys != NULL) {
+    int *k = e->keys, n = e->nkeys;
+    e->keys = NULL;
+    e->nkeys = e->capkeys = 0;
+    for (int i = 0; i < n; i++) close(k[i]);
+    free(k);
+  }
   return 0;
 }
 
@@ -59,6 +77,8 @@ static int l_evset(lua_State *L) {
   struct epoll_event ev = {0};
   e->epfd = e->tfd = -1;     /* closed until the resources exist */
   e->owner = luamp_pid();
+  e->keys = NULL;
+  e->nkeys = e->capkeys = 0;
   luaL_setmetatable(L, EVSET_TNAME);
   e->tfd = luamp_sys.timerfd_create(CLOCK_MONOTONIC,
                                     TFD_CLOEXEC | TFD_NONBLOCK);
@@ -83,27 +103,45 @@ static int checkfd(lua_State *L, int idx) {
   return (int)fd;
 }
 
-/* es:add(fd): readable fd makes the set readable (adding twice is fine) */
+/* es:add(fd) -> key: a readable fd makes the set readable; the key is
+ * the set's own copy of fd (the caller may close fd; remove(key) ends
+ * the membership). */
 static int evset_add(lua_State *L) {
   struct evset *e = checkevset(L);
-  int fd = checkfd(L, 2);
+  int fd = checkfd(L, 2), key;
   struct epoll_event ev = {0};
+  if (e->nkeys == e->capkeys) {
+    int n = e->capkeys ? e->capkeys * 2 : 8;
+    int *k = realloc(e->keys, (size_t)n * sizeof *k);
+    if (k == NULL) luamp_raise_errno(L, "OSError", ENOMEM, "EventSet add");
+    e->keys = k;
+    e->capkeys = n;
+  }
+  key = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (key < 0) luamp_raise_errno(L, "OSError", errno, "dup");
   ev.events = EPOLLIN;
-  ev.data.fd = fd;
-  if (luamp_sys.epoll_ctl(e->epfd, EPOLL_CTL_ADD, fd, &ev) != 0 &&
-      errno != EEXIST)
-    luamp_raise_errno(L, "OSError", errno, "epoll_ctl");
-  return 0;
+  ev.data.fd = key;
+  if (luamp_sys.epoll_ctl(e->epfd, EPOLL_CTL_ADD, key, &ev) != 0) {
+    int err = errno;
+    close(key);
+    luamp_raise_errno(L, "OSError", err, "epoll_ctl");
+  }
+  e->keys[e->nkeys++] = key;
+  lua_pushinteger(L, key);
+  return 1;
 }
 
-/* es:remove(fd): an fd not in the set (closed already: the kernel took
- * it out) is no error */
+/* es:remove(key): the member added as key leaves; its copy is closed */
 static int evset_remove(lua_State *L) {
   struct evset *e = checkevset(L);
-  int fd = checkfd(L, 2);
-  if (luamp_sys.epoll_ctl(e->epfd, EPOLL_CTL_DEL, fd, NULL) != 0 &&
-      errno != ENOENT && errno != EBADF)
-    luamp_raise_errno(L, "OSError", errno, "epoll_ctl");
+  int key = checkfd(L, 2), i;
+  for (i = 0; i < e->nkeys && e->keys[i] != key; i++) {}
+  luaL_argcheck(L, i < e->nkeys, 2, "not a key of this EventSet");
+  e->keys[i] = e->keys[--e->nkeys];
+  /* DEL first: children made since hold copies of key, and the entry
+   * lives while any copy is open */
+  (void)luamp_sys.epoll_ctl(e->epfd, EPOLL_CTL_DEL, key, NULL);
+  close(key);
   return 0;
 }
 

@@ -126,12 +126,12 @@ local expected = {
       "8 thumbnails, 153720 bytes written\n", out)
   end,
   ["evloop_luv.lua"] = function(out)
-    assert.equal("1000 tasks done, sum of squares = 333833500\n" ..
+    assert.equal("1000 futures done, sum of squares = 333833500\n" ..
       "the timer kept ticking meanwhile: true\n", out)
   end,
   ["evloop_cqueues.lua"] = function(out)
     assert.equal("queue: message 1\nqueue: message 2\nqueue: message 3\n" ..
-      "pool: 40 + 2 = 42\n", out)
+      "future: 40 + 2 = 42\n", out)
   end,
   ["pool_jsonlines.lua"] = function(out)
     -- the counts straight from the generator's rule for line i, with no

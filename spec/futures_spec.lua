@@ -414,7 +414,7 @@ describe("bad input gets clear errors at the caller's line", function()
     local f = ex:submit(noop)
     assert.matches(here .. "bad argument #1 to 'result' %(timeout must be a non%-negative number, got %-1",
                    err_of(function() f:result(-1) end))
-    assert.matches(here .. "bad argument #1 to 'exception' %(timeout must be",
+    assert.matches(here .. "bad argument #1 to 'exception' %(timeout must be a non%-negative number, got NaN%)",
                    err_of(function() f:exception(0 / 0) end))
     assert.matches(here .. "bad argument #2 to 'wait' %(timeout must be",
                    err_of(function() futures.wait({f}, {timeout = -1}) end))
@@ -422,6 +422,26 @@ describe("bad input gets clear errors at the caller's line", function()
                    err_of(function() futures.as_completed({f}, 0 / 0) end))
     assert.matches(here .. "bad argument #1 to 'submit_with' %(timeout must be",
                    err_of(function() ex:submit_with({timeout = -2}, noop) end))
+  end)
+
+  it("a timeout that is not a number says its type", function()
+    local f = ex:submit(noop)
+    assert.matches(here .. "bad argument #1 to 'result' %(timeout must be a non%-negative number, got string%)",
+                   err_of(function() f:result("5") end))
+    assert.matches(here .. "bad argument #2 to 'wait' %(timeout must be a non%-negative number, got string%)",
+                   err_of(function() futures.wait({f}, {timeout = "1"}) end))
+    assert.matches(here .. "bad argument #2 to 'map' %(task_timeout must be a non%-negative number, got NaN%)",
+                   err_of(function() ex:map(noop, {}, {task_timeout = 0 / 0}) end))
+  end)
+
+  it("executor methods called with a bad self or a bad shutdown argument", function()
+    for _, name in ipairs {"poll", "fileno", "timeout", "shutdown"} do
+      assert.matches(here .. "bad argument #1 to '" .. name .. "' %(ProcessPoolExecutor expected, got nil%)",
+                     err_of(function() ex[name](nil) end))
+    end
+    assert.matches(here .. "bad argument #1 to 'shutdown' %(boolean expected, got string%)",
+                   err_of(function() ex:shutdown("yes") end))
+    assert.equal(1, ex:submit(function() return 1 end):result(10))   -- still running
   end)
 
   it("return_when misspelt", function()

@@ -37,10 +37,15 @@ local RETURN_WHEN = {FIRST_COMPLETED = true, FIRST_EXCEPTION = true,
 
 local argerror = require("multiprocessing.util").argerror
 
+-- (what a bad value was: a number shows itself, else its type)
+local function shown(v)
+  if type(v) ~= "number" then return type(v) end
+  return v ~= v and "NaN" or tostring(v)
+end
+
 local function check_timeout(t, n, fname)
   if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
-    argerror(n, fname, "timeout must be a non-negative number, got " ..
-             tostring(t))
+    argerror(n, fname, "timeout must be a non-negative number, got " .. shown(t))
   end
 end
 
@@ -89,10 +94,14 @@ function M.ProcessPoolExecutor(opts)
   return setmetatable({_pool = pool, _shutdown = false}, Executor)
 end
 
-local function check_submit(self, fn, n, fname)
+local function check_self(self, fname)
   if getmetatable(self) ~= Executor then
     argerror(1, fname, "ProcessPoolExecutor expected, got " .. type(self))
   end
+end
+
+local function check_submit(self, fn, n, fname)
+  check_self(self, fname)
   if type(fn) ~= "function" then
     argerror(n, fname, "function expected, got " .. type(fn))
   end
@@ -116,8 +125,7 @@ function Executor:submit_with(opts, fn, ...)
   check_submit(self, fn, 2, "submit_with")
   local t = opts.timeout
   if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
-    argerror(1, "submit_with", "timeout must be a non-negative number, got " ..
-             tostring(t))
+    argerror(1, "submit_with", "timeout must be a non-negative number, got " .. shown(t))
   end
   return self._pool:_submit_future(fn, pack(...), select("#", ...), t)
 end
@@ -135,7 +143,7 @@ function Executor:map(fn, iterable, opts)
   check_timeout(opts.timeout, 2, "map")
   local tt = opts.task_timeout
   if tt ~= nil and (type(tt) ~= "number" or tt ~= tt or tt < 0) then
-    argerror(2, "map", "task_timeout must be a non-negative number")
+    argerror(2, "map", "task_timeout must be a non-negative number, got " .. shown(tt))
   end
   local cs = opts.chunksize or 1
   if math.type(cs) ~= "integer" or cs < 1 then
@@ -205,6 +213,10 @@ local SHUTDOWN_OPTIONS = {cancel_futures = true}
 -- cancel_futures those not started are cancelled; with wait (the default)
 -- returns once every future is done and the workers are gone.
 function Executor:shutdown(wait, opts)
+  check_self(self, "shutdown")
+  if wait ~= nil and type(wait) ~= "boolean" then
+    argerror(1, "shutdown", "boolean expected, got " .. type(wait))
+  end
   opts = check_options(opts, 2, "shutdown", SHUTDOWN_OPTIONS)
   if wait == nil then wait = true end
   local pool = self._pool
@@ -217,7 +229,27 @@ end
 -- ex:poll(): collects finished results and runs their callbacks without
 -- waiting.
 function Executor:poll()
+  check_self(self, "poll")
   self._pool:poll()
+end
+
+-- Event loops: ex:fileno() is its pool's fd, readable whenever the
+-- executor has something to do (a future's result came, a worker died, a
+-- task's deadline passed); ex:poll() then does it without waiting and
+-- runs the done callbacks.  pollfd, events and timeout: the cqueues
+-- protocol, so cqueues.poll(ex) works.
+function Executor:fileno()
+  check_self(self, "fileno")
+  if self._pool._released then
+    raise("ValueError", "the executor is shut down and its workers are gone")
+  end
+  return self._pool:fileno()
+end
+Executor.pollfd = Executor.fileno
+function Executor:events() return "r" end
+function Executor:timeout()
+  check_self(self, "timeout")
+  return self._pool:timeout()
 end
 
 Executor.__close = function(self) self:shutdown(true) end

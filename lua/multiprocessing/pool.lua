@@ -197,6 +197,8 @@ function Pool:_submit(rec, fref, mode, items, n, first, timeout)
   if timeout then
     self._timeouts[tag] = timeout
     self._timed = (self._timed or 0) + 1
+    -- a loop's fd re-arms in poll() only: its timer starts looking now
+    if self._ev and not self._ev_slice then self:_ev_arm() end
   end
   return tag
 end

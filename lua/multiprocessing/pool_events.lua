@@ -145,44 +145,78 @@ end
 -- workers' sentinels and a timerfd) that is readable while the pool has
 -- something to do: a result came, a worker died, a task's deadline
 -- passed.  The host loop then calls pool:poll(), which does it without
--- waiting and re-arms the set (_ev_sync): the result queue registered for
--- the next put, the sentinels of replaced workers swapped, the timer set
--- to the next deadline.  Nothing is missed between poll's drain and the
--- re-arm: arming the queue looks at it after registering.
+-- waiting and re-arms the set.
+--
+-- Arming (_ev_arm) only registers what there is to watch and never does
+-- the work: fileno() and pollfd() arm (cqueues calls pollfd at every
+-- cqueues.poll), and a death or deadline they handled there would run
+-- its callback with no wake-up left for the loop -- the loop would sleep
+-- on a quiet fd while the work it waits for was done behind its back.
+-- So every condition stays visible on the fd until poll() deals with it:
+-- a dead worker's sentinel stays in the set until poll() replaced the
+-- worker, the timer stays at an overdue deadline until poll() killed the
+-- task, and arming the result queue looks at it after registering (a put
+-- between a drain and the re-arm is not missed).
 
--- Brings the set up to date; the pool's state is settled (poll ran).
-function Pool:_ev_sync()
-  local es = self._ev
-  if self._released or self._owner ~= getpid() then return end
-  -- a dead worker is replaced now (poll's drain may have skipped the
-  -- check), else its sentinel keeps the fd readable
-  self:_check_workers()
-  self._rq:pollfd()                 -- drained: armed for the next put
-  local have, live = self._ev_fds, {}
-  for _, w in pairs(self._workers) do live[w.pid] = w.sentinel end
-  -- gone ones out first: a new sentinel may have the old one's number
-  for pid, fd in pairs(have) do
-    if live[pid] ~= fd then
-      es:remove(fd)
-      have[pid] = nil
+-- The earliest deadline of a task that a worker runs now (a past one when
+-- it is overdue: the timer then fires at once); kills nothing.
+local function next_due(self)
+  local due
+  for slot, w in pairs(self._workers) do
+    local tag = self._started[slot + 1]
+    local timeout = tag >= 0 and self._tasks[tag] and self._timeouts[tag]
+    if timeout and not w.killed_for then
+      local d = self._starts[slot + 1] + timeout
+      if not due or d < due then due = d end
     end
   end
-  for pid, fd in pairs(live) do
-    if not have[pid] then
-      es:add(fd)
-      have[pid] = fd
+  return due
+end
+
+-- Brings the set up to date with the pool's state as it is, doing none of
+-- the pool's work.
+function Pool:_ev_arm()
+  local es, keys = self._ev, self._ev_keys
+  self._rq:pollfd()                 -- armed for the next put
+  local live = {}
+  for _, w in pairs(self._workers) do live[w] = true end
+  -- (the set keeps its own copy of each sentinel: a worker's handle is
+  -- closed when it is replaced, and its entry still leaves here)
+  for w, key in pairs(keys) do
+    if not live[w] then
+      es:remove(key)
+      keys[w] = nil
     end
+  end
+  for w in pairs(live) do
+    if not keys[w] then keys[w] = es:add(w.sentinel) end
   end
   -- the next task deadline; a timed task still queued has none yet (its
-  -- clock starts in the worker), so look again after SLICE meanwhile
-  local due
+  -- clock starts in the worker), so while there are timed tasks the timer
+  -- also fires every SLICE for the loop to arm again and look (a slice
+  -- that has passed is renewed here: this look is what it was for)
+  local due = next_due(self)
   if (self._timed or 0) > 0 then
-    due = self:_check_timeouts()
-    local slice = now() + SLICE
+    local slice = self._ev_slice
+    if not slice or slice <= now() then
+      slice = now() + SLICE
+      self._ev_slice = slice
+    end
     if not due or slice < due then due = slice end
+  else
+    self._ev_slice = nil          -- (a timed submit arms again: pool.lua)
   end
   if due ~= self._ev_due then es:set_timer(due) end   -- (set: 2 syscalls)
   self._ev_due = due
+end
+
+-- pool:poll()'s part: the work is done (dead workers replaced, overdue
+-- tasks killed), then the set re-armed.
+function Pool:_ev_sync()
+  if self._released or self._owner ~= getpid() then return end
+  self:_check_workers()
+  if (self._timed or 0) > 0 then self:_check_timeouts() end
+  self:_ev_arm()
 end
 
 -- pool:fileno() -> fd, readable when pool:poll() has work to do (a
@@ -194,10 +228,10 @@ function Pool:fileno()
   if self._released then raise("ValueError", "Pool is terminated") end
   if not self._ev then
     local es = core.EventSet()
-    self._ev, self._ev_fds = es, {}
+    self._ev, self._ev_keys = es, {}
     es:add(self._rq:fileno())
   end
-  self:_ev_sync()
+  self:_ev_arm()
   return self._ev:fileno()
 end
 
@@ -205,16 +239,24 @@ end
 -- work to do.
 Pool.pollfd = Pool.fileno
 function Pool:events() return "r" end
--- (While jobs are unfinished a host loop also looks again after SLICE
--- without an event: a wake-up lost between a worker's death and the set's
--- re-arm -- seen once in ~10 cqueues runs, cause not found yet -- then
--- costs a quarter second instead of a hang.)
 function Pool:timeout()
   local due = self._ev_due
-  if due == nil then
-    return next(self._jobs) ~= nil and SLICE or nil
-  end
-  return math.max(due - now(), 0)
+  return due and math.max(due - now(), 0)
+end
+
+-- The cqueues protocol on a future (an AsyncResult): cqueues.poll(fut)
+-- returns when its pool has something to do, at once when the future is
+-- done; fut:done() (or result) then collects.  A done future has no fd
+-- (nil: only the timeout counts), so polling it never needs the pool.
+local AsyncResult = results.AsyncResult
+function AsyncResult:pollfd()
+  if self._done then return nil end
+  return self._pool:fileno()
+end
+function AsyncResult:events() return "r" end
+function AsyncResult:timeout()
+  if self._done then return 0 end
+  return self._pool:timeout()
 end
 
 do

@@ -152,7 +152,7 @@ end
 local function check_timeout(t, fname)
   if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
     argerror(1, fname, "timeout must be a non-negative number, got " ..
-             tostring(t))
+             (type(t) ~= "number" and type(t) or t ~= t and "NaN" or tostring(t)))
   end
 end
 

@@ -1,10 +1,12 @@
--- evloop_cqueues.lua: a cqueues coroutine waits on a Queue and on a Pool
--- result in one cqueues.poll.  Queues and pools speak the cqueues polling
--- protocol (pollfd, events, timeout), so they can be polled like sockets.
+-- evloop_cqueues.lua: a cqueues coroutine waits on a Queue and on a
+-- future in one cqueues.poll.  Queues, futures, executors and pools speak
+-- the cqueues polling protocol (pollfd, events, timeout), so they can be
+-- polled like sockets.
 local mp = require "multiprocessing"
+local futures = require "multiprocessing.futures"
 local cqueues = require "cqueues"
 
-local pool = mp.Pool(2)
+local ex = futures.ProcessPoolExecutor(2)
 local q = mp.Queue()
 
 local producer = mp.Process{target = function(out)
@@ -12,28 +14,26 @@ local producer = mp.Process{target = function(out)
 end, args = {q}}
 producer:start()
 
-local res = pool:apply_async(function(a, b) return a + b end, {40, 2})
+local fut = ex:submit(function(a, b) return a + b end, 40, 2)
 
 local loop = cqueues.new()
 loop:wrap(function()
   local messages, answer = 0, nil
   while messages < 3 or answer == nil do
-    for _, ready in ipairs({cqueues.poll(q, pool)}) do
+    for _, ready in ipairs({cqueues.poll(q, fut)}) do
       if ready == q then
         while not q:empty() do    -- take all that is there
           print("queue: " .. q:get())
           messages = messages + 1
         end
-      elseif ready == pool then
-        pool:poll()               -- settles finished tasks
-        if res:ready() then answer = res:get() end
+      elseif ready == fut and fut:done() then   -- done() collects
+        answer = fut:result()
       end
     end
   end
-  print("pool: 40 + 2 = " .. answer)
+  print("future: 40 + 2 = " .. answer)
 end)
 assert(loop:loop())
 
 producer:join()
-pool:close()
-pool:join()
+ex:shutdown()

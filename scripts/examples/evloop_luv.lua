@@ -1,12 +1,12 @@
 -- evloop_luv.lua: a luv (libuv) program keeps serving a repeating timer
--- while 1000 Pool tasks complete.  The pool is one fd in the loop
--- (pool:fileno()); when it is readable, pool:poll() collects the results
--- and runs their callbacks, without ever blocking the loop.
-local mp = require "multiprocessing"
+-- while 1000 futures complete.  The executor is one fd in the loop
+-- (ex:fileno()); when it is readable, ex:poll() collects the results and
+-- runs the futures' done callbacks, without ever blocking the loop.
+local futures = require "multiprocessing.futures"
 local uv = require "luv"
 
 local N = 1000
-local pool = mp.Pool(2)
+local ex = futures.ProcessPoolExecutor(2)
 
 local function square(i)
   local t = os.clock() + 0.001     -- a millisecond of work
@@ -15,18 +15,18 @@ local function square(i)
 end
 
 local done, sum, ticks = 0, 0, 0
-local watcher = uv.new_poll(pool:fileno())
+local watcher = uv.new_poll(ex:fileno())
 local timer = uv.new_timer()
 
 watcher:start("r", function(err)
   assert(not err, err)
-  pool:poll()                      -- results in: callbacks run here
+  ex:poll()                        -- results in: done callbacks run here
 end)
 timer:start(10, 10, function() ticks = ticks + 1 end)
 
 for i = 1, N do
-  pool:apply_async(square, {i}, function(v)
-    done, sum = done + 1, sum + v
+  ex:submit(square, i):add_done_callback(function(f)
+    done, sum = done + 1, sum + f:result()
     if done == N then              -- all in: let the loop end
       watcher:close()
       timer:close()
@@ -35,7 +35,6 @@ for i = 1, N do
 end
 
 uv.run()
-print(string.format("%d tasks done, sum of squares = %d", done, sum))
+print(string.format("%d futures done, sum of squares = %d", done, sum))
 print("the timer kept ticking meanwhile: " .. tostring(ticks > 0))
-pool:close()
-pool:join()
+ex:shutdown()
