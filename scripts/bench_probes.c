@@ -7,11 +7,21 @@
  *   pingpong N                  N round trips of a 4-byte frame + 1 byte
  *                               over a socketpair between two processes
  *   stream MIB                  MIB MiB in 1 MiB writes over a socketpair
+ *   futex N                     N round trips between two processes through
+ *                               two futex words in shared memory (no spin):
+ *                               the kernel's floor for one wake-up each way
+ *   burn SECS                   burns one core for at most SECS seconds
+ *                               (make bench's loaded state; killed by pid)
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -26,6 +36,41 @@ static void report(const char *name, double secs, double count,
                    const char *unit) {
   printf("{\"name\":\"%s\",\"seconds\":%.6f,\"rate\":%.3f,\"unit\":\"%s\"}\n",
          name, secs, count / secs, unit);
+}
+
+/* Waits while *w == v (futex, shared between processes). */
+static void fwait(_Atomic uint32_t *w, uint32_t v) {
+  while (atomic_load(w) == v)
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT, v, NULL, NULL, 0);
+}
+
+static void fwake(_Atomic uint32_t *w) {
+  syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/* N round trips: the parent bumps word 0 and waits for word 1 to follow. */
+static int futex_pingpong(long n) {
+  _Atomic uint32_t *w = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                             MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  double t0;
+  if (w == MAP_FAILED) return 1;
+  if (fork() == 0) {
+    for (uint32_t i = 1; i <= (uint32_t)n; i++) {
+      fwait(&w[0], i - 1);
+      atomic_store(&w[1], i);
+      fwake(&w[1]);
+    }
+    _exit(0);
+  }
+  t0 = now();
+  for (uint32_t i = 1; i <= (uint32_t)n; i++) {
+    atomic_store(&w[0], i);
+    fwake(&w[0]);
+    fwait(&w[1], i - 1);
+  }
+  report("c.futex_pingpong", now() - t0, (double)n, "roundtrips/s");
+  wait(NULL);
+  return 0;
 }
 
 static int full_read(int fd, char *p, size_t n) {
@@ -115,9 +160,16 @@ int main(int argc, char **argv) {
     if (full_read(sv[0], buf, 1)) return 1;
     report("c.socketpair_stream", now() - t0, (double)mib, "MiB/s");
     wait(NULL);
+  } else if (argc == 3 && strcmp(argv[1], "futex") == 0) {
+    return futex_pingpong(atol(argv[2]));
+  } else if (argc == 3 && strcmp(argv[1], "burn") == 0) {
+    double until = now() + atof(argv[2]);
+    volatile unsigned long x = 0;
+    while (now() < until)
+      for (int i = 0; i < 1000000; i++) x = x + 1;
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
-                    "pingpong N|stream MIB\n");
+                    "pingpong N|stream MIB|futex N|burn SECS\n");
     return 2;
   }
   return 0;
