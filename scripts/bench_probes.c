@@ -10,6 +10,8 @@
  *   futex N                     N round trips between two processes through
  *                               two futex words in shared memory (no spin):
  *                               the kernel's floor for one wake-up each way
+ *   fork_pidfd N                fork + _exit, the parent waiting as luamp's
+ *                               join does (pidfd_open, poll, waitpid)
  *   burn SECS                   burns one core for at most SECS seconds
  *                               (make bench's loaded state; killed by pid)
  */
@@ -17,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/mman.h>
@@ -160,6 +163,22 @@ int main(int argc, char **argv) {
     if (full_read(sv[0], buf, 1)) return 1;
     report("c.socketpair_stream", now() - t0, (double)mib, "MiB/s");
     wait(NULL);
+  } else if (argc == 3 && strcmp(argv[1], "fork_pidfd") == 0) {
+    long n = atol(argv[2]);
+    t0 = now();
+    for (long i = 0; i < n; i++) {
+      int st, fd;
+      pid_t pid = fork();
+      if (pid == 0) _exit(0);
+      fd = (int)syscall(SYS_pidfd_open, pid, 0);
+      if (fd >= 0) {
+        struct pollfd q = {fd, POLLIN, 0};
+        poll(&q, 1, -1);
+        close(fd);
+      }
+      waitpid(pid, &st, 0);
+    }
+    report("c.fork_pidfd_wait", now() - t0, (double)n, "procs/s");
   } else if (argc == 3 && strcmp(argv[1], "futex") == 0) {
     return futex_pingpong(atol(argv[2]));
   } else if (argc == 3 && strcmp(argv[1], "burn") == 0) {
@@ -169,7 +188,7 @@ int main(int argc, char **argv) {
       for (int i = 0; i < 1000000; i++) x = x + 1;
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
-                    "pingpong N|stream MIB|futex N|burn SECS\n");
+                    "pingpong N|stream MIB|futex N|fork_pidfd N|burn SECS\n");
     return 2;
   }
   return 0;

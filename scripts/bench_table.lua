@@ -1,5 +1,6 @@
--- bench_table.lua [--build DIR] [FILTER]: make bench.  Runs the raw C
--- probes, scripts/bench.lua under luamp and scripts/bench.py under Debian's
+-- bench_table.lua [--build DIR] [FILTER]: make bench (FILTER: words
+-- separated by "|", see selected).  Runs the raw C probes,
+-- scripts/bench.lua under luamp and scripts/bench.py under Debian's
 -- /usr/bin/python3, all in this one run, and prints tables: workload,
 -- luamp, the references, ratios and the issue's target.
 --
@@ -79,6 +80,16 @@ local PROBE = {
   ["futures.submit_result_rtt"] = "futex 100000",
 }
 
+-- FILTER: words separated by "|"; a workload is run when its name
+-- contains one of them
+local function selected(name)
+  if not filter then return true end
+  for word in filter:gmatch("[^|]+") do
+    if name:find(word, 1, true) then return true end
+  end
+  return false
+end
+
 local function is_curve(name)
   return name:find("^curve%.") or name:find("^pool%.scale_")
 end
@@ -86,7 +97,7 @@ end
 -- One pass: every selected workload REPEAT times (curves only when asked).
 local function pass(curves)
   for _ = 1, REPEAT do
-    if not curves and (not filter or ("startup"):find(filter, 1, true)) then
+    if not curves and selected("startup") then
       -- start-up of the three interpreters
       collect("luamp", probes .. " spawn startup 200 " .. luamp .. " -e ''")
       collect("lua5.4", probes .. " spawn startup 200 lua5.4 -e ''")
@@ -98,7 +109,7 @@ local function pass(curves)
     end
     -- the workloads, luamp's and CPython's of each back to back
     for _, name in ipairs(lnames) do
-      if (not filter or name:find(filter, 1, true)) and
+      if selected(name) and
          (not is_curve(name)) == not curves then
         if PROBE[name] then collect("c", probes .. " " .. PROBE[name]) end
         collect("luamp", luamp .. " scripts/bench.lua " .. q("=" .. name))
