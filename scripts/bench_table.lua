@@ -75,7 +75,7 @@ for _, n in ipairs(names(PY .. " scripts/bench.py")) do pynames[n] = true end
 -- The raw C probe a workload is compared with runs right before it, so
 -- that both see the machine in the same state.
 local PROBE = {
-  ["process.start_join"] = "fork 3000",
+  ["process.start_join"] = {"fork 3000", "fork_pidfd 3000"},
   ["pipe.pingpong"] = "pingpong 200000",
   ["pipe.stream_1mib"] = "stream 2048",
   ["futures.submit_result_rtt"] = "futex 100000",
@@ -113,7 +113,10 @@ local function pass(curves, only)
     for _, name in ipairs(lnames) do
       if selected(name) and (not only or only[name]) and
          (not is_curve(name)) == not curves then
-        if PROBE[name] then collect("c", probes .. " " .. PROBE[name]) end
+        local probe = PROBE[name]
+        for _, cmd in ipairs(type(probe) == "table" and probe or {probe}) do
+          collect("c", probes .. " " .. cmd)
+        end
         collect("luamp", luamp .. " scripts/bench.lua " .. q("=" .. name))
         if pynames[name] then
           collect("py", PY .. " scripts/bench.py " .. q("=" .. name))
@@ -269,6 +272,9 @@ local function print_rows(title)
     " round trips/s, socketpair stream ",
     fmt(results["c:c.socketpair_stream"] and results["c:c.socketpair_stream"].rate),
     " MiB/s\n")
+  io.write("raw C fork with luamp's join (pidfd_open, poll, waitpid) ",
+    fmt(results["c:c.fork_pidfd_wait"] and results["c:c.fork_pidfd_wait"].rate),
+    " procs/s\n")
   io.write("raw C futex ping-pong (one wake-up each way, no spin) ",
     fmt(results["c:c.futex_pingpong"] and results["c:c.futex_pingpong"].rate),
     " round trips/s\n")
