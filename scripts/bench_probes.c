@@ -12,8 +12,9 @@
  *                               the kernel's floor for one wake-up each way
  *   fork_pidfd N                fork + _exit, the parent waiting as luamp's
  *                               join does (pidfd_open, poll, waitpid)
- *   burn SECS                   burns one core for at most SECS seconds
- *                               (make bench's loaded state; killed by pid)
+ *   burn SECS [PID]             burns one core for at most SECS seconds,
+ *                               or until process PID is gone (make bench's
+ *                               loaded state; killed by pid)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,6 +27,7 @@
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -181,14 +183,17 @@ int main(int argc, char **argv) {
     report("c.fork_pidfd_wait", now() - t0, (double)n, "procs/s");
   } else if (argc == 3 && strcmp(argv[1], "futex") == 0) {
     return futex_pingpong(atol(argv[2]));
-  } else if (argc == 3 && strcmp(argv[1], "burn") == 0) {
+  } else if ((argc == 3 || argc == 4) && strcmp(argv[1], "burn") == 0) {
     double until = now() + atof(argv[2]);
+    pid_t watch = argc == 4 ? (pid_t)atol(argv[3]) : 0;
     volatile unsigned long x = 0;
-    while (now() < until)
+    /* (ends with the process watched: a Ctrl-C'd make bench leaves no
+     * burner behind) */
+    while (now() < until && (watch == 0 || kill(watch, 0) == 0))
       for (int i = 0; i < 1000000; i++) x = x + 1;
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
-                    "pingpong N|stream MIB|futex N|fork_pidfd N|burn SECS\n");
+                    "pingpong N|stream MIB|futex N|fork_pidfd N|burn SECS [PID]\n");
     return 2;
   }
   return 0;

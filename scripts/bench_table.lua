@@ -128,7 +128,8 @@ end
 
 -- A burn process on one core for the length of f(); killed by its pid.
 local function loaded(f)
-  local p = assert(io.popen(probes .. " burn 3600 >/dev/null 2>&1 & echo $!"))
+  -- (the burner also ends with this process: $PPID of popen's shell)
+  local p = assert(io.popen(probes .. " burn 3600 $PPID >/dev/null 2>&1 & echo $!"))
   local pid = assert(math.tointeger(tonumber(p:read("l"))), "burn: no pid")
   p:close()
   local ok, err = pcall(f)
