@@ -998,6 +998,34 @@ static int q_wait_fd(lua_State *L) {
   return 3;
 }
 
+/* q:_await(seconds) -> whether the queue holds an item, waiting at most
+ * seconds for one as a getter does (on the put_seq futex: the put that
+ * fills the queue wakes this process with one futex call, where mp.wait's
+ * pipe costs the putter an open of /proc/PID/fd/N, a write and a close,
+ * and the waiter a poll and a read).  The pool's owner waits so, for a
+ * short while, for a result due soon; longer waits go through mp.wait,
+ * which also watches the workers' sentinels. */
+static int q_await(lua_State *L) {
+  struct qhdr *h = (struct qhdr *)checkqueue(L, 1, any_queue)->p;
+  double deadline = luamp_deadline(luaL_checknumber(L, 2));
+  while (atomic_load(&h->count) == 0) {
+    uint32_t snap;
+    int r;
+    snap = atomic_load(&h->put_seq);
+    if (atomic_load(&h->count) > 0) break;
+    r = sleep_on(L, &h->put_seq, snap, &h->getters, deadline);
+    if (r == LUAMP_WAIT_INTERRUPTED || r == LUAMP_WAIT_TIMEOUT) {
+      /* pass on a wake-up we may have taken from a getter */
+      if (atomic_load(&h->count) > 0 && atomic_load(&h->getters) > 0)
+        luamp_futex_wake(&h->put_seq, 1);
+      if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
+      break;
+    }
+  }
+  lua_pushboolean(L, atomic_load(&h->count) > 0);
+  return 1;
+}
+
 static int q_qsize(lua_State *L) {
   struct queue q = qget(checkqueue(L, 1, full_queue));
   lua_pushinteger(L, (lua_Integer)atomic_load(&q.h->count));
@@ -1207,9 +1235,9 @@ static const luaL_Reg queue_meth[] = {
   {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
   {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
   {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
-  {"_wait_fd", q_wait_fd}, {"fileno", q_fileno}, {"pollfd", q_fileno},
-  {"events", q_events}, {"timeout", q_timeout}, {"shutdown", q_shutdown},
-  {"is_shutdown", q_is_shutdown}, {NULL, NULL}
+  {"_await", q_await}, {"_wait_fd", q_wait_fd}, {"fileno", q_fileno},
+  {"pollfd", q_fileno}, {"events", q_events}, {"timeout", q_timeout},
+  {"shutdown", q_shutdown}, {"is_shutdown", q_is_shutdown}, {NULL, NULL}
 };
 static const luaL_Reg joinable_meth[] = {
   {"task_done", jq_task_done}, {"join", jq_join}, {NULL, NULL}

@@ -389,8 +389,8 @@ add("pool.idle_worker_uss", "KiB", function()
   return sum / n, 1
 end)
 
--- the same 10^5-task map with 1, 2, 4, 16 and 64 workers on this machine
-for _, w in ipairs {1, 2, 4, 16, 64} do
+-- scale curve: the same 10^5-task map with 1 to 64 workers on this machine
+for _, w in ipairs {1, 2, 4, 8, 16, 32, 64} do
   add("pool.scale_" .. w, "tasks/s", pool_map(w, 100000))
 end
 
@@ -519,6 +519,79 @@ add("queue.empty_memory", "queues/MiB", function()
   for i = 1, 1000 do qs[i]:close() end
   return 1000, kib / 1024
 end)
+
+-- ---- scale curves (issue 18) -------------------------------------------------
+-- Each point is one workload "curve.<what>.<x>"; bench_table prints them
+-- in a table of their own with the growth from point to point.
+
+-- queued items: n small ints put on one Queue nobody reads yet (memory per
+-- item, this process's PSS and page tables), then all taken back
+for _, n in ipairs {1e3, 1e4, 1e5, 1e6} do
+  add(string.format("curve.queue_items.%d", n), "B/item", function()
+    collectgarbage()
+    local before = mem_kib()
+    local q = mp.Queue()
+    for i = 1, n do q:put(i) end
+    local kib = mem_kib() - before
+    for _ = 1, n do q:get() end
+    q:close()
+    return math.max(kib, 0) * 1024 / n, 1
+  end)
+end
+
+-- message size: send_bytes of one size from parent to child over mp.Pipe,
+-- MiB/s (the largest size is BENCH_MAX_MIB, default 256)
+local MAX_MIB = tonumber(os.getenv("BENCH_MAX_MIB") or "") or 256
+for _, kib in ipairs {1, 16, 256, 4096, 65536, 262144} do
+  if kib <= MAX_MIB * 1024 then
+    add(string.format("curve.msg_kib.%d", kib), "MiB/s", function()
+      local a, b = mp.Pipe()
+      local msg = string.rep("x", kib * 1024)
+      local p = mp.Process{target = function()
+        a:close()
+        while true do
+          local s = b:recv_bytes()
+          if s == "" then b:send_bytes("k")
+          elseif s == "q" then break end
+        end
+      end}
+      p:start()
+      b:close()
+      local n, dt = timed(function(n)
+        for _ = 1, n do a:send_bytes(msg) end
+        a:send_bytes("")
+        a:recv_bytes()
+      end, math.max(1, 4096 // kib), 0.5)
+      a:send_bytes("q")
+      p:join()
+      a:close()
+      return n * kib / 1024, dt
+    end)
+  end
+end
+
+-- live processes: n children started, each blocked on one Event; memory
+-- per process is the mean of their private memory (USS), the rate how
+-- fast they started
+for _, n in ipairs {10, 100, 1000} do
+  add(string.format("curve.live_procs.%d", n), "KiB/proc", function()
+    local ev, ps = mp.Event(), {}
+    local t0 = now()
+    for i = 1, n do
+      ps[i] = mp.Process{target = function() ev:wait() end}
+      ps[i]:start()
+    end
+    local started = now() - t0
+    core.sleep(0.2)
+    local kib = 0
+    for i = 1, n do kib = kib + uss_kib(ps[i].pid) end
+    ev:set()
+    for i = 1, n do ps[i]:join() end
+    io.stderr:write(string.format("%d live processes started in %.3f s\n",
+                                  n, started))
+    return kib / n, 1
+  end)
+end
 
 local _ = mp
 local exact = filter and filter:match("^=(.*)$")

@@ -345,7 +345,7 @@ def _pool_uss():
     return sum(kibs) / len(kibs), 1
 
 
-for _w in (1, 2, 4, 16, 64):
+for _w in (1, 2, 4, 8, 16, 32, 64):
     W.append(("pool.scale_%d" % _w, "tasks/s", _pool_map(_w, 100000)))
 
 

@@ -7,12 +7,27 @@
  *   pingpong N                  N round trips of a 4-byte frame + 1 byte
  *                               over a socketpair between two processes
  *   stream MIB                  MIB MiB in 1 MiB writes over a socketpair
+ *   futex N                     N round trips between two processes through
+ *                               two futex words in shared memory (no spin):
+ *                               the kernel's floor for one wake-up each way
+ *   fork_pidfd N                fork + _exit, the parent waiting as luamp's
+ *                               join does (pidfd_open, poll, waitpid)
+ *   burn SECS [PID]             burns one core for at most SECS seconds,
+ *                               or until process PID is gone (make bench's
+ *                               loaded state; killed by pid)
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/futex.h>
+#include <poll.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
+#include <signal.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -26,6 +41,41 @@ static void report(const char *name, double secs, double count,
                    const char *unit) {
   printf("{\"name\":\"%s\",\"seconds\":%.6f,\"rate\":%.3f,\"unit\":\"%s\"}\n",
          name, secs, count / secs, unit);
+}
+
+/* Waits while *w == v (futex, shared between processes). */
+static void fwait(_Atomic uint32_t *w, uint32_t v) {
+  while (atomic_load(w) == v)
+    syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT, v, NULL, NULL, 0);
+}
+
+static void fwake(_Atomic uint32_t *w) {
+  syscall(SYS_futex, (uint32_t *)w, FUTEX_WAKE, 1, NULL, NULL, 0);
+}
+
+/* N round trips: the parent bumps word 0 and waits for word 1 to follow. */
+static int futex_pingpong(long n) {
+  _Atomic uint32_t *w = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                             MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  double t0;
+  if (w == MAP_FAILED) return 1;
+  if (fork() == 0) {
+    for (uint32_t i = 1; i <= (uint32_t)n; i++) {
+      fwait(&w[0], i - 1);
+      atomic_store(&w[1], i);
+      fwake(&w[1]);
+    }
+    _exit(0);
+  }
+  t0 = now();
+  for (uint32_t i = 1; i <= (uint32_t)n; i++) {
+    atomic_store(&w[0], i);
+    fwake(&w[0]);
+    fwait(&w[1], i - 1);
+  }
+  report("c.futex_pingpong", now() - t0, (double)n, "roundtrips/s");
+  wait(NULL);
+  return 0;
 }
 
 static int full_read(int fd, char *p, size_t n) {
@@ -115,9 +165,35 @@ int main(int argc, char **argv) {
     if (full_read(sv[0], buf, 1)) return 1;
     report("c.socketpair_stream", now() - t0, (double)mib, "MiB/s");
     wait(NULL);
+  } else if (argc == 3 && strcmp(argv[1], "fork_pidfd") == 0) {
+    long n = atol(argv[2]);
+    t0 = now();
+    for (long i = 0; i < n; i++) {
+      int st, fd;
+      pid_t pid = fork();
+      if (pid == 0) _exit(0);
+      fd = (int)syscall(SYS_pidfd_open, pid, 0);
+      if (fd >= 0) {
+        struct pollfd q = {fd, POLLIN, 0};
+        poll(&q, 1, -1);
+        close(fd);
+      }
+      waitpid(pid, &st, 0);
+    }
+    report("c.fork_pidfd_wait", now() - t0, (double)n, "procs/s");
+  } else if (argc == 3 && strcmp(argv[1], "futex") == 0) {
+    return futex_pingpong(atol(argv[2]));
+  } else if ((argc == 3 || argc == 4) && strcmp(argv[1], "burn") == 0) {
+    double until = now() + atof(argv[2]);
+    pid_t watch = argc == 4 ? (pid_t)atol(argv[3]) : 0;
+    volatile unsigned long x = 0;
+    /* (ends with the process watched: a Ctrl-C'd make bench leaves no
+     * burner behind) */
+    while (now() < until && (watch == 0 || kill(watch, 0) == 0))
+      for (int i = 0; i < 1000000; i++) x = x + 1;
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
-                    "pingpong N|stream MIB\n");
+                    "pingpong N|stream MIB|futex N|fork_pidfd N|burn SECS [PID]\n");
     return 2;
   }
   return 0;

@@ -322,6 +322,33 @@ describe("Queue slots (for the Pool)", function()
   end)
 end)
 
+describe("Queue:_await (the Pool owner's short wait for a result)", function()
+  it("says whether an item is there, waiting at most its timeout", function()
+    local q = mp.Queue()
+    local ok
+    local dt = elapsed(function() ok = q:_await(0.2) end)
+    assert.is_false(ok)
+    assert.is_true(dt >= 0.19, dt)
+    q:put("x")
+    assert.is_true(q:_await(0))
+    assert.equal("x", q:get())             -- it takes nothing
+    assert.is_false(q:_await(0))
+    assert.error_matches(function() q:_await("soon") end, "number expected")
+  end)
+
+  pit("is woken by another process's put, long before its timeout", function()
+    local q = mp.Queue()
+    local p = mp.Process{target = function() core.sleep(0.2); q:put(42) end}
+    p:start()
+    local ok
+    local dt = elapsed(function() ok = q:_await(30) end)
+    p:join()
+    assert.is_true(ok)
+    assert.is_true(dt < 10, dt)
+    assert.equal(42, q:get())
+  end)
+end)
+
 describe("SimpleQueue", function()
   it("has put, get, empty and close", function()
     local q = mp.SimpleQueue()

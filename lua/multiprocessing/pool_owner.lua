@@ -265,14 +265,30 @@ function Pool:_check_timeouts() return shielded(check_timeouts, self) end
 -- Makes progress: takes results, runs callbacks, replaces workers, kills
 -- overdue tasks; sleeps until something happens or the deadline (nil:
 -- until something happens; 0: do not sleep).
+--
+-- Where a round trip's time went (issue 18, perf and strace of 2e4
+-- submit->result round trips): the owner made 5 system calls per round
+-- trip besides the hand-off itself -- a wait4 per worker (dead workers
+-- were looked for on every call that took no result), a read of mp.wait's
+-- pipe and a poll -- and when it slept on that pipe the worker's put
+-- paid an open of /proc/PID/fd/N, a write and a close to wake it.  Now
+-- dead workers are looked for every CHECK_EVERY seconds, at once when a
+-- sentinel fired in the last sleep, and on every pool:poll(); and the
+-- owner first waits AWAIT seconds on the result queue's futex (one futex
+-- call each side), then on mp.wait with the sentinels for the rest.
+local CHECK_EVERY, AWAIT = 0.05, 0.002
 function Pool:_pump(deadline)
   if self._owner ~= getpid() then return end
   local t = now()
   local drained = self:_drain()
-  if drained > 0 and t < (self._next_check or 0) then return end
-  self._next_check = t + 0.05
-  -- a lost task has settled: the caller may be waiting for just that
-  if self:_check_workers() > 0 then return end
+  if deadline == 0 or self._maybe_dead or t >= (self._next_check or 0) then
+    self._next_check, self._maybe_dead = t + CHECK_EVERY, false
+    -- a lost task has settled: the caller may be waiting for just that
+    if self:_check_workers() > 0 then return end
+  end
+  -- results came: the caller may have what it waits for (an imap's next
+  -- chunk), so no sleep until the next result
+  if drained > 0 then return end
   local wake = deadline
   if (self._timed or 0) > 0 then
     local due = self:_check_timeouts()
@@ -280,18 +296,24 @@ function Pool:_pump(deadline)
     if due and due < slice then slice = due end
     if not wake or slice < wake then wake = slice end
   end
-  -- results came: the caller may have what it waits for (an imap's next
-  -- chunk), so no sleep until the next result
-  if drained > 0 then return end
   -- nothing can happen: do not sleep
   if deadline == 0 or next(self._workers) == nil or
      (next(self._tasks) == nil and deadline == nil and self._state ~= "CLOSE") then
     return
   end
-  local objs = {self._rq}
+  local rq = self._rq
+  if next(self._tasks) ~= nil and
+     rq:_await(math.min(AWAIT, wake and math.max(wake - now(), 0) or AWAIT)) then
+    self:_drain()
+    return
+  end
+  local objs = {rq}
   for _, w in pairs(self._workers) do objs[#objs + 1] = w.sentinel end
   local timeout = wake and math.max(wake - now(), 0) or nil
-  connection.wait(objs, timeout)
+  local ready = connection.wait(objs, timeout)
+  if ready[#ready] ~= nil and (#ready > 1 or ready[1] ~= rq) then
+    self._maybe_dead = true         -- a sentinel fired: look at once
+  end
   self:_drain()
 end
 
