@@ -318,8 +318,12 @@ describe("forkserver Pool", function()
       return #now == 2 and now[1] ~= before[1] and now[2] ~= before[1]
     end, 10)
     assert.same({2, 4, n = 2}, pool:map(function(v) return v * 2 end, {1, 2}))
-    local pids = pool:map(function() return core.getppid() end, H.range(4))
-    for _, ppid in ipairs(pids) do assert.equal(core.forkserver_pid(), ppid) end
+    local pids = pool:map(function()
+      return {core.getppid(), mp.parent_process().pid, mp.parent_process():is_alive()}
+    end, H.range(4))
+    for i = 1, 4 do
+      assert.same({core.forkserver_pid(), core.getpid(), true}, pids[i])
+    end
     pool:close()
     pool:join()
   end)

@@ -113,7 +113,7 @@ local function is_cancelled(cancel, tag)
 end
 
 local function worker_main(cfg)
-  process._become_child(cfg.name, true)
+  process._become_child(cfg.name, true, cfg.owner_pid)
   local tq, rq, store, slot = cfg.tq, cfg.rq, cfg.store, cfg.slot
   local starts, started, cancel = cfg.starts, cfg.started, cfg.cancel
   -- a task's print or io.write clears the owner's progress bar first, when
@@ -250,6 +250,7 @@ function M.spawn(self, slot)
   -- (workers die with their owner: a SIGKILLed owner leaves no orphans)
   local h
   if (self._start_method or forkserver.method()) == "forkserver" then
+    cfg.owner_pid = core.getpid()
     h = forkserver.spawn("multiprocessing.pool_worker", "main", cfg,
                          "pool", true, true, true)
   else

@@ -540,14 +540,16 @@ function P.register_at_fork(hooks)
 end
 
 -- For other parts of the runtime that fork their own workers (the Pool):
--- makes this process look like a child with the given name.
-function P._become_child(name, daemon)
+-- makes this process look like a child with the given name.  parent_pid:
+-- the owner, for a child of the fork server (whose OS parent is the server).
+function P._become_child(name, daemon, parent_pid)
   sync()
   local id = S.current._identity
   local me = {name = name, daemon = daemon and true or false,
               pid = getpid(), _identity = id == "" and "0" or id .. ":0",
               is_alive = self_alive}
-  S.parent, S.parent_name, S.parent_pid = nil, S.current.name, core.getppid()
+  S.parent, S.parent_name = nil, S.current.name
+  S.parent_pid, S.remote = parent_pid or core.getppid(), parent_pid ~= nil
   S.current = me
   S.children, S.adopted, S.counter = nil, nil, 0
   return me
