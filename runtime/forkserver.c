@@ -429,10 +429,26 @@ static int start_server(lua_State *L, char **msg) {
   return 0;
 }
 
+/* In every forked child (of the owner, of the server, any fork): the
+ * owner's socket is not the child's to use, and holding it would keep a
+ * server whose owner is gone from seeing end of file. */
+static void forget_in_child(void) {
+  if (fs_sock >= 0) close(fs_sock);
+  fs_sock = -1;
+  fs_pid = 0;
+  fs_owner = 0;
+}
+
+static pthread_once_t forget_once = PTHREAD_ONCE_INIT;
+static void register_forget(void) {
+  pthread_atfork(NULL, NULL, forget_in_child);
+}
+
 LUAMP_API int luamp_forkserver_start(int (*init)(lua_State *L, void *ud),
                                      void *ud) {
   char *msg = NULL;
   int rc;
+  pthread_once(&forget_once, register_forget);
   server_init = init;
   server_ud = ud;
   rc = start_server(NULL, &msg);
@@ -574,5 +590,6 @@ int luamp_open_forkserver(lua_State *L) {
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
+  pthread_once(&forget_once, register_forget);
   return 0;
 }

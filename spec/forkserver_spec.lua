@@ -284,6 +284,36 @@ describe("forkserver Process", function()
     assert.equal(0, H.zombies())
   end)
 
+  it("is never shared with a forked child, which starts its own", function()
+    local out, err, rc = H.script(PRE .. [[
+      mp.set_start_method("forkserver")
+      local spid = core.forkserver_pid()
+      local q = mp.Queue()
+      local fork = mp.get_context("fork")
+      -- a fork-method child holds no copy of the owner's socket...
+      local c = fork.Process{target = function()
+        q:put(core.forkserver_pid() or "none")
+        -- ...and starts a server of its own when it uses forkserver
+        local p = mp.Process{target = function() q:put(core.getppid()) end}
+        p:start() p:join()
+        q:put(core.forkserver_pid())
+        core.sleep(3)
+      end}
+      c:start()
+      local a, b, d = q:get(true, 10), q:get(true, 10), q:get(true, 10)
+      print(a, b == d and d ~= spid)
+      -- so stopping the server ends it now, while that child still runs
+      core.forkserver_stop()
+      local t0 = core.now()
+      while core.kill(spid, 0) and core.now() - t0 < 2.5 do
+        core.waitpid(spid, true) core.sleep(0.02) end
+      print(core.kill(spid, 0), c:is_alive())
+      c:terminate() c:join()
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("none\ttrue\nfalse\ttrue\n", out)
+  end)
+
   it("preloads modules into the server; a bad one is a clear error", function()
     local dir = os.tmpname()
     os.remove(dir)
