@@ -284,6 +284,25 @@ describe("forkserver Process", function()
     assert.equal(0, H.zombies())
   end)
 
+  it("children keep the owner's start method (their children use a server of their own)", function()
+    local out, err, rc = H.script(PRE .. [[
+      mp.set_start_method("forkserver")
+      local q = mp.Queue()
+      local p = mp.Process{target = function()
+        local c = mp.Process{target = function()
+          q:put(mp.parent_process().pid == core.getppid())
+        end}
+        c:start() c:join()
+        q:put(mp.get_start_method(true))
+        q:put(core.forkserver_pid() ~= nil)
+      end}
+      p:start() p:join()
+      print(p.exitcode, q:get(true, 10), q:get(true, 10), q:get(true, 10))
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("0\tfalse\tforkserver\ttrue\n", out)
+  end)
+
   it("is never shared with a forked child, which starts its own", function()
     local out, err, rc = H.script(PRE .. [[
       mp.set_start_method("forkserver")

@@ -89,7 +89,8 @@ function M.spawn(module, fn, arg, root, daemon, ignore_sigint, die_with_parent)
   -- (arg is decoded in the child once the tree's key is set: a manager's
   -- proxy connects as it is rebuilt)
   local payload = core.encode({module = module, fn = fn, arg = data,
-                               authkey = core.tree_authkey})
+                               authkey = core.tree_authkey, method = current,
+                               preload = preload})
   return core.forkserver_spawn(payload, daemon, ignore_sigint, die_with_parent)
 end
 
@@ -100,6 +101,9 @@ function M.child_main(payload)
   local d = core.decode(payload, TRUSTED)
   -- the tree's key is the owner's (a manager made there accepts us)
   core.tree_authkey = d.authkey
+  -- the start method and preload list are the owner's, as a forked child
+  -- inherits them (its own children are forks of a server of its own)
+  current, preload = d.method, d.preload
   local mod = require(d.module)
   return mod[d.fn](core.decode(d.arg, TRUSTED))
 end
