@@ -402,7 +402,8 @@ static int start_server(lua_State *L, char **msg) {
     fs_pid = 0;
   }
   if (fs_sock >= 0) return 0;
-  if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) return -1;
+  if (luamp_sys.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+    return -1;
   pid = luamp_fork(L);
   if (pid == 0) {
     close(sv[0]);

@@ -7,6 +7,8 @@
  * threads exist), 1000 starts all finish, and a Pool's workers (and the
  * replacement of one killed) work too. */
 #include <errno.h>
+#include <fcntl.h>
+#include <sys/socket.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -18,7 +20,7 @@
 #include <lauxlib.h>
 #include <lualib.h>
 
-#include "luamp.h"
+#include "internal.h"
 /* 1000 starts take a few seconds on an idle machine, far more on a busy
  * one: the runner's own limit (120 s for the file) is the bound */
 #define TAP_TIMEOUT_SEC 90
@@ -209,6 +211,51 @@ static void test_forkserver_pool(void) {
   lua_close(L);
 }
 
+/* ---- failures: injected through luamp_sys; nothing leaks --------------- */
+
+static int open_fds(void) {
+  int n = 0;
+  for (int fd = 0; fd < 1024; fd++)
+    if (fcntl(fd, F_GETFD) >= 0) n++;
+  return n;
+}
+
+static int fail_socketpair(int d, int t, int p, int *sv) {
+  (void)d; (void)t; (void)p; (void)sv;
+  errno = EMFILE;
+  return -1;
+}
+
+static pid_t fail_fork(void) {
+  errno = EAGAIN;
+  return -1;
+}
+
+static void test_start_failures(void) {
+  int fds = open_fds();
+  lua_State *L;
+  luamp_sys.socketpair = fail_socketpair;
+  CHECK(luamp_forkserver_start(NULL, NULL) == -1 && errno == EMFILE);
+  luamp_sys.socketpair = socketpair;
+  luamp_sys.fork = fail_fork;
+  CHECK(luamp_forkserver_start(NULL, NULL) == -1 && errno == EAGAIN);
+  CHECK(luamp_forkserver_pid() == 0);
+  CHECK(open_fds() == fds);
+  /* from Lua: OSError at the start that needed the server */
+  L = new_state();
+  CHECK(run(L, "local mp = require 'multiprocessing'\n"
+               "local p = mp.get_context('forkserver').Process{target = print}\n"
+               "local ok, e = pcall(p.start, p)\n"
+               "assert(not ok and e.kind == 'OSError' and e.errno == 11, tostring(e))\n"
+               "assert(p.pid == nil and #mp.active_children() == 0)"));
+  luamp_sys.fork = fork;
+  /* and the next start works */
+  CHECK(run(L, "local mp = require 'multiprocessing'\n"
+               "local p = mp.get_context('forkserver').Process{target = function() os.exit(4) end}\n"
+               "p:start() p:join() assert(p.exitcode == 4)"));
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"under fork, a threaded host's children hang on its logger (watchdog)",
@@ -217,6 +264,8 @@ int main(void) {
      test_forkserver_no_hang},
     {"a forkserver Pool in a threaded host replaces a killed worker",
      test_forkserver_pool},
+    {"a server that cannot start raises OSError and leaks nothing",
+     test_start_failures},
     {NULL, NULL}
   };
   return tap_run(tests);
