@@ -351,11 +351,13 @@ static void forget_server(void) {
   fs_owner = 0;
 }
 
-/* Reads an answer (waiting at most ANSWER_TIMEOUT; not interruptible: the
- * server answers within a fork's time).  Returns 0, or -1 when the server
- * is gone or hung; *fd gets a passed descriptor (or -1), *msg a malloc'd
- * error text (or NULL). */
-static int read_answer(struct reply *r, int *fd, char **msg) {
+/* Reads an answer, waiting at most ANSWER_TIMEOUT (the server answers
+ * within a fork's time).  Returns 0, or -1 when the server is gone or
+ * hung; *fd gets a passed descriptor (or -1), *msg a malloc'd error text
+ * (or NULL); *interrupted is set when Ctrl-C came for L meanwhile (L may
+ * be NULL: not interruptible). */
+static int read_answer(lua_State *L, int *interrupted, struct reply *r,
+                       int *fd, char **msg) {
   union { char buf[CMSG_SPACE(sizeof(int))]; struct cmsghdr align; } u;
   struct iovec iov = {r, sizeof *r};
   struct msghdr mh = {0};
@@ -367,8 +369,15 @@ static int read_answer(struct reply *r, int *fd, char **msg) {
   mh.msg_iovlen = 1;
   mh.msg_control = u.buf;
   mh.msg_controllen = sizeof u.buf;
-  if (luamp_robust_poll(NULL, &p, 1, luamp_deadline(ANSWER_TIMEOUT)) <= 0)
-    return -1;
+  double deadline = luamp_deadline(ANSWER_TIMEOUT);
+  int ready = luamp_robust_poll(L, &p, 1, deadline);
+  if (ready == -2) {
+    /* Ctrl-C: the answer is still read (it is due within a fork's time),
+     * so that the socket stays in step; the caller then undoes it */
+    *interrupted = 1;
+    ready = luamp_robust_poll(NULL, &p, 1, deadline);
+  }
+  if (ready <= 0) return -1;
   do n = recvmsg(fs_sock, &mh, MSG_CMSG_CLOEXEC | MSG_WAITALL);
   while (n < 0 && errno == EINTR);
   if (n != (ssize_t)sizeof *r) return -1;
@@ -420,7 +429,7 @@ static int start_server(lua_State *L, char **msg) {
   fs_sock = sv[0];
   fs_pid = pid;
   fs_owner = me;
-  if (read_answer(&r, &fd, msg) != 0 || r.value != 0) {
+  if (read_answer(NULL, NULL, &r, &fd, msg) != 0 || r.value != 0) {
     int err = r.value < -1 ? -r.value : ECHILD;
     if (fd >= 0) close(fd);
     forget_server();
@@ -480,14 +489,22 @@ static void ask(lua_State *L, uint32_t kind, uint32_t flags, const char *p,
                 size_t len, struct reply *r, int *fd) {
   struct request rq = {kind, flags, (uint32_t)len};
   char *msg;
+  int interrupted = 0;
   if (luamp_forkserver_pid() == 0)
     luamp_raise(L, "ProcessError", "the fork server is not running");
   if (len > REQ_MAX_LEN)
     luamp_raise(L, "ValueError", "message of %zu bytes is too long for the "
                 "fork server", len);
   if (write_all(fs_sock, &rq, sizeof rq) != 0 || write_all(fs_sock, p, len) != 0 ||
-      read_answer(r, fd, &msg) != 0)
+      read_answer(L, &interrupted, r, fd, &msg) != 0)
     server_gone(L);
+  if (interrupted) {
+    /* a child started for a start that is being interrupted: undone */
+    if (kind == REQ_START && r->value > 0) luamp_sys.kill(r->value, SIGKILL);
+    if (*fd >= 0) close(*fd);
+    free(msg);
+    luamp_raise_interrupt(L);
+  }
   if (msg) {
     lua_pushstring(L, msg);
     free(msg);

@@ -241,6 +241,38 @@ describe("forkserver Process", function()
     assert.is_nil(p.pid)
   end)
 
+  it("Ctrl-C during a start raises \"interrupted!\" and leaves no child", function()
+    local out, err, rc = H.script(PRE .. [[
+      mp.set_start_method("forkserver")
+      local spid, me = core.forkserver_pid(), core.getpid()
+      local p = mp.Process{target = function() end}
+      p:start() p:join()              -- (the server has loaded what it needs)
+      core.kill(spid, "SIGSTOP")      -- the answer comes after the Ctrl-C
+      if core.fork() == 0 then
+        core.sleep(0.3) core.kill(me, "SIGINT")
+        core.sleep(0.3) core.kill(spid, "SIGCONT")
+        core._exit(0)
+      end
+      p = mp.Process{target = function() core.sleep(30) end}
+      local ok, e = pcall(p.start, p)
+      print(ok, tostring(e):match("interrupted!"), p.pid)
+      local function kids()
+        local f = io.popen("ps -o pid= --ppid " .. spid)
+        local n = 0
+        for _ in f:lines() do n = n + 1 end
+        f:close()
+        return n
+      end
+      local t0 = core.now()
+      while kids() > 0 and core.now() - t0 < 5 do core.sleep(0.05) end
+      print(kids(), #mp.active_children())
+      p = mp.Process{target = function() os.exit(2) end}
+      p:start() p:join() print(p.exitcode)
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("false\tinterrupted!\tnil\n0\t0\n2\n", out)
+  end)
+
   it("restarts a killed server: that start raises ProcessError, the next works", function()
     local out, err, rc = H.script(PRE .. [[
       mp.set_start_method("forkserver")
