@@ -217,6 +217,7 @@ static void start_job(int sock, int sfd, uint32_t flags, char *payload,
   if (pid == 0) {
     close(p[0]);
     close(p[1]);
+    free(j);
     run_child(sock, sfd, flags, me, payload, len);
   }
   if (pid < 0) {

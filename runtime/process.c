@@ -23,6 +23,12 @@
  * A child's sentinel is a pidfd (readable once the child has exited);
  * where pidfd_open is missing, it is the read end of a pipe whose write
  * end only the child holds.
+ *
+ * Children the fork server forked for us (forkserver.c, the "forkserver"
+ * start method) are registered too, as remote entries: not our children
+ * (waitpid cannot see them), their sentinel is the pipe on which the
+ * server writes the wait status once it reaped them.  Everything else --
+ * join, poll, signals, the exit rule -- treats them as our own.
  */
 #include <dirent.h>
 #include <errno.h>

@@ -257,7 +257,7 @@ describe("forkserver Process", function()
       local ok, e = pcall(p.start, p)
       print(ok, tostring(e):match("interrupted!"), p.pid)
       local function kids()
-        local f = io.popen("ps -o pid= --ppid " .. spid)
+        local f = io.popen("env -u LD_PRELOAD ps -o pid= --ppid " .. spid)
         local n = 0
         for _ in f:lines() do n = n + 1 end
         f:close()

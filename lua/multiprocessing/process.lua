@@ -3,7 +3,9 @@
 --
 -- A Process is a fork of the caller (core.spawn in runtime/process.c): the
 -- target, its upvalues and its arguments are used as they are, nothing is
--- serialized.  The C side owns the fork discipline, the exit codes and the
+-- serialized.  Under the "forkserver" start method it is a fork of the
+-- fork server instead (forkserver.lua), and what it needs travels through
+-- the codec (P._snapshot here, rebuilt by P._remote_main).  The C side owns the fork discipline, the exit codes and the
 -- registry that joins children at exit; this file is Python's policy:
 -- names, daemon inheritance, the checks and their error messages, the
 -- class mechanism (Process:extend()).
