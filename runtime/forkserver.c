@@ -342,11 +342,23 @@ LUAMP_NORETURN static void serve(int sock) {
 
 /* ---- starting it (owner) ----------------------------------------------- */
 
+/* Closes the socket and reaps the server (no zombie is left): it leaves
+ * at once on end of file; one that does not within a second (stopped,
+ * hung) is killed. */
 static void forget_server(void) {
   int st;
+  pid_t r;
   if (fs_sock >= 0) close(fs_sock);
-  if (fs_pid > 0 && fs_owner == luamp_pid())
-    while (waitpid(fs_pid, &st, WNOHANG) < 0 && errno == EINTR) {}
+  if (fs_pid > 0 && fs_owner == luamp_pid()) {
+    double deadline = luamp_deadline(1.0);
+    while ((r = luamp_sys.waitpid(fs_pid, &st, WNOHANG)) == 0 &&
+           luamp_remaining_ms(deadline, -1) > 0)
+      luamp_robust_poll(NULL, NULL, 0, luamp_deadline(0.002));
+    if (r == 0) {
+      luamp_sys.kill(fs_pid, SIGKILL);
+      while (luamp_sys.waitpid(fs_pid, &st, 0) < 0 && errno == EINTR) {}
+    }
+  }
   fs_sock = -1;
   fs_pid = 0;
   fs_owner = 0;
