@@ -134,23 +134,51 @@ static void close_sentinel(struct child *c) {
   }
 }
 
+/* A remote child whose server died before it: its status is lost, but
+ * whether it still runs is not.  Its sentinel becomes a pidfd of it (the
+ * same fd number: a sentinel given out stays valid), readable when it
+ * ends.  (Its pid cannot have been reused while it runs; it could in the
+ * moment between its end and the server's death, which is the price.)
+ * Returns 1 when adopted so. */
+static int adopt_orphan(struct child *c) {
+  int fd = pidfd_usable() ? pidfd_open_(c->pid) : -1;
+  if (fd < 0) return 0;
+  if (dup3(fd, c->sentinel, O_CLOEXEC) < 0) {
+    close(fd);
+    return 0;
+  }
+  close(fd);
+  c->remote = 2;
+  return 1;
+}
+
 /* A remote child's status: the fork server writes the waitpid status
  * (an int) to the status pipe and closes it; end of file without it means
- * the server died first (exit code 255, as Python's forkserver).  The
- * read end is non-blocking (made so by the server). */
+ * the server died first: exit code 255 (as Python's forkserver says) once
+ * the child is gone (adopt_orphan).  The pipe's read end is non-blocking
+ * (made so by the server). */
 static int reap_remote(struct child *c, int hang) {
   int st = 255 << 8;      /* (as exit(255)) */
-  for (;;) {
-    ssize_t n = c->sentinel >= 0 ? read(c->sentinel, &st, sizeof st) : 0;
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0 && errno == EAGAIN) {
-      struct pollfd p = {c->sentinel, POLLIN, 0};
-      if (!hang) return 0;
-      (void)luamp_sys.poll(&p, 1, -1);
-      continue;
+  if (c->remote == 2) {
+    struct pollfd p = {c->sentinel, POLLIN, 0};
+    int r;
+    do r = luamp_sys.poll(&p, 1, hang ? -1 : 0); while (r < 0 && errno == EINTR);
+    if (r == 0) return 0;
+  } else {
+    for (;;) {
+      ssize_t n = c->sentinel >= 0 ? read(c->sentinel, &st, sizeof st) : 0;
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) {
+        struct pollfd p = {c->sentinel, POLLIN, 0};
+        if (!hang) return 0;
+        (void)luamp_sys.poll(&p, 1, -1);
+        continue;
+      }
+      if (n == (ssize_t)sizeof st) break;
+      st = 255 << 8;
+      if (n == 0 && c->sentinel >= 0 && adopt_orphan(c)) return reap_remote(c, hang);
+      break;
     }
-    if (n != (ssize_t)sizeof st) st = 255 << 8;
-    break;
   }
   c->reaped = 1;
   c->status = st;

@@ -291,6 +291,24 @@ describe("forkserver Process", function()
     assert.matches("\n3\ttrue\n$", out)
   end)
 
+  it("a child outliving a killed server stays alive, stoppable and joinable", function()
+    local out, err, rc = H.script(PRE .. [[
+      mp.set_start_method("forkserver")
+      local ev = mp.Event()
+      local p = mp.Process{target = function() ev:set() core.sleep(30) end}
+      p:start() ev:wait(10)
+      local s = p.sentinel
+      core.kill(core.forkserver_pid(), "SIGKILL")
+      core.sleep(0.2)
+      print(p:is_alive(), p.exitcode, #mp.wait({s}, 0.1))
+      p:terminate() p:join(10)
+      -- (the status went with the server: 255, as Python's forkserver)
+      print(p:is_alive(), p.exitcode, #mp.wait({s}, 0))
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("true\tnil\t0\nfalse\t255\t1\n", out)
+  end)
+
   it("the server dies with its owner and leaves no zombie or fd behind", function()
     local out, err, rc = H.script(PRE .. [[
       local ctx = mp.get_context("forkserver")
