@@ -472,6 +472,15 @@ LUAMP_NORETURN void luamp_child_exit(int code);
 int luamp_open_process(lua_State *L);
 /* getpid(), cached (refreshed in every forked child by pthread_atfork). */
 pid_t luamp_pid(void);
+/* A forked child's body: fn(arg) (stack indexes) under a traceback
+ * handler, its result the exit code; leaves through luamp_child_exit. */
+LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg);
+/* Pushes a Child handle for pid, forked by the fork server; status_fd is
+ * the pipe the server writes its wait status to (forkserver.c). */
+void luamp_remote_child(lua_State *L, pid_t pid, int status_fd, int daemon);
+
+/* ---- forkserver.c: the fork server ----------------------------------- */
+int luamp_open_forkserver(lua_State *L);
 
 /* ---- conn.c: Pipe, Connection, Listener/Client, wait --------------- */
 

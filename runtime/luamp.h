@@ -171,6 +171,13 @@
  *     take other locks (a logger's mutex, a connection pool's) can hang
  *     if another thread held such a lock when the fork happened.
  *
+ * Best of all, for a host with threads: call luamp_forkserver_start()
+ * (below) first thing in main(), and use the "forkserver" start method
+ * (mp.set_start_method("forkserver")): Processes and Pool workers are
+ * then forked by that server, which has one thread and holds no lock of
+ * the host's.  A fork made by the runtime from a process with more than
+ * one thread prints a warning on stderr, once.
+ *
  * Never fork from a thread other than the state's owner, and never while
  * another thread runs Lua code of the same state.  A child cannot use the
  * host's other threads (they are not there): work handed to a thread
@@ -203,6 +210,8 @@
  */
 #ifndef LUAMP_H
 #define LUAMP_H
+
+#include <sys/types.h>
 
 #include <lua.h>
 
@@ -256,6 +265,29 @@ LUAMP_API const char *luamp_version(void);
  * -1 with errno ENOMEM when the hook table (32 entries) is full. */
 LUAMP_API int luamp_atfork(void (*before)(void *), void (*parent)(void *),
                            void (*child)(void *), void *ud);
+
+/* Starts this process's fork server (the "forkserver" start method; see
+ * "Hosts with threads" above).  Call it early in main(), before any
+ * thread exists and before the heap grows: the server is a fork of the
+ * caller at this instant, and every child started under "forkserver"
+ * (mp.set_start_method("forkserver") or mp.get_context("forkserver")) is
+ * a fork of the server, with one thread, the server's small heap and no
+ * lock another thread held.  The server makes a Lua state of its own
+ * (standard libraries and the module) and calls init(L, ud) on it when
+ * init is not NULL: open there the host's C modules that tasks use
+ * (luaL_requiref), set the globals they read; return 0 (anything else
+ * stops the server).  Children run in copies of that state: a target,
+ * its upvalues and arguments travel through the codec, and the globals a
+ * target reads are the server's.  Returns 0 (a server already running
+ * for this process is kept), or -1 with errno set (the reason is printed
+ * on stderr).  The server dies with the thread that started it and when
+ * the process exits; a server found dead at a start makes that start
+ * raise ProcessError and the next one starts a new server (forked from
+ * the process as it is then). */
+LUAMP_API int luamp_forkserver_start(int (*init)(lua_State *L, void *ud),
+                                     void *ud);
+/* The running fork server's pid, 0 when this process has none. */
+LUAMP_API pid_t luamp_forkserver_pid(void);
 
 #ifdef __cplusplus
 }

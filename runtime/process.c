@@ -23,6 +23,12 @@
  * A child's sentinel is a pidfd (readable once the child has exited);
  * where pidfd_open is missing, it is the read end of a pipe whose write
  * end only the child holds.
+ *
+ * Children the fork server forked for us (forkserver.c, the "forkserver"
+ * start method) are registered too, as remote entries: not our children
+ * (waitpid cannot see them), their sentinel is the pipe on which the
+ * server writes the wait status once it reaped them.  Everything else --
+ * join, poll, signals, the exit rule -- treats them as our own.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -37,6 +43,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -67,6 +74,9 @@ struct child {
   int reaped;           /* 0 running, 1 status valid, 2 lost (ECHILD) */
   int status;           /* waitpid status when reaped == 1 */
   int has_handle;       /* a Child userdata refers to this entry */
+  int remote;           /* forked by the fork server (forkserver.c): not
+                         * our child; sentinel is the status pipe the
+                         * server writes the wait status to */
 };
 
 static struct child *registry = NULL;
@@ -124,6 +134,59 @@ static void close_sentinel(struct child *c) {
   }
 }
 
+/* A remote child whose server died before it: its status is lost, but
+ * whether it still runs is not.  Its sentinel becomes a pidfd of it (the
+ * same fd number: a sentinel given out stays valid), readable when it
+ * ends.  (Its pid cannot have been reused while it runs; it could in the
+ * moment between its end and the server's death, which is the price.)
+ * Returns 1 when adopted so. */
+static int adopt_orphan(struct child *c) {
+  int fd = pidfd_usable() ? pidfd_open_(c->pid) : -1;
+  if (fd < 0) return 0;
+  if (dup3(fd, c->sentinel, O_CLOEXEC) < 0) {
+    close(fd);
+    return 0;
+  }
+  close(fd);
+  c->remote = 2;
+  return 1;
+}
+
+/* A remote child's status: the fork server writes the waitpid status
+ * (an int) to the status pipe and closes it; end of file without it means
+ * the server died first: exit code 255 (as Python's forkserver says) once
+ * the child is gone (adopt_orphan).  The pipe's read end is non-blocking
+ * (made so by the server). */
+static int reap_remote(struct child *c, int hang) {
+  int st = 255 << 8;      /* (as exit(255)) */
+  if (c->remote == 2) {
+    struct pollfd p = {c->sentinel, POLLIN, 0};
+    int r;
+    do r = luamp_sys.poll(&p, 1, hang ? -1 : 0); while (r < 0 && errno == EINTR);
+    if (r == 0) return 0;
+  } else {
+    for (;;) {
+      ssize_t n = c->sentinel >= 0 ? read(c->sentinel, &st, sizeof st) : 0;
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && errno == EAGAIN) {
+        struct pollfd p = {c->sentinel, POLLIN, 0};
+        if (!hang) return 0;
+        (void)luamp_sys.poll(&p, 1, -1);
+        continue;
+      }
+      if (n == (ssize_t)sizeof st) break;
+      st = 255 << 8;
+      if (n == 0 && c->sentinel >= 0 && adopt_orphan(c)) return reap_remote(c, hang);
+      break;
+    }
+  }
+  c->reaped = 1;
+  c->status = st;
+  if (WIFSIGNALED(st)) luamp_shm_sweep(c->pid);
+  if (!c->exposed) close_sentinel(c);
+  return 1;
+}
+
 /* waitpid(pid, hang ? 0 : WNOHANG) for an entry; updates it.  Returns 1
  * when the child is gone (reaped now or before), 0 while it runs. */
 static int reap(struct child *c, int hang) {
@@ -131,6 +194,7 @@ static int reap(struct child *c, int hang) {
   pid_t r;
   if (c->reaped) return 1;
   if (c->owner != luamp_pid()) return 0;
+  if (c->remote) return reap_remote(c, hang);
   do r = luamp_sys.waitpid(c->pid, &st, hang ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
   if (r == c->pid) {
     c->reaped = 1;
@@ -180,7 +244,7 @@ static void sweep(void) {
 static int wait_quietly(struct child *c, double deadline) {
   for (;;) {
     if (reap(c, 0)) return 1;
-    if (c->sentinel >= 0 && have_pidfd == 1) {
+    if (c->sentinel >= 0 && (have_pidfd == 1 || c->remote)) {
       struct pollfd p = {c->sentinel, POLLIN, 0};
       int ms = luamp_remaining_ms(deadline, -1);
       if (ms == 0) return reap(c, 0);
@@ -326,6 +390,24 @@ static void trim_heap(lua_State *L) {
 #endif
 }
 
+/* Python 3.12's warning: a fork from a process with more than one thread
+ * keeps only the calling thread, and a lock another thread held stays
+ * locked in the child.  Once per process, on stderr.  The thread count is
+ * the link count of /proc/self/task (2 + threads): one stat per fork
+ * until the warning was given. */
+static void warn_if_threaded(void) {
+  static int warned = 0;
+  struct stat st;
+  if (warned || stat("/proc/self/task", &st) != 0 || st.st_nlink <= 3) return;
+  warned = 1;
+  fprintf(stderr, "luamp: warning: this process (pid %d) is multi-threaded "
+          "(%d threads); fork() may deadlock in the child (a lock another "
+          "thread held stays locked there).  Use the \"forkserver\" start "
+          "method (mp.set_start_method, luamp_forkserver_start).\n",
+          (int)getpid(), (int)st.st_nlink - 2);
+  fflush(stderr);
+}
+
 pid_t luamp_fork(lua_State *L) {
   sigset_t all, old;
   pid_t pid;
@@ -333,6 +415,7 @@ pid_t luamp_fork(lua_State *L) {
   struct sigaction sa;
 
   trim_heap(L);
+  warn_if_threaded();
   if (L) run_lua_hooks(L, 1);
   for (int i = n_c_hooks - 1; i >= 0; i--)
     if (c_hooks[i].before) c_hooks[i].before(c_hooks[i].ud);
@@ -504,7 +587,7 @@ static int child_wait(lua_State *L) {
   double deadline = luamp_deadline_arg(L, 2);
   while (!reap(c, 0)) {
     int r;
-    if (c->sentinel >= 0 && have_pidfd == 1) {
+    if (c->sentinel >= 0 && (have_pidfd == 1 || c->remote)) {
       struct pollfd p = {c->sentinel, POLLIN, 0};
       r = luamp_robust_poll(L, &p, 1, deadline);
     } else {
@@ -588,7 +671,7 @@ static int child_msgh(lua_State *L) {
   return 1;
 }
 
-LUAMP_NORETURN static void child_main(lua_State *L, int fn, int arg) {
+LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
   int code = 1, base;
   lua_pushcfunction(L, child_msgh);
   base = lua_gettop(L);
@@ -664,7 +747,7 @@ static int l_spawn(lua_State *L) {
     if (devnull >= 0 && dup2(devnull, STDIN_FILENO) == STDIN_FILENO &&
         stdin_has_buffered_input())
       __fpurge(stdin);
-    child_main(L, 1, 2);
+    luamp_child_main(L, 1, 2);
   }
   if (pid < 0) {
     int err = errno;
@@ -698,6 +781,37 @@ static int l_spawn(lua_State *L) {
   renew_sentinel(L);
   if (spare_entry == NULL) spare_entry = calloc(1, sizeof *spare_entry);
   return 1;
+}
+
+/* Pushes a Child handle for a process the fork server forked for us
+ * (forkserver.c): status_fd is the read end of the pipe the server writes
+ * its wait status to (non-blocking, close-on-exec; the entry owns it).
+ * Registered like our own children, so join, poll, signal, the sentinel
+ * and the exit rule (daemons terminated, others joined) work the same. */
+void luamp_remote_child(lua_State *L, pid_t pid, int status_fd, int daemon) {
+  struct childbox *b;
+  struct child *c = calloc(1, sizeof *c);
+  if (c == NULL) {
+    close(status_fd);
+    luamp_sys.kill(pid, SIGKILL);
+    luamp_raise(L, "OSError", "not enough memory");
+  }
+  c->pid = pid;
+  c->owner = luamp_pid();
+  c->remote = 1;
+  c->sentinel = status_fd;
+  c->daemon = daemon;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  c->state = lua_topointer(L, -1);
+  lua_pop(L, 1);
+  sweep();
+  c->next = registry;
+  registry = c;
+  b = lua_newuserdatauv(L, sizeof *b, 0);
+  b->c = c;
+  c->has_handle = 1;
+  luaL_setmetatable(L, CHILD_TNAME);
+  renew_sentinel(L);
 }
 
 /* ---- raw process calls ----------------------------------------------- */

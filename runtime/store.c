@@ -14,6 +14,9 @@
  * never sees a partial record.
  */
 #include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/random.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -26,6 +29,7 @@ struct store {
   int fd;          /* -1 once closed */
   pid_t owner;     /* the process that appends */
   int64_t size;    /* bytes appended (meaningful in the owner) */
+  char name[40];   /* the memfd's name, random: "luamp-store-<hex>" */
 };
 
 static struct luamp_type store_type;   /* (at the end) */
@@ -43,7 +47,12 @@ static int l_store(lua_State *L) {
   s->owner = luamp_pid();
   s->size = 0;
   luaL_setmetatable(L, STORE_TNAME);
-  s->fd = luamp_sys.memfd_create("luamp-store", MFD_CLOEXEC);
+  {
+    uint64_t r = 0;
+    if (getrandom(&r, sizeof r, 0) != (ssize_t)sizeof r) r ^= (uint64_t)luamp_now();
+    snprintf(s->name, sizeof s->name, "luamp-store-%016llx", (unsigned long long)r);
+  }
+  s->fd = luamp_sys.memfd_create(s->name, MFD_CLOEXEC);
   if (s->fd < 0) luamp_raise_errno(L, "OSError", errno, "memfd_create");
   return 1;
 }
@@ -111,6 +120,48 @@ static int store_tostring(lua_State *L) {
   return 1;
 }
 
+/* ---- as a handle ------------------------------------------------------
+ * A store travels to processes that did not inherit it (children of the
+ * fork server) as "<pid> <fd> <name>": the receiver opens the memfd
+ * through /proc/<pid>/fd/<fd> of the owner, and checks that the link
+ * names the same memfd (a recycled pid or fd number is refused).  The
+ * copy reads only (its owner field is the sender's). */
+static void store_encode(lua_State *L, int idx) {
+  struct store *s = luamp_self(L, idx, &store_type);
+  if (s->fd < 0) luamp_raise(L, "EncodeError", "store is closed");
+  lua_pushfstring(L, "%d %d %s", (int)s->owner, s->fd, s->name);
+}
+
+static void store_decode(lua_State *L, const char *p, size_t n) {
+  char buf[128], path[64], link[128];
+  int pid, fd;
+  ssize_t k;
+  struct store *s;
+  if (n >= sizeof buf) luamp_raise(L, "DecodeError", "bad store handle");
+  memcpy(buf, p, n);
+  buf[n] = '\0';
+  s = lua_newuserdatauv(L, sizeof *s, 0);
+  s->fd = -1;
+  s->size = 0;
+  luaL_setmetatable(L, STORE_TNAME);
+  if (sscanf(buf, "%d %d %39s", &pid, &fd, s->name) != 3)
+    luamp_raise(L, "DecodeError", "bad store handle");
+  s->owner = pid;
+  snprintf(path, sizeof path, "/proc/%d/fd/%d", pid, fd);
+  k = readlink(path, link, sizeof link - 1);
+  link[k > 0 ? k : 0] = '\0';
+  if (k <= 0 || strncmp(link, "/memfd:", 7) != 0 ||
+      strncmp(link + 7, s->name, strlen(s->name)) != 0 ||
+      (link[7 + strlen(s->name)] != '\0' && link[7 + strlen(s->name)] != ' '))
+    luamp_raise(L, "DecodeError", "the pool's store is gone (process %d)", pid);
+  s->fd = luamp_sys.open(path, O_RDONLY | O_CLOEXEC, 0);
+  if (s->fd < 0) luamp_raise_errno(L, "DecodeError", errno, "open store");
+}
+
+static const struct luamp_handle_ops store_ops = {
+  STORE_TNAME, store_encode, store_decode
+};
+
 static const luaL_Reg store_meth[] = {
   {"put", store_put}, {"get", store_get}, {"close", store_close},
   {NULL, NULL}
@@ -126,6 +177,7 @@ static struct luamp_type store_type = {
 int luamp_open_store(lua_State *L) {
   luamp_newtype(L, &store_type);
   lua_pop(L, 1);
+  luamp_register_handle(L, &store_ops);
   lua_pushcfunction(L, l_store);
   lua_setfield(L, -2, "Store");
   return 0;

@@ -73,6 +73,46 @@ add("process.start_join", "procs/s", function()
   return n, dt
 end)
 
+-- Process start+join from a 500 MiB Lua heap (issue 17), fork against
+-- forkserver: a fork copies the page tables of the whole heap at every
+-- start; a child of the fork server starts from the server's small heap
+-- (the server is started before the heap is built, as set_start_method
+-- at the top of a script does).
+local START_JOIN_BIG = [[
+local mp = require "multiprocessing"
+local now = require("multiprocessing.core").now
+local method = ...
+mp.set_start_method(method)
+local heap, chunk = {}, string.rep("x", 2^20 - 64)
+for i = 1, 500 do heap[i] = chunk .. i end       -- 500 distinct MiB strings
+local function nothing() end
+local n = 10
+while true do
+  local t0 = now()
+  for _ = 1, n do
+    local p = mp.Process{target = nothing}
+    p:start()
+    p:join()
+  end
+  local dt = now() - t0
+  if dt >= 1.0 then print(n, dt) break end
+  n = n * math.max(2, math.ceil(1.0 / math.max(dt, 1e-6) * 1.2))
+end
+]]
+for _, method in ipairs {"fork", "forkserver"} do
+  add("process.start_join_500mib." .. method, "procs/s", function()
+    local path = os.tmpname()
+    local f = assert(io.open(path, "w"))
+    f:write(START_JOIN_BIG)
+    f:close()
+    f = assert(io.popen(arg[-1] .. " " .. path .. " " .. method))
+    local n, dt = f:read("n", "n")
+    f:close()
+    os.remove(path)
+    return n, dt
+  end)
+end
+
 -- round trips of a small value between two processes over mp.Pipe()
 add("pipe.pingpong", "roundtrips/s", function()
   local a, b = mp.Pipe()

@@ -151,6 +151,11 @@ local rows = {
 rows[#rows + 1] = {"process start+join", "luamp:process.start_join",
   {"C fork", "c:c.fork_exit_wait"}, {"CPython", "py:process.start_join"},
   target = {1, 0.6}}
+-- start methods (issue 17): start+join from a 500 MiB heap, forkserver
+-- against fork (target: 10x faster)
+rows[#rows + 1] = {"start+join from a 500 MiB heap, forkserver",
+  "luamp:process.start_join_500mib.forkserver",
+  {"fork", "luamp:process.start_join_500mib.fork"}, target = {1, 10}}
 rows[#rows + 1] = {"pipe ping-pong (small values)", "luamp:pipe.pingpong",
   {"C pipe", "c:c.pipe_pingpong"}, {"CPython", "py:pipe.pingpong"},
   target = {1, 0.8}}

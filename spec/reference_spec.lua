@@ -253,6 +253,7 @@ local PREFIXES = {
   ["mbar"] = {"BarrierProxy"},
   ["logger"] = {"Logger"},
   ["repl"] = {"repl"},
+  ["ctx"] = {"Context"},
 }
 
 -- Live objects of every kind, and what to release afterwards.
@@ -321,6 +322,7 @@ local function live_objects()
   objs.ManagerServer = QM{authkey = "k"}:get_server()
   keep(function() objs.ManagerServer:close() end)
   objs.Logger = mp.get_logger()
+  objs.Context = mp.get_context("forkserver")
   return objs, cleanup
 end
 

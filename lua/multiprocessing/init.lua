@@ -77,6 +77,11 @@ local lazy = {
   pool = "multiprocessing.pool",
   futures = "multiprocessing.futures",
   get_logger = "multiprocessing.util",
+  set_start_method = "multiprocessing.context",
+  get_start_method = "multiprocessing.context",
+  get_all_start_methods = "multiprocessing.context",
+  get_context = "multiprocessing.context",
+  set_forkserver_preload = "multiprocessing.context",
   log_to_stderr = "multiprocessing.util",
 }
 

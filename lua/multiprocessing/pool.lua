@@ -59,9 +59,12 @@ local function check_function(f, argn, fname)
 end
 
 function M.Pool(opts, initializer, initargs, maxtasksperchild)
-  local n
+  local n, method
   if type(opts) == "table" then
     n = opts.processes
+    -- Python's Pool(context=): a context (mp.get_context) or a method name
+    method = opts.context ~= nil and
+             require("multiprocessing.context").method_of(opts.context, "Pool")
     initializer, initargs = opts.initializer, opts.initargs
     maxtasksperchild = opts.maxtasksperchild
   else
@@ -103,10 +106,18 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _workers = {}, _tasks = {}, _timeouts = {}, _tag = 1,
     _jobs = setmetatable({}, {__mode = "k"}),
     _fblobs = {}, _nfblobs = 0, _fcache = setmetatable({}, {__mode = "k"}),
-    _timed = 0, _next_check = 0,
+    _timed = 0, _next_check = 0, _start_method = method or nil,
   }, Pool)
   for slot = 0, n - 1 do self._started[slot + 1] = -1 end
-  for slot = 0, n - 1 do spawn_worker(self, slot) end
+  -- (a worker that cannot start -- fork failed, an initializer the fork
+  -- server cannot be sent -- takes the ones started down with it)
+  local ok, err = pcall(function()
+    for slot = 0, n - 1 do spawn_worker(self, slot) end
+  end)
+  if not ok then
+    pcall(self.terminate, self)
+    error(err, 0)
+  end
   return self
 end
 

@@ -15,6 +15,7 @@
 -- content or offset, so each distinct function is decoded once per worker.
 local core = require "multiprocessing.core"
 local process = require "multiprocessing.process"
+local forkserver = require "multiprocessing.forkserver"
 local proto = require "multiprocessing.pool_proto"
 
 local decode, now, new_error = core.decode, core.now, core.new_error
@@ -112,7 +113,7 @@ local function is_cancelled(cancel, tag)
 end
 
 local function worker_main(cfg)
-  process._become_child(cfg.name, true)
+  process._become_child(cfg.name, true, cfg.owner_pid)
   local tq, rq, store, slot = cfg.tq, cfg.rq, cfg.store, cfg.slot
   local starts, started, cancel = cfg.starts, cfg.started, cfg.cancel
   -- a task's print or io.write clears the owner's progress bar first, when
@@ -247,10 +248,19 @@ function M.spawn(self, slot)
   -- -3: in the initializer (the worker sets -1 once it returned)
   if self._initializer then self._started[slot + 1] = -3 end
   -- (workers die with their owner: a SIGKILLed owner leaves no orphans)
-  local h = core.spawn(worker_main, cfg, true, true, true)
+  local h
+  if (self._start_method or forkserver.method()) == "forkserver" then
+    cfg.owner_pid = core.getpid()
+    h = forkserver.spawn("multiprocessing.pool_worker", "main", cfg,
+                         "pool", true, true, true)
+  else
+    h = core.spawn(worker_main, cfg, true, true, true)
+  end
   -- (proc: the worker as mp.active_children() lists it)
   self._workers[slot] = {h = h, pid = h:pid(), sentinel = h:sentinel(),
                          proc = process._adopt(name, h)}
 end
+
+M.main = worker_main   -- (what a child of the fork server runs)
 
 return M

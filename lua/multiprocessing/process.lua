@@ -3,12 +3,15 @@
 --
 -- A Process is a fork of the caller (core.spawn in runtime/process.c): the
 -- target, its upvalues and its arguments are used as they are, nothing is
--- serialized.  The C side owns the fork discipline, the exit codes and the
+-- serialized.  Under the "forkserver" start method it is a fork of the
+-- fork server instead (forkserver.lua), and what it needs travels through
+-- the codec (P._snapshot here, rebuilt by P._remote_main).  The C side owns the fork discipline, the exit codes and the
 -- registry that joins children at exit; this file is Python's policy:
 -- names, daemon inheritance, the checks and their error messages, the
 -- class mechanism (Process:extend()).
 local core = require "multiprocessing.core"
 local util = require "multiprocessing.util"
+local forkserver = require "multiprocessing.forkserver"
 
 local getpid = core.pid       -- cached by the C side, right after forks too
 local raise = util.raise     -- (led by the caller's file:line)
@@ -48,7 +51,7 @@ setmetatable(main_process, {
 -- owner (the pool) holds them while they run.
 local S = {current = main_process, starting = nil, parent = nil,
            parent_name = nil, parent_pid = nil, children = nil,
-           adopted = nil, counter = 0, owner = getpid()}
+           adopted = nil, counter = 0, owner = getpid(), remote = nil}
 
 -- Makes S describe this process.  A process started by start() and the
 -- forks it made before asking (core.take_started, runtime/process.c) take
@@ -142,6 +145,7 @@ local function make_class(base, name)
     __name = "multiprocessing.Process",
   }
   rawset(cls, "_instance_mt", inst_mt)
+  inst_mt._class = cls
   return setmetatable(cls, {
     __index = base,
     __call = function(c, ...)
@@ -283,9 +287,15 @@ function Process:start()
   if S.current.daemon then
     raise("ProcessError", "daemonic processes are not allowed to have children")
   end
-  S.starting = self
-  local h = core.spawn(bootstrap, self, self.daemon, false, false, true)
-  S.starting = nil   -- (the child has its copy; here it is not to be kept)
+  local h
+  if (self._start_method or forkserver.method()) == "forkserver" then
+    h = forkserver.spawn("multiprocessing.process", "_remote_main",
+                         P._snapshot(self), "process", self.daemon)
+  else
+    S.starting = self
+    h = core.spawn(bootstrap, self, self.daemon, false, false, true)
+    S.starting = nil   -- (the child has its copy; here it is not to be kept)
+  end
   rawset(self, "_child", h)
   sweep()     -- after the fork, while the child runs
   my_children()[self] = true
@@ -446,6 +456,8 @@ end
 ParentProcess.__name = "multiprocessing.ParentProcess"
 
 function ParentProcess:is_alive()
+  -- a child of the fork server: its parent is not its getppid()
+  if self._remote then return core.kill(self.pid, 0) end
   -- a child whose parent died is re-parented: getppid() changes
   return core.getppid() == self.pid
 end
@@ -467,6 +479,7 @@ function P.parent_process()
   sync()
   if S.parent == nil and S.parent_pid ~= nil then
     S.parent = P._make_parent(S.parent_name, S.parent_pid)
+    S.parent._remote = S.remote
   end
   return S.parent
 end
@@ -533,17 +546,63 @@ function P.register_at_fork(hooks)
 end
 
 -- For other parts of the runtime that fork their own workers (the Pool):
--- makes this process look like a child with the given name.
-function P._become_child(name, daemon)
+-- makes this process look like a child with the given name.  parent_pid:
+-- the owner, for a child of the fork server (whose OS parent is the server).
+function P._become_child(name, daemon, parent_pid)
   sync()
   local id = S.current._identity
   local me = {name = name, daemon = daemon and true or false,
               pid = getpid(), _identity = id == "" and "0" or id .. ":0",
               is_alive = self_alive}
-  S.parent, S.parent_name, S.parent_pid = nil, S.current.name, core.getppid()
+  S.parent, S.parent_name = nil, S.current.name
+  S.parent_pid, S.remote = parent_pid or core.getppid(), parent_pid ~= nil
   S.current = me
   S.children, S.adopted, S.counter = nil, nil, 0
   return me
+end
+
+-- ---- the forkserver start method -----------------------------------------
+
+-- What a child of the fork server needs to become the Process self: its
+-- class's own methods (a Process:extend() class), its fields, target and
+-- arguments.  It travels through the codec (forkserver.lua).
+local not_methods = {_instance_mt = true, _class_name = true,
+                     _start_method = true}
+function P._snapshot(self)
+  local _ = self.name                 -- (made now: the child keeps it)
+  local methods, fields = {}, {}
+  local cls = getmetatable(self)._class
+  while cls and cls ~= Process do
+    for k, v in next, cls do
+      if methods[k] == nil and not not_methods[k] then methods[k] = v end
+    end
+    cls = getmetatable(cls).__index
+  end
+  for k, v in next, self do
+    if k ~= "_args" and k ~= "_target" then fields[k] = v end
+  end
+  local args = rawget(self, "_args")
+  return {class_name = self._class_name, methods = methods, fields = fields,
+          target = rawget(self, "_target"),
+          args = args ~= EMPTY and args or nil,
+          parent_name = S.current.name, parent_pid = getpid()}
+end
+
+-- In a child of the fork server: becomes the Process described by d and
+-- runs it; returns the exit code.
+function P._remote_main(d)
+  local cls = Process
+  if next(d.methods) ~= nil or d.class_name ~= "Process" then
+    cls = make_class(Process, d.class_name)
+    for k, v in pairs(d.methods) do rawset(cls, k, v) end
+  end
+  local self = d.fields
+  self._args, self._target = d.args or EMPTY, d.target
+  setmetatable(self, cls._instance_mt)
+  S.current, S.parent, S.remote = self, nil, true
+  S.parent_name, S.parent_pid = d.parent_name, d.parent_pid
+  S.children, S.adopted, S.counter, S.owner = nil, nil, 0, getpid()
+  return bootstrap(self)
 end
 
 util._set_current_process(P.current_process)
