@@ -213,7 +213,20 @@ int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
 }
 
 void luamp_mutex_unlock(pthread_mutex_t *m) {
+  LUAMP_ASSERT(luamp_mutex_held(m));
   pthread_mutex_unlock(m);
+}
+
+/* glibc keeps the holder's thread id in the mutex (robust mutexes need it
+ * to report EOWNERDEAD); elsewhere "someone holds it" is the best test. */
+int luamp_mutex_held(pthread_mutex_t *m) {
+#ifdef __GLIBC__
+  return m->__data.__owner == (int)gettid();
+#else
+  int r = pthread_mutex_trylock(m);
+  if (r == 0) pthread_mutex_unlock(m);
+  return r == EBUSY;
+#endif
 }
 
 /* ---- futexes ------------------------------------------------------------ */
@@ -389,8 +402,10 @@ struct handle_head {
   uint64_t uid, size, offset;
 };
 
-void luamp_arena_describe(luaL_Buffer *b, struct luamp_arena *a,
-                          size_t offset) {
+/* Appends the bytes that let another process of the tree reach
+ * (arena, offset). */
+static void arena_describe(luaL_Buffer *b, struct luamp_arena *a,
+                           size_t offset) {
   const struct luamp_arena_hdr *h = (const void *)a->base;
   struct handle_head hh;
   int32_t cand[4];
@@ -634,7 +649,7 @@ void luamp_obj_describe(lua_State *L, int idx, luaL_Buffer *b) {
     }
     luamp_raise(L, "EncodeError", "cannot send a closed %s", tname);
   }
-  luamp_arena_describe(b, o->arena, (size_t)(o->p - o->arena->base));
+  arena_describe(b, o->arena, (size_t)(o->p - o->arena->base));
 }
 
 int luamp_obj_decode(lua_State *L, const char **p, size_t *n,

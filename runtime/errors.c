@@ -11,6 +11,8 @@
  */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
@@ -222,4 +224,15 @@ int luamp_open_errors(lua_State *L) {
   }
   lua_setfield(L, -2, "error_kinds");
   return 0;
+}
+
+/* LUAMP_ASSERT's failure (debug builds): says what and where, then
+ * aborts -- an invariant the code relies on no longer holds, so going on
+ * could corrupt shared memory other processes use. */
+void luamp_assert_fail(const char *cond, const char *file, int line,
+                       const char *func) {
+  fprintf(stderr, "luamp: assertion failed: %s (%s:%d, %s)\n", cond, file,
+          line, func);
+  fflush(stderr);
+  abort();
 }

@@ -142,6 +142,7 @@ static struct luamp_obj *checkqueue(lua_State *L, int idx,
 /* ---- the journal ------------------------------------------------------------ */
 
 static void journal_begin(struct qhdr *h) {
+  LUAMP_ASSERT(luamp_mutex_held(&h->mu));
   h->journal.head = h->head;
   h->journal.tail = h->tail;
   h->journal.released = h->released;
@@ -153,6 +154,7 @@ static void journal_begin(struct qhdr *h) {
 }
 
 static void journal_end(struct qhdr *h) {
+  LUAMP_ASSERT(luamp_mutex_held(&h->mu));
   atomic_thread_fence(memory_order_release);
   h->journal.active = 0;
 }
@@ -287,6 +289,7 @@ static void pass_skip(struct queue *q) {
  * out of the pages that are given back. */
 static int early_wrap(struct qhdr *h, uint64_t need) {
   uint64_t mask = h->cap - 1, ot = h->tail & mask, oh = h->head & mask;
+  LUAMP_ASSERT(luamp_mutex_held(&h->mu));
   return h->tail != h->head && ot >= WRAP_AT && ot >= oh && need <= oh &&
          (h->tail & ~mask) == (h->head & ~mask);
 }
@@ -587,13 +590,16 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   }
 }
 
-int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
-                    int block, double deadline) {
+/* put/get as the methods do (raising Full/Empty/EncodeError...); tag is
+ * stored with the record; get with slot >= 0 records the tag of the
+ * record it takes in the queue's slot table in the same step (Pool). */
+static int queue_put_tagged(lua_State *L, int qidx, int vidx, uint64_t tag,
+                            int block, double deadline) {
   return queue_put(L, checkqueue(L, qidx, any_queue), vidx, -1, tag, block, deadline);
 }
 
-int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
-                    int slot) {
+static int queue_get_slot(lua_State *L, int qidx, int block,
+                          double deadline, int slot) {
   return queue_get(L, checkqueue(L, qidx, any_queue), block, deadline, slot, 0);
 }
 
@@ -903,7 +909,7 @@ static int q_put_tagged(lua_State *L) {
   checkqueue(L, 1, full_queue);
   luaL_argcheck(L, tag >= 0, 3, "tag must be >= 0");
   d = block_timeout(L, 4);
-  luamp_queue_put(L, 1, 2, (uint64_t)tag, d != -2.0, d == -2.0 ? 0 : d);
+  queue_put_tagged(L, 1, 2, (uint64_t)tag, d != -2.0, d == -2.0 ? 0 : d);
   return 0;
 }
 
@@ -924,7 +930,7 @@ static int q_get_slot(lua_State *L) {
   checkqueue(L, 1, full_queue);
   luaL_argcheck(L, slot >= 0 && slot < MAX_SLOTS, 2, "slot out of range");
   d = block_timeout(L, 3);
-  return luamp_queue_get(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot);
+  return queue_get_slot(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot);
 }
 
 static int q_taken(lua_State *L) {

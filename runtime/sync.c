@@ -30,6 +30,8 @@
 #define SLICE_MS 250        /* later sleeps */
 #define SPINS 200           /* pause loops before sleeping on a lock */
 
+#define LUAMP_LOCK_TNAME "multiprocessing.Lock"
+#define LUAMP_RLOCK_TNAME "multiprocessing.RLock"
 #define SEMAPHORE_TNAME "multiprocessing.Semaphore"
 #define BSEMAPHORE_TNAME "multiprocessing.BoundedSemaphore"
 #define EVENT_TNAME "multiprocessing.Event"
@@ -680,6 +682,7 @@ static void must_own(lua_State *L, struct luamp_lock *l, const char *what) {
 /* Claims a slot for the caller; -1 when all are taken by live waiters. */
 static int cond_claim(struct scond *c, uint64_t me) {
   uint32_t i;
+  LUAMP_ASSERT(luamp_mutex_held(&c->mu));
   for (i = 0; i < c->hi; i++)
     if (atomic_load(&c->slots[i].state) == SLOT_FREE) break;
   if (i == c->hi) {
@@ -698,6 +701,7 @@ static int cond_claim(struct scond *c, uint64_t me) {
 }
 
 static void cond_free(struct scond *c, int i) {
+  LUAMP_ASSERT(luamp_mutex_held(&c->mu));
   atomic_store(&c->slots[i].state, SLOT_FREE);
   c->slots[i].id = 0;
   while (c->hi > 0 && atomic_load(&c->slots[c->hi - 1].state) == SLOT_FREE)
@@ -715,6 +719,7 @@ static lua_Integer cond_mark(struct scond *c, lua_Integer n);
  * notifications on (cond_settle, under mu). */
 static void cond_settle(struct scond *c) {
   lua_Integer handon = 0;
+  LUAMP_ASSERT(luamp_mutex_held(&c->mu));
   if (atomic_exchange(&c->gone, 0) == 0) return;
   for (uint32_t i = 0; i < c->hi; i++) {
     uint32_t st = atomic_load(&c->slots[i].state);
@@ -752,6 +757,7 @@ static int cond_go(struct scond *c, int slot, int interrupted) {
 /* Marks up to n oldest live waiters notified (under mu); returns how many. */
 static lua_Integer cond_mark(struct scond *c, lua_Integer n) {
   lua_Integer done = 0;
+  LUAMP_ASSERT(luamp_mutex_held(&c->mu));
   while (done < n) {
     int best = -1;
     for (uint32_t i = 0; i < c->hi; i++) {
@@ -956,6 +962,7 @@ static int l_Barrier(lua_State *L) {
 /* Python's _exit: the last one out of a draining or resetting barrier
  * refills it (under mu). */
 static void barrier_refill(struct sbarrier *b) {
+  LUAMP_ASSERT(luamp_mutex_held(&b->mu));
   if (b->count == 0 && (b->state == B_RESETTING || b->state == B_DRAINING)) {
     b->state = B_FILLING;
     barrier_bump(b);
@@ -971,6 +978,7 @@ static void barrier_leave(struct sbarrier *b, uint32_t entry) {
 /* What parties that left without mu left behind (under mu): a requested
  * break breaks a barrier not yet released; a gone entry leaves. */
 static void barrier_settle(struct sbarrier *b) {
+  LUAMP_ASSERT(luamp_mutex_held(&b->mu));
   if (atomic_fetch_and(&b->rel, ~REL_BREAK) & REL_BREAK) {
     if (b->state == B_FILLING || b->state == B_RELEASING)
       b->state = B_BROKEN;
@@ -1004,6 +1012,7 @@ static void barrier_lock_intr(lua_State *L, struct sbarrier *b) {
 /* Breaks the barrier if a party inside wait() died (under mu). */
 static int barrier_reap(struct sbarrier *b) {
   int dead = 0;
+  LUAMP_ASSERT(luamp_mutex_held(&b->mu));
   for (uint32_t i = 0; i < b->parties; i++) {
     if (b->inside[i].id && !atomic_load(&b->inside[i].gone) &&
         !luamp_id_alive(b->inside[i].id)) {
@@ -1034,6 +1043,7 @@ static int barrier_request_break(struct sbarrier *b, uint32_t gen) {
  * requested first. */
 static int barrier_release(struct sbarrier *b) {
   uint32_t v = atomic_load(&b->rel);
+  LUAMP_ASSERT(luamp_mutex_held(&b->mu));
   while (!(v & REL_BREAK))
     if (atomic_compare_exchange_weak(&b->rel, &v, v + REL_GEN)) return 1;
   return 0;
