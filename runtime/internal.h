@@ -47,6 +47,9 @@
 #endif
 LUAMP_NORETURN void luamp_assert_fail(const char *cond, const char *file,
                                       int line, const char *func);
+/* Message handler for lua_pcall: any error value as text with a
+ * traceback (errors.c; the luamp host uses it too, through host.h). */
+int luamp_msgh(lua_State *L);
 
 /* ---- handle.c: one shape for every handle type ----------------------- */
 
@@ -165,6 +168,15 @@ struct luamp_syscalls {
                          struct itimerspec *);
   int (*shm_unlink)(const char *);
   int (*getsockname)(int, struct sockaddr *, socklen_t *);
+  /* close is never retried: on Linux the fd is gone even after EINTR */
+  int (*close)(int);
+  int (*munmap)(void *, size_t);
+  int (*unlink)(const char *);
+  int (*setsockopt)(int, int, int, const void *, socklen_t);
+  int (*getsockopt)(int, int, int, void *, socklen_t *);
+  int (*fcntl)(int, int, int);   /* the int-argument commands only */
+  ssize_t (*getrandom)(void *, size_t, unsigned int);
+  int (*nanosleep)(const struct timespec *, struct timespec *);
 };
 extern struct luamp_syscalls luamp_sys;
 

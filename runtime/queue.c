@@ -230,6 +230,7 @@ static void punch_span(struct queue *q, uint64_t x, uint64_t y) {
   if (x < HOT) x = HOT;
   x = (x + PAGE - 1) & ~(uint64_t)(PAGE - 1);
   y &= ~(uint64_t)(PAGE - 1);
+  /* direct: advisory, a failure only keeps the pages */
   if (x < y) madvise(q->ring + x, y - x, MADV_REMOVE);
 }
 
@@ -304,8 +305,8 @@ int luamp_wakeup_fd(lua_State *L) {
   if (wake_pid != luamp_pid()) {
     int p[2];
     if (wake_pid != 0) {       /* the parent's, inherited: not ours */
-      close(wake_rfd);
-      close(wake_wfd);
+      luamp_sys.close(wake_rfd);
+      luamp_sys.close(wake_wfd);
     }
     wake_pid = 0;
     if (luamp_sys.pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
@@ -353,10 +354,10 @@ static void poke_watchers(lua_State *L, struct queue *q) {
     }
     /* the watcher's own pipe, reached through /proc: gone with it */
     snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)pids[i], (int)fds[i]);
-    fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    fd = luamp_sys.open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC, 0);
     if (fd < 0) continue;
     (void)!luamp_sys.write(fd, "", 1);   /* a full pipe is poked already */
-    close(fd);
+    luamp_sys.close(fd);
   }
 }
 
@@ -609,7 +610,7 @@ static int can_map(uint64_t n) {
   void *p = luamp_sys.mmap(NULL, n, PROT_NONE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) return 0;
-  munmap(p, n);
+  luamp_sys.munmap(p, n);
   return 1;
 }
 
@@ -700,8 +701,8 @@ static struct qfd *qfd_find(struct luamp_obj *o) {
   pid_t me = luamp_pid();
   for (int i = 0; i < nqfds; i++) {
     if (qfds[i].pid != me) {
-      close(qfds[i].rfd);
-      close(qfds[i].wfd);
+      luamp_sys.close(qfds[i].rfd);
+      luamp_sys.close(qfds[i].wfd);
       qfds[i--] = qfds[--nqfds];
       continue;
     }
@@ -773,8 +774,8 @@ static void qfd_drop(lua_State *L, struct luamp_obj *o) {
   struct qfd *f;
   if (nqfds == 0 || (f = qfd_find(o)) == NULL) return;
   if (o->arena != NULL) qfd_watch(L, (struct qhdr *)o->p, f->wfd, 0);
-  close(f->rfd);
-  close(f->wfd);
+  luamp_sys.close(f->rfd);
+  luamp_sys.close(f->wfd);
   *f = qfds[--nqfds];
   if (nqfds == 0) {         /* the last one: nothing left to leak at exit */
     free(qfds);
