@@ -561,6 +561,8 @@ struct luamp_obj *luamp_obj_alloc(lua_State *L, const char *tname, int nuv) {
 void luamp_obj_bind(lua_State *L, int idx, struct luamp_arena *a,
                     size_t offset) {
   struct luamp_obj *o = lua_touserdata(L, idx);
+  /* made closed by luamp_obj_alloc, bound once (liolib's order) */
+  LUAMP_ASSERT(o != NULL && o->arena == NULL && a != NULL);
   idx = lua_absindex(L, idx);
   o->arena = a;
   o->p = a->base + offset;
@@ -613,6 +615,9 @@ struct luamp_obj *luamp_obj_self_slow(lua_State *L, int idx,
     }
     luamp_raise(L, "ValueError", "%s is closed", what);
   }
+  /* a method's self: open, and pointing into its mapping */
+  LUAMP_ASSERT(o->p >= o->arena->base &&
+               o->p < o->arena->base + o->arena->size);
   return o;
 }
 

@@ -1111,6 +1111,10 @@ static int barrier_last(lua_State *L, struct sbarrier *b, uint32_t entry,
     luamp_mutex_unlock(&b->mu);
     lua_getiuservalue(L, 1, 1);
     fail = lua_pcall(L, 0, 0, 0) != LUA_OK ? 3 : 0;
+    /* the action may have taken the caller's time: a holder that is
+     * merely busy gets a grace second, one that is stopped costs it */
+    if (deadline >= 0 && deadline < luamp_now() + 1.0)
+      deadline = luamp_now() + 1.0;
     r = barrier_lock(L, b, deadline);
     if (r != 0) {
       *gone = 1;
