@@ -1160,10 +1160,10 @@ static int is_global_view(struct enc *e, int idx) {
   return 1;
 }
 
-/* The function at idx's bytecode, as bin32.  A closure's bytecode never changes, so it is
- * dumped once and kept (weakly) by closure: sending the same function
- * again -- a pool task after task -- copies it and encodes only the
- * upvalues. */
+/* The function at idx's bytecode, as bin32.  A closure's bytecode never
+ * changes, so it is dumped once and kept (weakly) by closure: sending the
+ * same function again -- a pool task after task -- copies it and encodes
+ * only the upvalues. */
 static int enc_bytecode(struct enc *e, int idx) {
   lua_State *L = e->L;
   size_t bin;

@@ -804,7 +804,8 @@ static int l_pipe(lua_State *L) {
       luamp_raise_errno(L, "OSError", errno, "socketpair");
     /* (capped by net.core.wmem_max; a failure only costs speed) */
     for (int i = 0; i < 2; i++)
-      (void)luamp_sys.setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+      (void)luamp_sys.setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &sndbuf,
+                                 sizeof sndbuf);
   } else if (luamp_sys.pipe2(fds, O_CLOEXEC) != 0) {
     luamp_raise_errno(L, "OSError", errno, "pipe2");
   }
@@ -1230,7 +1231,8 @@ static int l_listen(lua_State *L) {
   luaL_setmetatable(L, LISTENER_TNAME);
   fd = luamp_sys.socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
-  if (family != AF_UNIX) luamp_sys.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (family != AF_UNIX)
+    luamp_sys.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (luamp_sys.bind(fd, (struct sockaddr *)&ss, len) != 0 ||
       luamp_sys.listen(fd, backlog) != 0) {
     int err = errno;
