@@ -69,10 +69,10 @@ static uint64_t task_start(pid_t tid, char *state) {
   ssize_t n;
   int fd, field;
   snprintf(path, sizeof path, "/proc/%d/stat", (int)tid);
-  fd = open(path, O_RDONLY | O_CLOEXEC);
+  fd = luamp_sys.open(path, O_RDONLY | O_CLOEXEC, 0);
   if (fd < 0) return 0;
   n = luamp_robust_read(fd, buf, sizeof buf - 1);
-  close(fd);
+  luamp_sys.close(fd);
   if (n <= 0) return 0;
   buf[n] = '\0';
   p = strrchr(buf, ')');          /* the command name may hold anything */
@@ -213,7 +213,20 @@ int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
 }
 
 void luamp_mutex_unlock(pthread_mutex_t *m) {
+  LUAMP_ASSERT(luamp_mutex_held(m));
   pthread_mutex_unlock(m);
+}
+
+/* glibc keeps the holder's thread id in the mutex (robust mutexes need it
+ * to report EOWNERDEAD); elsewhere "someone holds it" is the best test. */
+int luamp_mutex_held(pthread_mutex_t *m) {
+#ifdef __GLIBC__
+  return m->__data.__owner == (int)gettid();
+#else
+  int r = pthread_mutex_trylock(m);
+  if (r == 0) pthread_mutex_unlock(m);
+  return r == EBUSY;
+#endif
 }
 
 /* ---- futexes ------------------------------------------------------------ */
@@ -285,7 +298,7 @@ static void reg_remove(struct luamp_arena *a) {
 static uint64_t new_uid(void) {
   static _Atomic uint64_t counter;
   uint64_t u = 0;
-  if (getrandom(&u, sizeof u, GRND_NONBLOCK) != (ssize_t)sizeof u) {
+  if (luamp_sys.getrandom(&u, sizeof u, GRND_NONBLOCK) != (ssize_t)sizeof u) {
     /* no entropy yet: pid, time and a counter are unique enough here */
     u = ((uint64_t)luamp_pid() << 40) ^ (uint64_t)(luamp_now() * 1e9) ^
         (atomic_fetch_add(&counter, 1) << 20);
@@ -326,14 +339,14 @@ struct luamp_arena *luamp_arena_new(lua_State *L, const char *name,
   }
   if (luamp_sys.ftruncate(fd, (off_t)size) != 0) {
     err = errno;
-    close(fd);
+    luamp_sys.close(fd);
     free(a);
     luamp_raise_errno(L, "OSError", err, "ftruncate");
   }
   base = luamp_sys.mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (base == MAP_FAILED) {
     err = errno;
-    close(fd);
+    luamp_sys.close(fd);
     free(a);
     luamp_raise_errno(L, "OSError", err, "mmap");
   }
@@ -368,8 +381,8 @@ void luamp_arena_unref(struct luamp_arena *a) {
   if (last) reg_remove(a);
   pthread_mutex_unlock(&reg_mu);
   if (last) {
-    munmap(a->base, a->size);
-    close(a->fd);
+    luamp_sys.munmap(a->base, a->size);
+    luamp_sys.close(a->fd);
     free(a);
   }
 }
@@ -389,8 +402,10 @@ struct handle_head {
   uint64_t uid, size, offset;
 };
 
-void luamp_arena_describe(luaL_Buffer *b, struct luamp_arena *a,
-                          size_t offset) {
+/* Appends the bytes that let another process of the tree reach
+ * (arena, offset). */
+static void arena_describe(luaL_Buffer *b, struct luamp_arena *a,
+                           size_t offset) {
   const struct luamp_arena_hdr *h = (const void *)a->base;
   struct handle_head hh;
   int32_t cand[4];
@@ -427,27 +442,27 @@ static struct luamp_arena *attach_via_proc(int32_t pid, int32_t fdno,
   }
   if (luamp_sys.fstat(fd, &st) != 0 ||
       (uint64_t)st.st_size != size) {
-    close(fd);
+    luamp_sys.close(fd);
     *err = ESTALE;
     return NULL;
   }
   base = luamp_sys.mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (base == MAP_FAILED) {
     *err = errno;
-    close(fd);
+    luamp_sys.close(fd);
     return NULL;
   }
   h = base;
   if (h->magic != ARENA_MAGIC || h->uid != uid || h->size != size) {
-    munmap(base, size);
-    close(fd);
+    luamp_sys.munmap(base, size);
+    luamp_sys.close(fd);
     *err = ESTALE;
     return NULL;
   }
   a = malloc(sizeof *a);
   if (a == NULL) {
-    munmap(base, size);
-    close(fd);
+    luamp_sys.munmap(base, size);
+    luamp_sys.close(fd);
     *err = ENOMEM;
     return NULL;
   }
@@ -504,8 +519,8 @@ struct luamp_arena *luamp_arena_attach(lua_State *L, const char **pp,
   }
   pthread_mutex_unlock(&reg_mu);
   if (other) {
-    munmap(a->base, a->size);
-    close(a->fd);
+    luamp_sys.munmap(a->base, a->size);
+    luamp_sys.close(a->fd);
     free(a);
     a = other;
   }
@@ -546,6 +561,8 @@ struct luamp_obj *luamp_obj_alloc(lua_State *L, const char *tname, int nuv) {
 void luamp_obj_bind(lua_State *L, int idx, struct luamp_arena *a,
                     size_t offset) {
   struct luamp_obj *o = lua_touserdata(L, idx);
+  /* made closed by luamp_obj_alloc, bound once (liolib's order) */
+  LUAMP_ASSERT(o != NULL && o->arena == NULL && a != NULL);
   idx = lua_absindex(L, idx);
   o->arena = a;
   o->p = a->base + offset;
@@ -573,7 +590,7 @@ static uint64_t tag_secret;
 
 static void init_tag_secret(void) {
   uint64_t r = 0;
-  if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
+  if (luamp_sys.getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
     r = new_uid() * 0x9e3779b97f4a7c15ULL;
   tag_secret = r | 1;
 }
@@ -598,6 +615,9 @@ struct luamp_obj *luamp_obj_self_slow(lua_State *L, int idx,
     }
     luamp_raise(L, "ValueError", "%s is closed", what);
   }
+  /* a method's self: open, and pointing into its mapping */
+  LUAMP_ASSERT(o->p >= o->arena->base &&
+               o->p < o->arena->base + o->arena->size);
   return o;
 }
 
@@ -634,7 +654,7 @@ void luamp_obj_describe(lua_State *L, int idx, luaL_Buffer *b) {
     }
     luamp_raise(L, "EncodeError", "cannot send a closed %s", tname);
   }
-  luamp_arena_describe(b, o->arena, (size_t)(o->p - o->arena->base));
+  arena_describe(b, o->arena, (size_t)(o->p - o->arena->base));
 }
 
 int luamp_obj_decode(lua_State *L, const char **p, size_t *n,

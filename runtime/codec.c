@@ -1160,26 +1160,14 @@ static int is_global_view(struct enc *e, int idx) {
   return 1;
 }
 
-static int enc_function(struct enc *e, int idx) {
+/* The function at idx's bytecode, as bin32.  A closure's bytecode never
+ * changes, so it is dumped once and kept (weakly) by closure: sending the
+ * same function again -- a pool task after task -- copies it and encodes
+ * only the upvalues. */
+static int enc_bytecode(struct enc *e, int idx) {
   lua_State *L = e->L;
-  size_t def, at, bin;
-  lua_Debug ar;
+  size_t bin;
   int r;
-  r = put_named(e, idx);
-  if (r != 0) return r < 0 ? -1 : 0;
-  if (lua_iscfunction(L, idx))
-    return fail(e, "cannot encode a C function that is not a field of a "
-                   "loaded module");
-  if (e->depth >= max_depth)
-    return fail(e, "nesting deeper than %d levels", max_depth);
-  if (!lua_checkstack(L, 8)) return fail(e, "Lua stack overflow");
-  r = enter_object(e, lua_topointer(L, idx), &def);
-  if (r != 0) return r < 0 ? -1 : 0;
-  if (begin_ext(e, EXT_FUNC, &at) < 0) return -1;
-  /* bytecode as bin32.  A closure's bytecode never changes, so it is
-   * dumped once and kept (weakly) by closure: sending the same function
-   * again -- a pool task after task -- copies it and encodes only the
-   * upvalues. */
   lua_rawgetp(L, LUA_REGISTRYINDEX, &dumps_key);
   lua_pushvalue(L, idx);
   if (lua_rawget(L, -2) == LUA_TSTRING) {
@@ -1219,6 +1207,26 @@ static int enc_function(struct enc *e, int idx) {
     lua_rawset(L, -3);
     lua_pop(L, 1);
   }
+  return 0;
+}
+
+static int enc_function(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  size_t def, at;
+  lua_Debug ar;
+  int r;
+  r = put_named(e, idx);
+  if (r != 0) return r < 0 ? -1 : 0;
+  if (lua_iscfunction(L, idx))
+    return fail(e, "cannot encode a C function that is not a field of a "
+                   "loaded module");
+  if (e->depth >= max_depth)
+    return fail(e, "nesting deeper than %d levels", max_depth);
+  if (!lua_checkstack(L, 8)) return fail(e, "Lua stack overflow");
+  r = enter_object(e, lua_topointer(L, idx), &def);
+  if (r != 0) return r < 0 ? -1 : 0;
+  if (begin_ext(e, EXT_FUNC, &at) < 0) return -1;
+  if (enc_bytecode(e, idx) < 0) return -1;
   lua_pushvalue(L, idx);
   lua_getinfo(L, ">u", &ar);
   if (put_int(e, ar.nups) < 0) return -1;

@@ -127,7 +127,7 @@ static int conn_close(lua_State *L) {
   if (c->fd >= 0) {
     int fd = c->fd;
     c->fd = -1;                       /* closed before the fd goes */
-    close(fd);
+    luamp_sys.close(fd);
   }
   free(c->rbuf);
   c->rbuf = NULL;
@@ -1228,7 +1228,8 @@ static int l_pipe(lua_State *L) {
       luamp_raise_errno(L, "OSError", errno, "socketpair");
     /* (capped by net.core.wmem_max; a failure only costs speed) */
     for (int i = 0; i < 2; i++)
-      (void)setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+      (void)luamp_sys.setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &sndbuf,
+                                 sizeof sndbuf);
   } else if (luamp_sys.pipe2(fds, O_CLOEXEC) != 0) {
     luamp_raise_errno(L, "OSError", errno, "pipe2");
   }
@@ -1253,7 +1254,7 @@ static int l_from_fd(lua_State *L) {
   c->fd = fd;
   c->readable = lua_isnoneornil(L, 2) || lua_toboolean(L, 2);
   c->writable = lua_isnoneornil(L, 3) || lua_toboolean(L, 3);
-  fcntl(fd, F_SETFD, FD_CLOEXEC);
+  luamp_sys.fcntl(fd, F_SETFD, FD_CLOEXEC);
   return 1;
 }
 
@@ -1371,8 +1372,12 @@ static double handshake_deadline(lua_State *L, int idx) {
 static void make_challenge(lua_State *L, char *msg) {
   const size_t pre = sizeof CHALLENGE - 1;
   memcpy(msg, CHALLENGE "{sha256}", pre + 8);
-  if (getrandom(msg + pre + 8, MESSAGE_LENGTH, 0) != MESSAGE_LENGTH)
-    luamp_raise_errno(L, "OSError", errno, "getrandom");
+  ssize_t n;
+  /* blocks only until the kernel's pool is first seeded: EINTR then */
+  while ((n = luamp_sys.getrandom(msg + pre + 8, MESSAGE_LENGTH, 0)) < 0 &&
+         errno == EINTR) {}
+  if (n != MESSAGE_LENGTH)
+    luamp_raise_errno(L, "OSError", n < 0 ? errno : EIO, "getrandom");
 }
 
 /* Whether resp answers the challenge msg (made by make_challenge). */
@@ -1607,7 +1612,7 @@ static void push_address(lua_State *L, const struct sockaddr_storage *ss,
 static void tune_socket(int fd, int family) {
   if (family != AF_UNIX) {
     int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    luamp_sys.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   }
 }
 
@@ -1632,8 +1637,8 @@ static int listener_close(lua_State *L) {
   if (l->fd >= 0) {
     int fd = l->fd;
     l->fd = -1;
-    close(fd);
-    if (l->path[0] && l->owner == luamp_pid()) unlink(l->path);
+    luamp_sys.close(fd);
+    if (l->path[0] && l->owner == luamp_pid()) luamp_sys.unlink(l->path);
     l->path[0] = '\0';
   }
   return 0;
@@ -1651,11 +1656,12 @@ static int l_listen(lua_State *L) {
   luaL_setmetatable(L, LISTENER_TNAME);
   fd = luamp_sys.socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) luamp_raise_errno(L, "OSError", errno, "socket");
-  if (family != AF_UNIX) setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (family != AF_UNIX)
+    luamp_sys.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
   if (luamp_sys.bind(fd, (struct sockaddr *)&ss, len) != 0 ||
       luamp_sys.listen(fd, backlog) != 0) {
     int err = errno;
-    close(fd);
+    luamp_sys.close(fd);
     luamp_raise_errno(L, "OSError", err, "bind");
   }
   l->fd = fd;
@@ -1751,7 +1757,7 @@ static int l_connect(lua_State *L) {
       if (r == -2) luamp_raise_interrupt(L);
       if (r == 0) luamp_raise(L, "TimeoutError", "connect timed out");
       if (r < 0) luamp_raise_errno(L, "OSError", errno, "poll");
-      getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen);
+      luamp_sys.getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &elen);
       if (err != 0) luamp_raise_errno(L, "OSError", err, "connect");
       break;
     }
@@ -1765,7 +1771,7 @@ static int l_connect(lua_State *L) {
     }
     luamp_raise_errno(L, "OSError", errno, "connect");
   }
-  fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK);
+  luamp_sys.fcntl(fd, F_SETFL, luamp_sys.fcntl(fd, F_GETFL, 0) & ~O_NONBLOCK);
   tune_socket(fd, family);
   return 1;
 }

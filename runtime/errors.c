@@ -11,9 +11,12 @@
  */
 #include <errno.h>
 #include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
+#include "host.h"   /* luamp_msgh's other declaration: checked here */
 
 static const char *const kinds[] = {
   "Empty", "Full", "TimeoutError", "EOFError", "BrokenPipeError",
@@ -236,4 +239,33 @@ int luamp_open_errors(lua_State *L) {
   }
   lua_setfield(L, -2, "error_kinds");
   return 0;
+}
+
+/* LUAMP_ASSERT's failure (debug builds): says what and where, then
+ * aborts -- an invariant the code relies on no longer holds, so going on
+ * could corrupt shared memory other processes use. */
+void luamp_assert_fail(const char *cond, const char *file, int line,
+                       const char *func) {
+  fprintf(stderr, "luamp: assertion failed: %s (%s:%d, %s)\n", cond, file,
+          line, func);
+  fflush(stderr);
+  abort();
+}
+
+/* Message handler for lua_pcall: turns any error value into text with a
+ * traceback.  Error objects with __tostring (the module's errors) keep
+ * their text and get the traceback too, unlike lua.c, which drops it for
+ * them.  One for the luamp host (host.c) and the children process.c
+ * starts, so that an error reads the same from either. */
+int luamp_msgh(lua_State *L) {
+  const char *msg = lua_tostring(L, 1);
+  if (msg == NULL) {
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
+      msg = lua_tostring(L, -1);
+    else
+      msg = lua_pushfstring(L, "(error object is a %s value)",
+                            luaL_typename(L, 1));
+  }
+  luaL_traceback(L, L, msg, 1);
+  return 1;
 }

@@ -58,8 +58,8 @@ static int evset_close(lua_State *L) {
   if (e->epfd >= 0) {
     int ep = e->epfd, t = e->tfd;
     e->epfd = e->tfd = -1;   /* closed before the resources go */
-    close(t);
-    close(ep);
+    luamp_sys.close(t);
+    luamp_sys.close(ep);
   }
   if (e->keys != NULL) {
     int *k = e->keys, n = e->nkeys;
@@ -86,7 +86,7 @@ static int l_evset(lua_State *L) {
   e->epfd = luamp_sys.epoll_create1(EPOLL_CLOEXEC);
   if (e->epfd < 0) {
     int err = errno;
-    close(e->tfd);
+    luamp_sys.close(e->tfd);
     e->tfd = -1;
     luamp_raise_errno(L, "OSError", err, "epoll_create1");
   }

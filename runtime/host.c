@@ -62,26 +62,10 @@ int luamp_host_report(lua_State *L, int status) {
   return status;
 }
 
-/* Message handler: turns any error value into text with a traceback.
- * Error objects with __tostring (the module's errors) keep their text and
- * get the traceback too, unlike lua.c, which drops it for them. */
-static int msghandler(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL) {
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)",
-                            luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
-  return 1;
-}
-
 int luamp_host_docall(lua_State *L, int narg, int nres) {
   int status;
   int base = lua_gettop(L) - narg;
-  lua_pushcfunction(L, msghandler);
+  lua_pushcfunction(L, luamp_msgh);
   lua_insert(L, base);
   struct sigaction old;
   globalL = L;

@@ -25,5 +25,8 @@ void luamp_host_message(const char *pname, const char *msg);
 void luamp_host_sigint(void (*handler)(int), struct sigaction *old);
 /* The interactive loop; returns at end of input. */
 void luamp_repl(lua_State *L);
+/* The message handler both the host and the children process.c starts
+ * use (defined in the library, errors.c; internal.h declares it there). */
+int luamp_msgh(lua_State *L);
 
 #endif

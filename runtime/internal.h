@@ -35,6 +35,22 @@
 #define LUAMP_PRINTF(a, b)
 #endif
 
+/* Debug-build assertions for the invariants the comments state ("under
+ * mu", "open handle"): compiled in when LUAMP_DEBUG is defined (make
+ * sanitize does), nothing otherwise.  A failure prints the condition and
+ * where, and aborts (errors.c). */
+#ifdef LUAMP_DEBUG
+#define LUAMP_ASSERT(c) \
+  ((c) ? (void)0 : luamp_assert_fail(#c, __FILE__, __LINE__, __func__))
+#else
+#define LUAMP_ASSERT(c) ((void)0)
+#endif
+LUAMP_NORETURN void luamp_assert_fail(const char *cond, const char *file,
+                                      int line, const char *func);
+/* Message handler for lua_pcall: any error value as text with a
+ * traceback (errors.c; the luamp host uses it too, through host.h). */
+int luamp_msgh(lua_State *L);
+
 /* ---- handle.c: one shape for every handle type ----------------------- */
 
 /* A handle type (static storage).  luamp_newtype makes its metatable
@@ -160,6 +176,15 @@ struct luamp_syscalls {
   /* (conn.c: fds passed with SCM_RIGHTS) */
   ssize_t (*sendmsg)(int, const struct msghdr *, int);
   ssize_t (*recvmsg)(int, struct msghdr *, int);
+  /* close is never retried: on Linux the fd is gone even after EINTR */
+  int (*close)(int);
+  int (*munmap)(void *, size_t);
+  int (*unlink)(const char *);
+  int (*setsockopt)(int, int, int, const void *, socklen_t);
+  int (*getsockopt)(int, int, int, void *, socklen_t *);
+  int (*fcntl)(int, int, int);   /* the int-argument commands only */
+  ssize_t (*getrandom)(void *, size_t, unsigned int);
+  int (*nanosleep)(const struct timespec *, struct timespec *);
 };
 extern struct luamp_syscalls luamp_sys;
 
@@ -251,10 +276,6 @@ struct luamp_arena *luamp_arena_new(lua_State *L, const char *name,
                                     size_t size, uint32_t kind);
 void luamp_arena_ref(struct luamp_arena *a);
 void luamp_arena_unref(struct luamp_arena *a);   /* last one unmaps */
-/* Appends the bytes that let another process of the tree reach
- * (arena, offset). */
-void luamp_arena_describe(luaL_Buffer *b, struct luamp_arena *a,
-                          size_t offset);
 /* Parses such bytes at *p (advancing *p, *n), returns the arena with a
  * reference taken, mapping it when this process does not have it yet;
  * raises DecodeError when it cannot be reached or its kind is not in the
@@ -330,6 +351,8 @@ uint64_t luamp_process_id(void);
  * or an errno. */
 int luamp_mutex_init(pthread_mutex_t *m);
 int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg);
+/* Whether the calling thread holds m: for LUAMP_ASSERT only. */
+int luamp_mutex_held(pthread_mutex_t *m);
 void luamp_mutex_unlock(pthread_mutex_t *m);
 /* The same for a caller that waits with a deadline (luamp_deadline's
  * convention, < 0: none) and notices Ctrl-C in L (NULL: never): 0 when
@@ -375,8 +398,6 @@ struct luamp_lock {
   uint32_t recursive;        /* const after init */
   uint32_t pad;
 };
-#define LUAMP_LOCK_TNAME "multiprocessing.Lock"
-#define LUAMP_RLOCK_TNAME "multiprocessing.RLock"
 void luamp_lock_init(struct luamp_lock *l, int recursive);
 /* Pushes a new Lock/RLock object for the lock at (a, offset), taking a
  * reference to a (or this state's existing object for it). */
@@ -418,13 +439,6 @@ int luamp_open_fence(lua_State *L);
 
 /* ---- queue.c: Queue, SimpleQueue, JoinableQueue ------------------------ */
 
-/* put/get as the methods do (raising Full/Empty/EncodeError...); tag is
- * stored with the record; get with slot >= 0 records the tag of the
- * record it takes in the queue's slot table in the same step (Pool). */
-int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
-                    int block, double deadline);
-int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
-                    int slot);
 /* For mp.wait: is idx a queue (of any kind); would a get not block now. */
 int luamp_queue_test(lua_State *L, int idx);
 int luamp_queue_ready(lua_State *L, int idx);

@@ -106,6 +106,8 @@ static int exitcode_of(int status) {
   return 0;
 }
 
+/* Direct (not luamp_sys): a probe whose failure only selects the
+ * fallback (a sentinel pipe, or polling the pid). */
 static int pidfd_open_(pid_t pid) {
 #ifdef SYS_pidfd_open
   return (int)syscall(SYS_pidfd_open, pid, 0);
@@ -121,7 +123,7 @@ static int pidfd_usable(void) {
     const char *off = getenv("LUAMP_NO_PIDFD");  /* tests the fallback */
     int fd = (off && *off && strcmp(off, "0") != 0) ? -1 : pidfd_open_(luamp_pid());
     have_pidfd = fd >= 0;
-    if (fd >= 0) close(fd);
+    if (fd >= 0) luamp_sys.close(fd);
   }
   return have_pidfd;
 }
@@ -130,7 +132,7 @@ static void close_sentinel(struct child *c) {
   if (c->sentinel >= 0) {
     int fd = c->sentinel;
     c->sentinel = -1;
-    close(fd);
+    luamp_sys.close(fd);
   }
 }
 
@@ -352,11 +354,11 @@ static void after_fork_in_child(void) {
    * refers to have their fd closed now and their memory left to this
    * process's exit. */
   for (const struct child *c = registry; c; c = c->next)
-    if (!c->has_handle && c->sentinel >= 0) close(c->sentinel);
+    if (!c->has_handle && c->sentinel >= 0) luamp_sys.close(c->sentinel);
   registry = NULL;
   if (spawning_started) started_child = 1;   /* before the at-fork hooks */
   if (own_sentinel_wfd >= 0) {
-    close(own_sentinel_wfd);
+    luamp_sys.close(own_sentinel_wfd);
     own_sentinel_wfd = -1;
   }
   /* Signal dispositions are inherited, as with Python's fork start
@@ -563,7 +565,7 @@ static int child_sentinel(lua_State *L) {
     int p[2];
     if (luamp_sys.pipe2(p, O_CLOEXEC) != 0)
       luamp_raise_errno(L, "OSError", errno, "pipe2");
-    close(p[1]);
+    luamp_sys.close(p[1]);
     c->sentinel = p[0];
   }
   c->exposed = 1;
@@ -655,25 +657,12 @@ static int stdin_has_buffered_input(void) {
 #endif
 }
 
-/* The child's body for spawn: runs fn(arg) under a traceback handler and
- * leaves with its result as exit code; it never returns into the Lua code
- * that called spawn (which belongs to the parent). */
-static int child_msgh(lua_State *L) {
-  const char *msg = lua_tostring(L, 1);
-  if (msg == NULL) {
-    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING)
-      msg = lua_tostring(L, -1);
-    else
-      msg = lua_pushfstring(L, "(error object is a %s value)",
-                            luaL_typename(L, 1));
-  }
-  luaL_traceback(L, L, msg, 1);
-  return 1;
-}
-
+/* The child's body for spawn: runs fn(arg) under the traceback handler
+ * and leaves with its result as exit code; it never returns into the Lua
+ * code that called spawn (which belongs to the parent). */
 LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
   int code = 1, base;
-  lua_pushcfunction(L, child_msgh);
+  lua_pushcfunction(L, luamp_msgh);
   base = lua_gettop(L);
   lua_pushvalue(L, fn);
   lua_pushvalue(L, arg);
@@ -692,6 +681,30 @@ LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
     if (code == 0) code = 1;
   }
   luamp_child_exit(code);
+}
+
+/* The new child's side of l_spawn, up to running fn(arg).  prctl, dup2
+ * and the signal calls here stay direct (not luamp_sys): they run in the
+ * new child before any Lua code, where a failure can only end the child. */
+static LUAMP_NORETURN void child_start(lua_State *L, const int pfd[2],
+                                       int ignore_sigint, int die_with_parent,
+                                       pid_t parent) {
+  if (pfd[0] >= 0) {
+    luamp_sys.close(pfd[0]);
+    own_sentinel_wfd = pfd[1];
+  }
+  if (ignore_sigint) signal(SIGINT, SIG_IGN);
+  /* (the parent may have died before the prctl: then getppid changed) */
+  if (die_with_parent &&
+      (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent))
+    _exit(1);
+  /* As Python's children: stdin is /dev/null, so that parent and
+   * children do not compete for the terminal's input (and input the
+   * parent had buffered is not read twice). */
+  if (devnull >= 0 && dup2(devnull, STDIN_FILENO) == STDIN_FILENO &&
+      stdin_has_buffered_input())
+    __fpurge(stdin);
+  luamp_child_main(L, 1, 2);
 }
 
 /* core.spawn(fn, arg, daemon, ignore_sigint, die_with_parent, started)
@@ -725,34 +738,18 @@ static int l_spawn(lua_State *L) {
     free(c);
     luamp_raise_errno(L, "OSError", err, "pipe2");
   }
-  if (devnull < 0) devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (devnull < 0)
+    devnull = luamp_sys.open("/dev/null", O_RDONLY | O_CLOEXEC, 0);
   spawning_started = started;
   pid = luamp_fork(L);
   spawning_started = 0;
-  if (pid == 0) {
-    if (pfd[0] >= 0) {
-      close(pfd[0]);
-      own_sentinel_wfd = pfd[1];
-    }
-    /* c is not freed here: the child leaves with _exit, and touching the
-     * allocator would copy its pages for nothing */
-    if (ignore_sigint) signal(SIGINT, SIG_IGN);
-    /* (the parent may have died before the prctl: then getppid changed) */
-    if (die_with_parent &&
-        (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent))
-      _exit(1);
-    /* As Python's children: stdin is /dev/null, so that parent and
-     * children do not compete for the terminal's input (and input the
-     * parent had buffered is not read twice). */
-    if (devnull >= 0 && dup2(devnull, STDIN_FILENO) == STDIN_FILENO &&
-        stdin_has_buffered_input())
-      __fpurge(stdin);
-    luamp_child_main(L, 1, 2);
-  }
+  /* c is not freed in the child: it leaves with _exit, and touching the
+   * allocator would copy its pages for nothing */
+  if (pid == 0) child_start(L, pfd, ignore_sigint, die_with_parent, parent);
   if (pid < 0) {
     int err = errno;
     free(c);
-    if (pfd[0] >= 0) { close(pfd[0]); close(pfd[1]); }
+    if (pfd[0] >= 0) { luamp_sys.close(pfd[0]); luamp_sys.close(pfd[1]); }
     luamp_raise_errno(L, "OSError", err, "fork");
   }
   c->pid = pid;
@@ -762,7 +759,7 @@ static int l_spawn(lua_State *L) {
   lua_pop(L, 1);
   c->daemon = daemon;
   if (pfd[0] >= 0) {
-    close(pfd[1]);
+    luamp_sys.close(pfd[1]);
     c->sentinel = pfd[0];
   } else {
     c->sentinel = pidfd_open_(pid);
@@ -935,7 +932,7 @@ static int l_pid(lua_State *L) {
 
 static int l_close_fd(lua_State *L) {
   int fd = (int)luaL_checkinteger(L, 1);
-  lua_pushboolean(L, close(fd) == 0);
+  lua_pushboolean(L, luamp_sys.close(fd) == 0);
   return 1;
 }
 
@@ -951,12 +948,13 @@ static int l_detach_inherited_fds(lua_State *L) {
   struct dirent *e;
   int null, dfd;
   luaL_checktype(L, 1, LUA_TTABLE);
-  null = open("/dev/null", O_RDWR | O_CLOEXEC);
+  null = luamp_sys.open("/dev/null", O_RDWR | O_CLOEXEC, 0);
   if (null < 0) luamp_raise_errno(L, "OSError", errno, "open /dev/null");
+  /* opendir and dup3 are direct: the child's set-up, as in child_start */
   d = opendir("/proc/self/fd");
   if (d == NULL) {
     int err = errno;
-    close(null);
+    luamp_sys.close(null);
     luamp_raise_errno(L, "OSError", err, "opendir /proc/self/fd");
   }
   dfd = dirfd(d);
@@ -976,7 +974,7 @@ static int l_detach_inherited_fds(lua_State *L) {
     while (dup3(null, (int)fd, O_CLOEXEC) < 0 && errno == EINTR) {}
   }
   closedir(d);
-  close(null);
+  luamp_sys.close(null);
   return 0;
 }
 

@@ -150,6 +150,7 @@ static struct luamp_obj *checkqueue(lua_State *L, int idx,
 /* ---- the journal ------------------------------------------------------------ */
 
 static void journal_begin(struct qhdr *h) {
+  LUAMP_ASSERT(luamp_mutex_held(&h->mu));
   h->journal.head = h->head;
   h->journal.tail = h->tail;
   h->journal.released = h->released;
@@ -163,6 +164,9 @@ static void journal_begin(struct qhdr *h) {
 static void journal_end(struct qhdr *h) {
   atomic_thread_fence(memory_order_release);
   h->journal.active = 0;
+  /* (checked after the step ends, so that a debug build's holder is not
+   * slower inside it than a release build's) */
+  LUAMP_ASSERT(luamp_mutex_held(&h->mu));
 }
 
 /* EOWNERDEAD: the holder died inside a step; undo it. */
@@ -236,6 +240,7 @@ static void punch_span(struct queue *q, uint64_t x, uint64_t y) {
   if (x < HOT) x = HOT;
   x = (x + PAGE - 1) & ~(uint64_t)(PAGE - 1);
   y &= ~(uint64_t)(PAGE - 1);
+  /* direct: advisory, a failure only keeps the pages */
   if (x < y) madvise(q->ring + x, y - x, MADV_REMOVE);
 }
 
@@ -295,6 +300,7 @@ static void pass_skip(struct queue *q) {
  * out of the pages that are given back. */
 static int early_wrap(struct qhdr *h, uint64_t need) {
   uint64_t mask = h->cap - 1, ot = h->tail & mask, oh = h->head & mask;
+  LUAMP_ASSERT(luamp_mutex_held(&h->mu));
   return h->tail != h->head && ot >= WRAP_AT && ot >= oh && need <= oh &&
          (h->tail & ~mask) == (h->head & ~mask);
 }
@@ -309,8 +315,8 @@ int luamp_wakeup_fd(lua_State *L) {
   if (wake_pid != luamp_pid()) {
     int p[2];
     if (wake_pid != 0) {       /* the parent's, inherited: not ours */
-      close(wake_rfd);
-      close(wake_wfd);
+      luamp_sys.close(wake_rfd);
+      luamp_sys.close(wake_wfd);
     }
     wake_pid = 0;
     if (luamp_sys.pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0)
@@ -358,10 +364,10 @@ static void poke_watchers(lua_State *L, struct queue *q) {
     }
     /* the watcher's own pipe, reached through /proc: gone with it */
     snprintf(path, sizeof path, "/proc/%d/fd/%d", (int)pids[i], (int)fds[i]);
-    fd = open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    fd = luamp_sys.open(path, O_WRONLY | O_NONBLOCK | O_CLOEXEC, 0);
     if (fd < 0) continue;
     (void)!luamp_sys.write(fd, "", 1);   /* a full pipe is poked already */
-    close(fd);
+    luamp_sys.close(fd);
   }
 }
 
@@ -609,13 +615,16 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   }
 }
 
-int luamp_queue_put(lua_State *L, int qidx, int vidx, uint64_t tag,
-                    int block, double deadline) {
+/* put/get as the methods do (raising Full/Empty/EncodeError...); tag is
+ * stored with the record; get with slot >= 0 records the tag of the
+ * record it takes in the queue's slot table in the same step (Pool). */
+static int queue_put_tagged(lua_State *L, int qidx, int vidx, uint64_t tag,
+                            int block, double deadline) {
   return queue_put(L, checkqueue(L, qidx, any_queue), vidx, -1, tag, block, deadline);
 }
 
-int luamp_queue_get(lua_State *L, int qidx, int block, double deadline,
-                    int slot) {
+static int queue_get_slot(lua_State *L, int qidx, int block,
+                          double deadline, int slot) {
   return queue_get(L, checkqueue(L, qidx, any_queue), block, deadline, slot, 0);
 }
 
@@ -625,7 +634,7 @@ static int can_map(uint64_t n) {
   void *p = luamp_sys.mmap(NULL, n, PROT_NONE,
                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) return 0;
-  munmap(p, n);
+  luamp_sys.munmap(p, n);
   return 1;
 }
 
@@ -716,8 +725,8 @@ static struct qfd *qfd_find(struct luamp_obj *o) {
   pid_t me = luamp_pid();
   for (int i = 0; i < nqfds; i++) {
     if (qfds[i].pid != me) {
-      close(qfds[i].rfd);
-      close(qfds[i].wfd);
+      luamp_sys.close(qfds[i].rfd);
+      luamp_sys.close(qfds[i].wfd);
       qfds[i--] = qfds[--nqfds];
       continue;
     }
@@ -789,8 +798,8 @@ static void qfd_drop(lua_State *L, struct luamp_obj *o) {
   struct qfd *f;
   if (nqfds == 0 || (f = qfd_find(o)) == NULL) return;
   if (o->arena != NULL) qfd_watch(L, (struct qhdr *)o->p, f->wfd, 0);
-  close(f->rfd);
-  close(f->wfd);
+  luamp_sys.close(f->rfd);
+  luamp_sys.close(f->wfd);
   *f = qfds[--nqfds];
   if (nqfds == 0) {         /* the last one: nothing left to leak at exit */
     free(qfds);
@@ -924,7 +933,7 @@ static int q_put_tagged(lua_State *L) {
   checkqueue(L, 1, full_queue);
   luaL_argcheck(L, tag >= 0, 3, "tag must be >= 0");
   d = block_timeout(L, 4);
-  luamp_queue_put(L, 1, 2, (uint64_t)tag, d != -2.0, d == -2.0 ? 0 : d);
+  queue_put_tagged(L, 1, 2, (uint64_t)tag, d != -2.0, d == -2.0 ? 0 : d);
   return 0;
 }
 
@@ -945,7 +954,7 @@ static int q_get_slot(lua_State *L) {
   checkqueue(L, 1, full_queue);
   luaL_argcheck(L, slot >= 0 && slot < MAX_SLOTS, 2, "slot out of range");
   d = block_timeout(L, 3);
-  return luamp_queue_get(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot);
+  return queue_get_slot(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot);
 }
 
 static int q_taken(lua_State *L) {

@@ -103,7 +103,7 @@ static void table_init(void) {
                  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   if (p == MAP_FAILED) return;
   if (luamp_mutex_init(&((struct track_table *)p)->mu) != 0) {
-    munmap(p, sizeof *table);
+    luamp_sys.munmap(p, sizeof *table);
     return;
   }
   table = p;
@@ -143,7 +143,7 @@ static void entry_unlink(const struct track_entry *e) {
   if (fd < 0) return;
   same = luamp_sys.fstat(fd, &st) == 0 && (uint64_t)st.st_dev == e->dev &&
          (uint64_t)st.st_ino == e->ino;
-  close(fd);
+  luamp_sys.close(fd);
   if (same) luamp_sys.shm_unlink(e->name);
 }
 
@@ -213,7 +213,7 @@ static void drop_inherited_memory(void) {
     hi[n++] = b;
   }
   fclose(f);
-  for (int i = 0; i < n; i++) munmap((void *)lo[i], hi[i] - lo[i]);
+  for (int i = 0; i < n; i++) luamp_sys.munmap((void *)lo[i], hi[i] - lo[i]);
   if (heap_hi > heap_lo)
     madvise((void *)heap_lo, heap_hi - heap_lo, MADV_DONTNEED);
 }
@@ -223,6 +223,9 @@ static LUAMP_NORETURN void tracker_main(void) {
   uint64_t me = luamp_process_id();
   sigset_t none;
   int idle = 0, fd;
+  /* The tracker's own set-up calls stay direct (not luamp_sys): it is a
+   * daemon of its own, and a failure of any of them changes nothing a
+   * caller could see. */
   prctl(PR_SET_NAME, "luamp-shmtrack");
   setsid();                         /* a terminal's Ctrl-C is not for it */
   signal(SIGINT, SIG_IGN);
@@ -248,7 +251,7 @@ static LUAMP_NORETURN void tracker_main(void) {
   table->starting = 0;              /* started: no one waits for us now */
   table_unlock();
   for (;;) {
-    while (nanosleep(&period, &period) != 0 && errno == EINTR) {}
+    while (luamp_sys.nanosleep(&period, &period) != 0 && errno == EINTR) {}
     period.tv_nsec = TRACKER_PERIOD_MS * 1000000L;
     if (!table_lock()) _exit(0);
     sweep_locked(0, 0);
@@ -441,6 +444,41 @@ static const char *shm_what(lua_State *L, struct shm *s) {
   return lua_pushfstring(L, "shared memory '%s'", s->name + 1);
 }
 
+/* A name the OS will see whole: no NUL (the OS would see it cut there:
+ * another block), no '/', 1..NAME_MAX_LEN characters. */
+static void check_name(lua_State *L, const char *name, size_t namelen) {
+  const char *nul = memchr(name, '\0', namelen);
+  if (nul != NULL)
+    luamp_raise(L, "ValueError", "SharedMemory: name contains a NUL byte "
+                "(at byte %d)", (int)(nul - name) + 1);
+  luaL_argcheck(L, name[0] != '\0' && strlen(name) <= NAME_MAX_LEN &&
+                strchr(name, '/') == NULL, 1,
+                "name must be 1..250 characters without '/'");
+}
+
+/* Opens (or creates) the block into s->name; returns the fd, or -1 with
+ * errno.  Without a name: Python's default names, psm_ and 8 hex digits,
+ * retried on clash. */
+static int open_block(struct shm *s, const char *name, int create) {
+  int fd = -1;
+  if (name) {
+    snprintf(s->name, sizeof s->name, "/%s", name);
+    return luamp_sys.shm_open(s->name,
+                              create ? O_CREAT | O_EXCL | O_RDWR : O_RDWR,
+                              0600);
+  }
+  for (int tries = 0; tries < 100; tries++) {
+    uint32_t r;
+    if (luamp_sys.getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
+      r = (uint32_t)(luamp_pid() * 2654435761u) ^
+          (uint32_t)(luamp_now() * 1e6) ^ (uint32_t)tries;
+    snprintf(s->name, sizeof s->name, "/psm_%08x", (unsigned)r);
+    fd = luamp_sys.shm_open(s->name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd >= 0 || errno != EEXIST) break;
+  }
+  return fd;
+}
+
 /* SharedMemory{name =, create =, size =, track =} or
  * SharedMemory(name, create, size, track) */
 static int l_SharedMemory(lua_State *L) {
@@ -457,7 +495,7 @@ static int l_SharedMemory(lua_State *L) {
   do_track = lua_isnoneornil(L, 4) || lua_toboolean(L, 4);
   struct shm *s;
   struct stat st;
-  int fd = -1, err;
+  int fd, err;
   void *base;
   luaL_argcheck(L, size >= 0, 3, "'size' must be a positive integer");
   if (create && size == 0)
@@ -465,35 +503,11 @@ static int l_SharedMemory(lua_State *L) {
                   "zero");
   if (!create && name == NULL)
     luaL_argerror(L, 1, "'name' can only be nil if create is true");
-  if (name) {
-    /* the OS would see the name cut at the NUL: another block */
-    const char *nul = memchr(name, '\0', namelen);
-    if (nul != NULL)
-      luamp_raise(L, "ValueError", "SharedMemory: name contains a NUL byte "
-                  "(at byte %d)", (int)(nul - name) + 1);
-    luaL_argcheck(L, name[0] != '\0' && strlen(name) <= NAME_MAX_LEN &&
-                  strchr(name, '/') == NULL, 1,
-                  "name must be 1..250 characters without '/'");
-  }
+  if (name) check_name(L, name, namelen);
   s = lua_newuserdatauv(L, sizeof *s, 0);
   memset(s, 0, sizeof *s);
   luaL_setmetatable(L, SHM_TNAME);
-  if (name) {
-    snprintf(s->name, sizeof s->name, "/%s", name);
-    fd = luamp_sys.shm_open(s->name, create ? O_CREAT | O_EXCL | O_RDWR : O_RDWR,
-                  0600);
-  } else {
-    /* Python's default names: psm_ and 8 hex digits, retried on clash */
-    for (int tries = 0; tries < 100; tries++) {
-      uint32_t r;
-      if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
-        r = (uint32_t)(luamp_pid() * 2654435761u) ^ (uint32_t)(luamp_now() * 1e6) ^
-            (uint32_t)tries;
-      snprintf(s->name, sizeof s->name, "/psm_%08x", (unsigned)r);
-      fd = luamp_sys.shm_open(s->name, O_CREAT | O_EXCL | O_RDWR, 0600);
-      if (fd >= 0 || errno != EEXIST) break;
-    }
-  }
+  fd = open_block(s, name, create);
   if (fd < 0) {
     err = errno;
     luamp_raise_errno(L, "OSError", err, shm_what(L, s));
@@ -501,14 +515,14 @@ static int l_SharedMemory(lua_State *L) {
   if (create) {
     if (luamp_sys.ftruncate(fd, (off_t)size) != 0) {
       err = errno;
-      close(fd);
+      luamp_sys.close(fd);
       luamp_sys.shm_unlink(s->name);
       luamp_raise_errno(L, "OSError", err, "ftruncate");
     }
   }
   if (luamp_sys.fstat(fd, &st) != 0) {
     err = errno;
-    close(fd);
+    luamp_sys.close(fd);
     if (create) luamp_sys.shm_unlink(s->name);
     luamp_raise_errno(L, "OSError", err, "fstat");
   }
@@ -517,13 +531,13 @@ static int l_SharedMemory(lua_State *L) {
   if (!create) {
     size = (lua_Integer)st.st_size;
     if (size == 0) {
-      close(fd);
+      luamp_sys.close(fd);
       luamp_raise(L, "ValueError", "shared memory '%s' is empty", s->name + 1);
     }
   }
   base = luamp_sys.mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   err = errno;
-  close(fd);   /* the mapping keeps the memory; no fd held */
+  luamp_sys.close(fd);   /* the mapping keeps the memory; no fd held */
   if (base == MAP_FAILED) {
     if (create) luamp_sys.shm_unlink(s->name);
     luamp_raise_errno(L, "OSError", err, "mmap");
@@ -540,7 +554,7 @@ static int shm_close(lua_State *L) {
   if (s->base) {
     char *base = s->base;
     s->base = NULL;   /* closed before the mapping goes */
-    munmap(base, s->size);
+    luamp_sys.munmap(base, s->size);
   }
   return 0;
 }

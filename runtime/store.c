@@ -108,7 +108,7 @@ static int store_close(lua_State *L) {
   if (s->fd >= 0) {
     int fd = s->fd;
     s->fd = -1;     /* closed before the resource goes */
-    close(fd);
+    luamp_sys.close(fd);
   }
   return 0;
 }

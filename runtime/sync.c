@@ -30,6 +30,8 @@
 #define SLICE_MS 250        /* later sleeps */
 #define SPINS 200           /* pause loops before sleeping on a lock */
 
+#define LUAMP_LOCK_TNAME "multiprocessing.Lock"
+#define LUAMP_RLOCK_TNAME "multiprocessing.RLock"
 #define SEMAPHORE_TNAME "multiprocessing.Semaphore"
 #define BSEMAPHORE_TNAME "multiprocessing.BoundedSemaphore"
 #define EVENT_TNAME "multiprocessing.Event"
@@ -291,10 +293,12 @@ struct ssem {
   _Atomic uint32_t waiters;  /* sleepers (approximate, see luamp_lock) */
   uint32_t maxvalue;         /* const: BoundedSemaphore's bound */
   uint32_t bounded;          /* const */
-  pthread_mutex_t mu;        /* guards holders[] */
+  pthread_mutex_t mu;        /* guards holders[] but a holder's own
+                                decrement (sem_track) */
   struct {
-    uint64_t id;             /* [mu] who holds scoped units, 0 free */
-    uint32_t count;          /* [mu] how many */
+    _Atomic uint64_t id;     /* [mu] who holds scoped units, 0 free */
+    _Atomic uint32_t count;  /* [mu] how many; its holder decrements it
+                                without mu */
     uint32_t pad;
   } holders[SEM_HOLDERS];
 };
@@ -381,26 +385,42 @@ static int sem_acquire(lua_State *L, struct ssem *s, int block,
   return got;
 }
 
+/* Forgets a scoped unit of the caller, without mu: its holder may be
+ * stopped inside it, and forgetting may not be skipped (the unit would be
+ * given back twice) nor wait.  Only the caller changes its own slot while
+ * it lives (sem_recover takes a slot only from the dead, or with no
+ * count), so an atomic decrement is enough; the id stays, harmless. */
+static void sem_forget(struct ssem *s) {
+  uint64_t me = luamp_self_id();
+  for (int i = 0; i < SEM_HOLDERS; i++) {
+    if (atomic_load(&s->holders[i].id) == me) {
+      uint32_t n = atomic_load(&s->holders[i].count);
+      while (n > 0 &&
+             !atomic_compare_exchange_weak(&s->holders[i].count, &n, n - 1)) {}
+      return;
+    }
+  }
+}
+
 /* Records (delta > 0) or forgets (delta < 0) a scoped unit of the caller.
- * A record may be skipped on Ctrl-C (that unit is then not recoverable);
- * forgetting never is (a unit would be given back twice). */
+ * A record may be skipped on Ctrl-C (that unit is then not recoverable). */
 static void sem_track(lua_State *L, struct ssem *s, int delta) {
   uint64_t me = luamp_self_id();
   int free_slot = -1;
-  if (luamp_mutex_lock_until(delta > 0 ? L : NULL, &s->mu, sem_repair, s,
-                             -1.0) != 0)
+  if (delta < 0) {
+    sem_forget(s);
     return;
+  }
+  if (luamp_mutex_lock_until(L, &s->mu, sem_repair, s, -1.0) != 0) return;
   for (int i = 0; i < SEM_HOLDERS; i++) {
     if (s->holders[i].id == me) {
-      if (delta < 0 && s->holders[i].count > 0) s->holders[i].count--;
-      else if (delta > 0) s->holders[i].count++;
-      if (s->holders[i].count == 0) s->holders[i].id = 0;
+      s->holders[i].count++;
       luamp_mutex_unlock(&s->mu);
       return;
     }
     if (s->holders[i].id == 0 && free_slot < 0) free_slot = i;
   }
-  if (delta > 0 && free_slot >= 0) {
+  if (free_slot >= 0) {
     /* count first: a slot with an id and no count is harmless */
     s->holders[free_slot].count = 1;
     s->holders[free_slot].id = me;
@@ -566,12 +586,13 @@ static int event_tostring(lua_State *L) {
  * slot.  The slot area is large but only the pages in use are ever
  * touched (hi bounds every scan). */
 #define COND_SLOTS 2048
-enum { SLOT_FREE, SLOT_WAITING, SLOT_NOTIFIED };
+enum { SLOT_FREE, SLOT_WAITING, SLOT_NOTIFIED, SLOT_GONE, SLOT_GONE_HANDON };
 
 struct scond {
   pthread_mutex_t mu;        /* guards everything below but seq and the
                                 slot states read by their own waiter */
   _Atomic uint32_t seq;      /* futex: bumped by every notify */
+  _Atomic uint32_t gone;     /* [atomic] slots left without mu, unsettled */
   uint32_t hi;               /* [mu] slots in use are below hi */
   uint64_t next_ticket;      /* [mu] arrival order */
   struct cslot {
@@ -661,6 +682,7 @@ static void must_own(lua_State *L, struct luamp_lock *l, const char *what) {
 /* Claims a slot for the caller; -1 when all are taken by live waiters. */
 static int cond_claim(struct scond *c, uint64_t me) {
   uint32_t i;
+  LUAMP_ASSERT(luamp_mutex_held(&c->mu));
   for (i = 0; i < c->hi; i++)
     if (atomic_load(&c->slots[i].state) == SLOT_FREE) break;
   if (i == c->hi) {
@@ -679,15 +701,63 @@ static int cond_claim(struct scond *c, uint64_t me) {
 }
 
 static void cond_free(struct scond *c, int i) {
+  LUAMP_ASSERT(luamp_mutex_held(&c->mu));
   atomic_store(&c->slots[i].state, SLOT_FREE);
   c->slots[i].id = 0;
   while (c->hi > 0 && atomic_load(&c->slots[c->hi - 1].state) == SLOT_FREE)
     c->hi--;
 }
 
+static lua_Integer cond_mark(struct scond *c, lua_Integer n);
+
+/* A waiter must take mu to free its slot, and mu's holder may be stopped
+ * inside it.  A waiter that cannot take mu by its deadline or before
+ * Ctrl-C marks its slot gone instead (cond_go): a slot still waiting
+ * becomes SLOT_GONE by compare-and-swap, so a notify either reached it
+ * first or never will; a notified slot left with Ctrl-C becomes
+ * SLOT_GONE_HANDON.  mu's next holder frees them, handing those
+ * notifications on (cond_settle, under mu). */
+static void cond_settle(struct scond *c) {
+  lua_Integer handon = 0;
+  LUAMP_ASSERT(luamp_mutex_held(&c->mu));
+  if (atomic_exchange(&c->gone, 0) == 0) return;
+  for (uint32_t i = 0; i < c->hi; i++) {
+    uint32_t st = atomic_load(&c->slots[i].state);
+    if (st == SLOT_GONE_HANDON) handon++;
+    if (st == SLOT_GONE || st == SLOT_GONE_HANDON) cond_free(c, (int)i);
+  }
+  if (handon > 0 && cond_mark(c, handon) > 0) {
+    atomic_fetch_add(&c->seq, 1);
+    luamp_futex_wake(&c->seq, 0x7fffffff);
+  }
+}
+
+/* Takes mu by the deadline (< 0: none) or until Ctrl-C (if L), and
+ * settles; returns 0, ETIMEDOUT or EINTR (raises on other errors). */
+static int cond_lock_mu(lua_State *L, struct scond *c, double deadline) {
+  int r = luamp_mutex_lock_until(L, &c->mu, cond_repair, c, deadline);
+  if (r == ETIMEDOUT || r == EINTR) return r;
+  if (r != 0) luamp_raise_errno(L, "OSError", r, "Condition");
+  cond_settle(c);
+  return 0;
+}
+
+/* Leaves slot without mu (see above); true when it had been notified. */
+static int cond_go(struct scond *c, int slot, int interrupted) {
+  uint32_t st = SLOT_WAITING;
+  int notified = !atomic_compare_exchange_strong(&c->slots[slot].state, &st,
+                                                 SLOT_GONE);
+  if (notified)
+    atomic_store(&c->slots[slot].state,
+                 interrupted ? SLOT_GONE_HANDON : SLOT_GONE);
+  atomic_fetch_add(&c->gone, 1);
+  return notified;
+}
+
 /* Marks up to n oldest live waiters notified (under mu); returns how many. */
 static lua_Integer cond_mark(struct scond *c, lua_Integer n) {
   lua_Integer done = 0;
+  LUAMP_ASSERT(luamp_mutex_held(&c->mu));
   while (done < n) {
     int best = -1;
     for (uint32_t i = 0; i < c->hi; i++) {
@@ -716,13 +786,12 @@ static int cond_wait(lua_State *L) {
   int slot, r, notified = 0, interrupted = 0;
   must_own(L, l, "wait");
   /* mu's holder may be stopped inside it: the timeout still holds */
-  r = luamp_mutex_lock_until(L, &c->mu, cond_repair, c, deadline);
+  r = cond_lock_mu(L, c, deadline);
   if (r == ETIMEDOUT) {
     lua_pushboolean(L, 0);
     return 1;
   }
   if (r == EINTR) raise_interrupt(L);
-  if (r != 0) luamp_raise_errno(L, "OSError", r, "Condition");
   slot = cond_claim(c, me);
   luamp_mutex_unlock(&c->mu);
   if (slot < 0)
@@ -742,17 +811,21 @@ static int cond_wait(lua_State *L) {
     if (r == LUAMP_WAIT_TIMEOUT) break;
     if (r == LUAMP_WAIT_INTERRUPTED) { interrupted = 1; break; }
   }
-  luamp_mutex_lock(&c->mu, cond_repair, c);
-  if (atomic_load(&c->slots[slot].state) == SLOT_NOTIFIED) {
-    notified = 1;
-    if (interrupted && cond_mark(c, 1) > 0) {
-      /* we leave with Ctrl-C: hand the notification on */
-      atomic_fetch_add(&c->seq, 1);
-      luamp_futex_wake(&c->seq, 0x7fffffff);
+  if (cond_lock_mu(L, c, deadline) != 0) {
+    interrupted = interrupted || luamp_interrupted(L);
+    notified = cond_go(c, slot, interrupted);
+  } else {
+    if (atomic_load(&c->slots[slot].state) == SLOT_NOTIFIED) {
+      notified = 1;
+      if (interrupted && cond_mark(c, 1) > 0) {
+        /* we leave with Ctrl-C: hand the notification on */
+        atomic_fetch_add(&c->seq, 1);
+        luamp_futex_wake(&c->seq, 0x7fffffff);
+      }
     }
+    cond_free(c, slot);
+    luamp_mutex_unlock(&c->mu);
   }
-  cond_free(c, slot);
-  luamp_mutex_unlock(&c->mu);
   /* take the lock back (not interruptible: the caller's with()/guard()
    * releases it afterwards) */
   while (!luamp_lock_acquire(NULL, l, 1, -1.0)) {}
@@ -768,9 +841,8 @@ static int cond_notify_n(lua_State *L, lua_Integer n) {
   int r;
   must_own(L, l, "notify");
   if (n <= 0) return 0;
-  r = luamp_mutex_lock_until(L, &c->mu, cond_repair, c, -1.0);
+  r = cond_lock_mu(L, c, -1.0);
   if (r == EINTR) raise_interrupt(L);
-  if (r != 0) luamp_raise_errno(L, "OSError", r, "Condition");
   if (cond_mark(c, n) > 0) {
     atomic_fetch_add(&c->seq, 1);
     luamp_futex_wake(&c->seq, 0x7fffffff);
@@ -802,9 +874,23 @@ static int cond_tostring(lua_State *L) {
 
 enum { B_FILLING, B_RELEASING, B_DRAINING, B_RESETTING, B_BROKEN };
 
+/* A party must take mu to leave wait(), and mu's holder may be stopped
+ * inside it (SIGSTOP, a debugger) for any length of time.  So a party
+ * that cannot take mu by its deadline, or before Ctrl-C, leaves without
+ * it (barrier_go): it marks its entry gone and, when it timed out on a
+ * barrier not yet released, requests a break -- in one atomic word, rel,
+ * that the release itself advances with a compare-and-swap, so the
+ * release and the break are ordered: the party that left knows which
+ * came first.  mu's next holder settles what such parties left behind
+ * (barrier_settle) as if they had left under mu. */
+#define REL_BREAK 1u         /* rel: a break requested without mu */
+#define REL_GEN 2u           /* rel: one release */
+
 struct sbarrier {
-  pthread_mutex_t mu;        /* guards everything below but seq */
+  pthread_mutex_t mu;        /* guards everything below but the atomics */
   _Atomic uint32_t seq;      /* futex: bumped on every change of state */
+  _Atomic uint32_t rel;      /* [atomic] REL_BREAK | generation * REL_GEN */
+  _Atomic uint32_t gone;     /* [atomic] entries marked gone, unsettled */
   uint32_t parties;          /* const */
   uint32_t has_action;       /* const */
   uint32_t count;            /* [mu] parties inside wait() */
@@ -812,8 +898,12 @@ struct sbarrier {
                                 B_RELEASING while the action runs) */
   uint32_t pad;
   double timeout;            /* const: default timeout, < 0 none */
-  uint64_t inside[];         /* [mu] ids of the parties inside wait(),
-                                0 for a free entry; parties entries */
+  struct bparty {
+    uint64_t id;             /* [mu] the party inside wait(), 0 free */
+    _Atomic uint32_t gone;   /* its party alone sets it (left without
+                                mu); mu's holder clears it */
+    uint32_t pad;
+  } inside[];                /* parties entries */
 };
 
 static void barrier_repair(void *arg) {
@@ -821,7 +911,7 @@ static void barrier_repair(void *arg) {
   /* recount from the entries, the one thing a torn update can skew */
   uint32_t n = 0;
   for (uint32_t i = 0; i < b->parties; i++)
-    if (b->inside[i]) n++;
+    if (b->inside[i].id) n++;
   b->count = n;
 }
 
@@ -857,7 +947,7 @@ static int l_Barrier(lua_State *L) {
   lua_setiuservalue(L, -2, 1);
   a = luamp_arena_new(L, "luamp-barrier",
                       LUAMP_ARENA_HDR + sizeof(struct sbarrier) +
-                          (size_t)parties * sizeof(uint64_t),
+                          (size_t)parties * sizeof(struct bparty),
                       LUAMP_KIND_BARRIER);
   b = (struct sbarrier *)(a->base + LUAMP_ARENA_HDR);
   b->parties = (uint32_t)parties;
@@ -869,27 +959,64 @@ static int l_Barrier(lua_State *L) {
   return 1;
 }
 
-static int barrier_lock(lua_State *L, struct sbarrier *b) {
-  int r = luamp_mutex_lock(&b->mu, barrier_repair, b);
+/* Python's _exit: the last one out of a draining or resetting barrier
+ * refills it (under mu). */
+static void barrier_refill(struct sbarrier *b) {
+  LUAMP_ASSERT(luamp_mutex_held(&b->mu));
+  if (b->count == 0 && (b->state == B_RESETTING || b->state == B_DRAINING)) {
+    b->state = B_FILLING;
+    barrier_bump(b);
+  }
+}
+
+static void barrier_leave(struct sbarrier *b, uint32_t entry) {
+  b->inside[entry].id = 0;
+  b->count--;
+  barrier_refill(b);
+}
+
+/* What parties that left without mu left behind (under mu): a requested
+ * break breaks a barrier not yet released; a gone entry leaves. */
+static void barrier_settle(struct sbarrier *b) {
+  LUAMP_ASSERT(luamp_mutex_held(&b->mu));
+  if (atomic_fetch_and(&b->rel, ~REL_BREAK) & REL_BREAK) {
+    if (b->state == B_FILLING || b->state == B_RELEASING)
+      b->state = B_BROKEN;
+    barrier_bump(b);
+  }
+  if (atomic_exchange(&b->gone, 0) == 0) return;
+  for (uint32_t i = 0; i < b->parties; i++) {
+    if (b->inside[i].id && atomic_load(&b->inside[i].gone)) {
+      atomic_store(&b->inside[i].gone, 0);
+      barrier_leave(b, i);
+      barrier_bump(b);
+    }
+  }
+}
+
+/* Takes mu by the deadline (< 0: none) or until Ctrl-C, and settles;
+ * returns 0, ETIMEDOUT or EINTR. */
+static int barrier_lock(lua_State *L, struct sbarrier *b, double deadline) {
+  int r = luamp_mutex_lock_until(L, &b->mu, barrier_repair, b, deadline);
+  if (r == ETIMEDOUT || r == EINTR) return r;
   if (r != 0) luamp_raise_errno(L, "OSError", r, "Barrier");
+  barrier_settle(b);
   return 0;
 }
 
-/* The same before the caller changed anything: Ctrl-C may end the wait
- * (mu's holder may be stopped inside it).  Once inside wait(), a party
- * must take mu to leave, so those takes are barrier_lock's. */
+/* For the calls that have no deadline: Ctrl-C may end the wait. */
 static void barrier_lock_intr(lua_State *L, struct sbarrier *b) {
-  int r = luamp_mutex_lock_until(L, &b->mu, barrier_repair, b, -1.0);
-  if (r == EINTR) raise_interrupt(L);
-  if (r != 0) luamp_raise_errno(L, "OSError", r, "Barrier");
+  if (barrier_lock(L, b, -1.0) != 0) raise_interrupt(L);
 }
 
 /* Breaks the barrier if a party inside wait() died (under mu). */
 static int barrier_reap(struct sbarrier *b) {
   int dead = 0;
+  LUAMP_ASSERT(luamp_mutex_held(&b->mu));
   for (uint32_t i = 0; i < b->parties; i++) {
-    if (b->inside[i] && !luamp_id_alive(b->inside[i])) {
-      b->inside[i] = 0;
+    if (b->inside[i].id && !atomic_load(&b->inside[i].gone) &&
+        !luamp_id_alive(b->inside[i].id)) {
+      b->inside[i].id = 0;
       b->count--;
       dead++;
     }
@@ -902,94 +1029,168 @@ static int barrier_reap(struct sbarrier *b) {
   return dead;
 }
 
-/* Python's _exit: the last one out of a draining or resetting barrier
- * refills it (under mu). */
-static void barrier_leave(struct sbarrier *b, uint32_t entry) {
-  b->inside[entry] = 0;
-  b->count--;
-  if (b->count == 0 && (b->state == B_RESETTING || b->state == B_DRAINING)) {
-    b->state = B_FILLING;
-    barrier_bump(b);
+/* Requests a break without mu, unless generation gen was released
+ * meanwhile; true when it was (the caller passed). */
+static int barrier_request_break(struct sbarrier *b, uint32_t gen) {
+  uint32_t v = atomic_load(&b->rel);
+  while (v / REL_GEN == gen && !(v & REL_BREAK))
+    if (atomic_compare_exchange_weak(&b->rel, &v, v | REL_BREAK)) break;
+  barrier_bump(b);
+  return v / REL_GEN != gen;
+}
+
+/* Releases the current generation (under mu); false when a break was
+ * requested first. */
+static int barrier_release(struct sbarrier *b) {
+  uint32_t v = atomic_load(&b->rel);
+  LUAMP_ASSERT(luamp_mutex_held(&b->mu));
+  while (!(v & REL_BREAK))
+    if (atomic_compare_exchange_weak(&b->rel, &v, v + REL_GEN)) return 1;
+  return 0;
+}
+
+/* A party leaves without mu (see above): timed out (brk) or on Ctrl-C;
+ * true when its generation gen had been released. */
+static int barrier_go(struct sbarrier *b, uint32_t entry, uint32_t gen,
+                      int brk) {
+  int passed = brk ? barrier_request_break(b, gen)
+                   : atomic_load(&b->rel) / REL_GEN != gen;
+  atomic_store(&b->inside[entry].gone, 1);
+  atomic_fetch_add(&b->gone, 1);
+  barrier_bump(b);
+  return passed;
+}
+
+/* Python's _enter: waits (holding mu on return) while the previous cycle
+ * drains or resets, and joins; returns the caller's entry. */
+static uint32_t barrier_enter(lua_State *L, struct sbarrier *b,
+                              double deadline, uint32_t *index,
+                              uint32_t *gen) {
+  uint32_t entry, snap;
+  int r = barrier_lock(L, b, deadline), w;
+  while (r == 0 && (b->state == B_DRAINING || b->state == B_RESETTING ||
+                    b->state == B_RELEASING)) {
+    snap = atomic_load(&b->seq);
+    luamp_mutex_unlock(&b->mu);
+    w = luamp_wait_step(L, &b->seq, snap, deadline, SLICE_MS);
+    if (w == LUAMP_WAIT_INTERRUPTED) raise_interrupt(L);
+    r = barrier_lock(L, b, deadline);
+    if (r != 0) break;
+    if (w == LUAMP_WAIT_SLICE) barrier_reap(b);
+    if (w == LUAMP_WAIT_TIMEOUT) {
+      b->state = B_BROKEN;
+      barrier_bump(b);
+    }
   }
+  if (r == EINTR) raise_interrupt(L);
+  if (r == ETIMEDOUT) {
+    /* mu's holder is stopped: the timeout breaks the barrier all the same */
+    barrier_request_break(b, atomic_load(&b->rel) / REL_GEN);
+    luamp_raise(L, "BrokenBarrierError", "the barrier is broken");
+  }
+  if (b->state == B_BROKEN) {
+    luamp_mutex_unlock(&b->mu);
+    luamp_raise(L, "BrokenBarrierError", "the barrier is broken");
+  }
+  *index = b->count++;
+  *gen = atomic_load(&b->rel) / REL_GEN;
+  for (entry = 0; entry < b->parties && b->inside[entry].id; entry++) {}
+  if (entry == b->parties) entry = 0;   /* cannot happen: count < parties */
+  b->inside[entry].id = luamp_self_id();
+  return entry;
+}
+
+/* The last party: runs the action (without mu) and releases the others;
+ * returns 0, or 3 when the action failed, 1 when the barrier broke; holds
+ * mu on return unless *gone (it could not take it back). */
+static int barrier_last(lua_State *L, struct sbarrier *b, uint32_t entry,
+                        uint32_t gen, double deadline, int *gone) {
+  int r, fail = 0;
+  if (b->has_action) {
+    b->state = B_RELEASING;
+    luamp_mutex_unlock(&b->mu);
+    lua_getiuservalue(L, 1, 1);
+    fail = lua_pcall(L, 0, 0, 0) != LUA_OK ? 3 : 0;
+    /* the action may have taken the caller's time: a holder that is
+     * merely busy gets a grace second, one that is stopped costs it */
+    if (deadline >= 0 && deadline < luamp_now() + 1.0)
+      deadline = luamp_now() + 1.0;
+    r = barrier_lock(L, b, deadline);
+    if (r != 0) {
+      *gone = 1;
+      barrier_go(b, entry, gen, 1);
+      return fail ? fail : r == EINTR ? 2 : 1;
+    }
+    if (fail) {
+      b->state = B_BROKEN;
+      barrier_bump(b);
+      return fail;
+    }
+    if (b->state == B_BROKEN) return 1;   /* broken while the action ran */
+  }
+  if (!barrier_release(b)) {
+    barrier_settle(b);   /* the requested break */
+    return 1;
+  }
+  b->state = B_DRAINING;
+  barrier_bump(b);
+  return 0;
+}
+
+/* The others: wait (holding mu on return unless *gone) until released;
+ * returns 0, 1 broken or 2 interrupted. */
+static int barrier_await(lua_State *L, struct sbarrier *b, uint32_t entry,
+                         uint32_t gen, double deadline, int *gone) {
+  int slice = FIRST_SLICE_MS, r, fail = 0;
+  uint32_t snap;
+  while (b->state == B_FILLING || b->state == B_RELEASING) {
+    snap = atomic_load(&b->seq);
+    luamp_mutex_unlock(&b->mu);
+    r = luamp_wait_step(L, &b->seq, snap, deadline, slice);
+    if (barrier_lock(L, b, deadline) != 0) {
+      /* mu's holder is stopped: leave without it */
+      *gone = 1;
+      if (r == LUAMP_WAIT_INTERRUPTED || luamp_interrupted(L)) {
+        barrier_go(b, entry, gen, 0);
+        return 2;
+      }
+      return barrier_go(b, entry, gen, 1) ? 0 : 1;
+    }
+    if (r == LUAMP_WAIT_SLICE) {
+      slice = SLICE_MS;
+      barrier_reap(b);
+    } else if (r == LUAMP_WAIT_INTERRUPTED) {
+      fail = 2;
+      break;
+    } else if (r == LUAMP_WAIT_TIMEOUT &&
+               (b->state == B_FILLING || b->state == B_RELEASING)) {
+      b->state = B_BROKEN;   /* Python: a timeout breaks the barrier */
+      barrier_bump(b);
+    }
+  }
+  if (!fail && (b->state == B_BROKEN || b->state == B_RESETTING)) fail = 1;
+  return fail;
 }
 
 static int barrier_wait(lua_State *L) {
   LUAMP_FENCE(L);
   struct sbarrier *b = (struct sbarrier *)checkbarrier(L, 1)->p;
   double deadline;
-  uint32_t index, entry = 0, snap;
-  int r, fail = 0;   /* 1 broken, 2 interrupted, 3 action error */
+  uint32_t index, entry, gen;
+  int fail, gone = 0;   /* fail: 1 broken, 2 interrupted, 3 action error */
   if (lua_isnoneornil(L, 2))
     deadline = b->timeout < 0 ? -1.0 : luamp_deadline(b->timeout);
   else
     deadline = luamp_deadline_arg(L, 2);
-  barrier_lock_intr(L, b);
-  /* Python's _enter: wait while the previous cycle drains or resets */
-  while (b->state == B_DRAINING || b->state == B_RESETTING ||
-         b->state == B_RELEASING) {
-    snap = atomic_load(&b->seq);
+  entry = barrier_enter(L, b, deadline, &index, &gen);
+  if (index + 1 == b->parties)
+    fail = barrier_last(L, b, entry, gen, deadline, &gone);
+  else
+    fail = barrier_await(L, b, entry, gen, deadline, &gone);
+  if (!gone) {
+    barrier_leave(b, entry);
     luamp_mutex_unlock(&b->mu);
-    r = luamp_wait_step(L, &b->seq, snap, deadline, SLICE_MS);
-    barrier_lock(L, b);
-    if (r == LUAMP_WAIT_SLICE) barrier_reap(b);
-    if (r == LUAMP_WAIT_INTERRUPTED) {
-      luamp_mutex_unlock(&b->mu);
-      raise_interrupt(L);
-    }
-    if (r == LUAMP_WAIT_TIMEOUT) {
-      b->state = B_BROKEN;
-      barrier_bump(b);
-      break;
-    }
   }
-  if (b->state == B_BROKEN) {
-    luamp_mutex_unlock(&b->mu);
-    luamp_raise(L, "BrokenBarrierError", "the barrier is broken");
-  }
-  index = b->count++;
-  for (entry = 0; entry < b->parties && b->inside[entry]; entry++) {}
-  if (entry == b->parties) entry = 0;   /* cannot happen: count < parties */
-  b->inside[entry] = luamp_self_id();
-  if (index + 1 == b->parties) {
-    if (b->has_action) {
-      b->state = B_RELEASING;
-      luamp_mutex_unlock(&b->mu);
-      lua_getiuservalue(L, 1, 1);
-      r = lua_pcall(L, 0, 0, 0);
-      barrier_lock(L, b);
-      if (r != LUA_OK) {
-        b->state = B_BROKEN;
-        barrier_bump(b);
-        fail = 3;
-      }
-    }
-    if (!fail) {
-      b->state = B_DRAINING;
-      barrier_bump(b);
-    }
-  } else {
-    int slice = FIRST_SLICE_MS;
-    while (b->state == B_FILLING || b->state == B_RELEASING) {
-      snap = atomic_load(&b->seq);
-      luamp_mutex_unlock(&b->mu);
-      r = luamp_wait_step(L, &b->seq, snap, deadline, slice);
-      barrier_lock(L, b);
-      if (r == LUAMP_WAIT_SLICE) {
-        slice = SLICE_MS;
-        barrier_reap(b);
-      } else if (r == LUAMP_WAIT_INTERRUPTED) {
-        fail = 2;
-        break;
-      } else if (r == LUAMP_WAIT_TIMEOUT &&
-                 (b->state == B_FILLING || b->state == B_RELEASING)) {
-        b->state = B_BROKEN;   /* Python: a timeout breaks the barrier */
-        barrier_bump(b);
-      }
-    }
-    if (!fail && (b->state == B_BROKEN || b->state == B_RESETTING)) fail = 1;
-  }
-  barrier_leave(b, entry);
-  luamp_mutex_unlock(&b->mu);
   if (fail == 2) raise_interrupt(L);
   if (fail == 3) return lua_error(L);   /* the action's own error */
   if (fail == 1) luamp_raise(L, "BrokenBarrierError", "the barrier is broken");

@@ -6,10 +6,12 @@
  * sockets, memfd_create, shm_open, ftruncate, mmap, epoll and timerfd
  * fds, pthread_sigmask around fork) and the others whose failure reaches
  * Lua as an error (bind, listen, getsockname, kill, fstat, open, shm_unlink,
- * timerfd_settime) go through the luamp_sys table below, so that C tests
- * (spec/c/test_faults.c) inject failures into the code that runs in
- * production.  The rest (close, munmap, setsockopt, fcntl, probes whose
- * failure only selects a fallback) is called directly.  Call sites keep their
+ * timerfd_settime, close, munmap, unlink, setsockopt, getsockopt, fcntl,
+ * getrandom, nanosleep) go through the luamp_sys table below, so that C
+ * tests (spec/c/test_faults.c) inject failures into the code that runs in
+ * production.  The few called directly say why where they are (signal
+ * dispositions, the forked child's set-up before exec-free work, advisory
+ * madvise, the terminal's width).  Call sites keep their
  * EINTR loops, as most must also notice a Ctrl-C there; poll's loop is
  * luamp_robust_poll.
  * Timeouts are deadlines: computed once from the caller's timeout, the
@@ -25,6 +27,7 @@
 #include <stdio.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -57,6 +60,9 @@ static int sys_getsockname(int fd, struct sockaddr *a, socklen_t *n) {
 static int sys_open(const char *path, int flags, mode_t mode) {
   return open(path, flags, mode);
 }
+static int sys_fcntl(int fd, int cmd, int arg) {
+  return fcntl(fd, cmd, arg);
+}
 
 static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
                       const struct timespec *ts) {
@@ -76,7 +82,10 @@ struct luamp_syscalls luamp_sys = {
   .open = sys_open, .fstat = fstat, .bind = sys_bind, .listen = listen,
   .kill = kill, .timerfd_settime = timerfd_settime,
   .shm_unlink = shm_unlink, .getsockname = sys_getsockname,
-  .sendmsg = sendmsg, .recvmsg = recvmsg
+  .sendmsg = sendmsg, .recvmsg = recvmsg,
+  .close = close, .munmap = munmap, .unlink = unlink,
+  .setsockopt = setsockopt, .getsockopt = getsockopt, .fcntl = sys_fcntl,
+  .getrandom = getrandom, .nanosleep = nanosleep
 };
 
 /* Longest single sleep while waiting with an interruptible state: a

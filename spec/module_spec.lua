@@ -228,6 +228,56 @@ describe("the Lua files", function()
     assert.is_truthy(table.concat(requires(src.pool), " "):find("pool_worker", 1, true))
   end)
 
+  -- Functions longer than limit lines, as {line, n, text}: a function
+  -- starts on a line with the keyword function (strings and comments
+  -- aside) and no end, and ends at the first later line that is "end" at
+  -- its indentation or less.  A comment block right above that says "long" is the
+  -- reason that lets one pass.
+  local function long_functions(text, limit)
+    local lines = {}
+    for l in (text .. "\n"):gmatch("([^\n]*)\n") do lines[#lines + 1] = l end
+    local out = {}
+    for i, l in ipairs(lines) do
+      local code = l:gsub('"[^"]*"', '""'):gsub("'[^']*'", "''")
+                    :gsub("%-%-.*$", "")
+      local ind = code:match("^(%s*)%S")
+      if ind and code:find("%f[%w_]function%f[^%w_]") and
+         not code:find("%f[%w_]end%f[^%w_]") then
+        local j = i + 1
+        while lines[j] do
+          local e = lines[j]:match("^(%s*)end%f[^%w_]")
+          if e and #e <= #ind then break end
+          j = j + 1
+        end
+        local k, why = i - 1, false
+        while k > 0 and lines[k]:match("^%s*%-%-") do
+          why = why or lines[k]:lower():find("long") ~= nil
+          k = k - 1
+        end
+        if j - i + 1 > limit and not why then
+          out[#out + 1] = {line = i, n = j - i + 1, text = code:match("^%s*(.-)%s*$")}
+        end
+      end
+    end
+    return out
+  end
+
+  it("hold no function longer than ~80 lines without a reason above it", function()
+    local long = {}
+    for name, text in pairs(sources()) do
+      for _, f in ipairs(long_functions(text, 85)) do
+        long[#long + 1] = string.format("%s.lua:%d: %d lines: %s", name,
+                                        f.line, f.n, f.text)
+      end
+    end
+    table.sort(long)
+    assert.same({}, long)
+    -- (the scan sees what it must)
+    local probe = "local function f()\n" .. ("  x()\n"):rep(90) .. "end\n"
+    assert.equal(1, #long_functions(probe, 85))
+    assert.equal(0, #long_functions("-- long: a reason\n" .. probe, 85))
+  end)
+
   it("are at most 700 lines each", function()
     local long = {}
     for name, text in pairs(sources()) do

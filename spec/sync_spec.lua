@@ -581,4 +581,118 @@ describe("internal locks held by a stopped process (issue 13 S5)", function()
     assert.is_true(q:get(true, 10))
     r:join(10)
   end)
+
+  pit("Condition:wait leaves at its timeout while another waiter is stopped leaving", function()
+    local c = mp.Condition()
+    c:acquire()
+    local p = start(function()
+      c:acquire()   -- ours once the main process waits
+      -- the 2nd internal lock of wait() is the one it takes to leave
+      core._stop_in_next_lock("SIGSTOP", 2)
+      c:wait(0.05)
+      c:release()
+    end)
+    local w = waker(p.pid)
+    local notified, dt = timed(c.wait, c, 1)
+    assert.is_false(notified)
+    assert.is_true(dt < 4, "took " .. dt .. " s")
+    assert.is_true(stopped(p.pid))   -- it still holds the internal lock
+    c:release()
+    os.execute("kill -CONT " .. p.pid)
+    p:join(10)
+    assert.equal(0, p.exitcode)
+    w:terminate(); w:join()
+    -- the slot we left without the lock was settled: a notify reaches
+    -- the next waiter
+    local q = mp.Queue()
+    local r = start(function()
+      c:acquire()
+      q:put("waiting")
+      q:put(c:wait(10))
+      c:release()
+    end)
+    assert.equal("waiting", q:get(true, 10))
+    c:acquire(); c:notify(); c:release()
+    assert.is_true(q:get(true, 10))
+    r:join(10)
+  end)
+
+  pit("leaving Semaphore:with does not wait for a process stopped inside it", function()
+    local s = mp.Semaphore(2)
+    local p, w, t0
+    s:with(function()
+      p = start(function()
+        core._stop_in_next_lock("SIGSTOP")
+        s:with(function() end)   -- stops recording its unit
+      end)
+      assert.is_truthy(H.eventually(function() return stopped(p.pid) end, 10))
+      w = waker(p.pid)
+      t0 = core.now()
+    end)   -- forgets our unit
+    local dt = core.now() - t0
+    assert.is_true(dt < 3, "took " .. dt .. " s")
+    assert.equal(1, s:get_value())   -- ours is back, p holds one
+    os.execute("kill -CONT " .. p.pid)
+    p:join(10)
+    assert.equal(0, p.exitcode)
+    w:terminate(); w:join()
+    assert.equal(2, s:get_value())
+  end)
+
+  pit("Barrier:wait with a timeout returns in time (entering)", function()
+    local b = mp.Barrier(2)
+    local p = start(function()
+      core._stop_in_next_lock("SIGSTOP")
+      local _ = b.n_waiting   -- stops holding the barrier's lock
+    end)
+    assert.is_truthy(H.eventually(function() return stopped(p.pid) end, 10))
+    local w = waker(p.pid)
+    local t0 = core.now()
+    assert.equal("BrokenBarrierError", kind_of(b.wait, b, 0.2))
+    local dt = core.now() - t0
+    assert.is_true(dt < 3, "took " .. dt .. " s")
+    os.execute("kill -CONT " .. p.pid)
+    p:join(10)
+    assert.equal(0, p.exitcode)
+    w:terminate(); w:join()
+    assert.is_true(b.broken)   -- as Python's: the timeout broke it
+    b:reset()
+    local r = start(function() b:wait(10) end)
+    assert.is_truthy(b:wait(10))
+    r:join(10)
+    assert.equal(0, r.exitcode)
+  end)
+
+  pit("a party inside Barrier:wait leaves at its timeout", function()
+    local b = mp.Barrier(3)
+    local q = mp.Queue()
+    local p = start(function()
+      q:put("ready")
+      while b.n_waiting ~= 1 do H.sleep(0.01) end
+      core._stop_in_next_lock("SIGSTOP")
+      local _ = b.n_waiting   -- stops holding the barrier's lock
+    end)
+    assert.equal("ready", q:get(true, 10))
+    local w = waker(p.pid)
+    local t0 = core.now()
+    -- we are the waiting party
+    assert.equal("BrokenBarrierError", kind_of(b.wait, b, 1))
+    local dt = core.now() - t0
+    assert.is_true(dt < 4, "took " .. dt .. " s")
+    assert.is_true(stopped(p.pid))   -- it still holds the lock
+    os.execute("kill -CONT " .. p.pid)
+    p:join(10)
+    assert.equal(0, p.exitcode)
+    w:terminate(); w:join()
+    -- what we left behind was settled by the next holder
+    assert.is_true(b.broken)
+    b:reset()
+    assert.equal(0, b.n_waiting)
+    local r1 = start(function() b:wait(10) end)
+    local r2 = start(function() b:wait(10) end)
+    assert.is_truthy(b:wait(10))
+    r1:join(10); r2:join(10)
+    assert.equal(0, r1.exitcode)
+    assert.equal(0, r2.exitcode)
+  end)
 end)

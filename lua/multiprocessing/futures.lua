@@ -173,7 +173,7 @@ function Executor:map(fn, iterable, opts)
     end
   end)
   if not ok then
-    pool:_cancel_jobs(fs, false)
+    pool:_cancel_jobs(fs, false, true)
     error(err, 0)
   end
   local i, k, chunk = 0, 0, nil       -- item, future, chunk results
@@ -201,7 +201,7 @@ function Executor:map(fn, iterable, opts)
     if not finished then
       local left = {}
       for _, f in pairs(fs) do left[#left + 1] = f end
-      pool:_cancel_jobs(left, false)
+      pool:_cancel_jobs(left, false, true)
     end
   end})
   return iter, nil, nil, closer

@@ -277,7 +277,7 @@ end
 -- wait ends in an error while their job is unfinished -- Ctrl-C, the only
 -- way out of it -- nobody can have the job any more, so it is cancelled.
 local Guard = {__close = function(g, err)
-  if err ~= nil and not g.job._done then g.pool:_cancel_job(g.job, true) end
+  if err ~= nil and not g.job._done then g.pool:_cancel_jobs({g.job}, true) end
 end}
 
 local function get_guarded(pool, job)

@@ -10,8 +10,7 @@ local Pool = require "multiprocessing.pool_owner"
 local now = core.now
 local getpid = core.pid or core.getpid
 local raise = util.raise
-local APPLY, ORPHAN, SLICE, NO_OPTIONS = proto.APPLY, proto.ORPHAN,
-  proto.SLICE, proto.NO_OPTIONS
+local APPLY, SLICE, NO_OPTIONS = proto.APPLY, proto.SLICE, proto.NO_OPTIONS
 local new_job = results.new_job
 local check_running = Pool._check_running
 
@@ -28,12 +27,7 @@ function Pool:_submit_future(f, args, n, timeout)
   return job
 end
 
--- The job of a task record.
-local function job_of(rec)
-  if rec == nil or rec == ORPHAN then return nil end
-  if rec._kind then return rec end
-  return rec[1]
-end
+local job_of = Pool._job_of
 
 -- Whether a worker holds one of job's tasks now (a worker's slot keeps the
 -- tag of the task it took last; a task whose reply came is off the books).
@@ -48,70 +42,6 @@ function Pool:_running(job)
   return false
 end
 
--- Cancels the jobs of the list (unfinished futures): their tasks leave the
--- books and go to the cancel ring (workers skip them), and each job ends
--- cancelled.  With kill, workers running their tasks are killed and
--- replaced; without, a job with a running task is left alone.
-function Pool:_cancel_jobs(jobs, kill)
-  if self._owner ~= getpid() or (self._state ~= "RUN" and self._state ~= "CLOSE") then
-    return
-  end
-  self:_drain()
-  local running = {}            -- tag -> slot, for the tasks workers hold
-  for slot in pairs(self._workers) do
-    local tag = self._tq:_taken(slot)
-    if tag and self._tasks[tag] then running[tag] = slot end
-  end
-  local want, untagged = {}, false
-  for _, job in ipairs(jobs) do
-    if not job._done then
-      want[job] = true
-      if not job._tag then untagged = true end
-    end
-  end
-  if not kill then
-    for tag in pairs(running) do
-      local job = job_of(self._tasks[tag])
-      if job then want[job] = nil end
-    end
-  end
-  if next(want) == nil then return end
-  local tags = {}
-  if untagged then
-    for tag, rec in pairs(self._tasks) do
-      if want[job_of(rec) or false] then tags[#tags + 1] = tag end
-    end
-  else
-    for job in pairs(want) do
-      if self._tasks[job._tag] == job then tags[#tags + 1] = job._tag end
-    end
-  end
-  local kill_slots = {}
-  for _, tag in ipairs(tags) do
-    self._tasks[tag] = nil
-    if self._timeouts[tag] then
-      self._timeouts[tag] = nil
-      self._timed = self._timed - 1
-    end
-    if running[tag] then kill_slots[#kill_slots + 1] = running[tag] end
-  end
-  proto.cancel_tags(self._cancel, tags)
-  for job in pairs(want) do job:_set_cancelled() end
-  if #kill_slots > 0 then
-    for _, slot in ipairs(kill_slots) do
-      local w = self._workers[slot]
-      w.cancelled = self._tq:_taken(slot)
-      pcall(w.h.signal, w.h, "SIGKILL")
-    end
-    -- reaped and replaced now: no zombie waits for the next call
-    for _, slot in ipairs(kill_slots) do
-      local w = self._workers[slot]
-      if w then pcall(w.h.wait, w.h, 5) end
-    end
-    self:_check_workers()
-  end
-end
-
 -- Every unfinished job that no worker runs now, cancelled.
 function Pool:_cancel_pending()
   local jobs, seen = {}, {}
@@ -122,7 +52,7 @@ function Pool:_cancel_pending()
       jobs[#jobs + 1] = job
     end
   end
-  self:_cancel_jobs(jobs, false)
+  self:_cancel_jobs(jobs, false, true)
 end
 
 -- What to wait for when waiting on several pools at once: appends the

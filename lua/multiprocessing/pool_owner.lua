@@ -186,55 +186,108 @@ local function check_workers(self)
   return dead
 end
 
--- Cancels an unfinished job that nobody will wait for: its caller was
--- interrupted (Ctrl-C), or left an imap loop.  Its queued tasks are marked
--- for the workers to skip and results that still come are dropped; with
--- kill, the workers running its tasks are killed and replaced too (Ctrl-C
--- stops the work, as it stops a loop in the caller).  Never raises: it
--- runs while an error unwinds.
-function Pool:_cancel_job(job, kill)
+-- The job of a task record.
+local function job_of(rec)
+  if rec == nil or rec == ORPHAN then return nil end
+  if rec._kind then return rec end
+  return rec[1]
+end
+Pool._job_of = job_of
+
+-- The tags of the jobs' tasks still on the books (a future's job keeps
+-- its one tag: no search).
+local function tags_of(self, want)
+  local tags, untagged = {}, false
+  for job in pairs(want) do
+    if job._tag then
+      if self._tasks[job._tag] == job then tags[#tags + 1] = job._tag end
+    else
+      untagged = true
+    end
+  end
+  if untagged then
+    for tag, rec in pairs(self._tasks) do
+      local job = job_of(rec)
+      if job and want[job] and not job._tag then tags[#tags + 1] = tag end
+    end
+  end
+  return tags
+end
+
+-- Kills and replaces the workers of slots (slot -> the cancelled tag it
+-- runs); `check` is how to call the worker check (pcall while unwinding).
+local function kill_slots(self, slots, check)
+  for slot, tag in pairs(slots) do
+    local w = self._workers[slot]
+    w.cancelled = tag
+    pcall(w.h.signal, w.h, "SIGKILL")
+  end
+  -- reaped and replaced now: no zombie waits for the next call
+  for slot in pairs(slots) do
+    local w = self._workers[slot]
+    if w then pcall(w.h.wait, w.h, 5) end
+  end
+  check(self._check_workers, self)
+end
+
+local function call(f, ...) return f(...) end
+
+-- The one way jobs are cancelled: their queued tasks leave the books and
+-- go to the cancel ring (workers skip them; results that still come are
+-- dropped).  With kill, workers running their tasks are killed and
+-- replaced.
+--  * as_futures (Future.cancel, an executor's shutdown): a job that is
+--    done, or (without kill) has a task running, is left alone; each
+--    cancelled job ends cancelled.
+--  * otherwise (nobody will wait for the job: its caller was interrupted
+--    by Ctrl-C, or left an imap loop): its queued tasks go even while
+--    others run, its progress bar ends, an imap job is done; and it never
+--    raises, as it runs while an error unwinds.
+function Pool:_cancel_jobs(jobs, kill, as_futures)
   if self._owner ~= getpid() or (self._state ~= "RUN" and self._state ~= "CLOSE") then
     return
   end
-  pcall(self._drain, self)            -- what is there may finish it
-  if job._progress then pcall(job._progress.finish, job._progress, job) end
-  local pending, tags = {}, {}
-  for tag, rec in pairs(self._tasks) do
-    if rec == job or (rec ~= ORPHAN and not rec._kind and rec[1] == job) then
-      pending[tag] = true
-      tags[#tags + 1] = tag
+  local check = as_futures and call or pcall
+  check(self._drain, self)            -- what is there may finish them
+  local running = {}                  -- tag -> slot, for the tasks workers hold
+  for slot in pairs(self._workers) do
+    local ok, tag = pcall(self._tq._taken, self._tq, slot)
+    if ok and tag and self._tasks[tag] then running[tag] = slot end
+  end
+  local want = {}
+  for _, job in ipairs(jobs) do
+    if not (as_futures and job._done) then want[job] = true end
+  end
+  if as_futures and not kill then
+    for tag in pairs(running) do
+      local job = job_of(self._tasks[tag])
+      if job then want[job] = nil end
     end
   end
-  if job._kind == "imap" then
-    job._done = true
-    self._jobs[job] = nil
+  if not as_futures then
+    for job in pairs(want) do
+      if job._progress then pcall(job._progress.finish, job._progress, job) end
+      if job._kind == "imap" then
+        job._done = true
+        self._jobs[job] = nil
+      end
+    end
   end
-  if #tags == 0 then return end
+  if next(want) == nil then return end
+  local tags, slots = tags_of(self, want), {}
   for _, tag in ipairs(tags) do
     self._tasks[tag] = nil
     if self._timeouts[tag] then
       self._timeouts[tag] = nil
       self._timed = self._timed - 1
     end
+    if kill and running[tag] then slots[running[tag]] = tag end
   end
   proto.cancel_tags(self._cancel, tags)
-  if not kill then return end
-  local killed = false
-  for slot, w in pairs(self._workers) do
-    local ok, tag = pcall(self._tq._taken, self._tq, slot)
-    if ok and tag and pending[tag] then
-      w.cancelled = tag
-      pcall(w.h.signal, w.h, "SIGKILL")
-      killed = true
-    end
+  if as_futures then
+    for job in pairs(want) do job:_set_cancelled() end
   end
-  if killed then
-    -- reap and replace them now: no zombie waits for the next call
-    for _, w in pairs(self._workers) do
-      if w.cancelled then pcall(w.h.wait, w.h, 5) end
-    end
-    pcall(self._check_workers, self)
-  end
+  if next(slots) then kill_slots(self, slots, check) end
 end
 
 -- Kills workers whose current task is overdue.

@@ -20,7 +20,7 @@ M.SLICE = 0.25           -- longest sleep while tasks have deadlines
 
 -- Cancelled tasks.  A map or apply whose caller was interrupted (Ctrl-C),
 -- or an imap whose for loop was left early, is cancelled
--- (Pool:_cancel_job): its tags go to a ring of CANCEL_RING words in
+-- (Pool:_cancel_jobs): its tags go to a ring of CANCEL_RING words in
 -- shared memory as runs of consecutive tags, each word (first tag <<
 -- CANCEL_BITS) | count, one aligned 64-bit store, so a worker never reads
 -- half of an entry; word 1 counts the runs written so far (0: none, the

@@ -226,7 +226,7 @@ function AsyncResult:cancel(opts)
   local pool = self._pool
   if not force and pool:_running(self) then return false end
   if self._done then return self._cancelled == true end
-  pool:_cancel_jobs({self}, force)
+  pool:_cancel_jobs({self}, force, true)
   return self._cancelled == true
 end
 
@@ -446,7 +446,7 @@ function IMap:next()
 end
 
 IMap.__close = function(self, err)
-  if not self.job._done then self.pool:_cancel_job(self.job, err ~= nil) end
+  if not self.job._done then self.pool:_cancel_jobs({self.job}, err ~= nil) end
 end
 
 M.AsyncResult, M.new_job, M.finish, M.settle_chunk =

@@ -112,16 +112,13 @@ local function is_cancelled(cancel, tag)
   return false
 end
 
-local function worker_main(cfg)
-  process._become_child(cfg.name, true, cfg.owner_pid)
-  local tq, rq, store, slot = cfg.tq, cfg.rq, cfg.store, cfg.slot
-  local starts, started, cancel = cfg.starts, cfg.started, cfg.cancel
-  -- a task's print or io.write clears the owner's progress bar first, when
-  -- one is drawn, so that its output is on a line of its own.  The clear
-  -- goes to stdout ahead of the text, in stdout's buffer: both leave in
-  -- one write, so the owner's redraw cannot come between them (it goes
-  -- before, and is cleared, or after, on the next line).  Only when stdout
-  -- is the terminal too: a file gets no escapes.
+-- A task's print or io.write clears the owner's progress bar first, when
+-- one is drawn, so that its output is on a line of its own.  The clear
+-- goes to stdout ahead of the text, in stdout's buffer: both leave in one
+-- write, so the owner's redraw cannot come between them (it goes before,
+-- and is cleared, or after, on the next line).  Only when stdout is the
+-- terminal too: a file gets no escapes.
+local function clear_bar_before_output(cancel)
   local print0, write0, stdout = print, io.write, io.stdout
   local tty_out = core.isatty(1)
   local function clear()
@@ -132,22 +129,30 @@ local function worker_main(cfg)
   end
   print = function(...) clear() return print0(...) end
   io.write = function(...) clear() return write0(...) end
-  if cfg.initializer then
-    local a = cfg.initargs
-    local ok, err = xpcall(cfg.initializer, traceback, unpack(a, 1, a.n or #a))
-    if not ok then
-      local e = remote_error(err)
-      if not pcall(rq.put, rq, {-1, INIT_FAILED, e}) then
-        rq:put({-1, INIT_FAILED, new_error("RemoteError", e.message,
-                                           {traceback = e.traceback})})
-      end
-      return 1
+end
+
+-- Runs the pool's initializer; false (its error sent to the owner) when
+-- it failed.
+local function run_initializer(cfg)
+  local a, rq = cfg.initargs, cfg.rq
+  local ok, err = xpcall(cfg.initializer, traceback, unpack(a, 1, a.n or #a))
+  if not ok then
+    local e = remote_error(err)
+    if not pcall(rq.put, rq, {-1, INIT_FAILED, e}) then
+      rq:put({-1, INIT_FAILED, new_error("RemoteError", e.message,
+                                         {traceback = e.traceback})})
     end
-    started[slot + 1] = -1              -- the initializer is done
+    return false
   end
-  -- decoded functions, by their encoding (inline) or store offset
+  cfg.started[cfg.slot + 1] = -1        -- the initializer is done
+  return true
+end
+
+-- Decoded functions, by their encoding (inline) or store offset: a
+-- function resolve(fr, flen) with its cache.
+local function new_resolver(store)
   local fns, nfns = {}, 0
-  local function resolve(fr, flen)
+  return function(fr, flen)
     local f = fns[fr]
     if f == nil then
       -- the pool's own store or task message: trusted (bytecode)
@@ -157,10 +162,67 @@ local function worker_main(cfg)
     end
     return f
   end
-  local function apply_reply(tag, ok, ...)
-    if ok then return {tag, OK, select("#", ...), ...} end
-    return {tag, FAILED, remote_error((...))}
+end
+
+local function apply_reply(tag, ok, ...)
+  if ok then return {tag, OK, select("#", ...), ...} end
+  return {tag, FAILED, remote_error((...))}
+end
+
+-- Runs one task; its reply: {tag, OK, n, v1..vn} for apply, {tag, OK, n,
+-- results} for a chunk, {tag, FAILED, err [, partial results, count]}.
+local function run_task(f, tag, mode, items, n, stamp)
+  if mode == APPLY then
+    return apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
+  elseif mode == MAP1 or mode == STARMAP1 then
+    local ok, v
+    chunk_fn = f
+    if mode == MAP1 then ok, v = xpcall(f, traceback, items)
+    else ok, v = xpcall(f, traceback, unpack(items, 1, items.n or #items)) end
+    chunk_fn = nil
+    if ok then return {tag, OK, 1, v} end
+    return {tag, FAILED, remote_error(v), nil, 0}
   end
+  local out = table_new(n)
+  chunk_fn = f
+  local ok, err, count = run_chunk(f, items, n, out, mode == STARMAP, stamp)
+  chunk_fn = nil
+  if ok then return {tag, OK, n, out} end
+  return {tag, FAILED, remote_error(err), out, count}
+end
+
+-- A reply that cannot travel: the task fails, the worker lives.  An
+-- EncodeError names the result, not the reply's insides: an apply's k-th
+-- value (reply[3 + k]), a chunk's j-th item (reply[4][j], renumbered over
+-- the whole input by the owner).
+local function unsendable(err, mode)
+  if not core.is_error(err, "EncodeError") then return err end
+  local msg, j, rest = err.message, nil, nil
+  if mode == APPLY then
+    msg = msg:gsub(" at value%[(%d+)%]", function(k)
+      return string.format(" at result[%d]", tonumber(k) - 3)
+    end, 1)
+  elseif mode == MAP1 or mode == STARMAP1 then
+    local head
+    head, rest = msg:match("^(.-) at value%[4%](.*)$")
+    if head then msg, j = head, "1" end
+  else
+    local head
+    head, j, rest = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
+    if head then msg = head end
+  end
+  err = new_error("EncodeError", msg)
+  if j then err.item, err.rest = tonumber(j), rest end
+  return err
+end
+
+local function worker_main(cfg)
+  process._become_child(cfg.name, true, cfg.owner_pid)
+  local tq, rq, slot = cfg.tq, cfg.rq, cfg.slot
+  local starts, started, cancel = cfg.starts, cfg.started, cfg.cancel
+  clear_bar_before_output(cancel)
+  if cfg.initializer and not run_initializer(cfg) then return 1 end
+  local resolve = new_resolver(cfg.store)
   local stamp = function() starts[slot + 1] = now() end
   local done, limit = 0, cfg.maxtasks
   while true do
@@ -180,54 +242,9 @@ local function worker_main(cfg)
         starts[slot + 1] = now()
         started[slot + 1] = tag
       end
-      local reply
-      -- replies: {tag, OK, n, v1..vn} for apply, {tag, OK, n, results} for
-      -- a chunk, {tag, FAILED, err [, partial results, count]}
-      if mode == APPLY then
-        reply = apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
-      elseif mode == MAP1 or mode == STARMAP1 then
-        local ok, v
-        chunk_fn = f
-        if mode == MAP1 then ok, v = xpcall(f, traceback, items)
-        else ok, v = xpcall(f, traceback, unpack(items, 1, items.n or #items)) end
-        chunk_fn = nil
-        if ok then reply = {tag, OK, 1, v}
-        else reply = {tag, FAILED, remote_error(v), nil, 0} end
-      else
-        local out = table_new(n)
-        chunk_fn = f
-        local ok, err, count = run_chunk(f, items, n, out, mode == STARMAP,
-                                         timed and stamp or nil)
-        chunk_fn = nil
-        if ok then reply = {tag, OK, n, out}
-        else reply = {tag, FAILED, remote_error(err), out, count} end
-      end
+      local reply = run_task(f, tag, mode, items, n, timed and stamp or nil)
       local ok, err = pcall(rq.put, rq, reply)
-      if not ok then
-        -- the result cannot travel: the task fails, the worker lives
-        if core.is_error(err, "EncodeError") then
-          -- name the result, not the reply's insides: an apply's k-th value
-          -- (reply[3 + k]), a chunk's j-th item (reply[4][j], renumbered
-          -- over the whole input by the owner)
-          local msg, j, rest = err.message, nil, nil
-          if mode == APPLY then
-            msg = msg:gsub(" at value%[(%d+)%]", function(k)
-              return string.format(" at result[%d]", tonumber(k) - 3)
-            end, 1)
-          elseif mode == MAP1 or mode == STARMAP1 then
-            local head
-            head, rest = msg:match("^(.-) at value%[4%](.*)$")
-            if head then msg, j = head, "1" end
-          else
-            local head
-            head, j, rest = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
-            if head then msg = head end
-          end
-          err = new_error("EncodeError", msg)
-          if j then err.item, err.rest = tonumber(j), rest end
-        end
-        rq:put({tag, FAILED, err})
-      end
+      if not ok then rq:put({tag, FAILED, unsendable(err, mode)}) end
       done = done + 1
       if limit and done >= limit then break end
     end

@@ -431,6 +431,57 @@ static void test_shm_faults(void) {
   lua_close(L);
 }
 
+/* No entropy yet (getrandom fails): an unnamed SharedMemory still gets
+ * Python's psm_ name from the fallback, and works. */
+static ssize_t fail_getrandom(void *b, size_t n, unsigned int fl) {
+  (void)b; (void)n; (void)fl;
+  errno = EAGAIN;
+  return -1;
+}
+
+static void test_getrandom_fallback(void) {
+  lua_State *L = new_state();
+  luamp_sys.getrandom = fail_getrandom;
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "local s = mp.SharedMemory{create = true, size = 16}\n"
+               "assert(s.name:match('^psm_%x%x%x%x%x%x%x%x$'), s.name)\n"
+               "s:write(0, 'ok') assert(s:read(0, 2) == 'ok')\n"
+               "s:unlink() s:close()\n"
+               "local q = mp.Queue() q:put(1) assert(q:get() == 1)"));
+  lua_close(L);
+}
+
+/* Every descriptor the runtime lets go of goes through luamp_sys.close
+ * (so a test can see or fail it); a close that fails (EIO: the fd is
+ * gone all the same on Linux) still leaves the handle closed. */
+static int closes;
+static int count_close(int fd) {
+  closes++;
+  return close(fd);
+}
+static int eio_close(int fd) {
+  close(fd);
+  errno = EIO;
+  return -1;
+}
+
+static void test_close_through_table(void) {
+  lua_State *L = new_state();
+  int before;
+  CHECK(run(L, "mp = require 'multiprocessing'"));
+  before = count_fds();
+  luamp_sys.close = count_close;
+  CHECK(run(L, "local a, b = mp.Pipe() a:close() b:close()"));
+  CHECK(closes >= 2);
+  CHECK(count_fds() == before);
+  luamp_sys.close = eio_close;
+  CHECK(run(L, "local a, b = mp.Pipe() a:close() b:close()\n"
+               "assert(a.closed and b.closed)"));
+  CHECK(count_fds() == before);
+  luamp_sys.close = close;
+  lua_close(L);
+}
+
 /* ---- queue.c and arena.c -------------------------------------------- */
 
 /* The shared memory behind a queue, and its fileno() pipe, cannot be
@@ -586,6 +637,10 @@ int main(void) {
     {"process: kill that fails raises OSError", test_kill_fault},
     {"shm: shm_open, ftruncate and mmap that fail raise OSError, no name left",
      test_shm_faults},
+    {"shm, arena: without entropy (getrandom fails) names and uids fall back",
+     test_getrandom_fallback},
+    {"close goes through the table; one that fails leaves the handle closed",
+     test_close_through_table},
     {"queue: memfd_create and fileno's pipe2 that fail raise OSError",
      test_queue_faults},
     {"evset: timerfd_create, epoll_create1 and epoll_ctl that fail raise OSError",
