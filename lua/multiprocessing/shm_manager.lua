@@ -71,47 +71,47 @@ end
 
 -- ---- the client side -------------------------------------------------------------
 
+local function is_smm(v)
+  return type(v) == "table" and rawget(v, "_state") ~= nil
+end
+
+local function check_usable(self, fname)
+  if not is_smm(self) then
+    util.selferror(fname, "SharedMemoryManager", "smm", self, is_smm)
+  end
+  local state = self._state
+  if state == "initial" then
+    raise("ValueError", fname .. ": the SharedMemoryManager is not " ..
+          "started (call start() first)")
+  elseif state == "shutdown" then
+    raise("ValueError", fname .. ": the SharedMemoryManager has shut down")
+  elseif self.authkey == nil then
+    -- its server decodes requests as untrusted, and rightly refuses to
+    -- attach (then own and unlink) blocks named by unauthenticated peers
+    raise("ValueError", fname .. ": a SharedMemoryManager with authkey " ..
+          "= false cannot take blocks (its server must not attach " ..
+          "blocks that unauthenticated clients name)")
+  end
+end
+
+-- Hands shm to the server; on failure the block is unlinked (nobody
+-- would own it) and the error raised.
+local function hand_over(self, shm)
+  local ok, err = pcall(self._create, self, "_track_segment", shm)
+  if not ok then
+    pcall(shm.unlink, shm)
+    shm:close()
+    error(err, 0)
+  end
+  shm:untrack()
+end
+
 return function(BaseManager)
   local SMM = BaseManager:extend("SharedMemoryManager")
   local hidden = {create_method = false}
   SMM:register("_track_segment", track_segment, hidden)
   SMM:register("_unlink_segments", unlink_segments, hidden)
   SMM:register("_list_segments", list_segments, hidden)
-
-  local function is_smm(v)
-    return type(v) == "table" and rawget(v, "_state") ~= nil
-  end
-
-  local function check_usable(self, fname)
-    if not is_smm(self) then
-      util.selferror(fname, "SharedMemoryManager", "smm", self, is_smm)
-    end
-    local state = self._state
-    if state == "initial" then
-      raise("ValueError", fname .. ": the SharedMemoryManager is not " ..
-            "started (call start() first)")
-    elseif state == "shutdown" then
-      raise("ValueError", fname .. ": the SharedMemoryManager has shut down")
-    elseif self.authkey == nil then
-      -- its server decodes requests as untrusted, and rightly refuses to
-      -- attach (then own and unlink) blocks named by unauthenticated peers
-      raise("ValueError", fname .. ": a SharedMemoryManager with authkey " ..
-            "= false cannot take blocks (its server must not attach " ..
-            "blocks that unauthenticated clients name)")
-    end
-  end
-
-  -- Hands shm to the server; on failure the block is unlinked (nobody
-  -- would own it) and the error raised.
-  local function hand_over(self, shm)
-    local ok, err = pcall(self._create, self, "_track_segment", shm)
-    if not ok then
-      pcall(shm.unlink, shm)
-      shm:close()
-      error(err, 0)
-    end
-    shm:untrack()
-  end
 
   -- smm:SharedMemory(size) -> a new block, owned by the server
   function SMM:SharedMemory(size)
