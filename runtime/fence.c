@@ -36,7 +36,10 @@ int luamp_pending_writes = 0;
 static int flushing = 0;        /* a flush is running (no nesting) */
 static const char FENCE_KEY = 'f';
 
-static void forget_in_child(void) { luamp_pending_writes = 0; }
+/* (Written only when set: a forked child's every written page is a copy.) */
+static void forget_in_child(void) {
+  if (luamp_pending_writes != 0) luamp_pending_writes = 0;
+}
 
 /* Runs the fence function protected: 0 when done (or nothing to run),
  * else 1 with the error on top of the stack. */

@@ -97,6 +97,12 @@ struct track_table {
 };
 
 static struct track_table *table;  /* NULL: no table, local list only */
+/* The pid of the last process that made itself an owner (own()): any
+ * other process -- a child forked since, the common case at exit -- owns
+ * nothing in the table and leaves it unread (the table is a shared
+ * mapping, which fork does not copy into the child's page tables: even a
+ * read is a page fault there). */
+static pid_t owner_pid = 0;
 
 static void table_init(void) {
   void *p = luamp_sys.mmap(NULL, sizeof *table, PROT_READ | PROT_WRITE,
@@ -341,6 +347,7 @@ static int own(const char *name, uint64_t dev, uint64_t ino) {
   need_tracker = (table->tracker == 0 || !luamp_id_alive(table->tracker)) &&
                  luamp_now() - table->starting > 1.0;
   if (need_tracker) table->starting = luamp_now();
+  owner_pid = luamp_pid();
   table_unlock();
   pthread_once(&atexit_once, register_atexit);
   if (need_tracker) start_tracker();
@@ -388,15 +395,22 @@ static struct tracked *tracked;
 void luamp_shm_cleanup(void) {
   pid_t me = luamp_pid();
   struct tracked *t, *next;
+  /* (Nothing tracked, the common case at a child's exit: no lock taken.
+   * Locking writes the mutex, and in a forked child every page written
+   * is a copy -- one page fault per Process started.  The writers of
+   * tracked store it atomically for this read.) */
+  if (__atomic_load_n(&tracked, __ATOMIC_ACQUIRE) == NULL) goto shared_table;
   pthread_mutex_lock(&track_mu);
   for (t = tracked; t; t = next) {
     next = t->next;
     if (t->pid == me) luamp_sys.shm_unlink(t->name);
     free(t);
   }
-  tracked = NULL;
+  __atomic_store_n(&tracked, NULL, __ATOMIC_RELEASE);
   pthread_mutex_unlock(&track_mu);
-  if (table != NULL && table->used > 0 && table_lock()) {
+shared_table:
+  if (owner_pid == luamp_pid() && table != NULL && table->used > 0 &&
+      table_lock()) {
     sweep_locked(luamp_process_id(), -1);
     table_unlock();
   }
@@ -409,7 +423,7 @@ static void track(const char *name) {
   snprintf(t->name, sizeof t->name, "%s", name);
   pthread_mutex_lock(&track_mu);
   t->next = tracked;
-  tracked = t;
+  __atomic_store_n(&tracked, t, __ATOMIC_RELEASE);
   pthread_mutex_unlock(&track_mu);
   pthread_once(&atexit_once, register_atexit);
 }
@@ -419,7 +433,7 @@ static void untrack(const char *name) {
   pthread_mutex_lock(&track_mu);
   for (pp = &tracked; (t = *pp) != NULL; pp = &t->next) {
     if (strcmp(t->name, name) == 0) {
-      *pp = t->next;
+      __atomic_store_n(pp, t->next, __ATOMIC_RELEASE);
       free(t);
       break;
     }
