@@ -468,6 +468,8 @@ int luamp_open_conn(lua_State *L);
 int luamp_open_store(lua_State *L);
 /* ---- evset.c: epoll set + timerfd behind one fd (Pool:fileno) ---- */
 int luamp_open_evset(lua_State *L);
+/* ---- redis.c: a hiredis connection (the broker's transport) ---- */
+int luamp_open_redis(lua_State *L);
 
 /* ---- module.c -------------------------------------------------------- */
 

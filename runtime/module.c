@@ -30,6 +30,7 @@ static int (*const primitives[])(lua_State *L) = {
   luamp_open_store,
   luamp_open_fence,
   luamp_open_evset,
+  luamp_open_redis,
   NULL
 };
 

@@ -65,6 +65,7 @@ local lazy = {
   futures = "multiprocessing.futures",
   get_logger = "multiprocessing.util",
   log_to_stderr = "multiprocessing.util",
+  current_task = "multiprocessing.broker_worker",
 }
 
 setmetatable(M, {

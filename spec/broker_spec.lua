@@ -1,0 +1,143 @@
+-- The Pool and Executor beyond one machine, on a real redis-server that
+-- the spec starts itself (spec/redis_server.lua), with worker daemons
+-- (build/luamp-worker) as separate process groups.
+local H = require "helpers"
+local R = require "redis_server"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local futures = require "multiprocessing.futures"
+local broker = require "multiprocessing.broker"
+
+local KEY = "secret"
+
+describe("broker URLs and options", function()
+  it("parses redis:// and unix:// URLs", function()
+    local c = broker.parse_url("redis://u%40x:p%3Aw@example.org:6380/3", "Pool")
+    assert.same({username = "u@x", password = "p:w", host = "example.org", port = 6380, db = 3}, c)
+    c = broker.parse_url("redis://:pw@10.0.0.1", "Pool")
+    assert.same({password = "pw", host = "10.0.0.1", port = 6379, db = 0}, c)
+    c = broker.parse_url("unix:///run/redis.sock?db=2", "Pool")
+    assert.same({path = "/run/redis.sock", db = 2}, c)
+    local err = H.err_of(broker.parse_url, "http://x", "Pool")
+    assert.equal("ValueError", err.kind)
+    assert.matches("Pool: broker URL must be", err.message)
+  end)
+
+  it("refuses to start without an authkey", function()
+    local err = H.err_of(mp.Pool, {broker = "unix:///nonexistent.sock"})
+    assert.equal("ValueError", err.kind)
+    assert.matches("needs an authkey", err.message)
+  end)
+
+  it("raises BrokenPoolError within the connect timeout when nothing answers", function()
+    local t0 = mp.now()
+    local err = H.err_of(mp.Pool, {broker = "unix:///nonexistent/redis.sock", authkey = KEY,
+                                   connect_timeout = 0.5})
+    assert.equal("BrokenPoolError", err.kind)
+    assert.matches("unreachable", err.message)
+    assert.is_true(mp.now() - t0 < 5)
+    -- a TCP address that drops packets: the connect itself times out
+    t0 = mp.now()
+    err = H.err_of(mp.Pool, {broker = "redis://10.255.255.1:6379", authkey = KEY,
+                             connect_timeout = 0.5})
+    assert.equal("BrokenPoolError", err.kind)
+    assert.is_true(mp.now() - t0 < 5)
+  end)
+end)
+
+describe("Pool{broker =}", function()
+  local s, pool
+  setup(function()
+    s = R.start()
+    s:start_worker{processes = 2}
+    pool = mp.Pool{broker = s.url, namespace = "test", authkey = KEY, lease = 5}
+  end)
+  teardown(function()
+    if pool then pool:terminate() end
+    if s then s:stop() end
+  end)
+
+  it("runs apply, map, starmap with closures and nils", function()
+    local k = 10
+    assert.same({13, 2}, {pool:apply(function(a, b) return a + b + k, 2 end, {1, 2})})
+    local r = pool:map(function(x) return x * k end, {1, 2, 3})
+    assert.same({10, 20, 30, n = 3}, r)
+    r = pool:map(function(x) if x % 2 == 0 then return nil end return x end, H.range(5))
+    assert.same({1, nil, 3, nil, 5, n = 5}, r)
+    r = pool:starmap(function(a, b) return a .. b end, {{"a", "b"}, {"c", "d"}})
+    assert.same({"ab", "cd", n = 2}, r)
+    assert.same({n = 0}, pool:map(function(x) return x end, {}))
+  end)
+
+  it("gives the task's id and attempt to mp.current_task()", function()
+    local t = pool:apply(function() return mp.current_task() end)
+    assert.equal(1, t.attempt)
+    assert.matches("^%x+%.%d+$", t.id)
+    assert.is_nil(mp.current_task())
+  end)
+
+  it("runs apply_async with callbacks and raises a task's error as RemoteError", function()
+    local got, bad
+    local a = pool:apply_async(function(x) return x + 1 end, {1}, function(v) got = v end)
+    local b = pool:apply_async(function() error("boom") end, {}, {error_callback = function(e) bad = e end})
+    assert.equal(2, a:get(10))
+    local err = H.err_of(b.get, b, 10)
+    assert.equal("RemoteError", err.kind)
+    assert.matches("boom", err.message)
+    assert.equal(2, got)
+    assert.equal(err, bad)
+    assert.is_true(a:successful())
+    assert.is_false(b:successful())
+  end)
+
+  it("iterates imap in order and imap_unordered as results come", function()
+    local seen = {}
+    for i, v in pool:imap(function(x) return x * 2 end, H.range(20), 3) do seen[i] = v end
+    for i = 1, 20 do assert.equal(2 * i, seen[i]) end
+    local n, sum = 0, 0
+    for _, v in pool:imap_unordered(function(x) return x end, H.range(10)) do
+      n, sum = n + 1, sum + v
+    end
+    assert.equal(10, n)
+    assert.equal(55, sum)
+  end)
+
+  it("runs a per-task timeout on the worker's host", function()
+    local ar = pool:apply_async(function() while true do end end, {}, {timeout = 0.3})
+    local err = H.err_of(ar.get, ar, 20)
+    assert.equal("TimeoutError", err.kind)
+    assert.equal(5, pool:apply(function() return 5 end))
+  end)
+
+  it("serves futures.ProcessPoolExecutor{broker =}", function()
+    local ex = futures.ProcessPoolExecutor{broker = s.url, namespace = "test", authkey = KEY}
+    local f = ex:submit(function(a, b) return a * b end, 6, 7)
+    assert.equal(42, f:result(10))
+    local out = {}
+    for i, v in ex:map(function(x) return x + 1 end, {1, 2, 3}) do out[i] = v end
+    assert.same({2, 3, 4}, out)
+    local done = futures.wait({ex:submit(function() return 1 end)}, {timeout = 10})
+    assert.equal(1, #done)
+    ex:shutdown()
+  end)
+
+  it("refuses a foreign Redis connection in a forked child", function()
+    local r = core.redis_connect(nil, nil, s.sock, 5)
+    assert.equal("PONG", r:command({"PING"}))
+    local p = mp.Process{target = function()
+      local ok, err = pcall(r.command, r, {"PING"})
+      os.exit(not ok and err.kind == "ValueError" and err.message:find("belongs to process") and 0 or 3)
+    end}
+    p:start() p:join()
+    assert.equal(0, p.exitcode)
+    assert.equal("PONG", r:command({"PING"}))
+    -- pipelining: every reply, error replies as error objects
+    local rs = r:pipeline({{"SET", "k", "v"}, {"GET", "k"}, {"INCR", "k"}, {"GET", "nokey"}})
+    assert.equal("OK", rs[1])
+    assert.equal("v", rs[2])
+    assert.equal("RemoteError", rs[3].kind)
+    assert.is_false(rs[4])
+    r:close()
+    assert.equal("ValueError", H.kind_of(r.command, r, {"PING"}))
+  end)
+end)
