@@ -1,8 +1,8 @@
 -- The specs' own redis-server and worker daemons.  Nothing depends on a
 -- server already running: each start makes a temporary directory, runs
 -- redis-server there on a unix socket only (--port 0), with the AOF on
--- and fsynced at every write (so a kill -9 loses nothing acknowledged)
--- and no RDB snapshots, and waits until it answers.  stop() kills it and
+-- (fsynced at every write where a spec needs a kill -9 to lose nothing
+-- acknowledged) and no RDB snapshots, and waits until it answers.  stop() kills it and
 -- removes the directory; restart() starts it again on the same directory
 -- (the AOF is replayed).  Worker daemons run as their own process groups
 -- (setsid): each is a "host" that a spec can freeze, thaw or kill whole.
@@ -25,9 +25,9 @@ end
 
 function Server:_spawn()
   local cmd = string.format("env -u LD_PRELOAD redis-server --port 0 --unixsocket %s " ..
-    "--unixsocketperm 700 --dir %s --appendonly yes --appendfsync always --save '' " ..
+    "--unixsocketperm 700 --dir %s --appendonly yes --appendfsync %s --save '' " ..
     "--daemonize no --logfile %s/redis.log >/dev/null 2>&1 </dev/null & echo $!",
-    H.q(self.sock), H.q(self.dir), H.q(self.dir))
+    H.q(self.sock), H.q(self.dir), self.fsync, H.q(self.dir))
   local out = H.sh(cmd)
   self.pid = assert(tonumber(out:match("%d+")), "redis-server did not start")
   wait_for(function()
@@ -37,9 +37,12 @@ function Server:_spawn()
   end, 10, "redis-server to answer")
 end
 
-function R.start()
+-- opts.fsync: the AOF's appendfsync ("everysec" by default; "always"
+-- where a spec kills the server and counts on every acknowledged write).
+function R.start(opts)
   local dir = H.sh("mktemp -d /tmp/luamp-redis.XXXXXX"):match("%S+")
-  local s = setmetatable({dir = dir, sock = dir .. "/redis.sock"}, Server)
+  local s = setmetatable({dir = dir, sock = dir .. "/redis.sock",
+                          fsync = opts and opts.fsync or "everysec"}, Server)
   s.url = "unix://" .. s.sock
   s.workers = {}
   s:_spawn()
@@ -71,8 +74,9 @@ function Server:start_worker(opts)
   local keyfile = self.dir .. "/key" .. (#self.workers + 1)
   H.write(keyfile, opts.authkey or "secret")
   local log = self.dir .. "/worker" .. (#self.workers + 1) .. ".log"
-  local cmd = string.format("setsid %s --broker %s --namespace %s --authkey-file %s " ..
-    "--processes %d %s >%s 2>&1 </dev/null & echo $!", H.q(R.worker),
+  local cmd = string.format("%ssetsid %s --broker %s --namespace %s --authkey-file %s " ..
+    "--processes %d %s >%s 2>&1 </dev/null & echo $!", opts.env and opts.env .. " " or "",
+    H.q(R.worker),
     H.q(opts.broker or self.url), H.q(opts.namespace or "test"), H.q(keyfile),
     opts.processes or 2, opts.lease and ("--lease " .. opts.lease) or "", H.q(log))
   local pid = assert(tonumber(H.sh(cmd):match("%d+")))
@@ -82,11 +86,11 @@ end
 
 -- Signals a daemon's whole process group (the "host").
 function Server:signal_worker(pid, sig)
-  H.sh("kill -" .. sig .. " -- -" .. pid)
+  H.sh("kill -" .. sig .. " -" .. pid)
 end
 
 function Server:stop()
-  for _, pid in ipairs(self.workers) do H.sh("kill -9 -- -" .. pid .. " 2>/dev/null") end
+  for _, pid in ipairs(self.workers) do H.sh("kill -9 -" .. pid .. " 2>/dev/null") end
   self.workers = {}
   if self.pid and H.alive(self.pid) then
     H.sh("kill -9 " .. self.pid)

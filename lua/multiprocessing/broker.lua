@@ -232,7 +232,12 @@ function Broker:_open(deadline)
   if not ok then
     r:close()
     if core.is_error(err) and err.kind == "RemoteError" then
-      raise("BrokenPoolError", "redis refused the connection: " .. tostring(err.redis))
+      local text = tostring(err.redis)
+      if text:match("^LOADING") or text:match("^BUSY") then
+        -- (a restarted server still replaying its AOF: try again)
+        raise("BrokenPoolError", "redis not ready: " .. text)
+      end
+      raise("BrokenPoolError", "redis refused the connection: " .. text)
     end
     error(err, 0)
   end
