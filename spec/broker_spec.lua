@@ -121,6 +121,21 @@ describe("Pool{broker =}", function()
     ex:shutdown()
   end)
 
+  it("ends a wait for a result on Ctrl-C", function()
+    local t0 = mp.now()
+    local out, err, code = H.script(string.format([[
+      local mp = require "multiprocessing"
+      local pool = mp.Pool{broker = %q, namespace = "nobody-serves", authkey = "k"}
+      os.execute("(sleep 0.5; kill -INT " .. mp.current_process().pid .. ") &")
+      pool:apply(function() return 1 end)
+      print("returned")
+    ]], s.url))
+    assert.is_nil(out:match("returned"))
+    assert.matches("interrupted!", err)
+    assert.are_not.equal(0, code)
+    assert.is_true(mp.now() - t0 < 20)
+  end)
+
   it("refuses a foreign Redis connection in a forked child", function()
     local r = core.redis_connect(nil, nil, s.sock, 5)
     assert.equal("PONG", r:command({"PING"}))

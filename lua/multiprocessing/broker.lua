@@ -210,8 +210,11 @@ local function is_broken(err)
                                  err.kind == "TimeoutError")
 end
 
-function M.connect(cfg, prefix)
-  local b = setmetatable({cfg = cfg, prefix = prefix, r = false, sha = false}, Broker)
+-- script: the server-side script of the user (default M.SCRIPT, the
+-- Pool's).
+function M.connect(cfg, prefix, script)
+  local b = setmetatable({cfg = cfg, prefix = prefix, r = false, sha = false,
+                          script = script or M.SCRIPT}, Broker)
   b:_reconnect(now() + cfg.connect_timeout)
   return b
 end
@@ -227,7 +230,7 @@ function Broker:_open(deadline)
       else r:command({"AUTH", cfg.password}, 5) end
     end
     if cfg.db and cfg.db ~= 0 then r:command({"SELECT", cfg.db}, 5) end
-    self.sha = r:command({"SCRIPT", "LOAD", M.SCRIPT}, 5)
+    self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
   end)
   if not ok then
     r:close()
@@ -301,7 +304,7 @@ function Broker:op(op, ...)
     local ok, res = pcall(r.command, r, argv, 30)
     if not ok and core.is_error(res) and res.redis and res.redis:match("^NOSCRIPT") then
       -- (a restarted server forgot it)
-      self.sha = r:command({"SCRIPT", "LOAD", M.SCRIPT}, 5)
+      self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
       argv[2] = self.sha
       return r:command(argv, 30)
     end
