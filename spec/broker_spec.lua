@@ -136,6 +136,32 @@ describe("Pool{broker =}", function()
     assert.is_true(mp.now() - t0 < 20)
   end)
 
+  it("refuses runtime handles of this host, naming where they sit", function()
+    local lock = mp.Lock()
+    local q = mp.Queue()
+    local err = H.err_of(pool.apply, pool, function(x) return x end, {1, {inner = lock}})
+    assert.equal("EncodeError", err.kind)
+    assert.matches("multiprocessing.Lock at args%[2%]%[\"inner\"%]", err.message)
+    err = H.err_of(pool.map, pool, function(x) q:put(x) end, {1, 2})
+    assert.equal("EncodeError", err.kind)
+    assert.matches("at function upvalue 'q'", err.message)
+    err = H.err_of(pool.map, pool, function(x) return x end, {1, 2, lock})
+    assert.matches("at iterable%[3%]", err.message)
+    -- the standard library and loaded modules are fine
+    assert.equal("ABC", pool:apply(function(s) return string.upper(s) end, {"abc"}))
+  end)
+
+  it("is refused by a worker of another bytecode format, with a clear error", function()
+    local bp = require "multiprocessing.broker_pool"
+    local saved = bp.FORMAT
+    bp.FORMAT = "Lua 9.9/luamp-0"
+    local ok, err = pcall(pool.apply, pool, function() return 1 end)
+    bp.FORMAT = saved
+    assert.is_false(ok)
+    assert.equal("DecodeError", err.kind)
+    assert.matches("task made by Lua 9.9/luamp%-0, this worker runs Lua 5.4", err.message)
+  end)
+
   it("refuses a foreign Redis connection in a forked child", function()
     local r = core.redis_connect(nil, nil, s.sock, 5)
     assert.equal("PONG", r:command({"PING"}))

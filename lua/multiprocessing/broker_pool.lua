@@ -84,6 +84,54 @@ end
 -- Submitting: each task is a hash and an id on the queue, written in
 -- batches (one round trip each); rec is what its result settles.
 
+-- Runtime handles (local queues, locks, Values, Manager proxies...) work
+-- only within this host's process tree: one in a task's function (its
+-- upvalues) or arguments is refused here, naming where it sits, rather
+-- than failing on a worker host.  Loaded modules and the globals travel
+-- by name and are not walked.
+local modules
+local function check_portable(v, path, seen)
+  local t = type(v)
+  if t == "userdata" then
+    local mt = getmetatable(v)
+    local name = type(mt) == "table" and rawget(mt, "__name") or "userdata"
+    raise("EncodeError", string.format("%s at %s is a runtime handle of this host; " ..
+          "it cannot travel through a broker (use a broker Queue, or pass plain data)",
+          tostring(name), path))
+  elseif (t ~= "table" and t ~= "function") or seen[v] then
+    return
+  end
+  seen[v] = true
+  if t == "function" then
+    for i = 1, math.huge do
+      local name, uv = debug.getupvalue(v, i)
+      if name == nil then break end
+      if name ~= "_ENV" then
+        check_portable(uv, path .. " upvalue '" .. (name ~= "" and name or "?") .. "'", seen)
+      end
+    end
+    return
+  end
+  if not modules then
+    modules = {[_G] = true}
+    for _, m in pairs(package.loaded) do modules[m] = true end
+  end
+  if modules[v] then return end
+  for k, x in next, v do
+    local tx = type(x)
+    if tx == "table" or tx == "function" or tx == "userdata" then
+      check_portable(x, path .. "[" .. (type(k) == "string" and string.format("%q", k)
+                                        or tostring(k)) .. "]", seen)
+    end
+  end
+end
+
+local function check_task(f, args, what)
+  local seen = {}
+  check_portable(f, "function", seen)
+  check_portable(args, what, seen)
+end
+
 function Pool:_add(rec, task)
   self._seq = self._seq + 1
   local id = self._cid .. "." .. self._seq
@@ -129,6 +177,7 @@ function Pool:_apply_async(f, args, opts, fname)
   check_fn(f, fname)
   if args == nil then args = {} end
   if type(args) ~= "table" then typeerror(2, fname, "table", args) end
+  check_task(f, args, "args")
   local job = new_job(self, "apply", opts)
   self:_add(job, {m = "apply", f = f, a = args, n = args.n or #args, t = opts.timeout})
   self:_flush()
@@ -203,6 +252,7 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
   if math.type(cs) ~= "integer" or cs < 1 then
     raise("ValueError", "Chunksize must be 1+, not " .. tostring(cs))
   end
+  check_task(f, items, "iterable")
   local job = new_job(self, "map", opts)
   job._results = {n = n}
   job._left, job._items_done = 0, 0
@@ -250,6 +300,7 @@ function Pool:_imap(f, iterable, opts, ordered, fname)
   opts = task_options(opts, fname, 3)
   local items, n = collect(iterable, fname)
   local cs = opts.chunksize or 1
+  check_task(f, items, "iterable")
   local it = {done = {}, arrived = {}, firsts = {}}
   local nchunks = self:_chunks(f, "map", items, n, cs, opts.timeout,
     function(first, count, chunk)
