@@ -313,6 +313,30 @@ function Broker:op(op, ...)
   end)
 end
 
+-- Runs several ops in one round trip (pipelined): ops is a list of
+-- {op, args...}; returns their replies (error replies as error objects).
+-- Only for ops that are safe to repeat (ack, nack, beat).
+function Broker:ops(list)
+  if #list == 0 then return {} end
+  return self:_with(function(r)
+    local cmds = {}
+    for i, o in ipairs(list) do
+      local argv = {"EVALSHA", self.sha, 0, o[1], self.prefix}
+      for k = 2, #o do argv[#argv + 1] = o[k] end
+      cmds[i] = argv
+    end
+    local res = r:pipeline(cmds, 30)
+    for i = 1, res.n do
+      if core.is_error(res[i]) and tostring(res[i].redis):match("^NOSCRIPT") then
+        self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
+        for _, c in ipairs(cmds) do c[2] = self.sha end
+        return r:pipeline(cmds, 30)
+      end
+    end
+    return res
+  end)
+end
+
 function Broker:close()
   if self.r then self.r:close() self.r = false end
 end

@@ -114,18 +114,29 @@ local function result_of(self, rec)
   return broker.sign_result(self.key, rec.id, rec.att, payload)
 end
 
-local function finish(self, rec)
-  self.inflight[rec.id] = nil
-  self.n = self.n - 1
-  local res, err = result_of(self, rec)
-  if res == nil then
-    log(self, "task %s attempt %d: %s", rec.id, rec.att, tostring(err.message))
-    self.b:op("nack", rec.id, rec.att, "worker lost: " .. tostring(err.message))
-    return
+-- Acks (or, for a lost local worker, nacks) the finished tasks, in one
+-- round trip.
+local function finish(self, recs)
+  local ops = {}
+  for i, rec in ipairs(recs) do
+    self.inflight[rec.id] = nil
+    self.n = self.n - 1
+    local res, err = result_of(self, rec)
+    if res == nil then
+      log(self, "task %s attempt %d: %s", rec.id, rec.att, tostring(err.message))
+      ops[i] = {"nack", rec.id, rec.att, "worker lost: " .. tostring(err.message)}
+    else
+      ops[i] = {"ack", rec.id, rec.att, res}
+    end
   end
-  if self.b:op("ack", rec.id, rec.att, res) == 0 then
-    log(self, "task %s attempt %d: result dropped (a later attempt owns the task)",
-        rec.id, rec.att)
+  local replies = self.b:ops(ops)
+  for i, rec in ipairs(recs) do
+    if ops[i][1] == "ack" and replies[i] == 0 then
+      log(self, "task %s attempt %d: result dropped (a later attempt owns the task)",
+          rec.id, rec.att)
+    elseif core.is_error(replies[i]) then
+      error(replies[i], 0)
+    end
   end
 end
 
@@ -142,10 +153,11 @@ end
 -- One round: results in, tasks claimed, leases renewed, then a wait.
 local function step(self)
   local ready = {}
+  if self.n > 0 then self.pool:poll() end
   for _, rec in pairs(self.inflight) do
-    if rec.failed or rec.ar:ready() then ready[#ready + 1] = rec end
+    if rec.failed or rec.ar._done then ready[#ready + 1] = rec end
   end
-  for _, rec in ipairs(ready) do finish(self, rec) end
+  if #ready > 0 then finish(self, ready) end
   local free = self.slots - self.n
   local claimed = 0
   if free > 0 and not self.stopping then
@@ -172,7 +184,7 @@ local function step(self)
     for _, rec in pairs(self.inflight) do
       if rec.ar then fs[#fs + 1] = rec.ar end
     end
-    if #fs == #ready then return end
+    if #fs == 0 then return end
     local futures = require "multiprocessing.futures"
     futures.wait(fs, {timeout = free > 0 and math.min(wait, 0.05) or wait,
                       return_when = "FIRST_COMPLETED"})
@@ -193,7 +205,10 @@ function M.serve(opts)
   local lease = opts.lease or 30
   local self = {
     key = key, prefix = prefix, b = broker.connect(cfg, prefix), quiet = opts.quiet,
-    inflight = {}, n = 0, slots = n + (opts.prefetch or 1),
+    -- (prefetch: tasks claimed beyond those running, waiting in the
+    -- local Pool's queue -- fewer round trips for tiny tasks; their
+    -- leases are renewed as the running ones')
+    inflight = {}, n = 0, slots = n + (opts.prefetch or 2 * n),
     lease_ms = math.floor(lease * 1000), beat = math.max(lease / 3, 0.05),
     next_beat = 0, wid = (io.open("/etc/hostname") and
                           io.open("/etc/hostname"):read("l") or "host") .. ":" .. core.getpid(),
@@ -208,7 +223,7 @@ end
 function M.main(argv)
   local opts, i = {}, 1
   local usage = "usage: luamp-worker --broker URL --namespace NS --authkey-file F " ..
-                "[--processes N] [--lease S] [--quiet]"
+                "[--processes N] [--prefetch N] [--lease S] [--quiet]"
   while argv[i] do
     local a = argv[i]
     local function val()
@@ -221,6 +236,7 @@ function M.main(argv)
     elseif a == "--authkey-file" then opts.authkey_file = val()
     elseif a == "--processes" then opts.processes = math.tointeger(tonumber(val()))
     elseif a == "--lease" then opts.lease = tonumber(val())
+    elseif a == "--prefetch" then opts.prefetch = math.tointeger(tonumber(val()))
     elseif a == "--quiet" then opts.quiet = true
     elseif a == "--help" or a == "-h" then print(usage) os.exit(0)
     else io.stderr:write("luamp-worker: unknown argument ", a, "\n", usage, "\n") os.exit(2) end
