@@ -210,4 +210,59 @@ describe("broker faults", function()
     assert.equal("0", s:cli("LLEN luamp:bulk:q"))
     assert.equal("0", s:cli("ZCARD luamp:bulk:leases"))
   end)
+
+  -- A partition: one host in its own network namespace reaching Redis
+  -- over a veth pair, the link cut mid-task.
+  local tag = H.pid() % 200 + 20
+  local ns, va, vb = "luamp-part" .. H.pid(), "lmpa" .. H.pid(), "lmpb" .. H.pid()
+  local ip_host, ip_ns = "10.213." .. tag .. ".1", "10.213." .. tag .. ".2"
+  local function netns_up()
+    local _, err, code = H.sh(table.concat({
+      "ip netns add " .. ns, "ip link add " .. va .. " type veth peer name " .. vb,
+      "ip link set " .. vb .. " netns " .. ns, "ip addr add " .. ip_host .. "/24 dev " .. va,
+      "ip link set " .. va .. " up", "ip netns exec " .. ns .. " ip link set lo up",
+      "ip netns exec " .. ns .. " ip addr add " .. ip_ns .. "/24 dev " .. vb,
+      "ip netns exec " .. ns .. " ip link set " .. vb .. " up"}, " && "))
+    return code == 0, err
+  end
+  local function netns_down()
+    H.sh("ip link del " .. va .. " 2>/dev/null; ip netns del " .. ns .. " 2>/dev/null")
+  end
+  local can, why = netns_up()
+  netns_down()
+  if not can then
+    pending("partition: network namespaces cannot be made here (needs root): " .. why)
+  else
+    it("runs the task of a host cut off by a partition elsewhere, once", function()
+      local s2
+      local ok, err = pcall(function()
+        assert(netns_up())
+        local port = 20000 + H.pid() % 10000
+        s2 = R.start{bind = ip_host, port = port}
+        local a, alog = s2:start_worker{namespace = "part", processes = 1, netns = ns,
+                                        broker = "redis://" .. ip_host .. ":" .. port}
+        local pool <close> = mp.Pool{broker = s2.url, namespace = "part", authkey = KEY,
+                                     lease = 1}
+        local sock, calls = s2.sock, 0
+        local ar = pool:apply_async(function()
+          mark(sock, "part:started", mp.current_task().attempt)
+          local t0 = mp.now()
+          while mp.now() - t0 < 1.5 do end
+          return mp.current_task().attempt
+        end, {}, function() calls = calls + 1 end)
+        assert.matches("1$", s2:cli("BLPOP part:started 20"), H.slurp(alog))
+        H.sh("ip link set " .. va .. " down")          -- the cut
+        s2:start_worker{namespace = "part", processes = 1}
+        assert.equal(2, ar:get(30))
+        H.sh("ip link set " .. va .. " up")            -- healed
+        core.sleep(0.5)
+        pool:poll()
+        assert.equal(1, calls)
+        assert.is_truthy(a and alog)
+      end)
+      netns_down()
+      if s2 then s2:stop() end
+      assert(ok, err)
+    end)
+  end
 end)

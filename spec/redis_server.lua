@@ -24,9 +24,11 @@ local function wait_for(pred, timeout, what)
 end
 
 function Server:_spawn()
-  local cmd = string.format("env -u LD_PRELOAD redis-server --port 0 --unixsocket %s " ..
+  local cmd = string.format("env -u LD_PRELOAD redis-server %s --unixsocket %s " ..
     "--unixsocketperm 700 --dir %s --appendonly yes --appendfsync %s --save '' " ..
     "--daemonize no --logfile %s/redis.log >/dev/null 2>&1 </dev/null & echo $!",
+    self.bind and ("--port " .. self.port .. " --bind " .. self.bind .. " --protected-mode no")
+      or "--port 0",
     H.q(self.sock), H.q(self.dir), self.fsync, H.q(self.dir))
   local out = H.sh(cmd)
   self.pid = assert(tonumber(out:match("%d+")), "redis-server did not start")
@@ -38,11 +40,13 @@ function Server:_spawn()
 end
 
 -- opts.fsync: the AOF's appendfsync ("everysec" by default; "always"
--- where a spec kills the server and counts on every acknowledged write).
+-- where a spec kills the server and counts on every acknowledged write);
+-- opts.bind, opts.port: also listen on TCP there.
 function R.start(opts)
+  opts = opts or {}
   local dir = H.sh("mktemp -d /tmp/luamp-redis.XXXXXX"):match("%S+")
-  local s = setmetatable({dir = dir, sock = dir .. "/redis.sock",
-                          fsync = opts and opts.fsync or "everysec"}, Server)
+  local s = setmetatable({dir = dir, sock = dir .. "/redis.sock", bind = opts.bind,
+                          port = opts.port, fsync = opts.fsync or "everysec"}, Server)
   s.url = "unix://" .. s.sock
   s.workers = {}
   s:_spawn()
@@ -68,15 +72,16 @@ end
 
 -- Starts a worker daemon in its own process group; returns its pid
 -- (= its group id).  opts: namespace, authkey (written to a file),
--- processes, lease, broker (default: this server).
+-- processes, lease, broker (default: this server), env (assignments put
+-- before the command), netns (a network namespace to run it in).
 function Server:start_worker(opts)
   opts = opts or {}
   local keyfile = self.dir .. "/key" .. (#self.workers + 1)
   H.write(keyfile, opts.authkey or "secret")
   local log = self.dir .. "/worker" .. (#self.workers + 1) .. ".log"
-  local cmd = string.format("%ssetsid %s --broker %s --namespace %s --authkey-file %s " ..
+  local cmd = string.format("%ssetsid %s%s --broker %s --namespace %s --authkey-file %s " ..
     "--processes %d %s >%s 2>&1 </dev/null & echo $!", opts.env and opts.env .. " " or "",
-    H.q(R.worker),
+    opts.netns and ("ip netns exec " .. H.q(opts.netns) .. " ") or "", H.q(R.worker),
     H.q(opts.broker or self.url), H.q(opts.namespace or "test"), H.q(keyfile),
     opts.processes or 2, opts.lease and ("--lease " .. opts.lease) or "", H.q(log))
   local pid = assert(tonumber(H.sh(cmd):match("%d+")))
