@@ -210,9 +210,11 @@ function M.serve(opts)
     -- leases are renewed as the running ones')
     inflight = {}, n = 0, slots = n + (opts.prefetch or 2 * n),
     lease_ms = math.floor(lease * 1000), beat = math.max(lease / 3, 0.05),
-    next_beat = 0, wid = (io.open("/etc/hostname") and
-                          io.open("/etc/hostname"):read("l") or "host") .. ":" .. core.getpid(),
+    next_beat = 0, wid = nil,
   }
+  local f = io.open("/etc/hostname")
+  self.wid = (f and f:read("l") or "host") .. ":" .. core.getpid()
+  if f then f:close() end
   local pool_mod = require "multiprocessing.pool"
   self.pool = pool_mod.Pool(n)
   log(self, "serving namespace %s with %d processes", ns, n)
