@@ -136,6 +136,22 @@ describe("Pool{broker =}", function()
     assert.is_true(mp.now() - t0 < 20)
   end)
 
+  it("serves a forked child through its parent's Pool without mixing results", function()
+    -- the parent's result is in Redis while the child waits for its own
+    local first = pool:apply_async(function() return "parent" end)
+    local p = mp.Process{target = function()
+      local ok = pool:apply(function()
+        local t0 = mp.now()
+        while mp.now() - t0 < 0.3 do end
+        return "child"
+      end) == "child"
+      os.exit(ok and 0 or 3)
+    end}
+    p:start() p:join()
+    assert.equal(0, p.exitcode)
+    assert.equal("parent", first:get(5))
+  end)
+
   it("refuses runtime handles of this host, naming where they sit", function()
     local lock = mp.Lock()
     local q = mp.Queue()

@@ -70,9 +70,20 @@ function M.Pool(opts, fname)
     _max = max, _lease_ms = math.floor(positive(opts, "lease", 30, fname) * 1000),
     _ttl = math.floor(positive(opts, "result_ttl", 3600, fname)),
     _n = opts.processes or 4, _state = "RUN", _jobs = setmetatable({}, {__mode = "k"}),
-    _pending = {}, _next_reap = 0,
+    _pending = {}, _next_reap = 0, _pid = core.getpid(),
   }, Pool)
   return self
+end
+
+-- A forked child that uses its parent's Pool is a client of its own: a
+-- new client id (so its results never land in the parent's list, nor the
+-- parent's in its), none of the parent's tasks to wait for.
+local function own(self)
+  if self._pid == core.getpid() then return end
+  self._pid = core.getpid()
+  self._cid = broker.random_id()
+  self._rkey = self._prefix .. "r:" .. self._cid
+  self._tasks, self._ntasks, self._pending, self._seq = {}, 0, {}, 0
 end
 
 local function check_running(self, fname)
@@ -133,6 +144,7 @@ local function check_task(f, args, what)
 end
 
 function Pool:_add(rec, task)
+  own(self)
   self._seq = self._seq + 1
   local id = self._cid .. "." .. self._seq
   task.v = M.FORMAT
@@ -149,6 +161,7 @@ end
 
 -- Writes the pending tasks; when this returns they are in Redis.
 function Pool:_flush()
+  own(self)
   local p = self._pending
   if #p == 0 then return end
   self._pending = {}

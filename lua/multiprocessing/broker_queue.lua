@@ -92,12 +92,17 @@ function M.Queue(opts, joinable)
   return setmetatable({_b = b, _key = key, _name = name, _prefix = prefix,
                        _joinable = joinable and true or false,
                        _lease_ms = math.floor(lease * 1000), _cid = broker.random_id(),
-                       _seq = 0, _taken = {}, _closed = false}, Queue)
+                       _seq = 0, _taken = {}, _closed = false, _pid = core.getpid()}, Queue)
 end
 
 local function check(self, fname)
   if getmetatable(self) ~= Queue then argerror(1, fname, "broker Queue expected") end
   if self._closed then raise("ValueError", "Queue is closed") end
+  if self._pid ~= core.getpid() then
+    -- a forked child: the items its parent took are the parent's to
+    -- finish; its own ids are its own
+    self._pid, self._taken, self._cid, self._seq = core.getpid(), {}, broker.random_id(), 0
+  end
 end
 
 function Queue:put(v)
