@@ -185,11 +185,17 @@ describe("broker faults", function()
       "+ltrim +lrem +hget +hmget +hset +hincrby +del +expire +zadd +zrem +zrangebyscore"))
     s:start_worker{namespace = "acl", processes = 1,
                    env = "LUAMP_REDIS_USERNAME=lworker LUAMP_REDIS_PASSWORD=wpass"}
-    local pool <close> = pool_for("acl", {lease = 5})
+    -- the client as the same user, its password from a file
+    H.write(s.dir .. "/redis-pass", "wpass\n")
+    local pool <close> = pool_for("acl", {lease = 5, username = "lworker",
+                                          password_file = s.dir .. "/redis-pass"})
     assert.equal(3, pool:apply(function() return 3 end))
+    local err = H.err_of(pool_for, "acl", {username = "lworker", password = "wrong"})
+    assert.equal("BrokenPoolError", err.kind)
+    assert.matches("refused the connection: WRONGPASS", err.message)
     local r = core.redis_connect(nil, nil, s.sock, 5)
     r:command({"AUTH", "lworker", "wpass"})
-    local err = H.err_of(r.command, r, {"FLUSHALL"})
+    err = H.err_of(r.command, r, {"FLUSHALL"})
     assert.matches("NOPERM", err.message)
     r:close()
   end)
