@@ -114,8 +114,7 @@ local function result_of(self, rec)
   return broker.sign_result(self.key, rec.id, rec.att, payload)
 end
 
--- Acks (or, for a lost local worker, nacks) the finished tasks, in one
--- round trip.
+-- The acks (or, for a lost local worker, nacks) of the finished tasks.
 local function finish(self, recs)
   local ops = {}
   for i, rec in ipairs(recs) do
@@ -129,7 +128,10 @@ local function finish(self, recs)
       ops[i] = {"ack", rec.id, rec.att, res}
     end
   end
-  local replies = self.b:ops(ops)
+  return ops
+end
+
+local function finished(self, recs, ops, replies)
   for i, rec in ipairs(recs) do
     if ops[i][1] == "ack" and replies[i] == 0 then
       log(self, "task %s attempt %d: result dropped (a later attempt owns the task)",
@@ -157,11 +159,18 @@ local function step(self)
   for _, rec in pairs(self.inflight) do
     if rec.failed or rec.ar._done then ready[#ready + 1] = rec end
   end
-  if #ready > 0 then finish(self, ready) end
+  local ops = #ready > 0 and finish(self, ready) or {}
   local free = self.slots - self.n
   local claimed = 0
-  if free > 0 and not self.stopping then
-    local got = self.b:op("claim", free, self.lease_ms, self.wid)
+  -- acks and the next claim in one round trip (a claim whose reply a
+  -- lost connection swallowed is claimed again; the tasks of the first
+  -- go to a host when their lease runs out -- at least once)
+  if free > 0 then ops[#ops + 1] = {"claim", free, self.lease_ms, self.wid} end
+  local replies = self.b:ops(ops)
+  finished(self, ready, ops, replies)
+  if free > 0 then
+    local got = replies[#ops]
+    if core.is_error(got) then error(got, 0) end
     for i = 1, #got, 4 do
       local rec = start(self, got[i], got[i + 1], got[i + 2])
       -- (renewals come at a third of the shortest lease held)
