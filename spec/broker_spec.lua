@@ -118,6 +118,18 @@ describe("Pool{broker =}", function()
     assert.same({2, 3, 4}, out)
     local done = futures.wait({ex:submit(function() return 1 end)}, {timeout = 10})
     assert.equal(1, #done)
+    -- with a local pool's futures in the same wait
+    local lp <close> = mp.Pool(1)
+    local fs = {lp:apply_async(function() return "local" end), ex:submit(function() return "remote" end)}
+    done = futures.wait(fs, {timeout = 20})
+    assert.equal(2, #done)
+    local got = {}
+    for f in futures.as_completed({ex:submit(function() return 1 end),
+                                   lp:apply_async(function() return 2 end)}, 20) do
+      got[#got + 1] = f:result()
+    end
+    table.sort(got)
+    assert.same({1, 2}, got)
     ex:shutdown()
   end)
 

@@ -426,6 +426,13 @@ end
 
 function Pool:poll() self:_pump(0) end
 
+-- (futures.wait / as_completed over this and local pools: this pool has
+-- no fd to wait on -- its results come by BLPOP -- so the wait on the
+-- others' fds is cut into slices of 20 ms, between which it is pumped)
+function Pool:_wait_set()
+  return now() + 0.02
+end
+
 -- ---------------------------------------------------------------------------
 -- Futures' needs: running (unknown here: a task is running or queued on
 -- some host), cancel (drops the task from Redis if no host took it).
