@@ -67,6 +67,8 @@ describe("Pool{broker =}", function()
     r = pool:starmap(function(a, b) return a .. b end, {{"a", "b"}, {"c", "d"}})
     assert.same({"ab", "cd", n = 2}, r)
     assert.same({n = 0}, pool:map(function(x) return x end, {}))
+    -- (the progress bar is drawn on a terminal only; here it is accepted)
+    assert.same({2, 4, n = 2}, pool:map(function(x) return 2 * x end, {1, 2}, {progress = true}))
   end)
 
   it("gives the task's id and attempt to mp.current_task()", function()

@@ -269,6 +269,10 @@ function Pool:_map_async(f, iterable, opts, mode, fname)
   local job = new_job(self, "map", opts)
   job._results = {n = n}
   job._left, job._items_done = 0, 0
+  if opts.progress then
+    -- (the local Pool's bar, on stderr when it is a terminal)
+    job._progress = require("multiprocessing.progress").new(n)
+  end
   job._left = self:_chunks(f, mode, items, n, cs, opts.timeout, function(first, count, chunk)
     return {job, first, count, chunk}
   end)
