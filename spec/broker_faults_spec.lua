@@ -181,8 +181,9 @@ describe("broker faults", function()
 
   it("serves with a minimal worker ACL user that cannot FLUSHALL", function()
     assert.equal("OK", s:cli("ACL SETUSER lworker on '>wpass' '~luamp:*' " ..
-      "+ping +auth +select +evalsha +script\\|load +time +blpop +lpop +rpop +rpush +lpush " ..
-      "+ltrim +lrem +hget +hmget +hset +hincrby +del +expire +zadd +zrem +zrangebyscore"))
+      "+ping +auth +select +evalsha +script\\|load +time +blpop +blmove +lpop +rpop +rpush " ..
+      "+lpush +lrange +ltrim +lrem +llen +get +incr +decr +hget +hmget +hset +hincrby +del " ..
+      "+expire +zadd +zrem +zrangebyscore"))
     s:start_worker{namespace = "acl", processes = 1,
                    env = "LUAMP_REDIS_USERNAME=lworker LUAMP_REDIS_PASSWORD=wpass"}
     -- the client as the same user, its password from a file

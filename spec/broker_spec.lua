@@ -135,6 +135,40 @@ describe("Pool{broker =}", function()
     ex:shutdown()
   end)
 
+  -- As in pool_faults_spec: a hook raising "interrupted!" (what Ctrl-C
+  -- does) at random instruction boundaries of gets, many times.
+  it("loses no result to Ctrl-C at any instruction of a get", function()
+    local function arm()
+      debug.sethook(function()
+        debug.sethook()
+        if debug.getinfo(2, "S").what ~= "main" and debug.getinfo(2, "f").func ~= arm then
+          error("interrupted!", 0)
+        end
+      end, "", math.random(1, 3000))
+    end
+    math.randomseed(7)
+    local interrupts = 0
+    for round = 1, 10 do
+      local rs = {}
+      for i = 1, 10 do rs[i] = pool:apply_async(function(x) return x end, {i}) end
+      for i = 1, 10 do
+        while true do
+          local ok, v = pcall(function()
+            arm()
+            local v = rs[i]:get(10)
+            debug.sethook()
+            return v
+          end)
+          debug.sethook()
+          if ok then assert.equal(i, v) break end
+          assert.equal("interrupted!", v, round .. ":" .. i)
+          interrupts = interrupts + 1
+        end
+      end
+    end
+    assert.is_true(interrupts >= 3, "only " .. interrupts .. " interrupts")
+  end)
+
   it("ends a wait for a result on Ctrl-C", function()
     local t0 = mp.now()
     local out, err, code = H.script(string.format([[

@@ -164,10 +164,14 @@ function Pool:_flush()
   own(self)
   local p = self._pending
   if #p == 0 then return end
-  self._pending = {}
-  p[#p + 1] = {"LPUSH", self._prefix .. "wake", "1"}
-  p[#p + 1] = {"LTRIM", self._prefix .. "wake", 0, 63}
+  if p[#p][1] ~= "LTRIM" then
+    p[#p + 1] = {"LPUSH", self._prefix .. "wake", "1"}
+    p[#p + 1] = {"LTRIM", self._prefix .. "wake", 0, 63}
+  end
+  -- (cleared once written: a write cut short is made again -- a task
+  -- queued twice runs at least once, never zero times)
   local replies = self._b:pipeline(p, 30)
+  self._pending = {}
   for i = 1, replies.n do
     if core.is_error(replies[i]) then error(replies[i], 0) end
   end
@@ -408,23 +412,35 @@ function Pool:_entry(entry)
 end
 
 -- Takes the results there are; waits until deadline (now()-based; nil:
--- until one comes; 0: not at all) for one when there are none.
+-- until one comes; 0: not at all) for one when there are none.  Nothing
+-- is popped before it is recorded: the entries are read (LRANGE), settled,
+-- then trimmed off -- this client is its list's only reader and producers
+-- only append, so LTRIM k -1 drops exactly the k read.  A Ctrl-C (or a
+-- lost connection) anywhere in between leaves them to be read again, and
+-- a second reading is dropped as a duplicate.  The wait itself is a
+-- BLMOVE of the list onto itself, which pops nothing either.
 function Pool:_pump(deadline)
   self:_flush()
-  local b = self._b
+  local b, rkey = self._b, self._rkey
   if now() >= self._next_reap then
     self._next_reap = now() + 1
     b:op("reap")
   end
-  local got = b:command({"LPOP", self._rkey, 1000}, 30)
-  if not got and deadline ~= 0 then
+  local got = b:command({"LRANGE", rkey, 0, 999}, 30)
+  if #got == 0 and deadline ~= 0 then
     local t = deadline and deadline - now() or 1
     t = math.max(0.01, math.min(t, 1))
-    local r = b:command({"BLPOP", self._rkey, string.format("%.3f", t)}, t + 30)
-    if r then got = {r[2], n = 1} end
+    if b:command({"BLMOVE", rkey, rkey, "LEFT", "LEFT", string.format("%.3f", t)}, t + 30) then
+      got = b:command({"LRANGE", rkey, 0, 999}, 30)
+    end
   end
-  if got then
-    for i = 1, got.n or #got do self:_entry(got[i]) end
+  if #got > 0 then
+    -- (each result recorded whole: Ctrl-C cannot land between taking
+    -- its task off the books and settling its job)
+    core.shielded(function()
+      for i = 1, #got do self:_entry(got[i]) end
+    end)
+    b:command({"LTRIM", rkey, #got, -1}, 30)
   end
 end
 
