@@ -220,20 +220,21 @@ describe("broker faults", function()
 
   -- A partition: one host in its own network namespace reaching Redis
   -- over a veth pair, the link cut mid-task.
+  local IP = "env -u LD_PRELOAD ip"     -- (not under the sanitizers' preload)
   local tag = H.pid() % 200 + 20
   local ns, va, vb = "luamp-part" .. H.pid(), "lmpa" .. H.pid(), "lmpb" .. H.pid()
   local ip_host, ip_ns = "10.213." .. tag .. ".1", "10.213." .. tag .. ".2"
   local function netns_up()
     local _, err, code = H.sh(table.concat({
-      "ip netns add " .. ns, "ip link add " .. va .. " type veth peer name " .. vb,
-      "ip link set " .. vb .. " netns " .. ns, "ip addr add " .. ip_host .. "/24 dev " .. va,
-      "ip link set " .. va .. " up", "ip netns exec " .. ns .. " ip link set lo up",
-      "ip netns exec " .. ns .. " ip addr add " .. ip_ns .. "/24 dev " .. vb,
-      "ip netns exec " .. ns .. " ip link set " .. vb .. " up"}, " && "))
+      IP .. " netns add " .. ns, IP .. " link add " .. va .. " type veth peer name " .. vb,
+      IP .. " link set " .. vb .. " netns " .. ns, IP .. " addr add " .. ip_host .. "/24 dev " .. va,
+      IP .. " link set " .. va .. " up", IP .. " netns exec " .. ns .. " ip link set lo up",
+      IP .. " netns exec " .. ns .. " ip addr add " .. ip_ns .. "/24 dev " .. vb,
+      IP .. " netns exec " .. ns .. " ip link set " .. vb .. " up"}, " && "))
     return code == 0, err
   end
   local function netns_down()
-    H.sh("ip link del " .. va .. " 2>/dev/null; ip netns del " .. ns .. " 2>/dev/null")
+    H.sh(IP .. " link del " .. va .. " 2>/dev/null; " .. IP .. " netns del " .. ns .. " 2>/dev/null")
   end
   local can, why = netns_up()
   netns_down()
@@ -258,10 +259,10 @@ describe("broker faults", function()
           return mp.current_task().attempt
         end, {}, function() calls = calls + 1 end)
         assert.matches("1$", s2:cli("BLPOP part:started 20"), H.slurp(alog))
-        H.sh("ip link set " .. va .. " down")          -- the cut
+        H.sh(IP .. " link set " .. va .. " down")          -- the cut
         s2:start_worker{namespace = "part", processes = 1}
         assert.equal(2, ar:get(30))
-        H.sh("ip link set " .. va .. " up")            -- healed
+        H.sh(IP .. " link set " .. va .. " up")            -- healed
         core.sleep(0.5)
         pool:poll()
         assert.equal(1, calls)

@@ -44,7 +44,7 @@ end
 -- opts.bind, opts.port: also listen on TCP there.
 function R.start(opts)
   opts = opts or {}
-  local dir = H.sh("mktemp -d /tmp/luamp-redis.XXXXXX"):match("%S+")
+  local dir = H.sh("env -u LD_PRELOAD mktemp -d /tmp/luamp-redis.XXXXXX"):match("%S+")
   local s = setmetatable({dir = dir, sock = dir .. "/redis.sock", bind = opts.bind,
                           port = opts.port, fsync = opts.fsync or "everysec"}, Server)
   s.url = "unix://" .. s.sock
