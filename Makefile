@@ -34,7 +34,8 @@ override CFLAGS  += -std=c11 -D_GNU_SOURCE $(OPT) -g -Wall -Wextra -Werror \
 # calls a libc function for the first time would otherwise resolve it (and
 # copy the GOT page) in every child.
 override LDFLAGS += $(SAN) -Wl,-z,now
-LIBS    := -lm
+# hiredis: the Redis client of the broker (runtime/redis.c)
+LIBS    := -lm -lhiredis
 
 # libedit (line editing, history and completion in the REPL) when
 # pkg-config finds its header; the REPL loads the library (dlopen) when it
@@ -81,7 +82,7 @@ LUA_LMOD   ?= $(PREFIX)/share/lua/5.4
         uninstall rock rock-install fuzz FORCE
 all: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
      $(BUILD)/libluamp.so $(CTESTS) $(BUILD)/tests/luamp-noedit \
-     $(BUILD)/examples/embed-host
+     $(BUILD)/examples/embed-host $(BUILD)/luamp-worker
 
 deps:
 	@scripts/deps.sh
@@ -133,6 +134,12 @@ $(BUILD)/examples/embed-host: scripts/examples/embed/host.c $(BUILD)/libluamp.so
 $(BUILD)/luamp: $(HOST_OBJ) $(BUILD)/libluamp.a
 	$(CC) $(LDFLAGS) -o $@ $(HOST_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) -ldl $(LIBS)
 
+# The worker daemon of a broker (multiprocessing.broker_worker): a luamp
+# script naming the luamp next to it (build/) or the installed one.
+WORKER_SCRIPT = printf '\#!%s\nrequire("multiprocessing.broker_worker").main(arg)\n' '$(1)' > $(2) && chmod 755 $(2)
+$(BUILD)/luamp-worker: Makefile | $(BUILD)/obj
+	$(call WORKER_SCRIPT,$(abspath $(BUILD))/luamp,$@)
+
 $(BUILD)/tests/luamp-noedit: $(NOEDIT_OBJ) $(BUILD)/libluamp.a | $(BUILD)/tests
 	$(CC) $(LDFLAGS) -o $@ $(NOEDIT_OBJ) $(BUILD)/libluamp.a $(HOST_LUA) $(LIBS)
 
@@ -148,7 +155,7 @@ $(BUILD)/bench_probes: scripts/bench_probes.c | $(BUILD)/obj
 # a staged (DESTDIR) copy.
 pc_rel = $(patsubst $(PREFIX)/%,$${prefix}/%,$(1))
 
-INSTALLED_FILES = $(BINDIR)/luamp $(LUA_CMOD)/multiprocessing.so \
+INSTALLED_FILES = $(BINDIR)/luamp $(BINDIR)/luamp-worker $(LUA_CMOD)/multiprocessing.so \
   $(LUA_SRC:lua/%=$(LUA_LMOD)/%) $(LIBDIR)/libluamp.a \
   $(LIBDIR)/libluamp.so.$(VERSION) $(LIBDIR)/$(SONAME) $(LIBDIR)/libluamp.so \
   $(INCLUDEDIR)/luamp.h $(PKGCONFIGDIR)/luamp.pc $(MANDIR)/man1/luamp.1
@@ -159,6 +166,7 @@ install: $(BUILD)/luamp $(BUILD)/multiprocessing.so $(BUILD)/libluamp.a \
 	  $(DESTDIR)$(LUA_LMOD)/multiprocessing $(DESTDIR)$(LIBDIR) \
 	  $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR) $(DESTDIR)$(MANDIR)/man1
 	install -m 755 $(BUILD)/luamp $(DESTDIR)$(BINDIR)/luamp
+	$(call WORKER_SCRIPT,$(BINDIR)/luamp,$(DESTDIR)$(BINDIR)/luamp-worker)
 	install -m 755 $(BUILD)/multiprocessing.so $(DESTDIR)$(LUA_CMOD)/multiprocessing.so
 	install -m 644 $(LUA_SRC) $(DESTDIR)$(LUA_LMOD)/multiprocessing/
 	install -m 644 $(BUILD)/libluamp.a $(DESTDIR)$(LIBDIR)/libluamp.a

@@ -1345,6 +1345,28 @@ static void hmac_of(lua_State *L, const EVP_MD *md, const char *key,
                 "available in this OpenSSL)");
 }
 
+/* core.hmac_sha256(key, msg [, mac]) -> the 32-byte HMAC-SHA256 of msg;
+ * with mac, whether it is that HMAC, compared in constant time.  The
+ * signature of the broker's envelopes (broker.lua), which must be checked
+ * before a byte of them is decoded. */
+static int l_hmac_sha256(lua_State *L) {
+  size_t klen, mlen, maclen = 0;
+  const char *key = luaL_checklstring(L, 1, &klen);
+  const char *msg = luaL_checklstring(L, 2, &mlen);
+  const char *mac = luaL_optlstring(L, 3, NULL, &maclen);
+  unsigned char out[EVP_MAX_MD_SIZE];
+  unsigned outlen;
+  load_crypto(L);
+  hmac_of(L, crypto.md[1](), key, klen, msg, mlen, out, &outlen);
+  if (mac == NULL) {
+    lua_pushlstring(L, (const char *)out, outlen);
+  } else {
+    lua_pushboolean(L, maclen == outlen &&
+                       crypto.memcmp_ct(out, mac, outlen) == 0);
+  }
+  return 1;
+}
+
 /* Receives a handshake message (at most HANDSHAKE_MAX bytes) into buf. */
 static size_t recv_small(lua_State *L, struct conn *c, char *buf,
                          double deadline) {
@@ -1910,6 +1932,7 @@ int luamp_open_conn(lua_State *L) {
     {"hs_challenge", l_hs_challenge},
     {"hs_verify", l_hs_verify},
     {"hs_answer", l_hs_answer},
+    {"hmac_sha256", l_hmac_sha256},
     {"_set_nofence", l_set_nofence},
     {"wait_fds", l_wait_fds},
     {NULL, NULL}

@@ -520,6 +520,8 @@ int luamp_fdkeep_claim(lua_State *L, const char *name, size_t n,
 int luamp_open_store(lua_State *L);
 /* ---- evset.c: epoll set + timerfd behind one fd (Pool:fileno) ---- */
 int luamp_open_evset(lua_State *L);
+/* ---- redis.c: a hiredis connection (the broker's transport) ---- */
+int luamp_open_redis(lua_State *L);
 
 /* ---- module.c -------------------------------------------------------- */
 

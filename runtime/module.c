@@ -31,6 +31,7 @@ static int (*const primitives[])(lua_State *L) = {
   luamp_open_fence,
   luamp_open_evset,
   luamp_open_forkserver,
+  luamp_open_redis,
   NULL
 };
 

@@ -681,11 +681,30 @@ static int new_queue(lua_State *L, const char *tname, int joinable) {
   return 1;
 }
 
+/* mp.Queue{broker = url, ...}: a queue in Redis, made by
+ * multiprocessing.broker_queue (policy in Lua, as the Pool's); returns 0
+ * when the call is not for one. */
+static int broker_queue(lua_State *L, int joinable) {
+  int t = lua_type(L, 1) == LUA_TTABLE ? lua_getfield(L, 1, "broker") : LUA_TNIL;
+  if (lua_type(L, 1) == LUA_TTABLE) lua_pop(L, 1);
+  if (t == LUA_TNIL) return 0;
+  lua_getglobal(L, "require");
+  lua_pushliteral(L, "multiprocessing.broker_queue");
+  lua_call(L, 1, 1);
+  lua_getfield(L, -1, "Queue");
+  lua_pushvalue(L, 1);
+  lua_pushboolean(L, joinable);
+  lua_call(L, 2, 1);
+  return 1;
+}
+
 static int l_Queue(lua_State *L) {
+  if (broker_queue(L, 0)) return 1;
   return new_queue(L, QUEUE_TNAME, 0);
 }
 
 static int l_JoinableQueue(lua_State *L) {
+  if (broker_queue(L, 1)) return 1;
   return new_queue(L, JOINABLEQUEUE_TNAME, 1);
 }
 

@@ -124,6 +124,13 @@ local function pass(curves, only)
       end
     end
   end
+  -- the broker workloads (issue 16) once, in the quiet state only: each
+  -- run starts its own redis-server and workers, and Celery's and RQ's
+  -- are slow
+  if not curves and not only and selected("broker") then
+    collect("luamp", "LUAMP_BUILD=" .. q(build) .. " " .. luamp .. " scripts/bench_broker.lua")
+    collect("py", PY .. " scripts/bench_broker.py")
+  end
 end
 
 -- A burn process on one core for the length of f(); killed by its pid.
@@ -212,6 +219,13 @@ rows[#rows + 1] = {"futures submit->result round trip", "luamp:futures.submit_re
   target = {1, 10}}
 rows[#rows + 1] = {"futures 2e4 submits, then results", "luamp:futures.submit_2e4",
   {"CPython", "py:futures.submit_2e4"}, target = {1, 10}}
+-- broker rows (issue 16): one local redis-server, 2 workers on each side
+rows[#rows + 1] = {"broker 2e4 apply_async, 2 workers", "luamp:broker.apply_async",
+  {"Celery", "py:celery.apply_async"}, {"RQ", "py:rq.apply_async"}, target = {1, 10}}
+rows[#rows + 1] = {"broker map 1e6, default chunks", "luamp:broker.map_1e6",
+  target = {abs = 1e5}}
+rows[#rows + 1] = {"broker apply round trip", "luamp:broker.apply_rtt",
+  {"Celery", "py:celery.apply_rtt"}}
 -- queues, locks, shared values (issue 5)
 for _, r in ipairs {
   {"queue small ints 1->1", "queue.ints_1to1", 20},

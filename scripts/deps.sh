@@ -16,11 +16,15 @@
 #   groff-base            renders the man page in the packaging spec
 #   binutils              nm/readelf for the exported-symbols spec
 #   lua-luv lua-cqueues   event-loop interop tests
+#   libhiredis-dev        hiredis, the Redis client of the broker Pool (runtime/redis.c)
+#   redis-server          the broker the broker specs start for themselves
+#   python3-celery python3-rq  the peers of the broker benchmark
 set -eu
 
 PKGS="gcc make pkg-config lua5.4 liblua5.4-dev lua-cjson lua-busted libssl-dev
 libedit-dev python3 python3-msgpack lua-messagepack tmux clang luarocks
-groff-base binutils lua-luv lua-cqueues"
+groff-base binutils lua-luv lua-cqueues libhiredis-dev redis-server
+python3-celery python3-rq"
 
 missing=""
 for p in $PKGS; do

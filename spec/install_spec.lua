@@ -75,6 +75,7 @@ end
 
 local expected_tree = {
   "usr/local/bin/luamp",
+  "usr/local/bin/luamp-worker",
   "usr/local/include/luamp.h",
   "usr/local/lib/libluamp.a",
   "usr/local/lib/libluamp.so -> libluamp.so." .. major,
@@ -102,6 +103,9 @@ describe("make install into a DESTDIR", function()
   it("installs the command, module, Lua files, library, header, .pc and man page", function()
     assert.same(expected_tree, tree(dest))
     assert.equal("755", (sh("stat -c %a " .. H.q(root .. "/bin/luamp")):gsub("\n", "")))
+    -- the broker's worker daemon runs the installed luamp (not the build's)
+    assert.equal("755", (sh("stat -c %a " .. H.q(root .. "/bin/luamp-worker")):gsub("\n", "")))
+    assert.equal("#!/usr/local/bin/luamp", H.slurp(root .. "/bin/luamp-worker"):match("^[^\n]*"))
     assert.equal("644", (sh("stat -c %a " .. H.q(root .. "/include/luamp.h")):gsub("\n", "")))
     assert.equal(H.slurp("runtime/luamp.h"), H.slurp(root .. "/include/luamp.h"))
   end)

@@ -71,6 +71,14 @@ local EXECUTOR_OPTIONS = {max_workers = true, initializer = true, initargs = tru
                           max_tasks_per_child = true}
 
 function M.ProcessPoolExecutor(opts)
+  if type(opts) == "table" and opts.broker ~= nil then
+    -- the same executor over a broker's Pool (multiprocessing.broker_pool)
+    local o = {}
+    for k, v in pairs(opts) do if k ~= "max_workers" then o[k] = v end end
+    o.processes = opts.max_workers
+    local pool = require("multiprocessing.broker_pool").Pool(o, "ProcessPoolExecutor")
+    return setmetatable({_pool = pool, _shutdown = false}, Executor)
+  end
   local n, o = opts, {}
   if type(opts) == "table" then
     o = check_options(opts, 1, "ProcessPoolExecutor", EXECUTOR_OPTIONS)

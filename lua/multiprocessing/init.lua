@@ -83,6 +83,7 @@ local lazy = {
   get_context = "multiprocessing.context",
   set_forkserver_preload = "multiprocessing.context",
   log_to_stderr = "multiprocessing.util",
+  current_task = "multiprocessing.broker_worker",
 }
 
 setmetatable(M, {

@@ -59,6 +59,10 @@ local function check_function(f, argn, fname)
 end
 
 function M.Pool(opts, initializer, initargs, maxtasksperchild)
+  if type(opts) == "table" and opts.broker ~= nil then
+    -- beyond one machine: tasks go through Redis to worker daemons
+    return require("multiprocessing.broker_pool").Pool(opts)
+  end
   local n, method
   if type(opts) == "table" then
     n = opts.processes

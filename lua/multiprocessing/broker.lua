@@ -1,0 +1,395 @@
+-- multiprocessing.broker: what the Pool, Executor and worker daemons
+-- beyond one machine share -- the Redis connection (URL, AUTH, SELECT,
+-- reconnecting), the keys of a namespace, the server-side script that
+-- makes every change of a task's state one atomic step, and the signed
+-- envelopes.  C (runtime/redis.c) is mechanism; this file is policy.
+--
+-- Keys of namespace ns, under P = "luamp:" .. ns .. ":":
+--   P.."q"        list of task ids waiting (LPUSH new, RPOP to claim;
+--                 a retried task is RPUSHed, so it goes next)
+--   P.."t:"..id   hash: env (the signed task), att (attempts started),
+--                 max (max_attempts); deleted by the ack
+--   P.."leases"   zset id -> lease expiry (server time, ms)
+--   P.."r:"..cid  list of results for client cid (task ids are cid.."."..n)
+--   P.."dead"     list of dead letters: "id|attempts|reason"
+--   P.."wake"     tokens that wake idle daemons (only a hint)
+--
+-- Envelopes.  A task's env is HMAC-SHA256(authkey, "T" .. id .. "\0" ..
+-- payload) followed by the payload (the codec's bytes); a result is
+-- "R" .. id .. "|" .. attempt .. "|" .. mac .. payload, its mac over
+-- "R" .. id .. "\0" .. attempt .. "\0" .. payload.  The MAC binds the
+-- bytes to their task (a result cannot be replayed for another) and is
+-- checked in constant time before a byte of the payload is decoded;
+-- only then does the decoder accept functions.  A dead-letter notice
+-- "D|id|attempts|reason" is unsigned and read as text only: it can fail
+-- a task, never run code (and whoever can write to Redis can delete a
+-- task anyway).
+local core = require "multiprocessing.core"
+local util = require "multiprocessing.util"
+
+local raise, argerror = util.raise, util.argerror
+local now = core.now
+
+local M = {}
+
+M.CONNECT_TIMEOUT = 10      -- seconds a broker may stay unreachable
+
+-- ---------------------------------------------------------------------------
+-- URLs: redis://[user:pass@]host[:port][/db], unix:///path[?db=n]; user
+-- and password may also come from the options (username, password,
+-- password_file) or the environment (LUAMP_REDIS_USERNAME,
+-- LUAMP_REDIS_PASSWORD).
+
+local function unescape(s)
+  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
+end
+
+function M.parse_url(url, fname)
+  if type(url) ~= "string" then
+    argerror(1, fname, "broker must be a URL string, got " .. util.typename(url))
+  end
+  local cfg = {}
+  local path, query = url:match("^unix://(/[^?]*)%??(.*)$")
+  if path then
+    cfg.path = path
+    cfg.db = tonumber(query:match("db=(%d+)") or "0")
+    return cfg
+  end
+  local rest = url:match("^redis://(.*)$")
+  if not rest then
+    raise("ValueError", fname .. ": broker URL must be redis://[user:pass@]host:port/db " ..
+          "or unix:///path, got " .. string.format("%q", url))
+  end
+  local auth, hostpart = rest:match("^(.*)@([^@]*)$")
+  if not auth then hostpart = rest end
+  if auth then
+    local u, p = auth:match("^([^:]*):(.*)$")
+    if u then cfg.username, cfg.password = unescape(u), unescape(p)
+    else cfg.password = unescape(auth) end
+    if cfg.username == "" then cfg.username = nil end
+  end
+  local hp, db = hostpart:match("^([^/]*)/?(%d*)$")
+  if not hp then raise("ValueError", fname .. ": bad broker URL " .. string.format("%q", url)) end
+  local host, port = hp:match("^%[(.+)%]:?(%d*)$")
+  if not host then host, port = hp:match("^([^:]*):?(%d*)$") end
+  cfg.host = host ~= "" and host or "127.0.0.1"
+  cfg.port = tonumber(port ~= "" and port or "6379")
+  cfg.db = tonumber(db ~= "" and db or "0")
+  return cfg
+end
+
+-- The options every broker user takes: broker URL, credentials, timeout.
+function M.config(opts, fname)
+  local cfg = M.parse_url(opts.broker, fname)
+  cfg.username = opts.username or cfg.username or os.getenv("LUAMP_REDIS_USERNAME")
+  cfg.password = opts.password or cfg.password
+  if not cfg.password and opts.password_file then
+    local f, err = io.open(opts.password_file)
+    if not f then raise("FileNotFoundError", fname .. ": password_file: " .. err) end
+    cfg.password = f:read("l")
+    f:close()
+  end
+  cfg.password = cfg.password or os.getenv("LUAMP_REDIS_PASSWORD")
+  cfg.connect_timeout = opts.connect_timeout or M.CONNECT_TIMEOUT
+  if type(cfg.connect_timeout) ~= "number" or cfg.connect_timeout <= 0 then
+    raise("ValueError", fname .. ": connect_timeout must be a positive number")
+  end
+  return cfg
+end
+
+-- The authkey: there is no safe default on a shared broker.
+function M.authkey(opts, fname)
+  local key = opts.authkey
+  if key == nil and opts.authkey_file then
+    local f, err = io.open(opts.authkey_file, "rb")
+    if not f then raise("FileNotFoundError", fname .. ": authkey_file: " .. err) end
+    key = f:read("a"):gsub("\n$", "")
+    f:close()
+  end
+  if type(key) ~= "string" or #key == 0 then
+    raise("ValueError", fname .. ": a broker needs an authkey (a non-empty string): " ..
+          "anyone who can write to it could otherwise run code on every worker")
+  end
+  return key
+end
+
+-- ---------------------------------------------------------------------------
+-- The server-side script: every state change of a task in one atomic
+-- step.  ARGV[1] is the operation, ARGV[2] the key prefix.
+M.SCRIPT = [[
+local op, P = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function client_of(id) return string.match(id, '^(.*)%.[^.]*$') or id end
+-- a task leaves for good: dead letter and notice to its client
+local function dead(id, att, reason)
+  redis.call('ZREM', P .. 'leases', id)
+  redis.call('DEL', P .. 't:' .. id)
+  redis.call('RPUSH', P .. 'dead', id .. '|' .. att .. '|' .. reason)
+  redis.call('RPUSH', P .. 'r:' .. client_of(id), 'D|' .. id .. '|' .. att .. '|' .. reason)
+end
+-- a task whose attempt ended without a result: retried or dead
+local function retry(id, reason)
+  redis.call('ZREM', P .. 'leases', id)
+  local h = redis.call('HMGET', P .. 't:' .. id, 'att', 'max')
+  if not h[1] then return end
+  if tonumber(h[1]) >= tonumber(h[2]) then dead(id, h[1], reason)
+  else redis.call('RPUSH', P .. 'q', id) end
+end
+local function reap()
+  local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 1000)
+  for _, id in ipairs(ids) do retry(id, 'lease expired') end
+  return #ids
+end
+if op == 'claim' then            -- n, lease_ms, worker
+  reap()
+  local out = {}
+  for _ = 1, tonumber(ARGV[3]) do
+    local id = redis.call('RPOP', P .. 'q')
+    if not id then break end
+    local k = P .. 't:' .. id
+    local h = redis.call('HMGET', k, 'env', 'lease')
+    if h[1] then
+      local att = redis.call('HINCRBY', k, 'att', 1)
+      local lease = tonumber(h[2] or ARGV[4])
+      redis.call('HSET', k, 'worker', ARGV[5])
+      redis.call('ZADD', P .. 'leases', now + lease, id)
+      out[#out + 1] = id
+      out[#out + 1] = att
+      out[#out + 1] = h[1]
+      out[#out + 1] = lease
+    end
+  end
+  return out
+elseif op == 'ack' then          -- id, attempt, result
+  local id = ARGV[3]
+  local k = P .. 't:' .. id
+  local h = redis.call('HMGET', k, 'att', 'ttl')
+  if h[1] ~= ARGV[4] then return 0 end
+  redis.call('ZREM', P .. 'leases', id)
+  redis.call('DEL', k)
+  local r = P .. 'r:' .. client_of(id)
+  redis.call('RPUSH', r, ARGV[5])
+  redis.call('EXPIRE', r, tonumber(h[2] or 3600))
+  return 1
+elseif op == 'nack' then         -- id, attempt, reason
+  local id = ARGV[3]
+  if redis.call('HGET', P .. 't:' .. id, 'att') ~= ARGV[4] then return 0 end
+  retry(id, ARGV[5])
+  return 1
+elseif op == 'reject' then       -- id, reason: a task that failed its check
+  local id = ARGV[3]
+  local att = redis.call('HGET', P .. 't:' .. id, 'att') or '0'
+  dead(id, att, ARGV[4])
+  return 1
+elseif op == 'beat' then         -- id1, att1, id2, att2...
+  local n = 0
+  for i = 3, #ARGV, 2 do
+    local h = redis.call('HMGET', P .. 't:' .. ARGV[i], 'att', 'lease')
+    if h[1] == ARGV[i + 1] then
+      redis.call('ZADD', P .. 'leases', 'XX', now + tonumber(h[2] or 30000), ARGV[i])
+      n = n + 1
+    end
+  end
+  return n
+elseif op == 'reap' then
+  return reap()
+end
+return redis.error_reply('luamp: unknown op ' .. tostring(op))
+]]
+
+-- ---------------------------------------------------------------------------
+-- A broker connection: reconnects after a fork (by pid) and after a
+-- lost connection, for at most connect_timeout seconds in a row; then
+-- BrokenPoolError.  Error replies of commands raise RemoteError.
+local Broker = {}
+Broker.__index = Broker
+
+local function is_broken(err)
+  return core.is_error(err) and (err.kind == "BrokenPoolError" or
+                                 err.kind == "TimeoutError")
+end
+
+-- script: the server-side script of the user (default M.SCRIPT, the
+-- Pool's).
+function M.connect(cfg, prefix, script)
+  local b = setmetatable({cfg = cfg, prefix = prefix, r = false, sha = false,
+                          script = script or M.SCRIPT}, Broker)
+  b:_reconnect(now() + cfg.connect_timeout)
+  return b
+end
+
+-- One attempt at a connection ready for commands (AUTH, SELECT, script).
+function Broker:_open(deadline)
+  local cfg = self.cfg
+  local r = core.redis_connect(cfg.host, cfg.port, cfg.path,
+                               math.max(deadline - now(), 0.05))
+  local ok, err = pcall(function()
+    if cfg.password then
+      if cfg.username then r:command({"AUTH", cfg.username, cfg.password}, 5)
+      else r:command({"AUTH", cfg.password}, 5) end
+    end
+    if cfg.db and cfg.db ~= 0 then r:command({"SELECT", cfg.db}, 5) end
+    self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
+  end)
+  if not ok then
+    r:close()
+    if core.is_error(err) and err.kind == "RemoteError" then
+      local text = tostring(err.redis)
+      if text:match("^LOADING") or text:match("^BUSY") then
+        -- (a restarted server still replaying its AOF: try again)
+        raise("BrokenPoolError", "redis not ready: " .. text)
+      end
+      raise("BrokenPoolError", "redis refused the connection: " .. text)
+    end
+    error(err, 0)
+  end
+  self.r = r
+end
+
+function Broker:_reconnect(deadline)
+  if self.r then self.r:close() self.r = false end
+  while true do
+    local ok, err = pcall(self._open, self, deadline)
+    if ok then return end
+    if not is_broken(err) or err.message:match("refused the connection") or
+       now() >= deadline then
+      if is_broken(err) then
+        raise("BrokenPoolError", string.format("broker unreachable for %gs: %s",
+              self.cfg.connect_timeout, err.message))
+      end
+      error(err, 0)
+    end
+    core.sleep(0.1)
+  end
+end
+
+-- Runs fn(r) on a live connection, reconnecting and retrying on a lost
+-- one.  Commands given here must be safe to repeat (the scripts' ops are:
+-- a repeated ack or nack is fenced by the attempt).
+function Broker:_with(fn, ...)
+  local deadline
+  while true do
+    if not self.r or self.r:owner() ~= core.getpid() then
+      deadline = deadline or now() + self.cfg.connect_timeout
+      self:_reconnect(deadline)
+    end
+    local ok, res = pcall(fn, self.r, ...)
+    if ok then return res end
+    if res == "interrupted!" then error(res, 0) end
+    if not is_broken(res) then error(res, 0) end
+    if self.r then self.r:close() self.r = false end
+    deadline = deadline or now() + self.cfg.connect_timeout
+  end
+end
+
+local function do_command(r, argv, timeout) return r:command(argv, timeout) end
+local function do_pipeline(r, cmds, timeout) return r:pipeline(cmds, timeout) end
+
+-- A blocking command's own wait plus a margin for the round trip.
+function Broker:command(argv, timeout)
+  return self:_with(do_command, argv, timeout)
+end
+
+function Broker:pipeline(cmds, timeout)
+  return self:_with(do_pipeline, cmds, timeout)
+end
+
+-- Runs the script's op (one atomic step) with its arguments.
+function Broker:op(op, ...)
+  local args = table.pack(...)
+  return self:_with(function(r)
+    local argv = {"EVALSHA", self.sha, 0, op, self.prefix}
+    for i = 1, args.n do argv[#argv + 1] = args[i] end
+    local ok, res = pcall(r.command, r, argv, 30)
+    if not ok and core.is_error(res) and res.redis and res.redis:match("^NOSCRIPT") then
+      -- (a restarted server forgot it)
+      self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
+      argv[2] = self.sha
+      return r:command(argv, 30)
+    end
+    if not ok then error(res, 0) end
+    return res
+  end)
+end
+
+-- Runs several ops in one round trip (pipelined): ops is a list of
+-- {op, args...}; returns their replies (error replies as error objects).
+-- Only for ops that are safe to repeat (ack, nack, beat).
+function Broker:ops(list)
+  if #list == 0 then return {} end
+  return self:_with(function(r)
+    local cmds = {}
+    for i, o in ipairs(list) do
+      local argv = {"EVALSHA", self.sha, 0, o[1], self.prefix}
+      for k = 2, #o do argv[#argv + 1] = o[k] end
+      cmds[i] = argv
+    end
+    local res = r:pipeline(cmds, 30)
+    for i = 1, res.n do
+      if core.is_error(res[i]) and tostring(res[i].redis):match("^NOSCRIPT") then
+        self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
+        for _, c in ipairs(cmds) do c[2] = self.sha end
+        return r:pipeline(cmds, 30)
+      end
+    end
+    return res
+  end)
+end
+
+function Broker:close()
+  if self.r then self.r:close() self.r = false end
+end
+
+-- ---------------------------------------------------------------------------
+-- Envelopes (see the top of the file).
+local hmac = core.hmac_sha256
+local MAC = 32
+
+function M.sign_task(key, id, payload)
+  return hmac(key, "T" .. id .. "\0" .. payload) .. payload
+end
+
+-- The payload of a task env, or nil when its signature is wrong.
+function M.open_task(key, id, env)
+  if #env < MAC or not hmac(key, "T" .. id .. "\0" .. env:sub(MAC + 1), env:sub(1, MAC)) then
+    return nil
+  end
+  return env:sub(MAC + 1)
+end
+
+function M.sign_result(key, id, att, payload)
+  att = tostring(att)
+  return "R" .. id .. "|" .. att .. "|" ..
+         hmac(key, "R" .. id .. "\0" .. att .. "\0" .. payload) .. payload
+end
+
+-- A result entry: "R", id, attempt, payload (nil when its signature is
+-- wrong); "D", id, attempts, reason for a dead letter; nil for anything
+-- else.
+function M.open_result(key, entry)
+  local tag = entry:sub(1, 1)
+  if tag == "D" then
+    local id, att, reason = entry:match("^D|([^|]*)|([^|]*)|(.*)$")
+    if id then return "D", id, att, reason end
+    return nil
+  end
+  if tag ~= "R" then return nil end
+  local id, att, at = entry:match("^R([^|]*)|(%d+)|()")
+  if not id or #entry < at + MAC - 1 then return nil end
+  local mac, payload = entry:sub(at, at + MAC - 1), entry:sub(at + MAC)
+  if not hmac(key, "R" .. id .. "\0" .. att .. "\0" .. payload, mac) then
+    return "R", id, att, nil
+  end
+  return "R", id, att, payload
+end
+
+-- Random hex: client ids.
+function M.random_id()
+  local f = assert(io.open("/dev/urandom", "rb"))
+  local s = f:read(8)
+  f:close()
+  return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+
+return M

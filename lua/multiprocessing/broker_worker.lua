@@ -1,0 +1,262 @@
+-- multiprocessing.broker_worker: the worker daemon of a host
+-- (luamp-worker --broker URL --namespace NS --authkey-file F --processes N)
+-- and mp.current_task().
+--
+-- The daemon runs a local Pool and feeds it from Redis: it claims tasks
+-- (each with a lease), checks each envelope's signature before decoding
+-- a byte of it, hands the task to its local Pool, and acks the signed
+-- result.  The daemon -- never the busy worker -- renews the leases of
+-- everything its workers hold, every lease/3 seconds, so a CPU-bound
+-- task keeps its lease as long as its host lives; a host that vanishes
+-- stops renewing and its tasks go to other hosts when the lease runs
+-- out.  A local worker that dies is seen at once by the local Pool
+-- (WorkerLostError) and its task goes back to the queue (or to the
+-- dead-letter list after max_attempts).  Every ack carries the attempt
+-- number, and the server drops one that is not the current attempt's:
+-- a host that was frozen past its lease cannot deliver a second result.
+local core = require "multiprocessing.core"
+local broker = require "multiprocessing.broker"
+local proto = require "multiprocessing.pool_proto"
+
+local now, encode, decode = core.now, core.encode, core.decode
+local OK, FAILED = proto.OK, proto.FAILED
+local TRUSTED = {trusted = true}
+
+local M = {}
+
+-- The task this process runs ({id =, attempt =}), or nil outside a
+-- broker's task.  (A field of the module table: the task wrapper that
+-- sets it travels to the local worker, where it finds this module.)
+M._current = nil
+
+function M.current_task()
+  local t = M._current
+  return t and {id = t.id, attempt = t.attempt} or nil
+end
+
+local function log(self, fmt, ...)
+  if self.quiet then return end
+  io.stderr:write(string.format("[luamp-worker %d] " .. fmt .. "\n", core.getpid(), ...))
+  io.stderr:flush()
+end
+
+-- f wrapped so that mp.current_task() knows the task it runs for.
+local function wrap(f, id, att)
+  local task = {id = id, attempt = att}
+  local mod = M
+  return function(...)
+    mod._current = task
+    return f(...)
+  end
+end
+
+-- Starts the claimed task on the local Pool; returns its record, or nil
+-- when the task was refused (bad signature, foreign format).
+local function start(self, id, att, env)
+  local payload = broker.open_task(self.key, id, env)
+  if payload == nil then
+    log(self, "task %s failed its signature check: dead-lettered, not decoded", id)
+    self.b:op("reject", id, "rejected: the task failed its signature check")
+    return nil
+  end
+  local ok, task = pcall(decode, payload, TRUSTED)
+  local rec = {id = id, att = att}
+  if ok and type(task) == "table" and task.v ~= require("multiprocessing.broker_pool").FORMAT then
+    ok, task = false, "task made by " .. tostring(task.v) .. ", this worker runs " ..
+                      require("multiprocessing.broker_pool").FORMAT
+  end
+  if not ok then
+    rec.failed = core.new_error("DecodeError", "worker cannot run task " .. id .. ": " ..
+                                tostring(type(task) == "table" and task.message or task))
+    return rec
+  end
+  local f = wrap(task.f, id, att)
+  local opts = {timeout = task.t}
+  rec.mode = task.m
+  local pool = self.pool
+  local sok, ar = pcall(function()
+    if task.m == "apply" then
+      local a = task.a
+      a.n = task.n
+      return pool:apply_async(f, a, opts)
+    end
+    opts.chunksize = task.n
+    task.a.n = task.n
+    if task.m == "starmap" then return pool:starmap_async(f, task.a, opts) end
+    return pool:map_async(f, task.a, opts)
+  end)
+  if not sok then rec.failed = ar else rec.ar = ar end
+  return rec
+end
+
+-- The signed result of a finished task (or nil: it goes back to the
+-- queue, its local worker having died).
+local function result_of(self, rec)
+  local out
+  if rec.failed then
+    out = {FAILED, rec.failed}
+  else
+    local r = table.pack(pcall(rec.ar.get, rec.ar, 0))
+    if r[1] then
+      if rec.mode == "apply" then
+        out = {OK, false, {0, OK, r.n - 1, table.unpack(r, 2, r.n)}}
+      else
+        out = {OK, r[2].n or #r[2], r[2]}
+      end
+    else
+      local err = r[2]
+      if core.is_error(err, "WorkerLostError") then return nil, err end
+      out = {FAILED, err}
+    end
+  end
+  local ok, payload = pcall(encode, out)
+  if not ok then payload = encode({FAILED, payload}) end
+  return broker.sign_result(self.key, rec.id, rec.att, payload)
+end
+
+-- The acks (or, for a lost local worker, nacks) of the finished tasks.
+local function finish(self, recs)
+  local ops = {}
+  for i, rec in ipairs(recs) do
+    self.inflight[rec.id] = nil
+    self.n = self.n - 1
+    local res, err = result_of(self, rec)
+    if res == nil then
+      log(self, "task %s attempt %d: %s", rec.id, rec.att, tostring(err.message))
+      ops[i] = {"nack", rec.id, rec.att, "worker lost: " .. tostring(err.message)}
+    else
+      ops[i] = {"ack", rec.id, rec.att, res}
+    end
+  end
+  return ops
+end
+
+local function finished(self, recs, ops, replies)
+  for i, rec in ipairs(recs) do
+    if ops[i][1] == "ack" and replies[i] == 0 then
+      log(self, "task %s attempt %d: result dropped (a later attempt owns the task)",
+          rec.id, rec.att)
+    elseif core.is_error(replies[i]) then
+      error(replies[i], 0)
+    end
+  end
+end
+
+local function beat(self)
+  local args = {}
+  for id, rec in pairs(self.inflight) do
+    args[#args + 1] = id
+    args[#args + 1] = rec.att
+  end
+  if #args > 0 then self.b:op("beat", table.unpack(args)) end
+  self.next_beat = now() + self.beat
+end
+
+-- One round: results in, tasks claimed, leases renewed, then a wait.
+local function step(self)
+  local ready = {}
+  if self.n > 0 then self.pool:poll() end
+  for _, rec in pairs(self.inflight) do
+    if rec.failed or rec.ar._done then ready[#ready + 1] = rec end
+  end
+  local ops = #ready > 0 and finish(self, ready) or {}
+  local free = self.slots - self.n
+  local claimed = 0
+  -- acks and the next claim in one round trip (a claim whose reply a
+  -- lost connection swallowed is claimed again; the tasks of the first
+  -- go to a host when their lease runs out -- at least once)
+  if free > 0 then ops[#ops + 1] = {"claim", free, self.lease_ms, self.wid} end
+  local replies = self.b:ops(ops)
+  finished(self, ready, ops, replies)
+  if free > 0 then
+    local got = replies[#ops]
+    if core.is_error(got) then error(got, 0) end
+    for i = 1, #got, 4 do
+      local rec = start(self, got[i], got[i + 1], got[i + 2])
+      -- (renewals come at a third of the shortest lease held)
+      local b = math.max(got[i + 3] / 3000, 0.05)
+      if b < self.beat then self.beat, self.next_beat = b, math.min(self.next_beat, now() + b) end
+      if rec then
+        self.inflight[rec.id] = rec
+        self.n = self.n + 1
+        claimed = claimed + 1
+      end
+    end
+  end
+  if now() >= self.next_beat then beat(self) end
+  if claimed > 0 then return end
+  local wait = math.max(0.01, math.min(self.next_beat - now(), 1))
+  if self.n == 0 then
+    self.b:command({"BLPOP", self.prefix .. "wake", string.format("%.3f", wait)}, wait + 30)
+  else
+    local fs = {}
+    for _, rec in pairs(self.inflight) do
+      if rec.ar then fs[#fs + 1] = rec.ar end
+    end
+    if #fs == 0 then return end
+    local futures = require "multiprocessing.futures"
+    futures.wait(fs, {timeout = free > 0 and math.min(wait, 0.05) or wait,
+                      return_when = "FIRST_COMPLETED"})
+  end
+end
+
+-- Runs the daemon: opts {broker =, namespace =, authkey = | authkey_file =,
+-- processes =, lease = (claim lease of seconds before a task's own
+-- lease counts, default 30), quiet =}.  Returns only on an error.
+function M.serve(opts)
+  local fname = "luamp-worker"
+  local key = broker.authkey(opts, fname)
+  local cfg = broker.config(opts, fname)
+  cfg.connect_timeout = opts.connect_timeout or math.huge  -- a daemon waits for its broker
+  local ns = opts.namespace or "luamp"
+  local prefix = "luamp:" .. ns .. ":"
+  local n = opts.processes or core.cpu_count()
+  local lease = opts.lease or 30
+  local self = {
+    key = key, prefix = prefix, b = broker.connect(cfg, prefix), quiet = opts.quiet,
+    -- (prefetch: tasks claimed beyond those running, waiting in the
+    -- local Pool's queue -- fewer round trips for tiny tasks; their
+    -- leases are renewed as the running ones')
+    inflight = {}, n = 0, slots = n + (opts.prefetch or 2 * n),
+    lease_ms = math.floor(lease * 1000), beat = math.max(lease / 3, 0.05),
+    next_beat = 0, wid = nil,
+  }
+  local f = io.open("/etc/hostname")
+  self.wid = (f and f:read("l") or "host") .. ":" .. core.getpid()
+  if f then f:close() end
+  local pool_mod = require "multiprocessing.pool"
+  self.pool = pool_mod.Pool(n)
+  log(self, "serving namespace %s with %d processes", ns, n)
+  while true do step(self) end
+end
+
+-- The command line of luamp-worker.
+function M.main(argv)
+  local opts, i = {}, 1
+  local usage = "usage: luamp-worker --broker URL --namespace NS --authkey-file F " ..
+                "[--processes N] [--prefetch N] [--lease S] [--quiet]"
+  while argv[i] do
+    local a = argv[i]
+    local function val()
+      i = i + 1
+      if argv[i] == nil then io.stderr:write(usage, "\n") os.exit(2) end
+      return argv[i]
+    end
+    if a == "--broker" then opts.broker = val()
+    elseif a == "--namespace" then opts.namespace = val()
+    elseif a == "--authkey-file" then opts.authkey_file = val()
+    elseif a == "--processes" then opts.processes = math.tointeger(tonumber(val()))
+    elseif a == "--lease" then opts.lease = tonumber(val())
+    elseif a == "--prefetch" then opts.prefetch = math.tointeger(tonumber(val()))
+    elseif a == "--quiet" then opts.quiet = true
+    elseif a == "--help" or a == "-h" then print(usage) os.exit(0)
+    else io.stderr:write("luamp-worker: unknown argument ", a, "\n", usage, "\n") os.exit(2) end
+    i = i + 1
+  end
+  if not opts.broker then io.stderr:write(usage, "\n") os.exit(2) end
+  local ok, err = pcall(M.serve, opts)
+  io.stderr:write("luamp-worker: ", tostring(err), "\n")
+  os.exit(ok and 0 or 1)
+end
+
+return M

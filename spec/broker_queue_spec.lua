@@ -1,0 +1,88 @@
+-- mp.Queue{broker =} and mp.JoinableQueue{broker =}: queues in a real
+-- redis-server that the spec starts itself.
+local H = require "helpers"
+local R = require "redis_server"
+local mp = require "multiprocessing"
+
+describe("Queue{broker =}", function()
+  local s
+  setup(function() s = R.start() end)
+  teardown(function() if s then s:stop() end end)
+
+  local function queue(name, opts, joinable)
+    opts = opts or {}
+    opts.broker, opts.name, opts.authkey = s.url, name, opts.authkey or "k"
+    return joinable and mp.JoinableQueue(opts) or mp.Queue(opts)
+  end
+
+  it("is FIFO across processes; nil, tables and functions travel", function()
+    local q <close> = queue("fifo")
+    local p = mp.Process{target = function()
+      q:put(1) q:put(nil) q:put({a = {1, 2}}) q:put(function(x) return x + 1 end)
+      os.exit(0)
+    end}
+    p:start() p:join()
+    assert.equal(1, q:get(true, 5))
+    assert.is_nil(q:get(true, 5))
+    assert.same({a = {1, 2}}, q:get(true, 5))
+    assert.equal(3, q:get(true, 5)(2))
+    assert.equal(0, q:qsize())
+    assert.is_true(q:empty())
+  end)
+
+  it("raises Empty on timeout and get_nowait", function()
+    local q <close> = queue("empty")
+    assert.equal("Empty", H.kind_of(q.get_nowait, q))
+    local t0 = mp.now()
+    assert.equal("Empty", H.kind_of(q.get, q, true, 0.3))
+    assert.is_true(mp.now() - t0 >= 0.25)
+  end)
+
+  it("keeps what a put returned for, even if the putter is SIGKILLed after", function()
+    local q <close> = queue("kept")
+    local p = mp.Process{target = function()
+      q:put("x")
+      os.execute("kill -9 $PPID")
+    end}
+    p:start() p:join()
+    assert.equal(-9, p.exitcode)
+    assert.equal("x", q:get(true, 5))
+  end)
+
+  it("returns an item not task_done() by a dead consumer after the lease", function()
+    local jq <close> = queue("jobs", {lease = 0.5}, true)
+    jq:put("job1")
+    local p = mp.Process{target = function()
+      jq:get(true, 5)              -- taken, never done
+      os.execute("kill -9 $PPID")
+    end}
+    p:start() p:join()
+    assert.equal(-9, p.exitcode)
+    assert.is_false(jq:join(0.1))
+    local t0 = mp.now()
+    assert.equal("job1", jq:get(true, 10))
+    assert.is_true(mp.now() - t0 >= 0.2)
+    jq:task_done()
+    assert.is_true(jq:join(5))
+    assert.equal("ValueError", H.kind_of(jq.task_done, jq))
+  end)
+
+  it("drops a tampered entry and one signed with another key", function()
+    local q <close> = queue("tamper")
+    q:put("secret plan")
+    s:cli("EVAL " .. H.q([[
+      local e = redis.call('LPOP', KEYS[1])
+      redis.call('RPUSH', KEYS[1], string.sub(e, 1, -2) .. 'X')
+      return 1]]) .. " 1 luamp:queue:tamper:items")
+    local other <close> = queue("tamper", {authkey = "other"})
+    other:put("from a stranger")
+    q:put("good")
+    assert.equal("good", q:get(true, 5))
+    assert.equal("2", s:cli("LLEN luamp:queue:tamper:dead"))
+  end)
+
+  it("needs an authkey and a name", function()
+    assert.equal("ValueError", H.kind_of(mp.Queue, {broker = s.url, name = "x"}))
+    assert.matches("name", H.err_of(mp.Queue, {broker = s.url, authkey = "k"}))
+  end)
+end)

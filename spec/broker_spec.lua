@@ -1,0 +1,254 @@
+-- The Pool and Executor beyond one machine, on a real redis-server that
+-- the spec starts itself (spec/redis_server.lua), with worker daemons
+-- (build/luamp-worker) as separate process groups.
+local H = require "helpers"
+local R = require "redis_server"
+local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
+local futures = require "multiprocessing.futures"
+local broker = require "multiprocessing.broker"
+
+local KEY = "secret"
+
+describe("broker URLs and options", function()
+  it("parses redis:// and unix:// URLs", function()
+    local c = broker.parse_url("redis://u%40x:p%3Aw@example.org:6380/3", "Pool")
+    assert.same({username = "u@x", password = "p:w", host = "example.org", port = 6380, db = 3}, c)
+    c = broker.parse_url("redis://:pw@10.0.0.1", "Pool")
+    assert.same({password = "pw", host = "10.0.0.1", port = 6379, db = 0}, c)
+    c = broker.parse_url("unix:///run/redis.sock?db=2", "Pool")
+    assert.same({path = "/run/redis.sock", db = 2}, c)
+    local err = H.err_of(broker.parse_url, "http://x", "Pool")
+    assert.equal("ValueError", err.kind)
+    assert.matches("Pool: broker URL must be", err.message)
+  end)
+
+  it("refuses to start without an authkey", function()
+    local err = H.err_of(mp.Pool, {broker = "unix:///nonexistent.sock"})
+    assert.equal("ValueError", err.kind)
+    assert.matches("needs an authkey", err.message)
+  end)
+
+  it("raises BrokenPoolError within the connect timeout when nothing answers", function()
+    local t0 = mp.now()
+    local err = H.err_of(mp.Pool, {broker = "unix:///nonexistent/redis.sock", authkey = KEY,
+                                   connect_timeout = 0.5})
+    assert.equal("BrokenPoolError", err.kind)
+    assert.matches("unreachable", err.message)
+    assert.is_true(mp.now() - t0 < 5)
+    -- a TCP address that drops packets: the connect itself times out
+    t0 = mp.now()
+    err = H.err_of(mp.Pool, {broker = "redis://10.255.255.1:6379", authkey = KEY,
+                             connect_timeout = 0.5})
+    assert.equal("BrokenPoolError", err.kind)
+    assert.is_true(mp.now() - t0 < 5)
+  end)
+end)
+
+describe("Pool{broker =}", function()
+  local s, pool
+  setup(function()
+    s = R.start()
+    s:start_worker{processes = 2}
+    pool = mp.Pool{broker = s.url, namespace = "test", authkey = KEY, lease = 5}
+  end)
+  teardown(function()
+    if pool then pool:terminate() end
+    if s then s:stop() end
+  end)
+
+  it("runs apply, map, starmap with closures and nils", function()
+    local k = 10
+    assert.same({13, 2}, {pool:apply(function(a, b) return a + b + k, 2 end, {1, 2})})
+    local r = pool:map(function(x) return x * k end, {1, 2, 3})
+    assert.same({10, 20, 30, n = 3}, r)
+    r = pool:map(function(x) if x % 2 == 0 then return nil end return x end, H.range(5))
+    assert.same({1, nil, 3, nil, 5, n = 5}, r)
+    r = pool:starmap(function(a, b) return a .. b end, {{"a", "b"}, {"c", "d"}})
+    assert.same({"ab", "cd", n = 2}, r)
+    assert.same({n = 0}, pool:map(function(x) return x end, {}))
+    -- (the progress bar is drawn on a terminal only; here it is accepted)
+    assert.same({2, 4, n = 2}, pool:map(function(x) return 2 * x end, {1, 2}, {progress = true}))
+  end)
+
+  it("gives the task's id and attempt to mp.current_task()", function()
+    local t = pool:apply(function() return mp.current_task() end)
+    assert.equal(1, t.attempt)
+    assert.matches("^%x+%.%d+$", t.id)
+    assert.is_nil(mp.current_task())
+  end)
+
+  it("runs apply_async with callbacks and raises a task's error as RemoteError", function()
+    local got, bad
+    local a = pool:apply_async(function(x) return x + 1 end, {1}, function(v) got = v end)
+    local b = pool:apply_async(function() error("boom") end, {}, {error_callback = function(e) bad = e end})
+    assert.equal(2, a:get(10))
+    local err = H.err_of(b.get, b, 10)
+    assert.equal("RemoteError", err.kind)
+    assert.matches("boom", err.message)
+    assert.equal(2, got)
+    assert.equal(err, bad)
+    assert.is_true(a:successful())
+    assert.is_false(b:successful())
+  end)
+
+  it("iterates imap in order and imap_unordered as results come", function()
+    local seen = {}
+    for i, v in pool:imap(function(x) return x * 2 end, H.range(20), 3) do seen[i] = v end
+    for i = 1, 20 do assert.equal(2 * i, seen[i]) end
+    local n, sum = 0, 0
+    for _, v in pool:imap_unordered(function(x) return x end, H.range(10)) do
+      n, sum = n + 1, sum + v
+    end
+    assert.equal(10, n)
+    assert.equal(55, sum)
+  end)
+
+  it("runs a per-task timeout on the worker's host", function()
+    local ar = pool:apply_async(function() while true do end end, {}, {timeout = 0.3})
+    local err = H.err_of(ar.get, ar, 20)
+    assert.equal("TimeoutError", err.kind)
+    assert.equal(5, pool:apply(function() return 5 end))
+  end)
+
+  it("serves futures.ProcessPoolExecutor{broker =}", function()
+    local ex = futures.ProcessPoolExecutor{broker = s.url, namespace = "test", authkey = KEY}
+    local f = ex:submit(function(a, b) return a * b end, 6, 7)
+    assert.equal(42, f:result(10))
+    local out = {}
+    for i, v in ex:map(function(x) return x + 1 end, {1, 2, 3}) do out[i] = v end
+    assert.same({2, 3, 4}, out)
+    local done = futures.wait({ex:submit(function() return 1 end)}, {timeout = 10})
+    assert.equal(1, #done)
+    -- with a local pool's futures in the same wait
+    local lp <close> = mp.Pool(1)
+    local fs = {lp:apply_async(function() return "local" end), ex:submit(function() return "remote" end)}
+    done = futures.wait(fs, {timeout = 20})
+    assert.equal(2, #done)
+    local got = {}
+    for f in futures.as_completed({ex:submit(function() return 1 end),
+                                   lp:apply_async(function() return 2 end)}, 20) do
+      got[#got + 1] = f:result()
+    end
+    table.sort(got)
+    assert.same({1, 2}, got)
+    ex:shutdown()
+  end)
+
+  -- As in pool_faults_spec: a hook raising "interrupted!" (what Ctrl-C
+  -- does) at random instruction boundaries of gets, many times.
+  it("loses no result to Ctrl-C at any instruction of a get", function()
+    -- (only inside the get: one landing in this test's own code, outside
+    -- its pcall, would end the test)
+    local inside = false
+    local function arm()
+      debug.sethook(function()
+        debug.sethook()
+        if inside then error("interrupted!", 0) end
+      end, "", math.random(1, 3000))
+    end
+    math.randomseed(7)
+    local interrupts = 0
+    for round = 1, 10 do
+      local rs = {}
+      for i = 1, 10 do rs[i] = pool:apply_async(function(x) return x end, {i}) end
+      for i = 1, 10 do
+        while true do
+          local ok, v = pcall(function()
+            arm()
+            inside = true
+            local v = rs[i]:get(30)
+            inside = false
+            return v
+          end)
+          inside = false
+          debug.sethook()
+          if ok then assert.equal(i, v) break end
+          assert.equal("interrupted!", v, round .. ":" .. i)
+          interrupts = interrupts + 1
+        end
+      end
+    end
+    assert.is_true(interrupts >= 3, "only " .. interrupts .. " interrupts")
+  end)
+
+  it("ends a wait for a result on Ctrl-C", function()
+    local t0 = mp.now()
+    local out, err, code = H.script(string.format([[
+      local mp = require "multiprocessing"
+      local pool = mp.Pool{broker = %q, namespace = "nobody-serves", authkey = "k"}
+      os.execute("(sleep 0.5; kill -INT " .. mp.current_process().pid .. ") &")
+      pool:apply(function() return 1 end)
+      print("returned")
+    ]], s.url))
+    assert.is_nil(out:match("returned"))
+    assert.matches("interrupted!", err)
+    assert.are_not.equal(0, code)
+    assert.is_true(mp.now() - t0 < 20)
+  end)
+
+  it("serves a forked child through its parent's Pool without mixing results", function()
+    -- the parent's result is in Redis while the child waits for its own
+    local first = pool:apply_async(function() return "parent" end)
+    local p = mp.Process{target = function()
+      local ok = pool:apply(function()
+        local t0 = mp.now()
+        while mp.now() - t0 < 0.3 do end
+        return "child"
+      end) == "child"
+      os.exit(ok and 0 or 3)
+    end}
+    p:start() p:join()
+    assert.equal(0, p.exitcode)
+    assert.equal("parent", first:get(5))
+  end)
+
+  it("refuses runtime handles of this host, naming where they sit", function()
+    local lock = mp.Lock()
+    local q = mp.Queue()
+    local err = H.err_of(pool.apply, pool, function(x) return x end, {1, {inner = lock}})
+    assert.equal("EncodeError", err.kind)
+    assert.matches("multiprocessing.Lock at args%[2%]%[\"inner\"%]", err.message)
+    err = H.err_of(pool.map, pool, function(x) q:put(x) end, {1, 2})
+    assert.equal("EncodeError", err.kind)
+    assert.matches("at function upvalue 'q'", err.message)
+    err = H.err_of(pool.map, pool, function(x) return x end, {1, 2, lock})
+    assert.matches("at iterable%[3%]", err.message)
+    -- the standard library and loaded modules are fine
+    assert.equal("ABC", pool:apply(function(s) return string.upper(s) end, {"abc"}))
+  end)
+
+  it("is refused by a worker of another bytecode format, with a clear error", function()
+    local bp = require "multiprocessing.broker_pool"
+    local saved = bp.FORMAT
+    bp.FORMAT = "Lua 9.9/luamp-0"
+    local ok, err = pcall(pool.apply, pool, function() return 1 end)
+    bp.FORMAT = saved
+    assert.is_false(ok)
+    assert.equal("DecodeError", err.kind)
+    assert.matches("task made by Lua 9.9/luamp%-0, this worker runs Lua 5.4", err.message)
+  end)
+
+  it("refuses a foreign Redis connection in a forked child", function()
+    local r = core.redis_connect(nil, nil, s.sock, 5)
+    assert.equal("PONG", r:command({"PING"}))
+    -- close-on-exec from the start (O_CLOEXEC is 02000000 in fdinfo's flags)
+    local flags = H.slurp("/proc/self/fdinfo/" .. r:fileno()):match("flags:%s*(%d+)")
+    assert.equal(1, (tonumber(flags, 8) >> 19) & 1)
+    local p = mp.Process{target = function()
+      local ok, err = pcall(r.command, r, {"PING"})
+      os.exit(not ok and err.kind == "ValueError" and err.message:find("belongs to process") and 0 or 3)
+    end}
+    p:start() p:join()
+    assert.equal(0, p.exitcode)
+    assert.equal("PONG", r:command({"PING"}))
+    -- pipelining: every reply, error replies as error objects
+    local rs = r:pipeline({{"SET", "k", "v"}, {"GET", "k"}, {"INCR", "k"}, {"GET", "nokey"}})
+    assert.equal("OK", rs[1])
+    assert.equal("v", rs[2])
+    assert.equal("RemoteError", rs[3].kind)
+    assert.is_false(rs[4])
+    r:close()
+    assert.equal("ValueError", H.kind_of(r.command, r, {"PING"}))
+  end)
+end)
