@@ -585,24 +585,6 @@ int luamp_obj_push_cached(lua_State *L, struct luamp_arena *a, size_t offset,
   return 0;
 }
 
-/* Set once per process (inherited by forks, which keep their objects). */
-static uint64_t tag_secret;
-
-static void init_tag_secret(void) {
-  uint64_t r = 0;
-  if (luamp_sys.getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
-    r = new_uid() * 0x9e3779b97f4a7c15ULL;
-  tag_secret = r | 1;
-}
-
-uint64_t luamp_obj_tag(const char *tname) {
-  static pthread_once_t once = PTHREAD_ONCE_INIT;
-  uint64_t h = 0xcbf29ce484222325ULL;   /* FNV-1a */
-  pthread_once(&once, init_tag_secret);
-  for (; *tname; tname++) h = (h ^ (unsigned char)*tname) * 0x100000001b3ULL;
-  return h ^ tag_secret;
-}
-
 struct luamp_obj *luamp_obj_self_slow(lua_State *L, int idx,
                                       const struct luamp_type *const *set,
                                       const char *what) {

@@ -23,9 +23,32 @@
  * acquire) needs no metatable look-up; it answers the same question.
  * Every other type is checked by metatable, as luaL_checkudata does.
  */
+#include <pthread.h>
+#include <stdint.h>
 #include <string.h>
+#include <sys/random.h>
 
 #include "internal.h"
+
+/* Set once per process (inherited by forks, which keep their objects). */
+static uint64_t tag_secret;
+
+static void init_tag_secret(void) {
+  uint64_t r = 0;
+  if (luamp_sys.getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r)
+    /* no entropy yet: pid, time and an address (ASLR) */
+    r = (((uint64_t)luamp_pid() << 40) ^ (uint64_t)(luamp_now() * 1e9) ^
+         (uint64_t)(uintptr_t)&tag_secret) * 0x9e3779b97f4a7c15ULL;
+  tag_secret = r | 1;
+}
+
+uint64_t luamp_obj_tag(const char *tname) {
+  static pthread_once_t once = PTHREAD_ONCE_INIT;
+  uint64_t h = 0xcbf29ce484222325ULL;   /* FNV-1a */
+  pthread_once(&once, init_tag_secret);
+  for (; *tname; tname++) h = (h ^ (unsigned char)*tname) * 0x100000001b3ULL;
+  return h ^ tag_secret;
+}
 
 /* Pushes the method table of the registered metatable at the top (its
  * __index, or upvalue 1 of an __index function; nil when it has none). */

@@ -187,6 +187,9 @@ struct luamp_syscalls {
   int (*nanosleep)(const struct timespec *, struct timespec *);
 };
 extern struct luamp_syscalls luamp_sys;
+/* getpid(), cached (refreshed in every forked child by pthread_atfork). (sys.c; process.c installs the handler) */
+pid_t luamp_pid(void);
+void luamp_pid_refresh(void);
 
 /* read with its EINTR loop. */
 ssize_t luamp_robust_read(int fd, void *buf, size_t n);
@@ -484,8 +487,6 @@ pid_t luamp_fork(lua_State *L);
  * flushes stdio and _exits. */
 LUAMP_NORETURN void luamp_child_exit(int code);
 int luamp_open_process(lua_State *L);
-/* getpid(), cached (refreshed in every forked child by pthread_atfork). */
-pid_t luamp_pid(void);
 /* A forked child's body: fn(arg) (stack indexes) under a traceback
  * handler, its result the exit code; leaves through luamp_child_exit. */
 LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg);

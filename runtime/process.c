@@ -84,10 +84,6 @@ static int have_pidfd = -1;           /* -1 unknown, 0 no, 1 yes */
 /* In a child made through a pipe sentinel: the write end it inherited,
  * closed in its own children so that they do not hold its sentinel open. */
 static int own_sentinel_wfd = -1;
-/* This process's pid, kept up to date in children by a pthread_atfork
- * handler (so forks made by others count too): getpid() is a system call,
- * and Process checks ownership often. */
-static pid_t my_pid = 0;
 /* This process has not taken on the identity of the Process it was
  * started as (process.lua takes it when first asked): set in the child of
  * core.spawn(..., started), inherited by forks until taken. */
@@ -95,8 +91,6 @@ static int started_child = 0;
 static int spawning_started = 0;   /* the fork under way is such a start */
 /* A zeroed entry for the next spawn, allocated after the last one */
 static struct child *spare_entry = NULL;
-static void refresh_pid(void) { my_pid = getpid(); }
-pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
 /* /dev/null, opened once, for the children's stdin */
 static int devnull = -1;
 
@@ -924,9 +918,9 @@ static int l_set_signal(lua_State *L) {
   return 0;
 }
 
-/* core.pid() -> this process's pid (cached; see my_pid) */
+/* core.pid() -> this process's pid (cached; see luamp_pid in sys.c) */
 static int l_pid(lua_State *L) {
-  lua_pushinteger(L, my_pid);
+  lua_pushinteger(L, luamp_pid());
   return 1;
 }
 
@@ -1075,8 +1069,8 @@ int luamp_open_process(lua_State *L) {
   if (!atexit_done) {
     atexit_done = 1;
     atexit(cleanup_at_exit);
-    pthread_atfork(NULL, NULL, refresh_pid);
-    refresh_pid();
+    pthread_atfork(NULL, NULL, luamp_pid_refresh);
+    luamp_pid_refresh();
   }
   pidfd_usable();
   return 0;

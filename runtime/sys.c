@@ -69,6 +69,13 @@ static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
   return syscall(SYS_futex, uaddr, op, val, ts, NULL, 0);
 }
 
+/* This process's pid, kept up to date in children by a pthread_atfork
+ * handler process.c installs (so forks made by others count too):
+ * getpid() is a system call, and ownership is checked often. */
+static pid_t my_pid = 0;
+void luamp_pid_refresh(void) { my_pid = getpid(); }
+pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
+
 struct luamp_syscalls luamp_sys = {
   .fork = fork, .waitpid = waitpid, .pthread_sigmask = pthread_sigmask,
   .read = read, .write = write, .writev = writev,

@@ -288,3 +288,52 @@ describe("the Lua files", function()
     assert.same({}, long)
   end)
 end)
+
+describe("the C files", function()
+  -- text of every runtime/*.c, by file name
+  local function c_sources()
+    local out = {}
+    local p = assert(io.popen("ls runtime/*.c"))
+    for path in p:lines() do
+      local f = assert(io.open(path))
+      out[path:match("[^/]+$")] = f:read("a")
+      f:close()
+    end
+    p:close()
+    return out
+  end
+
+  it("call each other one way only (no pair of files calls both ways)", function()
+    local src = c_sources()
+    assert.is_truthy(src["queue.c"], "run from the checkout's root")
+    -- where each exported luamp_ function is defined (a definition starts
+    -- a line, is not static and ends its line with its body's brace)
+    local defined = {}
+    for file, text in pairs(src) do
+      for line in text:gmatch("[^\n]+") do
+        if not line:find("^static") and not line:find("^%s") then
+          local name = line:match("[%w_%*%s]-%f[%w_](luamp_[%w_]+)%s*%([^;]*%)%s*{%s*$")
+          if name then defined[name] = file end
+        end
+      end
+    end
+    local uses = {}
+    for file, text in pairs(src) do
+      uses[file] = {}
+      for name in text:gmatch("%f[%w_](luamp_[%w_]+)%s*%(") do
+        local d = defined[name]
+        if d and d ~= file then uses[file][d] = name end
+      end
+    end
+    local both = {}
+    for a, to in pairs(uses) do
+      for b, fname in pairs(to) do
+        if a < b and uses[b][a] then
+          both[#both + 1] = string.format("%s (%s) <-> %s (%s)", a, fname, b, uses[b][a])
+        end
+      end
+    end
+    table.sort(both)
+    assert.same({}, both)
+  end)
+end)
