@@ -145,8 +145,8 @@ static void reply(int sock, int32_t value, const char *msg, int fd) {
  * file), and numbers that inherited (never used) objects name stay taken
  * (as core.detach_inherited_fds does for a manager's server). */
 static void detach_fds(int keep) {
-  /* (dup3, dup2: a new server's set-up, direct: a failure leaves an fd
-   * open that should not be, changing nothing a caller could see) */
+  /* (opendir, dup3, dup2: a new server's set-up, direct: a failure
+   * leaves an fd open that should not be, which no caller could see) */
   int null = luamp_sys.open("/dev/null", O_RDWR | O_CLOEXEC, 0);
   DIR *d = opendir("/proc/self/fd");
   struct dirent *e;

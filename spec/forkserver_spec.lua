@@ -2,7 +2,8 @@
 -- the "forkserver" method (runtime/forkserver.c, forkserver.lua): children
 -- forked by a server process, with target, args and upvalues encoded,
 -- globals the server's, exit codes and signals as under fork.  The
--- threaded-host demonstration is spec/c/test_forkserver.c.
+-- threaded-host demonstration is spec/c/test_forkserver.c.  Managers under
+-- forkserver: their server process is a child of the fork server.
 local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
@@ -515,6 +516,21 @@ describe("forkserver Manager", function()
     assert.equal("4", x)
     assert.equal("true", via)
     assert.is_true(H.eventually(function() return not H.alive(tonumber(mpid)) end, 10))
+  end)
+
+  it("leaves no fd or zombie behind over many starts", function()
+    do local m <close> = fsctx.Manager() end
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    for i = 1, 5 do
+      local m <close> = fsctx.Manager()
+      local d = m:dict()
+      d.x = i
+      assert.equal(i, d.x)
+    end
+    collectgarbage(); collectgarbage()
+    assert.equal(fds, H.fd_count())
+    assert.equal(0, H.zombies())
   end)
 
   it("the server ends with an owner that exits without shutdown", function()
