@@ -518,6 +518,22 @@ describe("forkserver Manager", function()
     assert.is_true(H.eventually(function() return not H.alive(tonumber(mpid)) end, 10))
   end)
 
+  it("encodes the initializer and registered callables; an unencodable one is an EncodeError", function()
+    local QM = mp.managers.BaseManager:extend("QM")
+    local base = 10
+    QM:register("get", function() return INIT_V + base end)
+    local m = QM{context = "forkserver"}
+    local co = coroutine.create(print)
+    local kind, e = H.kind_of(m.start, m, function() return co end)
+    assert.equal("EncodeError", kind)
+    assert.matches("upvalue 'co'", e.message)
+    assert.equal(0, #mp.active_children())
+    m:start(function(v) INIT_V = v end, {5})
+    assert.equal(core.forkserver_pid(), ppid_of(m.pid))
+    assert.equal(15, m:get())
+    m:shutdown()
+  end)
+
   it("leaves no fd or zombie behind over many starts", function()
     do local m <close> = fsctx.Manager() end
     collectgarbage(); collectgarbage()
