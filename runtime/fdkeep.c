@@ -63,7 +63,7 @@ void luamp_fdkeep_init(void) {
   uint64_t nonce = 0;
   if (knamelen > 0) return;               /* inherited, or done */
   root_id = luamp_process_id();
-  if (getrandom(&nonce, sizeof nonce, GRND_NONBLOCK) != sizeof nonce)
+  if (luamp_sys.getrandom(&nonce, sizeof nonce, GRND_NONBLOCK) != sizeof nonce)
     nonce = (uint64_t)luamp_now() * 1000003u ^ (uint64_t)getpid();
   kname[0] = '\0';
   knamelen = 1 + (size_t)snprintf(kname + 1, sizeof kname - 1,
@@ -81,7 +81,7 @@ static socklen_t addr_of(struct sockaddr_un *a, const char *name, size_t n) {
 static int same_uid(int fd) {
   struct ucred cr;
   socklen_t len = sizeof cr;
-  return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) == 0 &&
+  return luamp_sys.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &len) == 0 &&
          cr.uid == getuid();
 }
 
@@ -112,7 +112,7 @@ static ssize_t recv_one(int s, char *buf, size_t n, int *fd_out, int flags) {
       memcpy(fds, CMSG_DATA(h), k * sizeof(int));
       for (size_t i = 0; i < k; i++) {
         if (*fd_out < 0) *fd_out = fds[i];
-        else close(fds[i]);
+        else luamp_sys.close(fds[i]);
       }
     }
   return r;
@@ -146,6 +146,13 @@ static ssize_t send_one(int s, const char *buf, size_t n, int fd, int flags) {
 }
 
 /* ---- the keeper process ------------------------------------------------- */
+
+/* The keeper's own calls (its set-up, its maps, its poll and accept loop,
+ * the closes of what it parked) stay direct, not through luamp_sys: it is
+ * a daemon of its own, forked from a process that may have had threads,
+ * and it runs plain C with static tables; a failure there changes nothing
+ * a caller could see (a request then times out or finds it gone, which
+ * the callers handle). */
 
 static struct { unsigned char ticket[TICKET_LEN]; int fd; } parked[KEEP_MAX];
 static int nparked;
@@ -265,28 +272,55 @@ static LUAMP_NORETURN void keeper_main(int lfd) {
 }
 
 /* Starts this tree's keeper unless another process just did (the bind
- * decides).  0, or -1 with errno. */
+ * decides).  0, or -1 with errno.
+ *
+ * Not through luamp_fork, and so without its threaded-fork warning: the
+ * caller may be a threaded host (under the forkserver start method its
+ * children come from the server, but a Connection it sends is parked
+ * here), and this fork is safe there.  The middle child only forks again
+ * and _exits; the keeper runs none of the host's code and no Lua, takes
+ * no lock and never calls malloc (static tables), so a lock another
+ * thread held at the fork cannot stop it.  The host's at-fork hooks are
+ * not run either: they prepare children that run the host's code.
+ * Signals are blocked around the fork (keeper_main sets its own). */
 static int start_keeper(void) {
   struct sockaddr_un a;
   socklen_t len = addr_of(&a, kname, knamelen);
   int lfd = luamp_sys.socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0), st;
+  int err;
+  sigset_t all, old;
   pid_t pid;
   if (lfd < 0) return -1;
   if (luamp_sys.bind(lfd, (struct sockaddr *)&a, len) != 0 ||
       luamp_sys.listen(lfd, 128) != 0) {
-    int err = errno;
-    close(lfd);
+    err = errno;
+    luamp_sys.close(lfd);
     if (err == EADDRINUSE) return 0;      /* someone else's keeper */
     errno = err;
     return -1;
   }
-  pid = luamp_fork(NULL);
+  sigfillset(&all);
+  fflush(NULL);                           /* (the middle child _exits) */
+  if ((err = luamp_sys.pthread_sigmask(SIG_SETMASK, &all, &old)) != 0) {
+    luamp_sys.close(lfd);
+    errno = err;
+    return -1;
+  }
+  pid = luamp_sys.fork();
   if (pid == 0) {
+    /* (direct: the middle child's only call; its failure leaves no
+     * keeper, and the sender's next dial starts one) */
     if (fork() == 0) keeper_main(lfd);
     _exit(0);
   }
-  close(lfd);
-  if (pid < 0) return -1;
+  err = errno;
+  /* (cannot fail: the same call accepted this set a moment ago) */
+  (void)luamp_sys.pthread_sigmask(SIG_SETMASK, &old, NULL);
+  luamp_sys.close(lfd);
+  if (pid < 0) {
+    errno = err;
+    return -1;
+  }
   while (luamp_sys.waitpid(pid, &st, 0) < 0 && errno == EINTR) {}
   return 0;
 }
@@ -301,12 +335,12 @@ static int dial(lua_State *L, const char *name, size_t n, int start) {
     if (s < 0) luamp_raise_errno(L, "OSError", errno, "socket");
     if (luamp_sys.connect(s, (struct sockaddr *)&a, len) == 0) {
       if (same_uid(s)) return s;
-      close(s);
+      luamp_sys.close(s);
       luamp_raise(L, "OSError", "the fd keeper's socket belongs to another "
                   "user");
     }
     err = errno;
-    close(s);
+    luamp_sys.close(s);
     if (err == EINTR) continue;
     if (err == EAGAIN) {                  /* its backlog is full */
       if (luamp_robust_poll(L, NULL, 0, luamp_deadline(0.005)) == -2)
@@ -336,14 +370,14 @@ static char request(lua_State *L, const char *name, size_t n, char op,
   *fd_out = -1;
   if (send_one(s, req, sizeof req, fd_in, 0) != (ssize_t)sizeof req) {
     int err = errno;
-    close(s);
+    luamp_sys.close(s);
     luamp_raise_errno(L, "OSError", err, "fd keeper request");
   }
   r = luamp_robust_poll(L, &p, 1, luamp_deadline(REPLY_TIMEOUT));
   if (r > 0 && recv_one(s, &reply, 1, fd_out, MSG_DONTWAIT) != 1) reply = 0;
-  close(s);
+  luamp_sys.close(s);
   if (r == -2) {
-    if (*fd_out >= 0) close(*fd_out);
+    if (*fd_out >= 0) luamp_sys.close(*fd_out);
     luamp_raise_interrupt(L);
   }
   if (r == 0)
@@ -357,10 +391,10 @@ void luamp_fdkeep_park(lua_State *L, int fd, unsigned char *ticket,
   int none;
   char reply;
   luamp_fdkeep_init();
-  if (getrandom(ticket, TICKET_LEN, 0) != TICKET_LEN)
+  if (luamp_sys.getrandom(ticket, TICKET_LEN, 0) != TICKET_LEN)
     luamp_raise_errno(L, "OSError", errno, "getrandom");
   reply = request(L, kname, knamelen, 'P', ticket, fd, &none);
-  if (none >= 0) close(none);
+  if (none >= 0) luamp_sys.close(none);
   if (reply == 'F')
     luamp_raise(L, "OSError", "the fd keeper holds %d objects never "
                 "received: no room for more", KEEP_MAX);
@@ -374,7 +408,7 @@ int luamp_fdkeep_claim(lua_State *L, const char *name, size_t n,
   int fd;
   char reply = request(L, name, n, 'C', ticket, -1, &fd);
   if (reply == 'K' && fd >= 0) return fd;
-  if (fd >= 0) close(fd);
+  if (fd >= 0) luamp_sys.close(fd);
   luamp_raise(L, "DecodeError", "the fd of this object is no longer held "
               "(the message was received before)");
 }

@@ -89,7 +89,12 @@ static void *server_ud = NULL;
 static int write_all(int fd, const void *p, size_t n) {
   const char *s = p;
   while (n > 0) {
-    ssize_t w = send(fd, s, n, MSG_NOSIGNAL);
+    struct iovec iov = {(void *)s, n};
+    struct msghdr mh = {0};
+    ssize_t w;
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    w = luamp_sys.sendmsg(fd, &mh, MSG_NOSIGNAL);
     if (w < 0 && errno == EINTR) continue;
     if (w < 0) return -1;
     s += w;
@@ -102,7 +107,7 @@ static int write_all(int fd, const void *p, size_t n) {
 static int read_all(int fd, void *p, size_t n) {
   char *s = p;
   while (n > 0) {
-    ssize_t r = read(fd, s, n);
+    ssize_t r = luamp_sys.read(fd, s, n);
     if (r < 0 && errno == EINTR) continue;
     if (r < 0) return -1;
     if (r == 0) return 1;
@@ -130,7 +135,7 @@ static void reply(int sock, int32_t value, const char *msg, int fd) {
     cm->cmsg_len = CMSG_LEN(sizeof(int));
     memcpy(CMSG_DATA(cm), &fd, sizeof fd);
   }
-  while (sendmsg(sock, &mh, MSG_NOSIGNAL) < 0)
+  while (luamp_sys.sendmsg(sock, &mh, MSG_NOSIGNAL) < 0)
     if (errno != EINTR) _exit(0);          /* the owner is gone */
   if (r.len > 0 && write_all(sock, msg, r.len) != 0) _exit(0);
 }
@@ -140,7 +145,9 @@ static void reply(int sock, int32_t value, const char *msg, int fd) {
  * file), and numbers that inherited (never used) objects name stay taken
  * (as core.detach_inherited_fds does for a manager's server). */
 static void detach_fds(int keep) {
-  int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+  /* (opendir, dup3, dup2: a new server's set-up, direct: a failure
+   * leaves an fd open that should not be, which no caller could see) */
+  int null = luamp_sys.open("/dev/null", O_RDWR | O_CLOEXEC, 0);
   DIR *d = opendir("/proc/self/fd");
   struct dirent *e;
   if (null < 0 || d == NULL) _exit(1);
@@ -155,7 +162,7 @@ static void detach_fds(int keep) {
   closedir(d);
   /* stdin: /dev/null, as every child of the runtime gets it */
   dup2(null, STDIN_FILENO);
-  close(null);
+  luamp_sys.close(null);
 }
 
 /* ---- in a child of the server ----------------------------------------- */
@@ -179,9 +186,11 @@ LUAMP_NORETURN static void run_child(int sock, int sfd, uint32_t flags,
                                      pid_t server, char *payload, size_t len) {
   lua_State *L = server_L;
   struct sigaction sa;
-  close(sock);
-  close(sfd);
-  for (struct job *j = jobs; j; j = j->next) close(j->wfd);
+  luamp_sys.close(sock);
+  luamp_sys.close(sfd);
+  for (struct job *j = jobs; j; j = j->next) luamp_sys.close(j->wfd);
+  /* sigaction, prctl, getppid: a new child's set-up, direct (none of them
+   * blocks; a failing prctl ends the child, which its owner sees) */
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = (flags & F_IGNORE_SIGINT) ? SIG_IGN : on_sigint;
   sigemptyset(&sa.sa_mask);
@@ -208,22 +217,22 @@ static void start_job(int sock, int sfd, uint32_t flags, char *payload,
     reply(sock, -ENOMEM, NULL, -1);
     return;
   }
-  if (pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) {
+  if (luamp_sys.pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) {
     reply(sock, -errno, NULL, -1);
     free(j);
     return;
   }
   pid = luamp_fork(server_L);
   if (pid == 0) {
-    close(p[0]);
-    close(p[1]);
+    luamp_sys.close(p[0]);
+    luamp_sys.close(p[1]);
     free(j);
     run_child(sock, sfd, flags, me, payload, len);
   }
   if (pid < 0) {
     int err = errno;
-    close(p[0]);
-    close(p[1]);
+    luamp_sys.close(p[0]);
+    luamp_sys.close(p[1]);
     free(j);
     reply(sock, -err, NULL, -1);
     return;
@@ -233,21 +242,22 @@ static void start_job(int sock, int sfd, uint32_t flags, char *payload,
   j->next = jobs;
   jobs = j;
   reply(sock, pid, NULL, p[0]);
-  close(p[0]);
+  luamp_sys.close(p[0]);
 }
 
 /* Reaps finished children and hands each status to its owner's pipe. */
 static void reap_jobs(void) {
   int st;
   pid_t pid;
-  while ((pid = waitpid(-1, &st, WNOHANG)) > 0 || (pid < 0 && errno == EINTR))
+  while ((pid = luamp_sys.waitpid(-1, &st, WNOHANG)) > 0 ||
+         (pid < 0 && errno == EINTR))
     for (struct job **pp = &jobs; pid > 0 && *pp; pp = &(*pp)->next)
       if ((*pp)->pid == pid) {
         struct job *j = *pp;
         *pp = j->next;
         /* (a full pipe is impossible: one int into an empty pipe) */
-        if (write(j->wfd, &st, sizeof st) < 0) {}
-        close(j->wfd);
+        if (luamp_sys.write(j->wfd, &st, sizeof st) < 0) {}
+        luamp_sys.close(j->wfd);
         free(j);
         break;
       }
@@ -307,6 +317,9 @@ LUAMP_NORETURN static void serve(int sock) {
     reply(sock, -1, luaL_tolstring(server_L, -1, NULL), -1);
     _exit(1);
   }
+  /* signal, sigprocmask, signalfd: the new server's set-up, direct (none
+   * blocks; a failing signalfd is answered to the owner as the start's
+   * error) */
   sigemptyset(&chld);
   sigaddset(&chld, SIGCHLD);
   sigprocmask(SIG_BLOCK, &chld, NULL);
@@ -320,10 +333,10 @@ LUAMP_NORETURN static void serve(int sock) {
     struct pollfd p[2] = {{sock, POLLIN, 0}, {sfd, POLLIN, 0}};
     struct request rq;
     char *payload;
-    if (poll(p, 2, -1) < 0) continue;     /* (EINTR) */
+    if (luamp_sys.poll(p, 2, -1) < 0) continue;     /* (EINTR) */
     if (p[1].revents) {
       struct signalfd_siginfo si;
-      while (read(sfd, &si, sizeof si) > 0) {}
+      while (luamp_sys.read(sfd, &si, sizeof si) > 0) {}
       reap_jobs();
     }
     if (!p[0].revents) continue;
@@ -348,7 +361,7 @@ LUAMP_NORETURN static void serve(int sock) {
 static void forget_server(void) {
   int st;
   pid_t r;
-  if (fs_sock >= 0) close(fs_sock);
+  if (fs_sock >= 0) luamp_sys.close(fs_sock);
   if (fs_pid > 0 && fs_owner == luamp_pid()) {
     double deadline = luamp_deadline(1.0);
     while ((r = luamp_sys.waitpid(fs_pid, &st, WNOHANG)) == 0 &&
@@ -391,7 +404,7 @@ static int read_answer(lua_State *L, int *interrupted, struct reply *r,
     ready = luamp_robust_poll(NULL, &p, 1, deadline);
   }
   if (ready <= 0) return -1;
-  do n = recvmsg(fs_sock, &mh, MSG_CMSG_CLOEXEC | MSG_WAITALL);
+  do n = luamp_sys.recvmsg(fs_sock, &mh, MSG_CMSG_CLOEXEC | MSG_WAITALL);
   while (n < 0 && errno == EINTR);
   if (n != (ssize_t)sizeof *r) return -1;
   for (struct cmsghdr *cm = CMSG_FIRSTHDR(&mh); cm; cm = CMSG_NXTHDR(&mh, cm))
@@ -402,7 +415,7 @@ static int read_answer(lua_State *L, int *interrupted, struct reply *r,
         read_all(fs_sock, *msg, r->len) != 0) {
       free(*msg);
       *msg = NULL;
-      if (*fd >= 0) close(*fd);
+      if (*fd >= 0) luamp_sys.close(*fd);
       return -1;
     }
     (*msg)[r->len] = '\0';
@@ -419,7 +432,7 @@ static int start_server(lua_State *L, char **msg) {
   *msg = NULL;
   if (fs_owner != me) {
     /* inherited from the process we were forked from: not ours to use */
-    if (fs_sock >= 0) close(fs_sock);
+    if (fs_sock >= 0) luamp_sys.close(fs_sock);
     fs_sock = -1;
     fs_pid = 0;
   }
@@ -428,14 +441,16 @@ static int start_server(lua_State *L, char **msg) {
     return -1;
   pid = luamp_fork(L);
   if (pid == 0) {
-    close(sv[0]);
+    luamp_sys.close(sv[0]);
+    /* (prctl, getppid: the new server's set-up, direct; a failure ends
+     * it, which the owner's read_answer sees) */
     if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != me) _exit(1);
     serve(sv[1]);
   }
-  close(sv[1]);
+  luamp_sys.close(sv[1]);
   if (pid < 0) {
     int err = errno;
-    close(sv[0]);
+    luamp_sys.close(sv[0]);
     errno = err;
     return -1;
   }
@@ -444,7 +459,7 @@ static int start_server(lua_State *L, char **msg) {
   fs_owner = me;
   if (read_answer(NULL, NULL, &r, &fd, msg) != 0 || r.value != 0) {
     int err = r.value < -1 ? -r.value : ECHILD;
-    if (fd >= 0) close(fd);
+    if (fd >= 0) luamp_sys.close(fd);
     forget_server();
     errno = err;
     return -1;
@@ -456,7 +471,7 @@ static int start_server(lua_State *L, char **msg) {
  * owner's socket is not the child's to use, and holding it would keep a
  * server whose owner is gone from seeing end of file. */
 static void forget_in_child(void) {
-  if (fs_sock >= 0) close(fs_sock);
+  if (fs_sock >= 0) luamp_sys.close(fs_sock);
   fs_sock = -1;
   fs_pid = 0;
   fs_owner = 0;
@@ -508,20 +523,26 @@ static void ask(lua_State *L, uint32_t kind, uint32_t flags, const char *p,
   if (len > REQ_MAX_LEN)
     luamp_raise(L, "ValueError", "message of %zu bytes is too long for the "
                 "fork server", len);
-  if (write_all(fs_sock, &rq, sizeof rq) != 0 || write_all(fs_sock, p, len) != 0 ||
-      read_answer(L, &interrupted, r, fd, &msg) != 0)
-    server_gone(L);
+  if (write_all(fs_sock, &rq, sizeof rq) != 0 ||
+      write_all(fs_sock, p, len) != 0) {
+    int err = errno;
+    /* (a request cut halfway leaves the socket out of step: forgotten) */
+    if (err == EPIPE || err == ECONNRESET) server_gone(L);
+    forget_server();
+    luamp_raise_errno(L, "OSError", err, "request to the fork server");
+  }
+  if (read_answer(L, &interrupted, r, fd, &msg) != 0) server_gone(L);
   if (interrupted) {
     /* a child started for a start that is being interrupted: undone */
     if (kind == REQ_START && r->value > 0) luamp_sys.kill(r->value, SIGKILL);
-    if (*fd >= 0) close(*fd);
+    if (*fd >= 0) luamp_sys.close(*fd);
     free(msg);
     luamp_raise_interrupt(L);
   }
   if (msg) {
     lua_pushstring(L, msg);
     free(msg);
-    if (*fd >= 0) close(*fd);
+    if (*fd >= 0) luamp_sys.close(*fd);
     luamp_raise(L, "ProcessError", "in the fork server: %s", lua_tostring(L, -1));
   }
 }
@@ -585,7 +606,7 @@ static int l_preload(lua_State *L) {
     const char *s = lua_tolstring(L, -1, &len);
     ask(L, REQ_PRELOAD, 0, s, len, &r, &fd);
   }
-  if (fd >= 0) close(fd);
+  if (fd >= 0) luamp_sys.close(fd);
   return 0;
 }
 
@@ -603,7 +624,7 @@ static int l_spawn(lua_State *L) {
   fflush(NULL);        /* as before a fork: output stays in order */
   ask(L, REQ_START, flags, p, len, &r, &fd);
   if (r.value <= 0 || fd < 0) {
-    if (fd >= 0) close(fd);
+    if (fd >= 0) luamp_sys.close(fd);
     luamp_raise_errno(L, "OSError", r.value < 0 ? -r.value : EPROTO,
                       "fork (in the fork server)");
   }

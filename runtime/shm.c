@@ -277,7 +277,14 @@ static LUAMP_NORETURN void tracker_main(void) {
 
 /* Forks the tracker (mu not held: a child must not inherit a held robust
  * mutex).  Not through luamp_fork: it runs no Lua, so neither the
- * program's at-fork hooks nor its fork accounting concern it. */
+ * program's at-fork hooks nor its fork accounting concern it -- nor its
+ * threaded-fork warning: the caller may be a threaded host (under the
+ * forkserver start method a SharedMemory made in the host starts the
+ * tracker from there), and this fork is safe there.  The middle child
+ * only forks again and _exits; the tracker runs none of the host's code,
+ * and its one allocation (the fopen of its maps) is glibc's malloc,
+ * whose locks glibc's fork makes usable in the child; the only lock it
+ * takes is the table's robust mutex. */
 static void start_tracker(void) {
   sigset_t all, old;
   pid_t mid;

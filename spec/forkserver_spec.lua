@@ -2,7 +2,8 @@
 -- the "forkserver" method (runtime/forkserver.c, forkserver.lua): children
 -- forked by a server process, with target, args and upvalues encoded,
 -- globals the server's, exit codes and signals as under fork.  The
--- threaded-host demonstration is spec/c/test_forkserver.c.
+-- threaded-host demonstration is spec/c/test_forkserver.c.  Managers under
+-- forkserver: their server process is a child of the fork server.
 local H = require "helpers"
 local mp = require "multiprocessing"
 local core = require "multiprocessing.core"
@@ -433,5 +434,128 @@ describe("forkserver Pool", function()
                          initializer = function(v) INIT_V = v end, initargs = {5}}
     assert.same({5, n = 1}, pool:map(function() return INIT_V end, {1}))
     pool:terminate()
+  end)
+end)
+
+-- The parent of pid, from /proc (nil once it is gone).
+local function ppid_of(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return tonumber(s:match("%) %a (%d+)"))
+end
+
+describe("forkserver Manager", function()
+  it("ctx.Manager() starts its server through the fork server; proxies, authkey, <close>", function()
+    local mpid
+    do
+      local m <close> = fsctx.Manager{authkey = "sekrit"}
+      mpid = m.pid
+      -- a child of the fork server: the caller never forked
+      assert.equal(core.forkserver_pid(), ppid_of(m.pid))
+      local d, q, lock = m:dict(), m:Queue(), m:Lock()
+      d.x = 1
+      local p = fsctx.Process{target = function()
+        lock:acquire() d.y = d.x + 1 q:put("hi") lock:release()
+      end}
+      p:start() p:join(10)
+      assert.equal(0, p.exitcode)
+      assert.equal(2, d.y)
+      assert.equal("hi", q:get(true, 10))
+      assert.equal("sekrit", m.authkey)
+      -- another key is refused
+      local other = mp.managers.SyncManager{address = m.address, authkey = "nope"}
+      assert.is_false(pcall(other.connect, other))
+    end
+    assert.is_true(H.eventually(function() return not H.alive(mpid) end))
+  end)
+
+  it("SharedMemoryManager and m:Pool under forkserver; shutdown unlinks", function()
+    local smm = mp.managers.SharedMemoryManager{context = fsctx}:start()
+    assert.equal(core.forkserver_pid(), ppid_of(smm.pid))
+    local shm = smm:SharedMemory(64)
+    local name = shm.name
+    shm:write(0, "abc")
+    shm:close()
+    smm:shutdown()
+    assert.is_false(pcall(mp.SharedMemory, {name = name}))
+    local m <close> = fsctx.Manager()
+    local pool = m:Pool(2)
+    assert.same({2, 4, 6}, {table.unpack(pool:map(function(v) return v * 2 end, {1, 2, 3}), 1, 3)})
+    pool:close() pool:join()
+  end)
+
+  it("a failed start raises its error; bad contexts name the call", function()
+    local m <close> = fsctx.Manager()
+    local kind, e = H.kind_of(fsctx.Manager, {address = m.address})
+    assert.equal("OSError", kind)
+    assert.matches("in use", e.message)
+    kind, e = H.kind_of(mp.managers.SyncManager, {context = 5})
+    assert.matches("SyncManager", tostring(e.message or e))
+    assert.matches("context", tostring(e.message or e))
+    kind, e = H.kind_of(fsctx.Manager, 5)
+    assert.matches("Manager", tostring(e.message or e))
+  end)
+
+  it("under set_start_method: mp.Manager() too; the server ends with an owner killed by SIGKILL", function()
+    local out, err, rc = H.script(PRE .. [[
+      mp.set_start_method("forkserver")
+      local m = mp.Manager()
+      local d = m:dict()
+      d.x = 4
+      local f = io.open("/proc/" .. m.pid .. "/stat")
+      local ppid = tonumber(f:read("a"):match("%) %a (%d+)")) f:close()
+      print(m.pid, d.x, ppid == core.forkserver_pid())
+      io.stdout:flush()
+      core.kill(core.getpid(), "SIGKILL")
+    ]])
+    assert.equal("", err)
+    assert.is_true(rc ~= 0)
+    local mpid, x, via = out:match("^(%d+)\t(%d+)\t(%a+)\n$")
+    assert.equal("4", x)
+    assert.equal("true", via)
+    assert.is_true(H.eventually(function() return not H.alive(tonumber(mpid)) end, 10))
+  end)
+
+  it("encodes the initializer and registered callables; an unencodable one is an EncodeError", function()
+    local QM = mp.managers.BaseManager:extend("QM")
+    local base = 10
+    QM:register("get", function() return INIT_V + base end)
+    local m = QM{context = "forkserver"}
+    local co = coroutine.create(print)
+    local kind, e = H.kind_of(m.start, m, function() return co end)
+    assert.equal("EncodeError", kind)
+    assert.matches("upvalue 'co'", e.message)
+    assert.equal(0, #mp.active_children())
+    m:start(function(v) INIT_V = v end, {5})
+    assert.equal(core.forkserver_pid(), ppid_of(m.pid))
+    assert.equal(15, m:get())
+    m:shutdown()
+  end)
+
+  it("leaves no fd or zombie behind over many starts", function()
+    do local m <close> = fsctx.Manager() end
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    for i = 1, 5 do
+      local m <close> = fsctx.Manager()
+      local d = m:dict()
+      d.x = i
+      assert.equal(i, d.x)
+    end
+    collectgarbage(); collectgarbage()
+    assert.equal(fds, H.fd_count())
+    assert.equal(0, H.zombies())
+  end)
+
+  it("the server ends with an owner that exits without shutdown", function()
+    local out, err, rc = H.script(PRE .. [[
+      local m = mp.get_context("forkserver").Manager()
+      print(m.pid)
+    ]])
+    assert.equal(0, rc, err)
+    local mpid = assert(tonumber(out:match("%d+")))
+    assert.is_true(H.eventually(function() return not H.alive(mpid) end, 10))
   end)
 end)

@@ -113,6 +113,17 @@ local function make_context(method)
     o.context = ctx
     return mp.Pool(o)
   end
+  -- ctx.Manager([opts]): a started SyncManager whose server process is
+  -- started with this method (Python's ctx.Manager)
+  ctx.Manager = function(opts)
+    if opts ~= nil and type(opts) ~= "table" then
+      util.typeerror(1, "Manager", "options table", opts)
+    end
+    local o = {}
+    for k, v in pairs(opts or {}) do o[k] = v end
+    o.context = ctx
+    return mp.managers.SyncManager(o):start()
+  end
   -- ctx.get_start_method() and ctx:get_start_method() both work
   ctx.get_start_method = function() return method end
   ctx.get_context = function(a, b)

@@ -71,6 +71,22 @@ function M.set_preload(names)
   if core.forkserver_pid() then M.ensure() end
 end
 
+-- The managers this process uses whose key is not the tree's: uid ->
+-- {address, authkey}.  A forked child inherits them (its proxies of those
+-- managers log in with them); a child of the server gets them in its
+-- payload, as Python's proxies carry their key while a process is spawned.
+local function manager_keys()
+  local mc = package.loaded["multiprocessing.manager_client"]
+  local out
+  for uid, cl in pairs(mc and mc.clients or {}) do
+    if cl.authkey ~= nil and cl.authkey ~= core.tree_authkey and not cl.dead then
+      out = out or {}
+      out[uid] = {cl.address, cl.authkey}
+    end
+  end
+  return out
+end
+
 -- Starts module[fn](arg) in a child of the server; returns its Child
 -- handle (the same methods as core.spawn's).  root names arg in an
 -- EncodeError ("cannot encode a thread at <root>.args[1]").
@@ -90,7 +106,7 @@ function M.spawn(module, fn, arg, root, daemon, ignore_sigint, die_with_parent)
   -- proxy connects as it is rebuilt)
   local payload = core.encode({module = module, fn = fn, arg = data,
                                authkey = core.tree_authkey, method = current,
-                               preload = preload})
+                               preload = preload, keys = manager_keys()})
   return core.forkserver_spawn(payload, daemon, ignore_sigint, die_with_parent)
 end
 
@@ -104,6 +120,10 @@ function M.child_main(payload)
   -- the start method and preload list are the owner's, as a forked child
   -- inherits them (its own children are forks of a server of its own)
   current, preload = d.method, d.preload
+  if d.keys then
+    local client_for = require("multiprocessing.manager_client").client_for
+    for uid, k in pairs(d.keys) do client_for(uid, k[1], k[2]) end
+  end
   local mod = require(d.module)
   return mod[d.fn](core.decode(d.arg, TRUSTED))
 end

@@ -598,10 +598,10 @@ function Server:serve_forever()
         wfds = table.move(fds, 1, #fds, 1, {})
         table.move(pfds, 1, #pfds, #fds + 1, wfds)
       end
-      if self.owner_pid then
+      if self.owner_gone then
         -- a started server ends with its owner, even one killed by
         -- SIGKILL (its finalizer never ran): checked each second
-        if core.getppid() ~= self.owner_pid then break end
+        if self.owner_gone() then break end
         if timeout == nil or timeout > 1 then timeout = 1 end
       end
       local ready = core.wait_fds(wfds, timeout)
@@ -662,7 +662,7 @@ function S.new(opts)
                                        authkey = opts.authkey, timeout = 5}
   local self = setmetatable({
     listener = listener, address = listener.address, authkey = opts.authkey,
-    registry = opts.registry or {}, owner_pid = opts.owner_pid, uid = string.format("%d-%x-%x", getpid(),
+    registry = opts.registry or {}, owner_gone = opts.owner_gone, uid = string.format("%d-%x-%x", getpid(),
       math.floor(now() * 1e6), math.random(0, 0x7fffffff)),
     recs = weak_values(), rec_by_obj = setmetatable({}, {__mode = "k"}),
     pinned = {}, transits = {}, early = {}, clients = {}, next_id = 1,

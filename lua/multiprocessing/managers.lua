@@ -53,7 +53,8 @@ local function class_of(self)
 end
 
 local counter = 0
-local manager_opts = {address = true, authkey = true, shutdown_timeout = true}
+local manager_opts = {address = true, authkey = true, shutdown_timeout = true,
+                      context = true}
 
 local function new_instance(cls, opts)
   if opts ~= nil and type(opts) ~= "table" then
@@ -83,8 +84,12 @@ local function new_instance(cls, opts)
   if opts.address ~= nil then
     connection._check_address(opts.address, cls._class_name)
   end
+  -- (Python's ctx: the start method of the server process)
+  local method = require("multiprocessing.context").method_of(opts.context,
+                                                             cls._class_name)
   local mt = instance_mts[cls]
   return setmetatable({address = opts.address, authkey = authkey, pid = nil,
+                       _start_method = method,
                        _state = "initial", _shutdown_timeout =
                        opts.shutdown_timeout or M.SHUTDOWN_TIMEOUT}, mt)
 end
@@ -234,7 +239,65 @@ local function guard(self)
   end})
 end
 
--- m:start([initializer [, initargs]]): forks the server process.
+-- The channel a starting server answers on: under fork a one-way Pipe;
+-- under forkserver a Queue (a handle any process of the tree attaches,
+-- where a Pipe's fd would have to be parked with the fd keeper, itself a
+-- fork of the caller).  ch.send(msg) is the server's; ch.recv(proc,
+-- timeout) the owner's (nil: the server died first); ch.keep: the fd the
+-- server keeps; ch.owner_done/ch.child_done: each side drops its end.
+local function start_channel(forkserver)
+  if forkserver then
+    local q = core.Queue()
+    local function nothing() end
+    return {send = function(msg) q:put(msg) end, keep = nil,
+      child_done = nothing, owner_done = function() q:close() end,
+      recv = function(proc, timeout)
+        local deadline = now() + timeout
+        repeat
+          local ok, got = pcall(q.get, q, true, 0.05)
+          if ok then return got end
+          if not is_error(got, "Empty") then error(got, 0) end
+          if not proc:is_alive() then
+            ok, got = pcall(q.get, q, false)   -- (sent, then ended)
+            return ok and got or nil
+          end
+        until now() >= deadline
+        raise("TimeoutError", "the manager process did not start in time")
+      end}
+  end
+  local r, w = core.Pipe(false)
+  return {send = function(msg) w:send(msg); w:close() end, keep = w:fileno(),
+    child_done = function() r:close() end,
+    owner_done = function() r:close(); w:close() end,
+    recv = function(_, timeout)
+      w:close()
+      if not r:poll(timeout) then
+        raise("TimeoutError", "the manager process did not start in time")
+      end
+      local ok, got = pcall(r.recv, r)
+      if ok then return got end
+      if is_error(got, "EOFError") then return nil end
+      error(got, 0)
+    end}
+end
+
+-- A started server ends with its owner, even one killed by SIGKILL: ->
+-- a function telling whether the owner is gone.  A fork's owner is its
+-- parent; a fork server's child watches a pidfd of its owner (opened
+-- while the owner waits for its answer, so the pid is still the owner's).
+local function owner_watch(owner, forkserver)
+  if not forkserver then
+    return function() return core.getppid() ~= owner end
+  end
+  local fd = core.pidfd(owner)
+  if fd == nil then   -- (no pidfd support)
+    return function() return not core.kill(owner, 0) end
+  end
+  return function() return #core.wait_fds({fd}, 0) > 0 end
+end
+
+-- m:start([initializer [, initargs]]): starts the server process (a fork
+-- of the caller, or of the fork server under that start method).
 function BaseManager:start(initializer, initargs)
   if self._state ~= "initial" then
     raise("ProcessError", "the manager is already " .. self._state)
@@ -242,53 +305,53 @@ function BaseManager:start(initializer, initargs)
   if initializer ~= nil and type(initializer) ~= "function" then
     argerror(1, "start", "initializer must be a function")
   end
-  local Process = require("multiprocessing.process").Process
+  local method = self._start_method
+  local Process = method and
+    require("multiprocessing.context").get_context(method).Process or
+    require("multiprocessing.process").Process
+  local forkserver = (method or
+    require("multiprocessing.forkserver").method()) == "forkserver"
   local registry = registry_of(self)
   local address, authkey = self.address, self.authkey
-  local r, w = core.Pipe(false)
+  local ch = start_channel(forkserver)
   local owner = getpid()
   counter = counter + 1
   local proc = Process{name = class_of(self)._class_name .. "-" .. counter,
                        daemon = true, target = function()
-    r:close()
+    ch.child_done()
     -- Ctrl-C in the terminal is the owner's to handle (it shuts us down)
     core.set_signal("SIGINT", "ignore")
     -- keep no copy of the parent's other fds: a pipe's end held here
     -- would hide its end of file from its reader
-    if core.detach_inherited_fds then core.detach_inherited_fds({w:fileno()}) end
+    if core.detach_inherited_fds then
+      core.detach_inherited_fds({ch.keep})
+    end
+    local owner_gone = owner_watch(owner, forkserver)
     if initializer then initializer(unpack(initargs or {}, 1, (initargs or {}).n)) end
     local S = require "multiprocessing.manager_server"
     local ok, server = pcall(S.new, {registry = registry, address = address,
-                                     authkey = authkey, owner_pid = owner})
+                                     authkey = authkey, owner_gone = owner_gone})
     if not ok then
-      w:send({err = is_error(server) and server or tostring(server)})
-      w:close()
+      ch.send({err = is_error(server) and server or tostring(server)})
       return 1
     end
-    w:send({address = server.address, uid = server.uid})
-    w:close()
+    ch.send({address = server.address, uid = server.uid})
     server:serve_forever()
   end}
   local ok, err = pcall(proc.start, proc)
-  w:close()
   if not ok then
-    r:close()
+    ch.owner_done()
     error(err, 0)
   end
   local got
-  ok, err = pcall(function()
-    if not r:poll(M.START_TIMEOUT) then
-      raise("TimeoutError", "the manager process did not start in time")
-    end
-    got = r:recv()
-  end)
-  r:close()
-  if not ok or got.err then
+  ok, err = pcall(function() got = ch.recv(proc, M.START_TIMEOUT) end)
+  ch.owner_done()
+  if not ok or got == nil or got.err then
     if proc:is_alive() then proc:kill() end
     proc:join()
     proc:close()
-    if ok then error(got.err, 0) end
-    if is_error(err, "EOFError") then
+    if ok and got then error(got.err, 0) end
+    if ok then
       raise("ProcessError", "the manager process died while starting")
     end
     error(err, 0)

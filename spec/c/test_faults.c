@@ -1,9 +1,9 @@
 /* Fault injection through the syscall table (sys.c's luamp_sys): a system
- * call fails in conn.c, store.c, process.c, shm.c, queue.c, arena.c or
- * evset.c, and the Lua caller sees the contract's error (kind OSError,
- * the errno), with no fd or shared-memory name left behind and the handle
- * still usable or closed cleanly; a futex wait cut by a signal sees the
- * Ctrl-C or times out.  Each test runs in its own process (tap.h), so a
+ * call fails in conn.c, store.c, process.c, shm.c, queue.c, arena.c,
+ * evset.c or forkserver.c, and the Lua caller sees the contract's error
+ * (kind OSError, the errno), with no fd or shared-memory name left
+ * behind and the handle still usable or closed cleanly; a futex wait cut
+ * by a signal sees the Ctrl-C or times out.  Each test runs in its own process (tap.h), so a
  * replaced entry never leaks into the next test. */
 #include <dirent.h>
 #include <errno.h>
@@ -616,6 +616,43 @@ static void test_futex_eintr(void) {
   lua_close(L);
 }
 
+/* ---- forkserver.c ------------------------------------------------------ */
+
+/* The fork server's pipe2 (its status pipe for a new child) fails: the
+ * start raises OSError with the errno, nothing is started, no fd is left;
+ * the owner's request cannot be sent (sendmsg): OSError, the server is
+ * forgotten (it leaves) and the next start starts a new one. */
+static void test_forkserver_faults(void) {
+  lua_State *L = new_state();
+  int before;
+  fail_errno = EMFILE;
+  luamp_sys.pipe2 = fail_pipe2;          /* (inherited by the server) */
+  CHECK(run(L, "mp = require 'multiprocessing'\n"
+               "core = require 'multiprocessing.core'\n"
+               "ctx = mp.get_context('forkserver')\n"
+               "spid = core.forkserver_start()"));
+  luamp_sys.pipe2 = pipe2;
+  before = count_fds();
+  CHECK(run(L, EXPECT_OSERROR("p = ctx.Process{target = function() end}",
+                              "p:start()", 24)
+               "assert(p.pid == nil and #mp.active_children() == 0)\n"
+               "assert(core.forkserver_pid() == spid)"));
+  CHECK(count_fds() == before);
+  CHECK(run(L, "core.forkserver_stop() spid = core.forkserver_start()"));
+  before = count_fds();
+  fail_errno = EIO;
+  luamp_sys.sendmsg = fail_sendmsg;
+  CHECK(run(L, EXPECT_OSERROR("p = ctx.Process{target = function() end}",
+                              "p:start()", 5)
+               "assert(p.pid == nil and core.forkserver_pid() == nil)"));
+  luamp_sys.sendmsg = sendmsg;
+  CHECK(count_fds() == before - 1);      /* (the server's socket went) */
+  CHECK(run(L, "p = ctx.Process{target = function() os.exit(4) end}\n"
+               "p:start() p:join() assert(p.exitcode == 4)\n"
+               "assert(core.forkserver_pid() ~= spid)"));
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"conn: send and recv that fail raise OSError", test_conn_send_and_recv_fail},
@@ -647,6 +684,8 @@ int main(void) {
      test_evset_faults},
     {"futex: a wait cut by EINTR sees Ctrl-C, or times out",
      test_futex_eintr},
+    {"forkserver: the server's pipe2 and the request's sendmsg that fail "
+     "raise OSError", test_forkserver_faults},
     {NULL, NULL}
   };
   return tap_run(tests);

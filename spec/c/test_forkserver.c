@@ -211,6 +211,49 @@ static void test_forkserver_pool(void) {
   lua_close(L);
 }
 
+/* Managers under forkserver in the threaded host: the manager's server
+ * (and a SharedMemoryManager's, and a managed Pool's workers) come from
+ * the fork server; a Connection through a Queue starts the fd keeper and
+ * a SharedMemory the tracker from this host, forks that are safe here
+ * and do not warn.  No hang, no warning. */
+static int run_managers(lua_State *L) {
+  return run(L,
+    "local mp = require 'multiprocessing'\n"
+    "local core = require 'multiprocessing.core'\n"
+    "mp.set_start_method('forkserver')\n"
+    "local m = mp.Manager()\n"
+    "local d = m:dict()\n"
+    "local p = mp.Process{target = function() logger.log('child') d.x = 1 end}\n"
+    "p:start() p:join(10)\n"
+    "assert(p.exitcode == 0 and d.x == 1, 'a child used the manager')\n"
+    "local pool = m:Pool(2)\n"
+    "assert(pool:map(function(v) return logger.log('task') and v end, {1, 2})[2] == 2)\n"
+    "pool:close() pool:join()\n"
+    "local smm = mp.managers.SharedMemoryManager():start()\n"
+    "local shm = smm:SharedMemory(16) shm:close()\n"
+    "smm:shutdown()\n"
+    "local a, b = mp.Pipe()\n"
+    "local q = mp.Queue()\n"
+    "q:put(a) a:close()\n"
+    "local a2 = q:get(true, 10)\n"
+    "a2:send('hi') assert(b:recv() == 'hi')\n"
+    "local mine = mp.SharedMemory{create = true, size = 64}\n"
+    "mine:close() mine:unlink()\n"
+    "local mpid = m.pid\n"
+    "m:shutdown()\n"
+    "assert(core.kill(mpid, 0) == false, 'the manager server is gone')\n");
+}
+
+static void test_forkserver_managers(void) {
+  lua_State *L;
+  CHECK(luamp_forkserver_start(server_init, NULL) == 0);
+  start_threads();
+  L = host_state();
+  CHECK(count_in_stderr("is multi-threaded", run_managers, L) == 0);
+  stop_all();
+  lua_close(L);
+}
+
 /* ---- failures: injected through luamp_sys; nothing leaks --------------- */
 
 static int open_fds(void) {
@@ -264,6 +307,8 @@ int main(void) {
      test_forkserver_no_hang},
     {"a forkserver Pool in a threaded host replaces a killed worker",
      test_forkserver_pool},
+    {"managers, the fd keeper and the shm tracker in a threaded host: no "
+     "fork warning, no hang", test_forkserver_managers},
     {"a server that cannot start raises OSError and leaks nothing",
      test_start_failures},
     {NULL, NULL}
