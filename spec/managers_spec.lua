@@ -712,7 +712,7 @@ describe("Manager faults", function()
     collectgarbage()
     collectgarbage()
     local fds, shm = H.fd_count(), H.shm_entries()
-    for i = 1, H.soak(1000) do
+    for i = 1, H.soak(300) do
       local m = mp.Manager()
       local d = m:dict()
       d.i = i
