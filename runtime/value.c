@@ -145,6 +145,13 @@ static uint64_t int_to_bits(lua_State *L, const struct tc *t, lua_Integer v,
                             int idx) {
   if (t->size < 8) {
     lua_Integer lo, hi;
+    int bits = 8 * t->size;
+    /* in range: the value survives truncation to the type (the bounds
+     * are computed for the error only) */
+    if (t->kind == 'i' ?
+        (int64_t)((uint64_t)v << (64 - bits)) >> (64 - bits) == v :
+        (uint64_t)v >> bits == 0)
+      return (uint64_t)v;
     if (t->kind == 'i') {
       hi = ((lua_Integer)1 << (8 * t->size - 1)) - 1;
       lo = -hi - 1;
@@ -207,8 +214,12 @@ struct vobj {
   char *data;
 };
 
-/* o->flags caches the typecode's entry (index + 1) in this process. */
-static struct vobj vfrom(struct luamp_obj *o) {
+/* o->flags caches the typecode's entry (index + 1) in this process.
+ * (vfrom and vcheck inline: v.value's get and set run them every time,
+ * and a call returning the struct through memory was a third of their
+ * cost) */
+static inline __attribute__((always_inline)) struct vobj vfrom(
+    struct luamp_obj *o) {
   struct vobj v;
   v.h = (struct vhdr *)o->p;
   if (o->flags == 0) o->flags = (int)(find_tc((int)v.h->typecode) - typecodes) + 1;
@@ -227,8 +238,8 @@ static const struct luamp_type *const value_only[] = {&value_type, NULL};
 static const struct luamp_type *const array_only[] = {&array_type, NULL};
 
 /* self, open */
-static struct vobj vcheck(lua_State *L, int idx,
-                          const struct luamp_type *const *set) {
+static inline __attribute__((always_inline)) struct vobj vcheck(
+    lua_State *L, int idx, const struct luamp_type *const *set) {
   return vfrom(luamp_obj_self(L, idx, set, NULL));
 }
 
