@@ -471,9 +471,12 @@ static int v_close(lua_State *L) {
 #define KEY_IS(k, n, lit) \
   ((k) != NULL && (n) == sizeof(lit) - 1 && memcmp((k), lit, sizeof(lit) - 1) == 0)
 
+/* The key at idx as a string, NULL when it is neither a string nor a
+ * number.  (No lua_type test first: a number key is converted in this
+ * call's own stack slot, and no number reads as a field name.) */
 static const char *str_key(lua_State *L, int idx, size_t *n) {
   *n = 0;
-  return lua_type(L, idx) == LUA_TSTRING ? lua_tolstring(L, idx, n) : NULL;
+  return lua_tolstring(L, idx, n);
 }
 
 /* v.value, v.typecode, then the methods (upvalue 1) */
