@@ -207,7 +207,13 @@ static int l_RLock(lua_State *L) { return new_lock(L, 1); }
 static int lock_acquire(lua_State *L) {
   LUAMP_FENCE(L);
   struct luamp_lock *l = selflock(L);
-  double deadline = lua_gettop(L) == 1 ? -1.0 : block_timeout_args(L, 2);
+  double deadline;
+  if (lua_gettop(L) == 1 && lock_try(l, luamp_self_id())) {
+    l->count = 1;             /* a free lock, taken: no call further down */
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  deadline = lua_gettop(L) == 1 ? -1.0 : block_timeout_args(L, 2);
   lua_pushboolean(L, luamp_lock_acquire(L, l, deadline != -2.0,
                                         deadline == -2.0 ? 0 : deadline));
   return 1;
