@@ -187,6 +187,20 @@ describe("Queue", function()
     assert.equal(1, q:_stats().skips)    -- the 5 went to the ring's start
   end)
 
+  it("is never full when unbounded, with a backlog past the early-wrap mark", function()
+    -- 1.1 MB queued in the default 4 GiB ring, the first 100 KB taken: an
+    -- early wrap to the free start would leave room for ~100 items only
+    -- (before: put_nowait raised Full there, and a put waited for a get)
+    local q = mp.Queue()
+    local s = string.rep("x", 1000)
+    for _ = 1, 1100 do q:put(s) end
+    for _ = 1, 100 do q:get() end
+    for _ = 1, 300 do q:put(s, false) end
+    assert.equal(1300, q:qsize())
+    for _ = 1, 1300 do assert.equal(s, q:get(false)) end
+    assert.is_true(q:empty())
+  end)
+
   it("waits for bytes when the ring is full, and refuses what cannot fit", function()
     local q = mp.Queue{capacity = 65536}
     local s = string.rep("x", 20000)

@@ -19,7 +19,7 @@ local forkserver = require "multiprocessing.forkserver"
 local proto = require "multiprocessing.pool_proto"
 
 local decode, now, new_error = core.decode, core.now, core.new_error
-local table_new, unpack = core.table_new, table.unpack
+local unpack = table.unpack
 local APPLY, MAP1, STARMAP1, STARMAP = proto.APPLY, proto.MAP1, proto.STARMAP1,
                                        proto.STARMAP
 local OK, FAILED, INIT_FAILED = proto.OK, proto.FAILED, proto.INIT_FAILED
@@ -183,11 +183,16 @@ local function run_task(f, tag, mode, items, n, stamp)
     if ok then return {tag, OK, 1, v} end
     return {tag, FAILED, remote_error(v), nil, 0}
   end
-  local out = table_new(n)
+  -- the results go into the chunk's own table, each over the item it
+  -- came from: a store into a slot that holds a value is Lua's fast path
+  -- (into a new table's empty slot it is luaV_finishset, ~96 of a map
+  -- item's ~860 instructions in a worker, callgrind), and no second table
+  local out = items
   chunk_fn = f
   local ok, err, count = run_chunk(f, items, n, out, mode == STARMAP, stamp)
   chunk_fn = nil
   if ok then return {tag, OK, n, out} end
+  for k = count + 1, n do out[k] = nil end   -- (the items not done)
   return {tag, FAILED, remote_error(err), out, count}
 end
 
