@@ -135,6 +135,11 @@ end
 
 -- A burn process on one core for the length of f(); killed by its pid.
 local function loaded(f)
+  -- (without the probe there is no burner, and the "loaded" table would
+  -- be a second quiet one)
+  local probe = io.open(probes)
+  assert(probe, probes .. " is missing: make bench builds it")
+  probe:close()
   -- (the burner also ends with this process: $PPID of popen's shell)
   local p = assert(io.popen(probes .. " burn 3600 $PPID >/dev/null 2>&1 & echo $!"))
   local pid = assert(math.tointeger(tonumber(p:read("l"))), "burn: no pid")
