@@ -1,6 +1,6 @@
 -- multiprocessing.manager_set: the set a manager serves (Python 3.14's
 -- SyncManager.set), as the server holds it (see manager_types.lua for the
--- conventions; the proxy is in manager_proxies.lua).
+-- conventions; the proxy is in manager_extra_proxies.lua).
 --
 -- Membership is by value, as Python's set, translated to what crosses
 -- processes: every member arrives in the server as a fresh copy, so Lua's
