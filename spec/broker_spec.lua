@@ -218,6 +218,39 @@ describe("Pool{broker =}", function()
     assert.equal("ABC", pool:apply(function(s) return string.upper(s) end, {"abc"}))
   end)
 
+  it("sends C functions by name; one the worker cannot resolve fails the task clearly", function()
+    -- a C function the worker has: found by its name
+    local upper = string.upper
+    assert.equal("AB", pool:apply(function(x) return upper(x) end, {"ab"}))
+    -- a C function of a module only this process has (an iterator made
+    -- here, named by the module that holds it)
+    package.loaded["only_here"] = {iter = string.gmatch("a", "a")}
+    local it = package.loaded.only_here.iter
+    local ar = pool:apply_async(function() return it end)
+    local err = H.err_of(ar.get, ar, 20)
+    package.loaded["only_here"] = nil
+    assert.equal("DecodeError", err.kind)
+    assert.matches("cannot run task %S+: cannot load module 'only_here': module 'only_here' " ..
+                   "not found %(C functions and modules travel by name", err.message)
+    assert.is_nil(err.message:find("no file", 1, true))   -- (not require's search list)
+    -- a module the worker has, without that field
+    local util = require "multiprocessing.util"
+    util.only_here = string.gmatch("b", "b")
+    local f = util.only_here
+    err = H.err_of(pool.map, pool, function(x) return f, x end, {1, 2})
+    util.only_here = nil
+    assert.equal("DecodeError", err.kind)
+    assert.matches("module 'multiprocessing.util' has no field 'only_here'", err.message)
+    assert.matches("must be loadable on the worker", err.message)
+    -- a C function of no loaded module: refused here, at the call
+    local loose = string.gmatch("c", "c")
+    err = H.err_of(pool.apply, pool, function() return loose end)
+    assert.equal("EncodeError", err.kind)
+    assert.matches("C function", err.message)
+    -- and the pool serves on
+    assert.equal(3, pool:apply(function() return 3 end))
+  end)
+
   it("is refused by a worker of another bytecode format, with a clear error", function()
     local bp = require "multiprocessing.broker_pool"
     local saved = bp.FORMAT

@@ -114,6 +114,8 @@ local function check_portable(v, path, seen)
   end
   seen[v] = true
   if t == "function" then
+    -- (a C function travels by name: its upvalues stay here)
+    if debug.getinfo(v, "S").what == "C" then return end
     for i = 1, math.huge do
       local name, uv = debug.getupvalue(v, i)
       if name == nil then break end

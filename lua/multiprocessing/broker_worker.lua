@@ -66,8 +66,14 @@ local function start(self, id, att, env)
                       require("multiprocessing.broker_pool").FORMAT
   end
   if not ok then
-    rec.failed = core.new_error("DecodeError", "worker cannot run task " .. id .. ": " ..
-                                tostring(type(task) == "table" and task.message or task))
+    local msg = tostring(type(task) == "table" and task.message or task)
+    if msg:match("^cannot load module") or msg:match("^module '.-' has no field") then
+      -- (a C function or module named by the task that this host lacks;
+      -- require's search list stays out of the message)
+      msg = msg:gsub(":?\n.*", "") .. " (C functions and modules travel by name: " ..
+            "each must be loadable on the worker's host)"
+    end
+    rec.failed = core.new_error("DecodeError", "worker cannot run task " .. id .. ": " .. msg)
     return rec
   end
   local f = wrap(task.f, id, att)
