@@ -177,6 +177,18 @@ elseif op == 'nack' then         -- id, attempt, reason
   if redis.call('HGET', P .. 't:' .. id, 'att') ~= ARGV[4] then return 0 end
   retry(id, ARGV[5])
   return 1
+elseif op == 'release' then      -- id, attempt: handed back unfinished by a
+  -- host that stops (SIGTERM); queued next, and it does not count
+  -- against max_attempts (the attempt number still grows: a fence)
+  local id = ARGV[3]
+  local k = P .. 't:' .. id
+  if redis.call('HGET', k, 'att') ~= ARGV[4] then return 0 end
+  redis.call('ZREM', P .. 'leases', id)
+  redis.call('HINCRBY', k, 'max', 1)
+  redis.call('RPUSH', P .. 'q', id)
+  redis.call('LPUSH', P .. 'wake', '1')
+  redis.call('LTRIM', P .. 'wake', 0, 63)
+  return 1
 elseif op == 'reject' then       -- id, reason: a task that failed its check
   local id = ARGV[3]
   local att = redis.call('HGET', P .. 't:' .. id, 'att') or '0'
