@@ -220,6 +220,9 @@ local function stop(self)
   self.pool:terminate()
   local ops = #ready > 0 and finish(self, ready) or {}
   for _, rec in ipairs(rest) do ops[#ops + 1] = {"release", rec.id, rec.att} end
+  -- (a broker down now gets connect_timeout, not the daemon's forever;
+  -- then the tasks go to other hosts after their lease)
+  self.b.cfg.connect_timeout = math.min(self.b.cfg.connect_timeout, broker.CONNECT_TIMEOUT)
   local replies = self.b:ops(ops)
   finished(self, ready, ops, replies)
   log(self, "stopped: %d result(s) acked, %d task(s) handed back", #ready, #rest)
