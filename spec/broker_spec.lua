@@ -251,6 +251,29 @@ describe("Pool{broker =}", function()
     assert.equal(3, pool:apply(function() return 3 end))
   end)
 
+  it("has no event-loop fd, saying so by name; poll() collects without waiting", function()
+    for _, m in ipairs{"fileno", "pollfd", "events", "timeout"} do
+      local err = H.err_of(pool[m], pool)
+      assert.equal("ValueError", err.kind)
+      assert.matches("^" .. m .. ": a broker Pool has no fd for event loops", err.message)
+    end
+    local ex = futures.ProcessPoolExecutor{broker = s.url, namespace = "test", authkey = KEY}
+    local err = H.err_of(ex.fileno, ex)
+    assert.equal("ValueError", err.kind)
+    assert.matches("fileno: a broker Pool has no fd", err.message)
+    assert.matches("events: a broker Pool has no fd", H.err_of(ex.events, ex).message)
+    local got
+    local fut = ex:submit(function() return 42 end)
+    fut:add_done_callback(function(f) got = f:result() end)
+    local t0 = mp.now()
+    while not got and mp.now() - t0 < 20 do
+      ex:poll()
+      core.sleep(0.01)
+    end
+    assert.equal(42, got)
+    ex:shutdown()
+  end)
+
   it("is refused by a worker of another bytecode format, with a clear error", function()
     local bp = require "multiprocessing.broker_pool"
     local saved = bp.FORMAT

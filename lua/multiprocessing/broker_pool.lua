@@ -448,6 +448,20 @@ end
 
 function Pool:poll() self:_pump(0) end
 
+-- Event loops: this pool has no fd that turns readable when it has work
+-- (its results come from Redis over a connection its own calls use), so
+-- the fd side of the local Pool's protocol is refused by name rather
+-- than faked; a loop calls pool:poll() -- which never waits -- on a timer.
+local function no_fd(name)
+  return function(self)
+    if getmetatable(self) ~= Pool then argerror(1, name, "Pool expected") end
+    raise("ValueError", name .. ": a broker Pool has no fd for event loops (its results " ..
+          "come from Redis); call poll() on a timer instead (it never waits)")
+  end
+end
+Pool.fileno, Pool.pollfd = no_fd("fileno"), no_fd("pollfd")
+Pool.events, Pool.timeout = no_fd("events"), no_fd("timeout")
+
 -- (futures.wait / as_completed over this and local pools: this pool has
 -- no fd to wait on -- its results come by BLPOP -- so the wait on the
 -- others' fds is cut into slices of 20 ms, between which it is pumped)
