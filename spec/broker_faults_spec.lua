@@ -113,6 +113,24 @@ describe("broker faults", function()
     assert.equal("0", s:cli("ZCARD luamp:sigterm:leases"))
   end)
 
+  it("writes again the submits a lost connection left unconfirmed; one result each", function()
+    s:start_worker{namespace = "unconf", processes = 2}
+    local pool <close> = pool_for("unconf", {lease = 5})
+    local calls = 0
+    local rs = {}
+    for i = 1, 20 do
+      rs[i] = pool:apply_async(function(x) return x * 3 end, {i}, function() calls = calls + 1 end)
+    end
+    -- every connection but redis-cli's dropped: the pool's, with the
+    -- replies of its submits unread, and the daemons' (they reconnect)
+    s:cli("CLIENT KILL TYPE normal SKIPME yes")
+    for i = 1, 20 do assert.equal(3 * i, rs[i]:get(30)) end
+    pool:close() pool:join()
+    pool:poll()
+    assert.equal(20, calls)
+    assert.equal("0", s:cli("LLEN luamp:unconf:dead"))
+  end)
+
   it("keeps the lease of a CPU-bound task while its host lives", function()
     s:start_worker{namespace = "busy", processes = 1}
     local pool <close> = pool_for("busy", {lease = 0.6})

@@ -161,22 +161,18 @@ function Pool:_add(rec, task)
   return id
 end
 
--- Writes the pending tasks; when this returns they are in Redis.
+-- Writes the pending tasks: when this returns they are in Redis's
+-- socket, and Redis queues them whatever this process does next.  Their
+-- replies are read with the next exchange's (Broker:send), so a submit
+-- costs no round trip; a connection lost before then writes them again
+-- (a task queued twice runs at least once, never zero times; its second
+-- result is dropped).
 function Pool:_flush()
   own(self)
   local p = self._pending
   if #p == 0 then return end
-  if p[#p][1] ~= "LTRIM" then
-    p[#p + 1] = {"LPUSH", self._prefix .. "wake", "1"}
-    p[#p + 1] = {"LTRIM", self._prefix .. "wake", 0, 63}
-  end
-  -- (cleared once written: a write cut short is made again -- a task
-  -- queued twice runs at least once, never zero times)
-  local replies = self._b:pipeline(p, 30)
-  self._pending = {}
-  for i = 1, replies.n do
-    if core.is_error(replies[i]) then error(replies[i], 0) end
-  end
+  self._pending = {}          -- (the broker holds them until confirmed)
+  self._b:send(p)
 end
 
 local function check_fn(f, fname)

@@ -193,7 +193,10 @@ local function step(self)
   if claimed > 0 then return end
   local wait = math.max(0.01, math.min(self.next_beat - now(), 1))
   if self.n == 0 then
-    self.b:command({"BLPOP", self.prefix .. "wake", string.format("%.3f", wait)}, wait + 30)
+    -- (a wait for the queue that takes nothing: its last id moved onto
+    -- its own tail; the claim takes it)
+    local q = self.prefix .. "q"
+    self.b:command({"BLMOVE", q, q, "RIGHT", "RIGHT", string.format("%.3f", wait)}, wait + 30)
   else
     local fs = {}
     for _, rec in pairs(self.inflight) do
