@@ -251,27 +251,51 @@ describe("Pool{broker =}", function()
     assert.equal(3, pool:apply(function() return 3 end))
   end)
 
-  it("has no event-loop fd, saying so by name; poll() collects without waiting", function()
-    for _, m in ipairs{"fileno", "pollfd", "events", "timeout"} do
-      local err = H.err_of(pool[m], pool)
-      assert.equal("ValueError", err.kind)
-      assert.matches("^" .. m .. ": a broker Pool has no fd for event loops", err.message)
+  it("gives event loops an fd: readable when a result comes, poll() collects", function()
+    local fd, got = pool:fileno(), nil
+    assert.equal(fd, pool:pollfd())
+    assert.equal("r", pool:events())
+    assert.is_true(pool:timeout() <= 1)
+    -- the fd taken once, as a libuv poll handle keeps it: poll() re-arms
+    for round = 1, 2 do
+      got = nil
+      pool:apply_async(function(x) return x end, {round}, function(v) got = v end)
+      local t0 = mp.now()
+      while not got and mp.now() - t0 < 20 do
+        mp.wait({fd}, 5)
+        pool:poll()
+      end
+      assert.equal(round, got)
     end
-    local ex = futures.ProcessPoolExecutor{broker = s.url, namespace = "test", authkey = KEY}
-    local err = H.err_of(ex.fileno, ex)
-    assert.equal("ValueError", err.kind)
-    assert.matches("fileno: a broker Pool has no fd", err.message)
-    assert.matches("events: a broker Pool has no fd", H.err_of(ex.events, ex).message)
-    local got
-    local fut = ex:submit(function() return 42 end)
-    fut:add_done_callback(function(f) got = f:result() end)
+    -- an idle pool's fd wakes for its reap (at most a second), not never
     local t0 = mp.now()
-    while not got and mp.now() - t0 < 20 do
+    assert.equal(1, #mp.wait({pool:fileno()}, 10))
+    assert.is_true(mp.now() - t0 < 8)
+    pool:poll()
+    -- the executor's, and a future's
+    local ex = futures.ProcessPoolExecutor{broker = s.url, namespace = "test", authkey = KEY}
+    local fut = ex:submit(function() return 7 end)
+    local res
+    fut:add_done_callback(function(f) res = f:result() end)
+    t0 = mp.now()
+    while not res and mp.now() - t0 < 20 do
+      mp.wait({ex:fileno()}, 5)
       ex:poll()
-      core.sleep(0.01)
     end
-    assert.equal(42, got)
+    assert.equal(7, res)
+    assert.equal("r", ex:events())
     ex:shutdown()
+    -- a forked child arms its own connection, not its parent's
+    local p = mp.Process{target = function()
+      local cfd = pool:fileno()
+      local v
+      pool:apply_async(function() return "child" end, nil, function(x) v = x end)
+      local t1 = mp.now()
+      while not v and mp.now() - t1 < 20 do mp.wait({pool:fileno()}, 5) pool:poll() end
+      os.exit((v == "child" and cfd ~= fd) and 0 or 3)
+    end}
+    p:start() p:join()
+    assert.equal(0, p.exitcode)
   end)
 
   it("is refused by a worker of another bytecode format, with a clear error", function()

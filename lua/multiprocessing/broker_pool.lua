@@ -86,6 +86,11 @@ local function own(self)
   self._tasks, self._ntasks, self._pending, self._seq = {}, 0, {}, 0
 end
 
+local function check_running_or_closed(self, fname)
+  if getmetatable(self) ~= Pool then argerror(1, fname, "Pool expected") end
+  if self._state == "TERMINATE" then raise("ValueError", "Pool is terminated") end
+end
+
 local function check_running(self, fname)
   if getmetatable(self) ~= Pool then argerror(1, fname, "Pool expected") end
   if self._state ~= "RUN" then raise("ValueError", "Pool not running") end
@@ -442,21 +447,62 @@ function Pool:_pump(deadline)
   end
 end
 
-function Pool:poll() self:_pump(0) end
-
--- Event loops: this pool has no fd that turns readable when it has work
--- (its results come from Redis over a connection its own calls use), so
--- the fd side of the local Pool's protocol is refused by name rather
--- than faked; a loop calls pool:poll() -- which never waits -- on a timer.
-local function no_fd(name)
-  return function(self)
-    if getmetatable(self) ~= Pool then argerror(1, name, "Pool expected") end
-    raise("ValueError", name .. ": a broker Pool has no fd for event loops (its results " ..
-          "come from Redis); call poll() on a timer instead (it never waits)")
-  end
+local unarm, arm    -- (below, with the event-loop fd)
+function Pool:poll()
+  unarm(self)
+  self:_pump(0)
+  -- (re-armed for a loop that watches the fd without asking again)
+  if self._w and self._state ~= "TERMINATE" then arm(self) end
 end
-Pool.fileno, Pool.pollfd = no_fd("fileno"), no_fd("pollfd")
-Pool.events, Pool.timeout = no_fd("events"), no_fd("timeout")
+
+-- Event loops: the fd is a second Redis connection's, with a BLMOVE of
+-- this client's result list onto itself pending on it (it pops
+-- nothing): readable when a result arrives, or when the BLMOVE's own
+-- timeout -- at most the second between two reaps of expired leases --
+-- ends it.  fileno() only arms it; poll() takes the BLMOVE's reply when
+-- the fd is readable and then collects the results without waiting.
+local function watch(self)
+  local w = self._w
+  if not w or w.pid ~= core.getpid() then
+    w = broker.connect(self._b.cfg, self._prefix)
+    self._w, self._warmed = w, false
+  end
+  return w
+end
+
+function arm(self)
+  local w = watch(self)
+  if not w.r then                     -- (lost: its BLMOVE went with it)
+    w.unconf, w.written, self._warmed = {}, 0, false
+  end
+  if not self._warmed then
+    local t = math.max(0.01, math.min(self._next_reap - now(), 1))
+    w:send({{"BLMOVE", self._rkey, self._rkey, "LEFT", "LEFT", string.format("%.3f", t)}})
+    self._warmed = true
+  end
+  return w.r:fileno()
+end
+
+function Pool:fileno()
+  check_running_or_closed(self, "fileno")
+  own(self)
+  return arm(self)
+end
+Pool.pollfd = Pool.fileno
+function Pool:events() return "r" end
+-- (the seconds until poll() is due anyway: the next reap)
+function Pool:timeout()
+  return math.max(self._next_reap - now(), 0)
+end
+
+-- Takes the watch's reply when it has come (never waits for it).
+function unarm(self)
+  local w = self._w
+  if not (self._warmed and w and w.pid == core.getpid() and w.r) then return end
+  if #core.wait_fds({w.r:fileno()}, 0) == 0 then return end
+  self._warmed = false
+  w:_run(true, nil)
+end
 
 -- (futures.wait / as_completed over this and local pools: this pool has
 -- no fd to wait on -- its results come by BLPOP -- so the wait on the
@@ -528,6 +574,7 @@ function Pool:terminate()
     self._b:command({"DEL", self._rkey}, 5)
   end)
   self._b:close()
+  if self._w then self._w:close() end
 end
 
 Pool.__close = Pool.terminate
