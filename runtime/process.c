@@ -339,6 +339,8 @@ static void run_lua_hooks(lua_State *L, int kind) {
 
 /* ---- fork ------------------------------------------------------------ */
 
+static void reset_caught_in_child(void);
+
 /* The child's side of luamp_fork, signals still blocked. */
 static void after_fork_in_child(void) {
   /* Forget the parent's children without writing to their entries: they
@@ -355,6 +357,7 @@ static void after_fork_in_child(void) {
     luamp_sys.close(own_sentinel_wfd);
     own_sentinel_wfd = -1;
   }
+  reset_caught_in_child();
   /* Signal dispositions are inherited, as with Python's fork start
    * method: SIGPIPE stays ignored (writes get EPIPE), SIGCHLD is at its
    * default (luamp_fork saw to it), and the host's SIGINT handler stays,
@@ -905,17 +908,52 @@ static int l_pidfd(lua_State *L) {
   return 1;
 }
 
-/* core.set_signal(sig, "ignore" | "default"): for workers that must not
- * take Ctrl-C (the Pool) and for tests. */
+/* Signals set to "catch": each arrival sets its flag, read (and cleared)
+ * by core.signal_caught.  A forked child starts with them at their
+ * default again (after_fork_in_child): the catching is its parent's
+ * policy -- a worker of a daemon that catches SIGTERM still dies of one. */
+static volatile sig_atomic_t caught[NSIG];
+static unsigned char catching[NSIG];
+
+static void on_caught(int sig) { caught[sig] = 1; }
+
+static void reset_caught_in_child(void) {
+  for (int sig = 1; sig < NSIG; sig++) {
+    if (catching[sig]) signal(sig, SIG_DFL);  /* (direct: the child's set-up) */
+    catching[sig] = 0;
+    caught[sig] = 0;
+  }
+}
+
+/* core.set_signal(sig, "ignore" | "default" | "catch"): for workers that
+ * must not take Ctrl-C (the Pool), for daemons that stop gracefully on a
+ * signal they poll for (SA_RESTART: no wait is cut short), and for tests. */
 static int l_set_signal(lua_State *L) {
-  static const char *const actions[] = {"ignore", "default", NULL};
+  static const char *const actions[] = {"ignore", "default", "catch", NULL};
   int sig = signal_number(L, 1);
   int a = luaL_checkoption(L, 2, NULL, actions);
-  luaL_argcheck(L, sig != SIGKILL && sig != SIGSTOP && sig > 0, 1,
+  struct sigaction sa;
+  luaL_argcheck(L, sig != SIGKILL && sig != SIGSTOP && sig > 0 && sig < NSIG, 1,
                 "signal cannot be changed");
-  if (signal(sig, a == 0 ? SIG_IGN : SIG_DFL) == SIG_ERR)
-    luamp_raise_errno(L, "OSError", errno, "signal");
+  memset(&sa, 0, sizeof sa);
+  sigemptyset(&sa.sa_mask);
+  sa.sa_handler = a == 0 ? SIG_IGN : a == 1 ? SIG_DFL : on_caught;
+  sa.sa_flags = a == 2 ? SA_RESTART : 0;
+  if (a == 2) caught[sig] = 0;
+  if (sigaction(sig, &sa, NULL) != 0)
+    luamp_raise_errno(L, "OSError", errno, "sigaction");
+  catching[sig] = a == 2;
   return 0;
+}
+
+/* core.signal_caught(sig) -> whether sig arrived since the last call
+ * (for a signal set to "catch"). */
+static int l_signal_caught(lua_State *L) {
+  int sig = signal_number(L, 1);
+  luaL_argcheck(L, sig > 0 && sig < NSIG, 1, "not a signal");
+  lua_pushboolean(L, caught[sig]);
+  caught[sig] = 0;
+  return 1;
 }
 
 /* core.pid() -> this process's pid (cached; see luamp_pid in sys.c) */
@@ -1043,6 +1081,7 @@ int luamp_open_process(lua_State *L) {
     {"pid", l_pid},
     {"take_started", l_take_started},
     {"set_signal", l_set_signal},
+    {"signal_caught", l_signal_caught},
     {"close_fd", l_close_fd},
     {"detach_inherited_fds", l_detach_inherited_fds},
     {"register_at_fork", l_register_at_fork},

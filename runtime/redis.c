@@ -228,15 +228,11 @@ static int l_command(lua_State *L) {
   return 1;
 }
 
-/* r:pipeline({{argv...}, ...} [, timeout]) -> {reply, ...}: every
- * command sent in one write, every reply read; error replies are
- * RemoteError objects in the list, not raised. */
-static int l_pipeline(lua_State *L) {
-  struct rconn *r = check_open(L);
+/* Appends the commands of the list at index 2 and writes them all;
+ * returns how many. */
+static lua_Integer send_all(lua_State *L, struct rconn *r, double deadline) {
   lua_Integer n;
-  double deadline;
   luaL_checktype(L, 2, LUA_TTABLE);
-  deadline = luamp_deadline_arg(L, 3);
   n = luaL_len(L, 2);
   for (lua_Integer i = 1; i <= n; i++) {
     if (lua_geti(L, 2, i) != LUA_TTABLE)
@@ -245,6 +241,13 @@ static int l_pipeline(lua_State *L) {
     lua_pop(L, 1);
   }
   flush(L, r, deadline);
+  return n;
+}
+
+/* Pushes the next n replies as a list (with n); error replies are
+ * RemoteError objects in it, not raised. */
+static int receive_n(lua_State *L, struct rconn *r, lua_Integer n,
+                     double deadline) {
   lua_createtable(L, (int)n, 1);
   for (lua_Integer i = 1; i <= n; i++) {
     read_reply(L, r, deadline);
@@ -255,6 +258,33 @@ static int l_pipeline(lua_State *L) {
   lua_pushinteger(L, n);
   lua_setfield(L, -2, "n");
   return 1;
+}
+
+/* r:pipeline({{argv...}, ...} [, timeout]) -> {reply, ...}: every
+ * command sent in one write, every reply read; error replies are
+ * RemoteError objects in the list, not raised. */
+static int l_pipeline(lua_State *L) {
+  struct rconn *r = check_open(L);
+  double deadline = luamp_deadline_arg(L, 3);
+  return receive_n(L, r, send_all(L, r, deadline), deadline);
+}
+
+/* r:send({{argv...}, ...} [, timeout]) -> n: the commands written, their
+ * replies left to a later r:receive(n) (before any other command's: the
+ * caller keeps count).  Written means in the server's socket: the server
+ * runs them whatever this process does next. */
+static int l_send(lua_State *L) {
+  struct rconn *r = check_open(L);
+  lua_pushinteger(L, send_all(L, r, luamp_deadline_arg(L, 3)));
+  return 1;
+}
+
+/* r:receive(n [, timeout]) -> {reply, ...}: the next n replies. */
+static int l_receive(lua_State *L) {
+  struct rconn *r = check_open(L);
+  lua_Integer n = luaL_checkinteger(L, 2);
+  luaL_argcheck(L, n >= 0, 2, "negative count");
+  return receive_n(L, r, n, luamp_deadline_arg(L, 3));
 }
 
 static int l_close(lua_State *L) {
@@ -285,7 +315,8 @@ static int l_tostring(lua_State *L) {
 }
 
 static const luaL_Reg meth[] = {
-  {"command", l_command}, {"pipeline", l_pipeline}, {"close", l_close},
+  {"command", l_command}, {"pipeline", l_pipeline}, {"send", l_send},
+  {"receive", l_receive}, {"close", l_close},
   {"fileno", l_fileno}, {"owner", l_owner}, {NULL, NULL}
 };
 static const luaL_Reg metameth[] = {

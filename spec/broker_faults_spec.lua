@@ -72,6 +72,65 @@ describe("broker faults", function()
     assert.equal("0", s:cli("LLEN luamp:hostloss:dead"))
   end)
 
+  it("stops a daemon on SIGTERM, handing its tasks back at once; one result each", function()
+    -- the daemon under a shell that records its exit status (own group)
+    local log, rcfile, keyfile = s.dir .. "/term.log", s.dir .. "/term.rc", s.dir .. "/term.key"
+    H.write(keyfile, KEY)
+    local sh = tonumber(H.sh(string.format("setsid sh -c '%s --broker %s --namespace sigterm " ..
+      "--authkey-file %s --processes 2; echo $? > %s' >%s 2>&1 </dev/null & echo $!",
+      R.worker, s.url, keyfile, rcfile, log)):match("%d+"))
+    s.workers[#s.workers + 1] = sh
+    -- a lease far longer than the test: a redelivery cannot come from it;
+    -- one attempt allowed: a hand-back must not count as one
+    local pool <close> = pool_for("sigterm", {lease = 60, max_attempts = 1})
+    local sock, calls = s.sock, 0
+    local ar = pool:map_async(function(x)
+      mark(sock, "sigterm:started", x)
+      local t0 = mp.now()
+      while mp.now() - t0 < 0.4 do end
+      return {x, mp.current_task().attempt}
+    end, H.range(8), {chunksize = 1, callback = function() calls = calls + 1 end})
+    assert.matches("%d$", s:cli("BLPOP sigterm:started 20"))
+    assert.matches("%d$", s:cli("BLPOP sigterm:started 20"))
+    local pid = assert(tonumber(H.slurp(log):match("%[luamp%-worker (%d+)%] serving")))
+    local t0 = mp.now()
+    H.sh("kill -TERM " .. pid)
+    assert.is_true(H.eventually(function() return io.open(rcfile) ~= nil end, 20), H.slurp(log))
+    assert.equal("0", H.slurp(rcfile):match("%d+"))
+    assert.matches("handed back", H.slurp(log))
+    s:start_worker{namespace = "sigterm", processes = 2}
+    local r = ar:get(30)
+    assert.is_true(mp.now() - t0 < 30, "waited for the lease")
+    local again = 0
+    for i = 1, 8 do
+      assert.equal(i, r[i][1])
+      if r[i][2] == 2 then again = again + 1 end
+    end
+    assert.is_true(again >= 2, "the running tasks went to the other host as attempt 2")
+    pool:poll()
+    assert.equal(1, calls)
+    assert.equal("0", s:cli("LLEN luamp:sigterm:dead"))
+    assert.equal("0", s:cli("ZCARD luamp:sigterm:leases"))
+  end)
+
+  it("writes again the submits a lost connection left unconfirmed; one result each", function()
+    s:start_worker{namespace = "unconf", processes = 2}
+    local pool <close> = pool_for("unconf", {lease = 5})
+    local calls = 0
+    local rs = {}
+    for i = 1, 20 do
+      rs[i] = pool:apply_async(function(x) return x * 3 end, {i}, function() calls = calls + 1 end)
+    end
+    -- every connection but redis-cli's dropped: the pool's, with the
+    -- replies of its submits unread, and the daemons' (they reconnect)
+    s:cli("CLIENT KILL TYPE normal SKIPME yes")
+    for i = 1, 20 do assert.equal(3 * i, rs[i]:get(30)) end
+    pool:close() pool:join()
+    pool:poll()
+    assert.equal(20, calls)
+    assert.equal("0", s:cli("LLEN luamp:unconf:dead"))
+  end)
+
   it("keeps the lease of a CPU-bound task while its host lives", function()
     s:start_worker{namespace = "busy", processes = 1}
     local pool <close> = pool_for("busy", {lease = 0.6})

@@ -218,6 +218,86 @@ describe("Pool{broker =}", function()
     assert.equal("ABC", pool:apply(function(s) return string.upper(s) end, {"abc"}))
   end)
 
+  it("sends C functions by name; one the worker cannot resolve fails the task clearly", function()
+    -- a C function the worker has: found by its name
+    local upper = string.upper
+    assert.equal("AB", pool:apply(function(x) return upper(x) end, {"ab"}))
+    -- a C function of a module only this process has (an iterator made
+    -- here, named by the module that holds it)
+    package.loaded["only_here"] = {iter = string.gmatch("a", "a")}
+    local it = package.loaded.only_here.iter
+    local ar = pool:apply_async(function() return it end)
+    local err = H.err_of(ar.get, ar, 20)
+    package.loaded["only_here"] = nil
+    assert.equal("DecodeError", err.kind)
+    assert.matches("cannot run task %S+: cannot load module 'only_here': module 'only_here' " ..
+                   "not found %(C functions and modules travel by name", err.message)
+    assert.is_nil(err.message:find("no file", 1, true))   -- (not require's search list)
+    -- a module the worker has, without that field
+    local util = require "multiprocessing.util"
+    util.only_here = string.gmatch("b", "b")
+    local f = util.only_here
+    err = H.err_of(pool.map, pool, function(x) return f, x end, {1, 2})
+    util.only_here = nil
+    assert.equal("DecodeError", err.kind)
+    assert.matches("module 'multiprocessing.util' has no field 'only_here'", err.message)
+    assert.matches("must be loadable on the worker", err.message)
+    -- a C function of no loaded module: refused here, at the call
+    local loose = string.gmatch("c", "c")
+    err = H.err_of(pool.apply, pool, function() return loose end)
+    assert.equal("EncodeError", err.kind)
+    assert.matches("C function", err.message)
+    -- and the pool serves on
+    assert.equal(3, pool:apply(function() return 3 end))
+  end)
+
+  it("gives event loops an fd: readable when a result comes, poll() collects", function()
+    local fd, got = pool:fileno(), nil
+    assert.equal(fd, pool:pollfd())
+    assert.equal("r", pool:events())
+    assert.is_true(pool:timeout() <= 1)
+    -- the fd taken once, as a libuv poll handle keeps it: poll() re-arms
+    for round = 1, 2 do
+      got = nil
+      pool:apply_async(function(x) return x end, {round}, function(v) got = v end)
+      local t0 = mp.now()
+      while not got and mp.now() - t0 < 20 do
+        mp.wait({fd}, 5)
+        pool:poll()
+      end
+      assert.equal(round, got)
+    end
+    -- an idle pool's fd wakes for its reap (at most a second), not never
+    local t0 = mp.now()
+    assert.equal(1, #mp.wait({pool:fileno()}, 10))
+    assert.is_true(mp.now() - t0 < 8)
+    pool:poll()
+    -- the executor's, and a future's
+    local ex = futures.ProcessPoolExecutor{broker = s.url, namespace = "test", authkey = KEY}
+    local fut = ex:submit(function() return 7 end)
+    local res
+    fut:add_done_callback(function(f) res = f:result() end)
+    t0 = mp.now()
+    while not res and mp.now() - t0 < 20 do
+      mp.wait({ex:fileno()}, 5)
+      ex:poll()
+    end
+    assert.equal(7, res)
+    assert.equal("r", ex:events())
+    ex:shutdown()
+    -- a forked child arms its own connection, not its parent's
+    local p = mp.Process{target = function()
+      local cfd = pool:fileno()
+      local v
+      pool:apply_async(function() return "child" end, nil, function(x) v = x end)
+      local t1 = mp.now()
+      while not v and mp.now() - t1 < 20 do mp.wait({pool:fileno()}, 5) pool:poll() end
+      os.exit((v == "child" and cfd ~= fd) and 0 or 3)
+    end}
+    p:start() p:join()
+    assert.equal(0, p.exitcode)
+  end)
+
   it("is refused by a worker of another bytecode format, with a clear error", function()
     local bp = require "multiprocessing.broker_pool"
     local saved = bp.FORMAT

@@ -767,6 +767,26 @@ describe("exit", function()
   end)
 end)
 
+describe("caught signals", function()
+  it("flags a signal set to catch; a forked child has it at its default", function()
+    local out, err, code = H.script(PRE .. [[
+      core.set_signal("SIGUSR1", "catch")
+      print(core.signal_caught("SIGUSR1"))
+      core.kill(mp.current_process().pid, "SIGUSR1")
+      print(core.signal_caught("SIGUSR1"), core.signal_caught("SIGUSR1"))
+      local p = mp.Process{target = function()
+        core.kill(mp.current_process().pid, "SIGUSR1")
+        core.sleep(5)
+      end}
+      p:start() p:join()
+      print(p.exitcode)
+      core.set_signal("SIGUSR1", "default")
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("false\ntrue\tfalse\n-10\n", out)
+  end)
+end)
+
 describe("lifecycle", function()
   it("10^3 start/join cycles leave no zombie and no fd", function()
     -- (earlier tests' finished children are reaped first, and what they

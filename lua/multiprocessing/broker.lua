@@ -12,7 +12,8 @@
 --   P.."leases"   zset id -> lease expiry (server time, ms)
 --   P.."r:"..cid  list of results for client cid (task ids are cid.."."..n)
 --   P.."dead"     list of dead letters: "id|attempts|reason"
---   P.."wake"     tokens that wake idle daemons (only a hint)
+-- (An idle daemon waits for P.."q" itself with a BLMOVE of its tail onto
+-- its tail: that pops nothing, so submitting costs no extra command.)
 --
 -- Envelopes.  A task's env is HMAC-SHA256(authkey, "T" .. id .. "\0" ..
 -- payload) followed by the payload (the codec's bytes); a result is
@@ -177,6 +178,16 @@ elseif op == 'nack' then         -- id, attempt, reason
   if redis.call('HGET', P .. 't:' .. id, 'att') ~= ARGV[4] then return 0 end
   retry(id, ARGV[5])
   return 1
+elseif op == 'release' then      -- id, attempt: handed back unfinished by a
+  -- host that stops (SIGTERM); queued next, and it does not count
+  -- against max_attempts (the attempt number still grows: a fence)
+  local id = ARGV[3]
+  local k = P .. 't:' .. id
+  if redis.call('HGET', k, 'att') ~= ARGV[4] then return 0 end
+  redis.call('ZREM', P .. 'leases', id)
+  redis.call('HINCRBY', k, 'max', 1)
+  redis.call('RPUSH', P .. 'q', id)
+  return 1
 elseif op == 'reject' then       -- id, reason: a task that failed its check
   local id = ARGV[3]
   local att = redis.call('HGET', P .. 't:' .. id, 'att') or '0'
@@ -213,8 +224,11 @@ end
 -- script: the server-side script of the user (default M.SCRIPT, the
 -- Pool's).
 function M.connect(cfg, prefix, script)
+  -- (unconf: commands sent whose replies are not read yet -- see send;
+  -- written: how many of them the current connection carried)
   local b = setmetatable({cfg = cfg, prefix = prefix, r = false, sha = false,
-                          script = script or M.SCRIPT}, Broker)
+                          script = script or M.SCRIPT, unconf = {}, written = 0,
+                          pid = core.getpid()}, Broker)
   b:_reconnect(now() + cfg.connect_timeout)
   return b
 end
@@ -232,6 +246,7 @@ function Broker:_open(deadline)
     if cfg.db and cfg.db ~= 0 then r:command({"SELECT", cfg.db}, 5) end
     self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
   end)
+  self.written = 0
   if not ok then
     r:close()
     if core.is_error(err) and err.kind == "RemoteError" then
@@ -264,17 +279,44 @@ function Broker:_reconnect(deadline)
   end
 end
 
+-- The commands sent and not confirmed yet: written on this connection
+-- (again, on a new one), then -- when confirm -- their replies read; an
+-- error reply among them raises.  Then fn(r, ...) when given.
+local function run(self, confirm, fn, r, ...)
+  local u = self.unconf
+  if self.written < #u then
+    r:send(table.move(u, self.written + 1, #u, 1, {}), 30)
+    self.written = #u
+  end
+  if confirm and #u > 0 then
+    local replies = r:receive(#u, 30)
+    self.unconf, self.written = {}, 0
+    for i = 1, replies.n do
+      if core.is_error(replies[i]) then error(replies[i], 0) end
+    end
+  end
+  if fn then return fn(r, ...) end
+end
+
 -- Runs fn(r) on a live connection, reconnecting and retrying on a lost
 -- one.  Commands given here must be safe to repeat (the scripts' ops are:
 -- a repeated ack or nack is fenced by the attempt).
 function Broker:_with(fn, ...)
+  return self:_run(true, fn, ...)
+end
+
+function Broker:_run(confirm, fn, ...)
   local deadline
+  if self.pid ~= core.getpid() then
+    -- (a forked child: what its parent sent is the parent's)
+    self.pid, self.unconf, self.written = core.getpid(), {}, 0
+  end
   while true do
     if not self.r or self.r:owner() ~= core.getpid() then
       deadline = deadline or now() + self.cfg.connect_timeout
       self:_reconnect(deadline)
     end
-    local ok, res = pcall(fn, self.r, ...)
+    local ok, res = pcall(run, self, confirm, fn, self.r, ...)
     if ok then return res end
     if res == "interrupted!" then error(res, 0) end
     if not is_broken(res) then error(res, 0) end
@@ -293,6 +335,21 @@ end
 
 function Broker:pipeline(cmds, timeout)
   return self:_with(do_pipeline, cmds, timeout)
+end
+
+-- Writes cmds to the server without waiting for their replies: once
+-- this returns they are in the server's socket, and it runs them
+-- whatever this process does next.  Their replies are read before the
+-- next command's (an error reply then raises there); when the
+-- connection is lost before that, they are written again on the next
+-- one -- so they must be safe to repeat (at least once).
+function Broker:send(cmds)
+  if self.pid ~= core.getpid() then
+    self.pid, self.unconf, self.written = core.getpid(), {}, 0
+  end
+  local u = self.unconf
+  table.move(cmds, 1, #cmds, #u + 1, u)
+  self:_run(#u >= 4096, nil)          -- (confirmed now and then: bounded)
 end
 
 -- Runs the script's op (one atomic step) with its arguments.

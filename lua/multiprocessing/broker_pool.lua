@@ -86,6 +86,11 @@ local function own(self)
   self._tasks, self._ntasks, self._pending, self._seq = {}, 0, {}, 0
 end
 
+local function check_running_or_closed(self, fname)
+  if getmetatable(self) ~= Pool then argerror(1, fname, "Pool expected") end
+  if self._state == "TERMINATE" then raise("ValueError", "Pool is terminated") end
+end
+
 local function check_running(self, fname)
   if getmetatable(self) ~= Pool then argerror(1, fname, "Pool expected") end
   if self._state ~= "RUN" then raise("ValueError", "Pool not running") end
@@ -114,6 +119,8 @@ local function check_portable(v, path, seen)
   end
   seen[v] = true
   if t == "function" then
+    -- (a C function travels by name: its upvalues stay here)
+    if debug.getinfo(v, "S").what == "C" then return end
     for i = 1, math.huge do
       local name, uv = debug.getupvalue(v, i)
       if name == nil then break end
@@ -159,22 +166,18 @@ function Pool:_add(rec, task)
   return id
 end
 
--- Writes the pending tasks; when this returns they are in Redis.
+-- Writes the pending tasks: when this returns they are in Redis's
+-- socket, and Redis queues them whatever this process does next.  Their
+-- replies are read with the next exchange's (Broker:send), so a submit
+-- costs no round trip; a connection lost before then writes them again
+-- (a task queued twice runs at least once, never zero times; its second
+-- result is dropped).
 function Pool:_flush()
   own(self)
   local p = self._pending
   if #p == 0 then return end
-  if p[#p][1] ~= "LTRIM" then
-    p[#p + 1] = {"LPUSH", self._prefix .. "wake", "1"}
-    p[#p + 1] = {"LTRIM", self._prefix .. "wake", 0, 63}
-  end
-  -- (cleared once written: a write cut short is made again -- a task
-  -- queued twice runs at least once, never zero times)
-  local replies = self._b:pipeline(p, 30)
-  self._pending = {}
-  for i = 1, replies.n do
-    if core.is_error(replies[i]) then error(replies[i], 0) end
-  end
+  self._pending = {}          -- (the broker holds them until confirmed)
+  self._b:send(p)
 end
 
 local function check_fn(f, fname)
@@ -444,7 +447,62 @@ function Pool:_pump(deadline)
   end
 end
 
-function Pool:poll() self:_pump(0) end
+local unarm, arm    -- (below, with the event-loop fd)
+function Pool:poll()
+  unarm(self)
+  self:_pump(0)
+  -- (re-armed for a loop that watches the fd without asking again)
+  if self._w and self._state ~= "TERMINATE" then arm(self) end
+end
+
+-- Event loops: the fd is a second Redis connection's, with a BLMOVE of
+-- this client's result list onto itself pending on it (it pops
+-- nothing): readable when a result arrives, or when the BLMOVE's own
+-- timeout -- at most the second between two reaps of expired leases --
+-- ends it.  fileno() only arms it; poll() takes the BLMOVE's reply when
+-- the fd is readable and then collects the results without waiting.
+local function watch(self)
+  local w = self._w
+  if not w or w.pid ~= core.getpid() then
+    w = broker.connect(self._b.cfg, self._prefix)
+    self._w, self._warmed = w, false
+  end
+  return w
+end
+
+function arm(self)
+  local w = watch(self)
+  if not w.r then                     -- (lost: its BLMOVE went with it)
+    w.unconf, w.written, self._warmed = {}, 0, false
+  end
+  if not self._warmed then
+    local t = math.max(0.01, math.min(self._next_reap - now(), 1))
+    w:send({{"BLMOVE", self._rkey, self._rkey, "LEFT", "LEFT", string.format("%.3f", t)}})
+    self._warmed = true
+  end
+  return w.r:fileno()
+end
+
+function Pool:fileno()
+  check_running_or_closed(self, "fileno")
+  own(self)
+  return arm(self)
+end
+Pool.pollfd = Pool.fileno
+function Pool:events() return "r" end
+-- (the seconds until poll() is due anyway: the next reap)
+function Pool:timeout()
+  return math.max(self._next_reap - now(), 0)
+end
+
+-- Takes the watch's reply when it has come (never waits for it).
+function unarm(self)
+  local w = self._w
+  if not (self._warmed and w and w.pid == core.getpid() and w.r) then return end
+  if #core.wait_fds({w.r:fileno()}, 0) == 0 then return end
+  self._warmed = false
+  w:_run(true, nil)
+end
 
 -- (futures.wait / as_completed over this and local pools: this pool has
 -- no fd to wait on -- its results come by BLPOP -- so the wait on the
@@ -516,6 +574,7 @@ function Pool:terminate()
     self._b:command({"DEL", self._rkey}, 5)
   end)
   self._b:close()
+  if self._w then self._w:close() end
 end
 
 Pool.__close = Pool.terminate

@@ -66,8 +66,14 @@ local function start(self, id, att, env)
                       require("multiprocessing.broker_pool").FORMAT
   end
   if not ok then
-    rec.failed = core.new_error("DecodeError", "worker cannot run task " .. id .. ": " ..
-                                tostring(type(task) == "table" and task.message or task))
+    local msg = tostring(type(task) == "table" and task.message or task)
+    if msg:match("^cannot load module") or msg:match("^module '.-' has no field") then
+      -- (a C function or module named by the task that this host lacks;
+      -- require's search list stays out of the message)
+      msg = msg:gsub(":?\n.*", "") .. " (C functions and modules travel by name: " ..
+            "each must be loadable on the worker's host)"
+    end
+    rec.failed = core.new_error("DecodeError", "worker cannot run task " .. id .. ": " .. msg)
     return rec
   end
   local f = wrap(task.f, id, att)
@@ -187,7 +193,10 @@ local function step(self)
   if claimed > 0 then return end
   local wait = math.max(0.01, math.min(self.next_beat - now(), 1))
   if self.n == 0 then
-    self.b:command({"BLPOP", self.prefix .. "wake", string.format("%.3f", wait)}, wait + 30)
+    -- (a wait for the queue that takes nothing: its last id moved onto
+    -- its own tail; the claim takes it)
+    local q = self.prefix .. "q"
+    self.b:command({"BLMOVE", q, q, "RIGHT", "RIGHT", string.format("%.3f", wait)}, wait + 30)
   else
     local fs = {}
     for _, rec in pairs(self.inflight) do
@@ -200,9 +209,33 @@ local function step(self)
   end
 end
 
+-- A graceful stop (SIGTERM): what has finished is acked, the local Pool
+-- is stopped (its workers killed mid-task), and every task still held
+-- -- running or prefetched -- is released: queued again at once for
+-- another host, without waiting for its lease nor counting an attempt.
+local function stop(self)
+  local ready, rest = {}, {}
+  if self.n > 0 then pcall(self.pool.poll, self.pool) end
+  for _, rec in pairs(self.inflight) do
+    if rec.failed or rec.ar._done then ready[#ready + 1] = rec
+    else rest[#rest + 1] = rec end
+  end
+  self.pool:terminate()
+  local ops = #ready > 0 and finish(self, ready) or {}
+  for _, rec in ipairs(rest) do ops[#ops + 1] = {"release", rec.id, rec.att} end
+  -- (a broker down now gets connect_timeout, not the daemon's forever;
+  -- then the tasks go to other hosts after their lease)
+  self.b.cfg.connect_timeout = math.min(self.b.cfg.connect_timeout, broker.CONNECT_TIMEOUT)
+  local replies = self.b:ops(ops)
+  finished(self, ready, ops, replies)
+  log(self, "stopped: %d result(s) acked, %d task(s) handed back", #ready, #rest)
+  self.b:close()
+end
+
 -- Runs the daemon: opts {broker =, namespace =, authkey = | authkey_file =,
 -- processes =, lease = (claim lease of seconds before a task's own
--- lease counts, default 30), quiet =}.  Returns only on an error.
+-- lease counts, default 30), quiet =}.  Returns after a SIGTERM (see
+-- stop), raises on an error.
 function M.serve(opts)
   local fname = "luamp-worker"
   local key = broker.authkey(opts, fname)
@@ -224,10 +257,14 @@ function M.serve(opts)
   local f = io.open("/etc/hostname")
   self.wid = (f and f:read("l") or "host") .. ":" .. core.getpid()
   if f then f:close() end
+  -- (caught before the local Pool starts; its workers start with the
+  -- default again)
+  core.set_signal("SIGTERM", "catch")
   local pool_mod = require "multiprocessing.pool"
   self.pool = pool_mod.Pool(n)
   log(self, "serving namespace %s with %d processes", ns, n)
-  while true do step(self) end
+  while not core.signal_caught("SIGTERM") do step(self) end
+  stop(self)
 end
 
 -- The command line of luamp-worker.
@@ -255,8 +292,9 @@ function M.main(argv)
   end
   if not opts.broker then io.stderr:write(usage, "\n") os.exit(2) end
   local ok, err = pcall(M.serve, opts)
+  if ok then os.exit(0) end
   io.stderr:write("luamp-worker: ", tostring(err), "\n")
-  os.exit(ok and 0 or 1)
+  os.exit(1)
 end
 
 return M

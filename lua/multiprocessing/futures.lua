@@ -254,7 +254,10 @@ function Executor:fileno()
   return self._pool:fileno()
 end
 Executor.pollfd = Executor.fileno
-function Executor:events() return "r" end
+function Executor:events()
+  check_self(self, "events")
+  return self._pool:events()
+end
 function Executor:timeout()
   check_self(self, "timeout")
   return self._pool:timeout()
