@@ -228,7 +228,7 @@ $(FUZZ_BIN): spec/fuzz/fuzz_decode.c $(LIB_SRC) $(BUILD)/luafiles.c $(HEADERS)
 	$(FUZZ_CC) -g -O1 -std=c11 -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined \
 	  -fno-sanitize-recover=all $(LUA_CFLAGS) -Iruntime -I$(BUILD) -o $@ \
 	  spec/fuzz/fuzz_decode.c $(LIB_SRC) $(BUILD)/luafiles.c \
-	  $(or $(LUA_STATIC),$(LUA_LIBS)) -lm -ldl
+	  $(or $(LUA_STATIC),$(LUA_LIBS)) $(LIBS) -ldl
 
 fuzz: deps $(FUZZ_BIN)
 	@rm -rf build/fuzz/corpus && mkdir -p build/fuzz/corpus && cp spec/fuzz/corpus/* build/fuzz/corpus/

@@ -557,6 +557,22 @@ local function run_timers()
   end
 end
 
+-- Seconds the serving loop may wait: 0 while a client has more to read,
+-- else until the first timer or the listener's next wake-up (nil: none).
+local function next_timeout(more, lwake)
+  local timeout = nil
+  if next(more) then
+    timeout = 0
+  elseif heap[1] then
+    timeout = math.max(heap[1].t - now(), 0)
+  end
+  if lwake then
+    local t = math.max(lwake - now(), 0)
+    if timeout == nil or t < timeout then timeout = t end
+  end
+  return timeout
+end
+
 function Server:serve_forever()
   if self.running then error("the server is already serving", 2) end
   self.running = true
@@ -581,16 +597,7 @@ function Server:serve_forever()
         for _, fd in ipairs(lfds) do fds[#fds + 1] = fd end
         self.dirty = false
       end
-      local timeout = nil
-      if next(more) then
-        timeout = 0
-      elseif heap[1] then
-        timeout = math.max(heap[1].t - now(), 0)
-      end
-      if lwake then
-        local t = math.max(lwake - now(), 0)
-        if timeout == nil or t < timeout then timeout = t end
-      end
+      local timeout = next_timeout(more, lwake)
       -- the pools it serves (manager_pool.lua): their fds after ours
       local pfds, pt = T.pool_fds and T.pool_fds()
       if pt and (timeout == nil or pt < timeout) then timeout = pt end
