@@ -135,6 +135,8 @@ local function c_index_fields()
       for _, kind in ipairs(kinds) do
         out[kind] = out[kind] or {}
         for name in body:gmatch('strcmp%(k, "([%a_][%w_]*)"%)') do out[kind][name] = true end
+        -- (value.c's length-first KEY_IS(k, n, "name"))
+        for name in body:gmatch('KEY_IS%(k, n, "([%a_][%w_]*)"%)') do out[kind][name] = true end
       end
     end
   end
