@@ -110,7 +110,7 @@ end
 -- of it the kernel's context switches on this VM -- so its share follows
 -- the rate: with 8 ms tasks the cqueues loops used 3-4% and, with the
 -- machine's load at 11, 5.5% now and then.)
-local N = 1000
+local N = H.soak(1000)   -- (100 in the second pass; see H.soak)
 local function nap(i)
   core.sleep(0.012)
   return i
@@ -118,7 +118,7 @@ end
 
 for _, kind in ipairs {"luv", "cqueues"} do
   describe("Pool in a " .. kind .. " loop", function()
-    it("runs 1000 tasks to completion; the loop's process sleeps while it waits", function()
+    it("runs " .. N .. " tasks to completion; the loop's process sleeps while it waits", function()
       local pool <close> = mp.Pool(2)
       local done, sum = 0, 0
       local c0, t0
@@ -517,7 +517,7 @@ for _, kind in ipairs {"luv", "cqueues"} do
   describe("ProcessPoolExecutor in a " .. kind .. " loop", function()
     local futures = require "multiprocessing.futures"
 
-    it("1000 futures complete, callbacks run in ex:poll(); the loop's process sleeps while it waits", function()
+    it(N .. " futures complete, callbacks run in ex:poll(); the loop's process sleeps while it waits", function()
       local ex <close> = futures.ProcessPoolExecutor(2)
       local done, sum, outside = 0, 0, 0
       local polling = false
