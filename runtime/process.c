@@ -704,6 +704,21 @@ static LUAMP_NORETURN void child_start(lua_State *L, const int pfd[2],
   luamp_child_main(L, 1, 2);
 }
 
+/* Enters c in the registry and pushes its Child handle.  (Should the
+ * handle fail to be made, the entry stays registered without one: reaped
+ * by a later sweep or joined at exit.) */
+static void register_child(lua_State *L, struct child *c) {
+  struct childbox *b;
+  sweep();
+  c->next = registry;
+  registry = c;
+  b = lua_newuserdatauv(L, sizeof *b, 0);
+  b->c = c;
+  c->has_handle = 1;
+  luaL_setmetatable(L, CHILD_TNAME);
+  renew_sentinel(L);
+}
+
 /* core.spawn(fn, arg, daemon, ignore_sigint, die_with_parent, started)
  * -> Child handle.  Forks; the child runs fn(arg) and exits with its
  * integer result (0 for none, 1 with the traceback on stderr for an
@@ -713,7 +728,6 @@ static LUAMP_NORETURN void child_start(lua_State *L, const int pfd[2],
  * gets true from its first core.take_started(). */
 static int l_spawn(lua_State *L) {
   LUAMP_FENCE(L);
-  struct childbox *b;
   struct child *c;
   int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);
   int die_with_parent = lua_toboolean(L, 5), started = lua_toboolean(L, 6);
@@ -763,16 +777,7 @@ static int l_spawn(lua_State *L) {
     /* pidfd_open cannot fail for our own unreaped child but for fd
      * exhaustion; the wait loop then polls the pid. */
   }
-  sweep();
-  c->next = registry;
-  registry = c;
-  /* (should the handle fail to be made, the entry stays registered
-   * without one: reaped by a later sweep or joined at exit) */
-  b = lua_newuserdatauv(L, sizeof *b, 0);
-  b->c = c;
-  c->has_handle = 1;
-  luaL_setmetatable(L, CHILD_TNAME);
-  renew_sentinel(L);
+  register_child(L, c);
   if (spare_entry == NULL) spare_entry = calloc(1, sizeof *spare_entry);
   return 1;
 }
@@ -783,7 +788,6 @@ static int l_spawn(lua_State *L) {
  * Registered like our own children, so join, poll, signal, the sentinel
  * and the exit rule (daemons terminated, others joined) work the same. */
 void luamp_remote_child(lua_State *L, pid_t pid, int status_fd, int daemon) {
-  struct childbox *b;
   struct child *c = calloc(1, sizeof *c);
   if (c == NULL) {
     close(status_fd);
@@ -798,14 +802,7 @@ void luamp_remote_child(lua_State *L, pid_t pid, int status_fd, int daemon) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
   c->state = lua_topointer(L, -1);
   lua_pop(L, 1);
-  sweep();
-  c->next = registry;
-  registry = c;
-  b = lua_newuserdatauv(L, sizeof *b, 0);
-  b->c = c;
-  c->has_handle = 1;
-  luaL_setmetatable(L, CHILD_TNAME);
-  renew_sentinel(L);
+  register_child(L, c);
 }
 
 /* ---- raw process calls ----------------------------------------------- */
