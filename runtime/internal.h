@@ -213,6 +213,13 @@ char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
  * they were a table's items 1..count, with no table made). */
 char *luamp_encode_values(lua_State *L, int idx, int count, size_t reserve,
                           size_t *len, const char *root);
+/* The same, with value number slice->at (1-based) of the count, a table,
+ * sent as the array of its items first..last (raw gets, holes as nil):
+ * a chunk of a sequence with no table made for it (the Pool's maps). */
+struct luamp_slice { int at; lua_Integer first, last; };
+char *luamp_encode_slice(lua_State *L, int idx, int count,
+                         const struct luamp_slice *slice, size_t reserve,
+                         size_t *len, const char *root);
 
 /* Decodes exactly n bytes and pushes the one value they hold; raises
  * DecodeError with the byte offset of the problem. */
@@ -225,6 +232,12 @@ void luamp_decode(lua_State *L, const char *p, size_t n, int flags);
  * the items themselves (no table) and returns how many; any other message
  * is pushed as its one value (returns 1). */
 int luamp_decode_items(lua_State *L, const char *p, size_t n, int flags);
+/* The same, with item number into (1-based; 0: none), when it is an
+ * array, decoded into the table at tidx at keys at+1, at+2, ... (raw
+ * sets) and that table pushed in its place: a reply's results put where
+ * they belong with no table made for them (the Pool's chunks). */
+int luamp_decode_items_into(lua_State *L, const char *p, size_t n, int flags,
+                            int into, int tidx, lua_Integer at);
 
 /* The runtime's own objects (queues, locks, shared values...) travel as
  * handles: each userdata type registers how to describe itself in bytes

@@ -464,15 +464,26 @@ static void raise_shut(lua_State *L, const char *what) {
   luamp_raise(L, "ShutDown", "%s on a queue that was shut down", what);
 }
 
+static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
+                           const char *data, size_t len, uint64_t tag,
+                           int block, double deadline);
+
 /* Puts the value at vidx (count < 0) or the count values from vidx on,
  * as one array. */
 static int queue_put(lua_State *L, struct luamp_obj *o, int vidx, int count,
                      uint64_t tag, int block, double deadline) {
-  struct queue q = qget(o);
-  struct qhdr *h = q.h;
   size_t len;
   const char *data = count < 0 ? luamp_encode(L, vidx, 0, &len, NULL)
                                : luamp_encode_values(L, vidx, count, 0, &len, NULL);
+  return queue_put_bytes(L, o, data, len, tag, block, deadline);
+}
+
+/* Puts the message data[0..len) (the encoder's buffer). */
+static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
+                           const char *data, size_t len, uint64_t tag,
+                           int block, double deadline) {
+  struct queue q = qget(o);
+  struct qhdr *h = q.h;
   uint64_t need = rec_size(len), rec[2];
   uint32_t gs, ps;
   int wrap = 0;
@@ -559,8 +570,15 @@ static char *scratch(lua_State *L, struct luamp_obj *o, uint64_t n) {
 
 /* Takes the next item; with items, an empty queue (not blocking) gives
  * no result, and an array message its items themselves. */
+/* Where q:_get_items puts a reply's results (see q_get_items). */
+struct into { int dests, item; };
+
+static int decode_into(lua_State *L, const struct into *into, uint64_t tag,
+                       const char *p, size_t n);
+
 static int queue_get(lua_State *L, struct luamp_obj *o, int block,
-                     double deadline, int slot, int items) {
+                     double deadline, int slot, int items,
+                     const struct into *into) {
   struct queue q = qget(o);
   struct qhdr *h = q.h;
   uint64_t rec[2], len;
@@ -628,7 +646,8 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   if (gs) luamp_futex_wake(&h->put_seq, 1);
   {
     int nres = 1;
-    if (items) nres = luamp_decode_items(L, o->buf, (size_t)len, 0);
+    if (into) nres = decode_into(L, into, rec[1], o->buf, (size_t)len);
+    else if (items) nres = luamp_decode_items(L, o->buf, (size_t)len, 0);
     else luamp_decode(L, o->buf, (size_t)len, 0);
     if (o->bufcap > KEEP_SCRATCH) {   /* a rare big one: don't keep it */
       free(o->buf);
@@ -649,7 +668,8 @@ static int queue_put_tagged(lua_State *L, int qidx, int vidx, uint64_t tag,
 
 static int queue_get_slot(lua_State *L, int qidx, int block,
                           double deadline, int slot) {
-  return queue_get(L, checkqueue(L, qidx, any_queue), block, deadline, slot, 0);
+  return queue_get(L, checkqueue(L, qidx, any_queue), block, deadline, slot, 0,
+                   NULL);
 }
 
 /* ---- construction ------------------------------------------------------------------- */
@@ -930,10 +950,10 @@ static int q_put_nowait(lua_State *L) {
  * queue empty: before (a get that raises Empty leaves it armed) and
  * after (a get that took the last item). */
 static int watched_get(lua_State *L, struct luamp_obj *o, int block,
-                       double deadline, int items) {
+                       double deadline, int items, const struct into *into) {
   int n;
   qfd_settle(L, o);
-  n = queue_get(L, o, block, deadline, -1, items);
+  n = queue_get(L, o, block, deadline, -1, items, into);
   qfd_settle(L, o);
   return n;
 }
@@ -942,22 +962,65 @@ static int watched_get(lua_State *L, struct luamp_obj *o, int block,
 static int q_get(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1, full_queue);
   double d = lua_gettop(L) == 1 ? -1.0 : block_timeout(L, 2);
-  return watched_get(L, o, d != -2.0, d == -2.0 ? 0 : d, 0);
+  return watched_get(L, o, d != -2.0, d == -2.0 ? 0 : d, 0, NULL);
 }
 
-/* q:_get_items() -> the items of the next message (an array), or nothing
- * when the queue is empty; never waits (the Pool's replies). */
+/* q:_get_items([dests, item]) -> the items of the next message (an
+ * array), or nothing when the queue is empty; never waits (the Pool's
+ * replies).  With dests: when dests[tag] (tag: the record's, as put) is a
+ * table whose field `into` is a table and `at` an integer, item number
+ * `item` of the message, when an array, is decoded into into[at + 1],
+ * into[at + 2], ... and `into` itself is that item (a chunk's results go
+ * straight to the map's result table: no table made, none copied). */
 static int q_get_items(lua_State *L) {
-  return watched_get(L, checkqueue(L, 1, full_queue), 0, 0, 1);
+  struct luamp_obj *o = checkqueue(L, 1, full_queue);
+  struct into into;
+  if (lua_isnoneornil(L, 2)) return watched_get(L, o, 0, 0, 1, NULL);
+  luaL_checktype(L, 2, LUA_TTABLE);
+  into.dests = 2;
+  into.item = (int)luaL_checkinteger(L, 3);
+  luaL_argcheck(L, into.item >= 1, 3, "item must be >= 1");
+  return watched_get(L, o, 0, 0, 1, &into);
+}
+
+/* The message's items, its item into->item decoded into the table that
+ * dests[tag] names (see q_get_items), when there is one. */
+static int decode_into(lua_State *L, const struct into *into, uint64_t tag,
+                       const char *p, size_t n) {
+  int t, at_ok;
+  lua_Integer at;
+  luaL_checkstack(L, 4, "no room to decode");
+  if (tag == 0 || tag > (uint64_t)LUA_MAXINTEGER ||
+      lua_rawgeti(L, into->dests, (lua_Integer)tag) != LUA_TTABLE) {
+    lua_pop(L, 1);
+    return luamp_decode_items(L, p, n, 0);
+  }
+  lua_pushliteral(L, "at");
+  lua_rawget(L, -2);
+  at = lua_tointegerx(L, -1, &at_ok);
+  lua_pushliteral(L, "into");
+  t = lua_rawget(L, -3);
+  if (!at_ok || t != LUA_TTABLE) {
+    lua_pop(L, 3);
+    return luamp_decode_items(L, p, n, 0);
+  }
+  lua_replace(L, -3);          /* the table, under nothing else of ours */
+  lua_pop(L, 1);
+  {
+    int tidx = lua_gettop(L), nres;
+    nres = luamp_decode_items_into(L, p, n, 0, into->item, tidx, at);
+    lua_remove(L, tidx);
+    return nres;
+  }
 }
 
 static int q_get_nowait(lua_State *L) {
-  return watched_get(L, checkqueue(L, 1, full_queue), 0, 0, 0);
+  return watched_get(L, checkqueue(L, 1, full_queue), 0, 0, 0, NULL);
 }
 
 /* SimpleQueue:get() waits forever (Ctrl-C still interrupts) */
 static int sq_get(lua_State *L) {
-  return watched_get(L, checkqueue(L, 1, simple_only), 1, -1.0, 0);
+  return watched_get(L, checkqueue(L, 1, simple_only), 1, -1.0, 0, NULL);
 }
 
 static int sq_put(lua_State *L) {
@@ -993,6 +1056,28 @@ static int q_put_task(lua_State *L) {
   luaL_argcheck(L, tag >= 0, 2, "tag must be >= 0");
   queue_put(L, o, 3, lua_gettop(L) - 2, (uint64_t)tag, 1, -1.0);
   return 0;
+}
+
+/* q:_put_slice(tag, k, first, last, v1, ..., vn): puts {v1, ..., vn}
+ * tagged, as _put_task does, with vk (a table) sent as the array of its
+ * items first..last: a map's chunk, and a chunk's results, with no table
+ * cut for them. */
+static int q_put_slice(lua_State *L) {
+  LUAMP_FENCE(L);
+  lua_Integer tag = luaL_checkinteger(L, 2);
+  struct luamp_obj *o = checkqueue(L, 1, full_queue);
+  struct luamp_slice sl;
+  int count = lua_gettop(L) - 5;
+  size_t len;
+  const char *data;
+  luaL_argcheck(L, tag >= 0, 2, "tag must be >= 0");
+  sl.at = (int)luaL_checkinteger(L, 3);
+  sl.first = luaL_checkinteger(L, 4);
+  sl.last = luaL_checkinteger(L, 5);
+  luaL_argcheck(L, sl.at >= 1 && sl.at <= count, 3, "no such value");
+  luaL_checktype(L, 5 + sl.at, LUA_TTABLE);
+  data = luamp_encode_slice(L, 6, count, &sl, 0, &len, NULL);
+  return queue_put_bytes(L, o, data, len, (uint64_t)tag, 1, -1.0);
 }
 
 static int q_get_slot(lua_State *L) {
@@ -1289,6 +1374,7 @@ static const luaL_Reg queue_meth[] = {
   {"full", q_full}, {"close", q_close}, {"join_thread", q_join_thread},
   {"cancel_join_thread", q_cancel_join_thread},
   {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
+  {"_put_slice", q_put_slice},
   {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
   {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
   {"_await", q_await}, {"_wait_fd", q_wait_fd}, {"fileno", q_fileno},

@@ -31,7 +31,7 @@ local Pool = require "multiprocessing.pool_events"
 
 local encode, now = core.encode, core.now
 local upvalue_snapshot, upvalues_same = core.upvalue_snapshot, core.upvalues_same
-local table_slice, table_new = core.table_slice, core.table_new
+local table_new = core.table_new
 local new_error = core.new_error
 local getpid = core.pid or core.getpid
 local argerror, typeerror = util.argerror, util.typeerror
@@ -195,11 +195,18 @@ local function rename_path(err, mode, first)
 end
 
 -- Puts one task on the queue: {tag, function, mode, items, n, timed,
--- function length when stored}; rec is what the reply settles.
-function Pool:_submit(rec, fref, mode, items, n, first, timeout)
+-- function length when stored}; rec is what the reply settles.  With
+-- last: the task's items are items[first..last], sent as a slice of the
+-- caller's table (no table cut for the chunk).
+function Pool:_submit(rec, fref, mode, items, n, first, timeout, last)
   local tag = self._tag
   local ok, err
-  if type(fref) == "string" then
+  if last then
+    local f, flen = fref, nil
+    if type(fref) ~= "string" then f, flen = fref[1], fref[2] end
+    ok, err = pcall(self._tq._put_slice, self._tq, tag, 4, first, last,
+                    tag, f, mode, items, n, timeout and true or false, flen)
+  elseif type(fref) == "string" then
     ok, err = pcall(self._tq._put_task, self._tq, tag,
                     tag, fref, mode, items, n, timeout and true or false)
   else
@@ -425,8 +432,10 @@ function Pool:_submit_chunks(job, fref, mode, items, n, chunksize, timeout)
       self:_submit({job, first, 1, chunk, true}, fref,
                    mode == MAP and MAP1 or STARMAP1, items[first], 1, first, timeout)
     else
-      self:_submit({job, first, last - first + 1, chunk}, fref, mode,
-                   table_slice(items, first, last), last - first + 1, first, timeout)
+      -- (into, at: where the owner's _get_items puts the chunk's results)
+      self:_submit({job, first, last - first + 1, chunk,
+                    into = job._results, at = first - 1}, fref, mode,
+                   items, last - first + 1, first, timeout, last)
     end
     job._left = job._left + 1
   end

@@ -99,7 +99,9 @@ local function drain(self)
   local get = rq._get_items
   -- (a callback run by handle may have terminated the pool: its queues
   -- are closed then, and what was taken so far is all there is)
-  while not self._released and handle(self, get(rq)) do n = n + 1 end
+  -- (a chunk's record names where its results go: see _get_items)
+  local tasks = self._tasks
+  while not self._released and handle(self, get(rq, tasks, 4)) do n = n + 1 end
   return n
 end
 

@@ -69,14 +69,18 @@ local function settle_chunk(rec, status, a, b, c, tag)
   else
     job, first, count, chunk, bare = rec[1], rec[2], rec[3], rec[4], rec[5]
   end
+  -- (b is the job's result table itself when the results were decoded
+  -- into it: the record's into and at, see the owner's drain)
   local got
   if ok then
     got = a
     if bare then job._results[first] = b          -- one item, sent bare
-    elseif got > 0 then table_into(job._results, first, b, got) end
+    elseif got > 0 and b ~= job._results then
+      table_into(job._results, first, b, got)
+    end
   else
     got = c or 0
-    if got > 0 then table_into(job._results, first, b, got) end
+    if got > 0 and b ~= job._results then table_into(job._results, first, b, got) end
     local err = a
     if type(err) == "table" and err.item then
       -- a result that could not travel: its index over the whole input
@@ -328,7 +332,10 @@ function IMap:feed()
     self.fed = self.fed + k
     local c = self.chunks + 1
     job._chunk_first[c] = first
-    self.submit({job, first, k, c, chunksize == 1 or nil}, payload, k, first)
+    -- (into, at: where the owner's _get_items puts the chunk's results)
+    self.submit({job, first, k, c, chunksize == 1 or nil,
+                 into = chunksize > 1 and job._results or nil, at = first - 1},
+                payload, k, first)
     self.chunks = c
     self.sizes[c] = k
     job._left = job._left + 1
