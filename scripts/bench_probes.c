@@ -12,6 +12,11 @@
  *                               the kernel's floor for one wake-up each way
  *   fork_pidfd N                fork + _exit, the parent waiting as luamp's
  *                               join does (pidfd_open, poll, waitpid)
+ *   speedup                     the pool CPU speed-up row's floor: 8
+ *                               CPU-bound tasks of ~60 ms taken from a
+ *                               shared counter by 1 process, then by 2;
+ *                               the time ratio, median of 5 (what two
+ *                               processes get from the machine as it is)
  *   burn SECS [PID]             burns one core for at most SECS seconds,
  *                               or until process PID is gone (make bench's
  *                               loaded state; killed by pid)
@@ -95,6 +100,57 @@ static int full_write(int fd, const char *p, size_t n) {
     p += r;
     n -= (size_t)r;
   }
+  return 0;
+}
+
+/* The Lua workload's task: x = x + i % 7 for i = 1..k. */
+static unsigned long spin(unsigned long k) {
+  volatile unsigned long x = 0;
+  for (unsigned long i = 1; i <= k; i++) x = x + i % 7;
+  return x;
+}
+
+/* Runs 8 tasks of spin(k) in w processes, each taking the next task from
+ * a counter in shared memory (as pool workers take them from a queue);
+ * returns the seconds from the first fork to the last wait. */
+static double run_tasks(_Atomic long *next, int w, unsigned long k) {
+  double t0 = now();
+  atomic_store(next, 0);
+  for (int p = 0; p < w; p++) {
+    if (fork() == 0) {
+      while (atomic_fetch_add(next, 1) < 8) spin(k);
+      _exit(0);
+    }
+  }
+  for (int p = 0; p < w; p++) wait(NULL);
+  return now() - t0;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* The speed-up of 2 processes over 1 on 8 tasks of ~60 ms each. */
+static int cpu_speedup(void) {
+  _Atomic long *next = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                            MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  unsigned long k = 1;
+  double ratios[5];
+  if (next == MAP_FAILED) return 1;
+  for (;;) {                       /* size one task to ~60 ms here */
+    double t0;
+    k *= 2;
+    t0 = now();
+    spin(k);
+    if (now() - t0 > 0.06) break;
+  }
+  for (int r = 0; r < 5; r++) {
+    double t1 = run_tasks(next, 1, k);
+    ratios[r] = t1 / run_tasks(next, 2, k);
+  }
+  qsort(ratios, 5, sizeof ratios[0], cmp_double);
+  report("c.cpu_speedup_2p", 1.0, ratios[2], "x");
   return 0;
 }
 
@@ -183,6 +239,8 @@ int main(int argc, char **argv) {
     report("c.fork_pidfd_wait", now() - t0, (double)n, "procs/s");
   } else if (argc == 3 && strcmp(argv[1], "futex") == 0) {
     return futex_pingpong(atol(argv[2]));
+  } else if (argc == 2 && strcmp(argv[1], "speedup") == 0) {
+    return cpu_speedup();
   } else if ((argc == 3 || argc == 4) && strcmp(argv[1], "burn") == 0) {
     double until = now() + atof(argv[2]);
     pid_t watch = argc == 4 ? (pid_t)atol(argv[3]) : 0;
@@ -193,7 +251,8 @@ int main(int argc, char **argv) {
       for (int i = 0; i < 1000000; i++) x = x + 1;
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
-                    "pingpong N|stream MIB|futex N|fork_pidfd N|burn SECS [PID]\n");
+                    "pingpong N|stream MIB|futex N|fork_pidfd N|speedup|"
+                    "burn SECS [PID]\n");
     return 2;
   }
   return 0;
