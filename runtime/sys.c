@@ -189,23 +189,6 @@ static int l_getppid(lua_State *L) {
   return 1;
 }
 
-/* core.table_slice(t, i, j [, extra]) -> a new table holding t[i..j] at
- * 1..j-i+1, presized (and raw: no metamethods); room for `extra` more
- * array items is reserved.  The Pool cuts maps into chunks with it. */
-static int l_table_slice(lua_State *L) {
-  lua_Integer i = luaL_checkinteger(L, 2), j = luaL_checkinteger(L, 3);
-  lua_Integer extra = luaL_optinteger(L, 4, 0), n = j - i + 1;
-  luaL_checktype(L, 1, LUA_TTABLE);
-  if (n < 0) n = 0;
-  luaL_argcheck(L, n <= INT32_MAX - (extra > 0 ? extra : 0), 3, "slice too long");
-  lua_createtable(L, (int)(n + (extra > 0 ? extra : 0)), 0);
-  for (lua_Integer k = 0; k < n; k++) {
-    lua_rawgeti(L, 1, i + k);
-    lua_rawseti(L, -2, k + 1);
-  }
-  return 1;
-}
-
 /* core.table_into(dst, first, src, n): dst[first..first+n-1] = src[1..n],
  * raw. */
 static int l_table_into(lua_State *L) {
@@ -286,7 +269,6 @@ int luamp_open_sys(lua_State *L) {
     {"getppid", l_getppid},
     {"now", l_now},
     {"isatty", l_isatty},
-    {"table_slice", l_table_slice},
     {"table_into", l_table_into},
     {"table_new", l_table_new},
     {"sleep", l_sleep},
