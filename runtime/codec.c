@@ -912,56 +912,67 @@ static LUAMP_INLINE int next_slot(lua_State *L, int base, int k, int top) {
   return base;
 }
 
-/* A table whose keys are exactly 1..n comes out of lua_next in order when
- * it lives in the array part -- the common case -- so it is written in
- * one pass.  (Only the whole traversal proves there is no other key: no
- * API call tells the array part's size.)  The pairs go from base up.
- * Returns 1 written, 0 not in that shape (rolled back). */
-static int enc_sequence_fast(struct enc *e, int idx, lua_Unsigned n,
-                             int base) {
-  lua_State *L = e->L;
-  struct mark m = mark_here(e);
-  lua_Unsigned expect = 1;
-  int k = base, t;
-  if (put_array_header(e, n) < 0) return -1;
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    if (!lua_isinteger(L, k) || (lua_Unsigned)lua_tointeger(L, k) != expect ||
-        expect > n) {
-      lua_settop(L, base - 1);
-      roll_back(e, m);
-      return 0;
-    }
-    t = lua_type(L, k + 1);
-    if (enc_typed(e, k + 1, t) < 0) {
-      path_key(e, k);
-      lua_settop(L, base - 1);
-      return -1;
-    }
-    k = next_slot(L, base, k, t == LUA_TTABLE ? lua_gettop(L) : k + 1);
-    expect++;
-  }
-  if (expect - 1 != n) {
-    lua_settop(L, base - 1);
-    roll_back(e, m);
-    return 0;
-  }
-  return 1;
+/* A table's header goes in front of its items before their count is
+ * known: one byte is reserved, widened to 3 when the count reaches 16 and
+ * to 5 at 65536 (the items so far move up: at most 65535 of them, once),
+ * and filled in at the end. */
+struct header { size_t at, len; };
+
+static LUAMP_INLINE int begin_header(struct enc *e, struct header *h) {
+  ROOM(e, 1);
+  h->at = e->b->len;
+  h->len = 1;
+  e->b->len += 1;
+  return 0;
 }
 
-/* The pairs of a map, in one pass: the header is written as a fixmap and
- * fixed up once the count is known (the body moved for 16 pairs or
- * more), so tables are traversed once. */
-static int enc_map(struct enc *e, int idx, int base) {
+static LUAMP_NOINLINE int widen_header(struct enc *e, struct header *h,
+                                       size_t len) {
+  unsigned char *p;
+  ROOM(e, len - h->len);
+  p = e->b->buf + h->at;
+  memmove(p + len, p + h->len, e->b->len - h->at - h->len);
+  e->b->len += len - h->len;
+  h->len = len;
+  return 0;
+}
+
+/* After an item: the header has room for count items. */
+static LUAMP_INLINE int count_item(struct enc *e, struct header *h,
+                                   lua_Unsigned count) {
+  if (count == 16 || count == 65536)
+    return widen_header(e, h, count == 16 ? 3 : 5);
+  return 0;
+}
+
+/* An array (map: a map) of count items; the empty table is an empty
+ * array. */
+static int end_header(struct enc *e, struct header *h, lua_Unsigned count,
+                      int map) {
+  unsigned char *p = e->b->buf + h->at;
+  if (count > 0xffffffffu) return fail(e, "table with too many items");
+  if (h->len == 1) {
+    p[0] = (unsigned char)((map && count > 0 ? 0x80 : 0x90) | count);
+  } else if (h->len == 3) {
+    p[0] = map ? 0xde : 0xdc;
+    w16(p + 1, (unsigned)count);
+  } else {
+    p[0] = map ? 0xdf : 0xdd;
+    w32(p + 1, (uint32_t)count);
+  }
+  return 0;
+}
+
+/* The pairs of a map, in one pass, from base up, under the header h;
+ * pushed: lua_next has already left the first pair at base. */
+static int enc_map(struct enc *e, int idx, int base, struct header *h,
+                   int pushed) {
   lua_State *L = e->L;
-  size_t at, body;
   lua_Unsigned count = 0;
   int k = base, tk, tv;
-  ROOM(e, 1);
-  at = e->b->len;
-  e->b->len += 1;
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
+  if (!pushed) lua_pushnil(L);
+  while (pushed || lua_next(L, idx)) {
+    pushed = 0;
     tk = lua_type(L, k);
     if (enc_typed(e, k, tk) < 0) {
       path_key(e, k);
@@ -975,38 +986,19 @@ static int enc_map(struct enc *e, int idx, int base) {
       lua_settop(L, base - 1);
       return -1;
     }
+    if (count_item(e, h, ++count) < 0) return -1;
     k = next_slot(L, base, k, tk == LUA_TTABLE || tv == LUA_TTABLE ?
                                   lua_gettop(L) : k + 1);
-    count++;
   }
-  body = e->b->len - at - 1;
-  if (count < 16) {
-    /* (the empty table is an empty array) */
-    e->b->buf[at] = count == 0 ? 0x90 : (unsigned char)(0x80 | count);
-  } else {
-    unsigned char *p;
-    size_t head = count <= 0xffff ? 3 : 5;
-    if (count > 0xffffffffu) return fail(e, "table with too many keys");
-    ROOM(e, head - 1);
-    p = e->b->buf + at;
-    memmove(p + head, p + 1, body);
-    if (head == 3) {
-      p[0] = 0xde;
-      w16(p + 1, (unsigned)count);
-    } else {
-      p[0] = 0xdf;
-      w32(p + 1, (uint32_t)count);
-    }
-    e->b->len += head - 1;
-  }
-  return 0;
+  return end_header(e, h, count, 1);
 }
 
-/* A table that is not a sequence in array order: a sequence in another
- * order (keys 1..n in the hash part) or a map. */
-static int enc_table_general(struct enc *e, int idx, lua_Unsigned n) {
+/* A table that is not a sequence in traversal order: a sequence in
+ * another order (keys 1..n in the hash part) or a map. */
+static int enc_table_general(struct enc *e, int idx) {
   lua_State *L = e->L;
-  lua_Unsigned count = 0;
+  lua_Unsigned count = 0, n = lua_rawlen(L, idx);
+  struct header h;
   int seq = 1;
   lua_pushnil(L);
   while (seq && lua_next(L, idx)) {
@@ -1019,8 +1011,8 @@ static int enc_table_general(struct enc *e, int idx, lua_Unsigned n) {
       lua_pop(L, 1);
     }
   }
-  if (!seq || count != n) return enc_map(e, idx, lua_gettop(L) + 1);
-  if (put_array_header(e, n) < 0) return -1;
+  if (begin_header(e, &h) < 0) return -1;
+  if (!seq || count != n) return enc_map(e, idx, lua_gettop(L) + 1, &h, 0);
   for (lua_Unsigned i = 1; i <= n; i++) {
     int top = lua_gettop(L), t = lua_rawgeti(L, idx, (lua_Integer)i);
     int r = enc_typed(e, top + 1, t);
@@ -1029,19 +1021,46 @@ static int enc_table_general(struct enc *e, int idx, lua_Unsigned n) {
       path_index(e, (lua_Integer)i);
       return -1;
     }
+    if (count_item(e, &h, i) < 0) return -1;
   }
-  return 0;
+  return end_header(e, &h, n, 0);
 }
 
-/* The items of the table at idx, with the stack free from base up (room
- * for NEXT_WINDOW + 2 slots). */
+/* The items of the table at idx, the stack free from base up (room for
+ * NEXT_WINDOW + 2 slots), in one pass for the common shapes: keys 1..n
+ * in traversal order (a table's array part comes out in order) make an
+ * array; a first key that is no integer, or an integer key in a table
+ * without t[1], makes a map.  Anything else (keys 1..n out of order, a
+ * sequence with more keys) is rolled back and goes the general way.
+ * (Only the whole traversal proves a sequence has no other key: no API
+ * call tells the array part's size.) */
 static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
-  lua_Unsigned n = lua_rawlen(e->L, idx);
-  int r;
-  if (n == 0) return enc_map(e, idx, base);
-  r = enc_sequence_fast(e, idx, n, base);
-  if (r != 0) return r < 0 ? -1 : 0;
-  return enc_table_general(e, idx, n);
+  lua_State *L = e->L;
+  struct mark m = mark_here(e);
+  struct header h;
+  lua_Unsigned count = 0;
+  int k = base, t, isint;
+  if (begin_header(e, &h) < 0) return -1;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    isint = lua_isinteger(L, k);
+    if (!isint || (lua_Unsigned)lua_tointeger(L, k) != count + 1) {
+      if (count == 0 && (!isint || lua_rawlen(L, idx) == 0))
+        return enc_map(e, idx, base, &h, 1);
+      lua_settop(L, base - 1);
+      roll_back(e, m);
+      return enc_table_general(e, idx);
+    }
+    t = lua_type(L, k + 1);
+    if (enc_typed(e, k + 1, t) < 0) {
+      path_key(e, k);
+      lua_settop(L, base - 1);
+      return -1;
+    }
+    if (count_item(e, &h, ++count) < 0) return -1;
+    k = next_slot(L, base, k, t == LUA_TTABLE ? lua_gettop(L) : k + 1);
+  }
+  return end_header(e, &h, count, 0);
 }
 
 /* Hook results (class reducers, handle encoders) are computed once per

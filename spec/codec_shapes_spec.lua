@@ -104,6 +104,39 @@ describe("codec table shapes", function()
     assert.is_true(arrays > 500 and maps > 500)
   end)
 
+  it("sizes each header by the final count, whichever way the table goes", function()
+    local function hex(str) return (str:gsub(".", function(c)
+      return string.format("%02x", c:byte()) end)) end
+    local function seq(n, rev)
+      local t = {}
+      if rev then for i = n, 1, -1 do t[i] = 0 end   -- keys in the hash part
+      else for i = 1, n do t[i] = 0 end end
+      return t
+    end
+    local function map(n, first)
+      local t = {}
+      if first then t[first] = 0 end
+      for i = 1, n - (first and 1 or 0) do t["k" .. i] = 0 end
+      return t
+    end
+    for _, c in ipairs {{15, "9f"}, {16, "dc0010"}, {17, "dc0011"},
+                        {65535, "dcffff"}, {65536, "dd00010000"}} do
+      local n, head = c[1], c[2]
+      for _, rev in ipairs {false, true} do
+        local s = mp.encode(seq(n, rev))
+        assert.equal(head, hex(s:sub(1, #head // 2)), n)
+        assert.equal(n, #mp.decode(s))
+      end
+      local mhead = head:gsub("^9", "8"):gsub("^dc", "de"):gsub("^dd", "df")
+      for _, first in ipairs {false, 5, 2.5} do   -- first key int, float
+        local m = map(n, first)
+        local s = mp.encode(m)
+        assert.equal(mhead, hex(s:sub(1, #mhead // 2)), n)
+        assert.is_true(same(m, mp.decode(s)))
+      end
+    end
+  end)
+
   it("encodes wide tables nested deep (the stack stays bounded)", function()
     local old = mp.codec_options().max_depth
     mp.codec_options {max_depth = 3000}
