@@ -1585,6 +1585,7 @@ struct dec {
   int refs;            /* stack slot of the DEF table (nil until needed) */
   uint32_t nslots;     /* DEFs seen so far */
   uint32_t pending;    /* DEF slot for the next table or function made */
+  int stack_ok;        /* the Lua stack has room up to this index */
 };
 
 static void dec_fail(struct dec *d, const char *what) LUAMP_NORETURN;
@@ -1643,9 +1644,17 @@ static void room(struct dec *d, int n) {
   if (!lua_checkstack(d->L, n)) dec_fail(d, "nesting too deep for the Lua stack");
 }
 
+/* A level of nesting, with 4 free stack slots; lua_checkstack (about
+ * four times lua_gettop's cost) once per 64 slots: the room it makes
+ * stays while the C call lasts. */
 static void enter(struct dec *d) {
+  int top = lua_gettop(d->L);
   if (++d->depth > d->maxdepth) dec_fail(d, "nesting too deep");
-  if (!lua_checkstack(d->L, 4)) dec_fail(d, "nesting too deep for the Lua stack");
+  if (top + 4 > d->stack_ok) {
+    if (!lua_checkstack(d->L, 64))
+      dec_fail(d, "nesting too deep for the Lua stack");
+    d->stack_ok = top + 64;
+  }
 }
 
 static void dec_array(struct dec *d, uint32_t n) {
@@ -2056,10 +2065,13 @@ static void dec_value(struct dec *d) {
   }
 }
 
+/* Pushes the value; keep_refs: the DEF table's slot stays below it (a
+ * Lua function returning its top value need not close the gap). */
 static void decode_with(lua_State *L, const char *p, size_t n, int flags,
-                        int depth) {
+                        int depth, int keep_refs) {
   struct dec d;
   luaL_checkstack(L, 8, "no room to decode");
+  d.stack_ok = lua_gettop(L) + 8;
   d.L = L;
   d.start = d.p = (const unsigned char *)p;
   d.end = d.start + n;
@@ -2072,11 +2084,11 @@ static void decode_with(lua_State *L, const char *p, size_t n, int flags,
   d.refs = lua_gettop(L);
   dec_value(&d);
   if (d.p != d.end) dec_fail(&d, "trailing bytes");
-  lua_remove(L, d.refs);
+  if (!keep_refs) lua_remove(L, d.refs);
 }
 
 void luamp_decode(lua_State *L, const char *p, size_t n, int flags) {
-  decode_with(L, p, n, flags, max_depth);
+  decode_with(L, p, n, flags, max_depth, 0);
 }
 
 int luamp_decode_items(lua_State *L, const char *p, size_t n, int flags) {
@@ -2090,10 +2102,11 @@ int luamp_decode_items(lua_State *L, const char *p, size_t n, int flags) {
     k = r16(u + 1);
     hdr = 3;
   } else {
-    decode_with(L, p, n, flags, max_depth);
+    decode_with(L, p, n, flags, max_depth, 0);
     return 1;
   }
   luaL_checkstack(L, (int)k + 8, "no room to decode");
+  d.stack_ok = lua_gettop(L) + (int)k + 8;
   d.L = L;
   d.start = u;
   d.p = u + hdr;
@@ -2168,7 +2181,7 @@ static int l_decode(lua_State *L) {
     }
     lua_settop(L, 1);
   }
-  decode_with(L, s, n, flags, depth);
+  decode_with(L, s, n, flags, depth, 1);
   return 1;
 }
 
