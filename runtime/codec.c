@@ -305,6 +305,7 @@ struct enc {
   const void *globals;
   int names_checked;     /* the name cache was validated in this encode */
   int hooks;             /* hook results are cached (see hook_cached) */
+  int stack_ok;          /* the Lua stack has room up to this index */
   int oom;
   char msg[160];         /* innermost failure */
   char path[400];        /* steps from the root to it, built outwards */
@@ -489,13 +490,16 @@ static int put_int(struct enc *e, lua_Integer v) {
   return 0;
 }
 
-static int put_float(struct enc *e, double d) {
+static LUAMP_INLINE int put_float(struct enc *e, double d) {
+  struct encbox *b = e->b;
+  unsigned char *p;
   uint64_t u;
   ROOM(e, 9);
+  p = b->buf + b->len;
   memcpy(&u, &d, 8);
-  wp(e)[0] = 0xcb;
-  w64(wp(e) + 1, u);
-  e->b->len += 9;
+  p[0] = 0xcb;
+  w64(p + 1, u);
+  b->len += 9;
   return 0;
 }
 
@@ -567,32 +571,48 @@ static LUAMP_NOINLINE int put_string_any(struct enc *e, const char *s,
 }
 
 /* put_string_any, with short ASCII text (most keys and words) copied as
- * it is checked, inline. */
+ * it is checked, inline: two overlapping loads from each end cover any
+ * length up to 31 without a byte loop.  (Bytes stored past the string
+ * when it is not ASCII are overwritten by put_string_any.) */
 static LUAMP_INLINE int put_string(struct enc *e, const char *s, size_t n,
                                    int force_str) {
-  if (n < 32 && e->b->cap - e->b->len >= 32) {
-    unsigned char *p = wp(e);
-    uint64_t acc = 0, w;
-    size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      memcpy(&w, s + i, 8);
-      memcpy(p + 1 + i, &w, 8);
-      acc |= w;
-    }
-    if (i + 4 <= n) {
-      uint32_t h;
-      memcpy(&h, s + i, 4);
-      memcpy(p + 1 + i, &h, 4);
-      acc |= h;
-      i += 4;
-    }
-    for (; i < n; i++) {
-      p[1 + i] = (unsigned char)s[i];
-      acc |= (unsigned char)s[i];
+  struct encbox *b = e->b;
+  if (n < 32 && b->cap - b->len >= 40) {
+    unsigned char *p = b->buf + b->len + 1;
+    uint64_t acc = 0;
+    if (n >= 8) {
+      uint64_t a, z;
+      memcpy(&a, s, 8);
+      memcpy(&z, s + n - 8, 8);
+      if (n > 16) {
+        uint64_t c, d;
+        memcpy(&c, s + 8, 8);
+        memcpy(&d, s + n - 16, 8);
+        memcpy(p + 8, &c, 8);
+        memcpy(p + n - 16, &d, 8);
+        acc = c | d;
+      }
+      memcpy(p, &a, 8);
+      memcpy(p + n - 8, &z, 8);
+      acc |= a | z;
+    } else if (n >= 4) {
+      uint32_t a, z;
+      memcpy(&a, s, 4);
+      memcpy(&z, s + n - 4, 4);
+      memcpy(p, &a, 4);
+      memcpy(p + n - 4, &z, 4);
+      acc = a | z;
+    } else if (n > 0) {
+      unsigned char a = (unsigned char)s[0], m = (unsigned char)s[n / 2],
+                    z = (unsigned char)s[n - 1];
+      p[0] = a;
+      p[n / 2] = m;
+      p[n - 1] = z;
+      acc = a | m | z;
     }
     if ((acc & 0x8080808080808080ULL) == 0) {
-      p[0] = (unsigned char)(0xa0 | n);
-      e->b->len += n + 1;
+      p[-1] = (unsigned char)(0xa0 | n);
+      b->len += n + 1;
       return 0;
     }
   }
@@ -666,10 +686,10 @@ static int put_ref(struct enc *e, uint32_t id) {
 /* Identity.  Returns 1 when p was already in this message (a REF is
  * written), 0 when p is new (registered; in pass 2 a shared object gets a
  * DEF header, *def set to its offset, else SIZE_MAX), -1 on failure. */
-static int enter_object(struct enc *e, const void *p, size_t *def) {
+static LUAMP_NOINLINE int enter_object_any(struct enc *e, const void *p,
+                                           size_t *def) {
   struct encbox *b = e->b;
   uint32_t o;
-  *def = SIZE_MAX;
   if (!track_refs) return 0;
   o = map_find(b, p);
   if (o) {
@@ -699,6 +719,24 @@ oom:
   return fail(e, "not enough memory");
 }
 
+/* enter_object_any, with the common case inline: pass 1, few objects so
+ * far, p not among them. */
+static LUAMP_INLINE int enter_object(struct enc *e, const void *p,
+                                     size_t *def) {
+  struct encbox *b = e->b;
+  uint32_t n = b->norder;
+  *def = SIZE_MAX;
+  if (e->pass == 1 && n < MAP_LINEAR && n < b->ocap && track_refs) {
+    for (uint32_t o = 0; o < n; o++)
+      if (b->order[o] == p) return enter_object_any(e, p, def);
+    b->order[n] = p;
+    b->info[n] = 0;
+    b->norder = n + 1;
+    return 0;
+  }
+  return enter_object_any(e, p, def);
+}
+
 static int leave_object(struct enc *e, size_t def) {
   return def == SIZE_MAX ? 0 : end_ext(e, def);
 }
@@ -723,6 +761,7 @@ static void roll_back(struct enc *e, struct mark m) {
 
 static int enc_value(struct enc *e, int idx);
 static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t);
+static LUAMP_NOINLINE int enc_table(struct enc *e, int idx);
 
 /* ---- names of modules and their functions --------------------------- */
 
@@ -853,96 +892,114 @@ done:
 
 /* ---- tables ------------------------------------------------------------ */
 
-/* A table whose keys are exactly 1..n comes out of lua_next in order when
- * it lives in the array part -- the common case -- so it is written in
- * one pass.  Returns 1 written, 0 not in that shape (rolled back). */
-static int enc_sequence_fast(struct enc *e, int idx, lua_Unsigned n) {
-  lua_State *L = e->L;
-  struct mark m = mark_here(e);
-  lua_Unsigned expect = 1;
-  int key = lua_gettop(L) + 1, val = key + 1;
-  if (put_array_header(e, n) < 0) return -1;
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    if (!lua_isinteger(L, key) || (lua_Unsigned)lua_tointeger(L, key) != expect ||
-        expect > n) {
-      lua_settop(L, key - 1);
-      roll_back(e, m);
-      return 0;
-    }
-    if (enc_typed(e, val, lua_type(L, val)) < 0) {
-      path_key(e, key);
-      lua_settop(L, key - 1);
-      return -1;
-    }
-    lua_settop(L, key);
-    expect++;
+/* The stack in the encoder's hot loops.  lua_settop costs about twice
+ * what lua_pushvalue does, so the loops over a table's pairs do not pop:
+ * a copy of the key is pushed for the next lua_next call, and only once
+ * the stack is NEXT_WINDOW slots above the loop's base does the key move
+ * back down to base.  Encoding a table (enc_typed) may likewise leave its
+ * pairs above the stack top it found; enc_value is the clean variant, and
+ * encode() resets the stack once at the end. */
+#define NEXT_WINDOW 16
+
+/* After the pair at k, k + 1 (the stack ending at top): the slot where
+ * lua_next will leave the next pair. */
+static LUAMP_INLINE int next_slot(lua_State *L, int base, int k, int top) {
+  if (top < base + NEXT_WINDOW) {
+    lua_pushvalue(L, k);
+    return top + 1;
   }
-  if (expect - 1 != n) {
-    roll_back(e, m);
-    return 0;
-  }
-  return 1;
+  lua_copy(L, k, base);
+  lua_settop(L, base);
+  return base;
 }
 
-/* The pairs of a map, in one pass: the header is written as map16 and
- * fixed up once the count is known (moved for fewer than 16 pairs or more
- * than 65535), so tables are traversed once. */
-static int enc_map(struct enc *e, int idx) {
-  lua_State *L = e->L;
-  size_t at, body;
-  lua_Unsigned count = 0;
-  int key = lua_gettop(L) + 1, val = key + 1;
-  ROOM(e, 3);
-  at = e->b->len;
-  e->b->len += 3;
-  lua_pushnil(L);
-  while (lua_next(L, idx)) {
-    if (enc_typed(e, key, lua_type(L, key)) < 0) {
-      path_key(e, key);
-      path_step(e, "(key)");
-      lua_settop(L, key - 1);
-      return -1;
-    }
-    if (enc_typed(e, val, lua_type(L, val)) < 0) {
-      path_key(e, key);
-      lua_settop(L, key - 1);
-      return -1;
-    }
-    lua_settop(L, key);
-    count++;
-  }
-  body = e->b->len - at - 3;
-  if (count < 16) {
-    unsigned char *p = e->b->buf + at;
-    if (count == 0) {
-      p[0] = 0x90;   /* the empty table is an empty array */
-    } else {
-      p[0] = (unsigned char)(0x80 | count);
-      memmove(p + 1, p + 3, body);
-    }
-    e->b->len -= 2;
-  } else if (count <= 0xffff) {
-    e->b->buf[at] = 0xde;
-    w16(e->b->buf + at + 1, (unsigned)count);
+/* A table's header goes in front of its items before their count is
+ * known: one byte is reserved, widened to 3 when the count reaches 16 and
+ * to 5 at 65536 (the items so far move up: at most 65535 of them, once),
+ * and filled in at the end. */
+struct header { size_t at, len; };
+
+static LUAMP_INLINE int begin_header(struct enc *e, struct header *h) {
+  ROOM(e, 1);
+  h->at = e->b->len;
+  h->len = 1;
+  e->b->len += 1;
+  return 0;
+}
+
+static LUAMP_NOINLINE int widen_header(struct enc *e, struct header *h,
+                                       size_t len) {
+  unsigned char *p;
+  ROOM(e, len - h->len);
+  p = e->b->buf + h->at;
+  memmove(p + len, p + h->len, e->b->len - h->at - h->len);
+  e->b->len += len - h->len;
+  h->len = len;
+  return 0;
+}
+
+/* After an item: the header has room for count items. */
+static LUAMP_INLINE int count_item(struct enc *e, struct header *h,
+                                   lua_Unsigned count) {
+  if (count == 16 || count == 65536)
+    return widen_header(e, h, count == 16 ? 3 : 5);
+  return 0;
+}
+
+/* An array (map: a map) of count items; the empty table is an empty
+ * array. */
+static int end_header(struct enc *e, struct header *h, lua_Unsigned count,
+                      int map) {
+  unsigned char *p = e->b->buf + h->at;
+  if (count > 0xffffffffu) return fail(e, "table with too many items");
+  if (h->len == 1) {
+    p[0] = (unsigned char)((map && count > 0 ? 0x80 : 0x90) | count);
+  } else if (h->len == 3) {
+    p[0] = map ? 0xde : 0xdc;
+    w16(p + 1, (unsigned)count);
   } else {
-    unsigned char *p;
-    if (count > 0xffffffffu) return fail(e, "table with too many keys");
-    ROOM(e, 2);
-    p = e->b->buf + at;
-    memmove(p + 5, p + 3, body);
-    p[0] = 0xdf;
+    p[0] = map ? 0xdf : 0xdd;
     w32(p + 1, (uint32_t)count);
-    e->b->len += 2;
   }
   return 0;
 }
 
-/* A table that is not a sequence in array order: a sequence in another
- * order (keys 1..n in the hash part) or a map. */
-static int enc_table_general(struct enc *e, int idx, lua_Unsigned n) {
+/* The pairs of a map, in one pass, from base up, under the header h;
+ * pushed: lua_next has already left the first pair at base. */
+static int enc_map(struct enc *e, int idx, int base, struct header *h,
+                   int pushed) {
   lua_State *L = e->L;
   lua_Unsigned count = 0;
+  int k = base, tk, tv;
+  if (!pushed) lua_pushnil(L);
+  while (pushed || lua_next(L, idx)) {
+    pushed = 0;
+    tk = lua_type(L, k);
+    if (enc_typed(e, k, tk) < 0) {
+      path_key(e, k);
+      path_step(e, "(key)");
+      lua_settop(L, base - 1);
+      return -1;
+    }
+    tv = lua_type(L, k + 1);
+    if (enc_typed(e, k + 1, tv) < 0) {
+      path_key(e, k);
+      lua_settop(L, base - 1);
+      return -1;
+    }
+    if (count_item(e, h, ++count) < 0) return -1;
+    k = next_slot(L, base, k, tk == LUA_TTABLE || tv == LUA_TTABLE ?
+                                  lua_gettop(L) : k + 1);
+  }
+  return end_header(e, h, count, 1);
+}
+
+/* A table that is not a sequence in traversal order: a sequence in
+ * another order (keys 1..n in the hash part) or a map. */
+static int enc_table_general(struct enc *e, int idx) {
+  lua_State *L = e->L;
+  lua_Unsigned count = 0, n = lua_rawlen(L, idx);
+  struct header h;
   int seq = 1;
   lua_pushnil(L);
   while (seq && lua_next(L, idx)) {
@@ -955,27 +1012,56 @@ static int enc_table_general(struct enc *e, int idx, lua_Unsigned n) {
       lua_pop(L, 1);
     }
   }
-  if (!seq || count != n) return enc_map(e, idx);
-  if (put_array_header(e, n) < 0) return -1;
+  if (begin_header(e, &h) < 0) return -1;
+  if (!seq || count != n) return enc_map(e, idx, lua_gettop(L) + 1, &h, 0);
   for (lua_Unsigned i = 1; i <= n; i++) {
-    int t = lua_rawgeti(L, idx, (lua_Integer)i);
-    if (enc_typed(e, lua_gettop(L), t) < 0) {
+    int top = lua_gettop(L), t = lua_rawgeti(L, idx, (lua_Integer)i);
+    int r = enc_typed(e, top + 1, t);
+    lua_settop(L, top);
+    if (r < 0) {
       path_index(e, (lua_Integer)i);
-      lua_pop(L, 1);
       return -1;
     }
-    lua_pop(L, 1);
+    if (count_item(e, &h, i) < 0) return -1;
   }
-  return 0;
+  return end_header(e, &h, n, 0);
 }
 
-static int enc_table_body(struct enc *e, int idx) {
-  lua_Unsigned n = lua_rawlen(e->L, idx);
-  int r;
-  if (n == 0) return enc_map(e, idx);
-  r = enc_sequence_fast(e, idx, n);
-  if (r != 0) return r < 0 ? -1 : 0;
-  return enc_table_general(e, idx, n);
+/* The items of the table at idx, the stack free from base up (room for
+ * NEXT_WINDOW + 2 slots), in one pass for the common shapes: keys 1..n
+ * in traversal order (a table's array part comes out in order) make an
+ * array; a first key that is no integer, or an integer key in a table
+ * without t[1], makes a map.  Anything else (keys 1..n out of order, a
+ * sequence with more keys) is rolled back and goes the general way.
+ * (Only the whole traversal proves a sequence has no other key: no API
+ * call tells the array part's size.) */
+static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
+  lua_State *L = e->L;
+  struct mark m = mark_here(e);
+  struct header h;
+  lua_Unsigned count = 0;
+  int k = base, t, isint;
+  if (begin_header(e, &h) < 0) return -1;
+  lua_pushnil(L);
+  while (lua_next(L, idx)) {
+    isint = lua_isinteger(L, k);
+    if (!isint || (lua_Unsigned)lua_tointeger(L, k) != count + 1) {
+      if (count == 0 && (!isint || lua_rawlen(L, idx) == 0))
+        return enc_map(e, idx, base, &h, 1);
+      lua_settop(L, base - 1);
+      roll_back(e, m);
+      return enc_table_general(e, idx);
+    }
+    t = lua_type(L, k + 1);
+    if (enc_typed(e, k + 1, t) < 0) {
+      path_key(e, k);
+      lua_settop(L, base - 1);
+      return -1;
+    }
+    if (count_item(e, &h, ++count) < 0) return -1;
+    k = next_slot(L, base, k, t == LUA_TTABLE ? lua_gettop(L) : k + 1);
+  }
+  return end_header(e, &h, count, 0);
 }
 
 /* Hook results (class reducers, handle encoders) are computed once per
@@ -1091,7 +1177,7 @@ static int enc_with_metatable(struct enc *e, int idx) {
     if (lua_isfunction(L, -1)) {
       if (!hook_cached(e, idx)) {
         if (call_hook(e, lua_gettop(L), idx, "class reducer") < 0) {
-          lua_pop(L, 6);
+          lua_settop(L, mt - 1);
           return -1;
         }
         hook_store(e, idx);
@@ -1099,30 +1185,36 @@ static int enc_with_metatable(struct enc *e, int idx) {
       e->depth++;
       r = enc_value(e, lua_gettop(L));
       e->depth--;
-      lua_pop(L, 1);
     } else {
-      r = enc_table_body(e, idx);
+      r = enc_table_body(e, idx, lua_gettop(L) + 1);
     }
-    lua_pop(L, 6);
+    lua_settop(L, mt - 1);
     if (r < 0 || end_ext(e, at) < 0) return -1;
   }
   return 1;
 }
 
-static int enc_table(struct enc *e, int idx) {
+static LUAMP_NOINLINE int enc_table(struct enc *e, int idx) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
   size_t def;
-  int r;
+  int r, top;
   if (p == e->globals) return put_ext(e, EXT_GLOBALS, "", 0);
   if (e->depth >= max_depth)
     return fail(e, "nesting deeper than %d levels", max_depth);
-  if (!lua_checkstack(L, 8)) return fail(e, "Lua stack overflow");
+  top = lua_gettop(L);
+  /* room for this level's pairs and a few more levels (the room
+   * lua_checkstack makes stays while this C call lasts) */
+  if (top + NEXT_WINDOW + 16 > e->stack_ok) {
+    if (!lua_checkstack(L, 4 * NEXT_WINDOW))
+      return fail(e, "Lua stack overflow");
+    e->stack_ok = top + 4 * NEXT_WINDOW;
+  }
   r = enter_object(e, p, &def);
   if (r != 0) return r < 0 ? -1 : 0;
   e->depth++;
   r = enc_with_metatable(e, idx);
-  if (r == 0) r = enc_table_body(e, idx);
+  if (r == 0) r = enc_table_body(e, idx, top + 1);
   e->depth--;
   if (r < 0) return -1;
   return leave_object(e, def);
@@ -1346,13 +1438,19 @@ static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
       wp(e)[0] = t == LUA_TNIL ? 0xc0 : lua_toboolean(L, idx) ? 0xc3 : 0xc2;
       e->b->len++;
       return 0;
+    case LUA_TTABLE:
+      return enc_table(e, idx);
     default:
       return enc_object(e, idx, t);
   }
 }
 
+/* enc_typed, leaving the stack as it found it. */
 static int enc_value(struct enc *e, int idx) {
-  return enc_typed(e, idx, lua_type(e->L, idx));
+  lua_State *L = e->L;
+  int top = lua_gettop(L), r = enc_typed(e, idx, lua_type(L, idx));
+  lua_settop(L, top);
+  return r;
 }
 
 static struct encbox *get_box(lua_State *L) {
@@ -1423,11 +1521,13 @@ static int enc_slice(struct enc *e, int idx, const struct luamp_slice *sl) {
 }
 
 static int enc_values(struct enc *e, int idx, int count) {
-  if (count < 0) return enc_value(e, idx);
+  lua_State *L = e->L;
+  if (count < 0) return enc_typed(e, idx, lua_type(L, idx));
   if (put_array_header(e, (lua_Unsigned)count) < 0) return -1;
   for (int k = 0; k < count; k++)
-    if ((e->slice && k + 1 == e->slice->at ? enc_slice(e, idx + k, e->slice)
-                                           : enc_value(e, idx + k)) < 0) {
+    if ((e->slice && k + 1 == e->slice->at
+             ? enc_slice(e, idx + k, e->slice)
+             : enc_typed(e, idx + k, lua_type(L, idx + k))) < 0) {
       path_index(e, k + 1);
       return -1;
     }
@@ -1438,7 +1538,7 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
                     const struct luamp_slice *slice, size_t reserve,
                     size_t *len, const char *root) {
   struct enc e;
-  int top, r;
+  int top, work, r;
   idx = lua_absindex(L, idx);
   e.L = L;
   e.slice = slice;
@@ -1451,8 +1551,9 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
   e.msg[0] = e.path[0] = '\0';
   e.pathlen = 0;
   e.nsteps = 0;
-  luaL_checkstack(L, 8, "no room to encode");
+  luaL_checkstack(L, 4 * NEXT_WINDOW, "no room to encode");
   top = lua_gettop(L);
+  e.stack_ok = top + 4 * NEXT_WINDOW;
   /* (box: the state's box, known to the caller; a nested encode, which
    * finds it busy, gets one of its own) */
   e.b = box && !box->busy ? box : get_box(L);
@@ -1465,6 +1566,7 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
   }
   e.globals = e.b->globals;
   e.pass = 1;
+  work = lua_gettop(L);   /* (the box stays anchored below work) */
   for (;;) {
     e.b->len = 0;
     r = e.b->cap < reserve + 64 ? grow(&e, reserve + 64) : 0;
@@ -1474,6 +1576,7 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
     }
     map_truncate(e.b, 0);
     if (r < 0 || e.pass == 2 || e.nshared == 0) break;
+    lua_settop(L, work);
     e.pass = 2;   /* objects repeat: once more with DEF/REF */
   }
   lua_settop(L, top);
@@ -1522,6 +1625,7 @@ struct dec {
   int refs;            /* stack slot of the DEF table (nil until needed) */
   uint32_t nslots;     /* DEFs seen so far */
   uint32_t pending;    /* DEF slot for the next table or function made */
+  int stack_ok;        /* the Lua stack has room up to this index */
 };
 
 static void dec_fail(struct dec *d, const char *what) LUAMP_NORETURN;
@@ -1580,9 +1684,17 @@ static void room(struct dec *d, int n) {
   if (!lua_checkstack(d->L, n)) dec_fail(d, "nesting too deep for the Lua stack");
 }
 
+/* A level of nesting, with 4 free stack slots; lua_checkstack (about
+ * four times lua_gettop's cost) once per 64 slots: the room it makes
+ * stays while the C call lasts. */
 static void enter(struct dec *d) {
+  int top = lua_gettop(d->L);
   if (++d->depth > d->maxdepth) dec_fail(d, "nesting too deep");
-  if (!lua_checkstack(d->L, 4)) dec_fail(d, "nesting too deep for the Lua stack");
+  if (top + 4 > d->stack_ok) {
+    if (!lua_checkstack(d->L, 64))
+      dec_fail(d, "nesting too deep for the Lua stack");
+    d->stack_ok = top + 64;
+  }
 }
 
 /* One item of an array: numbers inline (small ints, doubles, 16 and
@@ -2034,10 +2146,13 @@ static void dec_value(struct dec *d) {
   }
 }
 
+/* Pushes the value; keep_refs: the DEF table's slot stays below it (a
+ * Lua function returning its top value need not close the gap). */
 static void decode_with(lua_State *L, const char *p, size_t n, int flags,
-                        int depth) {
+                        int depth, int keep_refs) {
   struct dec d;
   luaL_checkstack(L, 8, "no room to decode");
+  d.stack_ok = lua_gettop(L) + 8;
   d.L = L;
   d.start = d.p = (const unsigned char *)p;
   d.end = d.start + n;
@@ -2050,11 +2165,11 @@ static void decode_with(lua_State *L, const char *p, size_t n, int flags,
   d.refs = lua_gettop(L);
   dec_value(&d);
   if (d.p != d.end) dec_fail(&d, "trailing bytes");
-  lua_remove(L, d.refs);
+  if (!keep_refs) lua_remove(L, d.refs);
 }
 
 void luamp_decode(lua_State *L, const char *p, size_t n, int flags) {
-  decode_with(L, p, n, flags, max_depth);
+  decode_with(L, p, n, flags, max_depth, 0);
 }
 
 int luamp_decode_items(lua_State *L, const char *p, size_t n, int flags) {
@@ -2074,10 +2189,11 @@ int luamp_decode_items_into(lua_State *L, const char *p, size_t n, int flags,
     k = r16(u + 1);
     hdr = 3;
   } else {
-    decode_with(L, p, n, flags, max_depth);
+    decode_with(L, p, n, flags, max_depth, 0);
     return 1;
   }
   luaL_checkstack(L, (int)k + 8, "no room to decode");
+  d.stack_ok = lua_gettop(L) + (int)k + 8;
   d.L = L;
   d.start = u;
   d.p = u + hdr;
@@ -2154,7 +2270,7 @@ static int l_decode(lua_State *L) {
     }
     lua_settop(L, 1);
   }
-  decode_with(L, s, n, flags, depth);
+  decode_with(L, s, n, flags, depth, 1);
   return 1;
 }
 

@@ -13,6 +13,8 @@
 
 #include "tap.h"
 
+#include <lualib.h>
+
 static uint64_t rng = 88172645463325252ULL;
 static uint64_t next_rand(void) {
   rng ^= rng << 13;
@@ -68,9 +70,72 @@ static void truncate_keeps_lookups(void) {
   }
 }
 
+static int encode_top(lua_State *L) {
+  size_t len;
+  encode(L, NULL, 1, -1, 0, &len, NULL);
+  return 0;
+}
+
+/* The encoder's loops leave their pairs on the stack (popping costs more
+ * than pushing) and encode() resets it once: a C caller gets the stack it
+ * had, after one pass, after two (a shared table), after a failure, and
+ * for several values at once; the bytes decode to what was encoded. */
+static void encode_leaves_the_stack(void) {
+  static const char *const values[] = {
+    "local t = {} for i = 1, 40 do t[i] = {i, {x = i}} end "
+    "return {list = t, name = 'n', deep = {{{{1}}}}}",
+    "local s = {1, 2} return {a = s, b = {s, s}, c = {[s] = s}}",
+    "local t = {1, 2, 3} t.x = t return {t, t}",
+    "return {1, 2, nil, 4, [10] = {{}}, [{}] = {1}}",
+    NULL
+  };
+  lua_State *L = luaL_newstate();
+  luaL_openlibs(L);
+  for (int i = 0; values[i]; i++) {
+    size_t len;
+    char *p;
+    int top;
+    CHECK(luaL_dostring(L, values[i]) == LUA_OK);
+    lua_pushinteger(L, 7);   /* something above the value */
+    top = lua_gettop(L);
+    p = encode(L, NULL, -2, -1, 16, &len, NULL);
+    CHECK(lua_gettop(L) == top);
+    CHECK(len > 0 && p != NULL);
+    luamp_decode(L, p + 16, len, 0);
+    CHECK(lua_type(L, -1) == LUA_TTABLE);
+    lua_settop(L, top);
+    p = encode(L, NULL, top - 1, 2, 0, &len, NULL);   /* value, 7 */
+    CHECK(lua_gettop(L) == top);
+    CHECK(len > 1 && (unsigned char)p[0] == 0x92 &&
+          (unsigned char)p[len - 1] == 7);
+    lua_settop(L, 0);
+  }
+  /* a failure deep in a wide table: the error, and nothing else, left */
+  CHECK(luaL_dostring(L, "local t = {} for i = 1, 30 do t[i] = {i} end "
+                         "t[25][2] = coroutine.create(print) return t") ==
+        LUA_OK);
+  lua_pushcfunction(L, encode_top);
+  lua_pushvalue(L, 1);
+  CHECK(lua_pcall(L, 1, 0, 0) != LUA_OK);
+  CHECK(lua_gettop(L) == 2);   /* the table, the error */
+  lua_getfield(L, 2, "path");
+  lua_rawgeti(L, -1, 1);
+  CHECK(lua_tointeger(L, -1) == 25);
+  lua_pop(L, 2);
+  /* the encoder works on afterwards */
+  {
+    size_t len;
+    lua_createtable(L, 0, 0);
+    encode(L, NULL, -1, -1, 0, &len, NULL);
+    CHECK(len == 1);
+  }
+  lua_close(L);
+}
+
 int main(void) {
   static const struct tap_test tests[] = {
     {"identity map: forgetting the last objects keeps the others findable", truncate_keeps_lookups},
+    {"encode leaves the caller's stack as it found it", encode_leaves_the_stack},
     {NULL, NULL}
   };
   return tap_run(tests);
