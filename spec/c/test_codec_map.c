@@ -72,7 +72,7 @@ static void truncate_keeps_lookups(void) {
 
 static int encode_top(lua_State *L) {
   size_t len;
-  encode(L, NULL, 1, -1, 0, &len, NULL);
+  encode(L, NULL, 1, -1, NULL, 0, &len, NULL);
   return 0;
 }
 
@@ -98,13 +98,13 @@ static void encode_leaves_the_stack(void) {
     CHECK(luaL_dostring(L, values[i]) == LUA_OK);
     lua_pushinteger(L, 7);   /* something above the value */
     top = lua_gettop(L);
-    p = encode(L, NULL, -2, -1, 16, &len, NULL);
+    p = encode(L, NULL, -2, -1, NULL, 16, &len, NULL);
     CHECK(lua_gettop(L) == top);
     CHECK(len > 0 && p != NULL);
     luamp_decode(L, p + 16, len, 0);
     CHECK(lua_type(L, -1) == LUA_TTABLE);
     lua_settop(L, top);
-    p = encode(L, NULL, top - 1, 2, 0, &len, NULL);   /* value, 7 */
+    p = encode(L, NULL, top - 1, 2, NULL, 0, &len, NULL);   /* value, 7 */
     CHECK(lua_gettop(L) == top);
     CHECK(len > 1 && (unsigned char)p[0] == 0x92 &&
           (unsigned char)p[len - 1] == 7);
@@ -126,7 +126,7 @@ static void encode_leaves_the_stack(void) {
   {
     size_t len;
     lua_createtable(L, 0, 0);
-    encode(L, NULL, -1, -1, 0, &len, NULL);
+    encode(L, NULL, -1, -1, NULL, 0, &len, NULL);
     CHECK(len == 1);
   }
   lua_close(L);
