@@ -76,6 +76,8 @@
 #define MAX_SLOTS 4096                /* Pool worker slots */
 #define SLICE_MS 250
 #define SPIN_NS 10000                 /* polling before sleeping in get */
+#define BUSY_EVERY 0.02               /* seconds between looks at run_delay */
+#define BUSY_SHARE 0.05               /* waiting for a CPU this share: busy */
 #define KEEP_SCRATCH ((size_t)8 << 20) /* get's buffer kept up to this */
 
 /* The header, in the arena's first page.  Lock rules: mu guards every
@@ -450,6 +452,52 @@ static int spin_until_nonzero(_Atomic uint64_t *w) {
   }
 }
 
+/* Whether a get should poll before it sleeps (issue 18).  A poll pays
+ * off only while the putter is on a CPU.  On a quiet machine a pool
+ * worker's poll catches the owner's next task (a round trip pays one
+ * sleep, not two: 0.4-1.2 context switches per round trip instead of
+ * 2).  With one core burned by another program the putter waits for a
+ * CPU, and the poller is in its way: the futures round trip with a burner
+ * pinned to one core ran 20-21.5k/s polling and 31-34k/s not (3 of 4
+ * A/B pairs; the 4th 4.2k/s against 12.7k/s), and bench_probes' futex
+ * ping-pong lost 4-6x by polling in 2 of 3 runs.  A poll's misses do not tell the two states apart (a missed
+ * poll makes the next one likelier to miss: the putter then sleeps and
+ * is slow to wake), so the test is the kernel's: the share of the last
+ * BUSY_EVERY seconds this thread spent runnable but waiting for a CPU
+ * (run_delay of /proc/thread-self/schedstat).  Over BUSY_SHARE, gets
+ * sleep at once until the next look.  Per thread (a fork looks afresh);
+ * where the file cannot be read, gets poll as before. */
+static int cpus_free(void) {
+  static _Thread_local pid_t pid;
+  static _Thread_local double at;     /* when run_delay was read */
+  static _Thread_local double delay;  /* what it was, seconds */
+  static _Thread_local int verdict = 1;
+  double t = luamp_now(), d;
+  char buf[96];
+  ssize_t n;
+  int fd;
+  if (pid == luamp_pid() && t - at < BUSY_EVERY) return verdict;
+  fd = luamp_sys.open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC, 0);
+  if (fd < 0) return verdict;
+  n = luamp_sys.read(fd, buf, sizeof buf - 1);
+  luamp_sys.close(fd);
+  if (n <= 0) return verdict;
+  buf[n] = 0;
+  {
+    unsigned long long run, wait;
+    if (sscanf(buf, "%llu %llu", &run, &wait) != 2) return verdict;
+    d = (double)wait * 1e-9;
+  }
+  if (pid == luamp_pid() && t > at)
+    verdict = (d - delay) / (t - at) <= BUSY_SHARE;
+  else
+    verdict = 1;                      /* a new process: no sample yet */
+  pid = luamp_pid();
+  at = t;
+  delay = d;
+  return verdict;
+}
+
 /* Waits (mu not held) for *seq to move from snap; returns the wait result. */
 static int sleep_on(lua_State *L, _Atomic uint32_t *seq, uint32_t snap,
                     _Atomic uint32_t *sleepers, double deadline) {
@@ -595,7 +643,7 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
         luamp_raise(L, "Empty", "queue is empty");
       }
       /* a producer on another core is usually a moment away */
-      if (spin_until_nonzero(&h->count)) continue;
+      if (cpus_free() && spin_until_nonzero(&h->count)) continue;
       snap = atomic_load(&h->put_seq);
       if (atomic_load(&h->count) > 0) continue;
       r = sleep_on(L, &h->put_seq, snap, &h->getters, deadline);
@@ -1298,12 +1346,13 @@ static int jq_join(lua_State *L) {
   return 1;
 }
 
-/* q:_stats() -> {capacity =, bytes =, resident =, repairs =}: bytes
- * queued, and bytes of memory the queue holds (specs, diagnostics) */
+/* q:_stats() -> {capacity =, bytes =, resident =, repairs =, polling =}:
+ * bytes queued, and bytes of memory the queue holds (specs, diagnostics) */
 static int q_stats(lua_State *L) {
   struct luamp_obj *o = checkqueue(L, 1, full_queue);
   struct queue q = qget(o);
   struct stat st;
+  int polling = cpus_free();          /* gets in this process poll now */
   qlock(L, q.h);
   lua_createtable(L, 0, 4);
   if (fstat(o->arena->fd, &st) == 0) {
@@ -1320,6 +1369,8 @@ static int q_stats(lua_State *L) {
   lua_setfield(L, -2, "watchers");
   lua_pushinteger(L, (lua_Integer)q.h->skips);
   lua_setfield(L, -2, "skips");
+  lua_pushboolean(L, polling);
+  lua_setfield(L, -2, "polling");
   luamp_mutex_unlock(&q.h->mu);
   return 1;
 }

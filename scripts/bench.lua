@@ -436,7 +436,13 @@ end
 
 -- ---- futures (issue 15) ------------------------------------------------------
 
--- submit -> result, one future at a time: the latency of one task
+-- submit -> result, one future at a time: the latency of one task.  A
+-- true round trip (each submit waits for its result; bench.py's row is
+-- the same).  It can beat bench_probes' plain futex ping-pong (one sleep
+-- and one wake-up each way) because a worker polls 10 us before it
+-- sleeps (queue.c): on a quiet machine the owner's next task often comes
+-- within the poll, so a round trip pays one sleep, not two.  The fair
+-- floor for that hand-off is bench_probes futex_poll.
 add("futures.submit_result_rtt", "roundtrips/s", function()
   local futures = require "multiprocessing.futures"
   local ex <close> = futures.ProcessPoolExecutor()

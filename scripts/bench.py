@@ -357,6 +357,7 @@ def _executor():
         mp_context=mp.get_context("fork"))
 
 
+# (a true round trip, as bench.lua's: each submit waits for its result)
 @workload("futures.submit_result_rtt", "roundtrips/s")
 def _futures_rtt():
     with _executor() as ex:

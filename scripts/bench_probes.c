@@ -10,6 +10,12 @@
  *   futex N                     N round trips between two processes through
  *                               two futex words in shared memory (no spin):
  *                               the kernel's floor for one wake-up each way
+ *   futex_poll N                the same hand-off as a luamp Pool's: the
+ *                               child (the worker) polls 10 us before it
+ *                               sleeps, the parent (the owner) sleeps at
+ *                               once, and each side wakes the other only
+ *                               when it sleeps (luamp's futures round trip
+ *                               beat the plain probe by doing so)
  *   fork_pidfd N                fork + _exit, the parent waiting as luamp's
  *                               join does (pidfd_open, poll, waitpid)
  *   speedup                     the pool CPU speed-up row's floor: 8
@@ -59,6 +65,48 @@ static void fwake(_Atomic uint32_t *w) {
 }
 
 /* N round trips: the parent bumps word 0 and waits for word 1 to follow. */
+/* Waits while *w == v: polls for poll_ns first, then sleeps with
+ * *sleeping set (the other side wakes it only then). */
+static void fwait_flagged(_Atomic uint32_t *w, uint32_t v,
+                          _Atomic uint32_t *sleeping, long poll_ns) {
+  double until = now() + (double)poll_ns * 1e-9;
+  while (poll_ns > 0 && atomic_load(w) == v && now() < until)
+    __builtin_ia32_pause();
+  while (atomic_load(w) == v) {
+    atomic_store(sleeping, 1);
+    if (atomic_load(w) == v)
+      syscall(SYS_futex, (uint32_t *)w, FUTEX_WAIT, v, NULL, NULL, 0);
+    atomic_store(sleeping, 0);
+  }
+}
+
+/* N round trips as a Pool's owner and worker hand tasks over: words 0
+ * and 1 as futex_pingpong's, words 2 and 3 say that side 0 (the worker)
+ * or side 1 (the owner) sleeps. */
+static int futex_poll_pingpong(long n) {
+  _Atomic uint32_t *w = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
+                             MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  double t0;
+  if (w == MAP_FAILED) return 1;
+  if (fork() == 0) {
+    for (uint32_t i = 1; i <= (uint32_t)n; i++) {
+      fwait_flagged(&w[0], i - 1, &w[2], 10000);
+      atomic_store(&w[1], i);
+      if (atomic_load(&w[3])) fwake(&w[1]);
+    }
+    _exit(0);
+  }
+  t0 = now();
+  for (uint32_t i = 1; i <= (uint32_t)n; i++) {
+    atomic_store(&w[0], i);
+    if (atomic_load(&w[2])) fwake(&w[0]);
+    fwait_flagged(&w[1], i - 1, &w[3], 0);
+  }
+  report("c.futex_poll_pingpong", now() - t0, (double)n, "roundtrips/s");
+  wait(NULL);
+  return 0;
+}
+
 static int futex_pingpong(long n) {
   _Atomic uint32_t *w = mmap(NULL, 4096, PROT_READ | PROT_WRITE,
                              MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -239,6 +287,8 @@ int main(int argc, char **argv) {
     report("c.fork_pidfd_wait", now() - t0, (double)n, "procs/s");
   } else if (argc == 3 && strcmp(argv[1], "futex") == 0) {
     return futex_pingpong(atol(argv[2]));
+  } else if (argc == 3 && strcmp(argv[1], "futex_poll") == 0) {
+    return futex_poll_pingpong(atol(argv[2]));
   } else if (argc == 2 && strcmp(argv[1], "speedup") == 0) {
     return cpu_speedup();
   } else if ((argc == 3 || argc == 4) && strcmp(argv[1], "burn") == 0) {
@@ -251,7 +301,7 @@ int main(int argc, char **argv) {
       for (int i = 0; i < 1000000; i++) x = x + 1;
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
-                    "pingpong N|stream MIB|futex N|fork_pidfd N|speedup|"
+                    "pingpong N|stream MIB|futex N|futex_poll N|fork_pidfd N|speedup|"
                     "burn SECS [PID]\n");
     return 2;
   }

@@ -418,6 +418,35 @@ describe("JoinableQueue", function()
   end)
 end)
 
+describe("Queue: the poll before a get sleeps (issue 18)", function()
+  -- A get polls for a few microseconds before it sleeps; that pays off
+  -- only while CPUs are free.  A process that waits for a CPU (here: it
+  -- shares one with a burner) sleeps at once.
+  pit("stops while its process waits for a CPU", function()
+    local q, res = mp.Queue(), mp.Queue()
+    local p = mp.Process{target = function()
+      local first = q:_stats().polling         -- a new process polls
+      local burner = mp.Process{target = function()
+        local t = core.now() + 5
+        while core.now() < t do end
+      end}
+      burner:start()
+      os.execute(string.format("taskset -pc 0 %d >/dev/null 2>&1; " ..
+        "taskset -pc 0 %d >/dev/null 2>&1", core.getpid(), burner.pid))
+      local t = core.now() + 0.3
+      while core.now() < t do end               -- runnable, behind the burner
+      local busy = q:_stats().polling
+      burner:terminate()
+      burner:join()
+      res:put({first, busy})
+    end}
+    p:start()
+    local r = res:get(true, 30)
+    p:join()
+    assert.same({true, false}, r)
+  end)
+end)
+
 describe("Queue between processes", function()
   pit("is FIFO per producer across 4 producers", function()
     local q = mp.Queue(100)
