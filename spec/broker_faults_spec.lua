@@ -260,21 +260,10 @@ describe("broker faults", function()
     r:close()
   end)
 
-  it("loses and duplicates nothing of 10^5 items across 2 daemons", function()
-    s:start_worker{namespace = "bulk", processes = 2}
-    s:start_worker{namespace = "bulk", processes = 2}
-    local pool <close> = pool_for("bulk", {lease = 10})
-    local n = 100000
-    local r = pool:map(function(x) return x end, H.range(n), 100)
-    assert.equal(n, r.n)
-    for i = 1, n do if r[i] ~= i then error("item " .. i .. " is " .. tostring(r[i])) end end
-    -- both hosts served: tasks claimed by 2 distinct worker ids
-    local hosts = pool:map(function() return mp.current_process().pid end, H.range(40), 1)
-    local seen = {}
-    for i = 1, 40 do seen[hosts[i]] = true end
-    assert.is_true(next(seen, next(seen)) ~= nil)
-    assert.equal("0", s:cli("LLEN luamp:bulk:q"))
-    assert.equal("0", s:cli("ZCARD luamp:bulk:leases"))
+  it("loses, duplicates and re-runs nothing of 2*10^4 tasks across 2 daemons", function()
+    -- (each item its own task: ~3000 tasks/s here on a quiet machine; the
+    -- issue's 10^5 is make soak's, spec/soak/broker_soak.lua)
+    s:bulk("bulk", H.soak(20000))
   end)
 
   -- A partition: one host in its own network namespace reaching Redis
