@@ -16,7 +16,8 @@
 -- its tail: that pops nothing, so submitting costs no extra command.)
 --
 -- Envelopes.  A task's env is HMAC-SHA256(authkey, "T" .. id .. "\0" ..
--- payload) followed by the payload (the codec's bytes); a result is
+-- payload) followed by the payload (a line naming the format of the
+-- client -- broker_pool.FORMAT -- then the codec's bytes); a result is
 -- "R" .. id .. "|" .. attempt .. "|" .. mac .. payload, its mac over
 -- "R" .. id .. "\0" .. attempt .. "\0" .. payload.  The MAC binds the
 -- bytes to their task (a result cannot be replayed for another) and is

@@ -26,8 +26,19 @@ local unpack = table.unpack
 local TRUSTED = {trusted = true}
 
 local M = {}
--- what a worker must speak to run a task: bytecode is Lua's own
-M.FORMAT = _VERSION .. "/luamp-" .. core.version
+-- What a worker must speak to run a task: the codec is luamp's, the
+-- bytecode Lua's own -- its version, format and the sizes and byte order
+-- of its numbers, the bytes of string.dump's header that lua_load checks.
+-- It heads a task's signed payload as a line of text, so a worker of
+-- another format refuses the task before it decodes a byte of it.
+do
+  local h = string.dump(function() end)
+  local function hex(a, b)
+    return (h:sub(a, b):gsub(".", function(c) return string.format("%02x", c:byte()) end))
+  end
+  M.FORMAT = string.format("%s/luamp-%s (bytecode %s-%s)", _VERSION, core.version,
+                           hex(5, 6), hex(13, 16))
+end
 
 local Pool = {}
 Pool.__index = Pool
@@ -154,8 +165,7 @@ function Pool:_add(rec, task)
   own(self)
   self._seq = self._seq + 1
   local id = self._cid .. "." .. self._seq
-  task.v = M.FORMAT
-  local env = broker.sign_task(self._key, id, encode(task))
+  local env = broker.sign_task(self._key, id, M.FORMAT .. "\n" .. encode(task))
   local p = self._pending
   p[#p + 1] = {"HSET", self._prefix .. "t:" .. id, "env", env, "att", 0,
                "max", self._max, "lease", self._lease_ms, "ttl", self._ttl}

@@ -59,11 +59,19 @@ local function start(self, id, att, env)
     self.b:op("reject", id, "rejected: the task failed its signature check")
     return nil
   end
-  local ok, task = pcall(decode, payload, TRUSTED)
+  -- (the format line first: a task of another Lua or luamp is refused
+  -- before a byte of its codec's bytes is decoded)
   local rec = {id = id, att = att}
-  if ok and type(task) == "table" and task.v ~= require("multiprocessing.broker_pool").FORMAT then
-    ok, task = false, "task made by " .. tostring(task.v) .. ", this worker runs " ..
-                      require("multiprocessing.broker_pool").FORMAT
+  local format = require("multiprocessing.broker_pool").FORMAT
+  local nl = payload:find("\n", 1, true)
+  local theirs = nl and nl <= 200 and payload:sub(1, nl - 1)
+  local ok, task
+  if theirs == format then
+    ok, task = pcall(decode, payload:sub(nl + 1), TRUSTED)
+  else
+    if theirs and theirs:find("[^%g ]") then theirs = nil end
+    ok, task = false, string.format("task made by %s, this worker runs %s",
+                                    theirs or "an unknown format", format)
   end
   if not ok then
     local msg = tostring(type(task) == "table" and task.message or task)
