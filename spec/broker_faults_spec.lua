@@ -288,10 +288,10 @@ describe("broker faults", function()
     r:close()
   end)
 
-  it("loses, duplicates and re-runs nothing of 2*10^4 tasks across 2 daemons", function()
-    -- (each item its own task: ~3000 tasks/s here on a quiet machine; the
-    -- issue's 10^5 is make soak's, spec/soak/broker_soak.lua)
-    s:bulk("bulk", H.soak(20000))
+  it("loses, duplicates and re-runs nothing of 10^4 tasks across 2 daemons", function()
+    -- (each item its own task: 1000-3000 tasks/s on this shared machine;
+    -- the issue's 10^5 is make soak's, spec/soak/broker_soak.lua)
+    s:bulk("bulk", H.soak(10000))
   end)
 
   -- A partition: one host in its own network namespace reaching Redis

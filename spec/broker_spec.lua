@@ -27,6 +27,15 @@ describe("broker URLs and options", function()
     local err = H.err_of(mp.Pool, {broker = "unix:///nonexistent.sock"})
     assert.equal("ValueError", err.kind)
     assert.matches("needs an authkey", err.message)
+    -- the worker daemon too, without one or with an empty key file
+    local empty = H.write(os.tmpname(), "\n")
+    for _, extra in ipairs {"", " --authkey-file " .. H.q(empty)} do
+      local _, e, code = H.sh(H.q(R.worker) .. " --broker unix:///nonexistent.sock" ..
+                              " --namespace x" .. extra)
+      assert.equal(1, code)
+      assert.matches("luamp%-worker: .*needs an authkey", e)
+    end
+    os.remove(empty)
   end)
 
   it("raises BrokenPoolError within the connect timeout when nothing answers", function()

@@ -373,26 +373,37 @@ end
 
 -- Runs several ops in one round trip (pipelined): ops is a list of
 -- {op, args...}; returns their replies (error replies as error objects).
--- Only for ops that are safe to repeat (ack, nack, beat).
-function Broker:ops(list)
+-- Only for ops that are safe to repeat (ack, nack, beat, claim).  wait,
+-- when given, is a blocking command written first (its timeout: the
+-- seconds it may block): the server runs the ops as soon as it ends,
+-- and its reply is not returned (an error reply raises).
+function Broker:ops(list, wait, seconds)
   if #list == 0 then return {} end
-  return self:_with(function(r)
-    local cmds = {}
-    for i, o in ipairs(list) do
+  local res = self:_with(function(r)
+    local cmds = {wait}
+    for _, o in ipairs(list) do
       local argv = {"EVALSHA", self.sha, 0, o[1], self.prefix}
       for k = 2, #o do argv[#argv + 1] = o[k] end
-      cmds[i] = argv
+      cmds[#cmds + 1] = argv
     end
-    local res = r:pipeline(cmds, 30)
+    local timeout = 30 + (seconds or 0)
+    local res = r:pipeline(cmds, timeout)
     for i = 1, res.n do
       if core.is_error(res[i]) and tostring(res[i].redis):match("^NOSCRIPT") then
         self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
-        for _, c in ipairs(cmds) do c[2] = self.sha end
-        return r:pipeline(cmds, 30)
+        for _, c in ipairs(cmds) do
+          if c[1] == "EVALSHA" then c[2] = self.sha end
+        end
+        return r:pipeline(cmds, timeout)
       end
     end
     return res
   end)
+  if wait then
+    if core.is_error(res[1]) then error(res[1], 0) end
+    return table.move(res, 2, res.n, 1, {n = res.n - 1})
+  end
+  return res
 end
 
 function Broker:close()

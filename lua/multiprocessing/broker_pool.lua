@@ -439,13 +439,21 @@ function Pool:_pump(deadline)
     self._next_reap = now() + 1
     b:op("reap")
   end
-  local got = b:command({"LRANGE", rkey, 0, 999}, 30)
-  if #got == 0 and deadline ~= 0 then
+  local got
+  if deadline == 0 then
+    got = b:command({"LRANGE", rkey, 0, 999}, 30)
+  else
+    -- (one round trip: the BLMOVE returns at once when there are
+    -- results, else when one comes or at t; the server runs the LRANGE
+    -- right after it)
     local t = deadline and deadline - now() or 1
     t = math.max(0.01, math.min(t, 1))
-    if b:command({"BLMOVE", rkey, rkey, "LEFT", "LEFT", string.format("%.3f", t)}, t + 30) then
-      got = b:command({"LRANGE", rkey, 0, 999}, 30)
+    local rs = b:pipeline({{"BLMOVE", rkey, rkey, "LEFT", "LEFT", string.format("%.3f", t)},
+                           {"LRANGE", rkey, 0, 999}}, t + 30)
+    for i = 1, 2 do
+      if core.is_error(rs[i]) then error(rs[i], 0) end
     end
+    got = rs[2]
   end
   if #got > 0 then
     -- (each result recorded whole: Ctrl-C cannot land between taking

@@ -166,6 +166,28 @@ local function beat(self)
   self.next_beat = now() + self.beat
 end
 
+-- Starts the tasks of a claim's reply (asked: how many it asked for);
+-- returns how many.
+local function take(self, got, asked)
+  if core.is_error(got) then error(got, 0) end
+  -- (fewer than asked: the queue ran dry -- the next round claims again
+  -- only with acks to send, or after its wait)
+  self.dry = #got // 4 < asked
+  local claimed = 0
+  for i = 1, #got, 4 do
+    local rec = start(self, got[i], got[i + 1], got[i + 2])
+    -- (renewals come at a third of the shortest lease held)
+    local b = math.max(got[i + 3] / 3000, 0.05)
+    if b < self.beat then self.beat, self.next_beat = b, math.min(self.next_beat, now() + b) end
+    if rec then
+      self.inflight[rec.id] = rec
+      self.n = self.n + 1
+      claimed = claimed + 1
+    end
+  end
+  return claimed
+end
+
 -- One round: results in, tasks claimed, leases renewed, then a wait.
 local function step(self)
   local ready = {}
@@ -179,32 +201,23 @@ local function step(self)
   -- acks and the next claim in one round trip (a claim whose reply a
   -- lost connection swallowed is claimed again; the tasks of the first
   -- go to a host when their lease runs out -- at least once)
-  if free > 0 then ops[#ops + 1] = {"claim", free, self.lease_ms, self.wid} end
+  local claim = free > 0 and (#ops > 0 or not self.dry)
+  if claim then ops[#ops + 1] = {"claim", free, self.lease_ms, self.wid} end
+  self.dry = false
   local replies = self.b:ops(ops)
   finished(self, ready, ops, replies)
-  if free > 0 then
-    local got = replies[#ops]
-    if core.is_error(got) then error(got, 0) end
-    for i = 1, #got, 4 do
-      local rec = start(self, got[i], got[i + 1], got[i + 2])
-      -- (renewals come at a third of the shortest lease held)
-      local b = math.max(got[i + 3] / 3000, 0.05)
-      if b < self.beat then self.beat, self.next_beat = b, math.min(self.next_beat, now() + b) end
-      if rec then
-        self.inflight[rec.id] = rec
-        self.n = self.n + 1
-        claimed = claimed + 1
-      end
-    end
-  end
+  if claim then claimed = take(self, replies[#ops], free) end
   if now() >= self.next_beat then beat(self) end
   if claimed > 0 then return end
   local wait = math.max(0.01, math.min(self.next_beat - now(), 1))
   if self.n == 0 then
     -- (a wait for the queue that takes nothing: its last id moved onto
-    -- its own tail; the claim takes it)
+    -- its own tail; the claim written behind it takes it, in the same
+    -- round trip)
     local q = self.prefix .. "q"
-    self.b:command({"BLMOVE", q, q, "RIGHT", "RIGHT", string.format("%.3f", wait)}, wait + 30)
+    local got = self.b:ops({{"claim", self.slots, self.lease_ms, self.wid}},
+                           {"BLMOVE", q, q, "RIGHT", "RIGHT", string.format("%.3f", wait)}, wait)
+    take(self, got[1], self.slots)
   else
     local fs = {}
     for _, rec in pairs(self.inflight) do
@@ -258,7 +271,7 @@ function M.serve(opts)
     -- (prefetch: tasks claimed beyond those running, waiting in the
     -- local Pool's queue -- fewer round trips for tiny tasks; their
     -- leases are renewed as the running ones')
-    inflight = {}, n = 0, slots = n + (opts.prefetch or 2 * n),
+    inflight = {}, n = 0, slots = n + (opts.prefetch or 2 * n), dry = false,
     lease_ms = math.floor(lease * 1000), beat = math.max(lease / 3, 0.05),
     next_beat = 0, wid = nil,
   }

@@ -1,7 +1,7 @@
 -- Long runs for make soak (not part of make test): issue 16's 10^5 tasks
 -- across 2 worker daemons on the suite's own redis-server, each item its
 -- own task -- nothing lost, nothing duplicated, nothing run twice
--- (spec/redis_server.lua's Server:bulk; make test runs 2*10^4 of them in
+-- (spec/redis_server.lua's Server:bulk; make test runs 10^4 of them in
 -- broker_faults_spec).
 local R = require "redis_server"
 
