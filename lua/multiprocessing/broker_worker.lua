@@ -271,7 +271,7 @@ function M.serve(opts)
     -- (prefetch: tasks claimed beyond those running, waiting in the
     -- local Pool's queue -- fewer round trips for tiny tasks; their
     -- leases are renewed as the running ones')
-    inflight = {}, n = 0, slots = n + (opts.prefetch or 2 * n), dry = false,
+    inflight = {}, n = 0, slots = n + (opts.prefetch or 4 * n), dry = false,
     lease_ms = math.floor(lease * 1000), beat = math.max(lease / 3, 0.05),
     next_beat = 0, wid = nil,
   }
