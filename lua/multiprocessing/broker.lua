@@ -138,6 +138,19 @@ local function retry(id, reason)
   if tonumber(h[1]) >= tonumber(h[2]) then dead(id, h[1], reason)
   else redis.call('RPUSH', P .. 'q', id) end
 end
+-- a result in: the task leaves, its result goes to its client (0: the
+-- attempt is not the current one -- fenced out)
+local function ack(id, att, result)
+  local k = P .. 't:' .. id
+  local h = redis.call('HMGET', k, 'att', 'ttl')
+  if h[1] ~= att then return 0 end
+  redis.call('ZREM', P .. 'leases', id)
+  redis.call('DEL', k)
+  local r = P .. 'r:' .. client_of(id)
+  redis.call('RPUSH', r, result)
+  redis.call('EXPIRE', r, tonumber(h[2] or 3600))
+  return 1
+end
 local function reap()
   local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 1000)
   for _, id in ipairs(ids) do retry(id, 'lease expired') end
@@ -163,17 +176,10 @@ if op == 'claim' then            -- n, lease_ms, worker
     end
   end
   return out
-elseif op == 'ack' then          -- id, attempt, result
-  local id = ARGV[3]
-  local k = P .. 't:' .. id
-  local h = redis.call('HMGET', k, 'att', 'ttl')
-  if h[1] ~= ARGV[4] then return 0 end
-  redis.call('ZREM', P .. 'leases', id)
-  redis.call('DEL', k)
-  local r = P .. 'r:' .. client_of(id)
-  redis.call('RPUSH', r, ARGV[5])
-  redis.call('EXPIRE', r, tonumber(h[2] or 3600))
-  return 1
+elseif op == 'acks' then         -- id1, attempt1, result1, id2...: a list of acks' replies
+  local out = {}
+  for i = 3, #ARGV, 3 do out[#out + 1] = ack(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+  return out
 elseif op == 'nack' then         -- id, attempt, reason
   local id = ARGV[3]
   if redis.call('HGET', P .. 't:' .. id, 'att') ~= ARGV[4] then return 0 end
@@ -373,7 +379,7 @@ end
 
 -- Runs several ops in one round trip (pipelined): ops is a list of
 -- {op, args...}; returns their replies (error replies as error objects).
--- Only for ops that are safe to repeat (ack, nack, beat, claim).  wait,
+-- Only for ops that are safe to repeat (acks, nack, beat, claim).  wait,
 -- when given, is a blocking command written first (its timeout: the
 -- seconds it may block): the server runs the ops as soon as it ends,
 -- and its reply is not returned (an error reply raises).

@@ -128,30 +128,40 @@ local function result_of(self, rec)
   return broker.sign_result(self.key, rec.id, rec.att, payload)
 end
 
--- The acks (or, for a lost local worker, nacks) of the finished tasks.
+-- The acks (or, for a lost local worker, nacks) of the finished tasks:
+-- every ack in one "acks" op (one script call), first; each nack an op
+-- of its own.  where[i] says where recs[i]'s reply is: {op, index in
+-- the acks op's list of replies or nil}.
 local function finish(self, recs)
-  local ops = {}
+  local acks, ops, where = {"acks"}, {}, {}
   for i, rec in ipairs(recs) do
     self.inflight[rec.id] = nil
     self.n = self.n - 1
     local res, err = result_of(self, rec)
     if res == nil then
       log(self, "task %s attempt %d: %s", rec.id, rec.att, tostring(err.message))
-      ops[i] = {"nack", rec.id, rec.att, "worker lost: " .. tostring(err.message)}
+      ops[#ops + 1] = {"nack", rec.id, rec.att, "worker lost: " .. tostring(err.message)}
+      where[i] = {#ops}
     else
-      ops[i] = {"ack", rec.id, rec.att, res}
+      acks[#acks + 1], acks[#acks + 2], acks[#acks + 3] = rec.id, rec.att, res
+      where[i] = {0, (#acks - 1) // 3}
     end
   end
-  return ops
+  if #acks > 1 then
+    table.insert(ops, 1, acks)
+    for _, w in pairs(where) do w[1] = w[1] + 1 end
+  end
+  return ops, where
 end
 
-local function finished(self, recs, ops, replies)
+local function finished(self, recs, where, replies)
   for i, rec in ipairs(recs) do
-    if ops[i][1] == "ack" and replies[i] == 0 then
+    local w = where[i]
+    local reply = replies[w[1]]
+    if core.is_error(reply) then error(reply, 0) end
+    if w[2] and reply[w[2]] == 0 then
       log(self, "task %s attempt %d: result dropped (a later attempt owns the task)",
           rec.id, rec.att)
-    elseif core.is_error(replies[i]) then
-      error(replies[i], 0)
     end
   end
 end
@@ -195,7 +205,7 @@ local function step(self)
   for _, rec in pairs(self.inflight) do
     if rec.failed or rec.ar._done then ready[#ready + 1] = rec end
   end
-  local ops = #ready > 0 and finish(self, ready) or {}
+  local ops, where = finish(self, ready)
   local free = self.slots - self.n
   local claimed = 0
   -- acks and the next claim in one round trip (a claim whose reply a
@@ -205,7 +215,7 @@ local function step(self)
   if claim then ops[#ops + 1] = {"claim", free, self.lease_ms, self.wid} end
   self.dry = false
   local replies = self.b:ops(ops)
-  finished(self, ready, ops, replies)
+  finished(self, ready, where, replies)
   if claim then claimed = take(self, replies[#ops], free) end
   if now() >= self.next_beat then beat(self) end
   if claimed > 0 then return end
@@ -242,13 +252,13 @@ local function stop(self)
     else rest[#rest + 1] = rec end
   end
   self.pool:terminate()
-  local ops = #ready > 0 and finish(self, ready) or {}
+  local ops, where = finish(self, ready)
   for _, rec in ipairs(rest) do ops[#ops + 1] = {"release", rec.id, rec.att} end
   -- (a broker down now gets connect_timeout, not the daemon's forever;
   -- then the tasks go to other hosts after their lease)
   self.b.cfg.connect_timeout = math.min(self.b.cfg.connect_timeout, broker.CONNECT_TIMEOUT)
   local replies = self.b:ops(ops)
-  finished(self, ready, ops, replies)
+  finished(self, ready, where, replies)
   log(self, "stopped: %d result(s) acked, %d task(s) handed back", #ready, #rest)
   self.b:close()
 end
