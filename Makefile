@@ -236,7 +236,8 @@ fuzz: deps $(FUZZ_BIN)
 	  -print_final_stats=1 corpus 2>&1 | grep -E "^(stat::number_of_executed_units|Done|==|SUMMARY|fuzz failure)" ; \
 	  test $${PIPESTATUS[0]} -eq 0 && echo "fuzz: clean"
 
-# Long runs not in make test: spec/soak/*_soak.lua (the biggest messages).
+# Long runs not in make test: spec/soak/*_soak.lua (the biggest messages;
+# 10^5 broker tasks across 2 worker daemons).
 soak: deps
 	@$(MAKE) --no-print-directory all
 	@LUAMP_BUILD=$(abspath $(BUILD)) LUAMP_BIN=$(abspath $(BUILD))/luamp \

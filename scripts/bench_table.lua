@@ -125,10 +125,10 @@ local function pass(curves, only)
       end
     end
   end
-  -- the broker workloads (issue 16) once, in the quiet state only: each
-  -- run starts its own redis-server and workers, and Celery's and RQ's
-  -- are slow
-  if not curves and not only and selected("broker") then
+  -- the broker workloads (issue 16) once per pass, quiet and loaded (their
+  -- targets hold in both): each run starts its own redis-server and
+  -- workers, and Celery's and RQ's are slow
+  if not curves and selected("broker") and (not only or only["broker.apply_async"]) then
     collect("luamp", "LUAMP_BUILD=" .. q(build) .. " " .. luamp .. " scripts/bench_broker.lua")
     collect("py", PY .. " scripts/bench_broker.py")
   end

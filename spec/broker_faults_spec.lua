@@ -32,7 +32,9 @@ describe("broker faults", function()
 
   it("retries a task whose worker process was SIGKILLed; one result", function()
     s:start_worker{namespace = "wkill", processes = 2}
-    local pool <close> = pool_for("wkill", {lease = 5})
+    -- (a lease longer than the wait: the retry comes from the death seen
+    -- at once, not from the lease running out)
+    local pool <close> = pool_for("wkill", {lease = 60})
     local sock, calls = s.sock, 0
     local ar = pool:apply_async(function()
       local t = mp.current_task()
@@ -169,7 +171,7 @@ describe("broker faults", function()
 
   it("dead-letters a poison task after max_attempts and serves on", function()
     s:start_worker{namespace = "poison", processes = 2}
-    local pool <close> = pool_for("poison", {max_attempts = 2, lease = 5})
+    local pool <close> = pool_for("poison", {max_attempts = 2, lease = 60})
     local ar = pool:apply_async(function() os.execute("kill -9 $PPID") while true do end end)
     local err = H.err_of(ar.get, ar, 30)
     assert.equal("WorkerLostError", err.kind)
@@ -223,33 +225,61 @@ describe("broker faults", function()
     for i = 1, 200 do assert.equal(2 * i, r[i]) end
   end)
 
-  it("raises BrokenPoolError within the connect timeout when redis stays dead", function()
+  it("raises BrokenPoolError within the connect timeout when redis stays dead mid-map", function()
     local s2 = R.start()
     local ok, err = pcall(function()
-      local pool = mp.Pool{broker = s2.url, namespace = "dead", authkey = KEY, connect_timeout = 1}
-      local ar = pool:apply_async(function() return 1 end)
+      s2:start_worker{namespace = "dead", processes = 2}
+      local pool = mp.Pool{broker = s2.url, namespace = "dead", authkey = KEY, connect_timeout = 2}
+      local sock = s2.sock
+      local ar = pool:map_async(function(x)
+        if x == 1 then mark(sock, "dead:started", 1) end
+        local t0 = mp.now()
+        while mp.now() - t0 < 0.01 do end
+        return x
+      end, H.range(200), 1)
+      assert.matches("1$", s2:cli("BLPOP dead:started 20"))   -- mid-map
+      assert.is_false(ar:ready())
       s2:kill9()
       local t0 = mp.now()
-      local e = H.err_of(ar.get, ar, 30)
+      local e = H.err_of(ar.get, ar, 60)
       assert.equal("BrokenPoolError", e.kind)
-      assert.is_true(mp.now() - t0 < 10)
+      assert.matches("unreachable for 2s", e.message)
+      -- it tried for the connect timeout (a restart within it would have
+      -- been taken), and no longer
+      local waited = mp.now() - t0
+      assert.is_true(waited >= 1 and waited < 2 + 5, "waited " .. waited .. " s")
     end)
     s2:stop()
     assert(ok, err)
   end)
 
   it("serves with a minimal worker ACL user that cannot FLUSHALL", function()
-    assert.equal("OK", s:cli("ACL SETUSER lworker on '>wpass' '~luamp:*' " ..
-      "+ping +auth +select +evalsha +script\\|load +time +blpop +blmove +lpop +rpop +rpush " ..
-      "+lpush +lrange +ltrim +lrem +llen +get +incr +decr +hget +hmget +hset +hincrby +del " ..
-      "+expire +zadd +zrem +zrangebyscore"))
+    -- the README's minimal ACL, as documented
+    local readme = H.slurp("README.md")
+    local acl = assert(readme:match("\n(ACL SETUSER lworker .-[^\\])\n"), "README: no ACL")
+    local argv = {}
+    for w in acl:gsub("\\\n", " "):gmatch("%S+") do
+      argv[#argv + 1] = w == ">PASSWORD" and ">wpass" or w
+    end
+    assert.same({"ACL", "SETUSER", "lworker", "on"}, {table.unpack(argv, 1, 4)})
+    local admin = core.redis_connect(nil, nil, s.sock, 5)
+    assert.equal("OK", admin:command(argv))
+    admin:close()
     s:start_worker{namespace = "acl", processes = 1,
                    env = "LUAMP_REDIS_USERNAME=lworker LUAMP_REDIS_PASSWORD=wpass"}
     -- the client as the same user, its password from a file
     H.write(s.dir .. "/redis-pass", "wpass\n")
     local pool <close> = pool_for("acl", {lease = 5, username = "lworker",
                                           password_file = s.dir .. "/redis-pass"})
-    assert.equal(3, pool:apply(function() return 3 end))
+    assert.equal(3, pool:apply_async(function() return 3 end):get(30))
+    -- and every command of the queues (put, leased get, task_done, join)
+    local jq <close> = mp.JoinableQueue{broker = s.url, name = "acl", authkey = KEY,
+                                         username = "lworker", password = "wpass", lease = 5}
+    jq:put("job")
+    assert.equal("job", jq:get(true, 5))
+    assert.equal(0, jq:qsize())
+    jq:task_done()
+    assert.is_true(jq:join(5))
     local err = H.err_of(pool_for, "acl", {username = "lworker", password = "wrong"})
     assert.equal("BrokenPoolError", err.kind)
     assert.matches("refused the connection: WRONGPASS", err.message)
@@ -260,21 +290,10 @@ describe("broker faults", function()
     r:close()
   end)
 
-  it("loses and duplicates nothing of 10^5 items across 2 daemons", function()
-    s:start_worker{namespace = "bulk", processes = 2}
-    s:start_worker{namespace = "bulk", processes = 2}
-    local pool <close> = pool_for("bulk", {lease = 10})
-    local n = 100000
-    local r = pool:map(function(x) return x end, H.range(n), 100)
-    assert.equal(n, r.n)
-    for i = 1, n do if r[i] ~= i then error("item " .. i .. " is " .. tostring(r[i])) end end
-    -- both hosts served: tasks claimed by 2 distinct worker ids
-    local hosts = pool:map(function() return mp.current_process().pid end, H.range(40), 1)
-    local seen = {}
-    for i = 1, 40 do seen[hosts[i]] = true end
-    assert.is_true(next(seen, next(seen)) ~= nil)
-    assert.equal("0", s:cli("LLEN luamp:bulk:q"))
-    assert.equal("0", s:cli("ZCARD luamp:bulk:leases"))
+  it("loses, duplicates and re-runs nothing of 10^4 tasks across 2 daemons", function()
+    -- (each item its own task: 1000-3000 tasks/s on this shared machine;
+    -- the issue's 10^5 is make soak's, spec/soak/broker_soak.lua)
+    s:bulk("bulk", H.soak(10000))
   end)
 
   -- A partition: one host in its own network namespace reaching Redis

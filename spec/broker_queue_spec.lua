@@ -81,6 +81,23 @@ describe("Queue{broker =}", function()
     assert.equal("2", s:cli("LLEN luamp:queue:tamper:dead"))
   end)
 
+  it("ends a blocking get and a join on Ctrl-C", function()
+    for _, wait in ipairs {"mp.Queue(o):get()", "local jq = mp.JoinableQueue(o) jq:put(1) jq:join()"} do
+      local t0 = mp.now()
+      local out, err, code = H.script(string.format([[
+        local mp = require "multiprocessing"
+        local o = {broker = %q, name = "nothing-comes", authkey = "k"}
+        os.execute("(sleep 0.5; kill -INT " .. mp.current_process().pid .. ") &")
+        %s
+        print("returned")
+      ]], s.url, wait))
+      assert.is_nil(out:match("returned"), wait)
+      assert.matches("interrupted!", err, 1, true)
+      assert.are_not.equal(0, code)
+      assert.is_true(mp.now() - t0 < 20)
+    end
+  end)
+
   it("needs an authkey and a name", function()
     assert.equal("ValueError", H.kind_of(mp.Queue, {broker = s.url, name = "x"}))
     assert.matches("name", H.err_of(mp.Queue, {broker = s.url, authkey = "k"}))

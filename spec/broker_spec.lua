@@ -27,6 +27,15 @@ describe("broker URLs and options", function()
     local err = H.err_of(mp.Pool, {broker = "unix:///nonexistent.sock"})
     assert.equal("ValueError", err.kind)
     assert.matches("needs an authkey", err.message)
+    -- the worker daemon too, without one or with an empty key file
+    local empty = H.write(os.tmpname(), "\n")
+    for _, extra in ipairs {"", " --authkey-file " .. H.q(empty)} do
+      local _, e, code = H.sh(H.q(R.worker) .. " --broker unix:///nonexistent.sock" ..
+                              " --namespace x" .. extra)
+      assert.equal(1, code)
+      assert.matches("luamp%-worker: .*needs an authkey", e)
+    end
+    os.remove(empty)
   end)
 
   it("raises BrokenPoolError within the connect timeout when nothing answers", function()
@@ -307,6 +316,46 @@ describe("Pool{broker =}", function()
     assert.is_false(ok)
     assert.equal("DecodeError", err.kind)
     assert.matches("task made by Lua 9.9/luamp%-0, this worker runs Lua 5.4", err.message)
+  end)
+
+  it("refuses a task of another format before decoding a byte of it", function()
+    -- a task as a client of another Lua or luamp writes it, its signature
+    -- good: the bytes after its format line are not this codec's (0xc1
+    -- is never used in MessagePack), and are never read
+    local id = "foreign" .. H.pid() .. ".1"
+    local payload = "Lua 9.9/luamp-0 (bytecode 9900-04080878)\n\xc1\xc1 not ours"
+    local r = core.redis_connect(nil, nil, s.sock, 5)
+    r:command({"HSET", "luamp:test:t:" .. id, "env", broker.sign_task(KEY, id, payload),
+               "att", 0, "max", 1, "lease", 5000, "ttl", 60})
+    r:command({"LPUSH", "luamp:test:q", id})
+    local got = r:command({"BLPOP", "luamp:test:r:foreign" .. H.pid(), 30}, 40)
+    r:close()
+    assert.is_truthy(got, "no result")
+    local tag, rid, att, res = broker.open_result(KEY, got[2])
+    assert.same({"R", id, "1"}, {tag, rid, att})
+    local out = mp.decode(res, {trusted = true})
+    assert.equal(require("multiprocessing.pool_proto").FAILED, out[1])
+    assert.equal("DecodeError", out[2].kind)
+    assert.matches("worker cannot run task " .. id .. ": task made by Lua 9.9/luamp%-0 " ..
+                   "%(bytecode 9900%-04080878%), this worker runs Lua 5.4/luamp%-", out[2].message)
+  end)
+
+  it("refuses a result that fails its signature check without decoding it", function()
+    local p2 <close> = mp.Pool{broker = s.url, namespace = "nobody-serves-r", authkey = KEY}
+    local ar = p2:apply_async(function() return 1 end)
+    local id = p2._cid .. ".1"
+    -- forged: a function in it, a wrong MAC
+    local OK = require("multiprocessing.pool_proto").OK
+    local payload = mp.encode({OK, false, {0, OK, 1, function() return "forged" end}})
+    local r = core.redis_connect(nil, nil, s.sock, 5)
+    r:command({"RPUSH", "luamp:nobody-serves-r:r:" .. p2._cid,
+               "R" .. id .. "|1|" .. string.rep("m", 32) .. payload})
+    r:close()
+    local err = H.err_of(ar.get, ar, 10)
+    assert.equal("AuthenticationError", err.kind)
+    assert.matches("result of task " .. id .. " failed its signature check", err.message)
+    assert.matches(id .. "|1|result failed its signature check",
+                   s:cli("LRANGE luamp:nobody-serves-r:dead 0 -1"), 1, true)
   end)
 
   it("refuses a foreign Redis connection in a forked child", function()

@@ -94,6 +94,60 @@ function Server:signal_worker(pid, sig)
   H.sh("kill -" .. sig .. " -" .. pid)
 end
 
+-- n tasks, each its own task in Redis (apply_async), across 2 daemons of
+-- 2 processes in namespace ns: every result reaches the caller exactly
+-- once (its callback counted per item), every task ran exactly once
+-- (each appends "item daemon-pid" to one file opened O_APPEND: one
+-- write(2) per line, whole lines), both daemons served, and Redis is left
+-- with no task, lease or dead letter.  Returns the seconds it took.
+function Server:bulk(ns, n)
+  local mp = require "multiprocessing"
+  self:start_worker{namespace = ns, processes = 2}
+  self:start_worker{namespace = ns, processes = 2}
+  local pool <close> = mp.Pool{broker = self.url, namespace = ns, authkey = "secret", lease = 10}
+  local ran = self.dir .. "/" .. ns .. ".ran"
+  local calls, bad = {}, {}
+  local function cb(x) calls[x] = (calls[x] or 0) + 1 end
+  local function ecb(e) bad[#bad + 1] = tostring(e) end
+  local function task(x)
+    local f = io.open(ran, "a")
+    f:write(x, " ", require("multiprocessing.core").getppid(), "\n")
+    f:close()
+    return x
+  end
+  local t0 = core.now()
+  for i = 1, n do pool:apply_async(task, {i}, cb, ecb) end
+  pool:close()
+  pool:join()
+  local secs = core.now() - t0
+  assert(#bad == 0, "failed tasks: " .. table.concat(bad, "; ", 1, math.min(#bad, 5)))
+  for i = 1, n do
+    if calls[i] ~= 1 then error(string.format("result %d arrived %d times", i, calls[i] or 0)) end
+  end
+  local runs, daemons, lines = {}, {}, 0
+  for line in io.lines(ran) do
+    local x, ppid = line:match("^(%d+) (%d+)$")
+    assert(x, "a torn line in the run log: " .. line)
+    x = tonumber(x)
+    runs[x] = (runs[x] or 0) + 1
+    daemons[ppid] = true
+    lines = lines + 1
+  end
+  for i = 1, n do
+    if runs[i] ~= 1 then error(string.format("task %d ran %d times", i, runs[i] or 0)) end
+  end
+  assert(lines == n, "runs of tasks not submitted: " .. lines)
+  assert(next(daemons, next(daemons)) ~= nil, "one daemon served every task")
+  local P = "luamp:" .. ns .. ":"
+  for _, c in ipairs {"LLEN " .. P .. "q", "ZCARD " .. P .. "leases", "LLEN " .. P .. "dead",
+                      "EVAL " .. H.q("return #redis.call('KEYS', ARGV[1])") .. " 0 " ..
+                      H.q(P .. "t:*")} do
+    local v = self:cli(c)
+    if v ~= "0" then error(c .. " is " .. v .. " after the run") end
+  end
+  return secs
+end
+
 function Server:stop()
   for _, pid in ipairs(self.workers) do H.sh("kill -9 -" .. pid .. " 2>/dev/null") end
   self.workers = {}

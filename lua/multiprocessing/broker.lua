@@ -16,7 +16,8 @@
 -- its tail: that pops nothing, so submitting costs no extra command.)
 --
 -- Envelopes.  A task's env is HMAC-SHA256(authkey, "T" .. id .. "\0" ..
--- payload) followed by the payload (the codec's bytes); a result is
+-- payload) followed by the payload (a line naming the format of the
+-- client -- broker_pool.FORMAT -- then the codec's bytes); a result is
 -- "R" .. id .. "|" .. attempt .. "|" .. mac .. payload, its mac over
 -- "R" .. id .. "\0" .. attempt .. "\0" .. payload.  The MAC binds the
 -- bytes to their task (a result cannot be replayed for another) and is
@@ -137,6 +138,19 @@ local function retry(id, reason)
   if tonumber(h[1]) >= tonumber(h[2]) then dead(id, h[1], reason)
   else redis.call('RPUSH', P .. 'q', id) end
 end
+-- a result in: the task leaves, its result goes to its client (0: the
+-- attempt is not the current one -- fenced out)
+local function ack(id, att, result)
+  local k = P .. 't:' .. id
+  local h = redis.call('HMGET', k, 'att', 'ttl')
+  if h[1] ~= att then return 0 end
+  redis.call('ZREM', P .. 'leases', id)
+  redis.call('DEL', k)
+  local r = P .. 'r:' .. client_of(id)
+  redis.call('RPUSH', r, result)
+  redis.call('EXPIRE', r, tonumber(h[2] or 3600))
+  return 1
+end
 local function reap()
   local ids = redis.call('ZRANGEBYSCORE', P .. 'leases', '-inf', now, 'LIMIT', 0, 1000)
   for _, id in ipairs(ids) do retry(id, 'lease expired') end
@@ -162,17 +176,10 @@ if op == 'claim' then            -- n, lease_ms, worker
     end
   end
   return out
-elseif op == 'ack' then          -- id, attempt, result
-  local id = ARGV[3]
-  local k = P .. 't:' .. id
-  local h = redis.call('HMGET', k, 'att', 'ttl')
-  if h[1] ~= ARGV[4] then return 0 end
-  redis.call('ZREM', P .. 'leases', id)
-  redis.call('DEL', k)
-  local r = P .. 'r:' .. client_of(id)
-  redis.call('RPUSH', r, ARGV[5])
-  redis.call('EXPIRE', r, tonumber(h[2] or 3600))
-  return 1
+elseif op == 'acks' then         -- id1, attempt1, result1, id2...: a list of acks' replies
+  local out = {}
+  for i = 3, #ARGV, 3 do out[#out + 1] = ack(ARGV[i], ARGV[i + 1], ARGV[i + 2]) end
+  return out
 elseif op == 'nack' then         -- id, attempt, reason
   local id = ARGV[3]
   if redis.call('HGET', P .. 't:' .. id, 'att') ~= ARGV[4] then return 0 end
@@ -372,26 +379,37 @@ end
 
 -- Runs several ops in one round trip (pipelined): ops is a list of
 -- {op, args...}; returns their replies (error replies as error objects).
--- Only for ops that are safe to repeat (ack, nack, beat).
-function Broker:ops(list)
+-- Only for ops that are safe to repeat (acks, nack, beat, claim).  wait,
+-- when given, is a blocking command written first (its timeout: the
+-- seconds it may block): the server runs the ops as soon as it ends,
+-- and its reply is not returned (an error reply raises).
+function Broker:ops(list, wait, seconds)
   if #list == 0 then return {} end
-  return self:_with(function(r)
-    local cmds = {}
-    for i, o in ipairs(list) do
+  local res = self:_with(function(r)
+    local cmds = {wait}
+    for _, o in ipairs(list) do
       local argv = {"EVALSHA", self.sha, 0, o[1], self.prefix}
       for k = 2, #o do argv[#argv + 1] = o[k] end
-      cmds[i] = argv
+      cmds[#cmds + 1] = argv
     end
-    local res = r:pipeline(cmds, 30)
+    local timeout = 30 + (seconds or 0)
+    local res = r:pipeline(cmds, timeout)
     for i = 1, res.n do
       if core.is_error(res[i]) and tostring(res[i].redis):match("^NOSCRIPT") then
         self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
-        for _, c in ipairs(cmds) do c[2] = self.sha end
-        return r:pipeline(cmds, 30)
+        for _, c in ipairs(cmds) do
+          if c[1] == "EVALSHA" then c[2] = self.sha end
+        end
+        return r:pipeline(cmds, timeout)
       end
     end
     return res
   end)
+  if wait then
+    if core.is_error(res[1]) then error(res[1], 0) end
+    return table.move(res, 2, res.n, 1, {n = res.n - 1})
+  end
+  return res
 end
 
 function Broker:close()

@@ -26,8 +26,19 @@ local unpack = table.unpack
 local TRUSTED = {trusted = true}
 
 local M = {}
--- what a worker must speak to run a task: bytecode is Lua's own
-M.FORMAT = _VERSION .. "/luamp-" .. core.version
+-- What a worker must speak to run a task: the codec is luamp's, the
+-- bytecode Lua's own -- its version, format and the sizes and byte order
+-- of its numbers, the bytes of string.dump's header that lua_load checks.
+-- It heads a task's signed payload as a line of text, so a worker of
+-- another format refuses the task before it decodes a byte of it.
+do
+  local h = string.dump(function() end)
+  local function hex(a, b)
+    return (h:sub(a, b):gsub(".", function(c) return string.format("%02x", c:byte()) end))
+  end
+  M.FORMAT = string.format("%s/luamp-%s (bytecode %s-%s)", _VERSION, core.version,
+                           hex(5, 6), hex(13, 16))
+end
 
 local Pool = {}
 Pool.__index = Pool
@@ -154,8 +165,7 @@ function Pool:_add(rec, task)
   own(self)
   self._seq = self._seq + 1
   local id = self._cid .. "." .. self._seq
-  task.v = M.FORMAT
-  local env = broker.sign_task(self._key, id, encode(task))
+  local env = broker.sign_task(self._key, id, M.FORMAT .. "\n" .. encode(task))
   local p = self._pending
   p[#p + 1] = {"HSET", self._prefix .. "t:" .. id, "env", env, "att", 0,
                "max", self._max, "lease", self._lease_ms, "ttl", self._ttl}
@@ -429,13 +439,21 @@ function Pool:_pump(deadline)
     self._next_reap = now() + 1
     b:op("reap")
   end
-  local got = b:command({"LRANGE", rkey, 0, 999}, 30)
-  if #got == 0 and deadline ~= 0 then
+  local got
+  if deadline == 0 then
+    got = b:command({"LRANGE", rkey, 0, 999}, 30)
+  else
+    -- (one round trip: the BLMOVE returns at once when there are
+    -- results, else when one comes or at t; the server runs the LRANGE
+    -- right after it)
     local t = deadline and deadline - now() or 1
     t = math.max(0.01, math.min(t, 1))
-    if b:command({"BLMOVE", rkey, rkey, "LEFT", "LEFT", string.format("%.3f", t)}, t + 30) then
-      got = b:command({"LRANGE", rkey, 0, 999}, 30)
+    local rs = b:pipeline({{"BLMOVE", rkey, rkey, "LEFT", "LEFT", string.format("%.3f", t)},
+                           {"LRANGE", rkey, 0, 999}}, t + 30)
+    for i = 1, 2 do
+      if core.is_error(rs[i]) then error(rs[i], 0) end
     end
+    got = rs[2]
   end
   if #got > 0 then
     -- (each result recorded whole: Ctrl-C cannot land between taking

@@ -59,11 +59,19 @@ local function start(self, id, att, env)
     self.b:op("reject", id, "rejected: the task failed its signature check")
     return nil
   end
-  local ok, task = pcall(decode, payload, TRUSTED)
+  -- (the format line first: a task of another Lua or luamp is refused
+  -- before a byte of its codec's bytes is decoded)
   local rec = {id = id, att = att}
-  if ok and type(task) == "table" and task.v ~= require("multiprocessing.broker_pool").FORMAT then
-    ok, task = false, "task made by " .. tostring(task.v) .. ", this worker runs " ..
-                      require("multiprocessing.broker_pool").FORMAT
+  local format = require("multiprocessing.broker_pool").FORMAT
+  local nl = payload:find("\n", 1, true)
+  local theirs = nl and nl <= 200 and payload:sub(1, nl - 1)
+  local ok, task
+  if theirs == format then
+    ok, task = pcall(decode, payload:sub(nl + 1), TRUSTED)
+  else
+    if theirs and theirs:find("[^%g ]") then theirs = nil end
+    ok, task = false, string.format("task made by %s, this worker runs %s",
+                                    theirs or "an unknown format", format)
   end
   if not ok then
     local msg = tostring(type(task) == "table" and task.message or task)
@@ -120,30 +128,40 @@ local function result_of(self, rec)
   return broker.sign_result(self.key, rec.id, rec.att, payload)
 end
 
--- The acks (or, for a lost local worker, nacks) of the finished tasks.
+-- The acks (or, for a lost local worker, nacks) of the finished tasks:
+-- every ack in one "acks" op (one script call), first; each nack an op
+-- of its own.  where[i] says where recs[i]'s reply is: {op, index in
+-- the acks op's list of replies or nil}.
 local function finish(self, recs)
-  local ops = {}
+  local acks, ops, where = {"acks"}, {}, {}
   for i, rec in ipairs(recs) do
     self.inflight[rec.id] = nil
     self.n = self.n - 1
     local res, err = result_of(self, rec)
     if res == nil then
       log(self, "task %s attempt %d: %s", rec.id, rec.att, tostring(err.message))
-      ops[i] = {"nack", rec.id, rec.att, "worker lost: " .. tostring(err.message)}
+      ops[#ops + 1] = {"nack", rec.id, rec.att, "worker lost: " .. tostring(err.message)}
+      where[i] = {#ops}
     else
-      ops[i] = {"ack", rec.id, rec.att, res}
+      acks[#acks + 1], acks[#acks + 2], acks[#acks + 3] = rec.id, rec.att, res
+      where[i] = {0, (#acks - 1) // 3}
     end
   end
-  return ops
+  if #acks > 1 then
+    table.insert(ops, 1, acks)
+    for _, w in pairs(where) do w[1] = w[1] + 1 end
+  end
+  return ops, where
 end
 
-local function finished(self, recs, ops, replies)
+local function finished(self, recs, where, replies)
   for i, rec in ipairs(recs) do
-    if ops[i][1] == "ack" and replies[i] == 0 then
+    local w = where[i]
+    local reply = replies[w[1]]
+    if core.is_error(reply) then error(reply, 0) end
+    if w[2] and reply[w[2]] == 0 then
       log(self, "task %s attempt %d: result dropped (a later attempt owns the task)",
           rec.id, rec.att)
-    elseif core.is_error(replies[i]) then
-      error(replies[i], 0)
     end
   end
 end
@@ -158,6 +176,28 @@ local function beat(self)
   self.next_beat = now() + self.beat
 end
 
+-- Starts the tasks of a claim's reply (asked: how many it asked for);
+-- returns how many.
+local function take(self, got, asked)
+  if core.is_error(got) then error(got, 0) end
+  -- (fewer than asked: the queue ran dry -- the next round claims again
+  -- only with acks to send, or after its wait)
+  self.dry = #got // 4 < asked
+  local claimed = 0
+  for i = 1, #got, 4 do
+    local rec = start(self, got[i], got[i + 1], got[i + 2])
+    -- (renewals come at a third of the shortest lease held)
+    local b = math.max(got[i + 3] / 3000, 0.05)
+    if b < self.beat then self.beat, self.next_beat = b, math.min(self.next_beat, now() + b) end
+    if rec then
+      self.inflight[rec.id] = rec
+      self.n = self.n + 1
+      claimed = claimed + 1
+    end
+  end
+  return claimed
+end
+
 -- One round: results in, tasks claimed, leases renewed, then a wait.
 local function step(self)
   local ready = {}
@@ -165,38 +205,29 @@ local function step(self)
   for _, rec in pairs(self.inflight) do
     if rec.failed or rec.ar._done then ready[#ready + 1] = rec end
   end
-  local ops = #ready > 0 and finish(self, ready) or {}
+  local ops, where = finish(self, ready)
   local free = self.slots - self.n
   local claimed = 0
   -- acks and the next claim in one round trip (a claim whose reply a
   -- lost connection swallowed is claimed again; the tasks of the first
   -- go to a host when their lease runs out -- at least once)
-  if free > 0 then ops[#ops + 1] = {"claim", free, self.lease_ms, self.wid} end
+  local claim = free > 0 and (#ops > 0 or not self.dry)
+  if claim then ops[#ops + 1] = {"claim", free, self.lease_ms, self.wid} end
+  self.dry = false
   local replies = self.b:ops(ops)
-  finished(self, ready, ops, replies)
-  if free > 0 then
-    local got = replies[#ops]
-    if core.is_error(got) then error(got, 0) end
-    for i = 1, #got, 4 do
-      local rec = start(self, got[i], got[i + 1], got[i + 2])
-      -- (renewals come at a third of the shortest lease held)
-      local b = math.max(got[i + 3] / 3000, 0.05)
-      if b < self.beat then self.beat, self.next_beat = b, math.min(self.next_beat, now() + b) end
-      if rec then
-        self.inflight[rec.id] = rec
-        self.n = self.n + 1
-        claimed = claimed + 1
-      end
-    end
-  end
+  finished(self, ready, where, replies)
+  if claim then claimed = take(self, replies[#ops], free) end
   if now() >= self.next_beat then beat(self) end
   if claimed > 0 then return end
   local wait = math.max(0.01, math.min(self.next_beat - now(), 1))
   if self.n == 0 then
     -- (a wait for the queue that takes nothing: its last id moved onto
-    -- its own tail; the claim takes it)
+    -- its own tail; the claim written behind it takes it, in the same
+    -- round trip)
     local q = self.prefix .. "q"
-    self.b:command({"BLMOVE", q, q, "RIGHT", "RIGHT", string.format("%.3f", wait)}, wait + 30)
+    local got = self.b:ops({{"claim", self.slots, self.lease_ms, self.wid}},
+                           {"BLMOVE", q, q, "RIGHT", "RIGHT", string.format("%.3f", wait)}, wait)
+    take(self, got[1], self.slots)
   else
     local fs = {}
     for _, rec in pairs(self.inflight) do
@@ -221,13 +252,13 @@ local function stop(self)
     else rest[#rest + 1] = rec end
   end
   self.pool:terminate()
-  local ops = #ready > 0 and finish(self, ready) or {}
+  local ops, where = finish(self, ready)
   for _, rec in ipairs(rest) do ops[#ops + 1] = {"release", rec.id, rec.att} end
   -- (a broker down now gets connect_timeout, not the daemon's forever;
   -- then the tasks go to other hosts after their lease)
   self.b.cfg.connect_timeout = math.min(self.b.cfg.connect_timeout, broker.CONNECT_TIMEOUT)
   local replies = self.b:ops(ops)
-  finished(self, ready, ops, replies)
+  finished(self, ready, where, replies)
   log(self, "stopped: %d result(s) acked, %d task(s) handed back", #ready, #rest)
   self.b:close()
 end
@@ -250,7 +281,7 @@ function M.serve(opts)
     -- (prefetch: tasks claimed beyond those running, waiting in the
     -- local Pool's queue -- fewer round trips for tiny tasks; their
     -- leases are renewed as the running ones')
-    inflight = {}, n = 0, slots = n + (opts.prefetch or 2 * n),
+    inflight = {}, n = 0, slots = n + (opts.prefetch or 4 * n), dry = false,
     lease_ms = math.floor(lease * 1000), beat = math.max(lease / 3, 0.05),
     next_beat = 0, wid = nil,
   }
