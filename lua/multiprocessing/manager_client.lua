@@ -185,7 +185,7 @@ end
 local function post(cl, msg)
   local c = cl.conn
   if c == nil or cl.flush or cl.pid ~= getpid() then c = ready(cl) end
-  local ok, err = pcall(c.send, c, msg)
+  local ok, err = pcall(cl.c_send, c, msg)
   if not ok then send_failed(cl, err) end
   if not cl.dirty then mark_dirty(cl) end
 end
@@ -213,11 +213,12 @@ local function rawcall(cl, msg)
   local seq = cl.seq + 1
   cl.seq = seq
   msg[1] = seq
-  local ok, err = pcall(c.send, c, msg)
+  local ok, err = pcall(cl.c_send, c, msg)
   if not ok then send_failed(cl, err) end
+  local recv = cl.c_recv
   while true do
     local r
-    ok, r = pcall(c.recv, c)
+    ok, r = pcall(recv, c)
     if not ok then
       if is_interrupt(r) then
         -- the server forgets the request if it is still waiting
@@ -291,7 +292,8 @@ function hello(cl)
   -- a keyless manager's replies are untrusted (no code) but hold proxies
   if cl.authkey == nil then core.set_trusted(c, "peer") end
   set_nofence(c)   -- (its sends carry the writes the fence waits for)
-  cl.conn, cl.pid = c, getpid()
+  -- (its send and recv looked up once: not per message)
+  cl.conn, cl.pid, cl.c_send, cl.c_recv = c, getpid(), c.send, c.recv
   local ids = {}
   for id in pairs(cl.live) do ids[#ids + 1] = id end
   local info = rawcall(cl, {0, 0, "hello", getpid(), ids})
