@@ -249,23 +249,37 @@ end
 -- applied (one ping each).  An error (a dead manager, a write the server
 -- refused) is raised once, after the other clients are done; Ctrl-C at
 -- once (that client stays dirty).
+local PING = {0, 0, "ping"}   -- (the fence's message; rawcall sets its seq)
+
+-- One dirty client's ping: its error, if any (Ctrl-C is raised at once).
+local function ping_one(cl)
+  local ok, e = true, nil
+  if cl.dirty then ok, e = pcall(rawcall, cl, PING) end
+  if not ok and is_interrupt(e) then
+    set_pending(true)
+    error(e, 0)
+  end
+  clean(cl)
+  if not ok then return e end
+end
+
 local function flush(except)
   local pid = getpid()
   if dirty_pid ~= pid then
     dirty, n_dirty, dirty_pid, pending = {}, 0, pid, false
   end
-  local err, list = nil, {}
-  for cl in pairs(dirty) do list[#list + 1] = cl end
-  for _, cl in ipairs(list) do
-    if cl ~= except then
-      local ok, e = true, nil
-      if cl.dirty then ok, e = pcall(rawcall, cl, {0, 0, "ping"}) end
-      if not ok and is_interrupt(e) then
-        set_pending(true)
-        error(e, 0)
+  local err
+  if n_dirty == 1 then   -- (the usual case, one manager: no list made)
+    local cl = next(dirty)
+    if cl ~= except then err = ping_one(cl) end
+  else
+    local list = {}
+    for cl in pairs(dirty) do list[#list + 1] = cl end
+    for _, cl in ipairs(list) do
+      if cl ~= except then
+        local e = ping_one(cl)
+        err = err or e
       end
-      clean(cl)
-      if not ok then err = err or e end
     end
   end
   set_pending(n_dirty > 0)
