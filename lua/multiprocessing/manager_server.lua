@@ -572,7 +572,8 @@ function Server:serve_ready(ready, fds, list, nc, round)
   end
   self.alone = nil
   if solo and solo > 1 then
-    list[1], list[solo], fds[1], fds[solo] = list[solo], list[1], fds[solo], fds[1]
+    list[1], list[solo] = list[solo], list[1]
+    fds[1], fds[solo] = fds[solo], fds[1]
   end
   return listener
 end
