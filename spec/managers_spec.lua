@@ -353,6 +353,37 @@ describe("Manager pipelined writes", function()
     end
   end)
 
+  it("requests in a row from the only busy client need no drain of the others", function()
+    -- (issue 18: the causal-order drain cost a poll per request whenever
+    -- a second client was connected, as this process is)
+    local d = m:dict{a = 1}
+    local before = m:_debug_info().drains
+    assert.same({200}, {spawn(function()
+      local n = 0
+      for _ = 1, 200 do n = n + d.a end
+      return n
+    end)()})
+    local drains = m:_debug_info().drains - before
+    assert.is_true(drains < 50, "drains: " .. drains)
+  end)
+
+  it("writes are seen by a process told by a means that is no sync point (a RawValue)", function()
+    -- (the server's causal-order drain, not the write fence, carries this)
+    local d = m:dict()
+    local flag = mp.RawValue("i", 0)
+    for round = 1, 20 do
+      local p = mp.Process{target = function()
+        for i = 1, 100 do d[round * 1000 + i] = i end
+        flag.value = round
+        for i = 101, 200 do d[round * 1000 + i] = i end
+      end}
+      p:start()
+      while flag.value ~= round do sleep(0.0005) end
+      assert.equal(100, d[round * 1000 + 100])
+      p:join()
+    end
+  end)
+
   it("writes from a child are all there once it has synced", function()
     local d = m:dict()
     spawn(function()

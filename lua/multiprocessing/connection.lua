@@ -184,6 +184,11 @@ end
 -- For a server's own poll loop (the manager's): the fds to watch for
 -- this listener and the time its next handshake expires (or nil).
 function C._listener_watch(self)
+  if self._pending[1] == nil then   -- (the usual case: no new table)
+    local fds = self._watch1 or {self._handle:fileno()}
+    self._watch1 = fds
+    return fds, nil
+  end
   local fds, wake = {self._handle:fileno()}, nil
   for i, p in ipairs(self._pending) do
     fds[i + 1] = p.fd

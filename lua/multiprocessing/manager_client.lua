@@ -185,7 +185,7 @@ end
 local function post(cl, msg)
   local c = cl.conn
   if c == nil or cl.flush or cl.pid ~= getpid() then c = ready(cl) end
-  local ok, err = pcall(c.send, c, msg)
+  local ok, err = pcall(cl.c_send, c, msg)
   if not ok then send_failed(cl, err) end
   if not cl.dirty then mark_dirty(cl) end
 end
@@ -213,11 +213,12 @@ local function rawcall(cl, msg)
   local seq = cl.seq + 1
   cl.seq = seq
   msg[1] = seq
-  local ok, err = pcall(c.send, c, msg)
+  local ok, err = pcall(cl.c_send, c, msg)
   if not ok then send_failed(cl, err) end
+  local recv = cl.c_recv
   while true do
     local r
-    ok, r = pcall(c.recv, c)
+    ok, r = pcall(recv, c)
     if not ok then
       if is_interrupt(r) then
         -- the server forgets the request if it is still waiting
@@ -248,23 +249,37 @@ end
 -- applied (one ping each).  An error (a dead manager, a write the server
 -- refused) is raised once, after the other clients are done; Ctrl-C at
 -- once (that client stays dirty).
+local PING = {0, 0, "ping"}   -- (the fence's message; rawcall sets its seq)
+
+-- One dirty client's ping: its error, if any (Ctrl-C is raised at once).
+local function ping_one(cl)
+  local ok, e = true, nil
+  if cl.dirty then ok, e = pcall(rawcall, cl, PING) end
+  if not ok and is_interrupt(e) then
+    set_pending(true)
+    error(e, 0)
+  end
+  clean(cl)
+  if not ok then return e end
+end
+
 local function flush(except)
   local pid = getpid()
   if dirty_pid ~= pid then
     dirty, n_dirty, dirty_pid, pending = {}, 0, pid, false
   end
-  local err, list = nil, {}
-  for cl in pairs(dirty) do list[#list + 1] = cl end
-  for _, cl in ipairs(list) do
-    if cl ~= except then
-      local ok, e = true, nil
-      if cl.dirty then ok, e = pcall(rawcall, cl, {0, 0, "ping"}) end
-      if not ok and is_interrupt(e) then
-        set_pending(true)
-        error(e, 0)
+  local err
+  if n_dirty == 1 then   -- (the usual case, one manager: no list made)
+    local cl = next(dirty)
+    if cl ~= except then err = ping_one(cl) end
+  else
+    local list = {}
+    for cl in pairs(dirty) do list[#list + 1] = cl end
+    for _, cl in ipairs(list) do
+      if cl ~= except then
+        local e = ping_one(cl)
+        err = err or e
       end
-      clean(cl)
-      if not ok then err = err or e end
     end
   end
   set_pending(n_dirty > 0)
@@ -291,7 +306,8 @@ function hello(cl)
   -- a keyless manager's replies are untrusted (no code) but hold proxies
   if cl.authkey == nil then core.set_trusted(c, "peer") end
   set_nofence(c)   -- (its sends carry the writes the fence waits for)
-  cl.conn, cl.pid = c, getpid()
+  -- (its send and recv looked up once: not per message)
+  cl.conn, cl.pid, cl.c_send, cl.c_recv = c, getpid(), c.send, c.recv
   local ids = {}
   for id in pairs(cl.live) do ids[#ids + 1] = id end
   local info = rawcall(cl, {0, 0, "hello", getpid(), ids})

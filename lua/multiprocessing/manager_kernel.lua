@@ -20,15 +20,25 @@ local srv   -- the server this process runs (one per process)
 function M.set_server(s) srv = s end
 local K = T.kernel
 
+-- A reply's message: one table, reused (a new one if a finalizer run by
+-- the encoder replies meanwhile).
+local out, out_busy = {0, 0, 0, 0}, false
+
 local function reply(C, seq, status, v, extra)
   if seq == 0 or C.closed then return end
+  local m = out_busy and {0, 0, 0, 0} or out
+  local was_busy = out_busy
+  out_busy = true
   state.reply_to = C
-  local ok, err = pcall(C.conn.send, C.conn, {seq, status, v, extra})
+  m[1], m[2], m[3], m[4] = seq, status, v, extra
+  local ok, err = pcall(C.send, C.conn, m)
+  m[3], m[4] = nil, nil
+  out_busy = was_busy
   state.reply_to = nil
   if ok then return end
   if is_error(err, "EncodeError") then
     -- the result cannot travel: say so instead
-    ok, err = pcall(C.conn.send, C.conn, {seq, 2,
+    ok, err = pcall(C.send, C.conn, {seq, 2,
       "cannot send the result: " .. tostring(err.message)})
     if ok then return end
   end
@@ -165,6 +175,52 @@ end
 function K.key_text(k)
   if pretty.is_name(k) then return k end
   return "[" .. K.show(k) .. "]"
+end
+
+-- xpcall handler: error objects stay as they are; any other value is
+-- kept (value) with its text and the server's traceback (the frames
+-- only: the message is not repeated in it).
+function M.traceback(e)
+  if is_error(e) then return e end
+  local tb = debug.traceback("", 2):gsub("^\n", "")
+  return {value = e, message = tostring(e), traceback = tb}
+end
+
+-- What xpcall returned on failure, as traceback() makes it: Lua calls
+-- no handler for a memory error, which comes as its bare message.
+function M.caught(r)
+  if is_error(r) or (type(r) == "table" and r.message ~= nil) then return r end
+  return {value = r, message = tostring(r)}
+end
+
+-- The server loop's timers: parked requests whose timeout passed.
+function M.run_timers()
+  if heap[1] == nil then return end
+  local t = now()
+  while heap[1] and heap[1].t <= t do
+    local e = heap_pop()
+    local P = e.P
+    if not P.done and P.deadline == e.t then
+      P.deadline = nil
+      if P.on_timeout then P.on_timeout(P) else K.resolve(P, nil) end
+    end
+  end
+end
+
+-- Seconds the serving loop may wait: 0 while a client has more to read,
+-- else until the first timer or the listener's next wake-up (nil: none).
+function M.next_timeout(more, lwake)
+  local timeout = nil
+  if next(more) then
+    timeout = 0
+  elseif heap[1] then
+    timeout = math.max(heap[1].t - now(), 0)
+  end
+  if lwake then
+    local t = math.max(lwake - now(), 0)
+    if timeout == nil or t < timeout then timeout = t end
+  end
+  return timeout
 end
 
 M.K, M.reply, M.finish, M.CHECKING = K, reply, finish, CHECKING

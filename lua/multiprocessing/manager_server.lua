@@ -65,7 +65,8 @@ local MAX_ARGS = 1000
 local srv   -- the server this process runs (one per process)
 local kernel = require "multiprocessing.manager_kernel"
 local reply, finish, CHECKING = kernel.reply, kernel.finish, kernel.CHECKING
-local heap, heap_pop = kernel.heap, kernel.heap_pop
+local run_timers, next_timeout = kernel.run_timers, kernel.next_timeout
+local traceback, caught = kernel.traceback, kernel.caught
 local K = kernel.K
 
 -- ---- records ------------------------------------------------------------------
@@ -262,26 +263,10 @@ function ops.info(self)
   local transits = 0
   for _ in pairs(self.transits) do transits = transits + 1 end
   return {objects = objects, pinned = pinned, clients = clients,
-          transits = transits, pid = getpid()}
+          transits = transits, pid = getpid(), drains = self.drains}
 end
 
 -- ---- dispatch ------------------------------------------------------------------
-
--- xpcall handler: error objects stay as they are; any other value is
--- kept (value) with its text and the server's traceback (the frames
--- only: the message is not repeated in it).
-local function traceback(e)
-  if is_error(e) then return e end
-  local tb = debug.traceback("", 2):gsub("^\n", "")
-  return {value = e, message = tostring(e), traceback = tb}
-end
-
--- What xpcall returned on failure, as traceback() makes it: Lua calls
--- no handler for a memory error, which comes as its bare message.
-local function caught(r)
-  if is_error(r) or (type(r) == "table" and r.message ~= nil) then return r end
-  return {value = r, message = tostring(r)}
-end
 
 -- Runs one decoded request; returns status, value, extra (status nil when
 -- parked or pipelined without error).
@@ -344,7 +329,7 @@ function Server:run(C, msg)
     end
   else
     local f = type(meth) == "string" and getmetatable(obj)[meth]
-    if type(f) ~= "function" or (meth:sub(1, 1) == "_" and meth ~= "__get" and
+    if type(f) ~= "function" or (meth:byte(1) == 95 and meth ~= "__get" and
                                  meth ~= "__tostring") then
       return 2, string.format("'%s' object has no method '%s'", rec.typeid,
                               tostring(meth))
@@ -377,7 +362,7 @@ S.UNAUTH_MAX = UNAUTH_MAX
 function Server:receive(C)
   local ok, msg, v
   if C.trusted then
-    ok, msg = pcall(C.conn.recv, C.conn)
+    ok, msg = pcall(C.recv, C.conn)
   else
     ok, msg, v = pcall(C.conn._recv_nowait, C.conn, UNAUTH_MAX)
     if ok then
@@ -419,9 +404,11 @@ function Server:handle1(C, msg)
       "; %d later write%s discarded", dropped, dropped == 1 and " was" or
       "s were") or ""))
   end
-  -- (a ping, the write fence of manager_client.lua, reads nothing of others')
+  -- (a ping, the write fence of manager_client.lua, reads nothing of
+  -- others'; nor need a request of the only client the poll found ready:
+  -- see drain)
   if seq ~= 0 and not self.draining and self.nclients > 1 and
-     not (msg[2] == 0 and msg[3] == "ping") then
+     self.alone ~= C and not (msg[2] == 0 and msg[3] == "ping") then
     self:drain(C)
   end
   local status, v, extra = self:run(C, msg)
@@ -440,7 +427,9 @@ end
 -- ---- clients --------------------------------------------------------------------
 
 function Server:add_client(conn, trusted)
+  -- (send, recv: its methods, looked up once, not per message)
   local C = {conn = conn, fd = conn:fileno(), trusted = trusted, holds = {},
+             send = conn.send, recv = conn.recv,
              locking = {}, parked = {}, err = nil, dropped = 0, cur_seq = 0,
              closed = false}
   self.clients[C] = true
@@ -495,8 +484,12 @@ function Server:serve(C)
   if self.drains ~= self.polled_at and not conn:poll() then return false end
   for _ = 1, BATCH do
     local msg = self:receive(C)
-    if msg == false or msg == INCOMPLETE then return false end
+    if msg == false or msg == INCOMPLETE then
+      self.alone = nil
+      return false
+    end
     if msg ~= nil then self:handle(C, msg) end
+    self.alone = nil   -- (only its first message: see drain)
     if C.closed or not self.buffered(conn) then return false end
   end
   return true
@@ -510,6 +503,15 @@ end
 -- buffer, so draining what is readable now makes those writes visible to
 -- the request (causal order across connections).  A client that keeps
 -- writing is drained up to DRAIN_MSGS messages per request.
+--   No drain is needed for the first message read from a client after a
+-- poll that found no other client readable (and none with bytes read
+-- ahead), if that client's fd came first in the poll: poll looks at the
+-- fds in order, so the message was at least partly there when poll
+-- looked at the others, and so was every write that returned before it
+-- was sent, which would have made its connection readable.  (self.alone:
+-- that client, until its first message is handled.  The loop puts a
+-- client found alone first for the next poll: a client making requests
+-- one after another saves a poll per round trip.)
 local DRAIN_MSGS = 100000
 
 function Server:drain(cur)
@@ -545,32 +547,35 @@ function Server:drain(cur)
   self.draining = false
 end
 
-local function run_timers()
-  local t = now()
-  while heap[1] and heap[1].t <= t do
-    local e = heap_pop()
-    local P = e.P
-    if not P.done and P.deadline == e.t then
-      P.deadline = nil
-      if P.on_timeout then P.on_timeout(P) else K.resolve(P, nil) end
+-- Serves the clients one poll found readable (the one client found
+-- alone, if poll looked at it first: see drain; else it comes first in
+-- the next poll); whether the listener's fds were.
+function Server:serve_ready(ready, fds, list, nc, round)
+  local more = self.more
+  local r1, solo = ready[1], nil
+  if r1 and r1 <= nc and not (ready[2] and ready[2] <= nc) then
+    local m = next(more)
+    if m == nil or (m == list[r1] and next(more, m) == nil) then solo = r1 end
+  end
+  if solo == 1 then self.alone = list[1] end
+  local listener = false
+  for _, i in ipairs(ready) do
+    if i > #fds then   -- a pool's: polled by the caller
+    elseif i > nc then
+      listener = true
+    else
+      local C = list[i]
+      C.round = round
+      if not C.closed then more[C] = self:serve(C) or nil end
     end
+    if not self.running then break end
   end
-end
-
--- Seconds the serving loop may wait: 0 while a client has more to read,
--- else until the first timer or the listener's next wake-up (nil: none).
-local function next_timeout(more, lwake)
-  local timeout = nil
-  if next(more) then
-    timeout = 0
-  elseif heap[1] then
-    timeout = math.max(heap[1].t - now(), 0)
+  self.alone = nil
+  if solo and solo > 1 then
+    list[1], list[solo] = list[solo], list[1]
+    fds[1], fds[solo] = fds[solo], fds[1]
   end
-  if lwake then
-    local t = math.max(lwake - now(), 0)
-    if timeout == nil or t < timeout then timeout = t end
-  end
-  return timeout
+  return listener
 end
 
 function Server:serve_forever()
@@ -584,6 +589,7 @@ function Server:serve_forever()
   local fds, list, nc = {}, {}, 0
   local more = self.more
   local owner_check = 0   -- when to look at the owner again
+  local round = 0         -- polls so far (C.round: served after that one)
   local ok, err = pcall(function()
     while self.running do
       local lfds, lwake = connection._listener_watch(self.listener)
@@ -620,18 +626,9 @@ function Server:serve_forever()
       local ready = core.wait_fds(wfds, timeout)
       self.polled_at = self.drains
       if pfds then T.poll_pools() end
-      local served, listener = {}, lwake ~= nil and now() >= lwake
-      for _, i in ipairs(ready) do
-        if i > #fds then   -- a pool's: polled above
-        elseif i > nc then
-          listener = true
-        else
-          local C = list[i]
-          served[C] = true
-          if not C.closed then more[C] = self:serve(C) or nil end
-        end
-        if not self.running then break end
-      end
+      round = round + 1
+      local listener = self:serve_ready(ready, fds, list, nc, round) or
+                       (lwake ~= nil and now() >= lwake)
       if listener and self.running then
         for _, C in ipairs(self:accept()) do
           -- the handshake may have read the client's first request ahead
@@ -639,7 +636,7 @@ function Server:serve_forever()
         end
       end
       for C in pairs(more) do
-        if not served[C] then
+        if C.round ~= round then
           if C.closed then more[C] = nil
           else more[C] = self:serve(C) or nil end
         end

@@ -382,6 +382,7 @@ function BaseManager:connect()
     pcall(c.close, c)
   else
     cl.conn, cl.pid, cl.seq, cl.dead = c, getpid(), probe.seq, nil
+    cl.c_send, cl.c_recv = probe.c_send, probe.c_recv
   end
   self.pid, self._cl, self._state = info.pid, cl, "connected"
   return self
@@ -392,8 +393,8 @@ function BaseManager:sync()
   call(self:_client(), {0, 0, "ping"})
 end
 
--- m:_debug_info() -> {objects=, pinned=, clients=, transits=} (after a
--- full collection in the server)
+-- m:_debug_info() -> {objects=, pinned=, clients=, transits=, drains=}
+-- (after a full collection in the server; drains: see manager_server.lua)
 function BaseManager:_debug_info()
   return call(self:_client(), {0, 0, "info"})
 end
