@@ -204,7 +204,8 @@ int luamp_open_sys(lua_State *L);
 /* Encodes the value at idx.  Returns a pointer to `reserve` bytes of
  * headroom (for the caller's framing) followed by *len bytes of message.
  * The memory belongs to L and stays valid until the next luamp_encode on
- * L; do not run Lua code that may encode in between.  Raises EncodeError
+ * L (for a one-scalar message, a static buffer: until the next encode in
+ * this process); do not run Lua code that may encode in between.  Raises EncodeError
  * naming where in the value the problem is; root names the value in that
  * message ("args", "result"; NULL gives "value"). */
 char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,

@@ -833,4 +833,45 @@ sys.stdout.buffer.write(msgpack.packb(v))
       assert.is_true(same(v, dec(MP.pack(v))), "lua-MessagePack -> ours " .. i)
     end
   end)
+  -- (one number, boolean, nil or string under 32 bytes skips the
+  -- encoder's set-up and the decoder's DEF slot: the same bytes, every
+  -- caller, and an encode inside another's reducer keeps both intact)
+  it("writes and reads a message of one scalar as any other", function()
+    local cases = {
+      {0, "00"}, {-32, "e0"}, {65536, "ce00010000"}, {math.mininteger, "d38000000000000000"},
+      {1.0, "cb3ff0000000000000"}, {true, "c3"}, {false, "c2"}, {nil, "c0"},
+      {("x"):rep(31), "bf" .. ("78"):rep(31)}, {("x"):rep(32), "d920" .. ("78"):rep(32)},
+      {"h\xc3\xa9" .. ("x"):rep(28), "bf68c3a9" .. ("78"):rep(28)},
+      {"\xff" .. ("x"):rep(30), "c41fff" .. ("78"):rep(30)},
+    }
+    local a, b = mp.Pipe()
+    local q = mp.Queue()
+    for i, c in ipairs(cases) do
+      local v, h = c[1], c[2]
+      assert.equal(h, hex(enc(v)), "case " .. i)
+      assert.is_true(same(v, dec(unhex(h))), "case " .. i)
+      a:send(v)
+      q:put(v)
+      assert.is_true(same(v, b:recv()), "pipe, case " .. i)
+      assert.is_true(same(v, q:get()), "queue, case " .. i)
+    end
+    a:close(); b:close(); q:close()
+    local Inner = {}
+    mp.register_class("spec.Inner", Inner, {
+      reduce = function(o) return {enc(o.v), enc("word"), o.v} end,
+      rebuild = function(s) return setmetatable({s = s}, Inner) end,
+    })
+    local back = rt({setmetatable({v = 300}, Inner), 5, "tail"})
+    assert.equal("cd012c", hex(back[1].s[1]))
+    assert.equal("a4776f7264", hex(back[1].s[2]))
+    assert.equal(300, back[1].s[3])
+    assert.equal(5, back[2])
+    assert.equal("tail", back[3])
+    for _, m in ipairs {"\xcc\x05\x00", "\xa1a\x00", "\xc3\xc3", "\xcb" .. ("\0"):rep(9)} do
+      local ok, err = pcall(dec, m)
+      assert.is_false(ok)
+      assert.equal("DecodeError", err.kind)
+      assert.matches("trailing bytes at byte " .. (#m - 1), err.message, 1, true)
+    end
+  end)
 end)

@@ -467,6 +467,33 @@ describe("Queue between processes", function()
     assert.is_true(q:empty())
   end)
 
+  -- (gets wake one sleeping putter at a time: put_woken; the woken one
+  -- passes it on, and a killed one costs the others one wait slice)
+  pit("lets putters waiting on a full ring through, a SIGKILLed one too", function()
+    local q = mp.Queue{capacity = 65536}
+    local item = string.rep("p", 12000)
+    local ps = {}
+    for k = 1, 3 do
+      ps[k] = mp.Process{target = function()
+        for i = 1, 40 do q:put({k, i, item}) end
+      end}
+      ps[k]:start()
+    end
+    H.sleep(0.3)                 -- all three are waiting for room
+    ps[2]:kill()
+    ps[2]:join()
+    local last, t0 = {0, 0, 0}, core.now()
+    while last[1] < 40 or last[3] < 40 do
+      local m = q:get(true, 20)
+      assert.equal(last[m[1]] + 1, m[2])
+      assert.equal(item, m[3])
+      last[m[1]] = m[2]
+    end
+    assert.is_true(core.now() - t0 < 15, "took " .. (core.now() - t0) .. " s")
+    for _, k in ipairs {1, 3} do ps[k]:join(); assert.equal(0, ps[k].exitcode) end
+    while not q:empty() do assert.equal(2, q:get()[1]) end
+  end)
+
   pit("lets a producer exit with a 50 MB item before anyone gets it", function()
     local q = mp.Queue()
     local p = mp.Process{target = function()
