@@ -77,7 +77,7 @@ for _, n in ipairs(names(PY .. " scripts/bench.py")) do pynames[n] = true end
 local PROBE = {
   ["process.start_join"] = {"fork 3000", "fork_pidfd 3000"},
   ["pipe.pingpong"] = {"pipes 200000", "pingpong 200000"},
-  ["pipe.stream_1mib"] = "stream 2048",
+  ["pipe.stream_1mib"] = {"pipestream 2048", "stream 2048"},
   ["futures.submit_result_rtt"] = "futex 100000",
 }
 
@@ -175,6 +175,8 @@ rows[#rows + 1] = {"pipe ping-pong (small values)", "luamp:pipe.pingpong",
   target = {1, 0.8}}
 rows[#rows + 1] = {"pipe ping-pong, vs a socketpair", "luamp:pipe.pingpong",
   {"C socketpair", "c:c.socketpair_pingpong"}}
+-- (the raw C stream over a pipe is in the footer: in this round's runs it
+-- varied 0.7-3.2 GB/s on a loaded machine, below luamp's Pipe at times)
 rows[#rows + 1] = {"pipe stream, 1 MiB send_bytes", "luamp:pipe.stream_1mib",
   {"C socketpair", "c:c.socketpair_stream"}, {"CPython", "py:pipe.stream_1mib"},
   target = {1, 0.8}}
@@ -300,7 +302,9 @@ local function print_rows(title)
     fmt(results["c:c.pipe_pingpong"] and results["c:c.pipe_pingpong"].rate),
     " round trips/s, over a socketpair ",
     fmt(results["c:c.socketpair_pingpong"] and results["c:c.socketpair_pingpong"].rate),
-    " round trips/s, socketpair stream ",
+    " round trips/s; stream over a pipe ",
+    fmt(results["c:c.pipe_stream"] and results["c:c.pipe_stream"].rate),
+    ", over a socketpair ",
     fmt(results["c:c.socketpair_stream"] and results["c:c.socketpair_stream"].rate),
     " MiB/s\n")
   io.write("raw C fork with luamp's join (pidfd_open, poll, waitpid) ",
