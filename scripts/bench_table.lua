@@ -322,6 +322,7 @@ local CURVES = {
   {"pool map 1e5 tasks, workers", "pool.scale_", {1, 2, 4, 8, 16, 32, 64}},
   {"queued small ints on one Queue", "curve.queue_items.", {1000, 10000, 100000, 1000000}},
   {"Pipe send_bytes, message KiB", "curve.msg_kib.", {1, 16, 256, 4096, 65536, 262144, 1048576}},
+  {"... recv_bytes_into a SharedMemory", "curve.msg_into_kib.", {1, 16, 256, 4096, 65536, 262144, 1048576}},
   {"live processes (each on an Event)", "curve.live_procs.", {10, 100, 1000}},
 }
 local function print_curves()
