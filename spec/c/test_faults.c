@@ -122,7 +122,7 @@ static void test_conn_send_and_recv_fail(void) {
   luamp_sys.writev = fail_writev;
   CHECK(run(L, EXPECT_OSERROR("", "a:send('hello')", 5)));
   luamp_sys.read = fail_read;
-  /* (a duplex Pipe receives with recvmsg: fds may come along) */
+  /* (a socketpair Pipe would receive with recvmsg: fds may come along) */
   luamp_sys.recvmsg = fail_recvmsg;
   CHECK(run(L, EXPECT_OSERROR("", "b:recv()", 5)));
   CHECK(count_fds() == before);
