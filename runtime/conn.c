@@ -16,9 +16,11 @@
  * calls say so instead of reading garbage.
  *
  * fds are close-on-exec and blocking; waits go through poll with the
- * process's interrupt check.  A Connection owns one fd in one process:
- * after a fork, each process closes its own copy, which never affects the
- * other's, so connections need no owner pid.  A Listener on a Unix path
+ * process's interrupt check.  A Connection owns one fd in one process --
+ * two for a duplex Pipe, which is two pipes, one each way (see l_pipe):
+ * it reads the first and writes the second.  After a fork, each process
+ * closes its own copies, which never affects the other's, so connections
+ * need no owner pid.  A Listener on a Unix path
  * does: only the process that bound the path unlinks it.
  */
 #include <errno.h>
@@ -48,10 +50,13 @@
 #define HEADROOM 12             /* -1 marker + 8-byte length */
 #define RA_SIZE 65536           /* read-ahead: a small message costs one read */
 #define KEEP_RBUF (4u << 20)    /* receive buffer kept between messages */
-/* A duplex Pipe's send buffer (the kernel doubles it): a message of a
- * MiB or two goes out in one write, without the sender and the receiver
- * taking turns at the default ~200 KiB (twice the bandwidth). */
-#define PIPE_SNDBUF (1 << 20)
+/* The most a Pipe's pipe grows to (Linux's default pipe-max-size for an
+ * unprivileged process), on its first message bigger than its 64 KiB:
+ * a message up to a MiB then goes out in one write, without the sender
+ * and the receiver taking turns at 64 KiB.  Only then: the kernel
+ * counts pipe pages per user, and past pipe-user-pages-soft every new
+ * pipe of the user gets two pages. */
+#define PIPE_MAXSZ (1 << 20)
 #define GROW_STEP (64u << 20)   /* trust a claimed length this far at once */
 #define HANDSHAKE_MAX 256       /* CPython's cap on a handshake message */
 /* the handshake's messages (see "HMAC challenge" below) */
@@ -64,7 +69,11 @@
 static struct luamp_type conn_type, listener_type;   /* (at the end) */
 
 struct conn {
-  int fd;                 /* -1 once closed */
+  int fd;                 /* -1 once closed; the read end of a pair */
+  int wfd;                /* a pair's write end (-1 once closed) */
+  unsigned pair : 1;      /* a duplex Pipe: reads fd, writes wfd */
+  unsigned ispipe : 1;    /* it writes a pipe of its Pipe (grown once) */
+  unsigned grown : 1;     /* ...which has been grown (or could not be) */
   unsigned readable : 1, writable : 1;
   unsigned trusted : 1;   /* decode code payloads: pipes, authenticated peers */
   unsigned peer : 1;      /* untrusted, a keyless manager's: its proxies made */
@@ -91,7 +100,7 @@ struct conn {
 static struct conn *new_conn(lua_State *L) {
   struct conn *c = lua_newuserdatauv(L, sizeof *c, 0);
   memset(c, 0, sizeof *c);
-  c->fd = -1;                         /* created closed */
+  c->fd = c->wfd = -1;                /* created closed */
   luaL_setmetatable(L, CONN_TNAME);
   return c;
 }
@@ -120,15 +129,17 @@ static struct conn *check_writable(lua_State *L, int idx) {
   return c;
 }
 
+/* the fd c writes */
+#define WFD(c) ((c)->pair ? (c)->wfd : (c)->fd)
+
 static void inq_drop(struct conn *c);
 
 static int conn_close(lua_State *L) {
   struct conn *c = luamp_self(L, 1, &conn_type);
-  if (c->fd >= 0) {
-    int fd = c->fd;
-    c->fd = -1;                       /* closed before the fd goes */
-    luamp_sys.close(fd);
-  }
+  int fd = c->fd, wfd = c->pair ? c->wfd : -1;
+  c->fd = c->wfd = -1;                /* closed before the fds go */
+  if (fd >= 0) luamp_sys.close(fd);
+  if (wfd >= 0) luamp_sys.close(wfd);
   free(c->rbuf);
   c->rbuf = NULL;
   c->rcap = 0;
@@ -146,7 +157,7 @@ static int conn_close(lua_State *L) {
  * message is half moved). */
 static void wait_fd(lua_State *L, struct conn *c, short events,
                     double deadline, int midway) {
-  struct pollfd p = {c->fd, events, 0};
+  struct pollfd p = {events & POLLOUT ? WFD(c) : c->fd, events, 0};
   int r = luamp_robust_poll(L, &p, 1, deadline);
   if (r > 0) return;
   if (midway) {
@@ -162,10 +173,18 @@ static void wait_fd(lua_State *L, struct conn *c, short events,
 static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
                       int n, double deadline) {
   size_t sent = 0;
+  if (c->ispipe && !c->grown) {       /* a big message: the pipe grows */
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += iov[i].iov_len;
+    if (total > 65536) {
+      c->grown = 1;                     /* (a failure only costs speed) */
+      (void)luamp_sys.fcntl(WFD(c), F_SETPIPE_SZ, PIPE_MAXSZ);
+    }
+  }
   while (n > 0) {
     ssize_t w;
     if (deadline >= 0) wait_fd(L, c, POLLOUT, deadline, sent > 0);
-    w = luamp_sys.writev(c->fd, iov, n);
+    w = luamp_sys.writev(WFD(c), iov, n);
     if (w < 0) {
       int err = errno;
       if (err == EINTR) {
@@ -376,8 +395,14 @@ static char *read_payload(lua_State *L, struct conn *c, uint64_t n,
   return c->rbuf;
 }
 
-static void rbuf_trim(struct conn *c) {
-  if (c->rcap > KEEP_RBUF) {
+/* After a message of n bytes: a buffer beyond KEEP_RBUF is kept while
+ * messages about as big keep coming, and freed by the first one less
+ * than half its size (a small one too).  glibc serves an allocation
+ * beyond 32 MiB (its largest mmap threshold) with a fresh mmap, every
+ * page faulted in anew: freed after each message, a stream of 64 MiB
+ * messages faulted in the whole buffer every time. */
+static void rbuf_trim(struct conn *c, size_t n) {
+  if (c->rcap > KEEP_RBUF && n < c->rcap / 2) {
     free(c->rbuf);
     c->rbuf = NULL;
     c->rcap = 0;
@@ -429,8 +454,8 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
   } else {
     char *p = read_payload(L, c, n, deadline);
     lua_pushlstring(L, p, (size_t)n);
-    rbuf_trim(c);
   }
+  rbuf_trim(c, (size_t)n);
   if (c->inq_len > 0) fds_discard(c, lua_tostring(L, -1), (size_t)n);
 }
 
@@ -606,8 +631,9 @@ static void check_foreign(lua_State *L, const char *p, size_t n) {
 
    Connections and Listeners travel inside messages to other processes of
    the tree (CPython's test_fd_transfer family).  Over an AF_UNIX socket
-   -- a duplex Pipe, a Client or accepted connection on a Unix path --
-   the fds ride with the message itself, as SCM_RIGHTS: the kernel holds
+   -- a Client or accepted connection on a Unix path, core.Pipe(true,
+   "socket") -- the fds ride with the message itself, as SCM_RIGHTS (a
+   duplex Pipe's end, two pipes, as both of its fds): the kernel holds
    them while they are in flight, so a message that is never read costs
    nothing once the receiving socket is closed (the kernel drops its
    queue, cycles included), and a receiver that died only turns the send
@@ -774,8 +800,9 @@ static void decode_msg(lua_State *L, struct conn *c, const char *p, size_t n,
 static const char claimed_key = 0;   /* ticket -> object, weak values */
 
 /* A parked fd (handle bytes p/n): claimed from the keeper once; the same
- * handle again (an object twice in one message) dups the first's fd. */
-static int fdin_claim(lua_State *L, const char *p, size_t n) {
+ * handle again (an object twice in one message) dups the first's fd --
+ * its write end when `second` (a pair's second fd). */
+static int fdin_claim(lua_State *L, const char *p, size_t n, int second) {
   const char *ticket = p + 4;
   int fd;
   if (n <= 4 + LUAMP_FDKEEP_TICKET || n > 4 + LUAMP_FDKEEP_TICKET +
@@ -791,6 +818,10 @@ static int fdin_claim(lua_State *L, const char *p, size_t n) {
                               (const unsigned char *)ticket);
   }
   fd = *(int *)lua_touserdata(L, -1);  /* (both structs start with fd) */
+  if (second) {
+    struct conn *c = luaL_testudata(L, -1, CONN_TNAME);
+    fd = c != NULL && c->pair && c->fd >= 0 ? c->wfd : -1;
+  }
   lua_pop(L, 2);
   if (fd < 0)
     luamp_raise(L, "DecodeError", "the fd of this %s was received before "
@@ -813,10 +844,11 @@ static void fdin_note(lua_State *L, const char *p, size_t n) {
 
 /* The fd that handle bytes p/n (kind, flags, index) name, taken from the
  * message being decoded. */
-static int fdin_take(lua_State *L, const char *p, size_t n) {
+static int fdin_take(lua_State *L, const char *p, size_t n, int second) {
   const unsigned char *u = (const unsigned char *)p;
   int i, fd;
-  if (n > 4 && u[2] == 0xff && u[3] == 0xff) return fdin_claim(L, p, n);
+  if (n > 4 && u[2] == 0xff && u[3] == 0xff)
+    return fdin_claim(L, p, n, second);
   if (n != 4)
     luamp_raise(L, "DecodeError", "malformed %s handle",
                 p[0] == 'L' ? "Listener" : "Connection");
@@ -916,7 +948,7 @@ static void send_with_fds(lua_State *L, struct conn *c, char *p, size_t n) {
   cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)fdout.n);
   memcpy(CMSG_DATA(cm), fdout.fds, sizeof(int) * (size_t)fdout.n);
   while (m.msg_iovlen > 0) {
-    ssize_t w = luamp_sys.sendmsg(c->fd, &m, MSG_NOSIGNAL);
+    ssize_t w = luamp_sys.sendmsg(WFD(c), &m, MSG_NOSIGNAL);
     if (w < 0) {
       int err = errno;
       if (err == EINTR) {
@@ -1009,12 +1041,13 @@ static int conn_recv(lua_State *L) {
   if (n <= RA_SIZE) {
     const char *p = read_view(L, c, (size_t)n, -1);
     decode_msg(L, c, p, (size_t)n, flags);
+    rbuf_trim(c, (size_t)n);
   } else {
     char *p = read_payload(L, c, n, -1);
     /* the buffer belongs to c, which the stack keeps alive: a raising
      * decoder leaks nothing */
     decode_msg(L, c, p, (size_t)n, flags);
-    rbuf_trim(c);
+    rbuf_trim(c, (size_t)n);
   }
   return 1;
 }
@@ -1036,7 +1069,7 @@ static int conn_recv_nowait(lua_State *L) {
   }
   lua_pushboolean(L, 1);
   decode_msg(L, c, p, n, decode_flags(c));
-  if (p == c->rbuf) rbuf_trim(c);
+  rbuf_trim(c, n);
   return 2;
 }
 
@@ -1113,7 +1146,7 @@ static int conn_recv_bytes_into(lua_State *L) {
     lua_pushlstring(L, read_view(L, c, (size_t)n, -1), (size_t)n);
   } else {
     lua_pushlstring(L, read_payload(L, c, n, -1), (size_t)n);
-    rbuf_trim(c);
+    rbuf_trim(c, (size_t)n);
   }
   if (c->inq_len > 0) fds_discard(c, lua_tostring(L, -1), (size_t)n);
   return luamp_raise_value(L, "BufferTooShort", -1, "recv_bytes_into: a "
@@ -1210,33 +1243,51 @@ static int conn_index(lua_State *L) {
 static int conn_tostring(lua_State *L) {
   struct conn *c = luamp_self(L, 1, &conn_type);
   if (c->fd < 0) lua_pushliteral(L, "Connection (closed)");
+  else if (c->pair)
+    lua_pushfstring(L, "Connection (fds %d and %d, duplex)", c->fd, c->wfd);
   else lua_pushfstring(L, "Connection (fd %d, %s)", c->fd,
                        c->readable && c->writable ? "duplex" :
                        c->readable ? "read-only" : "write-only");
   return 1;
 }
 
-/* core.Pipe([duplex]) -> a, b.  Duplex: a socketpair, both ends read and
- * write.  Otherwise a pipe: a receives, b sends. */
+/* core.Pipe([duplex [, "socket"]]) -> a, b.  Duplex: two pipes, one
+ * each way -- a reads what b writes and the other way round; a round
+ * trip over pipes wakes the peer sooner than over a Unix socket (issue
+ * 18: 1.6x a socketpair's round trips in the raw C probes), and
+ * Connections sent over it go through the fd keeper as over a one-way
+ * Pipe.  "socket": a socketpair instead, whose messages carry fds
+ * themselves.  Otherwise a pipe: a receives, b sends. */
 static int l_pipe(lua_State *L) {
   int duplex = lua_isnoneornil(L, 1) ? 1 : lua_toboolean(L, 1);
+  int sock = duplex && lua_type(L, 2) == LUA_TSTRING &&
+             strcmp(lua_tostring(L, 2), "socket") == 0;
   int fds[2];
-  struct conn *a = new_conn(L), *b = new_conn(L);
-  if (duplex) {
-    int sndbuf = PIPE_SNDBUF;
+  struct conn *a, *b;
+  luaL_argcheck(L, lua_isnoneornil(L, 2) || sock, 2, "\"socket\" expected");
+  a = new_conn(L);
+  b = new_conn(L);
+  if (sock) {
     if (luamp_sys.socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0)
       luamp_raise_errno(L, "OSError", errno, "socketpair");
-    /* (capped by net.core.wmem_max; a failure only costs speed) */
-    for (int i = 0; i < 2; i++)
-      (void)luamp_sys.setsockopt(fds[i], SOL_SOCKET, SO_SNDBUF, &sndbuf,
-                                 sizeof sndbuf);
   } else if (luamp_sys.pipe2(fds, O_CLOEXEC) != 0) {
     luamp_raise_errno(L, "OSError", errno, "pipe2");
   }
-  a->fd = fds[0];
+  a->fd = fds[0];                     /* owned by the handles from here */
   b->fd = fds[1];
+  if (duplex && !sock) {              /* the way back: b reads, a writes */
+    a->pair = b->pair = 1;
+    b->wfd = b->fd;
+    b->fd = -1;
+    if (luamp_sys.pipe2(fds, O_CLOEXEC) != 0)
+      luamp_raise_errno(L, "OSError", errno, "pipe2");
+    b->fd = fds[0];
+    a->wfd = fds[1];
+  }
   a->trusted = b->trusted = 1;
-  a->unixsock = b->unixsock = duplex;
+  a->unixsock = b->unixsock = sock;
+  a->ispipe = duplex && !sock;
+  b->ispipe = !sock;
   a->readable = 1;
   a->writable = duplex;
   b->readable = duplex;
@@ -1839,33 +1890,60 @@ static int l_wait_fds(lua_State *L) {
 /* ---- Connections and Listeners as handles ------------------------------
 
    Their handle bytes: kind ('C' or 'L'), flags, the fd's index (2 bytes)
-   in the message's set (see "passing fds").  A Connection arrives with
-   the direction and trust it had: the sender vouches for it, as it does
-   for any value of a trusted message.  A Listener's Unix socket file
-   stays its binder's to remove. */
+   in the message's set (see "passing fds").  A duplex Pipe's end has two
+   fds: 'C', flags with HF_PAIR, the length of the first fd's handle
+   bytes (1 byte), then those of the read fd and of the write fd -- both
+   fds in the one message's set, or two tickets with the keeper.  A
+   Connection arrives with the direction and trust it had: the sender
+   vouches for it, as it does for any value of a trusted message.  A
+   Listener's Unix socket file stays its binder's to remove. */
 
-enum { HF_READ = 1, HF_WRITE = 2, HF_TRUSTED = 4, HF_PEER = 8, HF_UNIX = 16 };
+enum { HF_READ = 1, HF_WRITE = 2, HF_TRUSTED = 4, HF_PEER = 8, HF_UNIX = 16,
+       HF_PAIR = 32, HF_PIPE = 64 };
 
 static void conn_handle_encode(lua_State *L, int idx) {
   struct conn *c = luamp_self(L, idx, &conn_type);
+  int f = (c->readable ? HF_READ : 0) | (c->writable ? HF_WRITE : 0) |
+          (c->trusted ? HF_TRUSTED : 0) | (c->peer ? HF_PEER : 0) |
+          (c->unixsock ? HF_UNIX : 0) | (c->ispipe ? HF_PIPE : 0);
+  char h[3];
   if (c->fd < 0) luamp_raise(L, "EncodeError", "connection is closed");
-  push_fd_handle(L, 'C', (c->readable ? HF_READ : 0) |
-                 (c->writable ? HF_WRITE : 0) | (c->trusted ? HF_TRUSTED : 0) |
-                 (c->peer ? HF_PEER : 0) | (c->unixsock ? HF_UNIX : 0),
-                 c->fd, "Connection");
+  push_fd_handle(L, 'C', f, c->fd, "Connection");
+  if (!c->pair) return;
+  push_fd_handle(L, 'C', f, c->wfd, "Connection");
+  h[0] = 'C';
+  h[1] = (char)(f | HF_PAIR);
+  h[2] = (char)lua_rawlen(L, -2);     /* (at most 84 bytes) */
+  lua_pushlstring(L, h, 3);
+  lua_insert(L, -3);
+  lua_concat(L, 3);
 }
 
 static void conn_handle_decode(lua_State *L, const char *p, size_t n) {
   struct conn *c = new_conn(L);
-  int f;
-  c->fd = fdin_take(L, p, n);
-  f = (unsigned char)p[1];
+  int f = n >= 2 ? (unsigned char)p[1] : 0;
+  if (f & HF_PAIR) {
+    size_t n1 = n >= 3 ? (unsigned char)p[2] : 0;
+    if (n1 < 4 || n < 3 + n1 + 4)
+      luamp_raise(L, "DecodeError", "malformed Connection handle");
+    c->pair = 1;                      /* both fds are the handle's */
+    c->fd = fdin_take(L, p + 3, n1, 0);
+    c->wfd = fdin_take(L, p + 3 + n1, n - 3 - n1, 1);
+  } else {
+    c->fd = fdin_take(L, p, n, 0);
+  }
   c->readable = (f & HF_READ) != 0;
   c->writable = (f & HF_WRITE) != 0;
   c->trusted = (f & HF_TRUSTED) != 0;
   c->peer = (f & HF_PEER) != 0;
   c->unixsock = (f & HF_UNIX) != 0;
-  fdin_note(L, p, n);
+  c->ispipe = (f & HF_PIPE) != 0;
+  if (f & HF_PAIR) {
+    fdin_note(L, p + 3, (unsigned char)p[2]);
+    fdin_note(L, p + 3 + (unsigned char)p[2], n - 3 - (unsigned char)p[2]);
+  } else {
+    fdin_note(L, p, n);
+  }
 }
 
 static void listener_handle_encode(lua_State *L, int idx) {
@@ -1880,7 +1958,7 @@ static void listener_handle_decode(lua_State *L, const char *p, size_t n) {
   memset(l, 0, sizeof *l);
   l->fd = -1;
   luaL_setmetatable(L, LISTENER_TNAME);
-  l->fd = fdin_take(L, p, n);
+  l->fd = fdin_take(L, p, n, 0);
   l->family = (unsigned char)p[1] & HF_UNIX ? AF_UNIX : AF_INET;
   fdin_note(L, p, n);
 }

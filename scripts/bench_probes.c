@@ -4,9 +4,13 @@
  *
  *   spawn NAME N CMD [ARGS...]  fork+exec+wait CMD N times (start-up cost)
  *   fork N                      fork + _exit + waitpid, N times
- *   pingpong N                  N round trips of a 4-byte frame + 1 byte
- *                               over a socketpair between two processes
+ *   pipes N                     N round trips of an 8-byte message (a
+ *                               4-byte frame + 4 bytes) between two
+ *                               processes over two pipes, one each way:
+ *                               one write + one read per direction
+ *   pingpong N                  the same over one socketpair
  *   stream MIB                  MIB MiB in 1 MiB writes over a socketpair
+ *   pipestream MIB              the same over a pipe grown to 1 MiB
  *   futex N                     N round trips between two processes through
  *                               two futex words in shared memory (no spin):
  *                               the kernel's floor for one wake-up each way
@@ -27,6 +31,7 @@
  *                               or until process PID is gone (make bench's
  *                               loaded state; killed by pid)
  */
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -202,6 +207,80 @@ static int cpu_speedup(void) {
   return 0;
 }
 
+/* N round trips of an 8-byte message between two processes: over two
+ * pipes (one each way) or one socketpair. */
+static int pingpong(long n, int pipes) {
+  int up[2], down[2];       /* parent writes up[1], child writes down[1] */
+  char msg[8] = {0, 0, 0, 4, 1, 2, 3, 4};
+  double t0;
+  if (pipes) {
+    if (pipe(up) != 0 || pipe(down) != 0) return 1;
+  } else {
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, up) != 0) return 1;
+    down[0] = up[1];       /* each end reads and writes its own socket */
+    down[1] = up[0];
+  }
+  if (fork() == 0) {
+    char buf[8];
+    close(up[1]);
+    if (pipes) close(down[0]);
+    while (full_read(up[0], buf, 8) == 0 && full_write(down[1], buf, 8) == 0) {}
+    _exit(0);
+  }
+  close(up[0]);
+  if (pipes) close(down[1]);
+  t0 = now();
+  for (long i = 0; i < n; i++) {
+    char buf[8];
+    if (full_write(up[1], msg, 8) || full_read(down[0], buf, 8)) return 1;
+  }
+  report(pipes ? "c.pipe_pingpong" : "c.socketpair_pingpong", now() - t0,
+         (double)n, "roundtrips/s");
+  close(up[1]);
+  if (pipes) close(down[0]);
+  wait(NULL);
+  return 0;
+}
+
+/* MIB MiB in 1 MiB writes from parent to child, then a 1-byte reply:
+ * over a pipe grown to 1 MiB (as luamp's Pipe grows its pipes; a second
+ * pipe for the reply) or one socketpair. */
+static int stream(long mib, int pipes) {
+  size_t sz = 1 << 20;
+  char *buf = malloc(sz);
+  int up[2], down[2];
+  double t0;
+  if (buf == NULL) return 1;
+  if (pipes) {
+    if (pipe(up) != 0 || pipe(down) != 0) return 1;
+    (void)fcntl(up[1], F_SETPIPE_SZ, 1 << 20);
+  } else {
+    if (socketpair(AF_UNIX, SOCK_STREAM, 0, up) != 0) return 1;
+    down[0] = up[1];
+    down[1] = up[0];
+  }
+  memset(buf, 7, sz);
+  if (fork() == 0) {
+    close(up[1]);
+    if (pipes) close(down[0]);
+    for (long i = 0; i < mib; i++)
+      if (full_read(up[0], buf, sz)) _exit(1);
+    if (full_write(down[1], "k", 1)) _exit(1);
+    _exit(0);
+  }
+  close(up[0]);
+  if (pipes) close(down[1]);
+  t0 = now();
+  for (long i = 0; i < mib; i++)
+    if (full_write(up[1], buf, sz)) return 1;
+  if (full_read(down[0], buf, 1)) return 1;
+  report(pipes ? "c.pipe_stream" : "c.socketpair_stream", now() - t0,
+         (double)mib, "MiB/s");
+  wait(NULL);
+  free(buf);
+  return 0;
+}
+
 int main(int argc, char **argv) {
   double t0;
   if (argc >= 5 && strcmp(argv[1], "spawn") == 0) {
@@ -228,47 +307,12 @@ int main(int argc, char **argv) {
       waitpid(pid, &st, 0);
     }
     report("c.fork_exit_wait", now() - t0, (double)n, "procs/s");
-  } else if (argc == 3 && strcmp(argv[1], "pingpong") == 0) {
-    long n = atol(argv[2]);
-    int sv[2];
-    char msg[5] = {0, 0, 0, 1, 42};
-    if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return 1;
-    if (fork() == 0) {
-      char buf[5];
-      close(sv[0]);
-      while (full_read(sv[1], buf, 5) == 0 && full_write(sv[1], buf, 5) == 0) {}
-      _exit(0);
-    }
-    close(sv[1]);
-    t0 = now();
-    for (long i = 0; i < n; i++) {
-      char buf[5];
-      if (full_write(sv[0], msg, 5) || full_read(sv[0], buf, 5)) return 1;
-    }
-    report("c.pipe_pingpong", now() - t0, (double)n, "roundtrips/s");
-    close(sv[0]);
-    wait(NULL);
-  } else if (argc == 3 && strcmp(argv[1], "stream") == 0) {
-    long mib = atol(argv[2]);
-    size_t sz = 1 << 20;
-    char *buf = malloc(sz);
-    int sv[2];
-    if (!buf || socketpair(AF_UNIX, SOCK_STREAM, 0, sv) != 0) return 1;
-    memset(buf, 7, sz);
-    if (fork() == 0) {
-      close(sv[0]);
-      for (long i = 0; i < mib; i++)
-        if (full_read(sv[1], buf, sz)) _exit(1);
-      if (full_write(sv[1], "k", 1)) _exit(1);
-      _exit(0);
-    }
-    close(sv[1]);
-    t0 = now();
-    for (long i = 0; i < mib; i++)
-      if (full_write(sv[0], buf, sz)) return 1;
-    if (full_read(sv[0], buf, 1)) return 1;
-    report("c.socketpair_stream", now() - t0, (double)mib, "MiB/s");
-    wait(NULL);
+  } else if (argc == 3 && (strcmp(argv[1], "pingpong") == 0 ||
+                            strcmp(argv[1], "pipes") == 0)) {
+    return pingpong(atol(argv[2]), strcmp(argv[1], "pipes") == 0);
+  } else if (argc == 3 && (strcmp(argv[1], "stream") == 0 ||
+                            strcmp(argv[1], "pipestream") == 0)) {
+    return stream(atol(argv[2]), strcmp(argv[1], "pipestream") == 0);
   } else if (argc == 3 && strcmp(argv[1], "fork_pidfd") == 0) {
     long n = atol(argv[2]);
     t0 = now();
@@ -301,8 +345,8 @@ int main(int argc, char **argv) {
       for (int i = 0; i < 1000000; i++) x = x + 1;
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
-                    "pingpong N|stream MIB|futex N|futex_poll N|fork_pidfd N|speedup|"
-                    "burn SECS [PID]\n");
+                    "pipes N|pingpong N|stream MIB|pipestream MIB|futex N|futex_poll N|"
+                    "fork_pidfd N|speedup|burn SECS [PID]\n");
     return 2;
   }
   return 0;

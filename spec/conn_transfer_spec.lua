@@ -3,8 +3,13 @@
 -- processes of the tree (CPython's test_fd_transfer family).
 local H = require "helpers"
 local mp = require "multiprocessing"
+local core = require "multiprocessing.core"
 
 local kind_of = H.kind_of
+
+-- a duplex Pipe over a socketpair: its messages carry fds themselves
+-- (SCM_RIGHTS); mp.Pipe() is two pipes, whose sends go through the keeper
+local function socket_pipe() return core.Pipe(true, "socket") end
 
 describe("conn:recv_bytes_into", function()
   it("writes a message into an Array('B') and returns its length", function()
@@ -160,6 +165,42 @@ describe("Connections and Listeners sent to other processes", function()
     assert.equal(fds, H.fd_count())
   end)
 
+  it("a duplex Pipe's end (two fds) travels whole: over a socket in one SCM_RIGHTS message, over a Pipe", function()
+    collectgarbage(); collectgarbage()
+    local fds = H.fd_count()
+    do
+      for _, carrier in ipairs {socket_pipe, mp.Pipe} do
+        local a, b = carrier()
+        local x, y = mp.Pipe()
+        local p = mp.Process{target = function()
+          local t = b:recv()
+          -- both ways through the passed end, and the duplicate's too
+          t[1]:send(t[1]:recv() + 1)
+          t[2]:send("twice")
+          b:send(tostring(t[1]))
+        end}
+        p:start()
+        a:send({x, x})
+        x:close()      -- the child's copies are its own
+        y:send(41)
+        assert.equal(42, y:recv())
+        assert.equal("twice", y:recv())
+        assert.matches("fds %d+ and %d+, duplex", a:recv())
+        p:join()
+        assert.equal(0, p.exitcode)
+        y:close(); a:close(); b:close()
+      end
+      -- one SCM_RIGHTS message carries both fds: the raw message says 2
+      local a, b = socket_pipe()
+      local x, y = mp.Pipe()
+      a:send(x)
+      assert.equal("\xc1luampF\0\2", b:recv_bytes():sub(1, 9))
+      a:close(); b:close(); x:close(); y:close()
+    end
+    collectgarbage(); collectgarbage()
+    assert.equal(fds, H.fd_count())
+  end)
+
   it("a Listener sent to a child accepts there; the key comes along", function()
     local a, b = mp.Pipe()
     local l = mp.connection.Listener{authkey = "secret"}
@@ -230,23 +271,23 @@ describe("Connections and Listeners sent to other processes", function()
     assert.equal(fds, H.fd_count())
   end)
 
-  it("leaks no fd: messages never received, read raw, or whose decode fails", function()
+  it("leaks no fd: messages never received, read raw, or whose decode fails (socket)", function()
     collectgarbage(); collectgarbage()
     local fds = H.fd_count()
     do
       -- never received: the kernel drops them with the socket
-      local a, b = mp.Pipe()
+      local a, b = socket_pipe()
       local x, y = mp.Pipe()
       for _ = 1, 20 do a:send({x, y}) end
       a:close(); b:close()
       -- received into the read-ahead, then the connection closed
-      a, b = mp.Pipe()
+      a, b = socket_pipe()
       for _ = 1, 20 do a:send({x, y}) end
       b:send("marker"); assert.equal("marker", a:recv())
       assert.is_table(b:recv())    -- reads ahead the other 19
       a:close(); b:close()
       -- read raw: its fds are closed
-      a, b = mp.Pipe()
+      a, b = socket_pipe()
       a:send(x)
       assert.is_string(b:recv_bytes())
       a:send(y)
@@ -271,14 +312,14 @@ describe("Connections and Listeners sent to other processes", function()
     assert.equal(fds, H.fd_count())
   end)
 
-  it("a receiver that died makes the send raise, never hang; nothing leaks", function()
+  it("a receiver that died makes the send raise, never hang; nothing leaks (socket)", function()
     -- (a first start opens /dev/null for children's stdin, kept: not a leak)
     local warm = mp.Process{target = function() end}
     warm:start(); warm:join()
     collectgarbage(); collectgarbage()
     local fds = H.fd_count()
     do
-      local a, b = mp.Pipe()
+      local a, b = socket_pipe()
       local x, y = mp.Pipe()
       local p = mp.Process{target = function() b:recv(); os.exit(0) end}
       p:start()
@@ -293,7 +334,7 @@ describe("Connections and Listeners sent to other processes", function()
       end
       assert.equal("BrokenPipeError", kind)
       -- a child killed with messages unread: its fds go with it
-      a, b = mp.Pipe()
+      a, b = socket_pipe()
       -- (a sleep in the child, not os.execute: a shell forked by the
       -- child held b open, between its fork and its exec, past the kill)
       p = mp.Process{target = function() while true do H.sleep(1) end end}
@@ -340,7 +381,7 @@ describe("Connections and Listeners sent to other processes", function()
   end)
 
   it("a handle is decoded only from the connection that carried its fd", function()
-    local a, b = mp.Pipe()
+    local a, b = socket_pipe()
     local x, y = mp.Pipe()
     a:send(x)
     local raw = b:recv_bytes()

@@ -62,27 +62,30 @@ describe("Pipe", function()
     assert.equal(0, p.exitcode)
   end)
 
-  it("takes a MiB message in one write, before the receiver reads", function()
-    -- (the send buffer is raised to 2 MiB, as far as net.core.wmem_max
-    -- lets an unprivileged process)
-    local f = io.open("/proc/sys/net/core/wmem_max")
+  it("takes a message up to a MiB in one write, before the receiver reads", function()
+    -- (a Pipe's pipe grows to a MiB on its first message beyond 64 KiB,
+    -- as far as fs.pipe-max-size lets an unprivileged process)
+    local f = io.open("/proc/sys/fs/pipe-max-size")
     local max = f and tonumber(f:read("l"))
     if f then f:close() end
     if not max or max < 2^20 then
-      pending("net.core.wmem_max is below 1 MiB here")
+      pending("fs.pipe-max-size is below 1 MiB here")
       return
     end
-    local a, b = mp.Pipe()
-    local p = mp.Process{target = function()
+    for _, duplex in ipairs {true, false} do
+      local a, b = mp.Pipe(duplex)
+      local p = mp.Process{target = function()
+        a:close()
+        b:send_bytes(string.rep("x", 2^20 - 4))
+      end}
+      p:start()
+      b:close()
+      -- the child's send completes with nobody reading
+      p:join(10)
+      assert.equal(0, p.exitcode)
+      assert.equal(2^20 - 4, #a:recv_bytes())
       a:close()
-      b:send_bytes(string.rep("x", 2^20))
-    end}
-    p:start()
-    b:close()
-    -- the child's send completes with nobody reading
-    p:join(10)
-    assert.equal(0, p.exitcode)
-    assert.equal(2^20, #a:recv_bytes())
+    end
   end)
 
   it("is one-way with Pipe(false): a receives, b sends", function()
@@ -197,10 +200,39 @@ describe("Pipe", function()
       local c, d = mp.Pipe()
       local c1 <close> = c
       local d1 <close> = d
-      assert.equal(fds + 2, H.fd_count())
+      -- (a duplex Pipe is two pipes: each end holds a read and a write fd)
+      assert.equal(fds + 4, H.fd_count())
     end
     assert.equal(fds, H.fd_count())
     b:close()
+  end)
+
+  it("is two pipes when duplex: fileno() reads, each way has its own pipe", function()
+    local a, b = mp.Pipe()
+    local function link(conn)
+      return (H.sh("readlink /proc/" .. core.getpid() .. "/fd/" .. conn:fileno()))
+    end
+    assert.matches("^pipe:", link(a))
+    assert.matches("^pipe:", link(b))
+    assert.not_equal(link(a), link(b))
+    assert.matches("fds %d+ and %d+, duplex", tostring(a))
+    -- both ways at once, each end's send going into the other's fileno
+    a:send("to b"); b:send("to a")
+    assert.same({1}, core.wait_fds({a:fileno()}, 1))
+    assert.equal(b, mp.connection.wait({b}, 1)[1])
+    assert.equal("to a", a:recv()); assert.equal("to b", b:recv())
+    -- a close ends both directions: the peer reads EOF and cannot send
+    a:close()
+    assert.equal("EOFError", kind_of(b.recv, b))
+    assert.equal("BrokenPipeError", kind_of(b.send, b, 1))
+    b:close()
+    -- "socket": a socketpair (fds ride with its messages)
+    local c, d = core.Pipe(true, "socket")
+    assert.matches("^socket:", link(c))
+    assert.matches("fd %d+, duplex", tostring(c))
+    c:send(1); assert.equal(1, d:recv())
+    c:close(); d:close()
+    assert.matches("\"socket\" expected", select(2, pcall(core.Pipe, true, "tcp")))
   end)
 
   it("leaves the connection usable after an unencodable send", function()

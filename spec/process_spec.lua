@@ -615,8 +615,9 @@ describe("the fork discipline", function()
       p:kill() p:join()
       print(new, bad)
     ]])
-    -- 2 + 2 + 2 listeners + 2 connected + sentinel + /dev/null (children's stdin)
-    assert.equal("10\t0\n", out, err)
+    -- 4 (a duplex Pipe: two pipes) + 2 + 2 listeners + 2 connected +
+    -- sentinel + /dev/null (children's stdin)
+    assert.equal("12\t0\n", out, err)
   end)
 
   it("runs at-fork hooks in order (before reversed), errors reported", function()

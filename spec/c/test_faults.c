@@ -122,7 +122,7 @@ static void test_conn_send_and_recv_fail(void) {
   luamp_sys.writev = fail_writev;
   CHECK(run(L, EXPECT_OSERROR("", "a:send('hello')", 5)));
   luamp_sys.read = fail_read;
-  /* (a duplex Pipe receives with recvmsg: fds may come along) */
+  /* (a socketpair Pipe would receive with recvmsg: fds may come along) */
   luamp_sys.recvmsg = fail_recvmsg;
   CHECK(run(L, EXPECT_OSERROR("", "b:recv()", 5)));
   CHECK(count_fds() == before);
@@ -130,13 +130,15 @@ static void test_conn_send_and_recv_fail(void) {
   lua_close(L);
 }
 
-/* A message with a Connection in it goes out with sendmsg (SCM_RIGHTS):
- * its failure is an OSError, nothing written, nothing left open. */
+/* A message with a Connection in it goes out with sendmsg (SCM_RIGHTS)
+ * over a socket: its failure is an OSError, nothing written, nothing left
+ * open.  (x: a duplex Pipe's end, two fds.) */
 static void test_conn_send_fds_fails(void) {
   lua_State *L = new_state();
   int before;
   CHECK(run(L, "mp = require 'multiprocessing'\n"
-               "a, b = mp.Pipe() x, y = mp.Pipe()"));
+               "a, b = require('multiprocessing.core').Pipe(true, 'socket')\n"
+               "x, y = mp.Pipe()"));
   before = count_fds();
   luamp_sys.sendmsg = fail_sendmsg;
   CHECK(run(L, EXPECT_OSERROR("", "a:send({x})", 5)));
@@ -144,6 +146,13 @@ static void test_conn_send_fds_fails(void) {
   CHECK(count_fds() == before);
   CHECK(run(L, "a:close() b:close() x:close() y:close()"));
   lua_close(L);
+}
+
+/* the second pipe2 of a duplex Pipe fails: the first pipe's fds close */
+static int pipe2_calls;
+static int fail_second_pipe2(int *fds, int fl) {
+  if (pipe2_calls++ == 1) return fail_pipe2(fds, fl);
+  return pipe2(fds, fl);
 }
 
 static void test_conn_pipe_creation_fails(void) {
@@ -156,6 +165,13 @@ static void test_conn_pipe_creation_fails(void) {
                               "mp.Pipe()", 24)));
   CHECK(run(L, EXPECT_OSERROR("local mp = require 'multiprocessing'",
                               "mp.Pipe(false)", 24)));
+  CHECK(run(L, EXPECT_OSERROR("local core = require 'multiprocessing.core'",
+                              "core.Pipe(true, 'socket')", 24)));
+  luamp_sys.pipe2 = fail_second_pipe2;
+  pipe2_calls = 0;
+  CHECK(run(L, EXPECT_OSERROR("local mp = require 'multiprocessing'",
+                              "mp.Pipe()", 24)));
+  CHECK(pipe2_calls == 2);
   CHECK(run(L, "collectgarbage() collectgarbage()"));
   CHECK(count_fds() == before);
   lua_close(L);
