@@ -278,6 +278,40 @@ describe("Queue", function()
     assert.is_true(q:_stats().resident <= 2 * 2^20 + 8192)
   end)
 
+  it("is full when unbounded only with about half its capacity queued", function()
+    -- random puts and gets on small rings, with early wraps and jumps:
+    -- at each Full the records queued and the new one take >= cap / 2
+    local function rec(s) return 16 + (#s + 8 + 15) // 16 * 16 end
+    for _, cap in ipairs({2 * 2^20, 4 * 2^20}) do
+      math.randomseed(3)
+      local q = mp.Queue{capacity = cap}
+      local sent, got, live, fulls = {}, 0, 0, 0
+      for step = 1, 6000 do
+        if math.random() < (step // 1000 % 2 == 0 and 0.6 or 0.4) then
+          local i, r = #sent + 1, math.random()
+          local s = payload(i, r < 0.03 and math.random(100000, 600000)
+                            or r < 0.2 and math.random(2000, 40000)
+                            or math.random(0, 1500))
+          local ok, err = pcall(q.put, q, s, false)
+          if ok then
+            sent[i] = s; live = live + rec(s)
+          else
+            assert.equal("Full", err.kind)
+            fulls = fulls + 1
+            assert.is_true(live + rec(s) >= cap / 2 - 4096, string.format(
+              "Full with %d + %d bytes in a ring of %d", live, rec(s), cap))
+          end
+        elseif got < #sent then
+          got = got + 1
+          assert.equal(sent[got], q:get(false))
+          live = live - rec(sent[got])
+        end
+      end
+      while got < #sent do got = got + 1; assert.equal(sent[got], q:get(false)) end
+      assert.is_true(fulls > 0 and q:_stats().skips > 0)
+    end
+  end)
+
   pit("carries random sizes in order from a producer process past wraps", function()
     local q, go, burst = mp.Queue(), mp.Event(), mp.Event()
     local n = 6000
