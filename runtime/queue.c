@@ -13,15 +13,19 @@
  * data exist, so an empty queue costs one page and memory follows the
  * backlog.  A big ring instead of a small ring plus spill segments keeps
  * one code path for every size: an unbounded put never waits for bytes
- * until 4 GiB are queued, a 1 GiB message is one record like any other,
+ * until 2 GiB are queued, a 1 GiB message is one record like any other,
  * and small messages pay nothing for big ones.  To keep small messages
  * cache-hot and out of page faults, positions restart at the ring's
  * start whenever the queue becomes empty, and a producer that finds a
  * small backlog past WRAP_AT with the ring's start free goes on there (a
  * skip record tells consumers), so a small backlog cycles through the
- * first HOT bytes, which stay resident.  Pages behind the consumer beyond
- * those go back to the kernel (MADV_REMOVE) every PUNCH bytes, and all of
- * them when the queue empties.
+ * first HOT bytes, which stay resident.  When the start's free bytes (up
+ * to the consumer) run out before the consumer passes that skip, the
+ * producer jumps past it within the lap (a forward skip: placement), so
+ * an early wrap never makes an unbounded queue full: only records taking
+ * about cap / 2 bytes or more do, and maxsize items.  Pages behind the
+ * consumer beyond those go back to the kernel (MADV_REMOVE) every PUNCH
+ * bytes, and all of them when the queue empties.
  *
  * Records are 16-byte aligned: {u64 length, u64 tag} then the payload
  * (which may wrap around the ring's end; headers never do).  Positions
@@ -95,12 +99,14 @@ struct qhdr {
   uint64_t released;          /* [mu] ring pages before it were given back */
   uint64_t dirty;             /* [mu] ring offset: pages past HOT and below
                                * it may hold bytes (an upper bound) */
+  uint64_t lap_end;           /* [mu] position of the skip record of the
+                               * last early wrap (see placement) */
   _Atomic uint64_t count;     /* [mu, atomic] items */
   _Atomic uint64_t unfinished;/* [mu, atomic] JoinableQueue: puts not done */
   struct {                    /* [mu] undo record of the step in progress */
     uint32_t active;
     uint32_t slot;            /* slot + 1 written in this step, 0 none */
-    uint64_t head, tail, released, count, unfinished, slot_tag;
+    uint64_t head, tail, released, count, unfinished, slot_tag, lap_end;
   } journal;
   _Atomic uint32_t put_seq;   /* futex: bumped by every put (getters wait) */
   _Atomic uint32_t get_seq;   /* futex: bumped by every get (putters wait) */
@@ -163,6 +169,7 @@ static void journal_begin(struct qhdr *h) {
   h->journal.released = h->released;
   h->journal.count = atomic_load(&h->count);
   h->journal.unfinished = atomic_load(&h->unfinished);
+  h->journal.lap_end = h->lap_end;
   h->journal.slot = 0;
   atomic_thread_fence(memory_order_release);
   h->journal.active = 1;
@@ -186,6 +193,7 @@ static void queue_repair(void *arg) {
   h->released = h->journal.released;
   atomic_store(&h->count, h->journal.count);
   atomic_store(&h->unfinished, h->journal.unfinished);
+  h->lap_end = h->journal.lap_end;
   if (h->journal.slot) h->slots[h->journal.slot - 1] = h->journal.slot_tag;
   h->journal.active = 0;
 }
@@ -295,12 +303,22 @@ static void after_get(struct queue *q) {
 }
 
 /* The consumer reached a skip record at head (under mu): the data goes on
- * at the next lap's start.  One journaled step. */
-static void pass_skip(struct queue *q) {
+ * at the next lap's start (to == 0), or at ring offset to of this lap (a
+ * forward skip, see placement).  One journaled step. */
+static void pass_skip(struct queue *q, uint64_t to) {
   struct qhdr *h = q->h;
+  uint64_t at = h->head & (h->cap - 1);
+  LUAMP_ASSERT(to == 0 || (to > at && to <= h->cap));
   journal_begin(h);
   punch(q, h->released, h->head, 0);
-  h->head = h->released = (h->head + h->cap) & ~(h->cap - 1);
+  if (to == 0) {
+    h->head = h->released = (h->head + h->cap) & ~(h->cap - 1);
+  } else {
+    /* the bytes jumped over held the last lap's records, all consumed
+     * now; the next lap writes before `at` or past `to` only */
+    punch_span(q, at + REC, to);
+    h->head = h->released = (h->head & ~(h->cap - 1)) + to;
+  }
   journal_end(h);
   h->skips++;
 }
@@ -324,9 +342,45 @@ static void pass_skip(struct queue *q) {
 static int early_wrap(struct qhdr *h, uint64_t need) {
   uint64_t mask = h->cap - 1, ot = h->tail & mask, oh = h->head & mask;
   LUAMP_ASSERT(luamp_mutex_held(&h->mu));
-  return h->tail != h->head && ot >= WRAP_AT && ot >= oh && need <= oh &&
+  return h->tail != h->head && ot >= WRAP_AT && ot >= oh && need + REC <= oh &&
          (h->tail & ~mask) == (h->head & ~mask) &&
          (ot - oh <= oh / 4 || h->cap - ot < HOT);
+}
+
+enum { PUT_NONE = -1, PUT_HERE, PUT_WRAP, PUT_FORWARD };
+
+/* Where a put of need bytes goes (under mu): at tail, after a skip to the
+ * next lap (early_wrap), after a forward skip, or nowhere yet (wait).  The
+ * ring is in one of three states:
+ *  - linear: tail - head <= cap, the records lie from head to tail (the
+ *    last payload may wrap around the ring's end);
+ *  - wrapped early: head's lap ends at the skip record at lap_end, and
+ *    tail is at the next lap's start, before head: records go on there,
+ *    keeping REC bytes free before head for a forward skip;
+ *  - forwarded: when a record does not fit there, a skip record (its tag
+ *    the ring offset to go on at) jumps past lap_end's offset in the same
+ *    lap, where nothing is live; records go on up to that lap's end.
+ *    Then tail - head > cap.  Only to the ring's first half: the bytes
+ *    jumped over count against the room until the consumer passes the
+ *    jump, so a jump further on could leave less room than waiting.
+ * So an unbounded queue is full only when its records and the new one
+ * take about half of cap or more (not at 2 MB in the 4 GiB ring).
+ * (Before the forward skip an early wrap left the producer only the
+ * bytes before head: an unbounded queue of 1.1 MB, 1 MB of it taken,
+ * was "full" after 1 MB more, until the consumer passed the wrap.) */
+static int placement(struct qhdr *h, uint64_t need) {
+  uint64_t mask = h->cap - 1, lap = ~mask;
+  if (h->tail - h->head > h->cap)                           /* forwarded */
+    return h->tail + need <= (h->head & lap) + 2 * h->cap ? PUT_HERE
+                                                            : PUT_NONE;
+  if (h->lap_end >= h->head && (h->lap_end & lap) == (h->head & lap) &&
+      (h->tail & lap) != (h->head & lap)) {             /* wrapped early */
+    if (h->tail + need + REC - h->head <= h->cap) return PUT_HERE;
+    return (h->lap_end & mask) + REC <= h->cap / 2 &&
+           (h->lap_end & mask) + REC + need <= h->cap ? PUT_FORWARD : PUT_NONE;
+  }
+  if (early_wrap(h, need)) return PUT_WRAP;
+  return h->tail + need - h->head <= h->cap ? PUT_HERE : PUT_NONE;
 }
 
 /* ---- watchers (mp.wait) ---------------------------------------------------------- */
@@ -571,7 +625,7 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
   struct qhdr *h = q.h;
   uint64_t need = rec_size(len), rec[2];
   uint32_t gs, ps;
-  int wrap = 0;
+  int at = PUT_HERE;
   if (need > h->cap)
     luamp_raise(L, "ValueError", "item of %I bytes is larger than the "
                 "queue's capacity (%I bytes)", (lua_Integer)len,
@@ -586,7 +640,7 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
       raise_shut(L, "put");
     }
     if (!((h->maxsize > 0 && atomic_load(&h->count) >= (uint64_t)h->maxsize) ||
-          (!(wrap = early_wrap(h, need)) && h->tail + need - h->head > h->cap)))
+          (at = placement(h, need)) == PUT_NONE))
       break;
     snap = atomic_load(&h->get_seq);
     luamp_mutex_unlock(&h->mu);
@@ -604,11 +658,13 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
     qlock_until(L, h, deadline, "Full");
   }
   journal_begin(h);
-  if (wrap) {
+  if (at != PUT_HERE) {
+    uint64_t lap = h->tail & ~(h->cap - 1);
     rec[0] = SKIP;
-    rec[1] = 0;
+    rec[1] = at == PUT_WRAP ? 0 : (h->lap_end & (h->cap - 1)) + REC;
     ring_write(&q, h->tail, (const char *)rec, REC);
-    h->tail = (h->tail + h->cap) & ~(h->cap - 1);
+    if (at == PUT_WRAP) h->lap_end = h->tail;
+    h->tail = at == PUT_WRAP ? lap + h->cap : lap + rec[1];
   }
   rec[0] = len;
   rec[1] = tag;
@@ -708,8 +764,8 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
     }
     ring_read(&q, h->head, (char *)rec, REC);
     len = rec[0];
-    if (len == SKIP) {
-      pass_skip(&q);
+    while (len == SKIP) {
+      pass_skip(&q, rec[1]);
       ring_read(&q, h->head, (char *)rec, REC);
       len = rec[0];
     }
@@ -1405,7 +1461,12 @@ static int q_stats(lua_State *L) {
   }
   lua_pushinteger(L, (lua_Integer)q.h->cap);
   lua_setfield(L, -2, "capacity");
-  lua_pushinteger(L, (lua_Integer)(q.h->tail - q.h->head));
+  {   /* forwarded (see placement): the gap before the jump included */
+    uint64_t span = q.h->tail - q.h->head;
+    if (span > q.h->cap)
+      span = q.h->tail - (q.h->head & ~(q.h->cap - 1)) - q.h->cap;
+    lua_pushinteger(L, (lua_Integer)span);
+  }
   lua_setfield(L, -2, "bytes");
   lua_pushinteger(L, (lua_Integer)q.h->repairs);
   lua_setfield(L, -2, "repairs");

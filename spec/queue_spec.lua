@@ -201,6 +201,153 @@ describe("Queue", function()
     assert.is_true(q:empty())
   end)
 
+  -- After an early wrap the producer writes at the ring's start, before
+  -- the consumer's head; when that stretch is used up it goes on past the
+  -- end of the consumer's lap (a forward skip), not to Full.
+  -- (before: 1100 items of 1000 bytes in, 1000 out, and the 1001st
+  -- put_nowait raised Full; a put waited for a get)
+  local function wrapped(q, sent)
+    for i = 1, 1100 do sent[i] = payload(i, 1000); q:put(sent[i]) end
+    for i = 1, 1000 do assert.equal(sent[i], q:get(false)) end
+    return 1000
+  end
+
+  it("takes non-blocking puts after an early wrap when unbounded", function()
+    local q, sent = mp.Queue(), {}
+    local got = wrapped(q, sent)
+    for i = 1101, 6100 do
+      sent[i] = payload(i, 1000)
+      local ok, err = pcall(q.put, q, sent[i], false)
+      assert.is_true(ok, "put " .. i .. ": " .. tostring(err and err.kind))
+    end
+    assert.equal(5100, q:qsize())
+    while got < #sent do got = got + 1; assert.equal(sent[got], q:get(false)) end
+    assert.is_true(q:empty())
+    assert.equal(0, q:_stats().bytes)
+    assert.is_true(q:_stats().skips >= 2)     -- the wrap and the jump past it
+  end)
+
+  it("takes blocking puts after an early wrap without a get", function()
+    local q, sent = mp.Queue(), {}
+    local got = wrapped(q, sent)
+    for i = 1101, 3100 do
+      sent[i] = payload(i, 1000)
+      local ok, err = pcall(q.put, q, sent[i], true, 2)
+      assert.is_true(ok, "put " .. i .. ": " .. tostring(err and err.kind))
+    end
+    while got < #sent do got = got + 1; assert.equal(sent[got], q:get(false)) end
+    assert.is_true(q:empty())
+  end)
+
+  it("is full when bounded exactly at maxsize, after an early wrap too", function()
+    local q, sent = mp.Queue(5000), {}
+    local got = wrapped(q, sent)
+    for i = 1101, 6000 do
+      sent[i] = payload(i, 1000)
+      local ok, err = pcall(q.put, q, sent[i], false)
+      assert.is_true(ok, "put " .. i .. ": " .. tostring(err and err.kind))
+    end
+    assert.equal(5000, q:qsize())
+    assert.equal("Full", kind_of(q.put, q, "one more", false))
+    assert.equal("Full", kind_of(q.put, q, "one more", true, 0.05))
+    got = got + 1; assert.equal(sent[got], q:get(false))
+    sent[#sent + 1] = payload(#sent + 1, 1000)
+    q:put(sent[#sent], false)
+    while got < #sent do got = got + 1; assert.equal(sent[got], q:get(false)) end
+    assert.is_true(q:empty())
+  end)
+
+  it("keeps order and content with small and 100 KiB items after a wrap", function()
+    local q, sent = mp.Queue(), {}
+    local got = wrapped(q, sent)
+    math.randomseed(7)
+    for round = 1, 6 do
+      for _ = 1, 300 do
+        local i = #sent + 1
+        sent[i] = payload(i, i % 5 == 0 and 100 * 1024 or math.random(0, 3000))
+        q:put(sent[i], false)
+      end
+      -- take some, leaving a backlog past the early-wrap mark
+      for _ = 1, 150 + 20 * round do
+        got = got + 1; assert.equal(sent[got], q:get(false))
+      end
+    end
+    while got < #sent do got = got + 1; assert.equal(sent[got], q:get(false)) end
+    assert.is_true(q:empty())
+    assert.equal(0, q:_stats().bytes)
+    assert.is_true(q:_stats().resident <= 2 * 2^20 + 8192)
+  end)
+
+  it("is full when unbounded only with about half its capacity queued", function()
+    -- random puts and gets on small rings, with early wraps and jumps:
+    -- at each Full the records queued and the new one take >= cap / 2
+    local function rec(s) return 16 + (#s + 8 + 15) // 16 * 16 end
+    for _, cap in ipairs({2 * 2^20, 4 * 2^20}) do
+      math.randomseed(3)
+      local q = mp.Queue{capacity = cap}
+      local sent, got, live, fulls = {}, 0, 0, 0
+      for step = 1, 6000 do
+        if math.random() < (step // 1000 % 2 == 0 and 0.6 or 0.4) then
+          local i, r = #sent + 1, math.random()
+          local s = payload(i, r < 0.03 and math.random(100000, 600000)
+                            or r < 0.2 and math.random(2000, 40000)
+                            or math.random(0, 1500))
+          local ok, err = pcall(q.put, q, s, false)
+          if ok then
+            sent[i] = s; live = live + rec(s)
+          else
+            assert.equal("Full", err.kind)
+            fulls = fulls + 1
+            assert.is_true(live + rec(s) >= cap / 2 - 4096, string.format(
+              "Full with %d + %d bytes in a ring of %d", live, rec(s), cap))
+          end
+        elseif got < #sent then
+          got = got + 1
+          assert.equal(sent[got], q:get(false))
+          live = live - rec(sent[got])
+        end
+      end
+      while got < #sent do got = got + 1; assert.equal(sent[got], q:get(false)) end
+      assert.is_true(fulls > 0 and q:_stats().skips > 0)
+    end
+  end)
+
+  pit("carries random sizes in order from a producer process past wraps", function()
+    local q, go, burst = mp.Queue(), mp.Event(), mp.Event()
+    local n = 6000
+    local p = mp.Process{target = function()
+      math.randomseed(5)
+      for i = 1, 1100 do q:put(payload(i, 1000)) end
+      assert(go:wait(20))
+      -- a burst the consumer does not take yet, then a stream it does
+      for i = 1101, n do
+        local size = math.random() < 0.05 and math.random(50000, 150000)
+                     or math.random(0, 3000)
+        q:put(payload(i, size), i > 3000, 10)
+        if i == 3000 then burst:set() end
+      end
+    end}
+    p:start()
+    H.eventually(function() return q:qsize() == 1100 end, 20)
+    for i = 1, 1000 do
+      local s = q:get(true, 20)
+      assert.is_true(intact(s)); assert.equal(i, select(2, intact(s)))
+    end
+    go:set()
+    assert.is_true(burst:wait(20), "the producer's burst did not fit")
+    for i = 1001, n do
+      local ok, s = pcall(q.get, q, true, 10)
+      assert.is_true(ok, "item " .. i .. ": " .. tostring(s and s.kind))
+      local good, k = intact(s)
+      assert.is_true(good, "damaged item " .. i)
+      assert.equal(i, k, "items out of order or missing")
+      if i % 997 == 0 then H.sleep(0.02) end   -- let the producer run ahead
+    end
+    p:join(20)
+    assert.equal(0, p.exitcode)
+    assert.is_true(q:empty())
+  end)
+
   it("waits for bytes when the ring is full, and refuses what cannot fit", function()
     local q = mp.Queue{capacity = 65536}
     local s = string.rep("x", 20000)
@@ -637,6 +784,55 @@ describe("Queue faults", function()
     q:put("still fine")
     assert.equal("still fine", q:get(false))
     assert.is_true(total > 0)
+    assert.equal(0, H.zombies())
+  end)
+
+  pit("survives producers SIGKILLed while putting after an early wrap", function()
+    -- each round: a backlog of 100 items past the early-wrap mark, then a
+    -- producer whose puts wrap to the ring's start and, with big items,
+    -- jump past the consumer's lap; killed at a random instant
+    local q = mp.Queue()
+    local done = mp.Value("q", 0)
+    local jumped = 0     -- rounds whose items went past a forward skip
+    math.randomseed(os.time())
+    for round = 1, 30 do
+      local skips = q:_stats().skips
+      for i = 1, 1100 do q:put(payload(i, 1000)) end
+      for i = 1, 1000 do assert.equal(i, select(2, intact(q:get(false)))) end
+      done.value = 0
+      local p = mp.Process{target = function()
+        local i = 1100
+        while true do
+          i = i + 1
+          local n = (i % 3 == 0) and math.random(200000, 500000)
+                    or math.random(0, 2000)
+          q:put(payload(i, n))
+          done:add(1)
+        end
+      end}
+      p:start()
+      H.eventually(function() return done.value > 0 end, 10)
+      H.sleep(math.random() * 0.03)
+      p:kill()
+      p:join()
+      local completed, n = done.value, 1000
+      while true do
+        local ok, s = pcall(q.get, q, false)
+        if not ok then assert.equal("Empty", s.kind) break end
+        n = n + 1
+        local good, i = intact(s)
+        assert.is_true(good, "damaged item in round " .. round)
+        assert.equal(n, i, "items out of order or missing")
+      end
+      n = n - 1100
+      assert.is_true(n == completed or n == completed + 1,
+        string.format("round %d: %d items for %d completed puts", round, n,
+                      completed))
+      if q:_stats().skips - skips >= 2 then jumped = jumped + 1 end
+    end
+    assert.is_true(jumped > 0, "no round got past the early wrap's room")
+    q:put("still fine")
+    assert.equal("still fine", q:get(false))
     assert.equal(0, H.zombies())
   end)
 
