@@ -89,7 +89,12 @@ runners[#runners + 1] = {
 -- Specs of the build and packaging (make install, the rockspec), not of
 -- an interpreter: they drive both interpreters themselves, so they run
 -- under the first runner only.
-local ONCE = {["spec/install_spec.lua"] = true}
+-- So do specs that only run programs -- the luamp command (whose Lua
+-- files are the copy built into it, whatever LUA_PATH says), the example
+-- scripts under it, the embedding host, nm on the library: the second
+-- runner would run the same programs again.
+local ONCE = {["spec/install_spec.lua"] = true, ["spec/host_spec.lua"] = true,
+              ["spec/examples_spec.lua"] = true, ["spec/embed_spec.lua"] = true}
 
 local specs = list("ls spec/*_spec.lua")
 for ri, r in ipairs(runners) do
