@@ -1,7 +1,8 @@
 -- run_tests.lua [--build DIR] [--filter PATTERN] [--preload LIB]
 -- Runs the whole suite: every spec file under luamp and under stock lua5.4
 -- (each file in its own busted process with a time limit, so a hang is a
--- failure, not a stuck run), then the C tests.  Ends with the one line
+-- failure, not a stuck run; ONCE and BESIDE below say which run once and
+-- which run side by side), then the C tests.  Ends with the one line
 -- "N passed, N failed" and exits non-zero when anything failed.
 local build, filter, preload = "build", nil, nil
 do
