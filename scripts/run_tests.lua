@@ -1,7 +1,8 @@
 -- run_tests.lua [--build DIR] [--filter PATTERN] [--preload LIB]
 -- Runs the whole suite: every spec file under luamp and under stock lua5.4
 -- (each file in its own busted process with a time limit, so a hang is a
--- failure, not a stuck run), then the C tests.  Ends with the one line
+-- failure, not a stuck run; ONCE and BESIDE below say which run once and
+-- which run side by side), then the C tests.  Ends with the one line
 -- "N passed, N failed" and exits non-zero when anything failed.
 local build, filter, preload = "build", nil, nil
 do
@@ -89,17 +90,50 @@ runners[#runners + 1] = {
 -- Specs of the build and packaging (make install, the rockspec), not of
 -- an interpreter: they drive both interpreters themselves, so they run
 -- under the first runner only.
-local ONCE = {["spec/install_spec.lua"] = true}
+-- So do specs that only run programs -- the luamp command (whose Lua
+-- files are the copy built into it, whatever LUA_PATH says), the example
+-- scripts under it, the embedding host, nm on the library: the second
+-- runner would run the same programs again.
+local ONCE = {["spec/install_spec.lua"] = true, ["spec/host_spec.lua"] = true,
+              ["spec/examples_spec.lua"] = true, ["spec/embed_spec.lua"] = true}
+
+-- A spec run beside another under the first runner: install_spec's
+-- builds (on every core) while evloop_spec's event loops sleep through
+-- their 1000 short tasks.  It counts nothing shared -- no /dev/shm
+-- entries; only its own children and fds -- and the builds of the build
+-- dir it installs are up to date (make test builds first), so neither
+-- disturbs the other's checks.
+local BESIDE = {["spec/evloop_spec.lua"] = "spec/install_spec.lua"}
+
+local function selected(spec)
+  return not filter or spec:find(filter, 1, true)
+end
 
 local specs = list("ls spec/*_spec.lua")
+local done_beside = {}
 for ri, r in ipairs(runners) do
+  local function command(spec)
+    return string.format("%s timeout -k 5 %d %s /usr/bin/busted -o TAP %s 2>&1",
+      r.env, SPEC_TIMEOUT, r.cmd, sh_quote(spec))
+  end
   for _, spec in ipairs(specs) do
-    if (not filter or spec:find(filter, 1, true)) and (ri == 1 or not ONCE[spec]) then
+    if selected(spec) and (ri == 1 or not ONCE[spec]) and not done_beside[spec] then
+      local other = ri == 1 and BESIDE[spec]
+      local bg
+      if other and selected(other) then
+        io.flush()
+        bg = assert(io.popen(command(other), "r"))
+        done_beside[other] = true
+      end
       local t0 = os.time()
-      local out, code = lines_of(string.format(
-        "%s timeout -k 5 %d %s /usr/bin/busted -o TAP %s 2>&1",
-        r.env, SPEC_TIMEOUT, r.cmd, sh_quote(spec)))
+      local out, code = lines_of(command(spec))
       tally(r.name .. " " .. spec, out, code, os.time() - t0)
+      if bg then
+        local bout = bg:read("a")
+        local ok, _, bcode = bg:close()
+        tally(r.name .. " " .. other .. " (beside)", bout, ok and 0 or bcode,
+              os.time() - t0)
+      end
     end
   end
 end

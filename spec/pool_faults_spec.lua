@@ -373,7 +373,7 @@ describe("Pool leaks", function()
     collectgarbage()
     collectgarbage()
     local fds, shm = H.fd_count(), H.shm_entries()
-    for i = 1, 100 do
+    for i = 1, H.soak(100) do
       local pool = mp.Pool(2)
       local r = pool:map(function(x) return x + i end, range(10))
       assert.equal(10 + i, r[10])

@@ -815,7 +815,7 @@ describe("lifecycle", function()
     assert.same({}, mp.active_children())
   end)
 
-  it("gives freed heap back before forking (children do not map it)", function()
+  H.once(it, "gives freed heap back before forking (children do not map it)", function()
     -- 200k small tables, dropped: malloc keeps their ~30 MiB mapped
     -- unless it is trimmed, and every fork would copy its page tables
     if H.sanitized() then

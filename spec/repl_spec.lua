@@ -201,7 +201,7 @@ local function repl_pid()
   return assert(tonumber(screen:match("pid (%d+)\n>$")))
 end
 
-describe("REPL in a terminal", function()
+H.once(describe, "REPL in a terminal", function()
   after_each(function()
     if term then term:close() end
     if home then H.sh("rm -rf " .. H.q(home)) end
@@ -475,7 +475,7 @@ describe("REPL in a terminal", function()
   end)
 end)
 
-describe("REPL on a pipe", function()
+H.once(describe, "REPL on a pipe", function()
   it("prints as lua5.4 does: no pretty printing, no history", function()
     local home = H.sh("mktemp -d"):gsub("\n", "")
     local out, _, code = H.luamp_run("-i", "{1, 2}\n'str'\n", "HOME=" .. H.q(home))

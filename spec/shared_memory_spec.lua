@@ -380,7 +380,7 @@ describe("SharedMemory's tracker process (issue 13)", function()
     a:unlink()
   end)
 
-  it("does not keep the program's heap (a fork of it would, copy-on-write)", function()
+  H.once(it, "does not keep the program's heap (a fork of it would, copy-on-write)", function()
     if H.sanitized() then
       pending("ASan's allocator is not the brk heap the tracker gives back")
       return

@@ -495,7 +495,7 @@ describe("synchronisation objects", function()
   it("leave no fd or mapping after 10^4 create/destroy cycles", function()
     collectgarbage()
     local fds, arenas = our_fds(), core.arena_count()
-    for i = 1, 10000 do
+    for i = 1, H.soak(10000) do
       local l = mp.Lock()
       l:acquire(); l:release()
       local c = mp.Condition(l)

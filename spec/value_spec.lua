@@ -290,7 +290,7 @@ describe("Values as handles", function()
   it("leave no fd or mapping after 10^4 create/destroy cycles", function()
     collectgarbage()
     local fds, arenas = our_fds(), core.arena_count()
-    for i = 1, 10000 do
+    for i = 1, H.soak(10000) do
       local v = mp.Value("i", i)
       local a = mp.Array("d", 16)
       v:get_lock():acquire()
