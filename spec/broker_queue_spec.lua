@@ -67,6 +67,60 @@ describe("Queue{broker =}", function()
     assert.equal("ValueError", H.kind_of(jq.task_done, jq))
   end)
 
+  -- A consumer that is SIGKILLed or gets Ctrl-C while the reply of its
+  -- get is on the way: a script keeps the server busy for 1.5 s, so the
+  -- get's pop runs in Redis only after the consumer died or gave up.
+  -- Every item put must still come out (after the lease at worst).
+  for _, sig in ipairs {"KILL", "INT"} do
+    it("loses no item when its consumer gets SIG" .. sig .. " before get returns", function()
+      -- (Ctrl-C: the get gives its item back at once, so a lease longer
+      -- than the wait below shows it; SIGKILL: after the lease)
+      local q <close> = queue("inflight-" .. sig, {lease = sig == "KILL" and 1 or 600})
+      for i = 1, 3 do q:put(i) end
+      local ready, go = mp.Event(), mp.Event()
+      local p = mp.Process{target = function()
+        q:qsize()                  -- (connected before the server is busy)
+        ready:set()
+        go:wait(10)
+        q:get(true, 30)
+        os.exit(0)
+      end}
+      p:start()
+      assert.is_true(ready:wait(10))
+      H.sh("env -u LD_PRELOAD redis-cli -s " .. H.q(s.sock) .. " EVAL " .. H.q([[
+        local t = redis.call('TIME')
+        local t0 = t[1] * 1000000 + t[2]
+        repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - t0 > 1500000
+        return 1]]) .. " 0 >/dev/null 2>&1 &")
+      H.sleep(0.3)
+      go:set()
+      H.sleep(0.4)                 -- (its take is written, its reply not come)
+      os.execute("kill -" .. sig .. " " .. p.pid)
+      p:join(20)
+      assert.are_not.equal(0, p.exitcode)
+      local got = {}
+      for _ = 1, 3 do got[#got + 1] = q:get(true, 10) end
+      table.sort(got)
+      assert.same({1, 2, 3}, got)
+      assert.equal("Empty", H.kind_of(q.get, q, true, 1.5))
+    end)
+  end
+
+  it("dead-letters a signed entry that fails to decode, and raises", function()
+    local core = require "multiprocessing.core"
+    local q <close> = queue("undecodable")
+    local payload = "\255not an encoding"
+    local entry = "forged.1|" .. core.hmac_sha256("k", "Q" .. "undecodable\0" .. payload) .. payload
+    local r = core.redis_connect(nil, nil, s.sock, 5)
+    r:command({"RPUSH", "luamp:queue:undecodable:items", entry})
+    r:close()
+    q:put("next")
+    assert.is_not_nil(H.kind_of(q.get, q, true, 5))
+    assert.equal("1", s:cli("LLEN luamp:queue:undecodable:dead"))
+    assert.equal("next", q:get(true, 5))
+    assert.equal("0", s:cli("ZCARD luamp:queue:undecodable:taken"))
+  end)
+
   it("drops a tampered entry and one signed with another key", function()
     local q <close> = queue("tamper")
     q:put("secret plan")

@@ -377,6 +377,35 @@ function Broker:op(op, ...)
   end)
 end
 
+-- Broker:op that writes its command behind those sent before (see send)
+-- without waiting for their replies first: their replies and its own come
+-- in the same round trip.  Their error replies raise after the op ran, so
+-- only for a caller that can undo the op (the broker queue's take).
+function Broker:op_after_sent(op, ...)
+  local args = table.pack(...)
+  return self:_run(false, function(r)
+    local argv = {"EVALSHA", self.sha, 0, op, self.prefix}
+    for i = 1, args.n do argv[#argv + 1] = args[i] end
+    local n = #self.unconf
+    r:send({argv}, 30)
+    local res = r:receive(n + 1, 30)
+    if n > 0 then
+      self.unconf, self.written = {}, 0
+      for i = 1, n do
+        if core.is_error(res[i]) then error(res[i], 0) end
+      end
+    end
+    res = res[n + 1]
+    if core.is_error(res) then
+      if not (res.redis and res.redis:match("^NOSCRIPT")) then error(res, 0) end
+      self.sha = r:command({"SCRIPT", "LOAD", self.script}, 5)
+      argv[2] = self.sha
+      res = r:command(argv, 30)
+    end
+    return res
+  end)
+end
+
 -- Runs several ops in one round trip (pipelined): ops is a list of
 -- {op, args...}; returns their replies (error replies as error objects).
 -- Only for ops that are safe to repeat (acks, nack, beat, claim).  wait,

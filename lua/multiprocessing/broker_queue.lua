@@ -5,7 +5,10 @@
 --
 -- Keys, under P = "luamp:queue:" .. name .. ":":
 --   P.."items"   list of entries "id|" .. mac .. payload (FIFO: RPUSH, LPOP)
---   P.."taken"   zset entry -> lease expiry (JoinableQueue: taken, not done)
+--   P.."taken"   zset entry -> lease expiry (taken, not yet handed over;
+--                JoinableQueue: taken, not done)
+--   P.."held:"..cid  token .. "|" .. entry: the last take of a consumer
+--                (one at a time; expires with the lease)
 --   P.."unfinished"  JoinableQueue: items put and not task_done()
 --   P.."wake"    tokens that wake blocked getters (a hint only)
 -- Each entry is signed as the Pool's envelopes are (HMAC-SHA256 under the
@@ -13,11 +16,16 @@
 -- decoded.  An entry that fails the check is moved to P.."dead" and the
 -- get goes on to the next.
 --
--- put returns once Redis has the item.  A JoinableQueue's get leases the
--- item: task_done() is the ack, and an item whose consumer died (or took
--- longer than the lease) goes back to the front of the queue when the
--- lease runs out -- at least once, as the Pool.  A plain Queue's get
--- takes the item for good, as Python's.
+-- put returns once Redis has the item.  Every get leases the item it
+-- pops (the pop and the lease are one step), so no item is lost between
+-- the pop in Redis and the return to the caller: a plain Queue's get
+-- acks it (a write, no wait) once it is decoded and about to be
+-- returned; a JoinableQueue's task_done() is the ack.  A get whose take
+-- failed half-way (Ctrl-C, a timeout, a lost connection, a decode error
+-- before the ack) gives its item back to the front at once when it can
+-- (a take carries a token naming it, and a retried take with the same
+-- token gets the same item); an item whose consumer died (or overran the
+-- lease) goes back to the front when the lease runs out.
 local core = require "multiprocessing.core"
 local util = require "multiprocessing.util"
 local broker = require "multiprocessing.broker"
@@ -39,19 +47,37 @@ if op == 'put' then              -- entry, joinable
   redis.call('LPUSH', P .. 'wake', '1')
   redis.call('LTRIM', P .. 'wake', 0, 63)
   return 1
-elseif op == 'take' then         -- lease_ms (0: no lease)
-  local lease = tonumber(ARGV[3])
-  if lease > 0 then
-    local back = redis.call('ZRANGEBYSCORE', P .. 'taken', '-inf', now, 'LIMIT', 0, 100)
-    for i = #back, 1, -1 do
-      redis.call('ZREM', P .. 'taken', back[i])
-      redis.call('LPUSH', P .. 'items', back[i])
-    end
+elseif op == 'take' then         -- lease_ms, cid, token
+  local lease, held, token = tonumber(ARGV[3]), P .. 'held:' .. ARGV[4], ARGV[5]
+  local back = redis.call('ZRANGEBYSCORE', P .. 'taken', '-inf', now, 'LIMIT', 0, 100)
+  for i = #back, 1, -1 do
+    redis.call('ZREM', P .. 'taken', back[i])
+    redis.call('LPUSH', P .. 'items', back[i])
+  end
+  local h = redis.call('GET', held)
+  if h and string.sub(h, 1, #token + 1) == token .. '|' then   -- (a retry)
+    local e = string.sub(h, #token + 2)
+    if redis.call('ZSCORE', P .. 'taken', e) then return e end
   end
   local e = redis.call('LPOP', P .. 'items')
   if not e then return false end
-  if lease > 0 then redis.call('ZADD', P .. 'taken', now + lease, e) end
+  redis.call('ZADD', P .. 'taken', now + lease, e)
+  redis.call('SET', held, token .. '|' .. e, 'PX', lease)
   return e
+elseif op == 'back' then         -- cid, token, entry ('': the token's), acked
+  local token, e = ARGV[4], ARGV[5]
+  if e == '' then
+    local h = redis.call('GET', P .. 'held:' .. ARGV[3])
+    if not h or string.sub(h, 1, #token + 1) ~= token .. '|' then return 0 end
+    e = string.sub(h, #token + 2)
+  end
+  if redis.call('ZREM', P .. 'taken', e) == 1 or ARGV[6] == '1' then
+    redis.call('LPUSH', P .. 'items', e)
+    redis.call('LPUSH', P .. 'wake', '1')
+    redis.call('LTRIM', P .. 'wake', 0, 63)
+    return 1
+  end
+  return 0
 elseif op == 'done' then         -- entry
   if redis.call('ZREM', P .. 'taken', ARGV[3]) == 1 then
     return redis.call('DECR', P .. 'unfinished')
@@ -115,21 +141,71 @@ function Queue:put(v)
 end
 Queue.put_nowait = Queue.put
 
+-- Moves a taken entry to the dead letters.
+local function bury(self, entry)
+  self._b:pipeline({{"RPUSH", self._prefix .. "dead", entry},
+                    {"ZREM", self._prefix .. "taken", entry}})
+end
+
 -- The value of an entry, or nothing when its signature is wrong (it is
--- then dead-lettered).
+-- then dead-lettered; so is one that passes and fails to decode, whose
+-- error is raised).
 local function open(self, entry)
   local at = entry:find("|", 1, true)
   local body = at and entry:sub(at + 1) or ""
   local payload = body:sub(MAC + 1)
   if #body < MAC or not hmac(self._key, "Q" .. self._name .. "\0" .. payload,
                              body:sub(1, MAC)) then
-    self._b:pipeline({{"RPUSH", self._prefix .. "dead", entry},
-                      {"ZREM", self._prefix .. "taken", entry}})
+    bury(self, entry)
     io.stderr:write("luamp broker queue ", self._name,
                     ": dropped an entry that failed its signature check\n")
     return false
   end
-  return true, decode(payload, TRUSTED)
+  local ok, v = pcall(decode, payload, TRUSTED)
+  if not ok then
+    if v ~= "interrupted!" then bury(self, entry) end
+    error(v, 0)
+  end
+  return true, v
+end
+
+-- Gives back the item of a get that raised before its caller had it:
+-- entry nil when the take's reply never came (the token names it).  A
+-- failure here leaves it to the lease.
+local function give_back(self, token, entry, acked)
+  pcall(self._b.op, self._b, "back", self._cid, token, entry or "",
+        acked and "1" or "0")
+end
+
+-- One take: false when the queue is empty; else true, and true and the
+-- value (or false for an entry that failed its signature check).
+local function take(self)
+  self._seq = self._seq + 1
+  local token = self._cid .. "." .. self._seq
+  local ok, e = pcall(self._b.op_after_sent, self._b, "take", self._lease_ms,
+                       self._cid, token)
+  if not ok then give_back(self, token) error(e, 0) end
+  if not e then return false end
+  local acked = false
+  local ok2, got, v = pcall(function()
+    local good, v = open(self, e)
+    if not good then return false end
+    if self._joinable then
+      self._taken[#self._taken + 1] = e
+    else
+      acked = true                 -- (from here the ack may reach Redis)
+      self._b:send({{"ZREM", self._prefix .. "taken", e}})
+    end
+    return true, v
+  end)
+  if not ok2 then
+    if self._joinable and self._taken[#self._taken] == e then
+      table.remove(self._taken)
+    end
+    give_back(self, token, e, acked)
+    error(got, 0)
+  end
+  return true, got, v
 end
 
 -- get([block [, timeout]]): Empty when nothing came in time.
@@ -140,15 +216,10 @@ function Queue:get(block, timeout)
     argerror(2, "get", "timeout must be a number or nil")
   end
   local deadline = block and timeout and now() + math.max(timeout, 0)
-  local lease = self._joinable and self._lease_ms or 0
   while true do
-    local e = self._b:op("take", lease)
+    local e, ok, v = take(self)
     if e then
-      local ok, v = open(self, e)
-      if ok then
-        if self._joinable then self._taken[#self._taken + 1] = e end
-        return v
-      end
+      if ok then return v end
     elseif not block or (deadline and now() >= deadline) then
       raise("Empty", "the queue is empty")
     else
