@@ -41,36 +41,27 @@ function Pool:_check_running()
   end
 end
 
--- Handles one message from the result queue, given as its items: an
--- apply's {tag, OK, n, v1..vn} or {tag, FAILED, err}, a chunk's (see
--- settle_chunk), an initializer's {-1, INIT_FAILED, err}.  Returns false
--- for no message.
 -- The record of task tag, taken off the books (nil: failed already).
 local function take(self, tag)
   local rec = self._tasks[tag]
   if rec == nil then return nil end        -- failed already (worker lost)
   self._tasks[tag] = nil
-  if self._timeouts[tag] then
+  if self._timed > 0 and self._timeouts[tag] then
     self._timeouts[tag] = nil
     self._timed = self._timed - 1
   end
   return rec
 end
 
-local function handle(self, tag, status, a, b, c, ...)
+-- Handles one message from the result queue, given as its items: an
+-- apply's (tag, OK, n, v) or (tag, OK, n, {v1..vn}) or (tag, FAILED,
+-- err) (see pool_proto), a chunk's (see settle_chunk), an initializer's
+-- (-1, INIT_FAILED, err).  Returns false for no message.  (No varargs:
+-- no message has more than five items.)
+local function handle(self, tag, status, a, b, c)
   if tag == nil then return false end
   if type(tag) == "table" then             -- a reply of over 65535 items
-    local m = tag
-    local rec = take(self, m[1])
-    if rec and rec ~= ORPHAN then
-      if rec._kind == "apply" then
-        rec._ok, rec._value = m[2] == OK, m
-        finish(rec)
-      else
-        settle_chunk(rec, m[2], m[3], m[4], m[5], m[1])
-      end
-    end
-    return true
+    return handle(self, tag[1], tag[2], tag[3], tag[4], tag[5])
   end
   if status == INIT_FAILED then
     self:_break("initializer failed in a worker: " .. tostring(a.message), a)
@@ -79,8 +70,11 @@ local function handle(self, tag, status, a, b, c, ...)
   local rec = take(self, tag)
   if rec == nil or rec == ORPHAN then return true end
   if rec._kind == "apply" then             -- apply: the record is the job
-    -- (the reply is its value: get unpacks v[4 .. 3 + v[3]])
-    rec._ok, rec._value = status == OK, {tag, status, a, b, c, ...}
+    if status == OK then
+      rec._ok, rec._value, rec._nres = true, b, a
+    else
+      rec._ok, rec._value = false, {tag, status, a}
+    end
     finish(rec)
   else
     settle_chunk(rec, status, a, b, c, tag)
