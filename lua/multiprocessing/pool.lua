@@ -135,7 +135,8 @@ end
 -- put in the store once and tasks carry only its place.  A map sends its
 -- function with many tasks, so it is stored at once (stored = true).
 -- Encodings too big to copy into every task are always stored.
-function Pool:_fref(f, stored)
+local store_blob
+local function fref_of(self, f, stored)
   local c = self._fcache[f]
   -- unchanged since the last submission: the same encoding, stored now
   -- (fixed: a function without upvalues has nothing that could change)
@@ -145,7 +146,7 @@ function Pool:_fref(f, stored)
       c.inline_left = c.inline_left - 1
       return c.blob
     end
-    c.ref = self:_store_blob(c.blob)
+    c.ref = store_blob(self, c.blob)
     return c.ref
   end
   local ok, blob = pcall(encode, f)
@@ -163,12 +164,13 @@ function Pool:_fref(f, stored)
        fixed = debug.getinfo(f, "u").nups == 0}
   self._fcache[f] = c
   if not stored and #blob <= INLINE_MAX then return blob end
-  c.ref = self:_store_blob(blob)
+  c.ref = store_blob(self, blob)
   return c.ref
 end
+Pool._fref = fref_of
 
 -- Appends an encoding to the store, once.
-function Pool:_store_blob(blob)
+function store_blob(self, blob)
   local ref = self._fblobs[blob]
   if not ref then
     if self._nfblobs >= FBLOBS_MAX then self._fblobs, self._nfblobs = {}, 0 end
@@ -208,9 +210,10 @@ end
 -- last: the task's items are items[first..last], sent as a slice of the
 -- caller's table (no table cut for the chunk).  An apply of up to
 -- FLAT_MAX arguments (in a plain table) goes as an APPLYV (_put_apply).
-function Pool:_submit(rec, fref, mode, items, n, first, timeout, last)
+local book, put_apply
+local function submit(self, rec, fref, mode, items, n, first, timeout, last)
   if mode == APPLY and n <= FLAT_MAX and rawmt(items) == nil then
-    return self:_put_apply(rec, fref, timeout, n, unpack(items, 1, n))
+    return put_apply(self, rec, fref, timeout, n, unpack(items, 1, n))
   end
   local tag = self._tag
   local f, flen = fref, nil
@@ -224,24 +227,26 @@ function Pool:_submit(rec, fref, mode, items, n, first, timeout, last)
                     tag, f, mode, items, n, timeout and true or false, flen)
   end
   if not ok then error(rename_path(err, mode, first), 0) end
-  return self:_book(tag, rec, timeout)
+  return book(self, tag, rec, timeout)
 end
+Pool._submit = submit
 
 -- An apply of the n arguments ...: {tag, function, APPLYV, false, n,
 -- timed, function length, ...}, the arguments items of the message
 -- itself (no table made for them here, none decoded in the worker).
-function Pool:_put_apply(rec, fref, timeout, n, ...)
+function put_apply(self, rec, fref, timeout, n, ...)
   local tag = self._tag
   local f, flen = fref, nil
   if type(fref) ~= "string" then f, flen = fref[1], fref[2] end
   local ok, err = pcall(self._put, self._tq, tag, tag, f, APPLYV, false, n,
                         timeout and true or false, flen, ...)
   if not ok then error(rename_path(err, APPLYV, 1), 0) end
-  return self:_book(tag, rec, timeout)
+  return book(self, tag, rec, timeout)
 end
+Pool._put_apply = put_apply
 
 -- The books of task tag, put on the queue for rec.
-function Pool:_book(tag, rec, timeout)
+function book(self, tag, rec, timeout)
   self._tag = tag + 1
   self._tasks[tag] = rec
   if timeout then
@@ -338,7 +343,7 @@ function Pool:apply_async(f, args, opts, error_callback)
      type(f) == "function" and type(args) == "table" and
      self._owner == getpid() then
     local job = new_apply(self, self._tag)
-    self:_submit(job, self:_fref(f), APPLY, args, args.n or #args, 1, nil)
+    submit(self, job, fref_of(self, f), APPLY, args, args.n or #args, 1, nil)
     return job
   end
   return self:_apply_async(f, args, opts, error_callback, "apply_async")

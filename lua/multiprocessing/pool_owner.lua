@@ -101,10 +101,11 @@ end
 
 -- (shielded: a Ctrl-C between taking a result and recording it would
 -- lose it, and its get would wait forever)
-function Pool:_drain()
+local function drain_now(self)
   if self._released or self._rq:empty() then return 0 end
   return shielded(drain, self)
 end
+Pool._drain = drain_now
 
 -- A task lost with its worker (or killed for its timeout).
 function Pool:_fail_task(tag, err)
@@ -329,7 +330,7 @@ local CHECK_EVERY, AWAIT = 0.05, 0.002
 function Pool:_pump(deadline)
   if self._owner ~= getpid() then return end
   local t = now()
-  local drained = self:_drain()
+  local drained = drain_now(self)
   if deadline == 0 or self._maybe_dead or t >= (self._next_check or 0) then
     self._next_check, self._maybe_dead = t + CHECK_EVERY, false
     -- a lost task has settled: the caller may be waiting for just that
@@ -353,7 +354,7 @@ function Pool:_pump(deadline)
   local rq = self._rq
   if next(self._tasks) ~= nil and
      rq:_await(math.min(AWAIT, wake and math.max(wake - now(), 0) or AWAIT)) then
-    self:_drain()
+    drain_now(self)
     return
   end
   local objs = {rq}
@@ -363,7 +364,7 @@ function Pool:_pump(deadline)
   if ready[#ready] ~= nil and (#ready > 1 or ready[1] ~= rq) then
     self._maybe_dead = true         -- a sentinel fired: look at once
   end
-  self:_drain()
+  drain_now(self)
 end
 
 -- pool:poll(): runs callbacks of finished tasks without waiting.

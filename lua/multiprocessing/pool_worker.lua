@@ -289,11 +289,11 @@ local function worker_main(cfg)
   clear_bar_before_output(cancel)
   if cfg.initializer and not run_initializer(cfg) then return 1 end
   local resolve = new_resolver(cfg.store)
-  local put_task = rq._put_task
+  local put_task, get_slot = rq._put_task, tq._get_slot
   local stamp = function() starts[slot + 1] = now() end
   local done, limit = 0, cfg.maxtasks
   while true do
-    local task = tq:_get_slot(slot)
+    local task = get_slot(tq, slot)
     if not task then
       -- false: the pool is closing; tell the owner this worker took its
       -- sentinel, so that it is not replaced
