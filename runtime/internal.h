@@ -204,7 +204,8 @@ int luamp_open_sys(lua_State *L);
 /* Encodes the value at idx.  Returns a pointer to `reserve` bytes of
  * headroom (for the caller's framing) followed by *len bytes of message.
  * The memory belongs to L and stays valid until the next luamp_encode on
- * L (for a one-scalar message, a static buffer: until the next encode in
+ * L (for a one-scalar message, or luamp_encode_values of up to 16
+ * scalars, a static buffer: until the next encode in
  * this process); do not run Lua code that may encode in between.  Raises EncodeError
  * naming where in the value the problem is; root names the value in that
  * message ("args", "result"; NULL gives "value"). */

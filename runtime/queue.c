@@ -815,9 +815,9 @@ static int queue_put_tagged(lua_State *L, int qidx, int vidx, uint64_t tag,
 }
 
 static int queue_get_slot(lua_State *L, int qidx, int block,
-                          double deadline, int slot) {
-  return queue_get(L, checkqueue(L, qidx, any_queue), block, deadline, slot, 0,
-                   NULL);
+                          double deadline, int slot, int items) {
+  return queue_get(L, checkqueue(L, qidx, any_queue), block, deadline, slot,
+                   items, NULL);
 }
 
 /* ---- construction ------------------------------------------------------------------- */
@@ -1180,7 +1180,7 @@ static int sq_put(lua_State *L) {
 }
 
 /* Pool support: q:_put_tagged(v, tag [, block [, timeout]]) and
- * q:_get_slot(slot [, block [, timeout]]) -> v, which records the tag in
+ * q:_get_slot(slot [, block [, timeout [, items]]]) -> v, which records the tag in
  * slot (0-based) in the same step; q:_taken(slot) -> tag or nil;
  * q:_clear(slot). */
 static int q_put_tagged(lua_State *L) {
@@ -1228,13 +1228,16 @@ static int q_put_slice(lua_State *L) {
   return queue_put_bytes(L, o, data, len, (uint64_t)tag, 1, -1.0);
 }
 
+/* (with items true: an array message comes as its items, as
+ * _get_items gives them -- a pool worker's task, no table decoded) */
 static int q_get_slot(lua_State *L) {
   lua_Integer slot = luaL_checkinteger(L, 2);
+  int items = lua_toboolean(L, 5);
   double d;
   checkqueue(L, 1, full_queue);
   luaL_argcheck(L, slot >= 0 && slot < MAX_SLOTS, 2, "slot out of range");
   d = block_timeout(L, 3);
-  return queue_get_slot(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot);
+  return queue_get_slot(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot, items);
 }
 
 static int q_taken(lua_State *L) {

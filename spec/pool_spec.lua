@@ -94,6 +94,58 @@ describe("Pool apply", function()
     end, {n = 3, nil, 2, nil}))
   end)
 
+  it("many arguments and results travel, nils kept; a bad one is named", function()
+    -- (up to 64 arguments travel as the task message's own items, more
+    -- as a table; one result as the reply's item, several as a table)
+    for _, n in ipairs {1, 64, 65, 200} do
+      local args = {n = n}
+      for i = 1, n, 3 do args[i] = i end
+      local t = table.pack(pool:apply(function(...) return ... end, args))
+      assert.equal(n, t.n)
+      for i = 1, n do assert.equal(i % 3 == 1 and i or nil, t[i]) end
+      local r = pool:apply_async(function(...) return select("#", ...) end, args)
+      assert.equal(n, r:get(20))
+    end
+    assert.is_nil(pool:apply(function() return nil end))
+    assert.equal(1, select("#", pool:apply(function() return nil end)))
+    assert.matches(" at result%[2%]$", err_of(pool.apply, pool,
+                   function() return 1, io.stdout end).message)
+    assert.matches(" at result%[1%]%.f$", err_of(pool.apply, pool,
+                   function() return {f = io.stdout} end).message)
+    assert.matches(" at args%[70%]$", err_of(pool.apply, pool, type,
+                   {n = 80, [70] = io.stdout}).message)
+    assert.matches(" at args%[7%]$", err_of(pool.apply_async, pool, type,
+                   {n = 8, [7] = io.stdout}).message)
+    -- a callback gets the first result, an error callback the error
+    local got, failed = table.pack(), nil
+    local r = pool:apply_async(function() return 5, 6 end, nil,
+                               function(v, w) got = table.pack(v, w) end)
+    local bad = pool:apply_async(error, {"no"}, nil, function(e) failed = e end)
+    assert.same({5, 6}, {r:get(20)})
+    assert.is_false(pcall(bad.get, bad, 20))
+    assert.same({5, n = 2}, got)
+    assert.equal("RemoteError", failed.kind)
+  end)
+
+  it("collects results in a shielded call that reuses its thread", function()
+    -- (a thread made and collected per call was ~5% of a round trip's
+    -- instructions in the owner)
+    local co1 = core.shielded(coroutine.running)
+    local co2 = core.shielded(coroutine.running)
+    assert.equal(co1, co2)
+    assert.are_not.equal(coroutine.running(), co1)
+    -- a nested one gets its own; one that raised is not kept
+    local inner
+    local outer = core.shielded(function()
+      inner = core.shielded(coroutine.running)
+      return coroutine.running()
+    end)
+    assert.are_not.equal(inner, outer)
+    assert.is_false(pcall(core.shielded, function() error("x") end))
+    assert.equal(3, select("#", core.shielded(function(...) return ... end, 1, nil, 3)))
+    assert.equal(42, pool:apply(function() return 42 end))
+  end)
+
   it("runs in a worker, not in the caller", function()
     local me = mp.current_process().pid
     local pid, ppid = pool:apply(function()

@@ -24,6 +24,7 @@ local connection = require "multiprocessing.connection"
 local AsyncResult = pool_mod.AsyncResult
 local raise, now = core.raise, core.now
 local pack = table.pack
+local rawmt = debug.getmetatable
 
 local M = {
   FIRST_COMPLETED = "FIRST_COMPLETED",
@@ -103,7 +104,7 @@ function M.ProcessPoolExecutor(opts)
 end
 
 local function check_self(self, fname)
-  if getmetatable(self) ~= Executor then
+  if rawmt(self) ~= Executor then
     argerror(1, fname, "ProcessPoolExecutor expected, got " .. type(self))
   end
 end
@@ -122,7 +123,10 @@ end
 -- included.
 function Executor:submit(fn, ...)
   check_submit(self, fn, 1, "submit")
-  return self._pool:_submit_future(fn, pack(...), select("#", ...))
+  local pool = self._pool
+  -- (a broker's pool takes the arguments packed)
+  if pool._submit_args then return pool:_submit_args(fn, nil, select("#", ...), ...) end
+  return pool:_submit_future(fn, pack(...), select("#", ...))
 end
 
 local SUBMIT_OPTIONS = {timeout = true}
@@ -135,7 +139,9 @@ function Executor:submit_with(opts, fn, ...)
   if t ~= nil and (type(t) ~= "number" or t ~= t or t < 0) then
     argerror(1, "submit_with", "timeout must be a non-negative number, got " .. shown(t))
   end
-  return self._pool:_submit_future(fn, pack(...), select("#", ...), t)
+  local pool = self._pool
+  if pool._submit_args then return pool:_submit_args(fn, t, select("#", ...), ...) end
+  return pool:_submit_future(fn, pack(...), select("#", ...), t)
 end
 
 local MAP_OPTIONS = {timeout = true, chunksize = true, task_timeout = true}

@@ -39,10 +39,13 @@ local argerror, typeerror = util.argerror, util.typeerror
 local raise = util.raise
 local APPLY, MAP, STARMAP, MAP1, STARMAP1 = proto.APPLY, proto.MAP,
   proto.STARMAP, proto.MAP1, proto.STARMAP1
+local APPLYV, FLAT_MAX = proto.APPLYV, proto.FLAT_MAX
 local NO_OPTIONS, ORPHAN, CANCEL_RING = proto.NO_OPTIONS, proto.ORPHAN,
   proto.CANCEL_RING
 local AsyncResult, new_job, finish = results.AsyncResult, results.new_job,
   results.finish
+local new_apply = results.new_apply
+local unpack, rawmt = table.unpack, debug.getmetatable
 local new_imap = results.new_imap
 local new_progress, spawn_worker = progress.new, worker.spawn
 local check_running = Pool._check_running
@@ -113,6 +116,7 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     _timed = 0, _next_check = 0, _start_method = method or nil,
   }, Pool)
   for slot = 0, n - 1 do self._started[slot + 1] = -1 end
+  self._put = self._tq._put_task     -- (looked up once, not per task)
   -- (a worker that cannot start -- fork failed, an initializer the fork
   -- server cannot be sent -- takes the ones started down with it)
   local ok, err = pcall(function()
@@ -131,16 +135,18 @@ end
 -- put in the store once and tasks carry only its place.  A map sends its
 -- function with many tasks, so it is stored at once (stored = true).
 -- Encodings too big to copy into every task are always stored.
-function Pool:_fref(f, stored)
+local store_blob
+local function fref_of(self, f, stored)
   local c = self._fcache[f]
   -- unchanged since the last submission: the same encoding, stored now
-  if c and c.snap and upvalues_same(f, c.snap) then
+  -- (fixed: a function without upvalues has nothing that could change)
+  if c and (c.fixed or c.snap and upvalues_same(f, c.snap)) then
     if c.ref then return c.ref end
     if not stored and c.inline_left > 0 then
       c.inline_left = c.inline_left - 1
       return c.blob
     end
-    c.ref = self:_store_blob(c.blob)
+    c.ref = store_blob(self, c.blob)
     return c.ref
   end
   local ok, blob = pcall(encode, f)
@@ -154,15 +160,17 @@ function Pool:_fref(f, stored)
     if c.ref then return c.ref end
     stored = true
   end
-  c = {blob = blob, snap = upvalue_snapshot(f), inline_left = 1}
+  c = {blob = blob, snap = upvalue_snapshot(f), inline_left = 1,
+       fixed = debug.getinfo(f, "u").nups == 0}
   self._fcache[f] = c
   if not stored and #blob <= INLINE_MAX then return blob end
-  c.ref = self:_store_blob(blob)
+  c.ref = store_blob(self, blob)
   return c.ref
 end
+Pool._fref = fref_of
 
 -- Appends an encoding to the store, once.
-function Pool:_store_blob(blob)
+function store_blob(self, blob)
   local ref = self._fblobs[blob]
   if not ref then
     if self._nfblobs >= FBLOBS_MAX then self._fblobs, self._nfblobs = {}, 0 end
@@ -176,11 +184,14 @@ end
 -- items are slot 4 of the message, so its path {4, ...} becomes one from
 -- the caller's args (apply) or iterable (map: the item's own index first).
 local function rename_path(err, mode, first)
-  if not core.is_error(err, "EncodeError") or err.path[1] ~= 4 then
-    return err
-  end
+  if not core.is_error(err, "EncodeError") then return err end
   local path, root, from = {}, "iterable", 2
-  if mode == APPLY then root = "args"
+  if mode == APPLYV then
+    -- (an APPLYV's arguments are the message's items 8 ..)
+    if math.type(err.path[1]) ~= "integer" or err.path[1] < 8 then return err end
+    path[1], root = err.path[1] - 7, "args"
+  elseif err.path[1] ~= 4 then return err
+  elseif mode == APPLY then root = "args"
   elseif mode == MAP1 or mode == STARMAP1 then path[1] = first
   elseif math.type(err.path[2]) == "integer" then
     path[1], from = first + err.path[2] - 1, 3
@@ -197,23 +208,45 @@ end
 -- Puts one task on the queue: {tag, function, mode, items, n, timed,
 -- function length when stored}; rec is what the reply settles.  With
 -- last: the task's items are items[first..last], sent as a slice of the
--- caller's table (no table cut for the chunk).
-function Pool:_submit(rec, fref, mode, items, n, first, timeout, last)
+-- caller's table (no table cut for the chunk).  An apply of up to
+-- FLAT_MAX arguments (in a plain table) goes as an APPLYV (_put_apply).
+local book, put_apply
+local function submit(self, rec, fref, mode, items, n, first, timeout, last)
+  if mode == APPLY and n <= FLAT_MAX and rawmt(items) == nil then
+    return put_apply(self, rec, fref, timeout, n, unpack(items, 1, n))
+  end
   local tag = self._tag
+  local f, flen = fref, nil
+  if type(fref) ~= "string" then f, flen = fref[1], fref[2] end
   local ok, err
   if last then
-    local f, flen = fref, nil
-    if type(fref) ~= "string" then f, flen = fref[1], fref[2] end
     ok, err = pcall(self._tq._put_slice, self._tq, tag, 4, first, last,
                     tag, f, mode, items, n, timeout and true or false, flen)
-  elseif type(fref) == "string" then
-    ok, err = pcall(self._tq._put_task, self._tq, tag,
-                    tag, fref, mode, items, n, timeout and true or false)
   else
-    ok, err = pcall(self._tq._put_task, self._tq, tag,
-                    tag, fref[1], mode, items, n, timeout and true or false, fref[2])
+    ok, err = pcall(self._put, self._tq, tag,
+                    tag, f, mode, items, n, timeout and true or false, flen)
   end
   if not ok then error(rename_path(err, mode, first), 0) end
+  return book(self, tag, rec, timeout)
+end
+Pool._submit = submit
+
+-- An apply of the n arguments ...: {tag, function, APPLYV, false, n,
+-- timed, function length, ...}, the arguments items of the message
+-- itself (no table made for them here, none decoded in the worker).
+function put_apply(self, rec, fref, timeout, n, ...)
+  local tag = self._tag
+  local f, flen = fref, nil
+  if type(fref) ~= "string" then f, flen = fref[1], fref[2] end
+  local ok, err = pcall(self._put, self._tq, tag, tag, f, APPLYV, false, n,
+                        timeout and true or false, flen, ...)
+  if not ok then error(rename_path(err, APPLYV, 1), 0) end
+  return book(self, tag, rec, timeout)
+end
+Pool._put_apply = put_apply
+
+-- The books of task tag, put on the queue for rec.
+function book(self, tag, rec, timeout)
   self._tag = tag + 1
   self._tasks[tag] = rec
   if timeout then
@@ -280,7 +313,7 @@ function Pool:_apply_async(f, args, opts, error_callback, fname)
   end
   local fref = self:_fref(f)
   local job = new_job(self, "apply", opts)
-  self:_submit(job, fref, APPLY, args, args.n or #args, 1, opts.timeout)
+  job._tag = self:_submit(job, fref, APPLY, args, args.n or #args, 1, opts.timeout)
   return job
 end
 
@@ -296,7 +329,23 @@ local function get_guarded(pool, job)
   return job:get()
 end
 
+local function is_pool(v) return rawmt(v) == Pool end
+
+-- (apply_async checks its own self: pool.lua's wrapper, below, costs a
+-- vararg call and a getmetatable per task.  The common call -- a
+-- function, an argument table, no options, a running pool -- goes
+-- straight to the queue.)
 function Pool:apply_async(f, args, opts, error_callback)
+  if rawmt(self) ~= Pool then
+    util.selferror("apply_async", "Pool", "pool", self, is_pool)
+  end
+  if opts == nil and error_callback == nil and self._state == "RUN" and
+     type(f) == "function" and type(args) == "table" and
+     self._owner == getpid() then
+    local job = new_apply(self, self._tag)
+    submit(self, job, fref_of(self, f), APPLY, args, args.n or #args, 1, nil)
+    return job
+  end
   return self:_apply_async(f, args, opts, error_callback, "apply_async")
 end
 
@@ -523,18 +572,19 @@ end
 -- Every public method checks its self first: pool.map(f, t), Python's
 -- habit, gets "use pool:map(...)" at the caller's line, not an index error
 -- deep in here.  (The private _methods are called by this file only.)
-local function is_pool(v) return getmetatable(v) == Pool end
-local function is_result(v) return getmetatable(v) == AsyncResult end
-local function check_selves(cls, clsname, var, is_cls)
+local function is_result(v) return rawmt(v) == AsyncResult end
+local function check_selves(cls, clsname, var, is_cls, skip)
   local public = {}
   for k, f in pairs(cls) do
-    if type(f) == "function" and not k:find("^_") then public[k] = f end
+    if type(f) == "function" and not k:find("^_") and not skip[k] then
+      public[k] = f
+    end
   end
   util.checked_methods(public, clsname, var, is_cls)
   for k, f in pairs(public) do cls[k] = f end
 end
-check_selves(Pool, "Pool", "pool", is_pool)
-check_selves(AsyncResult, "AsyncResult", "result", is_result)
+check_selves(Pool, "Pool", "pool", is_pool, {apply_async = true})
+check_selves(AsyncResult, "AsyncResult", "result", is_result, results.SELF_CHECKED)
 
 M.AsyncResult = AsyncResult
 return M

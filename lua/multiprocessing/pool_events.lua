@@ -10,8 +10,8 @@ local Pool = require "multiprocessing.pool_owner"
 local now = core.now
 local getpid = core.pid or core.getpid
 local raise = util.raise
-local APPLY, SLICE, NO_OPTIONS = proto.APPLY, proto.SLICE, proto.NO_OPTIONS
-local new_job = results.new_job
+local APPLY, SLICE, FLAT_MAX = proto.APPLY, proto.SLICE, proto.FLAT_MAX
+local new_apply = results.new_apply
 local check_running = Pool._check_running
 
 -- ---------------------------------------------------------------------------
@@ -22,8 +22,23 @@ local check_running = Pool._check_running
 function Pool:_submit_future(f, args, n, timeout)
   check_running(self)
   local fref = self:_fref(f)
-  local job = new_job(self, "apply", NO_OPTIONS)
-  job._tag = self:_submit(job, fref, APPLY, args, n, 1, timeout)
+  local job = new_apply(self, self._tag)
+  self:_submit(job, fref, APPLY, args, n, 1, timeout)
+  return job
+end
+
+-- The same for f(...) with its n arguments given as they are (an
+-- executor's submit: no table packed for them when they travel as the
+-- task's own items).
+function Pool:_submit_args(f, timeout, n, ...)
+  check_running(self)
+  local fref = self:_fref(f)
+  local job = new_apply(self, self._tag)
+  if n > FLAT_MAX then
+    self:_submit(job, fref, APPLY, table.pack(...), n, 1, timeout)
+  else
+    self:_put_apply(job, fref, timeout, n, ...)
+  end
   return job
 end
 

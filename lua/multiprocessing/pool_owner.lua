@@ -41,36 +41,27 @@ function Pool:_check_running()
   end
 end
 
--- Handles one message from the result queue, given as its items: an
--- apply's {tag, OK, n, v1..vn} or {tag, FAILED, err}, a chunk's (see
--- settle_chunk), an initializer's {-1, INIT_FAILED, err}.  Returns false
--- for no message.
 -- The record of task tag, taken off the books (nil: failed already).
 local function take(self, tag)
   local rec = self._tasks[tag]
   if rec == nil then return nil end        -- failed already (worker lost)
   self._tasks[tag] = nil
-  if self._timeouts[tag] then
+  if self._timed > 0 and self._timeouts[tag] then
     self._timeouts[tag] = nil
     self._timed = self._timed - 1
   end
   return rec
 end
 
-local function handle(self, tag, status, a, b, c, ...)
+-- Handles one message from the result queue, given as its items: an
+-- apply's (tag, OK, n, v) or (tag, OK, n, {v1..vn}) or (tag, FAILED,
+-- err) (see pool_proto), a chunk's (see settle_chunk), an initializer's
+-- (-1, INIT_FAILED, err).  Returns false for no message.  (No varargs:
+-- no message has more than five items.)
+local function handle(self, tag, status, a, b, c)
   if tag == nil then return false end
   if type(tag) == "table" then             -- a reply of over 65535 items
-    local m = tag
-    local rec = take(self, m[1])
-    if rec and rec ~= ORPHAN then
-      if rec._kind == "apply" then
-        rec._ok, rec._value = m[2] == OK, m
-        finish(rec)
-      else
-        settle_chunk(rec, m[2], m[3], m[4], m[5], m[1])
-      end
-    end
-    return true
+    return handle(self, tag[1], tag[2], tag[3], tag[4], tag[5])
   end
   if status == INIT_FAILED then
     self:_break("initializer failed in a worker: " .. tostring(a.message), a)
@@ -79,8 +70,11 @@ local function handle(self, tag, status, a, b, c, ...)
   local rec = take(self, tag)
   if rec == nil or rec == ORPHAN then return true end
   if rec._kind == "apply" then             -- apply: the record is the job
-    -- (the reply is its value: get unpacks v[4 .. 3 + v[3]])
-    rec._ok, rec._value = status == OK, {tag, status, a, b, c, ...}
+    if status == OK then
+      rec._ok, rec._value, rec._nres = true, b, a
+    else
+      rec._ok, rec._value = false, {tag, status, a}
+    end
     finish(rec)
   else
     settle_chunk(rec, status, a, b, c, tag)
@@ -107,10 +101,11 @@ end
 
 -- (shielded: a Ctrl-C between taking a result and recording it would
 -- lose it, and its get would wait forever)
-function Pool:_drain()
+local function drain_now(self)
   if self._released or self._rq:empty() then return 0 end
   return shielded(drain, self)
 end
+Pool._drain = drain_now
 
 -- A task lost with its worker (or killed for its timeout).
 function Pool:_fail_task(tag, err)
@@ -335,7 +330,7 @@ local CHECK_EVERY, AWAIT = 0.05, 0.002
 function Pool:_pump(deadline)
   if self._owner ~= getpid() then return end
   local t = now()
-  local drained = self:_drain()
+  local drained = drain_now(self)
   if deadline == 0 or self._maybe_dead or t >= (self._next_check or 0) then
     self._next_check, self._maybe_dead = t + CHECK_EVERY, false
     -- a lost task has settled: the caller may be waiting for just that
@@ -359,7 +354,7 @@ function Pool:_pump(deadline)
   local rq = self._rq
   if next(self._tasks) ~= nil and
      rq:_await(math.min(AWAIT, wake and math.max(wake - now(), 0) or AWAIT)) then
-    self:_drain()
+    drain_now(self)
     return
   end
   local objs = {rq}
@@ -369,7 +364,7 @@ function Pool:_pump(deadline)
   if ready[#ready] ~= nil and (#ready > 1 or ready[1] ~= rq) then
     self._maybe_dead = true         -- a sentinel fired: look at once
   end
-  self:_drain()
+  drain_now(self)
 end
 
 -- pool:poll(): runs callbacks of finished tasks without waiting.

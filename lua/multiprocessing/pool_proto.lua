@@ -5,8 +5,15 @@
 local M = {}
 
 -- task modes; MAP1 and STARMAP1 are chunks of one item sent bare (no
--- table around the item, none around its result)
-M.APPLY, M.MAP, M.STARMAP, M.MAP1, M.STARMAP1 = 1, 2, 3, 4, 5
+-- table around the item, none around its result); APPLYV is an apply
+-- whose arguments follow the task's own fields in its message (items
+-- 8 .. 7 + n: no table for them on either side), APPLY one whose
+-- arguments travel as a table (more than FLAT_MAX of them)
+M.APPLY, M.MAP, M.STARMAP, M.MAP1, M.STARMAP1, M.APPLYV = 1, 2, 3, 4, 5, 6
+M.FLAT_MAX = 64
+-- an apply's reply is (tag, OK, n, v) for one result and (tag, OK, n,
+-- {v1, ..., vn}) for any other count, put with record tag 0 (the owner
+-- looks up no destination for it); a bare item's is (tag, OK, 1, v)
 -- reply statuses
 M.OK, M.FAILED, M.INIT_FAILED = 0, 1, 2
 -- options of a call that gave none

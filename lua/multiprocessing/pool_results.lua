@@ -17,16 +17,31 @@ local AsyncResult = {}
 AsyncResult.__index = AsyncResult
 AsyncResult.__name = "AsyncResult"
 
+local rawmt = debug.getmetatable
+
 local function new_job(pool, kind, opts)
   -- every field a job will have, in one constructor (one allocation)
+  local cb = opts and opts.callback or false
+  local ecb = opts and opts.error_callback or false
   local job = setmetatable({_pool = pool, _kind = kind, _done = false,
-                            _ok = false, _value = false,
-                            _callback = opts and opts.callback or false,
-                            _error_callback = opts and opts.error_callback or false,
-                            _progress = false},
+                            _ok = false, _value = false, _nres = false,
+                            _callback = cb, _error_callback = ecb,
+                            _progress = false, _tag = false,
+                            _plain = kind == "apply" and not cb and not ecb},
                            AsyncResult)
   if kind == "imap" then pool._jobs[job] = true end
   return job
+end
+
+-- An apply's job with no callbacks: the fields the hot path reads, and
+-- room for the ones a reply sets (8 keys, one node array of 8; callgrind:
+-- each key of a constructor costs ~80 instructions, a table resized when
+-- a key comes later ~600).  Missing fields (_callback, _progress, ...)
+-- read as the class's nil; _plain says there is nothing of theirs to run.
+local function new_apply(pool, tag)
+  return setmetatable({_pool = pool, _kind = "apply", _done = false,
+                       _ok = false, _value = false, _nres = false,
+                       _tag = tag, _plain = true}, AsyncResult)
 end
 
 local function run_callback(pool, f, v)
@@ -39,20 +54,32 @@ local function run_callback(pool, f, v)
   end
 end
 
+-- An apply's value as a callback gets it (the first result) or its
+-- error.  _value: with _nres set, the one result (_nres 1) or a table
+-- of _nres results; without, a reply {tag, status, n, v1, ..., vn} or
+-- {tag, FAILED, err} (the broker's pool and a cancelled future's).
+local function apply_first(job)
+  local n = job._nres
+  if n == 1 then return job._value end
+  if n then return job._value[1] end
+  return job._value[job._ok and 4 or 3]
+end
+
 -- Marks job finished and runs its callback.
 local function finish(job)
   if job._done then return end
   job._done = true
+  if job._plain then return end
   if job._kind == "imap" then job._pool._jobs[job] = nil end
   if job._progress then job._progress:finish(job) end
   if job._ok then
     if job._callback then
       run_callback(job._pool, job._callback,
-                   job._kind == "apply" and job._value[4] or job._value)
+                   job._kind == "apply" and apply_first(job) or job._value)
     end
   elseif job._error_callback then
     run_callback(job._pool, job._error_callback,
-                 job._kind == "apply" and job._value[3] or job._value)
+                 job._kind == "apply" and apply_first(job) or job._value)
   end
   if job._done_callbacks then job:_run_done_callbacks() end
 end
@@ -108,7 +135,15 @@ local function settle_chunk(rec, status, a, b, c, tag)
   end
 end
 
+-- (get, result, ready, wait and done check their self here, not through
+-- pool.lua's wrapper: they run once a task)
+local function is_result(v) return rawmt(v) == AsyncResult end
+local function bad_self(fname, v)
+  util.selferror(fname, "AsyncResult", "result", v, is_result)
+end
+
 function AsyncResult:ready()
+  if rawmt(self) ~= AsyncResult then bad_self("ready", self) end
   if not self._done then self._pool:_pump(0) end
   return self._done
 end
@@ -120,8 +155,7 @@ local function check_timeout(timeout, argn, fname)
   if timeout ~= timeout then argerror(argn, fname, "timeout is NaN") end
 end
 
-function AsyncResult:wait(timeout)
-  check_timeout(timeout, 1, "wait")
+local function wait(self, timeout)
   local deadline = timeout and now() + math.max(timeout, 0)
   while not self._done do
     if deadline and now() >= deadline then return false end
@@ -130,16 +164,32 @@ function AsyncResult:wait(timeout)
   return true
 end
 
-function AsyncResult:get(timeout)
-  check_timeout(timeout, 1, "get")
-  if not self:wait(timeout) then raise("TimeoutError", "result not ready in time") end
+function AsyncResult:wait(timeout)
+  if rawmt(self) ~= AsyncResult then bad_self("wait", self) end
+  check_timeout(timeout, 1, "wait")
+  return wait(self, timeout)
+end
+
+local function get(self, timeout)
+  if not self._done or timeout ~= nil then
+    if not wait(self, timeout) then raise("TimeoutError", "result not ready in time") end
+  end
   local v = self._value
   if self._kind == "apply" then
+    local n = self._nres
+    if n == 1 then return v end
+    if n then return unpack(v, 1, n) end
     if not self._ok then error(v[3], 0) end
     return unpack(v, 4, 3 + v[3])
   end
   if not self._ok then error(v, 0) end
   return v
+end
+
+function AsyncResult:get(timeout)
+  if rawmt(self) ~= AsyncResult then bad_self("get", self) end
+  if timeout ~= nil then check_timeout(timeout, 1, "get") end
+  return get(self, timeout)
 end
 
 function AsyncResult:successful()
@@ -191,7 +241,7 @@ function AsyncResult:add_done_callback(fn)
     self:_run_done_callbacks()
   else
     local cbs = self._done_callbacks
-    if not cbs then cbs = {} self._done_callbacks = cbs end
+    if not cbs then cbs = {} self._done_callbacks, self._plain = cbs, false end
     cbs[#cbs + 1] = fn
   end
 end
@@ -200,12 +250,14 @@ end
 function AsyncResult:_add_waiter(w)
   if self._done then w[#w + 1] = self return end
   local cbs = self._done_callbacks
-  if not cbs then cbs = {} self._done_callbacks = cbs end
+  if not cbs then cbs = {} self._done_callbacks, self._plain = cbs, false end
   cbs[#cbs + 1] = w
 end
 
 function AsyncResult:done()
-  return self:ready()
+  if rawmt(self) ~= AsyncResult then bad_self("done", self) end
+  if not self._done then self._pool:_pump(0) end
+  return self._done
 end
 
 function AsyncResult:cancelled()
@@ -245,8 +297,9 @@ function AsyncResult:_set_cancelled()
 end
 
 function AsyncResult:result(timeout)
-  check_timeout(timeout, "result")
-  return self:get(timeout)
+  if rawmt(self) ~= AsyncResult then bad_self("result", self) end
+  if timeout ~= nil then check_timeout(timeout, "result") end
+  return get(self, timeout)
 end
 
 -- The error the task raised (nil when it succeeded); raises
@@ -254,9 +307,9 @@ end
 -- time.
 function AsyncResult:exception(timeout)
   check_timeout(timeout, "exception")
-  if not self:wait(timeout) then raise("TimeoutError", "result not ready in time") end
+  if not wait(self, timeout) then raise("TimeoutError", "result not ready in time") end
   if self._ok then return nil end
-  local err = self._kind == "apply" and self._value[3] or self._value
+  local err = self._kind == "apply" and apply_first(self) or self._value
   if self._cancelled then error(err, 0) end
   return err
 end
@@ -456,6 +509,8 @@ IMap.__close = function(self, err)
   if not self.job._done then self.pool:_cancel_jobs({self.job}, err ~= nil) end
 end
 
-M.AsyncResult, M.new_job, M.finish, M.settle_chunk =
-  AsyncResult, new_job, finish, settle_chunk
+M.AsyncResult, M.new_job, M.new_apply, M.finish, M.settle_chunk =
+  AsyncResult, new_job, new_apply, finish, settle_chunk
+-- (the methods that check their own self: pool.lua's wrapper skips them)
+M.SELF_CHECKED = {get = true, result = true, ready = true, wait = true, done = true}
 return M

@@ -22,7 +22,7 @@ local decode, now, new_error = core.decode, core.now, core.new_error
 local unpack = table.unpack
 local APPLY, MAP1, STARMAP1, STARMAP = proto.APPLY, proto.MAP1, proto.STARMAP1,
                                        proto.STARMAP
-local MAP = proto.MAP
+local MAP, APPLYV = proto.MAP, proto.APPLYV
 local OK, FAILED, INIT_FAILED = proto.OK, proto.FAILED, proto.INIT_FAILED
 local CANCEL_RING, CANCEL_BITS, CANCEL_MAX, BAR = proto.CANCEL_RING,
   proto.CANCEL_BITS, proto.CANCEL_MAX, proto.BAR
@@ -206,25 +206,36 @@ local function new_resolver(store)
   end
 end
 
-local function apply_reply(tag, ok, ...)
-  if ok then return {tag, OK, select("#", ...), ...} end
-  return {tag, FAILED, remote_error((...))}
+-- An apply's reply (see pool_proto), put straight from its values: no
+-- table for one result, none around the record (callgrind: a {tag, OK,
+-- n, v} table encoded was ~1.8k of a small task's ~12.6k instructions in
+-- a worker, most of it lua_next's walk of it).  Returns pcall's ok, err.
+local function send_apply(rq, put_task, tag, ok, ...)
+  if not ok then return pcall(rq.put, rq, {tag, FAILED, remote_error((...))}) end
+  local n = select("#", ...)
+  if n == 1 then return pcall(put_task, rq, 0, tag, OK, 1, ...) end
+  return pcall(put_task, rq, 0, tag, OK, n, {...})
 end
 
--- Runs one task; its reply: {tag, OK, n, v1..vn} for apply, {tag, OK, n,
--- results} for a chunk, {tag, FAILED, err [, partial results, count]}.
-local function run_task(f, tag, mode, items, n, stamp)
+-- Runs an apply of a table of arguments or a bare item and puts its
+-- reply; returns pcall's ok, err of the put.  (An APPLYV's arguments are
+-- the task's own items: see worker_main.)
+local function run_one(rq, put_task, f, tag, mode, items, n)
   if mode == APPLY then
-    return apply_reply(tag, xpcall(f, traceback, unpack(items, 1, n)))
-  elseif mode == MAP1 or mode == STARMAP1 then
-    local ok, v
-    chunk_fn = f
-    if mode == MAP1 then ok, v = xpcall(f, traceback, items)
-    else ok, v = xpcall(f, traceback, unpack(items, 1, items.n or #items)) end
-    chunk_fn = nil
-    if ok then return {tag, OK, 1, v} end
-    return {tag, FAILED, remote_error(v), nil, 0}
+    return send_apply(rq, put_task, tag, xpcall(f, traceback, unpack(items, 1, n)))
   end
+  local ok, v
+  chunk_fn = f
+  if mode == MAP1 then ok, v = xpcall(f, traceback, items)
+  else ok, v = xpcall(f, traceback, unpack(items, 1, items.n or #items)) end
+  chunk_fn = nil
+  if ok then return pcall(put_task, rq, 0, tag, OK, 1, v) end
+  return pcall(rq.put, rq, {tag, FAILED, remote_error(v), nil, 0})
+end
+
+-- Runs one chunk; its reply: {tag, OK, n, results}, or {tag, FAILED,
+-- err, partial results, count}.
+local function run_task(f, tag, mode, items, n, stamp)
   -- the results go into the chunk's own table, each over the item it
   -- came from: a store into a slot that holds a value is Lua's fast path
   -- (into a new table's empty slot it is luaV_finishset, ~96 of a map
@@ -240,15 +251,19 @@ end
 
 -- A reply that cannot travel: the task fails, the worker lives.  An
 -- EncodeError names the result, not the reply's insides: an apply's k-th
--- value (reply[3 + k]), a chunk's j-th item (reply[4][j], renumbered over
+-- value (reply[4], or reply[4][k] for several), a chunk's j-th item (reply[4][j], renumbered over
 -- the whole input by the owner).
 local function unsendable(err, mode)
   if not core.is_error(err, "EncodeError") then return err end
   local msg, j, rest = err.message, nil, nil
-  if mode == APPLY then
-    msg = msg:gsub(" at value%[(%d+)%]", function(k)
-      return string.format(" at result[%d]", tonumber(k) - 3)
-    end, 1)
+  if mode == APPLY or mode == APPLYV then
+    -- (one result is item 4 of the reply; several are a table there)
+    local head, k, tail = msg:match("^(.-) at value%[4%]%[(%d+)%](.*)$")
+    if head then
+      msg = string.format("%s at result[%s]%s", head, k, tail)
+    else
+      msg = msg:gsub(" at value%[4%]", " at result[1]", 1)
+    end
   elseif mode == MAP1 or mode == STARMAP1 then
     local head
     head, rest = msg:match("^(.-) at value%[4%](.*)$")
@@ -273,28 +288,32 @@ local function worker_main(cfg)
   clear_bar_before_output(cancel)
   if cfg.initializer and not run_initializer(cfg) then return 1 end
   local resolve = new_resolver(cfg.store)
+  local put_task, get_slot = rq._put_task, tq._get_slot
   local stamp = function() starts[slot + 1] = now() end
   local done, limit = 0, cfg.maxtasks
-  while true do
-    local task = tq:_get_slot(slot)
-    if not task then
-      -- false: the pool is closing; tell the owner this worker took its
-      -- sentinel, so that it is not replaced
-      started[slot + 1] = -2
-      break
-    end
-    local tag, mode, items, n = task[1], task[3], task[4], task[5]
+  -- One task, given as the items of its message (no table decoded for
+  -- it: callgrind put the task's table at ~1.4k of a small apply's ~9.3k
+  -- instructions here, its making and filling and collecting): tag,
+  -- function, mode, items, n, timed, function length, then an APPLYV's
+  -- arguments.  Returns true to go on, false for the close sentinel (the
+  -- message false), nil at maxtasksperchild.
+  local function step(tag, fr, mode, items, n, timed, flen, ...)
+    if not tag then return false end
     -- (a cancelled task is skipped: no reply, nobody waits for it)
-    if cancel[1] == 0 or not is_cancelled(cancel, tag) then
-      local f = resolve(task[2], task[7])
-      local timed = task[6]
-      if timed then
-        starts[slot + 1] = now()
-        started[slot + 1] = tag
-      end
+    if cancel[1] ~= 0 and is_cancelled(cancel, tag) then return true end
+    local f = resolve(fr, flen)
+    if timed then
+      starts[slot + 1] = now()
+      started[slot + 1] = tag
+    end
+    local ok, err
+    if mode == APPLYV then
+      ok, err = send_apply(rq, put_task, tag, xpcall(f, traceback, ...))
+    elseif mode ~= MAP and mode ~= STARMAP then
+      ok, err = run_one(rq, put_task, f, tag, mode, items, n)
+    else
       local reply = run_task(f, tag, mode, items, n, timed and stamp or nil)
-      local ok, err
-      if reply[2] == OK and (mode == MAP or mode == STARMAP) then
+      if reply[2] == OK then
         -- a chunk's results: out[1..n] sent as a slice (no lua_next), the
         -- record tagged with the task's tag (the owner's _get_items puts
         -- them straight into the map's result table)
@@ -302,9 +321,19 @@ local function worker_main(cfg)
       else
         ok, err = pcall(rq.put, rq, reply)
       end
-      if not ok then rq:put({tag, FAILED, unsendable(err, mode)}) end
-      done = done + 1
-      if limit and done >= limit then break end
+    end
+    if not ok then rq:put({tag, FAILED, unsendable(err, mode)}) end
+    done = done + 1
+    if limit and done >= limit then return nil end
+    return true
+  end
+  while true do
+    local go = step(get_slot(tq, slot, nil, nil, true))
+    if not go then
+      -- false: the pool is closing; tell the owner this worker took its
+      -- sentinel, so that it is not replaced
+      if go == false then started[slot + 1] = -2 end
+      break
     end
   end
   return 0
