@@ -20,6 +20,7 @@ local getpid = core.pid or core.getpid
 local shielded = core.shielded
 local raise = util.raise
 local OK, FAILED, INIT_FAILED = proto.OK, proto.FAILED, proto.INIT_FAILED
+local SKIPPED = proto.SKIPPED
 local ORPHAN, SLICE = proto.ORPHAN, proto.SLICE
 local finish, settle_chunk = results.finish, results.settle_chunk
 local spawn_worker = worker.spawn
@@ -69,6 +70,11 @@ local function handle(self, tag, status, a, b, c)
   end
   local rec = take(self, tag)
   if rec == nil or rec == ORPHAN then return true end
+  if status == SKIPPED then                -- cancelled as it was taken
+    local job = rec._kind and rec or rec[1]     -- (see job_of)
+    if job and job._set_cancelled then job:_set_cancelled() end
+    return true
+  end
   if rec._kind == "apply" then             -- apply: the record is the job
     if status == OK then
       rec._ok, rec._value, rec._nres = true, b, a
@@ -246,14 +252,23 @@ function Pool:_cancel_jobs(jobs, kill, as_futures)
   end
   local check = as_futures and call or pcall
   check(self._drain, self)            -- what is there may finish them
+  local want = {}
+  for _, job in ipairs(jobs) do
+    if not (as_futures and job._done) then want[job] = true end
+  end
+  if next(want) == nil then return end
+  -- The tags go to the ring before the workers' taken slots are read (a
+  -- worker records its tag under the queue's lock, then reads the ring):
+  -- a task not found taken is then skipped for sure.  One found taken
+  -- runs, or was skipped -- its worker saw the ring -- and the worker's
+  -- SKIPPED reply ends its job cancelled.  (Read the other way round, a
+  -- worker could take the task between the two: cancel() said true and
+  -- the task ran.)
+  proto.cancel_tags(self._cancel, tags_of(self, want))
   local running = {}                  -- tag -> slot, for the tasks workers hold
   for slot in pairs(self._workers) do
     local ok, tag = pcall(self._tq._taken, self._tq, slot)
     if ok and tag and self._tasks[tag] then running[tag] = slot end
-  end
-  local want = {}
-  for _, job in ipairs(jobs) do
-    if not (as_futures and job._done) then want[job] = true end
   end
   if as_futures and not kill then
     for tag in pairs(running) do
@@ -280,7 +295,6 @@ function Pool:_cancel_jobs(jobs, kill, as_futures)
     end
     if kill and running[tag] then slots[running[tag]] = tag end
   end
-  proto.cancel_tags(self._cancel, tags)
   if as_futures then
     for job in pairs(want) do job:_set_cancelled() end
   end

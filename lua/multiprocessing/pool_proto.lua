@@ -16,6 +16,8 @@ M.FLAT_MAX = 64
 -- looks up no destination for it); a bare item's is (tag, OK, 1, v)
 -- reply statuses
 M.OK, M.FAILED, M.INIT_FAILED = 0, 1, 2
+-- (SKIPPED: a worker's reply for a task it found in the cancel ring)
+M.SKIPPED = 3
 -- options of a call that gave none
 M.NO_OPTIONS = setmetatable({}, {__newindex = function()
   error("internal: options table is shared", 2)

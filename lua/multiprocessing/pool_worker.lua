@@ -24,6 +24,7 @@ local APPLY, MAP1, STARMAP1, STARMAP = proto.APPLY, proto.MAP1, proto.STARMAP1,
                                        proto.STARMAP
 local MAP, APPLYV = proto.MAP, proto.APPLYV
 local OK, FAILED, INIT_FAILED = proto.OK, proto.FAILED, proto.INIT_FAILED
+local SKIPPED = proto.SKIPPED
 local CANCEL_RING, CANCEL_BITS, CANCEL_MAX, BAR = proto.CANCEL_RING,
   proto.CANCEL_BITS, proto.CANCEL_MAX, proto.BAR
 
@@ -299,8 +300,12 @@ local function worker_main(cfg)
   -- message false), nil at maxtasksperchild.
   local function step(tag, fr, mode, items, n, timed, flen, ...)
     if not tag then return false end
-    -- (a cancelled task is skipped: no reply, nobody waits for it)
-    if cancel[1] ~= 0 and is_cancelled(cancel, tag) then return true end
+    -- (a cancelled task is skipped, and said so: the owner may have
+    -- found it taken -- running -- as it cancelled; see Pool:_cancel_jobs)
+    if cancel[1] ~= 0 and is_cancelled(cancel, tag) then
+      pcall(rq.put, rq, {tag, SKIPPED})
+      return true
+    end
     local f = resolve(fr, flen)
     if timed then
       starts[slot + 1] = now()
