@@ -246,6 +246,24 @@ local function call(f, ...) return f(...) end
 --    by Ctrl-C, or left an imap loop): its queued tasks go even while
 --    others run, its progress bar ends, an imap job is done; and it never
 --    raises, as it runs while an error unwinds.
+-- The tasks workers hold now: tag -> slot.
+local function taken(self)
+  local running = {}
+  for slot in pairs(self._workers) do
+    local ok, tag = pcall(self._tq._taken, self._tq, slot)
+    if ok and tag and self._tasks[tag] then running[tag] = slot end
+  end
+  return running
+end
+
+-- Leaves the jobs with a task in running out of want.
+local function leave_running(self, want, running)
+  for tag in pairs(running) do
+    local job = job_of(self._tasks[tag])
+    if job then want[job] = nil end
+  end
+end
+
 function Pool:_cancel_jobs(jobs, kill, as_futures)
   if self._owner ~= getpid() or (self._state ~= "RUN" and self._state ~= "CLOSE") then
     return
@@ -256,26 +274,21 @@ function Pool:_cancel_jobs(jobs, kill, as_futures)
   for _, job in ipairs(jobs) do
     if not (as_futures and job._done) then want[job] = true end
   end
+  local keep = as_futures and not kill   -- running futures stay
+  local running = taken(self)
+  if keep then leave_running(self, want, running) end
   if next(want) == nil then return end
-  -- The tags go to the ring before the workers' taken slots are read (a
-  -- worker records its tag under the queue's lock, then reads the ring):
-  -- a task not found taken is then skipped for sure.  One found taken
-  -- runs, or was skipped -- its worker saw the ring -- and the worker's
-  -- SKIPPED reply ends its job cancelled.  (Read the other way round, a
-  -- worker could take the task between the two: cancel() said true and
-  -- the task ran.)
+  -- The tags go to the ring, then the workers' taken slots are read again
+  -- (a worker records its tag under the queue's lock, then reads the
+  -- ring): a task not found taken then is skipped for sure.  One taken
+  -- between the two reads runs, or is skipped -- its worker saw the ring
+  -- -- and the worker's SKIPPED reply ends its job cancelled; so its job
+  -- is left to that outcome, or, with kill, its worker killed.  (With
+  -- one read before the ring, a worker could take the task between the
+  -- two: cancel() said true and the task ran.)
   proto.cancel_tags(self._cancel, tags_of(self, want))
-  local running = {}                  -- tag -> slot, for the tasks workers hold
-  for slot in pairs(self._workers) do
-    local ok, tag = pcall(self._tq._taken, self._tq, slot)
-    if ok and tag and self._tasks[tag] then running[tag] = slot end
-  end
-  if as_futures and not kill then
-    for tag in pairs(running) do
-      local job = job_of(self._tasks[tag])
-      if job then want[job] = nil end
-    end
-  end
+  for tag, slot in pairs(taken(self)) do running[tag] = slot end
+  if keep then leave_running(self, want, running) end
   if not as_futures then
     for job in pairs(want) do
       if job._progress then pcall(job._progress.finish, job._progress, job) end
