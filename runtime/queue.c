@@ -517,14 +517,15 @@ static int spin_until_nonzero(_Atomic uint64_t *w) {
  * CPU, and the poller is in its way: the futures round trip with a burner
  * pinned to one core ran 20-21.5k/s polling and 31-34k/s not (3 of 4
  * A/B pairs; the 4th 4.2k/s against 12.7k/s), and bench_probes' futex
- * ping-pong lost 4-6x by polling in 2 of 3 runs.  A poll's misses do not tell the two states apart (a missed
- * poll makes the next one likelier to miss: the putter then sleeps and
- * is slow to wake), so the test is the kernel's: the share of the last
- * BUSY_EVERY seconds this thread spent runnable but waiting for a CPU
- * (run_delay of /proc/thread-self/schedstat).  Over BUSY_SHARE, gets
- * sleep at once until the next look (and a putter waiting for room too).
- * Per thread (a fork looks afresh);
- * where the file cannot be read, gets poll as before. */
+ * ping-pong lost 4-6x by polling in 2 of 3 runs.  A poll's misses do
+ * not tell the two states apart (a missed poll makes the next one
+ * likelier to miss: the putter then sleeps and is slow to wake), so the
+ * test is the kernel's: the share of the last BUSY_EVERY seconds this
+ * thread spent runnable but waiting for a CPU (run_delay of
+ * /proc/thread-self/schedstat).  Over BUSY_SHARE, gets sleep at once
+ * until the next look (and a putter waiting for room too).  Per thread
+ * (a fork looks afresh); where the file cannot be read, gets poll as
+ * before. */
 static int cpus_free(void) {
   static _Thread_local pid_t pid;
   static _Thread_local double at;     /* when run_delay was read */
