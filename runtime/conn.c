@@ -81,6 +81,8 @@ struct conn {
   unsigned wbroken : 1;   /* a message was cut off mid-write */
   unsigned nofence : 1;   /* a manager client's own: sends are not sync
                              points (fence.c) */
+  unsigned spin : 1;      /* a manager client's own: polls before a
+                             receive sleeps (see spin_read) */
   char *ra;               /* read-ahead buffer (RA_SIZE bytes) */
   size_t rpos, rend;      /* its unread bytes: ra[rpos..rend) */
   pid_t rpid;             /* the process that read them (see ra_check) */
@@ -221,11 +223,71 @@ static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
 static ssize_t recv_fds(struct conn *c, char *p, size_t n, int flags);
 static void fds_discard(struct conn *c, const char *p, size_t n);
 
+/* How long a receive polls before it sleeps (spin_read, l_wait_fds). */
+#define CONN_SPIN_NS 30000
+static int spin_always;   /* core._set_spin(true): tests poll in any state */
+
+/* Polls fds for up to CONN_SPIN_NS while no other process waits for this
+ * one's CPU (luamp_cpus_free): 1 when one is ready (or in error: the
+ * caller's read or poll says which), 0 when the time passed first or a
+ * Ctrl-C came.  For request/answer traffic (issue 18): the manager
+ * answers a client in ~10-15 us, and a client's next request follows its
+ * answer as fast; a read or poll that finds the bytes there costs no
+ * sleep and no wake-up, which cost more than the request itself (the
+ * floor of two C processes ping-ponging 8 bytes over pipes: 20 us a round
+ * trip; over a futex they do not sleep on: 8 us).  With a CPU taken by
+ * another program the peer waits for one, and polling is in its way: no
+ * poll then. */
+static int spin_ready(lua_State *L, struct pollfd *fds, nfds_t n) {
+  double until;
+  if (!spin_always && !luamp_cpus_free()) return 0;
+  until = luamp_now() + CONN_SPIN_NS * 1e-9;
+  do {
+    int r = luamp_sys.poll(fds, n, 0);
+    if (r > 0) return 1;
+    if (r < 0 && errno != EINTR) return 1;
+    if (luamp_interrupted(L)) return 0;
+    luamp_cpu_relax();
+  } while (luamp_now() < until);
+  return 0;
+}
+
+/* A spinning connection's wait for the start of a message (c->spin: a
+ * manager client's, whose answer is on its way): the bytes read (as
+ * read_once), or -1 when none came while it polled.  On a trusted Unix
+ * socket the poll is the non-blocking receive itself (a system call less
+ * when the answer is there). */
+static ssize_t spin_read(lua_State *L, struct conn *c, char *p, size_t n) {
+  struct pollfd pf = {c->fd, POLLIN, 0};
+  double until;
+  if (!(c->unixsock && c->trusted)) {
+    (void)spin_ready(L, &pf, 1);
+    return -1;
+  }
+  if (!spin_always && !luamp_cpus_free()) return -1;
+  until = luamp_now() + CONN_SPIN_NS * 1e-9;
+  do {
+    ssize_t r = recv_fds(c, p, n, MSG_DONTWAIT);
+    if (r >= 0) return r;
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+      return -1;                      /* (the blocking read reports it) */
+    if (luamp_interrupted(L)) return -1;
+    luamp_cpu_relax();
+  } while (luamp_now() < until);
+  return -1;
+}
+
 /* One read(2) of at most n bytes: returns the count, 0 at end of file;
  * raises on errors, interrupts and the deadline.  midway says whether a
  * message is half read (an interrupt then breaks the stream). */
 static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
                         double deadline, int midway) {
+  if (c->spin && !midway && deadline < 0) {
+    ssize_t r = spin_read(L, c, p, n);
+    if (r >= 0) return (size_t)r;    /* (0: end of file) */
+    /* (a Ctrl-C while polling: raised here, not after the read) */
+    if (luamp_interrupted(L)) luamp_raise_interrupt(L);
+  }
   for (;;) {
     ssize_t r;
     if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway);
@@ -1594,6 +1656,20 @@ static int l_set_nofence(lua_State *L) {
   return 0;
 }
 
+/* core._set_spin(conn): the connection is a manager client's own; a
+ * receive polls a while before it sleeps (see spin_read).
+ * core._set_spin(true | false): whether this process (and the children
+ * it forks later) polls so whatever the state of the machine (specs: the
+ * polling paths run on a busy machine too). */
+static int l_set_spin(lua_State *L) {
+  if (lua_isboolean(L, 1)) {
+    spin_always = lua_toboolean(L, 1);
+    return 0;
+  }
+  check_conn(L, 1)->spin = 1;
+  return 0;
+}
+
 /* ---- addresses -------------------------------------------------------- */
 
 /* A string is a Unix socket path (a leading "\0" for Linux's abstract
@@ -1851,13 +1927,14 @@ static int l_connect(lua_State *L) {
 
 /* ---- wait ------------------------------------------------------------- */
 
-/* core.wait_fds(fds, timeout) -> list of the 1-based positions in fds
- * that are ready to read (or at end of file) */
+/* core.wait_fds(fds, timeout[, spin]) -> list of the 1-based positions
+ * in fds that are ready to read (or at end of file).  spin: poll a while
+ * before sleeping (spin_ready; the manager's server between requests). */
 static int l_wait_fds(lua_State *L) {
   lua_Integer n;
   struct pollfd *p;
   double deadline;
-  int r;
+  int r, spin = lua_toboolean(L, 3);
   luaL_checktype(L, 1, LUA_TTABLE);
   n = luaL_len(L, 1);
   luaL_argcheck(L, n >= 0 && n <= 65536, 1, "too many objects");
@@ -1872,6 +1949,9 @@ static int l_wait_fds(lua_State *L) {
     p[i].revents = 0;
     lua_pop(L, 1);
   }
+  if (spin && (deadline < 0 || deadline > luamp_now()) &&
+      spin_ready(L, p, (nfds_t)n))
+    deadline = 0;                     /* (ready: the poll below says which) */
   r = luamp_robust_poll(L, p, (nfds_t)n, deadline);
   if (r == -2) luamp_raise_interrupt(L);
   if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
@@ -2012,6 +2092,7 @@ int luamp_open_conn(lua_State *L) {
     {"hs_answer", l_hs_answer},
     {"hmac_sha256", l_hmac_sha256},
     {"_set_nofence", l_set_nofence},
+    {"_set_spin", l_set_spin},
     {"wait_fds", l_wait_fds},
     {NULL, NULL}
   };

@@ -469,6 +469,9 @@ int luamp_queue_ready(lua_State *L, int idx);
 void luamp_queue_watch(lua_State *L, int idx, int on);
 int luamp_wakeup_fd(lua_State *L);
 void luamp_wakeup_drain(void);
+/* Whether a waiter should poll a while before it sleeps: no CPU is
+ * taken from this process by others (see cpus_free in queue.c). */
+int luamp_cpus_free(void);
 int luamp_open_queue(lua_State *L);
 
 /* ---- value.c, shm.c ---------------------------------------------------- */

@@ -1564,6 +1564,8 @@ static struct luamp_type simple_type = {
   SIMPLEQUEUE_TNAME, simple_meth, queue_metameth, NULL, 1, 0, 0
 };
 
+int luamp_cpus_free(void) { return cpus_free(); }
+
 int luamp_open_queue(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"Queue", l_Queue}, {"JoinableQueue", l_JoinableQueue},
