@@ -190,6 +190,7 @@ extern struct luamp_syscalls luamp_sys;
 /* getpid(), cached (refreshed in every forked child by pthread_atfork). (sys.c; process.c installs the handler) */
 pid_t luamp_pid(void);
 void luamp_pid_refresh(void);
+void luamp_flush_stdio(void);   /* fflush(NULL) around forks (sys.c) */
 
 /* read with its EINTR loop. */
 ssize_t luamp_robust_read(int fd, void *buf, size_t n);

@@ -422,7 +422,7 @@ pid_t luamp_fork(lua_State *L) {
    * the point of Process, so it goes back to the default. */
   if (sigaction(SIGCHLD, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN)
     signal(SIGCHLD, SIG_DFL);
-  fflush(NULL);
+  luamp_flush_stdio();
   sigfillset(&all);
   blocked = luamp_sys.pthread_sigmask(SIG_SETMASK, &all, &old);
   if (blocked != 0) {      /* no fork with signals open: fails as fork */
@@ -450,14 +450,16 @@ pid_t luamp_fork(lua_State *L) {
   for (int i = 0; i < n_c_hooks; i++)
     if (c_hooks[i].parent) c_hooks[i].parent(c_hooks[i].ud);
   if (L) run_lua_hooks(L, 2);
-  errno = err;
+  /* (errno is restored only for a failure: it is on a page of its own
+   * that the parent would otherwise copy at every fork) */
+  if (pid < 0) errno = err;
   return pid;
 }
 
 void luamp_child_exit(int code) {
   cleanup_children(NULL);
   luamp_shm_cleanup();     /* blocks this child created (shm.c) */
-  fflush(NULL);
+  luamp_flush_stdio();
   _exit(code);
 }
 
