@@ -470,7 +470,7 @@ static int start_server(lua_State *L, char **msg) {
 /* In every forked child (of the owner, of the server, any fork): the
  * owner's socket is not the child's to use, and holding it would keep a
  * server whose owner is gone from seeing end of file. */
-static void forget_in_child(void) {
+LUAMP_CHILD_PATH static void forget_in_child(void) {
   /* (nothing written when there is nothing to forget: a child copies
    * each page it writes) */
   if (fs_sock >= 0) {

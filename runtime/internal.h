@@ -28,7 +28,13 @@
 #define LUAMP_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #define LUAMP_INLINE inline __attribute__((always_inline))
 #define LUAMP_NOINLINE __attribute__((noinline))
+/* Code a forked child runs between fork and _exit: kept together (ld
+ * places .text.hot.* first in .text, beside the PLT).  A child's code
+ * pages are not copied at fork but faulted in, one 64 KiB window at a
+ * time, and the child path was spread over three windows of luamp. */
+#define LUAMP_CHILD_PATH __attribute__((section(".text.hot.luamp_child")))
 #else
+#define LUAMP_CHILD_PATH
 #define LUAMP_INLINE inline
 #define LUAMP_NOINLINE
 #define LUAMP_NORETURN

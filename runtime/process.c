@@ -256,7 +256,7 @@ static int wait_quietly(struct child *c, double deadline) {
 /* The exit rule (Python's util._exit_function): terminate the daemon
  * children, then join every child.  state limits it to the children a
  * Lua state started (NULL: all of this process's children). */
-static void cleanup_children(const void *state) {
+LUAMP_CHILD_PATH static void cleanup_children(const void *state) {
   pid_t me = luamp_pid();
   double deadline;
   int any = 0;
@@ -342,7 +342,7 @@ static void run_lua_hooks(lua_State *L, int kind) {
 static void reset_caught_in_child(void);
 
 /* The child's side of luamp_fork, signals still blocked. */
-static void after_fork_in_child(void) {
+LUAMP_CHILD_PATH static void after_fork_in_child(void) {
   /* Forget the parent's children without writing to their entries: they
    * are scattered over the heap, and every page a child writes is a copy.
    * A handle's finalizer frees its own entry (seeing another owner, it
@@ -407,7 +407,7 @@ static void warn_if_threaded(void) {
   fflush(stderr);
 }
 
-pid_t luamp_fork(lua_State *L) {
+LUAMP_CHILD_PATH pid_t luamp_fork(lua_State *L) {
   sigset_t all, old;
   pid_t pid;
   int err, blocked;
@@ -456,7 +456,7 @@ pid_t luamp_fork(lua_State *L) {
   return pid;
 }
 
-void luamp_child_exit(int code) {
+LUAMP_CHILD_PATH void luamp_child_exit(int code) {
   cleanup_children(NULL);
   luamp_shm_cleanup();     /* blocks this child created (shm.c) */
   luamp_flush_stdio();
@@ -648,7 +648,7 @@ static int child_tostring(lua_State *L) {
 
 /* Whether stdin holds input read ahead by the parent (checked so that the
  * common case does not run, and fault in, the purge code). */
-static int stdin_has_buffered_input(void) {
+LUAMP_CHILD_PATH static int stdin_has_buffered_input(void) {
 #ifdef __GLIBC__
   return stdin->_IO_read_ptr < stdin->_IO_read_end;
 #else
@@ -659,7 +659,7 @@ static int stdin_has_buffered_input(void) {
 /* The child's body for spawn: runs fn(arg) under the traceback handler
  * and leaves with its result as exit code; it never returns into the Lua
  * code that called spawn (which belongs to the parent). */
-LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
+LUAMP_CHILD_PATH LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
   int code = 1, base;
   lua_pushcfunction(L, luamp_msgh);
   base = lua_gettop(L);
@@ -685,7 +685,7 @@ LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
 /* The new child's side of l_spawn, up to running fn(arg).  prctl, dup2
  * and the signal calls here stay direct (not luamp_sys): they run in the
  * new child before any Lua code, where a failure can only end the child. */
-static LUAMP_NORETURN void child_start(lua_State *L, const int pfd[2],
+LUAMP_CHILD_PATH static LUAMP_NORETURN void child_start(lua_State *L, const int pfd[2],
                                        int ignore_sigint, int die_with_parent,
                                        pid_t parent) {
   if (pfd[0] >= 0) {
@@ -728,7 +728,7 @@ static void register_child(lua_State *L, struct child *c) {
  * when its parent dies (Pool workers: nothing else would tell them,
  * blocked on their queue).  A child made with started (and its forks)
  * gets true from its first core.take_started(). */
-static int l_spawn(lua_State *L) {
+LUAMP_CHILD_PATH static int l_spawn(lua_State *L) {
   LUAMP_FENCE(L);
   struct child *c;
   int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);
@@ -780,7 +780,11 @@ static int l_spawn(lua_State *L) {
      * exhaustion; the wait loop then polls the pid. */
   }
   register_child(L, c);
-  if (spare_entry == NULL) spare_entry = calloc(1, sizeof *spare_entry);
+  /* (malloc and memset, not calloc: glibc's calloc bypasses the
+   * per-thread cache and writes the arena's page, one more page the
+   * parent copies after each fork) */
+  if (spare_entry == NULL && (spare_entry = malloc(sizeof *spare_entry)) != NULL)
+    memset(spare_entry, 0, sizeof *spare_entry);
   return 1;
 }
 
@@ -916,7 +920,7 @@ static unsigned char catching[NSIG];
 
 static void on_caught(int sig) { caught[sig] = 1; }
 
-static void reset_caught_in_child(void) {
+LUAMP_CHILD_PATH static void reset_caught_in_child(void) {
   for (int sig = 1; sig < NSIG; sig++) {
     if (catching[sig]) signal(sig, SIG_DFL);  /* (direct: the child's set-up) */
     catching[sig] = 0;

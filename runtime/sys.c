@@ -79,8 +79,8 @@ static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
  * process.c's fork state that every child writes anyway, not on a page
  * of .bss of its own that a child would copy only for this.) */
 static pid_t my_pid = -1;
-void luamp_pid_refresh(void) { my_pid = getpid(); }
-pid_t luamp_pid(void) { return my_pid > 0 ? my_pid : getpid(); }
+LUAMP_CHILD_PATH void luamp_pid_refresh(void) { my_pid = getpid(); }
+LUAMP_CHILD_PATH pid_t luamp_pid(void) { return my_pid > 0 ? my_pid : getpid(); }
 
 /* fflush(NULL) without its cost around a fork: fflush(NULL) takes the
  * lock of glibc's list of streams, a write to a page that every fork
@@ -90,7 +90,7 @@ pid_t luamp_pid(void) { return my_pid > 0 ? my_pid : getpid(); }
  * one, and a process with nothing buffered writes nothing.  The list is
  * walked unlocked, so only while glibc knows the process has one thread
  * (the runtime starts none; a host's threads could be opening streams). */
-void luamp_flush_stdio(void) {
+LUAMP_CHILD_PATH void luamp_flush_stdio(void) {
 #ifdef __GLIBC__
   extern FILE *_IO_list_all;   /* (glibc's exported list head) */
   if (__libc_single_threaded) {
