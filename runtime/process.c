@@ -35,6 +35,7 @@
 #include <fcntl.h>
 #ifdef __GLIBC__
 #include <malloc.h>
+#include <sys/single_threaded.h>
 #endif
 #include <pthread.h>
 #include <signal.h>
@@ -393,10 +394,14 @@ static void trim_heap(lua_State *L) {
  * keeps only the calling thread, and a lock another thread held stays
  * locked in the child.  Once per process, on stderr.  The thread count is
  * the link count of /proc/self/task (2 + threads): one stat per fork
- * until the warning was given. */
+ * until the warning was given, once glibc saw a thread started. */
 static void warn_if_threaded(void) {
   static int warned = 0;
   struct stat st;
+#ifdef __GLIBC__
+  /* (glibc knows when no thread was ever started: no stat then) */
+  if (__libc_single_threaded) return;
+#endif
   if (warned || stat("/proc/self/task", &st) != 0 || st.st_nlink <= 3) return;
   warned = 1;
   fprintf(stderr, "luamp: warning: this process (pid %d) is multi-threaded "
@@ -586,8 +591,14 @@ static int child_poll(lua_State *L) {
 static int child_wait(lua_State *L) {
   struct child *c = owned_child(L, 1);
   double deadline = luamp_deadline_arg(L, 2);
-  while (!reap(c, 0)) {
+  /* A pidfd is polled before the first waitpid: it is readable at once
+   * when the child is gone, and for one still running (a join right
+   * after start) the waitpid would only have said so: a system call
+   * saved per join. */
+  int poll_first = !c->reaped && c->sentinel >= 0 && have_pidfd == 1 && !c->remote;
+  while (poll_first || !reap(c, 0)) {
     int r;
+    poll_first = 0;
     if (c->sentinel >= 0 && (have_pidfd == 1 || c->remote)) {
       struct pollfd p = {c->sentinel, POLLIN, 0};
       r = luamp_robust_poll(L, &p, 1, deadline);
