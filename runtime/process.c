@@ -595,7 +595,8 @@ static int child_wait(lua_State *L) {
    * when the child is gone, and for one still running (a join right
    * after start) the waitpid would only have said so: a system call
    * saved per join. */
-  int poll_first = !c->reaped && c->sentinel >= 0 && have_pidfd == 1 && !c->remote;
+  int poll_first = !c->reaped && c->sentinel >= 0 && have_pidfd == 1 &&
+                   !c->remote;
   while (poll_first || !reap(c, 0)) {
     int r;
     poll_first = 0;
@@ -670,7 +671,8 @@ LUAMP_CHILD_PATH static int stdin_has_buffered_input(void) {
 /* The child's body for spawn: runs fn(arg) under the traceback handler
  * and leaves with its result as exit code; it never returns into the Lua
  * code that called spawn (which belongs to the parent). */
-LUAMP_CHILD_PATH LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
+LUAMP_CHILD_PATH LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn,
+                                                     int arg) {
   int code = 1, base;
   lua_pushcfunction(L, luamp_msgh);
   base = lua_gettop(L);
@@ -696,9 +698,9 @@ LUAMP_CHILD_PATH LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int 
 /* The new child's side of l_spawn, up to running fn(arg).  prctl, dup2
  * and the signal calls here stay direct (not luamp_sys): they run in the
  * new child before any Lua code, where a failure can only end the child. */
-LUAMP_CHILD_PATH static LUAMP_NORETURN void child_start(lua_State *L, const int pfd[2],
-                                       int ignore_sigint, int die_with_parent,
-                                       pid_t parent) {
+LUAMP_CHILD_PATH static LUAMP_NORETURN void child_start(
+    lua_State *L, const int pfd[2], int ignore_sigint, int die_with_parent,
+    pid_t parent) {
   if (pfd[0] >= 0) {
     luamp_sys.close(pfd[0]);
     own_sentinel_wfd = pfd[1];
@@ -794,7 +796,8 @@ LUAMP_CHILD_PATH static int l_spawn(lua_State *L) {
   /* (malloc and memset, not calloc: glibc's calloc bypasses the
    * per-thread cache and writes the arena's page, one more page the
    * parent copies after each fork) */
-  if (spare_entry == NULL && (spare_entry = malloc(sizeof *spare_entry)) != NULL)
+  if (spare_entry == NULL &&
+      (spare_entry = malloc(sizeof *spare_entry)) != NULL)
     memset(spare_entry, 0, sizeof *spare_entry);
   return 1;
 }

@@ -80,7 +80,9 @@ static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
  * of .bss of its own that a child would copy only for this.) */
 static pid_t my_pid = -1;
 LUAMP_CHILD_PATH void luamp_pid_refresh(void) { my_pid = getpid(); }
-LUAMP_CHILD_PATH pid_t luamp_pid(void) { return my_pid > 0 ? my_pid : getpid(); }
+LUAMP_CHILD_PATH pid_t luamp_pid(void) {
+  return my_pid > 0 ? my_pid : getpid();
+}
 
 /* fflush(NULL) without its cost around a fork: fflush(NULL) takes the
  * lock of glibc's list of streams, a write to a page that every fork
