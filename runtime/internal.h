@@ -28,7 +28,13 @@
 #define LUAMP_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #define LUAMP_INLINE inline __attribute__((always_inline))
 #define LUAMP_NOINLINE __attribute__((noinline))
+/* Code a forked child runs between fork and _exit: kept together (ld
+ * places .text.hot.* first in .text, beside the PLT).  A child's code
+ * pages are not copied at fork but faulted in, one 64 KiB window at a
+ * time, and the child path was spread over three windows of luamp. */
+#define LUAMP_CHILD_PATH __attribute__((section(".text.hot.luamp_child")))
 #else
+#define LUAMP_CHILD_PATH
 #define LUAMP_INLINE inline
 #define LUAMP_NOINLINE
 #define LUAMP_NORETURN
@@ -190,6 +196,7 @@ extern struct luamp_syscalls luamp_sys;
 /* getpid(), cached (refreshed in every forked child by pthread_atfork). (sys.c; process.c installs the handler) */
 pid_t luamp_pid(void);
 void luamp_pid_refresh(void);
+void luamp_flush_stdio(void);   /* fflush(NULL) around forks (sys.c) */
 
 /* read with its EINTR loop. */
 ssize_t luamp_robust_read(int fd, void *buf, size_t n);

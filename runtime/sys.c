@@ -26,6 +26,9 @@
 #include <signal.h>
 #include <stdio.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#include <sys/single_threaded.h>
+#endif
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/epoll.h>
@@ -71,10 +74,36 @@ static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
 
 /* This process's pid, kept up to date in children by a pthread_atfork
  * handler process.c installs (so forks made by others count too):
- * getpid() is a system call, and ownership is checked often. */
-static pid_t my_pid = 0;
-void luamp_pid_refresh(void) { my_pid = getpid(); }
-pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
+ * getpid() is a system call, and ownership is checked often.  (-1, not
+ * 0, until known: an initialized variable sits in .data, on the page of
+ * process.c's fork state that every child writes anyway, not on a page
+ * of .bss of its own that a child would copy only for this.) */
+static pid_t my_pid = -1;
+LUAMP_CHILD_PATH void luamp_pid_refresh(void) { my_pid = getpid(); }
+LUAMP_CHILD_PATH pid_t luamp_pid(void) {
+  return my_pid > 0 ? my_pid : getpid();
+}
+
+/* fflush(NULL) without its cost around a fork: fflush(NULL) takes the
+ * lock of glibc's list of streams, a write to a page that every fork
+ * shares copy-on-write, so the parent after each fork and every child at
+ * its exit copied that page only to take the lock (a fault of ~20-40 us
+ * on a VM).  Here the streams with buffered output are flushed one by
+ * one, and a process with nothing buffered writes nothing.  The list is
+ * walked unlocked, so only while glibc knows the process has one thread
+ * (the runtime starts none; a host's threads could be opening streams). */
+LUAMP_CHILD_PATH void luamp_flush_stdio(void) {
+#ifdef __GLIBC__
+  extern FILE *_IO_list_all;   /* (glibc's exported list head) */
+  if (__libc_single_threaded) {
+    for (FILE *f = _IO_list_all; f != NULL; f = f->_chain)
+      /* (what fflush(NULL) flushes: byte output pending, or a wide stream) */
+      if (f->_mode > 0 || f->_IO_write_ptr > f->_IO_write_base) fflush(f);
+    return;
+  }
+#endif
+  fflush(NULL);
+}
 
 struct luamp_syscalls luamp_sys = {
   .fork = fork, .waitpid = waitpid, .pthread_sigmask = pthread_sigmask,
