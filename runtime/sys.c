@@ -27,7 +27,6 @@
 #include <stdio.h>
 #include <fcntl.h>
 #ifdef __GLIBC__
-#include <sys/single_threaded.h>
 #endif
 #include <sys/mman.h>
 #include <sys/random.h>
@@ -84,26 +83,13 @@ LUAMP_CHILD_PATH pid_t luamp_pid(void) {
   return my_pid > 0 ? my_pid : getpid();
 }
 
-/* fflush(NULL) without its cost around a fork: fflush(NULL) takes the
- * lock of glibc's list of streams, a write to a page that every fork
- * shares copy-on-write, so the parent after each fork and every child at
- * its exit copied that page only to take the lock (a fault of ~20-40 us
- * on a VM).  Here the streams with buffered output are flushed one by
- * one, and a process with nothing buffered writes nothing.  The list is
- * walked unlocked, so only while glibc knows the process has one thread
- * (the runtime starts none; a host's threads could be opening streams). */
-LUAMP_CHILD_PATH void luamp_flush_stdio(void) {
-#ifdef __GLIBC__
-  extern FILE *_IO_list_all;   /* (glibc's exported list head) */
-  if (__libc_single_threaded) {
-    for (FILE *f = _IO_list_all; f != NULL; f = f->_chain)
-      /* (what fflush(NULL) flushes: byte output pending, or a wide stream) */
-      if (f->_mode > 0 || f->_IO_write_ptr > f->_IO_write_base) fflush(f);
-    return;
-  }
-#endif
-  fflush(NULL);
-}
+/* What a fork and a child's exit flush: every stream (fflush(NULL)).
+ * It takes the lock of glibc's list of streams, a write to a page that
+ * every fork shares copy-on-write (one fault in the parent after each
+ * fork, one in each child at its exit).  Walking that list without the
+ * lock would need glibc's undeclared internals (_IO_list_all and the
+ * FILE fields), which we do not use. */
+LUAMP_CHILD_PATH void luamp_flush_stdio(void) { fflush(NULL); }
 
 struct luamp_syscalls luamp_sys = {
   .fork = fork, .waitpid = waitpid, .pthread_sigmask = pthread_sigmask,
