@@ -350,6 +350,73 @@ describe("Pipe", function()
     p:join()
   end)
 
+  it("recv_bytes holds a big message once in memory: the string is the buffer", function()
+    -- (issue 18: read into a buffer kept by the connection, then copied
+    -- into the string, a 64 MiB message took 128 MiB in the receiver)
+    local a, b = mp.Pipe()
+    local size = 64 << 20
+    local p = mp.Process{target = function()
+      a:close()
+      local function rss()
+        local f = assert(io.open("/proc/self/status"))
+        local kb = tonumber(f:read("a"):match("VmRSS:%s*(%d+)"))
+        f:close()
+        return kb * 1024
+      end
+      collectgarbage()
+      local before = rss()
+      local s = b:recv_bytes()
+      local grew = rss() - before
+      b:send({#s, s:sub(1, 3), s:sub(-3), grew})
+    end}
+    p:start()
+    b:close()
+    a:send_bytes(string.rep("abc", size // 3) .. "x")
+    local r = a:recv()
+    p:join()
+    assert.same({size // 3 * 3 + 1, "abc", "bcx"}, {r[1], r[2], r[3]})
+    assert.is_true(r[4] >= size // 2, "RSS grew " .. r[4])   -- measured
+    assert.is_true(r[4] < size * 3 // 2, "RSS grew " .. r[4] .. " for a "
+                   .. size .. "-byte message")
+  end)
+
+  it("recv_bytes stays right when finalizers receive in the middle of it", function()
+    -- a collection step inside recv_bytes may run a finalizer that
+    -- receives a big message of its own on another Pipe
+    local a, b = mp.Pipe()
+    local c, d = mp.Pipe()
+    local N = 12
+    local function msg(i, ch) return string.rep(ch, (1 << 20) + 977 * i) end
+    local p1 = mp.Process{target = function()
+      for i = 1, N do b:send_bytes(msg(i, "a")) end
+    end}
+    local p2 = mp.Process{target = function()
+      for i = 1, N do d:send_bytes(msg(i, "c")) end
+    end}
+    p1:start(); p2:start()
+    b:close(); d:close()
+    local inner, done = {}, false
+    local function finalizer()
+      if not done and #inner < N then
+        local s = c:recv_bytes()
+        inner[#inner + 1] = s
+      end
+    end
+    for i = 1, N do
+      for _ = 1, 2000 do setmetatable({}, {__gc = finalizer}) end
+      assert.is_true(a:recv_bytes() == msg(i, "a"), "message " .. i)
+    end
+    done = true                       -- (the finalizers still to run)
+    while #inner < N do
+      local s = c:recv_bytes()
+      inner[#inner + 1] = s
+    end
+    for i = 1, N do assert.is_true(inner[i] == msg(i, "c"), "inner " .. i) end
+    p1:join(); p2:join()
+    assert.equal(0, p1.exitcode)
+    assert.equal(0, p2.exitcode)
+  end)
+
   it("interrupts a blocked recv with Ctrl-C and stays consistent", function()
     local out, err = H.script([[
       local mp = require "multiprocessing"
