@@ -77,9 +77,12 @@ local function handle(self, tag, status, a, b, c)
   end
   if rec._kind == "apply" then             -- apply: the record is the job
     if status == OK then
-      rec._ok, rec._value, rec._nres = true, b, a
+      -- (new_apply's job reads _ok and _nres as true and 1 from its
+      -- class; new_job's has them false)
+      if a ~= 1 or rec._nres ~= 1 then rec._ok, rec._nres = true, a end
+      rec._value = b
     else
-      rec._ok, rec._value = false, {tag, status, a}
+      rec._ok, rec._value, rec._nres = false, {tag, status, a}, false
     end
     finish(rec)
   else
