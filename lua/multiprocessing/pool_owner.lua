@@ -60,9 +60,11 @@ end
 -- (-1, INIT_FAILED, err).  Returns false for no message.  (No varargs:
 -- no message has more than five items.)
 local function handle(self, tag, status, a, b, c)
-  if tag == nil then return false end
-  if type(tag) == "table" then             -- a reply of over 65535 items
-    return handle(self, tag[1], tag[2], tag[3], tag[4], tag[5])
+  if status == nil then                    -- (every reply has a status)
+    if tag == nil then return false end
+    if type(tag) == "table" then           -- a reply of over 65535 items
+      return handle(self, tag[1], tag[2], tag[3], tag[4], tag[5])
+    end
   end
   if status == INIT_FAILED then
     self:_break("initializer failed in a worker: " .. tostring(a.message), a)
