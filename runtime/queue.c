@@ -117,6 +117,8 @@ struct qhdr {
   _Atomic uint32_t put_woken; /* a get woke a putter since a putter last
                                * went to sleep: later gets need not (the
                                * woken one passes a wake-up on) */
+  _Atomic uint32_t get_woken; /* the same for getters: a get woke a getter
+                               * that has not run yet (see sleep_get) */
   _Atomic uint32_t shut;      /* [mu, atomic] shutdown() was called: 0/1 */
   _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
   uint32_t repairs;           /* [mu] times a dead holder was found (stats) */
@@ -582,6 +584,25 @@ static int sleep_on(lua_State *L, _Atomic uint32_t *seq, uint32_t snap,
   return r;
 }
 
+/* A getter's sleep (get, _await): sleep_on's, with get_woken cleared
+ * before it (re-armed) and after it (this getter runs: it takes an item
+ * and passes a wake-up on itself).  A get that leaves items for sleeping
+ * getters wakes one only while get_woken is clear: a woken getter stays
+ * counted in getters until it runs, which with every CPU busy takes
+ * milliseconds, and every get in between woke the futex again for
+ * nobody (apply_async x1e5 on 2 workers with one core burned: 47k
+ * FUTEX_WAKEs in the workers against 5.7k FUTEX_WAITs, at ~1.4 us of CPU
+ * each on this machine).  One killed before it runs leaves get_woken
+ * set: the others wake within a wait slice (SLICE_MS) -- never a hang. */
+static int sleep_get(lua_State *L, struct qhdr *h, uint32_t snap,
+                     double deadline) {
+  int r;
+  atomic_store(&h->get_woken, 0);
+  r = sleep_on(L, &h->put_seq, snap, &h->getters, deadline);
+  atomic_store(&h->get_woken, 0);
+  return r;
+}
+
 /* A putter's sleep: sleep_on's, re-arming put_woken so that the next get
  * wakes it.  (Before, every get woke the putters while one slept --
  * ~13 wakes per sleep, futex calls at ~10 per 1000 items, while a
@@ -746,7 +767,7 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
       if (cpus_free() && spin_until_nonzero(&h->count)) continue;
       snap = atomic_load(&h->put_seq);
       if (atomic_load(&h->count) > 0) continue;
-      r = sleep_on(L, &h->put_seq, snap, &h->getters, deadline);
+      r = sleep_get(L, h, snap, deadline);
       if (r == LUAMP_WAIT_INTERRUPTED || r == LUAMP_WAIT_TIMEOUT) {
         /* pass on a wake-up we may have taken from another getter */
         if (atomic_load(&h->count) > 0 && atomic_load(&h->getters) > 0)
@@ -792,7 +813,8 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   luamp_mutex_unlock(&h->mu);
   if (ps && !atomic_exchange(&h->put_woken, 1))
     luamp_futex_wake(&h->get_seq, 1);
-  if (gs) luamp_futex_wake(&h->put_seq, 1);
+  if (gs && !atomic_exchange(&h->get_woken, 1))
+    luamp_futex_wake(&h->put_seq, 1);
   {
     int nres = 1;
     if (into) nres = decode_into(L, into, rec[1], o->buf, (size_t)len);
@@ -1306,7 +1328,7 @@ static int q_await(lua_State *L) {
     int r;
     snap = atomic_load(&h->put_seq);
     if (atomic_load(&h->count) > 0) break;
-    r = sleep_on(L, &h->put_seq, snap, &h->getters, deadline);
+    r = sleep_get(L, h, snap, deadline);
     if (r == LUAMP_WAIT_INTERRUPTED || r == LUAMP_WAIT_TIMEOUT) {
       /* pass on a wake-up we may have taken from a getter */
       if (atomic_load(&h->count) > 0 && atomic_load(&h->getters) > 0)
