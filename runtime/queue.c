@@ -326,6 +326,18 @@ static void after_get(struct queue *q) {
   journal_end(h);
 }
 
+/* Whether after_get of an empty queue would give back no page: all the
+ * consumed bytes lie in the first HOT of one lap, and none past HOT were
+ * written (dirty 0).  Then a get may restart at the ring's start in its
+ * own journaled step (an undone get finds nothing given back): one step
+ * instead of two for a consumer that keeps up with its producer. */
+static int quiet_restart(const struct qhdr *h) {
+  uint64_t mask = h->cap - 1;
+  return h->dirty == 0 && h->released <= h->head &&
+         (h->released & ~mask) == (h->head & ~mask) &&
+         (h->head & mask) <= HOT;
+}
+
 /* The consumer reached a skip record at head (under mu): the data goes on
  * at the next lap's start (to == 0), or at ring offset to of this lap (a
  * forward skip, see placement).  One journaled step. */
@@ -636,10 +648,36 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
  * as one array. */
 static int queue_put(lua_State *L, struct luamp_obj *o, int vidx, int count,
                      uint64_t tag, int block, double deadline) {
-  size_t len;
-  const char *data = count < 0 ? luamp_encode(L, vidx, 0, &len, NULL)
-                               : luamp_encode_values(L, vidx, count, 0, &len, NULL);
+  unsigned char small[LUAMP_SMALL_MAX];
+  size_t len = count < 0 ? luamp_encode_small(L, vidx, small) : 0;
+  const char *data = len ? (const char *)small
+                   : count < 0 ? luamp_encode(L, vidx, 0, &len, NULL)
+                   : luamp_encode_values(L, vidx, count, 0, &len, NULL);
   return queue_put_bytes(L, o, data, len, tag, block, deadline);
+}
+
+/* Writes the record of data[0..len) at tail (under mu; tail not moved). */
+static LUAMP_INLINE void write_record(struct queue *q, const char *data,
+                                      uint64_t len, uint64_t tag) {
+  struct qhdr *h = q->h;
+  uint64_t end = (h->tail & (h->cap - 1)) + rec_size(len);
+  if (len <= LUAMP_SMALL_MAX) {   /* header and payload in one copy */
+    uint64_t r[2 + LUAMP_SMALL_MAX / 8];
+    r[0] = len;
+    r[1] = tag;
+    memcpy(r + 2, data, len);
+    ring_write(q, h->tail, (const char *)r, REC + len);
+  } else {
+    uint64_t rec[2];
+    rec[0] = len;
+    rec[1] = tag;
+    ring_write(q, h->tail, (const char *)rec, REC);
+    ring_write(q, h->tail + REC, data, len);
+  }
+  if (end > h->cap) end = h->cap;
+  /* (only past HOT: the cold line stays unwritten for small backlogs) */
+  if (end > HOT && end > h->dirty)
+    h->dirty = (end + PAGE - 1) & ~(uint64_t)(PAGE - 1);
 }
 
 /* Puts the message data[0..len) (the encoder's buffer). */
@@ -682,25 +720,22 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
     }
     qlock_until(L, h, deadline, "Full");
   }
-  journal_begin(h, h->joinable || at != PUT_HERE);
-  if (at != PUT_HERE) {
+  /* A record at tail is invisible until tail moves: written before the
+   * journaled step, which then changes the header in a few stores (a
+   * consumer polling count takes the line from us once, not between
+   * stores a copy apart). */
+  if (at == PUT_HERE) {
+    write_record(&q, data, len, tag);
+    journal_begin(h, h->joinable);
+  } else {
     uint64_t lap = h->tail & ~(h->cap - 1);
+    journal_begin(h, 1);
     rec[0] = SKIP;
     rec[1] = at == PUT_WRAP ? 0 : (h->lap_end & (h->cap - 1)) + REC;
     ring_write(&q, h->tail, (const char *)rec, REC);
     if (at == PUT_WRAP) h->lap_end = h->tail;
     h->tail = at == PUT_WRAP ? lap + h->cap : lap + rec[1];
-  }
-  rec[0] = len;
-  rec[1] = tag;
-  ring_write(&q, h->tail, (const char *)rec, REC);
-  ring_write(&q, h->tail + REC, data, len);
-  {
-    uint64_t end = (h->tail & (h->cap - 1)) + need;
-    if (end > h->cap) end = h->cap;
-    /* (only past HOT: the cold line stays unwritten for small backlogs) */
-    if (end > HOT && end > h->dirty)
-      h->dirty = (end + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+    write_record(&q, data, len, tag);
   }
   /* count and unfinished change under mu only: a store, not a locked
    * read-modify-write (put_seq's below is the fence the sleepers need) */
@@ -800,8 +835,8 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
     luamp_mutex_unlock(&h->mu);
     scratch(L, o, len);
   }
+  ring_read(&q, h->head + REC, o->buf, len);   /* (before the step, too) */
   journal_begin(h, 0);
-  ring_read(&q, h->head + REC, o->buf, len);
   if (slot >= 0) {
     h->j_slot = (uint32_t)slot + 1;
     h->j_slot_tag = h->slots[slot];
@@ -810,8 +845,14 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   h->head += rec_size(len);
   atomic_store_explicit(&h->count, atomic_load_explicit(&h->count,
                         memory_order_relaxed) - 1, memory_order_release);
-  journal_end(h);
-  after_get(&q);
+  if (h->head == h->tail && quiet_restart(h)) {
+    /* empty, and no page to give back: restart in this step */
+    h->head = h->tail = h->released = (h->head + h->cap - 1) & ~(h->cap - 1);
+    journal_end(h);
+  } else {
+    journal_end(h);
+    after_get(&q);
+  }
   atomic_fetch_add(&h->get_seq, 1);
   ps = atomic_load(&h->putters);
   gs = atomic_load(&h->getters) > 0 && atomic_load(&h->count) > 0;
@@ -823,7 +864,8 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
     int nres = 1;
     if (into) nres = decode_into(L, into, rec[1], o->buf, (size_t)len);
     else if (items) nres = luamp_decode_items(L, o->buf, (size_t)len, 0);
-    else luamp_decode(L, o->buf, (size_t)len, 0);
+    else if (!luamp_decode_small(L, o->buf, (size_t)len))
+      luamp_decode(L, o->buf, (size_t)len, 0);
     if (o->bufcap > KEEP_SCRATCH) {   /* a rare big one: don't keep it */
       free(o->buf);
       o->buf = NULL;
