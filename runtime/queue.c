@@ -338,6 +338,19 @@ static int quiet_restart(const struct qhdr *h) {
          (h->head & mask) <= HOT;
 }
 
+/* Ends a get's journaled step: an empty queue with no page to give back
+ * restarts in it, else after_get follows in a step of its own. */
+static void end_get_step(struct queue *q) {
+  struct qhdr *h = q->h;
+  if (h->head == h->tail && quiet_restart(h)) {
+    h->head = h->tail = h->released = (h->head + h->cap - 1) & ~(h->cap - 1);
+    journal_end(h);
+  } else {
+    journal_end(h);
+    after_get(q);
+  }
+}
+
 /* The consumer reached a skip record at head (under mu): the data goes on
  * at the next lap's start (to == 0), or at ring offset to of this lap (a
  * forward skip, see placement).  One journaled step. */
@@ -845,14 +858,7 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   h->head += rec_size(len);
   atomic_store_explicit(&h->count, atomic_load_explicit(&h->count,
                         memory_order_relaxed) - 1, memory_order_release);
-  if (h->head == h->tail && quiet_restart(h)) {
-    /* empty, and no page to give back: restart in this step */
-    h->head = h->tail = h->released = (h->head + h->cap - 1) & ~(h->cap - 1);
-    journal_end(h);
-  } else {
-    journal_end(h);
-    after_get(&q);
-  }
+  end_get_step(&q);
   atomic_fetch_add(&h->get_seq, 1);
   ps = atomic_load(&h->putters);
   gs = atomic_load(&h->getters) > 0 && atomic_load(&h->count) > 0;
