@@ -251,8 +251,9 @@ static uint64_t rec_size(uint64_t len) {
   return REC + ((len + 15) & ~(uint64_t)15);
 }
 
-static void ring_write(struct queue *q, uint64_t pos, const char *p,
-                       uint64_t n) {
+/* (inline: a record header's copy is then two moves, not a call) */
+static LUAMP_INLINE void ring_write(struct queue *q, uint64_t pos,
+                                    const char *p, uint64_t n) {
   uint64_t off = pos & (q->h->cap - 1), first = q->h->cap - off;
   if (first >= n) {
     memcpy(q->ring + off, p, n);
@@ -262,7 +263,8 @@ static void ring_write(struct queue *q, uint64_t pos, const char *p,
   }
 }
 
-static void ring_read(struct queue *q, uint64_t pos, char *p, uint64_t n) {
+static LUAMP_INLINE void ring_read(struct queue *q, uint64_t pos, char *p,
+                                   uint64_t n) {
   uint64_t off = pos & (q->h->cap - 1), first = q->h->cap - off;
   if (first >= n) {
     memcpy(p, q->ring + off, n);
