@@ -350,7 +350,8 @@ static void end_get_step(struct queue *q) {
     journal_end(h);
   } else {
     journal_end(h);
-    after_get(q);
+    if (h->head == h->tail || h->head - h->released >= PUNCH)   /* (its test) */
+      after_get(q);
   }
 }
 
