@@ -230,6 +230,13 @@ char *luamp_encode_slice(lua_State *L, int idx, int count,
                          const struct luamp_slice *slice, size_t reserve,
                          size_t *len, const char *root);
 
+/* The fast path of one small scalar (a queue's put and get of an
+ * integer or a short ASCII string): luamp_encode's bytes for it at out
+ * (LUAMP_SMALL_MAX bytes), returning how many, 0 for other values; and
+ * luamp_decode of such bytes, returning 0 (nothing pushed) for others. */
+#define LUAMP_SMALL_MAX 32
+size_t luamp_encode_small(lua_State *L, int idx, unsigned char *out);
+int luamp_decode_small(lua_State *L, const char *p, size_t n);
 /* Decodes exactly n bytes and pushes the one value they hold; raises
  * DecodeError with the byte offset of the problem. */
 #define LUAMP_DECODE_UNTRUSTED 1  /* refuse code: functions, names, handles */
