@@ -2088,19 +2088,29 @@ static int l_connect(lua_State *L) {
 
 /* ---- wait ------------------------------------------------------------- */
 
-/* core.wait_fds(fds, timeout[, spin]) -> list of the 1-based positions
- * in fds that are ready to read (or at end of file).  spin: poll a while
- * before sleeping (spin_ready; the manager's server between requests). */
+/* core.wait_fds(fds, timeout[, spin[, out]]) -> list of the 1-based
+ * positions in fds that are ready to read (or at end of file).  spin:
+ * poll a while before sleeping (spin_ready; the manager's server between
+ * requests).  out: a table to return the list in (its entries replaced),
+ * not a new one: the server's loop polls on every request. */
 static int l_wait_fds(lua_State *L) {
   lua_Integer n;
-  struct pollfd *p;
+  struct pollfd few[16], *p;
   double deadline;
-  int r, spin = lua_toboolean(L, 3);
+  int r, spin = lua_toboolean(L, 3), out = !lua_isnoneornil(L, 4);
+  lua_Integer k = 1, old = 0;
   luaL_checktype(L, 1, LUA_TTABLE);
+  if (out) {
+    luaL_checktype(L, 4, LUA_TTABLE);
+    old = (lua_Integer)lua_rawlen(L, 4);
+  }
   n = luaL_len(L, 1);
   luaL_argcheck(L, n >= 0 && n <= 65536, 1, "too many objects");
   deadline = luamp_deadline_arg(L, 2);
-  p = lua_newuserdatauv(L, sizeof *p * (size_t)(n > 0 ? n : 1), 0);
+  /* (a few fds, as a manager's loop polls on every request: on the C
+     stack, no garbage per call) */
+  p = n <= (lua_Integer)(sizeof few / sizeof few[0]) ? few :
+      lua_newuserdatauv(L, sizeof *p * (size_t)n, 0);
   for (lua_Integer i = 0; i < n; i++) {
     lua_rawgeti(L, 1, i + 1);
     if (!lua_isinteger(L, -1))
@@ -2116,14 +2126,19 @@ static int l_wait_fds(lua_State *L) {
   r = luamp_robust_poll(L, p, (nfds_t)n, deadline);
   if (r == -2) luamp_raise_interrupt(L);
   if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
-  lua_newtable(L);
-  for (lua_Integer i = 0, k = 1; r > 0 && i < n; i++) {
+  if (out) lua_pushvalue(L, 4);
+  else lua_newtable(L);
+  for (lua_Integer i = 0; r > 0 && i < n; i++) {
     if (p[i].revents & POLLNVAL)
       luamp_raise(L, "ValueError", "invalid file descriptor %d", p[i].fd);
     if (p[i].revents) {
       lua_pushinteger(L, i + 1);
       lua_rawseti(L, -2, k++);
     }
+  }
+  for (; out && k <= old; k++) {   /* (the rest of out's old list) */
+    lua_pushnil(L);
+    lua_rawseti(L, -2, k);
   }
   return 1;
 }

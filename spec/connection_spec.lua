@@ -207,6 +207,27 @@ describe("Pipe", function()
     b:close()
   end)
 
+  it("core.wait_fds fills a given list (the manager's loop) and polls many fds", function()
+    local a, b = mp.Pipe(false)   -- a reads
+    local c, d = mp.Pipe(false)
+    d:send(1)
+    -- out: the same table back, its old entries replaced
+    local out = {7, 8, 9}
+    assert.equal(out, core.wait_fds({a:fileno(), c:fileno()}, 1, false, out))
+    assert.same({2}, out)
+    assert.equal(out, core.wait_fds({a:fileno()}, 0, false, out))
+    assert.same({}, out)
+    assert.matches("bad argument #4 to '[%w.]*wait_fds' %(table expected",
+                   select(2, pcall(core.wait_fds, {a:fileno()}, 0, false, 1)))
+    -- more fds than the poll's set on the C stack (16)
+    local fds = {}
+    for i = 1, 40 do fds[i] = a:fileno() end
+    fds[33] = c:fileno()
+    assert.same({33}, core.wait_fds(fds, 1))
+    assert.equal(1, c:recv())
+    a:close(); b:close(); c:close(); d:close()
+  end)
+
   it("is two pipes when duplex: fileno() reads, each way has its own pipe", function()
     local a, b = mp.Pipe()
     local function link(conn)
