@@ -97,33 +97,48 @@ runners[#runners + 1] = {
 local ONCE = {["spec/install_spec.lua"] = true, ["spec/host_spec.lua"] = true,
               ["spec/examples_spec.lua"] = true, ["spec/embed_spec.lua"] = true}
 
--- A spec run beside another under the first runner: install_spec's
+-- Specs run beside another (the value in the background while the key
+-- runs), under every runner that runs both.  install_spec's
 -- builds (on every core) while evloop_spec's event loops sleep through
 -- their 1000 short tasks.  It counts nothing shared -- no /dev/shm
 -- entries; only its own children and fds -- and the builds of the build
 -- dir it installs are up to date (make test builds first), so neither
 -- disturbs the other's checks.
-local BESIDE = {["spec/evloop_spec.lua"] = "spec/install_spec.lua"}
+-- codec_spec, all CPU in its own process, while broker_faults_spec's
+-- tests wait out leases and heartbeats: neither counts anything shared
+-- nor times anything tight.
+-- Under the second runner, where install_spec does not run, self_spec
+-- (forks, its own children only) goes beside evloop_spec instead: the
+-- first of the list that the runner runs and has not run yet is taken.
+local BESIDE = {["spec/evloop_spec.lua"] = {"spec/install_spec.lua", "spec/self_spec.lua"},
+                ["spec/broker_faults_spec.lua"] = {"spec/codec_spec.lua"}}
 
 local function selected(spec)
   return not filter or spec:find(filter, 1, true)
 end
 
 local specs = list("ls spec/*_spec.lua")
-local done_beside = {}
+local done = {}     -- [runner index .. spec] = true once run
 for ri, r in ipairs(runners) do
+  local function runs(spec)
+    return selected(spec) and (ri == 1 or not ONCE[spec]) and not done[ri .. spec]
+  end
   local function command(spec)
     return string.format("%s timeout -k 5 %d %s /usr/bin/busted -o TAP %s 2>&1",
       r.env, SPEC_TIMEOUT, r.cmd, sh_quote(spec))
   end
   for _, spec in ipairs(specs) do
-    if selected(spec) and (ri == 1 or not ONCE[spec]) and not done_beside[spec] then
-      local other = ri == 1 and BESIDE[spec]
+    if runs(spec) then
+      done[ri .. spec] = true
+      local other
+      for _, o in ipairs(BESIDE[spec] or {}) do
+        if not other and runs(o) then other = o end
+      end
       local bg
-      if other and selected(other) then
+      if other then
         io.flush()
         bg = assert(io.popen(command(other), "r"))
-        done_beside[other] = true
+        done[ri .. other] = true
       end
       local t0 = os.time()
       local out, code = lines_of(command(spec))

@@ -19,6 +19,10 @@ local function mark(sock, list, v)
   r:close()
 end
 
+-- (H.once: a test whose behaviour under test is the daemons' -- a host's
+-- leases, heartbeats, hand-back and fencing, in luamp-worker processes --
+-- runs in the first pass only; the owner's side of it, submit and get,
+-- is the same as in the tests both passes run.)
 describe("broker faults", function()
   local s
   setup(function() s = R.start({fsync = "always"}) end)
@@ -49,7 +53,7 @@ describe("broker faults", function()
     assert.equal("0", s:cli("LLEN luamp:wkill:dead"))
   end)
 
-  it("redelivers the tasks of a SIGKILLed host after the lease, attempt 2", function()
+  H.once(it, "redelivers the tasks of a SIGKILLed host after the lease, attempt 2", function()
     local a = s:start_worker{namespace = "hostloss", processes = 2}
     local pool <close> = pool_for("hostloss", {lease = 1})
     local sock = s.sock
@@ -74,7 +78,7 @@ describe("broker faults", function()
     assert.equal("0", s:cli("LLEN luamp:hostloss:dead"))
   end)
 
-  it("stops a daemon on SIGTERM, handing its tasks back at once; one result each", function()
+  H.once(it, "stops a daemon on SIGTERM, handing its tasks back at once; one result each", function()
     -- the daemon under a shell that records its exit status (own group)
     local log, rcfile, keyfile = s.dir .. "/term.log", s.dir .. "/term.rc", s.dir .. "/term.key"
     H.write(keyfile, KEY)
@@ -133,7 +137,7 @@ describe("broker faults", function()
     assert.equal("0", s:cli("LLEN luamp:unconf:dead"))
   end)
 
-  it("keeps the lease of a CPU-bound task while its host lives", function()
+  H.once(it, "keeps the lease of a CPU-bound task while its host lives", function()
     s:start_worker{namespace = "busy", processes = 1}
     local pool <close> = pool_for("busy", {lease = 0.6})
     local attempt = pool:apply(function()
@@ -144,7 +148,7 @@ describe("broker faults", function()
     assert.equal(1, attempt)
   end)
 
-  it("fences out the late result of a host frozen past its lease", function()
+  H.once(it, "fences out the late result of a host frozen past its lease", function()
     local a, alog = s:start_worker{namespace = "frozen", processes = 1}
     local pool <close> = pool_for("frozen", {lease = 1})
     local sock, calls = s.sock, 0
@@ -319,7 +323,7 @@ describe("broker faults", function()
   if not can then
     pending("partition: network namespaces cannot be made here (needs root): " .. why)
   else
-    it("runs the task of a host cut off by a partition elsewhere, once", function()
+    H.once(it, "runs the task of a host cut off by a partition elsewhere, once", function()
       local s2
       local ok, err = pcall(function()
         assert(netns_up())

@@ -1,5 +1,6 @@
 -- pool_jsonlines.lua: count the fields and words of a big JSON-lines file
--- in parallel.  A file of 10^6 JSON objects, one per line, is made in /tmp
+-- in parallel.  A file of 10^6 JSON objects (or as many as argument 1
+-- says), one per line, is made in /tmp
 -- (the workers write blocks of lines, imap hands them back in order); then
 -- it is cut into byte ranges, workers parse the lines of their range with
 -- lua-cjson and count, and imap_unordered hands the partial counts back as
@@ -9,7 +10,7 @@
 local mp = require "multiprocessing"
 local cjson = require "cjson"      -- an upvalue of count_range: travels by name
 
-local LINES = 1000000
+local LINES = math.tointeger(tonumber(arg and arg[1])) or 1000000
 local BLOCK = 50000                -- lines per task while making the file
 local RANGE = 2 * 1024 * 1024      -- bytes per task while counting
 

@@ -23,6 +23,26 @@ describe("connection soak", function()
     collectgarbage()
   end)
 
+  it("carries messages of 1 GiB with send_bytes/recv_bytes", function()
+    -- (make test's Pipe spec sends 256 MiB)
+    local a, b = mp.Pipe()
+    local size = 1 << 30
+    local p = mp.Process{target = function()
+      a:close()
+      local s = b:recv_bytes()
+      b:send({#s, s:sub(1, 5), s:sub(-5)})
+    end}
+    p:start()
+    b:close()
+    -- (two 32-way concatenations, each one allocation of its result)
+    local cat32 = load("local x = ... return " .. string.rep("x", 32, ".."))
+    a:send_bytes(cat32(cat32(string.rep("abcd", size >> 12))), 1)
+    assert.same({size - 1, "bcdab", "dabcd"}, a:recv())
+    p:join()
+    assert.equal(0, p.exitcode)
+    collectgarbage()
+  end)
+
   it("uses the 8-byte length form beyond 2 GiB", function()
     local a, b = mp.Pipe()
     local size = (1 << 31) + 8
