@@ -132,11 +132,18 @@ int luamp_mutex_init(pthread_mutex_t *m) {
 
 /* Critical sections are short: spinning a little before sleeping saves
  * the two system calls of a sleep and a wake-up when the holder runs on
- * another core.  Returns trylock's result. */
+ * another core.  Between tries the spinner only reads the lock word (with
+ * glibc, whose layout we know): a trylock is a write, which takes the
+ * mutex's cache line from the holder in the middle of its critical
+ * section (a queue's holder then waits for it back to unlock).  Returns
+ * trylock's result. */
 static int mutex_spin(pthread_mutex_t *m) {
   int r = pthread_mutex_trylock(m);
   for (int i = 0; r == EBUSY && i < MUTEX_SPINS; i++) {
     for (int j = 0; j < 16; j++) luamp_cpu_relax();
+#ifdef __GLIBC__
+    if (__atomic_load_n(&m->__data.__lock, __ATOMIC_RELAXED) != 0) continue;
+#endif
     r = pthread_mutex_trylock(m);
   }
   return r;

@@ -469,24 +469,27 @@ static void path_key(struct enc *e, int k) {
   path_step(e, step);
 }
 
-static int put_int(struct enc *e, lua_Integer v) {
-  unsigned char *p;
-  ROOM(e, 9);
-  p = wp(e);
+/* Writes v's bytes (at most 9) at p; returns how many. */
+static LUAMP_INLINE size_t int_bytes(unsigned char *p, lua_Integer v) {
   if (v >= 0) {
     uint64_t u = (uint64_t)v;
-    if (u < 128) { p[0] = (unsigned char)u; e->b->len += 1; }
-    else if (u <= 0xff) { p[0] = 0xcc; p[1] = (unsigned char)u; e->b->len += 2; }
-    else if (u <= 0xffff) { p[0] = 0xcd; w16(p + 1, (unsigned)u); e->b->len += 3; }
-    else if (u <= 0xffffffffu) { p[0] = 0xce; w32(p + 1, (uint32_t)u); e->b->len += 5; }
-    else { p[0] = 0xcf; w64(p + 1, u); e->b->len += 9; }
+    if (u < 128) { p[0] = (unsigned char)u; return 1; }
+    else if (u <= 0xff) { p[0] = 0xcc; p[1] = (unsigned char)u; return 2; }
+    else if (u <= 0xffff) { p[0] = 0xcd; w16(p + 1, (unsigned)u); return 3; }
+    else if (u <= 0xffffffffu) { p[0] = 0xce; w32(p + 1, (uint32_t)u); return 5; }
+    else { p[0] = 0xcf; w64(p + 1, u); return 9; }
   } else {
-    if (v >= -32) { p[0] = (unsigned char)(int8_t)v; e->b->len += 1; }
-    else if (v >= INT8_MIN) { p[0] = 0xd0; p[1] = (unsigned char)(int8_t)v; e->b->len += 2; }
-    else if (v >= INT16_MIN) { p[0] = 0xd1; w16(p + 1, (uint16_t)(int16_t)v); e->b->len += 3; }
-    else if (v >= INT32_MIN) { p[0] = 0xd2; w32(p + 1, (uint32_t)(int32_t)v); e->b->len += 5; }
-    else { p[0] = 0xd3; w64(p + 1, (uint64_t)v); e->b->len += 9; }
+    if (v >= -32) { p[0] = (unsigned char)(int8_t)v; return 1; }
+    else if (v >= INT8_MIN) { p[0] = 0xd0; p[1] = (unsigned char)(int8_t)v; return 2; }
+    else if (v >= INT16_MIN) { p[0] = 0xd1; w16(p + 1, (uint16_t)(int16_t)v); return 3; }
+    else if (v >= INT32_MIN) { p[0] = 0xd2; w32(p + 1, (uint32_t)(int32_t)v); return 5; }
+    else { p[0] = 0xd3; w64(p + 1, (uint64_t)v); return 9; }
   }
+}
+
+static int put_int(struct enc *e, lua_Integer v) {
+  ROOM(e, 9);
+  e->b->len += int_bytes(wp(e), v);
   return 0;
 }
 
@@ -761,7 +764,7 @@ static void roll_back(struct enc *e, struct mark m) {
 
 static int enc_value(struct enc *e, int idx);
 static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t);
-static LUAMP_NOINLINE int enc_table(struct enc *e, int idx);
+static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top);
 
 /* ---- names of modules and their functions --------------------------- */
 
@@ -898,8 +901,11 @@ done:
  * the stack is NEXT_WINDOW slots above the loop's base does the key move
  * back down to base.  Encoding a table (enc_typed) may likewise leave its
  * pairs above the stack top it found; enc_value is the clean variant, and
- * encode() resets the stack once at the end. */
-#define NEXT_WINDOW 16
+ * encode() resets the stack once at the end (mp.encode not even that: Lua
+ * drops what a C function leaves under its result).  32: a record with a
+ * few small tables in it stays inside one window (16 wrapped once per
+ * record of the bench: a lua_copy and a lua_settop, ~50 instructions). */
+#define NEXT_WINDOW 32
 
 /* After the pair at k, k + 1 (the stack ending at top): the slot where
  * lua_next will leave the next pair. */
@@ -911,6 +917,18 @@ static LUAMP_INLINE int next_slot(lua_State *L, int base, int k, int top) {
   lua_copy(L, k, base);
   lua_settop(L, base);
   return base;
+}
+
+/* next_slot for the key count of a sequence (pushed as the integer it
+ * is: lua_pushinteger costs less than lua_pushvalue). */
+static LUAMP_INLINE int next_index(lua_State *L, int base, lua_Unsigned count,
+                                   int top) {
+  if (top >= base + NEXT_WINDOW) {
+    lua_settop(L, base - 1);
+    top = base - 1;
+  }
+  lua_pushinteger(L, (lua_Integer)count);
+  return top + 1;
 }
 
 /* A table's header goes in front of its items before their count is
@@ -947,20 +965,26 @@ static LUAMP_INLINE int count_item(struct enc *e, struct header *h,
 }
 
 /* An array (map: a map) of count items; the empty table is an empty
- * array. */
-static int end_header(struct enc *e, struct header *h, lua_Unsigned count,
-                      int map) {
+ * array.  (end_header below: a header still of one byte, under 16 items,
+ * is filled in inline.) */
+static LUAMP_NOINLINE int end_header_wide(struct enc *e, struct header *h,
+                                          lua_Unsigned count, int map) {
   unsigned char *p = e->b->buf + h->at;
   if (count > 0xffffffffu) return fail(e, "table with too many items");
-  if (h->len == 1) {
-    p[0] = (unsigned char)((map && count > 0 ? 0x80 : 0x90) | count);
-  } else if (h->len == 3) {
+  if (h->len == 3) {
     p[0] = map ? 0xde : 0xdc;
     w16(p + 1, (unsigned)count);
   } else {
     p[0] = map ? 0xdf : 0xdd;
     w32(p + 1, (uint32_t)count);
   }
+  return 0;
+}
+
+static LUAMP_INLINE int end_header(struct enc *e, struct header *h,
+                                   lua_Unsigned count, int map) {
+  if (h->len != 1) return end_header_wide(e, h, count, map);
+  e->b->buf[h->at] = (unsigned char)((map && count > 0 ? 0x80 : 0x90) | count);
   return 0;
 }
 
@@ -982,7 +1006,9 @@ static int enc_map(struct enc *e, int idx, int base, struct header *h,
       return -1;
     }
     tv = lua_type(L, k + 1);
-    if (enc_typed(e, k + 1, tv) < 0) {
+    if ((tv == LUA_TTABLE ?
+             enc_table(e, k + 1, tk == LUA_TTABLE ? 0 : k + 1) :
+             enc_typed(e, k + 1, tv)) < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
@@ -1053,13 +1079,14 @@ static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
       return enc_table_general(e, idx);
     }
     t = lua_type(L, k + 1);
-    if (enc_typed(e, k + 1, t) < 0) {
+    if ((t == LUA_TTABLE ? enc_table(e, k + 1, k + 1) :
+                           enc_typed(e, k + 1, t)) < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
     }
     if (count_item(e, &h, ++count) < 0) return -1;
-    k = next_slot(L, base, k, t == LUA_TTABLE ? lua_gettop(L) : k + 1);
+    k = next_index(L, base, count, t == LUA_TTABLE ? lua_gettop(L) : k + 1);
   }
   return end_header(e, &h, count, 0);
 }
@@ -1194,15 +1221,16 @@ static int enc_with_metatable(struct enc *e, int idx) {
   return 1;
 }
 
-static LUAMP_NOINLINE int enc_table(struct enc *e, int idx) {
+/* (top: the stack's top when the caller knows it, else 0) */
+static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
   size_t def;
-  int r, top;
+  int r;
   if (p == e->globals) return put_ext(e, EXT_GLOBALS, "", 0);
   if (e->depth >= max_depth)
     return fail(e, "nesting deeper than %d levels", max_depth);
-  top = lua_gettop(L);
+  if (top == 0) top = lua_gettop(L);
   /* room for this level's pairs and a few more levels (the room
    * lua_checkstack makes stays while this C call lasts) */
   if (top + NEXT_WINDOW + 16 > e->stack_ok) {
@@ -1411,7 +1439,7 @@ static int enc_userdata(struct enc *e, int idx) {
 
 static LUAMP_NOINLINE int enc_object(struct enc *e, int idx, int t) {
   switch (t) {
-    case LUA_TTABLE: return enc_table(e, idx);
+    case LUA_TTABLE: return enc_table(e, idx, 0);
     case LUA_TFUNCTION: return enc_function(e, idx);
     case LUA_TUSERDATA: return enc_userdata(e, idx);
     case LUA_TLIGHTUSERDATA: return fail(e, "cannot encode a light userdata");
@@ -1439,7 +1467,7 @@ static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
       e->b->len++;
       return 0;
     case LUA_TTABLE:
-      return enc_table(e, idx);
+      return enc_table(e, idx, 0);
     default:
       return enc_object(e, idx, t);
   }
@@ -1520,9 +1548,9 @@ static int enc_slice(struct enc *e, int idx, const struct luamp_slice *sl) {
   return 0;
 }
 
-static int enc_values(struct enc *e, int idx, int count) {
+static int enc_values(struct enc *e, int idx, int t, int count) {
   lua_State *L = e->L;
-  if (count < 0) return enc_typed(e, idx, lua_type(L, idx));
+  if (count < 0) return enc_typed(e, idx, t);
   if (put_array_header(e, (lua_Unsigned)count) < 0) return -1;
   for (int k = 0; k < count; k++)
     if ((e->slice && k + 1 == e->slice->at
@@ -1594,19 +1622,22 @@ static char *encode_scalars(lua_State *L, int idx, int count, size_t reserve,
   return (char *)scalars_buf;
 }
 
-static char *encode(lua_State *L, struct encbox *box, int idx, int count,
-                    const struct luamp_slice *slice, size_t reserve,
-                    size_t *len, const char *root) {
+/* The value at idx, of type t (count < 0), or the count values from idx
+ * as one array; the stack is left as it was unless leave (mp.encode, which
+ * returns what it pushes next: the stack above is dropped by Lua). */
+static char *encode_typed(lua_State *L, struct encbox *box, int idx, int t,
+                          int count, const struct luamp_slice *slice,
+                          size_t reserve, size_t *len, const char *root,
+                          int leave) {
   struct enc e;
   int top, work, r;
   if (count < 0 && reserve <= SCALAR_RESERVE) {
-    int t = lua_type(L, idx);
     if (is_scalar(L, idx, t)) return encode_scalar(L, idx, t, reserve, len);
   } else if (count <= SCALARS_MAX && !slice && reserve <= SCALAR_RESERVE) {
     char *data = encode_scalars(L, lua_absindex(L, idx), count, reserve, len);
     if (data) return data;
   }
-  idx = lua_absindex(L, idx);
+  if (idx < 0) idx = lua_absindex(L, idx);
   e.L = L;
   e.slice = slice;
   e.depth = 0;
@@ -1618,12 +1649,19 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
   e.msg[0] = e.path[0] = '\0';
   e.pathlen = 0;
   e.nsteps = 0;
-  luaL_checkstack(L, 4 * NEXT_WINDOW, "no room to encode");
+  if (!lua_checkstack(L, 4 * NEXT_WINDOW))
+    luaL_checkstack(L, 4 * NEXT_WINDOW, "no room to encode");
   top = lua_gettop(L);
   e.stack_ok = top + 4 * NEXT_WINDOW;
   /* (box: the state's box, known to the caller; a nested encode, which
-   * finds it busy, gets one of its own) */
-  e.b = box && !box->busy ? box : get_box(L);
+   * finds it busy, gets one of its own and leaves it on the stack) */
+  work = top;   /* (the box stays anchored below work) */
+  if (box && !box->busy) {
+    e.b = box;
+  } else {
+    e.b = get_box(L);
+    work++;
+  }
   e.b->busy = 1;
   trim_box(e.b);
   if (e.b->globals == NULL) {
@@ -1633,20 +1671,23 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
   }
   e.globals = e.b->globals;
   e.pass = 1;
-  work = lua_gettop(L);   /* (the box stays anchored below work) */
   for (;;) {
     e.b->len = 0;
     r = e.b->cap < reserve + 64 ? grow(&e, reserve + 64) : 0;
     if (r == 0) {
       e.b->len = reserve;
-      r = enc_values(&e, idx, count);
+      /* (a table on top: enc_table is told so) */
+      r = count < 0 && t == LUA_TTABLE ?
+              enc_table(&e, idx, idx == work ? idx : 0) :
+              enc_values(&e, idx, t, count);
     }
-    map_truncate(e.b, 0);
+    if (e.b->hcount == 0) e.b->norder = 0;   /* (map_truncate's fast case) */
+    else map_truncate(e.b, 0);
     if (r < 0 || e.pass == 2 || e.nshared == 0) break;
     lua_settop(L, work);
     e.pass = 2;   /* objects repeat: once more with DEF/REF */
   }
-  lua_settop(L, top);
+  if (!leave || r < 0) lua_settop(L, top);
   if (e.hooks) {
     lua_pushnil(L);
     lua_rawsetp(L, LUA_REGISTRYINDEX, e.b);
@@ -1663,6 +1704,33 @@ static char *encode(lua_State *L, struct encbox *box, int idx, int count,
   }
   *len = e.b->len - reserve;
   return (char *)e.b->buf;
+}
+
+static char *encode(lua_State *L, struct encbox *box, int idx, int count,
+                    const struct luamp_slice *slice, size_t reserve,
+                    size_t *len, const char *root) {
+  return encode_typed(L, box, idx, count < 0 ? lua_type(L, idx) : LUA_TNONE,
+                      count, slice, reserve, len, root, 0);
+}
+
+/* An integer or an ASCII string under 32 bytes: the bytes luamp_encode
+ * writes for it, written at out (LUAMP_SMALL_MAX bytes); returns how
+ * many, or 0 for any other value.  A queue's put of one small item:
+ * ~80 of its ~160 instructions of encoding were the general scalar
+ * path's set-up (callgrind). */
+size_t luamp_encode_small(lua_State *L, int idx, unsigned char *out) {
+  if (lua_isinteger(L, idx)) return int_bytes(out, lua_tointeger(L, idx));
+  if (lua_type(L, idx) == LUA_TSTRING) {
+    size_t n;
+    const char *s = lua_tolstring(L, idx, &n);
+    if (n >= 32) return 0;
+    for (size_t i = 0; i < n; i++)
+      if ((unsigned char)s[i] >= 0x80) return 0;   /* utf8_valid's task */
+    out[0] = (unsigned char)(0xa0 | n);
+    memcpy(out + 1, s, n);
+    return n + 1;
+  }
+  return 0;
 }
 
 char *luamp_encode(lua_State *L, int idx, size_t reserve, size_t *len,
@@ -2256,6 +2324,35 @@ void luamp_decode(lua_State *L, const char *p, size_t n, int flags) {
   decode_with(L, p, n, flags, max_depth, 0);
 }
 
+/* luamp_decode for what luamp_encode_small writes (a message of one
+ * integer or one fixstr, exactly n bytes): pushes it and returns 1;
+ * anything else (and anything malformed) returns 0 and pushes nothing. */
+int luamp_decode_small(lua_State *L, const char *p, size_t n) {
+  const unsigned char *u = (const unsigned char *)p;
+  unsigned c;
+  if (n == 0) return 0;
+  c = u[0];
+  if (n == 1 && (c <= 0x7f || c >= 0xe0)) {
+    lua_pushinteger(L, (int8_t)c >= 0 ? (lua_Integer)c : (int8_t)c);
+    return 1;
+  }
+  if (c >= 0xa0 && c <= 0xbf) {
+    if (n != 1 + (c & 0x1f)) return 0;
+    lua_pushlstring(L, p + 1, n - 1);
+    return 1;
+  }
+  switch (c) {
+    case 0xcc: if (n != 2) return 0; lua_pushinteger(L, u[1]); return 1;
+    case 0xcd: if (n != 3) return 0; lua_pushinteger(L, r16(u + 1)); return 1;
+    case 0xce: if (n != 5) return 0; lua_pushinteger(L, r32(u + 1)); return 1;
+    case 0xd0: if (n != 2) return 0; lua_pushinteger(L, (int8_t)u[1]); return 1;
+    case 0xd1: if (n != 3) return 0; lua_pushinteger(L, (int16_t)r16(u + 1)); return 1;
+    case 0xd2: if (n != 5) return 0; lua_pushinteger(L, (int32_t)r32(u + 1)); return 1;
+    case 0xd3: if (n != 9) return 0; lua_pushinteger(L, (lua_Integer)r64(u + 1)); return 1;
+    default: return 0;   /* 0xcf (may be a float) and the rest: the full path */
+  }
+}
+
 int luamp_decode_items(lua_State *L, const char *p, size_t n, int flags) {
   return luamp_decode_items_into(L, p, n, flags, 0, 0, 0);
 }
@@ -2315,15 +2412,15 @@ void luamp_register_handle(lua_State *L, const struct luamp_handle_ops *ops) {
   lua_pop(L, 1);
 }
 
-/* mp.encode(v) -> string */
 /* mp.encode(v) -> string.  Its upvalue is the state's encoder box (no
  * registry lookup per call). */
 static int l_encode(lua_State *L) {
   size_t n;
   const char *s;
-  luaL_checkany(L, 1);
-  s = encode(L, lua_touserdata(L, lua_upvalueindex(1)), 1, -1, NULL, 0, &n,
-             NULL);
+  int t = lua_type(L, 1);
+  if (t == LUA_TNONE) luaL_checkany(L, 1);
+  s = encode_typed(L, lua_touserdata(L, lua_upvalueindex(1)), 1, t, -1, NULL,
+                   0, &n, NULL, 1);
   lua_pushlstring(L, s, n);
   return 1;
 }

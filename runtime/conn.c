@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -81,11 +82,15 @@ struct conn {
   unsigned wbroken : 1;   /* a message was cut off mid-write */
   unsigned nofence : 1;   /* a manager client's own: sends are not sync
                              points (fence.c) */
+  unsigned spin : 1;      /* a manager client's own: polls before a
+                             receive sleeps (see spin_read) */
   char *ra;               /* read-ahead buffer (RA_SIZE bytes) */
   size_t rpos, rend;      /* its unread bytes: ra[rpos..rend) */
   pid_t rpid;             /* the process that read them (see ra_check) */
   char *rbuf;             /* buffer for payloads beyond RA_SIZE */
   size_t rcap;
+  char *sblock;           /* recv_bytes: a Lua string's block being filled */
+  size_t scap;            /* (room for scap payload bytes; see STRING_AT) */
   /* non-blocking receive (frame_nowait): a message whose header was
    * read; nb_got of its nb_len bytes are in rbuf (when > RA_SIZE) */
   unsigned nb : 1;
@@ -134,6 +139,8 @@ static struct conn *check_writable(lua_State *L, int idx) {
 
 static void inq_drop(struct conn *c);
 
+static void sblock_free(lua_State *L, struct conn *c);
+
 static int conn_close(lua_State *L) {
   struct conn *c = luamp_self(L, 1, &conn_type);
   int fd = c->fd, wfd = c->pair ? c->wfd : -1;
@@ -143,6 +150,7 @@ static int conn_close(lua_State *L) {
   free(c->rbuf);
   c->rbuf = NULL;
   c->rcap = 0;
+  sblock_free(L, c);
   free(c->ra);
   c->ra = NULL;
   c->rpos = c->rend = 0;
@@ -221,11 +229,71 @@ static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
 static ssize_t recv_fds(struct conn *c, char *p, size_t n, int flags);
 static void fds_discard(struct conn *c, const char *p, size_t n);
 
+/* How long a receive polls before it sleeps (spin_read, l_wait_fds). */
+#define CONN_SPIN_NS 30000
+static int spin_always;   /* core._set_spin(true): tests poll in any state */
+
+/* Polls fds for up to CONN_SPIN_NS while no other process waits for this
+ * one's CPU (luamp_cpus_free): 1 when one is ready (or in error: the
+ * caller's read or poll says which), 0 when the time passed first or a
+ * Ctrl-C came.  For request/answer traffic (issue 18): the manager
+ * answers a client in ~10-15 us, and a client's next request follows its
+ * answer as fast; a read or poll that finds the bytes there costs no
+ * sleep and no wake-up, which cost more than the request itself (the
+ * floor of two C processes ping-ponging 8 bytes over pipes: 20 us a round
+ * trip; over a futex they do not sleep on: 8 us).  With a CPU taken by
+ * another program the peer waits for one, and polling is in its way: no
+ * poll then. */
+static int spin_ready(lua_State *L, struct pollfd *fds, nfds_t n) {
+  double until;
+  if (!spin_always && !luamp_cpus_free()) return 0;
+  until = luamp_now() + CONN_SPIN_NS * 1e-9;
+  do {
+    int r = luamp_sys.poll(fds, n, 0);
+    if (r > 0) return 1;
+    if (r < 0 && errno != EINTR) return 1;
+    if (luamp_interrupted(L)) return 0;
+    luamp_cpu_relax();
+  } while (luamp_now() < until);
+  return 0;
+}
+
+/* A spinning connection's wait for the start of a message (c->spin: a
+ * manager client's, whose answer is on its way): the bytes read (as
+ * read_once), or -1 when none came while it polled.  On a trusted Unix
+ * socket the poll is the non-blocking receive itself (a system call less
+ * when the answer is there). */
+static ssize_t spin_read(lua_State *L, struct conn *c, char *p, size_t n) {
+  struct pollfd pf = {c->fd, POLLIN, 0};
+  double until;
+  if (!(c->unixsock && c->trusted)) {
+    (void)spin_ready(L, &pf, 1);
+    return -1;
+  }
+  if (!spin_always && !luamp_cpus_free()) return -1;
+  until = luamp_now() + CONN_SPIN_NS * 1e-9;
+  do {
+    ssize_t r = recv_fds(c, p, n, MSG_DONTWAIT);
+    if (r >= 0) return r;
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+      return -1;                      /* (the blocking read reports it) */
+    if (luamp_interrupted(L)) return -1;
+    luamp_cpu_relax();
+  } while (luamp_now() < until);
+  return -1;
+}
+
 /* One read(2) of at most n bytes: returns the count, 0 at end of file;
  * raises on errors, interrupts and the deadline.  midway says whether a
  * message is half read (an interrupt then breaks the stream). */
 static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
                         double deadline, int midway) {
+  if (c->spin && !midway && deadline < 0) {
+    ssize_t r = spin_read(L, c, p, n);
+    if (r >= 0) return (size_t)r;    /* (0: end of file) */
+    /* (a Ctrl-C while polling: raised here, not after the read) */
+    if (luamp_interrupted(L)) luamp_raise_interrupt(L);
+  }
   for (;;) {
     ssize_t r;
     if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway);
@@ -353,28 +421,174 @@ static uint64_t read_header(lua_State *L, struct conn *c, double deadline) {
   return n;
 }
 
+/* A big block is a fresh mmap of glibc's (beyond its largest mmap
+ * threshold, 32 MiB), every 4 KiB page of it faulted in anew: on this
+ * kind of VM ~17 us a fault, a 64 MiB message ~0.3 s (the message-size
+ * curve fell from ~1.8 GiB/s at 4 MiB to ~120-190 MiB/s at 64 MiB, issue
+ * 18).  Transparent huge pages where the kernel gives them on request
+ * (THP "madvise") take 512 times fewer faults: touching 64 MiB took 6-11
+ * ms instead of 250-500.  Advice only: a kernel without them says no. */
+#define HUGE_MIN (32u << 20)
+#define HUGE_PAGE ((uintptr_t)2 << 20)
+static void advise_huge(char *p, size_t n) {
+  uintptr_t lo = ((uintptr_t)p + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1);
+  uintptr_t hi = ((uintptr_t)p + n) & ~(HUGE_PAGE - 1);
+  if (n >= HUGE_MIN && hi > lo)
+    (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+}
+
+static LUAMP_NORETURN void no_memory(lua_State *L, struct conn *c,
+                                     size_t n) {
+  c->rbroken = 1;
+  luamp_raise(L, "OSError", "not enough memory for a message of %I bytes",
+              (lua_Integer)n);
+}
+
 /* Makes room for n more bytes in c's buffer (growing it, never beyond
  * what is needed). */
 static char *rbuf_reserve(lua_State *L, struct conn *c, size_t n) {
   if (n > c->rcap) {
     char *p = realloc(c->rbuf, n);
-    if (p == NULL) {
-      c->rbroken = 1;
-      luamp_raise(L, "OSError", "not enough memory for a message of "
-                  "%I bytes", (lua_Integer)n);
-    }
+    if (p == NULL) no_memory(L, c, n);
     c->rbuf = p;
     c->rcap = n;
   }
   return c->rbuf;
 }
 
-/* Reads an n-byte payload into c->rbuf.  A length claimed by the header
+/* ---- big payloads straight into a Lua string -----------------------------
+
+   recv_bytes returns a message as a string.  Read into c->rbuf and then
+   copied by lua_pushlstring, a big one was written twice in memory: in
+   the 1 MiB pipe stream, 18% of the samples were that memmove (perf
+   record, issue 18); the C probe has none.  Instead the payload is read
+   into a block from the state's own allocator, at the place where a
+   long string of its length keeps its bytes (string_at), and the block
+   is handed to lua_pushlstring: a wrapper set with lua_setallocf returns
+   it for the string's allocation -- the first one lua_pushlstring makes
+   -- and puts the allocator back then, before any collection step (a
+   finalizer that receives meanwhile finds the allocator as it was).
+   lua_pushlstring's copy is then from the bytes to themselves, which
+   glibc's memcpy skips.  string_at is learnt once, from the block one
+   string gets through the same wrapper; when that does not come out as
+   a long string's layout, recv_bytes copies through c->rbuf as before.
+   Public API only, under luamp and under stock lua5.4: the bytes are in
+   place before the string exists, and the string's block is freed by
+   the allocator that made it. */
+
+static ptrdiff_t string_at = -1;    /* -1: not learnt yet; -2: unusable */
+
+struct handoff {
+  lua_State *L;
+  lua_Alloc f;              /* the state's allocator, the wrapper's for */
+  char *block;              /* handed to the string (NULL: learning) */
+  size_t size;              /* its size */
+  char *got;                /* learning: the block the string got */
+};
+static struct handoff *handoff;     /* the one of the running push */
+
+static void *handoff_alloc(void *ud, void *ptr, size_t osize, size_t nsize) {
+  struct handoff *h = handoff;
+  if (ptr == NULL && osize == LUA_TSTRING &&
+      (h->block == NULL || nsize == h->size)) {
+    char *p = h->block;
+    lua_setallocf(h->L, h->f, ud);  /* once: the string's own block */
+    h->block = NULL;
+    if (p == NULL) p = h->got = h->f(ud, NULL, osize, nsize);
+    h->size = nsize;
+    return p;
+  }
+  return h->f(ud, ptr, osize, nsize);
+}
+
+/* Pushes the n bytes at p as a string, handing it block (size bytes,
+ * from the state's allocator; freed when the string did not take it)
+ * or, with block NULL, noting in h the block the string got. */
+static void handoff_push(lua_State *L, struct handoff *h, char *block,
+                         size_t size, const char *p, size_t n) {
+  void *ud;
+  h->L = L;
+  h->f = lua_getallocf(L, &ud);
+  h->block = block;
+  h->size = size;
+  h->got = NULL;
+  handoff = h;
+  lua_setallocf(L, handoff_alloc, ud);
+  lua_pushlstring(L, p, n);
+  if (lua_getallocf(L, NULL) == handoff_alloc) lua_setallocf(L, h->f, ud);
+  if (h->block != NULL) (void)h->f(ud, h->block, size, 0);  /* not taken */
+}
+
+/* string_at (learnt on the first call), or -2 when recv_bytes is to
+ * copy: the layout is not a long string's, or a hand-off is running. */
+static ptrdiff_t learn_string_at(lua_State *L) {
+  if (lua_getallocf(L, NULL) == handoff_alloc) return -2;
+  if (string_at == -1) {
+    struct handoff h;
+    char probe[200];                /* beyond any short string's length */
+    memset(probe, 'x', sizeof probe);
+    handoff_push(L, &h, NULL, 0, probe, sizeof probe);
+    if (h.got == NULL) {
+      string_at = -2;
+    } else {
+      ptrdiff_t at = lua_tostring(L, -1) - h.got;
+      string_at = at > 0 && at <= 256 &&
+                  h.size == (size_t)at + sizeof probe + 1 ? at : -2;
+    }
+    lua_pop(L, 1);
+  }
+  return string_at;
+}
+
+/* Makes room for n payload bytes in c->sblock, the block of a string of
+ * n bytes, got of them there already; returns where they go.  A block
+ * with huge-page advice is not grown by the allocator's realloc: the
+ * advice splits glibc's mapping, which then cannot be mremapped, and
+ * glibc copies it into a fresh block of 4 KiB pages (a 256 MiB message
+ * got slower than before: perf record showed realloc's memcpy faulting
+ * page by page).  The bytes that arrived move to a fresh, advised block
+ * instead (a copy of 0.75 of a 256 MiB message, ~25 ms, against ~0.5 s
+ * of 4 KiB faults on this VM). */
+static char *sblock_reserve(lua_State *L, struct conn *c, size_t n,
+                            size_t got) {
+  void *ud;
+  lua_Alloc f = lua_getallocf(L, &ud);
+  size_t at = (size_t)string_at, old = at + c->scap + 1;
+  char *p;
+  if (c->sblock != NULL && old >= HUGE_MIN) {
+    p = f(ud, NULL, LUA_TSTRING, at + n + 1);
+    if (p == NULL) no_memory(L, c, n);
+    advise_huge(p, at + n + 1);
+    memcpy(p + at, c->sblock + at, got);
+    (void)f(ud, c->sblock, old, 0);
+  } else {
+    p = f(ud, c->sblock, c->sblock ? old : LUA_TSTRING, at + n + 1);
+    if (p == NULL) no_memory(L, c, n);
+    advise_huge(p, at + n + 1);
+  }
+  c->sblock = p;
+  c->scap = n;
+  return p + at;
+}
+
+static void sblock_free(lua_State *L, struct conn *c) {
+  if (c->sblock != NULL) {
+    void *ud;
+    lua_Alloc f = lua_getallocf(L, &ud);
+    (void)f(ud, c->sblock, (size_t)string_at + c->scap + 1, 0);
+    c->sblock = NULL;
+    c->scap = 0;
+  }
+}
+
+/* Reads an n-byte payload into c->rbuf, or with tostr into c->sblock
+ * (which then holds exactly n bytes).  A length claimed by the header
  * is only trusted GROW_STEP bytes at a time: a lying peer that closes
  * early costs at most that much memory, not a 2^63-byte allocation. */
 static char *read_payload(lua_State *L, struct conn *c, uint64_t n,
-                          double deadline) {
-  size_t got = 0;
+                          double deadline, int tostr) {
+  size_t got = 0, *cap = tostr ? &c->scap : &c->rcap;
+  char *p = tostr ? NULL : c->rbuf;
   if (n > (uint64_t)PTRDIFF_MAX) {
     c->rbroken = 1;
     luamp_raise(L, "OSError", "bad message length: %I bytes",
@@ -382,17 +596,18 @@ static char *read_payload(lua_State *L, struct conn *c, uint64_t n,
   }
   while (got < n) {
     size_t step = (size_t)n - got;
-    if (step > GROW_STEP && got + step > c->rcap) step = GROW_STEP;
-    if (got + step > c->rcap) {
+    if (step > GROW_STEP && got + step > *cap) step = GROW_STEP;
+    if (got + step > *cap) {
       size_t want = got + step;
-      if (got > 0 && want < 2 * c->rcap && 2 * c->rcap <= n) want = 2 * c->rcap;
-      rbuf_reserve(L, c, want);
+      if (got > 0 && want < 2 * *cap && 2 * *cap <= n) want = 2 * *cap;
+      p = tostr ? sblock_reserve(L, c, want, got)
+                : rbuf_reserve(L, c, want);
       step = (want < n ? want : (size_t)n) - got;
     }
-    read_all(L, c, c->rbuf + got, step, deadline, 1);
+    read_all(L, c, p + got, step, deadline, 1);
     got += step;
   }
-  return c->rbuf;
+  return p;
 }
 
 /* After a message of n bytes: a buffer beyond KEEP_RBUF is kept while
@@ -451,8 +666,16 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
   }
   if (n <= RA_SIZE) {
     lua_pushlstring(L, read_view(L, c, (size_t)n, deadline), (size_t)n);
+  } else if (learn_string_at(L) >= 0) {     /* the string is the buffer */
+    struct handoff h;
+    char *p = read_payload(L, c, n, deadline, 1);
+    char *block = c->sblock;
+    c->sblock = NULL;                 /* the string's now, or freed */
+    c->scap = 0;
+    handoff_push(L, &h, block, (size_t)string_at + (size_t)n + 1, p,
+                 (size_t)n);
   } else {
-    char *p = read_payload(L, c, n, deadline);
+    char *p = read_payload(L, c, n, deadline, 0);
     lua_pushlstring(L, p, (size_t)n);
   }
   rbuf_trim(c, (size_t)n);
@@ -1043,7 +1266,7 @@ static int conn_recv(lua_State *L) {
     decode_msg(L, c, p, (size_t)n, flags);
     rbuf_trim(c, (size_t)n);
   } else {
-    char *p = read_payload(L, c, n, -1);
+    char *p = read_payload(L, c, n, -1, 0);
     /* the buffer belongs to c, which the stack keeps alive: a raising
      * decoder leaks nothing */
     decode_msg(L, c, p, (size_t)n, flags);
@@ -1145,7 +1368,7 @@ static int conn_recv_bytes_into(lua_State *L) {
   if (n <= RA_SIZE) {
     lua_pushlstring(L, read_view(L, c, (size_t)n, -1), (size_t)n);
   } else {
-    lua_pushlstring(L, read_payload(L, c, n, -1), (size_t)n);
+    lua_pushlstring(L, read_payload(L, c, n, -1, 0), (size_t)n);
     rbuf_trim(c, (size_t)n);
   }
   if (c->inq_len > 0) fds_discard(c, lua_tostring(L, -1), (size_t)n);
@@ -1594,6 +1817,20 @@ static int l_set_nofence(lua_State *L) {
   return 0;
 }
 
+/* core._set_spin(conn): the connection is a manager client's own; a
+ * receive polls a while before it sleeps (see spin_read).
+ * core._set_spin(true | false): whether this process (and the children
+ * it forks later) polls so whatever the state of the machine (specs: the
+ * polling paths run on a busy machine too). */
+static int l_set_spin(lua_State *L) {
+  if (lua_isboolean(L, 1)) {
+    spin_always = lua_toboolean(L, 1);
+    return 0;
+  }
+  check_conn(L, 1)->spin = 1;
+  return 0;
+}
+
 /* ---- addresses -------------------------------------------------------- */
 
 /* A string is a Unix socket path (a leading "\0" for Linux's abstract
@@ -1851,18 +2088,29 @@ static int l_connect(lua_State *L) {
 
 /* ---- wait ------------------------------------------------------------- */
 
-/* core.wait_fds(fds, timeout) -> list of the 1-based positions in fds
- * that are ready to read (or at end of file) */
+/* core.wait_fds(fds, timeout[, spin[, out]]) -> list of the 1-based
+ * positions in fds that are ready to read (or at end of file).  spin:
+ * poll a while before sleeping (spin_ready; the manager's server between
+ * requests).  out: a table to return the list in (its entries replaced),
+ * not a new one: the server's loop polls on every request. */
 static int l_wait_fds(lua_State *L) {
   lua_Integer n;
-  struct pollfd *p;
+  struct pollfd few[16], *p;
   double deadline;
-  int r;
+  int r, spin = lua_toboolean(L, 3), out = !lua_isnoneornil(L, 4);
+  lua_Integer k = 1, old = 0;
   luaL_checktype(L, 1, LUA_TTABLE);
+  if (out) {
+    luaL_checktype(L, 4, LUA_TTABLE);
+    old = (lua_Integer)lua_rawlen(L, 4);
+  }
   n = luaL_len(L, 1);
   luaL_argcheck(L, n >= 0 && n <= 65536, 1, "too many objects");
   deadline = luamp_deadline_arg(L, 2);
-  p = lua_newuserdatauv(L, sizeof *p * (size_t)(n > 0 ? n : 1), 0);
+  /* (a few fds, as a manager's loop polls on every request: on the C
+     stack, no garbage per call) */
+  p = n <= (lua_Integer)(sizeof few / sizeof few[0]) ? few :
+      lua_newuserdatauv(L, sizeof *p * (size_t)n, 0);
   for (lua_Integer i = 0; i < n; i++) {
     lua_rawgeti(L, 1, i + 1);
     if (!lua_isinteger(L, -1))
@@ -1872,17 +2120,25 @@ static int l_wait_fds(lua_State *L) {
     p[i].revents = 0;
     lua_pop(L, 1);
   }
+  if (spin && (deadline < 0 || deadline > luamp_now()) &&
+      spin_ready(L, p, (nfds_t)n))
+    deadline = 0;                     /* (ready: the poll below says which) */
   r = luamp_robust_poll(L, p, (nfds_t)n, deadline);
   if (r == -2) luamp_raise_interrupt(L);
   if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
-  lua_newtable(L);
-  for (lua_Integer i = 0, k = 1; r > 0 && i < n; i++) {
+  if (out) lua_pushvalue(L, 4);
+  else lua_newtable(L);
+  for (lua_Integer i = 0; r > 0 && i < n; i++) {
     if (p[i].revents & POLLNVAL)
       luamp_raise(L, "ValueError", "invalid file descriptor %d", p[i].fd);
     if (p[i].revents) {
       lua_pushinteger(L, i + 1);
       lua_rawseti(L, -2, k++);
     }
+  }
+  for (; out && k <= old; k++) {   /* (the rest of out's old list) */
+    lua_pushnil(L);
+    lua_rawseti(L, -2, k);
   }
   return 1;
 }
@@ -2012,6 +2268,7 @@ int luamp_open_conn(lua_State *L) {
     {"hs_answer", l_hs_answer},
     {"hmac_sha256", l_hmac_sha256},
     {"_set_nofence", l_set_nofence},
+    {"_set_spin", l_set_spin},
     {"wait_fds", l_wait_fds},
     {NULL, NULL}
   };

@@ -37,7 +37,7 @@ static int flushing = 0;        /* a flush is running (no nesting) */
 static const char FENCE_KEY = 'f';
 
 /* (Written only when set: a forked child's every written page is a copy.) */
-static void forget_in_child(void) {
+LUAMP_CHILD_PATH static void forget_in_child(void) {
   if (luamp_pending_writes != 0) luamp_pending_writes = 0;
 }
 

@@ -470,11 +470,15 @@ static int start_server(lua_State *L, char **msg) {
 /* In every forked child (of the owner, of the server, any fork): the
  * owner's socket is not the child's to use, and holding it would keep a
  * server whose owner is gone from seeing end of file. */
-static void forget_in_child(void) {
-  if (fs_sock >= 0) luamp_sys.close(fs_sock);
-  fs_sock = -1;
-  fs_pid = 0;
-  fs_owner = 0;
+LUAMP_CHILD_PATH static void forget_in_child(void) {
+  /* (nothing written when there is nothing to forget: a child copies
+   * each page it writes) */
+  if (fs_sock >= 0) {
+    luamp_sys.close(fs_sock);
+    fs_sock = -1;
+  }
+  if (fs_pid != 0) fs_pid = 0;
+  if (fs_owner != 0) fs_owner = 0;
 }
 
 static pthread_once_t forget_once = PTHREAD_ONCE_INIT;

@@ -28,7 +28,13 @@
 #define LUAMP_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #define LUAMP_INLINE inline __attribute__((always_inline))
 #define LUAMP_NOINLINE __attribute__((noinline))
+/* Code a forked child runs between fork and _exit: kept together (ld
+ * places .text.hot.* first in .text, beside the PLT).  A child's code
+ * pages are not copied at fork but faulted in, one 64 KiB window at a
+ * time, and the child path was spread over three windows of luamp. */
+#define LUAMP_CHILD_PATH __attribute__((section(".text.hot.luamp_child")))
 #else
+#define LUAMP_CHILD_PATH
 #define LUAMP_INLINE inline
 #define LUAMP_NOINLINE
 #define LUAMP_NORETURN
@@ -192,6 +198,7 @@ extern struct luamp_syscalls luamp_sys;
 /* getpid(), cached (refreshed in every forked child by pthread_atfork). (sys.c; process.c installs the handler) */
 pid_t luamp_pid(void);
 void luamp_pid_refresh(void);
+void luamp_flush_stdio(void);   /* fflush(NULL) around forks (sys.c) */
 
 /* read with its EINTR loop. */
 ssize_t luamp_robust_read(int fd, void *buf, size_t n);
@@ -225,6 +232,13 @@ char *luamp_encode_slice(lua_State *L, int idx, int count,
                          const struct luamp_slice *slice, size_t reserve,
                          size_t *len, const char *root);
 
+/* The fast path of one small scalar (a queue's put and get of an
+ * integer or a short ASCII string): luamp_encode's bytes for it at out
+ * (LUAMP_SMALL_MAX bytes), returning how many, 0 for other values; and
+ * luamp_decode of such bytes, returning 0 (nothing pushed) for others. */
+#define LUAMP_SMALL_MAX 32
+size_t luamp_encode_small(lua_State *L, int idx, unsigned char *out);
+int luamp_decode_small(lua_State *L, const char *p, size_t n);
 /* Decodes exactly n bytes and pushes the one value they hold; raises
  * DecodeError with the byte offset of the problem. */
 #define LUAMP_DECODE_UNTRUSTED 1  /* refuse code: functions, names, handles */
@@ -478,6 +492,9 @@ int luamp_queue_ready(lua_State *L, int idx);
 void luamp_queue_watch(lua_State *L, int idx, int on);
 int luamp_wakeup_fd(lua_State *L);
 void luamp_wakeup_drain(void);
+/* Whether a waiter should poll a while before it sleeps: no CPU is
+ * taken from this process by others (see cpus_free in queue.c). */
+int luamp_cpus_free(void);
 int luamp_open_queue(lua_State *L);
 
 /* ---- value.c, shm.c ---------------------------------------------------- */

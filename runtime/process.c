@@ -35,6 +35,7 @@
 #include <fcntl.h>
 #ifdef __GLIBC__
 #include <malloc.h>
+#include <sys/single_threaded.h>
 #endif
 #include <pthread.h>
 #include <signal.h>
@@ -256,7 +257,7 @@ static int wait_quietly(struct child *c, double deadline) {
 /* The exit rule (Python's util._exit_function): terminate the daemon
  * children, then join every child.  state limits it to the children a
  * Lua state started (NULL: all of this process's children). */
-static void cleanup_children(const void *state) {
+LUAMP_CHILD_PATH static void cleanup_children(const void *state) {
   pid_t me = luamp_pid();
   double deadline;
   int any = 0;
@@ -342,7 +343,7 @@ static void run_lua_hooks(lua_State *L, int kind) {
 static void reset_caught_in_child(void);
 
 /* The child's side of luamp_fork, signals still blocked. */
-static void after_fork_in_child(void) {
+LUAMP_CHILD_PATH static void after_fork_in_child(void) {
   /* Forget the parent's children without writing to their entries: they
    * are scattered over the heap, and every page a child writes is a copy.
    * A handle's finalizer frees its own entry (seeing another owner, it
@@ -393,10 +394,14 @@ static void trim_heap(lua_State *L) {
  * keeps only the calling thread, and a lock another thread held stays
  * locked in the child.  Once per process, on stderr.  The thread count is
  * the link count of /proc/self/task (2 + threads): one stat per fork
- * until the warning was given. */
+ * until the warning was given, once glibc saw a thread started. */
 static void warn_if_threaded(void) {
   static int warned = 0;
   struct stat st;
+#ifdef __GLIBC__
+  /* (glibc knows when no thread was ever started: no stat then) */
+  if (__libc_single_threaded) return;
+#endif
   if (warned || stat("/proc/self/task", &st) != 0 || st.st_nlink <= 3) return;
   warned = 1;
   fprintf(stderr, "luamp: warning: this process (pid %d) is multi-threaded "
@@ -407,7 +412,7 @@ static void warn_if_threaded(void) {
   fflush(stderr);
 }
 
-pid_t luamp_fork(lua_State *L) {
+LUAMP_CHILD_PATH pid_t luamp_fork(lua_State *L) {
   sigset_t all, old;
   pid_t pid;
   int err, blocked;
@@ -422,7 +427,7 @@ pid_t luamp_fork(lua_State *L) {
    * the point of Process, so it goes back to the default. */
   if (sigaction(SIGCHLD, NULL, &sa) == 0 && sa.sa_handler == SIG_IGN)
     signal(SIGCHLD, SIG_DFL);
-  fflush(NULL);
+  luamp_flush_stdio();
   sigfillset(&all);
   blocked = luamp_sys.pthread_sigmask(SIG_SETMASK, &all, &old);
   if (blocked != 0) {      /* no fork with signals open: fails as fork */
@@ -450,14 +455,16 @@ pid_t luamp_fork(lua_State *L) {
   for (int i = 0; i < n_c_hooks; i++)
     if (c_hooks[i].parent) c_hooks[i].parent(c_hooks[i].ud);
   if (L) run_lua_hooks(L, 2);
-  errno = err;
+  /* (errno is restored only for a failure: it is on a page of its own
+   * that the parent would otherwise copy at every fork) */
+  if (pid < 0) errno = err;
   return pid;
 }
 
-void luamp_child_exit(int code) {
+LUAMP_CHILD_PATH void luamp_child_exit(int code) {
   cleanup_children(NULL);
   luamp_shm_cleanup();     /* blocks this child created (shm.c) */
-  fflush(NULL);
+  luamp_flush_stdio();
   _exit(code);
 }
 
@@ -584,8 +591,15 @@ static int child_poll(lua_State *L) {
 static int child_wait(lua_State *L) {
   struct child *c = owned_child(L, 1);
   double deadline = luamp_deadline_arg(L, 2);
-  while (!reap(c, 0)) {
+  /* A pidfd is polled before the first waitpid: it is readable at once
+   * when the child is gone, and for one still running (a join right
+   * after start) the waitpid would only have said so: a system call
+   * saved per join. */
+  int poll_first = !c->reaped && c->sentinel >= 0 && have_pidfd == 1 &&
+                   !c->remote;
+  while (poll_first || !reap(c, 0)) {
     int r;
+    poll_first = 0;
     if (c->sentinel >= 0 && (have_pidfd == 1 || c->remote)) {
       struct pollfd p = {c->sentinel, POLLIN, 0};
       r = luamp_robust_poll(L, &p, 1, deadline);
@@ -646,7 +660,7 @@ static int child_tostring(lua_State *L) {
 
 /* Whether stdin holds input read ahead by the parent (checked so that the
  * common case does not run, and fault in, the purge code). */
-static int stdin_has_buffered_input(void) {
+LUAMP_CHILD_PATH static int stdin_has_buffered_input(void) {
 #ifdef __GLIBC__
   return stdin->_IO_read_ptr < stdin->_IO_read_end;
 #else
@@ -657,7 +671,8 @@ static int stdin_has_buffered_input(void) {
 /* The child's body for spawn: runs fn(arg) under the traceback handler
  * and leaves with its result as exit code; it never returns into the Lua
  * code that called spawn (which belongs to the parent). */
-LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
+LUAMP_CHILD_PATH LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn,
+                                                     int arg) {
   int code = 1, base;
   lua_pushcfunction(L, luamp_msgh);
   base = lua_gettop(L);
@@ -683,9 +698,9 @@ LUAMP_NORETURN void luamp_child_main(lua_State *L, int fn, int arg) {
 /* The new child's side of l_spawn, up to running fn(arg).  prctl, dup2
  * and the signal calls here stay direct (not luamp_sys): they run in the
  * new child before any Lua code, where a failure can only end the child. */
-static LUAMP_NORETURN void child_start(lua_State *L, const int pfd[2],
-                                       int ignore_sigint, int die_with_parent,
-                                       pid_t parent) {
+LUAMP_CHILD_PATH static LUAMP_NORETURN void child_start(
+    lua_State *L, const int pfd[2], int ignore_sigint, int die_with_parent,
+    pid_t parent) {
   if (pfd[0] >= 0) {
     luamp_sys.close(pfd[0]);
     own_sentinel_wfd = pfd[1];
@@ -726,7 +741,7 @@ static void register_child(lua_State *L, struct child *c) {
  * when its parent dies (Pool workers: nothing else would tell them,
  * blocked on their queue).  A child made with started (and its forks)
  * gets true from its first core.take_started(). */
-static int l_spawn(lua_State *L) {
+LUAMP_CHILD_PATH static int l_spawn(lua_State *L) {
   LUAMP_FENCE(L);
   struct child *c;
   int daemon = lua_toboolean(L, 3), ignore_sigint = lua_toboolean(L, 4);
@@ -778,7 +793,12 @@ static int l_spawn(lua_State *L) {
      * exhaustion; the wait loop then polls the pid. */
   }
   register_child(L, c);
-  if (spare_entry == NULL) spare_entry = calloc(1, sizeof *spare_entry);
+  /* (malloc and memset, not calloc: glibc's calloc bypasses the
+   * per-thread cache and writes the arena's page, one more page the
+   * parent copies after each fork) */
+  if (spare_entry == NULL &&
+      (spare_entry = malloc(sizeof *spare_entry)) != NULL)
+    memset(spare_entry, 0, sizeof *spare_entry);
   return 1;
 }
 
@@ -914,7 +934,7 @@ static unsigned char catching[NSIG];
 
 static void on_caught(int sig) { caught[sig] = 1; }
 
-static void reset_caught_in_child(void) {
+LUAMP_CHILD_PATH static void reset_caught_in_child(void) {
   for (int sig = 1; sig < NSIG; sig++) {
     if (catching[sig]) signal(sig, SIG_DFL);  /* (direct: the child's set-up) */
     catching[sig] = 0;

@@ -88,29 +88,47 @@
 /* The header, in the arena's first page.  Lock rules: mu guards every
  * field marked [mu]; a field marked [mu, atomic] is changed under mu and
  * also read without it (qsize, empty, the spin before sleeping).  The
- * futex words are bumped under mu and slept on without it. */
+ * futex words are bumped under mu and slept on without it.
+ *
+ * Cache lines (issue 18).  A put and a get each take mu and change the
+ * ring's ends; a producer and a consumer on two cores hand those bytes
+ * back and forth with every item, so what every step writes is packed
+ * into two lines (hot: mu and the journal's flag, and the ends with their
+ * saved values), what only some steps write (cold) and what is only read
+ * (const and the sleeper counts) lie apart.  (Before, a step wrote into
+ * four lines: 2.0M items/s one-to-one in the last quiet bench, ~500 ns an
+ * item, where one process alone puts an int in ~150-250 ns and gets one
+ * in ~100 ns.) */
 struct qhdr {
-  uint64_t cap;               /* const: ring bytes, a power of two */
+  /* ---- hot line 1: the lock and what every step writes with it */
+  _Alignas(64) pthread_mutex_t mu;
+  _Atomic uint32_t put_seq;   /* futex: bumped by every put (getters wait) */
+  _Atomic uint32_t get_seq;   /* futex: bumped by every get (putters wait) */
+  uint32_t j_active;          /* [mu] undo record of the step in progress:
+                               * 0 none, 1 hot fields, 2 also the cold */
+  uint32_t j_slot;            /* [mu] slot + 1 written in this step, 0 none */
+  uint64_t j_count;           /* [mu] the journal: values before the step */
+  /* ---- hot line 2: the ends */
+  _Alignas(64) uint64_t head; /* [mu] position of the oldest record */
+  uint64_t tail;              /* [mu] position after the newest record */
+  _Atomic uint64_t count;     /* [mu, atomic] items */
+  uint64_t released;          /* [mu] ring pages before it were given back */
+  uint64_t j_head, j_tail, j_released;   /* [mu] the journal */
+  _Atomic uint64_t unfinished;/* [mu, atomic] JoinableQueue: puts not done */
+  /* ---- cold: written by some steps only */
+  _Alignas(64) uint64_t dirty;/* [mu] ring offset: pages past HOT and below
+                               * it may hold bytes (an upper bound; 0 when
+                               * none past HOT do) */
+  uint64_t lap_end;           /* [mu] position of the skip record of the
+                               * last early wrap (see placement) */
+  uint64_t j_unfinished, j_lap_end, j_slot_tag;   /* [mu] the journal */
+  uint64_t skips;             /* [mu] early wraps passed (stats) */
+  uint32_t repairs;           /* [mu] times a dead holder was found (stats) */
+  /* ---- read by every step, written by few */
+  _Alignas(64) uint64_t cap;  /* const: ring bytes, a power of two */
   int64_t maxsize;            /* const: items; 0 = unbounded */
   uint32_t joinable;          /* const */
   uint32_t nslots;            /* const: Pool slots after the header */
-  pthread_mutex_t mu;
-  uint64_t head;              /* [mu] position of the oldest record */
-  uint64_t tail;              /* [mu] position after the newest record */
-  uint64_t released;          /* [mu] ring pages before it were given back */
-  uint64_t dirty;             /* [mu] ring offset: pages past HOT and below
-                               * it may hold bytes (an upper bound) */
-  uint64_t lap_end;           /* [mu] position of the skip record of the
-                               * last early wrap (see placement) */
-  _Atomic uint64_t count;     /* [mu, atomic] items */
-  _Atomic uint64_t unfinished;/* [mu, atomic] JoinableQueue: puts not done */
-  struct {                    /* [mu] undo record of the step in progress */
-    uint32_t active;
-    uint32_t slot;            /* slot + 1 written in this step, 0 none */
-    uint64_t head, tail, released, count, unfinished, slot_tag, lap_end;
-  } journal;
-  _Atomic uint32_t put_seq;   /* futex: bumped by every put (getters wait) */
-  _Atomic uint32_t get_seq;   /* futex: bumped by every get (putters wait) */
   _Atomic uint32_t done_seq;  /* futex: bumped when unfinished hits 0 */
   _Atomic uint32_t getters;   /* sleepers on put_seq (approximate) */
   _Atomic uint32_t putters;   /* sleepers on get_seq (approximate) */
@@ -126,8 +144,6 @@ struct qhdr {
                                * items until then, 0 none (see spin_get) */
   _Atomic uint32_t shut;      /* [mu, atomic] shutdown() was called: 0/1 */
   _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
-  uint32_t repairs;           /* [mu] times a dead holder was found (stats) */
-  uint64_t skips;             /* [mu] early wraps passed (stats) */
   struct {                    /* [mu] processes in mp.wait on this queue */
     int32_t pid;              /* 0 free */
     int32_t fd;               /* write end of its wake-up pipe */
@@ -169,22 +185,27 @@ static struct luamp_obj *checkqueue(lua_State *L, int idx,
 
 /* ---- the journal ------------------------------------------------------------ */
 
-static void journal_begin(struct qhdr *h) {
+/* Saves what a step may change before it changes anything: the ends and
+ * count always, and with cold also unfinished and lap_end (a put that
+ * wraps or counts unfinished, shutdown, task_done). */
+static void journal_begin(struct qhdr *h, int cold) {
   LUAMP_ASSERT(luamp_mutex_held(&h->mu));
-  h->journal.head = h->head;
-  h->journal.tail = h->tail;
-  h->journal.released = h->released;
-  h->journal.count = atomic_load(&h->count);
-  h->journal.unfinished = atomic_load(&h->unfinished);
-  h->journal.lap_end = h->lap_end;
-  h->journal.slot = 0;
+  h->j_head = h->head;
+  h->j_tail = h->tail;
+  h->j_released = h->released;
+  h->j_count = atomic_load_explicit(&h->count, memory_order_relaxed);
+  if (cold) {
+    h->j_unfinished = atomic_load(&h->unfinished);
+    h->j_lap_end = h->lap_end;
+  }
+  h->j_slot = 0;
   atomic_thread_fence(memory_order_release);
-  h->journal.active = 1;
+  h->j_active = cold ? 2 : 1;
 }
 
 static void journal_end(struct qhdr *h) {
   atomic_thread_fence(memory_order_release);
-  h->journal.active = 0;
+  h->j_active = 0;
   /* (checked after the step ends, so that a debug build's holder is not
    * slower inside it than a release build's) */
   LUAMP_ASSERT(luamp_mutex_held(&h->mu));
@@ -194,15 +215,17 @@ static void journal_end(struct qhdr *h) {
 static void queue_repair(void *arg) {
   struct qhdr *h = arg;
   h->repairs++;
-  if (!h->journal.active) return;   /* died after its step: all done */
-  h->head = h->journal.head;
-  h->tail = h->journal.tail;
-  h->released = h->journal.released;
-  atomic_store(&h->count, h->journal.count);
-  atomic_store(&h->unfinished, h->journal.unfinished);
-  h->lap_end = h->journal.lap_end;
-  if (h->journal.slot) h->slots[h->journal.slot - 1] = h->journal.slot_tag;
-  h->journal.active = 0;
+  if (!h->j_active) return;   /* died after its step: all done */
+  h->head = h->j_head;
+  h->tail = h->j_tail;
+  h->released = h->j_released;
+  atomic_store(&h->count, h->j_count);
+  if (h->j_active == 2) {
+    atomic_store(&h->unfinished, h->j_unfinished);
+    h->lap_end = h->j_lap_end;
+  }
+  if (h->j_slot) h->slots[h->j_slot - 1] = h->j_slot_tag;
+  h->j_active = 0;
 }
 
 /* Takes mu by the deadline (< 0: none), or raises kind ("Empty" for a
@@ -236,8 +259,9 @@ static uint64_t rec_size(uint64_t len) {
   return REC + ((len + 15) & ~(uint64_t)15);
 }
 
-static void ring_write(struct queue *q, uint64_t pos, const char *p,
-                       uint64_t n) {
+/* (inline: a record header's copy is then two moves, not a call) */
+static LUAMP_INLINE void ring_write(struct queue *q, uint64_t pos,
+                                    const char *p, uint64_t n) {
   uint64_t off = pos & (q->h->cap - 1), first = q->h->cap - off;
   if (first >= n) {
     memcpy(q->ring + off, p, n);
@@ -247,7 +271,8 @@ static void ring_write(struct queue *q, uint64_t pos, const char *p,
   }
 }
 
-static void ring_read(struct queue *q, uint64_t pos, char *p, uint64_t n) {
+static LUAMP_INLINE void ring_read(struct queue *q, uint64_t pos, char *p,
+                                   uint64_t n) {
   uint64_t off = pos & (q->h->cap - 1), first = q->h->cap - off;
   if (first >= n) {
     memcpy(p, q->ring + off, n);
@@ -292,14 +317,16 @@ static void punch(struct queue *q, uint64_t a, uint64_t b, int all_done) {
 static void after_get(struct queue *q) {
   struct qhdr *h = q->h;
   if (h->head != h->tail && h->head - h->released < PUNCH) return;
-  journal_begin(h);
+  journal_begin(h, 0);
   if (h->head == h->tail) {
     uint64_t restart = (h->head + h->cap - 1) & ~(h->cap - 1);
     punch(q, h->released, h->head, 1);
     /* empty: nothing past HOT is needed, whatever the laps and skips
      * left (a partial page at a skip record, say) */
-    if (h->dirty > HOT) punch_span(q, HOT, h->dirty);
-    h->dirty = 0;
+    if (h->dirty > HOT) {
+      punch_span(q, HOT, h->dirty);
+      h->dirty = 0;
+    }
     h->head = h->tail = h->released = restart;
   } else {
     uint64_t upto = h->head & ~(uint64_t)(PAGE - 1);
@@ -309,6 +336,32 @@ static void after_get(struct queue *q) {
   journal_end(h);
 }
 
+/* Whether after_get of an empty queue would give back no page: all the
+ * consumed bytes lie in the first HOT of one lap, and none past HOT were
+ * written (dirty 0).  Then a get may restart at the ring's start in its
+ * own journaled step (an undone get finds nothing given back): one step
+ * instead of two for a consumer that keeps up with its producer. */
+static int quiet_restart(const struct qhdr *h) {
+  uint64_t mask = h->cap - 1;
+  return h->dirty == 0 && h->released <= h->head &&
+         (h->released & ~mask) == (h->head & ~mask) &&
+         (h->head & mask) <= HOT;
+}
+
+/* Ends a get's journaled step: an empty queue with no page to give back
+ * restarts in it, else after_get follows in a step of its own. */
+static void end_get_step(struct queue *q) {
+  struct qhdr *h = q->h;
+  if (h->head == h->tail && quiet_restart(h)) {
+    h->head = h->tail = h->released = (h->head + h->cap - 1) & ~(h->cap - 1);
+    journal_end(h);
+  } else {
+    journal_end(h);
+    if (h->head == h->tail || h->head - h->released >= PUNCH)   /* (its test) */
+      after_get(q);
+  }
+}
+
 /* The consumer reached a skip record at head (under mu): the data goes on
  * at the next lap's start (to == 0), or at ring offset to of this lap (a
  * forward skip, see placement).  One journaled step. */
@@ -316,7 +369,7 @@ static void pass_skip(struct queue *q, uint64_t to) {
   struct qhdr *h = q->h;
   uint64_t at = h->head & (h->cap - 1);
   LUAMP_ASSERT(to == 0 || (to > at && to <= h->cap));
-  journal_begin(h);
+  journal_begin(h, 0);
   punch(q, h->released, h->head, 0);
   if (to == 0) {
     h->head = h->released = (h->head + h->cap) & ~(h->cap - 1);
@@ -608,7 +661,9 @@ static int sleep_on(lua_State *L, _Atomic uint32_t *seq, uint32_t snap,
  * - one wake-up at a time (get_woken): a getter woken and not yet running
  *   passes a wake-up on if items remain, so later puts and gets need not
  *   (before, a worker taking items behind a woken one called FUTEX_WAKE
- *   for nothing on almost every get: 12k calls in 2e4 apply_async tasks).
+ *   for nothing on almost every get: 12k calls in 2e4 apply_async tasks;
+ *   apply_async x1e5 on 2 workers with one core burned: 47k FUTEX_WAKEs
+ *   in the workers against 5.7k FUTEX_WAITs, ~1.4 us of CPU each);
  * None can lose a wake-up for good: a put wakes someone unless a live
  * getter is due to look at count again (each clears poll_until, then
  * looks, before it sleeps), and a poller or promiser killed before it
@@ -700,10 +755,36 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
  * as one array. */
 static int queue_put(lua_State *L, struct luamp_obj *o, int vidx, int count,
                      uint64_t tag, int block, double deadline) {
-  size_t len;
-  const char *data = count < 0 ? luamp_encode(L, vidx, 0, &len, NULL)
-                               : luamp_encode_values(L, vidx, count, 0, &len, NULL);
+  unsigned char small[LUAMP_SMALL_MAX];
+  size_t len = count < 0 ? luamp_encode_small(L, vidx, small) : 0;
+  const char *data = len ? (const char *)small
+                   : count < 0 ? luamp_encode(L, vidx, 0, &len, NULL)
+                   : luamp_encode_values(L, vidx, count, 0, &len, NULL);
   return queue_put_bytes(L, o, data, len, tag, block, deadline);
+}
+
+/* Writes the record of data[0..len) at tail (under mu; tail not moved). */
+static LUAMP_INLINE void write_record(struct queue *q, const char *data,
+                                      uint64_t len, uint64_t tag) {
+  struct qhdr *h = q->h;
+  uint64_t end = (h->tail & (h->cap - 1)) + rec_size(len);
+  if (len <= LUAMP_SMALL_MAX) {   /* header and payload in one copy */
+    uint64_t r[2 + LUAMP_SMALL_MAX / 8];
+    r[0] = len;
+    r[1] = tag;
+    memcpy(r + 2, data, len);
+    ring_write(q, h->tail, (const char *)r, REC + len);
+  } else {
+    uint64_t rec[2];
+    rec[0] = len;
+    rec[1] = tag;
+    ring_write(q, h->tail, (const char *)rec, REC);
+    ring_write(q, h->tail + REC, data, len);
+  }
+  if (end > h->cap) end = h->cap;
+  /* (only past HOT: the cold line stays unwritten for small backlogs) */
+  if (end > HOT && end > h->dirty)
+    h->dirty = (end + PAGE - 1) & ~(uint64_t)(PAGE - 1);
 }
 
 /* Puts the message data[0..len) (the encoder's buffer). */
@@ -746,23 +827,22 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
     }
     qlock_until(L, h, deadline, "Full");
   }
-  journal_begin(h);
-  if (at != PUT_HERE) {
+  /* A record at tail is invisible until tail moves: written before the
+   * journaled step, which then changes the header in a few stores (a
+   * consumer polling count takes the line from us once, not between
+   * stores a copy apart). */
+  if (at == PUT_HERE) {
+    write_record(&q, data, len, tag);
+    journal_begin(h, h->joinable);
+  } else {
     uint64_t lap = h->tail & ~(h->cap - 1);
+    journal_begin(h, 1);
     rec[0] = SKIP;
     rec[1] = at == PUT_WRAP ? 0 : (h->lap_end & (h->cap - 1)) + REC;
     ring_write(&q, h->tail, (const char *)rec, REC);
     if (at == PUT_WRAP) h->lap_end = h->tail;
     h->tail = at == PUT_WRAP ? lap + h->cap : lap + rec[1];
-  }
-  rec[0] = len;
-  rec[1] = tag;
-  ring_write(&q, h->tail, (const char *)rec, REC);
-  ring_write(&q, h->tail + REC, data, len);
-  {
-    uint64_t end = (h->tail & (h->cap - 1)) + need;
-    if (end > h->cap) end = h->cap;
-    if (end > h->dirty) h->dirty = (end + PAGE - 1) & ~(uint64_t)(PAGE - 1);
+    write_record(&q, data, len, tag);
   }
   /* count and unfinished change under mu only: a store, not a locked
    * read-modify-write (put_seq's below is the fence the sleepers need) */
@@ -867,18 +947,17 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
     luamp_mutex_unlock(&h->mu);
     scratch(L, o, len);
   }
-  journal_begin(h);
-  ring_read(&q, h->head + REC, o->buf, len);
+  ring_read(&q, h->head + REC, o->buf, len);   /* (before the step, too) */
+  journal_begin(h, 0);
   if (slot >= 0) {
-    h->journal.slot = (uint32_t)slot + 1;
-    h->journal.slot_tag = h->slots[slot];
+    h->j_slot = (uint32_t)slot + 1;
+    h->j_slot_tag = h->slots[slot];
     h->slots[slot] = rec[1] + 1;
   }
   h->head += rec_size(len);
   atomic_store_explicit(&h->count, atomic_load_explicit(&h->count,
                         memory_order_relaxed) - 1, memory_order_release);
-  journal_end(h);
-  after_get(&q);
+  end_get_step(&q);
   /* a promise of ours is kept (see q_will_get) */
   if (atomic_load_explicit(&h->poll_until, memory_order_relaxed))
     atomic_store_explicit(&h->poll_until, 0, memory_order_relaxed);
@@ -894,7 +973,8 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
     int nres = 1;
     if (into) nres = decode_into(L, into, rec[1], o->buf, (size_t)len);
     else if (items) nres = luamp_decode_items(L, o->buf, (size_t)len, 0);
-    else luamp_decode(L, o->buf, (size_t)len, 0);
+    else if (!luamp_decode_small(L, o->buf, (size_t)len))
+      luamp_decode(L, o->buf, (size_t)len, 0);
     if (o->bufcap > KEEP_SCRATCH) {   /* a rare big one: don't keep it */
       free(o->buf);
       o->buf = NULL;
@@ -1470,7 +1550,7 @@ static int q_shutdown(lua_State *L) {
   atomic_store(&h->shut, 1);
   if (immediate && atomic_load(&h->count) > 0) {
     uint64_t n = atomic_load(&h->count), u = atomic_load(&h->unfinished);
-    journal_begin(h);
+    journal_begin(h, 1);
     h->head = h->tail;
     atomic_store(&h->count, 0);
     if (h->joinable) {
@@ -1531,7 +1611,7 @@ static int jq_task_done(lua_State *L) {
     luamp_mutex_unlock(&h->mu);
     luamp_raise(L, "ValueError", "task_done() called too many times");
   }
-  journal_begin(h);
+  journal_begin(h, 1);
   zero = atomic_fetch_sub(&h->unfinished, 1) == 1;
   journal_end(h);
   if (zero) atomic_fetch_add(&h->done_seq, 1);
@@ -1676,6 +1756,8 @@ static struct luamp_type joinable_type = {
 static struct luamp_type simple_type = {
   SIMPLEQUEUE_TNAME, simple_meth, queue_metameth, NULL, 1, 0, 0
 };
+
+int luamp_cpus_free(void) { return cpus_free(); }
 
 int luamp_open_queue(lua_State *L) {
   static const luaL_Reg funcs[] = {

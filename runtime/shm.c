@@ -399,7 +399,7 @@ struct tracked {
 };
 static struct tracked *tracked;
 
-void luamp_shm_cleanup(void) {
+LUAMP_CHILD_PATH void luamp_shm_cleanup(void) {
   pid_t me = luamp_pid();
   struct tracked *t, *next;
   /* (Nothing tracked, the common case at a child's exit: no lock taken.

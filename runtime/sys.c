@@ -26,6 +26,8 @@
 #include <signal.h>
 #include <stdio.h>
 #include <fcntl.h>
+#ifdef __GLIBC__
+#endif
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/epoll.h>
@@ -71,10 +73,23 @@ static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
 
 /* This process's pid, kept up to date in children by a pthread_atfork
  * handler process.c installs (so forks made by others count too):
- * getpid() is a system call, and ownership is checked often. */
-static pid_t my_pid = 0;
-void luamp_pid_refresh(void) { my_pid = getpid(); }
-pid_t luamp_pid(void) { return my_pid ? my_pid : getpid(); }
+ * getpid() is a system call, and ownership is checked often.  (-1, not
+ * 0, until known: an initialized variable sits in .data, on the page of
+ * process.c's fork state that every child writes anyway, not on a page
+ * of .bss of its own that a child would copy only for this.) */
+static pid_t my_pid = -1;
+LUAMP_CHILD_PATH void luamp_pid_refresh(void) { my_pid = getpid(); }
+LUAMP_CHILD_PATH pid_t luamp_pid(void) {
+  return my_pid > 0 ? my_pid : getpid();
+}
+
+/* What a fork and a child's exit flush: every stream (fflush(NULL)).
+ * It takes the lock of glibc's list of streams, a write to a page that
+ * every fork shares copy-on-write (one fault in the parent after each
+ * fork, one in each child at its exit).  Walking that list without the
+ * lock would need glibc's undeclared internals (_IO_list_all and the
+ * FILE fields), which we do not use. */
+LUAMP_CHILD_PATH void luamp_flush_stdio(void) { fflush(NULL); }
 
 struct luamp_syscalls luamp_sys = {
   .fork = fork, .waitpid = waitpid, .pthread_sigmask = pthread_sigmask,

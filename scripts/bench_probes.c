@@ -20,6 +20,15 @@
  *                               once, and each side wakes the other only
  *                               when it sleeps (luamp's futures round trip
  *                               beat the plain probe by doing so)
+ *   fork_mem KIB VMAS W N       fork + _exit + waitpid N times from a
+ *                               process that first touched KIB KiB of
+ *                               private memory in VMAS mappings (a luamp
+ *                               parent's footprint: make bench passes
+ *                               luamp's own); after each fork the parent
+ *                               and the child each write W of those pages
+ *                               (0: the kernel's floor for forking that
+ *                               process; W > 0 prices the copy-on-write
+ *                               faults of W pages written on each side)
  *   fork_pidfd N                fork + _exit, the parent waiting as luamp's
  *                               join does (pidfd_open, poll, waitpid)
  *   speedup                     the pool CPU speed-up row's floor: 8
@@ -281,6 +290,41 @@ static int stream(long mib, int pipes) {
   return 0;
 }
 
+/* fork_mem: see the header.  The mappings are separate (PROT_NONE guard
+ * pages between them keep the kernel from merging them), each touched
+ * page by page so that each is private and mapped. */
+static int fork_mem(long kib, long vmas, long w, long n) {
+  long pages = kib / 4, per;
+  char **map;
+  double t0;
+  if (vmas < 1) vmas = 1;
+  per = pages / vmas + 1;
+  map = calloc((size_t)vmas, sizeof *map);
+  if (map == NULL) return 1;
+  for (long v = 0; v < vmas; v++) {
+    char *m = mmap(NULL, (size_t)(per + 1) * 4096, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return 1;
+    if (mprotect(m + per * 4096, 4096, PROT_NONE) != 0) return 1;
+    for (long i = 0; i < per; i++) m[i * 4096] = 1;
+    map[v] = m;
+  }
+  t0 = now();
+  for (long i = 0; i < n; i++) {
+    int st;
+    pid_t pid = fork();
+    if (pid == 0) {
+      for (long k = 0; k < w; k++) map[k % vmas][(k / vmas % per) * 4096] = 2;
+      _exit(0);
+    }
+    for (long k = 0; k < w; k++) map[k % vmas][(k / vmas % per) * 4096] = 3;
+    waitpid(pid, &st, 0);
+  }
+  report(w ? "c.fork_mem_writes" : "c.fork_mem", now() - t0, (double)n,
+         "procs/s");
+  return 0;
+}
+
 int main(int argc, char **argv) {
   double t0;
   if (argc >= 5 && strcmp(argv[1], "spawn") == 0) {
@@ -329,6 +373,8 @@ int main(int argc, char **argv) {
       waitpid(pid, &st, 0);
     }
     report("c.fork_pidfd_wait", now() - t0, (double)n, "procs/s");
+  } else if (argc == 6 && strcmp(argv[1], "fork_mem") == 0) {
+    return fork_mem(atol(argv[2]), atol(argv[3]), atol(argv[4]), atol(argv[5]));
   } else if (argc == 3 && strcmp(argv[1], "futex") == 0) {
     return futex_pingpong(atol(argv[2]));
   } else if (argc == 3 && strcmp(argv[1], "futex_poll") == 0) {
@@ -346,7 +392,7 @@ int main(int argc, char **argv) {
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
                     "pipes N|pingpong N|stream MIB|pipestream MIB|futex N|futex_poll N|"
-                    "fork_pidfd N|speedup|burn SECS [PID]\n");
+                    "fork_pidfd N|fork_mem KIB VMAS W N|speedup|burn SECS [PID]\n");
     return 2;
   }
   return 0;

@@ -72,10 +72,31 @@ local lnames = names(luamp .. " scripts/bench.lua")
 local pynames = {}
 for _, n in ipairs(names(PY .. " scripts/bench.py")) do pynames[n] = true end
 
+-- The footprint of a luamp parent in the start+join row (a state that
+-- loaded the module): its private dirty KiB and its mappings, for the
+-- row's floor (bench_probes fork_mem: a C fork from a process of that
+-- footprint whose child only exits).  What a start+join costs above that
+-- floor is luamp's: the pages parent and child write around the fork
+-- (each a copy-on-write fault) and the work between fork and join.
+local FOOT_KIB, FOOT_VMAS = 256, 36
+do
+  local p = io.popen(luamp .. " -e " .. q("require 'multiprocessing' " ..
+    "local kib, n = 0, 0 " ..
+    "for l in io.lines('/proc/self/smaps_rollup') do " ..
+    "kib = kib + (tonumber(l:match('^Private_Dirty:%s*(%d+)')) or 0) end " ..
+    "for _ in io.lines('/proc/self/maps') do n = n + 1 end " ..
+    "print(kib, n)") .. " 2>/dev/null")
+  local kib, n = p:read("n", "n")
+  p:close()
+  if kib and n then FOOT_KIB, FOOT_VMAS = math.tointeger(kib), math.tointeger(n) end
+end
+
 -- The raw C probe a workload is compared with runs right before it, so
 -- that both see the machine in the same state.
 local PROBE = {
-  ["process.start_join"] = {"fork 3000", "fork_pidfd 3000"},
+  ["process.start_join"] = {"fork 3000", "fork_pidfd 3000",
+    string.format("fork_mem %d %d 0 3000", FOOT_KIB, FOOT_VMAS),
+    string.format("fork_mem %d %d 20 3000", FOOT_KIB, FOOT_VMAS)},
   ["pipe.pingpong"] = {"pipes 200000", "pingpong 200000"},
   ["pipe.stream_1mib"] = {"pipestream 2048", "stream 2048"},
   ["futures.submit_result_rtt"] = {"futex 100000", "futex_poll 100000"},
@@ -317,6 +338,17 @@ local function print_rows(title)
   io.write("raw C fork with luamp's join (pidfd_open, poll, waitpid) ",
     fmt(results["c:c.fork_pidfd_wait"] and results["c:c.fork_pidfd_wait"].rate),
     " procs/s\n")
+  do  -- the start+join row's floor (see FOOT_KIB)
+    local me, floor = results["luamp:process.start_join"], results["c:c.fork_mem"]
+    local w20 = results["c:c.fork_mem_writes"]
+    io.write(string.format("start+join floor: raw C fork from luamp's footprint " ..
+      "(%d KiB private dirty, %d mappings) %s procs/s%s; the same with 20 pages " ..
+      "written by parent and child each after the fork %s procs/s " ..
+      "(what a start+join costs above the floor is the pages it writes)\n",
+      FOOT_KIB, FOOT_VMAS, fmt(floor and floor.rate),
+      (me and floor) and string.format(" (luamp %.2fx of it)", me.rate / floor.rate) or "",
+      fmt(w20 and w20.rate)))
+  end
   io.write("raw C futex ping-pong (one wake-up each way, no spin) ",
     fmt(results["c:c.futex_pingpong"] and results["c:c.futex_pingpong"].rate),
     " round trips/s; with a Pool's hand-off (the worker polls 10 us ",

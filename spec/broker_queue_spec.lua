@@ -121,6 +121,29 @@ describe("Queue{broker =}", function()
     assert.equal("0", s:cli("ZCARD luamp:queue:undecodable:taken"))
   end)
 
+  it("JoinableQueue: a dead-lettered entry is no longer unfinished, so join returns", function()
+    local core = require "multiprocessing.core"
+    local jq <close> = queue("jdead", nil, true)
+    jq:put("tampered")             -- (put by a key holder, then changed in Redis)
+    s:cli("EVAL " .. H.q([[
+      local e = redis.call('LPOP', KEYS[1])
+      redis.call('RPUSH', KEYS[1], string.sub(e, 1, -2) .. 'X')
+      return 1]]) .. " 1 luamp:queue:jdead:items")
+    local payload = "\255not an encoding"   -- signed, but not a value
+    local r = core.redis_connect(nil, nil, s.sock, 5)
+    r:command({"RPUSH", "luamp:queue:jdead:items", "forged.1|" ..
+               core.hmac_sha256("k", "Q" .. "jdead\0" .. payload) .. payload})
+    r:close()
+    jq:put("good")
+    assert.is_false(jq:join(0.2))
+    assert.is_not_nil(H.kind_of(jq.get, jq, true, 5))  -- the undecodable one
+    assert.equal("good", jq:get(true, 5))
+    assert.is_false(jq:join(0.2))  -- "good" is taken, not done
+    jq:task_done()
+    assert.is_true(jq:join(5))
+    assert.equal("2", s:cli("LLEN luamp:queue:jdead:dead"))
+  end)
+
   it("drops a tampered entry and one signed with another key", function()
     local q <close> = queue("tamper")
     q:put("secret plan")

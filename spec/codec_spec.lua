@@ -874,4 +874,34 @@ sys.stdout.buffer.write(msgpack.packb(v))
       assert.matches("trailing bytes at byte " .. (#m - 1), err.message, 1, true)
     end
   end)
+  -- (mp.encode uses the state's box from its upvalue and leaves its
+  -- stack to Lua; an encode of tables inside a reducer takes a box of its
+  -- own; records wider than the encoder's stack window of 32 slots)
+  it("encodes tables inside a reducer's encode, and wide records, as before", function()
+    local Outer = {}
+    mp.register_class("spec.OuterTables", Outer, {
+      reduce = function(o) return {enc(o.t), enc({o.t, o.t}), o.t} end,
+      rebuild = function(s) return setmetatable({s = s}, Outer) end,
+    })
+    local t = {id = 7, vals = {1.5, 2.5}, tags = {"x", "y"}}
+    for _ = 1, 3 do
+      local back = dec(enc({setmetatable({t = t}, Outer), t, "tail"}))
+      assert.same(t, dec(back[1].s[1]))
+      local pair = dec(back[1].s[2])
+      assert.same(t, pair[1])
+      assert.equal(pair[1], pair[2])           -- one table, twice
+      assert.same(t, back[1].s[3])
+      assert.same(t, back[2])
+      assert.equal("tail", back[3])
+    end
+    local wide = {}
+    for i = 1, 70 do wide["k" .. i] = {i, {i, "v" .. i}, {k = i}} end
+    local list = {}
+    for i = 1, 70 do list[i] = {n = i, inner = {i, i + 0.5}} end
+    assert.same(wide, dec(enc(wide)))
+    assert.same(list, dec(enc(list)))
+    local ok, err = pcall(enc)
+    assert.is_false(ok)
+    assert.matches("bad argument #1 to '[%w.]*encode' %(value expected%)", err)
+  end)
 end)

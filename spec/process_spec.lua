@@ -898,6 +898,23 @@ describe("logging", function()
     assert.is_nil(err:find("not shown", 1, true))
     assert.matches("^false\t.*level expected", out)
   end)
+
+  -- (issue 18: a child's start writes nothing it need not -- every page it
+  -- writes is copied; logger:log checked its arguments with type() and
+  -- math.tointeger, each a page of code and a string-cache write, in every
+  -- child, for records nobody was to see)
+  it("a child starting with logging off does not call the logger", function()
+    local out, err, code = H.script(PRE .. [[
+      local log = mp.get_logger()
+      local calls = 0
+      log.log = function() calls = calls + 1 end
+      local p = mp.Process{target = function() os.exit(calls) end}
+      p:start() p:join()
+      print(p.exitcode, calls)
+    ]])
+    assert.equal(0, code, err)
+    assert.equal("0\t0\n", out)
+  end)
 end)
 
 -- issue 13 items 9 and 12

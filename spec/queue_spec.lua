@@ -47,6 +47,28 @@ describe("Queue", function()
     assert.equal("integer", math.type((function() q:put(7) return q:get() end)()))
   end)
 
+  -- (integers and short ASCII strings take put's and get's one-copy path,
+  -- luamp_encode_small / luamp_decode_small, issue 18: the bytes and the
+  -- types must be the general codec's)
+  it("carries integers of every width and short strings exactly", function()
+    local q = mp.Queue()
+    local vals = {0, 1, 127, 128, 255, 256, 65535, 65536, 2^32 // 1 - 1,
+                  2^32 // 1, math.maxinteger, -1, -32, -33, -128, -129,
+                  -32768, -32769, -2^31 // 1, -2^31 // 1 - 1, math.mininteger,
+                  1.0, -0.0, 0.5, "", "a", string.rep("x", 31),
+                  string.rep("y", 32), "a\0b", "h\xc3\xa9llo", "\xff\xfe", true, false}
+    for _, v in ipairs(vals) do q:put(v) end
+    for i, v in ipairs(vals) do
+      local got = q:get()
+      assert.equal(v, got, "item " .. i)
+      assert.equal(math.type(v), math.type(got), "item " .. i)
+      assert.equal(type(v), type(got), "item " .. i)
+    end
+    q:put(-0.0)
+    assert.equal("-0.0", string.format("%.1f", q:get()))
+    assert.is_true(q:empty())
+  end)
+
   it("raises Empty and Full, blocking or not", function()
     local q = mp.Queue(2)
     assert.equal("Empty", kind_of(q.get, q, false))
@@ -686,6 +708,47 @@ describe("Queue between processes", function()
       last[m[1]] = m[2]
     end
     for k = 1, 4 do ps[k]:join(); assert.equal(0, ps[k].exitcode) end
+    assert.is_true(q:empty())
+  end)
+
+  -- (small items take put's and get's one-copy path, issue 18)
+  pit("keeps every small item and each producer's order, 4 producers and 2 consumers", function()
+    local q, res = mp.Queue(), mp.Queue()
+    local n = 20000
+    local function item_of(k, i)
+      if i % 2 == 0 then return k * 1000000 + i end
+      return k .. ":" .. i
+    end
+    local function consume(count)
+      local last, sum, seen = {0, 0, 0, 0}, 0, 0
+      for _ = 1, count do
+        local v = q:get(true, 20)
+        local k, i
+        if math.type(v) == "integer" then k, i = v // 1000000, v % 1000000
+        else k, i = v:match("^(%d):(%d+)$"); k, i = tonumber(k), tonumber(i) end
+        assert(i > last[k], "producer " .. k .. ": " .. i .. " after " .. last[k])
+        last[k] = i
+        sum = sum + i
+        seen = seen + 1
+      end
+      return seen, sum
+    end
+    local ps = {}
+    for k = 1, 4 do
+      ps[k] = mp.Process{target = function()
+        for i = 1, n do q:put(item_of(k, i)) end
+      end}
+      ps[k]:start()
+    end
+    local c = mp.Process{target = function() res:put({consume(2 * n)}) end}
+    c:start()
+    local seen, sum = consume(2 * n)
+    local other = res:get(true, 60)
+    for k = 1, 4 do ps[k]:join(); assert.equal(0, ps[k].exitcode) end
+    c:join()
+    assert.equal(0, c.exitcode)
+    assert.equal(4 * n, seen + other[1])
+    assert.equal(4 * n * (n + 1) // 2, sum + other[2])
     assert.is_true(q:empty())
   end)
 

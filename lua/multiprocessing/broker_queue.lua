@@ -9,8 +9,10 @@
 --                JoinableQueue: taken, not done)
 --   P.."held:"..cid  token .. "|" .. entry: the last take of a consumer
 --                (one at a time; expires with the lease)
---   P.."unfinished"  JoinableQueue: items put and not task_done()
 --   P.."wake"    tokens that wake blocked getters (a hint only)
+-- A JoinableQueue's unfinished items are those in P.."items" and
+-- P.."taken" (read in one step): an item leaves the count when it is
+-- task_done() or dead-lettered, and no counter can drift from the items.
 -- Each entry is signed as the Pool's envelopes are (HMAC-SHA256 under the
 -- authkey over the queue's name and the payload) and checked before it is
 -- decoded.  An entry that fails the check is moved to P.."dead" and the
@@ -41,9 +43,8 @@ M.SCRIPT = [[
 local op, P = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-if op == 'put' then              -- entry, joinable
+if op == 'put' then              -- entry
   redis.call('RPUSH', P .. 'items', ARGV[3])
-  if ARGV[4] == '1' then redis.call('INCR', P .. 'unfinished') end
   redis.call('LPUSH', P .. 'wake', '1')
   redis.call('LTRIM', P .. 'wake', 0, 63)
   return 1
@@ -79,10 +80,9 @@ elseif op == 'back' then         -- cid, token, entry ('': the token's), acked
   end
   return 0
 elseif op == 'done' then         -- entry
-  if redis.call('ZREM', P .. 'taken', ARGV[3]) == 1 then
-    return redis.call('DECR', P .. 'unfinished')
-  end
-  return -1
+  return redis.call('ZREM', P .. 'taken', ARGV[3])
+elseif op == 'unfinished' then
+  return redis.call('LLEN', P .. 'items') + redis.call('ZCARD', P .. 'taken')
 end
 return redis.error_reply('luamp: unknown op ' .. tostring(op))
 ]]
@@ -137,7 +137,7 @@ function Queue:put(v)
   local payload = encode(v)
   local entry = self._cid .. "." .. self._seq .. "|" ..
                 hmac(self._key, "Q" .. self._name .. "\0" .. payload) .. payload
-  self._b:op("put", entry, self._joinable and "1" or "0")
+  self._b:op("put", entry)
 end
 Queue.put_nowait = Queue.put
 
@@ -253,7 +253,7 @@ function Queue:join(timeout)
   check(self, "join")
   if not self._joinable then raise("ValueError", "join() on a Queue that is not joinable") end
   local deadline = timeout and now() + math.max(timeout, 0)
-  while (tonumber(self._b:command({"GET", self._prefix .. "unfinished"})) or 0) > 0 do
+  while self._b:op("unfinished") > 0 do
     if deadline and now() >= deadline then return false end
     core.sleep(0.02)
   end

@@ -306,6 +306,7 @@ function hello(cl)
   -- a keyless manager's replies are untrusted (no code) but hold proxies
   if cl.authkey == nil then core.set_trusted(c, "peer") end
   set_nofence(c)   -- (its sends carry the writes the fence waits for)
+  core._set_spin(c)   -- (its answers are waited for polling, if a CPU is free)
   -- (its send and recv looked up once: not per message)
   cl.conn, cl.pid, cl.c_send, cl.c_recv = c, getpid(), c.send, c.recv
   local ids = {}

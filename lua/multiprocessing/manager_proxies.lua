@@ -251,11 +251,19 @@ local function snapshot_pairs(p)
   end, p, nil
 end
 
+-- d[k]'s request: one table, reused (a new one when it is in use: a
+-- get made while one is sent, or one an error left with its key).
+local get_msg = {0, 0, "get"}
 define("dict", "DictProxy", DictM, {
   __index = function(p, k)
     local m = DictM[k]
     if m then return m end
-    return call(cl_of(p), {0, rawget(p, ID), "get", k})
+    if get_msg[4] ~= nil then get_msg = {0, 0, "get"} end
+    m = get_msg
+    m[2], m[4] = rawget(p, ID), k
+    local v = call(cl_of(p), m)
+    m[4] = nil
+    return v
   end,
   __newindex = function(p, k, v)
     check_key(k, "__newindex", 2)

@@ -66,7 +66,7 @@ local srv   -- the server this process runs (one per process)
 local kernel = require "multiprocessing.manager_kernel"
 local reply, finish, CHECKING = kernel.reply, kernel.finish, kernel.CHECKING
 local run_timers, next_timeout = kernel.run_timers, kernel.next_timeout
-local traceback, caught = kernel.traceback, kernel.caught
+local traceback, caught, quick = kernel.traceback, kernel.caught, kernel.quick
 local K = kernel.K
 
 -- ---- records ------------------------------------------------------------------
@@ -359,9 +359,11 @@ local INCOMPLETE = {}
 local UNAUTH_MAX = 256 * 1024 * 1024
 S.UNAUTH_MAX = UNAUTH_MAX
 
-function Server:receive(C)
+function Server:receive(C, err)   -- (err: what recv raised, from serve)
   local ok, msg, v
-  if C.trusted then
+  if err ~= nil then
+    ok, msg = false, err
+  elseif C.trusted then
     ok, msg = pcall(C.recv, C.conn)
   else
     ok, msg, v = pcall(C.conn._recv_nowait, C.conn, UNAUTH_MAX)
@@ -483,12 +485,14 @@ function Server:serve(C)
   -- (another client's request may have drained it since the poll)
   if self.drains ~= self.polled_at and not conn:poll() then return false end
   for _ = 1, BATCH do
-    local msg = self:receive(C)
+    local ok, msg = false, nil
+    if C.trusted then ok, msg = pcall(C.recv, conn) end
+    if not ok then msg = self:receive(C, msg) end
     if msg == false or msg == INCOMPLETE then
       self.alone = nil
       return false
     end
-    if msg ~= nil then self:handle(C, msg) end
+    if msg ~= nil and not quick(C, msg) then self:handle(C, msg) end
     self.alone = nil   -- (only its first message: see drain)
     if C.closed or not self.buffered(conn) then return false end
   end
@@ -559,7 +563,7 @@ function Server:serve_ready(ready, fds, list, nc, round)
   end
   if solo == 1 then self.alone = list[1] end
   local listener = false
-  for _, i in ipairs(ready) do
+  for k = 1, #ready do local i = ready[k]   -- (ipairs: 3 calls more)
     if i > #fds then   -- a pool's: polled by the caller
     elseif i > nc then
       listener = true
@@ -587,7 +591,7 @@ function Server:serve_forever()
   -- fds: the clients', then the listener's (its socket and the
   -- handshakes in progress)
   local fds, list, nc = {}, {}, 0
-  local more = self.more
+  local more, heap, ready_t = self.more, kernel.heap, {}
   local owner_check = 0   -- when to look at the owner again
   local round = 0         -- polls so far (C.round: served after that one)
   local ok, err = pcall(function()
@@ -603,7 +607,8 @@ function Server:serve_forever()
         for _, fd in ipairs(lfds) do fds[#fds + 1] = fd end
         self.dirty = false
       end
-      local timeout = next_timeout(more, lwake)
+      local timeout = (lwake or next(more) or heap[1]) and
+                      next_timeout(more, lwake) or nil
       -- the pools it serves (manager_pool.lua): their fds after ours
       local pfds, pt = T.pool_fds and T.pool_fds()
       if pt and (timeout == nil or pt < timeout) then timeout = pt end
@@ -623,7 +628,9 @@ function Server:serve_forever()
         end
         if timeout == nil or timeout > 1 then timeout = 1 end
       end
-      local ready = core.wait_fds(wfds, timeout)
+      -- (polling a while first, if a CPU is free: the next request
+      -- usually follows the last answer within microseconds)
+      local ready = core.wait_fds(wfds, timeout, true, ready_t)
       self.polled_at = self.drains
       if pfds then T.poll_pools() end
       round = round + 1
@@ -635,13 +642,13 @@ function Server:serve_forever()
           if self.buffered(C.conn) then more[C] = true end
         end
       end
-      for C in pairs(more) do
+      for C in next, more do
         if C.round ~= round then
           if C.closed then more[C] = nil
           else more[C] = self:serve(C) or nil end
         end
       end
-      run_timers()
+      if heap[1] then run_timers() end
     end
   end)
   self:close()

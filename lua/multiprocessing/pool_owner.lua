@@ -60,9 +60,11 @@ end
 -- (-1, INIT_FAILED, err).  Returns false for no message.  (No varargs:
 -- no message has more than five items.)
 local function handle(self, tag, status, a, b, c)
-  if tag == nil then return false end
-  if type(tag) == "table" then             -- a reply of over 65535 items
-    return handle(self, tag[1], tag[2], tag[3], tag[4], tag[5])
+  if status == nil then                    -- (every reply has a status)
+    if tag == nil then return false end
+    if type(tag) == "table" then           -- a reply of over 65535 items
+      return handle(self, tag[1], tag[2], tag[3], tag[4], tag[5])
+    end
   end
   if status == INIT_FAILED then
     self:_break("initializer failed in a worker: " .. tostring(a.message), a)
@@ -77,9 +79,12 @@ local function handle(self, tag, status, a, b, c)
   end
   if rec._kind == "apply" then             -- apply: the record is the job
     if status == OK then
-      rec._ok, rec._value, rec._nres = true, b, a
+      -- (new_apply's job reads _ok and _nres as true and 1 from its
+      -- class; new_job's has them false)
+      if a ~= 1 or rec._nres ~= 1 then rec._ok, rec._nres = true, a end
+      rec._value = b
     else
-      rec._ok, rec._value = false, {tag, status, a}
+      rec._ok, rec._value, rec._nres = false, {tag, status, a}, false
     end
     finish(rec)
   else

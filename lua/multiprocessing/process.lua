@@ -80,9 +80,14 @@ end
 
 -- ---- logging hooks (the logger is loaded only when used) -------------------
 
+-- (the level is checked first: a child's start writes nothing it need
+-- not, and logger:log's checks of its arguments call type() and friends)
 local function log(level, fmt, ...)
   local util = package.loaded["multiprocessing.util"]
-  if util then util.get_logger():log(level, fmt, ...) end
+  if util then
+    local logger = util.get_logger()
+    if logger:is_enabled_for(level) then logger:log(level, fmt, ...) end
+  end
 end
 
 -- ---- the class mechanism ---------------------------------------------------
