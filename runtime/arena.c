@@ -239,30 +239,53 @@ int luamp_mutex_held(pthread_mutex_t *m) {
 /* ---- futexes ------------------------------------------------------------ */
 
 void luamp_futex_wake(_Atomic uint32_t *w, int n) {
-  luamp_sys.futex(w, FUTEX_WAKE, (uint32_t)n, NULL);
+  luamp_sys.futex(w, FUTEX_WAKE, (uint32_t)n, NULL, 0);
 }
 
-/* Sleeps while *w == val, at most ms milliseconds (ms < 0: no limit).
- * Returns 0 when woken or the value differs, ETIMEDOUT, or EINTR. */
-static int futex_wait_ms(_Atomic uint32_t *w, uint32_t val, int ms) {
+int luamp_futex_wake_bits(_Atomic uint32_t *w, int n, uint32_t bits) {
+  long r = luamp_sys.futex(w, FUTEX_WAKE_BITSET, (uint32_t)n, NULL, bits);
+  return r > 0 ? (int)r : 0;
+}
+
+/* Sleeps while *w == val, at most ms milliseconds (ms < 0: no limit),
+ * woken only by wakes whose bits meet bits.  Returns 0 when woken or the
+ * value differs, ETIMEDOUT, or EINTR. */
+static int futex_wait_ms(_Atomic uint32_t *w, uint32_t val, int ms,
+                         uint32_t bits) {
   struct timespec ts, *tp = NULL;
-  if (ms >= 0) {
-    ts.tv_sec = ms / 1000;
-    ts.tv_nsec = (long)(ms % 1000) * 1000000L;
-    tp = &ts;
+  long r;
+  if (bits == LUAMP_ANY_BITS) {       /* a relative timeout */
+    if (ms >= 0) {
+      ts.tv_sec = ms / 1000;
+      ts.tv_nsec = (long)(ms % 1000) * 1000000L;
+      tp = &ts;
+    }
+    r = luamp_sys.futex(w, FUTEX_WAIT, val, tp, 0);
+  } else {                            /* FUTEX_WAIT_BITSET's is absolute */
+    if (ms >= 0) {
+      clock_gettime(CLOCK_MONOTONIC, &ts);
+      ts.tv_sec += ms / 1000;
+      ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+      if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+      }
+      tp = &ts;
+    }
+    r = luamp_sys.futex(w, FUTEX_WAIT_BITSET, val, tp, bits);
   }
-  if (luamp_sys.futex(w, FUTEX_WAIT, val, tp) == 0) return 0;
+  if (r == 0) return 0;
   if (errno == EAGAIN) return 0;
   return errno == ETIMEDOUT ? ETIMEDOUT : errno == EINTR ? EINTR : 0;
 }
 
-int luamp_wait_step(lua_State *L, _Atomic uint32_t *w, uint32_t val,
-                    double deadline, int slice_ms) {
+int luamp_wait_step_bits(lua_State *L, _Atomic uint32_t *w, uint32_t val,
+                         double deadline, int slice_ms, uint32_t bits) {
   int ms, r;
   if (L && luamp_interrupted(L)) return LUAMP_WAIT_INTERRUPTED;
   ms = luamp_remaining_ms(deadline, slice_ms);
   if (deadline >= 0 && ms == 0) return LUAMP_WAIT_TIMEOUT;
-  r = futex_wait_ms(w, val, ms);
+  r = futex_wait_ms(w, val, ms, bits);
   if (r == EINTR) {
     if (L && luamp_interrupted(L)) return LUAMP_WAIT_INTERRUPTED;
     return LUAMP_WAIT_AGAIN;
@@ -273,6 +296,11 @@ int luamp_wait_step(lua_State *L, _Atomic uint32_t *w, uint32_t val,
     return LUAMP_WAIT_SLICE;
   }
   return LUAMP_WAIT_AGAIN;
+}
+
+int luamp_wait_step(lua_State *L, _Atomic uint32_t *w, uint32_t val,
+                    double deadline, int slice_ms) {
+  return luamp_wait_step_bits(L, w, val, deadline, slice_ms, LUAMP_ANY_BITS);
 }
 
 /* ---- the per-process registry of arenas --------------------------------- */

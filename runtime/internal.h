@@ -168,8 +168,10 @@ struct luamp_syscalls {
   int (*timerfd_create)(clockid_t, int);
   int (*epoll_create1)(int);
   int (*epoll_ctl)(int, int, int, struct epoll_event *);
-  /* futex(2) without its last two arguments (arena.c's waits and wakes) */
-  long (*futex)(_Atomic uint32_t *, int, uint32_t, const struct timespec *);
+  /* futex(2) without uaddr2 (arena.c's waits and wakes; the last
+   * argument is val3, the bitset of FUTEX_{WAIT,WAKE}_BITSET) */
+  long (*futex)(_Atomic uint32_t *, int, uint32_t, const struct timespec *,
+                uint32_t);
   int (*open)(const char *, int, mode_t);
   int (*fstat)(int, struct stat *);
   int (*bind)(int, const struct sockaddr *, socklen_t);
@@ -405,6 +407,13 @@ enum {
 int luamp_wait_step(lua_State *L, _Atomic uint32_t *w, uint32_t val,
                     double deadline, int slice_ms);
 void luamp_futex_wake(_Atomic uint32_t *w, int n);
+/* The same with a futex bitset: a wait that only wakes with bits given
+ * (LUAMP_ANY_BITS: any wake), a wake of at most n sleepers whose bits
+ * meet bits, returning how many it woke. */
+#define LUAMP_ANY_BITS 0xffffffffu
+int luamp_wait_step_bits(lua_State *L, _Atomic uint32_t *w, uint32_t val,
+                         double deadline, int slice_ms, uint32_t bits);
+int luamp_futex_wake_bits(_Atomic uint32_t *w, int n, uint32_t bits);
 int luamp_open_arena(lua_State *L);
 
 /* A pause in a spin loop. */

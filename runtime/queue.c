@@ -80,6 +80,7 @@
 #define MAX_SLOTS 4096                /* Pool worker slots */
 #define SLICE_MS 250
 #define SPIN_NS 10000                 /* polling before sleeping in get */
+#define WILL_GET_NS 500000            /* how long q:_will_get's promise holds */
 #define BUSY_EVERY 0.02               /* seconds between looks at run_delay */
 #define BUSY_SHARE 0.05               /* waiting for a CPU this share: busy */
 #define KEEP_SCRATCH ((size_t)8 << 20) /* get's buffer kept up to this */
@@ -135,8 +136,12 @@ struct qhdr {
   _Atomic uint32_t put_woken; /* a get woke a putter since a putter last
                                * went to sleep: later gets need not (the
                                * woken one passes a wake-up on) */
-  _Atomic uint32_t get_woken; /* the same for getters: a get woke a getter
-                               * that has not run yet (see sleep_get) */
+  _Atomic uint32_t last_bits; /* futex bits of the getter that went to
+                               * sleep last, 0 none (see wake_getter) */
+  _Atomic uint32_t get_woken; /* a getter was woken and has not run since:
+                               * later wakes need not (see wake_getter) */
+  _Atomic uint64_t poll_until;/* CLOCK_MONOTONIC ns: a getter polls for
+                               * items until then, 0 none (see spin_get) */
   _Atomic uint32_t shut;      /* [mu, atomic] shutdown() was called: 0/1 */
   _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
   struct {                    /* [mu] processes in mp.wait on this queue */
@@ -637,22 +642,86 @@ static int sleep_on(lua_State *L, _Atomic uint32_t *seq, uint32_t snap,
   return r;
 }
 
-/* A getter's sleep (get, _await): sleep_on's, with get_woken cleared
- * before it (re-armed) and after it (this getter runs: it takes an item
- * and passes a wake-up on itself).  A get that leaves items for sleeping
- * getters wakes one only while get_woken is clear: a woken getter stays
- * counted in getters until it runs, which with every CPU busy takes
- * milliseconds, and every get in between woke the futex again for
- * nobody (apply_async x1e5 on 2 workers with one core burned: 47k
- * FUTEX_WAKEs in the workers against 5.7k FUTEX_WAITs, at ~1.4 us of CPU
- * each on this machine).  One killed before it runs leaves get_woken
- * set: the others wake within a wait slice (SLICE_MS) -- never a hang. */
-static int sleep_get(lua_State *L, struct qhdr *h, uint32_t snap,
-                     double deadline) {
+/* ---- getters' hand-off --------------------------------------------------
+ * Which getter a put wakes, and when (issue 15: the futures round trip with
+ * one core burned ran at half the C futex ping-pong's rate).  A futex wakes
+ * its sleepers first come, first served: the getter asleep longest.  With
+ * two pool workers idle between round trips the tasks went to each in
+ * turn (98-246 changes of worker in 300 round trips), each time to one
+ * whose caches had gone cold, and a put woke a sleeper while the other
+ * worker polled and took the task: the sleeper woke for nothing.  Now:
+ * - getters sleep with a futex bit of their own (their pool slot's, else
+ *   their pid's, modulo 32) and record it in last_bits; a put wakes that
+ *   getter, the one that went to sleep last, and another only when it
+ *   does not sleep now;
+ * - a getter that polls (spin_get), or has promised to get at once
+ *   (q:_will_get: a pool worker about to put its reply, which its owner's
+ *   next task may overtake), says so in poll_until: a put then wakes no
+ *   one, the poller takes the item;
+ * - one wake-up at a time (get_woken): a getter woken and not yet running
+ *   passes a wake-up on if items remain, so later puts and gets need not
+ *   (before, a worker taking items behind a woken one called FUTEX_WAKE
+ *   for nothing on almost every get: 12k calls in 2e4 apply_async tasks;
+ *   apply_async x1e5 on 2 workers with one core burned: 47k FUTEX_WAKEs
+ *   in the workers against 5.7k FUTEX_WAITs, ~1.4 us of CPU each);
+ * None can lose a wake-up for good: a put wakes someone unless a live
+ * getter is due to look at count again (each clears poll_until, then
+ * looks, before it sleeps), and a poller or promiser killed before it
+ * looks, or a woken getter killed before it runs, leaves the item to the
+ * sleepers' next wait slice (SLICE_MS) -- as for putters (put_woken). */
+static uint32_t getter_bits(int slot) {
+  unsigned id = slot >= 0 ? (unsigned)slot : (unsigned)luamp_pid();
+  return 1u << (id & 31);
+}
+
+static uint64_t now_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Whether a getter polls now and will see the next put without a wake. */
+static int getter_polls(struct qhdr *h) {
+  uint64_t until = atomic_load(&h->poll_until);
+  return until != 0 && now_ns() < until;
+}
+
+/* Wakes one sleeping getter: the one that went to sleep last if it
+ * sleeps still, else whichever the kernel picks. */
+static void wake_getter(struct qhdr *h) {
+  uint32_t bits;
+  if (atomic_exchange(&h->get_woken, 1)) return;
+  bits = atomic_load(&h->last_bits);
+  if (bits && luamp_futex_wake_bits(&h->put_seq, 1, bits) > 0) return;
+  luamp_futex_wake(&h->put_seq, 1);
+}
+
+/* A get's poll before it sleeps, announced in poll_until.  The caller
+ * looks at count again after this returns 0 (a put that saw the poll
+ * before it ended made count non-zero before this cleared poll_until). */
+static int spin_get(struct qhdr *h) {
+  uint64_t until = now_ns() + 2 * (uint64_t)SPIN_NS;
   int r;
+  atomic_store(&h->poll_until, until);
+  r = spin_until_nonzero(&h->count);
+  atomic_compare_exchange_strong(&h->poll_until, &until, 0);
+  return r;
+}
+
+/* A getter's sleep on put_seq with its bits, recorded as the last unless
+ * it sleeps on after a wait slice passed (*sliced; a getter idle that long
+ * is not the one to wake first). */
+static int sleep_get(lua_State *L, struct qhdr *h, uint32_t snap,
+                     uint32_t bits, int *sliced, double deadline) {
+  int r;
+  atomic_fetch_add(&h->getters, 1);
+  if (!*sliced) atomic_store(&h->last_bits, bits);
   atomic_store(&h->get_woken, 0);
-  r = sleep_on(L, &h->put_seq, snap, &h->getters, deadline);
+  r = luamp_wait_step_bits(L, &h->put_seq, snap, deadline, SLICE_MS, bits);
   atomic_store(&h->get_woken, 0);
+  atomic_fetch_sub(&h->getters, 1);
+  *sliced = r == LUAMP_WAIT_SLICE;
+  if (!*sliced) atomic_compare_exchange_strong(&h->last_bits, &bits, 0);
   return r;
 }
 
@@ -791,12 +860,13 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
    * one per item.  (A woken getter that dies before passing the wake-up on
    * costs the others one wait slice, never a hang.) */
   gs = atomic_load(&h->getters) > 0 &&
-       atomic_load_explicit(&h->count, memory_order_relaxed) == 1;
+       atomic_load_explicit(&h->count, memory_order_relaxed) == 1 &&
+       !getter_polls(h);
   /* a putter behind us may fit too (wake-ups are one at a time) */
   ps = atomic_load(&h->putters) > 0 &&
        (h->maxsize <= 0 || atomic_load(&h->count) < (uint64_t)h->maxsize);
   luamp_mutex_unlock(&h->mu);
-  if (gs) luamp_futex_wake(&h->put_seq, 1);
+  if (gs) wake_getter(h);
   if (ps) luamp_futex_wake(&h->get_seq, 1);
   if (atomic_load(&h->nwatch) > 0) poke_watchers(L, &q);
   return 0;
@@ -830,6 +900,7 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   struct qhdr *h = q.h;
   uint64_t rec[2], len;
   uint32_t ps, gs;
+  int sliced = 0;
   if (slot >= 0 && (uint32_t)slot >= h->nslots)
     luaL_argerror(L, 2, "slot out of range");
   for (;;) {
@@ -842,14 +913,17 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
         luamp_raise(L, "Empty", "queue is empty");
       }
       /* a producer on another core is usually a moment away */
-      if (cpus_free() && spin_until_nonzero(&h->count)) continue;
+      if (cpus_free() && spin_get(h)) continue;
+      /* (a poll or promise of ours ends before the last look at count) */
+      if (atomic_load_explicit(&h->poll_until, memory_order_relaxed))
+        atomic_store(&h->poll_until, 0);
       snap = atomic_load(&h->put_seq);
       if (atomic_load(&h->count) > 0) continue;
-      r = sleep_get(L, h, snap, deadline);
+      r = sleep_get(L, h, snap, getter_bits(slot), &sliced, deadline);
       if (r == LUAMP_WAIT_INTERRUPTED || r == LUAMP_WAIT_TIMEOUT) {
         /* pass on a wake-up we may have taken from another getter */
         if (atomic_load(&h->count) > 0 && atomic_load(&h->getters) > 0)
-          luamp_futex_wake(&h->put_seq, 1);
+          wake_getter(h);
         if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
         if (atomic_load(&h->count) == 0 && !atomic_load(&h->shut))
           luamp_raise(L, "Empty", "queue is empty");
@@ -884,14 +958,17 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
   atomic_store_explicit(&h->count, atomic_load_explicit(&h->count,
                         memory_order_relaxed) - 1, memory_order_release);
   end_get_step(&q);
+  /* a promise of ours is kept (see q_will_get) */
+  if (atomic_load_explicit(&h->poll_until, memory_order_relaxed))
+    atomic_store_explicit(&h->poll_until, 0, memory_order_relaxed);
   atomic_fetch_add(&h->get_seq, 1);
   ps = atomic_load(&h->putters);
-  gs = atomic_load(&h->getters) > 0 && atomic_load(&h->count) > 0;
+  gs = atomic_load(&h->getters) > 0 && atomic_load(&h->count) > 0 &&
+       !getter_polls(h);
   luamp_mutex_unlock(&h->mu);
   if (ps && !atomic_exchange(&h->put_woken, 1))
     luamp_futex_wake(&h->get_seq, 1);
-  if (gs && !atomic_exchange(&h->get_woken, 1))
-    luamp_futex_wake(&h->put_seq, 1);
+  if (gs) wake_getter(h);
   {
     int nres = 1;
     if (into) nres = decode_into(L, into, rec[1], o->buf, (size_t)len);
@@ -1341,6 +1418,20 @@ static int q_get_slot(lua_State *L) {
   return queue_get_slot(L, 1, d != -2.0, d == -2.0 ? 0 : d, (int)slot, items);
 }
 
+/* q:_will_get(): this process gets from q at once (a pool worker about to
+ * put its reply, whose owner's next task may come before the worker is
+ * back in get): for WILL_GET_NS a put need not wake a sleeping getter.
+ * (Issue 15: on a busy machine the owner, woken by the reply, often ran
+ * before its worker was back in get, and its next task woke the other,
+ * cold worker: 1100-1700 changes of worker in 20000 round trips with
+ * last_bits alone, 12-37 with this.)  A worker killed before it gets
+ * leaves the item to the sleepers' next wait slice. */
+static int q_will_get(lua_State *L) {
+  struct qhdr *h = (struct qhdr *)checkqueue(L, 1, full_queue)->p;
+  atomic_store(&h->poll_until, now_ns() + WILL_GET_NS);
+  return 0;
+}
+
 static int q_taken(lua_State *L) {
   struct queue q = qget(checkqueue(L, 1, full_queue));
   lua_Integer slot = luaL_checkinteger(L, 2);
@@ -1401,16 +1492,17 @@ static int q_wait_fd(lua_State *L) {
 static int q_await(lua_State *L) {
   struct qhdr *h = (struct qhdr *)checkqueue(L, 1, any_queue)->p;
   double deadline = luamp_deadline(luaL_checknumber(L, 2));
+  int sliced = 0;
   while (atomic_load(&h->count) == 0) {
     uint32_t snap;
     int r;
     snap = atomic_load(&h->put_seq);
     if (atomic_load(&h->count) > 0) break;
-    r = sleep_get(L, h, snap, deadline);
+    r = sleep_get(L, h, snap, getter_bits(-1), &sliced, deadline);
     if (r == LUAMP_WAIT_INTERRUPTED || r == LUAMP_WAIT_TIMEOUT) {
       /* pass on a wake-up we may have taken from a getter */
       if (atomic_load(&h->count) > 0 && atomic_load(&h->getters) > 0)
-        luamp_futex_wake(&h->put_seq, 1);
+        wake_getter(h);
       if (r == LUAMP_WAIT_INTERRUPTED) luamp_raise_interrupt(L);
       break;
     }
@@ -1636,7 +1728,8 @@ static const luaL_Reg queue_meth[] = {
   {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
   {"_put_slice", q_put_slice},
   {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
-  {"_taken", q_taken}, {"_clear", q_clear}, {"_stats", q_stats},
+  {"_will_get", q_will_get}, {"_taken", q_taken}, {"_clear", q_clear},
+  {"_stats", q_stats},
   {"_await", q_await}, {"_wait_fd", q_wait_fd}, {"fileno", q_fileno},
   {"pollfd", q_fileno}, {"events", q_events}, {"timeout", q_timeout},
   {"shutdown", q_shutdown}, {"is_shutdown", q_is_shutdown}, {NULL, NULL}

@@ -67,8 +67,8 @@ static int sys_fcntl(int fd, int cmd, int arg) {
 }
 
 static long sys_futex(_Atomic uint32_t *uaddr, int op, uint32_t val,
-                      const struct timespec *ts) {
-  return syscall(SYS_futex, uaddr, op, val, ts, NULL, 0);
+                      const struct timespec *ts, uint32_t bits) {
+  return syscall(SYS_futex, uaddr, op, val, ts, NULL, bits);
 }
 
 /* This process's pid, kept up to date in children by a pthread_atfork

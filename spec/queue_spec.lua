@@ -616,6 +616,81 @@ describe("Queue: the poll before a get sleeps (issue 18)", function()
   end)
 end)
 
+describe("Queue wake-ups: whom a put wakes (issue 15)", function()
+  -- A put wakes the getter that went to sleep last, and no one while a
+  -- getter polls or has promised to get at once (q:_will_get, a pool
+  -- worker about to put its reply).  Whatever goes wrong, an item never
+  -- waits for good: a promise not kept costs a wait slice at most.
+  pit("wakes a sleeping getter for a put made under a promise nobody keeps", function()
+    local q, back = mp.Queue(), mp.Queue()
+    local p = mp.Process{target = function() back:put(q:get(true, 20)) end}
+    p:start()
+    H.sleep(0.3)                  -- asleep in get
+    q:_will_get()                 -- a promise this process never keeps
+    q:put("kept anyway")
+    assert.equal("kept anyway", back:get(true, 10))
+    p:join()
+    assert.equal(0, p.exitcode)
+  end)
+
+  pit("loses no item and no wake-up with 6 getters, 3 putters and getters SIGKILLed", function()
+    -- getters sleep often (the putters pause), promise like pool workers
+    -- and are killed at random instants, promises pending included; the
+    -- others get everything the dead did not take
+    local q, got = mp.Queue(), mp.Queue()
+    local per, getters, putters = 3000, {}, {}
+    math.randomseed(os.time())
+    local function getter()
+      while true do
+        local v = q:get(true, 30)
+        if v == false then return end
+        if v % 3 == 0 then q:_will_get() end
+        got:put(v)
+      end
+    end
+    for k = 1, 6 do
+      getters[k] = mp.Process{target = getter}
+      getters[k]:start()
+    end
+    for k = 1, 3 do
+      putters[k] = mp.Process{target = function()
+        for i = 1, per do
+          q:put(k * per + i)
+          if math.random() < 0.2 then core.sleep(math.random() * 0.002) end
+        end
+      end}
+      putters[k]:start()
+    end
+    local seen, n, killed, t0 = {}, 0, 0, core.now()
+    local function take(timeout)
+      local v = got:get(true, timeout)
+      assert.is_nil(seen[v], "got twice: " .. tostring(v))
+      seen[v], n = true, n + 1
+    end
+    -- two getters killed while items flow
+    for _, k in ipairs {2, 5} do
+      for _ = 1, math.random(200, 2000) do take(20) end
+      getters[k]:kill(); getters[k]:join()
+      killed = killed + 1
+    end
+    for k = 1, 3 do putters[k]:join(); assert.equal(0, putters[k].exitcode) end
+    -- each killed getter may have taken one item it did not pass on
+    while n < 3 * per - killed do
+      local ok, v = pcall(got.get, got, true, 5)
+      if not ok then break end
+      assert.is_nil(seen[v], "got twice: " .. tostring(v))
+      seen[v], n = true, n + 1
+    end
+    assert.is_true(n >= 3 * per - killed, n .. " of " .. 3 * per .. " items got")
+    assert.is_true(core.now() - t0 < 120, "took " .. (core.now() - t0) .. " s")
+    for k = 1, 6 do q:put(false) end
+    for k, p in ipairs(getters) do
+      if k ~= 2 and k ~= 5 then p:join(30); assert.equal(0, p.exitcode) end
+    end
+    assert.equal(0, H.zombies())
+  end)
+end)
+
 describe("Queue between processes", function()
   pit("is FIFO per producer across 4 producers", function()
     local q = mp.Queue(100)

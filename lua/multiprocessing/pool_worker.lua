@@ -289,9 +289,16 @@ local function worker_main(cfg)
   clear_bar_before_output(cancel)
   if cfg.initializer and not run_initializer(cfg) then return 1 end
   local resolve = new_resolver(cfg.store)
-  local put_task, get_slot = rq._put_task, tq._get_slot
+  local put_reply, get_slot, will_get = rq._put_task, tq._get_slot, tq._will_get
   local stamp = function() starts[slot + 1] = now() end
   local done, limit = 0, cfg.maxtasks
+  -- A reply, put after the promise that this worker takes its next task
+  -- at once: the owner's next task, often put before this worker is back
+  -- in get, then wakes no other worker (see queue.c's q_will_get).
+  local function put_task(q, ...)
+    if not limit or done + 1 < limit then will_get(tq) end
+    return put_reply(q, ...)
+  end
   -- One task, given as the items of its message (no table decoded for
   -- it: callgrind put the task's table at ~1.4k of a small apply's ~9.3k
   -- instructions here, its making and filling and collecting): tag,

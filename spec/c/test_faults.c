@@ -7,6 +7,7 @@
  * replaced entry never leaks into the next test. */
 #include <dirent.h>
 #include <errno.h>
+#include <linux/futex.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
@@ -588,7 +589,7 @@ static void test_evset_faults(void) {
 static lua_State *waiting_state;
 static int eintr_waits, raise_sigint;
 static long (*real_futex)(_Atomic uint32_t *, int, uint32_t,
-                          const struct timespec *);
+                          const struct timespec *, uint32_t);
 
 /* lua.c's answer to SIGINT: a count hook on the main thread. */
 static void sigint_hook(lua_State *L, lua_Debug *ar) {
@@ -600,8 +601,9 @@ static void sigint_hook(lua_State *L, lua_Debug *ar) {
 /* Waits are cut short by a signal: EINTR (after SIGINT's hook is set when
  * raise_sigint says so); wakes go through. */
 static long eintr_futex(_Atomic uint32_t *w, int op, uint32_t val,
-                        const struct timespec *ts) {
-  if ((op & 0x7f) != 0) return real_futex(w, op, val, ts); /* not a WAIT */
+                        const struct timespec *ts, uint32_t bits) {
+  if ((op & 0x7f) != FUTEX_WAIT && (op & 0x7f) != FUTEX_WAIT_BITSET)
+    return real_futex(w, op, val, ts, bits);  /* not a WAIT */
   eintr_waits++;
   if (raise_sigint)
     lua_sethook(waiting_state, sigint_hook, LUA_MASKCALL | LUA_MASKRET |

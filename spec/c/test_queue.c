@@ -239,13 +239,14 @@ static void test_mutex_deadline_with_stopped_holder(void) {
 
 /* The futex wakes this process makes (luamp_sys.futex wrapped). */
 static long (*real_futex)(_Atomic uint32_t *, int, uint32_t,
-                          const struct timespec *);
+                          const struct timespec *, uint32_t);
 static int futex_wakes;
 
 static long counting_futex(_Atomic uint32_t *w, int op, uint32_t val,
-                           const struct timespec *ts) {
-  if ((op & 127) == FUTEX_WAKE) futex_wakes++;
-  return real_futex(w, op, val, ts);
+                           const struct timespec *ts, uint32_t bits) {
+  if ((op & 127) == FUTEX_WAKE || (op & 127) == FUTEX_WAKE_BITSET)
+    futex_wakes++;
+  return real_futex(w, op, val, ts, bits);
 }
 
 /* The state letter of process pid ('S' sleeping, 'T' stopped, ...). */
