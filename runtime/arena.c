@@ -196,6 +196,18 @@ int luamp_mutex_lock(pthread_mutex_t *m, void (*repair)(void *), void *arg) {
  * checking the deadline and the Lua state's pending Ctrl-C between them. */
 #define MUTEX_SLICE_MS 100
 
+/* ts = CLOCK_MONOTONIC's time ms milliseconds from now (the absolute
+ * form pthread_mutex_clocklock and FUTEX_WAIT_BITSET take). */
+static void monotonic_in(struct timespec *ts, int ms) {
+  clock_gettime(CLOCK_MONOTONIC, ts);
+  ts->tv_sec += ms / 1000;
+  ts->tv_nsec += (long)(ms % 1000) * 1000000L;
+  if (ts->tv_nsec >= 1000000000L) {
+    ts->tv_sec++;
+    ts->tv_nsec -= 1000000000L;
+  }
+}
+
 int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
                            void (*repair)(void *), void *arg,
                            double deadline) {
@@ -206,13 +218,7 @@ int luamp_mutex_lock_until(lua_State *L, pthread_mutex_t *m,
     if (L && luamp_interrupted(L)) return EINTR;
     ms = luamp_remaining_ms(deadline, MUTEX_SLICE_MS);
     if (deadline >= 0 && ms == 0) return ETIMEDOUT;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    ts.tv_sec += ms / 1000;
-    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts.tv_nsec >= 1000000000L) {
-      ts.tv_sec++;
-      ts.tv_nsec -= 1000000000L;
-    }
+    monotonic_in(&ts, ms);
     r = pthread_mutex_clocklock(m, CLOCK_MONOTONIC, &ts);
     if (r == ETIMEDOUT) r = EBUSY;   /* a slice passed: check again */
   }
@@ -263,13 +269,7 @@ static int futex_wait_ms(_Atomic uint32_t *w, uint32_t val, int ms,
     r = luamp_sys.futex(w, FUTEX_WAIT, val, tp, 0);
   } else {                            /* FUTEX_WAIT_BITSET's is absolute */
     if (ms >= 0) {
-      clock_gettime(CLOCK_MONOTONIC, &ts);
-      ts.tv_sec += ms / 1000;
-      ts.tv_nsec += (long)(ms % 1000) * 1000000L;
-      if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-      }
+      monotonic_in(&ts, ms);
       tp = &ts;
     }
     r = luamp_sys.futex(w, FUTEX_WAIT_BITSET, val, tp, bits);
