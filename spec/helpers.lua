@@ -59,6 +59,29 @@ end
 -- True when the build under test is instrumented by make sanitize (its
 -- allocator is ASan's, not glibc's).
 local sanitized
+-- Sends one message of size bytes (from offset 1 of it: size - 1) over a
+-- Pipe with send_bytes and checks what a child's recv_bytes got: its
+-- length and both ends.  The message is built by two 32-way
+-- concatenations, each one allocation of its result (string.rep would
+-- fill a buffer as big and copy it).
+function H.pipe_bytes_roundtrip(size)
+  local mp, check = require "multiprocessing", require "luassert"
+  local a, b = mp.Pipe()
+  local p = mp.Process{target = function()
+    a:close()
+    local s = b:recv_bytes()
+    b:send({#s, s:sub(1, 5), s:sub(-5)})
+  end}
+  p:start()
+  b:close()
+  local cat32 = load("local x = ... return " .. string.rep("x", 32, ".."))
+  a:send_bytes(cat32(cat32(string.rep("abcd", size >> 12))), 1)
+  check.same({size - 1, "bcdab", "dabcd"}, a:recv())
+  p:join()
+  check.equal(0, p.exitcode)
+  collectgarbage()
+end
+
 function H.sanitized()
   if sanitized == nil then
     sanitized = H.sh("env -u LD_PRELOAD readelf -d " .. H.q(H.build .. "/libluamp.so")):find("libasan") ~= nil

@@ -1,4 +1,5 @@
 -- Long runs for make soak (not part of make test): the biggest messages.
+local H = require "helpers"
 local mp = require "multiprocessing"
 
 describe("connection soak", function()
@@ -25,22 +26,7 @@ describe("connection soak", function()
 
   it("carries messages of 1 GiB with send_bytes/recv_bytes", function()
     -- (make test's Pipe spec sends 256 MiB)
-    local a, b = mp.Pipe()
-    local size = 1 << 30
-    local p = mp.Process{target = function()
-      a:close()
-      local s = b:recv_bytes()
-      b:send({#s, s:sub(1, 5), s:sub(-5)})
-    end}
-    p:start()
-    b:close()
-    -- (two 32-way concatenations, each one allocation of its result)
-    local cat32 = load("local x = ... return " .. string.rep("x", 32, ".."))
-    a:send_bytes(cat32(cat32(string.rep("abcd", size >> 12))), 1)
-    assert.same({size - 1, "bcdab", "dabcd"}, a:recv())
-    p:join()
-    assert.equal(0, p.exitcode)
-    collectgarbage()
+    H.pipe_bytes_roundtrip(1 << 30)
   end)
 
   it("uses the 8-byte length form beyond 2 GiB", function()
