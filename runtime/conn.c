@@ -285,9 +285,12 @@ static ssize_t spin_read(lua_State *L, struct conn *c, char *p, size_t n) {
 
 /* One read(2) of at most n bytes: returns the count, 0 at end of file;
  * raises on errors, interrupts and the deadline.  midway says whether a
- * message is half read (an interrupt then breaks the stream). */
-static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
-                        double deadline, int midway) {
+ * message is half read (an interrupt then breaks the stream).  With
+ * more (not on a socket that carries fds), one readv(2) fills p and
+ * then more, RA_SIZE bytes (see read_all). */
+static size_t read_once2(lua_State *L, struct conn *c, char *p, size_t n,
+                         char *more, double deadline, int midway) {
+  struct iovec iov[2] = {{p, n}, {more, RA_SIZE}};
   if (c->spin && !midway && deadline < 0) {
     ssize_t r = spin_read(L, c, p, n);
     if (r >= 0) return (size_t)r;    /* (0: end of file) */
@@ -298,7 +301,8 @@ static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
     ssize_t r;
     if (deadline >= 0) wait_fd(L, c, POLLIN, deadline, midway);
     r = c->unixsock && c->trusted ? recv_fds(c, p, n, 0)
-                                  : luamp_sys.read(c->fd, p, n);
+        : more != NULL ? luamp_sys.readv(c->fd, iov, 2)
+                       : luamp_sys.read(c->fd, p, n);
     if (r >= 0) return (size_t)r;
     if (errno == EINTR) {
       if (luamp_interrupted(L)) {
@@ -315,6 +319,11 @@ static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
     if (midway) c->rbroken = 1;
     luamp_raise_errno(L, "OSError", errno, "recv");
   }
+}
+
+static size_t read_once(lua_State *L, struct conn *c, char *p, size_t n,
+                        double deadline, int midway) {
+  return read_once2(L, c, p, n, NULL, deadline, midway);
 }
 
 /* Bytes read ahead belong to the process that read them from the fd: a
@@ -337,7 +346,16 @@ static void eof_midway(lua_State *L, struct conn *c) {
 
 /* Reads exactly n bytes (buffered).  Returns 1 on an end of file before
  * the first byte when the message has not started (midway == 0); any
- * other end of file is an error. */
+ * other end of file is an error.
+ *
+ * A big read goes straight into place, and the same readv(2) reads
+ * ahead into c->ra what follows (on a pipe: the next message's header
+ * and first bytes).  A 1 MiB message and its 4-byte header do not fit
+ * a 1 MiB pipe (the largest an unprivileged process gets), so a stream
+ * of them never ends a read at a message's end: each message took a
+ * read for its tail and another for the next header (strace -f: 2-3
+ * reads a message; the C probe's 1 MiB units, one).  Read ahead, the
+ * tail and the next header come in one read. */
 static int read_all(lua_State *L, struct conn *c, char *p, size_t n,
                     double deadline, int midway) {
   size_t got = 0;
@@ -350,10 +368,21 @@ static int read_all(lua_State *L, struct conn *c, char *p, size_t n,
   while (got < n) {
     size_t r;
     if (n - got >= RA_SIZE / 2) {   /* big: straight into place */
-      r = read_once(L, c, p + got, n - got, deadline, midway || got);
+      char *more = NULL;
+      if (!(c->unixsock && c->trusted)) {
+        ra_alloc(L, c);
+        more = c->ra;
+      }
+      r = read_once2(L, c, p + got, n - got, more, deadline, midway || got);
       if (r == 0) {
         if (!midway && got == 0) return 1;
         eof_midway(L, c);
+      }
+      if (r > n - got) {            /* read ahead (c->ra was empty) */
+        c->rpos = 0;
+        c->rend = r - (n - got);
+        c->rpid = luamp_pid();
+        r = n - got;
       }
       got += r;
       continue;

@@ -152,6 +152,7 @@ struct luamp_syscalls {
   ssize_t (*read)(int, void *, size_t);
   ssize_t (*write)(int, const void *, size_t);
   ssize_t (*writev)(int, const struct iovec *, int);
+  ssize_t (*readv)(int, const struct iovec *, int);
   ssize_t (*pread)(int, void *, size_t, off_t);
   ssize_t (*pwrite)(int, const void *, size_t, off_t);
   ssize_t (*recv)(int, void *, size_t, int);

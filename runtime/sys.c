@@ -93,7 +93,7 @@ LUAMP_CHILD_PATH void luamp_flush_stdio(void) { fflush(NULL); }
 
 struct luamp_syscalls luamp_sys = {
   .fork = fork, .waitpid = waitpid, .pthread_sigmask = pthread_sigmask,
-  .read = read, .write = write, .writev = writev,
+  .read = read, .write = write, .writev = writev, .readv = readv,
   .pread = pread, .pwrite = pwrite, .recv = recv, .poll = poll,
   .pipe2 = pipe2, .socketpair = socketpair, .socket = socket,
   .accept4 = sys_accept4, .connect = sys_connect,
