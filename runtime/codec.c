@@ -935,12 +935,13 @@ static LUAMP_INLINE int next_index(lua_State *L, int base, lua_Unsigned count,
  * known: one byte is reserved, widened to 3 when the count reaches 16 and
  * to 5 at 65536 (the items so far move up: at most 65535 of them, once),
  * and filled in at the end. */
-struct header { size_t at, len; };
+struct header { size_t at, len; lua_Unsigned widen; };
 
 static LUAMP_INLINE int begin_header(struct enc *e, struct header *h) {
   ROOM(e, 1);
   h->at = e->b->len;
   h->len = 1;
+  h->widen = 16;
   e->b->len += 1;
   return 0;
 }
@@ -953,14 +954,15 @@ static LUAMP_NOINLINE int widen_header(struct enc *e, struct header *h,
   memmove(p + len, p + h->len, e->b->len - h->at - h->len);
   e->b->len += len - h->len;
   h->len = len;
+  h->widen = len == 3 ? 65536 : 0;   /* (0: no count reaches it) */
   return 0;
 }
 
-/* After an item: the header has room for count items. */
+/* After an item: the header has room for count items.  (One compare
+ * with the next count that needs a wider header: 16, then 65536.) */
 static LUAMP_INLINE int count_item(struct enc *e, struct header *h,
                                    lua_Unsigned count) {
-  if (count == 16 || count == 65536)
-    return widen_header(e, h, count == 16 ? 3 : 5);
+  if (count == h->widen) return widen_header(e, h, count == 16 ? 3 : 5);
   return 0;
 }
 
@@ -1138,13 +1140,13 @@ static int call_hook(struct enc *e, int fidx, int idx, const char *what) {
   return 0;
 }
 
-/* A table with a metatable: Ext objects, registered classes; others lose
- * their metatable (documented).  Returns 1 when handled. */
-static int enc_with_metatable(struct enc *e, int idx) {
+/* A table with a metatable, which lua_getmetatable has pushed: Ext
+ * objects, registered classes; others lose their metatable (documented).
+ * Returns 1 when handled.  (Out of line: the plain table's path keeps a
+ * small frame.) */
+static LUAMP_NOINLINE int enc_with_metatable(struct enc *e, int idx) {
   lua_State *L = e->L;
-  int mt;
-  if (!lua_getmetatable(L, idx)) return 0;
-  mt = lua_gettop(L);
+  int mt = lua_gettop(L);
   luaL_getmetatable(L, EXT_MT);
   if (lua_rawequal(L, -1, mt)) {
     size_t n;
@@ -1241,7 +1243,7 @@ static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top) {
   r = enter_object(e, p, &def);
   if (r != 0) return r < 0 ? -1 : 0;
   e->depth++;
-  r = enc_with_metatable(e, idx);
+  r = lua_getmetatable(L, idx) ? enc_with_metatable(e, idx) : 0;
   if (r == 0) r = enc_table_body(e, idx, top + 1);
   e->depth--;
   if (r < 0) return -1;
