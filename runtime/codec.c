@@ -764,6 +764,8 @@ static void roll_back(struct enc *e, struct mark m) {
 
 static int enc_value(struct enc *e, int idx);
 static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t);
+static LUAMP_INLINE int enc_typed_in(lua_State *L, struct enc *e, int idx,
+                                     int t);
 static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top);
 
 /* ---- names of modules and their functions --------------------------- */
@@ -1001,7 +1003,7 @@ static int enc_map(struct enc *e, int idx, int base, struct header *h,
   while (pushed || lua_next(L, idx)) {
     pushed = 0;
     tk = lua_type(L, k);
-    if (enc_typed(e, k, tk) < 0) {
+    if (enc_typed_in(L, e, k, tk) < 0) {
       path_key(e, k);
       path_step(e, "(key)");
       lua_settop(L, base - 1);
@@ -1010,7 +1012,7 @@ static int enc_map(struct enc *e, int idx, int base, struct header *h,
     tv = lua_type(L, k + 1);
     if ((tv == LUA_TTABLE ?
              enc_table(e, k + 1, tk == LUA_TTABLE ? 0 : k + 1) :
-             enc_typed(e, k + 1, tv)) < 0) {
+             enc_typed_in(L, e, k + 1, tv)) < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
@@ -1082,7 +1084,7 @@ static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
     }
     t = lua_type(L, k + 1);
     if ((t == LUA_TTABLE ? enc_table(e, k + 1, k + 1) :
-                           enc_typed(e, k + 1, t)) < 0) {
+                           enc_typed_in(L, e, k + 1, t)) < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
@@ -1450,9 +1452,11 @@ static LUAMP_NOINLINE int enc_object(struct enc *e, int idx, int t) {
 }
 
 /* The value at idx, whose type is t; scalars are written inline (in the
- * loops over a table's items), objects by enc_object. */
-static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
-  lua_State *L = e->L;
+ * loops over a table's items), objects by enc_object.  (L is e->L: the
+ * loops pass the one they hold in a register, not reloaded after each
+ * API call.) */
+static LUAMP_INLINE int enc_typed_in(lua_State *L, struct enc *e, int idx,
+                                     int t) {
   switch (t) {
     case LUA_TNUMBER:
       if (lua_isinteger(L, idx)) return put_int(e, lua_tointeger(L, idx));
@@ -1473,6 +1477,10 @@ static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
     default:
       return enc_object(e, idx, t);
   }
+}
+
+static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
+  return enc_typed_in(e->L, e, idx, t);
 }
 
 /* enc_typed, leaving the stack as it found it. */
