@@ -306,6 +306,9 @@ struct enc {
   int names_checked;     /* the name cache was validated in this encode */
   int hooks;             /* hook results are cached (see hook_cached) */
   int stack_ok;          /* the Lua stack has room up to this index */
+  uint32_t fast_cap;     /* enter_object's inline path takes objects while
+                          * fewer than this are known: pass 1 with tracking
+                          * on, min(MAP_LINEAR, room in order[]); else 0 */
   int oom;
   char msg[160];         /* innermost failure */
   char path[400];        /* steps from the root to it, built outwards */
@@ -487,7 +490,7 @@ static LUAMP_INLINE size_t int_bytes(unsigned char *p, lua_Integer v) {
   }
 }
 
-static int put_int(struct enc *e, lua_Integer v) {
+static LUAMP_INLINE int put_int(struct enc *e, lua_Integer v) {
   ROOM(e, 9);
   e->b->len += int_bytes(wp(e), v);
   return 0;
@@ -712,6 +715,7 @@ static LUAMP_NOINLINE int enter_object_any(struct enc *e, const void *p,
   o = b->norder - 1;
   if (e->pass == 1) {
     b->info[o] = 0;
+    e->fast_cap = b->ocap < MAP_LINEAR ? b->ocap : MAP_LINEAR;
   } else if (b->info[o] & SHARED_BIT) {
     b->info[o] = SHARED_BIT | ++e->ndefs;
     if (begin_ext(e, EXT_DEF, def) < 0) return -1;
@@ -723,13 +727,13 @@ oom:
 }
 
 /* enter_object_any, with the common case inline: pass 1, few objects so
- * far, p not among them. */
+ * far, p not among them (one compare with e->fast_cap says the first). */
 static LUAMP_INLINE int enter_object(struct enc *e, const void *p,
                                      size_t *def) {
   struct encbox *b = e->b;
   uint32_t n = b->norder;
   *def = SIZE_MAX;
-  if (e->pass == 1 && n < MAP_LINEAR && n < b->ocap && track_refs) {
+  if (n < e->fast_cap) {
     for (uint32_t o = 0; o < n; o++)
       if (b->order[o] == p) return enter_object_any(e, p, def);
     b->order[n] = p;
@@ -994,8 +998,8 @@ static LUAMP_INLINE int end_header(struct enc *e, struct header *h,
 
 /* The pairs of a map, in one pass, from base up, under the header h;
  * pushed: lua_next has already left the first pair at base. */
-static int enc_map(struct enc *e, int idx, int base, struct header *h,
-                   int pushed) {
+static LUAMP_INLINE int enc_map(struct enc *e, int idx, int base,
+                                struct header *h, int pushed) {
   lua_State *L = e->L;
   lua_Unsigned count = 0;
   int k = base, tk, tv;
@@ -1682,6 +1686,8 @@ static char *encode_typed(lua_State *L, struct encbox *box, int idx, int t,
   e.globals = e.b->globals;
   e.pass = 1;
   for (;;) {
+    e.fast_cap = e.pass == 1 && track_refs ?
+                     (e.b->ocap < MAP_LINEAR ? e.b->ocap : MAP_LINEAR) : 0;
     e.b->len = 0;
     r = e.b->cap < reserve + 64 ? grow(&e, reserve + 64) : 0;
     if (r == 0) {
