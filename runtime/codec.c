@@ -306,6 +306,9 @@ struct enc {
   int names_checked;     /* the name cache was validated in this encode */
   int hooks;             /* hook results are cached (see hook_cached) */
   int stack_ok;          /* the Lua stack has room up to this index */
+  uint32_t fast_cap;     /* enter_object's inline path takes objects while
+                          * fewer than this are known: pass 1 with tracking
+                          * on, min(MAP_LINEAR, room in order[]); else 0 */
   int oom;
   char msg[160];         /* innermost failure */
   char path[400];        /* steps from the root to it, built outwards */
@@ -487,7 +490,7 @@ static LUAMP_INLINE size_t int_bytes(unsigned char *p, lua_Integer v) {
   }
 }
 
-static int put_int(struct enc *e, lua_Integer v) {
+static LUAMP_INLINE int put_int(struct enc *e, lua_Integer v) {
   ROOM(e, 9);
   e->b->len += int_bytes(wp(e), v);
   return 0;
@@ -712,6 +715,7 @@ static LUAMP_NOINLINE int enter_object_any(struct enc *e, const void *p,
   o = b->norder - 1;
   if (e->pass == 1) {
     b->info[o] = 0;
+    e->fast_cap = b->ocap < MAP_LINEAR ? b->ocap : MAP_LINEAR;
   } else if (b->info[o] & SHARED_BIT) {
     b->info[o] = SHARED_BIT | ++e->ndefs;
     if (begin_ext(e, EXT_DEF, def) < 0) return -1;
@@ -723,13 +727,13 @@ oom:
 }
 
 /* enter_object_any, with the common case inline: pass 1, few objects so
- * far, p not among them. */
+ * far, p not among them (one compare with e->fast_cap says the first). */
 static LUAMP_INLINE int enter_object(struct enc *e, const void *p,
                                      size_t *def) {
   struct encbox *b = e->b;
   uint32_t n = b->norder;
   *def = SIZE_MAX;
-  if (e->pass == 1 && n < MAP_LINEAR && n < b->ocap && track_refs) {
+  if (n < e->fast_cap) {
     for (uint32_t o = 0; o < n; o++)
       if (b->order[o] == p) return enter_object_any(e, p, def);
     b->order[n] = p;
@@ -764,6 +768,8 @@ static void roll_back(struct enc *e, struct mark m) {
 
 static int enc_value(struct enc *e, int idx);
 static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t);
+static LUAMP_INLINE int enc_typed_in(lua_State *L, struct enc *e, int idx,
+                                     int t);
 static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top);
 
 /* ---- names of modules and their functions --------------------------- */
@@ -935,12 +941,13 @@ static LUAMP_INLINE int next_index(lua_State *L, int base, lua_Unsigned count,
  * known: one byte is reserved, widened to 3 when the count reaches 16 and
  * to 5 at 65536 (the items so far move up: at most 65535 of them, once),
  * and filled in at the end. */
-struct header { size_t at, len; };
+struct header { size_t at, len; lua_Unsigned widen; };
 
 static LUAMP_INLINE int begin_header(struct enc *e, struct header *h) {
   ROOM(e, 1);
   h->at = e->b->len;
   h->len = 1;
+  h->widen = 16;
   e->b->len += 1;
   return 0;
 }
@@ -953,14 +960,15 @@ static LUAMP_NOINLINE int widen_header(struct enc *e, struct header *h,
   memmove(p + len, p + h->len, e->b->len - h->at - h->len);
   e->b->len += len - h->len;
   h->len = len;
+  h->widen = len == 3 ? 65536 : 0;   /* (0: no count reaches it) */
   return 0;
 }
 
-/* After an item: the header has room for count items. */
+/* After an item: the header has room for count items.  (One compare
+ * with the next count that needs a wider header: 16, then 65536.) */
 static LUAMP_INLINE int count_item(struct enc *e, struct header *h,
                                    lua_Unsigned count) {
-  if (count == 16 || count == 65536)
-    return widen_header(e, h, count == 16 ? 3 : 5);
+  if (count == h->widen) return widen_header(e, h, count == 16 ? 3 : 5);
   return 0;
 }
 
@@ -990,8 +998,8 @@ static LUAMP_INLINE int end_header(struct enc *e, struct header *h,
 
 /* The pairs of a map, in one pass, from base up, under the header h;
  * pushed: lua_next has already left the first pair at base. */
-static int enc_map(struct enc *e, int idx, int base, struct header *h,
-                   int pushed) {
+static LUAMP_INLINE int enc_map(struct enc *e, int idx, int base,
+                                struct header *h, int pushed) {
   lua_State *L = e->L;
   lua_Unsigned count = 0;
   int k = base, tk, tv;
@@ -999,7 +1007,7 @@ static int enc_map(struct enc *e, int idx, int base, struct header *h,
   while (pushed || lua_next(L, idx)) {
     pushed = 0;
     tk = lua_type(L, k);
-    if (enc_typed(e, k, tk) < 0) {
+    if (enc_typed_in(L, e, k, tk) < 0) {
       path_key(e, k);
       path_step(e, "(key)");
       lua_settop(L, base - 1);
@@ -1008,7 +1016,7 @@ static int enc_map(struct enc *e, int idx, int base, struct header *h,
     tv = lua_type(L, k + 1);
     if ((tv == LUA_TTABLE ?
              enc_table(e, k + 1, tk == LUA_TTABLE ? 0 : k + 1) :
-             enc_typed(e, k + 1, tv)) < 0) {
+             enc_typed_in(L, e, k + 1, tv)) < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
@@ -1080,7 +1088,7 @@ static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
     }
     t = lua_type(L, k + 1);
     if ((t == LUA_TTABLE ? enc_table(e, k + 1, k + 1) :
-                           enc_typed(e, k + 1, t)) < 0) {
+                           enc_typed_in(L, e, k + 1, t)) < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
@@ -1138,13 +1146,13 @@ static int call_hook(struct enc *e, int fidx, int idx, const char *what) {
   return 0;
 }
 
-/* A table with a metatable: Ext objects, registered classes; others lose
- * their metatable (documented).  Returns 1 when handled. */
-static int enc_with_metatable(struct enc *e, int idx) {
+/* A table with a metatable, which lua_getmetatable has pushed: Ext
+ * objects, registered classes; others lose their metatable (documented).
+ * Returns 1 when handled.  (Out of line: the plain table's path keeps a
+ * small frame.) */
+static LUAMP_NOINLINE int enc_with_metatable(struct enc *e, int idx) {
   lua_State *L = e->L;
-  int mt;
-  if (!lua_getmetatable(L, idx)) return 0;
-  mt = lua_gettop(L);
+  int mt = lua_gettop(L);
   luaL_getmetatable(L, EXT_MT);
   if (lua_rawequal(L, -1, mt)) {
     size_t n;
@@ -1241,7 +1249,7 @@ static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top) {
   r = enter_object(e, p, &def);
   if (r != 0) return r < 0 ? -1 : 0;
   e->depth++;
-  r = enc_with_metatable(e, idx);
+  r = lua_getmetatable(L, idx) ? enc_with_metatable(e, idx) : 0;
   if (r == 0) r = enc_table_body(e, idx, top + 1);
   e->depth--;
   if (r < 0) return -1;
@@ -1448,9 +1456,11 @@ static LUAMP_NOINLINE int enc_object(struct enc *e, int idx, int t) {
 }
 
 /* The value at idx, whose type is t; scalars are written inline (in the
- * loops over a table's items), objects by enc_object. */
-static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
-  lua_State *L = e->L;
+ * loops over a table's items), objects by enc_object.  (L is e->L: the
+ * loops pass the one they hold in a register, not reloaded after each
+ * API call.) */
+static LUAMP_INLINE int enc_typed_in(lua_State *L, struct enc *e, int idx,
+                                     int t) {
   switch (t) {
     case LUA_TNUMBER:
       if (lua_isinteger(L, idx)) return put_int(e, lua_tointeger(L, idx));
@@ -1471,6 +1481,10 @@ static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
     default:
       return enc_object(e, idx, t);
   }
+}
+
+static LUAMP_INLINE int enc_typed(struct enc *e, int idx, int t) {
+  return enc_typed_in(e->L, e, idx, t);
 }
 
 /* enc_typed, leaving the stack as it found it. */
@@ -1672,6 +1686,8 @@ static char *encode_typed(lua_State *L, struct encbox *box, int idx, int t,
   e.globals = e.b->globals;
   e.pass = 1;
   for (;;) {
+    e.fast_cap = e.pass == 1 && track_refs ?
+                     (e.b->ocap < MAP_LINEAR ? e.b->ocap : MAP_LINEAR) : 0;
     e.b->len = 0;
     r = e.b->cap < reserve + 64 ? grow(&e, reserve + 64) : 0;
     if (r == 0) {
