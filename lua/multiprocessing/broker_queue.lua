@@ -208,14 +208,7 @@ local function take(self)
   return true, got, v
 end
 
--- get([block [, timeout]]): Empty when nothing came in time.
-function Queue:get(block, timeout)
-  check(self, "get")
-  if block == nil then block = true end
-  if timeout ~= nil and type(timeout) ~= "number" then
-    argerror(2, "get", "timeout must be a number or nil")
-  end
-  local deadline = block and timeout and now() + math.max(timeout, 0)
+local function get(self, block, deadline)
   while true do
     local e, ok, v = take(self)
     if e then
@@ -228,6 +221,21 @@ function Queue:get(block, timeout)
       self._b:command({"BLPOP", self._prefix .. "wake", string.format("%.3f", t)}, t + 30)
     end
   end
+end
+
+-- get([block [, timeout]]): Empty when nothing came in time.  The take
+-- and the return are one step for Ctrl-C: the loop runs shielded (a
+-- Ctrl-C ends only its waits, and a take cut there gives its item back),
+-- and it is a tail call, so its results go straight to the caller, where
+-- the Ctrl-C lands next (luamp's hook lets a return finish).  Either the
+-- item is in the caller's hands or it is in the queue.
+function Queue:get(block, timeout)
+  check(self, "get")
+  if block == nil then block = true end
+  if timeout ~= nil and type(timeout) ~= "number" then
+    argerror(2, "get", "timeout must be a number or nil")
+  end
+  return core.shielded(get, self, block, block and timeout and now() + math.max(timeout, 0))
 end
 
 function Queue:get_nowait() return self:get(false) end
