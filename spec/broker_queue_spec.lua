@@ -294,6 +294,31 @@ describe("Queue{broker =}", function()
     for i = 1, N do assert.equal(1, seen[i], "item " .. i) end
   end)
 
+  -- A user whose ACL lacks a command of the take: the get fails naming
+  -- it and leaves the item in the queue (a script refused half-way keeps
+  -- what it wrote: before, its LPOP had taken the item, lost for good).
+  it("leaves the item in the queue when the user's ACL refuses a command of the get", function()
+    local readme = H.slurp("README.md")
+    local acl = assert(readme:match("\n(ACL SETUSER lworker .-[^\\])\n"), "README: no ACL")
+    local argv = {}
+    for w in acl:gsub("\\\n", " "):gmatch("%S+") do
+      if w ~= "+zadd" then
+        argv[#argv + 1] = (w == "lworker" and "qnozadd") or (w == ">PASSWORD" and ">qpass") or w
+      end
+    end
+    local admin = require("multiprocessing.core").redis_connect(nil, nil, s.sock, 5)
+    assert.equal("OK", admin:command(argv))
+    admin:close()
+    local q <close> = queue("noperm")
+    q:put("kept")
+    local limited <close> = queue("noperm", {username = "qnozadd", password = "qpass"})
+    local err = H.err_of(limited.get, limited, true, 5)
+    assert.matches("NOPERM", tostring(err))
+    assert.matches("ZADD on luamp:queue:noperm:taken", tostring(err), 1, true)
+    assert.equal(1, q:qsize())
+    assert.equal("kept", q:get(true, 5))
+  end)
+
   it("needs an authkey and a name", function()
     assert.equal("ValueError", H.kind_of(mp.Queue, {broker = s.url, name = "x"}))
     assert.matches("name", H.err_of(mp.Queue, {broker = s.url, authkey = "k"}))

@@ -41,6 +41,25 @@ local M = {}
 
 M.SCRIPT = [[
 local op, P = ARGV[1], ARGV[2]
+-- (the commands of an op checked against the caller's ACL before it
+-- writes: Redis keeps what a script wrote before a refused command, and a
+-- take refused after its LPOP would lose the item)
+local I, K, W, H = P .. 'items', P .. 'taken', P .. 'wake', P .. 'held:x'
+local WAKE = {{'lpush', W, 'x'}, {'ltrim', W, '0', '1'}}
+local NEEDS = {
+  put = {{{'rpush', I, 'x'}}, WAKE},
+  take = {{{'zrangebyscore', K, '0', '1'}, {'zrem', K, 'x'}, {'lpush', I, 'x'}, {'get', H},
+           {'zscore', K, 'x'}, {'lpop', I}, {'zadd', K, '0', 'x'}, {'set', H, 'x'}}},
+  back = {{{'get', H}, {'zrem', K, 'x'}, {'lpush', I, 'x'}}, WAKE},
+}
+for _, list in ipairs(NEEDS[op] or {}) do
+  for _, c in ipairs(list) do
+    if not redis.acl_check_cmd(unpack(c)) then
+      return redis.error_reply('NOPERM this Redis user may not run ' .. string.upper(c[1]) ..
+                               ' on ' .. c[2] .. ' (luamp needs it to ' .. op .. ')')
+    end
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if op == 'put' then              -- entry
