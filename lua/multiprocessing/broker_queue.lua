@@ -215,6 +215,9 @@ local function take(self)
       acked = true                 -- (from here the ack may reach Redis)
       self._b:send({{"ZREM", self._prefix .. "taken", e}})
     end
+    -- (a Ctrl-C that came meanwhile: the item goes back, under stock
+    -- lua5.4 too, whose hook would drop it at the return)
+    core.check_interrupt()
     return true, v
   end)
   if not ok2 then
