@@ -141,7 +141,21 @@ int luamp_raise_errno(lua_State *L, const char *kind, int err,
 
 int luamp_raise_interrupt(lua_State *L) {
   /* The same message lua.c's hook raises, so hosts and users that match
-   * on "interrupted!" see one thing whichever side noticed the signal. */
+   * on "interrupted!" see one thing whichever side noticed the signal.
+   * The hook is the main thread's: cleared there too when L is another
+   * thread (a wait in core.shielded's), or the same Ctrl-C would raise a
+   * second time at the main thread's next instruction. */
+  lua_State *main;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+  main = lua_tothread(L, -1);
+  lua_pop(L, 1);
+  /* (the interrupt hook as sys.c's luamp_interrupted knows it; not called
+   * from here: sys.c calls this file) */
+  if (main != NULL && main != L && lua_gethook(main) != NULL &&
+      lua_gethookcount(main) == 1 &&
+      lua_gethookmask(main) == (LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE |
+                                LUA_MASKCOUNT))
+    lua_sethook(main, NULL, 0, 0);
   lua_sethook(L, NULL, 0, 0);
   lua_pushliteral(L, "interrupted!");
   lua_error(L);

@@ -171,7 +171,7 @@ static void detach_fds(int keep) {
  * which the runtime's waits recognise, so a child interrupted at the
  * terminal leaves with exit code 1 and its traceback, as under fork. */
 static void stop_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
+  if (ar->event == LUA_HOOKRET) return;   /* (as the host's: results first) */
   lua_sethook(L, NULL, 0, 0);
   luaL_error(L, "interrupted!");
 }

@@ -19,14 +19,18 @@ static lua_State *globalL = NULL;
 
 /* ---- signals: Ctrl-C stops the running chunk ------------------------- */
 
+/* Not at a return: the results reach the caller first, and the hook
+ * raises at the caller's next instruction.  (lua.c's hook raises there
+ * too, which drops what the call returned: an item a queue's get had
+ * taken would be lost between the take and the caller.) */
 static void stop_hook(lua_State *L, lua_Debug *ar) {
-  (void)ar;
+  if (ar->event == LUA_HOOKRET) return;
   lua_sethook(L, NULL, 0, 0);
   luaL_error(L, "interrupted!");
 }
 
 /* The handler only installs a hook, which raises "interrupted!" at the next
- * Lua instruction.  C code blocked in a system call sees EINTR and the same
+ * Lua instruction (after a return in progress delivers its results).  C code blocked in a system call sees EINTR and the same
  * hook (luamp_interrupted in sys.c).  The disposition goes back to default
  * so that a second Ctrl-C kills a program stuck in C code. */
 static void on_sigint(int sig) {

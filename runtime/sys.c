@@ -247,6 +247,16 @@ static int l_sleep(lua_State *L) {
   return 0;
 }
 
+/* core.check_interrupt(): raises "interrupted!" when a Ctrl-C is pending
+ * (the hook set on the main thread and not yet fired).  For a shielded
+ * step about to hand something over: under stock lua5.4 the hook fires
+ * at the shielded call's return and would drop it, so the step gives it
+ * back instead when the Ctrl-C came before this check. */
+static int l_check_interrupt(lua_State *L) {
+  if (luamp_interrupted(L)) luamp_raise_interrupt(L);
+  return 0;
+}
+
 /* core.shielded(f, ...) -> f's results.  Runs f where Ctrl-C cannot cut
  * it in two: lua.c and luamp answer SIGINT with a hook on the main thread
  * only, so f runs in a thread of its own (its hook cleared) to its end,
@@ -306,6 +316,7 @@ int luamp_open_sys(lua_State *L) {
     {"table_new", l_table_new},
     {"sleep", l_sleep},
     {"shielded", l_shielded},
+    {"check_interrupt", l_check_interrupt},
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);

@@ -294,6 +294,64 @@ describe("broker faults", function()
     r:close()
   end)
 
+  -- A worker whose Redis user lacks a command it needs: the README's
+  -- minimal ACL less one command.  The daemon checks what it needs before
+  -- it takes a task and fails loudly; the clients waiting for its namespace
+  -- learn it (BrokenPoolError naming the command), with a timeout and
+  -- without one; the refused claim took nothing (a script refused
+  -- half-way used to keep its RPOP: the task was lost, the get waited
+  -- forever).
+  local function acl_without(user, missing)
+    local readme = H.slurp("README.md")
+    local acl = assert(readme:match("\n(ACL SETUSER lworker .-[^\\])\n"), "README: no ACL")
+    local argv = {}
+    for w in acl:gsub("\\\n", " "):gmatch("%S+") do
+      if w ~= missing then
+        argv[#argv + 1] = (w == "lworker" and user) or (w == ">PASSWORD" and ">wpass") or w
+      end
+    end
+    local admin = core.redis_connect(nil, nil, s.sock, 5)
+    assert.equal("OK", admin:command(argv))
+    admin:close()
+  end
+
+  for _, case in ipairs {{"+zadd", "ZADD on luamp:noperm1:leases"},
+                         {"+evalsha", "'evalsha' command"}} do
+    local missing, named = case[1], case[2]
+    it("fails the clients' tasks when a worker's ACL user lacks " .. missing, function()
+      local ns = missing == "+zadd" and "noperm1" or "noperm2"
+      acl_without("u" .. ns, missing)
+      local pool <close> = pool_for(ns, {lease = 60})
+      local t0 = mp.now()
+      local ar = pool:apply_async(function() return 1 end)
+      local pid, log = s:start_worker{namespace = ns, processes = 1,
+                                      env = "LUAMP_REDIS_USERNAME=u" .. ns .. " LUAMP_REDIS_PASSWORD=wpass"}
+      local err = H.err_of(ar.get, ar, 30)
+      assert.equal("BrokenPoolError", err.kind, tostring(err))
+      assert.matches(named, err.message, 1, true)
+      assert.matches("gave up", err.message, 1, true)
+      assert.is_true(mp.now() - t0 < 20, "waited " .. (mp.now() - t0) .. " s")
+      assert.equal("BrokenPoolError", H.kind_of(pool.apply_async, pool, function() end))
+      -- the daemon failed loudly, having taken nothing
+      assert.is_true(H.eventually(function() return not H.alive(pid) end, 20))
+      assert.matches("giving up: NOPERM", H.slurp(log))
+      assert.matches(named, H.slurp(log), 1, true)
+      assert.equal("1", s:cli("LLEN luamp:" .. ns .. ":q"))
+      assert.equal("0", s:cli("ZCARD luamp:" .. ns .. ":leases"))
+      -- a client that waits with no timeout learns it too
+      local out, e2, code = H.script(string.format([[
+        local mp = require "multiprocessing"
+        local pool = mp.Pool{broker = %q, namespace = %q, authkey = "secret"}
+        local ok, err = pcall(pool.apply, pool, function() return 1 end)
+        print(ok, err.kind)
+        print(err.message)
+      ]], s.url, ns), nil, "timeout 60")
+      assert.equal(0, code, e2)
+      assert.matches("^false\tBrokenPoolError\n", out)
+      assert.matches(named, out, 1, true)
+    end)
+  end
+
   it("loses, duplicates and re-runs nothing of 10^4 tasks across 2 daemons", function()
     -- (each item its own task: 1000-3000 tasks/s on this shared machine;
     -- the issue's 10^5 is make soak's, spec/soak/broker_soak.lua)

@@ -3,6 +3,7 @@
 local H = require "helpers"
 local R = require "redis_server"
 local mp = require "multiprocessing"
+local core_sleep = require("multiprocessing.core").sleep
 
 describe("Queue{broker =}", function()
   local s
@@ -173,6 +174,149 @@ describe("Queue{broker =}", function()
       assert.are_not.equal(0, code)
       assert.is_true(mp.now() - t0 < 20)
     end
+  end)
+
+  -- Ctrl-C at a get: the item it took is the caller's or the queue's,
+  -- never lost, never duplicated, never left taken (for its lease).  A
+  -- hook raising "interrupted!" (what Ctrl-C does) at random instruction
+  -- boundaries of gets, as in broker_spec -- in luamp's code only: landing
+  -- in the caller's (this test's, busted's), after the get returned, the
+  -- caller has the item (luamp's Ctrl-C too lets a return finish first).
+  it("loses and duplicates no item to Ctrl-C at any instruction of a get", function()
+    local q <close> = queue("ctrlc-hook")
+    local N = 300
+    for i = 1, N do q:put(i) end
+    local sethook, getinfo, random = debug.sethook, debug.getinfo, math.random
+    local function one()
+      sethook(function()
+        sethook()
+        if getinfo(2, "S").source:find("multiprocessing/", 1, true) then
+          error("interrupted!", 0)
+        end
+      end, "", random(1, 400))
+      local v = q:get(true, 1)
+      sethook()
+      return v
+    end
+    math.randomseed(11)
+    local seen, interrupts = {}, 0
+    while true do
+      local ok, v = pcall(one)
+      debug.sethook()
+      if ok then
+        seen[v] = (seen[v] or 0) + 1
+      elseif v == "interrupted!" then
+        interrupts = interrupts + 1
+      else
+        assert.equal("Empty", v.kind, tostring(v))
+        break
+      end
+    end
+    for i = 1, N do assert.equal(1, seen[i], "item " .. i) end
+    assert.is_true(interrupts > 0)
+    assert.equal("0", s:cli("ZCARD luamp:queue:ctrlc-hook:taken"))
+  end)
+
+  -- The same with real SIGINTs: consumer processes, each taking items in
+  -- a loop until its Ctrl-C.  Each records what it got; an item whose get
+  -- had returned when the Ctrl-C landed is still in the consumer's local
+  -- (the error handler reads it there).  Every item is then recorded
+  -- exactly once or still in the queue, and none is left taken.
+  it("loses and duplicates no item when SIGINTs hit processes doing gets", function()
+    local q <close> = queue("ctrlc-sigint")
+    local N = 3000
+    for i = 1, N do q:put(i) end
+    local dir = s.dir
+    local code = string.format([[
+      local mp = require "multiprocessing"
+      local core = require "multiprocessing.core"
+      local q = mp.Queue{broker = %q, name = "ctrlc-sigint", authkey = "k"}
+      local log = io.open(%q, "a")
+      log:setvbuf("no")
+      local last
+      local function record(v)
+        core.shielded(function()
+          if v ~= last then log:write(v, "\n") last = v end
+        end)
+      end
+      local function body()
+        io.open(arg[1], "w"):close()
+        while true do
+          local v = q:get(true, 5)
+          record(v)
+        end
+      end
+      local function handler(e)
+        for level = 2, 60 do
+          local info = debug.getinfo(level, "f")
+          if not info then break end
+          if info.func == body then
+            for i = 1, 20 do
+              local name, val = debug.getlocal(level, i)
+              if name == nil then break end
+              if name == "v" and val ~= nil then record(val) end
+            end
+          end
+        end
+        return e
+      end
+      local ok, e = xpcall(body, handler)
+      io.stderr:write(tostring(e), "\n")
+      os.exit(ok and 0 or 3)
+    ]], s.url, dir .. "/got")
+    local script = H.write(dir .. "/consumer.lua", code)
+    math.randomseed(5)
+    local interrupted = 0
+    for round = 1, 20 do
+      local ready = dir .. "/ready" .. round
+      local pid = tonumber(H.sh(string.format("%s %s %s >%s/c%d.out 2>&1 </dev/null & echo $!",
+        H.q(H.luamp), H.q(script), H.q(ready), dir, round)):match("%d+"))
+      assert.is_true(H.eventually(function() return io.open(ready) ~= nil end, 20), H.slurp(dir .. "/c" .. round .. ".out"))
+      core_sleep(math.random() * 0.15)
+      H.sh("kill -INT " .. pid)
+      assert.is_true(H.eventually(function() return not H.alive(pid) end, 20), "round " .. round)
+      if H.slurp(dir .. "/c" .. round .. ".out"):find("interrupted!", 1, true) then
+        interrupted = interrupted + 1
+      end
+    end
+    assert.is_true(interrupted >= 10, "only " .. interrupted .. " consumers interrupted")
+    local seen = {}
+    for line in io.lines(dir .. "/got") do
+      local v = assert(tonumber(line), line)
+      seen[v] = (seen[v] or 0) + 1
+    end
+    assert.equal("0", s:cli("ZCARD luamp:queue:ctrlc-sigint:taken"))
+    while true do
+      local ok, v = pcall(q.get, q, true, 0.5)
+      if not ok then assert.equal("Empty", v.kind) break end
+      seen[v] = (seen[v] or 0) + 1
+    end
+    for i = 1, N do assert.equal(1, seen[i], "item " .. i) end
+  end)
+
+  -- A user whose ACL lacks a command of the take: the get fails naming
+  -- it and leaves the item in the queue (a script refused half-way keeps
+  -- what it wrote: before, its LPOP had taken the item, lost for good).
+  it("leaves the item in the queue when the user's ACL refuses a command of the get", function()
+    local readme = H.slurp("README.md")
+    local acl = assert(readme:match("\n(ACL SETUSER lworker .-[^\\])\n"), "README: no ACL")
+    local argv = {}
+    for w in acl:gsub("\\\n", " "):gmatch("%S+") do
+      if w ~= "+zadd" then
+        argv[#argv + 1] = (w == "lworker" and "qnozadd") or (w == ">PASSWORD" and ">qpass") or w
+      end
+    end
+    local admin = require("multiprocessing.core").redis_connect(nil, nil, s.sock, 5)
+    assert.equal("OK", admin:command(argv))
+    admin:close()
+    local q <close> = queue("noperm")
+    q:put("kept")
+    local limited <close> = queue("noperm", {username = "qnozadd", password = "qpass"})
+    local err = H.err_of(limited.get, limited, true, 5)
+    assert.matches("NOPERM", tostring(err))
+    assert.matches("ZADD on luamp:queue:noperm:taken", tostring(err), 1, true)
+    assert.equal(1, q:qsize())
+    assert.equal("kept", q:get(true, 5))
   end)
 
   it("needs an authkey and a name", function()

@@ -201,6 +201,42 @@ shm.close()
     a:close()
   end)
 
+  -- The leak checks' count (H.shm_entries): a block that another program
+  -- makes and holds meanwhile -- another suite running beside this one --
+  -- does not count; one a leak of ours leaves, held or not, does.
+  it("counts in leak checks our leftover blocks, not other programs' live ones", function()
+    local n0 = H.shm_entries()
+    local name = string.format("psm_%08x", math.random(0, 0x7fffffff))
+    local ready = os.tmpname()
+    local script = H.write(os.tmpname() .. ".lua", string.format([[
+      local mp = require "multiprocessing"
+      local b = mp.SharedMemory{name = %q, create = true, size = 4096}
+      io.open(%q, "w"):write("up"):close()
+      require("multiprocessing.core").sleep(60)
+    ]], name, ready))
+    -- (its shell exits at once: not a process of this one's tree)
+    local pid = tonumber(H.sh(string.format("%s %s >/dev/null 2>&1 </dev/null & echo $!",
+                                            H.q(H.luamp), H.q(script))):match("%d+"))
+    local ok, err = pcall(function()
+      assert.is_true(H.eventually(function() return H.slurp(ready) == "up" end, 20))
+      assert.is_true(exists(name))
+      assert.equal(n0, H.shm_entries())
+      -- ours, mapped; then unmapped and left behind; then unlinked
+      local a = mp.SharedMemory{create = true, size = 4096, track = false}
+      assert.equal(n0 + 1, H.shm_entries())
+      a:close()
+      assert.equal(n0 + 1, H.shm_entries())
+      mp.SharedMemory(a.name):unlink()
+      assert.equal(n0, H.shm_entries())
+    end)
+    H.sh("kill -9 " .. pid)
+    H.eventually(function() return not H.alive(pid) end, 10)
+    os.remove("/dev/shm/" .. name)
+    os.remove(ready)
+    os.remove(script)
+    assert(ok, err)
+  end)
+
   it("leaves no fd and no /dev/shm entry after 10^4 blocks", function()
     collectgarbage()
     local fds, shm = our_fds(), H.shm_entries()

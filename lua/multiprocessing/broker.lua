@@ -12,6 +12,9 @@
 --   P.."leases"   zset id -> lease expiry (server time, ms)
 --   P.."r:"..cid  list of results for client cid (task ids are cid.."."..n)
 --   P.."dead"     list of dead letters: "id|attempts|reason"
+--   P.."notices"  list of "ms|worker|reason": daemons that gave up (a
+--                 Redis user refused a command they need); a client
+--                 that sees one newer than itself fails its tasks
 -- (An idle daemon waits for P.."q" itself with a BLMOVE of its tail onto
 -- its tail: that pops nothing, so submitting costs no extra command.)
 --
@@ -120,6 +123,54 @@ end
 -- step.  ARGV[1] is the operation, ARGV[2] the key prefix.
 M.SCRIPT = [[
 local op, P = ARGV[1], ARGV[2]
+-- Every command an op may run is checked against the caller's ACL before
+-- the op writes anything: Redis does not roll a script back, so a command
+-- refused half-way would keep what came before it (a task popped and
+-- never leased: lost).  A refused op changes nothing, and its error
+-- names the command and the key.
+local Q, L, D, T, R = P .. 'q', P .. 'leases', P .. 'dead', P .. 't:x', P .. 'r:x'
+local DEAD = {{'zrem', L, 'x'}, {'del', T}, {'rpush', D, 'x'}, {'rpush', R, 'x'}}
+local RETRY = {{'zrem', L, 'x'}, {'hmget', T, 'att'}, {'rpush', Q, 'x'}}
+local REAP = {{'zrangebyscore', L, '0', '1'}}
+local NEEDS = {
+  claim = {REAP, RETRY, DEAD, {{'rpop', Q}, {'hmget', T, 'env'}, {'hincrby', T, 'att', '1'},
+                               {'hset', T, 'worker', 'x'}, {'zadd', L, '0', 'x'}}},
+  acks = {{{'hmget', T, 'att'}, {'zrem', L, 'x'}, {'del', T}, {'rpush', R, 'x'},
+           {'expire', R, '1'}}},
+  nack = {RETRY, DEAD, {{'hget', T, 'att'}}},
+  release = {{{'hget', T, 'att'}, {'zrem', L, 'x'}, {'hincrby', T, 'max', '1'}, {'rpush', Q, 'x'}}},
+  reject = {DEAD, {{'hget', T, 'att'}}},
+  beat = {{{'hmget', T, 'att'}, {'zadd', L, 'XX', '0', 'x'}}},
+  reap = {REAP, RETRY, DEAD, {{'lrange', P .. 'notices', '0', '-1'}}},
+  -- (a worker daemon's start: every op it runs, and its plain commands)
+  check = {{{'blmove', Q, Q, 'RIGHT', 'RIGHT', '0'}, {'rpush', P .. 'notices', 'x'},
+            {'ltrim', P .. 'notices', '0', '1'}, {'expire', P .. 'notices', '1'}}},
+}
+local function refused(name)
+  if not redis.acl_check_cmd('time') then return 'TIME' end
+  for _, list in ipairs(NEEDS[name] or {}) do
+    for _, c in ipairs(list) do
+      if not redis.acl_check_cmd(unpack(c)) then return string.upper(c[1]) .. ' on ' .. c[2] end
+    end
+  end
+end
+local function check(name)
+  local what = refused(name)
+  if what then
+    return 'NOPERM this Redis user may not run ' .. what .. ' (luamp needs it to ' .. name .. ')'
+  end
+end
+if op == 'check' then
+  for _, name in ipairs({'check', 'claim', 'acks', 'nack', 'release', 'reject', 'beat'}) do
+    local e = check(name)
+    if e then return redis.error_reply(e) end
+  end
+  return 1
+end
+do
+  local e = check(op)
+  if e then return redis.error_reply(e) end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local function client_of(id) return string.match(id, '^(.*)%.[^.]*$') or id end
@@ -210,8 +261,15 @@ elseif op == 'beat' then         -- id1, att1, id2, att2...
     end
   end
   return n
-elseif op == 'reap' then
-  return reap()
+elseif op == 'reap' then         -- [since]: and the notices of daemons that gave up
+  local n = reap()
+  if not ARGV[3] then return n end
+  local out = {n}
+  for _, e in ipairs(redis.call('LRANGE', P .. 'notices', -20, -1)) do
+    local ms = tonumber(string.match(e, '^(%d+)|'))
+    if ms and ms >= tonumber(ARGV[3]) then out[#out + 1] = e end
+  end
+  return out
 end
 return redis.error_reply('luamp: unknown op ' .. tostring(op))
 ]]
@@ -276,7 +334,7 @@ function Broker:_reconnect(deadline)
     if ok then return end
     if not is_broken(err) or err.message:match("refused the connection") or
        now() >= deadline then
-      if is_broken(err) then
+      if is_broken(err) and not err.message:match("refused the connection") then
         raise("BrokenPoolError", string.format("broker unreachable for %gs: %s",
               self.cfg.connect_timeout, err.message))
       end
@@ -443,6 +501,39 @@ end
 
 function Broker:close()
   if self.r then self.r:close() self.r = false end
+end
+
+-- Tells the clients of a namespace that a worker daemon gave up (see
+-- P.."notices"): on a connection of its own (the daemon's may be the one
+-- that failed), stamped with the server's clock.  Best effort: a user
+-- refused even this leaves no notice.  Returns true when it was written.
+function M.post_notice(cfg, prefix, who, reason)
+  local ok = pcall(function()
+    local r = core.redis_connect(cfg.host, cfg.port, cfg.path, 5)
+    local ok2, err = pcall(function()
+      if cfg.password then
+        r:command(cfg.username and {"AUTH", cfg.username, cfg.password}
+                  or {"AUTH", cfg.password}, 5)
+      end
+      if cfg.db and cfg.db ~= 0 then r:command({"SELECT", cfg.db}, 5) end
+      local tok, t = pcall(r.command, r, {"TIME"}, 5)
+      local ms = math.floor(os.time() * 1000)
+      if tok then ms = math.tointeger(tonumber(t[1])) * 1000 + math.tointeger(tonumber(t[2])) // 1000 end
+      local k = prefix .. "notices"
+      local rs = r:pipeline({{"RPUSH", k, ms .. "|" .. who .. "|" .. reason},
+                             {"LTRIM", k, -100, -1}, {"EXPIRE", k, 3600}}, 5)
+      if core.is_error(rs[1]) then error(rs[1], 0) end
+    end)
+    r:close()
+    if not ok2 then error(err, 0) end
+  end)
+  return ok
+end
+
+-- The server's clock in ms (what notices are stamped with).
+function M.server_ms(b)
+  local t = b:command({"TIME"}, 5)
+  return math.tointeger(tonumber(t[1])) * 1000 + math.tointeger(tonumber(t[2])) // 1000
 end
 
 -- ---------------------------------------------------------------------------

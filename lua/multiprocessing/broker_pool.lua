@@ -81,8 +81,12 @@ function M.Pool(opts, fname)
     _max = max, _lease_ms = math.floor(positive(opts, "lease", 30, fname) * 1000),
     _ttl = math.floor(positive(opts, "result_ttl", 3600, fname)),
     _n = opts.processes or 4, _state = "RUN", _jobs = setmetatable({}, {__mode = "k"}),
-    _pending = {}, _next_reap = 0, _pid = core.getpid(),
+    _pending = {}, _next_reap = 0, _pid = core.getpid(), _broken = false,
   }, Pool)
+  -- (a worker daemon's notice from before this pool is about it only
+  -- when recent: a daemon started with it that gave up at once; a
+  -- daemon that starts serving clears them)
+  self._since = broker.server_ms(self._b) - 60000
   return self
 end
 
@@ -104,6 +108,7 @@ end
 
 local function check_running(self, fname)
   if getmetatable(self) ~= Pool then argerror(1, fname, "Pool expected") end
+  if self._broken then raise("BrokenPoolError", self._broken) end
   if self._state ~= "RUN" then raise("ValueError", "Pool not running") end
 end
 
@@ -395,6 +400,30 @@ function Pool:_fail(id, kind, msg)
   settle(self, rec, FAILED, new_error(kind, msg, {task = id}))
 end
 
+-- A worker daemon of this namespace gave up (its notice: "ms|worker|
+-- reason", plain text from Redis, shown and never decoded): as Python's
+-- BrokenProcessPool, every task this pool waits for fails with
+-- BrokenPoolError naming the worker and the reason, its tasks leave
+-- Redis (a host that holds one finishes it, its result fenced out), and
+-- the pool takes no more.
+function Pool:_break(notice)
+  local wid, reason = notice:match("^%d+|([^|]*)|(.*)$")
+  local function printable(x) return (tostring(x):sub(1, 400):gsub("[^%g ]", "?")) end
+  local msg = string.format("worker %s gave up: %s -- the pool is broken, its tasks " ..
+                            "cannot run", printable(wid), printable(reason))
+  self._broken = msg
+  local cmds, ids = {}, {}
+  for id in pairs(self._tasks) do
+    ids[#ids + 1] = id
+    cmds[#cmds + 1] = {"DEL", self._prefix .. "t:" .. id}
+    cmds[#cmds + 1] = {"ZREM", self._prefix .. "leases", id}
+  end
+  if #cmds > 0 then pcall(self._b.pipeline, self._b, cmds, 5) end
+  core.shielded(function()
+    for _, id in ipairs(ids) do self:_fail(id, "BrokenPoolError", msg) end
+  end)
+end
+
 function Pool:_entry(entry)
   local tag, id, att, payload = broker.open_result(self._key, entry)
   if tag == nil then
@@ -437,7 +466,8 @@ function Pool:_pump(deadline)
   local b, rkey = self._b, self._rkey
   if now() >= self._next_reap then
     self._next_reap = now() + 1
-    b:op("reap")
+    local r = b:op("reap", self._since)
+    if type(r) == "table" and r[2] and not self._broken then return self:_break(r[#r]) end
   end
   local got
   if deadline == 0 then

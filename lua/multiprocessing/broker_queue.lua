@@ -41,6 +41,25 @@ local M = {}
 
 M.SCRIPT = [[
 local op, P = ARGV[1], ARGV[2]
+-- (the commands of an op checked against the caller's ACL before it
+-- writes: Redis keeps what a script wrote before a refused command, and a
+-- take refused after its LPOP would lose the item)
+local I, K, W, H = P .. 'items', P .. 'taken', P .. 'wake', P .. 'held:x'
+local WAKE = {{'lpush', W, 'x'}, {'ltrim', W, '0', '1'}}
+local NEEDS = {
+  put = {{{'rpush', I, 'x'}}, WAKE},
+  take = {{{'zrangebyscore', K, '0', '1'}, {'zrem', K, 'x'}, {'lpush', I, 'x'}, {'get', H},
+           {'zscore', K, 'x'}, {'lpop', I}, {'zadd', K, '0', 'x'}, {'set', H, 'x'}}},
+  back = {{{'get', H}, {'zrem', K, 'x'}, {'lpush', I, 'x'}}, WAKE},
+}
+for _, list in ipairs(NEEDS[op] or {}) do
+  for _, c in ipairs(list) do
+    if not redis.acl_check_cmd(unpack(c)) then
+      return redis.error_reply('NOPERM this Redis user may not run ' .. string.upper(c[1]) ..
+                               ' on ' .. c[2] .. ' (luamp needs it to ' .. op .. ')')
+    end
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if op == 'put' then              -- entry
@@ -196,6 +215,9 @@ local function take(self)
       acked = true                 -- (from here the ack may reach Redis)
       self._b:send({{"ZREM", self._prefix .. "taken", e}})
     end
+    -- (a Ctrl-C that came meanwhile: the item goes back, under stock
+    -- lua5.4 too, whose hook would drop it at the return)
+    core.check_interrupt()
     return true, v
   end)
   if not ok2 then
@@ -208,14 +230,7 @@ local function take(self)
   return true, got, v
 end
 
--- get([block [, timeout]]): Empty when nothing came in time.
-function Queue:get(block, timeout)
-  check(self, "get")
-  if block == nil then block = true end
-  if timeout ~= nil and type(timeout) ~= "number" then
-    argerror(2, "get", "timeout must be a number or nil")
-  end
-  local deadline = block and timeout and now() + math.max(timeout, 0)
+local function get(self, block, deadline)
   while true do
     local e, ok, v = take(self)
     if e then
@@ -228,6 +243,21 @@ function Queue:get(block, timeout)
       self._b:command({"BLPOP", self._prefix .. "wake", string.format("%.3f", t)}, t + 30)
     end
   end
+end
+
+-- get([block [, timeout]]): Empty when nothing came in time.  The take
+-- and the return are one step for Ctrl-C: the loop runs shielded (a
+-- Ctrl-C ends only its waits, and a take cut there gives its item back),
+-- and it is a tail call, so its results go straight to the caller, where
+-- the Ctrl-C lands next (luamp's hook lets a return finish).  Either the
+-- item is in the caller's hands or it is in the queue.
+function Queue:get(block, timeout)
+  check(self, "get")
+  if block == nil then block = true end
+  if timeout ~= nil and type(timeout) ~= "number" then
+    argerror(2, "get", "timeout must be a number or nil")
+  end
+  return core.shielded(get, self, block, block and timeout and now() + math.max(timeout, 0))
 end
 
 function Queue:get_nowait() return self:get(false) end

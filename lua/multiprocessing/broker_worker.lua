@@ -263,6 +263,34 @@ local function stop(self)
   self.b:close()
 end
 
+-- A daemon that cannot go on -- its Redis user refused a command it
+-- needs (NOPERM), or any other error but Ctrl-C -- fails loudly: it
+-- hands back every task it holds (queued again at once, for a host that
+-- can run it; a refused hand-back leaves them to their lease), leaves a
+-- notice that fails the waiting clients' tasks (BrokenPoolError naming
+-- the reason, rather than a wait for a worker that will never come), and
+-- raises.
+local function give_up(self, cfg, err)
+  local reason = core.is_error(err) and (err.redis or err.message) or err
+  reason = tostring(reason):gsub("^luamp%-worker: ", "")
+  if reason:match("NOPERM") then
+    reason = reason .. " (Redis user " .. (cfg.username or "default") ..
+             "; the README's minimal ACL lists what a worker needs)"
+  end
+  log(self, "giving up: %s", reason)
+  if self.pool then pcall(self.pool.terminate, self.pool) end
+  if self.b then
+    local ops = {}
+    for id, rec in pairs(self.inflight) do ops[#ops + 1] = {"release", id, rec.att} end
+    self.b.cfg.connect_timeout = math.min(self.b.cfg.connect_timeout, broker.CONNECT_TIMEOUT)
+    if #ops > 0 then pcall(self.b.ops, self.b, ops) end
+    self.b:close()
+  end
+  broker.post_notice(cfg, self.prefix, self.wid, reason)
+  local e = core.new_error("BrokenPoolError", "worker " .. self.wid .. " gave up: " .. reason)
+  error(e, 0)
+end
+
 -- Runs the daemon: opts {broker =, namespace =, authkey = | authkey_file =,
 -- processes =, lease = (claim lease of seconds before a task's own
 -- lease counts, default 30), quiet =}.  Returns after a SIGTERM (see
@@ -277,7 +305,7 @@ function M.serve(opts)
   local n = opts.processes or core.cpu_count()
   local lease = opts.lease or 30
   local self = {
-    key = key, prefix = prefix, b = broker.connect(cfg, prefix), quiet = opts.quiet,
+    key = key, prefix = prefix, b = false, quiet = opts.quiet,
     -- (prefetch: tasks claimed beyond those running, waiting in the
     -- local Pool's queue -- fewer round trips for tiny tasks; their
     -- leases are renewed as the running ones')
@@ -288,13 +316,31 @@ function M.serve(opts)
   local f = io.open("/etc/hostname")
   self.wid = (f and f:read("l") or "host") .. ":" .. core.getpid()
   if f then f:close() end
+  -- (every command it will need checked first: a user that lacks one
+  -- fails here, before it takes a task)
+  local ok, err = pcall(function()
+    self.b = broker.connect(cfg, prefix)
+    self.b:op("check")
+    -- (the notices of daemons that gave up are stale now that one serves)
+    self.b:command({"DEL", prefix .. "notices"})
+  end)
+  if not ok then
+    if err == "interrupted!" then error(err, 0) end
+    give_up(self, cfg, err)
+  end
   -- (caught before the local Pool starts; its workers start with the
   -- default again)
   core.set_signal("SIGTERM", "catch")
   local pool_mod = require "multiprocessing.pool"
   self.pool = pool_mod.Pool(n)
   log(self, "serving namespace %s with %d processes", ns, n)
-  while not core.signal_caught("SIGTERM") do step(self) end
+  ok, err = pcall(function()
+    while not core.signal_caught("SIGTERM") do step(self) end
+  end)
+  if not ok then
+    if err == "interrupted!" then error(err, 0) end
+    give_up(self, cfg, err)
+  end
   stop(self)
 end
 
