@@ -102,7 +102,6 @@
 struct qhdr {
   /* ---- hot line 1: the lock and what every step writes with it */
   _Alignas(64) pthread_mutex_t mu;
-  _Atomic uint32_t put_seq;   /* futex: bumped by every put (getters wait) */
   _Atomic uint32_t get_seq;   /* futex: bumped by every get (putters wait) */
   uint32_t j_active;          /* [mu] undo record of the step in progress:
                                * 0 none, 1 hot fields, 2 also the cold */
@@ -136,15 +135,26 @@ struct qhdr {
   _Atomic uint32_t put_woken; /* a get woke a putter since a putter last
                                * went to sleep: later gets need not (the
                                * woken one passes a wake-up on) */
+  _Atomic uint32_t shut;      /* [mu, atomic] shutdown() was called: 0/1 */
+  _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
+  /* ---- the getters' own: written by a get that finds the queue empty
+   * (every get, when a consumer keeps up with its producer), read by a
+   * put only while a getter sleeps.  (In the line above, every get's
+   * poll made the next put's first look at cap miss.) */
+  _Alignas(64) _Atomic uint64_t poll_until; /* CLOCK_MONOTONIC ns: a
+                               * getter polls for items until then, 0 none
+                               * (see spin_get) */
   _Atomic uint32_t last_bits; /* futex bits of the getter that went to
                                * sleep last, 0 none (see wake_getter) */
   _Atomic uint32_t get_woken; /* a getter was woken and has not run since:
                                * later wakes need not (see wake_getter) */
-  _Atomic uint64_t poll_until;/* CLOCK_MONOTONIC ns: a getter polls for
-                               * items until then, 0 none (see spin_get) */
-  _Atomic uint32_t shut;      /* [mu, atomic] shutdown() was called: 0/1 */
-  _Atomic uint32_t nwatch;    /* [mu, atomic] watch[] entries in use */
-  struct {                    /* [mu] processes in mp.wait on this queue */
+  /* ---- the getters' doorbell: written once by every put, read by
+   * getters polling for an item (spin_get): they do not touch mu or the
+   * ends, which the put is changing, before it is done with them */
+  _Alignas(64) _Atomic uint32_t put_seq; /* [mu] futex: bumped by every put
+                               * (getters wait) */
+  /* ---- cold again */
+  _Alignas(64) struct {       /* [mu] processes in mp.wait on this queue */
     int32_t pid;              /* 0 free */
     int32_t fd;               /* write end of its wake-up pipe */
   } watch[WATCH_SLOTS];
@@ -554,21 +564,6 @@ void luamp_queue_watch(lua_State *L, int idx, int on) {
 
 /* ---- put and get -------------------------------------------------------------------- */
 
-/* Polls *w for a short while (SPIN_NS) before the caller sleeps: a cheap
- * way to skip two system calls when the other side is running. */
-static int spin_until_nonzero(_Atomic uint64_t *w) {
-  double until = 0;
-  for (int i = 1;; i++) {
-    if (atomic_load_explicit(w, memory_order_relaxed) != 0) return 1;
-    luamp_cpu_relax();
-    if ((i & 63) == 0) {
-      double now = luamp_now();
-      if (until == 0) until = now + SPIN_NS * 1e-9;
-      else if (now >= until) return 0;
-    }
-  }
-}
-
 /* Whether a get should poll before it sleeps (issue 18).  A poll pays
  * off only while the putter is on a CPU.  On a quiet machine a pool
  * worker's poll catches the owner's next task (a round trip pays one
@@ -617,8 +612,9 @@ static int cpus_free(void) {
   return verdict;
 }
 
-/* The same for a putter: polls the futex word *w for a short while until
- * it moves from snap (a get made room), before the caller sleeps. */
+/* Polls the futex word *w for a short while (SPIN_NS) until it moves from
+ * snap (a put or a get happened), before the caller sleeps: a cheap way
+ * to skip two system calls when the other side is running. */
 static int spin_until_moved(_Atomic uint32_t *w, uint32_t snap) {
   double until = 0;
   for (int i = 1;; i++) {
@@ -698,12 +694,24 @@ static void wake_getter(struct qhdr *h) {
 
 /* A get's poll before it sleeps, announced in poll_until.  The caller
  * looks at count again after this returns 0 (a put that saw the poll
- * before it ended made count non-zero before this cleared poll_until). */
+ * before it ended made count non-zero before this cleared poll_until).
+ *
+ * It polls the doorbell put_seq, which a put writes last, not count: a
+ * poll of count (in the ends' line) took that line from the putter in
+ * the middle of its step, and the get that followed at once tried mu
+ * while the putter held it, so that the putter's unlock waited for the
+ * lock's line to come back.  (Prefetching mu's and the ends' lines for
+ * writing when the doorbell moves, or before taking mu, or just after,
+ * measured no better: A/B medians 2.12-2.27M items/s one-to-one against
+ * 2.26-2.38M/s without.) */
 static int spin_get(struct qhdr *h) {
   uint64_t until = now_ns() + 2 * (uint64_t)SPIN_NS;
+  uint32_t snap;
   int r;
   atomic_store(&h->poll_until, until);
-  r = spin_until_nonzero(&h->count);
+  snap = atomic_load(&h->put_seq);
+  r = atomic_load_explicit(&h->count, memory_order_relaxed) != 0 ||
+      spin_until_moved(&h->put_seq, snap);
   atomic_compare_exchange_strong(&h->poll_until, &until, 0);
   return r;
 }
@@ -793,7 +801,7 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
                            int block, double deadline) {
   struct queue q = qget(o);
   struct qhdr *h = q.h;
-  uint64_t need = rec_size(len), rec[2];
+  uint64_t need = rec_size(len), rec[2], n;
   uint32_t gs, ps;
   int at = PUT_HERE;
   if (need > h->cap)
@@ -853,19 +861,26 @@ static int queue_put_bytes(lua_State *L, struct luamp_obj *o,
         &h->unfinished, memory_order_relaxed) + 1, memory_order_release);
   h->tail += need;                    /* the item exists from here on */
   journal_end(h);
-  atomic_fetch_add(&h->put_seq, 1);
+  n = atomic_load_explicit(&h->count, memory_order_relaxed);
+  /* the doorbell, last: a store, not a locked read-modify-write (every
+   * put_seq bump holds mu), which would wait for the line that polling
+   * getters read; the sleepers need a full fence between it (and count)
+   * and the looks at getters and poll_until: after the unlock (on x86
+   * the unlock's own locked exchange already is one; elsewhere a glibc
+   * unlock only releases) */
+  atomic_store_explicit(&h->put_seq, atomic_load_explicit(
+      &h->put_seq, memory_order_relaxed) + 1, memory_order_release);
+  /* a putter behind us may fit too (wake-ups are one at a time) */
+  ps = atomic_load(&h->putters) > 0 &&
+       (h->maxsize <= 0 || n < (uint64_t)h->maxsize);
+  luamp_mutex_unlock(&h->mu);
+  atomic_thread_fence(memory_order_seq_cst);
   /* Only the put that makes the queue non-empty wakes a getter: that getter
    * wakes the next one if items remain (see queue_get), so a producer
    * filling the queue for sleeping consumers makes one system call, not
    * one per item.  (A woken getter that dies before passing the wake-up on
    * costs the others one wait slice, never a hang.) */
-  gs = atomic_load(&h->getters) > 0 &&
-       atomic_load_explicit(&h->count, memory_order_relaxed) == 1 &&
-       !getter_polls(h);
-  /* a putter behind us may fit too (wake-ups are one at a time) */
-  ps = atomic_load(&h->putters) > 0 &&
-       (h->maxsize <= 0 || atomic_load(&h->count) < (uint64_t)h->maxsize);
-  luamp_mutex_unlock(&h->mu);
+  gs = n == 1 && atomic_load(&h->getters) > 0 && !getter_polls(h);
   if (gs) wake_getter(h);
   if (ps) luamp_futex_wake(&h->get_seq, 1);
   if (atomic_load(&h->nwatch) > 0) poke_watchers(L, &q);
