@@ -415,7 +415,7 @@ function Pool:_pump(deadline)
     -- next chunk), so no sleep until the next result
     -- (drain_now's work in line: a round trip's owner comes here once)
     local left, pend = wake and wake - now() or AWAIT, self._pending
-    if left < AWAIT then left = left > 0 and left or 0 end
+    if left >= AWAIT then left = AWAIT elseif left < 0 then left = 0 end
     local n = self._rq:_collect(self._tasks, self._timeouts, AsyncResult, pend, left)
     if pend[1] ~= nil then n = n + shielded(drain, self) end
     if n > 0 then return end
