@@ -503,6 +503,145 @@ describe("bad input gets clear errors at the caller's line", function()
   end)
 end)
 
+describe("result collection (issue 15: q:_collect)", function()
+  -- The owner takes its results with rq:_collect(tasks, timeouts, cls,
+  -- pending [, seconds]): a plain job's one value (no callbacks, no
+  -- timeout) is recorded in C as the reply is taken; any other reply is
+  -- left in pending, in order, for the Lua side.
+  local AsyncResult = futures.Future
+  local function plain(tag)
+    return setmetatable({_pool = false, _tag = tag, _done = false, _value = false},
+                        AsyncResult)
+  end
+
+  it("records a plain job's value in one step; other replies wait in pending, in order", function()
+    local q = core.Queue()
+    local a, b, c = plain(1), plain(2), plain(3)
+    local cb = plain(4)
+    cb._plain = false                        -- (a done callback's mark)
+    local tasks, timeouts, pend = {a, b, c, cb, plain(5), plain(6)}, {[6] = 1}, {}
+    q:_put_task(0, 1, 0, 1, "one")
+    q:_put_task(0, 2, 1, "boom")             -- a failure
+    q:_put_task(0, 3, 0, 1, nil)             -- nil is a value too
+    q:_put_task(0, 4, 0, 1, "cb")            -- a job with callbacks
+    q:_put_task(0, 5, 0, 2, {"x", "y"})      -- two values
+    q:_put_task(0, 6, 0, 1, "timed")         -- a job with a timeout
+    q:_put_task(0, 9, 0, 1, "lost")          -- a tag off the books
+    assert.equal(1, q:_collect(tasks, timeouts, AsyncResult, pend))
+    assert.is_true(a._done)
+    assert.equal("one", a._value)
+    assert.is_nil(tasks[1])
+    assert.same({{2, 1, "boom", n = 3}}, pend)
+    assert.is_false(b._done)
+    table.remove(pend, 1)
+    assert.equal(1, q:_collect(tasks, timeouts, AsyncResult, pend))
+    assert.is_true(c._done)
+    assert.is_nil(c._value)
+    assert.is_nil(tasks[3])
+    for _, want in ipairs {{4, 0, 1, "cb", n = 4}, {5, 0, 2, {"x", "y"}, n = 4},
+                           {6, 0, 1, "timed", n = 4}, {9, 0, 1, "lost", n = 4}} do
+      assert.same({want}, pend)
+      table.remove(pend, 1)
+      assert.equal(0, q:_collect(tasks, timeouts, AsyncResult, pend))
+    end
+    assert.is_false(cb._done)
+    assert.equal(cb, tasks[4])
+    -- empty: nothing, at once
+    assert.equal(0, q:_collect(tasks, timeouts, AsyncResult, pend))
+    assert.same({}, pend)
+    q:close()
+  end)
+
+  it("with seconds, waits that long for a reply (and no longer)", function()
+    local q = core.Queue()
+    local j = plain(1)
+    local t0 = core.now()
+    assert.equal(0, q:_collect({j}, {}, AsyncResult, {}, 0.1))
+    local dt = core.now() - t0
+    assert.is_true(dt >= 0.09 and dt < 5, "waited " .. dt)
+    local p = mp.Process{target = function()
+      core.sleep(0.1)
+      q:_put_task(0, 1, 0, 1, 42)
+    end}
+    p:start()
+    assert.equal(1, q:_collect({j}, {}, AsyncResult, {}, 30))
+    assert.equal(42, j._value)
+    p:join()
+    assert.matches("table expected", tostring(err_of(q._collect, q, nil, {}, AsyncResult, {})))
+    q:close()
+  end)
+
+  it("replies of every kind, taken in one drain, settle their futures in order", function()
+    local ex <close> = futures.ProcessPoolExecutor(1)
+    local order = {}
+    local fs = {
+      ex:submit(function(x) return x end, 1),
+      ex:submit(function() error("boom", 0) end),
+      ex:submit(function() return 1, 2, 3 end),
+      ex:submit(function(x) return x end, 4),
+    }
+    fs[4]:add_done_callback(function(f) order[#order + 1] = f:result() end)
+    local last = ex:submit(function() return "last" end)
+    -- (the worker runs them in turn; the owner takes them when it waits)
+    assert.equal("last", last:result(30))
+    assert.equal(1, fs[1]:result())
+    assert.matches("boom", tostring(fs[2]:exception()))
+    assert.same({1, 2, 3}, {fs[3]:result()})
+    assert.same({4}, order)
+  end)
+
+  -- As pool_faults_spec's Ctrl-C test, for result() without a timeout:
+  -- an interrupt at any instruction loses no reply, of either path.
+  it("Ctrl-C at any instruction of result() loses no result", function()
+    local ex <close> = futures.ProcessPoolExecutor(2)
+    local function arm()
+      debug.sethook(function()
+        debug.sethook()
+        if debug.getinfo(2, "S").what ~= "main" and
+           debug.getinfo(2, "f").func ~= arm then
+          error("interrupted!", 0)
+        end
+      end, "", math.random(1, 1500))
+    end
+    math.randomseed(15)
+    local interrupts = 0
+    for round = 1, 30 do
+      local fs = {}
+      for i = 1, 12 do
+        -- every third one fails: its reply goes through pending
+        fs[i] = ex:submit(function(x)
+          if x % 3 == 0 then error(x, 0) end
+          return x
+        end, i)
+      end
+      for i = 1, 12 do
+        while true do
+          local ok, v = pcall(function()
+            arm()
+            local got, r = pcall(fs[i].result, fs[i])
+            debug.sethook()
+            if r == "interrupted!" then error(r, 0) end
+            return {got, r}
+          end)
+          debug.sethook()
+          if ok then
+            if i % 3 == 0 then
+              assert.is_false(v[1], round .. ":" .. i)
+              assert.equal(i, v[2].value, round .. ":" .. i)
+            else
+              assert.same({true, i}, v, round .. ":" .. i)
+            end
+            break
+          end
+          assert.equal("interrupted!", v, round .. ":" .. i)
+          interrupts = interrupts + 1
+        end
+      end
+    end
+    assert.is_true(interrupts > 10, "only " .. interrupts .. " interrupts")
+  end)
+end)
+
 describe("executor lifecycles", function()
   it("leave no process, zombie or fd behind", function()
     local warm = futures.ProcessPoolExecutor(1)

@@ -122,7 +122,10 @@ end
 -- ex:submit(fn, ...): fn(...) in a worker; every argument is kept, nils
 -- included.
 function Executor:submit(fn, ...)
-  check_submit(self, fn, 1, "submit")
+  -- (checked in line for the common call: a round trip's owner runs here)
+  if rawmt(self) ~= Executor or type(fn) ~= "function" or self._shutdown then
+    check_submit(self, fn, 1, "submit")
+  end
   local pool = self._pool
   -- (a broker's pool takes the arguments packed)
   if pool._submit_args then return pool:_submit_args(fn, nil, select("#", ...), ...) end

@@ -110,7 +110,7 @@ function M.Pool(opts, initializer, initargs, maxtasksperchild)
     -- _jobs: the imap iterators not finished yet, weakly: one the caller
     -- dropped (a loop left with break) goes once its chunks in flight
     -- have settled (their task records hold it till then)
-    _workers = {}, _tasks = {}, _timeouts = {}, _tag = 1,
+    _workers = {}, _tasks = {}, _timeouts = {}, _tag = 1, _pending = {},
     _jobs = setmetatable({}, {__mode = "k"}),
     _fblobs = {}, _nfblobs = 0, _fcache = setmetatable({}, {__mode = "k"}),
     _timed = 0, _next_check = 0, _start_method = method or nil,
@@ -204,6 +204,7 @@ local function rename_path(err, mode, first)
   return new_error("EncodeError", err.reason .. " at " .. root ..
                    table.concat(where), {reason = err.reason, path = path})
 end
+Pool._rename_path = rename_path
 
 -- Puts one task on the queue: {tag, function, mode, items, n, timed,
 -- function length when stored}; rec is what the reply settles.  With

@@ -11,6 +11,8 @@ local now = core.now
 local getpid = core.pid or core.getpid
 local raise = util.raise
 local APPLY, SLICE, FLAT_MAX = proto.APPLY, proto.SLICE, proto.FLAT_MAX
+local APPLYV = proto.APPLYV
+local upvalues_same = core.upvalues_same
 local new_apply = results.new_apply
 local check_running = Pool._check_running
 
@@ -31,6 +33,21 @@ end
 -- executor's submit: no table packed for them when they travel as the
 -- task's own items).
 function Pool:_submit_args(f, timeout, n, ...)
+  -- the common call -- no timeout, a function whose encoding is stored
+  -- and unchanged, a running pool -- puts the task here, as apply_async
+  -- does (no check_running, _fref, _put_apply and book: four calls, one
+  -- of them a vararg one)
+  local c = self._fcache[f]
+  if c and c.ref and not timeout and n <= FLAT_MAX and self._state == "RUN" and
+     (c.fixed or upvalues_same(f, c.snap)) and self._owner == getpid() then
+    local tag, ref = self._tag, c.ref
+    local job = new_apply(self, tag)
+    local ok, err = pcall(self._put, self._tq, tag, tag, ref[1], APPLYV, false,
+                          n, false, ref[2], ...)
+    if not ok then error(self._rename_path(err, APPLYV, 1), 0) end
+    self._tag, self._tasks[tag] = tag + 1, job
+    return job
+  end
   check_running(self)
   local fref = self:_fref(f)
   local job = new_apply(self, self._tag)

@@ -98,23 +98,44 @@ function Pool:_handle(m)
   return handle(self, m[1], m[2], m[3], m[4], m[5])
 end
 
--- Takes every result that is there now; returns how many.
+-- Results are taken by rq:_collect (runtime/queue.c): a plain future's
+-- or apply's one value is recorded there, in C; any other reply (a
+-- failure, a chunk, several values, a job with callbacks or a timeout)
+-- is left in self._pending, in order, and handled here.
+local AsyncResult = results.AsyncResult
+
+-- Handles the pending replies, then takes every result that is there
+-- now; returns how many.
 local function drain(self)
-  local rq, n = self._rq, 0
-  local get = rq._get_items
+  local rq, pend, n = self._rq, self._pending, 0
+  local tasks, timeouts = self._tasks, self._timeouts
   -- (a callback run by handle may have terminated the pool: its queues
   -- are closed then, and what was taken so far is all there is)
-  -- (a chunk's record names where its results go: see _get_items)
-  local tasks = self._tasks
-  while not self._released and handle(self, get(rq, tasks, 4)) do n = n + 1 end
+  while not self._released do
+    local m = pend[1]
+    if m ~= nil then
+      table.remove(pend, 1)
+      handle(self, m[1], m[2], m[3], m[4], m[5])
+      n = n + 1
+    else
+      local k = rq:_collect(tasks, timeouts, AsyncResult, pend)
+      if k == 0 and pend[1] == nil then break end
+      n = n + k
+    end
+  end
   return n
 end
 
 -- (shielded: a Ctrl-C between taking a result and recording it would
--- lose it, and its get would wait forever)
-local function drain_now(self)
-  if self._released or self._rq:empty() then return 0 end
-  return shielded(drain, self)
+-- lose it, and its get would wait forever; _collect's own are recorded
+-- as they are taken, and what it leaves pending stays there)
+local function drain_now(self, seconds)
+  if self._released then return 0 end
+  local pend = self._pending
+  local n = self._rq:_collect(self._tasks, self._timeouts, AsyncResult, pend,
+                              seconds)
+  if pend[1] == nil then return n end
+  return n + shielded(drain, self)
 end
 Pool._drain = drain_now
 
@@ -359,36 +380,47 @@ function Pool:_check_timeouts() return shielded(check_timeouts, self) end
 -- owner first waits AWAIT seconds on the result queue's futex (one futex
 -- call each side), then on mp.wait with the sentinels for the rest.
 local CHECK_EVERY, AWAIT = 0.05, 0.002
+--
+-- The results there now are taken first, in the same call as the short
+-- wait when there is none (rq:_collect, above): a round trip's owner
+-- makes one C call for its result.  (A dead worker's last results are
+-- taken by check_workers before it fails the worker's task.)
 function Pool:_pump(deadline)
   if self._owner ~= getpid() then return end
   local t = now()
-  local drained = drain_now(self)
   if deadline == 0 or self._maybe_dead or t >= (self._next_check or 0) then
     self._next_check, self._maybe_dead = t + CHECK_EVERY, false
     -- a lost task has settled: the caller may be waiting for just that
-    if self:_check_workers() > 0 then return end
+    if self:_check_workers() > 0 then
+      drain_now(self)
+      return
+    end
   end
-  -- results came: the caller may have what it waits for (an imap's next
-  -- chunk), so no sleep until the next result
-  if drained > 0 then return end
   local wake = deadline
-  if (self._timed or 0) > 0 then
+  if self._timed > 0 then
     local due = self:_check_timeouts()
     local slice = now() + SLICE
     if due and due < slice then slice = due end
     if not wake or slice < wake then wake = slice end
   end
-  -- nothing can happen: do not sleep
-  if deadline == 0 or next(self._workers) == nil or
-     (next(self._tasks) == nil and deadline == nil and self._state ~= "CLOSE") then
-    return
+  -- nothing can happen: take what is there, do not sleep
+  if deadline == 0 or next(self._workers) == nil or next(self._tasks) == nil then
+    local drained = drain_now(self)
+    if drained > 0 or deadline == 0 or next(self._workers) == nil or
+       (deadline == nil and self._state ~= "CLOSE") then
+      return
+    end
+  else
+    -- results came: the caller may have what it waits for (an imap's
+    -- next chunk), so no sleep until the next result
+    -- (drain_now's work in line: a round trip's owner comes here once)
+    local left, pend = wake and wake - now() or AWAIT, self._pending
+    if left >= AWAIT then left = AWAIT elseif left < 0 then left = 0 end
+    local n = self._rq:_collect(self._tasks, self._timeouts, AsyncResult, pend, left)
+    if pend[1] ~= nil then n = n + shielded(drain, self) end
+    if n > 0 then return end
   end
   local rq = self._rq
-  if next(self._tasks) ~= nil and
-     rq:_await(math.min(AWAIT, wake and math.max(wake - now(), 0) or AWAIT)) then
-    drain_now(self)
-    return
-  end
   local objs = {rq}
   for _, w in pairs(self._workers) do objs[#objs + 1] = w.sentinel end
   local timeout = wake and math.max(wake - now(), 0) or nil

@@ -177,8 +177,13 @@ function AsyncResult:wait(timeout)
 end
 
 local function get(self, timeout)
-  if not self._done or timeout ~= nil then
+  if timeout ~= nil then
     if not wait(self, timeout) then raise("TimeoutError", "result not ready in time") end
+  elseif not self._done then
+    -- (wait's loop, without its call and its deadline: a future's
+    -- result() in a round trip comes here)
+    local pool = self._pool
+    repeat pool:_pump(nil) until self._done
   end
   local v = self._value
   if self._kind == "apply" then
