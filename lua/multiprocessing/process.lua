@@ -14,6 +14,7 @@ local util = require "multiprocessing.util"
 local forkserver = require "multiprocessing.forkserver"
 
 local getpid = core.pid       -- cached by the C side, right after forks too
+local pcall, xpcall = pcall, xpcall  -- (a child's start reads no globals)
 local raise = util.raise     -- (led by the caller's file:line)
 local unpack = table.unpack
 
@@ -44,12 +45,14 @@ setmetatable(main_process, {
 -- parent, made on first use from parent_name and parent_pid; children,
 -- the Process objects started here (Process -> true: strong references,
 -- as Python's _children, so a running child's object is never collected);
--- counter, for default names (Process-<n>).  All slots exist from the
--- start, so these writes allocate nothing.
+-- counter, for default names (Process-<n>); starting_run and
+-- starting_log, what start() found for the child (see child_plan).  All
+-- slots exist from the start, so these writes allocate nothing.
 -- adopted: Process objects standing for children that other parts of the
 -- runtime forked themselves (Pool workers, see P._adopt), weakly: their
 -- owner (the pool) holds them while they run.
-local S = {current = main_process, starting = nil, parent = nil,
+local S = {current = main_process, starting = nil, starting_run = nil,
+           starting_log = nil, parent = nil,
            parent_name = nil, parent_pid = nil, children = nil,
            adopted = nil, counter = 0, owner = getpid(), remote = nil}
 
@@ -78,16 +81,14 @@ local function my_children()
   return c
 end
 
--- ---- logging hooks (the logger is loaded only when used) -------------------
+-- ---- logging hooks -----------------------------------------------------------
 
--- (the level is checked first: a child's start writes nothing it need
--- not, and logger:log's checks of its arguments call type() and friends)
+-- The process's logger (util's one).  The level is checked first: a
+-- child's start writes nothing it need not, and logger:log's checks of its
+-- arguments call type() and friends.
+local logger = util.get_logger()
 local function log(level, fmt, ...)
-  local util = package.loaded["multiprocessing.util"]
-  if util then
-    local logger = util.get_logger()
-    if logger:is_enabled_for(level) then logger:log(level, fmt, ...) end
-  end
+  if logger:is_enabled_for(level) then logger:log(level, fmt, ...) end
 end
 
 -- ---- the class mechanism ---------------------------------------------------
@@ -251,8 +252,10 @@ end
 -- Runs in the child (core.spawn calls it; its result is the exit code).
 -- It writes nothing of its own (see S).
 local function bootstrap(self)
-  log(5, "child process calling self.run()")
-  local ok, err = xpcall(self.run, traceback, self)
+  local run, log5 = S.starting_run, S.starting_log
+  if run == nil then run, log5 = self.run, logger:is_enabled_for(5) end
+  if log5 then logger:log(5, "child process calling self.run()") end
+  local ok, err = xpcall(run, traceback, self)
   local code = 0
   if not ok then
     io.stdout:flush()
@@ -279,6 +282,15 @@ local function sweep()
   end
 end
 
+-- What a child's bootstrap needs, found by start() before the fork: its
+-- run method and whether the logger takes level 5 (the child would find
+-- the same a moment later, reading pages of its own to do so: each one
+-- costs a child a fault, see S).  Should it raise, the child looks again
+-- and fails there, as before.
+local function child_plan(self)
+  return self.run, logger:is_enabled_for(5)
+end
+
 function Process:start()
   check_closed(self)
   if rawget(self, "_child") then
@@ -297,9 +309,11 @@ function Process:start()
     h = forkserver.spawn("multiprocessing.process", "_remote_main",
                          P._snapshot(self), "process", self.daemon)
   else
-    S.starting = self
+    local ok, run, log5 = pcall(child_plan, self)
+    S.starting, S.starting_run, S.starting_log = self, ok and run or nil, ok and log5
     h = core.spawn(bootstrap, self, self.daemon, false, false, true)
-    S.starting = nil   -- (the child has its copy; here it is not to be kept)
+    -- (the child has its copies; here they are not to be kept)
+    S.starting, S.starting_run = nil, nil
   end
   rawset(self, "_child", h)
   sweep()     -- after the fork, while the child runs
