@@ -14,7 +14,8 @@ local util = require "multiprocessing.util"
 local forkserver = require "multiprocessing.forkserver"
 
 local getpid = core.pid       -- cached by the C side, right after forks too
-local pcall, xpcall = pcall, xpcall  -- (a child's start reads no globals)
+-- (locals: a child's start reads no globals table)
+local pcall, xpcall, rawget = pcall, xpcall, rawget
 local raise = util.raise     -- (led by the caller's file:line)
 local unpack = table.unpack
 
@@ -45,14 +46,16 @@ setmetatable(main_process, {
 -- parent, made on first use from parent_name and parent_pid; children,
 -- the Process objects started here (Process -> true: strong references,
 -- as Python's _children, so a running child's object is never collected);
--- counter, for default names (Process-<n>); starting_run and
--- starting_log, what start() found for the child (see child_plan).  All
+-- counter, for default names (Process-<n>); starting_run,
+-- starting_log, starting_log20 and starting_level, what start() found for
+-- the child (see child_plan).  All
 -- slots exist from the start, so these writes allocate nothing.
 -- adopted: Process objects standing for children that other parts of the
 -- runtime forked themselves (Pool workers, see P._adopt), weakly: their
 -- owner (the pool) holds them while they run.
 local S = {current = main_process, starting = nil, starting_run = nil,
-           starting_log = nil, parent = nil,
+           starting_log = nil, starting_log20 = nil, starting_level = nil,
+           parent = nil,
            parent_name = nil, parent_pid = nil, children = nil,
            adopted = nil, counter = 0, owner = getpid(), remote = nil}
 
@@ -263,7 +266,16 @@ local function bootstrap(self)
     io.stderr:flush()
     code = 1
   end
-  log(20, "process exiting with exitcode %d", code)
+  -- (start's answer for level 20 holds while run() left the logger's
+  -- level and its is_enabled_for as they were)
+  if S.starting_run ~= nil and rawget(logger, "level") == S.starting_level and
+     rawget(logger, "is_enabled_for") == nil then
+    if S.starting_log20 then
+      logger:log(20, "process exiting with exitcode %d", code)
+    end
+  else
+    log(20, "process exiting with exitcode %d", code)
+  end
   return code
 end
 
@@ -283,12 +295,13 @@ local function sweep()
 end
 
 -- What a child's bootstrap needs, found by start() before the fork: its
--- run method and whether the logger takes level 5 (the child would find
--- the same a moment later, reading pages of its own to do so: each one
--- costs a child a fault, see S).  Should it raise, the child looks again
--- and fails there, as before.
+-- run method, whether the logger takes levels 5 and 20, and the logger's
+-- level (the child would find the same a moment later, reading pages of
+-- its own to do so: each one costs a child a fault, see S).  Should it
+-- raise, the child looks again and fails there, as before.
 local function child_plan(self)
-  return self.run, logger:is_enabled_for(5)
+  return self.run, logger:is_enabled_for(5), logger:is_enabled_for(20),
+         rawget(logger, "level")
 end
 
 function Process:start()
@@ -309,8 +322,9 @@ function Process:start()
     h = forkserver.spawn("multiprocessing.process", "_remote_main",
                          P._snapshot(self), "process", self.daemon)
   else
-    local ok, run, log5 = pcall(child_plan, self)
+    local ok, run, log5, log20, level = pcall(child_plan, self)
     S.starting, S.starting_run, S.starting_log = self, ok and run or nil, ok and log5
+    S.starting_log20, S.starting_level = ok and log20, ok and level
     h = core.spawn(bootstrap, self, self.daemon, false, false, true)
     -- (the child has its copies; here they are not to be kept)
     S.starting, S.starting_run = nil, nil
