@@ -29,6 +29,15 @@
  *                               (0: the kernel's floor for forking that
  *                               process; W > 0 prices the copy-on-write
  *                               faults of W pages written on each side)
+ *   fork_touch R N              fork + _exit + waitpid N times; each child
+ *                               first reads one byte of each of R pages
+ *                               its parent had written (present, copied
+ *                               by the fork, nothing written) and times
+ *                               it: the median rate at which a fresh
+ *                               child reads pages (on a shadow-paging VM
+ *                               each costs the child a fault of the
+ *                               hypervisor's own, which no guest fault
+ *                               counter sees)
  *   fork_pidfd N                fork + _exit, the parent waiting as luamp's
  *                               join does (pidfd_open, poll, waitpid)
  *   speedup                     the pool CPU speed-up row's floor: 8
@@ -293,6 +302,42 @@ static int stream(long mib, int pipes) {
 /* fork_mem: see the header.  The mappings are separate (PROT_NONE guard
  * pages between them keep the kernel from merging them), each touched
  * page by page so that each is private and mapped. */
+/* fork_touch: see the header.  Each child times its own reads (the
+ * clock read once before, so that its own pages are not in the timing)
+ * into a shared page; the median of the N children is reported as pages
+ * a fresh child reads per second (cmp_double: see cpu_speedup). */
+static int fork_touch(long r, long n) {
+  long pages = r > 0 ? r : 1;
+  volatile char *m = mmap(NULL, (size_t)pages * 4096, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  double *per = mmap(NULL, (size_t)(n > 0 ? n : 1) * sizeof *per,
+                     PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  double t0;
+  if (m == MAP_FAILED || per == MAP_FAILED || r < 1 || n < 1) return 1;
+  for (long i = 0; i < pages; i++) m[i * 4096] = 1;
+  t0 = now();
+  for (long i = 0; i < n; i++) {
+    int st;
+    pid_t pid = fork();
+    if (pid == 0) {
+      char sum = 0;
+      double a, b;
+      per[i] = 0;           /* (its page and the clock's, before timing) */
+      a = now();
+      for (long k = 0; k < r; k++) sum = (char)(sum + m[k * 4096]);
+      b = now();
+      per[i] = (b - a) / (double)r;
+      _exit(sum == 0);
+    }
+    waitpid(pid, &st, 0);
+  }
+  t0 = now() - t0;
+  qsort(per, (size_t)n, sizeof *per, cmp_double);
+  report("c.child_page_read", t0, t0 / (per[n / 2] > 0 ? per[n / 2] : 1e-9),
+         "pages/s");
+  return 0;
+}
+
 static int fork_mem(long kib, long vmas, long w, long n) {
   long pages = kib / 4, per;
   char **map;
@@ -373,6 +418,8 @@ int main(int argc, char **argv) {
       waitpid(pid, &st, 0);
     }
     report("c.fork_pidfd_wait", now() - t0, (double)n, "procs/s");
+  } else if (argc == 4 && strcmp(argv[1], "fork_touch") == 0) {
+    return fork_touch(atol(argv[2]), atol(argv[3]));
   } else if (argc == 6 && strcmp(argv[1], "fork_mem") == 0) {
     return fork_mem(atol(argv[2]), atol(argv[3]), atol(argv[4]), atol(argv[5]));
   } else if (argc == 3 && strcmp(argv[1], "futex") == 0) {
@@ -392,7 +439,8 @@ int main(int argc, char **argv) {
   } else {
     fprintf(stderr, "usage: bench_probes spawn NAME N CMD...|fork N|"
                     "pipes N|pingpong N|stream MIB|pipestream MIB|futex N|futex_poll N|"
-                    "fork_pidfd N|fork_mem KIB VMAS W N|speedup|burn SECS [PID]\n");
+                    "fork_pidfd N|fork_mem KIB VMAS W N|fork_touch R N|speedup|"
+                    "burn SECS [PID]\n");
     return 2;
   }
   return 0;

@@ -14,6 +14,8 @@ local util = require "multiprocessing.util"
 local forkserver = require "multiprocessing.forkserver"
 
 local getpid = core.pid       -- cached by the C side, right after forks too
+-- (locals: a child's start reads no globals table)
+local pcall, xpcall, rawget = pcall, xpcall, rawget
 local raise = util.raise     -- (led by the caller's file:line)
 local unpack = table.unpack
 
@@ -44,12 +46,16 @@ setmetatable(main_process, {
 -- parent, made on first use from parent_name and parent_pid; children,
 -- the Process objects started here (Process -> true: strong references,
 -- as Python's _children, so a running child's object is never collected);
--- counter, for default names (Process-<n>).  All slots exist from the
--- start, so these writes allocate nothing.
+-- counter, for default names (Process-<n>); starting_run,
+-- starting_log, starting_log20 and starting_level, what start() found for
+-- the child (see child_plan).  All
+-- slots exist from the start, so these writes allocate nothing.
 -- adopted: Process objects standing for children that other parts of the
 -- runtime forked themselves (Pool workers, see P._adopt), weakly: their
 -- owner (the pool) holds them while they run.
-local S = {current = main_process, starting = nil, parent = nil,
+local S = {current = main_process, starting = nil, starting_run = nil,
+           starting_log = nil, starting_log20 = nil, starting_level = nil,
+           parent = nil,
            parent_name = nil, parent_pid = nil, children = nil,
            adopted = nil, counter = 0, owner = getpid(), remote = nil}
 
@@ -78,16 +84,14 @@ local function my_children()
   return c
 end
 
--- ---- logging hooks (the logger is loaded only when used) -------------------
+-- ---- logging hooks -----------------------------------------------------------
 
--- (the level is checked first: a child's start writes nothing it need
--- not, and logger:log's checks of its arguments call type() and friends)
+-- The process's logger (util's one).  The level is checked first: a
+-- child's start writes nothing it need not, and logger:log's checks of its
+-- arguments call type() and friends.
+local logger = util.get_logger()
 local function log(level, fmt, ...)
-  local util = package.loaded["multiprocessing.util"]
-  if util then
-    local logger = util.get_logger()
-    if logger:is_enabled_for(level) then logger:log(level, fmt, ...) end
-  end
+  if logger:is_enabled_for(level) then logger:log(level, fmt, ...) end
 end
 
 -- ---- the class mechanism ---------------------------------------------------
@@ -251,8 +255,10 @@ end
 -- Runs in the child (core.spawn calls it; its result is the exit code).
 -- It writes nothing of its own (see S).
 local function bootstrap(self)
-  log(5, "child process calling self.run()")
-  local ok, err = xpcall(self.run, traceback, self)
+  local run, log5 = S.starting_run, S.starting_log
+  if run == nil then run, log5 = self.run, logger:is_enabled_for(5) end
+  if log5 then logger:log(5, "child process calling self.run()") end
+  local ok, err = xpcall(run, traceback, self)
   local code = 0
   if not ok then
     io.stdout:flush()
@@ -260,7 +266,16 @@ local function bootstrap(self)
     io.stderr:flush()
     code = 1
   end
-  log(20, "process exiting with exitcode %d", code)
+  -- (start's answer for level 20 holds while run() left the logger's
+  -- level and its is_enabled_for as they were)
+  if S.starting_run ~= nil and rawget(logger, "level") == S.starting_level and
+     rawget(logger, "is_enabled_for") == nil then
+    if S.starting_log20 then
+      logger:log(20, "process exiting with exitcode %d", code)
+    end
+  else
+    log(20, "process exiting with exitcode %d", code)
+  end
   return code
 end
 
@@ -277,6 +292,16 @@ local function sweep()
       S.children[p] = nil
     end
   end
+end
+
+-- What a child's bootstrap needs, found by start() before the fork: its
+-- run method, whether the logger takes levels 5 and 20, and the logger's
+-- level (the child would find the same a moment later, reading pages of
+-- its own to do so: each one costs a child a fault, see S).  Should it
+-- raise, the child looks again and fails there, as before.
+local function child_plan(self)
+  return self.run, logger:is_enabled_for(5), logger:is_enabled_for(20),
+         rawget(logger, "level")
 end
 
 function Process:start()
@@ -297,9 +322,12 @@ function Process:start()
     h = forkserver.spawn("multiprocessing.process", "_remote_main",
                          P._snapshot(self), "process", self.daemon)
   else
-    S.starting = self
+    local ok, run, log5, log20, level = pcall(child_plan, self)
+    S.starting, S.starting_run, S.starting_log = self, ok and run or nil, ok and log5
+    S.starting_log20, S.starting_level = ok and log20, ok and level
     h = core.spawn(bootstrap, self, self.daemon, false, false, true)
-    S.starting = nil   -- (the child has its copy; here it is not to be kept)
+    -- (the child has its copies; here they are not to be kept)
+    S.starting, S.starting_run = nil, nil
   end
   rawset(self, "_child", h)
   sweep()     -- after the fork, while the child runs
