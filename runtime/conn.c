@@ -84,6 +84,8 @@ struct conn {
                              points (fence.c) */
   unsigned spin : 1;      /* a manager client's own: polls before a
                              receive sleeps (see spin_read) */
+  unsigned rnb : 1;       /* a manager server's pipe: fd made O_NONBLOCK
+                             (serve_one), read_nowait reads it at once */
   char *ra;               /* read-ahead buffer (RA_SIZE bytes) */
   size_t rpos, rend;      /* its unread bytes: ra[rpos..rend) */
   pid_t rpid;             /* the process that read them (see ra_check) */
@@ -697,8 +699,9 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
  * errno EAGAIN when nothing is there. */
 static ssize_t read_nowait(struct conn *c, char *p, size_t n) {
   for (;;) {
-    ssize_t r = c->unixsock && c->trusted ? recv_fds(c, p, n, MSG_DONTWAIT)
-                                          : luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
+    ssize_t r = c->rnb ? luamp_sys.read(c->fd, p, n)
+              : c->unixsock && c->trusted ? recv_fds(c, p, n, MSG_DONTWAIT)
+              : luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
     if (r >= 0) return r;
     if (errno == EINTR) continue;
     if (errno == ENOTSOCK) {           /* a pipe: ask poll first */
@@ -2322,6 +2325,11 @@ static int serve_one(lua_State *L, struct conn *c, int ri, int dmt, int ks) {
   uint32_t len;
   int base = lua_gettop(L), done = 0;
   if (c->rbroken || c->wbroken || luamp_pending_writes) return 0;
+  if (!c->unixsock && !c->rnb) {      /* a pipe (the server's alone) */
+    int fl = luamp_sys.fcntl(c->fd, F_GETFL, 0);
+    if (fl >= 0 && luamp_sys.fcntl(c->fd, F_SETFL, fl | O_NONBLOCK) == 0)
+      c->rnb = 1;
+  }
   ra_check(c);
   if (c->rpos == c->rend) {
     ssize_t r = read_nowait(c, c->ra, RA_SIZE);

@@ -178,6 +178,56 @@ describe("the manager's quick round trip", function()
     assert.equal(50, d[5])
   end)
 
+  it("moves an authenticated client on a Unix socket to a pair of pipes", function()
+    -- (before: the client's connection stayed the socket, fd N, duplex)
+    local mc = require "multiprocessing.manager_client"
+    local function conn_of(mgr)
+      for _, cl in pairs(mc.clients) do
+        if cl.address == mgr.address and cl.conn then return cl.conn end
+      end
+    end
+    m:dict().x = 1
+    assert.matches("^Connection %(fds %d+ and %d+, duplex%)$", tostring(conn_of(m)))
+    assert.is_true(spawn(function()
+      local d = m:dict{a = 5}
+      return d.a == 5 and tostring(conn_of(m)):find("fds %d+ and %d+") ~= nil
+    end)())
+    -- a keyless manager's and a TCP manager's clients keep their sockets
+    local open <close> = mp.managers.SyncManager{authkey = false}:start()
+    local od = open:dict{a = 1}
+    assert.equal(1, od.a)
+    assert.matches("^Connection %(fd %d+, duplex%)$", tostring(conn_of(open)))
+    local tcp <close> = mp.Manager{address = {"127.0.0.1", 0}, authkey = "tcp-k"}
+    local td = tcp:dict{a = 2}
+    assert.equal(2, td.a)
+    assert.matches("^Connection %(fd %d+, duplex%)$", tostring(conn_of(tcp)))
+  end)
+
+  it("refuses a move to pipes without a connection or a key", function()
+    local key = "quick-spec-key-2"
+    local km <close> = mp.Manager{authkey = key}
+    local c <close> = mp.connection.Client(km.address, key)
+    for i, bad in ipairs{"not a connection", 5, false} do
+      c:send({i, 0, "pipe", bad})
+      local r = c:recv()
+      assert.same({i, 2}, {r[1], r[2]})
+      assert.matches("pipe: expected a connection", r[3])
+    end
+    c:send({9, 0, "ping"})
+    assert.same({9, 0, true}, c:recv())
+    local open <close> = mp.managers.SyncManager{authkey = false}:start()
+    local oc <close> = mp.connection.Client(open.address)
+    local x, y = mp.Pipe()
+    local ok = pcall(oc.send, oc, {1, 0, "pipe", x})
+    if ok then           -- (sent: the keyless server refuses it)
+      local r = oc:recv()
+      assert.same({1, 2}, {r[1], r[2]})
+    end
+    x:close(); y:close()
+    oc:send({2, 0, "ping"})
+    assert.same({2, 0, true}, oc:recv())
+  end)
+
   it("rejects bad arguments to the connection's quick methods", function()
     local a, b = mp.Pipe()
     assert.is_false(a:_request(0, 1, "get", 1))     -- (not sent)

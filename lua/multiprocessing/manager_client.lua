@@ -351,6 +351,30 @@ function hello(cl)
   if cl.uid and info.uid ~= cl.uid then
     lost(cl, "a different manager now serves that address")
   end
+  -- an authenticated client on a Unix socket moves to a pair of pipes
+  -- (request "pipe", manager_kernel.lua: a round trip costs less)
+  local made, mine, theirs = false, nil, nil
+  if cl.authkey ~= nil and type(cl.address) == "string" then
+    made, mine, theirs = pcall(core.Pipe, true)   -- (out of fds: no move)
+  end
+  if made then
+    local ok, err = pcall(rawcall, cl, {0, 0, "pipe", theirs})
+    theirs:close()
+    if ok then
+      pcall(c.close, c)
+      c = mine
+      set_nofence(c)
+      core._set_spin(c)
+      cl.conn, cl.c_send, cl.c_recv = c, c.send, c.recv
+    else
+      mine:close()
+      if is_interrupt(err) then   -- (the server may have moved: start over)
+        pcall(c.close, c)
+        cl.conn = nil
+      end
+      if cl.conn == nil then error(err, 0) end
+    end
+  end
   return c
 end
 

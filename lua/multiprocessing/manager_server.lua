@@ -246,6 +246,7 @@ function ops.cancel(self, C, seq)
 end
 
 function ops.ping() return true end
+ops.pipe = kernel.op_pipe   -- (a client's move to pipes)
 
 function ops.shutdown(self)
   self.running = false
@@ -256,11 +257,10 @@ end
 function ops.info(self)
   collectgarbage()
   collectgarbage()
-  local objects, pinned, clients = 0, 0, 0
+  local objects, pinned, clients, transits = 0, 0, 0, 0
   for _ in pairs(self.recs) do objects = objects + 1 end
   for _ in pairs(self.pinned) do pinned = pinned + 1 end
   for _ in pairs(self.clients) do clients = clients + 1 end
-  local transits = 0
   for _ in pairs(self.transits) do transits = transits + 1 end
   return {objects = objects, pinned = pinned, clients = clients, transits =
     transits, pid = getpid(), drains = self.drains, quick = core._quick()}
@@ -536,14 +536,14 @@ function Server:drain(cur)
     for C in pairs(self.more) do to_serve[C] = true end
     for C in pairs(to_serve) do
       if C ~= cur and not C.closed then
-        local conn, got = C.conn, 0
+        local got = 0   -- (C.conn each time: a move to pipes changes it)
         repeat
           local msg = self:receive(C)
           if msg == false or msg == INCOMPLETE then break end
           if msg ~= nil then self:handle(C, msg) end
           got = got + 1
-        until C.closed or got > DRAIN_MSGS or not conn:poll()
-        if not C.closed and not self.buffered(conn) then self.more[C] = nil end
+        until C.closed or got > DRAIN_MSGS or not C.conn:poll()
+        if not (C.closed or self.buffered(C.conn)) then self.more[C] = nil end
       end
     end
   end
