@@ -236,9 +236,9 @@ static void fds_discard(struct conn *c, const char *p, size_t n);
 static int spin_always;   /* core._set_spin(true): tests poll in any state */
 
 /* Polls fds for up to CONN_SPIN_NS while no other process waits for this
- * one's CPU (luamp_cpus_free): 1 when one is ready (or in error: the
- * caller's read or poll says which), 0 when the time passed first or a
- * Ctrl-C came.  For request/answer traffic (issue 18): the manager
+ * one's CPU (luamp_cpus_free): poll's count when one is ready (their
+ * revents filled in), -1 when poll failed (the caller's read or poll
+ * says how), 0 when the time passed first or a Ctrl-C came.  For request/answer traffic (issue 18): the manager
  * answers a client in ~10-15 us, and a client's next request follows its
  * answer as fast; a read or poll that finds the bytes there costs no
  * sleep and no wake-up, which cost more than the request itself (the
@@ -252,8 +252,8 @@ static int spin_ready(lua_State *L, struct pollfd *fds, nfds_t n) {
   until = luamp_now() + CONN_SPIN_NS * 1e-9;
   do {
     int r = luamp_sys.poll(fds, n, 0);
-    if (r > 0) return 1;
-    if (r < 0 && errno != EINTR) return 1;
+    if (r > 0) return r;
+    if (r < 0 && errno != EINTR) return -1;
     if (luamp_interrupted(L)) return 0;
     luamp_cpu_relax();
   } while (luamp_now() < until);
@@ -2126,9 +2126,11 @@ static struct pollfd *pollfds_arg(lua_State *L, int idx, struct pollfd *few,
 static int wait_pollfds(lua_State *L, struct pollfd *p, nfds_t n,
                         double deadline, int spin) {
   int r;
-  if (spin && (deadline < 0 || deadline > luamp_now()) &&
-      spin_ready(L, p, n))
-    deadline = 0;                     /* (ready: the poll below says which) */
+  if (spin && (deadline < 0 || deadline > luamp_now())) {
+    r = spin_ready(L, p, n);
+    if (r > 0) return r;              /* (no second poll: revents are set) */
+    if (r < 0) deadline = 0;          /* (the poll below reports it) */
+  }
   r = luamp_robust_poll(L, p, n, deadline);
   if (r == -2) luamp_raise_interrupt(L);
   if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
