@@ -2447,7 +2447,8 @@ static int conn_reply(lua_State *L) {
       if (mine) {
         lua_pushboolean(L, 1);
         if (u[0] == 0x92) lua_pushnil(L);
-        else luamp_decode(L, p + 2 + k, (size_t)n - 2 - k, flags);
+        else if (!luamp_decode_small(L, p + 2 + k, (size_t)n - 2 - k))
+          luamp_decode(L, p + 2 + k, (size_t)n - 2 - k, flags);
         return 2;
       }
     }
