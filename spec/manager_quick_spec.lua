@@ -13,25 +13,13 @@ local proxies = require "multiprocessing.manager_proxies"
 
 local now, sleep = core.now, core.sleep
 
--- Runs fn in a child; returns a function that waits and returns what fn
--- returned (through a pipe), or false and the error's kind; and the
--- process.
+-- H.spawn, the child's error returned as false and its kind.
 local function spawn(fn)
-  local a, b = mp.Pipe()
-  local p = mp.Process{target = function()
-    a:close()
-    local r = table.pack(pcall(fn))
-    if not r[1] and type(r[2]) == "table" then r[2] = r[2].kind end
-    b:send(r)
-  end}
-  p:start()
-  b:close()
+  local wait, p = H.spawn(fn)
   return function()
-    local r = a:recv()
-    a:close()
-    p:join()
+    local r = table.pack(pcall(wait))
     if r[1] then return table.unpack(r, 2, r.n) end
-    return false, r[2]
+    return false, tostring(r[2]):match("^(%w+):")
   end, p
 end
 
