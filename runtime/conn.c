@@ -84,6 +84,8 @@ struct conn {
                              points (fence.c) */
   unsigned spin : 1;      /* a manager client's own: polls before a
                              receive sleeps (see spin_read) */
+  unsigned rnb : 1;       /* a manager server's pipe: fd made O_NONBLOCK
+                             (serve_one), read_nowait reads it at once */
   char *ra;               /* read-ahead buffer (RA_SIZE bytes) */
   size_t rpos, rend;      /* its unread bytes: ra[rpos..rend) */
   pid_t rpid;             /* the process that read them (see ra_check) */
@@ -234,9 +236,9 @@ static void fds_discard(struct conn *c, const char *p, size_t n);
 static int spin_always;   /* core._set_spin(true): tests poll in any state */
 
 /* Polls fds for up to CONN_SPIN_NS while no other process waits for this
- * one's CPU (luamp_cpus_free): 1 when one is ready (or in error: the
- * caller's read or poll says which), 0 when the time passed first or a
- * Ctrl-C came.  For request/answer traffic (issue 18): the manager
+ * one's CPU (luamp_cpus_free): poll's count when one is ready (their
+ * revents filled in), -1 when poll failed (the caller's read or poll
+ * says how), 0 when the time passed first or a Ctrl-C came.  For request/answer traffic (issue 18): the manager
  * answers a client in ~10-15 us, and a client's next request follows its
  * answer as fast; a read or poll that finds the bytes there costs no
  * sleep and no wake-up, which cost more than the request itself (the
@@ -250,8 +252,8 @@ static int spin_ready(lua_State *L, struct pollfd *fds, nfds_t n) {
   until = luamp_now() + CONN_SPIN_NS * 1e-9;
   do {
     int r = luamp_sys.poll(fds, n, 0);
-    if (r > 0) return 1;
-    if (r < 0 && errno != EINTR) return 1;
+    if (r > 0) return r;
+    if (r < 0 && errno != EINTR) return -1;
     if (luamp_interrupted(L)) return 0;
     luamp_cpu_relax();
   } while (luamp_now() < until);
@@ -726,8 +728,9 @@ static void recv_frame(lua_State *L, struct conn *c, lua_Integer maxlen,
  * errno EAGAIN when nothing is there. */
 static ssize_t read_nowait(struct conn *c, char *p, size_t n) {
   for (;;) {
-    ssize_t r = c->unixsock && c->trusted ? recv_fds(c, p, n, MSG_DONTWAIT)
-                                          : luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
+    ssize_t r = c->rnb ? luamp_sys.read(c->fd, p, n)
+              : c->unixsock && c->trusted ? recv_fds(c, p, n, MSG_DONTWAIT)
+              : luamp_sys.recv(c->fd, p, n, MSG_DONTWAIT);
     if (r >= 0) return r;
     if (errno == EINTR) continue;
     if (errno == ENOTSOCK) {           /* a pipe: ask poll first */
@@ -2122,46 +2125,59 @@ static int l_connect(lua_State *L) {
  * poll a while before sleeping (spin_ready; the manager's server between
  * requests).  out: a table to return the list in (its entries replaced),
  * not a new one: the server's loop polls on every request. */
-static int l_wait_fds(lua_State *L) {
+/* The pollfds (POLLIN) of the fd list at idx: in few (room for nfew)
+ * when they fit, as a manager's loop polls on every request (no garbage
+ * per call), else in a userdata pushed on the stack. */
+static struct pollfd *pollfds_arg(lua_State *L, int idx, struct pollfd *few,
+                                  size_t nfew, nfds_t *np) {
+  struct pollfd *p;
   lua_Integer n;
-  struct pollfd few[16], *p;
-  double deadline;
-  int r, spin = lua_toboolean(L, 3), out = !lua_isnoneornil(L, 4);
-  lua_Integer k = 1, old = 0;
-  luaL_checktype(L, 1, LUA_TTABLE);
-  if (out) {
-    luaL_checktype(L, 4, LUA_TTABLE);
-    old = (lua_Integer)lua_rawlen(L, 4);
-  }
-  n = luaL_len(L, 1);
-  luaL_argcheck(L, n >= 0 && n <= 65536, 1, "too many objects");
-  deadline = luamp_deadline_arg(L, 2);
-  /* (a few fds, as a manager's loop polls on every request: on the C
-     stack, no garbage per call) */
-  p = n <= (lua_Integer)(sizeof few / sizeof few[0]) ? few :
-      lua_newuserdatauv(L, sizeof *p * (size_t)n, 0);
+  luaL_checktype(L, idx, LUA_TTABLE);
+  n = luaL_len(L, idx);
+  luaL_argcheck(L, n >= 0 && n <= 65536, idx, "too many objects");
+  p = (size_t)n <= nfew ? few : lua_newuserdatauv(L, sizeof *p * (size_t)n, 0);
   for (lua_Integer i = 0; i < n; i++) {
-    lua_rawgeti(L, 1, i + 1);
+    lua_rawgeti(L, idx, i + 1);
     if (!lua_isinteger(L, -1))
-      luaL_argerror(L, 1, "file descriptors must be integers");
+      luaL_argerror(L, idx, "file descriptors must be integers");
     p[i].fd = (int)lua_tointeger(L, -1);
     p[i].events = POLLIN;
     p[i].revents = 0;
     lua_pop(L, 1);
   }
-  if (spin && (deadline < 0 || deadline > luamp_now()) &&
-      spin_ready(L, p, (nfds_t)n))
-    deadline = 0;                     /* (ready: the poll below says which) */
-  r = luamp_robust_poll(L, p, (nfds_t)n, deadline);
+  *np = (nfds_t)n;
+  return p;
+}
+
+/* Waits (polling first, with spin, if a CPU is free) until one of p is
+ * ready or the deadline passes: poll's count, 0 at the deadline; raises
+ * on Ctrl-C and errors. */
+static int wait_pollfds(lua_State *L, struct pollfd *p, nfds_t n,
+                        double deadline, int spin) {
+  int r;
+  if (spin && (deadline < 0 || deadline > luamp_now())) {
+    r = spin_ready(L, p, n);
+    if (r > 0) return r;              /* (no second poll: revents are set) */
+    if (r < 0) deadline = 0;          /* (the poll below reports it) */
+  }
+  r = luamp_robust_poll(L, p, n, deadline);
   if (r == -2) luamp_raise_interrupt(L);
   if (r == -1) luamp_raise_errno(L, "OSError", errno, "poll");
-  if (out) lua_pushvalue(L, 4);
+  return r;
+}
+
+/* Pushes the list of ready indexes (1-based) of p, r of them: the table
+ * at out (its old items past them cleared) or a new one (out 0). */
+static void push_ready(lua_State *L, const struct pollfd *p, nfds_t n, int r,
+                       int out) {
+  lua_Integer k = 1, old = out ? (lua_Integer)lua_rawlen(L, out) : 0;
+  if (out) lua_pushvalue(L, out);
   else lua_newtable(L);
-  for (lua_Integer i = 0; r > 0 && i < n; i++) {
+  for (nfds_t i = 0; r > 0 && i < n; i++) {
     if (p[i].revents & POLLNVAL)
       luamp_raise(L, "ValueError", "invalid file descriptor %d", p[i].fd);
     if (p[i].revents) {
-      lua_pushinteger(L, i + 1);
+      lua_pushinteger(L, (lua_Integer)i + 1);
       lua_rawseti(L, -2, k++);
     }
   }
@@ -2169,7 +2185,312 @@ static int l_wait_fds(lua_State *L) {
     lua_pushnil(L);
     lua_rawseti(L, -2, k);
   }
+}
+
+/* core.wait_fds(fds, timeout[, spin[, out]]) -> the ready indexes. */
+static int l_wait_fds(lua_State *L) {
+  struct pollfd few[16], *p;
+  nfds_t n;
+  int r, spin = lua_toboolean(L, 3), out = !lua_isnoneornil(L, 4);
+  if (out) luaL_checktype(L, 4, LUA_TTABLE);
+  p = pollfds_arg(L, 1, few, sizeof few / sizeof few[0], &n);
+  r = wait_pollfds(L, p, n, luamp_deadline_arg(L, 2), spin);
+  push_ready(L, p, n, r, out ? 4 : 0);
   return 1;
+}
+
+/* ---- manager round trips in C (issue 18) --------------------------------
+
+   A manager dict get cost ~25k instructions in the server and ~10k in
+   the client (callgrind), most of them Lua: the server loop's round
+   (listener, timers, pools), the dispatch, two pcalls, a 4-item table
+   encoded and decoded on each side.  With a CPU taken by another program
+   the two sides run in turn on the other, and those instructions were
+   the round trip's cost.  So the usual request goes in C at both ends:
+   the client encodes {seq, id, method, key} of small scalars itself
+   (conn:_request) and takes an ok answer's value without a table
+   (conn:_reply); the server's loop, while it has nothing else to do,
+   waits and answers plain dict gets without going back to Lua
+   (core._serve_gets).  Everything else goes the Lua way. */
+
+/* The byte length of the MessagePack integer at p (n bytes there) that
+ * luamp_decode_small reads, 0 for anything else. */
+static size_t small_int_len(const unsigned char *p, size_t n) {
+  size_t k;
+  if (n == 0) return 0;
+  switch (p[0]) {
+    case 0xcc: case 0xd0: k = 2; break;
+    case 0xcd: case 0xd1: k = 3; break;
+    case 0xce: case 0xd2: k = 5; break;
+    case 0xd3: k = 9; break;
+    default: k = p[0] <= 0x7f || p[0] >= 0xe0 ? 1 : 0;
+  }
+  return k <= n ? k : 0;
+}
+
+/* Pushes the small integer at *p (advancing it) and returns it; 0 with
+ * nothing pushed when there is none (or it is not positive). */
+static lua_Integer take_pos_int(lua_State *L, const unsigned char **p,
+                                const unsigned char *end) {
+  size_t k = small_int_len(*p, (size_t)(end - *p));
+  lua_Integer v;
+  if (k == 0 || !luamp_decode_small(L, (const char *)*p, k)) return 0;
+  v = lua_tointeger(L, -1);
+  if (v <= 0) {
+    lua_pop(L, 1);
+    return 0;
+  }
+  *p += k;
+  return v;
+}
+
+/* Writes the n bytes at p whole, without raising: 1 when done, 0 when
+ * nothing could be written, -1 when a part was (the stream is broken). */
+static int write_quiet(struct conn *c, const char *p, size_t n) {
+  size_t sent = 0;
+  while (sent < n) {
+    ssize_t w = luamp_sys.write(WFD(c), p + sent, n - sent);
+    if (w >= 0) {
+      sent += (size_t)w;
+    } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
+      struct pollfd q = {WFD(c), POLLOUT, 0};
+      (void)luamp_sys.poll(&q, 1, -1);
+    } else if (errno != EINTR) {
+      if (sent == 0) return 0;
+      c->wbroken = 1;
+      return -1;
+    }
+  }
+  return 1;
+}
+
+#define QUICK_REPLY_MAX 4096    /* longer answers go the Lua way */
+static lua_Integer quick_count;  /* requests quick_get answered */
+
+/* core._quick() -> how many requests this process answered in C (a
+ * manager's m:_debug_info().quick) */
+static int l_quick(lua_State *L) {
+  lua_pushinteger(L, quick_count);
+  return 1;
+}
+
+/* The answer to a dict get, the request's payload p/n (a whole frame,
+ * alone in c's read-ahead), when it is {seq, id, "get", key} for a dict
+ * (metatable at dmt) among the records at ri, the key and the value
+ * plain scalars: written, 1; else 0 (nothing done, the frame left to
+ * Lua).  At ks: the strings "obj" and "vals". */
+static int quick_get(lua_State *L, struct conn *c, const char *payload,
+                     size_t n, int ri, int dmt, int ks) {
+  const unsigned char *p = (const unsigned char *)payload, *end = p + n;
+  unsigned char out[QUICK_REPLY_MAX];
+  size_t vn, hlen, on;
+  lua_Integer seq, id;
+  const char *v;
+  int t;
+  if (n < 6 || *p++ != 0x94) return 0;
+  if ((seq = take_pos_int(L, &p, end)) == 0) return 0;
+  if ((id = take_pos_int(L, &p, end)) == 0) return 0;
+  if (end - p < 5 || memcmp(p, "\xa3get", 4) != 0) return 0;
+  p += 4;
+  if (!luamp_decode_small(L, (const char *)p, (size_t)(end - p))) return 0;
+  if (lua_rawgeti(L, ri, id) != LUA_TTABLE) return 0;              /* rec */
+  lua_pushvalue(L, ks);
+  if (lua_rawget(L, -2) != LUA_TTABLE || !lua_getmetatable(L, -1))
+    return 0;
+  if (!lua_rawequal(L, -1, dmt)) return 0;
+  lua_pushvalue(L, ks + 1);
+  if (lua_rawget(L, -3) != LUA_TTABLE) return 0;
+  lua_pushvalue(L, -5);                                             /* key */
+  t = lua_rawget(L, -2);
+  if (t != LUA_TNIL && t != LUA_TBOOLEAN && t != LUA_TNUMBER &&
+      t != LUA_TSTRING)
+    return 0;
+  /* frame: header, then [seq, 0, value] ([seq, 0] for nil) */
+  on = 5;
+  out[4] = t == LUA_TNIL ? 0x92 : 0x93;
+  lua_pushinteger(L, seq);
+  on += luamp_encode_small(L, -1, out + on);
+  lua_pop(L, 1);
+  out[on++] = 0;
+  if (t != LUA_TNIL) {
+    vn = luamp_encode_small(L, -1, out + on);
+    if (vn == 0) {
+      v = luamp_encode(L, lua_gettop(L), 0, &vn, "result");
+      if (vn > sizeof out - on) return 0;
+      memcpy(out + on, v, vn);
+    }
+    on += vn;
+  }
+  put_header(out, on - 4, &hlen);
+  /* (written before the request is taken: a write that failed at once
+     leaves it to the Lua way, which drops the client) */
+  if (write_quiet(c, (const char *)out, on) == 0) return 0;
+  c->rpos = c->rend = 0;
+  quick_count++;
+  return 1;
+}
+
+/* The connection of the client record at ci when its requests may be
+ * answered in C (open, authenticated, no failed write to report, no
+ * message half read), else NULL.  (Only Lua changes these, so one look
+ * serves a whole core._serve_gets.) */
+static struct conn *quick_client(lua_State *L, int ci) {
+  struct conn *c = NULL;
+  int base = lua_gettop(L);
+  if (lua_type(L, ci) == LUA_TTABLE &&
+      lua_getfield(L, ci, "closed") == LUA_TBOOLEAN && !lua_toboolean(L, -1) &&
+      lua_getfield(L, ci, "err") == LUA_TNIL &&
+      lua_getfield(L, ci, "trusted") == LUA_TBOOLEAN && lua_toboolean(L, -1)) {
+    lua_getfield(L, ci, "conn");
+    c = luaL_testudata(L, -1, CONN_TNAME);
+    if (c != NULL && (c->fd < 0 || !c->trusted || c->nb || c->ra == NULL))
+      c = NULL;
+  }
+  lua_settop(L, base);
+  return c;
+}
+
+/* Serves what c's client sent, if it is a whole quick get alone: 1 when
+ * answered; 0 when the client's turn is Lua's. */
+static int serve_one(lua_State *L, struct conn *c, int ri, int dmt, int ks) {
+  uint32_t len;
+  int base = lua_gettop(L), done = 0;
+  if (c->rbroken || c->wbroken || luamp_pending_writes) return 0;
+  if (!c->unixsock && !c->rnb) {      /* a pipe (the server's alone) */
+    int fl = luamp_sys.fcntl(c->fd, F_GETFL, 0);
+    if (fl >= 0 && luamp_sys.fcntl(c->fd, F_SETFL, fl | O_NONBLOCK) == 0)
+      c->rnb = 1;
+  }
+  ra_check(c);
+  if (c->rpos == c->rend) {
+    ssize_t r = read_nowait(c, c->ra, RA_SIZE);
+    if (r <= 0) return 0;             /* end of file, error: Lua's */
+    c->rpos = 0;
+    c->rend = (size_t)r;
+    c->rpid = luamp_pid();
+  }
+  if (c->inq_len > 0 || c->rend - c->rpos < 5) return 0;
+  {
+    const unsigned char *h = (const unsigned char *)c->ra + c->rpos;
+    len = (uint32_t)h[0] << 24 | (uint32_t)h[1] << 16 |
+          (uint32_t)h[2] << 8 | h[3];
+  }
+  if (len != c->rend - c->rpos - 4) return 0;   /* not one whole frame */
+  done = quick_get(L, c, c->ra + c->rpos + 4, len, ri, dmt, ks);
+  lua_settop(L, base);
+  return done;
+}
+
+/* core._serve_gets(fds, timeout, out, clients, nc, recs, dict_mt) ->
+ * out: core.wait_fds(fds, timeout, true, out) for a manager's loop (its
+ * clients[1..nc] are fds[1..nc]), which meanwhile answers the quick gets
+ * (quick_get) of clients[1] whenever it alone is ready: the first
+ * client in the poll found alone needs no drain (Server:drain in
+ * manager_server.lua).  It returns when any other fd is ready, when
+ * clients[1] sent anything else (left unread or read ahead, for Lua),
+ * or at the deadline: as wait_fds would have. */
+static int l_serve_gets(lua_State *L) {
+  struct pollfd few[16], *p;
+  struct conn *c = NULL;
+  nfds_t n;
+  double deadline;
+  lua_Integer nc;
+  int r, ks;
+  luaL_checktype(L, 3, LUA_TTABLE);
+  luaL_checktype(L, 4, LUA_TTABLE);
+  nc = luaL_checkinteger(L, 5);
+  luaL_checktype(L, 6, LUA_TTABLE);
+  luaL_checktype(L, 7, LUA_TTABLE);
+  luaL_checkstack(L, 40, NULL);
+  deadline = luamp_deadline_arg(L, 2);
+  lua_settop(L, 7);
+  p = pollfds_arg(L, 1, few, sizeof few / sizeof few[0], &n);
+  luaL_argcheck(L, nc >= 0 && (nfds_t)nc <= n, 5, "more clients than fds");
+  lua_pushliteral(L, "obj");
+  ks = lua_gettop(L);
+  lua_pushliteral(L, "vals");
+  if (nc > 0) {
+    lua_rawgeti(L, 4, 1);
+    c = quick_client(L, lua_gettop(L));
+  }
+  for (;;) {
+    r = wait_pollfds(L, p, n, deadline, 1);
+    if (r != 1 || c == NULL || !(p[0].revents & POLLIN) ||
+        !serve_one(L, c, 6, 7, ks))
+      break;
+    if (deadline >= 0 && luamp_now() >= deadline) {
+      r = 0;
+      break;
+    }
+  }
+  push_ready(L, p, n, r, 3);
+  return 1;
+}
+
+/* conn:_request(seq, id, method, arg) -> whether it sent {seq, id,
+ * method, arg} (as send would), seq and id positive integers, method a
+ * short ASCII string, arg an integer or a short ASCII string; false,
+ * with nothing sent, for other values. */
+static int conn_request(lua_State *L) {
+  struct conn *c = check_writable(L, 1);
+  unsigned char out[4 + 1 + 3 * LUAMP_SMALL_MAX];
+  size_t on = 5, k, hlen;
+  if (luamp_pending_writes && !c->nofence) luamp_flush_writes(L);
+  out[4] = 0x94;
+  for (int i = 2; i <= 5; i++) {
+    if (i < 4 && (!lua_isinteger(L, i) || lua_tointeger(L, i) <= 0)) k = 0;
+    else if (i == 4 && lua_type(L, i) != LUA_TSTRING) k = 0;
+    else k = luamp_encode_small(L, i, out + on);
+    if (k == 0) {
+      lua_pushboolean(L, 0);
+      return 1;
+    }
+    on += k;
+  }
+  put_header(out, on - 4, &hlen);
+  {
+    struct iovec iov = {out, on};
+    write_all(L, c, &iov, 1, -1);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* conn:_reply(seq) -> true, value for the next message when it is the ok
+ * answer {seq, 0, value} (value decoded as recv would); else false and
+ * the message, as recv returns it (errors: recv's). */
+static int conn_reply(lua_State *L) {
+  struct conn *c = check_readable(L, 1);
+  lua_Integer seq = luaL_checkinteger(L, 2);
+  uint64_t n = read_header(L, c, -1);
+  int flags = decode_flags(c);
+  if (n <= RA_SIZE) {
+    const char *p = read_view(L, c, (size_t)n, -1);
+    const unsigned char *u = (const unsigned char *)p;
+    size_t k = n > 2 ? small_int_len(u + 1, (size_t)n - 1) : 0;
+    if (k > 0 && (u[0] == 0x92 || u[0] == 0x93) && 1 + k < n &&
+        u[1 + k] == 0 && (u[0] == 0x92) == (n == 2 + k) &&
+        luamp_decode_small(L, p + 1, k)) {
+      int mine = lua_tointeger(L, -1) == seq;
+      lua_pop(L, 1);
+      if (mine) {
+        lua_pushboolean(L, 1);
+        if (u[0] == 0x92) lua_pushnil(L);
+        else if (!luamp_decode_small(L, p + 2 + k, (size_t)n - 2 - k))
+          luamp_decode(L, p + 2 + k, (size_t)n - 2 - k, flags);
+        return 2;
+      }
+    }
+    lua_pushboolean(L, 0);
+    decode_msg(L, c, p, (size_t)n, flags);
+    rbuf_trim(c, (size_t)n);
+  } else {
+    char *p = read_payload(L, c, n, -1, 0);
+    lua_pushboolean(L, 0);
+    decode_msg(L, c, p, (size_t)n, flags);
+    rbuf_trim(c, (size_t)n);
+  }
+  return 2;
 }
 
 /* ---- Connections and Listeners as handles ------------------------------
@@ -2260,7 +2581,8 @@ static const luaL_Reg conn_meth[] = {
   {"poll", conn_poll}, {"fileno", conn_fileno}, {"pollfd", conn_fileno},
   {"events", conn_events}, {"timeout", conn_timeout}, {"close", conn_close},
   {"_wait_fd", conn_wait_fd}, {"_recv_nowait", conn_recv_nowait},
-  {"_recv_small", conn_recv_small}, {NULL, NULL}
+  {"_recv_small", conn_recv_small}, {"_request", conn_request},
+  {"_reply", conn_reply}, {NULL, NULL}
 };
 static const luaL_Reg conn_mm[] = {
   {"__gc", conn_close}, {"__close", conn_close},
@@ -2299,6 +2621,8 @@ int luamp_open_conn(lua_State *L) {
     {"_set_nofence", l_set_nofence},
     {"_set_spin", l_set_spin},
     {"wait_fds", l_wait_fds},
+    {"_serve_gets", l_serve_gets},
+    {"_quick", l_quick},
     {NULL, NULL}
   };
   luamp_newtype(L, &conn_type);

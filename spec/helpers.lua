@@ -313,6 +313,30 @@ function H.once(f, ...)
   if os.getenv("LUAMP_SPEC_PASS") ~= "2" then return f(...) end
 end
 
+-- Runs fn(...) in a child (mp.Process); returns a function that waits and returns
+-- what fn returned (through a pipe), raising "kind: message" for its
+-- error; and the process.
+function H.spawn(fn, ...)
+  local mp = require "multiprocessing"
+  local a, b = mp.Pipe()
+  local args = table.pack(...)
+  local p = mp.Process{target = function()
+    a:close()
+    local r = table.pack(pcall(fn, table.unpack(args, 1, args.n)))
+    if not r[1] and type(r[2]) == "table" then r[2] = r[2].kind .. ": " .. tostring(r[2].message) end
+    b:send(r)
+  end}
+  p:start()
+  b:close()
+  return function()
+    local r = a:recv()
+    a:close()
+    p:join()
+    if not r[1] then error(r[2], 0) end
+    return table.unpack(r, 2, r.n)
+  end, p
+end
+
 -- {1, 2, ..., n}
 function H.range(n)
   local t = {}

@@ -12,27 +12,7 @@ local err_of = H.err_of
 
 local kind_of = H.kind_of
 
--- Runs fn(...) in a child; returns a function that waits and returns
--- what fn returned (through a pipe).
-local function spawn(fn, ...)
-  local a, b = mp.Pipe()
-  local args = table.pack(...)
-  local p = mp.Process{target = function()
-    a:close()
-    local r = table.pack(pcall(fn, table.unpack(args, 1, args.n)))
-    if not r[1] and type(r[2]) == "table" then r[2] = r[2].kind .. ": " .. tostring(r[2].message) end
-    b:send(r)
-  end}
-  p:start()
-  b:close()
-  return function()
-    local r = a:recv()
-    a:close()
-    p:join()
-    if not r[1] then error(r[2], 0) end
-    return table.unpack(r, 2, r.n)
-  end, p
-end
+local spawn = H.spawn
 
 describe("Manager proxies", function()
   local m
@@ -1543,6 +1523,8 @@ describe("Manager round trips that poll (issue 18)", function()
       d.x = 2
       print(d.x)
     ]])
-    assert.equal("false\tinterrupted!\ttrue\n2\n", out, err)
+    -- (a round trip is now mostly Lua's time, not the wait's: the
+    -- SIGINT may land in the loop's Lua code, whose message has its line)
+    assert.matches("^false\t[^\t\n]*interrupted!\ttrue\n2\n$", out, nil, false, err)
   end)
 end)

@@ -204,22 +204,16 @@ local function raise_reply(r)
   raise("RemoteError", tostring(v), r[4] and {traceback = r[4]} or nil)
 end
 
--- A request: sent, then its answer awaited.  Answers to requests an
--- interrupt abandoned (older seq) are skipped.  An answer means every
--- write sent before the request is applied.
-local function rawcall(cl, msg)
-  local c = cl.conn
-  if c == nil or cl.flush or cl.pid ~= getpid() then c = ready(cl) end
-  local seq = cl.seq + 1
-  cl.seq = seq
-  msg[1] = seq
-  local ok, err = pcall(cl.c_send, c, msg)
-  if not ok then send_failed(cl, err) end
-  local recv = cl.c_recv
+-- The answer to request seq (sent).  Answers to requests an interrupt
+-- abandoned (older seq) are skipped.  An answer means every write sent
+-- before the request is applied.  (conn:_reply gives an ok answer's
+-- value itself, no table made for it.)
+local c_request, c_reply   -- (a connection's methods: set by hello)
+local function await(cl, c, seq, ok, mine, r)   -- (ok...: a first try's)
   while true do
-    local r
-    ok, r = pcall(recv, c)
+    if ok == nil then ok, mine, r = pcall(c_reply, c, seq) end
     if not ok then
+      r = mine
       if is_interrupt(r) then
         -- the server forgets the request if it is still waiting
         pcall(c.send, c, {0, 0, "cancel", seq})
@@ -233,6 +227,10 @@ local function rawcall(cl, msg)
       out_of_step(cl, r)
       lost(cl, r)
     end
+    if mine then
+      if cl.dirty then clean(cl) end
+      return r
+    end
     local rs = r[1]
     if rs == seq then
       if cl.dirty then clean(cl) end
@@ -242,7 +240,20 @@ local function rawcall(cl, msg)
       if cl.dirty then clean(cl) end
       raise_reply(r)
     end
+    ok = nil
   end
+end
+
+-- A request: sent, then its answer awaited.
+local function rawcall(cl, msg)
+  local c = cl.conn
+  if c == nil or cl.flush or cl.pid ~= getpid() then c = ready(cl) end
+  local seq = cl.seq + 1
+  cl.seq = seq
+  msg[1] = seq
+  local ok, err = pcall(cl.c_send, c, msg)
+  if not ok then send_failed(cl, err) end
+  return await(cl, c, seq)
 end
 
 -- The fence: waits until the writes of every dirty client but except are
@@ -294,6 +305,30 @@ local function call(cl, msg)
   return rawcall(cl, msg)
 end
 
+-- A request of one argument (d[k]), as call: one of small scalars (an
+-- integer or short string key) is encoded by the connection itself
+-- (conn:_request), with no table made; others go as rawcall's.
+local function call1(cl, id, meth, a)
+  if n_dirty > (cl.dirty and 1 or 0) then flush(cl) end
+  local c = cl.conn
+  if c == nil or cl.flush or cl.pid ~= getpid() then c = ready(cl) end
+  local seq = cl.seq + 1
+  local ok, sent = pcall(c_request, c, seq, id, meth, a)
+  if not ok then
+    cl.seq = seq
+    send_failed(cl, sent)
+  end
+  if not sent then return rawcall(cl, {0, id, meth, a}) end
+  cl.seq = seq
+  local mine, r
+  ok, mine, r = pcall(c_reply, c, seq)
+  if ok and mine then
+    if cl.dirty then clean(cl) end
+    return r
+  end
+  return await(cl, c, seq, ok, mine, r)
+end
+
 -- Connects and says hello: the server adopts what this process already
 -- has proxies of (inherited through fork), and confirms it is the same
 -- manager (a new one on the same address would not know our ids).
@@ -309,11 +344,36 @@ function hello(cl)
   core._set_spin(c)   -- (its answers are waited for polling, if a CPU is free)
   -- (its send and recv looked up once: not per message)
   cl.conn, cl.pid, cl.c_send, cl.c_recv = c, getpid(), c.send, c.recv
+  c_request, c_reply = c._request, c._reply   -- (every connection's)
   local ids = {}
   for id in pairs(cl.live) do ids[#ids + 1] = id end
   local info = rawcall(cl, {0, 0, "hello", getpid(), ids})
   if cl.uid and info.uid ~= cl.uid then
     lost(cl, "a different manager now serves that address")
+  end
+  -- an authenticated client on a Unix socket moves to a pair of pipes
+  -- (request "pipe", manager_kernel.lua: a round trip costs less)
+  local made, mine, theirs = false, nil, nil
+  if cl.authkey ~= nil and type(cl.address) == "string" then
+    made, mine, theirs = pcall(core.Pipe, true)   -- (out of fds: no move)
+  end
+  if made then
+    local ok, err = pcall(rawcall, cl, {0, 0, "pipe", theirs})
+    theirs:close()
+    if ok then
+      pcall(c.close, c)
+      c = mine
+      set_nofence(c)
+      core._set_spin(c)
+      cl.conn, cl.c_send, cl.c_recv = c, c.send, c.recv
+    else
+      mine:close()
+      if is_interrupt(err) then   -- (the server may have moved: start over)
+        pcall(c.close, c)
+        cl.conn = nil
+      end
+      if cl.conn == nil then error(err, 0) end
+    end
   end
   return c
 end
@@ -338,5 +398,6 @@ M.address_text, M.clients, M.Client, M.client_for = address_text, clients,
   Client, client_for
 M.ready, M.post, M.rawcall, M.call, M.req, M.flush, M.lost =
   ready, post, rawcall, call, req, flush, lost
+M.call1 = call1
 M.hello, M.clean = hello, clean
 return M

@@ -23,6 +23,7 @@ local REC_MT = state.REC_MT
 local clients, client_for = client.clients, client.client_for
 local post, rawcall, call, req, flush = client.post, client.rawcall,
   client.call, client.req, client.flush
+local call1 = client.call1
 
 local M = {}
 
@@ -251,19 +252,13 @@ local function snapshot_pairs(p)
   end, p, nil
 end
 
--- d[k]'s request: one table, reused (a new one when it is in use: a
--- get made while one is sent, or one an error left with its key).
-local get_msg = {0, 0, "get"}
+-- (d[k]: call1, no table made for the request; p[CL] and p[ID] are
+-- always there, no need of rawget)
 define("dict", "DictProxy", DictM, {
   __index = function(p, k)
     local m = DictM[k]
     if m then return m end
-    if get_msg[4] ~= nil then get_msg = {0, 0, "get"} end
-    m = get_msg
-    m[2], m[4] = rawget(p, ID), k
-    local v = call(cl_of(p), m)
-    m[4] = nil
-    return v
+    return call1(p[CL], p[ID], "get", k)
   end,
   __newindex = function(p, k, v)
     check_key(k, "__newindex", 2)

@@ -47,8 +47,8 @@ local T = require "multiprocessing.manager_waiting"   -- (manager_types, every t
 local state = require "multiprocessing.manager_state"
 local connection = require "multiprocessing.connection"
 
-local PARKED = T.PARKED
-local now, getpid = core.now, core.getpid
+local PARKED, DICT = T.PARKED, T.types.dict
+local now, getpid, serve_gets = core.now, core.getpid, core._serve_gets
 local is_error, new_error = core.is_error, core.new_error
 local unpack = table.unpack
 local REC_MT = state.REC_MT
@@ -246,6 +246,7 @@ function ops.cancel(self, C, seq)
 end
 
 function ops.ping() return true end
+ops.pipe = kernel.op_pipe   -- (a client's move to pipes)
 
 function ops.shutdown(self)
   self.running = false
@@ -256,14 +257,13 @@ end
 function ops.info(self)
   collectgarbage()
   collectgarbage()
-  local objects, pinned, clients = 0, 0, 0
+  local objects, pinned, clients, transits = 0, 0, 0, 0
   for _ in pairs(self.recs) do objects = objects + 1 end
   for _ in pairs(self.pinned) do pinned = pinned + 1 end
   for _ in pairs(self.clients) do clients = clients + 1 end
-  local transits = 0
   for _ in pairs(self.transits) do transits = transits + 1 end
-  return {objects = objects, pinned = pinned, clients = clients,
-          transits = transits, pid = getpid(), drains = self.drains}
+  return {objects = objects, pinned = pinned, clients = clients, transits =
+    transits, pid = getpid(), drains = self.drains, quick = core._quick()}
 end
 
 -- ---- dispatch ------------------------------------------------------------------
@@ -442,7 +442,7 @@ end
 
 -- Forgets a client whose connection ended: its parked requests are
 -- dropped, what it held released, its objects unpinned.
-function Server:drop(C, why)
+function Server:drop(C)   -- (callers pass why too: unused)
   if C.closed then return end
   C.closed = true
   self.clients[C] = nil
@@ -462,7 +462,6 @@ function Server:drop(C, why)
   for obj, n in pairs(C.locking) do T.release_dead(obj, C, n) end
   C.locking = {}
   for id in pairs(C.holds) do self:unhold(C, id) end
-  local _ = why
 end
 
 -- The clients whose handshake finished by now.  Handshakes run side by
@@ -537,14 +536,14 @@ function Server:drain(cur)
     for C in pairs(self.more) do to_serve[C] = true end
     for C in pairs(to_serve) do
       if C ~= cur and not C.closed then
-        local conn, got = C.conn, 0
+        local got = 0   -- (C.conn each time: a move to pipes changes it)
         repeat
           local msg = self:receive(C)
           if msg == false or msg == INCOMPLETE then break end
           if msg ~= nil then self:handle(C, msg) end
           got = got + 1
-        until C.closed or got > DRAIN_MSGS or not conn:poll()
-        if not C.closed and not self.buffered(conn) then self.more[C] = nil end
+        until C.closed or got > DRAIN_MSGS or not C.conn:poll()
+        if not (C.closed or self.buffered(C.conn)) then self.more[C] = nil end
       end
     end
   end
@@ -628,9 +627,11 @@ function Server:serve_forever()
         end
         if timeout == nil or timeout > 1 then timeout = 1 end
       end
-      -- (polling a while first, if a CPU is free: the next request
-      -- usually follows the last answer within microseconds)
-      local ready = core.wait_fds(wfds, timeout, true, ready_t)
+      -- (polling first while a CPU is free; meanwhile the first
+      -- client's plain dict gets are answered in C: conn.c)
+      local ready = (pfds or nc == 0 or next(more)) and
+        core.wait_fds(wfds, timeout, true, ready_t) or
+        serve_gets(wfds, timeout, ready_t, list, nc, self.recs, DICT)
       self.polled_at = self.drains
       if pfds then T.poll_pools() end
       round = round + 1
@@ -688,9 +689,8 @@ function S.new(opts)
   }, Server)
   -- the read-ahead check of connections (mp.wait's protocol)
   local probe_a, probe_b = core.Pipe(true)
-  local _, buffered = probe_a:_wait_fd()
+  self.buffered = select(2, probe_a:_wait_fd())
   probe_a:close(); probe_b:close()
-  self.buffered = buffered
   srv = self
   kernel.set_server(self)
   state.serving[self.uid] = self

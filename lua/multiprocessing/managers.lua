@@ -393,8 +393,9 @@ function BaseManager:sync()
   call(self:_client(), {0, 0, "ping"})
 end
 
--- m:_debug_info() -> {objects=, pinned=, clients=, transits=, drains=}
--- (after a full collection in the server; drains: see manager_server.lua)
+-- m:_debug_info() -> {objects=, pinned=, clients=, transits=, drains=,
+-- quick=} (after a full collection in the server; drains: see
+-- manager_server.lua; quick: requests answered in C, runtime/conn.c)
 function BaseManager:_debug_info()
   return call(self:_client(), {0, 0, "info"})
 end
