@@ -1316,8 +1316,12 @@ static int decode_into(lua_State *L, const struct into *into, uint64_t tag,
   int t, at_ok;
   lua_Integer at;
   luaL_checkstack(L, 4, "no room to decode");
-  if (tag == 0 || tag > (uint64_t)LUA_MAXINTEGER ||
-      lua_rawgeti(L, into->dests, (lua_Integer)tag) != LUA_TTABLE) {
+  /* (no dests[tag] looked up, none to pop: before, a pop here took the
+   * caller's top value -- harmless to _get_items, whose top was its last
+   * argument, not to _get_settled) */
+  if (tag == 0 || tag > (uint64_t)LUA_MAXINTEGER)
+    return luamp_decode_items(L, p, n, 0);
+  if (lua_rawgeti(L, into->dests, (lua_Integer)tag) != LUA_TTABLE) {
     lua_pop(L, 1);
     return luamp_decode_items(L, p, n, 0);
   }
@@ -1338,6 +1342,87 @@ static int decode_into(lua_State *L, const struct into *into, uint64_t tag,
     lua_remove(L, tidx);
     return nres;
   }
+}
+
+/* The stack of q:_get_settled: its arguments, the job fields it reads
+ * or writes (pushed once a call: a lua_pushstring per reply was ~90
+ * instructions), then one message's items. */
+enum { GS_DESTS = 2, GS_MT = 4, GS_KIND, GS_PLAIN, GS_NRES, GS_DONE, GS_VALUE,
+       GS_BASE = GS_VALUE };
+
+/* Whether the n items from GS_BASE + 1 on are a plain apply's reply,
+ * which q:_get_settled settles itself: (tag, 0 (OK), 1, v), and
+ * dests[tag] a job with metatable mt, _done false and none of its own
+ * _kind, _plain or _nres (an apply with no callbacks or done callbacks,
+ * of one result: the class's "apply", true and 1).  The job is left on
+ * the stack top when it is; nothing when not. */
+static int plain_reply(lua_State *L, int n) {
+  const int base = GS_BASE;
+  lua_Integer tag;
+  int isnum;
+  if (n != 4 || !lua_isinteger(L, base + 2) || lua_tointeger(L, base + 2) != 0 ||
+      !lua_isinteger(L, base + 3) || lua_tointeger(L, base + 3) != 1)
+    return 0;
+  tag = lua_tointegerx(L, base + 1, &isnum);
+  /* (_kind first: a map's bare item, (tag, 0, 1, v) too, leaves here) */
+  if (!isnum || lua_rawgeti(L, GS_DESTS, tag) != LUA_TTABLE) goto no;
+  for (int key = GS_KIND; key <= GS_NRES; key++) {
+    lua_pushvalue(L, key);
+    if (lua_rawget(L, -2) != LUA_TNIL) goto no;
+    lua_pop(L, 1);
+  }
+  if (!lua_getmetatable(L, -1) || !lua_rawequal(L, -1, GS_MT)) goto no;
+  lua_pop(L, 1);                       /* the metatable: the job on top */
+  lua_pushvalue(L, GS_DONE);
+  if (lua_rawget(L, -2) != LUA_TBOOLEAN || lua_toboolean(L, -1)) goto no;
+  lua_pop(L, 1);
+  return 1;
+no:
+  lua_settop(L, base + n);
+  return 0;
+}
+
+/* q:_get_settled(dests, item, mt) -> k [, items]: the Pool owner's drain
+ * (issue 18).  Takes messages as q:_get_items(dests, item) does, and
+ * settles each plain apply's reply (plain_reply) here, as the owner's Lua
+ * did it: v to the job's _value, true to its _done, dests[tag] cleared
+ * -- no Lua call per reply.  Returns how many it settled, then the items
+ * of the first message it did not (none: the queue is empty).  With mt
+ * nil it settles none (the owner has tasks with timeouts to take off
+ * its books). */
+static int q_get_settled(lua_State *L) {
+  struct luamp_obj *o = checkqueue(L, 1, full_queue);
+  struct into into;
+  lua_Integer k = 0;
+  int n, settle;
+  luaL_checktype(L, GS_DESTS, LUA_TTABLE);
+  into.dests = GS_DESTS;
+  into.item = (int)luaL_checkinteger(L, 3);
+  luaL_argcheck(L, into.item >= 1, 3, "item must be >= 1");
+  settle = !lua_isnoneornil(L, GS_MT);
+  lua_settop(L, GS_MT);
+  lua_pushliteral(L, "_kind");
+  lua_pushliteral(L, "_plain");
+  lua_pushliteral(L, "_nres");
+  lua_pushliteral(L, "_done");
+  lua_pushliteral(L, "_value");
+  for (;;) {
+    n = watched_get(L, o, 0, 0, 1, &into);
+    if (n == 0 || !settle || !plain_reply(L, n)) break;
+    lua_pushvalue(L, GS_VALUE);        /* the job at GS_BASE + 5 */
+    lua_pushvalue(L, GS_BASE + 4);
+    lua_rawset(L, GS_BASE + 5);
+    lua_pushvalue(L, GS_DONE);
+    lua_pushboolean(L, 1);
+    lua_rawset(L, GS_BASE + 5);
+    lua_pushnil(L);
+    lua_rawseti(L, GS_DESTS, lua_tointeger(L, GS_BASE + 1));
+    lua_settop(L, GS_BASE);
+    k++;
+  }
+  lua_pushinteger(L, k);
+  lua_insert(L, GS_BASE + 1);
+  return n + 1;
 }
 
 static int q_get_nowait(lua_State *L) {
@@ -1727,6 +1812,7 @@ static const luaL_Reg queue_meth[] = {
   {"cancel_join_thread", q_cancel_join_thread},
   {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
   {"_put_slice", q_put_slice},
+  {"_get_settled", q_get_settled},
   {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
   {"_will_get", q_will_get}, {"_taken", q_taken}, {"_clear", q_clear},
   {"_stats", q_stats},

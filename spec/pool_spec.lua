@@ -271,6 +271,58 @@ describe("Pool apply", function()
     assert.equal(4, n)
   end)
 
+  it("apply_async takes in the results that came, every 32nd call", function()
+    -- (nothing in flight from the tests before)
+    assert.is_true(H.eventually(function()
+      pool:poll()
+      return next(pool._tasks) == nil and pool._rq:empty()
+    end, 20))
+    local n = 0
+    local with_cb = pool:apply_async(function() return 1 end, nil,
+                                     function() n = n + 1 end)
+    local plain = pool:apply_async(function() return 7 end)
+    -- both replies are in the result queue; no pool call collected them
+    assert.is_true(H.eventually(function() return pool._rq:qsize() == 2 end, 20))
+    assert.equal(0, n)
+    assert.is_false(rawget(plain, "_done"))
+    for i = 1, 32 do pool:apply_async(function(x) return x end, {i}) end
+    -- one of the 32 took them in: the callback ran, the plain one is done
+    -- (its reply settled by the result queue's _get_settled)
+    assert.equal(1, n)
+    assert.is_true(rawget(plain, "_done"))
+    assert.is_nil(pool._tasks[plain._tag])
+    assert.equal(7, plain:get(0))
+    assert.equal(1, with_cb:get(0))
+  end)
+
+  it("the result queue's _get_settled settles plain replies and hands others back whole", function()
+    local results = require "multiprocessing.pool_results"
+    local AR = results.AsyncResult
+    local q <close> = core.Queue()
+    local plain = setmetatable({_pool = false, _tag = 5, _done = false, _value = false}, AR)
+    local kinded = setmetatable({_kind = "apply", _done = false, _value = false}, AR)
+    local other = setmetatable({_done = false, _value = false}, {})
+    local dests = {[5] = plain, [6] = kinded, [7] = other}
+    -- replies as a worker puts them: record tag 0, (tag, OK, 1, v)
+    q:_put_task(0, 5, 0, 1, "five")
+    q:_put_task(0, 6, 0, 1, "six")
+    q:_put_task(0, 7, 0, 1, "seven")
+    q:_put_task(0, 8, 1, "an error")
+    assert.same({1, 6, 0, 1, "six"}, {q:_get_settled(dests, 4, AR)})
+    assert.is_true(plain._done)
+    assert.equal("five", plain._value)
+    assert.is_nil(dests[5])
+    assert.is_false(kinded._done)
+    assert.same({0, 7, 0, 1, "seven"}, {q:_get_settled(dests, 4, AR)})
+    -- without a class: none settled
+    q:_put_task(0, 5, 0, 1, "again")
+    dests[5] = setmetatable({_done = false, _value = false}, AR)
+    assert.same({0, 8, 1, "an error"}, {q:_get_settled(dests, 4, AR)})
+    assert.same({0, 5, 0, 1, "again"}, {q:_get_settled(dests, 4, nil)})
+    assert.is_false(dests[5]._done)
+    assert.same({0}, {q:_get_settled(dests, 4, AR)})
+  end)
+
   it("a callback that raises is reported on stderr; the pool goes on", function()
     local out, err, code = H.script([[
       local mp = require "multiprocessing"
