@@ -1344,11 +1344,15 @@ static int decode_into(lua_State *L, const struct into *into, uint64_t tag,
   }
 }
 
-/* The stack of q:_get_settled: its arguments, the job fields it reads
- * or writes (pushed once a call: a lua_pushstring per reply was ~90
- * instructions), then one message's items. */
-enum { GS_DESTS = 2, GS_MT = 4, GS_KIND, GS_PLAIN, GS_NRES, GS_DONE, GS_VALUE,
-       GS_BASE = GS_VALUE };
+/* q:_get_settled's stack: its arguments, then one message's items; the
+ * job fields it reads or writes are its upvalues (a lua_pushstring was
+ * ~90 instructions, five a call ~400: a map of chunksize 1, whose every
+ * reply is handed back, paid them per item). */
+enum { GS_DESTS = 2, GS_MT = 4, GS_BASE = GS_MT };
+#define GS_DONE lua_upvalueindex(4)
+#define GS_VALUE lua_upvalueindex(5)
+static const char *const gs_keys[] = {"_kind", "_plain", "_nres", "_done",
+                                      "_value"};
 
 /* Whether the n items from GS_BASE + 1 on are a plain apply's reply,
  * which q:_get_settled settles itself: (tag, 0 (OK), 1, v), and
@@ -1366,8 +1370,8 @@ static int plain_reply(lua_State *L, int n) {
   tag = lua_tointegerx(L, base + 1, &isnum);
   /* (_kind first: a map's bare item, (tag, 0, 1, v) too, leaves here) */
   if (!isnum || lua_rawgeti(L, GS_DESTS, tag) != LUA_TTABLE) goto no;
-  for (int key = GS_KIND; key <= GS_NRES; key++) {
-    lua_pushvalue(L, key);
+  for (int key = 1; key <= 3; key++) {
+    lua_pushvalue(L, lua_upvalueindex(key));
     if (lua_rawget(L, -2) != LUA_TNIL) goto no;
     lua_pop(L, 1);
   }
@@ -1401,11 +1405,6 @@ static int q_get_settled(lua_State *L) {
   luaL_argcheck(L, into.item >= 1, 3, "item must be >= 1");
   settle = !lua_isnoneornil(L, GS_MT);
   lua_settop(L, GS_MT);
-  lua_pushliteral(L, "_kind");
-  lua_pushliteral(L, "_plain");
-  lua_pushliteral(L, "_nres");
-  lua_pushliteral(L, "_done");
-  lua_pushliteral(L, "_value");
   for (;;) {
     n = watched_get(L, o, 0, 0, 1, &into);
     if (n == 0 || !settle || !plain_reply(L, n)) break;
@@ -1812,7 +1811,6 @@ static const luaL_Reg queue_meth[] = {
   {"cancel_join_thread", q_cancel_join_thread},
   {"_put_tagged", q_put_tagged}, {"_put_task", q_put_task},
   {"_put_slice", q_put_slice},
-  {"_get_settled", q_get_settled},
   {"_get_slot", q_get_slot}, {"_get_items", q_get_items},
   {"_will_get", q_will_get}, {"_taken", q_taken}, {"_clear", q_clear},
   {"_stats", q_stats},
@@ -1853,6 +1851,9 @@ int luamp_open_queue(lua_State *L) {
   luaL_setfuncs(L, funcs, 0);
   lua_getfield(L, -1, "methods");
   luamp_newtype(L, &queue_type);
+  for (int i = 0; i < 5; i++) lua_pushstring(L, gs_keys[i]);
+  lua_pushcclosure(L, q_get_settled, 5);  /* (its keys: see GS_BASE) */
+  lua_setfield(L, -2, "_get_settled");
   lua_setfield(L, -2, "Queue");           /* core.methods.Queue */
   luamp_newtype(L, &joinable_type);
   luaL_setfuncs(L, joinable_meth, 0);     /* (again: idempotent) */

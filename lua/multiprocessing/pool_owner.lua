@@ -107,20 +107,27 @@ end
 -- with timeouts on the books, all do: take() counts them.)
 local function drain(self)
   local rq, n = self._rq, 0
-  local get = rq._get_settled
   -- (a callback run by handle may have terminated the pool: its queues
   -- are closed then, and what was taken so far is all there is)
   -- (a chunk's record names where its results go: see _get_items)
   local tasks = self._tasks
-  while not self._released do
-    -- (k replies settled, then the items of one for handle: no reply
-    -- has more than five)
-    local k, tag, status, a, b, c = get(rq, tasks, 4,
-      (self._timed or 0) == 0 and AsyncResult or nil)
-    n = n + k
-    if not handle(self, tag, status, a, b, c) then break end
-    n = n + 1
+  if (self._timed or 0) == 0 then
+    local settle = rq._get_settled
+    while not self._released do
+      -- (k replies settled, then the items of one for handle: no reply
+      -- has more than five)
+      local k, tag, status, a, b, c = settle(rq, tasks, 4, AsyncResult)
+      n = n + k
+      if not handle(self, tag, status, a, b, c) then return n end
+      n = n + 1
+      -- a reply for handle first: the rest is taken as before (a map's
+      -- replies are never plain: _get_settled's look at each cost a map
+      -- of chunksize 1 ~+780 instructions an item)
+      if k == 0 then break end
+    end
   end
+  local get = rq._get_items
+  while not self._released and handle(self, get(rq, tasks, 4)) do n = n + 1 end
   return n
 end
 
