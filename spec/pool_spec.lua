@@ -295,6 +295,20 @@ describe("Pool apply", function()
     assert.equal(1, with_cb:get(0))
   end)
 
+  it("workers run under SCHED_BATCH; the owner under its own policy", function()
+    -- (field 41 of /proc/PID/stat: 0 SCHED_OTHER, 3 SCHED_BATCH)
+    local function policy()
+      local f = assert(io.open("/proc/self/stat"))
+      local s = f:read("a")
+      f:close()
+      local fields = {}
+      for x in s:match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = x end
+      return tonumber(fields[39])
+    end
+    assert.equal(3, pool:apply(policy))
+    assert.equal(0, policy())
+  end)
+
   it("the result queue's _get_settled settles plain replies and hands others back whole", function()
     local results = require "multiprocessing.pool_results"
     local AR = results.AsyncResult
