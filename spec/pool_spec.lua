@@ -280,7 +280,9 @@ describe("Pool apply", function()
     local n = 0
     local with_cb = pool:apply_async(function() return 1 end, nil,
                                      function() n = n + 1 end)
-    local plain = pool:apply_async(function() return 7 end)
+    -- (an argument table and no options: a plain job, see new_apply)
+    local plain = pool:apply_async(function() return 7 end, {})
+    assert.is_nil(rawget(plain, "_kind"))
     -- both replies are in the result queue; no pool call collected them
     assert.is_true(H.eventually(function() return pool._rq:qsize() == 2 end, 20))
     assert.equal(0, n)
@@ -293,6 +295,30 @@ describe("Pool apply", function()
     assert.is_nil(pool._tasks[plain._tag])
     assert.equal(7, plain:get(0))
     assert.equal(1, with_cb:get(0))
+  end)
+
+  it("a task with a timeout submitted by a callback leaves the timeout books when its reply comes", function()
+    assert.is_true(H.eventually(function()
+      pool:poll()
+      return next(pool._tasks) == nil and pool._rq:empty()
+    end, 20))
+    -- a plain reply, then one with a callback, in the result queue
+    local plain = pool:apply_async(function() return 1 end, {})
+    assert.is_nil(rawget(plain, "_kind"))
+    assert.is_true(H.eventually(function() return pool._rq:qsize() == 1 end, 20))
+    local fut
+    pool:apply_async(function() return 2 end, nil, function()
+      -- (a future's task with a timeout: a plain job on the books)
+      fut = pool:_submit_future(function() return 3 end, {}, 0, 60)
+      assert(rawget(fut, "_kind") == nil)
+      H.eventually(function() return not pool._rq:empty() end, 20)
+    end)
+    assert.is_true(H.eventually(function() return pool._rq:qsize() == 2 end, 20))
+    pool:poll()         -- one drain takes all three
+    assert.is_true(rawget(plain, "_done"))
+    assert.equal(3, fut:get(0))
+    assert.equal(0, pool._timed)
+    assert.is_nil(next(pool._timeouts))
   end)
 
   it("workers run under SCHED_BATCH; the owner under its own policy", function()

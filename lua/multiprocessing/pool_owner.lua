@@ -122,8 +122,9 @@ local function drain(self)
       n = n + 1
       -- a reply for handle first: the rest is taken as before (a map's
       -- replies are never plain: _get_settled's look at each cost a map
-      -- of chunksize 1 ~+780 instructions an item)
-      if k == 0 then break end
+      -- of chunksize 1 ~+780 instructions an item); and so after a
+      -- callback (run by handle) submitted a task with a timeout
+      if k == 0 or self._timed ~= 0 then break end
     end
   end
   local get = rq._get_items
