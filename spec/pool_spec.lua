@@ -271,6 +271,70 @@ describe("Pool apply", function()
     assert.equal(4, n)
   end)
 
+  it("apply_async takes in the results that came, every 32nd call", function()
+    -- (nothing in flight from the tests before)
+    assert.is_true(H.eventually(function()
+      pool:poll()
+      return next(pool._tasks) == nil and pool._rq:empty()
+    end, 20))
+    local n = 0
+    local with_cb = pool:apply_async(function() return 1 end, nil,
+                                     function() n = n + 1 end)
+    -- (an argument table and no options: a plain job, see new_apply)
+    local plain = pool:apply_async(function() return 7 end, {})
+    assert.is_nil(rawget(plain, "_kind"))
+    -- both replies are in the result queue; no pool call collected them
+    assert.is_true(H.eventually(function() return pool._rq:qsize() == 2 end, 20))
+    assert.equal(0, n)
+    assert.is_false(rawget(plain, "_done"))
+    for i = 1, 32 do pool:apply_async(function(x) return x end, {i}) end
+    -- one of the 32 took them in: the callback ran, the plain one is done
+    -- (its reply settled in C by the result queue's _collect)
+    assert.equal(1, n)
+    assert.is_true(rawget(plain, "_done"))
+    assert.is_nil(pool._tasks[plain._tag])
+    assert.equal(7, plain:get(0))
+    assert.equal(1, with_cb:get(0))
+  end)
+
+  it("a task with a timeout submitted by a callback leaves the timeout books when its reply comes", function()
+    assert.is_true(H.eventually(function()
+      pool:poll()
+      return next(pool._tasks) == nil and pool._rq:empty()
+    end, 20))
+    -- a plain reply, then one with a callback, in the result queue
+    local plain = pool:apply_async(function() return 1 end, {})
+    assert.is_nil(rawget(plain, "_kind"))
+    assert.is_true(H.eventually(function() return pool._rq:qsize() == 1 end, 20))
+    local fut
+    pool:apply_async(function() return 2 end, nil, function()
+      -- (a future's task with a timeout: a plain job on the books)
+      fut = pool:_submit_future(function() return 3 end, {}, 0, 60)
+      assert(rawget(fut, "_kind") == nil)
+      H.eventually(function() return not pool._rq:empty() end, 20)
+    end)
+    assert.is_true(H.eventually(function() return pool._rq:qsize() == 2 end, 20))
+    pool:poll()         -- one drain takes all three
+    assert.is_true(rawget(plain, "_done"))
+    assert.equal(3, fut:get(0))
+    assert.equal(0, pool._timed)
+    assert.is_nil(next(pool._timeouts))
+  end)
+
+  it("workers run under SCHED_BATCH; the owner under its own policy", function()
+    -- (field 41 of /proc/PID/stat: 0 SCHED_OTHER, 3 SCHED_BATCH)
+    local function policy()
+      local f = assert(io.open("/proc/self/stat"))
+      local s = f:read("a")
+      f:close()
+      local fields = {}
+      for x in s:match("%) (.*)"):gmatch("%S+") do fields[#fields + 1] = x end
+      return tonumber(fields[39])
+    end
+    assert.equal(3, pool:apply(policy))
+    assert.equal(0, policy())
+  end)
+
   it("a callback that raises is reported on stderr; the pool goes on", function()
     local out, err, code = H.script([[
       local mp = require "multiprocessing"

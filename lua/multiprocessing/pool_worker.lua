@@ -281,6 +281,9 @@ end
 
 local function worker_main(cfg)
   process._become_child(cfg.name, true, cfg.owner_pid)
+  -- woken, a worker does not preempt its owner (see sys.c's
+  -- l_sched_batch)
+  core._sched_batch()
   -- (a worker forked by a task in a worker inherits its stack and the
   -- depth measured there)
   below = nil
