@@ -316,7 +316,7 @@ function AsyncResult:result(timeout)
     -- without get's call)
     if not self._done then
       local pool = self._pool
-      repeat pool:_pump(nil) until self._done
+      repeat pool:_pump(nil, self) until self._done
     end
     if self._nres == 1 and self._kind == "apply" then return self._value end
   end
