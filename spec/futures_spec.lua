@@ -50,6 +50,30 @@ describe("ProcessPoolExecutor", function()
     assert.matches("<AsyncResult failed>", tostring(g))
   end)
 
+  -- (from its third submission a function's encoding is stored, and
+  -- submit puts its task in line: what that path must keep)
+  it("submit of a function sent before: bad arguments named, upvalues seen, results whole", function()
+    local ex <close> = futures.ProcessPoolExecutor(1)
+    local k = 10
+    local function addk(x, y) return x + k, y end
+    for i = 1, 4 do assert.equal(i + 10, ex:submit(addk, i):result(10)) end
+    local co = coroutine.create(noop)
+    local err = err_of(ex.submit, ex, addk, 1, co)
+    assert.equal("EncodeError", err.kind)
+    assert.matches(" at args%[2%]$", err.message)
+    k = 20                                   -- a changed upvalue is sent anew
+    assert.equal(21, ex:submit(addk, 1):result())
+    assert.same({n = 2, 22, nil}, table.pack(ex:submit(addk, 2):result()))
+    assert.same({n = 2, 23, "y"}, table.pack(ex:submit(addk, 3, "y"):result()))
+    local f = ex:submit(addk, 4)
+    assert.equal(24, f:result())
+    assert.is_true(f:done())
+    assert.equal(24, f:result())             -- done: the same value again
+    assert.is_nil(f:exception())
+    local g = ex:submit(addk, nil)
+    assert.matches("attempt to perform arithmetic", err_of(g.result, g).message)
+  end)
+
   it("takes max_workers, initializer, initargs, max_tasks_per_child", function()
     local ex <close> = futures.ProcessPoolExecutor{max_workers = 1,
       initializer = function(a, b) _G.INIT = a .. b end, initargs = {"x", "y"},

@@ -385,7 +385,11 @@ local CHECK_EVERY, AWAIT = 0.05, 0.002
 -- wait when there is none (rq:_collect, above): a round trip's owner
 -- makes one C call for its result.  (A dead worker's last results are
 -- taken by check_workers before it fails the worker's task.)
-function Pool:_pump(deadline)
+--
+-- job (optional): a job the caller waits for; when its task is on the
+-- books the pool has a task, and no next() is needed to know it (a C call,
+-- ~200 instructions of a round trip).
+function Pool:_pump(deadline, job)
   if self._owner ~= getpid() then return end
   local t = now()
   if deadline == 0 or self._maybe_dead or t >= (self._next_check or 0) then
@@ -404,7 +408,8 @@ function Pool:_pump(deadline)
     if not wake or slice < wake then wake = slice end
   end
   -- nothing can happen: take what is there, do not sleep
-  if deadline == 0 or next(self._workers) == nil or next(self._tasks) == nil then
+  if deadline == 0 or next(self._workers) == nil or
+     (not job or self._tasks[job._tag] ~= job) and next(self._tasks) == nil then
     local drained = drain_now(self)
     if drained > 0 or deadline == 0 or next(self._workers) == nil or
        (deadline == nil and self._state ~= "CLOSE") then

@@ -309,7 +309,17 @@ end
 
 function AsyncResult:result(timeout)
   if rawmt(self) ~= AsyncResult then bad_self("result", self) end
-  if timeout ~= nil then check_timeout(timeout, "result") end
+  if timeout ~= nil then
+    check_timeout(timeout, "result")
+  else
+    -- (get's work in line for a round trip's future: its one value,
+    -- without get's call)
+    if not self._done then
+      local pool = self._pool
+      repeat pool:_pump(nil, self) until self._done
+    end
+    if self._nres == 1 and self._kind == "apply" then return self._value end
+  end
   return get(self, timeout)
 end
 
