@@ -312,14 +312,14 @@ local function call1(cl, id, meth, a)
   if n_dirty > (cl.dirty and 1 or 0) then flush(cl) end
   local c = cl.conn
   if c == nil or cl.flush or cl.pid ~= getpid() then c = ready(cl) end
+  -- (seq is used up before the request may go: a Ctrl-C landing between
+  -- the send and a later bookkeeping step must not let the next request
+  -- reuse it, taking this one's answer for its own)
   local seq = cl.seq + 1
-  local ok, sent = pcall(c_request, c, seq, id, meth, a)
-  if not ok then
-    cl.seq = seq
-    send_failed(cl, sent)
-  end
-  if not sent then return rawcall(cl, {0, id, meth, a}) end
   cl.seq = seq
+  local ok, sent = pcall(c_request, c, seq, id, meth, a)
+  if not ok then send_failed(cl, sent) end
+  if not sent then return rawcall(cl, {0, id, meth, a}) end
   local mine, r
   ok, mine, r = pcall(c_reply, c, seq)
   if ok and mine then
