@@ -618,15 +618,6 @@ describe("result collection (issue 15: q:_collect)", function()
   -- an interrupt at any instruction loses no reply, of either path.
   it("Ctrl-C at any instruction of result() loses no result", function()
     local ex <close> = futures.ProcessPoolExecutor(2)
-    local function arm()
-      debug.sethook(function()
-        debug.sethook()
-        if debug.getinfo(2, "S").what ~= "main" and
-           debug.getinfo(2, "f").func ~= arm then
-          error("interrupted!", 0)
-        end
-      end, "", math.random(1, 1500))
-    end
     math.randomseed(15)
     local interrupts = 0
     for round = 1, 30 do
@@ -641,7 +632,7 @@ describe("result collection (issue 15: q:_collect)", function()
       for i = 1, 12 do
         while true do
           local ok, v = pcall(function()
-            arm()
+            H.arm_interrupt(1500)
             local got, r = pcall(fs[i].result, fs[i])
             debug.sethook()
             if r == "interrupted!" then error(r, 0) end

@@ -309,6 +309,21 @@ end
 -- a spec only: for tests that only run programs in child processes (the
 -- luamp command, whose Lua files are the copy built into it), which the
 -- second run (stock lua5.4 running busted) would run again unchanged.
+-- Arms a one-shot hook that raises "interrupted!" after 1..max
+-- instructions (a random count), as lua.c's and luamp's SIGINT hook
+-- raises at the next one: a Ctrl-C at random instruction boundaries, many
+-- times, reproducibly (math.randomseed).  Not in the main chunk, nor in
+-- this function (the error would leave the test).
+function H.arm_interrupt(max)
+  debug.sethook(function()
+    debug.sethook()
+    if debug.getinfo(2, "S").what ~= "main" and
+       debug.getinfo(2, "f").func ~= H.arm_interrupt then
+      error("interrupted!", 0)
+    end
+  end, "", math.random(1, max))
+end
+
 function H.once(f, ...)
   if os.getenv("LUAMP_SPEC_PASS") ~= "2" then return f(...) end
 end

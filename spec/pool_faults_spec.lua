@@ -399,16 +399,6 @@ describe("Pool and signals to the owner", function()
   -- many times, reproducibly.
   it("Ctrl-C at any instruction of a get loses no result and breaks nothing", function()
     local pool <close> = mp.Pool(2)
-    local function arm()
-      debug.sethook(function()
-        debug.sethook()
-        -- (in this function itself the error would leave the test)
-        if debug.getinfo(2, "S").what ~= "main" and
-           debug.getinfo(2, "f").func ~= arm then
-          error("interrupted!", 0)
-        end
-      end, "", math.random(1, 2000))
-    end
     math.randomseed(7)
     local interrupts = 0
     for round = 1, 40 do
@@ -417,7 +407,7 @@ describe("Pool and signals to the owner", function()
       for i = 1, 20 do
         while true do
           local ok, v = pcall(function()
-            arm()
+            H.arm_interrupt(2000)
             local v = rs[i]:get(5)
             debug.sethook()
             return v
