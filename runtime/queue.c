@@ -578,14 +578,18 @@ void luamp_queue_watch(lua_State *L, int idx, int on) {
  * test is the kernel's: the share of the last BUSY_EVERY seconds this
  * thread spent runnable but waiting for a CPU (run_delay of
  * /proc/thread-self/schedstat).  Over BUSY_SHARE, gets sleep at once
- * until the next look (and a putter waiting for room too).  Per thread
- * (a fork looks afresh); where the file cannot be read, gets poll as
- * before. */
+ * until the next look (and a putter waiting for room too).  Per process
+ * (a fork looks afresh; the runtime starts no threads, and an
+ * embedder's threads share one advisory verdict); where the file cannot
+ * be read, gets poll as before.  (Not _Thread_local: in a module
+ * dlopen'd by stock lua5.4 that is dynamic TLS, and LeakSanitizer's
+ * tracer crashed reading its block at exit -- "Tracer caught signal
+ * 11", a reference_spec example under make sanitize, 8 runs of 8.) */
 static int cpus_free(void) {
-  static _Thread_local pid_t pid;
-  static _Thread_local double at;     /* when run_delay was read */
-  static _Thread_local double delay;  /* what it was, seconds */
-  static _Thread_local int verdict = 1;
+  static pid_t pid;
+  static double at;     /* when run_delay was read */
+  static double delay;  /* what it was, seconds */
+  static int verdict = 1;
   double t = luamp_now(), d;
   char buf[96];
   ssize_t n;
