@@ -689,6 +689,68 @@ describe("Queue wake-ups: whom a put wakes (issue 15)", function()
     end
     assert.equal(0, H.zombies())
   end)
+
+  -- A getter that promised and finds the queue empty on a busy CPU yields
+  -- it (the putter it just woke likely waits for that CPU), and finds the
+  -- item when the yield returns: no sleep, no wake-up.  The promise still
+  -- ends in a sleep that keeps the get's timeout.
+  pit("a getter that promised yields a busy CPU to its putter, and keeps its timeout", function()
+    local q, back, res = mp.Queue(), mp.Queue(), mp.Queue()
+    local p = mp.Process{target = function()
+      q:_stats()                                 -- (the first look at the CPU)
+      local burner = mp.Process{target = function()
+        local t = core.now() + 20
+        while core.now() < t do end
+      end}
+      -- the putter answers each reply with the next task, as a pool's owner
+      local putter = mp.Process{target = function()
+        while true do
+          local v = back:get(true, 20)
+          if v == false then return end
+          q:put(v + 1)
+        end
+      end}
+      burner:start()
+      putter:start()
+      os.execute(string.format("taskset -pc 0 %d >/dev/null 2>&1; taskset -pc 0 %d " ..
+        ">/dev/null 2>&1; taskset -pc 0 %d >/dev/null 2>&1", core.getpid(),
+        burner.pid, putter.pid))
+      local t = core.now() + 0.3
+      while core.now() < t do end               -- runnable, behind the burner
+      local busy = not q:_stats().polling
+      local v, ok = 0, true
+      for _ = 1, 2000 do                         -- a worker's round trips
+        q:_will_get()
+        back:put(v)
+        local w = q:get(true, 20)
+        ok = ok and w == v + 1
+        v = w
+      end
+      local yields = q:_stats().yields
+      back:put(false)
+      putter:join(20)
+      -- a promise with nobody to keep it: Empty after the timeout
+      q:_will_get()
+      local t0 = core.now()
+      local got, err = pcall(q.get, q, true, 0.3)
+      local waited = core.now() - t0
+      burner:terminate()
+      burner:join()
+      res:put({busy, ok, yields, got, type(err) == "table" and err.kind or
+               tostring(err), waited})
+    end}
+    p:start()
+    local r = res:get(true, 60)
+    p:join()
+    assert.equal(0, p.exitcode)
+    assert.is_true(r[1], "the getter's CPU was not busy")
+    assert.is_true(r[2], "round trips got wrong items")
+    assert.is_true((r[3] or 0) > 0, "no get found its item by yielding: " .. tostring(r[3]))
+    assert.is_false(r[4])
+    assert.equal("Empty", r[5])
+    assert.is_true(r[6] >= 0.29 and r[6] < 5, "Empty after " .. r[6] .. " s")
+    assert.equal(0, H.zombies())
+  end)
 end)
 
 describe("Queue between processes", function()
