@@ -692,9 +692,10 @@ describe("Queue wake-ups: whom a put wakes (issue 15)", function()
 
   -- A getter that promised and finds the queue empty on a busy CPU yields
   -- it (the putter it just woke likely waits for that CPU), and finds the
-  -- item when the yield returns: no sleep, no wake-up.  The promise still
-  -- ends in a sleep that keeps the get's timeout.
-  pit("a getter that promised yields a busy CPU to its putter, and keeps its timeout", function()
+  -- item when the yield returns: no sleep, no wake-up; so does an owner's
+  -- wait for a reply (q:_await, q:_collect).  Either still ends in a sleep
+  -- that keeps the timeout.
+  pit("a getter that promised, and a wait for a reply, yield a busy CPU to the putter, and keep their timeouts", function()
     local q, back, res = mp.Queue(), mp.Queue(), mp.Queue()
     local p = mp.Process{target = function()
       q:_stats()                                 -- (the first look at the CPU)
@@ -727,6 +728,16 @@ describe("Queue wake-ups: whom a put wakes (issue 15)", function()
         v = w
       end
       local yields = q:_stats().yields
+      -- an owner's wait for a reply (q:_await: the pool's result queue)
+      -- yields too, with no promise
+      for _ = 1, 2000 do
+        back:put(v)
+        ok = ok and q:_await(20)
+        local w = q:get(true, 20)
+        ok = ok and w == v + 1
+        v = w
+      end
+      local owner_yields = q:_stats().yields - yields
       back:put(false)
       putter:join(20)
       -- a promise with nobody to keep it: Empty after the timeout
@@ -734,10 +745,14 @@ describe("Queue wake-ups: whom a put wakes (issue 15)", function()
       local t0 = core.now()
       local got, err = pcall(q.get, q, true, 0.3)
       local waited = core.now() - t0
+      -- and a wait for nothing ends at its timeout
+      t0 = core.now()
+      local awaited = q:_await(0.3)
+      local waited2 = core.now() - t0
       burner:terminate()
       burner:join()
       res:put({busy, ok, yields, got, type(err) == "table" and err.kind or
-               tostring(err), waited})
+               tostring(err), waited, owner_yields, awaited, waited2})
     end}
     p:start()
     local r = res:get(true, 60)
@@ -749,6 +764,9 @@ describe("Queue wake-ups: whom a put wakes (issue 15)", function()
     assert.is_false(r[4])
     assert.equal("Empty", r[5])
     assert.is_true(r[6] >= 0.29 and r[6] < 5, "Empty after " .. r[6] .. " s")
+    assert.is_true(r[7] > 0, "no wait for a reply found it by yielding")
+    assert.is_false(r[8])
+    assert.is_true(r[9] >= 0.29 and r[9] < 5, "_await gave up after " .. r[9] .. " s")
     assert.equal(0, H.zombies())
   end)
 end)
