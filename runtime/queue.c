@@ -85,7 +85,7 @@
 #define YIELD_SLOW_NS 200000          /* a yield this long went elsewhere */
 #define YIELD_PAUSE_MIN_NS 1000000    /* then no yields for this long, */
 #define YIELD_PAUSE_MAX_NS 128000000  /* doubled for each one up to this */
-#define YIELD_GOOD 64                 /* good yields that reset the pause */
+#define YIELD_GOOD 64                 /* good yields that halve the pause */
 #define BUSY_EVERY 0.02               /* seconds between looks at run_delay */
 #define BUSY_SHARE 0.05               /* waiting for a CPU this share: busy */
 #define KEEP_SCRATCH ((size_t)8 << 20) /* get's buffer kept up to this */
@@ -739,7 +739,7 @@ static int spin_get(struct qhdr *h) {
  * cost its slice, or find no task (the owner runs on another core): one
  * that took over YIELD_SLOW_NS or found none stops yields for a pause
  * that doubles with each such yield (YIELD_PAUSE_MIN_NS up to ..._MAX_NS)
- * and starts again from the least after YIELD_GOOD good ones.  (1 of
+ * and halves after each YIELD_GOOD good ones in a row.  (1 of
  * ~700 yields was either with one core burned; a pause of 50 ms after each
  * kept yields off for half the round trips.)  The owner's wait for a
  * reply yields the same way (await_item): the worker, back from its own
@@ -765,7 +765,11 @@ static int yield_for(struct yguard *g, struct qhdr *h) {
   sched_yield();
   t1 = now_ns();
   if (atomic_load(&h->count) > 0 && t1 - t0 < YIELD_SLOW_NS) {
-    if (++g->good == YIELD_GOOD) g->pause = 0;
+    if (++g->good == YIELD_GOOD) {  /* halved, not reset: an oscillation
+                                     * between good and bad costs little */
+      g->good = 0;
+      g->pause = g->pause > YIELD_PAUSE_MIN_NS ? g->pause / 2 : 0;
+    }
     yields++;
     return 1;
   }
