@@ -1002,12 +1002,9 @@ static int queue_get(lua_State *L, struct luamp_obj *o, int block,
         if (items) return 0;
         luamp_raise(L, "Empty", "queue is empty");
       }
-      /* a producer on another core is usually a moment away */
-      if (cpus_free()) {
-        if (spin_get(h)) continue;
-      } else if (promised && yield_get(h)) {
-        continue;
-      }
+      /* a producer on another core is usually a moment away; on a busy
+       * machine, after our promise, one waiting for our core (yield_get) */
+      if (cpus_free() ? spin_get(h) : promised && yield_get(h)) continue;
       promised = 0;
       /* (a poll or promise of ours ends before the last look at count) */
       if (atomic_load_explicit(&h->poll_until, memory_order_relaxed))
