@@ -102,6 +102,11 @@ struct conn {
   int *inq;               /* fd sets received, unclaimed: count, fds... */
   size_t inq_len, inq_cap;
   pid_t inq_pid;          /* the process that received them */
+  /* serve mode (a manager server's client): the bytes its fd did not
+   * take, wq[wq_pos..wq_len) (see "a server's writes") */
+  unsigned srv : 1;
+  char *wq;
+  size_t wq_pos, wq_len, wq_cap;
 };
 
 static struct conn *new_conn(lua_State *L) {
@@ -157,6 +162,9 @@ static int conn_close(lua_State *L) {
   c->ra = NULL;
   c->rpos = c->rend = 0;
   inq_drop(c);
+  free(c->wq);
+  c->wq = NULL;
+  c->wq_pos = c->wq_len = c->wq_cap = 0;
   return 0;
 }
 
@@ -179,10 +187,157 @@ static void wait_fd(lua_State *L, struct conn *c, short events,
   luamp_raise_errno(L, "OSError", errno, "poll");
 }
 
+/* ---- a server's writes: never waiting on one client -----------------
+
+   A manager server answers every client from one loop, so a client that
+   stops reading its answers (stopped by SIGSTOP, or one that only sends)
+   and lets its socket fill would stall all the others behind one
+   blocking write.  A connection in serve mode (conn:_serve_mode(): its
+   write fd non-blocking) never waits to write: what the fd does not take
+   is queued in the connection, in order, and the server polls the fd
+   for writability and calls conn:_flush_out() -- reading nothing more
+   from that client meanwhile (manager_server.lua), so the queue holds
+   the answers to what it had read.  An answer always queues whole (a
+   big value is no fault); more behind queued bytes only up to WQ_MAX,
+   beyond which the send raises and the server drops that client.  A
+   message that carries fds is sent after the queue, waiting for it at
+   most SRV_FD_WAIT seconds. */
+#define WQ_MAX ((size_t)64 << 20)
+#define WQ_KEEP ((size_t)1 << 20)   /* a bigger queue buffer is freed once empty */
+#define SRV_FD_WAIT 5.0
+
+static size_t wq_left(const struct conn *c) { return c->wq_len - c->wq_pos; }
+
+/* Room for n more bytes at wq + wq_len: 0 when out of memory, or when
+ * bytes are queued already and n more would pass WQ_MAX (errno ENOBUFS). */
+static int wq_reserve(struct conn *c, size_t n) {
+  size_t left = wq_left(c), cap;
+  char *q;
+  errno = ENOBUFS;
+  if (left > 0 && n > WQ_MAX - (left < WQ_MAX ? left : WQ_MAX)) return 0;
+  if (c->wq_pos > 0) {
+    memmove(c->wq, c->wq + c->wq_pos, left);
+    c->wq_pos = 0;
+    c->wq_len = left;
+  }
+  if (c->wq_len + n <= c->wq_cap) return 1;
+  for (cap = c->wq_cap ? c->wq_cap : 65536; cap < c->wq_len + n; cap *= 2) {}
+  if ((q = realloc(c->wq, cap)) == NULL) return 0;
+  c->wq = q;
+  c->wq_cap = cap;
+  return 1;
+}
+
+/* Writes what the fd takes of the queue: 0 when it is empty, 1 when
+ * some is left, -1 on an error (errno; EPIPE: the client is gone). */
+static int wq_flush(struct conn *c) {
+  while (wq_left(c) > 0) {
+    ssize_t w = luamp_sys.write(WFD(c), c->wq + c->wq_pos, wq_left(c));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return errno == EAGAIN || errno == EWOULDBLOCK ? 1 : -1;
+    }
+    c->wq_pos += (size_t)w;
+  }
+  c->wq_pos = c->wq_len = 0;
+  if (c->wq_cap > WQ_KEEP) {
+    free(c->wq);
+    c->wq = NULL;
+    c->wq_cap = 0;
+  }
+  return 0;
+}
+
+/* Writes or queues the iovec (serve mode): 1 when done, 0 when nothing
+ * was written and it cannot be (errno), -1 when a part was written and
+ * the rest cannot be queued (the stream is then broken). */
+static int srv_write(struct conn *c, const struct iovec *iov, int n) {
+  size_t w = 0, total = 0, rest;
+  for (int i = 0; i < n; i++) total += iov[i].iov_len;
+  if (wq_left(c) == 0) {
+    ssize_t r;
+    do r = luamp_sys.writev(WFD(c), iov, n); while (r < 0 && errno == EINTR);
+    if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return 0;
+    if (r > 0) w = (size_t)r;
+    if (w == total) return 1;
+  }
+  rest = total - w;
+  if (!wq_reserve(c, rest)) {
+    if (w == 0) return 0;
+    c->wbroken = 1;
+    return -1;
+  }
+  for (int i = 0; i < n; i++) {
+    size_t len = iov[i].iov_len;
+    if (w >= len) {
+      w -= len;
+      continue;
+    }
+    memcpy(c->wq + c->wq_len, (const char *)iov[i].iov_base + w, len - w);
+    c->wq_len += len - w;
+    w = 0;
+  }
+  return 1;
+}
+
+/* srv_write, raising its failures. */
+static void srv_write_all(lua_State *L, struct conn *c, struct iovec *iov,
+                          int n) {
+  size_t left = wq_left(c);
+  if (srv_write(c, iov, n) == 1) return;
+  if (errno == ENOBUFS)
+    luamp_raise(L, "OSError", "the peer reads none of its answers (%zu bytes "
+                "wait for it)", left);
+  luamp_raise_errno(L, "OSError", errno, "send");
+}
+
+/* Writes the queue out before a message that must not be queued (one
+ * carrying fds), waiting at most SRV_FD_WAIT. */
+static void srv_settle(lua_State *L, struct conn *c) {
+  double deadline = luamp_deadline(SRV_FD_WAIT);
+  for (;;) {
+    int r = wq_flush(c);
+    if (r == 0) return;
+    if (r < 0) {
+      c->wbroken = 1;
+      luamp_raise_errno(L, "OSError", errno, "send");
+    }
+    wait_fd(L, c, POLLOUT, deadline, 1);
+  }
+}
+
+/* conn:_serve_mode() -> the fd to poll for writability.  From now on
+ * the connection never waits to write (see above). */
+static int conn_serve_mode(lua_State *L) {
+  struct conn *c = check_writable(L, 1);
+  int fl = luamp_sys.fcntl(WFD(c), F_GETFL, 0);
+  if (fl < 0 || luamp_sys.fcntl(WFD(c), F_SETFL, fl | O_NONBLOCK) < 0)
+    luamp_raise_errno(L, "OSError", errno, "fcntl");
+  c->srv = 1;
+  lua_pushinteger(L, WFD(c));
+  return 1;
+}
+
+/* conn:_flush_out() -> the bytes still queued (0: all written); raises
+ * when the peer is gone. */
+static int conn_flush_out(lua_State *L) {
+  struct conn *c = check_conn(L, 1);
+  if (wq_flush(c) < 0) {
+    c->wbroken = 1;
+    luamp_raise_errno(L, "OSError", errno, "send");
+  }
+  lua_pushinteger(L, (lua_Integer)wq_left(c));
+  return 1;
+}
+
 /* Writes the whole iovec.  A peer that is gone gives BrokenPipeError. */
 static void write_all(lua_State *L, struct conn *c, struct iovec *iov,
                       int n, double deadline) {
   size_t sent = 0;
+  if (c->srv) {
+    srv_write_all(L, c, iov, n);
+    return;
+  }
   if (c->ispipe && !c->grown) {       /* a big message: the pipe grows */
     size_t total = 0;
     for (int i = 0; i < n; i++) total += iov[i].iov_len;
@@ -1185,6 +1340,7 @@ static void send_with_fds(lua_State *L, struct conn *c, char *p, size_t n) {
   struct iovec iov[3], *v = iov;
   struct msghdr m;
   struct cmsghdr *cm;
+  if (c->srv) srv_settle(L, c);     /* (the fds go with their bytes) */
   put_header(h, n + FDMARK_LEN, &hlen);
   memcpy(mark, FDMARK, sizeof FDMARK);
   mark[FDMARK_LEN - 1] = (unsigned char)fdout.n;
@@ -1214,7 +1370,8 @@ static void send_with_fds(lua_State *L, struct conn *c, char *p, size_t n) {
         continue;
       }
       if (err == EAGAIN || err == EWOULDBLOCK) {
-        wait_fd(L, c, POLLOUT, -1, sent > 0);
+        wait_fd(L, c, POLLOUT, c->srv ? luamp_deadline(SRV_FD_WAIT) : -1,
+                sent > 0);
         continue;
       }
       if (sent) c->wbroken = 1;
@@ -1275,6 +1432,10 @@ static int conn_send(lua_State *L) {
   {
     struct iovec iov = {p + HEADROOM - hlen, hlen + n};
     write_all(L, c, &iov, 1, -1);
+  }
+  if (c->srv && wq_left(c) > 0) {     /* (serve mode: true when queued) */
+    lua_pushboolean(L, 1);
+    return 1;
   }
   return 0;
 }
@@ -2128,6 +2289,10 @@ static int l_connect(lua_State *L) {
 /* The pollfds (POLLIN) of the fd list at idx: in few (room for nfew)
  * when they fit, as a manager's loop polls on every request (no garbage
  * per call), else in a userdata pushed on the stack. */
+/* An fd plus POLLOUT_FD in a list of fds waits for it to be writable
+ * (a manager server's client with answers queued). */
+#define POLLOUT_FD ((lua_Integer)1 << 32)
+
 static struct pollfd *pollfds_arg(lua_State *L, int idx, struct pollfd *few,
                                   size_t nfew, nfds_t *np) {
   struct pollfd *p;
@@ -2142,6 +2307,10 @@ static struct pollfd *pollfds_arg(lua_State *L, int idx, struct pollfd *few,
       luaL_argerror(L, idx, "file descriptors must be integers");
     p[i].fd = (int)lua_tointeger(L, -1);
     p[i].events = POLLIN;
+    if (lua_tointeger(L, -1) >= POLLOUT_FD) {   /* fd + 2^32: writable */
+      p[i].fd = (int)(lua_tointeger(L, -1) - POLLOUT_FD);
+      p[i].events = POLLOUT;
+    }
     p[i].revents = 0;
     lua_pop(L, 1);
   }
@@ -2248,6 +2417,10 @@ static lua_Integer take_pos_int(lua_State *L, const unsigned char **p,
  * nothing could be written, -1 when a part was (the stream is broken). */
 static int write_quiet(struct conn *c, const char *p, size_t n) {
   size_t sent = 0;
+  if (c->srv) {
+    struct iovec iov = {(void *)p, n};
+    return srv_write(c, &iov, 1);
+  }
   while (sent < n) {
     ssize_t w = luamp_sys.write(WFD(c), p + sent, n - sent);
     if (w >= 0) {
@@ -2355,7 +2528,8 @@ static struct conn *quick_client(lua_State *L, int ci) {
 static int serve_one(lua_State *L, struct conn *c, int ri, int dmt, int ks) {
   uint32_t len;
   int base = lua_gettop(L), done = 0;
-  if (c->rbroken || c->wbroken || luamp_pending_writes) return 0;
+  if (c->rbroken || c->wbroken || luamp_pending_writes || wq_left(c) > 0)
+    return 0;
   if (!c->unixsock && !c->rnb) {      /* a pipe (the server's alone) */
     int fl = luamp_sys.fcntl(c->fd, F_GETFL, 0);
     if (fl >= 0 && luamp_sys.fcntl(c->fd, F_SETFL, fl | O_NONBLOCK) == 0)
@@ -2416,7 +2590,7 @@ static int l_serve_gets(lua_State *L) {
   for (;;) {
     r = wait_pollfds(L, p, n, deadline, 1);
     if (r != 1 || c == NULL || !(p[0].revents & POLLIN) ||
-        !serve_one(L, c, 6, 7, ks))
+        !serve_one(L, c, 6, 7, ks) || wq_left(c) > 0)
       break;
     if (deadline >= 0 && luamp_now() >= deadline) {
       r = 0;
@@ -2424,6 +2598,10 @@ static int l_serve_gets(lua_State *L) {
     }
   }
   push_ready(L, p, n, r, 3);
+  /* out.queued: an answer to clients[1] waits in its connection (its
+   * socket is full): the loop then blocks it (M.block) */
+  lua_pushboolean(L, c != NULL && wq_left(c) > 0);
+  lua_setfield(L, -2, "queued");
   return 1;
 }
 
@@ -2582,7 +2760,8 @@ static const luaL_Reg conn_meth[] = {
   {"events", conn_events}, {"timeout", conn_timeout}, {"close", conn_close},
   {"_wait_fd", conn_wait_fd}, {"_recv_nowait", conn_recv_nowait},
   {"_recv_small", conn_recv_small}, {"_request", conn_request},
-  {"_reply", conn_reply}, {NULL, NULL}
+  {"_reply", conn_reply}, {"_serve_mode", conn_serve_mode},
+  {"_flush_out", conn_flush_out}, {NULL, NULL}
 };
 static const luaL_Reg conn_mm[] = {
   {"__gc", conn_close}, {"__close", conn_close},

@@ -30,12 +30,24 @@ static void stop_hook(lua_State *L, lua_Debug *ar) {
 }
 
 /* The handler only installs a hook, which raises "interrupted!" at the next
- * Lua instruction (after a return in progress delivers its results).  C code blocked in a system call sees EINTR and the same
- * hook (luamp_interrupted in sys.c).  The disposition goes back to default
- * so that a second Ctrl-C kills a program stuck in C code. */
+ * Lua instruction (after a return in progress delivers its results).  C
+ * code blocked in a system call sees EINTR and the same hook
+ * (luamp_interrupted in sys.c), and takes it off as it raises.  The
+ * handler stays in place, so every Ctrl-C raises again, as every Ctrl-C
+ * raises KeyboardInterrupt in Python.  (lua.c puts the default back in
+ * its handler, so its second Ctrl-C always kills.)  A Ctrl-C that finds
+ * the previous one still pending -- the hook not run yet: the program is
+ * in C code that does not look, in a coroutine (the hook is the main
+ * thread's), or in a finalizer -- takes SIGINT's default action and ends
+ * the process, as lua.c's second Ctrl-C does: a program stuck there can
+ * still be stopped from the keyboard. */
 static void on_sigint(int sig) {
   const int mask = LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT;
-  signal(sig, SIG_DFL);
+  if (lua_gethook(globalL) == stop_hook) {
+    signal(sig, SIG_DFL);
+    raise(sig);  /* (blocked until this handler returns, then fatal) */
+    return;
+  }
   lua_sethook(globalL, stop_hook, mask, 1);
 }
 
@@ -75,9 +87,13 @@ int luamp_host_docall(lua_State *L, int narg, int nres) {
   globalL = L;
   luamp_host_sigint(on_sigint, &old);
   status = lua_pcall(L, narg, nres, base);
-  /* back to what was there: the default for scripts, the REPL's own
-   * handler between its chunks */
+  /* back to what was there: the default for scripts (a Ctrl-C at exit,
+   * where nothing could take it, ends the process as in lua5.4), the
+   * REPL's own handler between its chunks */
   sigaction(SIGINT, &old, NULL);
+  /* A Ctrl-C that came as the chunk ended found nothing to interrupt:
+   * its hook must not fire in the REPL's next chunk. */
+  if (lua_gethook(L) == stop_hook) lua_sethook(L, NULL, 0, 0);
   lua_remove(L, base);
   return status;
 }

@@ -293,6 +293,16 @@ static int l_shielded(lua_State *L) {
   int n = lua_gettop(L), status, nres;
   lua_State *co;
   luaL_checktype(L, 1, LUA_TFUNCTION);
+  /* Already where Ctrl-C cannot land: a thread other than the main one,
+   * with no hook (a shielded call's own, nested; or a coroutine's: the
+   * interrupt hook is set on the main thread only).  f runs here, with
+   * no thread to make (the spare one is the outer call's). */
+  if (!lua_pushthread(L) && lua_gethook(L) == NULL) {
+    lua_pop(L, 1);
+    lua_call(L, n - 1, LUA_MULTRET);
+    return lua_gettop(L);
+  }
+  lua_pop(L, 1);
   if (lua_rawgetp(L, LUA_REGISTRYINDEX, &spare_key) == LUA_TTHREAD) {
     co = lua_tothread(L, -1);
     lua_pushnil(L);

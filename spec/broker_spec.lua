@@ -181,6 +181,57 @@ describe("Pool{broker =}", function()
     assert.is_true(interrupts >= 3, "only " .. interrupts .. " interrupts")
   end)
 
+  -- The same hook over submits and gets on one connection: every
+  -- apply_async that returned gives its own result, exactly; one cut by
+  -- the Ctrl-C left no half-recorded task (a hash nothing queues, or a
+  -- task counted that never runs: join would wait forever); no reply is
+  -- taken for another's (a wrong result, or a call stalled for the 30 s
+  -- of a reply timeout).
+  it("keeps results exact under Ctrl-C at any instruction of apply_async and get", function()
+    local p <close> = mp.Pool{broker = s.url, namespace = "test", authkey = KEY, lease = 5}
+    -- (landing in luamp's code only, as in broker_queue_spec)
+    local function armed(f, ...)
+      debug.sethook(function()
+        debug.sethook()
+        if debug.getinfo(2, "S").source:find("multiprocessing/", 1, true) then
+          error("interrupted!", 0)
+        end
+      end, "", math.random(1, 800))
+      local r = table.pack(pcall(f, ...))
+      debug.sethook()
+      return table.unpack(r, 1, r.n)
+    end
+    math.randomseed(17)
+    local t0, interrupts, rs = mp.now(), 0, {}
+    local function double(x) return 2 * x end
+    local function get(i)
+      while true do
+        local ok, v = armed(rs[i].get, rs[i], 30)
+        if ok then assert.equal(2 * i, v, "result " .. i) return end
+        assert.equal("interrupted!", v, tostring(v))
+        interrupts = interrupts + 1
+      end
+    end
+    for i = 1, 200 do
+      local ok, r = armed(p.apply_async, p, double, {i})
+      if ok then rs[i] = r
+      else
+        assert.equal("interrupted!", r, tostring(r))
+        interrupts = interrupts + 1
+      end
+      if i % 4 == 0 and rs[i - 2] then get(i - 2) end
+    end
+    for i = 1, 200 do if rs[i] then get(i) end end
+    assert.is_true(interrupts >= 20, "only " .. interrupts .. " interrupts")
+    -- every task on the books ran: join returns (its wait bounded here)
+    p:close()
+    while p._ntasks > 0 and mp.now() - t0 < 60 do p:_pump(mp.now() + 0.5) end
+    assert.equal(0, p._ntasks)
+    p:join()
+    assert.equal("", s:cli("KEYS " .. H.q("luamp:test:t:" .. p._cid .. ".*")))
+    assert.is_true(mp.now() - t0 < 25, "took " .. (mp.now() - t0) .. " s")
+  end)
+
   it("ends a wait for a result on Ctrl-C", function()
     local t0 = mp.now()
     local out, err, code = H.script(string.format([[

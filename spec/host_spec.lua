@@ -133,6 +133,51 @@ describe("luamp command line", function()
     assert.matches("interrupted!", err)
   end)
 
+  -- Sends SIGINT to a luamp script once for each "ready" line it printed
+  -- (waiting for the line, at most 10 s each); returns its output and status.
+  local function interrupt_each_ready(script, times)
+    local f = os.tmpname()
+    H.write(f, script)
+    local out, err, code = H.sh(H.q(H.luamp) .. " " .. f .. " > " .. f .. ".out & " ..
+      "pid=$!; for i in $(seq " .. times .. "); do t=0; " ..
+      "while [ \"$(grep -c ready " .. f .. ".out)\" -lt $i ] && [ $t -lt 500 ]; " ..
+      "do sleep 0.02; t=$((t+1)); done; sleep 0.05; kill -INT $pid; done; " ..
+      "wait $pid; st=$?; cat " .. f .. ".out; exit $st")
+    os.remove(f); os.remove(f .. ".out")
+    return out, err, code
+  end
+
+  it("raises interrupted! at every SIGINT, as Python's KeyboardInterrupt", function()
+    local out, err, code = interrupt_each_ready([[
+      local n = 0
+      for _ = 1, 3 do
+        local ok, e = pcall(function()
+          io.write("ready\n") io.flush()
+          while true do end
+        end)
+        assert(not ok and e:match("interrupted!"), e)
+        n = n + 1
+      end
+      print(n)
+    ]], 3)
+    assert.equal("", err)
+    assert.equal("ready\nready\nready\n3\n", out)
+    assert.equal(0, code)
+  end)
+
+  it("ends on a second SIGINT that finds the first not taken yet", function()
+    -- the hook is the main thread's: a coroutine's busy loop never takes
+    -- it, and the second Ctrl-C ends the process as in lua5.4
+    local out, _, code = interrupt_each_ready([[
+      coroutine.wrap(function()
+        io.write("ready\nready\n") io.flush()
+        while true do end
+      end)()
+    ]], 2)
+    assert.equal("ready\nready\n", out)
+    assert.equal(128 + 2, code)
+  end)
+
   it("needs no file beside it to load multiprocessing", function()
     local dir = H.sh("mktemp -d"):gsub("\n", "")
     H.sh("cp " .. H.q(H.luamp) .. " " .. dir .. "/luamp")
@@ -175,6 +220,21 @@ describe("luamp REPL in a terminal", function()
     H.sleep(0.3)
     term:send("C-c")
     term:wait_for("interrupted!")
+    term:type("print('alive')\n")
+    term:wait_for("alive\n>$")
+    term:send("C-d")
+  end)
+
+  it("takes every Ctrl-C while a chunk runs", function()
+    term = H.terminal(H.luamp)
+    term:wait_for("\n>$")
+    term:type("for i = 1, 2 do print('caught', i, pcall(function() while true do end end)) end\n")
+    H.sleep(0.3)
+    term:send("C-c")
+    term:wait_for("caught%s+1%s+false%s+[^\n]*interrupted!")
+    H.sleep(0.2)
+    term:send("C-c")
+    term:wait_for("caught%s+2%s+false%s+[^\n]*interrupted!\n>$")
     term:type("print('alive')\n")
     term:wait_for("alive\n>$")
     term:send("C-d")

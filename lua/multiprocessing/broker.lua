@@ -33,7 +33,7 @@ local core = require "multiprocessing.core"
 local util = require "multiprocessing.util"
 
 local raise, argerror = util.raise, util.argerror
-local now = core.now
+local now, shielded = core.now, core.shielded
 
 local M = {}
 
@@ -370,7 +370,14 @@ function Broker:_with(fn, ...)
   return self:_run(true, fn, ...)
 end
 
-function Broker:_run(confirm, fn, ...)
+-- Every exchange on the connection runs shielded: a Ctrl-C cannot land
+-- between a command written and its reply read, nor between a reply read
+-- and the books (unconf, written) that say so -- either would leave a
+-- reply on the session that the next command would take for its own (a
+-- wrong item or result, or a wait for a reply that never comes).  Its
+-- waits still end on Ctrl-C: redis.c then drops the connection, and what
+-- unconf holds is written again on the next one.
+local function exchange(self, confirm, fn, ...)
   local deadline
   if self.pid ~= core.getpid() then
     -- (a forked child: what its parent sent is the parent's)
@@ -388,6 +395,10 @@ function Broker:_run(confirm, fn, ...)
     if self.r then self.r:close() self.r = false end
     deadline = deadline or now() + self.cfg.connect_timeout
   end
+end
+
+function Broker:_run(confirm, fn, ...)
+  return shielded(exchange, self, confirm, fn, ...)
 end
 
 local function do_command(r, argv, timeout) return r:command(argv, timeout) end
@@ -408,13 +419,19 @@ end
 -- next command's (an error reply then raises there); when the
 -- connection is lost before that, they are written again on the next
 -- one -- so they must be safe to repeat (at least once).
-function Broker:send(cmds)
+local function send(self, cmds)
   if self.pid ~= core.getpid() then
     self.pid, self.unconf, self.written = core.getpid(), {}, 0
   end
   local u = self.unconf
   table.move(cmds, 1, #cmds, #u + 1, u)
-  self:_run(#u >= 4096, nil)          -- (confirmed now and then: bounded)
+  exchange(self, #u >= 4096, nil)     -- (confirmed now and then: bounded)
+end
+
+-- (shielded: once cmds are in unconf they go out, now or with the next
+-- exchange)
+function Broker:send(cmds)
+  shielded(send, self, cmds)
 end
 
 -- Runs the script's op (one atomic step) with its arguments.

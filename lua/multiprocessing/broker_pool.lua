@@ -166,11 +166,11 @@ local function check_task(f, args, what)
   check_portable(args, what, seen)
 end
 
-function Pool:_add(rec, task)
-  own(self)
-  self._seq = self._seq + 1
-  local id = self._cid .. "." .. self._seq
-  local env = broker.sign_task(self._key, id, M.FORMAT .. "\n" .. encode(task))
+-- (one step for Ctrl-C: a task is on the books -- pending, awaited,
+-- counted -- whole or not at all; a half-recorded one would be a hash
+-- in Redis that nothing queues, or a task counted that never runs, for
+-- join to wait on forever)
+local function record(self, rec, id, env)
   local p = self._pending
   p[#p + 1] = {"HSET", self._prefix .. "t:" .. id, "env", env, "att", 0,
                "max", self._max, "lease", self._lease_ms, "ttl", self._ttl}
@@ -178,6 +178,14 @@ function Pool:_add(rec, task)
   self._tasks[id] = rec
   self._ntasks = self._ntasks + 1
   if #p >= 2 * BATCH then self:_flush() end
+end
+
+function Pool:_add(rec, task)
+  own(self)
+  self._seq = self._seq + 1
+  local id = self._cid .. "." .. self._seq
+  local env = broker.sign_task(self._key, id, M.FORMAT .. "\n" .. encode(task))
+  core.shielded(record, self, rec, id, env)
   return id
 end
 
@@ -186,13 +194,18 @@ end
 -- replies are read with the next exchange's (Broker:send), so a submit
 -- costs no round trip; a connection lost before then writes them again
 -- (a task queued twice runs at least once, never zero times; its second
--- result is dropped).
-function Pool:_flush()
-  own(self)
+-- result is dropped).  Shielded: the tasks leave the pending list only
+-- into the broker's unconfirmed ones.
+local function flush(self)
   local p = self._pending
   if #p == 0 then return end
   self._pending = {}          -- (the broker holds them until confirmed)
   self._b:send(p)
+end
+
+function Pool:_flush()
+  own(self)
+  if #self._pending > 0 then core.shielded(flush, self) end
 end
 
 local function check_fn(f, fname)

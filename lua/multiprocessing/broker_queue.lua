@@ -269,13 +269,19 @@ end
 function Queue:empty() return self:qsize() == 0 end
 function Queue:full() return false end
 
+local function done(self)
+  self._b:op("done", self._taken[1])
+  table.remove(self._taken, 1)
+end
+
 -- task_done(): the oldest item this process took and has not finished.
 function Queue:task_done()
   check(self, "task_done")
   if not self._joinable then raise("ValueError", "task_done() on a Queue that is not joinable") end
-  local e = table.remove(self._taken, 1)
-  if e == nil then raise("ValueError", "task_done() called too many times") end
-  self._b:op("done", e)
+  if self._taken[1] == nil then raise("ValueError", "task_done() called too many times") end
+  -- (the ack and the books in one step for Ctrl-C: an item acked stays
+  -- on the books of none, one not acked stays on this process's)
+  core.shielded(done, self)
 end
 
 -- join([timeout]): until every item put was task_done() (by anyone).

@@ -36,14 +36,23 @@ local function reply(C, seq, status, v, extra)
   out_busy = was_busy
   state.reply_to = nil
   if ok then
-    if C.next_conn then M.switch(C) end
+    if err == true then M.block(C)   -- (queued: see M.block)
+    elseif C.next_conn then M.switch(C) end
     return
   end
   if is_error(err, "EncodeError") then
     -- the result cannot travel: say so instead
     ok, err = pcall(C.send, C.conn, {seq, 2,
       "cannot send the result: " .. tostring(err.message)})
-    if ok then return end
+    if ok then
+      if err == true then M.block(C) end
+      return
+    end
+  end
+  if tostring(err):find("reads none of its answers", 1, true) then
+    io.stderr:write(string.format("manager: dropped the client of process %s: %s\n",
+                                  tostring(C.pid), tostring(err)))
+    io.stderr:flush()
   end
   -- (as Server:handle reports its internal errors: M.quick replies
   -- outside it)
@@ -275,8 +284,37 @@ function M.switch(C)
   local new = C.next_conn
   C.next_conn = nil
   pcall(C.conn.close, C.conn)
-  C.conn, C.fd = new, new:fileno()
+  C.conn, C.fd, C.wfd = new, new:fileno(), new:_serve_mode()
   srv.dirty, srv.dirty_c = true, true
+end
+
+-- A client that does not read its answers (stopped, or only sending)
+-- must not stall the others: its connection never waits to write (serve
+-- mode, conn.c), and what the fd did not take waits in it.  Such a
+-- client is blocked (C.blocked): the loop reads nothing more from it and polls its
+-- fd for writing instead (fd + POLLOUT_FD), until its answers are out.
+local POLLOUT_FD = 1 << 32
+function M.block(C)
+  if C.blocked then return end
+  C.blocked = true
+  srv.dirty, srv.dirty_c = true, true
+end
+
+function M.poll_fd(C)
+  return C.blocked and C.wfd + POLLOUT_FD or C.fd
+end
+
+-- The loop found a blocked client's fd writable (or closed): its
+-- answers go out; once all are, it is served again (the messages it had
+-- sent meanwhile are still in its socket); a client gone is dropped.
+function M.unblock(C)
+  local ok, left = pcall(C.conn._flush_out, C.conn)
+  if ok and left > 0 then return end
+  C.blocked = nil
+  srv.dirty, srv.dirty_c = true, true
+  if not ok then return srv:drop(C, left) end
+  if C.next_conn then M.switch(C) end
+  if srv.buffered(C.conn) or C.conn:poll() then srv.more[C] = true end
 end
 
 -- The server loop's timers: parked requests whose timeout passed.

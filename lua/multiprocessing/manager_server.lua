@@ -55,10 +55,8 @@ local REC_MT = state.REC_MT
 
 local S = {}
 
--- Messages served from one client before the others get a turn.
-local BATCH = 256
--- Arguments a request may carry.
-local MAX_ARGS = 1000
+local BATCH = 256      -- messages served from one client before the others get a turn
+local MAX_ARGS = 1000  -- arguments a request may carry
 
 -- ---- the kernel the referents use (manager_kernel.lua) ----------------------
 
@@ -67,6 +65,7 @@ local kernel = require "multiprocessing.manager_kernel"
 local reply, finish, CHECKING = kernel.reply, kernel.finish, kernel.CHECKING
 local run_timers, next_timeout = kernel.run_timers, kernel.next_timeout
 local traceback, caught, quick = kernel.traceback, kernel.caught, kernel.quick
+local poll_fd, unblock = kernel.poll_fd, kernel.unblock
 local K = kernel.K
 
 -- ---- records ------------------------------------------------------------------
@@ -433,7 +432,7 @@ function Server:add_client(conn, trusted)
   local C = {conn = conn, fd = conn:fileno(), trusted = trusted, holds = {},
              send = conn.send, recv = conn.recv,
              locking = {}, parked = {}, err = nil, dropped = 0, cur_seq = 0,
-             closed = false}
+             closed = false, wfd = conn:_serve_mode()}   -- (writes never wait)
   self.clients[C] = true
   self.nclients = self.nclients + 1
   self.dirty, self.dirty_c = true, true
@@ -481,8 +480,8 @@ end
 -- Serves up to BATCH messages of C; true when more are buffered.
 function Server:serve(C)
   local conn = C.conn
-  -- (another client's request may have drained it since the poll)
-  if self.drains ~= self.polled_at and not conn:poll() then return false end
+  -- (drained by another's request since the poll? answers queued: see M.block)
+  if C.blocked or self.drains ~= self.polled_at and not conn:poll() then return false end
   for _ = 1, BATCH do
     local ok, msg = false, nil
     if C.trusted then ok, msg = pcall(C.recv, conn) end
@@ -493,7 +492,7 @@ function Server:serve(C)
     end
     if msg ~= nil and not quick(C, msg) then self:handle(C, msg) end
     self.alone = nil   -- (only its first message: see drain)
-    if C.closed or not self.buffered(conn) then return false end
+    if C.closed or C.blocked or not self.buffered(conn) then return false end
   end
   return true
 end
@@ -535,7 +534,7 @@ function Server:drain(cur)
     for _, i in ipairs(ready) do to_serve[clist[i]] = true end
     for C in pairs(self.more) do to_serve[C] = true end
     for C in pairs(to_serve) do
-      if C ~= cur and not C.closed then
+      if C ~= cur and not C.closed and not C.blocked then
         local got = 0   -- (C.conn each time: a move to pipes changes it)
         repeat
           local msg = self:receive(C)
@@ -550,11 +549,11 @@ function Server:drain(cur)
   self.draining = false
 end
 
--- Serves the clients one poll found readable (the one client found
--- alone, if poll looked at it first: see drain; else it comes first in
--- the next poll); whether the listener's fds were.
+-- Serves the clients one poll found readable (the one client found alone, if
+-- poll looked at it first: see drain; else first in the next poll); whether the listener's fds were.
 function Server:serve_ready(ready, fds, list, nc, round)
   local more = self.more
+  if ready.queued then ready.queued = false kernel.block(list[1]) end   -- (see M.block)
   local r1, solo = ready[1], nil
   if r1 and r1 <= nc and not (ready[2] and ready[2] <= nc) then
     local m = next(more)
@@ -569,7 +568,8 @@ function Server:serve_ready(ready, fds, list, nc, round)
     else
       local C = list[i]
       C.round = round
-      if not C.closed then more[C] = self:serve(C) or nil end
+      if C.blocked then unblock(C)   -- (its fd was polled for writing)
+      elseif not C.closed then more[C] = self:serve(C) or nil end
     end
     if not self.running then break end
   end
@@ -600,7 +600,7 @@ function Server:serve_forever()
         fds, list = {}, {}
         for C in pairs(self.clients) do
           list[#list + 1] = C
-          fds[#fds + 1] = C.fd
+          fds[#fds + 1] = poll_fd(C)
         end
         nc = #list
         for _, fd in ipairs(lfds) do fds[#fds + 1] = fd end
