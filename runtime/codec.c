@@ -1008,12 +1008,14 @@ static LUAMP_INLINE int end_header(struct enc *e, struct header *h,
 }
 
 /* The pairs of a map, in one pass, from base up, under the header h;
- * pushed: lua_next has already left the first pair at base. */
+ * pushed: lua_next has already left the first pair at base.  Returns the
+ * stack top it leaves, -1 on failure (as the table loops below: the
+ * caller of a table's encoding learns its top without lua_gettop). */
 static LUAMP_INLINE int enc_map(struct enc *e, int idx, int base,
                                 struct header *h, int pushed) {
   lua_State *L = e->L;
   lua_Unsigned count = 0;
-  int k = base, tk, tv;
+  int k = base, tk, tv, top;
   if (!pushed) lua_pushnil(L);
   while (pushed || lua_next(L, idx)) {
     pushed = 0;
@@ -1025,18 +1027,20 @@ static LUAMP_INLINE int enc_map(struct enc *e, int idx, int base,
       return -1;
     }
     tv = lua_type(L, k + 1);
-    if ((tv == LUA_TTABLE ?
-             enc_table(e, k + 1, tk == LUA_TTABLE ? 0 : k + 1) :
-             enc_typed_in(L, e, k + 1, tv)) < 0) {
+    top = tv == LUA_TTABLE ?
+              enc_table(e, k + 1, tk == LUA_TTABLE ? 0 : k + 1) :
+          enc_typed_in(L, e, k + 1, tv) < 0 ? -1 :
+          tk == LUA_TTABLE ? lua_gettop(L) : k + 1;
+    if (top < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
     }
     if (count_item(e, h, ++count) < 0) return -1;
-    k = next_slot(L, base, k, tk == LUA_TTABLE || tv == LUA_TTABLE ?
-                                  lua_gettop(L) : k + 1);
+    k = next_slot(L, base, k, top);
   }
-  return end_header(e, h, count, 1);
+  /* (lua_next popped the key at k) */
+  return end_header(e, h, count, 1) < 0 ? -1 : k - 1;
 }
 
 /* A table that is not a sequence in traversal order: a sequence in
@@ -1069,7 +1073,7 @@ static int enc_table_general(struct enc *e, int idx) {
     }
     if (count_item(e, &h, i) < 0) return -1;
   }
-  return end_header(e, &h, n, 0);
+  return end_header(e, &h, n, 0) < 0 ? -1 : lua_gettop(L);
 }
 
 /* The items of the table at idx, the stack free from base up (room for
@@ -1085,7 +1089,7 @@ static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
   struct mark m = mark_here(e);
   struct header h;
   lua_Unsigned count = 0;
-  int k = base, t, isint;
+  int k = base, t, isint, top;
   if (begin_header(e, &h) < 0) return -1;
   lua_pushnil(L);
   while (lua_next(L, idx)) {
@@ -1098,16 +1102,17 @@ static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
       return enc_table_general(e, idx);
     }
     t = lua_type(L, k + 1);
-    if ((t == LUA_TTABLE ? enc_table(e, k + 1, k + 1) :
-                           enc_typed_in(L, e, k + 1, t)) < 0) {
+    top = t == LUA_TTABLE ? enc_table(e, k + 1, k + 1) :
+          enc_typed_in(L, e, k + 1, t) < 0 ? -1 : k + 1;
+    if (top < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
     }
     if (count_item(e, &h, ++count) < 0) return -1;
-    k = next_index(L, base, count, t == LUA_TTABLE ? lua_gettop(L) : k + 1);
+    k = next_index(L, base, count, top);
   }
-  return end_header(e, &h, count, 0);
+  return end_header(e, &h, count, 0) < 0 ? -1 : k - 1;
 }
 
 /* Hook results (class reducers, handle encoders) are computed once per
@@ -1240,16 +1245,19 @@ static LUAMP_NOINLINE int enc_with_metatable(struct enc *e, int idx) {
   return 1;
 }
 
-/* (top: the stack's top when the caller knows it, else 0) */
+/* (top: the stack's top when the caller knows it, else 0.)  Returns the
+ * stack top it leaves (pairs of the table's loops may stay above top),
+ * -1 on failure. */
 static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
   size_t def;
   int r;
-  if (p == e->globals) return put_ext(e, EXT_GLOBALS, "", 0);
+  if (top == 0) top = lua_gettop(L);
+  if (p == e->globals)
+    return put_ext(e, EXT_GLOBALS, "", 0) < 0 ? -1 : top;
   if (e->depth >= max_depth)
     return fail(e, "nesting deeper than %d levels", max_depth);
-  if (top == 0) top = lua_gettop(L);
   /* room for this level's pairs and a few more levels (the room
    * lua_checkstack makes stays while this C call lasts) */
   if (top + NEXT_WINDOW + 16 > e->stack_ok) {
@@ -1258,13 +1266,14 @@ static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top) {
     e->stack_ok = top + 4 * NEXT_WINDOW;
   }
   r = enter_object(e, p, &def);
-  if (r != 0) return r < 0 ? -1 : 0;
+  if (r != 0) return r < 0 ? -1 : top;
   e->depth++;
   r = lua_getmetatable(L, idx) ? enc_with_metatable(e, idx) : 0;
   if (r == 0) r = enc_table_body(e, idx, top + 1);
+  else if (r > 0) r = top;   /* (enc_with_metatable leaves top as it was) */
   e->depth--;
-  if (r < 0) return -1;
-  return leave_object(e, def);
+  if (r < 0 || leave_object(e, def) < 0) return -1;
+  return r;
 }
 
 /* ---- functions ------------------------------------------------------------ */
@@ -1458,7 +1467,7 @@ static int enc_userdata(struct enc *e, int idx) {
 
 static LUAMP_NOINLINE int enc_object(struct enc *e, int idx, int t) {
   switch (t) {
-    case LUA_TTABLE: return enc_table(e, idx, 0);
+    case LUA_TTABLE: return enc_table(e, idx, 0) < 0 ? -1 : 0;
     case LUA_TFUNCTION: return enc_function(e, idx);
     case LUA_TUSERDATA: return enc_userdata(e, idx);
     case LUA_TLIGHTUSERDATA: return fail(e, "cannot encode a light userdata");
@@ -1488,7 +1497,7 @@ static LUAMP_INLINE int enc_typed_in(lua_State *L, struct enc *e, int idx,
       e->b->len++;
       return 0;
     case LUA_TTABLE:
-      return enc_table(e, idx, 0);
+      return enc_table(e, idx, 0) < 0 ? -1 : 0;
     default:
       return enc_object(e, idx, t);
   }
@@ -1692,7 +1701,7 @@ static LUAMP_INLINE int enc_passes(lua_State *L, struct enc *e, int idx,
       e->b->len = reserve;
       /* (a table on top: enc_table is told so) */
       r = count < 0 && t == LUA_TTABLE ?
-              enc_table(e, idx, idx == work ? idx : 0) :
+              (enc_table(e, idx, idx == work ? idx : 0) < 0 ? -1 : 0) :
               enc_values(e, idx, t, count);
     }
     if (e->b->hcount == 0) e->b->norder = 0;   /* (map_truncate's fast case) */
