@@ -142,8 +142,19 @@ static struct luamp_type encbox_type = {
 };
 static struct luamp_type ext_type = {EXT_MT, NULL, NULL, NULL, 0, 0, 0};
 
+/* The box of the state whose main thread is box_thread (the first state
+ * that loaded the codec), for mp.encode called from that thread without
+ * reading its upvalue (~30 instructions of a small record's ~4.9k).
+ * encbox_gc forgets it: lua_close collects the box before the thread. */
+static lua_State *box_thread;
+static struct encbox *box_of_thread;
+
 static int encbox_gc(lua_State *L) {
   struct encbox *b = luamp_self(L, 1, &encbox_type);
+  if (b == box_of_thread) {
+    box_thread = NULL;
+    box_of_thread = NULL;
+  }
   free(b->buf);
   free(b->keys);
   free(b->vals);
@@ -997,12 +1008,14 @@ static LUAMP_INLINE int end_header(struct enc *e, struct header *h,
 }
 
 /* The pairs of a map, in one pass, from base up, under the header h;
- * pushed: lua_next has already left the first pair at base. */
+ * pushed: lua_next has already left the first pair at base.  Returns the
+ * stack top it leaves, -1 on failure (as the table loops below: the
+ * caller of a table's encoding learns its top without lua_gettop). */
 static LUAMP_INLINE int enc_map(struct enc *e, int idx, int base,
                                 struct header *h, int pushed) {
   lua_State *L = e->L;
   lua_Unsigned count = 0;
-  int k = base, tk, tv;
+  int k = base, tk, tv, top;
   if (!pushed) lua_pushnil(L);
   while (pushed || lua_next(L, idx)) {
     pushed = 0;
@@ -1014,18 +1027,20 @@ static LUAMP_INLINE int enc_map(struct enc *e, int idx, int base,
       return -1;
     }
     tv = lua_type(L, k + 1);
-    if ((tv == LUA_TTABLE ?
-             enc_table(e, k + 1, tk == LUA_TTABLE ? 0 : k + 1) :
-             enc_typed_in(L, e, k + 1, tv)) < 0) {
+    top = tv == LUA_TTABLE ?
+              enc_table(e, k + 1, tk == LUA_TTABLE ? 0 : k + 1) :
+          enc_typed_in(L, e, k + 1, tv) < 0 ? -1 :
+          tk == LUA_TTABLE ? lua_gettop(L) : k + 1;
+    if (top < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
     }
     if (count_item(e, h, ++count) < 0) return -1;
-    k = next_slot(L, base, k, tk == LUA_TTABLE || tv == LUA_TTABLE ?
-                                  lua_gettop(L) : k + 1);
+    k = next_slot(L, base, k, top);
   }
-  return end_header(e, h, count, 1);
+  /* (lua_next popped the key at k) */
+  return end_header(e, h, count, 1) < 0 ? -1 : k - 1;
 }
 
 /* A table that is not a sequence in traversal order: a sequence in
@@ -1058,7 +1073,7 @@ static int enc_table_general(struct enc *e, int idx) {
     }
     if (count_item(e, &h, i) < 0) return -1;
   }
-  return end_header(e, &h, n, 0);
+  return end_header(e, &h, n, 0) < 0 ? -1 : lua_gettop(L);
 }
 
 /* The items of the table at idx, the stack free from base up (room for
@@ -1074,7 +1089,7 @@ static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
   struct mark m = mark_here(e);
   struct header h;
   lua_Unsigned count = 0;
-  int k = base, t, isint;
+  int k = base, t, isint, top;
   if (begin_header(e, &h) < 0) return -1;
   lua_pushnil(L);
   while (lua_next(L, idx)) {
@@ -1087,16 +1102,17 @@ static LUAMP_INLINE int enc_table_body(struct enc *e, int idx, int base) {
       return enc_table_general(e, idx);
     }
     t = lua_type(L, k + 1);
-    if ((t == LUA_TTABLE ? enc_table(e, k + 1, k + 1) :
-                           enc_typed_in(L, e, k + 1, t)) < 0) {
+    top = t == LUA_TTABLE ? enc_table(e, k + 1, k + 1) :
+          enc_typed_in(L, e, k + 1, t) < 0 ? -1 : k + 1;
+    if (top < 0) {
       path_key(e, k);
       lua_settop(L, base - 1);
       return -1;
     }
     if (count_item(e, &h, ++count) < 0) return -1;
-    k = next_index(L, base, count, t == LUA_TTABLE ? lua_gettop(L) : k + 1);
+    k = next_index(L, base, count, top);
   }
-  return end_header(e, &h, count, 0);
+  return end_header(e, &h, count, 0) < 0 ? -1 : k - 1;
 }
 
 /* Hook results (class reducers, handle encoders) are computed once per
@@ -1229,16 +1245,19 @@ static LUAMP_NOINLINE int enc_with_metatable(struct enc *e, int idx) {
   return 1;
 }
 
-/* (top: the stack's top when the caller knows it, else 0) */
+/* (top: the stack's top when the caller knows it, else 0.)  Returns the
+ * stack top it leaves (pairs of the table's loops may stay above top),
+ * -1 on failure. */
 static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top) {
   lua_State *L = e->L;
   const void *p = lua_topointer(L, idx);
   size_t def;
   int r;
-  if (p == e->globals) return put_ext(e, EXT_GLOBALS, "", 0);
+  if (top == 0) top = lua_gettop(L);
+  if (p == e->globals)
+    return put_ext(e, EXT_GLOBALS, "", 0) < 0 ? -1 : top;
   if (e->depth >= max_depth)
     return fail(e, "nesting deeper than %d levels", max_depth);
-  if (top == 0) top = lua_gettop(L);
   /* room for this level's pairs and a few more levels (the room
    * lua_checkstack makes stays while this C call lasts) */
   if (top + NEXT_WINDOW + 16 > e->stack_ok) {
@@ -1247,13 +1266,14 @@ static LUAMP_NOINLINE int enc_table(struct enc *e, int idx, int top) {
     e->stack_ok = top + 4 * NEXT_WINDOW;
   }
   r = enter_object(e, p, &def);
-  if (r != 0) return r < 0 ? -1 : 0;
+  if (r != 0) return r < 0 ? -1 : top;
   e->depth++;
   r = lua_getmetatable(L, idx) ? enc_with_metatable(e, idx) : 0;
   if (r == 0) r = enc_table_body(e, idx, top + 1);
+  else if (r > 0) r = top;   /* (enc_with_metatable leaves top as it was) */
   e->depth--;
-  if (r < 0) return -1;
-  return leave_object(e, def);
+  if (r < 0 || leave_object(e, def) < 0) return -1;
+  return r;
 }
 
 /* ---- functions ------------------------------------------------------------ */
@@ -1447,7 +1467,7 @@ static int enc_userdata(struct enc *e, int idx) {
 
 static LUAMP_NOINLINE int enc_object(struct enc *e, int idx, int t) {
   switch (t) {
-    case LUA_TTABLE: return enc_table(e, idx, 0);
+    case LUA_TTABLE: return enc_table(e, idx, 0) < 0 ? -1 : 0;
     case LUA_TFUNCTION: return enc_function(e, idx);
     case LUA_TUSERDATA: return enc_userdata(e, idx);
     case LUA_TLIGHTUSERDATA: return fail(e, "cannot encode a light userdata");
@@ -1477,7 +1497,7 @@ static LUAMP_INLINE int enc_typed_in(lua_State *L, struct enc *e, int idx,
       e->b->len++;
       return 0;
     case LUA_TTABLE:
-      return enc_table(e, idx, 0);
+      return enc_table(e, idx, 0) < 0 ? -1 : 0;
     default:
       return enc_object(e, idx, t);
   }
@@ -1636,6 +1656,88 @@ static char *encode_scalars(lua_State *L, int idx, int count, size_t reserve,
   return (char *)scalars_buf;
 }
 
+/* Sets e up for an encode into the box b, which is busy from now on;
+ * the stack has room for 4 * NEXT_WINDOW slots above top. */
+static LUAMP_INLINE void enc_begin(lua_State *L, struct enc *e,
+                                   struct encbox *b,
+                                   const struct luamp_slice *slice, int top) {
+  e->L = L;
+  e->slice = slice;
+  e->depth = 0;
+  e->nshared = 0;
+  e->ndefs = 0;
+  e->names_checked = 0;
+  e->hooks = 0;
+  e->oom = 0;
+  e->msg[0] = e->path[0] = '\0';
+  e->pathlen = 0;
+  e->nsteps = 0;
+  e->stack_ok = top + 4 * NEXT_WINDOW;
+  e->b = b;
+  b->busy = 1;
+  trim_box(b);
+  if (b->globals == NULL) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
+    b->globals = lua_topointer(L, -1);
+    lua_pop(L, 1);
+  }
+  e->globals = b->globals;
+}
+
+/* The value at idx of type t (count < 0) or the count values from idx
+ * after reserve bytes: pass 1, and pass 2 with DEF/REF when objects
+ * repeat.  (work: the stack top the passes start from.) */
+static LUAMP_INLINE int enc_passes(lua_State *L, struct enc *e, int idx,
+                                   int t, int count, size_t reserve,
+                                   int work) {
+  int r;
+  e->pass = 1;
+  for (;;) {
+    e->fast_cap = e->pass == 1 && track_refs ?
+                      (e->b->ocap < MAP_LINEAR ? e->b->ocap : MAP_LINEAR) : 0;
+    e->b->len = 0;
+    r = e->b->cap < reserve + 64 ? grow(e, reserve + 64) : 0;
+    if (r == 0) {
+      e->b->len = reserve;
+      /* (a table on top: enc_table is told so) */
+      r = count < 0 && t == LUA_TTABLE ?
+              (enc_table(e, idx, idx == work ? idx : 0) < 0 ? -1 : 0) :
+              enc_values(e, idx, t, count);
+    }
+    if (e->b->hcount == 0) e->b->norder = 0;   /* (map_truncate's fast case) */
+    else map_truncate(e->b, 0);
+    if (r < 0 || e->pass == 2 || e->nshared == 0) return r;
+    lua_settop(L, work);
+    e->pass = 2;   /* objects repeat: once more with DEF/REF */
+  }
+}
+
+/* Drops the hook cache; frees the box; on failure raises the
+ * EncodeError ("<reason> at <root><path>"; both as data). */
+static LUAMP_NOINLINE void enc_end_slow(lua_State *L, struct enc *e, int r,
+                                        const char *root) {
+  if (e->hooks) {
+    lua_pushnil(L);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, e->b);
+  }
+  e->b->busy = 0;
+  if (r < 0) {
+    luamp_push_error(L, "EncodeError", lua_pushfstring(L, "%s at %s%s", e->msg,
+                     root ? root : "value", e->path));
+    lua_pushstring(L, e->msg);
+    lua_setfield(L, -2, "reason");
+    push_path(L, e);
+    lua_setfield(L, -2, "path");
+    lua_error(L);
+  }
+}
+
+static LUAMP_INLINE void enc_end(lua_State *L, struct enc *e, int r,
+                                 const char *root) {
+  if (r < 0 || e->hooks) enc_end_slow(L, e, r, root);
+  else e->b->busy = 0;
+}
+
 /* The value at idx, of type t (count < 0), or the count values from idx
  * as one array; the stack is left as it was unless leave (mp.encode, which
  * returns what it pushes next: the stack above is dropped by Lua). */
@@ -1652,72 +1754,20 @@ static char *encode_typed(lua_State *L, struct encbox *box, int idx, int t,
     if (data) return data;
   }
   if (idx < 0) idx = lua_absindex(L, idx);
-  e.L = L;
-  e.slice = slice;
-  e.depth = 0;
-  e.nshared = 0;
-  e.ndefs = 0;
-  e.names_checked = 0;
-  e.hooks = 0;
-  e.oom = 0;
-  e.msg[0] = e.path[0] = '\0';
-  e.pathlen = 0;
-  e.nsteps = 0;
   if (!lua_checkstack(L, 4 * NEXT_WINDOW))
     luaL_checkstack(L, 4 * NEXT_WINDOW, "no room to encode");
   top = lua_gettop(L);
-  e.stack_ok = top + 4 * NEXT_WINDOW;
   /* (box: the state's box, known to the caller; a nested encode, which
    * finds it busy, gets one of its own and leaves it on the stack) */
   work = top;   /* (the box stays anchored below work) */
-  if (box && !box->busy) {
-    e.b = box;
-  } else {
-    e.b = get_box(L);
+  if (!box || box->busy) {
+    box = get_box(L);
     work++;
   }
-  e.b->busy = 1;
-  trim_box(e.b);
-  if (e.b->globals == NULL) {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_GLOBALS);
-    e.b->globals = lua_topointer(L, -1);
-    lua_pop(L, 1);
-  }
-  e.globals = e.b->globals;
-  e.pass = 1;
-  for (;;) {
-    e.fast_cap = e.pass == 1 && track_refs ?
-                     (e.b->ocap < MAP_LINEAR ? e.b->ocap : MAP_LINEAR) : 0;
-    e.b->len = 0;
-    r = e.b->cap < reserve + 64 ? grow(&e, reserve + 64) : 0;
-    if (r == 0) {
-      e.b->len = reserve;
-      /* (a table on top: enc_table is told so) */
-      r = count < 0 && t == LUA_TTABLE ?
-              enc_table(&e, idx, idx == work ? idx : 0) :
-              enc_values(&e, idx, t, count);
-    }
-    if (e.b->hcount == 0) e.b->norder = 0;   /* (map_truncate's fast case) */
-    else map_truncate(e.b, 0);
-    if (r < 0 || e.pass == 2 || e.nshared == 0) break;
-    lua_settop(L, work);
-    e.pass = 2;   /* objects repeat: once more with DEF/REF */
-  }
+  enc_begin(L, &e, box, slice, top);
+  r = enc_passes(L, &e, idx, t, count, reserve, work);
   if (!leave || r < 0) lua_settop(L, top);
-  if (e.hooks) {
-    lua_pushnil(L);
-    lua_rawsetp(L, LUA_REGISTRYINDEX, e.b);
-  }
-  e.b->busy = 0;
-  if (r < 0) {   /* message "<reason> at <root><path>"; both as data */
-    luamp_push_error(L, "EncodeError", lua_pushfstring(L, "%s at %s%s", e.msg,
-                     root ? root : "value", e.path));
-    lua_pushstring(L, e.msg);
-    lua_setfield(L, -2, "reason");
-    push_path(L, &e);
-    lua_setfield(L, -2, "path");
-    lua_error(L);
-  }
+  enc_end(L, &e, r, root);
   *len = e.b->len - reserve;
   return (char *)e.b->buf;
 }
@@ -2434,9 +2484,24 @@ static int l_encode(lua_State *L) {
   size_t n;
   const char *s;
   int t = lua_type(L, 1);
+  struct encbox *box = L == box_thread ? box_of_thread :
+                           lua_touserdata(L, lua_upvalueindex(1));
+  if (t == LUA_TTABLE && !box->busy) {
+    /* encode_typed for a table in the state's box, on a stack that
+     * encode_typed's scalar paths and box look-up have nothing to do */
+    struct enc e;
+    int top = lua_gettop(L), r;
+    if (!lua_checkstack(L, 4 * NEXT_WINDOW))
+      luaL_checkstack(L, 4 * NEXT_WINDOW, "no room to encode");
+    enc_begin(L, &e, box, NULL, top);
+    r = enc_passes(L, &e, 1, t, -1, 0, top);
+    if (r < 0) lua_settop(L, top);
+    enc_end(L, &e, r, NULL);
+    lua_pushlstring(L, (const char *)box->buf, box->len);
+    return 1;
+  }
   if (t == LUA_TNONE) luaL_checkany(L, 1);
-  s = encode_typed(L, lua_touserdata(L, lua_upvalueindex(1)), 1, t, -1, NULL,
-                   0, &n, NULL, 1);
+  s = encode_typed(L, box, 1, t, -1, NULL, 0, &n, NULL, 1);
   lua_pushlstring(L, s, n);
   return 1;
 }
@@ -2661,6 +2726,7 @@ static int l_ext(lua_State *L) {
 }
 
 int luamp_open_codec(lua_State *L) {
+  struct encbox *box;
   static const luaL_Reg funcs[] = {
     {"encode", l_encode},
     {"decode", l_decode},
@@ -2672,7 +2738,13 @@ int luamp_open_codec(lua_State *L) {
     {NULL, NULL}
   };
   luaL_setfuncs(L, funcs, 0);
-  get_box(L);
+  box = get_box(L);
+  if (box_thread == NULL) {
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    box_thread = lua_tothread(L, -1);
+    box_of_thread = box;
+    lua_pop(L, 1);
+  }
   lua_pushcclosure(L, l_encode, 1);
   lua_setfield(L, -2, "encode");
   luamp_newtype(L, &ext_type);

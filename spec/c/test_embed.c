@@ -32,6 +32,38 @@ static void test_requiref(void) {
   lua_close(L);
 }
 
+/* mp.encode from the main thread of the first state that loaded the
+ * module finds its encoder box without reading its upvalue (a cache in
+ * codec.c): states opened and closed in turn, encoding from their main
+ * threads and from a coroutine, each get their own right bytes, and a
+ * state opened after the first closed (perhaps at its address) does not
+ * find the closed state's box. */
+static void test_states_and_encoder_box(void) {
+  static const char *enc =
+      "local mp = require 'multiprocessing'\n"
+      "local s = mp.encode({id = 12345, tags = {'x', 'y'}})\n"
+      "assert(mp.decode(s).id == 12345 and mp.decode(s).tags[2] == 'y')\n"
+      "assert(coroutine.wrap(function() return mp.encode({1, 2}) end)() "
+      "== '\\x92\\x01\\x02')\n";
+  lua_State *a = bare_state(), *b = bare_state(), *c;
+  luamp_preload(a);
+  luamp_preload(b);
+  CHECK(run(a, enc));
+  CHECK(run(b, enc));
+  CHECK(run(a, enc));
+  lua_close(a);
+  CHECK(run(b, enc));
+  for (int i = 0; i < 3; i++) {
+    c = bare_state();
+    luamp_preload(c);
+    CHECK(run(c, enc));
+    CHECK(run(b, enc));
+    lua_close(c);
+  }
+  CHECK(run(b, enc));
+  lua_close(b);
+}
+
 static void test_version(void) {
   CHECK(strcmp(luamp_version(), LUAMP_VERSION) == 0);
 }
@@ -217,6 +249,7 @@ static const struct tap_test tests[] = {
   {"preload", test_preload},
   {"luaL_requiref", test_requiref},
   {"version", test_version},
+  {"several states, each with its encoder box", test_states_and_encoder_box},
   {"a Pool of C workers, driven from C", test_pool_of_c_workers},
   {NULL, NULL}
 };
