@@ -467,6 +467,29 @@ describe("the fork discipline", function()
     os.remove(path)
   end)
 
+  -- (luamp_flush_stdio looks for pending output before it calls
+  -- fflush(NULL): every kind of stream the io library makes counts)
+  it("flushes output pending in any stream before the fork", function()
+    local path, path2 = tmpfile(), tmpfile()
+    local out, err, code = H.script(PRE .. [[
+      local f = assert(io.open(arg[1], "w+"))
+      f:write("ab") f:seek("set", 0) assert(f:read(1) == "a")
+      f:write("c")                   -- after a read: pending in r+ mode
+      local pw = assert(io.popen("cat >> " .. arg[2], "w"))
+      pw:write("p")
+      -- (the child's own output makes it flush at its exit: what it
+      -- inherited unflushed would be written twice)
+      local p = mp.Process{target = function() io.write("k") end}
+      p:start() p:join()
+      f:close() pw:close()
+    ]], H.q(path) .. " " .. H.q(path2))
+    assert.equal(0, code, err)
+    assert.equal("k", out)
+    assert.equal("ac", H.slurp(path))
+    assert.equal("p", H.slurp(path2))
+    os.remove(path) os.remove(path2)
+  end)
+
   it("flushes the child's own output before it leaves", function()
     local out = H.script(PRE .. [[
       local p = mp.Process{target = function() io.write("no newline") end}
