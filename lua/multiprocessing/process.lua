@@ -282,8 +282,9 @@ end
 -- Reaps finished children (Python's _cleanup), allocating nothing.
 local function sweep()
   sync()
-  if S.children == nil then return end
-  for p in pairs(S.children) do
+  local c = S.children
+  if c == nil then return end
+  for p in next, c do
     local h = rawget(p, "_child")
     local code, gone = nil, true
     if h and not rawget(p, "_closed") then code, gone = h:poll() end
@@ -299,9 +300,18 @@ end
 -- level (the child would find the same a moment later, reading pages of
 -- its own to do so: each one costs a child a fault, see S).  Should it
 -- raise, the child looks again and fails there, as before.
-local function child_plan(self)
-  return self.run, logger:is_enabled_for(5), logger:is_enabled_for(20),
-         rawget(logger, "level")
+--
+-- start() keeps its calls two levels deep at most: each level of Lua
+-- calls is a CallInfo of the interpreter's own, scattered over the heap,
+-- and every page the parent writes between two forks costs it a fault
+-- (start+join loop, perf record -e page-faults -d: the levels 3 below
+-- start's were one page of their own).  So the run method is looked up
+-- as the instance's __index does (its own field, else its class's,
+-- through tables), and the logger's answers are kept for the level they
+-- were found at (the child checks that level again, see bootstrap).
+local plan_cache = {level = false, log5 = false, log20 = false}
+local function logger_plan()
+  return logger:is_enabled_for(5), logger:is_enabled_for(20)
 end
 
 function Process:start()
@@ -322,16 +332,30 @@ function Process:start()
     h = forkserver.spawn("multiprocessing.process", "_remote_main",
                          P._snapshot(self), "process", self.daemon)
   else
-    local ok, run, log5, log20, level = pcall(child_plan, self)
-    S.starting, S.starting_run, S.starting_log = self, ok and run or nil, ok and log5
-    S.starting_log20, S.starting_level = ok and log20, ok and level
+    local run = rawget(self, "run")
+    if run == nil then run = getmetatable(self)._class.run end
+    local level, pc = rawget(logger, "level"), plan_cache
+    if level ~= pc.level or rawget(logger, "is_enabled_for") ~= nil then
+      local ok, log5, log20 = pcall(logger_plan)
+      pc.level, pc.log5, pc.log20 = ok and level, ok and log5, ok and log20
+      if not ok then run = nil end
+    end
+    S.starting, S.starting_run, S.starting_log = self, run, pc.log5
+    S.starting_log20, S.starting_level = pc.log20, level
     h = core.spawn(bootstrap, self, self.daemon, false, false, true)
     -- (the child has its copies; here they are not to be kept)
     S.starting, S.starting_run = nil, nil
   end
   rawset(self, "_child", h)
-  sweep()     -- after the fork, while the child runs
-  my_children()[self] = true
+  -- (S describes this process: sync() above)
+  local c = S.children
+  if c == nil then
+    c = {}
+    S.children = c
+  elseif next(c) ~= nil then
+    sweep()     -- after the fork, while the child runs
+  end
+  c[self] = true
 end
 
 local function check_parent(self, what)
@@ -345,7 +369,8 @@ end
 
 local function finished(self, code)
   rawset(self, "_exitcode", code)
-  my_children()[self] = nil
+  local c = S.owner == getpid() and S.children
+  if c then c[self] = nil else my_children()[self] = nil end
 end
 
 function Process:join(timeout)
