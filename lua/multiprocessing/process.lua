@@ -48,13 +48,15 @@ setmetatable(main_process, {
 -- as Python's _children, so a running child's object is never collected);
 -- counter, for default names (Process-<n>); starting_run,
 -- starting_log, starting_log20 and starting_level, what start() found for
--- the child (see child_plan).  All
--- slots exist from the start, so these writes allocate nothing.
+-- the child (see start), false when there is none.  All slots
+-- exist from the start, so these writes allocate nothing, and start()'s
+-- are never nil (a nil slot's write goes through luaV_finishset, which
+-- also writes the table's own header: a second page).
 -- adopted: Process objects standing for children that other parts of the
 -- runtime forked themselves (Pool workers, see P._adopt), weakly: their
 -- owner (the pool) holds them while they run.
-local S = {current = main_process, starting = nil, starting_run = nil,
-           starting_log = nil, starting_log20 = nil, starting_level = nil,
+local S = {current = main_process, starting = false, starting_run = false,
+           starting_log = false, starting_log20 = false, starting_level = false,
            parent = nil,
            parent_name = nil, parent_pid = nil, children = nil,
            adopted = nil, counter = 0, owner = getpid(), remote = nil}
@@ -256,7 +258,7 @@ end
 -- It writes nothing of its own (see S).
 local function bootstrap(self)
   local run, log5 = S.starting_run, S.starting_log
-  if run == nil then run, log5 = self.run, logger:is_enabled_for(5) end
+  if not run then run, log5 = self.run, logger:is_enabled_for(5) end
   if log5 then logger:log(5, "child process calling self.run()") end
   local ok, err = xpcall(run, traceback, self)
   local code = 0
@@ -268,7 +270,7 @@ local function bootstrap(self)
   end
   -- (start's answer for level 20 holds while run() left the logger's
   -- level and its is_enabled_for as they were)
-  if S.starting_run ~= nil and rawget(logger, "level") == S.starting_level and
+  if S.starting_run and (rawget(logger, "level") or false) == S.starting_level and
      rawget(logger, "is_enabled_for") == nil then
     if S.starting_log20 then
       logger:log(20, "process exiting with exitcode %d", code)
@@ -340,11 +342,11 @@ function Process:start()
       pc.level, pc.log5, pc.log20 = ok and level, ok and log5, ok and log20
       if not ok then run = nil end
     end
-    S.starting, S.starting_run, S.starting_log = self, run, pc.log5
-    S.starting_log20, S.starting_level = pc.log20, level
+    S.starting, S.starting_run, S.starting_log = self, run or false, pc.log5
+    S.starting_log20, S.starting_level = pc.log20, level or false
     h = core.spawn(bootstrap, self, self.daemon, false, false, true)
     -- (the child has its copies; here they are not to be kept)
-    S.starting, S.starting_run = nil, nil
+    S.starting, S.starting_run = false, false
   end
   rawset(self, "_child", h)
   -- (S describes this process: sync() above)
