@@ -286,6 +286,31 @@ describe("Process", function()
     assert.same({}, mp.active_children())
   end)
 
+  -- (the Process started last is kept in a slot of its own while it is
+  -- the only one not joined: process.lua's S.last)
+  it("keeps listing the child started last, its object dropped", function()
+    local pid
+    do
+      local p = mp.Process{target = function() core.sleep(30) end}
+      p:start()
+      pid = p.pid
+    end
+    collectgarbage()
+    collectgarbage()
+    local live = mp.active_children()
+    assert.equal(1, #live)
+    assert.equal(pid, live[1].pid)
+    local q = mp.Process{target = function() core.sleep(30) end}
+    q:start()
+    assert.equal(2, #mp.active_children())
+    q:terminate()
+    q:join()
+    assert.equal(1, #mp.active_children())
+    live[1]:terminate()
+    live[1]:join()
+    assert.same({}, mp.active_children())
+  end)
+
   it("reaps a child whose Process object was dropped", function()
     local pid
     do

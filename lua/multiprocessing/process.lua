@@ -58,7 +58,7 @@ setmetatable(main_process, {
 local S = {current = main_process, starting = false, starting_run = false,
            starting_log = false, starting_log20 = false, starting_level = false,
            parent = nil,
-           parent_name = nil, parent_pid = nil, children = nil,
+           parent_name = nil, parent_pid = nil, children = nil, last = false,
            adopted = nil, counter = 0, owner = getpid(), remote = nil}
 
 -- Makes S describe this process.  A process started by start() and the
@@ -73,16 +73,20 @@ local function sync()
     S.current, S.parent = self, nil
     S.parent_name, S.parent_pid = self._parent_name, self._parent_pid
   end
-  S.children, S.adopted, S.counter, S.owner = nil, nil, 0, me
+  S.children, S.last, S.adopted, S.counter, S.owner = nil, false, nil, 0, me
 end
 
+-- The children table, with S.last in it: the Process started last, kept
+-- in a slot of S while it is the only one started and not joined (a
+-- start+join loop then writes S's node and no other table: see S).
 local function my_children()
   sync()
-  local c = S.children
+  local c, last = S.children, S.last
   if c == nil then
     c = {}
     S.children = c
   end
+  if last then c[last], S.last = true, false end
   return c
 end
 
@@ -349,15 +353,12 @@ function Process:start()
     S.starting, S.starting_run = false, false
   end
   rawset(self, "_child", h)
-  -- (S describes this process: sync() above)
-  local c = S.children
-  if c == nil then
-    c = {}
-    S.children = c
-  elseif next(c) ~= nil then
+  -- (S describes this process: sync() above; S.last: see my_children)
+  local c = S.last and my_children() or S.children
+  S.last = self
+  if c ~= nil and next(c) ~= nil then
     sweep()     -- after the fork, while the child runs
   end
-  c[self] = true
 end
 
 local function check_parent(self, what)
@@ -371,8 +372,8 @@ end
 
 local function finished(self, code)
   rawset(self, "_exitcode", code)
-  local c = S.owner == getpid() and S.children
-  if c then c[self] = nil else my_children()[self] = nil end
+  if S.last == self and S.owner == getpid() then S.last = false
+  else my_children()[self] = nil end
 end
 
 function Process:join(timeout)
@@ -617,7 +618,7 @@ function P._become_child(name, daemon, parent_pid)
   S.parent, S.parent_name = nil, S.current.name
   S.parent_pid, S.remote = parent_pid or core.getppid(), parent_pid ~= nil
   S.current = me
-  S.children, S.adopted, S.counter = nil, nil, 0
+  S.children, S.last, S.adopted, S.counter = nil, false, nil, 0
   return me
 end
 
@@ -661,7 +662,8 @@ function P._remote_main(d)
   setmetatable(self, cls._instance_mt)
   S.current, S.parent, S.remote = self, nil, true
   S.parent_name, S.parent_pid = d.parent_name, d.parent_pid
-  S.children, S.adopted, S.counter, S.owner = nil, nil, 0, getpid()
+  S.children, S.last, S.adopted = nil, false, nil
+  S.counter, S.owner = 0, getpid()
   return bootstrap(self)
 end
 
