@@ -286,6 +286,31 @@ describe("Process", function()
     assert.same({}, mp.active_children())
   end)
 
+  -- (the Process started last is kept in a slot of its own while it is
+  -- the only one not joined: process.lua's S.last)
+  it("keeps listing the child started last, its object dropped", function()
+    local pid
+    do
+      local p = mp.Process{target = function() core.sleep(30) end}
+      p:start()
+      pid = p.pid
+    end
+    collectgarbage()
+    collectgarbage()
+    local live = mp.active_children()
+    assert.equal(1, #live)
+    assert.equal(pid, live[1].pid)
+    local q = mp.Process{target = function() core.sleep(30) end}
+    q:start()
+    assert.equal(2, #mp.active_children())
+    q:terminate()
+    q:join()
+    assert.equal(1, #mp.active_children())
+    live[1]:terminate()
+    live[1]:join()
+    assert.same({}, mp.active_children())
+  end)
+
   it("reaps a child whose Process object was dropped", function()
     local pid
     do
@@ -465,6 +490,29 @@ describe("the fork discipline", function()
     assert.equal("xc\n", out)
     assert.equal("yz", H.slurp(path))
     os.remove(path)
+  end)
+
+  -- (luamp_flush_stdio looks for pending output before it calls
+  -- fflush(NULL): every kind of stream the io library makes counts)
+  it("flushes output pending in any stream before the fork", function()
+    local path, path2 = tmpfile(), tmpfile()
+    local out, err, code = H.script(PRE .. [[
+      local f = assert(io.open(arg[1], "w+"))
+      f:write("ab") f:seek("set", 0) assert(f:read(1) == "a")
+      f:write("c")                   -- after a read: pending in r+ mode
+      local pw = assert(io.popen("cat >> " .. arg[2], "w"))
+      pw:write("p")
+      -- (the child's own output makes it flush at its exit: what it
+      -- inherited unflushed would be written twice)
+      local p = mp.Process{target = function() io.write("k") end}
+      p:start() p:join()
+      f:close() pw:close()
+    ]], H.q(path) .. " " .. H.q(path2))
+    assert.equal(0, code, err)
+    assert.equal("k", out)
+    assert.equal("ac", H.slurp(path))
+    assert.equal("p", H.slurp(path2))
+    os.remove(path) os.remove(path2)
   end)
 
   it("flushes the child's own output before it leaves", function()

@@ -48,15 +48,17 @@ setmetatable(main_process, {
 -- as Python's _children, so a running child's object is never collected);
 -- counter, for default names (Process-<n>); starting_run,
 -- starting_log, starting_log20 and starting_level, what start() found for
--- the child (see child_plan).  All
--- slots exist from the start, so these writes allocate nothing.
+-- the child (see start), false when there is none.  All slots
+-- exist from the start, so these writes allocate nothing, and start()'s
+-- are never nil (a nil slot's write goes through luaV_finishset, which
+-- also writes the table's own header: a second page).
 -- adopted: Process objects standing for children that other parts of the
 -- runtime forked themselves (Pool workers, see P._adopt), weakly: their
 -- owner (the pool) holds them while they run.
-local S = {current = main_process, starting = nil, starting_run = nil,
-           starting_log = nil, starting_log20 = nil, starting_level = nil,
+local S = {current = main_process, starting = false, starting_run = false,
+           starting_log = false, starting_log20 = false, starting_level = false,
            parent = nil,
-           parent_name = nil, parent_pid = nil, children = nil,
+           parent_name = nil, parent_pid = nil, children = nil, last = false,
            adopted = nil, counter = 0, owner = getpid(), remote = nil}
 
 -- Makes S describe this process.  A process started by start() and the
@@ -71,16 +73,20 @@ local function sync()
     S.current, S.parent = self, nil
     S.parent_name, S.parent_pid = self._parent_name, self._parent_pid
   end
-  S.children, S.adopted, S.counter, S.owner = nil, nil, 0, me
+  S.children, S.last, S.adopted, S.counter, S.owner = nil, false, nil, 0, me
 end
 
+-- The children table, with S.last in it: the Process started last, kept
+-- in a slot of S while it is the only one started and not joined (a
+-- start+join loop then writes S's node and no other table: see S).
 local function my_children()
   sync()
-  local c = S.children
+  local c, last = S.children, S.last
   if c == nil then
     c = {}
     S.children = c
   end
+  if last then c[last], S.last = true, false end
   return c
 end
 
@@ -256,7 +262,7 @@ end
 -- It writes nothing of its own (see S).
 local function bootstrap(self)
   local run, log5 = S.starting_run, S.starting_log
-  if run == nil then run, log5 = self.run, logger:is_enabled_for(5) end
+  if not run then run, log5 = self.run, logger:is_enabled_for(5) end
   if log5 then logger:log(5, "child process calling self.run()") end
   local ok, err = xpcall(run, traceback, self)
   local code = 0
@@ -268,7 +274,7 @@ local function bootstrap(self)
   end
   -- (start's answer for level 20 holds while run() left the logger's
   -- level and its is_enabled_for as they were)
-  if S.starting_run ~= nil and rawget(logger, "level") == S.starting_level and
+  if S.starting_run and (rawget(logger, "level") or false) == S.starting_level and
      rawget(logger, "is_enabled_for") == nil then
     if S.starting_log20 then
       logger:log(20, "process exiting with exitcode %d", code)
@@ -282,8 +288,9 @@ end
 -- Reaps finished children (Python's _cleanup), allocating nothing.
 local function sweep()
   sync()
-  if S.children == nil then return end
-  for p in pairs(S.children) do
+  local c = S.children
+  if c == nil then return end
+  for p in next, c do
     local h = rawget(p, "_child")
     local code, gone = nil, true
     if h and not rawget(p, "_closed") then code, gone = h:poll() end
@@ -299,9 +306,18 @@ end
 -- level (the child would find the same a moment later, reading pages of
 -- its own to do so: each one costs a child a fault, see S).  Should it
 -- raise, the child looks again and fails there, as before.
-local function child_plan(self)
-  return self.run, logger:is_enabled_for(5), logger:is_enabled_for(20),
-         rawget(logger, "level")
+--
+-- start() keeps its calls two levels deep at most: each level of Lua
+-- calls is a CallInfo of the interpreter's own, scattered over the heap,
+-- and every page the parent writes between two forks costs it a fault
+-- (start+join loop, perf record -e page-faults -d: the levels 3 below
+-- start's were one page of their own).  So the run method is looked up
+-- as the instance's __index does (its own field, else its class's,
+-- through tables), and the logger's answers are kept for the level they
+-- were found at (the child checks that level again, see bootstrap).
+local plan_cache = {level = false, log5 = false, log20 = false}
+local function logger_plan()
+  return logger:is_enabled_for(5), logger:is_enabled_for(20)
 end
 
 function Process:start()
@@ -322,16 +338,27 @@ function Process:start()
     h = forkserver.spawn("multiprocessing.process", "_remote_main",
                          P._snapshot(self), "process", self.daemon)
   else
-    local ok, run, log5, log20, level = pcall(child_plan, self)
-    S.starting, S.starting_run, S.starting_log = self, ok and run or nil, ok and log5
-    S.starting_log20, S.starting_level = ok and log20, ok and level
+    local run = rawget(self, "run")
+    if run == nil then run = getmetatable(self)._class.run end
+    local level, pc = rawget(logger, "level"), plan_cache
+    if level ~= pc.level or rawget(logger, "is_enabled_for") ~= nil then
+      local ok, log5, log20 = pcall(logger_plan)
+      pc.level, pc.log5, pc.log20 = ok and level, ok and log5, ok and log20
+      if not ok then run = nil end
+    end
+    S.starting, S.starting_run, S.starting_log = self, run or false, pc.log5
+    S.starting_log20, S.starting_level = pc.log20, level or false
     h = core.spawn(bootstrap, self, self.daemon, false, false, true)
     -- (the child has its copies; here they are not to be kept)
-    S.starting, S.starting_run = nil, nil
+    S.starting, S.starting_run = false, false
   end
   rawset(self, "_child", h)
-  sweep()     -- after the fork, while the child runs
-  my_children()[self] = true
+  -- (S describes this process: sync() above; S.last: see my_children)
+  local c = S.last and my_children() or S.children
+  S.last = self
+  if c ~= nil and next(c) ~= nil then
+    sweep()     -- after the fork, while the child runs
+  end
 end
 
 local function check_parent(self, what)
@@ -345,7 +372,8 @@ end
 
 local function finished(self, code)
   rawset(self, "_exitcode", code)
-  my_children()[self] = nil
+  if S.last == self and S.owner == getpid() then S.last = false
+  else my_children()[self] = nil end
 end
 
 function Process:join(timeout)
@@ -590,7 +618,7 @@ function P._become_child(name, daemon, parent_pid)
   S.parent, S.parent_name = nil, S.current.name
   S.parent_pid, S.remote = parent_pid or core.getppid(), parent_pid ~= nil
   S.current = me
-  S.children, S.adopted, S.counter = nil, nil, 0
+  S.children, S.last, S.adopted, S.counter = nil, false, nil, 0
   return me
 end
 
@@ -634,7 +662,8 @@ function P._remote_main(d)
   setmetatable(self, cls._instance_mt)
   S.current, S.parent, S.remote = self, nil, true
   S.parent_name, S.parent_pid = d.parent_name, d.parent_pid
-  S.children, S.adopted, S.counter, S.owner = nil, nil, 0, getpid()
+  S.children, S.last, S.adopted = nil, false, nil
+  S.counter, S.owner = 0, getpid()
   return bootstrap(self)
 end
 
