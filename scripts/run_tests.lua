@@ -2,8 +2,9 @@
 -- Runs the whole suite: every spec file under luamp and under stock lua5.4
 -- (each file in its own busted process with a time limit, so a hang is a
 -- failure, not a stuck run; ONCE and BESIDE below say which run once and
--- which run side by side), then the C tests.  Ends with the one line
--- "N passed, N failed" and exits non-zero when anything failed.
+-- which run side by side), and the C tests, in the background from the
+-- start.  Ends with the one line "N passed, N failed" and exits non-zero
+-- when anything failed.
 local build, filter, preload = "build", nil, nil
 do
   local i = 1
@@ -97,27 +98,73 @@ runners[#runners + 1] = {
 local ONCE = {["spec/install_spec.lua"] = true, ["spec/host_spec.lua"] = true,
               ["spec/examples_spec.lua"] = true, ["spec/embed_spec.lua"] = true}
 
--- Specs run beside another (the value in the background while the key
--- runs), under every runner that runs both.  install_spec's
--- builds (on every core) while evloop_spec's event loops sleep through
--- their 1000 short tasks.  It counts nothing shared -- no /dev/shm
--- entries; only its own children and fds -- and the builds of the build
--- dir it installs are up to date (make test builds first), so neither
--- disturbs the other's checks.
--- codec_spec, all CPU in its own process, while broker_faults_spec's
--- tests wait out leases and heartbeats: neither counts anything shared
--- nor times anything tight.
--- Under the second runner, where install_spec does not run, self_spec
--- (forks, its own children only) goes beside evloop_spec instead: the
--- first of the list that the runner runs and has not run yet is taken.
-local BESIDE = {["spec/evloop_spec.lua"] = {"spec/install_spec.lua", "spec/self_spec.lua"},
-                ["spec/broker_faults_spec.lua"] = {"spec/codec_spec.lua"}}
+-- Specs run beside another (the values in the background, one after
+-- another, while the key runs), under every runner that runs them.  The
+-- keys mostly sleep: evloop_spec's event loops through their 1000 short
+-- tasks, broker_faults_spec's tests through leases and heartbeats,
+-- futures_spec's through task deadlines and results.  Beside them run
+-- specs that count nothing shared -- no /dev/shm entries; only their own
+-- children and fds -- and time nothing tight: install_spec's builds (on
+-- every core; the build dir it installs is up to date, make test builds
+-- first), codec_spec and codec_shapes_spec (all CPU in one process),
+-- broker_queue_spec and broker_spec (their own redis-servers; they wait
+-- out leases too), self_spec, forkserver_spec and queue_shutdown_spec
+-- (forks, their own children only).
+local BESIDE = {["spec/evloop_spec.lua"] = {"spec/install_spec.lua", "spec/codec_shapes_spec.lua",
+                                            "spec/self_spec.lua"},
+                ["spec/broker_faults_spec.lua"] = {"spec/broker_queue_spec.lua", "spec/broker_spec.lua",
+                                                   "spec/codec_spec.lua"},
+                ["spec/futures_spec.lua"] = {"spec/forkserver_spec.lua", "spec/queue_shutdown_spec.lua"}}
+
+-- Runs jobs ({label, cmd}, ...) one after another in the background, each
+-- one's output to a file; finish(bg) waits for them and tallies each.
+local function background(jobs)
+  local dir = lines_of("mktemp -d"):gsub("\n", "")
+  local script = {}
+  for i, j in ipairs(jobs) do
+    local f = sh_quote(dir .. "/" .. i)
+    script[#script + 1] = string.format(
+      "t0=$(date +%%s); { %s; } >%s.out 2>&1; echo $? $(($(date +%%s) - t0)) >%s.rc",
+      j.cmd, f, f)
+  end
+  io.flush()
+  return {dir = dir, jobs = jobs,
+          p = assert(io.popen("exec >/dev/null; " .. table.concat(script, "; "), "r"))}
+end
+
+local function finish(bg)
+  bg.p:close()
+  for i, j in ipairs(bg.jobs) do
+    local f = bg.dir .. "/" .. i
+    local h = io.open(f .. ".out")
+    local out = h and h:read("a") or ""
+    if h then h:close() end
+    h = io.open(f .. ".rc")
+    local code, secs = (h and h:read("a") or ""):match("(%d+) (%d+)")
+    if h then h:close() end
+    tally(j.label, out, tonumber(code) or 1, tonumber(secs))
+    os.remove(f .. ".out"); os.remove(f .. ".rc")
+  end
+  os.remove(bg.dir)
+end
 
 local function selected(spec)
   return not filter or spec:find(filter, 1, true)
 end
 
 local specs = list("ls spec/*_spec.lua")
+
+-- The C tests (each its own program; they count only their own children
+-- and fds) run in the background from the start, beside the specs.
+local ctests = {}
+for _, t in ipairs(list("ls " .. sh_quote(build) .. "/tests/test_* 2>/dev/null")) do
+  if not filter or t:find(filter, 1, true) then
+    ctests[#ctests + 1] = {label = "c " .. t:match("[^/]+$"),
+      cmd = string.format("timeout -k 5 %d %s", CTEST_TIMEOUT, sh_quote(t))}
+  end
+end
+local cbg = #ctests > 0 and background(ctests)
+
 local done = {}     -- [runner index .. spec] = true once run
 for ri, r in ipairs(runners) do
   local function runs(spec)
@@ -127,39 +174,35 @@ for ri, r in ipairs(runners) do
     return string.format("%s timeout -k 5 %d %s /usr/bin/busted -o TAP %s 2>&1",
       r.env, SPEC_TIMEOUT, r.cmd, sh_quote(spec))
   end
+  -- a spec listed beside a key that this runner runs waits for the key
+  local function waits(spec)
+    for key, list in pairs(BESIDE) do
+      for _, o in ipairs(list) do
+        if o == spec and runs(key) then return true end
+      end
+    end
+    return false
+  end
   for _, spec in ipairs(specs) do
-    if runs(spec) then
+    if runs(spec) and not waits(spec) then
       done[ri .. spec] = true
-      local other
+      local others = {}
       for _, o in ipairs(BESIDE[spec] or {}) do
-        if not other and runs(o) then other = o end
+        if runs(o) then
+          others[#others + 1] = {label = r.name .. " " .. o .. " (beside)", cmd = command(o)}
+          done[ri .. o] = true
+        end
       end
-      local bg
-      if other then
-        io.flush()
-        bg = assert(io.popen(command(other), "r"))
-        done[ri .. other] = true
-      end
+      local bg = #others > 0 and background(others)
       local t0 = os.time()
       local out, code = lines_of(command(spec))
       tally(r.name .. " " .. spec, out, code, os.time() - t0)
-      if bg then
-        local bout = bg:read("a")
-        local ok, _, bcode = bg:close()
-        tally(r.name .. " " .. other .. " (beside)", bout, ok and 0 or bcode,
-              os.time() - t0)
-      end
+      if bg then finish(bg) end
     end
   end
 end
 
-for _, t in ipairs(list("ls " .. sh_quote(build) .. "/tests/test_* 2>/dev/null")) do
-  if not filter or t:find(filter, 1, true) then
-    local out, code = lines_of(string.format("timeout -k 5 %d %s 2>&1",
-      CTEST_TIMEOUT, sh_quote(t)))
-    tally("c " .. t:match("[^/]+$"), out, code)
-  end
-end
+if cbg then finish(cbg) end
 
 io.write(string.format("%d passed, %d failed\n", passed, failed))
 os.exit(failed == 0 and passed > 0 and 0 or 1)

@@ -201,6 +201,47 @@ describe("examples", function()
   end
 end)
 
+-- make example's hint counts the cores busy now, not the last minute's
+-- load (which still counts a build that has just ended): in a mount
+-- namespace, /proc/loadavg says nothing runs while /proc/stat (a FIFO fed
+-- snapshots in which the CPUs are half idle) says one core of two is busy.
+describe("cpu_bound.lua's hint", function()
+  local _, _, can = H.sh("unset LD_PRELOAD; unshare -m true")
+  if can ~= 0 or require("multiprocessing").cpu_count() < 2 then
+    pending("needs unshare -m (root) and two CPUs")
+    return
+  end
+  it("comes from the CPUs' idle time, not the load average", function()
+    local dir = (H.sh("mktemp -d"):gsub("\n", ""))
+    H.write(dir .. "/loadavg", "0.00 0.00 0.00 1/100 1\n")
+    H.write(dir .. "/run.sh", [[
+      d=$1; shift
+      mkfifo "$d/stat" || exit 1
+      mount --bind "$d/stat" /proc/stat || exit 1
+      mount --bind "$d/loadavg" /proc/loadavg || exit 1
+      i=0
+      while :; do
+        printf 'cpu  %d 0 0 %d 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 0 0 0 0 0 0 0\n' \
+          $((1000 + 100 * i)) $((1000 + 100 * i)) > "$d/stat"
+        i=$((i + 1))
+      done &
+      w=$!
+      "$@"; rc=$?
+      kill $w
+      exit $rc
+    ]])
+    local out, err, code = H.sh("unset LD_PRELOAD; timeout 60 unshare -m sh " .. H.q(dir .. "/run.sh") ..
+      " " .. H.q(dir) .. " " .. H.q(H.luamp) .. " scripts/examples/cpu_bound.lua 600000")
+    H.sh("rm -rf " .. H.q(dir))
+    assert.equal(0, code, err)
+    -- (one core busy: the load average's reading would be all of them free)
+    local n = require("multiprocessing").cpu_count()
+    local free = math.max(1, n - 1)
+    assert.matches(string.format("\nexpected: +about %dx: 4 processes on %d free cores? of %d ",
+                                 math.min(4, free), free, n), out)
+  end)
+end)
+
 -- The embedding example: a C host (built as build/examples/embed-host)
 -- running a script whose Pool tasks call the host's own C function.
 describe("examples/embed", function()

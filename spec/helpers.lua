@@ -305,10 +305,6 @@ function H.soak(n)
   return os.getenv("LUAMP_SPEC_PASS") == "2" and n // 10 or n
 end
 
--- f(...) -- describe or it with its name and body -- in the first run of
--- a spec only: for tests that only run programs in child processes (the
--- luamp command, whose Lua files are the copy built into it), which the
--- second run (stock lua5.4 running busted) would run again unchanged.
 -- Arms a one-shot hook that raises "interrupted!" after 1..max
 -- instructions (a random count), as lua.c's and luamp's SIGINT hook
 -- raises at the next one: a Ctrl-C at random instruction boundaries, many
@@ -324,6 +320,10 @@ function H.arm_interrupt(max)
   end, "", math.random(1, max))
 end
 
+-- f(...) -- describe or it with its name and body -- in the first run of
+-- a spec only: for tests that only run programs in child processes (the
+-- luamp command, whose Lua files are the copy built into it), which the
+-- second run (stock lua5.4 running busted) would run again unchanged.
 function H.once(f, ...)
   if os.getenv("LUAMP_SPEC_PASS") ~= "2" then return f(...) end
 end

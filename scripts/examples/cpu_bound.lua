@@ -1,9 +1,10 @@
 -- cpu_bound.lua: the same CPU-bound work done sequentially, then by four
 -- processes at once; prints both times, the speed-up, and the speed-up to
--- expect: one per free core, up to four (the machine's load average says
--- how many cores other programs keep busy).  A few seconds of work, so
--- that a timing is not a matter of luck; `cpu_bound.lua N` sums N squares
--- per task instead of 3*10^7 (the test suite's shorter run).
+-- expect: one per free core, up to four (the CPUs' idle time over half a
+-- second before the run says how many cores other programs keep busy).
+-- A few seconds of work, so that a timing is not a matter of luck;
+-- `cpu_bound.lua N` sums N squares per task instead of 3*10^7 (the test
+-- suite's shorter run).
 local mp = require "multiprocessing"
 local now = mp.now
 
@@ -23,14 +24,34 @@ end
 local N = math.tointeger(tonumber(arg and arg[1])) or 3 * 10^7 // 1
 local tasks = {N, N, N, N}
 
--- the cores free of other work now (Linux: the 1-minute load average)
+-- Returns the CPUs' total and idle time so far, and how many CPUs.
+local function cpu_times()
+  local f = io.open("/proc/stat")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  local t = {}
+  for n in s:match("^cpu ([^\n]*)"):gmatch("%d+") do t[#t + 1] = tonumber(n) end
+  -- user nice system idle iowait irq softirq steal (guest time is in user)
+  local total = 0
+  for i = 1, math.min(#t, 8) do total = total + t[i] end
+  local _, n = s:gsub("\ncpu%d+ ", "")
+  return total, t[4] + (t[5] or 0), n
+end
+-- the cores free of other work now (Linux: how much of the CPUs'
+-- time /proc/stat counts as idle over half a second; the load average
+-- would still count, for a minute, a build that has just finished)
 local ncpu = mp.cpu_count()
 local free = ncpu
-local f = io.open("/proc/loadavg")
-if f then
-  local load = tonumber(f:read("l"):match("^[%d.]+"))
-  f:close()
-  if load then free = math.max(1, math.min(ncpu, math.floor(ncpu - load + 0.5))) end
+local total0, idle0 = cpu_times()
+if total0 then
+  mp.Event():wait(0.5)
+  local total1, idle1, n = cpu_times()
+  if total1 > total0 then
+    -- the cores of the machine kept busy, on average
+    local busy = (1 - (idle1 - idle0) / (total1 - total0)) * n
+    free = math.max(1, math.min(ncpu, math.floor(ncpu - busy + 0.5)))
+  end
 end
 
 local t0 = now()
