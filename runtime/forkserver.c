@@ -96,22 +96,31 @@ static void *server_ud = NULL;
 static pid_t spare_pid = 0;
 static int spare_fd = -1, want_spare = 0;
 #define SPARE_NAME "luamp-spare"
+static char server_name[17];       /* (a spare's name once it has a task) */
 
-static int write_all(int fd, const void *p, size_t n) {
-  const char *s = p;
+/* Sends iov[0..n) whole (one sendmsg when the socket takes it all). */
+static int write_iov(int fd, struct iovec *iov, int n) {
   while (n > 0) {
-    struct iovec iov = {(void *)s, n};
     struct msghdr mh = {0};
     ssize_t w;
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
+    mh.msg_iov = iov;
+    mh.msg_iovlen = (size_t)n;
     w = luamp_sys.sendmsg(fd, &mh, MSG_NOSIGNAL);
     if (w < 0 && errno == EINTR) continue;
     if (w < 0) return -1;
-    s += w;
-    n -= (size_t)w;
+    for (; n > 0 && (size_t)w >= iov->iov_len; iov++, n--)
+      w -= (ssize_t)iov->iov_len;
+    if (n > 0) {
+      iov->iov_base = (char *)iov->iov_base + w;
+      iov->iov_len -= (size_t)w;
+    }
   }
   return 0;
+}
+
+static int write_all(int fd, const void *p, size_t n) {
+  struct iovec iov = {(void *)p, n};
+  return write_iov(fd, &iov, 1);
 }
 
 /* 0 read all, 1 end of file first, -1 error (errno) */
@@ -231,9 +240,8 @@ LUAMP_NORETURN static void run_child(uint32_t flags, pid_t server,
  * the server's name is back once it has a task.) */
 LUAMP_NORETURN static void run_spare(int rfd, pid_t server) {
   struct request rq;
-  char name[17] = {0}, *payload;
+  char *payload;
   /* (prctl: a spare's set-up, direct; a failure only leaves the name) */
-  prctl(PR_GET_NAME, name);
   prctl(PR_SET_NAME, SPARE_NAME);
   if (read_all(rfd, &rq, sizeof rq) != 0 || rq.kind != REQ_START ||
       (payload = malloc((size_t)rq.len + 1)) == NULL ||
@@ -241,7 +249,7 @@ LUAMP_NORETURN static void run_spare(int rfd, pid_t server) {
     _exit(0);                /* no task: the server closed it or is gone */
   payload[rq.len] = '\0';
   luamp_sys.close(rfd);
-  prctl(PR_SET_NAME, name);
+  prctl(PR_SET_NAME, server_name);
   run_child(rq.flags, server, payload, rq.len);
 }
 
@@ -424,6 +432,7 @@ LUAMP_NORETURN static void serve(int sock) {
     reply(sock, -errno, "signalfd", -1);
     _exit(1);
   }
+  prctl(PR_GET_NAME, server_name);
   reply(sock, 0, NULL, -1);      /* ready */
   for (;;) {
     struct pollfd p[2] = {{sock, POLLIN, 0}, {sfd, POLLIN, 0}};
@@ -627,8 +636,8 @@ static void ask(lua_State *L, uint32_t kind, uint32_t flags, const char *p,
   if (len > REQ_MAX_LEN)
     luamp_raise(L, "ValueError", "message of %zu bytes is too long for the "
                 "fork server", len);
-  if (write_all(fs_sock, &rq, sizeof rq) != 0 ||
-      write_all(fs_sock, p, len) != 0) {
+  struct iovec iov[2] = {{&rq, sizeof rq}, {(void *)p, len}};
+  if (write_iov(fs_sock, iov, 2) != 0) {
     int err = errno;
     /* (a request cut halfway leaves the socket out of step: forgotten) */
     if (err == EPIPE || err == ECONNRESET) server_gone(L);
