@@ -85,18 +85,6 @@ static struct job *jobs = NULL;
 static lua_State *server_L = NULL;
 static int (*server_init)(lua_State *, void *) = NULL;
 static void *server_ud = NULL;
-/* The spare: a child forked ahead of the next START (after the first),
- * waiting on a pipe for its request (struct request and payload); the
- * server keeps the pipe's write end (spare_fd).  A START hands its
- * request to the spare and forks the next one after answering, so a
- * start costs the owner one round trip and the fork overlaps with the
- * child's run.  A spare leaves when its pipe reaches end of file (the
- * server closed it, exited or was killed); a PRELOAD replaces it (it
- * lacks the modules loaded after its fork). */
-static pid_t spare_pid = 0;
-static int spare_fd = -1, want_spare = 0;
-#define SPARE_NAME "luamp-spare"
-static char server_name[17];       /* (a spare's name once it has a task) */
 
 /* Sends iov[0..n) whole (one sendmsg when the socket takes it all). */
 static int write_iov(int fd, struct iovec *iov, int n) {
@@ -202,20 +190,13 @@ static void on_sigint(int sig) {
               LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT, 1);
 }
 
-/* A new child of the server lets go of the server's fds: its socket, its
- * signalfd, the status pipes of the other children and the task pipe of
- * a spare (none of them is the child's). */
-static void detach_child(int sock, int sfd) {
+LUAMP_NORETURN static void run_child(int sock, int sfd, uint32_t flags,
+                                     pid_t server, char *payload, size_t len) {
+  lua_State *L = server_L;
+  struct sigaction sa;
   luamp_sys.close(sock);
   luamp_sys.close(sfd);
   for (struct job *j = jobs; j; j = j->next) luamp_sys.close(j->wfd);
-  if (spare_fd >= 0) luamp_sys.close(spare_fd);
-}
-
-LUAMP_NORETURN static void run_child(uint32_t flags, pid_t server,
-                                     char *payload, size_t len) {
-  lua_State *L = server_L;
-  struct sigaction sa;
   /* sigaction, prctl, getppid: a new child's set-up, direct (none of them
    * blocks; a failing prctl ends the child, which its owner sees) */
   memset(&sa, 0, sizeof sa);
@@ -235,78 +216,6 @@ LUAMP_NORETURN static void run_child(uint32_t flags, pid_t server,
 
 /* ---- the server ------------------------------------------------------- */
 
-/* The spare's life: waits for its request, then runs it as a child
- * forked for it would.  (Its name, while it waits, tells it apart in ps;
- * the server's name is back once it has a task.) */
-LUAMP_NORETURN static void run_spare(int rfd, pid_t server) {
-  struct request rq;
-  char *payload;
-  /* (prctl: a spare's set-up, direct; a failure only leaves the name) */
-  prctl(PR_SET_NAME, SPARE_NAME);
-  if (read_all(rfd, &rq, sizeof rq) != 0 || rq.kind != REQ_START ||
-      (payload = malloc((size_t)rq.len + 1)) == NULL ||
-      read_all(rfd, payload, rq.len) != 0)
-    _exit(0);                /* no task: the server closed it or is gone */
-  payload[rq.len] = '\0';
-  luamp_sys.close(rfd);
-  prctl(PR_SET_NAME, server_name);
-  run_child(rq.flags, server, payload, rq.len);
-}
-
-/* Forks a spare when there is none (and one is wanted). */
-static void fork_spare(int sock, int sfd) {
-  int p[2];
-  pid_t pid, me = getpid();
-  if (!want_spare || spare_pid > 0) return;
-  if (luamp_sys.pipe2(p, O_CLOEXEC) != 0) return;
-  pid = luamp_fork(server_L);
-  if (pid == 0) {
-    luamp_sys.close(p[1]);
-    detach_child(sock, sfd);
-    run_spare(p[0], me);
-  }
-  luamp_sys.close(p[0]);
-  if (pid < 0 || luamp_sys.fcntl(p[1], F_SETFL, O_NONBLOCK) != 0) {
-    luamp_sys.close(p[1]);     /* (a forked spare sees end of file) */
-    return;
-  }
-  spare_pid = pid;
-  spare_fd = p[1];
-}
-
-/* Lets the spare go: it reads end of file and leaves (reaped as any
- * child by reap_jobs); kill: one that may hold half a request. */
-static void drop_spare(int kill) {
-  if (spare_pid <= 0) return;
-  if (kill) luamp_sys.kill(spare_pid, SIGKILL);
-  luamp_sys.close(spare_fd);
-  spare_fd = -1;
-  spare_pid = 0;
-}
-
-/* Hands a START to the spare: 1 done (spare_pid is the child), 0 no spare
- * took it (none, dead, or the request is bigger than its pipe holds). */
-static int give_to_spare(uint32_t flags, const char *payload, size_t len) {
-  struct request rq = {REQ_START, flags, (uint32_t)len};
-  struct iovec iov[2] = {{&rq, sizeof rq}, {(void *)payload, len}};
-  ssize_t w;
-  want_spare = 1;
-  if (spare_pid <= 0) return 0;
-  if (sizeof rq + len > 65536) {        /* (a pipe's default capacity) */
-    drop_spare(0);
-    return 0;
-  }
-  do w = luamp_sys.writev(spare_fd, iov, 2);
-  while (w < 0 && errno == EINTR);
-  if (w != (ssize_t)(sizeof rq + len)) {   /* dead, or a smaller pipe */
-    drop_spare(w > 0);
-    return 0;
-  }
-  luamp_sys.close(spare_fd);
-  spare_fd = -1;
-  return 1;
-}
-
 static void start_job(int sock, int sfd, uint32_t flags, char *payload,
                       size_t len) {
   int p[2];
@@ -321,16 +230,12 @@ static void start_job(int sock, int sfd, uint32_t flags, char *payload,
     free(j);
     return;
   }
-  if (give_to_spare(flags, payload, len)) {
-    pid = spare_pid;
-    spare_pid = 0;
-  } else pid = luamp_fork(server_L);
+  pid = luamp_fork(server_L);
   if (pid == 0) {
     luamp_sys.close(p[0]);
     luamp_sys.close(p[1]);
     free(j);
-    detach_child(sock, sfd);
-    run_child(flags, me, payload, len);
+    run_child(sock, sfd, flags, me, payload, len);
   }
   if (pid < 0) {
     int err = errno;
@@ -354,8 +259,7 @@ static void reap_jobs(void) {
   pid_t pid;
   while ((pid = luamp_sys.waitpid(-1, &st, WNOHANG)) > 0 ||
          (pid < 0 && errno == EINTR))
-    if (pid > 0 && pid == spare_pid) drop_spare(0);
-    else for (struct job **pp = &jobs; pid > 0 && *pp; pp = &(*pp)->next)
+    for (struct job **pp = &jobs; pid > 0 && *pp; pp = &(*pp)->next)
       if ((*pp)->pid == pid) {
         struct job *j = *pp;
         *pp = j->next;
@@ -432,7 +336,6 @@ LUAMP_NORETURN static void serve(int sock) {
     reply(sock, -errno, "signalfd", -1);
     _exit(1);
   }
-  prctl(PR_GET_NAME, server_name);
   reply(sock, 0, NULL, -1);      /* ready */
   for (;;) {
     struct pollfd p[2] = {{sock, POLLIN, 0}, {sfd, POLLIN, 0}};
@@ -451,14 +354,10 @@ LUAMP_NORETURN static void serve(int sock) {
     if (read_all(sock, payload, rq.len) != 0) _exit(0);
     payload[rq.len] = '\0';
     if (rq.kind == REQ_START) start_job(sock, sfd, rq.flags, payload, rq.len);
-    else if (rq.kind == REQ_PRELOAD) {
-      drop_spare(0);             /* (forked before these modules) */
-      preload(sock, payload);
-    }
+    else if (rq.kind == REQ_PRELOAD) preload(sock, payload);
     else _exit(0);
     free(payload);
     reap_jobs();
-    fork_spare(sock, sfd);
   }
 }
 
