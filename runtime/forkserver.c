@@ -86,21 +86,29 @@ static lua_State *server_L = NULL;
 static int (*server_init)(lua_State *, void *) = NULL;
 static void *server_ud = NULL;
 
-static int write_all(int fd, const void *p, size_t n) {
-  const char *s = p;
+/* Sends iov[0..n) whole (one sendmsg when the socket takes it all). */
+static int write_iov(int fd, struct iovec *iov, int n) {
   while (n > 0) {
-    struct iovec iov = {(void *)s, n};
     struct msghdr mh = {0};
     ssize_t w;
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
+    mh.msg_iov = iov;
+    mh.msg_iovlen = (size_t)n;
     w = luamp_sys.sendmsg(fd, &mh, MSG_NOSIGNAL);
     if (w < 0 && errno == EINTR) continue;
     if (w < 0) return -1;
-    s += w;
-    n -= (size_t)w;
+    for (; n > 0 && (size_t)w >= iov->iov_len; iov++, n--)
+      w -= (ssize_t)iov->iov_len;
+    if (n > 0) {
+      iov->iov_base = (char *)iov->iov_base + w;
+      iov->iov_len -= (size_t)w;
+    }
   }
   return 0;
+}
+
+static int write_all(int fd, const void *p, size_t n) {
+  struct iovec iov = {(void *)p, n};
+  return write_iov(fd, &iov, 1);
 }
 
 /* 0 read all, 1 end of file first, -1 error (errno) */
@@ -527,8 +535,8 @@ static void ask(lua_State *L, uint32_t kind, uint32_t flags, const char *p,
   if (len > REQ_MAX_LEN)
     luamp_raise(L, "ValueError", "message of %zu bytes is too long for the "
                 "fork server", len);
-  if (write_all(fs_sock, &rq, sizeof rq) != 0 ||
-      write_all(fs_sock, p, len) != 0) {
+  struct iovec iov[2] = {{&rq, sizeof rq}, {(void *)p, len}};
+  if (write_iov(fs_sock, iov, 2) != 0) {
     int err = errno;
     /* (a request cut halfway leaves the socket out of step: forgotten) */
     if (err == EPIPE || err == ECONNRESET) server_gone(L);
