@@ -184,8 +184,15 @@ static void stop_hook(lua_State *L, lua_Debug *ar) {
   luaL_error(L, "interrupted!");
 }
 
+/* Every Ctrl-C raises, as in a child started by fork (whose handler is
+ * the host's); one that finds the previous one not taken yet (the child
+ * stuck in C code or a coroutine) takes SIGINT's default action. */
 static void on_sigint(int sig) {
-  signal(sig, SIG_DFL);
+  if (lua_gethook(server_L) == stop_hook) {
+    signal(sig, SIG_DFL);
+    raise(sig);                 /* (blocked until the handler returns) */
+    return;
+  }
   lua_sethook(server_L, stop_hook,
               LUA_MASKCALL | LUA_MASKRET | LUA_MASKLINE | LUA_MASKCOUNT, 1);
 }

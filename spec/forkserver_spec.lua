@@ -226,6 +226,33 @@ describe("forkserver Process", function()
     assert.matches("interrupted!", err)
   end)
 
+  it("raises \"interrupted!\" in a child at every Ctrl-C, as under fork", function()
+    local out, err, rc = H.script(PRE .. [[
+      local q = mp.Queue()
+      local p = mp.get_context("forkserver").Process{daemon = true, target = function()
+        local n = 0
+        for _ = 1, 3 do
+          local ok, e = pcall(function()
+            q:put("ready")
+            while true do end
+          end)
+          assert(not ok and e:match("interrupted!"), e)
+          n = n + 1
+        end
+        q:put(n)
+      end}
+      p:start()
+      for _ = 1, 3 do
+        assert(q:get(true, 10) == "ready")
+        core.sleep(0.05)
+        core.kill(p.pid, "SIGINT")
+      end
+      print(q:get(true, 10)) p:join(10) print(p.exitcode)
+    ]])
+    assert.equal(0, rc, err)
+    assert.equal("3\n0\n", out)
+  end)
+
   it("raises EncodeError naming an unencodable upvalue", function()
     local co = coroutine.create(print)
     local t = {inner = {co = co}}
